@@ -1,0 +1,136 @@
+//! Messages of the control link only: commands from the control plane, status, and delivery
+//! (`event`, `ack`, `resume_from`).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::{DriverState, Event, RequestId, Seq};
+
+/// What a `signal` request targets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SignalTarget {
+    /// The driver's process group.
+    #[default]
+    Driver,
+    /// An exec's process group (`exec_id` required).
+    Exec,
+}
+
+/// `signal`: send a signal to the driver or to an exec.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Signal {
+    /// The request id.
+    pub id: RequestId,
+    /// The signal: a name (`TERM`, `SIGTERM`) or a number (`15`).
+    pub signal: String,
+    /// What to signal.
+    #[serde(default)]
+    pub target: SignalTarget,
+    /// The exec, when `target` is `exec`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec_id: Option<u64>,
+}
+
+/// `restart_driver`: launch the driver again, also out of state `error` (the "recover" action).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RestartDriver {
+    /// The request id.
+    pub id: RequestId,
+}
+
+/// `set_driver`: replace the driver command; the old driver gets a graceful shutdown.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SetDriver {
+    /// The request id.
+    pub id: RequestId,
+    /// The new driver's program and arguments.
+    pub argv: Vec<String>,
+    /// Variables set on top of the sandbox's scrubbed environment.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+}
+
+/// `status`: ask for a [`StatusReply`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// The request id.
+    pub id: RequestId,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitInfo {
+    /// Its exit code, if it exited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<i32>,
+    /// The signal that killed it, if one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
+}
+
+/// `status_reply`: the shim's state, answering `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusReply {
+    /// The `id` of the `status` request.
+    pub re: RequestId,
+    /// The driver's lifecycle state.
+    pub state: DriverState,
+    /// The driver's pid, while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver_pid: Option<u32>,
+    /// Restarts since the shim started.
+    pub restarts: u32,
+    /// Milliseconds since the shim started.
+    pub uptime_ms: u64,
+    /// How the driver last ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<ExitInfo>,
+    /// Live child processes of the shim.
+    pub children: u32,
+    /// Processes reaped since the shim started (orphans included).
+    pub reaped: u64,
+    /// Tasks waiting in the queue.
+    pub tasks_queued: u32,
+    /// The task the driver is working on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_running: Option<String>,
+    /// Execs running.
+    pub execs_running: u32,
+    /// Events in the replay buffer, not yet acknowledged.
+    pub buffered_events: u64,
+    /// Bytes in the replay buffer.
+    pub buffered_bytes: u64,
+    /// The last `seq` given to an event.
+    pub last_seq: Seq,
+    /// The shim's resident memory.
+    pub rss_bytes: u64,
+    /// When the agent became idle (ms since the Unix epoch); absent while busy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_since_ms: Option<u64>,
+}
+
+/// `ack`: the control plane has processed every event up to and including `seq`
+/// (cumulative); the shim may forget them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ack {
+    /// The last processed seq.
+    pub seq: Seq,
+}
+
+/// `resume_from`: replay every buffered event after `seq`, then continue live.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResumeFrom {
+    /// The last seq the control plane processed (0 for none).
+    pub seq: Seq,
+}
+
+/// `event`: one event from the shim to the control plane, with its sequence number.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EventEnvelope {
+    /// Strictly increasing, starting at 1, never reused within the shim's life.
+    pub seq: Seq,
+    /// The event.
+    pub event: Event,
+}

@@ -1,0 +1,139 @@
+//! Tool execution: run a process in the sandbox and stream its I/O.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::RequestId;
+
+/// A terminal size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TtySize {
+    /// Rows.
+    pub rows: u16,
+    /// Columns.
+    pub cols: u16,
+}
+
+/// `exec`: run a process in its own session and process group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Exec {
+    /// The request id; the reply is `exec_started` (or `error`).
+    pub id: RequestId,
+    /// The program and its arguments; `argv[0]` is looked up in `PATH`.
+    pub argv: Vec<String>,
+    /// Variables set on top of the sandbox's scrubbed environment.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// The working directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// `UID[:GID]` or a user name to run as.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Run on a pseudo-terminal of this initial size (stdout and stderr merge).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tty: Option<TtySize>,
+    /// Keep stdin open for `exec_input`; otherwise stdin is `/dev/null`.
+    #[serde(default)]
+    pub stdin: bool,
+    /// Kill the process group after this long.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Stop forwarding a stream's output after this many bytes (and mark it truncated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_cap: Option<u64>,
+    /// The task this exec belongs to (cancelling the task kills it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<String>,
+}
+
+/// `exec_started`: the reply to `exec`; from now on `exec_input`, `exec_resize` and
+/// `exec_signal` are accepted for `exec_id`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExecStarted {
+    /// The `id` of the `exec` request.
+    pub re: RequestId,
+    /// The shim's id for this exec.
+    pub exec_id: u64,
+    /// The process's pid.
+    pub pid: u32,
+}
+
+/// `exec_input`: bytes for the exec's stdin (or terminal); `eof` closes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExecInput {
+    /// The exec.
+    pub exec_id: u64,
+    /// The bytes.
+    #[serde(default)]
+    pub data: Bytes,
+    /// Close stdin after these bytes.
+    #[serde(default)]
+    pub eof: bool,
+}
+
+/// `exec_resize`: the exec's terminal changed size.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExecResize {
+    /// The exec.
+    pub exec_id: u64,
+    /// New rows.
+    pub rows: u16,
+    /// New columns.
+    pub cols: u16,
+}
+
+/// `exec_signal`: send a signal to the exec's whole process group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExecSignal {
+    /// The exec.
+    pub exec_id: u64,
+    /// The signal: a name (`TERM`, `SIGTERM`) or a number (`15`).
+    pub signal: String,
+}
+
+/// Which output of an exec a chunk comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputStream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+    /// The terminal (PTY mode).
+    Pty,
+}
+
+/// `exec_output`: a chunk of an exec's output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExecOutput {
+    /// The exec.
+    pub exec_id: u64,
+    /// Which stream.
+    pub stream: OutputStream,
+    /// The bytes, exactly as written.
+    pub data: Bytes,
+}
+
+/// `exec_exit`: the exec ended; always the last message about it, sent exactly once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExecExit {
+    /// The exec.
+    pub exec_id: u64,
+    /// Its exit code, if it exited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<i32>,
+    /// The signal that killed it (`SIGKILL`…), if one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
+    /// True when the timeout killed it.
+    #[serde(default)]
+    pub timed_out: bool,
+    /// True when output beyond `output_cap` was dropped.
+    #[serde(default)]
+    pub truncated: bool,
+    /// Wall-clock run time.
+    pub duration_ms: u64,
+}

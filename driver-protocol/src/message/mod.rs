@@ -1,0 +1,363 @@
+//! Every message of the protocol, grouped by direction.
+//!
+//! A message is a MessagePack map with a string `type` key and named fields. Each direction
+//! of each link has its own enum, so a receiver's `match` names exactly what it may receive:
+//!
+//! | enum              | sent by  | received by |
+//! |-------------------|----------|-------------|
+//! | [`DriverToShim`]  | driver   | shim        |
+//! | [`ShimToDriver`]  | shim     | driver      |
+//! | [`ControlToShim`] | control  | shim        |
+//! | [`ShimToControl`] | shim     | control     |
+//! | [`Event`]         | shim     | control, inside an `event` envelope |
+//!
+//! The field structs are shared where a message means the same on both links (`hello`,
+//! `pause`, `exec`…). Decoding never fails on an unknown `type`: it yields the enum's
+//! `Unknown` variant, which the receiver answers with `error{code:"unsupported"}` while the
+//! connection stays up. Unknown fields are ignored.
+
+mod common;
+mod control;
+mod event;
+mod exec;
+mod task;
+
+use std::io::Write;
+
+use serde::{Deserialize, Serialize};
+
+pub use common::*;
+pub use control::*;
+pub use event::*;
+pub use exec::*;
+pub use task::*;
+
+use crate::{DecodeError, EncodeError};
+
+/// A message type this version does not know, or one not valid in this direction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unknown {
+    /// The `type` the peer sent.
+    pub type_name: String,
+    /// The request `id` it carried, if any, so an `error` reply can carry `re`.
+    pub id: Option<RequestId>,
+}
+
+/// One direction's set of messages: how to name, decode and encode them.
+pub trait Message: Sized {
+    /// Every `type` name of this set, in wire form.
+    const TYPES: &'static [&'static str];
+
+    /// The `type` of this message, in wire form.
+    fn type_name(&self) -> &str;
+
+    /// Decodes one message from the MessagePack body of a frame (the bytes after the length
+    /// prefix). An unknown `type` is not an error: it decodes to the `Unknown` variant.
+    fn decode(body: &[u8]) -> Result<Self, DecodeError>;
+
+    /// Appends the MessagePack body of this message to `out` (no length prefix).
+    fn encode_to<W: Write>(&self, out: &mut W) -> Result<(), EncodeError>;
+
+    /// The MessagePack body of this message as a new vector. Convenient, but allocates: hot
+    /// paths use [`Message::encode_to`] with a reused buffer, or the codecs.
+    fn to_body(&self) -> Result<Vec<u8>, EncodeError> {
+        let mut out = Vec::with_capacity(128);
+        self.encode_to(&mut out)?;
+        Ok(out)
+    }
+}
+
+/// The `type` and `id` of a message, read before its fields so that the fields can be decoded
+/// into the right struct and an error reply can carry `re`.
+#[derive(Debug)]
+pub(crate) struct Head<'a> {
+    pub(crate) type_name: &'a str,
+    pub(crate) id: Option<RequestId>,
+}
+
+impl<'a> Head<'a> {
+    pub(crate) fn peek(body: &'a [u8]) -> Result<Self, DecodeError> {
+        crate::raw::peek(body)
+    }
+}
+
+pub(crate) fn decode_fields<'a, T: Deserialize<'a>>(
+    body: &'a [u8],
+    head: &Head<'_>,
+) -> Result<T, DecodeError> {
+    rmp_serde::from_slice(body)
+        .map_err(|e| DecodeError::malformed(Some(head.type_name), head.id, e))
+}
+
+pub(crate) fn encode_named<W: Write, T: Serialize + ?Sized>(
+    value: &T,
+    out: &mut W,
+) -> Result<(), EncodeError> {
+    rmp_serde::encode::write_named(out, value).map_err(|e| EncodeError::Unencodable(e.to_string()))
+}
+
+macro_rules! decode_variant {
+    ($body:expr, $head:expr, $ty:ty) => {
+        decode_fields::<$ty>($body, $head)
+    };
+    ($body:expr, $head:expr, $ty:ty, $decode:path) => {
+        $decode($body, $head)
+    };
+}
+
+/// Defines one direction's message enum: the serde tag, `Unknown`, the [`Message`] impl and
+/// `From` conversions, from one table of `"type" => Variant(Struct)` rows.
+macro_rules! message_set {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident {
+            $(
+                $(#[$vmeta:meta])*
+                $tag:literal => $variant:ident($ty:ty) $(decoded_by $decode:path)?
+            ),* $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq, Serialize)]
+        #[serde(tag = "type")]
+        pub enum $name {
+            $(
+                $(#[$vmeta])*
+                #[serde(rename = $tag)]
+                $variant($ty),
+            )*
+            /// A `type` this version does not know or that is not valid in this direction.
+            /// Cannot be encoded.
+            #[serde(skip_serializing)]
+            Unknown(Unknown),
+        }
+
+        impl Message for $name {
+            const TYPES: &'static [&'static str] = &[$($tag),*];
+
+            fn type_name(&self) -> &str {
+                match self {
+                    $(Self::$variant(_) => $tag,)*
+                    Self::Unknown(u) => &u.type_name,
+                }
+            }
+
+            fn decode(body: &[u8]) -> Result<Self, DecodeError> {
+                let head = Head::peek(body)?;
+                match head.type_name {
+                    $($tag => decode_variant!(body, &head, $ty $(, $decode)?).map(Self::$variant),)*
+                    _ => Ok(Self::Unknown(Unknown {
+                        type_name: head.type_name.to_owned(),
+                        id: head.id,
+                    })),
+                }
+            }
+
+            fn encode_to<W: Write>(&self, out: &mut W) -> Result<(), EncodeError> {
+                if let Self::Unknown(u) = self {
+                    return Err(EncodeError::Unencodable(format!(
+                        "unknown message type {:?}",
+                        u.type_name
+                    )));
+                }
+                encode_named(self, out)
+            }
+        }
+
+        $(
+            impl From<$ty> for $name {
+                fn from(m: $ty) -> Self {
+                    Self::$variant(m)
+                }
+            }
+        )*
+    };
+}
+
+message_set! {
+    /// Messages a driver sends to the shim.
+    pub enum DriverToShim {
+        /// Handshake.
+        "hello" => Hello(Hello),
+        /// The driver takes tasks.
+        "ready" => Ready(Ready),
+        /// A task ended.
+        "task_done" => TaskDone(TaskDone),
+        /// The driver is at a safe point.
+        "paused" => Paused(Paused),
+        /// Liveness probe of the shim.
+        "ping" => Ping(Ping),
+        /// Answer to the shim's `ping`.
+        "pong" => Pong(Pong),
+        /// Success reply to a shim request.
+        "ok" => Ok(OkReply),
+        /// Failure reply, or an error the driver reports.
+        "error" => Error(ErrorMsg),
+        /// Output text.
+        "message_chunk" => MessageChunk(MessageChunk),
+        /// A tool call began.
+        "tool_call" => ToolCall(ToolCall),
+        /// A tool call ended.
+        "tool_result" => ToolResult(ToolResult),
+        /// A file changed.
+        "file_change" => FileChange(FileChange),
+        /// Task progress.
+        "progress" => Progress(Progress),
+        /// A log line.
+        "log" => Log(Log),
+        /// The driver's own kind of event.
+        "custom" => Custom(Custom),
+        /// Run a tool process.
+        "exec" => Exec(Exec),
+        /// Stdin for an exec.
+        "exec_input" => ExecInput(ExecInput),
+        /// Terminal size of an exec.
+        "exec_resize" => ExecResize(ExecResize),
+        /// Signal an exec's process group.
+        "exec_signal" => ExecSignal(ExecSignal),
+    }
+}
+
+message_set! {
+    /// Messages the shim sends to a driver.
+    pub enum ShimToDriver {
+        /// Handshake.
+        "hello" => Hello(Hello),
+        /// Work to do.
+        "task" => Task(Task),
+        /// Stop working on a task.
+        "cancel" => Cancel(Cancel),
+        /// Reach a safe point.
+        "pause" => Pause(Pause),
+        /// Continue after a pause.
+        "resume" => Resume(Resume),
+        /// Stop gracefully.
+        "shutdown" => Shutdown(Shutdown),
+        /// Liveness probe; answer `pong`.
+        "ping" => Ping(Ping),
+        /// Answer to the driver's `ping`.
+        "pong" => Pong(Pong),
+        /// Success reply.
+        "ok" => Ok(OkReply),
+        /// Failure reply.
+        "error" => Error(ErrorMsg),
+        /// An exec began.
+        "exec_started" => ExecStarted(ExecStarted),
+        /// Exec output.
+        "exec_output" => ExecOutput(ExecOutput),
+        /// An exec ended.
+        "exec_exit" => ExecExit(ExecExit),
+    }
+}
+
+message_set! {
+    /// Messages a control plane sends to the shim.
+    pub enum ControlToShim {
+        /// Handshake.
+        "hello" => Hello(Hello),
+        /// Proof of the shared token.
+        "auth" => Auth(Auth),
+        /// Queue a task.
+        "submit_task" => SubmitTask(SubmitTask),
+        /// Cancel a task.
+        "cancel_task" => CancelTask(CancelTask),
+        /// Pause the agent.
+        "pause" => Pause(Pause),
+        /// Resume the agent.
+        "resume" => Resume(Resume),
+        /// Signal the driver or an exec.
+        "signal" => Signal(Signal),
+        /// Relaunch the driver (also out of `error`).
+        "restart_driver" => RestartDriver(RestartDriver),
+        /// Replace the driver command.
+        "set_driver" => SetDriver(SetDriver),
+        /// Run a tool process.
+        "exec" => Exec(Exec),
+        /// Stdin for an exec.
+        "exec_input" => ExecInput(ExecInput),
+        /// Terminal size of an exec.
+        "exec_resize" => ExecResize(ExecResize),
+        /// Signal an exec's process group.
+        "exec_signal" => ExecSignal(ExecSignal),
+        /// Ask for the shim's status.
+        "status" => Status(Status),
+        /// Stop the agent and the shim.
+        "shutdown" => Shutdown(Shutdown),
+        /// Events up to `seq` are processed.
+        "ack" => Ack(Ack),
+        /// Replay events after `seq`.
+        "resume_from" => ResumeFrom(ResumeFrom),
+        /// Liveness probe.
+        "ping" => Ping(Ping),
+    }
+}
+
+message_set! {
+    /// Messages the shim sends to a control plane.
+    pub enum ShimToControl {
+        /// Handshake.
+        "hello" => Hello(Hello),
+        /// Proof of the shared token.
+        "auth" => Auth(Auth),
+        /// Success reply.
+        "ok" => Ok(OkReply),
+        /// Failure reply.
+        "error" => Error(ErrorMsg),
+        /// Answer to `status`.
+        "status_reply" => StatusReply(StatusReply),
+        /// An exec began.
+        "exec_started" => ExecStarted(ExecStarted),
+        /// One sequenced event.
+        "event" => Event(EventEnvelope) decoded_by crate::raw::decode_envelope,
+        /// Answer to `ping`.
+        "pong" => Pong(Pong),
+    }
+}
+
+message_set! {
+    /// An event inside an `event` envelope: the driver's events relayed, and the shim's own.
+    pub enum Event {
+        /// Output text.
+        "message_chunk" => MessageChunk(MessageChunk),
+        /// A tool call began.
+        "tool_call" => ToolCall(ToolCall),
+        /// A tool call ended.
+        "tool_result" => ToolResult(ToolResult),
+        /// A file changed.
+        "file_change" => FileChange(FileChange),
+        /// Task progress.
+        "progress" => Progress(Progress),
+        /// A log line.
+        "log" => Log(Log),
+        /// The driver's own kind of event.
+        "custom" => Custom(Custom),
+        /// An error the driver reported.
+        "error" => Error(ErrorMsg),
+        /// A task ended.
+        "task_done" => TaskDone(TaskDone),
+        /// A submitted task was queued.
+        "task_accepted" => TaskAccepted(TaskAccepted),
+        /// The driver was launched.
+        "driver_started" => DriverStarted(DriverStarted),
+        /// The driver is ready.
+        "driver_ready" => DriverReady(DriverReady),
+        /// The driver ended.
+        "driver_exited" => DriverExited(DriverExited),
+        /// The driver will be relaunched.
+        "driver_restarting" => DriverRestarting(DriverRestarting),
+        /// Too many restarts: state `error`.
+        "crash_loop" => CrashLoop(CrashLoop),
+        /// The driver's state changed.
+        "state_changed" => StateChanged(StateChanged),
+        /// The agent is at a safe point and may be frozen.
+        "paused" => Paused(Paused),
+        /// Output of a control-initiated exec.
+        "exec_output" => ExecOutput(ExecOutput),
+        /// A control-initiated exec ended.
+        "exec_exit" => ExecExit(ExecExit),
+        /// The agent became idle.
+        "idle" => Idle(Idle),
+        /// Work arrived after `idle`.
+        "busy" => Busy(Busy),
+    }
+}

@@ -1,0 +1,102 @@
+//! Tasks: the unit of work the control plane gives an agent, and how it ends.
+
+use rmpv::Value;
+use serde::{Deserialize, Serialize};
+
+use super::RequestId;
+
+/// `task` (shim → driver): work for the driver. Delivered once the driver is `ready`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    /// The task's id, chosen by the control plane; unique per agent.
+    pub task_id: String,
+    /// The task itself: any MessagePack value (a prompt string, a map…).
+    pub input: Value,
+    /// A JSON Schema the output must match, if the submitter gave one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_schema: Option<Value>,
+    /// How long the task may run, if limited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// 1 on first delivery; higher when the task is redelivered after a driver crash.
+    #[serde(default = "first_attempt")]
+    pub attempt: u32,
+}
+
+fn first_attempt() -> u32 {
+    1
+}
+
+/// `submit_task` (control → shim): queue a task for the driver. Idempotent by `id` and by
+/// `task_id`: a retried submit runs once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SubmitTask {
+    /// The request id.
+    pub id: RequestId,
+    /// The task's id, unique per agent.
+    pub task_id: String,
+    /// The task itself.
+    pub input: Value,
+    /// A JSON Schema the output must match (checked by control-link, never by the shim).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_schema: Option<Value>,
+    /// How long the task may run, if limited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Whether the shim may deliver the task again if the driver crashes while running it
+    /// (otherwise the task fails with the crash as its reason).
+    #[serde(default)]
+    pub redeliver: bool,
+}
+
+/// `cancel` (shim → driver): stop working on a task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Cancel {
+    /// The request id.
+    pub id: RequestId,
+    /// The task to cancel.
+    pub task_id: String,
+    /// How long the driver has before the shim kills the task's tool processes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grace_ms: Option<u64>,
+}
+
+/// `cancel_task` (control → shim): cancel a queued or running task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CancelTask {
+    /// The request id.
+    pub id: RequestId,
+    /// The task to cancel.
+    pub task_id: String,
+    /// How long the driver has to wind the task down.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grace_ms: Option<u64>,
+}
+
+/// How a task ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskStatus {
+    /// The task finished and produced its output.
+    Succeeded,
+    /// The task failed; `error` says why.
+    Failed,
+    /// The task was cancelled.
+    Cancelled,
+}
+
+/// `task_done`: the task ended. Sent by the driver, or by the shim when the driver could not
+/// finish it (crash, cancel past the grace).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskDone {
+    /// The task.
+    pub task_id: String,
+    /// How it ended.
+    pub status: TaskStatus,
+    /// The task's result, if it produced one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<Value>,
+    /// Why it failed or was cancelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}

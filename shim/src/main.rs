@@ -1,0 +1,3 @@
+//! agent-shim: PID 1 of an agent sandbox.
+
+fn main() {}

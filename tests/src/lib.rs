@@ -1,0 +1,1 @@
+//! Probe binaries for the end-to-end tests live in `src/bin/`; the tests are in `tests/`.
