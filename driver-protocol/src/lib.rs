@@ -1,10 +1,15 @@
 #![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
 
+pub mod blocking;
+#[cfg(feature = "tokio-codec")]
+pub mod codec;
+pub mod frame;
+pub mod handshake;
 pub mod message;
+pub mod raw;
 
 mod error;
-mod raw;
 
 pub use error::{DecodeError, EncodeError, ErrorCode};
 pub use message::Message;
@@ -17,3 +22,11 @@ pub const SUPPORTED_VERSIONS: &[u32] = &[1];
 
 /// The default maximum frame length: 16 MiB of MessagePack body.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
+
+/// The deepest nesting of arrays and maps a message body may have.
+///
+/// A message's own map is level 1, so a field's value may nest 63 more levels. The `event`
+/// value of an `event` envelope is itself a message and counts from its own map, so relaying
+/// an event never makes it too deep. Deeper bodies are [`ErrorCode::Malformed`]: the limit
+/// keeps a hostile `[[[[…` from exhausting the receiver's stack.
+pub const MAX_DEPTH: usize = 64;

@@ -1,3 +1,71 @@
-//! agent-shim: PID 1 of an agent sandbox.
+#![doc = include_str!("../README.md")]
 
-fn main() {}
+mod cli;
+mod init;
+mod logging;
+mod reaper;
+mod signals;
+mod spawn;
+mod sys;
+
+use std::io::Write as _;
+use std::process::ExitCode;
+
+use cli::{Action, LogFormat};
+
+/// Exit code for a usage error.
+const EXIT_USAGE: u8 = 2;
+
+fn main() -> ExitCode {
+    let action = match cli::parse(std::env::args_os().skip(1), |k| std::env::var_os(k)) {
+        Ok(action) => action,
+        Err(err) => {
+            // Nothing useful to do if stderr is gone.
+            let _ = writeln!(
+                std::io::stderr(),
+                "agent-shim: {err}\n{}\nTry 'agent-shim --help' for more information.",
+                cli::USAGE
+            );
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let cfg = match action {
+        Action::Run(cfg) => cfg,
+        Action::Help => return print_stdout(&cli::help()),
+        Action::Version => return print_stdout(&format!("{}\n", cli::version())),
+    };
+    logging::init(&cfg.log_level, cfg.log_format);
+    let code = match init::run(&cfg) {
+        Ok(code) => code,
+        Err(err) => {
+            let code = err.exit_code();
+            report(&err, cfg.log_format);
+            code
+        }
+    };
+    ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX))
+}
+
+/// Prints a fatal error: a shell-like line in text mode (so it is visible whatever the log
+/// level), an `error` event in JSON mode (so stderr stays JSON lines).
+fn report(err: &init::InitError, format: LogFormat) {
+    let mut msg = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(s) = source {
+        msg = format!("{msg}: {s}");
+        source = s.source();
+    }
+    match format {
+        LogFormat::Text => {
+            let _ = writeln!(std::io::stderr(), "agent-shim: {msg}");
+        }
+        LogFormat::Json => tracing::error!(exit_code = err.exit_code(), "{msg}"),
+    }
+}
+
+fn print_stdout(text: &str) -> ExitCode {
+    match std::io::stdout().write_all(text.as_bytes()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(_) => ExitCode::FAILURE,
+    }
+}

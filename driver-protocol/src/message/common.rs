@@ -5,6 +5,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::ErrorCode;
 
+use super::nil_as_default;
+
 /// A request id, chosen by the sender of a request and echoed in the reply's `re`.
 pub type RequestId = u64;
 
@@ -40,7 +42,7 @@ pub struct Hello {
     /// Version of the sending software.
     pub software_version: String,
     /// Optional features the sender supports; the effective set is the intersection.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nil_as_default")]
     pub capabilities: Vec<String>,
     /// The agent this shim serves (shim → control only), for fleets.
     #[serde(default, skip_serializing_if = "Option::is_none")]

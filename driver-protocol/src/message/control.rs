@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{DriverState, Event, RequestId, Seq};
 
+use super::nil_as_default;
+
 /// What a `signal` request targets.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -26,7 +28,7 @@ pub struct Signal {
     /// The signal: a name (`TERM`, `SIGTERM`) or a number (`15`).
     pub signal: String,
     /// What to signal.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nil_as_default")]
     pub target: SignalTarget,
     /// The exec, when `target` is `exec`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -48,7 +50,11 @@ pub struct SetDriver {
     /// The new driver's program and arguments.
     pub argv: Vec<String>,
     /// Variables set on top of the sandbox's scrubbed environment.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "nil_as_default"
+    )]
     pub env: BTreeMap<String, String>,
 }
 

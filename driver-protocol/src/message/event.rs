@@ -7,6 +7,8 @@
 use rmpv::Value;
 use serde::{Deserialize, Serialize};
 
+use super::nil_as_default;
+
 /// `message_chunk`: a piece of the agent's output text, streamed as it is produced.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MessageChunk {
@@ -19,7 +21,7 @@ pub struct MessageChunk {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role: Option<String>,
     /// True on the last chunk of a message.
-    #[serde(default, rename = "final")]
+    #[serde(default, rename = "final", deserialize_with = "nil_as_default")]
     pub is_final: bool,
 }
 
@@ -48,7 +50,7 @@ pub struct ToolResult {
     /// The tool's result.
     pub output: Value,
     /// True when the tool failed.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nil_as_default")]
     pub is_error: bool,
 }
 
@@ -124,7 +126,7 @@ pub struct Log {
     /// The line, without its newline.
     pub text: String,
     /// True when the line was cut to the length limit.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nil_as_default")]
     pub truncated: bool,
 }
 

@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use super::RequestId;
 
+use super::nil_as_default;
+
 /// A terminal size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TtySize {
@@ -24,7 +26,11 @@ pub struct Exec {
     /// The program and its arguments; `argv[0]` is looked up in `PATH`.
     pub argv: Vec<String>,
     /// Variables set on top of the sandbox's scrubbed environment.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "nil_as_default"
+    )]
     pub env: BTreeMap<String, String>,
     /// The working directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -36,7 +42,7 @@ pub struct Exec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tty: Option<TtySize>,
     /// Keep stdin open for `exec_input`; otherwise stdin is `/dev/null`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nil_as_default")]
     pub stdin: bool,
     /// Kill the process group after this long.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -67,10 +73,10 @@ pub struct ExecInput {
     /// The exec.
     pub exec_id: u64,
     /// The bytes.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nil_as_default")]
     pub data: Bytes,
     /// Close stdin after these bytes.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nil_as_default")]
     pub eof: bool,
 }
 
@@ -129,10 +135,10 @@ pub struct ExecExit {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signal: Option<String>,
     /// True when the timeout killed it.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nil_as_default")]
     pub timed_out: bool,
     /// True when output beyond `output_cap` was dropped.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nil_as_default")]
     pub truncated: bool,
     /// Wall-clock run time.
     pub duration_ms: u64,

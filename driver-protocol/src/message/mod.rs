@@ -81,6 +81,17 @@ impl<'a> Head<'a> {
     }
 }
 
+/// Deserializes a field that has a default, treating nil like an absent field: the spec lets
+/// senders write nil for any optional field, and a Python driver's `None` must not be
+/// `malformed`.
+pub(crate) fn nil_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
 pub(crate) fn decode_fields<'a, T: Deserialize<'a>>(
     body: &'a [u8],
     head: &Head<'_>,
@@ -359,5 +370,90 @@ message_set! {
         "idle" => Idle(Idle),
         /// Work arrived after `idle`.
         "busy" => Busy(Busy),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(pairs: &[(&str, rmpv::Value)]) -> Vec<u8> {
+        let map = pairs
+            .iter()
+            .map(|(k, v)| (rmpv::Value::from(*k), v.clone()))
+            .collect();
+        let mut out = Vec::new();
+        rmpv::encode::write_value(&mut out, &rmpv::Value::Map(map)).unwrap();
+        out
+    }
+
+    #[test]
+    fn nil_reads_as_the_default_for_every_defaulted_field() {
+        let nil = rmpv::Value::Nil;
+        let m = DriverToShim::decode(&body(&[
+            ("type", "message_chunk".into()),
+            ("text", "hi".into()),
+            ("final", nil.clone()),
+            ("role", nil.clone()),
+        ]))
+        .unwrap();
+        assert!(matches!(
+            m,
+            DriverToShim::MessageChunk(MessageChunk {
+                is_final: false,
+                ..
+            })
+        ));
+
+        let m = ControlToShim::decode(&body(&[
+            ("type", "exec_input".into()),
+            ("exec_id", 3.into()),
+            ("data", nil.clone()),
+            ("eof", nil.clone()),
+        ]))
+        .unwrap();
+        assert_eq!(
+            m,
+            ControlToShim::ExecInput(ExecInput {
+                exec_id: 3,
+                data: Default::default(),
+                eof: false
+            })
+        );
+
+        let m = ShimToDriver::decode(&body(&[
+            ("type", "task".into()),
+            ("task_id", "t".into()),
+            ("input", nil.clone()),
+            ("attempt", nil.clone()),
+        ]))
+        .unwrap();
+        assert!(matches!(m, ShimToDriver::Task(Task { attempt: 1, .. })));
+
+        let m = ControlToShim::decode(&body(&[
+            ("type", "hello".into()),
+            ("protocol", "agent-shim".into()),
+            ("versions", rmpv::Value::Array(vec![1.into()])),
+            ("role", "control".into()),
+            ("software", "x".into()),
+            ("software_version", "1".into()),
+            ("capabilities", nil.clone()),
+        ]))
+        .unwrap();
+        assert!(
+            matches!(m, ControlToShim::Hello(Hello { ref capabilities, .. }) if capabilities.is_empty())
+        );
+
+        let m = ControlToShim::decode(&body(&[
+            ("type", "exec".into()),
+            ("id", 1.into()),
+            ("argv", rmpv::Value::Array(vec!["true".into()])),
+            ("env", nil.clone()),
+            ("stdin", nil.clone()),
+        ]))
+        .unwrap();
+        assert!(
+            matches!(m, ControlToShim::Exec(Exec { stdin: false, ref env, .. }) if env.is_empty())
+        );
     }
 }

@@ -5,6 +5,8 @@ use serde::{Deserialize, Serialize};
 
 use super::RequestId;
 
+use super::nil_as_default;
+
 /// `task` (shim → driver): work for the driver. Delivered once the driver is `ready`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Task {
@@ -19,12 +21,16 @@ pub struct Task {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
     /// 1 on first delivery; higher when the task is redelivered after a driver crash.
-    #[serde(default = "first_attempt")]
+    #[serde(default = "first_attempt", deserialize_with = "nil_as_first_attempt")]
     pub attempt: u32,
 }
 
 fn first_attempt() -> u32 {
     1
+}
+
+fn nil_as_first_attempt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    Ok(Option::<u32>::deserialize(d)?.unwrap_or_else(first_attempt))
 }
 
 /// `submit_task` (control → shim): queue a task for the driver. Idempotent by `id` and by
@@ -45,7 +51,7 @@ pub struct SubmitTask {
     pub timeout_ms: Option<u64>,
     /// Whether the shim may deliver the task again if the driver crashes while running it
     /// (otherwise the task fails with the crash as its reason).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "nil_as_default")]
     pub redeliver: bool,
 }
 

@@ -1,0 +1,1387 @@
+//! Golden test vectors: the wire bytes of every message, checked in both directions.
+//!
+//! `tests/vectors/<direction>/<type>.json` holds one message per `type` per direction: the
+//! whole frame as hex and the body as JSON (MessagePack `bin` written `{"$bin": "<hex>"}`,
+//! map keys in wire order). Each sample is built here in Rust, and the test checks that
+//!
+//! - encoding the sample gives the file's frame, byte for byte;
+//! - decoding the file's frame with the direction's enum gives the sample;
+//! - the file's `value` is the body decoded generically (by `rmpv`, not by our structs);
+//! - every `type` of every direction has a file, and every file a sample.
+//!
+//! `tests/vectors/invalid/*.json` are frames a receiver must reject, with the error code it
+//! must report. The same files are read by `tests/python/test_vectors.py` with the `msgpack`
+//! package from PyPI, an independent MessagePack implementation.
+//!
+//! Run with `UPDATE_GOLDEN=1` to (re)write the files from the samples instead of comparing.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use driver_protocol::blocking::FrameReader;
+use driver_protocol::message::*;
+use driver_protocol::{DecodeError, ErrorCode, Message, DEFAULT_MAX_FRAME, PROTOCOL_NAME};
+use hmac::{Hmac, Mac};
+use rmpv::Value;
+use sha2::Sha256;
+
+// ---------------------------------------------------------------------------------------------
+// Directions
+
+/// The five directions, with their folder names and `TYPES`.
+const DIRECTIONS: &[(&str, &[&str])] = &[
+    ("driver_to_shim", DriverToShim::TYPES),
+    ("shim_to_driver", ShimToDriver::TYPES),
+    ("control_to_shim", ControlToShim::TYPES),
+    ("shim_to_control", ShimToControl::TYPES),
+    ("event", Event::TYPES),
+];
+
+/// A message of any direction.
+#[derive(Debug, Clone, PartialEq)]
+enum Any {
+    DriverToShim(DriverToShim),
+    ShimToDriver(ShimToDriver),
+    ControlToShim(ControlToShim),
+    ShimToControl(ShimToControl),
+    Event(Event),
+}
+
+impl Any {
+    fn direction(&self) -> &'static str {
+        match self {
+            Self::DriverToShim(_) => "driver_to_shim",
+            Self::ShimToDriver(_) => "shim_to_driver",
+            Self::ControlToShim(_) => "control_to_shim",
+            Self::ShimToControl(_) => "shim_to_control",
+            Self::Event(_) => "event",
+        }
+    }
+
+    fn type_name(&self) -> &str {
+        match self {
+            Self::DriverToShim(m) => m.type_name(),
+            Self::ShimToDriver(m) => m.type_name(),
+            Self::ControlToShim(m) => m.type_name(),
+            Self::ShimToControl(m) => m.type_name(),
+            Self::Event(m) => m.type_name(),
+        }
+    }
+
+    fn to_body(&self) -> Vec<u8> {
+        let body = match self {
+            Self::DriverToShim(m) => m.to_body(),
+            Self::ShimToDriver(m) => m.to_body(),
+            Self::ControlToShim(m) => m.to_body(),
+            Self::ShimToControl(m) => m.to_body(),
+            Self::Event(m) => m.to_body(),
+        };
+        body.unwrap_or_else(|e| panic!("encoding {self:?}: {e}"))
+    }
+}
+
+/// Decodes `body` as a message of `direction`.
+fn decode(direction: &str, body: &[u8]) -> Result<Any, DecodeError> {
+    Ok(match direction {
+        "driver_to_shim" => Any::DriverToShim(DriverToShim::decode(body)?),
+        "shim_to_driver" => Any::ShimToDriver(ShimToDriver::decode(body)?),
+        "control_to_shim" => Any::ControlToShim(ControlToShim::decode(body)?),
+        "shim_to_control" => Any::ShimToControl(ShimToControl::decode(body)?),
+        "event" => Any::Event(Event::decode(body)?),
+        other => panic!("unknown direction {other:?}"),
+    })
+}
+
+/// Reads one frame of `direction` the way a receiver does: header checked against
+/// [`DEFAULT_MAX_FRAME`] first, then the body decoded.
+fn receive(direction: &str, frame: &[u8]) -> Result<Option<Any>, DecodeError> {
+    let mut reader = FrameReader::new(frame);
+    match reader.read_frame()? {
+        Some(body) => decode(direction, body).map(Some),
+        None => Ok(None),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Samples
+
+/// One golden message.
+struct Sample {
+    description: &'static str,
+    msg: Any,
+}
+
+fn s(description: &'static str, msg: impl Into<Any>) -> Sample {
+    Sample {
+        description,
+        msg: msg.into(),
+    }
+}
+
+impl From<DriverToShim> for Any {
+    fn from(m: DriverToShim) -> Self {
+        Self::DriverToShim(m)
+    }
+}
+impl From<ShimToDriver> for Any {
+    fn from(m: ShimToDriver) -> Self {
+        Self::ShimToDriver(m)
+    }
+}
+impl From<ControlToShim> for Any {
+    fn from(m: ControlToShim) -> Self {
+        Self::ControlToShim(m)
+    }
+}
+impl From<ShimToControl> for Any {
+    fn from(m: ShimToControl) -> Self {
+        Self::ShimToControl(m)
+    }
+}
+impl From<Event> for Any {
+    fn from(m: Event) -> Self {
+        Self::Event(m)
+    }
+}
+
+/// A MessagePack map with string keys, in the given order.
+fn map(entries: &[(&str, Value)]) -> Value {
+    Value::Map(
+        entries
+            .iter()
+            .map(|(k, v)| (Value::from(*k), v.clone()))
+            .collect(),
+    )
+}
+
+fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| (*s).to_owned()).collect()
+}
+
+fn some(s: &str) -> Option<String> {
+    Some(s.to_owned())
+}
+
+/// The worked authentication example of docs/PROTOCOL.md: token `secret`, the shim's nonce
+/// 32 × 0x01, the control plane's 32 × 0x02.
+const TOKEN: &[u8] = b"secret";
+const SHIM_NONCE: [u8; 32] = [0x01; 32];
+const CONTROL_NONCE: [u8; 32] = [0x02; 32];
+const SHIM_MAC: &str = "0c7c2ee196f3a6c05bcbba0af9e438e3b73d9ddbb8e87c3841c9d2a72457691f";
+const CONTROL_MAC: &str = "9816c203fe7f74f7ccd3e2156de97605a22f24f8ad0b134dc1d5b1bedac39056";
+
+fn mac_bytes(hex_mac: &str) -> Bytes {
+    Bytes::from(hex::decode(hex_mac).expect("valid hex"))
+}
+
+fn hello(role: Role, software: &str, version: &str, capabilities: &[&str]) -> Hello {
+    Hello {
+        protocol: PROTOCOL_NAME.to_owned(),
+        versions: vec![1],
+        role,
+        software: software.to_owned(),
+        software_version: version.to_owned(),
+        capabilities: strings(capabilities),
+        agent_id: None,
+        nonce: None,
+    }
+}
+
+fn task_input() -> Value {
+    map(&[
+        ("prompt", Value::from("Fix the failing test in src/lib.rs")),
+        ("repo", Value::from("/workspace")),
+        ("max_turns", Value::from(20)),
+    ])
+}
+
+fn output_schema() -> Value {
+    map(&[
+        ("type", Value::from("object")),
+        (
+            "properties",
+            map(&[("summary", map(&[("type", Value::from("string"))]))]),
+        ),
+        ("required", Value::Array(vec![Value::from("summary")])),
+    ])
+}
+
+fn exec_request(id: u64, task_id: Option<String>) -> Exec {
+    Exec {
+        id,
+        argv: strings(&["cargo", "test", "--quiet"]),
+        env: BTreeMap::from([
+            ("CARGO_TERM_COLOR".to_owned(), "never".to_owned()),
+            ("RUST_BACKTRACE".to_owned(), "1".to_owned()),
+        ]),
+        cwd: some("/workspace"),
+        user: some("1000:1000"),
+        tty: None,
+        stdin: true,
+        timeout_ms: Some(600_000),
+        output_cap: Some(1_048_576),
+        task_id,
+    }
+}
+
+fn tool_call() -> ToolCall {
+    ToolCall {
+        task_id: some("task-7f3a"),
+        call_id: "call_01".to_owned(),
+        name: "bash".to_owned(),
+        input: map(&[
+            ("command", Value::from("cargo test --quiet")),
+            ("timeout", Value::from(120)),
+        ]),
+    }
+}
+
+fn tool_result() -> ToolResult {
+    ToolResult {
+        task_id: some("task-7f3a"),
+        call_id: "call_01".to_owned(),
+        output: map(&[
+            ("exit_code", Value::from(101)),
+            (
+                "stdout",
+                Value::from("test result: FAILED. 11 passed; 1 failed"),
+            ),
+        ]),
+        is_error: true,
+    }
+}
+
+fn message_chunk() -> MessageChunk {
+    MessageChunk {
+        task_id: some("task-7f3a"),
+        text: "The test fails because ".to_owned(),
+        role: some("assistant"),
+        is_final: false,
+    }
+}
+
+fn file_change() -> FileChange {
+    FileChange {
+        task_id: some("task-7f3a"),
+        path: "src/parser.rs".to_owned(),
+        change: FileChangeKind::Renamed,
+        from: some("src/parse.rs"),
+    }
+}
+
+fn progress() -> Progress {
+    Progress {
+        task_id: some("task-7f3a"),
+        message: some("running tests"),
+        done: Some(3),
+        total: Some(5),
+    }
+}
+
+fn log(stream: LogStream) -> Log {
+    Log {
+        task_id: some("task-7f3a"),
+        stream,
+        level: some("warn"),
+        text: "rate limited, retrying in 2s".to_owned(),
+        truncated: false,
+    }
+}
+
+fn custom() -> Custom {
+    Custom {
+        task_id: some("task-7f3a"),
+        kind: "token_usage".to_owned(),
+        data: map(&[
+            ("input_tokens", Value::from(15_230)),
+            ("output_tokens", Value::from(812)),
+            ("cost_usd", Value::from(0.0625)),
+            ("cached", Value::from(true)),
+            ("model", Value::Nil),
+        ]),
+    }
+}
+
+fn driver_error() -> ErrorMsg {
+    ErrorMsg {
+        re: None,
+        code: ErrorCode::Timeout,
+        message: "model API did not answer within 60s".to_owned(),
+        task_id: some("task-7f3a"),
+    }
+}
+
+fn task_done() -> TaskDone {
+    TaskDone {
+        task_id: "task-7f3a".to_owned(),
+        status: TaskStatus::Succeeded,
+        output: Some(map(&[(
+            "summary",
+            Value::from("Fixed an off-by-one in the tokenizer; all 12 tests pass."),
+        )])),
+        error: None,
+    }
+}
+
+fn exec_output(exec_id: u64) -> ExecOutput {
+    ExecOutput {
+        exec_id,
+        stream: OutputStream::Stdout,
+        data: Bytes::from_static(b"running 12 tests\n"),
+    }
+}
+
+fn exec_exit(exec_id: u64) -> ExecExit {
+    ExecExit {
+        exec_id,
+        code: Some(101),
+        signal: None,
+        timed_out: false,
+        truncated: false,
+        duration_ms: 4_210,
+    }
+}
+
+fn samples() -> Vec<Sample> {
+    use ControlToShim as C;
+    use DriverToShim as D;
+    use Event as E;
+    use ShimToControl as SC;
+    use ShimToDriver as SD;
+
+    vec![
+        // ----- driver → shim
+        s(
+            "The driver's handshake: the first frame it sends, without waiting for the shim's.",
+            D::Hello(hello(Role::Driver, "echo-driver", "1.2.0", &["exec"])),
+        ),
+        s(
+            "The driver can take tasks (first time: no re).",
+            D::Ready(Ready::default()),
+        ),
+        s(
+            "The driver finished a task successfully, with its output.",
+            D::TaskDone(task_done()),
+        ),
+        s(
+            "The driver reached a safe point, answering the shim's pause with id 9.",
+            D::Paused(Paused { re: Some(9) }),
+        ),
+        s("The driver probes the shim.", D::Ping(Ping { id: 1 })),
+        s(
+            "The driver answers the shim's ping with id 5.",
+            D::Pong(Pong { re: 5 }),
+        ),
+        s(
+            "The driver acknowledges the shim's shutdown with id 12.",
+            D::Ok(OkReply { re: 12 }),
+        ),
+        s(
+            "An error the driver reports (no re): relayed to the control plane as an event.",
+            D::Error(driver_error()),
+        ),
+        s(
+            "A piece of the agent's output text.",
+            D::MessageChunk(message_chunk()),
+        ),
+        s("The agent calls a tool.", D::ToolCall(tool_call())),
+        s(
+            "A tool call ended with an error.",
+            D::ToolResult(tool_result()),
+        ),
+        s("The agent renamed a file.", D::FileChange(file_change())),
+        s("Task progress, 3 of 5 steps.", D::Progress(progress())),
+        s(
+            "A log line the driver sends.",
+            D::Log(log(LogStream::Driver)),
+        ),
+        s("The driver's own kind of event.", D::Custom(custom())),
+        s(
+            "The driver asks the shim to run a tool process (reply: exec_started or error).",
+            D::Exec(exec_request(3, some("task-7f3a"))),
+        ),
+        s(
+            "Bytes for the stdin of exec 1, then close it.",
+            D::ExecInput(ExecInput {
+                exec_id: 1,
+                data: Bytes::from_static(b"yes\n"),
+                eof: true,
+            }),
+        ),
+        s(
+            "The terminal of exec 1 changed size.",
+            D::ExecResize(ExecResize {
+                exec_id: 1,
+                rows: 40,
+                cols: 120,
+            }),
+        ),
+        s(
+            "Interrupt exec 1's process group.",
+            D::ExecSignal(ExecSignal {
+                exec_id: 1,
+                signal: "INT".to_owned(),
+            }),
+        ),
+        // ----- shim → driver
+        s(
+            "The shim's handshake to the driver.",
+            SD::Hello(hello(Role::Shim, "agent-shim", "0.1.0", &["exec", "pty"])),
+        ),
+        s(
+            "A task for the driver, with an output schema, on its second attempt.",
+            SD::Task(Task {
+                task_id: "task-7f3a".to_owned(),
+                input: task_input(),
+                output_schema: Some(output_schema()),
+                timeout_ms: Some(900_000),
+                attempt: 2,
+            }),
+        ),
+        s(
+            "Stop working on a task within 5 s.",
+            SD::Cancel(Cancel {
+                id: 8,
+                task_id: "task-7f3a".to_owned(),
+                grace_ms: Some(5_000),
+            }),
+        ),
+        s(
+            "Reach a safe point within 10 s (answer: paused with re 9).",
+            SD::Pause(Pause {
+                id: 9,
+                timeout_ms: Some(10_000),
+            }),
+        ),
+        s(
+            "Continue after a pause that lasted 5 minutes (answer: ready with re 10).",
+            SD::Resume(Resume {
+                id: 10,
+                slept_ms: Some(300_000),
+            }),
+        ),
+        s(
+            "Stop gracefully within 8 s.",
+            SD::Shutdown(Shutdown {
+                id: 12,
+                grace_ms: Some(8_000),
+                reason: some("sandbox stopping"),
+            }),
+        ),
+        s("The shim's liveness probe.", SD::Ping(Ping { id: 5 })),
+        s(
+            "The shim answers the driver's ping with id 1.",
+            SD::Pong(Pong { re: 1 }),
+        ),
+        s(
+            "A generic success reply to request 4.",
+            SD::Ok(OkReply { re: 4 }),
+        ),
+        s(
+            "The shim could not start the driver's exec with id 3.",
+            SD::Error(ErrorMsg {
+                re: Some(3),
+                code: ErrorCode::Invalid,
+                message: "argv[0] \"carg\" not found in PATH".to_owned(),
+                task_id: some("task-7f3a"),
+            }),
+        ),
+        s(
+            "The driver's exec with id 3 started as exec 1.",
+            SD::ExecStarted(ExecStarted {
+                re: 3,
+                exec_id: 1,
+                pid: 4242,
+            }),
+        ),
+        s(
+            "A chunk of exec 1's stdout.",
+            SD::ExecOutput(exec_output(1)),
+        ),
+        s("Exec 1 exited with code 101.", SD::ExecExit(exec_exit(1))),
+        // ----- control → shim
+        s(
+            "The control plane's handshake, with its authentication nonce (32 × 0x02).",
+            C::Hello(Hello {
+                nonce: Some(Bytes::copy_from_slice(&CONTROL_NONCE)),
+                ..hello(Role::Control, "control-link", "0.1.0", &[])
+            }),
+        ),
+        s(
+            "The control plane's proof of the token \"secret\" (shim nonce 32 × 0x01).",
+            C::Auth(Auth {
+                mac: mac_bytes(CONTROL_MAC),
+            }),
+        ),
+        s(
+            "Queue a task; redeliver it if the driver crashes while running it.",
+            C::SubmitTask(SubmitTask {
+                id: 0x5eed_0000_0000_0001,
+                task_id: "task-7f3a".to_owned(),
+                input: task_input(),
+                output_schema: Some(output_schema()),
+                timeout_ms: Some(900_000),
+                redeliver: true,
+            }),
+        ),
+        s(
+            "Cancel a task, giving the driver 5 s.",
+            C::CancelTask(CancelTask {
+                id: 0x5eed_0000_0000_0002,
+                task_id: "task-7f3a".to_owned(),
+                grace_ms: Some(5_000),
+            }),
+        ),
+        s(
+            "Pause the agent; the driver has 10 s to reach a safe point.",
+            C::Pause(Pause {
+                id: 0x5eed_0000_0000_0003,
+                timeout_ms: Some(10_000),
+            }),
+        ),
+        s(
+            "Resume the agent (slept_ms is only sent to drivers).",
+            C::Resume(Resume {
+                id: 0x5eed_0000_0000_0004,
+                slept_ms: None,
+            }),
+        ),
+        s(
+            "Send SIGTERM to the process group of exec 17.",
+            C::Signal(Signal {
+                id: 0x5eed_0000_0000_0005,
+                signal: "SIGTERM".to_owned(),
+                target: SignalTarget::Exec,
+                exec_id: Some(17),
+            }),
+        ),
+        s(
+            "Relaunch the driver, also out of state error.",
+            C::RestartDriver(RestartDriver {
+                id: 0x5eed_0000_0000_0006,
+            }),
+        ),
+        s(
+            "Replace the driver command.",
+            C::SetDriver(SetDriver {
+                id: 0x5eed_0000_0000_0007,
+                argv: strings(&["python3", "/opt/agent/driver.py", "--model", "large"]),
+                env: BTreeMap::from([("AGENT_MODE".to_owned(), "review".to_owned())]),
+            }),
+        ),
+        s(
+            "Run a tool process on a terminal for the control plane.",
+            C::Exec(Exec {
+                tty: Some(TtySize { rows: 24, cols: 80 }),
+                user: None,
+                ..exec_request(0x5eed_0000_0000_0008, None)
+            }),
+        ),
+        s(
+            "Bytes for the terminal of exec 17.",
+            C::ExecInput(ExecInput {
+                exec_id: 17,
+                data: Bytes::from_static(b"ls -la\r"),
+                eof: false,
+            }),
+        ),
+        s(
+            "The terminal of exec 17 changed size.",
+            C::ExecResize(ExecResize {
+                exec_id: 17,
+                rows: 50,
+                cols: 200,
+            }),
+        ),
+        s(
+            "Send signal 9 to exec 17's process group.",
+            C::ExecSignal(ExecSignal {
+                exec_id: 17,
+                signal: "9".to_owned(),
+            }),
+        ),
+        s(
+            "Ask for the shim's status.",
+            C::Status(Status {
+                id: 0x5eed_0000_0000_0009,
+            }),
+        ),
+        s(
+            "Stop the agent and the shim within 8 s.",
+            C::Shutdown(Shutdown {
+                id: 0x5eed_0000_0000_000a,
+                grace_ms: Some(8_000),
+                reason: some("scale down"),
+            }),
+        ),
+        s(
+            "Every event up to seq 41 is processed.",
+            C::Ack(Ack { seq: 41 }),
+        ),
+        s(
+            "After the handshake: the control plane processed events up to seq 41.",
+            C::ResumeFrom(ResumeFrom { seq: 41 }),
+        ),
+        s(
+            "The control plane's liveness probe.",
+            C::Ping(Ping {
+                id: 0x5eed_0000_0000_000b,
+            }),
+        ),
+        // ----- shim → control
+        s(
+            "The shim's handshake to the control plane, with its agent id and nonce (32 × 0x01).",
+            SC::Hello(Hello {
+                agent_id: some("agent-0192"),
+                nonce: Some(Bytes::copy_from_slice(&SHIM_NONCE)),
+                ..hello(Role::Shim, "agent-shim", "0.1.0", &[])
+            }),
+        ),
+        s(
+            "The shim's proof of the token \"secret\" (control nonce 32 × 0x02).",
+            SC::Auth(Auth {
+                mac: mac_bytes(SHIM_MAC),
+            }),
+        ),
+        s(
+            "The task was queued (reply to submit_task).",
+            SC::Ok(OkReply {
+                re: 0x5eed_0000_0000_0001,
+            }),
+        ),
+        s(
+            "The task queue is full (reply to submit_task).",
+            SC::Error(ErrorMsg {
+                re: Some(0x5eed_0000_0000_0001),
+                code: ErrorCode::Limit,
+                message: "task queue is full (64 tasks)".to_owned(),
+                task_id: some("task-7f3a"),
+            }),
+        ),
+        s(
+            "The shim's status, answering status.",
+            SC::StatusReply(StatusReply {
+                re: 0x5eed_0000_0000_0009,
+                state: DriverState::Ready,
+                driver_pid: Some(7),
+                restarts: 1,
+                uptime_ms: 3_600_000,
+                last_exit: Some(ExitInfo {
+                    code: None,
+                    signal: some("SIGKILL"),
+                }),
+                children: 3,
+                reaped: 118,
+                tasks_queued: 2,
+                task_running: some("task-7f3a"),
+                execs_running: 1,
+                buffered_events: 12,
+                buffered_bytes: 4_096,
+                last_seq: 53,
+                rss_bytes: 1_572_864,
+                idle_since_ms: None,
+            }),
+        ),
+        s(
+            "The control plane's exec started as exec 17.",
+            SC::ExecStarted(ExecStarted {
+                re: 0x5eed_0000_0000_0008,
+                exec_id: 17,
+                pid: 311,
+            }),
+        ),
+        s(
+            "Event 42: a tool call the driver reported, relayed with its seq.",
+            SC::Event(EventEnvelope {
+                seq: 42,
+                event: E::ToolCall(tool_call()),
+            }),
+        ),
+        s(
+            "The shim answers the control plane's ping.",
+            SC::Pong(Pong {
+                re: 0x5eed_0000_0000_000b,
+            }),
+        ),
+        // ----- events (the body inside an `event` envelope)
+        s(
+            "A piece of the agent's output text, relayed.",
+            E::MessageChunk(message_chunk()),
+        ),
+        s("A tool call, relayed.", E::ToolCall(tool_call())),
+        s("A tool result, relayed.", E::ToolResult(tool_result())),
+        s("A file change, relayed.", E::FileChange(file_change())),
+        s("Task progress, relayed.", E::Progress(progress())),
+        s(
+            "A line the driver wrote to its stderr, captured by the shim.",
+            E::Log(Log {
+                level: None,
+                ..log(LogStream::Stderr)
+            }),
+        ),
+        s(
+            "The driver's own kind of event, relayed.",
+            E::Custom(custom()),
+        ),
+        s(
+            "An error the driver reported, relayed.",
+            E::Error(driver_error()),
+        ),
+        s(
+            "A task failed: the shim reports it when the driver crashed while running it.",
+            E::TaskDone(TaskDone {
+                task_id: "task-7f3a".to_owned(),
+                status: TaskStatus::Failed,
+                output: None,
+                error: some("driver crashed (signal SIGSEGV)"),
+            }),
+        ),
+        s(
+            "A submitted task was queued behind one other.",
+            E::TaskAccepted(TaskAccepted {
+                task_id: "task-7f3a".to_owned(),
+                position: 1,
+            }),
+        ),
+        s(
+            "The driver was launched (second launch).",
+            E::DriverStarted(DriverStarted { pid: 7, attempt: 2 }),
+        ),
+        s(
+            "The driver sent ready 180 ms after launch.",
+            E::DriverReady(DriverReady {
+                pid: 7,
+                startup_ms: 180,
+            }),
+        ),
+        s(
+            "The driver exited with code 1 after 93 s.",
+            E::DriverExited(DriverExited {
+                pid: 7,
+                code: Some(1),
+                signal: None,
+                uptime_ms: 93_000,
+                reason: "crashed".to_owned(),
+            }),
+        ),
+        s(
+            "The driver will be relaunched in 400 ms.",
+            E::DriverRestarting(DriverRestarting {
+                attempt: 3,
+                delay_ms: 400,
+            }),
+        ),
+        s(
+            "5 restarts within 60 s: the driver stays down (state error).",
+            E::CrashLoop(CrashLoop {
+                restarts: 5,
+                window_ms: 60_000,
+            }),
+        ),
+        s(
+            "The driver went from pausing to paused.",
+            E::StateChanged(StateChanged {
+                from: DriverState::Pausing,
+                to: DriverState::Paused,
+            }),
+        ),
+        s(
+            "The agent is at a safe point, answering the control plane's pause.",
+            E::Paused(Paused {
+                re: Some(0x5eed_0000_0000_0003),
+            }),
+        ),
+        s(
+            "Output of the control plane's exec 17 (PTY mode).",
+            E::ExecOutput(ExecOutput {
+                exec_id: 17,
+                stream: OutputStream::Pty,
+                data: Bytes::from_static(b"\x1b[1mtotal 8\x1b[0m\r\n"),
+            }),
+        ),
+        s(
+            "The control plane's exec 17 was killed by its timeout.",
+            E::ExecExit(ExecExit {
+                exec_id: 17,
+                code: None,
+                signal: some("SIGKILL"),
+                timed_out: true,
+                truncated: true,
+                duration_ms: 600_000,
+            }),
+        ),
+        s(
+            "The agent has been idle since 2025-01-01T00:00:00Z.",
+            E::Idle(Idle {
+                idle_since_ms: 1_735_689_600_000,
+            }),
+        ),
+        s("Work arrived after idle.", E::Busy(Busy {})),
+    ]
+}
+
+// ---------------------------------------------------------------------------------------------
+// Invalid frames
+
+/// A frame a receiver must reject (or, for `unknown`, flag as unsupported).
+struct Invalid {
+    name: &'static str,
+    description: &'static str,
+    direction: &'static str,
+    frame: Vec<u8>,
+    /// The `DecodeError::code()` expected, or `unknown` for a frame that decodes to the
+    /// `Unknown` variant.
+    error: &'static str,
+    /// Extra keys of the file, after the standard ones.
+    extra: Vec<(&'static str, J)>,
+}
+
+fn framed(body: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(body.len()).expect("small body");
+    let mut frame = len.to_be_bytes().to_vec();
+    frame.extend_from_slice(body);
+    frame
+}
+
+fn packed(value: &Value) -> Vec<u8> {
+    let mut out = Vec::new();
+    rmpv::encode::write_value(&mut out, value).expect("encode to a vec");
+    out
+}
+
+fn invalid_samples() -> Vec<Invalid> {
+    // 64 nested arrays inside the message map: 65 levels counting the map, one too many.
+    let mut deep = Value::Array(vec![]);
+    for _ in 0..63 {
+        deep = Value::Array(vec![deep]);
+    }
+    let mut trailing = packed(&map(&[
+        ("type", Value::from("ping")),
+        ("id", Value::from(7)),
+    ]));
+    trailing.push(0xc0);
+    let mut too_large = (DEFAULT_MAX_FRAME as u32 + 1).to_be_bytes().to_vec();
+    too_large.extend_from_slice(b"\x82\xa4type");
+
+    vec![
+        Invalid {
+            name: "unknown_type",
+            description: "A type this version does not know. Not an error: it decodes to \
+                          Unknown with its id, the receiver answers \
+                          error{code:\"unsupported\", re:42} and the connection stays up.",
+            direction: "driver_to_shim",
+            frame: framed(&packed(&map(&[
+                ("type", Value::from("teleport")),
+                ("id", Value::from(42)),
+                ("destination", Value::from("mars")),
+            ]))),
+            error: "unknown",
+            extra: vec![("type", J::Str("teleport".into())), ("id", J::U(42))],
+        },
+        Invalid {
+            name: "wrong_direction",
+            description: "A valid type that is not valid in this direction (a driver sending \
+                          task): decodes to Unknown, answered error{code:\"unsupported\"}.",
+            direction: "driver_to_shim",
+            frame: framed(&packed(&map(&[
+                ("type", Value::from("task")),
+                ("task_id", Value::from("t1")),
+                ("input", Value::from("hi")),
+            ]))),
+            error: "unknown",
+            extra: vec![("type", J::Str("task".into())), ("id", J::Null)],
+        },
+        Invalid {
+            name: "not_a_map",
+            description: "The body is an array, not a map.",
+            direction: "driver_to_shim",
+            frame: framed(&packed(&Value::Array(vec![
+                Value::from("ping"),
+                Value::from(1),
+            ]))),
+            error: "malformed",
+            extra: vec![],
+        },
+        Invalid {
+            name: "missing_type",
+            description: "A map without a type key.",
+            direction: "driver_to_shim",
+            frame: framed(&packed(&map(&[
+                ("id", Value::from(1)),
+                ("text", Value::from("hello")),
+            ]))),
+            error: "malformed",
+            extra: vec![],
+        },
+        Invalid {
+            name: "type_not_string",
+            description: "The type key holds an integer, not a string.",
+            direction: "shim_to_driver",
+            frame: framed(&packed(&map(&[
+                ("type", Value::from(5)),
+                ("id", Value::from(1)),
+            ]))),
+            error: "malformed",
+            extra: vec![],
+        },
+        Invalid {
+            name: "wrong_field_type",
+            description: "A ping whose id is a string, not an unsigned integer.",
+            direction: "shim_to_driver",
+            frame: framed(&packed(&map(&[
+                ("type", Value::from("ping")),
+                ("id", Value::from("seven")),
+            ]))),
+            error: "malformed",
+            extra: vec![("field", J::Str("id".into()))],
+        },
+        Invalid {
+            name: "missing_field",
+            description: "A task_done without its required status.",
+            direction: "driver_to_shim",
+            frame: framed(&packed(&map(&[
+                ("type", Value::from("task_done")),
+                ("task_id", Value::from("task-7f3a")),
+            ]))),
+            error: "malformed",
+            extra: vec![("field", J::Str("status".into()))],
+        },
+        Invalid {
+            name: "trailing_bytes",
+            description: "A ping followed by a stray nil inside the same frame.",
+            direction: "driver_to_shim",
+            frame: framed(&trailing),
+            error: "malformed",
+            extra: vec![],
+        },
+        Invalid {
+            name: "too_deep",
+            description: "A custom event whose data nests 64 arrays: 65 levels with the \
+                          message's map, one over the limit of 64.",
+            direction: "driver_to_shim",
+            frame: framed(&packed(&map(&[
+                ("type", Value::from("custom")),
+                ("kind", Value::from("deep")),
+                ("data", deep),
+            ]))),
+            error: "malformed",
+            extra: vec![],
+        },
+        Invalid {
+            name: "zero_length",
+            description: "A frame with an empty body.",
+            direction: "driver_to_shim",
+            frame: vec![0, 0, 0, 0],
+            error: "malformed",
+            extra: vec![],
+        },
+        Invalid {
+            name: "too_large",
+            description: "A length prefix of 16 MiB + 1, one byte over the default maximum: \
+                          rejected from the 4 header bytes alone, before any body is read \
+                          (only its first bytes are here).",
+            direction: "driver_to_shim",
+            frame: too_large,
+            error: "frame_too_large",
+            extra: vec![],
+        },
+    ]
+}
+
+// ---------------------------------------------------------------------------------------------
+// JSON with keys in wire order
+
+/// A JSON value whose objects keep their key order (serde_json's `Map` sorts them).
+#[derive(Debug, Clone, PartialEq)]
+enum J {
+    Null,
+    Bool(bool),
+    U(u64),
+    I(i64),
+    F(f64),
+    Str(String),
+    Arr(Vec<J>),
+    Obj(Vec<(String, J)>),
+}
+
+impl J {
+    /// A MessagePack value as JSON; `bin` becomes `{"$bin": "<hex>"}`.
+    fn from_msgpack(v: &Value) -> Result<J, String> {
+        Ok(match v {
+            Value::Nil => J::Null,
+            Value::Boolean(b) => J::Bool(*b),
+            Value::Integer(i) => match (i.as_u64(), i.as_i64()) {
+                (Some(u), _) => J::U(u),
+                (None, Some(n)) => J::I(n),
+                (None, None) => return Err(format!("integer {i} out of range")),
+            },
+            Value::F64(f) => J::F(*f),
+            Value::F32(_) => return Err("float32 has no JSON form here; use float64".into()),
+            Value::String(s) => match s.as_str() {
+                Some(s) => J::Str(s.to_owned()),
+                None => return Err("string is not UTF-8".into()),
+            },
+            Value::Binary(b) => J::Obj(vec![("$bin".into(), J::Str(hex::encode(b)))]),
+            Value::Array(items) => J::Arr(
+                items
+                    .iter()
+                    .map(J::from_msgpack)
+                    .collect::<Result<_, _>>()?,
+            ),
+            Value::Map(entries) => J::Obj(
+                entries
+                    .iter()
+                    .map(|(k, v)| match k.as_str() {
+                        Some(k) => Ok((k.to_owned(), J::from_msgpack(v)?)),
+                        None => Err(format!("map key {k} is not a string")),
+                    })
+                    .collect::<Result<_, _>>()?,
+            ),
+            Value::Ext(..) => return Err("ext values have no JSON form".into()),
+        })
+    }
+
+    /// The same value as serde_json's (key order lost), to compare with a parsed file.
+    fn to_serde(&self) -> serde_json::Value {
+        use serde_json::Value as S;
+        match self {
+            J::Null => S::Null,
+            J::Bool(b) => S::Bool(*b),
+            J::U(u) => S::from(*u),
+            J::I(i) => S::from(*i),
+            J::F(f) => S::from(*f),
+            J::Str(s) => S::from(s.as_str()),
+            J::Arr(items) => S::Array(items.iter().map(J::to_serde).collect()),
+            J::Obj(entries) => S::Object(
+                entries
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.to_serde()))
+                    .collect(),
+            ),
+        }
+    }
+
+    /// Pretty JSON in serde_json's style (two-space indent), keys in order.
+    fn render(&self, out: &mut String, indent: usize) {
+        let pad = |out: &mut String, n: usize| out.extend(std::iter::repeat_n(' ', n));
+        match self {
+            J::Null => out.push_str("null"),
+            J::Bool(b) => write!(out, "{b}").unwrap(),
+            J::U(u) => write!(out, "{u}").unwrap(),
+            J::I(i) => write!(out, "{i}").unwrap(),
+            J::F(f) => out.push_str(&serde_json::to_string(f).unwrap()),
+            J::Str(s) => out.push_str(&serde_json::to_string(s).unwrap()),
+            J::Arr(items) if items.is_empty() => out.push_str("[]"),
+            J::Obj(entries) if entries.is_empty() => out.push_str("{}"),
+            J::Arr(items) => {
+                out.push_str("[\n");
+                for (i, item) in items.iter().enumerate() {
+                    pad(out, indent + 2);
+                    item.render(out, indent + 2);
+                    out.push_str(if i + 1 < items.len() { ",\n" } else { "\n" });
+                }
+                pad(out, indent);
+                out.push(']');
+            }
+            J::Obj(entries) => {
+                out.push_str("{\n");
+                for (i, (k, v)) in entries.iter().enumerate() {
+                    pad(out, indent + 2);
+                    out.push_str(&serde_json::to_string(k).unwrap());
+                    out.push_str(": ");
+                    v.render(out, indent + 2);
+                    out.push_str(if i + 1 < entries.len() { ",\n" } else { "\n" });
+                }
+                pad(out, indent);
+                out.push('}');
+            }
+        }
+    }
+
+    fn to_file_text(&self) -> String {
+        let mut out = String::new();
+        self.render(&mut out, 0);
+        out.push('\n');
+        out
+    }
+}
+
+/// A body decoded generically by rmpv (not by this crate), as JSON.
+fn generic_json(body: &[u8]) -> Result<J, String> {
+    let mut rest = body;
+    let value = rmpv::decode::read_value(&mut rest).map_err(|e| e.to_string())?;
+    if !rest.is_empty() {
+        return Err(format!("{} trailing bytes", rest.len()));
+    }
+    J::from_msgpack(&value)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Files
+
+fn vectors_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors")
+}
+
+fn updating() -> bool {
+    std::env::var_os("UPDATE_GOLDEN").is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+fn write_file(path: &Path, text: &str) {
+    fs::create_dir_all(path.parent().expect("has a parent")).expect("create vector dir");
+    fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
+fn read_json(path: &Path) -> Result<(String, serde_json::Value), String> {
+    let text = fs::read_to_string(path).map_err(|e| format!("read: {e} (run UPDATE_GOLDEN=1)"))?;
+    let json = serde_json::from_str(&text).map_err(|e| format!("parse: {e}"))?;
+    Ok((text, json))
+}
+
+fn str_field<'a>(json: &'a serde_json::Value, key: &str) -> Result<&'a str, String> {
+    json.get(key)
+        .and_then(serde_json::Value::as_str)
+        .ok_or_else(|| format!("no string {key:?}"))
+}
+
+fn file_frame(json: &serde_json::Value) -> Result<Vec<u8>, String> {
+    hex::decode(str_field(json, "frame")?).map_err(|e| format!("frame is not hex: {e}"))
+}
+
+fn sample_file(sample: &Sample) -> (PathBuf, String, J) {
+    let body = sample.msg.to_body();
+    let frame = framed(&body);
+    let value = generic_json(&body).unwrap_or_else(|e| panic!("{:?}: {e}", sample.msg));
+    let doc = J::Obj(vec![
+        ("direction".into(), J::Str(sample.msg.direction().into())),
+        ("type".into(), J::Str(sample.msg.type_name().into())),
+        ("description".into(), J::Str(sample.description.into())),
+        ("frame".into(), J::Str(hex::encode(&frame))),
+        ("value".into(), value.clone()),
+    ]);
+    let path = vectors_dir()
+        .join(sample.msg.direction())
+        .join(format!("{}.json", sample.msg.type_name()));
+    (path, doc.to_file_text(), value)
+}
+
+/// Checks one valid vector file against its sample; returns what is wrong.
+fn check_sample(sample: &Sample, path: &Path, want_text: &str, want_value: &J) -> Vec<String> {
+    let mut errors = Vec::new();
+    let (text, json) = match read_json(path) {
+        Ok(x) => x,
+        Err(e) => return vec![e],
+    };
+    let frame = match file_frame(&json) {
+        Ok(f) => f,
+        Err(e) => return vec![e],
+    };
+    // encode(sample) == vector
+    let ours = framed(&sample.msg.to_body());
+    if frame != ours {
+        errors.push(format!(
+            "encoding differs:\n  file: {}\n  ours: {}",
+            hex::encode(&frame),
+            hex::encode(&ours)
+        ));
+    }
+    // decode(vector) == sample, through the real frame reader
+    match receive(sample.msg.direction(), &frame) {
+        Ok(Some(got)) if got == sample.msg => {}
+        Ok(got) => errors.push(format!("decodes to {got:?}\n  expected {:?}", sample.msg)),
+        Err(e) => errors.push(format!("does not decode: {e}")),
+    }
+    // value == the body decoded generically
+    match frame
+        .get(4..)
+        .ok_or("frame shorter than its header".to_owned())
+    {
+        Ok(body) => match generic_json(body) {
+            Ok(generic) => {
+                if json.get("value") != Some(&generic.to_serde()) {
+                    errors.push(format!(
+                        "value differs from the frame decoded generically: {}",
+                        generic.to_serde()
+                    ));
+                }
+                if generic != *want_value {
+                    errors.push("the frame's generic decoding differs from the sample's".into());
+                }
+            }
+            Err(e) => errors.push(format!("generic decoding: {e}")),
+        },
+        Err(e) => errors.push(e),
+    }
+    if str_field(&json, "direction") != Ok(sample.msg.direction())
+        || str_field(&json, "type") != Ok(sample.msg.type_name())
+    {
+        errors.push("direction or type differ from the file's place".into());
+    }
+    // key order, description, formatting: the file is exactly what UPDATE_GOLDEN writes
+    if errors.is_empty() && text != want_text {
+        errors.push("file is not in canonical form (key order, description or layout)".into());
+    }
+    errors
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+
+#[test]
+fn every_type_of_every_direction_has_exactly_one_sample() {
+    let samples = samples();
+    for (direction, types) in DIRECTIONS {
+        let mut sampled: Vec<&str> = samples
+            .iter()
+            .filter(|s| s.msg.direction() == *direction)
+            .map(|s| s.msg.type_name())
+            .collect();
+        sampled.sort_unstable();
+        let mut want = types.to_vec();
+        want.sort_unstable();
+        assert_eq!(sampled, want, "samples of {direction} vs its TYPES");
+    }
+}
+
+#[test]
+fn valid_vectors_match_samples_both_ways() {
+    let mut failures = Vec::new();
+    let mut expected_files = BTreeSet::new();
+    for sample in samples() {
+        let (path, text, value) = sample_file(&sample);
+        expected_files.insert(path.clone());
+        if updating() {
+            write_file(&path, &text);
+        }
+        for e in check_sample(&sample, &path, &text, &value) {
+            failures.push(format!("{}: {e}", path.display()));
+        }
+    }
+    // every vector file has a sample
+    for (direction, _) in DIRECTIONS {
+        let dir = vectors_dir().join(direction);
+        for entry in fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+            let path = entry.expect("dir entry").path();
+            if !expected_files.contains(&path) {
+                failures.push(format!("{}: no sample for this file", path.display()));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn invalid_vectors_are_rejected_with_their_code() {
+    let mut failures = Vec::new();
+    let mut expected_files = BTreeSet::new();
+    for invalid in invalid_samples() {
+        let path = vectors_dir()
+            .join("invalid")
+            .join(format!("{}.json", invalid.name));
+        expected_files.insert(path.clone());
+        let mut entries = vec![
+            ("description".to_owned(), J::Str(invalid.description.into())),
+            ("frame".to_owned(), J::Str(hex::encode(&invalid.frame))),
+            ("direction".to_owned(), J::Str(invalid.direction.into())),
+            ("error".to_owned(), J::Str(invalid.error.into())),
+        ];
+        entries.extend(
+            invalid
+                .extra
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone())),
+        );
+        let text = J::Obj(entries).to_file_text();
+        if updating() {
+            write_file(&path, &text);
+        }
+        let mut fail = |e: String| failures.push(format!("{}: {e}", path.display()));
+        let (file_text, json) = match read_json(&path) {
+            Ok(x) => x,
+            Err(e) => {
+                fail(e);
+                continue;
+            }
+        };
+        if file_text != text {
+            fail("file differs from its sample (run UPDATE_GOLDEN=1)".into());
+        }
+        let frame = match file_frame(&json) {
+            Ok(f) => f,
+            Err(e) => {
+                fail(e);
+                continue;
+            }
+        };
+        let want_error = str_field(&json, "error").unwrap_or("?");
+        let direction = str_field(&json, "direction").unwrap_or("?");
+        match (want_error, receive(direction, &frame)) {
+            ("unknown", Ok(Some(msg))) => {
+                let unknown = match msg {
+                    Any::DriverToShim(DriverToShim::Unknown(u))
+                    | Any::ShimToDriver(ShimToDriver::Unknown(u))
+                    | Any::ControlToShim(ControlToShim::Unknown(u))
+                    | Any::ShimToControl(ShimToControl::Unknown(u))
+                    | Any::Event(Event::Unknown(u)) => u,
+                    other => {
+                        fail(format!("decoded to a known message {other:?}"));
+                        continue;
+                    }
+                };
+                let want_type = str_field(&json, "type").unwrap_or("?");
+                let want_id = json.get("id").and_then(serde_json::Value::as_u64);
+                if unknown.type_name != want_type || unknown.id != want_id {
+                    fail(format!("decoded to {unknown:?}"));
+                }
+            }
+            (want, Ok(got)) => fail(format!("decoded to {got:?}, expected error {want}")),
+            (want, Err(e)) if e.code().as_str() == want => {}
+            (want, Err(e)) => fail(format!("error {} ({e}), expected {want}", e.code())),
+        }
+        // The over-long prefix is caught by the header alone.
+        if want_error == "frame_too_large" {
+            let header: [u8; 4] = frame[..4].try_into().expect("4 bytes");
+            assert!(u32::from_be_bytes(header) as usize > DEFAULT_MAX_FRAME);
+        }
+    }
+    let dir = vectors_dir().join("invalid");
+    for entry in fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+        let path = entry.expect("dir entry").path();
+        if !expected_files.contains(&path) {
+            failures.push(format!("{}: no sample for this file", path.display()));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The `auth` vectors are the worked example of docs/PROTOCOL.md; recompute their proofs
+/// from the definition, independently of the crate's handshake module.
+#[test]
+fn auth_vectors_follow_the_proof_definition() {
+    let proof = |role: &[u8], peer_nonce: &[u8], own_nonce: &[u8]| {
+        let mut mac = Hmac::<Sha256>::new_from_slice(TOKEN).expect("any key length");
+        for part in [
+            &b"agent-shim-auth-v1\0"[..],
+            role,
+            b"\0",
+            peer_nonce,
+            own_nonce,
+        ] {
+            mac.update(part);
+        }
+        hex::encode(mac.finalize().into_bytes())
+    };
+    assert_eq!(proof(b"control", &SHIM_NONCE, &CONTROL_NONCE), CONTROL_MAC);
+    assert_eq!(proof(b"shim", &CONTROL_NONCE, &SHIM_NONCE), SHIM_MAC);
+    let doc = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/PROTOCOL.md"))
+        .expect("read docs/PROTOCOL.md");
+    for mac in [CONTROL_MAC, SHIM_MAC] {
+        assert!(
+            doc.contains(mac),
+            "docs/PROTOCOL.md lacks the worked mac {mac}"
+        );
+    }
+}

@@ -1,0 +1,479 @@
+//! Starting a child: `fork` + `execve`, with everything prepared before the `fork`.
+//!
+//! Between `fork` and `execve` the child may only make async-signal-safe calls: no allocation
+//! (another thread of the parent may have held the allocator's lock at the `fork`), no
+//! logging, no panicking. So [`Prepared::new`] resolves the program in `PATH` and builds
+//! every C string and pointer array in the parent, and the child half of [`spawn`] is a
+//! straight line of raw syscalls:
+//!
+//! 1. `setpgid(0, 0)` (or `setsid()`), so signals can address the child's whole group;
+//! 2. `tcsetpgrp(0, getpid())` when stdin is a terminal whose foreground group is the shim's,
+//!    handing the terminal to the child (every signal is still blocked here, so the SIGTTOU
+//!    this raises cannot stop it);
+//! 3. `chdir` if asked;
+//! 4. reset to SIG_DFL the dispositions the shim changed (Rust ignores SIGPIPE);
+//! 5. restore the signal mask the shim started with;
+//! 6. `execve`.
+//!
+//! A failure in the child is written as `(step, errno)` to a `CLOEXEC` pipe and the child
+//! `_exit(127)`s; a successful `execve` closes the pipe, so the parent reads EOF. The parent
+//! turns an errno into [`SpawnError::NotFound`] (exit 127) or [`SpawnError::NotExecutable`]
+//! (126), like a shell.
+//!
+//! **Reaping.** `spawn` never waits: the caller registers the returned pid with the
+//! [`Reaper`](crate::reaper::Reaper) before its next drain. If `execve` failed, the child
+//! already `_exit`ed; its zombie is collected by the next drain as an untracked pid.
+
+use std::ffi::{CString, OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::sys::signal::SigSet;
+use thiserror::Error;
+
+/// How the child is placed among process groups and sessions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[allow(dead_code, reason = "NewSession and Inherit are for supervisor mode")]
+pub enum Grouping {
+    /// A new process group led by the child (`setpgid(0, 0)`), like tini.
+    #[default]
+    NewGroup,
+    /// A new session (`setsid()`): no controlling terminal.
+    NewSession,
+    /// Stay in the shim's group.
+    Inherit,
+}
+
+/// What to run and how. Built by the caller, turned into [`Prepared`] before forking.
+#[derive(Clone, Debug)]
+pub struct Spec {
+    /// `argv`; `argv[0]` is the program, resolved in `PATH` unless it contains a `/`.
+    pub argv: Vec<OsString>,
+    /// The complete environment of the child.
+    pub env: Vec<(OsString, OsString)>,
+    /// Working directory; `None` keeps the shim's.
+    pub cwd: Option<PathBuf>,
+    /// Process group / session placement.
+    pub grouping: Grouping,
+    /// Make the child's group the foreground group of the terminal on stdin, if stdin is one
+    /// (only meaningful with [`Grouping::NewGroup`]).
+    pub foreground: bool,
+    /// The signal mask the child starts with (the shim's original mask).
+    pub mask: SigSet,
+    /// Signals to reset to SIG_DFL in the child.
+    pub reset_signals: Vec<i32>,
+}
+
+impl Spec {
+    /// A spec for `argv` with the given environment, in a new group, foreground on a tty,
+    /// an empty signal mask and SIGPIPE reset.
+    pub fn new(argv: Vec<OsString>, env: Vec<(OsString, OsString)>) -> Self {
+        Spec {
+            argv,
+            env,
+            cwd: None,
+            grouping: Grouping::NewGroup,
+            foreground: true,
+            mask: SigSet::empty(),
+            reset_signals: crate::signals::CHANGED_DISPOSITIONS.to_vec(),
+        }
+    }
+}
+
+/// Why a child could not be started.
+#[derive(Debug, Error)]
+pub enum SpawnError {
+    /// No argv.
+    #[error("no command given")]
+    Empty,
+    /// The program was not found (ENOENT/ENOTDIR).
+    #[error("{}: command not found", .program.to_string_lossy())]
+    NotFound {
+        /// The program as given.
+        program: OsString,
+        /// The child's pid, if one was forked (already exited, reaped as an orphan).
+        pid: Option<i32>,
+    },
+    /// The program exists but could not be executed (EACCES, ENOEXEC, …).
+    #[error("{}: not executable: {errno}", .program.to_string_lossy())]
+    NotExecutable {
+        /// The program as given.
+        program: OsString,
+        /// Why `execve` refused it.
+        errno: Errno,
+        /// The child's pid (already exited, reaped as an orphan).
+        pid: Option<i32>,
+    },
+    /// An argument, variable or path contains a NUL byte.
+    #[error("argument or environment contains a NUL byte")]
+    Nul,
+    /// `chdir` in the child failed.
+    #[error("cannot change directory to {}: {errno}", .dir.display())]
+    Chdir {
+        /// The directory.
+        dir: PathBuf,
+        /// Why.
+        errno: Errno,
+        /// The child's pid (already exited, reaped as an orphan).
+        pid: Option<i32>,
+    },
+    /// A syscall in the parent failed (`pipe`, `fork`, …).
+    #[error("{call} failed: {errno}")]
+    Os {
+        /// Which call.
+        call: &'static str,
+        /// Why.
+        errno: Errno,
+    },
+}
+
+/// The steps of the child half that can fail, as reported through the pipe.
+const STEP_CHDIR: i32 = 1;
+const STEP_EXEC: i32 = 2;
+
+/// A [`Spec`] turned into C strings and pointer arrays, ready for the child to use without
+/// allocating.
+#[derive(Debug)]
+pub struct Prepared {
+    program: OsString,
+    path: CString,
+    cwd: Option<(PathBuf, CString)>,
+    // Owners of the strings `argv_ptrs`/`envp_ptrs` point into; never modified.
+    _argv: Vec<CString>,
+    _envp: Vec<CString>,
+    argv_ptrs: Vec<*const libc::c_char>,
+    envp_ptrs: Vec<*const libc::c_char>,
+    grouping: Grouping,
+    foreground: bool,
+    mask: SigSet,
+    reset_signals: Vec<i32>,
+}
+
+impl Prepared {
+    /// Resolves the program and builds the C strings. Fails with `NotFound` when `PATH` has no
+    /// such program (nothing is forked then).
+    pub fn new(spec: &Spec) -> Result<Self, SpawnError> {
+        let program = spec.argv.first().ok_or(SpawnError::Empty)?.clone();
+        let search_path = spec
+            .env
+            .iter()
+            // The child's PATH decides, like a shell running `env PATH=… cmd`.
+            .find(|(k, _)| k.as_bytes() == b"PATH")
+            .map(|(_, v)| v.as_os_str())
+            .unwrap_or(OsStr::new(DEFAULT_PATH));
+        let resolved = resolve(&program, search_path).ok_or_else(|| SpawnError::NotFound {
+            program: program.clone(),
+            pid: None,
+        })?;
+        let cstr = |s: &OsStr| CString::new(s.as_bytes()).map_err(|_| SpawnError::Nul);
+        let path = cstr(resolved.as_os_str())?;
+        let argv = spec
+            .argv
+            .iter()
+            .map(|a| cstr(a))
+            .collect::<Result<Vec<_>, _>>()?;
+        let envp = spec
+            .env
+            .iter()
+            .map(|(k, v)| {
+                let mut kv = Vec::with_capacity(k.len() + v.len() + 1);
+                kv.extend_from_slice(k.as_bytes());
+                kv.push(b'=');
+                kv.extend_from_slice(v.as_bytes());
+                CString::new(kv).map_err(|_| SpawnError::Nul)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let cwd = match &spec.cwd {
+            Some(dir) => Some((dir.clone(), cstr(dir.as_os_str())?)),
+            None => None,
+        };
+        let argv_ptrs = argv
+            .iter()
+            .map(|s| s.as_ptr())
+            .chain([std::ptr::null()])
+            .collect();
+        let envp_ptrs = envp
+            .iter()
+            .map(|s| s.as_ptr())
+            .chain([std::ptr::null()])
+            .collect();
+        Ok(Prepared {
+            program,
+            path,
+            cwd,
+            _argv: argv,
+            _envp: envp,
+            argv_ptrs,
+            envp_ptrs,
+            grouping: spec.grouping,
+            foreground: spec.foreground && spec.grouping == Grouping::NewGroup,
+            mask: spec.mask,
+            reset_signals: spec.reset_signals.clone(),
+        })
+    }
+}
+
+/// `PATH` when the child's environment has none (the `execvp` defaults plus the sbin
+/// directories a root container expects).
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Resolves `program` like `execvp`: with a `/` it is used as is; otherwise the first
+/// executable regular file named `program` in `search_path` wins, else the first
+/// non-executable candidate (so `execve` reports why: 126), else `None` (127).
+pub fn resolve(program: &OsStr, search_path: &OsStr) -> Option<PathBuf> {
+    if program.as_bytes().contains(&b'/') {
+        return Some(PathBuf::from(program));
+    }
+    if program.is_empty() {
+        return None;
+    }
+    let mut fallback = None;
+    for dir in search_path.as_bytes().split(|b| *b == b':') {
+        // An empty entry means the current directory, as in execvp.
+        let dir = if dir.is_empty() {
+            Path::new(".")
+        } else {
+            Path::new(OsStr::from_bytes(dir))
+        };
+        let candidate = dir.join(program);
+        let Ok(meta) = std::fs::metadata(&candidate) else {
+            continue;
+        };
+        if meta.is_file() && is_executable(&candidate) {
+            return Some(candidate);
+        }
+        if fallback.is_none() {
+            fallback = Some(candidate);
+        }
+    }
+    fallback
+}
+
+fn is_executable(path: &Path) -> bool {
+    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: `c` is a valid NUL-terminated string for the duration of the call.
+    unsafe { libc::access(c.as_ptr(), libc::X_OK) == 0 }
+}
+
+/// Whether stdin is a terminal whose foreground process group is ours, i.e. whether we have a
+/// terminal to hand over. A shim started in the background (`agent-shim … &` from an
+/// interactive shell) must not steal the terminal from the shell.
+pub fn we_own_stdin_tty() -> bool {
+    // SAFETY: isatty, tcgetpgrp and getpgrp only inspect the descriptor and our own process.
+    unsafe {
+        libc::isatty(libc::STDIN_FILENO) == 1
+            && libc::tcgetpgrp(libc::STDIN_FILENO) == libc::getpgrp()
+    }
+}
+
+/// Forks and execs `prep`. Returns the child's pid once `execve` has succeeded; never waits
+/// for the child (see the module docs on reaping).
+pub fn spawn(prep: &Prepared) -> Result<i32, SpawnError> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(SpawnError::Os {
+            call: "pipe2",
+            errno: Errno::last(),
+        });
+    }
+    let [read_fd, write_fd] = fds;
+    let foreground = prep.foreground && we_own_stdin_tty();
+
+    // SAFETY: the child half only calls async-signal-safe functions on data prepared before
+    // the fork (see `child`), and never returns.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        let errno = Errno::last();
+        close(read_fd);
+        close(write_fd);
+        return Err(SpawnError::Os {
+            call: "fork",
+            errno,
+        });
+    }
+    if pid == 0 {
+        // SAFETY: we are the freshly forked child; `write_fd` is the pipe's write end.
+        unsafe { child(prep, write_fd, foreground) }
+    }
+    close(write_fd);
+    let report = read_report(read_fd);
+    close(read_fd);
+    match report {
+        None => Ok(pid),
+        Some((STEP_CHDIR, errno)) => Err(SpawnError::Chdir {
+            dir: prep
+                .cwd
+                .as_ref()
+                .map(|(d, _)| d.clone())
+                .unwrap_or_default(),
+            errno: Errno::from_raw(errno),
+            pid: Some(pid),
+        }),
+        Some((_, errno)) => {
+            let errno = Errno::from_raw(errno);
+            let program = prep.program.clone();
+            Err(match errno {
+                Errno::ENOENT | Errno::ENOTDIR => SpawnError::NotFound {
+                    program,
+                    pid: Some(pid),
+                },
+                _ => SpawnError::NotExecutable {
+                    program,
+                    errno,
+                    pid: Some(pid),
+                },
+            })
+        }
+    }
+}
+
+/// Reads the child's `(step, errno)` report; `None` on EOF (the exec succeeded).
+fn read_report(fd: libc::c_int) -> Option<(i32, i32)> {
+    let mut buf = [0u8; 8];
+    let mut got = 0usize;
+    while got < buf.len() {
+        let rest = buf.get_mut(got..)?;
+        // SAFETY: `rest` is a valid writable buffer of `rest.len()` bytes.
+        let n = unsafe { libc::read(fd, rest.as_mut_ptr().cast(), rest.len()) };
+        if n < 0 {
+            if Errno::last() == Errno::EINTR {
+                continue;
+            }
+            break;
+        }
+        if n == 0 {
+            break;
+        }
+        got = got.saturating_add(usize::try_from(n).unwrap_or(0));
+    }
+    if got < buf.len() {
+        return None;
+    }
+    let (step, errno) = buf.split_at(4);
+    Some((
+        i32::from_ne_bytes(step.try_into().ok()?),
+        i32::from_ne_bytes(errno.try_into().ok()?),
+    ))
+}
+
+fn close(fd: libc::c_int) {
+    // SAFETY: `fd` is a descriptor this module opened and closes exactly once.
+    unsafe { libc::close(fd) };
+}
+
+/// The child half. Async-signal-safe calls only; never returns.
+///
+/// # Safety
+///
+/// Must be called only in the child right after `fork`, with `write_fd` the write end of the
+/// CLOEXEC report pipe.
+unsafe fn child(prep: &Prepared, write_fd: libc::c_int, foreground: bool) -> ! {
+    // SAFETY: raw syscalls on prepared, NUL-terminated data owned by `prep` (which the fork
+    // copied) and on stack values; nothing here allocates, locks or unwinds.
+    unsafe {
+        match prep.grouping {
+            Grouping::NewGroup => {
+                libc::setpgid(0, 0);
+                if foreground {
+                    // Failure (no controlling terminal, …) is not fatal: the child just
+                    // does not own the terminal.
+                    libc::tcsetpgrp(libc::STDIN_FILENO, libc::getpid());
+                }
+            }
+            Grouping::NewSession => {
+                libc::setsid();
+            }
+            Grouping::Inherit => {}
+        }
+        if let Some((_, dir)) = &prep.cwd {
+            if libc::chdir(dir.as_ptr()) != 0 {
+                report_and_exit(write_fd, STEP_CHDIR);
+            }
+        }
+        let mut dfl: libc::sigaction = std::mem::zeroed();
+        dfl.sa_sigaction = libc::SIG_DFL;
+        for &sig in &prep.reset_signals {
+            libc::sigaction(sig, &dfl, std::ptr::null_mut());
+        }
+        let mask: &libc::sigset_t = prep.mask.as_ref();
+        libc::pthread_sigmask(libc::SIG_SETMASK, mask, std::ptr::null_mut());
+        libc::execve(
+            prep.path.as_ptr(),
+            prep.argv_ptrs.as_ptr(),
+            prep.envp_ptrs.as_ptr(),
+        );
+        report_and_exit(write_fd, STEP_EXEC)
+    }
+}
+
+/// Writes `(step, errno)` to the report pipe and `_exit(127)`s. Async-signal-safe.
+///
+/// # Safety
+///
+/// Only for the child half of [`spawn`].
+unsafe fn report_and_exit(write_fd: libc::c_int, step: i32) -> ! {
+    // SAFETY: errno is thread-local; reading it and writing a stack buffer is signal-safe.
+    unsafe {
+        let errno = Errno::last_raw();
+        let mut buf = [0u8; 8];
+        let (a, b) = buf.split_at_mut(4);
+        a.copy_from_slice(&step.to_ne_bytes());
+        b.copy_from_slice(&errno.to_ne_bytes());
+        libc::write(write_fd, buf.as_ptr().cast(), buf.len());
+        libc::_exit(127)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolve_like_execvp() {
+        let dir = std::env::temp_dir().join(format!("agent-shim-resolve-{}", std::process::id()));
+        let bin = dir.join("bin");
+        let noexec = dir.join("noexec");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::create_dir_all(&noexec).unwrap();
+        std::fs::write(noexec.join("tool"), "#!/bin/sh\n").unwrap();
+        std::fs::write(bin.join("tool"), "#!/bin/sh\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(bin.join("tool"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(noexec.join("tool"), std::fs::Permissions::from_mode(0o644))
+            .unwrap();
+        let path = |dirs: &[&Path]| {
+            OsString::from(
+                dirs.iter()
+                    .map(|d| d.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(":"),
+            )
+        };
+        // The executable one wins even when a non-executable one comes first.
+        assert_eq!(
+            resolve(OsStr::new("tool"), &path(&[&noexec, &bin])),
+            Some(bin.join("tool"))
+        );
+        // Only a non-executable candidate: returned, so that execve reports EACCES.
+        assert_eq!(
+            resolve(OsStr::new("tool"), &path(&[&noexec])),
+            Some(noexec.join("tool"))
+        );
+        // A directory is not a program, but is remembered like a non-executable file.
+        assert_eq!(
+            resolve(OsStr::new("bin"), &path(&[&dir])),
+            Some(dir.join("bin"))
+        );
+        assert_eq!(resolve(OsStr::new("missing"), &path(&[&bin])), None);
+        assert_eq!(resolve(OsStr::new(""), &path(&[&bin])), None);
+        assert_eq!(
+            resolve(OsStr::new("./x/y"), &path(&[])),
+            Some(PathBuf::from("./x/y"))
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

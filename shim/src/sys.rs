@@ -1,0 +1,221 @@
+//! The raw process and signal syscalls the shim's PID-1 duties need, behind one small trait.
+//!
+//! The reaper, the signal loop and (later) the supervisor talk to the kernel only through
+//! [`Sys`], so they can be unit-tested with a fake that replays scripted `waitpid` results —
+//! including `ECHILD` and the exits of pids nobody tracks — without forking anything. [`Real`]
+//! is the implementation the binary uses: thin wrappers around `libc`, every error returned as
+//! an [`Errno`], nothing ever panics.
+//!
+//! `fork`/`execve` are not here: they live in [`crate::spawn`], whose child half must stay a
+//! straight line of async-signal-safe calls and cannot usefully be faked.
+
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sys::signal::SigSet;
+
+use crate::reaper::ExitStatus;
+
+/// The result of one `waitpid(-1, WNOHANG)`: see [`Sys::waitpid_any_nohang`].
+pub type WaitResult = Result<Option<(i32, ExitStatus)>, Errno>;
+
+/// What `sigtimedwait` reported about one dequeued signal.
+///
+/// Only the fields the shim decides on are kept: who sent it and how.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SigInfo {
+    /// The signal number.
+    pub signo: i32,
+    /// `si_code`: `<= 0` (`SI_USER`, `SI_QUEUE`, `SI_TKILL`…) when a process sent it with
+    /// `kill`/`sigqueue`/`tgkill`, `> 0` when the kernel generated it.
+    pub code: i32,
+    /// `si_pid`: the sender's pid *as seen from the receiver's PID namespace*; `0` when the
+    /// sender lives outside it (or for most kernel-generated signals).
+    pub pid: i32,
+    /// `si_uid`: the sender's real uid (mapped into the receiver's user namespace).
+    pub uid: u32,
+}
+
+/// The syscalls behind the shim's PID-1 duties.
+///
+/// Signal numbers are plain `i32`s (real-time signals have no `nix::Signal` variant), pids are
+/// `i32`s with `kill`'s conventions (`-pgid` for a group, `-1` for everything).
+pub trait Sys {
+    /// `waitpid(-1, &status, WNOHANG)`: `Ok(Some(..))` for one reaped child, `Ok(None)` when
+    /// children exist but none has exited, `Err(Errno::ECHILD)` when there are no children.
+    /// `EINTR` is returned as is; the caller retries.
+    fn waitpid_any_nohang(&self) -> WaitResult;
+
+    /// `kill(pid, sig)`.
+    fn kill(&self, pid: i32, sig: i32) -> Result<(), Errno>;
+
+    /// `getpid()`.
+    fn getpid(&self) -> i32;
+
+    /// `prctl(PR_SET_CHILD_SUBREAPER, 1)`: orphans of our descendants are re-parented to us
+    /// instead of to the namespace's PID 1.
+    fn set_child_subreaper(&self) -> Result<(), Errno>;
+
+    /// `pthread_sigmask(SIG_BLOCK, set)`; returns the mask that was in force before.
+    fn block_signals(&self, set: &SigSet) -> Result<SigSet, Errno>;
+
+    /// `sigtimedwait(set, &info, timeout)`: the next pending signal of `set`, `Ok(None)` when
+    /// `timeout` passed first (`None` waits forever). `EINTR` is returned as is.
+    fn sigtimedwait(
+        &self,
+        set: &SigSet,
+        timeout: Option<Duration>,
+    ) -> Result<Option<SigInfo>, Errno>;
+}
+
+/// The real kernel.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Real;
+
+impl Sys for Real {
+    fn waitpid_any_nohang(&self) -> WaitResult {
+        let mut status: libc::c_int = 0;
+        // SAFETY: `status` is a valid, writable c_int for the duration of the call.
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        if pid < 0 {
+            return Err(Errno::last());
+        }
+        if pid == 0 {
+            return Ok(None);
+        }
+        Ok(Some((pid, ExitStatus::from_raw(status))))
+    }
+
+    fn kill(&self, pid: i32, sig: i32) -> Result<(), Errno> {
+        // SAFETY: kill has no memory-safety preconditions.
+        let rc = unsafe { libc::kill(pid, sig) };
+        Errno::result(rc).map(drop)
+    }
+
+    fn getpid(&self) -> i32 {
+        // SAFETY: getpid has no preconditions and cannot fail.
+        unsafe { libc::getpid() }
+    }
+
+    fn set_child_subreaper(&self) -> Result<(), Errno> {
+        let on: libc::c_ulong = 1;
+        // SAFETY: PR_SET_CHILD_SUBREAPER takes one integer argument; no pointers involved.
+        let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, on, 0, 0, 0) };
+        Errno::result(rc).map(drop)
+    }
+
+    fn block_signals(&self, set: &SigSet) -> Result<SigSet, Errno> {
+        let mut old = SigSet::empty();
+        nix::sys::signal::pthread_sigmask(
+            nix::sys::signal::SigmaskHow::SIG_BLOCK,
+            Some(set),
+            Some(&mut old),
+        )?;
+        Ok(old)
+    }
+
+    fn sigtimedwait(
+        &self,
+        set: &SigSet,
+        timeout: Option<Duration>,
+    ) -> Result<Option<SigInfo>, Errno> {
+        // SAFETY: siginfo_t is a plain C struct for which all-zero bytes are a valid value.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let ts = timeout.map(|d| {
+            // SAFETY: timespec is a plain C struct (with padding on some targets); zero is valid.
+            let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+            // Clamped to 68 years so it fits every time_t width.
+            let secs = d.as_secs().min(u64::from(i32::MAX.unsigned_abs()));
+            ts.tv_sec = secs.try_into().unwrap_or_default();
+            // Below 10^9, so it fits an i32, which fits every c_long.
+            ts.tv_nsec = i32::try_from(d.subsec_nanos()).unwrap_or_default().into();
+            ts
+        });
+        let ts_ptr = ts
+            .as_ref()
+            .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+        let raw_set: &libc::sigset_t = set.as_ref();
+        // SAFETY: `raw_set` and `info` are valid for the call; `ts_ptr` is null or points to
+        // `ts`, which outlives the call.
+        let signo = unsafe { libc::sigtimedwait(raw_set, &mut info, ts_ptr) };
+        if signo < 0 {
+            let err = Errno::last();
+            return if err == Errno::EAGAIN {
+                Ok(None)
+            } else {
+                Err(err)
+            };
+        }
+        // SAFETY: the kernel filled `info` for the signal just dequeued; si_pid/si_uid read
+        // the kill/sigqueue/SIGCHLD union member, which every signal source fills (with zeros
+        // where it has no sender).
+        let (pid, uid) = unsafe { (info.si_pid(), info.si_uid()) };
+        Ok(Some(SigInfo {
+            signo,
+            code: info.si_code,
+            pid,
+            uid,
+        }))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod fake {
+    //! A scripted [`Sys`] for unit tests.
+
+    use super::*;
+    use std::cell::RefCell;
+    use std::collections::VecDeque;
+
+    /// Replays queued `waitpid` and `sigtimedwait` results and records every `kill`.
+    #[derive(Debug, Default)]
+    pub struct Fake {
+        pub pid: i32,
+        pub waits: RefCell<VecDeque<WaitResult>>,
+        pub signals: RefCell<VecDeque<Result<Option<SigInfo>, Errno>>>,
+        pub kills: RefCell<Vec<(i32, i32)>>,
+        pub kill_result: RefCell<Option<Errno>>,
+    }
+
+    impl Fake {
+        pub fn with_waits(pid: i32, waits: impl IntoIterator<Item = WaitResult>) -> Self {
+            Fake {
+                pid,
+                waits: RefCell::new(waits.into_iter().collect()),
+                ..Fake::default()
+            }
+        }
+    }
+
+    impl Sys for Fake {
+        fn waitpid_any_nohang(&self) -> WaitResult {
+            self.waits
+                .borrow_mut()
+                .pop_front()
+                .unwrap_or(Err(Errno::ECHILD))
+        }
+        fn kill(&self, pid: i32, sig: i32) -> Result<(), Errno> {
+            self.kills.borrow_mut().push((pid, sig));
+            match *self.kill_result.borrow() {
+                Some(e) => Err(e),
+                None => Ok(()),
+            }
+        }
+        fn getpid(&self) -> i32 {
+            self.pid
+        }
+        fn set_child_subreaper(&self) -> Result<(), Errno> {
+            Ok(())
+        }
+        fn block_signals(&self, _set: &SigSet) -> Result<SigSet, Errno> {
+            Ok(SigSet::empty())
+        }
+        fn sigtimedwait(
+            &self,
+            _set: &SigSet,
+            _timeout: Option<Duration>,
+        ) -> Result<Option<SigInfo>, Errno> {
+            self.signals.borrow_mut().pop_front().unwrap_or(Ok(None))
+        }
+    }
+}

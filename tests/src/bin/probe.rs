@@ -1,0 +1,570 @@
+//! `probe`: the process the end-to-end tests run under agent-shim, to check from the inside
+//! what the shim promises (signals delivered, zombies reaped, argv/env/stdio untouched).
+//!
+//! std + libc only, so it also builds static and runs in a `FROM scratch` container.
+//! Every subcommand prints one fact per line and flushes it at once, so a test can wait for a
+//! line with a deadline. Nothing here waits forever: every sleep is bounded.
+//!
+//! ```text
+//! probe exit N                      exit with code N
+//! probe die SIG                     kill itself with SIG (default disposition)
+//! probe sleep SECS                  sleep with default signal dispositions, then exit 0
+//! probe signals [--exit-on SIG] [--code N]
+//!                                   print `ready`, then `got SIGNAME` for every signal received
+//! probe ignore-term [SIG...]        ignore SIGTERM (and SIG...), print `ready`, sleep
+//! probe orphans N [--stay]          print `adopted_by=shim|other:PID`; make N orphaned
+//!                                   grandchildren; print `forked=N in T`, `zombies=K`
+//! probe kill-init                   as uid 65534, kill(1, SIGTERM); print `sent ...`, `alive`; exit 7
+//! probe argv ARGS...                print `argc=N`, then `arg=HEX` per argument
+//! probe env NAMES...                print `NAME=VALUE` or `NAME unset`
+//! probe cat                         copy stdin to stdout
+//! probe stderr TEXT                 write TEXT and a newline to stderr
+//! probe grandchild FILE [--ignore-term] [--stay]
+//!                                   fork a grandchild that logs signals to FILE; print `ready gc=PID`
+//! probe tty                         print `isatty=0|1 fg=0|1 pgleader=0|1`
+//! ```
+
+use std::ffi::{CStr, CString, OsString};
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::{Duration, Instant};
+
+/// Upper bound of every "sleep until signalled" in the probe, so a lost probe still ends.
+const MAX_SLEEP: Duration = Duration::from_secs(120);
+
+/// The signals `probe signals` watches: those the shim must forward, plus a few more.
+const WATCHED: &[(libc::c_int, &str)] = &[
+    (libc::SIGHUP, "SIGHUP"),
+    (libc::SIGINT, "SIGINT"),
+    (libc::SIGQUIT, "SIGQUIT"),
+    (libc::SIGUSR1, "SIGUSR1"),
+    (libc::SIGUSR2, "SIGUSR2"),
+    (libc::SIGTERM, "SIGTERM"),
+    (libc::SIGWINCH, "SIGWINCH"),
+    (libc::SIGALRM, "SIGALRM"),
+    (libc::SIGPIPE, "SIGPIPE"),
+    (libc::SIGCONT, "SIGCONT"),
+    (libc::SIGURG, "SIGURG"),
+];
+
+fn main() -> ExitCode {
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let Some(cmd) = args.first().and_then(|a| a.to_str()) else {
+        return usage("missing subcommand");
+    };
+    let rest = &args[1..];
+    let result = match cmd {
+        "exit" => return ExitCode::from(parse_arg::<u8>(rest, 0)),
+        "die" => die(rest),
+        "sleep" => {
+            std::thread::sleep(Duration::from_secs_f64(parse_arg::<f64>(rest, 0)));
+            Ok(0)
+        }
+        "signals" => signals(rest),
+        "ignore-term" => ignore_term(rest),
+        "orphans" => orphans(rest),
+        "kill-init" => kill_init(),
+        "argv" => argv(rest),
+        "env" => env(rest),
+        "cat" => cat(),
+        "stderr" => {
+            let text = rest.first().map(|s| s.as_bytes()).unwrap_or_default();
+            let mut err = io::stderr().lock();
+            err.write_all(text)
+                .and_then(|()| err.write_all(b"\n"))
+                .map(|()| 0)
+        }
+        "grandchild" => grandchild(rest),
+        "tty" => tty(),
+        other => return usage(&format!("unknown subcommand {other:?}")),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("probe {cmd}: {e}");
+            ExitCode::from(99)
+        }
+    }
+}
+
+fn usage(msg: &str) -> ExitCode {
+    eprintln!("probe: {msg}; see the module docs of tests/src/bin/probe.rs");
+    ExitCode::from(98)
+}
+
+/// Parses positional argument `i` or exits 98 with a message.
+fn parse_arg<T: std::str::FromStr>(args: &[OsString], i: usize) -> T {
+    match args
+        .get(i)
+        .and_then(|a| a.to_str())
+        .and_then(|s| s.parse().ok())
+    {
+        Some(v) => v,
+        None => {
+            eprintln!("probe: argument {i} missing or invalid");
+            std::process::exit(98)
+        }
+    }
+}
+
+/// Prints one line and flushes it, so a test sees it at once through a pipe.
+fn say(line: &str) {
+    let mut out = io::stdout().lock();
+    // A closed stdout only loses the report; the test notices the missing line.
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn last_os_error() -> io::Error {
+    io::Error::last_os_error()
+}
+
+fn signal_number(name: &str) -> Option<libc::c_int> {
+    if let Ok(n) = name.parse() {
+        return Some(n);
+    }
+    let name = name.to_ascii_uppercase();
+    let name = name.strip_prefix("SIG").unwrap_or(&name);
+    let extra = [
+        ("KILL", libc::SIGKILL),
+        ("SEGV", libc::SIGSEGV),
+        ("ABRT", libc::SIGABRT),
+    ];
+    WATCHED
+        .iter()
+        .map(|(n, s)| (&s[3..], *n))
+        .chain(extra)
+        .find(|(s, _)| *s == name)
+        .map(|(_, n)| n)
+}
+
+fn signal_name(sig: libc::c_int) -> String {
+    WATCHED
+        .iter()
+        .find(|(n, _)| *n == sig)
+        .map_or_else(|| format!("SIG{sig}"), |(_, s)| (*s).to_owned())
+}
+
+fn set_disposition(sig: libc::c_int, handler: libc::sighandler_t) -> io::Result<()> {
+    // SAFETY: `handler` is SIG_DFL, SIG_IGN, or an `extern "C" fn(c_int)` that only calls
+    // async-signal-safe functions.
+    if unsafe { libc::signal(sig, handler) } == libc::SIG_ERR {
+        return Err(last_os_error());
+    }
+    Ok(())
+}
+
+/// Sleeps until `MAX_SLEEP` has passed; signals with a default disposition end it sooner.
+fn sleep_bounded() {
+    let deadline = Instant::now() + MAX_SLEEP;
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        std::thread::sleep(left.min(Duration::from_secs(1)));
+    }
+}
+
+fn die(args: &[OsString]) -> io::Result<u8> {
+    let name = args.first().and_then(|a| a.to_str()).unwrap_or("");
+    let sig = signal_number(name)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "unknown signal"))?;
+    // No core files from SIGSEGV/SIGABRT/SIGQUIT in the test's working directory.
+    let no_core = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `no_core` is a valid rlimit for the duration of the call.
+    unsafe { libc::setrlimit(libc::RLIMIT_CORE, &no_core) };
+    if sig != libc::SIGKILL {
+        set_disposition(sig, libc::SIG_DFL)?;
+    }
+    let mut set = empty_sigset();
+    // SAFETY: `set` is an initialised sigset_t; `sig` is a valid signal number.
+    unsafe {
+        libc::sigaddset(&mut set, sig);
+        libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+    }
+    // SAFETY: raise has no memory-safety preconditions.
+    if unsafe { libc::raise(sig) } != 0 {
+        return Err(last_os_error());
+    }
+    std::thread::sleep(Duration::from_secs(5));
+    Err(io::Error::other("still alive after raise"))
+}
+
+fn empty_sigset() -> libc::sigset_t {
+    let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: sigemptyset initialises the whole set it is given.
+    unsafe {
+        libc::sigemptyset(set.as_mut_ptr());
+        set.assume_init()
+    }
+}
+
+fn signals(args: &[OsString]) -> io::Result<u8> {
+    let mut exit_on = None;
+    let mut code = 0u8;
+    let mut it = args.iter().filter_map(|a| a.to_str());
+    while let Some(a) = it.next() {
+        match a {
+            "--exit-on" => exit_on = it.next().and_then(signal_number),
+            "--code" => code = it.next().and_then(|c| c.parse().ok()).unwrap_or(0),
+            _ => return Err(io::Error::new(io::ErrorKind::InvalidInput, "bad option")),
+        }
+    }
+    let mut set = empty_sigset();
+    for (sig, _) in WATCHED {
+        // SAFETY: `set` is an initialised sigset_t and `sig` a valid signal.
+        unsafe { libc::sigaddset(&mut set, *sig) };
+    }
+    // SAFETY: `set` is initialised; the old mask is not wanted. Blocking in the only thread
+    // before any other thread exists means every watched signal stays pending for sigwaitinfo.
+    if unsafe { libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) } != 0 {
+        return Err(last_os_error());
+    }
+    say("ready");
+    let timeout = libc::timespec {
+        tv_sec: 1,
+        tv_nsec: 0,
+    };
+    let deadline = Instant::now() + MAX_SLEEP;
+    while Instant::now() < deadline {
+        let mut info = std::mem::MaybeUninit::<libc::siginfo_t>::uninit();
+        // SAFETY: `set` and `timeout` are valid; `info` is written by the kernel on success.
+        let sig = unsafe { libc::sigtimedwait(&set, info.as_mut_ptr(), &timeout) };
+        if sig < 0 {
+            let e = last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EAGAIN) | Some(libc::EINTR) => continue,
+                _ => return Err(e),
+            }
+        }
+        say(&format!("got {}", signal_name(sig)));
+        if exit_on == Some(sig) {
+            return Ok(code);
+        }
+    }
+    Err(io::Error::new(io::ErrorKind::TimedOut, "no exit signal"))
+}
+
+fn ignore_term(also: &[OsString]) -> io::Result<u8> {
+    set_disposition(libc::SIGTERM, libc::SIG_IGN)?;
+    for name in also {
+        let sig = name.to_str().and_then(signal_number);
+        let sig = sig.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "bad signal"))?;
+        set_disposition(sig, libc::SIG_IGN)?;
+    }
+    say("ready");
+    sleep_bounded();
+    Ok(0)
+}
+
+/// Forks; returns the child's pid in the parent and 0 in the child.
+fn fork() -> io::Result<libc::pid_t> {
+    // SAFETY: the probe is single-threaded when it forks (the tests run it fresh), and the
+    // child side only calls async-signal-safe functions before it `_exit`s or returns into
+    // code that does the same.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(last_os_error());
+    }
+    Ok(pid)
+}
+
+fn exit_now(code: libc::c_int) -> ! {
+    // SAFETY: `_exit` ends the process without running destructors or atexit handlers,
+    // which is what a forked child of this probe must do.
+    unsafe { libc::_exit(code) }
+}
+
+fn orphans(args: &[OsString]) -> io::Result<u8> {
+    let n: usize = parse_arg(args, 0);
+    let stay = args.iter().any(|a| a == "--stay");
+    // SAFETY: getppid cannot fail.
+    let reaper = unsafe { libc::getppid() };
+    // First a witness: one orphan reports who adopted it. Without a subreaper (or PID 1)
+    // orphans leave the shim's tree, and "no zombie" would prove nothing.
+    match witness_orphan()? {
+        Some(p) if p == reaper => say("adopted_by=shim"),
+        Some(p) => say(&format!("adopted_by=other:{p}")),
+        None => say("adopted_by=unknown"),
+    }
+    let started = Instant::now();
+    for _ in 0..n {
+        let mid = fork()?;
+        if mid == 0 {
+            // The intermediate: fork the grandchild and exit at once, orphaning it. The
+            // grandchild exits on its own, possibly before or after the reparenting.
+            match fork() {
+                Ok(0) => exit_now(0),
+                Ok(_) => exit_now(0),
+                Err(_) => exit_now(1),
+            }
+        }
+        let mut status = 0;
+        // SAFETY: `status` is a valid out-pointer; `mid` is our own child.
+        while unsafe { libc::waitpid(mid, &mut status, 0) } < 0 {
+            if last_os_error().raw_os_error() != Some(libc::EINTR) {
+                return Err(last_os_error());
+            }
+        }
+    }
+    say(&format!("forked={n} in {:?}", started.elapsed()));
+    // Orphans belong to the shim (PID 1 or subreaper, our parent): count its zombies.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut zombies = count_zombies(reaper)?;
+    while zombies > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        zombies = count_zombies(reaper)?;
+    }
+    say(&format!("zombies={zombies}"));
+    if stay {
+        say("ready");
+        sleep_bounded();
+    }
+    Ok(0)
+}
+
+/// Orphans one grandchild and returns the pid of the process that adopted it (as the
+/// grandchild sees it), or `None` if it could not tell within its deadline.
+fn witness_orphan() -> io::Result<Option<libc::pid_t>> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(last_os_error());
+    }
+    let mid = fork()?;
+    if mid == 0 {
+        // SAFETY: getpid cannot fail.
+        let me = unsafe { libc::getpid() };
+        if let Ok(0) = fork() {
+            // The grandchild: wait (bounded) until `me` has exited and it is adopted.
+            // SAFETY: getppid, nanosleep via usleep, write and _exit are async-signal-safe.
+            unsafe {
+                let mut tries = 0;
+                let mut parent = libc::getppid();
+                while parent == me && tries < 10_000 {
+                    libc::usleep(1000);
+                    tries += 1;
+                    parent = libc::getppid();
+                }
+                let bytes = parent.to_ne_bytes();
+                libc::write(fds[1], bytes.as_ptr().cast(), bytes.len());
+            }
+            exit_now(0);
+        }
+        exit_now(0);
+    }
+    let mut bytes = [0u8; 4];
+    // SAFETY: closing our write end (so EOF comes if the grandchild dies), then waiting for
+    // the intermediate and reading at most 4 bytes into a valid buffer.
+    let n = unsafe {
+        libc::close(fds[1]);
+        let mut status = 0;
+        libc::waitpid(mid, &mut status, 0);
+        let n = libc::read(fds[0], bytes.as_mut_ptr().cast(), bytes.len());
+        libc::close(fds[0]);
+        n
+    };
+    Ok((n == 4).then(|| libc::pid_t::from_ne_bytes(bytes)))
+}
+
+/// Counts the zombies in `/proc` whose parent is `parent`.
+fn count_zombies(parent: libc::pid_t) -> io::Result<usize> {
+    let mut n = 0;
+    for entry in std::fs::read_dir("/proc")? {
+        let entry = entry?;
+        if !entry.file_name().as_bytes().iter().all(u8::is_ascii_digit) {
+            continue;
+        }
+        // A process can vanish between readdir and read: skip it.
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // `pid (comm) S ppid ...`; comm may contain spaces and parentheses.
+        let Some(after) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            continue;
+        };
+        let mut fields = after.split_whitespace();
+        let state = fields.next();
+        let ppid = fields.next().and_then(|p| p.parse::<libc::pid_t>().ok());
+        if state == Some("Z") && ppid == Some(parent) {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+fn kill_init() -> io::Result<u8> {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        // SAFETY: plain syscalls; order matters (groups and gid while still root).
+        let dropped = unsafe {
+            libc::setgroups(0, std::ptr::null()) == 0
+                && libc::setgid(65534) == 0
+                && libc::setuid(65534) == 0
+        };
+        if !dropped {
+            return Err(last_os_error());
+        }
+    }
+    // SAFETY: kill has no memory-safety preconditions.
+    let rc = unsafe { libc::kill(1, libc::SIGTERM) };
+    if rc == 0 {
+        say("sent ok");
+    } else {
+        say(&format!("sent error {}", last_os_error()));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    say("alive");
+    Ok(7)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn argv(args: &[OsString]) -> io::Result<u8> {
+    say(&format!("argc={}", args.len()));
+    for a in args {
+        say(&format!("arg={}", hex(a.as_bytes())));
+    }
+    Ok(0)
+}
+
+fn env(names: &[OsString]) -> io::Result<u8> {
+    for name in names {
+        let shown = name.to_string_lossy();
+        match std::env::var_os(name) {
+            Some(v) => say(&format!("{shown}={}", v.to_string_lossy())),
+            None => say(&format!("{shown} unset")),
+        }
+    }
+    Ok(0)
+}
+
+fn cat() -> io::Result<u8> {
+    let mut buf = [0u8; 8192];
+    let mut input = io::stdin().lock();
+    let mut out = io::stdout().lock();
+    loop {
+        let n = input.read(&mut buf)?;
+        if n == 0 {
+            return Ok(0);
+        }
+        out.write_all(&buf[..n])?;
+        out.flush()?;
+    }
+}
+
+/// The grandchild's log file, set before its handlers are installed.
+static LOG_FD: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn log_and_exit(sig: libc::c_int) {
+    let msg: &[u8] = if sig == libc::SIGTERM {
+        b"term\n"
+    } else {
+        b"usr1\n"
+    };
+    let fd = LOG_FD.load(Ordering::Relaxed);
+    // SAFETY: write and _exit are async-signal-safe; `msg` is a valid buffer of its length.
+    unsafe {
+        libc::write(fd, msg.as_ptr().cast(), msg.len());
+        if sig == libc::SIGTERM {
+            libc::_exit(0);
+        }
+    }
+}
+
+fn grandchild(args: &[OsString]) -> io::Result<u8> {
+    let file = args
+        .first()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "missing FILE"))?;
+    let ignore_term = args.iter().any(|a| a == "--ignore-term");
+    let stay = args.iter().any(|a| a == "--stay");
+    let path = CString::new(file.as_bytes())?;
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(last_os_error());
+    }
+    let gc = fork()?;
+    if gc == 0 {
+        run_grandchild(&path, ignore_term, fds[1]);
+    }
+    // SAFETY: closing our copy of the write end; reading one byte into a valid buffer.
+    let ok = unsafe {
+        libc::close(fds[1]);
+        let mut b = 0u8;
+        libc::read(fds[0], (&mut b as *mut u8).cast(), 1) == 1
+    };
+    if !ok {
+        return Err(io::Error::other("grandchild did not start"));
+    }
+    if stay {
+        // The child survives USR1 (so a test can see where USR1 went) but not TERM.
+        set_disposition(libc::SIGUSR1, libc::SIG_IGN)?;
+    }
+    say(&format!("ready gc={gc}"));
+    if stay {
+        sleep_bounded();
+    }
+    Ok(0)
+}
+
+/// The grandchild: logs TERM/USR1 to `path`, signals readiness through `ready_fd`, waits.
+fn run_grandchild(path: &CStr, ignore_term: bool, ready_fd: libc::c_int) -> ! {
+    // SAFETY: only async-signal-safe calls (open, dup2, signal, write, close, nanosleep via
+    // `sleep`, _exit) in the forked child; LOG_FD is written before any handler exists.
+    unsafe {
+        let fd = libc::open(
+            path.as_ptr(),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND | libc::O_CLOEXEC,
+            0o644,
+        );
+        if fd < 0 {
+            libc::_exit(1);
+        }
+        LOG_FD.store(fd, Ordering::Relaxed);
+        // Do not hold the test's stdout/stderr pipes open after the shim is gone.
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        if null >= 0 {
+            libc::dup2(null, 1);
+            libc::dup2(null, 2);
+        }
+        let term = if ignore_term {
+            libc::SIG_IGN
+        } else {
+            log_and_exit as *const () as libc::sighandler_t
+        };
+        libc::signal(libc::SIGTERM, term);
+        libc::signal(
+            libc::SIGUSR1,
+            log_and_exit as *const () as libc::sighandler_t,
+        );
+        let b = 1u8;
+        libc::write(ready_fd, (&b as *const u8).cast(), 1);
+        libc::close(ready_fd);
+        let mut left = MAX_SLEEP.as_secs() as libc::c_uint;
+        while left > 0 {
+            left = libc::sleep(left);
+        }
+        libc::_exit(0)
+    }
+}
+
+fn tty() -> io::Result<u8> {
+    // SAFETY: isatty, tcgetpgrp, getpgrp and getpid only read process/terminal state.
+    let (isatty, fg, leader) = unsafe {
+        let isatty = libc::isatty(0) == 1;
+        let fg = isatty && libc::tcgetpgrp(0) == libc::getpgrp();
+        (isatty, fg, libc::getpgrp() == libc::getpid())
+    };
+    say(&format!(
+        "isatty={} fg={} pgleader={}",
+        u8::from(isatty),
+        u8::from(fg),
+        u8::from(leader)
+    ));
+    Ok(0)
+}

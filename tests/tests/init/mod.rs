@@ -1,0 +1,9 @@
+//! Plain init mode: `agent-shim [OPTIONS] [--] CMD [ARGS...]`.
+
+mod cli;
+mod exit;
+mod internal_signals;
+mod passthrough;
+mod reaping;
+mod signals;
+mod tty;
