@@ -47,6 +47,9 @@ const WATCHED: &[(libc::c_int, &str)] = &[
     (libc::SIGPIPE, "SIGPIPE"),
     (libc::SIGCONT, "SIGCONT"),
     (libc::SIGURG, "SIGURG"),
+    (libc::SIGTSTP, "SIGTSTP"),
+    (libc::SIGTTIN, "SIGTTIN"),
+    (libc::SIGTTOU, "SIGTTOU"),
 ];
 
 fn main() -> ExitCode {

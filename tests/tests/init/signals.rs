@@ -172,3 +172,52 @@ in_both_modes! {
         Ok(())
     }
 }
+
+/// Polls until the shim's `/proc` state is (or is no longer) `T` (stopped).
+fn wait_stopped(shim: &crate::support::Running, stopped: bool) -> bool {
+    poll_until(PATIENCE, || {
+        let state = crate::support::state_of(shim.pid());
+        (state.is_some_and(|s| s == 'T') == stopped).then_some(())
+    })
+    .is_some()
+}
+
+in_both_modes! {
+    fn job_control_signals_are_forwarded_then_stop_the_shim(mode: Mode) -> Result<()> {
+        // dumb-init's behaviour: TSTP/TTIN/TTOU are forwarded, then the shim stops itself
+        // (not as PID 1, which cannot be stopped from inside); the SIGCONT that resumes it is
+        // forwarded too.
+        let mut shim = Shim::new()
+            .mode(mode)
+            .args(["--grace", "120s"])
+            .probe(["signals", "--exit-on", "USR2", "--code", "0"])
+            .start()?;
+        shim.expect_line("ready", PATIENCE)?;
+        for (sig, name) in [
+            (libc::SIGTSTP, "SIGTSTP"),
+            (libc::SIGTTIN, "SIGTTIN"),
+            (libc::SIGTTOU, "SIGTTOU"),
+        ] {
+            shim.signal(sig)?;
+            shim.expect_line(&format!("got {name}"), PATIENCE).context(name)?;
+            if mode == Mode::Subreaper {
+                ensure!(
+                    wait_stopped(&shim, true),
+                    "the shim did not stop itself after {name}\n{}",
+                    shim.context()
+                );
+            }
+            shim.signal(libc::SIGCONT)?;
+            shim.expect_line("got SIGCONT", PATIENCE).context(name)?;
+            ensure!(
+                wait_stopped(&shim, false),
+                "the shim is still stopped after SIGCONT\n{}",
+                shim.context()
+            );
+        }
+        // Still forwarding after the round trips.
+        shim.signal(libc::SIGUSR2)?;
+        shim.expect_exit(0, PATIENCE)?;
+        Ok(())
+    }
+}
