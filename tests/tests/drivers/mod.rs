@@ -90,28 +90,11 @@ impl Driver {
 /// The Rust echo driver: `$AGENT_SHIM_ECHO_DRIVER`, else `<target>/debug/echo-driver` next
 /// to the test executable.
 fn echo_driver_bin() -> Result<PathBuf> {
-    if let Some(bin) = std::env::var_os("AGENT_SHIM_ECHO_DRIVER") {
-        let bin = PathBuf::from(bin);
-        if !bin.is_file() {
-            bail!("AGENT_SHIM_ECHO_DRIVER={} is not a file", bin.display());
-        }
-        return Ok(bin);
-    }
-    // current_exe = <target>/debug/deps/tests-HASH
-    let exe = std::env::current_exe().context("current_exe")?;
-    let target = exe
-        .ancestors()
-        .nth(3)
-        .ok_or_else(|| anyhow!("unexpected test executable path {}", exe.display()))?;
-    let bin = target.join("debug/echo-driver");
-    if !bin.is_file() {
-        bail!(
-            "echo-driver not found at {}; build it first with `cargo build -p \
-             agent-shim-examples`, or set AGENT_SHIM_ECHO_DRIVER to its path",
-            bin.display()
-        );
-    }
-    Ok(bin)
+    crate::support::workspace_bin(
+        "AGENT_SHIM_ECHO_DRIVER",
+        &["debug/echo-driver"],
+        "`cargo build -p agent-shim-examples`",
+    )
 }
 
 /// Defines a test module per scenario, with a test per driver (`rust`, `python`) that both
@@ -494,22 +477,10 @@ fn text_of(buf: &Arc<Mutex<Vec<u8>>>) -> String {
 
 /// Collects a pipe into a buffer on a thread, until end of file.
 fn collect(source: Option<impl Read + Send + 'static>) -> Arc<Mutex<Vec<u8>>> {
-    let buf = Arc::new(Mutex::new(Vec::new()));
-    if let Some(mut source) = source {
-        let sink = Arc::clone(&buf);
-        std::thread::spawn(move || {
-            let mut chunk = [0u8; 4096];
-            while let Ok(n) = source.read(&mut chunk) {
-                if n == 0 {
-                    break;
-                }
-                if let Ok(mut b) = sink.lock() {
-                    b.extend_from_slice(&chunk[..n]);
-                }
-            }
-        });
+    match source {
+        Some(source) => crate::support::running::spawn_collector(source).0,
+        None => Arc::default(),
     }
-    buf
 }
 
 /// A task input map from key–value pairs.

@@ -81,10 +81,26 @@ pub fn probe() -> &'static str {
 /// The agent-shim binary under test: `$AGENT_SHIM_BIN`, else the newest build next to the
 /// test executable's target dir (musl release, release, debug — in that order).
 pub fn shim_bin() -> Result<PathBuf> {
-    if let Some(bin) = std::env::var_os("AGENT_SHIM_BIN") {
+    workspace_bin(
+        "AGENT_SHIM_BIN",
+        &[
+            "x86_64-unknown-linux-musl/release/agent-shim",
+            "release/agent-shim",
+            "debug/agent-shim",
+        ],
+        "`cargo build -p agent-shim` (or `cargo build -p agent-shim --release --target \
+         x86_64-unknown-linux-musl`)",
+    )
+}
+
+/// A binary of the workspace that this test package does not build itself: the path in
+/// `env_var` if set, else the first of `candidates` (relative to the test executable's target
+/// dir) that exists; the error says how to build it.
+pub fn workspace_bin(env_var: &str, candidates: &[&str], how_to_build: &str) -> Result<PathBuf> {
+    if let Some(bin) = std::env::var_os(env_var) {
         let bin = PathBuf::from(bin);
         if !bin.is_file() {
-            bail!("AGENT_SHIM_BIN={} is not a file", bin.display());
+            bail!("{env_var}={} is not a file", bin.display());
         }
         return Ok(bin);
     }
@@ -94,20 +110,15 @@ pub fn shim_bin() -> Result<PathBuf> {
         .ancestors()
         .nth(3)
         .ok_or_else(|| anyhow!("unexpected test executable path {}", exe.display()))?;
-    let candidates = [
-        target.join("x86_64-unknown-linux-musl/release/agent-shim"),
-        target.join("release/agent-shim"),
-        target.join("debug/agent-shim"),
-    ];
+    let candidates: Vec<PathBuf> = candidates.iter().map(|c| target.join(c)).collect();
     candidates
         .iter()
         .find(|c| c.is_file())
         .cloned()
         .ok_or_else(|| {
             anyhow!(
-                "agent-shim binary not found (looked at {candidates:?}); build it first with \
-             `cargo build -p agent-shim` (or `cargo build -p agent-shim --release --target \
-             x86_64-unknown-linux-musl`), or set AGENT_SHIM_BIN to its path"
+                "binary not found (looked at {candidates:?}); build it first with {how_to_build}, \
+             or set {env_var} to its path"
             )
         })
 }

@@ -280,7 +280,7 @@ pub(super) fn spawn_line_reader(source: Box<dyn Read + Send>) -> Receiver<String
 }
 
 /// Collects a stream into a shared buffer on a thread; the receiver fires at EOF.
-pub(super) fn spawn_collector(
+pub(crate) fn spawn_collector(
     mut source: impl Read + Send + 'static,
 ) -> (Arc<Mutex<Vec<u8>>>, Receiver<()>) {
     let buf = Arc::new(Mutex::new(Vec::new()));
