@@ -18,6 +18,19 @@ const FORWARDED: &[(libc::c_int, &str)] = &[
     (libc::SIGUSR2, "SIGUSR2"),
 ];
 
+/// A shim whose child prints `got SIGNAME` for every signal it receives and exits 0 on
+/// SIGUSR2, ready for signals. The grace is long: TERM and INT start the countdown, and the
+/// tests must not race it.
+fn signal_watcher(mode: Mode) -> Result<crate::support::Running> {
+    let mut shim = Shim::new()
+        .mode(mode)
+        .args(["--grace", "120s"])
+        .probe(["signals", "--exit-on", "USR2", "--code", "0"])
+        .start()?;
+    shim.expect_line("ready", PATIENCE)?;
+    Ok(shim)
+}
+
 /// Reads the grandchild's signal log (`term`/`usr1` lines).
 fn log_of(file: &std::path::Path) -> String {
     std::fs::read_to_string(file).unwrap_or_default()
@@ -25,13 +38,7 @@ fn log_of(file: &std::path::Path) -> String {
 
 in_both_modes! {
     fn each_signal_reaches_the_child(mode: Mode) -> Result<()> {
-        // A long grace: TERM and INT start the countdown, and this test must not race it.
-        let mut shim = Shim::new()
-            .mode(mode)
-            .args(["--grace", "120s"])
-            .probe(["signals", "--exit-on", "USR2", "--code", "0"])
-            .start()?;
-        shim.expect_line("ready", PATIENCE)?;
+        let mut shim = signal_watcher(mode)?;
         for (sig, name) in FORWARDED {
             shim.signal(*sig)?;
             shim.expect_line(&format!("got {name}"), PATIENCE).context(*name)?;
@@ -187,12 +194,7 @@ in_both_modes! {
         // dumb-init's behaviour: TSTP/TTIN/TTOU are forwarded, then the shim stops itself
         // (not as PID 1, which cannot be stopped from inside); the SIGCONT that resumes it is
         // forwarded too.
-        let mut shim = Shim::new()
-            .mode(mode)
-            .args(["--grace", "120s"])
-            .probe(["signals", "--exit-on", "USR2", "--code", "0"])
-            .start()?;
-        shim.expect_line("ready", PATIENCE)?;
+        let mut shim = signal_watcher(mode)?;
         for (sig, name) in [
             (libc::SIGTSTP, "SIGTSTP"),
             (libc::SIGTTIN, "SIGTTIN"),
