@@ -1,11 +1,14 @@
 #![doc = include_str!("../README.md")]
 
 mod cli;
+mod control;
+mod driver;
 mod init;
 mod logging;
 mod reaper;
 mod signals;
 mod spawn;
+mod supervisor;
 mod sys;
 
 use std::io::Write as _;

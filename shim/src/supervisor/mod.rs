@@ -1,0 +1,6 @@
+//! Supervisor mode (being written).
+
+pub mod lifecycle;
+pub mod loglines;
+pub mod restart;
+pub mod tasks;
