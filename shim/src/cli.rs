@@ -6,7 +6,9 @@
 //! binary). Option parsing stops at the first positional argument or at `--`; everything
 //! after it is the command, passed through byte for byte.
 
+use std::collections::BTreeMap;
 use std::ffi::OsString;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use thiserror::Error;
@@ -28,8 +30,8 @@ pub enum LogFormat {
     Json,
 }
 
-/// Everything plain init mode needs to know.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Everything the shim needs to know, plain init mode and supervisor mode.
+#[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     /// The command and its arguments, as given (`command[0]` is the program).
     pub command: Vec<OsString>,
@@ -49,6 +51,105 @@ pub struct Config {
     pub log_level: String,
     /// Log format.
     pub log_format: LogFormat,
+    /// `--supervise`: supervisor mode without a control socket.
+    pub supervise: bool,
+    /// Supervisor-mode options (ignored in plain mode).
+    pub sup: SupervisorOpts,
+}
+
+use crate::supervisor::restart::ParsePolicyError;
+/// The restart policy of `--restart`.
+pub use crate::supervisor::restart::RestartPolicy;
+
+/// Supervisor-mode options; see the README's "Supervisor mode" section for each.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SupervisorOpts {
+    /// `--control-listen unix:PATH`: the control socket's path.
+    pub control_listen: Option<PathBuf>,
+    /// `--control-insecure`.
+    pub control_insecure: bool,
+    /// `--restart`.
+    pub restart: RestartPolicy,
+    /// `--backoff-initial`.
+    pub backoff_initial: Duration,
+    /// `--backoff-max`.
+    pub backoff_max: Duration,
+    /// `--backoff-factor`.
+    pub backoff_factor: f64,
+    /// `--backoff-jitter`.
+    pub backoff_jitter: f64,
+    /// `--backoff-reset`.
+    pub backoff_reset: Duration,
+    /// `--crash-loop-restarts`.
+    pub crash_loop_restarts: u32,
+    /// `--crash-loop-window`.
+    pub crash_loop_window: Duration,
+    /// `--ready-timeout`.
+    pub ready_timeout: Duration,
+    /// `--ping-interval` (zero disables pings).
+    pub ping_interval: Duration,
+    /// `--ping-misses`.
+    pub ping_misses: u32,
+    /// `--pause-timeout`.
+    pub pause_timeout: Duration,
+    /// `--cancel-grace`.
+    pub cancel_grace: Duration,
+    /// `--task-queue`.
+    pub task_queue: usize,
+    /// `--event-buffer`.
+    pub event_buffer: usize,
+    /// `--event-buffer-bytes`.
+    pub event_buffer_bytes: usize,
+    /// `--user UID[:GID]`.
+    pub user: Option<(u32, u32)>,
+    /// `--workdir`.
+    pub workdir: Option<PathBuf>,
+    /// `--env-allow` (`None` = every variable).
+    pub env_allow: Option<Vec<String>>,
+    /// `--env-deny`.
+    pub env_deny: Vec<String>,
+    /// `--log-line-max`.
+    pub log_line_max: usize,
+    /// `--log-rate` (0 = unlimited).
+    pub log_rate: u32,
+}
+
+impl Default for SupervisorOpts {
+    fn default() -> Self {
+        SupervisorOpts {
+            control_listen: None,
+            control_insecure: false,
+            restart: RestartPolicy::OnFailure,
+            backoff_initial: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(30),
+            backoff_factor: 2.0,
+            backoff_jitter: 0.1,
+            backoff_reset: Duration::from_secs(60),
+            crash_loop_restarts: 5,
+            crash_loop_window: Duration::from_secs(60),
+            ready_timeout: Duration::from_secs(30),
+            ping_interval: Duration::from_secs(10),
+            ping_misses: 3,
+            pause_timeout: Duration::from_secs(10),
+            cancel_grace: Duration::from_secs(5),
+            task_queue: 64,
+            event_buffer: 4096,
+            event_buffer_bytes: 8 * 1024 * 1024,
+            user: None,
+            workdir: None,
+            env_allow: None,
+            env_deny: Vec::new(),
+            log_line_max: 4096,
+            log_rate: 100,
+        }
+    }
+}
+
+impl Config {
+    /// Whether supervisor mode is on (`--supervise` or `--control-listen`).
+    pub fn supervisor_mode(&self) -> bool {
+        self.supervise || self.sup.control_listen.is_some()
+    }
 }
 
 impl Default for Config {
@@ -63,6 +164,8 @@ impl Default for Config {
             allow_internal_signals: false,
             log_level: "warn".to_owned(),
             log_format: LogFormat::Text,
+            supervise: false,
+            sup: SupervisorOpts::default(),
         }
     }
 }
@@ -80,7 +183,7 @@ impl Config {
 }
 
 /// What the command line asked for.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq)]
 pub enum Action {
     /// Run the command.
     Run(Box<Config>),
@@ -131,6 +234,35 @@ Options (each also settable by the environment variable shown; a flag beats its 
       --log-format FMT       text|json [AGENT_SHIM_LOG_FORMAT, default text]
   -h, --help                 print this help
   -V, --version              print the version
+
+Supervisor mode (CMD is an agent driver speaking the driver protocol; each flag also has its
+AGENT_SHIM_* variable, e.g. --ping-interval is AGENT_SHIM_PING_INTERVAL):
+      --supervise            supervise CMD without a control socket
+      --control-listen unix:PATH
+                             serve the control protocol on a unix socket
+      --control-insecure     required with --control-listen (no token authentication yet)
+      --restart POLICY       never|on-failure|always [default on-failure]
+      --backoff-initial DUR  first restart delay [200ms]
+      --backoff-max DUR      restart delay cap [30s]
+      --backoff-factor F     delay multiplier per consecutive restart [2]
+      --backoff-jitter F     +/- random fraction of each delay [0.1]
+      --backoff-reset DUR    a run this long resets the backoff [60s]
+      --crash-loop-restarts N, --crash-loop-window DUR
+                             N restarts within DUR: state error, no more restarts [5, 60s]
+      --ready-timeout DUR    launch to ready [30s]
+      --ping-interval DUR    liveness ping period, 0 disables [10s]
+      --ping-misses K        unanswered pings before the driver counts as hung [3]
+      --pause-timeout DUR    time the driver has to reach a safe point [10s]
+      --cancel-grace DUR     default cancel grace [5s]
+      --task-queue N         queued tasks [64]
+      --event-buffer N, --event-buffer-bytes N
+                             unacknowledged events kept for replay [4096, 8388608]
+      --user UID[:GID]       run the driver as this user (supplementary groups dropped)
+      --workdir DIR          the driver's working directory
+      --env-allow NAME,...   only these variables reach the driver
+      --env-deny NAME,...    these variables never reach the driver
+      --log-line-max BYTES   driver output lines are cut at BYTES [4096]
+      --log-rate N           driver output lines per second turned into events [100]
 
 DUR: 500ms, 8s, 2m, or a number of seconds (8, 0.5).
 Signals: TERM, SIGTERM, 15, RTMIN+1... Booleans in the environment: 1/true/yes, 0/false/no.
@@ -275,6 +407,154 @@ fn utf8(source: &str, v: OsString) -> Result<String, UsageError> {
         .map_err(|_| UsageError(format!("{source}: value is not valid UTF-8")))
 }
 
+/// Supervisor-mode flags without a value.
+const SUP_SWITCHES: &[&str] = &["supervise", "control-insecure"];
+
+/// Supervisor-mode flags with a value.
+const SUP_VALUES: &[&str] = &[
+    "control-listen",
+    "restart",
+    "backoff-initial",
+    "backoff-max",
+    "backoff-factor",
+    "backoff-jitter",
+    "backoff-reset",
+    "crash-loop-restarts",
+    "crash-loop-window",
+    "ready-timeout",
+    "ping-interval",
+    "ping-misses",
+    "pause-timeout",
+    "cancel-grace",
+    "task-queue",
+    "event-buffer",
+    "event-buffer-bytes",
+    "user",
+    "workdir",
+    "env-allow",
+    "env-deny",
+    "log-line-max",
+    "log-rate",
+];
+
+fn parse_num<T: std::str::FromStr>(s: &str) -> Result<T, String> {
+    s.trim()
+        .parse()
+        .map_err(|_| format!("invalid number {s:?}"))
+}
+
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    let v: f64 = parse_num(s)?;
+    if v.is_finite() && v >= 0.0 {
+        Ok(v)
+    } else {
+        Err(format!(
+            "invalid number {s:?} (expected a finite number >= 0)"
+        ))
+    }
+}
+
+fn parse_restart(s: &str) -> Result<RestartPolicy, String> {
+    s.trim()
+        .parse()
+        .map_err(|e: ParsePolicyError| e.to_string())
+}
+
+/// `unix:PATH`; other schemes need authentication, which does not exist yet.
+fn parse_control_addr(s: &str) -> Result<PathBuf, String> {
+    let s = s.trim();
+    if let Some(path) = s.strip_prefix("unix:") {
+        if path.is_empty() {
+            return Err("unix: needs a path".to_owned());
+        }
+        return Ok(PathBuf::from(path));
+    }
+    if s.starts_with("tcp:") || s.starts_with("vsock:") {
+        return Err(format!("{s}: needs a token (not supported yet)"));
+    }
+    Err(format!(
+        "invalid control address {s:?} (expected unix:PATH)"
+    ))
+}
+
+fn parse_names(s: &str) -> Result<Vec<String>, String> {
+    Ok(list(s).map(str::to_owned).collect())
+}
+
+/// Resolves the supervisor flags (given as flags in `flags`, else from their variables).
+fn supervisor_opts(
+    flags: &BTreeMap<String, String>,
+    var: &dyn Fn(&str) -> Result<Option<String>, UsageError>,
+) -> Result<(bool, SupervisorOpts), UsageError> {
+    // The value of flag `name` and where it came from.
+    let get = |name: &str| -> Result<Option<(String, String)>, UsageError> {
+        if let Some(v) = flags.get(name) {
+            return Ok(Some((format!("--{name}"), v.clone())));
+        }
+        let var_name = format!("AGENT_SHIM_{}", name.to_ascii_uppercase().replace('-', "_"));
+        Ok(var(&var_name)?.map(|v| (var_name, v)))
+    };
+    fn one<T>(
+        got: Option<(String, String)>,
+        default: T,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<T, UsageError> {
+        match got {
+            Some((source, v)) => ctx(&source, parse(&v)),
+            None => Ok(default),
+        }
+    }
+    let d = SupervisorOpts::default();
+    let supervise = one(get("supervise")?, false, parse_bool)?;
+    let control_insecure = one(get("control-insecure")?, false, parse_bool)?;
+    let control_listen = one(get("control-listen")?, None, |s| {
+        parse_control_addr(s).map(Some)
+    })?;
+    if control_listen.is_some() && !control_insecure {
+        return Err(UsageError(
+            "--control-listen needs --control-insecure (token authentication is not supported yet)"
+                .to_owned(),
+        ));
+    }
+    let sup = SupervisorOpts {
+        control_listen,
+        control_insecure,
+        restart: one(get("restart")?, d.restart, parse_restart)?,
+        backoff_initial: one(get("backoff-initial")?, d.backoff_initial, parse_duration)?,
+        backoff_max: one(get("backoff-max")?, d.backoff_max, parse_duration)?,
+        backoff_factor: one(get("backoff-factor")?, d.backoff_factor, parse_fraction)?,
+        backoff_jitter: one(get("backoff-jitter")?, d.backoff_jitter, parse_fraction)?,
+        backoff_reset: one(get("backoff-reset")?, d.backoff_reset, parse_duration)?,
+        crash_loop_restarts: one(
+            get("crash-loop-restarts")?,
+            d.crash_loop_restarts,
+            parse_num,
+        )?,
+        crash_loop_window: one(
+            get("crash-loop-window")?,
+            d.crash_loop_window,
+            parse_duration,
+        )?,
+        ready_timeout: one(get("ready-timeout")?, d.ready_timeout, parse_duration)?,
+        ping_interval: one(get("ping-interval")?, d.ping_interval, parse_duration)?,
+        ping_misses: one(get("ping-misses")?, d.ping_misses, parse_num)?,
+        pause_timeout: one(get("pause-timeout")?, d.pause_timeout, parse_duration)?,
+        cancel_grace: one(get("cancel-grace")?, d.cancel_grace, parse_duration)?,
+        task_queue: one(get("task-queue")?, d.task_queue, parse_num)?,
+        event_buffer: one(get("event-buffer")?, d.event_buffer, parse_num)?,
+        event_buffer_bytes: one(get("event-buffer-bytes")?, d.event_buffer_bytes, parse_num)?,
+        user: one(get("user")?, None, |s| {
+            crate::driver::parse_user(s).map(Some)
+        })?,
+        workdir: one(get("workdir")?, None, |s| Ok(Some(PathBuf::from(s))))?,
+        env_allow: one(get("env-allow")?, None, |s| parse_names(s).map(Some))?,
+        env_deny: one(get("env-deny")?, Vec::new(), parse_names)?,
+        log_line_max: one(get("log-line-max")?, d.log_line_max, parse_num)?,
+        log_rate: one(get("log-rate")?, d.log_rate, parse_num)?,
+    };
+    Ok((supervise, sup))
+}
+
 /// Parses the command line (`args` without the program name) and the environment (`env`
 /// looks a variable up).
 pub fn parse<I, E>(args: I, env: E) -> Result<Action, UsageError>
@@ -286,6 +566,7 @@ where
 
     // 1. Flags. Repeatable list flags, when given, replace the variable's list as a whole.
     let mut f = Flags::default();
+    let mut sup_flags = BTreeMap::new();
     let mut command = Vec::new();
     let mut p = lexopt::Parser::from_args(args);
     while let Some(arg) = p.next()? {
@@ -320,6 +601,14 @@ where
                 let v = utf8("--log-format", p.value()?)?;
                 f.log_format = Some(ctx("--log-format", parse_log_format(&v))?);
             }
+            Long(name) if SUP_SWITCHES.contains(&name) => {
+                sup_flags.insert(name.to_owned(), "1".to_owned());
+            }
+            Long(name) if SUP_VALUES.contains(&name) => {
+                let name = name.to_owned();
+                let v = utf8(&format!("--{name}"), p.value()?)?;
+                sup_flags.insert(name, v);
+            }
             Value(program) => {
                 command.push(program);
                 command.extend(p.raw_args()?);
@@ -337,7 +626,10 @@ where
         env(name).map(|v| utf8(name, v)).transpose()
     };
     let d = Config::default();
+    let (supervise, sup) = supervisor_opts(&sup_flags, &var)?;
     let cfg = Config {
+        supervise,
+        sup,
         command,
         pgroup: match f.pgroup {
             Some(v) => v,
@@ -585,6 +877,108 @@ mod tests {
             Action::Run(c) => assert_eq!(c.command, vec![OsString::from("echo"), weird, "".into()]),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn supervisor_flags_defaults_and_environment() {
+        let c = run(&["drv"]).unwrap();
+        assert!(!c.supervisor_mode());
+        assert_eq!(c.sup, SupervisorOpts::default());
+        assert_eq!(c.sup.backoff_initial, Duration::from_millis(200));
+        assert_eq!(c.sup.backoff_max, Duration::from_secs(30));
+        assert_eq!(c.sup.backoff_reset, Duration::from_secs(60));
+
+        let c = run(&[
+            "--control-listen",
+            "unix:/tmp/x.sock",
+            "--control-insecure",
+            "--restart",
+            "always",
+            "--backoff-initial",
+            "50ms",
+            "--backoff-factor",
+            "3",
+            "--crash-loop-restarts",
+            "7",
+            "--ping-interval",
+            "0",
+            "--task-queue",
+            "2",
+            "--user",
+            "65534:65533",
+            "--workdir",
+            "/tmp",
+            "--env-allow",
+            "PATH, HOME",
+            "--env-deny",
+            "SECRET",
+            "--log-rate",
+            "0",
+            "drv",
+        ])
+        .unwrap();
+        assert!(c.supervisor_mode());
+        assert_eq!(c.sup.control_listen, Some(PathBuf::from("/tmp/x.sock")));
+        assert_eq!(c.sup.restart, RestartPolicy::Always);
+        assert_eq!(c.sup.backoff_initial, Duration::from_millis(50));
+        assert_eq!(c.sup.backoff_factor, 3.0);
+        assert_eq!(c.sup.crash_loop_restarts, 7);
+        assert!(c.sup.ping_interval.is_zero());
+        assert_eq!(c.sup.task_queue, 2);
+        assert_eq!(c.sup.user, Some((65534, 65533)));
+        assert_eq!(c.sup.workdir, Some(PathBuf::from("/tmp")));
+        assert_eq!(
+            c.sup.env_allow,
+            Some(vec!["PATH".to_owned(), "HOME".to_owned()])
+        );
+        assert_eq!(c.sup.env_deny, vec!["SECRET".to_owned()]);
+        assert_eq!(c.sup.log_rate, 0);
+
+        let c = run_with(
+            &["--ping-misses", "9", "drv"],
+            &[
+                ("AGENT_SHIM_SUPERVISE", "1"),
+                ("AGENT_SHIM_RESTART", "never"),
+                ("AGENT_SHIM_PING_MISSES", "bogus"),
+                ("AGENT_SHIM_CANCEL_GRACE", "250ms"),
+            ],
+        )
+        .unwrap();
+        assert!(c.supervise && c.supervisor_mode());
+        assert_eq!(c.sup.restart, RestartPolicy::Never);
+        assert_eq!(c.sup.ping_misses, 9);
+        assert_eq!(c.sup.cancel_grace, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn supervisor_usage_errors() {
+        for bad in [
+            &["--control-listen", "unix:/x", "drv"][..],
+            &[
+                "--control-listen",
+                "tcp:1.2.3.4:5",
+                "--control-insecure",
+                "drv",
+            ],
+            &["--control-listen", "vsock:3:5", "--control-insecure", "drv"],
+            &["--control-listen", "/x", "--control-insecure", "drv"],
+            &["--restart", "sometimes", "drv"],
+            &["--backoff-factor", "-1", "drv"],
+            &["--backoff-jitter", "NaN", "drv"],
+            &["--task-queue", "-3", "drv"],
+            &["--user", "nobody", "drv"],
+            &["--ready-timeout", "soon", "drv"],
+        ] {
+            assert!(run(bad).is_err(), "{bad:?} should be a usage error");
+        }
+        let err = run(&["--control-listen", "tcp:h:1", "--control-insecure", "x"]).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("needs a token (not supported yet)"),
+            "{err}"
+        );
+        let err = run_with(&["x"], &[("AGENT_SHIM_LOG_RATE", "many")]).unwrap_err();
+        assert!(err.to_string().contains("AGENT_SHIM_LOG_RATE"), "{err}");
     }
 
     #[test]

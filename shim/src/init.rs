@@ -264,65 +264,80 @@ impl<S: Sys> Init<'_, S> {
         }
     }
 
-    /// As PID 1, after the child exited: SIGTERM everything left, wait at most
-    /// `--cleanup-grace` (never past a running `--grace` deadline), SIGKILL, reap until ECHILD.
+    /// As PID 1, after the child exited: see [`cleanup_after_child`].
     fn cleanup(&mut self) {
-        if self.drain() {
+        let sys = self.sys;
+        let cfg = self.cfg;
+        let grace_deadline = self.grace_deadline;
+        let set = self.set;
+        let mut drain = || self.drain();
+        cleanup_after_child(sys, cfg, &set, grace_deadline, &mut drain);
+    }
+}
+
+/// As PID 1, after the main child (plain mode's command, supervisor mode's driver) is gone:
+/// SIGTERM everything left, wait at most `--cleanup-grace` (never past a running `--grace`
+/// deadline), SIGKILL, reap until ECHILD. `drain` reaps what is ready and says whether no
+/// children are left; `set` is the blocked signal set, dequeued with `sigtimedwait` (a stop
+/// request from outside ends the waiting early).
+pub fn cleanup_after_child<S: Sys>(
+    sys: &S,
+    cfg: &Config,
+    set: &SigSet,
+    grace_deadline: Option<Instant>,
+    drain: &mut dyn FnMut() -> bool,
+) {
+    if drain() {
+        return;
+    }
+    let own_pid = sys.getpid();
+    match sys.kill(-1, libc::SIGTERM) {
+        Ok(()) => info!("child exited; sent SIGTERM to the remaining processes"),
+        Err(Errno::ESRCH) => {
+            // Nothing left alive; collect any zombies and go.
+            drain();
             return;
         }
-        match self.sys.kill(-1, libc::SIGTERM) {
-            Ok(()) => info!("child exited; sent SIGTERM to the remaining processes"),
-            Err(Errno::ESRCH) => {
-                // Nothing left alive; collect any zombies and go.
-                self.drain();
-                return;
-            }
-            Err(err) => warn!(%err, "cannot SIGTERM the remaining processes"),
+        Err(err) => warn!(%err, "cannot SIGTERM the remaining processes"),
+    }
+    let now = Instant::now();
+    let mut deadline = now.checked_add(cfg.cleanup_grace).unwrap_or(now);
+    if let Some(g) = grace_deadline {
+        deadline = deadline.min(g);
+    }
+    let mut killed = false;
+    loop {
+        if drain() {
+            return;
         }
         let now = Instant::now();
-        let mut deadline = now.checked_add(self.cfg.cleanup_grace).unwrap_or(now);
-        if let Some(g) = self.grace_deadline {
-            deadline = deadline.min(g);
-        }
-        let mut killed = false;
-        loop {
-            if self.drain() {
+        if now >= deadline {
+            if killed {
+                warn!("processes survived SIGKILL; exiting anyway");
                 return;
             }
-            let now = Instant::now();
-            if now >= deadline {
-                if killed {
-                    warn!("processes survived SIGKILL; exiting anyway");
-                    return;
-                }
-                warn!(cleanup_grace = ?self.cfg.cleanup_grace, "processes left after the child exited; sending SIGKILL");
-                self.kill_all(libc::SIGKILL);
-                killed = true;
-                deadline = now.checked_add(FINAL_REAP_LIMIT).unwrap_or(now);
-                continue;
+            warn!(cleanup_grace = ?cfg.cleanup_grace, "processes left after the child exited; sending SIGKILL");
+            match sys.kill(-1, libc::SIGKILL) {
+                Ok(()) | Err(Errno::ESRCH) => {}
+                Err(err) => warn!(%err, "kill(-1, SIGKILL) failed"),
             }
-            match self
-                .sys
-                .sigtimedwait(&self.set, Some(deadline.saturating_duration_since(now)))
-            {
-                Ok(Some(info)) => {
-                    let stop = info.signo == libc::SIGTERM || info.signo == libc::SIGINT;
-                    let origin = signals::origin(
-                        &info,
-                        self.own_pid,
-                        self.pid1,
-                        self.cfg.allow_internal_signals,
-                    );
-                    if stop && origin == Origin::Accepted && !killed {
-                        debug!("stop requested during cleanup: no more waiting");
-                        deadline = now;
-                    }
+            killed = true;
+            deadline = now.checked_add(FINAL_REAP_LIMIT).unwrap_or(now);
+            continue;
+        }
+        match sys.sigtimedwait(set, Some(deadline.saturating_duration_since(now))) {
+            Ok(Some(info)) => {
+                let stop = info.signo == libc::SIGTERM || info.signo == libc::SIGINT;
+                let origin = signals::origin(&info, own_pid, true, cfg.allow_internal_signals);
+                if stop && origin == Origin::Accepted && !killed {
+                    debug!("stop requested during cleanup: no more waiting");
+                    deadline = now;
                 }
-                Ok(None) | Err(Errno::EINTR) => {}
-                Err(err) => {
-                    warn!(%err, "sigtimedwait failed");
-                    std::thread::sleep(ERROR_BACKOFF);
-                }
+            }
+            Ok(None) | Err(Errno::EINTR) => {}
+            Err(err) => {
+                warn!(%err, "sigtimedwait failed");
+                std::thread::sleep(ERROR_BACKOFF);
             }
         }
     }

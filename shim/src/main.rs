@@ -38,22 +38,23 @@ fn main() -> ExitCode {
         Action::Version => return print_stdout(&format!("{}\n", cli::version())),
     };
     logging::init(&cfg.log_level, cfg.log_format);
-    let code = match init::run(&cfg) {
-        Ok(code) => code,
-        Err(err) => {
-            let code = err.exit_code();
-            report(&err, cfg.log_format);
-            code
-        }
+    let fail = |err: &dyn std::error::Error, code: i32| {
+        report(err, code, cfg.log_format);
+        code
+    };
+    let code = if cfg.supervisor_mode() {
+        supervisor::run(&cfg).unwrap_or_else(|e| fail(&e, e.exit_code()))
+    } else {
+        init::run(&cfg).unwrap_or_else(|e| fail(&e, e.exit_code()))
     };
     ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX))
 }
 
 /// Prints a fatal error: a shell-like line in text mode (so it is visible whatever the log
 /// level), an `error` event in JSON mode (so stderr stays JSON lines).
-fn report(err: &init::InitError, format: LogFormat) {
+fn report(err: &dyn std::error::Error, exit_code: i32, format: LogFormat) {
     let mut msg = err.to_string();
-    let mut source = std::error::Error::source(err);
+    let mut source = err.source();
     while let Some(s) = source {
         msg = format!("{msg}: {s}");
         source = s.source();
@@ -62,7 +63,7 @@ fn report(err: &init::InitError, format: LogFormat) {
         LogFormat::Text => {
             let _ = writeln!(std::io::stderr(), "agent-shim: {msg}");
         }
-        LogFormat::Json => tracing::error!(exit_code = err.exit_code(), "{msg}"),
+        LogFormat::Json => tracing::error!(exit_code, "{msg}"),
     }
 }
 

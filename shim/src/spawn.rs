@@ -10,21 +10,33 @@
 //! 2. `tcsetpgrp(0, getpid())` when stdin is a terminal whose foreground group is the shim's,
 //!    handing the terminal to the child (every signal is still blocked here, so the SIGTTOU
 //!    this raises cannot stop it);
-//! 3. `chdir` if asked;
-//! 4. reset to SIG_DFL the dispositions the shim changed (Rust ignores SIGPIPE);
-//! 5. restore the signal mask the shim started with;
-//! 6. `execve`.
+//! 3. `dup2` every fd of [`Spec::fds`] to its number in the child;
+//! 4. close every other fd above them if [`Spec::close_other_fds`] (`close_range`, or a
+//!    `close` loop where the kernel or a seccomp filter refuses it);
+//! 5. drop to [`Spec::user`] if asked: `setgroups(0)`, `setgid`, `setuid`, in that order;
+//! 6. `chdir` if asked (after 5, so the directory is entered with the child's credentials);
+//! 7. reset to SIG_DFL the dispositions the shim changed (Rust ignores SIGPIPE);
+//! 8. restore the signal mask the shim started with;
+//! 9. `execve`.
 //!
 //! A failure in the child is written as `(step, errno)` to a `CLOEXEC` pipe and the child
 //! `_exit(127)`s; a successful `execve` closes the pipe, so the parent reads EOF. The parent
 //! turns an errno into [`SpawnError::NotFound`] (exit 127) or [`SpawnError::NotExecutable`]
 //! (126), like a shell.
 //!
+//! **Fd mapping without collisions.** A `(source, target)` pair can only clobber another
+//! pair's source if that source's number is some pair's target. So [`Prepared::new`] first
+//! duplicates every source (`F_DUPFD_CLOEXEC`) to a number above every target; the child's
+//! `dup2`s then never overwrite a source, and `dup2` clears `CLOEXEC` on the target. The report
+//! pipe's write end is likewise moved above every target, and the close step skips it (it is
+//! `CLOEXEC`, so `execve` still closes it).
+//!
 //! **Reaping.** `spawn` never waits: the caller registers the returned pid with the
 //! [`Reaper`](crate::reaper::Reaper) before its next drain. If `execve` failed, the child
 //! already `_exit`ed; its zombie is collected by the next drain as an untracked pid.
 
 use std::ffi::{CString, OsStr, OsString};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
@@ -63,6 +75,15 @@ pub struct Spec {
     pub mask: SigSet,
     /// Signals to reset to SIG_DFL in the child.
     pub reset_signals: Vec<i32>,
+    /// Fds the child gets: `(source in the parent, number in the child)`. The sources stay
+    /// open in the parent (the caller owns them).
+    pub fds: Vec<(RawFd, RawFd)>,
+    /// Close every fd above the highest target of [`Spec::fds`] (at least every fd ≥ 3) in
+    /// the child, including ones the parent opened without `CLOEXEC`.
+    pub close_other_fds: bool,
+    /// `(uid, gid)` to run as, with every supplementary group dropped; `None` keeps the
+    /// shim's credentials.
+    pub user: Option<(u32, u32)>,
 }
 
 impl Spec {
@@ -77,6 +98,9 @@ impl Spec {
             foreground: true,
             mask: SigSet::empty(),
             reset_signals: crate::signals::CHANGED_DISPOSITIONS.to_vec(),
+            fds: Vec::new(),
+            close_other_fds: false,
+            user: None,
         }
     }
 }
@@ -118,6 +142,31 @@ pub enum SpawnError {
         /// The child's pid (already exited, reaped as an orphan).
         pid: Option<i32>,
     },
+    /// Dropping to [`Spec::user`] failed in the child (`setgroups`, `setgid` or `setuid`).
+    /// Callers treat it like [`SpawnError::NotExecutable`].
+    #[error("cannot run as {uid}:{gid}: {call} failed: {errno}")]
+    Credentials {
+        /// Which call.
+        call: &'static str,
+        /// The uid asked for.
+        uid: u32,
+        /// The gid asked for.
+        gid: u32,
+        /// Why.
+        errno: Errno,
+        /// The child's pid (already exited, reaped as an orphan).
+        pid: Option<i32>,
+    },
+    /// Setting up the child's fds failed in the child (`dup2`).
+    #[error("{call} failed in the child: {errno}")]
+    ChildSetup {
+        /// Which call.
+        call: &'static str,
+        /// Why.
+        errno: Errno,
+        /// The child's pid (already exited, reaped as an orphan).
+        pid: Option<i32>,
+    },
     /// A syscall in the parent failed (`pipe`, `fork`, …).
     #[error("{call} failed: {errno}")]
     Os {
@@ -128,9 +177,36 @@ pub enum SpawnError {
     },
 }
 
+impl SpawnError {
+    /// The pid of a child that was forked but failed before or at `execve` (it has already
+    /// `_exit`ed with 127; the reaper collects it), if any.
+    #[allow(dead_code, reason = "used by supervisor mode")]
+    pub fn pid(&self) -> Option<i32> {
+        match self {
+            SpawnError::NotFound { pid, .. }
+            | SpawnError::NotExecutable { pid, .. }
+            | SpawnError::Chdir { pid, .. }
+            | SpawnError::Credentials { pid, .. }
+            | SpawnError::ChildSetup { pid, .. } => *pid,
+            SpawnError::Empty | SpawnError::Nul | SpawnError::Os { .. } => None,
+        }
+    }
+}
+
 /// The steps of the child half that can fail, as reported through the pipe.
 const STEP_CHDIR: i32 = 1;
 const STEP_EXEC: i32 = 2;
+const STEP_DUP2: i32 = 3;
+const STEP_SETGROUPS: i32 = 4;
+const STEP_SETGID: i32 = 5;
+const STEP_SETUID: i32 = 6;
+
+/// Lowest number the sources of [`Spec::fds`] and the report pipe are moved to (when above
+/// every target anyway).
+const FD_FLOOR: RawFd = 10;
+
+/// Cap on the `close` loop used when `close_range` is unavailable.
+const CLOSE_LOOP_MAX: u64 = 1 << 20;
 
 /// A [`Spec`] turned into C strings and pointer arrays, ready for the child to use without
 /// allocating.
@@ -148,6 +224,16 @@ pub struct Prepared {
     foreground: bool,
     mask: SigSet,
     reset_signals: Vec<i32>,
+    /// `(duplicate of the source, target)`: every duplicate is `CLOEXEC` and numbered ≥
+    /// `fd_floor`, above every target.
+    fd_map: Vec<(OwnedFd, RawFd)>,
+    /// The report pipe's write end must be at least this (above every target).
+    fd_floor: RawFd,
+    /// First fd the child closes, when it closes the others.
+    close_from: Option<RawFd>,
+    /// Soft `RLIMIT_NOFILE` (capped), the bound of the fallback `close` loop.
+    nofile: RawFd,
+    user: Option<(u32, u32)>,
 }
 
 impl Prepared {
@@ -198,6 +284,20 @@ impl Prepared {
             .map(|s| s.as_ptr())
             .chain([std::ptr::null()])
             .collect();
+        let max_target = spec
+            .fds
+            .iter()
+            .map(|&(_, dst)| dst)
+            .max()
+            .unwrap_or(2)
+            .max(2);
+        let fd_floor = max_target.saturating_add(1).max(FD_FLOOR);
+        let fd_map = spec
+            .fds
+            .iter()
+            .map(|&(src, dst)| Ok((dup_at_least(src, fd_floor)?, dst)))
+            .collect::<Result<Vec<_>, SpawnError>>()?;
+        let close_from = spec.close_other_fds.then(|| max_target.saturating_add(1));
         Ok(Prepared {
             program,
             path,
@@ -210,8 +310,35 @@ impl Prepared {
             foreground: spec.foreground && spec.grouping == Grouping::NewGroup,
             mask: spec.mask,
             reset_signals: spec.reset_signals.clone(),
+            fd_map,
+            fd_floor,
+            close_from,
+            nofile: nofile_limit(),
+            user: spec.user,
         })
     }
+}
+
+/// `fcntl(fd, F_DUPFD_CLOEXEC, min)`: a `CLOEXEC` duplicate of `fd` numbered ≥ `min`.
+fn dup_at_least(fd: RawFd, min: RawFd) -> Result<OwnedFd, SpawnError> {
+    // SAFETY: F_DUPFD_CLOEXEC only reads `fd` and allocates a new descriptor.
+    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, min) };
+    if new < 0 {
+        return Err(SpawnError::Os {
+            call: "fcntl(F_DUPFD_CLOEXEC)",
+            errno: Errno::last(),
+        });
+    }
+    // SAFETY: `new` was just returned by fcntl and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
+/// The soft `RLIMIT_NOFILE`, capped at [`CLOSE_LOOP_MAX`] (also when unlimited or unknown).
+fn nofile_limit() -> RawFd {
+    let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(soft, _)| soft)
+        .unwrap_or(CLOSE_LOOP_MAX);
+    RawFd::try_from(soft.min(CLOSE_LOOP_MAX)).unwrap_or(RawFd::MAX)
 }
 
 /// `PATH` when the child's environment has none (the `execvp` defaults plus the sbin
@@ -280,7 +407,21 @@ pub fn spawn(prep: &Prepared) -> Result<i32, SpawnError> {
             errno: Errno::last(),
         });
     }
-    let [read_fd, write_fd] = fds;
+    let [read_fd, mut write_fd] = fds;
+    if write_fd < prep.fd_floor && (prep.close_from.is_some() || !prep.fd_map.is_empty()) {
+        // Above every target, so no `dup2` of the child overwrites it.
+        match dup_at_least(write_fd, prep.fd_floor) {
+            Ok(moved) => {
+                close(write_fd);
+                write_fd = std::os::fd::IntoRawFd::into_raw_fd(moved);
+            }
+            Err(err) => {
+                close(read_fd);
+                close(write_fd);
+                return Err(err);
+            }
+        }
+    }
     let foreground = prep.foreground && we_own_stdin_tty();
 
     // SAFETY: the child half only calls async-signal-safe functions on data prepared before
@@ -310,6 +451,25 @@ pub fn spawn(prep: &Prepared) -> Result<i32, SpawnError> {
                 .as_ref()
                 .map(|(d, _)| d.clone())
                 .unwrap_or_default(),
+            errno: Errno::from_raw(errno),
+            pid: Some(pid),
+        }),
+        Some((step @ (STEP_SETGROUPS | STEP_SETGID | STEP_SETUID), errno)) => {
+            let (uid, gid) = prep.user.unwrap_or_default();
+            Err(SpawnError::Credentials {
+                call: match step {
+                    STEP_SETGROUPS => "setgroups",
+                    STEP_SETGID => "setgid",
+                    _ => "setuid",
+                },
+                uid,
+                gid,
+                errno: Errno::from_raw(errno),
+                pid: Some(pid),
+            })
+        }
+        Some((STEP_DUP2, errno)) => Err(SpawnError::ChildSetup {
+            call: "dup2",
             errno: Errno::from_raw(errno),
             pid: Some(pid),
         }),
@@ -389,6 +549,37 @@ unsafe fn child(prep: &Prepared, write_fd: libc::c_int, foreground: bool) -> ! {
             }
             Grouping::Inherit => {}
         }
+        for (src, dst) in &prep.fd_map {
+            // Every source is above every target (see `Prepared::new`), so no `dup2` here
+            // overwrites a source still to be mapped; `dup2` clears CLOEXEC on `dst`.
+            if libc::dup2(src.as_raw_fd(), *dst) < 0 {
+                report_and_exit(write_fd, STEP_DUP2);
+            }
+        }
+        if let Some(first) = prep.close_from {
+            // Keep the report pipe (`write_fd` ≥ `first`, see `spawn`): it is CLOEXEC.
+            close_fds(first, write_fd.saturating_sub(1), prep.nofile);
+            close_fds(write_fd.saturating_add(1), RawFd::MAX, prep.nofile);
+        }
+        if let Some((uid, gid)) = prep.user {
+            // Raw syscalls: the libc wrappers broadcast the change to every thread of the
+            // process (musl through `__synccall`, which takes locks a fork may have left
+            // held); the forked child has one thread only.
+            if libc::syscall(
+                libc::SYS_setgroups,
+                0 as libc::size_t,
+                std::ptr::null::<libc::gid_t>(),
+            ) != 0
+            {
+                report_and_exit(write_fd, STEP_SETGROUPS);
+            }
+            if libc::syscall(libc::SYS_setgid, gid as libc::gid_t) != 0 {
+                report_and_exit(write_fd, STEP_SETGID);
+            }
+            if libc::syscall(libc::SYS_setuid, uid as libc::uid_t) != 0 {
+                report_and_exit(write_fd, STEP_SETUID);
+            }
+        }
         if let Some((_, dir)) = &prep.cwd {
             if libc::chdir(dir.as_ptr()) != 0 {
                 report_and_exit(write_fd, STEP_CHDIR);
@@ -407,6 +598,47 @@ unsafe fn child(prep: &Prepared, write_fd: libc::c_int, foreground: bool) -> ! {
             prep.envp_ptrs.as_ptr(),
         );
         report_and_exit(write_fd, STEP_EXEC)
+    }
+}
+
+/// Closes every open fd in `first..=last`: `close_range`, or (when it fails: ENOSYS before
+/// Linux 5.9, EPERM from an old seccomp profile) a `close` loop bounded by `nofile`.
+/// Async-signal-safe.
+///
+/// # Safety
+///
+/// Only for the child half of [`spawn`]: it closes descriptors other code may think it owns.
+unsafe fn close_fds(first: RawFd, last: RawFd, nofile: RawFd) {
+    if first < 0 || first > last {
+        return;
+    }
+    // SAFETY: close_range takes two unsigned ints and flags; it only closes descriptors.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_uint,
+            last as libc::c_uint,
+            0 as libc::c_uint,
+        )
+    };
+    if ret != 0 {
+        // SAFETY: same contract as ours.
+        unsafe { close_loop(first, last, nofile) };
+    }
+}
+
+/// The fallback of [`close_fds`]: `close` every number in `first..=last` below `nofile`.
+/// Async-signal-safe.
+///
+/// # Safety
+///
+/// As [`close_fds`].
+unsafe fn close_loop(first: RawFd, last: RawFd, nofile: RawFd) {
+    let mut fd = first;
+    while fd <= last && fd < nofile {
+        // SAFETY: closing a descriptor number, open or not, is harmless here (see above).
+        unsafe { libc::close(fd) };
+        fd = fd.saturating_add(1);
     }
 }
 
@@ -475,5 +707,94 @@ mod tests {
             Some(PathBuf::from("./x/y"))
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn waitpid(pid: i32) -> i32 {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let mut status = 0;
+            // SAFETY: waitpid on our own child with a valid status pointer.
+            let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+            if r == pid {
+                return status;
+            }
+            if r < 0 || std::time::Instant::now() > deadline {
+                // SAFETY: killing and reaping our own child.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                    libc::waitpid(pid, std::ptr::null_mut(), 0);
+                }
+                panic!("child {pid} did not exit in time");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    fn pipe() -> (OwnedFd, OwnedFd) {
+        let mut fds = [0; 2];
+        // SAFETY: a valid array of two ints.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: fresh descriptors owned by nobody else.
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+    }
+
+    #[test]
+    fn fd_mapping_survives_crossed_numbers() {
+        // Each source's number is the other pair's target: a naive dup2 sequence would
+        // overwrite the second source before mapping it.
+        let (r1, w1) = pipe();
+        let (r2, w2) = pipe();
+        let (n1, n2) = (w1.as_raw_fd(), w2.as_raw_fd());
+        let script = format!("echo one >&{n2}; echo two >&{n1}");
+        // bash, not sh: dash rejects fd numbers above 9 in redirections, and with other tests
+        // holding descriptors in parallel the pipes often get such numbers.
+        let mut spec = Spec::new(vec!["/bin/bash".into(), "-c".into(), script.into()], vec![]);
+        spec.foreground = false;
+        spec.fds = vec![(n1, n2), (n2, n1)];
+        let prep = Prepared::new(&spec).unwrap();
+        assert!(prep
+            .fd_map
+            .iter()
+            .all(|(src, _)| src.as_raw_fd() >= FD_FLOOR.max(n1.max(n2) + 1)));
+        let pid = spawn(&prep).unwrap();
+        drop((prep, w1, w2));
+        assert_eq!(waitpid(pid), 0);
+        let read = |fd: OwnedFd| {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut std::fs::File::from(fd), &mut s).unwrap();
+            s
+        };
+        assert_eq!(
+            (read(r1), read(r2)),
+            ("one\n".to_string(), "two\n".to_string())
+        );
+    }
+
+    #[test]
+    fn close_loop_closes_the_range_only() {
+        let (r, w) = pipe();
+        let (lo, hi) = (
+            r.as_raw_fd().min(w.as_raw_fd()),
+            r.as_raw_fd().max(w.as_raw_fd()),
+        );
+        // SAFETY: the child makes only async-signal-safe calls (fcntl, close, _exit).
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            // SAFETY: in the forked child, on descriptors inherited from the parent.
+            unsafe {
+                close_loop(lo, lo, 1 << 20);
+                let lo_closed = libc::fcntl(lo, libc::F_GETFD) < 0;
+                let hi_open = libc::fcntl(hi, libc::F_GETFD) >= 0;
+                close_loop(hi, RawFd::MAX, hi.saturating_add(1));
+                let hi_closed = libc::fcntl(hi, libc::F_GETFD) < 0;
+                libc::_exit(if lo_closed && hi_open && hi_closed {
+                    0
+                } else {
+                    1
+                })
+            }
+        }
+        assert_eq!(waitpid(pid), 0);
     }
 }

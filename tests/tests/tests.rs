@@ -9,3 +9,5 @@ mod support;
 mod init;
 
 mod drivers;
+
+mod supervisor;

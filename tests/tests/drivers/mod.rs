@@ -89,7 +89,7 @@ impl Driver {
 
 /// The Rust echo driver: `$AGENT_SHIM_ECHO_DRIVER`, else `<target>/debug/echo-driver` next
 /// to the test executable.
-fn echo_driver_bin() -> Result<PathBuf> {
+pub(crate) fn echo_driver_bin() -> Result<PathBuf> {
     crate::support::workspace_bin(
         "AGENT_SHIM_ECHO_DRIVER",
         &["debug/echo-driver"],

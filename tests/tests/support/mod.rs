@@ -8,6 +8,7 @@
 
 #![allow(dead_code)] // each test module uses a different part of the harness
 
+pub mod control;
 pub mod process;
 pub mod pty;
 pub mod running;

@@ -1,0 +1,194 @@
+//! The replay buffer: every event the shim has sequenced and the control plane has not yet
+//! acknowledged, kept as ready-to-write frames.
+//!
+//! Events are stored once, encoded (`event{seq, event}` with its length header), as
+//! reference-counted [`Bytes`]: a connection's writer copies them straight to the socket,
+//! a replay after `resume_from` re-sends the same bytes, and nothing is ever re-encoded. The
+//! buffer is the only place events live: a connection keeps a cursor into it rather than a
+//! copy, so a slow or absent control plane costs the buffer's bounded memory once, never twice.
+//!
+//! ```text
+//!   acked ─┐   ┌─ front (acked + 1)                      last_seq ─┐
+//!          ▼   ▼                                                   ▼
+//!   … 5  6 │ 7  8  9  10  11  12                                  13 │ 14 (next publish)
+//!   dropped│◄──────────── buffered, waiting for ack ───────────────►│
+//! ```
+//!
+//! The limits never drop anything: [`Buffer::push`] always stores, and [`Buffer::is_full`]
+//! tells the supervisor to stop reading the driver (backpressure) until acks free room.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+use driver_protocol::message::Seq;
+
+/// The unacknowledged events, oldest first, with their bounds.
+#[derive(Debug)]
+pub(super) struct Buffer {
+    /// `(seq, frame)`, consecutive seqs starting at `acked + 1`.
+    events: VecDeque<(Seq, Bytes)>,
+    /// Sum of the frames' lengths.
+    bytes: usize,
+    /// The last seq given out (0 before the first event).
+    last_seq: Seq,
+    /// Every event up to this seq has been acknowledged and forgotten.
+    acked: Seq,
+    max_events: usize,
+    max_bytes: usize,
+}
+
+impl Buffer {
+    /// An empty buffer that is full at `max_events` events or `max_bytes` bytes (each at
+    /// least 1).
+    pub(super) fn new(max_events: usize, max_bytes: usize) -> Self {
+        Self {
+            events: VecDeque::new(),
+            bytes: 0,
+            last_seq: 0,
+            acked: 0,
+            max_events: max_events.max(1),
+            max_bytes: max_bytes.max(1),
+        }
+    }
+
+    /// The seq the next event gets.
+    pub(super) fn next_seq(&self) -> Seq {
+        self.last_seq.saturating_add(1)
+    }
+
+    /// Stores the frame of the event numbered [`Self::next_seq`], even when full.
+    pub(super) fn push(&mut self, frame: Bytes) -> Seq {
+        let seq = self.next_seq();
+        self.last_seq = seq;
+        self.bytes = self.bytes.saturating_add(frame.len());
+        self.events.push_back((seq, frame));
+        seq
+    }
+
+    /// Forgets every event up to `seq` (cumulative); returns whether anything was freed.
+    ///
+    /// A `seq` beyond the last one given out is clamped to it: the control plane cannot
+    /// acknowledge events that do not exist yet.
+    pub(super) fn ack(&mut self, seq: Seq) -> bool {
+        let seq = seq.min(self.last_seq);
+        if seq <= self.acked {
+            return false;
+        }
+        self.acked = seq;
+        let mut freed = false;
+        while let Some((front, frame)) = self.events.front() {
+            if *front > seq {
+                break;
+            }
+            self.bytes = self.bytes.saturating_sub(frame.len());
+            self.events.pop_front();
+            freed = true;
+        }
+        freed
+    }
+
+    /// Every event up to this seq is acknowledged.
+    pub(super) fn acked(&self) -> Seq {
+        self.acked
+    }
+
+    /// At a limit: the supervisor should stop reading the driver.
+    pub(super) fn is_full(&self) -> bool {
+        self.events.len() >= self.max_events || self.bytes >= self.max_bytes
+    }
+
+    /// Nothing waits for an acknowledgement.
+    pub(super) fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    /// `(events, bytes, last_seq)`.
+    pub(super) fn stats(&self) -> (usize, usize, Seq) {
+        (self.events.len(), self.bytes, self.last_seq)
+    }
+
+    /// Appends the frames of the events after `cursor` to `out`, in order, until `out`
+    /// holds at least `limit` bytes (at least one frame is appended when there is one);
+    /// returns the seq of the last frame appended, or `cursor` when none was.
+    ///
+    /// Events already acknowledged are skipped, wherever the cursor is.
+    pub(super) fn fill(&self, cursor: Seq, out: &mut Vec<u8>, limit: usize) -> Seq {
+        let Some(&(front, _)) = self.events.front() else {
+            return cursor;
+        };
+        let next = cursor.max(self.acked).saturating_add(1);
+        let skip = usize::try_from(next.saturating_sub(front)).unwrap_or(usize::MAX);
+        let mut last = cursor;
+        for (seq, frame) in self.events.iter().skip(skip) {
+            if !out.is_empty() && out.len() >= limit {
+                break;
+            }
+            out.extend_from_slice(frame);
+            last = *seq;
+        }
+        last
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(n: u8, len: usize) -> Bytes {
+        Bytes::from(vec![n; len])
+    }
+
+    #[test]
+    fn seqs_start_at_one_and_ack_frees_cumulatively() {
+        let mut b = Buffer::new(10, 1000);
+        assert_eq!(b.next_seq(), 1);
+        for i in 1..=5u8 {
+            assert_eq!(b.push(frame(i, 10)), u64::from(i));
+        }
+        assert_eq!(b.stats(), (5, 50, 5));
+        assert!(b.ack(3));
+        assert_eq!(b.stats(), (2, 20, 5));
+        assert!(!b.ack(2), "an older ack frees nothing");
+        assert!(b.ack(99), "an ack past the end is clamped");
+        assert_eq!(b.acked(), 5);
+        assert!(b.is_empty());
+        assert_eq!(b.push(frame(6, 1)), 6, "seqs are never reused");
+    }
+
+    #[test]
+    fn full_at_either_limit_but_never_drops() {
+        let mut b = Buffer::new(3, 100);
+        b.push(frame(1, 10));
+        b.push(frame(2, 10));
+        assert!(!b.is_full());
+        b.push(frame(3, 10));
+        assert!(b.is_full());
+        b.push(frame(4, 10));
+        assert_eq!(b.stats().0, 4, "a full buffer still stores");
+        b.ack(4);
+        b.push(frame(5, 100));
+        assert!(b.is_full(), "full by bytes");
+    }
+
+    #[test]
+    fn fill_sends_what_follows_the_cursor_in_batches() {
+        let mut b = Buffer::new(100, 10_000);
+        for i in 1..=6u8 {
+            b.push(frame(i, 4));
+        }
+        let mut out = Vec::new();
+        assert_eq!(b.fill(2, &mut out, 8), 4);
+        assert_eq!(out, [3, 3, 3, 3, 4, 4, 4, 4]);
+        out.clear();
+        assert_eq!(b.fill(4, &mut out, 1000), 6);
+        assert_eq!(out.len(), 8);
+        out.clear();
+        assert_eq!(b.fill(6, &mut out, 1000), 6, "nothing new");
+        assert!(out.is_empty());
+        b.ack(5);
+        assert_eq!(b.fill(0, &mut out, 1000), 6, "acked events are skipped");
+        assert_eq!(out, [6, 6, 6, 6]);
+        out.clear();
+        assert_eq!(b.fill(0, &mut out, 1), 6, "one frame even over the limit");
+    }
+}

@@ -1,0 +1,498 @@
+//! One control connection: its reader task (handshake, then requests) and its writer task
+//! (replies from a bounded queue, then events straight from the replay buffer).
+//!
+//! ```text
+//!            ┌──────── reader task ────────┐            ┌──────── writer task ────────┐
+//!   socket ─►│ hello · ping · ack ·        │  Out queue │ replies first, then events  │─► socket
+//!            │ resume_from · retried ids   ├──────────► │ after the cursor, read from │
+//!            │ everything else ─► mpsc ─► supervisor    │ the replay buffer (batched) │
+//!            └─────────────────────────────┘            └─────────────────────────────┘
+//! ```
+//!
+//! Nothing the supervisor does waits for a socket: replies are queued, events are only
+//! buffered (the writer picks them up by cursor). The reply queue is bounded; a client that
+//! sends requests but never reads its replies is disconnected when the queue overflows, and
+//! loses nothing by it, since events leave the buffer only when acknowledged.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::ops::ControlFlow;
+use std::rc::{Rc, Weak};
+
+use bytes::{Bytes, BytesMut};
+use driver_protocol::codec::MessageCodec;
+use driver_protocol::message::{
+    ControlToShim, ErrorMsg, Hello, Message as _, Pong, RequestId, Role, Seq, ShimToControl,
+};
+use driver_protocol::{handshake, DecodeError, ErrorCode};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+use tokio::sync::Notify;
+use tokio::task::AbortHandle;
+use tokio_util::codec::Decoder as _;
+use tracing::{debug, info, warn};
+
+use super::ids::Seen;
+use super::{encode_frame, Command, Inner, Reply};
+
+/// Bytes the writer gathers into one `write`.
+const WRITE_BATCH: usize = 64 * 1024;
+
+/// Room made in the read buffer before each read.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// Where a connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Reading and writing.
+    Open,
+    /// The writer sends what is queued (an `error`, typically), then closes.
+    Closing,
+    /// Gone; its tasks are aborted.
+    Closed,
+}
+
+/// The replies waiting to be written.
+#[derive(Debug)]
+struct Out {
+    frames: VecDeque<Bytes>,
+    bytes: usize,
+    state: State,
+}
+
+/// The shared half of a connection, held by its two tasks and, while it is the live one, by
+/// the server.
+#[derive(Debug)]
+pub(super) struct Conn {
+    /// Unique per server, for logs and to match replies to the connection a request came on.
+    pub(super) id: u64,
+    out: RefCell<Out>,
+    /// Bytes of queued replies over which the connection is closed.
+    out_max: usize,
+    /// `Some(last seq written)` once the client sent `resume_from`: events stream.
+    cursor: Cell<Option<Seq>>,
+    /// Wakes the writer: a reply was queued, an event published, or the state changed.
+    wake: Notify,
+    /// The reader and writer tasks, aborted by [`Conn::close_now`].
+    tasks: RefCell<Vec<AbortHandle>>,
+}
+
+impl Conn {
+    fn new(id: u64, out_max: usize) -> Self {
+        Self {
+            id,
+            out: RefCell::new(Out {
+                frames: VecDeque::new(),
+                bytes: 0,
+                state: State::Open,
+            }),
+            out_max,
+            cursor: Cell::new(None),
+            wake: Notify::new(),
+            tasks: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// Neither closing nor closed.
+    pub(super) fn is_open(&self) -> bool {
+        self.out.borrow().state == State::Open
+    }
+
+    /// Open and streaming events (the client sent `resume_from`).
+    pub(super) fn is_streaming(&self) -> bool {
+        self.is_open() && self.cursor.get().is_some()
+    }
+
+    /// Wakes the writer (an event was published).
+    pub(super) fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Queues one frame; over the queue's limit the connection is closed instead.
+    pub(super) fn send(&self, frame: Bytes) {
+        let overflow = {
+            let mut out = self.out.borrow_mut();
+            if out.state != State::Open {
+                return;
+            }
+            let bytes = out.bytes.saturating_add(frame.len());
+            if bytes > self.out_max {
+                true
+            } else {
+                out.bytes = bytes;
+                out.frames.push_back(frame);
+                false
+            }
+        };
+        if overflow {
+            warn!(
+                conn = self.id,
+                limit = self.out_max,
+                "control client does not read its replies; closing the connection"
+            );
+            self.close_now();
+        } else {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Closes at once: queued replies are dropped, both tasks are aborted (which drops, and
+    /// so closes, the socket).
+    pub(super) fn close_now(&self) {
+        {
+            let mut out = self.out.borrow_mut();
+            out.state = State::Closed;
+            out.frames.clear();
+            out.bytes = 0;
+        }
+        self.wake.notify_one();
+        let tasks = std::mem::take(&mut *self.tasks.borrow_mut());
+        for task in tasks {
+            task.abort();
+        }
+    }
+
+    /// Stops taking replies, lets the writer send what is queued, then closes; after
+    /// `grace` the connection is closed whatever the writer managed.
+    fn close_after_flush(self: &Rc<Self>, grace: std::time::Duration) {
+        {
+            let mut out = self.out.borrow_mut();
+            if out.state != State::Open {
+                return;
+            }
+            out.state = State::Closing;
+        }
+        self.wake.notify_one();
+        let weak: Weak<Self> = Rc::downgrade(self);
+        tokio::task::spawn_local(async move {
+            tokio::time::sleep(grace).await;
+            if let Some(conn) = weak.upgrade() {
+                conn.close_now();
+            }
+        });
+    }
+
+    /// Moves queued replies into `batch` (up to about `limit` bytes); returns the state.
+    fn take_replies(&self, batch: &mut Vec<u8>, limit: usize) -> State {
+        let mut out = self.out.borrow_mut();
+        while batch.is_empty() || batch.len() < limit {
+            let Some(frame) = out.frames.pop_front() else {
+                break;
+            };
+            out.bytes = out.bytes.saturating_sub(frame.len());
+            batch.extend_from_slice(&frame);
+        }
+        out.state
+    }
+}
+
+/// Starts serving an accepted connection: queues our `hello` and spawns both tasks.
+pub(super) fn start(stream: UnixStream, inner: &Rc<Inner>) {
+    let id = {
+        let mut st = inner.state.borrow_mut();
+        st.next_conn = st.next_conn.wrapping_add(1);
+        st.next_conn
+    };
+    debug!(conn = id, "control connection accepted");
+    let (rd, wr) = stream.into_split();
+    let conn = Rc::new(Conn::new(id, inner.tuning.out_queue_max));
+    conn.send(inner.hello_frame.clone());
+    let writer = tokio::task::spawn_local(write_loop(wr, Rc::clone(&conn), Rc::clone(inner)));
+    let reader = tokio::task::spawn_local(read_loop(rd, Rc::clone(&conn), Rc::clone(inner)));
+    conn.tasks
+        .borrow_mut()
+        .extend([writer.abort_handle(), reader.abort_handle()]);
+}
+
+/// Writes queued replies, then (while streaming) the events after the cursor, in batches.
+async fn write_loop(mut wr: OwnedWriteHalf, conn: Rc<Conn>, inner: Rc<Inner>) {
+    let mut batch = Vec::with_capacity(WRITE_BATCH);
+    loop {
+        batch.clear();
+        let state = conn.take_replies(&mut batch, WRITE_BATCH);
+        if state == State::Closed {
+            return;
+        }
+        if state == State::Open && batch.len() < WRITE_BATCH {
+            if let Some(cursor) = conn.cursor.get() {
+                let last = inner
+                    .state
+                    .borrow()
+                    .buffer
+                    .fill(cursor, &mut batch, WRITE_BATCH);
+                conn.cursor.set(Some(last));
+            }
+        }
+        if batch.is_empty() {
+            if state == State::Closing {
+                // Dropping the write half shuts the socket down for writing; the read half is
+                // already gone, so the socket is closed.
+                debug!(conn = conn.id, "control connection closed after flushing");
+                conn.close_now();
+                return;
+            }
+            conn.wake.notified().await;
+            continue;
+        }
+        if let Err(err) = wr.write_all(&batch).await {
+            debug!(conn = conn.id, error = %err, "control connection write failed");
+            conn.close_now();
+            return;
+        }
+    }
+}
+
+/// Reads the client's `hello`, makes the connection the live one, then serves requests.
+async fn read_loop(mut rd: OwnedReadHalf, conn: Rc<Conn>, inner: Rc<Inner>) {
+    let mut codec = MessageCodec::<ControlToShim, ShimToControl>::with_max_frame(inner.max_frame);
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let first = tokio::time::timeout(
+        inner.tuning.hello_timeout,
+        next_message(&mut rd, &mut codec, &mut buf),
+    )
+    .await;
+    let hello = match first {
+        Ok(Ok(Some(ControlToShim::Hello(hello)))) => hello,
+        Ok(Ok(Some(other))) => {
+            let msg = format!("expected hello, got {}", other.type_name());
+            reject(
+                &conn,
+                &inner,
+                request_id(&other),
+                ErrorCode::InvalidState,
+                msg,
+            );
+            return;
+        }
+        Ok(Ok(None)) => {
+            debug!(conn = conn.id, "control client left before hello");
+            conn.close_now();
+            return;
+        }
+        Ok(Err(err)) => {
+            bad_frame(&conn, &inner, &err);
+            return;
+        }
+        Err(_) => {
+            let msg = "no hello received in time".to_owned();
+            reject(&conn, &inner, None, ErrorCode::Timeout, msg);
+            return;
+        }
+    };
+    if let Err((code, msg)) = check_hello(&inner.hello, &hello) {
+        reject(&conn, &inner, None, code, msg);
+        return;
+    }
+    let old = inner.state.borrow_mut().live.replace(Rc::clone(&conn));
+    if let Some(old) = old {
+        info!(
+            old = old.id,
+            new = conn.id,
+            "a newer control connection replaces the live one"
+        );
+        old.close_now();
+    }
+    info!(conn = conn.id, software = %hello.software, version = %hello.software_version,
+        "control client connected");
+
+    loop {
+        let msg = match next_message(&mut rd, &mut codec, &mut buf).await {
+            Ok(Some(msg)) => msg,
+            Ok(None) => {
+                info!(conn = conn.id, "control client disconnected");
+                break;
+            }
+            Err(err) => {
+                leave_live(&inner, &conn);
+                bad_frame(&conn, &inner, &err);
+                return;
+            }
+        };
+        if handle(&conn, &inner, msg).await.is_break() || !conn.is_open() {
+            break;
+        }
+    }
+    leave_live(&inner, &conn);
+    conn.close_now();
+}
+
+/// Handles one request after the handshake; `Break` ends the connection.
+async fn handle(conn: &Rc<Conn>, inner: &Rc<Inner>, msg: ControlToShim) -> ControlFlow<()> {
+    match msg {
+        ControlToShim::Ping(ping) => conn_reply(conn, inner, &Pong { re: ping.id }.into()),
+        ControlToShim::Ack(ack) => inner.ack(ack.seq),
+        ControlToShim::ResumeFrom(resume) => {
+            inner.ack(resume.seq);
+            let (acked, last) = {
+                let st = inner.state.borrow();
+                (st.buffer.acked(), st.buffer.stats().2)
+            };
+            // Past the last seq (a control plane that knew an earlier shim): stream from
+            // what exists. Before the acked one: those events are gone; send what is left.
+            let from = resume.seq.min(last).max(acked);
+            if from != resume.seq {
+                warn!(
+                    conn = conn.id,
+                    asked = resume.seq,
+                    from,
+                    last,
+                    "resume_from names a seq this shim cannot resume from exactly"
+                );
+            }
+            debug!(conn = conn.id, from, "control client resumes");
+            conn.cursor.set(Some(from));
+            conn.wake();
+        }
+        ControlToShim::Hello(_) => {
+            let msg = "hello was already exchanged".to_owned();
+            send_error(conn, inner, None, ErrorCode::InvalidState, msg);
+        }
+        ControlToShim::Auth(_) => {
+            let msg = "authentication is not enabled on this socket".to_owned();
+            send_error(conn, inner, None, ErrorCode::Unsupported, msg);
+        }
+        ControlToShim::Unknown(unknown) => {
+            debug!(conn = conn.id, r#type = %unknown.type_name, "unsupported control message");
+            let msg = format!("unsupported message type {:?}", unknown.type_name);
+            send_error(conn, inner, unknown.id, ErrorCode::Unsupported, msg);
+        }
+        request => return forward(conn, inner, request).await,
+    }
+    ControlFlow::Continue(())
+}
+
+/// Hands a command to the supervisor, unless its id was seen recently.
+async fn forward(conn: &Rc<Conn>, inner: &Rc<Inner>, request: ControlToShim) -> ControlFlow<()> {
+    let id = request_id(&request);
+    if let Some(id) = id {
+        let mut st = inner.state.borrow_mut();
+        match st.ids.get(id) {
+            Some(Seen::Done(frame)) => {
+                let frame = frame.clone();
+                drop(st);
+                debug!(conn = conn.id, id, "retried request: replaying its reply");
+                conn.send(frame);
+                return ControlFlow::Continue(());
+            }
+            Some(Seen::Pending { .. }) => {
+                debug!(conn = conn.id, id, "retried request still in progress");
+                st.ids.redirect(id, conn.id);
+                return ControlFlow::Continue(());
+            }
+            None => st.ids.begin(id, conn.id),
+        }
+    }
+    let reply = Reply::new(Rc::clone(inner), conn.id, id);
+    if inner
+        .commands
+        .send(Command { request, reply })
+        .await
+        .is_err()
+    {
+        debug!(
+            conn = conn.id,
+            "control server gone; closing the connection"
+        );
+        return ControlFlow::Break(());
+    }
+    ControlFlow::Continue(())
+}
+
+/// Reads the next message; `None` at a clean end of stream.
+async fn next_message(
+    rd: &mut OwnedReadHalf,
+    codec: &mut MessageCodec<ControlToShim, ShimToControl>,
+    buf: &mut BytesMut,
+) -> Result<Option<ControlToShim>, DecodeError> {
+    loop {
+        if let Some(msg) = codec.decode(buf)? {
+            return Ok(Some(msg));
+        }
+        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+            buf.reserve(READ_CHUNK);
+        }
+        if rd.read_buf(buf).await? == 0 {
+            return codec.decode_eof(buf);
+        }
+    }
+}
+
+/// Checks a control client's `hello`: the protocol, a common version, and the role.
+fn check_hello(ours: &Hello, theirs: &Hello) -> Result<(), (ErrorCode, String)> {
+    let negotiated = handshake::negotiate(ours, theirs).map_err(|e| (e.code(), e.to_string()))?;
+    if negotiated.peer_role != Role::Control {
+        let msg = format!("a {:?} cannot use the control socket", negotiated.peer_role);
+        return Err((ErrorCode::Invalid, msg.to_lowercase()));
+    }
+    Ok(())
+}
+
+/// A frame could not be decoded: tell the client why (unless the socket failed) and close.
+fn bad_frame(conn: &Rc<Conn>, inner: &Inner, err: &DecodeError) {
+    if let DecodeError::Io(io) = err {
+        debug!(conn = conn.id, error = %io, "control connection read failed");
+        conn.close_now();
+        return;
+    }
+    warn!(conn = conn.id, error = %err, "bad frame from the control client; closing");
+    reject(conn, inner, err.request_id(), err.code(), err.to_string());
+}
+
+/// Sends `error` and closes the connection once it is written.
+fn reject(conn: &Rc<Conn>, inner: &Inner, re: Option<RequestId>, code: ErrorCode, msg: String) {
+    debug!(conn = conn.id, %code, message = %msg, "rejecting the control connection");
+    send_error(conn, inner, re, code, msg);
+    conn.close_after_flush(inner.tuning.close_grace);
+}
+
+fn send_error(conn: &Conn, inner: &Inner, re: Option<RequestId>, code: ErrorCode, msg: String) {
+    let err = ErrorMsg {
+        re,
+        code,
+        message: msg,
+        task_id: None,
+    };
+    conn_reply(conn, inner, &err.into());
+}
+
+/// Queues a reply that is not recorded for retries (pong, errors about frames).
+fn conn_reply(conn: &Conn, inner: &Inner, msg: &ShimToControl) {
+    match encode_frame(msg, inner.max_frame) {
+        Ok(frame) => conn.send(frame),
+        Err(err) => warn!(conn = conn.id, error = %err, "cannot encode a control reply"),
+    }
+}
+
+/// The connection is no longer the live one (if it was).
+fn leave_live(inner: &Inner, conn: &Conn) {
+    let mut st = inner.state.borrow_mut();
+    if st.live.as_ref().is_some_and(|live| live.id == conn.id) {
+        st.live = None;
+    }
+}
+
+/// The `id` of a request, for replies and idempotency.
+pub(super) fn request_id(msg: &ControlToShim) -> Option<RequestId> {
+    match msg {
+        ControlToShim::SubmitTask(m) => Some(m.id),
+        ControlToShim::CancelTask(m) => Some(m.id),
+        ControlToShim::Pause(m) => Some(m.id),
+        ControlToShim::Resume(m) => Some(m.id),
+        ControlToShim::Signal(m) => Some(m.id),
+        ControlToShim::RestartDriver(m) => Some(m.id),
+        ControlToShim::SetDriver(m) => Some(m.id),
+        ControlToShim::Exec(m) => Some(m.id),
+        ControlToShim::Status(m) => Some(m.id),
+        ControlToShim::Shutdown(m) => Some(m.id),
+        ControlToShim::Ping(m) => Some(m.id),
+        ControlToShim::Unknown(m) => m.id,
+        ControlToShim::Hello(_)
+        | ControlToShim::Auth(_)
+        | ControlToShim::ExecInput(_)
+        | ControlToShim::ExecResize(_)
+        | ControlToShim::ExecSignal(_)
+        | ControlToShim::Ack(_)
+        | ControlToShim::ResumeFrom(_) => None,
+    }
+}

@@ -1,0 +1,121 @@
+//! Recently seen request ids and their recorded replies, which make control commands
+//! idempotent (PROTOCOL.md §8.4).
+//!
+//! A control plane that lost its connection retries an unanswered command with the same `id`.
+//! If the shim already answered it, the retry gets the recorded reply frame and is not
+//! executed again; if it is still being executed, the retry is swallowed and the reply goes to
+//! the connection the retry came on. The window is bounded: an id older than the last
+//! [`WINDOW`] is forgotten, and would be executed again.
+
+use std::collections::{HashMap, VecDeque};
+
+use bytes::Bytes;
+use driver_protocol::message::RequestId;
+
+/// How many request ids are remembered.
+pub(super) const WINDOW: usize = 1024;
+
+/// What is known about a request id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Seen {
+    /// Forwarded to the supervisor, not answered yet; the reply goes to this connection.
+    Pending { conn: u64 },
+    /// Answered with this frame.
+    Done(Bytes),
+}
+
+/// The last [`WINDOW`] request ids.
+#[derive(Debug, Default)]
+pub(super) struct IdCache {
+    seen: HashMap<RequestId, Seen>,
+    order: VecDeque<RequestId>,
+}
+
+impl IdCache {
+    /// What is known about `id`.
+    pub(super) fn get(&self, id: RequestId) -> Option<&Seen> {
+        self.seen.get(&id)
+    }
+
+    /// Records `id` as forwarded on connection `conn`, forgetting the oldest id when the
+    /// window is full.
+    pub(super) fn begin(&mut self, id: RequestId, conn: u64) {
+        if self.seen.insert(id, Seen::Pending { conn }).is_some() {
+            return;
+        }
+        self.order.push_back(id);
+        while self.order.len() > WINDOW {
+            if let Some(old) = self.order.pop_front() {
+                self.seen.remove(&old);
+            }
+        }
+    }
+
+    /// A retry of a pending `id` arrived on connection `conn`: its reply goes there.
+    pub(super) fn redirect(&mut self, id: RequestId, conn: u64) {
+        if let Some(Seen::Pending { conn: c }) = self.seen.get_mut(&id) {
+            *c = conn;
+        }
+    }
+
+    /// Records the reply to `id`; returns the connection it should go to, when the id is
+    /// still remembered as pending.
+    pub(super) fn complete(&mut self, id: RequestId, frame: Bytes) -> Option<u64> {
+        let entry = self.seen.get_mut(&id)?;
+        let conn = match entry {
+            Seen::Pending { conn } => Some(*conn),
+            Seen::Done(_) => None,
+        };
+        *entry = Seen::Done(frame);
+        conn
+    }
+
+    /// The request `id` will never be answered (its command was dropped): forget it, so a
+    /// retry is executed.
+    pub(super) fn abandon(&mut self, id: RequestId) {
+        if matches!(self.seen.get(&id), Some(Seen::Pending { .. })) {
+            self.seen.remove(&id);
+            self.order.retain(|i| *i != id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pending_then_done_then_forgotten_after_the_window() {
+        let mut ids = IdCache::default();
+        ids.begin(1, 10);
+        assert_eq!(ids.get(1), Some(&Seen::Pending { conn: 10 }));
+        ids.redirect(1, 11);
+        assert_eq!(ids.complete(1, Bytes::from_static(b"r")), Some(11));
+        assert_eq!(ids.get(1), Some(&Seen::Done(Bytes::from_static(b"r"))));
+        for id in 2..=WINDOW as u64 {
+            ids.begin(id, 10);
+        }
+        assert!(ids.get(1).is_some(), "exactly WINDOW ids are kept");
+        ids.begin(5000, 10);
+        assert!(ids.get(1).is_none());
+        assert!(ids.get(2).is_some());
+    }
+
+    #[test]
+    fn abandoned_ids_are_forgotten_but_answered_ones_are_not() {
+        let mut ids = IdCache::default();
+        ids.begin(1, 1);
+        ids.begin(2, 1);
+        ids.complete(2, Bytes::new());
+        ids.abandon(1);
+        ids.abandon(2);
+        assert!(ids.get(1).is_none());
+        assert!(ids.get(2).is_some());
+        assert_eq!(
+            ids.complete(7, Bytes::new()),
+            None,
+            "unknown ids are not recorded"
+        );
+        assert!(ids.get(7).is_none());
+    }
+}

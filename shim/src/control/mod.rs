@@ -1,0 +1,475 @@
+//! The control server: the control protocol (PROTOCOL.md §8) on a unix socket, without
+//! authentication (`--control-insecure`), with the replay buffer that makes delivery
+//! exactly-once across reconnections.
+//!
+//! It exists so that the supervisor deals in commands and events only. Everything about
+//! connections stays here: the `hello` exchange, the one-live-connection rule (a newer
+//! connection replaces the older), `ping`, `ack` and `resume_from`, bad frames, the ids of
+//! recent requests (a retried command gets its recorded reply and is not executed twice), and
+//! the per-connection write queues that keep a client which does not read from ever blocking
+//! PID 1.
+//!
+//! ```text
+//!   supervisor ── publish / publish_raw ──► replay buffer (seq 1, 2, 3 …; freed by ack)
+//!        ▲                                        │ cursor (after resume_from)
+//!        │ next_command / Reply::send             ▼
+//!        └──────────────── live connection: reader task ⇄ writer task ◄──► control client
+//! ```
+//!
+//! Everything runs on the supervisor's current-thread runtime, inside its `LocalSet`: the
+//! accept loop and each connection's two tasks are `spawn_local`ed and share state through
+//! `Rc<RefCell<…>>`, never borrowed across an `.await`.
+
+mod buffer;
+mod conn;
+mod ids;
+#[cfg(test)]
+mod tests;
+
+use std::cell::RefCell;
+use std::fmt;
+use std::fs;
+use std::io;
+use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::str::FromStr;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use driver_protocol::message::{
+    ControlToShim, ErrorMsg, Event, Hello, Message as _, RequestId, Role, Seq, ShimToControl,
+};
+use driver_protocol::{frame, EncodeError, ErrorCode};
+use nix::sys::stat::{umask, Mode};
+use tokio::net::UnixListener;
+use tokio::sync::{mpsc, Notify};
+use tokio::task::AbortHandle;
+use tracing::{debug, error, warn};
+
+use buffer::Buffer;
+use conn::Conn;
+use ids::IdCache;
+
+/// Commands waiting for the supervisor; a client sending faster is simply not read.
+const COMMAND_QUEUE: usize = 64;
+
+/// Where the control server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlAddr {
+    /// A unix stream socket at this path.
+    Unix(PathBuf),
+}
+
+impl FromStr for ControlAddr {
+    type Err = String;
+
+    /// Parses `unix:PATH`. `tcp:…` and `vsock:…` need a token, which does not exist yet.
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(format!("{s}: unix: needs a path"));
+            }
+            return Ok(Self::Unix(PathBuf::from(path)));
+        }
+        if s.starts_with("tcp:") || s.starts_with("vsock:") {
+            return Err(format!("{s}: needs a token (not supported yet)"));
+        }
+        Err(format!("{s}: expected unix:PATH"))
+    }
+}
+
+/// How the control server bounds what it keeps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlConfig {
+    /// Unacknowledged events kept for replay; at this many the buffer is full.
+    pub max_events: usize,
+    /// Bytes of unacknowledged events (encoded frames) at which the buffer is full.
+    pub max_bytes: usize,
+    /// The largest frame read from a client, and sent to one.
+    pub max_frame: usize,
+    /// Sent in the shim's `hello`, for fleets.
+    pub agent_id: Option<String>,
+}
+
+/// Knobs the protocol leaves to the implementation; tests shrink them.
+#[derive(Debug, Clone, Copy)]
+struct Tuning {
+    /// Bytes of queued replies over which a connection that does not read is closed.
+    out_queue_max: usize,
+    /// How long a new connection has to send its `hello`.
+    hello_timeout: Duration,
+    /// How long a rejected connection's last `error` may take to be written.
+    close_grace: Duration,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            out_queue_max: 8 * 1024 * 1024,
+            hello_timeout: Duration::from_secs(10),
+            close_grace: Duration::from_secs(2),
+        }
+    }
+}
+
+/// A request for the supervisor, with the handle to answer it.
+#[derive(Debug)]
+pub struct Command {
+    /// What the control plane asks.
+    pub request: ControlToShim,
+    /// Where the answer goes.
+    pub reply: Reply,
+}
+
+/// The way back for one request's reply. Dropping it unanswered forgets the request's id,
+/// so a retry is executed.
+pub struct Reply {
+    inner: Rc<Inner>,
+    conn: u64,
+    id: Option<RequestId>,
+    sent: bool,
+}
+
+impl Reply {
+    fn new(inner: Rc<Inner>, conn: u64, id: Option<RequestId>) -> Self {
+        Self {
+            inner,
+            conn,
+            id,
+            sent: false,
+        }
+    }
+
+    /// Sends the reply to the connection the request came from (if it is still the live one)
+    /// and records it for idempotent retries of the same request id.
+    pub fn send(mut self, msg: ShimToControl) {
+        self.sent = true;
+        let frame = match encode_frame(&msg, self.inner.max_frame) {
+            Ok(frame) => frame,
+            Err(err) => {
+                error!(id = ?self.id, error = %err, "cannot encode a control reply");
+                let fallback = ErrorMsg {
+                    re: self.id,
+                    code: ErrorCode::Internal,
+                    message: format!("the reply could not be encoded: {err}"),
+                    task_id: None,
+                };
+                match encode_frame(&fallback.into(), self.inner.max_frame) {
+                    Ok(frame) => frame,
+                    Err(_) => return,
+                }
+            }
+        };
+        let target = {
+            let Ok(mut st) = self.inner.state.try_borrow_mut() else {
+                error!(id = ?self.id, "control state busy; reply dropped");
+                return;
+            };
+            let conn = match self.id {
+                Some(id) => st.ids.complete(id, frame.clone()).unwrap_or(self.conn),
+                None => self.conn,
+            };
+            st.live
+                .as_ref()
+                .filter(|live| live.id == conn && live.is_open())
+                .cloned()
+        };
+        match target {
+            Some(conn) => conn.send(frame),
+            None => debug!(id = ?self.id, "reply recorded; its connection is gone"),
+        }
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        if self.sent {
+            return;
+        }
+        let Some(id) = self.id else {
+            return;
+        };
+        match self.inner.state.try_borrow_mut() {
+            Ok(mut st) => st.ids.abandon(id),
+            Err(_) => error!(id, "control state busy; an unanswered id stays pending"),
+        }
+        debug!(id, "control request dropped without a reply");
+    }
+}
+
+impl fmt::Debug for Reply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reply")
+            .field("conn", &self.conn)
+            .field("id", &self.id)
+            .field("sent", &self.sent)
+            .finish()
+    }
+}
+
+/// The replay buffer's occupancy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BufferStats {
+    /// Events waiting for an acknowledgement.
+    pub events: u64,
+    /// Their encoded size.
+    pub bytes: u64,
+    /// The last seq given out (0 before the first event).
+    pub last_seq: u64,
+}
+
+/// What the server, its tasks and the replies share.
+#[derive(Debug)]
+struct Inner {
+    state: RefCell<Shared>,
+    /// Woken (all waiters) whenever an acknowledgement frees events.
+    acked: Notify,
+    commands: mpsc::Sender<Command>,
+    /// Our `hello`, for negotiation, and its frame, sent first on every connection.
+    hello: Hello,
+    hello_frame: Bytes,
+    max_frame: usize,
+    tuning: Tuning,
+}
+
+/// The mutable part, borrowed briefly and never across an `.await`.
+#[derive(Debug)]
+struct Shared {
+    buffer: Buffer,
+    /// The connection that completed its handshake last, if it is still up.
+    live: Option<Rc<Conn>>,
+    ids: IdCache,
+    next_conn: u64,
+}
+
+impl Inner {
+    /// `ack{seq}` (or the ack implied by `resume_from`).
+    fn ack(&self, seq: Seq) {
+        let freed = self.state.borrow_mut().buffer.ack(seq);
+        if freed {
+            self.acked.notify_waiters();
+        }
+    }
+
+    fn live(&self) -> Option<Rc<Conn>> {
+        self.state
+            .borrow()
+            .live
+            .as_ref()
+            .filter(|c| c.is_open())
+            .cloned()
+    }
+}
+
+/// The control socket: accepts connections, buffers events, hands commands to the
+/// supervisor.
+#[derive(Debug)]
+pub struct ControlServer {
+    inner: Rc<Inner>,
+    commands: mpsc::Receiver<Command>,
+    accept: AbortHandle,
+    path: PathBuf,
+}
+
+impl ControlServer {
+    /// Binds (removing a stale socket file first; mode 0600) and spawns the accept loop with
+    /// `spawn_local`. Must be called inside the LocalSet.
+    pub fn bind(addr: &ControlAddr, cfg: ControlConfig) -> io::Result<Self> {
+        Self::bind_tuned(addr, cfg, Tuning::default())
+    }
+
+    fn bind_tuned(addr: &ControlAddr, cfg: ControlConfig, tuning: Tuning) -> io::Result<Self> {
+        let ControlAddr::Unix(path) = addr;
+        remove_stale(path)?;
+        // The socket is created with mode 0600 rather than chmod'ed after: no window in which
+        // another user could connect. The shim is single-threaded here.
+        let old = umask(Mode::from_bits_truncate(0o177));
+        let bound = std::os::unix::net::UnixListener::bind(path);
+        umask(old);
+        let listener = bound?;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
+        listener.set_nonblocking(true)?;
+        let listener = UnixListener::from_std(listener)?;
+
+        let mut hello = Hello::new(Role::Shim, "agent-shim", env!("CARGO_PKG_VERSION"));
+        hello.agent_id = cfg.agent_id.clone();
+        let hello_frame = encode_frame(&ShimToControl::Hello(hello.clone()), cfg.max_frame)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+        let inner = Rc::new(Inner {
+            state: RefCell::new(Shared {
+                buffer: Buffer::new(cfg.max_events, cfg.max_bytes),
+                live: None,
+                ids: IdCache::default(),
+                next_conn: 0,
+            }),
+            acked: Notify::new(),
+            commands: tx,
+            hello,
+            hello_frame,
+            max_frame: cfg.max_frame,
+            tuning,
+        });
+        let accept = tokio::task::spawn_local(accept_loop(listener, Rc::clone(&inner)));
+        Ok(Self {
+            inner,
+            commands: rx,
+            accept: accept.abort_handle(),
+            path: path.clone(),
+        })
+    }
+
+    /// The next request for the supervisor. `hello`, `ping`, `ack`, `resume_from` and retried
+    /// ids are handled inside; everything else comes out here. Cancel-safe (an mpsc recv).
+    pub async fn next_command(&mut self) -> Command {
+        match self.commands.recv().await {
+            Some(cmd) => cmd,
+            // The server holds a sender (in `inner`), so the channel never closes.
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Gives `event` the next seq, buffers it, sends it to the live connection if streaming.
+    pub fn publish(&mut self, event: &Event) -> u64 {
+        match event.to_body() {
+            Ok(body) => self.publish_raw(&body),
+            Err(err) => {
+                error!(r#type = event.type_name(), error = %err, "cannot encode an event");
+                let body = substitute(ErrorCode::Internal, format!("event lost: {err}"));
+                self.publish_raw(&body)
+            }
+        }
+    }
+
+    /// Same for a driver event already encoded (its MessagePack body, validated by the caller):
+    /// spliced with `raw::encode_event_envelope`, never re-encoded.
+    pub fn publish_raw(&mut self, event_body: &[u8]) -> u64 {
+        let max = self.inner.max_frame;
+        let mut st = self.inner.state.borrow_mut();
+        let seq = st.buffer.next_seq();
+        let mut out = BytesMut::with_capacity(event_body.len().saturating_add(32));
+        if let Err(err) = frame::write_event_envelope(&mut out, max, seq, event_body) {
+            // A client would reject the frame and, reconnecting, get it again forever: the
+            // seq carries an error event instead.
+            warn!(seq, len = event_body.len(), error = %err, "event over the frame limit replaced");
+            let msg = format!(
+                "an event of {} bytes was over the frame limit",
+                event_body.len()
+            );
+            let body = substitute(ErrorCode::FrameTooLarge, msg);
+            if let Err(err) = frame::write_event_envelope(&mut out, max, seq, &body) {
+                error!(seq, error = %err, "cannot encode even an error event; seq skipped");
+            }
+        }
+        let seq = st.buffer.push(out.freeze());
+        let live = st.live.clone();
+        drop(st);
+        if let Some(conn) = live.filter(|c| c.is_streaming()) {
+            conn.wake();
+        }
+        seq
+    }
+
+    /// The replay buffer is at a limit: the supervisor stops reading the driver.
+    pub fn is_full(&self) -> bool {
+        self.inner.state.borrow().buffer.is_full()
+    }
+
+    /// Resolves once the buffer is no longer full. Cancel-safe (tokio::sync::Notify).
+    pub async fn not_full(&self) {
+        self.wait_acked(|b| !b.is_full()).await;
+    }
+
+    /// Waits until every buffered event is acked, at most `timeout`; false if some are not.
+    pub async fn drain(&self, timeout: Duration) -> bool {
+        tokio::time::timeout(timeout, self.wait_acked(Buffer::is_empty))
+            .await
+            .is_ok()
+    }
+
+    async fn wait_acked(&self, done: impl Fn(&Buffer) -> bool) {
+        loop {
+            let notified = self.inner.acked.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so an ack between the two is not missed.
+            notified.as_mut().enable();
+            if done(&self.inner.state.borrow().buffer) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// The replay buffer's occupancy.
+    pub fn stats(&self) -> BufferStats {
+        let (events, bytes, last_seq) = self.inner.state.borrow().buffer.stats();
+        BufferStats {
+            events: events as u64,
+            bytes: bytes as u64,
+            last_seq,
+        }
+    }
+
+    /// A control client has completed its handshake and is still connected.
+    pub fn connected(&self) -> bool {
+        self.inner.live().is_some()
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        self.accept.abort();
+        if let Some(conn) = self.inner.live() {
+            conn.close_now();
+        }
+        if let Err(err) = fs::remove_file(&self.path) {
+            debug!(path = %self.path.display(), error = %err, "control socket not removed");
+        }
+    }
+}
+
+/// Accepts connections until the server is dropped (which aborts this task).
+async fn accept_loop(listener: UnixListener, inner: Rc<Inner>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => conn::start(stream, &inner),
+            Err(err) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!(error = %err, "control socket accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Removes a socket left by an earlier run; refuses to remove anything that is not a socket.
+fn remove_stale(path: &std::path::Path) -> io::Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => fs::remove_file(path),
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} exists and is not a socket", path.display()),
+        )),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(err) => Err(err),
+    }
+}
+
+/// One frame holding `msg`.
+fn encode_frame(msg: &ShimToControl, max: usize) -> Result<Bytes, EncodeError> {
+    let mut out = BytesMut::new();
+    frame::write_message(&mut out, max, msg)?;
+    Ok(out.freeze())
+}
+
+/// The body of an `error` event standing in for an event that could not be sent.
+fn substitute(code: ErrorCode, message: String) -> Vec<u8> {
+    let event = Event::Error(ErrorMsg {
+        re: None,
+        code,
+        message,
+        task_id: None,
+    });
+    event.to_body().unwrap_or_default()
+}

@@ -1,0 +1,460 @@
+//! A blocking client of the shim's control link (`docs/PROTOCOL.md` §8), insecure unix only.
+//!
+//! It keeps every read bounded (a read timeout on the socket), checks that events arrive
+//! with seqs increasing by exactly 1, and stamps each event with the instant it was read, so
+//! tests can measure the shim's timing from outside. Events that arrive while a request waits
+//! for its reply are kept, in order, for the next [`ControlClient::next_event`].
+
+use std::collections::VecDeque;
+use std::io::ErrorKind;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use driver_protocol::blocking::{FrameReader, FrameWriter};
+use driver_protocol::message::{
+    Ack, ControlToShim, Event, EventEnvelope, Hello, RequestId, ResumeFrom, Role, Seq,
+    ShimToControl, Status, StatusReply, SubmitTask,
+};
+use driver_protocol::DecodeError;
+use rmpv::Value;
+
+/// How many events a client remembers for failure messages.
+const HISTORY: usize = 64;
+
+/// An event and the instant the client read it.
+#[derive(Debug, Clone)]
+pub struct Stamped {
+    /// When the client read it off the socket.
+    pub at: Instant,
+    /// Its seq.
+    pub seq: Seq,
+    /// The event.
+    pub event: Event,
+}
+
+/// One connection to the shim's control socket.
+pub struct ControlClient {
+    reader: FrameReader<UnixStream>,
+    writer: FrameWriter<UnixStream>,
+    /// The shim's `hello`.
+    hello: Hello,
+    /// Events read while waiting for something else, oldest first.
+    pending: VecDeque<Stamped>,
+    /// The seq of the last event read off the socket (pending or not).
+    last_seq: Seq,
+    /// Whether `resume_from` was sent (no events come before it).
+    resumed: bool,
+    next_id: RequestId,
+    /// The last [`HISTORY`] events handed out, for failure messages.
+    history: VecDeque<String>,
+}
+
+impl std::fmt::Debug for ControlClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlClient")
+            .field("last_seq", &self.last_seq)
+            .field("pending", &self.pending.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one bounded read gave.
+enum Read {
+    Msg(ShimToControl),
+    Timeout,
+}
+
+impl ControlClient {
+    /// Connects to the socket at `path`, retrying until it accepts or `deadline` passes,
+    /// then exchanges `hello`s and checks the shim's (role `shim`, no nonce: insecure).
+    pub fn connect(path: &Path, deadline: Duration) -> Result<ControlClient> {
+        let until = Instant::now() + deadline;
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() < until => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!(
+                            "the control socket {} did not accept within {deadline:?}",
+                            path.display()
+                        )
+                    })
+                }
+            }
+        };
+        let writer = FrameWriter::new(stream.try_clone().context("clone the control socket")?);
+        let mut client = ControlClient {
+            reader: FrameReader::new(stream),
+            writer,
+            hello: Hello::new(Role::Shim, "", ""),
+            pending: VecDeque::new(),
+            last_seq: 0,
+            resumed: false,
+            next_id: 0,
+            history: VecDeque::new(),
+        };
+        client.send(Hello::new(Role::Control, "e2e-control", "0"))?;
+        let hello = match client.read(until.saturating_duration_since(Instant::now()))? {
+            Read::Msg(ShimToControl::Hello(h)) => h,
+            Read::Msg(other) => bail!("the shim's first frame is not hello: {other:?}"),
+            Read::Timeout => bail!("no hello from the shim within {deadline:?}"),
+        };
+        ensure!(
+            hello.protocol == driver_protocol::PROTOCOL_NAME
+                && hello.role == Role::Shim
+                && hello.versions.contains(&1)
+                && hello.nonce.is_none(),
+            "unexpected shim hello {hello:?}"
+        );
+        client.hello = hello;
+        Ok(client)
+    }
+
+    /// The shim's `hello`.
+    pub fn shim_hello(&self) -> &Hello {
+        &self.hello
+    }
+
+    /// A fresh request id.
+    pub fn id(&mut self) -> RequestId {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    /// The seq of the last event read.
+    pub fn last_seq(&self) -> Seq {
+        self.last_seq
+    }
+
+    /// Sends one message.
+    pub fn send(&mut self, msg: impl Into<ControlToShim>) -> Result<()> {
+        self.writer
+            .send(&msg.into())
+            .context("send on the control link")
+    }
+
+    /// Sends `resume_from{seq}`: the shim replays the buffered events after `seq`, then
+    /// continues live. The next event must have seq `seq + 1`.
+    pub fn resume_from(&mut self, seq: Seq) -> Result<()> {
+        self.send(ResumeFrom { seq })?;
+        self.last_seq = seq;
+        self.resumed = true;
+        Ok(())
+    }
+
+    /// Sends `ack{seq}`.
+    pub fn ack(&mut self, seq: Seq) -> Result<()> {
+        self.send(Ack { seq })
+    }
+
+    /// Sends a request (its `id` is the caller's) and waits at most [`super::PATIENCE`] for
+    /// the reply whose `re` is `id`; events read meanwhile are kept for
+    /// [`next_event`](Self::next_event).
+    pub fn request(
+        &mut self,
+        id: RequestId,
+        msg: impl Into<ControlToShim>,
+    ) -> Result<ShimToControl> {
+        self.request_within(id, msg, super::PATIENCE)
+    }
+
+    /// [`request`](Self::request) with its own timeout.
+    pub fn request_within(
+        &mut self,
+        id: RequestId,
+        msg: impl Into<ControlToShim>,
+        timeout: Duration,
+    ) -> Result<ShimToControl> {
+        let msg = msg.into();
+        let what = format!("{msg:?}");
+        self.send(msg)?;
+        self.reply_to(id, timeout)
+            .with_context(|| format!("waiting for the reply to {what}"))
+    }
+
+    /// Waits at most `timeout` for the reply whose `re` is `id`.
+    pub fn reply_to(&mut self, id: RequestId, timeout: Duration) -> Result<ShimToControl> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.read(left)? {
+                Read::Timeout => bail!("no reply within {timeout:?}\n{}", self.context()),
+                Read::Msg(ShimToControl::Event(env)) => self.keep(env)?,
+                Read::Msg(reply) => {
+                    if re_of(&reply) == Some(id) {
+                        return Ok(reply);
+                    }
+                    bail!(
+                        "a reply to another request while waiting for {id}: {reply:?}\n{}",
+                        self.context()
+                    );
+                }
+            }
+        }
+    }
+
+    /// Sends `submit_task` with a fresh id; the reply (`ok`, or `error`).
+    pub fn submit(&mut self, task_id: &str, input: Value) -> Result<ShimToControl> {
+        let id = self.id();
+        self.submit_with_id(id, task_id, input)
+    }
+
+    /// Sends `submit_task` with the given request id.
+    pub fn submit_with_id(
+        &mut self,
+        id: RequestId,
+        task_id: &str,
+        input: Value,
+    ) -> Result<ShimToControl> {
+        self.request(
+            id,
+            SubmitTask {
+                id,
+                task_id: task_id.into(),
+                input,
+                output_schema: None,
+                timeout_ms: None,
+                redeliver: false,
+            },
+        )
+    }
+
+    /// Sends `submit_task` and requires `ok`.
+    pub fn submit_ok(&mut self, task_id: &str, input: Value) -> Result<()> {
+        let reply = self.submit(task_id, input)?;
+        ensure!(
+            matches!(reply, ShimToControl::Ok(_)),
+            "submit_task {task_id:?} answered {reply:?}"
+        );
+        Ok(())
+    }
+
+    /// Asks for `status`.
+    pub fn status(&mut self) -> Result<StatusReply> {
+        self.status_within(super::PATIENCE)
+    }
+
+    /// Asks for `status`, waiting at most `timeout` for the reply.
+    pub fn status_within(&mut self, timeout: Duration) -> Result<StatusReply> {
+        let id = self.id();
+        match self.request_within(id, Status { id }, timeout)? {
+            ShimToControl::StatusReply(s) => Ok(s),
+            other => bail!("status answered {other:?}"),
+        }
+    }
+
+    /// Sends a request with a fresh id and requires `ok`.
+    pub fn expect_ok(&mut self, make: impl FnOnce(RequestId) -> ControlToShim) -> Result<()> {
+        let id = self.id();
+        let msg = make(id);
+        match self.request(id, msg)? {
+            ShimToControl::Ok(_) => Ok(()),
+            other => bail!("expected ok, got {other:?}\n{}", self.context()),
+        }
+    }
+
+    /// The next event, waiting at most `timeout`.
+    pub fn next_event(&mut self, timeout: Duration) -> Result<EventEnvelope> {
+        let s = self.next_stamped(timeout)?;
+        Ok(EventEnvelope {
+            seq: s.seq,
+            event: s.event,
+        })
+    }
+
+    /// The next event with the instant it was read, waiting at most `timeout`.
+    pub fn next_stamped(&mut self, timeout: Duration) -> Result<Stamped> {
+        match self.try_next_stamped(timeout)? {
+            Some(s) => Ok(s),
+            None => bail!("no event within {timeout:?}\n{}", self.context()),
+        }
+    }
+
+    /// The next event, or `None` if none comes within `timeout`.
+    pub fn try_next_stamped(&mut self, timeout: Duration) -> Result<Option<Stamped>> {
+        if let Some(s) = self.pending.pop_front() {
+            self.remember(&s);
+            return Ok(Some(s));
+        }
+        match self.read(timeout)? {
+            Read::Timeout => Ok(None),
+            Read::Msg(ShimToControl::Event(env)) => {
+                let s = self.stamp(env)?;
+                self.remember(&s);
+                Ok(Some(s))
+            }
+            Read::Msg(other) => bail!(
+                "unexpected message between events: {other:?}\n{}",
+                self.context()
+            ),
+        }
+    }
+
+    /// Reads events until one satisfies `pred` (at most `timeout` in all); returns it and
+    /// the events skipped before it.
+    pub fn wait_event(
+        &mut self,
+        mut pred: impl FnMut(&Event) -> bool,
+        timeout: Duration,
+    ) -> Result<(Stamped, Vec<Stamped>)> {
+        let deadline = Instant::now() + timeout;
+        let mut skipped = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.try_next_stamped(left)? {
+                Some(s) if pred(&s.event) => return Ok((s, skipped)),
+                Some(s) => skipped.push(s),
+                None => bail!(
+                    "no matching event within {timeout:?}; skipped: {:#?}\n{}",
+                    skipped
+                        .iter()
+                        .map(|s| (s.seq, &s.event))
+                        .collect::<Vec<_>>(),
+                    self.context()
+                ),
+            }
+        }
+    }
+
+    /// Every event that arrives within `window` (read until `window` has passed in all).
+    pub fn events_for(&mut self, window: Duration) -> Result<Vec<Stamped>> {
+        let deadline = Instant::now() + window;
+        let mut out = Vec::new();
+        while let Some(s) =
+            self.try_next_stamped(deadline.saturating_duration_since(Instant::now()))?
+        {
+            out.push(s);
+        }
+        Ok(out)
+    }
+
+    /// Waits at most `timeout` for the shim to close the connection; events read meanwhile
+    /// are returned (and kept in order).
+    pub fn until_closed(&mut self, timeout: Duration) -> Result<Vec<Stamped>> {
+        let deadline = Instant::now() + timeout;
+        let mut out: Vec<Stamped> = self.pending.drain(..).collect();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                bail!(
+                    "the shim kept the control connection open for {timeout:?}\n{}",
+                    self.context()
+                );
+            }
+            self.reader.get_ref().set_read_timeout(Some(left))?;
+            match self.reader.read_message::<ShimToControl>() {
+                Ok(None) => return Ok(out),
+                Ok(Some(ShimToControl::Event(env))) => {
+                    let s = self.stamp(env)?;
+                    self.remember(&s);
+                    let seq = s.seq;
+                    out.push(s);
+                    self.ack(seq).ok();
+                }
+                Ok(Some(other)) => bail!("unexpected {other:?} before the close"),
+                Err(DecodeError::Io(e))
+                    if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(DecodeError::Io(e))
+                    if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe) =>
+                {
+                    return Ok(out)
+                }
+                Err(e) => return Err(anyhow!(e).context("reading the control link")),
+            }
+        }
+    }
+
+    /// The last events handed out, for failure messages.
+    pub fn context(&self) -> String {
+        let mut s = format!(
+            "  control: last seq {}, {} pending; last events:\n",
+            self.last_seq,
+            self.pending.len()
+        );
+        for line in &self.history {
+            s.push_str("    ");
+            s.push_str(line);
+            s.push('\n');
+        }
+        s
+    }
+
+    fn remember(&mut self, s: &Stamped) {
+        if self.history.len() == HISTORY {
+            self.history.pop_front();
+        }
+        self.history.push_back(format!("{}: {:?}", s.seq, s.event));
+    }
+
+    fn keep(&mut self, env: EventEnvelope) -> Result<()> {
+        let s = self.stamp(env)?;
+        self.pending.push_back(s);
+        Ok(())
+    }
+
+    /// Checks the seq (exactly one more than the last) and stamps the event.
+    fn stamp(&mut self, env: EventEnvelope) -> Result<Stamped> {
+        let at = Instant::now();
+        ensure!(
+            self.resumed,
+            "event {} before resume_from: {:?}",
+            env.seq,
+            env.event
+        );
+        ensure!(
+            env.seq == self.last_seq + 1,
+            "event seq {} after {} (must increase by exactly 1): {:?}\n{}",
+            env.seq,
+            self.last_seq,
+            env.event,
+            self.context()
+        );
+        self.last_seq = env.seq;
+        Ok(Stamped {
+            at,
+            seq: env.seq,
+            event: env.event,
+        })
+    }
+
+    /// One message, or a timeout; end of stream is an error.
+    fn read(&mut self, timeout: Duration) -> Result<Read> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(Read::Timeout);
+            }
+            self.reader.get_ref().set_read_timeout(Some(left))?;
+            match self.reader.read_message::<ShimToControl>() {
+                Ok(Some(msg)) => return Ok(Read::Msg(msg)),
+                Ok(None) => bail!("the shim closed the control connection\n{}", self.context()),
+                Err(DecodeError::Io(e))
+                    if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(e) => {
+                    return Err(
+                        anyhow!(e).context(format!("reading the control link\n{}", self.context()))
+                    )
+                }
+            }
+        }
+    }
+}
+
+/// The `re` of a reply.
+fn re_of(msg: &ShimToControl) -> Option<RequestId> {
+    match msg {
+        ShimToControl::Ok(ok) => Some(ok.re),
+        ShimToControl::Error(e) => e.re,
+        ShimToControl::StatusReply(s) => Some(s.re),
+        ShimToControl::ExecStarted(e) => Some(e.re),
+        ShimToControl::Pong(p) => Some(p.re),
+        _ => None,
+    }
+}
