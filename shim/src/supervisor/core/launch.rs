@@ -1,0 +1,339 @@
+//! The driver as a process: its launch, its exit, the restart (or crash loop) that follows,
+//! and killing it.
+//!
+//! Every way the driver ends funnels into one place, which reports `driver_exited` with the
+//! reason, settles the running task, and asks the [`Restarter`](super::Restarter) what next.
+
+use std::time::Instant;
+
+use driver_protocol::message::{
+    CrashLoop, DriverExited, DriverRestarting, DriverStarted, ShimToControl,
+};
+use tracing::{debug, info, warn};
+
+use crate::reaper::ExitStatus;
+use crate::signals;
+use crate::sys::Sys;
+
+use super::super::lifecycle::Input;
+use super::super::restart::Decision;
+use super::super::tasks::LostOutcome;
+use super::{due, err, ok, Core, Driver, ExitReason, Output};
+
+impl<S: Sys> Core<S> {
+    /// The driver was forked as `pid` (its exit will reach [`Core::on_driver_exit`]).
+    pub fn on_launched(&mut self, pid: i32, now: Instant) {
+        let attempt = self.next_attempt;
+        self.next_attempt = attempt.saturating_add(1);
+        let sup = &self.cfg.sup;
+        self.driver = Some(Driver {
+            pid,
+            started: now,
+            hello: false,
+            kill_reason: None,
+            ready_deadline: now.checked_add(sup.ready_timeout),
+            // Pings start at `ready`: until then `--ready-timeout` is the liveness check.
+            next_ping: None,
+            pings_unanswered: 0,
+        });
+        info!(pid, attempt, "driver started");
+        self.transition(Input::Launched);
+        self.event(DriverStarted {
+            pid: pid.unsigned_abs(),
+            attempt,
+        });
+        self.send(self.hello.clone());
+    }
+
+    /// The driver was forked as `pid` but its `execve` (or credential change) failed: its
+    /// exit is an `exec_failed`.
+    pub fn on_exec_failed(&mut self, pid: i32, now: Instant) {
+        self.on_launched(pid, now);
+        if let Some(d) = self.driver.as_mut() {
+            d.kill_reason = Some(ExitReason::ExecFailed);
+        }
+    }
+
+    /// The driver could not even be forked: a failed start without a process.
+    pub fn on_launch_error(&mut self, now: Instant) {
+        let attempt = self.next_attempt;
+        self.next_attempt = attempt.saturating_add(1);
+        self.transition(Input::Launched);
+        self.event(DriverStarted { pid: 0, attempt });
+        self.driver_gone(0, now, ExitStatus::Exited(125), ExitReason::ExecFailed, now);
+    }
+
+    /// The reaper collected the driver.
+    pub fn on_driver_exit(&mut self, pid: i32, status: ExitStatus, now: Instant) {
+        let Some(driver) = self.driver.take_if(|d| d.pid == pid) else {
+            debug!(pid, "not the current driver");
+            return;
+        };
+        let reason = driver.kill_reason.unwrap_or(match status {
+            ExitStatus::Exited(0) => ExitReason::Exited,
+            _ => ExitReason::Crashed,
+        });
+        self.driver_gone(pid, driver.started, status, reason, now);
+    }
+
+    fn driver_gone(
+        &mut self,
+        pid: i32,
+        started: Instant,
+        status: ExitStatus,
+        reason: ExitReason,
+        now: Instant,
+    ) {
+        let uptime = now.saturating_duration_since(started);
+        let (code, signal, detail) = match status {
+            ExitStatus::Exited(c) => (Some(c), None, format!("exit code {c}")),
+            ExitStatus::Signaled(s) => {
+                let name = signals::name(s);
+                let detail = format!("signal {name}");
+                (None, Some(name), detail)
+            }
+        };
+        info!(pid, ?status, reason = reason.as_str(), "driver exited");
+        self.event(DriverExited {
+            pid: pid.unsigned_abs(),
+            code,
+            signal,
+            uptime_ms: Self::ms(uptime),
+            reason: reason.as_str().to_owned(),
+        });
+        self.pausing = None;
+        self.paused_at = None;
+        self.resuming = false;
+        self.cancelling = None;
+        self.last_exit = Some(status);
+        self.transition(Input::Exited);
+        match self
+            .tasks
+            .driver_lost(&format!("driver {}: {detail}", reason.as_str()))
+        {
+            Some(LostOutcome::Failed(done)) => self.event(done),
+            Some(LostOutcome::Requeued { task_id, attempt }) => {
+                info!(task_id, attempt, "task will be redelivered");
+            }
+            None => {}
+        }
+        if self.stopping.is_some() {
+            self.finish(status);
+            return;
+        }
+        if self.relaunch_after_exit {
+            self.relaunch_after_exit = false;
+            self.out.push(Output::Launch);
+            return;
+        }
+        let clean = reason == ExitReason::Exited;
+        match self.restarter.on_exit(now, uptime, clean) {
+            Decision::Restart { attempt, delay } => {
+                info!(attempt, ?delay, "restarting the driver");
+                self.next_attempt = attempt;
+                self.event(DriverRestarting {
+                    attempt,
+                    delay_ms: Self::ms(delay),
+                });
+                self.restart_at = Some(now.checked_add(delay).unwrap_or(now));
+            }
+            Decision::Stop => self.finish(status),
+            Decision::CrashLoop { restarts, window } => {
+                warn!(restarts, ?window, "driver crash loop: not restarting it");
+                self.event(CrashLoop {
+                    restarts,
+                    window_ms: Self::ms(window),
+                });
+                self.transition(Input::CrashLoop);
+            }
+        }
+    }
+
+    pub(super) fn finish(&mut self, status: ExitStatus) {
+        if self.exit_code.is_none() {
+            self.exit_code = Some(self.cfg.exit_code(status.code()));
+        }
+    }
+
+    /// SIGKILLs the driver's process group (and the driver, if it left its group).
+    pub(super) fn kill_driver(&mut self, reason: ExitReason) {
+        let Some(d) = self.driver.as_mut() else {
+            return;
+        };
+        if d.kill_reason.is_none() {
+            d.kill_reason = Some(reason);
+        }
+        let pid = d.pid;
+        warn!(
+            pid,
+            reason = reason.as_str(),
+            "killing the driver's process group"
+        );
+        self.kill_group(pid, libc::SIGKILL);
+    }
+
+    pub(super) fn kill_group(&self, pid: i32, sig: i32) {
+        match self.sys.kill(-pid, sig) {
+            Ok(()) => {}
+            Err(nix::errno::Errno::ESRCH) => {
+                if let Err(err) = self.sys.kill(pid, sig) {
+                    debug!(%err, pid, "cannot signal the driver");
+                }
+            }
+            Err(err) => warn!(%err, pid, "cannot signal the driver's group"),
+        }
+    }
+
+    /// `restart_driver`: forget the crash history and launch again (killing a running driver
+    /// first).
+    pub(super) fn restart_driver(&mut self, re: u64) -> ShimToControl {
+        if self.stopping.is_some() {
+            return err(
+                re,
+                driver_protocol::ErrorCode::ShuttingDown,
+                "the shim is shutting down",
+            );
+        }
+        self.restarter.reset();
+        self.next_attempt = 1;
+        self.restart_at = None;
+        self.transition(Input::Recover);
+        if self.driver.is_some() {
+            self.relaunch_after_exit = true;
+            self.kill_driver(ExitReason::Shutdown);
+        } else {
+            self.out.push(Output::Launch);
+        }
+        ok(re)
+    }
+
+    /// The backoff delay is over: launch again (unless stopping or already running).
+    pub(super) fn restart_timer(&mut self, now: Instant) {
+        if due(self.restart_at, now) {
+            self.restart_at = None;
+            if self.driver.is_none() && self.stopping.is_none() {
+                self.out.push(Output::Launch);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use driver_protocol::message::{ControlToShim, DriverRestarting, Event, RestartDriver};
+
+    use super::super::testkit::*;
+    use crate::reaper::ExitStatus;
+
+    #[test]
+    fn crash_restarts_with_backoff() {
+        let t0 = Instant::now();
+        let c = cfg();
+        let mut core = new_core(&c, t0);
+        up(&mut core, t0);
+        let t1 = t0 + Duration::from_secs(1);
+        core.on_driver_exit(PID, ExitStatus::Exited(1), t1);
+        let outs = core.take_outputs();
+        assert_eq!(exited(&outs)[0].reason, "crashed");
+        assert_eq!(exited(&outs)[0].code, Some(1));
+        assert!(events(&outs).iter().any(|e| matches!(
+            e,
+            Event::DriverRestarting(DriverRestarting {
+                attempt: 2,
+                delay_ms: 200
+            })
+        )));
+        assert_eq!(launches(&outs), 0);
+        assert_eq!(core.next_deadline(), Some(t1 + Duration::from_millis(200)));
+        core.on_timer(t1 + Duration::from_millis(199));
+        assert_eq!(launches(&core.take_outputs()), 0);
+        core.on_timer(t1 + Duration::from_millis(200));
+        assert_eq!(launches(&core.take_outputs()), 1);
+        core.on_launched(PID + 1, t1 + Duration::from_millis(200));
+        assert!(events(&core.take_outputs())
+            .iter()
+            .any(|e| matches!(e, Event::DriverStarted(d) if d.attempt == 2)));
+        // Second crash: doubled delay.
+        core.on_driver_exit(PID + 1, ExitStatus::Signaled(libc::SIGSEGV), t1);
+        let outs = core.take_outputs();
+        assert_eq!(exited(&outs)[0].signal.as_deref(), Some("SIGSEGV"));
+        assert!(events(&outs).iter().any(|e| matches!(
+            e,
+            Event::DriverRestarting(DriverRestarting { delay_ms: 400, .. })
+        )));
+    }
+
+    #[test]
+    fn clean_exit_with_on_failure_exits_the_shim() {
+        let t0 = Instant::now();
+        let c = cfg();
+        let mut core = new_core(&c, t0);
+        up(&mut core, t0);
+        core.on_driver_exit(PID, ExitStatus::Exited(0), t0);
+        let outs = core.take_outputs();
+        assert_eq!(exited(&outs)[0].reason, "exited");
+        assert_eq!(core.exit_code(), Some(0));
+        assert_eq!(launches(&outs), 0);
+    }
+
+    #[test]
+    fn crash_loop_goes_to_error_and_restart_driver_recovers() {
+        let t0 = Instant::now();
+        let mut c = cfg();
+        c.sup.crash_loop_restarts = 3;
+        let mut core = new_core(&c, t0);
+        let mut now = t0;
+        let mut pid = PID;
+        let mut looped = false;
+        for _ in 0..10 {
+            core.on_launched(pid, now);
+            core.take_outputs();
+            core.on_driver_exit(pid, ExitStatus::Exited(1), now);
+            let outs = core.take_outputs();
+            if events(&outs)
+                .iter()
+                .any(|e| matches!(e, Event::CrashLoop(_)))
+            {
+                assert_eq!(
+                    states(&outs),
+                    vec![(S::Starting, S::Exited), (S::Exited, S::Error)]
+                );
+                looped = true;
+                break;
+            }
+            now = core.next_deadline().expect("a restart is scheduled");
+            core.on_timer(now);
+            assert_eq!(launches(&core.take_outputs()), 1);
+            pid += 1;
+        }
+        assert!(looped, "no crash loop detected");
+        assert_eq!(core.state(), S::Error);
+        assert_eq!(core.next_deadline(), None, "no more restarts");
+        assert_eq!(core.exit_code(), None, "the shim stays up");
+        let r = core.on_command(ControlToShim::RestartDriver(RestartDriver { id: 9 }), now);
+        assert!(is_ok(&r, 9));
+        let outs = core.take_outputs();
+        assert_eq!(states(&outs), vec![(S::Error, S::Exited)]);
+        assert_eq!(launches(&outs), 1);
+        core.on_launched(pid + 1, now);
+        assert_eq!(states(&core.take_outputs()), vec![(S::Exited, S::Starting)]);
+    }
+
+    #[test]
+    fn restart_driver_kills_a_running_driver_then_relaunches() {
+        let t0 = Instant::now();
+        let c = cfg();
+        let mut core = new_core(&c, t0);
+        up(&mut core, t0);
+        let r = core.on_command(ControlToShim::RestartDriver(RestartDriver { id: 1 }), t0);
+        assert!(is_ok(&r, 1));
+        assert_eq!(*core.sys.kills.borrow(), vec![(-PID, libc::SIGKILL)]);
+        assert_eq!(launches(&core.take_outputs()), 0);
+        core.on_driver_exit(PID, ExitStatus::Signaled(9), t0);
+        let outs = core.take_outputs();
+        assert_eq!(exited(&outs)[0].reason, "shutdown");
+        assert_eq!(launches(&outs), 1);
+    }
+}

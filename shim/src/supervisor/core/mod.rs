@@ -1,0 +1,439 @@
+//! The supervisor's synchronous core: every decision, no I/O.
+//!
+//! The core owns the driver's [`Lifecycle`], the [`Restarter`], the [`TaskQueue`] and every
+//! timer (as deadlines). The async shell ([`super`]) feeds it inputs — a driver message, the
+//! driver's exit, a control command, a signal, "a deadline passed" — and carries out what it
+//! asks for: [`Output`]s (frames for the driver, events to publish, "launch the driver now")
+//! and kills, which go straight through [`Sys::kill`]. Time is passed in, so the unit tests
+//! drive every transition with a fake [`Sys`] and a made-up clock, without a process.
+//!
+//! ```text
+//!  Launch ─► on_launched ─► hello ⇄ hello ─► ready ─► tasks, pause/resume, pings
+//!                 │                                         │
+//!                 └── ready timeout / ping misses / cancel grace / protocol error: SIGKILL
+//!  on_driver_exit ─► driver_exited, task lost/requeued ─► restart (backoff) | crash loop | exit
+//!  SIGTERM/shutdown ─► stopping: shutdown ─► grace/2 SIGTERM group ─► grace SIGKILL ─► exit
+//! ```
+
+//!
+//! This file holds the core's state and its entry points; the decisions live by concern in
+//! [`launch`] (launch, exit, restart), [`link`] (handshake, driver messages, liveness),
+//! [`delivery`] (tasks and cancel), [`pause`] (pause/resume) and [`shutdown`] (signals and
+//! the stop sequence).
+
+mod delivery;
+mod launch;
+mod link;
+mod pause;
+mod shutdown;
+#[cfg(test)]
+mod testkit;
+
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use driver_protocol::message::{
+    DriverState, ErrorMsg, Event, ExitInfo, Hello, OkReply, Role, ShimToControl, ShimToDriver,
+    StatusReply,
+};
+use driver_protocol::ErrorCode;
+use tracing::{info, warn};
+
+use crate::cli::Config;
+use crate::reaper::ExitStatus;
+use crate::signals::{self, WarnLimiter};
+use crate::sys::Sys;
+
+use super::lifecycle::{Input, Lifecycle};
+use super::restart::{BackoffConfig, CrashLoopConfig, Restarter};
+use super::tasks::TaskQueue;
+
+/// Finished task ids remembered for idempotent `submit_task`.
+const REMEMBER_TASKS: usize = 1024;
+
+/// Something the shell must do for the core.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// Queue this message for the driver.
+    ToDriver(ShimToDriver),
+    /// Publish this shim event.
+    Event(Event),
+    /// Publish this driver event, given as its MessagePack body (relayed, never re-encoded).
+    Relay(Bytes),
+    /// Launch the driver now (then call [`Core::on_launched`] or [`Core::on_launch_error`]).
+    Launch,
+    /// Stop reading the driver's socket (it sent something unusable).
+    StopReading,
+}
+
+/// Why the driver ended, as reported in `driver_exited.reason`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitReason {
+    /// It exited 0 on its own.
+    Exited,
+    /// It exited non-zero or died of a signal on its own.
+    Crashed,
+    /// It stopped answering pings (or reading its socket); we killed it.
+    Hung,
+    /// It did not send `ready` in time; we killed it.
+    NotReady,
+    /// It sent something that is not the protocol; we killed it.
+    ProtocolError,
+    /// It could not be started.
+    ExecFailed,
+    /// A task's cancel grace expired; we killed it.
+    CancelTimeout,
+    /// We stopped it (shutdown or `restart_driver`).
+    Shutdown,
+}
+
+impl ExitReason {
+    /// The wire form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExitReason::Exited => "exited",
+            ExitReason::Crashed => "crashed",
+            ExitReason::Hung => "hung",
+            ExitReason::NotReady => "not_ready",
+            ExitReason::ProtocolError => "protocol_error",
+            ExitReason::ExecFailed => "exec_failed",
+            ExitReason::CancelTimeout => "cancel_timeout",
+            ExitReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// The running driver.
+#[derive(Debug)]
+struct Driver {
+    pid: i32,
+    started: Instant,
+    /// Its `hello` arrived and was accepted.
+    hello: bool,
+    /// Why we killed it, if we did (the first reason wins).
+    kill_reason: Option<ExitReason>,
+    ready_deadline: Option<Instant>,
+    next_ping: Option<Instant>,
+    pings_unanswered: u32,
+}
+
+/// A `pause` in progress.
+#[derive(Debug)]
+struct Pausing {
+    control_id: u64,
+    deadline: Instant,
+}
+
+/// A `cancel` forwarded to the driver, waiting for its `task_done`.
+#[derive(Debug)]
+struct Cancelling {
+    task_id: String,
+    deadline: Instant,
+}
+
+/// The shutdown sequence.
+#[derive(Debug, Default)]
+struct Stopping {
+    term_at: Option<Instant>,
+    kill_at: Option<Instant>,
+}
+
+/// The supervisor's decisions; see the module docs.
+#[derive(Debug)]
+pub struct Core<S: Sys> {
+    sys: S,
+    cfg: Config,
+    own_pid: i32,
+    pid1: bool,
+    started: Instant,
+    hello: Hello,
+    lifecycle: Lifecycle,
+    restarter: Restarter,
+    tasks: TaskQueue,
+    driver: Option<Driver>,
+    /// The attempt number of the next launch.
+    next_attempt: u32,
+    next_request_id: u64,
+    restart_at: Option<Instant>,
+    relaunch_after_exit: bool,
+    pausing: Option<Pausing>,
+    paused_at: Option<SystemTime>,
+    resuming: bool,
+    cancelling: Option<Cancelling>,
+    stopping: Option<Stopping>,
+    last_exit: Option<ExitStatus>,
+    exit_code: Option<i32>,
+    limiter: WarnLimiter,
+    out: Vec<Output>,
+}
+
+impl<S: Sys> Core<S> {
+    /// A core for `cfg`; nothing launched yet (call [`Core::start`]).
+    pub fn new(sys: S, cfg: &Config, now: Instant, seed: u64) -> Self {
+        let own_pid = sys.getpid();
+        let sup = &cfg.sup;
+        let restarter = Restarter::new(
+            sup.restart,
+            BackoffConfig {
+                initial: sup.backoff_initial,
+                max: sup.backoff_max,
+                factor: sup.backoff_factor,
+                jitter: sup.backoff_jitter,
+                reset_after: sup.backoff_reset,
+            },
+            CrashLoopConfig {
+                restarts: sup.crash_loop_restarts,
+                window: sup.crash_loop_window,
+            },
+            seed,
+        );
+        Core {
+            own_pid,
+            pid1: own_pid == 1,
+            started: now,
+            hello: Hello::new(Role::Shim, "agent-shim", env!("CARGO_PKG_VERSION")),
+            lifecycle: Lifecycle::new(),
+            restarter,
+            tasks: TaskQueue::new(sup.task_queue, REMEMBER_TASKS),
+            driver: None,
+            next_attempt: 1,
+            next_request_id: 1,
+            restart_at: None,
+            relaunch_after_exit: false,
+            pausing: None,
+            paused_at: None,
+            resuming: false,
+            cancelling: None,
+            stopping: None,
+            last_exit: None,
+            exit_code: None,
+            limiter: WarnLimiter::default(),
+            out: Vec::new(),
+            cfg: cfg.clone(),
+            sys,
+        }
+    }
+
+    /// Asks for the first launch.
+    pub fn start(&mut self) {
+        self.out.push(Output::Launch);
+    }
+
+    /// Takes the outputs produced so far, in order.
+    pub fn take_outputs(&mut self) -> Vec<Output> {
+        std::mem::take(&mut self.out)
+    }
+
+    /// The shim's exit code once it should exit.
+    pub fn exit_code(&self) -> Option<i32> {
+        self.exit_code
+    }
+
+    /// The driver's state.
+    pub fn state(&self) -> DriverState {
+        self.lifecycle.state()
+    }
+
+    /// The driver's pid, while it runs.
+    pub fn driver_pid(&self) -> Option<i32> {
+        self.driver.as_ref().map(|d| d.pid)
+    }
+
+    /// The `--grace` SIGKILL deadline of the shutdown sequence, if one is running.
+    pub fn kill_deadline(&self) -> Option<Instant> {
+        self.stopping.as_ref().and_then(|s| s.kill_at)
+    }
+
+    fn request_id(&mut self) -> u64 {
+        let id = self.next_request_id;
+        self.next_request_id = self.next_request_id.wrapping_add(1).max(1);
+        id
+    }
+
+    fn send(&mut self, msg: impl Into<ShimToDriver>) {
+        self.out.push(Output::ToDriver(msg.into()));
+    }
+
+    fn event(&mut self, ev: impl Into<Event>) {
+        self.out.push(Output::Event(ev.into()));
+    }
+
+    fn transition(&mut self, input: Input) {
+        match self.lifecycle.apply(input) {
+            Ok(Some(change)) => {
+                info!(from = ?change.from, to = ?change.to, "driver state changed");
+                self.event(change);
+            }
+            Ok(None) => {}
+            Err(err) => warn!(%err, "ignoring an invalid lifecycle transition"),
+        }
+    }
+
+    fn since(now: Instant, then: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(then).as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn ms(d: Duration) -> u64 {
+        u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    // ---- timers ---------------------------------------------------------------------------
+
+    /// The nearest deadline, if any.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let d = self.driver.as_ref();
+        let s = self.stopping.as_ref();
+        [
+            self.restart_at,
+            d.and_then(|d| d.ready_deadline),
+            d.and_then(|d| d.next_ping),
+            self.pausing.as_ref().map(|p| p.deadline),
+            self.cancelling.as_ref().map(|c| c.deadline),
+            s.and_then(|s| s.term_at),
+            s.and_then(|s| s.kill_at),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// Handles every deadline that is due at `now`.
+    pub fn on_timer(&mut self, now: Instant) {
+        self.restart_timer(now);
+        self.liveness_timer(now);
+        self.pause_timer(now);
+        self.cancel_timer(now);
+        self.stop_timer(now);
+    }
+
+    // ---- control commands -----------------------------------------------------------------
+
+    /// Executes one control command and returns its reply. `status` is answered by the shell
+    /// (it adds what only it knows) from [`Core::status`].
+    pub fn on_command(
+        &mut self,
+        req: driver_protocol::message::ControlToShim,
+        now: Instant,
+    ) -> ShimToControl {
+        use driver_protocol::message::ControlToShim as C;
+        match req {
+            C::SubmitTask(s) => self.submit_task(s),
+            C::CancelTask(c) => self.cancel_task(c, now),
+            C::Pause(p) => self.pause(p.id, now),
+            C::Resume(r) => self.resume(r.id),
+            C::Signal(s) => self.signal_command(&s),
+            C::RestartDriver(r) => self.restart_driver(r.id),
+            C::Shutdown(s) => {
+                let grace = s.grace_ms.map_or(self.cfg.grace, Duration::from_millis);
+                self.begin_stop(now, grace, s.reason);
+                ok(s.id)
+            }
+            C::SetDriver(s) => err(
+                s.id,
+                ErrorCode::Unsupported,
+                "set_driver is not implemented yet",
+            ),
+            C::Exec(e) => err(e.id, ErrorCode::Unsupported, "exec is not implemented yet"),
+            C::Status(s) => ShimToControl::StatusReply(self.status(s.id, now)),
+            other => {
+                let re = match &other {
+                    C::Unknown(u) => u.id,
+                    _ => None,
+                };
+                ShimToControl::Error(ErrorMsg {
+                    re,
+                    code: ErrorCode::Unsupported,
+                    message: format!(
+                        "{} is not implemented yet",
+                        driver_protocol::message::Message::type_name(&other)
+                    ),
+                    task_id: None,
+                })
+            }
+        }
+    }
+
+    /// What the core knows for a `status_reply`; the shell fills in the buffer, the reaper
+    /// and memory figures.
+    pub fn status(&self, re: u64, now: Instant) -> StatusReply {
+        StatusReply {
+            re,
+            state: self.state(),
+            driver_pid: self.driver.as_ref().map(|d| d.pid.unsigned_abs()),
+            restarts: self.restarter.restarts(),
+            uptime_ms: Self::since(now, self.started),
+            last_exit: self.last_exit.map(|s| match s {
+                ExitStatus::Exited(c) => ExitInfo {
+                    code: Some(c),
+                    signal: None,
+                },
+                ExitStatus::Signaled(sig) => ExitInfo {
+                    code: None,
+                    signal: Some(signals::name(sig)),
+                },
+            }),
+            children: u32::from(self.driver.is_some()),
+            reaped: 0,
+            tasks_queued: u32::try_from(self.tasks.queued()).unwrap_or(u32::MAX),
+            task_running: self.tasks.running().map(str::to_owned),
+            execs_running: 0,
+            buffered_events: 0,
+            buffered_bytes: 0,
+            last_seq: 0,
+            rss_bytes: 0,
+            idle_since_ms: None,
+        }
+    }
+}
+
+/// Whether the deadline `t` (if any) has come at `now`.
+fn due(t: Option<Instant>, now: Instant) -> bool {
+    t.is_some_and(|t| t <= now)
+}
+
+/// The reply to a control request that was carried out.
+fn ok(re: u64) -> ShimToControl {
+    ShimToControl::Ok(OkReply { re })
+}
+
+/// The reply to a control request that was refused.
+fn err(re: u64, code: ErrorCode, message: &str) -> ShimToControl {
+    ShimToControl::Error(ErrorMsg {
+        re: Some(re),
+        code,
+        message: message.to_owned(),
+        task_id: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testkit::*;
+    use super::*;
+    use driver_protocol::message::{ControlToShim, Status};
+
+    #[test]
+    fn status_and_unsupported_commands() {
+        let t0 = Instant::now();
+        let c = cfg();
+        let mut core = new_core(&c, t0);
+        up(&mut core, t0);
+        match core.on_command(ControlToShim::Status(Status { id: 4 }), t0) {
+            ShimToControl::StatusReply(s) => {
+                assert_eq!(s.re, 4);
+                assert_eq!(s.state, S::Ready);
+                assert_eq!(s.driver_pid, Some(100));
+            }
+            other => panic!("{other:?}"),
+        }
+        let r = core.on_command(
+            ControlToShim::SetDriver(driver_protocol::message::SetDriver {
+                id: 5,
+                argv: vec![],
+                env: Default::default(),
+            }),
+            t0,
+        );
+        assert_eq!(err_code(&r), Some(ErrorCode::Unsupported));
+    }
+}

@@ -1,0 +1,361 @@
+//! The driver's I/O as the shell does it: launching the driver, its socket (frames both
+//! ways, with the outgoing queue and its bound) and its stdout/stderr pipes (split into lines,
+//! echoed to our stderr and published as rate-limited `log` events).
+//!
+//! Backpressure lives here too: while the control server's event buffer is full, complete
+//! frames wait in the read buffer and nothing more is read from the socket.
+
+use std::io::Write as _;
+use std::os::fd::OwnedFd;
+use std::time::Instant;
+
+use bytes::{Buf, BytesMut};
+use driver_protocol::frame::{self, HEADER_LEN};
+use driver_protocol::message::{DriverToShim, Event, Log, LogStream, Message, ShimToDriver};
+use driver_protocol::DEFAULT_MAX_FRAME;
+use tokio::net::unix::pipe;
+use tokio::net::UnixStream;
+use tracing::{debug, warn};
+
+use crate::control::ControlServer;
+use crate::driver::{self, DriverConfig};
+
+use super::super::loglines::{self, LineSplitter};
+use super::super::Owner;
+use super::Shell;
+
+/// Over this many bytes queued for the driver, it counts as hung (it does not read).
+const MAX_DRIVER_QUEUE: usize = 1024 * 1024;
+
+/// Read chunk for the driver's socket and pipes.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// The driver's socket and what is queued both ways.
+pub(super) struct Link {
+    sock: UnixStream,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    reading: bool,
+}
+
+/// One of the driver's output pipes.
+pub(super) struct OutPipe {
+    rx: pipe::Receiver,
+    stream: LogStream,
+    split: LineSplitter,
+}
+
+pub(super) async fn link_readable(link: &Option<Link>) -> std::io::Result<()> {
+    match link {
+        Some(l) => l.sock.readable().await,
+        None => std::future::pending().await,
+    }
+}
+
+pub(super) async fn link_writable(link: &Option<Link>) -> std::io::Result<()> {
+    match link {
+        Some(l) => l.sock.writable().await,
+        None => std::future::pending().await,
+    }
+}
+
+pub(super) async fn pipe_readable(p: &Option<OutPipe>) -> std::io::Result<()> {
+    match p {
+        Some(p) => p.rx.readable().await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Shell<'_> {
+    /// Whether the driver's socket is still read.
+    pub(super) fn link_reading(&self) -> bool {
+        self.link.as_ref().is_some_and(|l| l.reading)
+    }
+
+    /// Whether something waits to be written to the driver.
+    pub(super) fn link_writing(&self) -> bool {
+        self.link.as_ref().is_some_and(|l| !l.wbuf.is_empty())
+    }
+
+    /// Queues a message for the driver (written by [`Shell::write_link`]).
+    pub(super) fn queue_for_driver(&mut self, msg: &ShimToDriver) {
+        if let Some(link) = self.link.as_mut() {
+            if let Err(err) = frame::write_message(&mut link.wbuf, DEFAULT_MAX_FRAME, msg) {
+                warn!(%err, "cannot encode a message for the driver");
+            }
+        }
+    }
+
+    /// Stops reading the driver's socket.
+    pub(super) fn stop_reading(&mut self) {
+        if let Some(link) = self.link.as_mut() {
+            link.reading = false;
+        }
+    }
+
+    pub(super) fn launch(&mut self) {
+        let sup = &self.cfg.sup;
+        let dcfg = DriverConfig {
+            argv: self.cfg.command.clone(),
+            user: sup.user,
+            workdir: sup.workdir.clone(),
+            env: driver::driver_env(std::env::vars_os(), sup.env_allow.as_deref(), &sup.env_deny),
+        };
+        let now = Instant::now();
+        match driver::launch(&dcfg, &self.mask) {
+            Ok(l) => {
+                // Registered before anything can reap (single thread, no drain in between).
+                self.reaper.register(l.pid, Owner::Driver);
+                self.driver_pid = l.pid;
+                self.link = match UnixStream::from_std(l.socket) {
+                    Ok(sock) => Some(Link {
+                        sock,
+                        rbuf: BytesMut::with_capacity(READ_CHUNK),
+                        wbuf: BytesMut::new(),
+                        reading: true,
+                    }),
+                    Err(err) => {
+                        warn!(%err, "cannot register the driver socket");
+                        None
+                    }
+                };
+                let max = self.cfg.sup.log_line_max;
+                let pipe = |fd: OwnedFd, stream| match pipe::Receiver::from_owned_fd(fd) {
+                    Ok(rx) => Some(OutPipe {
+                        rx,
+                        stream,
+                        split: LineSplitter::new(max),
+                    }),
+                    Err(err) => {
+                        warn!(%err, "cannot register a driver output pipe");
+                        None
+                    }
+                };
+                self.outs = [
+                    pipe(l.stdout, LogStream::Stdout),
+                    pipe(l.stderr, LogStream::Stderr),
+                ];
+                self.core.on_launched(l.pid, now);
+                if self.link.is_none() {
+                    self.core.on_driver_unwritable();
+                }
+            }
+            Err(err) => {
+                warn!(%err, "cannot start the driver");
+                match err.pid() {
+                    Some(pid) => {
+                        self.reaper.register(pid, Owner::Driver);
+                        self.driver_pid = pid;
+                        self.core.on_exec_failed(pid, now);
+                    }
+                    None => self.core.on_launch_error(now),
+                }
+            }
+        }
+    }
+
+    /// The driver died: takes in what is left in its socket and pipes, then closes them.
+    pub(super) fn close_driver_io(&mut self) {
+        // Whatever it wrote before dying is already in the socket and pipes.
+        self.read_link_to_end();
+        for i in 0..2 {
+            self.read_pipe(i);
+        }
+        self.link = None;
+        for i in 0..2 {
+            if let Some(mut p) = self.outs.get_mut(i).and_then(Option::take) {
+                let mut lines = Vec::new();
+                p.split.finish(&mut lines);
+                let stream = p.stream;
+                self.emit_lines(stream, lines);
+            }
+        }
+    }
+
+    /// Reads what the driver's socket has now, decoding every complete frame; false when
+    /// nothing more is to be had for now (would block, end of stream, error).
+    pub(super) fn read_link(&mut self) -> bool {
+        let Some(link) = self.link.as_mut() else {
+            return false;
+        };
+        if link.rbuf.capacity() - link.rbuf.len() < 4096 {
+            link.rbuf.reserve(READ_CHUNK);
+        }
+        let more = match link.sock.try_read_buf(&mut link.rbuf) {
+            Ok(0) => {
+                debug!("driver closed its socket");
+                link.reading = false;
+                false
+            }
+            Ok(_) => true,
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(err) => {
+                debug!(%err, "reading the driver socket failed");
+                link.reading = false;
+                false
+            }
+        };
+        self.decode_frames(false);
+        more
+    }
+
+    /// After the driver died: read what is left in its socket (bounded: a tool that
+    /// inherited the socket could keep writing).
+    fn read_link_to_end(&mut self) {
+        for _ in 0..256 {
+            self.decode_frames(true);
+            if !self.link.as_ref().is_some_and(|l| l.reading) || !self.read_link() {
+                break;
+            }
+        }
+        self.decode_frames(true);
+    }
+
+    /// Decodes the complete frames in the read buffer and hands them to the core; unless
+    /// `force`, stops while the event buffer is full (backpressure: the rest waits here, and
+    /// nothing more is read from the socket meanwhile).
+    pub(super) fn decode_frames(&mut self, force: bool) {
+        loop {
+            if !force && self.control.as_ref().is_some_and(ControlServer::is_full) {
+                return;
+            }
+            let Some(link) = self.link.as_mut() else {
+                return;
+            };
+            if !link.reading && link.rbuf.is_empty() {
+                return;
+            }
+            let len = match frame::parse_header(&link.rbuf, DEFAULT_MAX_FRAME) {
+                Ok(Some(len)) => len,
+                Ok(None) => return,
+                Err(err) => {
+                    link.rbuf.clear();
+                    link.reading = false;
+                    self.core.on_driver_decode_error(&err);
+                    self.apply_outputs();
+                    return;
+                }
+            };
+            let want = HEADER_LEN.saturating_add(len);
+            if link.rbuf.len() < want {
+                link.rbuf.reserve(want - link.rbuf.len());
+                return;
+            }
+            link.rbuf.advance(HEADER_LEN);
+            let body = link.rbuf.split_to(len).freeze();
+            match DriverToShim::decode(&body) {
+                Ok(msg) => {
+                    self.core.on_driver_msg(msg, body, Instant::now());
+                    self.apply_outputs();
+                }
+                Err(err) => {
+                    link.rbuf.clear();
+                    link.reading = false;
+                    self.core.on_driver_decode_error(&err);
+                    self.apply_outputs();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Writes what the driver's socket takes now; kills a driver that does not read.
+    pub(super) fn write_link(&mut self) {
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
+        while !link.wbuf.is_empty() {
+            match link.sock.try_write(&link.wbuf) {
+                Ok(n) => link.wbuf.advance(n),
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(err) => {
+                    debug!(%err, "writing to the driver failed");
+                    link.wbuf.clear();
+                    break;
+                }
+            }
+        }
+        if link.wbuf.len() > MAX_DRIVER_QUEUE {
+            warn!(
+                queued = link.wbuf.len(),
+                "the driver does not read its socket"
+            );
+            link.wbuf.clear();
+            self.core.on_driver_unwritable();
+        }
+    }
+
+    /// Reads what one of the driver's pipes has now (bounded per call).
+    pub(super) fn read_pipe(&mut self, i: usize) {
+        let mut buf = [0u8; 16 * 1024];
+        let mut lines = Vec::new();
+        let mut eof = false;
+        let Some(p) = self.outs.get_mut(i).and_then(Option::as_mut) else {
+            return;
+        };
+        let stream = p.stream;
+        for _ in 0..4 {
+            match p.rx.try_read(&mut buf) {
+                Ok(0) => {
+                    eof = true;
+                    p.split.finish(&mut lines);
+                    break;
+                }
+                Ok(n) => p.split.push(buf.get(..n).unwrap_or_default(), &mut lines),
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(err) => {
+                    debug!(%err, "reading a driver pipe failed");
+                    eof = true;
+                    break;
+                }
+            }
+        }
+        if eof {
+            if let Some(slot) = self.outs.get_mut(i) {
+                *slot = None;
+            }
+        }
+        self.emit_lines(stream, lines);
+    }
+
+    fn emit_lines(&mut self, stream: LogStream, lines: Vec<loglines::Line>) {
+        if lines.is_empty() {
+            return;
+        }
+        let name = match stream {
+            LogStream::Stdout => "stdout",
+            LogStream::Stderr => "stderr",
+            LogStream::Driver => "driver",
+        };
+        let now = Instant::now();
+        let mut err = std::io::stderr().lock();
+        for line in lines {
+            let _ = writeln!(err, "driver[{}] {name}: {}", self.driver_pid, line.text);
+            if self.rate.allow(now) {
+                self.publish(&Event::Log(Log {
+                    task_id: None,
+                    stream,
+                    level: None,
+                    text: line.text,
+                    truncated: line.truncated,
+                }));
+            } else {
+                self.suppressed_stream = stream;
+            }
+        }
+        drop(err);
+        self.flush_suppressed(now);
+    }
+
+    pub(super) fn flush_suppressed(&mut self, now: Instant) {
+        if let Some(n) = self.rate.take_suppressed(now) {
+            self.publish(&Event::Log(Log {
+                task_id: None,
+                stream: self.suppressed_stream,
+                level: Some("warn".to_owned()),
+                text: format!("{n} lines suppressed"),
+                truncated: false,
+            }));
+        }
+    }
+}

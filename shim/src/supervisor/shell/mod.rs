@@ -1,0 +1,296 @@
+//! The shell: supervisor mode's one async loop, which does all the I/O and lets the
+//! [`Core`] decide.
+//!
+//! Each turn hands the core's outputs to the world (frames for the driver, events for the
+//! control server, launches), then waits in one `select!` for the next input: a signal
+//! ([`signalfd`]), a control command, the driver's socket or pipes ([`link`]), or the nearest
+//! deadline. Once the core has an exit code, buffered events get a last chance to be
+//! delivered.
+
+mod link;
+mod signalfd;
+
+use std::time::{Duration, Instant};
+
+use driver_protocol::message::{Event, LogStream, Message, ShimToControl};
+use driver_protocol::DEFAULT_MAX_FRAME;
+use nix::sys::signal::SigSet;
+use tracing::{debug, info, warn};
+
+use crate::cli::Config;
+use crate::control::{ControlAddr, ControlConfig, ControlServer};
+use crate::reaper::Reaper;
+use crate::sys::Real;
+
+use self::link::{link_readable, link_writable, pipe_readable, Link, OutPipe};
+use self::signalfd::Signals;
+use super::core::{Core, Output};
+use super::loglines::RateLimiter;
+use super::{Owner, SupervisorError};
+
+/// After the driver's final exit, how long buffered events may take to be acknowledged.
+const FINAL_DRAIN: Duration = Duration::from_secs(2);
+
+/// While the event buffer is full, how often waiting control requests are taken.
+const FULL_RECHECK: Duration = Duration::from_millis(20);
+
+/// Everything the loop owns besides the core.
+struct Shell<'a> {
+    cfg: &'a Config,
+    mask: SigSet,
+    core: Core<Real>,
+    reaper: &'a mut Reaper<Owner>,
+    control: Option<ControlServer>,
+    link: Option<Link>,
+    outs: [Option<OutPipe>; 2],
+    driver_pid: i32,
+    rate: RateLimiter,
+    /// The stream of the last line the rate limit refused (for the "suppressed" event).
+    suppressed_stream: LogStream,
+    reaped: u64,
+}
+
+pub(super) async fn shell(
+    cfg: &Config,
+    mask: SigSet,
+    reaper: &mut Reaper<Owner>,
+) -> Result<(i32, Option<Instant>), SupervisorError> {
+    let signals = Signals::open()?;
+    let control = match &cfg.sup.control_listen {
+        Some(path) => {
+            let ccfg = ControlConfig {
+                max_events: cfg.sup.event_buffer,
+                max_bytes: cfg.sup.event_buffer_bytes,
+                max_frame: DEFAULT_MAX_FRAME,
+                agent_id: None,
+            };
+            let server = ControlServer::bind(&ControlAddr::Unix(path.clone()), ccfg)
+                .map_err(SupervisorError::Control)?;
+            info!(path = %path.display(), "control socket listening (insecure)");
+            Some(server)
+        }
+        None => None,
+    };
+    let now = Instant::now();
+    let seed = seed();
+    let mut sh = Shell {
+        cfg,
+        mask,
+        core: Core::new(Real, cfg, now, seed),
+        reaper,
+        control,
+        link: None,
+        outs: [None, None],
+        driver_pid: 0,
+        rate: RateLimiter::new(cfg.sup.log_rate),
+        suppressed_stream: LogStream::Stderr,
+        reaped: 0,
+    };
+    sh.core.start();
+    loop {
+        // Frames left in the read buffer while the event buffer was full (a no-op if none).
+        sh.decode_frames(false);
+        sh.apply_outputs();
+        if let Some(code) = sh.core.exit_code() {
+            let kill_deadline = sh.core.kill_deadline();
+            sh.final_drain().await;
+            return Ok((code, kill_deadline));
+        }
+        let deadline = sh.core.next_deadline();
+        let full = sh.control.as_ref().is_some_and(ControlServer::is_full);
+        let reading = sh.link_reading() && !full;
+        let writing = sh.link_writing();
+        // Not `biased`: a driver that always has something to say must not starve the
+        // timers (cancel grace, pings) or the control connection.
+        tokio::select! {
+            r = signals.next() => match r {
+                Ok(infos) => {
+                    for info in infos {
+                        if info.signo != libc::SIGCHLD {
+                            sh.core.on_signal(&info, Instant::now());
+                        }
+                        // After every signal, not only SIGCHLD (see init.rs).
+                        sh.reap();
+                    }
+                }
+                Err(err) => {
+                    warn!(%err, "waiting for signals failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    sh.reap();
+                }
+            },
+            step = control_step(&mut sh.control, full) => {
+                if let Some(cmd) = step {
+                    sh.on_command(cmd);
+                }
+            }
+            r = link_readable(&sh.link), if reading => {
+                if let Err(err) = r {
+                    debug!(%err, "driver socket");
+                }
+                sh.read_link();
+            }
+            r = link_writable(&sh.link), if writing => {
+                if let Err(err) = r {
+                    debug!(%err, "driver socket");
+                }
+                sh.write_link();
+            }
+            r = pipe_readable(&sh.outs[0]) => {
+                if let Err(err) = r {
+                    debug!(%err, "driver stdout");
+                }
+                sh.read_pipe(0);
+            }
+            r = pipe_readable(&sh.outs[1]) => {
+                if let Err(err) = r {
+                    debug!(%err, "driver stderr");
+                }
+                sh.read_pipe(1);
+            }
+            () = sleep_until(deadline) => {
+                sh.core.on_timer(Instant::now());
+            }
+            () = sleep_until(sh.rate.suppressed_due()) => {
+                sh.flush_suppressed(Instant::now());
+            }
+        }
+    }
+}
+
+/// A PRNG seed for the backoff jitter: the wall clock's nanoseconds and our pid.
+fn seed() -> u64 {
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    u64::from(wall) ^ (u64::from(std::process::id()) << 32)
+}
+
+/// The next request; while the event buffer is `full`, also returns `None` when it has room
+/// again (so reading the driver resumes at once), taking waiting requests at least every
+/// [`FULL_RECHECK`].
+async fn control_step(
+    control: &mut Option<ControlServer>,
+    full: bool,
+) -> Option<crate::control::Command> {
+    let Some(c) = control else {
+        return std::future::pending().await;
+    };
+    if !full {
+        return Some(c.next_command().await);
+    }
+    // Polls the request queue once without waiting (next_command is cancel-safe).
+    if let Ok(cmd) = tokio::time::timeout(Duration::ZERO, c.next_command()).await {
+        return Some(cmd);
+    }
+    let _ = tokio::time::timeout(FULL_RECHECK, c.not_full()).await;
+    None
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resident set size from `/proc/self/statm`, in bytes.
+fn rss_bytes() -> u64 {
+    let Ok(statm) = std::fs::read_to_string("/proc/self/statm") else {
+        return 0;
+    };
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    pages.saturating_mul(u64::try_from(page).unwrap_or(4096))
+}
+
+impl Shell<'_> {
+    /// Carries out what the core asked for, until it asks for nothing more.
+    fn apply_outputs(&mut self) {
+        loop {
+            let outs = self.core.take_outputs();
+            if outs.is_empty() {
+                break;
+            }
+            for out in outs {
+                match out {
+                    Output::ToDriver(msg) => self.queue_for_driver(&msg),
+                    Output::Event(ev) => self.publish(&ev),
+                    Output::Relay(body) => match self.control.as_mut() {
+                        Some(c) => {
+                            c.publish_raw(&body);
+                        }
+                        None => debug!(bytes = body.len(), "driver event"),
+                    },
+                    Output::Launch => self.launch(),
+                    Output::StopReading => self.stop_reading(),
+                }
+            }
+        }
+        // Try to send at once; what does not fit waits for writability.
+        self.write_link();
+    }
+
+    fn publish(&mut self, ev: &Event) {
+        match self.control.as_mut() {
+            Some(c) => {
+                c.publish(ev);
+            }
+            None => debug!(event = ev.type_name(), "event (no control socket)"),
+        }
+    }
+
+    /// Reaps whatever exited; the driver's exit goes to the core once its last output has
+    /// been read.
+    fn reap(&mut self) {
+        let mut exits = Vec::new();
+        let d = self
+            .reaper
+            .drain(&Real, |pid, owner, status| exits.push((pid, owner, status)));
+        self.reaped = self.reaped.saturating_add(d.reaped);
+        for (pid, Owner::Driver, status) in exits {
+            if pid == self.driver_pid {
+                self.close_driver_io();
+            }
+            self.core.on_driver_exit(pid, status, Instant::now());
+            self.apply_outputs();
+        }
+    }
+
+    fn on_command(&mut self, cmd: crate::control::Command) {
+        let now = Instant::now();
+        let reply = self.core.on_command(cmd.request, now);
+        let reply = match reply {
+            ShimToControl::StatusReply(mut s) => {
+                s.reaped = self.reaped;
+                s.rss_bytes = rss_bytes();
+                if let Some(c) = self.control.as_ref() {
+                    let st = c.stats();
+                    s.buffered_events = st.events;
+                    s.buffered_bytes = st.bytes;
+                    s.last_seq = st.last_seq;
+                }
+                ShimToControl::StatusReply(s)
+            }
+            other => other,
+        };
+        cmd.reply.send(reply);
+    }
+
+    /// Delivers buffered events before exiting: at most [`FINAL_DRAIN`], and only while a
+    /// control connection is live.
+    async fn final_drain(&mut self) {
+        let Some(c) = self.control.as_ref() else {
+            return;
+        };
+        if c.connected() && c.stats().events > 0 && !c.drain(FINAL_DRAIN).await {
+            warn!("exiting with unacknowledged events");
+        }
+    }
+}
