@@ -10,6 +10,9 @@
 //! flat object per line.
 
 use std::fmt;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::OnceLock;
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
@@ -29,12 +32,39 @@ pub fn init(level: &str, format: LogFormat) {
         .parse()
         .unwrap_or_else(|_| Targets::new().with_default(tracing::Level::WARN));
     let registry = tracing_subscriber::registry().with(targets);
-    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let layer = tracing_subscriber::fmt::layer().with_writer(|| StderrWriter);
     // `try_init` only fails if a subscriber is already installed; then that one is kept.
     let _ = match format {
         LogFormat::Text => registry.with(layer.without_time()).try_init(),
         LogFormat::Json => registry.with(layer.event_format(Json)).try_init(),
     };
+}
+
+/// A non-blocking descriptor for stderr, once supervisor mode has one (see
+/// [`use_nonblocking_stderr`]).
+static NONBLOCKING_STDERR: OnceLock<OwnedFd> = OnceLock::new();
+
+/// From now on, log lines go to `fd`, a non-blocking descriptor of stderr: a log line that
+/// does not fit while nobody reads stderr is dropped instead of blocking the shim (PID 1).
+/// Only the first call counts.
+pub fn use_nonblocking_stderr(fd: OwnedFd) {
+    let _ = NONBLOCKING_STDERR.set(fd);
+}
+
+/// Writes log lines to stderr, through [`NONBLOCKING_STDERR`] when set.
+struct StderrWriter;
+
+impl io::Write for StderrWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match NONBLOCKING_STDERR.get() {
+            Some(fd) => nix::unistd::write(fd, buf).map_err(io::Error::from),
+            None => io::stderr().write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// One JSON object per event:

@@ -233,6 +233,12 @@ impl RateLimiter {
         Some(std::mem::take(&mut self.suppressed))
     }
 
+    /// Counts a line that is not turned into an event for another reason (the event buffer
+    /// is full); it is reported with the refused ones.
+    pub fn count_suppressed(&mut self) {
+        self.suppressed = self.suppressed.saturating_add(1);
+    }
+
     /// When the window that refused lines ends (when [`RateLimiter::take_suppressed`] will
     /// return them), if lines are waiting to be reported.
     pub fn suppressed_due(&self) -> Option<Instant> {

@@ -208,6 +208,19 @@ impl TaskQueue {
         }
     }
 
+    /// The shim exits: ends the running task and every queued one, returning their
+    /// shim-made `task_done`s (running first, then in queue order).
+    pub fn end_all(&mut self, status: TaskStatus, error: &str) -> Vec<TaskDone> {
+        let mut entries: Vec<Entry> = self.running.take().into_iter().collect();
+        entries.extend(self.queue.drain(..));
+        let mut dones = Vec::with_capacity(entries.len());
+        for entry in entries {
+            dones.push(done(&entry.task.task_id, status, Some(error)));
+            self.retire(entry.task.task_id);
+        }
+        dones
+    }
+
     /// Moves an id from active to the bounded finished memory.
     fn retire(&mut self, task_id: String) {
         self.active.remove(&task_id);

@@ -10,6 +10,7 @@
 mod commands;
 mod lifecycle;
 mod python;
+mod regressions;
 mod robustness;
 mod tasks;
 
@@ -74,6 +75,7 @@ pub struct Setup {
     envs: Vec<(String, String)>,
     driver: Option<Vec<OsString>>,
     kind: Driver,
+    stderr_unread: bool,
 }
 
 impl Setup {
@@ -88,6 +90,7 @@ impl Setup {
             envs: Vec::new(),
             driver: None,
             kind: Driver::Rust,
+            stderr_unread: false,
         }
     }
 
@@ -103,6 +106,12 @@ impl Setup {
     /// An environment variable for the shim (and so the driver).
     pub fn env(mut self, key: &str, val: &str) -> Setup {
         self.envs.push((key.to_owned(), val.to_owned()));
+        self
+    }
+
+    /// Nobody reads the shim's stderr (see [`Shim::stderr_unread`]).
+    pub fn stderr_unread(mut self) -> Setup {
+        self.stderr_unread = true;
         self
     }
 
@@ -140,6 +149,9 @@ impl Setup {
         let mut shim = Shim::new().mode(self.mode).args(args).cmd(driver);
         for (k, v) in &self.envs {
             shim = shim.env(k, v);
+        }
+        if self.stderr_unread {
+            shim = shim.stderr_unread();
         }
         let running = shim.start()?;
         let mut ctl = match ControlClient::connect(&sock, PATIENCE) {

@@ -144,6 +144,7 @@ pub struct Shim {
     stdin: bool,
     tty: bool,
     user: Option<u32>,
+    stderr_unread: bool,
 }
 
 impl Default for Shim {
@@ -164,6 +165,7 @@ impl Shim {
             stdin: false,
             tty: false,
             user: None,
+            stderr_unread: false,
         }
     }
 
@@ -239,6 +241,13 @@ impl Shim {
     /// Run the shim (and so the command) as this uid/gid, via `setpriv`.
     pub fn user(mut self, id: u32) -> Self {
         self.user = Some(id);
+        self
+    }
+
+    /// Nobody reads the shim's stderr (a pipe) until [`Running::read_stderr`] or the end of
+    /// the run: a stalled log reader.
+    pub fn stderr_unread(mut self) -> Self {
+        self.stderr_unread = true;
         self
     }
 
@@ -328,7 +337,14 @@ impl Shim {
             .take()
             .ok_or_else(|| anyhow!("no stderr pipe"))?;
         let lines = spawn_line_reader(stdout);
-        let (stderr_buf, stderr_done) = spawn_collector(stderr);
+        let (stderr_gate, stderr_buf, stderr_done) = if self.stderr_unread {
+            let (open, gate) = std::sync::mpsc::channel::<()>();
+            let (buf, done) = spawn_collector(running::Gated::new(stderr, gate));
+            (Some(open), buf, done)
+        } else {
+            let (buf, done) = spawn_collector(stderr);
+            (None, buf, done)
+        };
         let mut running = Running {
             marker,
             mode: self.mode,
@@ -342,6 +358,7 @@ impl Shim {
             stdout_closed: false,
             stderr_buf,
             stderr_done,
+            stderr_gate,
             status: None,
         };
         running.shim = if self.mode == Mode::Pid1 || self.tty {

@@ -27,6 +27,8 @@ pub struct Running {
     pub(super) stdout_closed: bool,
     pub(super) stderr_buf: Arc<Mutex<Vec<u8>>>,
     pub(super) stderr_done: Receiver<()>,
+    /// While set, stderr is not read ([`Shim::stderr_unread`](super::Shim::stderr_unread)).
+    pub(super) stderr_gate: Option<mpsc::Sender<()>>,
     pub(super) status: Option<ExitStatus>,
 }
 
@@ -159,6 +161,11 @@ impl Running {
         out
     }
 
+    /// Starts reading stderr after [`Shim::stderr_unread`](super::Shim::stderr_unread).
+    pub fn read_stderr(&mut self) {
+        self.stderr_gate = None;
+    }
+
     /// Everything on stderr so far (after an exit: all of it, waiting a little for the pipe
     /// to drain).
     pub fn stderr(&self) -> String {
@@ -280,6 +287,31 @@ pub(super) fn spawn_line_reader(source: Box<dyn Read + Send>) -> Receiver<String
 }
 
 /// Collects a stream into a shared buffer on a thread; the receiver fires at EOF.
+/// A reader that reads nothing until its gate opens (its sender sends or is dropped).
+pub(crate) struct Gated<R> {
+    inner: R,
+    gate: Option<Receiver<()>>,
+}
+
+impl<R> Gated<R> {
+    /// `inner`, read once `gate` opens.
+    pub(crate) fn new(inner: R, gate: Receiver<()>) -> Self {
+        Gated {
+            inner,
+            gate: Some(gate),
+        }
+    }
+}
+
+impl<R: Read> Read for Gated<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if let Some(gate) = self.gate.take() {
+            let _ = gate.recv();
+        }
+        self.inner.read(buf)
+    }
+}
+
 pub(crate) fn spawn_collector(
     mut source: impl Read + Send + 'static,
 ) -> (Arc<Mutex<Vec<u8>>>, Receiver<()>) {

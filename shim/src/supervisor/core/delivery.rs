@@ -22,7 +22,10 @@ impl<S: Sys> Core<S> {
     /// Sends the next queued task if the driver can take it.
     pub(super) fn start_next(&mut self) {
         if self.lifecycle.state() != DriverState::Ready
-            || self.driver.as_ref().is_none_or(|d| d.kill_reason.is_some())
+            || self
+                .driver
+                .as_ref()
+                .is_none_or(|d| d.kill_reason.is_some() || d.gone)
         {
             return;
         }
@@ -58,6 +61,14 @@ impl<S: Sys> Core<S> {
         let re = s.id;
         if self.stopping.is_some() {
             return err(re, ErrorCode::ShuttingDown, "the shim is shutting down");
+        }
+        if self.reading_paused.is_some() {
+            // The event buffer is full: its task_accepted would overshoot the bound.
+            return err(
+                re,
+                ErrorCode::Limit,
+                "the event buffer is full (the control plane is not acknowledging)",
+            );
         }
         let task_id = s.task_id.clone();
         match self.tasks.submit(s) {

@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use driver_protocol::message::{
-    CrashLoop, DriverExited, DriverRestarting, DriverStarted, ShimToControl,
+    CrashLoop, DriverExited, DriverRestarting, DriverStarted, ShimToControl, TaskStatus,
 };
 use tracing::{debug, info, warn};
 
@@ -35,6 +35,8 @@ impl<S: Sys> Core<S> {
             // Pings start at `ready`: until then `--ready-timeout` is the liveness check.
             next_ping: None,
             pings_unanswered: 0,
+            gone: false,
+            eof_deadline: None,
         });
         info!(pid, attempt, "driver started");
         self.transition(Input::Launched);
@@ -61,6 +63,14 @@ impl<S: Sys> Core<S> {
         self.transition(Input::Launched);
         self.event(DriverStarted { pid: 0, attempt });
         self.driver_gone(0, now, ExitStatus::Exited(125), ExitReason::ExecFailed, now);
+    }
+
+    /// The driver process is gone (reaped): what it left in its socket is still to be
+    /// handed over, and is relayed, but starts nothing (no task is sent to a dead driver).
+    pub fn on_driver_gone(&mut self, pid: i32) {
+        if let Some(d) = self.driver.as_mut().filter(|d| d.pid == pid) {
+            d.gone = true;
+        }
     }
 
     /// The reaper collected the driver.
@@ -104,6 +114,7 @@ impl<S: Sys> Core<S> {
         self.pausing = None;
         self.paused_at = None;
         self.resuming = false;
+        self.resume_deadline = None;
         self.cancelling = None;
         self.last_exit = Some(status);
         self.transition(Input::Exited);
@@ -151,6 +162,15 @@ impl<S: Sys> Core<S> {
 
     pub(super) fn finish(&mut self, status: ExitStatus) {
         if self.exit_code.is_none() {
+            // Every accepted task gets its task_done before the shim goes.
+            let (how, why) = if self.stopping.is_some() {
+                (TaskStatus::Cancelled, "shim shutting down")
+            } else {
+                (TaskStatus::Failed, "shim exiting")
+            };
+            for done in self.tasks.end_all(how, why) {
+                self.event(done);
+            }
             self.exit_code = Some(self.cfg.exit_code(status.code()));
         }
     }

@@ -4,11 +4,13 @@
 //! A driver that breaks the protocol, does not read its socket, is not ready in time or stops
 //! answering pings is told (where it can be) and killed; its exit then carries the reason.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use driver_protocol::handshake;
-use driver_protocol::message::{DriverReady, DriverState, DriverToShim, ErrorMsg, Ping, Pong};
+use driver_protocol::message::{
+    DriverReady, DriverState, DriverToShim, ErrorMsg, Ping, Pong, Role,
+};
 use driver_protocol::{DecodeError, ErrorCode};
 use tracing::{debug, warn};
 
@@ -17,7 +19,33 @@ use crate::sys::Sys;
 use super::super::lifecycle::Input;
 use super::{due, Core, ExitReason, Output};
 
+/// How long a driver that closed its socket may take to exit before it is a protocol error.
+const EOF_GRACE: Duration = Duration::from_secs(1);
+
 impl<S: Sys> Core<S> {
+    /// The driver's socket reached end of stream, or writing to it failed, while the driver
+    /// was not yet reaped: unless it is reaped within [`EOF_GRACE`] (it is just exiting),
+    /// it is killed, reason `protocol_error`.
+    pub fn on_driver_eof(&mut self, now: Instant) {
+        if let Some(d) = self.driver.as_mut() {
+            if !d.gone && d.kill_reason.is_none() && d.eof_deadline.is_none() {
+                debug!("the driver closed its socket");
+                d.eof_deadline = now.checked_add(EOF_GRACE);
+            }
+        }
+    }
+
+    /// The grace after an end of stream on the driver's socket expired.
+    pub(super) fn eof_timer(&mut self, now: Instant) {
+        if let Some(d) = self.driver.as_mut() {
+            if due(d.eof_deadline, now) {
+                d.eof_deadline = None;
+                warn!("the driver closed its socket but lives on: protocol error");
+                self.kill_driver(ExitReason::ProtocolError);
+            }
+        }
+    }
+
     /// The shim's write queue to the driver is over its bound: the driver does not read.
     pub fn on_driver_unwritable(&mut self) {
         self.kill_driver(ExitReason::Hung);
@@ -55,6 +83,10 @@ impl<S: Sys> Core<S> {
         };
         if !driver.hello {
             match msg {
+                DriverToShim::Hello(h) if h.role != Role::Driver => self.protocol_violation(
+                    ErrorCode::Invalid,
+                    format!("hello with role {:?}, expected driver", h.role),
+                ),
                 DriverToShim::Hello(h) => match handshake::negotiate(&self.hello, &h) {
                     Ok(n) => {
                         debug!(version = n.version, software = h.software, "driver hello");
@@ -76,7 +108,7 @@ impl<S: Sys> Core<S> {
         let started = driver.started;
         // Being killed: its events and task results still count (a late `task_done` for an
         // abandoned task is dropped by the queue), but it changes no state any more.
-        let dying = driver.kill_reason.is_some();
+        let dying = driver.kill_reason.is_some() || driver.gone;
         match msg {
             DriverToShim::Hello(_) => debug!("ignoring a second hello from the driver"),
             DriverToShim::Ready(_) | DriverToShim::Paused(_) if dying => {

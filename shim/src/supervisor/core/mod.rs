@@ -25,6 +25,8 @@ mod delivery;
 mod launch;
 mod link;
 mod pause;
+#[cfg(test)]
+mod regressions;
 mod shutdown;
 #[cfg(test)]
 mod testkit;
@@ -37,7 +39,7 @@ use driver_protocol::message::{
     StatusReply,
 };
 use driver_protocol::ErrorCode;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::cli::Config;
 use crate::reaper::ExitStatus;
@@ -115,6 +117,11 @@ struct Driver {
     ready_deadline: Option<Instant>,
     next_ping: Option<Instant>,
     pings_unanswered: u32,
+    /// Reaped: its last frames are still handed over, but it takes nothing more.
+    gone: bool,
+    /// It closed its socket (or a write failed) while alive: unless it is reaped by then,
+    /// this is a protocol error.
+    eof_deadline: Option<Instant>,
 }
 
 /// A `pause` in progress.
@@ -159,10 +166,14 @@ pub struct Core<S: Sys> {
     pausing: Option<Pausing>,
     paused_at: Option<SystemTime>,
     resuming: bool,
+    /// The driver must answer `resume` with `ready` by then (`--pause-timeout`).
+    resume_deadline: Option<Instant>,
     cancelling: Option<Cancelling>,
     stopping: Option<Stopping>,
     last_exit: Option<ExitStatus>,
     exit_code: Option<i32>,
+    /// Since when the shell does not read the driver (the event buffer is full).
+    reading_paused: Option<Instant>,
     limiter: WarnLimiter,
     out: Vec<Output>,
 }
@@ -203,10 +214,12 @@ impl<S: Sys> Core<S> {
             pausing: None,
             paused_at: None,
             resuming: false,
+            resume_deadline: None,
             cancelling: None,
             stopping: None,
             last_exit: None,
             exit_code: None,
+            reading_paused: None,
             limiter: WarnLimiter::default(),
             out: Vec::new(),
             cfg: cfg.clone(),
@@ -283,12 +296,19 @@ impl<S: Sys> Core<S> {
     pub fn next_deadline(&self) -> Option<Instant> {
         let d = self.driver.as_ref();
         let s = self.stopping.as_ref();
+        // While the driver is not read, its liveness and answer deadlines stand still.
+        let live = self.reading_paused.is_none();
         [
             self.restart_at,
-            d.and_then(|d| d.ready_deadline),
-            d.and_then(|d| d.next_ping),
-            self.pausing.as_ref().map(|p| p.deadline),
-            self.cancelling.as_ref().map(|c| c.deadline),
+            d.and_then(|d| d.ready_deadline).filter(|_| live),
+            d.and_then(|d| d.next_ping).filter(|_| live),
+            self.pausing.as_ref().map(|p| p.deadline).filter(|_| live),
+            self.resume_deadline.filter(|_| live),
+            d.and_then(|d| d.eof_deadline),
+            self.cancelling
+                .as_ref()
+                .map(|c| c.deadline)
+                .filter(|_| live),
             s.and_then(|s| s.term_at),
             s.and_then(|s| s.kill_at),
         ]
@@ -300,10 +320,43 @@ impl<S: Sys> Core<S> {
     /// Handles every deadline that is due at `now`.
     pub fn on_timer(&mut self, now: Instant) {
         self.restart_timer(now);
-        self.liveness_timer(now);
-        self.pause_timer(now);
-        self.cancel_timer(now);
+        self.eof_timer(now);
+        if self.reading_paused.is_none() {
+            self.liveness_timer(now);
+            self.pause_timer(now);
+            self.cancel_timer(now);
+        }
         self.stop_timer(now);
+    }
+
+    /// The shell stopped reading the driver (the event buffer is full): unanswered pings
+    /// do not count and the ready, pause and cancel deadlines stand still until
+    /// [`Core::reading_resumed`] (a healthy driver is not hung because we do not listen).
+    pub fn reading_paused(&mut self, now: Instant) {
+        if self.reading_paused.is_none() {
+            debug!("not reading the driver: its deadlines stand still");
+            self.reading_paused = Some(now);
+        }
+    }
+
+    /// The shell reads the driver again: its deadlines move back by the paused time.
+    pub fn reading_resumed(&mut self, now: Instant) {
+        let Some(since) = self.reading_paused.take() else {
+            return;
+        };
+        let paused = now.saturating_duration_since(since);
+        let later = |t: &mut Instant| *t = t.checked_add(paused).unwrap_or(*t);
+        if let Some(d) = self.driver.as_mut() {
+            d.ready_deadline.as_mut().map(later);
+            d.next_ping.as_mut().map(later);
+        }
+        if let Some(p) = self.pausing.as_mut() {
+            later(&mut p.deadline);
+        }
+        self.resume_deadline.as_mut().map(later);
+        if let Some(c) = self.cancelling.as_mut() {
+            later(&mut c.deadline);
+        }
     }
 
     // ---- control commands -----------------------------------------------------------------
@@ -320,7 +373,7 @@ impl<S: Sys> Core<S> {
             C::SubmitTask(s) => self.submit_task(s),
             C::CancelTask(c) => self.cancel_task(c, now),
             C::Pause(p) => self.pause(p.id, now),
-            C::Resume(r) => self.resume(r.id),
+            C::Resume(r) => self.resume(r.id, now),
             C::Signal(s) => self.signal_command(&s),
             C::RestartDriver(r) => self.restart_driver(r.id),
             C::Shutdown(s) => {

@@ -36,7 +36,7 @@ impl<S: Sys> Core<S> {
     }
 
     /// `resume` (control request `re`): wake the driver, telling it how long it slept.
-    pub(super) fn resume(&mut self, re: u64) -> ShimToControl {
+    pub(super) fn resume(&mut self, re: u64, now: Instant) -> ShimToControl {
         if self.lifecycle.state() != DriverState::Paused || self.resuming {
             return err(re, ErrorCode::InvalidState, "the driver is not paused");
         }
@@ -50,6 +50,7 @@ impl<S: Sys> Core<S> {
             slept_ms: Some(Self::ms(slept)),
         });
         self.resuming = true;
+        self.resume_deadline = now.checked_add(self.cfg.sup.pause_timeout);
         ok(re)
     }
 
@@ -69,6 +70,7 @@ impl<S: Sys> Core<S> {
     /// The driver's `ready` after a `resume`.
     pub(super) fn on_resumed(&mut self) {
         self.resuming = false;
+        self.resume_deadline = None;
         self.paused_at = None;
         self.transition(Input::Resumed);
         self.start_next();
@@ -87,6 +89,17 @@ impl<S: Sys> Core<S> {
                 task_id: None,
             });
             self.start_next();
+        }
+        if super::due(self.resume_deadline, now) {
+            self.resume_deadline = None;
+            warn!("the driver did not answer resume in time: it counts as hung");
+            self.event(ErrorMsg {
+                re: None,
+                code: ErrorCode::Timeout,
+                message: "the driver did not resume in time".to_owned(),
+                task_id: None,
+            });
+            self.kill_driver(super::ExitReason::Hung);
         }
     }
 }

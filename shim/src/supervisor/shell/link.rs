@@ -5,9 +5,8 @@
 //! Backpressure lives here too: while the control server's event buffer is full, complete
 //! frames wait in the read buffer and nothing more is read from the socket.
 
-use std::io::Write as _;
 use std::os::fd::OwnedFd;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use driver_protocol::frame::{self, HEADER_LEN};
@@ -24,8 +23,9 @@ use super::super::loglines::{self, LineSplitter};
 use super::super::Owner;
 use super::Shell;
 
-/// Over this many bytes queued for the driver, it counts as hung (it does not read).
-const MAX_DRIVER_QUEUE: usize = 1024 * 1024;
+/// Over this many bytes queued for the driver, it counts as hung whatever its progress: a
+/// memory bound well above what legal traffic needs (two maximal frames and then some).
+const MAX_DRIVER_QUEUE: usize = 2 * DEFAULT_MAX_FRAME + 1024 * 1024;
 
 /// Read chunk for the driver's socket and pipes.
 const READ_CHUNK: usize = 64 * 1024;
@@ -36,6 +36,8 @@ pub(super) struct Link {
     rbuf: BytesMut,
     wbuf: BytesMut,
     reading: bool,
+    /// Since when something waits in `wbuf` without a byte having been written.
+    stalled_since: Option<Instant>,
 }
 
 /// One of the driver's output pipes.
@@ -83,6 +85,9 @@ impl Shell<'_> {
             if let Err(err) = frame::write_message(&mut link.wbuf, DEFAULT_MAX_FRAME, msg) {
                 warn!(%err, "cannot encode a message for the driver");
             }
+            if !link.wbuf.is_empty() && link.stalled_since.is_none() {
+                link.stalled_since = Some(Instant::now());
+            }
         }
     }
 
@@ -113,6 +118,7 @@ impl Shell<'_> {
                         rbuf: BytesMut::with_capacity(READ_CHUNK),
                         wbuf: BytesMut::new(),
                         reading: true,
+                        stalled_since: None,
                     }),
                     Err(err) => {
                         warn!(%err, "cannot register the driver socket");
@@ -185,6 +191,7 @@ impl Shell<'_> {
             Ok(0) => {
                 debug!("driver closed its socket");
                 link.reading = false;
+                self.core.on_driver_eof(Instant::now());
                 false
             }
             Ok(_) => true,
@@ -192,6 +199,7 @@ impl Shell<'_> {
             Err(err) => {
                 debug!(%err, "reading the driver socket failed");
                 link.reading = false;
+                self.core.on_driver_eof(Instant::now());
                 false
             }
         };
@@ -259,29 +267,82 @@ impl Shell<'_> {
         }
     }
 
-    /// Writes what the driver's socket takes now; kills a driver that does not read.
+    /// How long the driver may leave queued bytes unread before it counts as hung: the
+    /// ping interval × misses, or `--ready-timeout` when pings are off.
+    fn stall_limit(&self) -> Duration {
+        let sup = &self.cfg.sup;
+        if sup.ping_interval.is_zero() {
+            sup.ready_timeout
+        } else {
+            sup.ping_interval.saturating_mul(sup.ping_misses.max(1))
+        }
+    }
+
+    /// Reading the driver resumes: a write queue that waited meanwhile gets its full
+    /// [`Shell::stall_limit`] again.
+    pub(super) fn restart_stall_clock(&mut self) {
+        if let Some(link) = self.link.as_mut() {
+            if link.stalled_since.is_some() {
+                link.stalled_since = Some(Instant::now());
+            }
+        }
+    }
+
+    /// When the driver counts as not reading if no byte is written before (`None` while
+    /// nothing waits or while we do not read it either: backpressure).
+    pub(super) fn stall_deadline(&self) -> Option<Instant> {
+        if self.reading_paused {
+            return None;
+        }
+        let since = self.link.as_ref()?.stalled_since?;
+        since.checked_add(self.stall_limit())
+    }
+
+    /// Writes what the driver's socket takes now; kills a driver that does not read (no
+    /// progress for [`Shell::stall_limit`], or over [`MAX_DRIVER_QUEUE`] queued).
     pub(super) fn write_link(&mut self) {
+        let now = Instant::now();
+        let limit = self.stall_limit();
+        let paused = self.reading_paused;
         let Some(link) = self.link.as_mut() else {
             return;
         };
+        let mut failed = false;
         while !link.wbuf.is_empty() {
             match link.sock.try_write(&link.wbuf) {
-                Ok(n) => link.wbuf.advance(n),
+                Ok(n) => {
+                    link.wbuf.advance(n);
+                    link.stalled_since = Some(now);
+                }
                 Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(err) => {
                     debug!(%err, "writing to the driver failed");
                     link.wbuf.clear();
+                    failed = true;
                     break;
                 }
             }
         }
-        if link.wbuf.len() > MAX_DRIVER_QUEUE {
+        if link.wbuf.is_empty() {
+            link.stalled_since = None;
+        } else if paused {
+            // It may be blocked writing to us: its silence does not count meanwhile.
+            link.stalled_since = Some(now);
+        }
+        let stalled = link
+            .stalled_since
+            .is_some_and(|t| now.saturating_duration_since(t) >= limit);
+        if stalled || link.wbuf.len() > MAX_DRIVER_QUEUE {
             warn!(
                 queued = link.wbuf.len(),
                 "the driver does not read its socket"
             );
             link.wbuf.clear();
+            link.stalled_since = None;
             self.core.on_driver_unwritable();
+        }
+        if failed {
+            self.core.on_driver_eof(now);
         }
     }
 
@@ -328,10 +389,17 @@ impl Shell<'_> {
             LogStream::Driver => "driver",
         };
         let now = Instant::now();
-        let mut err = std::io::stderr().lock();
         for line in lines {
-            let _ = writeln!(err, "driver[{}] {name}: {}", self.driver_pid, line.text);
-            if self.rate.allow(now) {
+            self.errout.line(&format!(
+                "driver[{}] {name}: {}",
+                self.driver_pid, line.text
+            ));
+            // While the event buffer is full, lines only count (the buffer must not grow
+            // while the control plane is away); one "suppressed" event follows.
+            if self.control.as_ref().is_some_and(ControlServer::is_full) {
+                self.rate.count_suppressed();
+                self.suppressed_stream = stream;
+            } else if self.rate.allow(now) {
                 self.publish(&Event::Log(Log {
                     task_id: None,
                     stream,
@@ -343,11 +411,14 @@ impl Shell<'_> {
                 self.suppressed_stream = stream;
             }
         }
-        drop(err);
         self.flush_suppressed(now);
     }
 
+    /// Publishes the "suppressed" event when it is due and the event buffer has room.
     pub(super) fn flush_suppressed(&mut self, now: Instant) {
+        if self.control.as_ref().is_some_and(ControlServer::is_full) {
+            return;
+        }
         if let Some(n) = self.rate.take_suppressed(now) {
             self.publish(&Event::Log(Log {
                 task_id: None,

@@ -7,6 +7,7 @@
 //! deadline. Once the core has an exit code, buffered events get a last chance to be
 //! delivered.
 
+mod errcopy;
 mod link;
 mod signalfd;
 
@@ -22,6 +23,7 @@ use crate::control::{ControlAddr, ControlConfig, ControlServer};
 use crate::reaper::Reaper;
 use crate::sys::Real;
 
+use self::errcopy::ErrCopy;
 use self::link::{link_readable, link_writable, pipe_readable, Link, OutPipe};
 use self::signalfd::Signals;
 use super::core::{Core, Output};
@@ -30,6 +32,9 @@ use super::{Owner, SupervisorError};
 
 /// After the driver's final exit, how long buffered events may take to be acknowledged.
 const FINAL_DRAIN: Duration = Duration::from_secs(2);
+
+/// At exit, how long driver output queued for our stderr may take to be written.
+const ERROUT_DRAIN: Duration = Duration::from_millis(200);
 
 /// While the event buffer is full, how often waiting control requests are taken.
 const FULL_RECHECK: Duration = Duration::from_millis(20);
@@ -47,6 +52,10 @@ struct Shell<'a> {
     rate: RateLimiter,
     /// The stream of the last line the rate limit refused (for the "suppressed" event).
     suppressed_stream: LogStream,
+    /// The non-blocking copy of driver output lines to our stderr.
+    errout: ErrCopy,
+    /// The core was told that the driver is not read (the event buffer is full).
+    reading_paused: bool,
     reaped: u64,
 }
 
@@ -84,6 +93,8 @@ pub(super) async fn shell(
         driver_pid: 0,
         rate: RateLimiter::new(cfg.sup.log_rate),
         suppressed_stream: LogStream::Stderr,
+        errout: ErrCopy::open(),
+        reading_paused: false,
         reaped: 0,
     };
     sh.core.start();
@@ -93,13 +104,29 @@ pub(super) async fn shell(
         sh.apply_outputs();
         if let Some(code) = sh.core.exit_code() {
             let kill_deadline = sh.core.kill_deadline();
+            sh.flush_errout().await;
             sh.final_drain().await;
             return Ok((code, kill_deadline));
         }
-        let deadline = sh.core.next_deadline();
         let full = sh.control.as_ref().is_some_and(ControlServer::is_full);
+        if full != sh.reading_paused {
+            sh.reading_paused = full;
+            if full {
+                sh.core.reading_paused(Instant::now());
+            } else {
+                sh.core.reading_resumed(Instant::now());
+                sh.restart_stall_clock();
+            }
+        }
+        let deadline = sh.core.next_deadline();
+        let stall = sh.stall_deadline();
         let reading = sh.link_reading() && !full;
         let writing = sh.link_writing();
+        let copying = sh.errout.pending();
+        if !full {
+            // Lines counted while the event buffer was full are reported once it has room.
+            sh.flush_suppressed(Instant::now());
+        }
         // Not `biased`: a driver that always has something to say must not starve the
         // timers (cancel grace, pings) or the control connection.
         tokio::select! {
@@ -151,7 +178,11 @@ pub(super) async fn shell(
             () = sleep_until(deadline) => {
                 sh.core.on_timer(Instant::now());
             }
-            () = sleep_until(sh.rate.suppressed_due()) => {
+            () = sh.errout.flush(), if copying => {}
+            () = sleep_until(stall) => {
+                sh.write_link();
+            }
+            () = sleep_until(sh.rate.suppressed_due()), if !full => {
                 sh.flush_suppressed(Instant::now());
             }
         }
@@ -256,6 +287,8 @@ impl Shell<'_> {
         self.reaped = self.reaped.saturating_add(d.reaped);
         for (pid, Owner::Driver, status) in exits {
             if pid == self.driver_pid {
+                // Before its last frames: they are relayed but start nothing.
+                self.core.on_driver_gone(pid);
                 self.close_driver_io();
             }
             self.core.on_driver_exit(pid, status, Instant::now());
@@ -281,6 +314,19 @@ impl Shell<'_> {
             other => other,
         };
         cmd.reply.send(reply);
+    }
+
+    /// Gives driver output still queued for our stderr a last, bounded chance.
+    async fn flush_errout(&mut self) {
+        let errout = &mut self.errout;
+        let flush = async {
+            while errout.pending() {
+                errout.flush().await;
+            }
+        };
+        if tokio::time::timeout(ERROUT_DRAIN, flush).await.is_err() {
+            debug!("stderr does not take the last driver output");
+        }
     }
 
     /// Delivers buffered events before exiting: at most [`FINAL_DRAIN`], and only while a
