@@ -9,6 +9,7 @@ pub mod handshake;
 pub mod message;
 pub mod raw;
 
+mod de;
 mod error;
 
 pub use error::{DecodeError, EncodeError, ErrorCode};

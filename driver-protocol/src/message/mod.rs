@@ -92,11 +92,12 @@ where
     Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
+#[inline(never)]
 pub(crate) fn decode_fields<'a, T: Deserialize<'a>>(
     body: &'a [u8],
     head: &Head<'_>,
 ) -> Result<T, DecodeError> {
-    rmp_serde::from_slice(body)
+    crate::de::from_slice(body)
         .map_err(|e| DecodeError::malformed(Some(head.type_name), head.id, e))
 }
 
