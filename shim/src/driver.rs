@@ -41,7 +41,7 @@ pub const DRIVER_FD: RawFd = 3;
 pub const FD_VAR: &str = "AGENT_SHIM_FD";
 
 /// The control-link token variable: never passed to the driver.
-const TOKEN_VAR: &str = "AGENT_SHIM_TOKEN";
+pub const TOKEN_VAR: &str = "AGENT_SHIM_TOKEN";
 
 /// How to start the driver (from the command line: the command, `--user`, `--workdir`, and
 /// the environment computed by [`driver_env`]).
@@ -61,6 +61,8 @@ pub struct DriverConfig {
 /// The driver's environment from the shim's: `AGENT_SHIM_TOKEN` and any inherited
 /// `AGENT_SHIM_FD` always removed; with `allow` only those names kept; `deny` names removed;
 /// then `AGENT_SHIM_FD=3` appended.
+///
+/// `set_driver`'s variables go on top with [`overlay_env`].
 pub fn driver_env(
     vars: impl IntoIterator<Item = (OsString, OsString)>,
     allow: Option<&[String]>,
@@ -75,6 +77,17 @@ pub fn driver_env(
         .collect();
     env.push((FD_VAR.into(), DRIVER_FD.to_string().into()));
     env
+}
+
+/// Sets each of `vars` in `env`, replacing a variable of the same name.
+pub fn overlay_env<'a>(
+    env: &mut Vec<(OsString, OsString)>,
+    vars: impl IntoIterator<Item = (&'a String, &'a String)>,
+) {
+    for (k, v) in vars {
+        env.retain(|(name, _)| name.as_os_str() != OsStr::new(k));
+        env.push((k.into(), v.into()));
+    }
 }
 
 /// `"UID"` or `"UID:GID"` (numeric; GID defaults to UID) for `--user`.

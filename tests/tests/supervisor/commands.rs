@@ -76,10 +76,6 @@ in_both_modes! {
                 .into()
         })?;
         ensure!(code == ErrorCode::Unsupported, "signal to an exec: {code:?}");
-        let code = error_code(&mut sup, |id| {
-            SetDriver { id, argv: vec!["true".into()], env: BTreeMap::new() }.into()
-        })?;
-        ensure!(code == ErrorCode::Unsupported, "set_driver: {code:?}");
         // A signal to the driver's group: SIGKILL ⇒ it dies of it and is restarted.
         sup.ctl.expect_ok(|id| {
             Signal { id, signal: "KILL".into(), target: SignalTarget::Driver, exec_id: None }
@@ -93,6 +89,55 @@ in_both_modes! {
             "{exited:?}"
         );
         sup.expect_up(2)?;
+        Ok(())
+    }
+
+    fn set_driver_hot_swaps_the_command(mode: Mode) -> Result<()> {
+        let mut sup = Setup::new(mode).start()?;
+        let old = sup.expect_up(1)?;
+        sup.submit("before", "one two".into())?;
+        let (done, _, _) = sup.expect_done("before")?;
+        ensure!(done.status == TaskStatus::Succeeded, "{done:?}");
+        // A bad command is refused and changes nothing.
+        let code = error_code(&mut sup, |id| {
+            SetDriver { id, argv: vec![], env: BTreeMap::new() }.into()
+        })?;
+        ensure!(code == ErrorCode::Invalid, "set_driver with an empty argv: {code:?}");
+        // The new command proves its argv and env on stdout, then becomes the echo driver.
+        let echo = crate::drivers::echo_driver_bin()?;
+        let argv = vec![
+            "sh".to_owned(),
+            "-c".to_owned(),
+            "echo swapped:$SWAP_MARK; exec \"$0\"".to_owned(),
+            echo.display().to_string(),
+        ];
+        let env = BTreeMap::from([("SWAP_MARK".to_owned(), "m1".to_owned())]);
+        sup.ctl.expect_ok(|id| SetDriver { id, argv, env }.into())?;
+        // The old driver gets a graceful shutdown: it exits 0 on its own, reason "shutdown".
+        let (exited, _, _) = sup.expect_exited()?;
+        ensure!(
+            exited.pid == old && exited.reason == "shutdown" && exited.code == Some(0),
+            "the old driver was not stopped gracefully: {exited:?}"
+        );
+        let (new, _, _) = sup.expect_started(1)?;
+        ensure!(new != old, "the same pid {new} after set_driver");
+        let seen = sup.wait_all(
+            "the new driver's mark and readiness",
+            &[
+                &|e| matches!(e, Event::Log(l) if l.text == "swapped:m1"),
+                &|e| matches!(e, Event::DriverReady(r) if r.pid == new),
+            ],
+        )?;
+        ensure!(
+            !seen.iter().any(|s| matches!(s.event, Event::DriverExited(_))),
+            "the new driver exited: {:?}",
+            kinds(&seen)
+        );
+        sup.submit("after", "three".into())?;
+        let (done, _, _) = sup.expect_done("after")?;
+        ensure!(done.status == TaskStatus::Succeeded, "{done:?}");
+        let status = sup.status()?;
+        ensure!(status.driver_pid == Some(new), "{status:?}");
         Ok(())
     }
 

@@ -6,9 +6,13 @@
 
 use std::time::Instant;
 
+use std::collections::BTreeMap;
+
 use driver_protocol::message::{
-    CrashLoop, DriverExited, DriverRestarting, DriverStarted, ShimToControl, TaskStatus,
+    CrashLoop, DriverExited, DriverRestarting, DriverStarted, SetDriver, ShimToControl, Shutdown,
+    TaskStatus,
 };
+use driver_protocol::ErrorCode;
 use tracing::{debug, info, warn};
 
 use crate::reaper::ExitStatus;
@@ -18,7 +22,7 @@ use crate::sys::Sys;
 use super::super::lifecycle::Input;
 use super::super::restart::Decision;
 use super::super::tasks::LostOutcome;
-use super::{due, err, ok, Core, Driver, ExitReason, Output};
+use super::{due, err, ok, Core, Driver, ExitReason, Output, Stopping};
 
 impl<S: Sys> Core<S> {
     /// The driver was forked as `pid` (its exit will reach [`Core::on_driver_exit`]).
@@ -112,6 +116,7 @@ impl<S: Sys> Core<S> {
             reason: reason.as_str().to_owned(),
         });
         self.pausing = None;
+        self.replacing = None;
         self.paused_at = None;
         self.resuming = false;
         self.resume_deadline = None;
@@ -227,6 +232,77 @@ impl<S: Sys> Core<S> {
         ok(re)
     }
 
+    /// `set_driver`: from now on launch `argv` (with `env` on top of the scrubbed
+    /// environment). A running driver gets a graceful stop — `shutdown`, SIGTERM to its group
+    /// after half the grace, SIGKILL after the whole grace — and the new command starts once
+    /// it is gone; no task is delivered to the old driver meanwhile (a running one is settled
+    /// like any other lost task). The crash history is forgotten: the new command starts with
+    /// a clean slate, also out of `error`.
+    pub(super) fn set_driver(&mut self, s: SetDriver, now: Instant) -> ShimToControl {
+        if self.stopping.is_some() {
+            return err(s.id, ErrorCode::ShuttingDown, "the shim is shutting down");
+        }
+        if let Err(why) = check_command(&s.argv, &s.env) {
+            return err(s.id, ErrorCode::Invalid, &why);
+        }
+        info!(argv = ?s.argv, env = s.env.len(), "driver command replaced");
+        self.command = s.argv.into_iter().map(Into::into).collect();
+        self.command_env = s.env;
+        self.restarter.reset();
+        self.next_attempt = 1;
+        self.restart_at = None;
+        let grace = self.cfg.grace;
+        match self.driver.as_mut() {
+            Some(d) if d.kill_reason.is_none() && !d.gone => {
+                d.kill_reason = Some(ExitReason::Shutdown);
+                self.relaunch_after_exit = true;
+                self.pausing = None;
+                self.transition(Input::StopRequested);
+                let id = self.request_id();
+                self.send(Shutdown {
+                    id,
+                    grace_ms: Some(Self::ms(grace)),
+                    reason: Some("set_driver".to_owned()),
+                });
+                self.replacing = Some(Stopping {
+                    term_at: now.checked_add(grace / 2),
+                    kill_at: now.checked_add(grace),
+                });
+            }
+            // Already on its way out: the new command starts when it is gone.
+            Some(_) => self.relaunch_after_exit = true,
+            None => {
+                self.transition(Input::Recover);
+                self.out.push(Output::Launch);
+            }
+        }
+        ok(s.id)
+    }
+
+    /// The graceful stop of a driver being replaced: SIGTERM at half the grace, SIGKILL at
+    /// the end.
+    pub(super) fn replace_timer(&mut self, now: Instant) {
+        let Some(pid) = self.driver.as_ref().map(|d| d.pid) else {
+            return;
+        };
+        let Some(r) = self.replacing.as_mut() else {
+            return;
+        };
+        if due(r.term_at, now) {
+            r.term_at = None;
+            info!(pid, "replaced driver: SIGTERM to its group");
+            self.kill_group(pid, libc::SIGTERM);
+        }
+        if let Some(r) = self.replacing.as_mut().filter(|r| due(r.kill_at, now)) {
+            r.kill_at = None;
+            warn!(
+                pid,
+                "replaced driver still running after the grace: SIGKILL"
+            );
+            self.kill_group(pid, libc::SIGKILL);
+        }
+    }
+
     /// The backoff delay is over: launch again (unless stopping or already running).
     pub(super) fn restart_timer(&mut self, now: Instant) {
         if due(self.restart_at, now) {
@@ -238,11 +314,39 @@ impl<S: Sys> Core<S> {
     }
 }
 
+/// Variables a driver command may not set: the protocol fd is the shim's to give.
+const RESERVED_ENV: &[&str] = &[crate::driver::FD_VAR, crate::driver::TOKEN_VAR];
+
+/// A `set_driver` command the kernel can run: a program, no NUL anywhere, names without `=`.
+fn check_command(argv: &[String], env: &BTreeMap<String, String>) -> Result<(), String> {
+    match argv.first() {
+        None => return Err("argv is empty".to_owned()),
+        Some(p) if p.is_empty() => return Err("argv[0] is empty".to_owned()),
+        Some(_) => {}
+    }
+    if argv.iter().any(|a| a.contains('\0')) {
+        return Err("argv contains a NUL byte".to_owned());
+    }
+    for (k, v) in env {
+        if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+            return Err(format!("invalid environment variable {k:?}"));
+        }
+        if RESERVED_ENV.contains(&k.as_str()) {
+            return Err(format!("{k} is set by the shim"));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, Instant};
 
-    use driver_protocol::message::{ControlToShim, DriverRestarting, Event, RestartDriver};
+    use driver_protocol::message::{
+        ControlToShim, DriverRestarting, DriverStarted, Event, RestartDriver, SetDriver,
+        ShimToDriver,
+    };
+    use driver_protocol::ErrorCode;
 
     use super::super::testkit::*;
     use crate::reaper::ExitStatus;
@@ -355,5 +459,127 @@ mod tests {
         let outs = core.take_outputs();
         assert_eq!(exited(&outs)[0].reason, "shutdown");
         assert_eq!(launches(&outs), 1);
+    }
+
+    fn set_driver(id: u64, argv: &[&str], env: &[(&str, &str)]) -> ControlToShim {
+        ControlToShim::SetDriver(SetDriver {
+            id,
+            argv: argv.iter().map(|a| (*a).to_owned()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        })
+    }
+
+    #[test]
+    fn set_driver_stops_the_old_driver_gracefully_then_launches_the_new_command() {
+        let t0 = Instant::now();
+        let mut c = cfg();
+        c.sup.ping_interval = Duration::from_secs(60);
+        let mut core = new_core(&c, t0);
+        up(&mut core, t0);
+        let r = core.on_command(set_driver(1, &["new", "--x"], &[("A", "b")]), t0);
+        assert!(is_ok(&r, 1), "{r:?}");
+        let (argv, env) = core.driver_command();
+        assert_eq!(argv, ["new", "--x"].map(std::ffi::OsString::from));
+        assert_eq!(env.get("A").map(String::as_str), Some("b"));
+        let outs = core.take_outputs();
+        assert!(
+            to_driver(&outs).iter().any(|m| matches!(
+                m,
+                ShimToDriver::Shutdown(s) if s.reason.as_deref() == Some("set_driver")
+            )),
+            "{outs:?}"
+        );
+        assert_eq!(states(&outs), vec![(S::Ready, S::Stopping)]);
+        assert!(core.sys.kills.borrow().is_empty(), "killed at once");
+        // No task goes to the old driver meanwhile.
+        let r = core.on_command(submit(2, "t", false), t0);
+        assert!(is_ok(&r, 2));
+        assert!(!to_driver(&core.take_outputs())
+            .iter()
+            .any(|m| matches!(m, ShimToDriver::Task(_))));
+        // Half the grace: SIGTERM; the whole grace: SIGKILL.
+        assert_eq!(core.next_deadline(), Some(t0 + Duration::from_secs(4)));
+        core.on_timer(t0 + Duration::from_secs(4));
+        assert_eq!(*core.sys.kills.borrow(), vec![(-PID, libc::SIGTERM)]);
+        core.on_timer(t0 + Duration::from_secs(8));
+        assert_eq!(
+            *core.sys.kills.borrow(),
+            vec![(-PID, libc::SIGTERM), (-PID, libc::SIGKILL)]
+        );
+        let t1 = t0 + Duration::from_secs(9);
+        core.on_driver_exit(PID, ExitStatus::Signaled(9), t1);
+        let outs = core.take_outputs();
+        assert_eq!(exited(&outs)[0].reason, "shutdown");
+        assert_eq!(launches(&outs), 1);
+        assert_eq!(
+            core.next_deadline(),
+            None,
+            "the replacement deadlines are gone"
+        );
+        // The new driver comes up as attempt 1 and gets the queued task.
+        core.on_launched(PID + 1, t1);
+        core.on_driver_msg(hello(), body(), t1);
+        core.on_driver_msg(ready(), body(), t1);
+        let outs = core.take_outputs();
+        assert!(events(&outs)
+            .iter()
+            .any(|e| matches!(e, Event::DriverStarted(DriverStarted { attempt: 1, .. }))));
+        assert!(to_driver(&outs)
+            .iter()
+            .any(|m| matches!(m, ShimToDriver::Task(t) if t.task_id == "t")));
+    }
+
+    #[test]
+    fn set_driver_out_of_a_crash_loop_launches_at_once() {
+        let t0 = Instant::now();
+        let mut c = cfg();
+        c.sup.crash_loop_restarts = 1;
+        let mut core = new_core(&c, t0);
+        up(&mut core, t0);
+        core.on_driver_exit(PID, ExitStatus::Exited(1), t0);
+        core.take_outputs();
+        assert_eq!(core.state(), S::Error);
+        let r = core.on_command(set_driver(1, &["fixed"], &[]), t0);
+        assert!(is_ok(&r, 1), "{r:?}");
+        let outs = core.take_outputs();
+        assert_eq!(launches(&outs), 1);
+        assert_eq!(states(&outs), vec![(S::Error, S::Exited)]);
+    }
+
+    #[test]
+    fn set_driver_refuses_bad_commands_and_keeps_the_old_one() {
+        let t0 = Instant::now();
+        let c = cfg();
+        let mut core = new_core(&c, t0);
+        up(&mut core, t0);
+        for bad in [
+            set_driver(1, &[], &[]),
+            set_driver(2, &[""], &[]),
+            set_driver(3, &["a\0b"], &[]),
+            set_driver(4, &["ok"], &[("A=B", "c")]),
+            set_driver(5, &["ok"], &[("AGENT_SHIM_FD", "7")]),
+            set_driver(6, &["ok"], &[("AGENT_SHIM_TOKEN", "x")]),
+        ] {
+            let r = core.on_command(bad, t0);
+            assert_eq!(err_code(&r), Some(ErrorCode::Invalid), "{r:?}");
+        }
+        assert_eq!(
+            core.driver_command().0,
+            ["driver"].map(std::ffi::OsString::from)
+        );
+        assert!(core.take_outputs().is_empty());
+        core.on_command(
+            ControlToShim::Shutdown(driver_protocol::message::Shutdown {
+                id: 9,
+                grace_ms: None,
+                reason: None,
+            }),
+            t0,
+        );
+        let r = core.on_command(set_driver(10, &["late"], &[]), t0);
+        assert_eq!(err_code(&r), Some(ErrorCode::ShuttingDown));
     }
 }

@@ -170,6 +170,12 @@ pub struct Core<S: Sys> {
     resume_deadline: Option<Instant>,
     cancelling: Option<Cancelling>,
     stopping: Option<Stopping>,
+    /// `set_driver` is replacing a running driver: its graceful-stop deadlines.
+    replacing: Option<Stopping>,
+    /// The driver command (`set_driver` replaces the one from the command line).
+    command: Vec<std::ffi::OsString>,
+    /// Variables `set_driver` sets on top of the scrubbed environment.
+    command_env: std::collections::BTreeMap<String, String>,
     last_exit: Option<ExitStatus>,
     exit_code: Option<i32>,
     /// Since when the shell does not read the driver (the event buffer is full).
@@ -217,6 +223,9 @@ impl<S: Sys> Core<S> {
             resume_deadline: None,
             cancelling: None,
             stopping: None,
+            replacing: None,
+            command: cfg.command.clone(),
+            command_env: std::collections::BTreeMap::new(),
             last_exit: None,
             exit_code: None,
             reading_paused: None,
@@ -250,6 +259,16 @@ impl<S: Sys> Core<S> {
     /// The driver's pid, while it runs.
     pub fn driver_pid(&self) -> Option<i32> {
         self.driver.as_ref().map(|d| d.pid)
+    }
+
+    /// The command the next launch runs: `(argv, variables set on top of the environment)`.
+    pub fn driver_command(
+        &self,
+    ) -> (
+        &[std::ffi::OsString],
+        &std::collections::BTreeMap<String, String>,
+    ) {
+        (&self.command, &self.command_env)
     }
 
     /// The `--grace` SIGKILL deadline of the shutdown sequence, if one is running.
@@ -311,6 +330,8 @@ impl<S: Sys> Core<S> {
                 .filter(|_| live),
             s.and_then(|s| s.term_at),
             s.and_then(|s| s.kill_at),
+            self.replacing.as_ref().and_then(|r| r.term_at),
+            self.replacing.as_ref().and_then(|r| r.kill_at),
         ]
         .into_iter()
         .flatten()
@@ -327,6 +348,7 @@ impl<S: Sys> Core<S> {
             self.cancel_timer(now);
         }
         self.stop_timer(now);
+        self.replace_timer(now);
     }
 
     /// The shell stopped reading the driver (the event buffer is full): unanswered pings
@@ -381,11 +403,7 @@ impl<S: Sys> Core<S> {
                 self.begin_stop(now, grace, s.reason);
                 ok(s.id)
             }
-            C::SetDriver(s) => err(
-                s.id,
-                ErrorCode::Unsupported,
-                "set_driver is not implemented yet",
-            ),
+            C::SetDriver(s) => self.set_driver(s, now),
             C::Exec(e) => err(e.id, ErrorCode::Unsupported, "exec is not implemented yet"),
             C::Status(s) => ShimToControl::StatusReply(self.status(s.id, now)),
             other => {

@@ -100,11 +100,15 @@ impl Shell<'_> {
 
     pub(super) fn launch(&mut self) {
         let sup = &self.cfg.sup;
+        let (argv, vars) = self.core.driver_command();
+        let mut env =
+            driver::driver_env(std::env::vars_os(), sup.env_allow.as_deref(), &sup.env_deny);
+        driver::overlay_env(&mut env, vars);
         let dcfg = DriverConfig {
-            argv: self.cfg.command.clone(),
+            argv: argv.to_vec(),
             user: sup.user,
             workdir: sup.workdir.clone(),
-            env: driver::driver_env(std::env::vars_os(), sup.env_allow.as_deref(), &sup.env_deny),
+            env,
         };
         let now = Instant::now();
         match driver::launch(&dcfg, &self.mask) {

@@ -226,6 +226,31 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
+/// The shim's live child processes (the driver, tools, adopted orphans, zombies not yet
+/// reaped): the `/proc/PID/stat` entries whose parent is us. `None` if `/proc` is unreadable.
+fn live_children() -> Option<u32> {
+    let me = std::process::id();
+    let mut n = 0u32;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let name = entry.file_name();
+        if !name.as_encoded_bytes().iter().all(u8::is_ascii_digit) {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue; // gone meanwhile
+        };
+        // `pid (comm) state ppid …`; comm may hold spaces and parentheses.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_ascii_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(me) {
+            n = n.saturating_add(1);
+        }
+    }
+    Some(n)
+}
+
 /// Resident set size from `/proc/self/statm`, in bytes.
 fn rss_bytes() -> u64 {
     let Ok(statm) = std::fs::read_to_string("/proc/self/statm") else {
@@ -303,6 +328,9 @@ impl Shell<'_> {
             ShimToControl::StatusReply(mut s) => {
                 s.reaped = self.reaped;
                 s.rss_bytes = rss_bytes();
+                if let Some(n) = live_children() {
+                    s.children = n;
+                }
                 if let Some(c) = self.control.as_ref() {
                     let st = c.stats();
                     s.buffered_events = st.events;
