@@ -75,7 +75,7 @@ in_both_modes! {
             Signal { id, signal: "TERM".into(), target: SignalTarget::Exec, exec_id: Some(1) }
                 .into()
         })?;
-        ensure!(code == ErrorCode::Unsupported, "signal to an exec: {code:?}");
+        ensure!(code == ErrorCode::NotFound, "signal to an unknown exec: {code:?}");
         let code = error_code(&mut sup, |id| {
             SetDriver { id, argv: vec!["true".into()], env: BTreeMap::new() }.into()
         })?;
