@@ -185,13 +185,14 @@ in_both_modes! {
         expect_no_leftovers(&sup, driver)?;
         // SIGTERM ignored: SIGKILL after the kill grace.
         let r = run(&mut sup, |id| Exec {
-            timeout_ms: Some(200),
+            // Long enough for the trap to be set first, even on a loaded machine.
+            timeout_ms: Some(1000),
             ..sh(id, "trap '' TERM; echo armed; while :; do sleep 0.05; done")
         })?;
         let exit = r.exit.clone().expect("exit");
         ensure!(r.out() == "armed\n", "{r:?}");
         ensure!(exit.timed_out && exit.signal.as_deref() == Some("SIGKILL"), "{exit:?}");
-        ensure!(exit.duration_ms >= 450, "{exit:?}");
+        ensure!(exit.duration_ms >= 1250, "{exit:?}");
         expect_no_leftovers(&sup, driver)?;
         Ok(())
     }
@@ -339,6 +340,35 @@ in_both_modes! {
         }));
         let r = sup.ctl.exec_run(s.exec_id, PATIENCE)?;
         ensure!(r.out() == "a\nb\n" && r.exit.is_some(), "{r:?}");
+        Ok(())
+    }
+
+    fn shutdown_ends_every_exec_with_its_exit_first(mode: Mode) -> Result<()> {
+        let mut sup = Setup::new(mode).flag("--exec-kill-grace", "300ms").start()?;
+        sup.expect_up(1)?;
+        // One ends on SIGTERM, one ignores it and needs the SIGKILL.
+        let a = sup.ctl.exec_started(|id| cmd(id, &["sleep", "100"]))?;
+        let b = sup.ctl.exec_started(|id| sh(id, "trap '' TERM; echo armed; sleep 100"))?;
+        sup.wait("the trap set", |e| {
+            matches!(e, Event::ExecOutput(o) if o.exec_id == b.exec_id && o.data == "armed\n")
+        })?;
+        sup.status_until("both running", |s| s.execs_running == 2)?;
+        sup.ctl.expect_ok(|id| {
+            driver_protocol::message::Shutdown { id, grace_ms: Some(5000), reason: None }.into()
+        })?;
+        let events = sup.ctl.until_closed(PATIENCE)?;
+        let exit_of = |id: u64| {
+            events.iter().find_map(|s| match &s.event {
+                Event::ExecExit(x) if x.exec_id == id => Some(x.clone()),
+                _ => None,
+            })
+        };
+        let (Some(xa), Some(xb)) = (exit_of(a.exec_id), exit_of(b.exec_id)) else {
+            bail!("an exec_exit is missing: {:?}", crate::supervisor::kinds(&events));
+        };
+        ensure!(xa.signal.as_deref() == Some("SIGTERM"), "{xa:?}");
+        ensure!(xb.signal.as_deref() == Some("SIGKILL"), "{xb:?}");
+        sup.shim.wait_code(PATIENCE)?;
         Ok(())
     }
 
