@@ -57,6 +57,7 @@ pub struct Config {
     pub sup: SupervisorOpts,
 }
 
+use crate::limits::{self, Limits};
 use crate::supervisor::restart::ParsePolicyError;
 /// The restart policy of `--restart`.
 pub use crate::supervisor::restart::RestartPolicy;
@@ -112,6 +113,14 @@ pub struct SupervisorOpts {
     pub log_line_max: usize,
     /// `--log-rate` (0 = unlimited).
     pub log_rate: u32,
+    /// `--rlimit`, `--umask`, `--no-new-privs`: for the driver and every exec.
+    pub limits: Limits,
+    /// `--max-execs`: execs running at once.
+    pub max_execs: usize,
+    /// `--exec-kill-grace`: SIGTERM to SIGKILL of an exec's group.
+    pub exec_kill_grace: Duration,
+    /// `--exec-drain`: after an exec's process exits, how long its output is still read.
+    pub exec_drain: Duration,
 }
 
 impl Default for SupervisorOpts {
@@ -141,6 +150,10 @@ impl Default for SupervisorOpts {
             env_deny: Vec::new(),
             log_line_max: 4096,
             log_rate: 100,
+            limits: Limits::default(),
+            max_execs: 128,
+            exec_kill_grace: Duration::from_secs(2),
+            exec_drain: Duration::from_millis(200),
         }
     }
 }
@@ -263,6 +276,15 @@ AGENT_SHIM_* variable, e.g. --ping-interval is AGENT_SHIM_PING_INTERVAL):
       --env-deny NAME,...    these variables never reach the driver
       --log-line-max BYTES   driver output lines are cut at BYTES [4096]
       --log-rate N           driver output lines per second turned into events [100]
+
+Sandbox limits (the driver and every exec) and tool execution:
+      --rlimit NAME=SOFT[:HARD]
+                             NOFILE, NPROC, AS, CPU or CORE; repeatable [AGENT_SHIM_RLIMIT]
+      --umask MODE           octal, e.g. 022
+      --no-new-privs         set no_new_privs (setuid bits grant nothing)
+      --max-execs N          execs running at once; more are refused [128]
+      --exec-kill-grace DUR  an exec's group gets SIGKILL this long after SIGTERM [2s]
+      --exec-drain DUR       output still read after an exec's process exits [200ms]
 
 DUR: 500ms, 8s, 2m, or a number of seconds (8, 0.5).
 Signals: TERM, SIGTERM, 15, RTMIN+1... Booleans in the environment: 1/true/yes, 0/false/no.
@@ -408,7 +430,7 @@ fn utf8(source: &str, v: OsString) -> Result<String, UsageError> {
 }
 
 /// Supervisor-mode flags without a value.
-const SUP_SWITCHES: &[&str] = &["supervise", "control-insecure"];
+const SUP_SWITCHES: &[&str] = &["supervise", "control-insecure", "no-new-privs"];
 
 /// Supervisor-mode flags with a value.
 const SUP_VALUES: &[&str] = &[
@@ -435,6 +457,10 @@ const SUP_VALUES: &[&str] = &[
     "env-deny",
     "log-line-max",
     "log-rate",
+    "umask",
+    "max-execs",
+    "exec-kill-grace",
+    "exec-drain",
 ];
 
 fn parse_num<T: std::str::FromStr>(s: &str) -> Result<T, String> {
@@ -551,6 +577,24 @@ fn supervisor_opts(
         env_deny: one(get("env-deny")?, Vec::new(), parse_names)?,
         log_line_max: one(get("log-line-max")?, d.log_line_max, parse_num)?,
         log_rate: one(get("log-rate")?, d.log_rate, parse_num)?,
+        limits: Limits {
+            rlimits: one(get("rlimit")?, Vec::new(), |s| {
+                list(s).map(limits::parse_rlimit).collect()
+            })?,
+            umask: one(get("umask")?, None, |s| limits::parse_umask(s).map(Some))?,
+            no_new_privs: one(get("no-new-privs")?, false, parse_bool)?,
+        },
+        max_execs: one(get("max-execs")?, d.max_execs, |s| {
+            parse_num(s).and_then(|n: usize| {
+                if n == 0 {
+                    Err("must be at least 1".to_owned())
+                } else {
+                    Ok(n)
+                }
+            })
+        })?,
+        exec_kill_grace: one(get("exec-kill-grace")?, d.exec_kill_grace, parse_duration)?,
+        exec_drain: one(get("exec-drain")?, d.exec_drain, parse_duration)?,
     };
     Ok((supervise, sup))
 }
@@ -600,6 +644,18 @@ where
             Long("log-format") => {
                 let v = utf8("--log-format", p.value()?)?;
                 f.log_format = Some(ctx("--log-format", parse_log_format(&v))?);
+            }
+            Long("rlimit") => {
+                // Repeatable: the values are kept as one comma-separated list, like the
+                // variable's.
+                let v = utf8("--rlimit", p.value()?)?;
+                sup_flags
+                    .entry("rlimit".to_owned())
+                    .and_modify(|all: &mut String| {
+                        all.push(',');
+                        all.push_str(&v);
+                    })
+                    .or_insert(v);
             }
             Long(name) if SUP_SWITCHES.contains(&name) => {
                 sup_flags.insert(name.to_owned(), "1".to_owned());
@@ -948,6 +1004,75 @@ mod tests {
         assert_eq!(c.sup.restart, RestartPolicy::Never);
         assert_eq!(c.sup.ping_misses, 9);
         assert_eq!(c.sup.cancel_grace, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn sandbox_limit_and_exec_flags() {
+        use crate::limits::{Resource, Rlimit};
+        let d = run(&["drv"]).unwrap();
+        assert_eq!(d.sup.max_execs, 128);
+        assert_eq!(d.sup.exec_kill_grace, Duration::from_secs(2));
+        assert_eq!(d.sup.exec_drain, Duration::from_millis(200));
+        assert_eq!(d.sup.limits, Limits::default());
+        let c = run(&[
+            "--rlimit",
+            "NOFILE=64",
+            "--rlimit",
+            "NPROC=50:60",
+            "--umask",
+            "027",
+            "--no-new-privs",
+            "--max-execs",
+            "3",
+            "--exec-kill-grace",
+            "500ms",
+            "--exec-drain=1s",
+            "drv",
+        ])
+        .unwrap();
+        let rl = |resource, soft, hard| Rlimit {
+            resource,
+            soft,
+            hard,
+        };
+        assert_eq!(
+            c.sup.limits.rlimits,
+            vec![rl(Resource::Nofile, 64, 64), rl(Resource::Nproc, 50, 60)]
+        );
+        assert_eq!(c.sup.limits.umask, Some(0o027));
+        assert!(c.sup.limits.no_new_privs);
+        assert_eq!(c.sup.max_execs, 3);
+        assert_eq!(c.sup.exec_kill_grace, Duration::from_millis(500));
+        assert_eq!(c.sup.exec_drain, Duration::from_secs(1));
+        // The variable is a list; a flag replaces it as a whole.
+        let c = run_with(
+            &["drv"],
+            &[
+                ("AGENT_SHIM_RLIMIT", "CORE=0,CPU=10:20"),
+                ("AGENT_SHIM_NO_NEW_PRIVS", "yes"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            c.sup.limits.rlimits,
+            vec![rl(Resource::Core, 0, 0), rl(Resource::Cpu, 10, 20)]
+        );
+        assert!(c.sup.limits.no_new_privs);
+        let c = run_with(
+            &["--rlimit", "AS=1000", "drv"],
+            &[("AGENT_SHIM_RLIMIT", "CORE=0")],
+        )
+        .unwrap();
+        assert_eq!(c.sup.limits.rlimits, vec![rl(Resource::As, 1000, 1000)]);
+        for bad in [
+            &["--rlimit", "STACK=1", "drv"][..],
+            &["--rlimit", "NOFILE=2:1", "drv"],
+            &["--umask", "999", "drv"],
+            &["--max-execs", "0", "drv"],
+            &["--exec-drain", "soon", "drv"],
+        ] {
+            assert!(run(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -56,6 +56,8 @@ pub struct DriverConfig {
     /// The driver's complete environment (see [`driver_env`]); [`launch`] adds
     /// `AGENT_SHIM_FD=3` if it is missing.
     pub env: Vec<(OsString, OsString)>,
+    /// Rlimits, umask, `no_new_privs`.
+    pub limits: crate::limits::Limits,
 }
 
 /// The driver's environment from the shim's: `AGENT_SHIM_TOKEN` and any inherited
@@ -159,6 +161,7 @@ pub fn launch(cfg: &DriverConfig, mask: &SigSet) -> Result<Launched, SpawnError>
     spec.foreground = false;
     spec.mask = *mask;
     spec.user = cfg.user;
+    spec.limits = cfg.limits.clone();
     spec.close_other_fds = true;
     spec.fds = vec![
         (null.as_raw_fd(), libc::STDIN_FILENO),
@@ -181,7 +184,7 @@ pub fn launch(cfg: &DriverConfig, mask: &SigSet) -> Result<Launched, SpawnError>
 }
 
 /// `pipe2(O_CLOEXEC)`: `(read end, write end)`.
-fn pipe() -> Result<(OwnedFd, OwnedFd), SpawnError> {
+pub(crate) fn pipe() -> Result<(OwnedFd, OwnedFd), SpawnError> {
     let mut fds = [0 as libc::c_int; 2];
     // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -195,7 +198,7 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), SpawnError> {
     Ok(unsafe { (OwnedFd::from_raw_fd(r), OwnedFd::from_raw_fd(w)) })
 }
 
-fn set_nonblocking(fd: &OwnedFd) -> Result<(), SpawnError> {
+pub(crate) fn set_nonblocking(fd: &OwnedFd) -> Result<(), SpawnError> {
     let os = |errno| SpawnError::Os {
         call: "fcntl(O_NONBLOCK)",
         errno,
@@ -213,7 +216,7 @@ fn set_nonblocking(fd: &OwnedFd) -> Result<(), SpawnError> {
     Ok(())
 }
 
-fn io_error(call: &'static str, err: &std::io::Error) -> SpawnError {
+pub(crate) fn io_error(call: &'static str, err: &std::io::Error) -> SpawnError {
     SpawnError::Os {
         call,
         errno: Errno::from_raw(err.raw_os_error().unwrap_or(libc::EIO)),

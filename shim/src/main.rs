@@ -3,7 +3,9 @@
 mod cli;
 mod control;
 mod driver;
+mod exec;
 mod init;
+mod limits;
 mod logging;
 mod reaper;
 mod signals;

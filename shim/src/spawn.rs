@@ -13,11 +13,13 @@
 //! 3. `dup2` every fd of [`Spec::fds`] to its number in the child;
 //! 4. close every other fd above them if [`Spec::close_other_fds`] (`close_range`, or a
 //!    `close` loop where the kernel or a seccomp filter refuses it);
-//! 5. drop to [`Spec::user`] if asked: `setgroups(0)`, `setgid`, `setuid`, in that order;
-//! 6. `chdir` if asked (after 5, so the directory is entered with the child's credentials);
-//! 7. reset to SIG_DFL the dispositions the shim changed (Rust ignores SIGPIPE);
-//! 8. restore the signal mask the shim started with;
-//! 9. `execve`.
+//! 5. make the terminal on fd 0 the controlling terminal if [`Spec::ctty`] (a PTY exec); apply
+//!    [`Spec::limits`]: rlimits (`prlimit64`), the umask, `no_new_privs`;
+//! 6. drop to [`Spec::user`] if asked: `setgroups(0)`, `setgid`, `setuid`, in that order;
+//! 7. `chdir` if asked (after 6, so the directory is entered with the child's credentials);
+//! 8. reset to SIG_DFL the dispositions the shim changed (Rust ignores SIGPIPE);
+//! 9. restore the signal mask the shim started with;
+//! 10. `execve`.
 //!
 //! A failure in the child is written as `(step, errno)` to a `CLOEXEC` pipe and the child
 //! `_exit(127)`s; a successful `execve` closes the pipe, so the parent reads EOF. The parent
@@ -43,6 +45,8 @@ use std::path::{Path, PathBuf};
 use nix::errno::Errno;
 use nix::sys::signal::SigSet;
 use thiserror::Error;
+
+use crate::limits::Limits;
 
 /// How the child is placed among process groups and sessions.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -84,6 +88,11 @@ pub struct Spec {
     /// `(uid, gid)` to run as, with every supplementary group dropped; `None` keeps the
     /// shim's credentials.
     pub user: Option<(u32, u32)>,
+    /// Make fd 0 (a terminal) the controlling terminal (`TIOCSCTTY`); only meaningful with
+    /// [`Grouping::NewSession`].
+    pub ctty: bool,
+    /// Resource limits, umask and `no_new_privs` ([`crate::limits`]).
+    pub limits: Limits,
 }
 
 impl Spec {
@@ -101,6 +110,8 @@ impl Spec {
             fds: Vec::new(),
             close_other_fds: false,
             user: None,
+            ctty: false,
+            limits: Limits::default(),
         }
     }
 }
@@ -157,6 +168,16 @@ pub enum SpawnError {
         /// The child's pid (already exited, reaped as an orphan).
         pid: Option<i32>,
     },
+    /// Applying [`Spec::limits`] (or the controlling terminal) failed in the child.
+    #[error("{call} failed in the child: {errno}")]
+    Limits {
+        /// Which call.
+        call: &'static str,
+        /// Why.
+        errno: Errno,
+        /// The child's pid (already exited, reaped as an orphan).
+        pid: Option<i32>,
+    },
     /// Setting up the child's fds failed in the child (`dup2`).
     #[error("{call} failed in the child: {errno}")]
     ChildSetup {
@@ -187,6 +208,7 @@ impl SpawnError {
             | SpawnError::NotExecutable { pid, .. }
             | SpawnError::Chdir { pid, .. }
             | SpawnError::Credentials { pid, .. }
+            | SpawnError::Limits { pid, .. }
             | SpawnError::ChildSetup { pid, .. } => *pid,
             SpawnError::Empty | SpawnError::Nul | SpawnError::Os { .. } => None,
         }
@@ -200,6 +222,9 @@ const STEP_DUP2: i32 = 3;
 const STEP_SETGROUPS: i32 = 4;
 const STEP_SETGID: i32 = 5;
 const STEP_SETUID: i32 = 6;
+const STEP_CTTY: i32 = 7;
+const STEP_RLIMIT: i32 = 8;
+const STEP_NO_NEW_PRIVS: i32 = 9;
 
 /// Lowest number the sources of [`Spec::fds`] and the report pipe are moved to (when above
 /// every target anyway).
@@ -234,6 +259,11 @@ pub struct Prepared {
     /// Soft `RLIMIT_NOFILE` (capped), the bound of the fallback `close` loop.
     nofile: RawFd,
     user: Option<(u32, u32)>,
+    ctty: bool,
+    /// `(resource, [soft, hard])` for `prlimit64`.
+    rlimits: Vec<(libc::c_int, [u64; 2])>,
+    umask: Option<libc::mode_t>,
+    no_new_privs: bool,
 }
 
 impl Prepared {
@@ -315,6 +345,15 @@ impl Prepared {
             close_from,
             nofile: nofile_limit(),
             user: spec.user,
+            ctty: spec.ctty,
+            rlimits: spec
+                .limits
+                .rlimits
+                .iter()
+                .map(|r| (r.resource.raw(), [r.soft, r.hard]))
+                .collect(),
+            umask: spec.limits.umask.map(|m| m as libc::mode_t),
+            no_new_privs: spec.limits.no_new_privs,
         })
     }
 }
@@ -468,6 +507,17 @@ pub fn spawn(prep: &Prepared) -> Result<i32, SpawnError> {
                 pid: Some(pid),
             })
         }
+        Some((step @ (STEP_CTTY | STEP_RLIMIT | STEP_NO_NEW_PRIVS), errno)) => {
+            Err(SpawnError::Limits {
+                call: match step {
+                    STEP_CTTY => "ioctl(TIOCSCTTY)",
+                    STEP_RLIMIT => "prlimit",
+                    _ => "prctl(PR_SET_NO_NEW_PRIVS)",
+                },
+                errno: Errno::from_raw(errno),
+                pid: Some(pid),
+            })
+        }
         Some((STEP_DUP2, errno)) => Err(SpawnError::ChildSetup {
             call: "dup2",
             errno: Errno::from_raw(errno),
@@ -560,6 +610,37 @@ unsafe fn child(prep: &Prepared, write_fd: libc::c_int, foreground: bool) -> ! {
             // Keep the report pipe (`write_fd` ≥ `first`, see `spawn`): it is CLOEXEC.
             close_fds(first, write_fd.saturating_sub(1), prep.nofile);
             close_fds(write_fd.saturating_add(1), RawFd::MAX, prep.nofile);
+        }
+        if prep.ctty && libc::ioctl(libc::STDIN_FILENO, libc::TIOCSCTTY as _, 0) != 0 {
+            report_and_exit(write_fd, STEP_CTTY);
+        }
+        // Limits before the credentials: a hard limit can only be raised while still root.
+        for (resource, limit) in &prep.rlimits {
+            let no_old: *mut [u64; 2] = std::ptr::null_mut();
+            if libc::syscall(
+                libc::SYS_prlimit64,
+                0 as libc::pid_t,
+                *resource,
+                limit as *const [u64; 2],
+                no_old,
+            ) != 0
+            {
+                report_and_exit(write_fd, STEP_RLIMIT);
+            }
+        }
+        if let Some(mask) = prep.umask {
+            libc::umask(mask);
+        }
+        if prep.no_new_privs
+            && libc::prctl(
+                libc::PR_SET_NO_NEW_PRIVS,
+                1 as libc::c_ulong,
+                0 as libc::c_ulong,
+                0 as libc::c_ulong,
+                0 as libc::c_ulong,
+            ) != 0
+        {
+            report_and_exit(write_fd, STEP_NO_NEW_PRIVS);
         }
         if let Some((uid, gid)) = prep.user {
             // Raw syscalls: the libc wrappers broadcast the change to every thread of the

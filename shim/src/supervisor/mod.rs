@@ -60,6 +60,8 @@ impl SupervisorError {
 enum Owner {
     /// The agent driver.
     Driver,
+    /// A tool process, by exec id.
+    Exec(u64),
 }
 
 /// Runs supervisor mode on the real kernel; returns the exit code.

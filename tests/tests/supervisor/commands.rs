@@ -75,7 +75,7 @@ in_both_modes! {
             Signal { id, signal: "TERM".into(), target: SignalTarget::Exec, exec_id: Some(1) }
                 .into()
         })?;
-        ensure!(code == ErrorCode::Unsupported, "signal to an exec: {code:?}");
+        ensure!(code == ErrorCode::NotFound, "signal to an unknown exec: {code:?}");
         // A signal to the driver's group: SIGKILL ⇒ it dies of it and is restarted.
         sup.ctl.expect_ok(|id| {
             Signal { id, signal: "KILL".into(), target: SignalTarget::Driver, exec_id: None }

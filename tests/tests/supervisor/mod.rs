@@ -8,6 +8,7 @@
 //! `msgpack`, and is skipped loudly otherwise.
 
 mod commands;
+mod exec;
 mod lifecycle;
 mod python;
 mod regressions;
@@ -99,6 +100,14 @@ impl Setup {
         match self.flags.iter_mut().find(|(k, _)| k == name) {
             Some(slot) => slot.1 = Some(value.to_owned()),
             None => self.flags.push((name.to_owned(), Some(value.to_owned()))),
+        }
+        self
+    }
+
+    /// Adds a flag without a value (a switch such as `--no-new-privs`).
+    pub fn switch(mut self, name: &str) -> Setup {
+        if !self.flags.iter().any(|(k, _)| k == name) {
+            self.flags.push((name.to_owned(), None));
         }
         self
     }

@@ -13,9 +13,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use driver_protocol::blocking::{FrameReader, FrameWriter};
+use std::collections::BTreeMap;
+
 use driver_protocol::message::{
-    Ack, ControlToShim, Event, EventEnvelope, Hello, RequestId, ResumeFrom, Role, Seq,
-    ShimToControl, Status, StatusReply, SubmitTask,
+    Ack, ControlToShim, ErrorMsg, Event, EventEnvelope, Exec, ExecExit, ExecStarted, Hello,
+    OutputStream, RequestId, ResumeFrom, Role, Seq, ShimToControl, Status, StatusReply, SubmitTask,
 };
 use driver_protocol::DecodeError;
 use rmpv::Value;
@@ -32,6 +34,59 @@ pub struct Stamped {
     pub seq: Seq,
     /// The event.
     pub event: Event,
+}
+
+/// What one control-initiated exec produced, from its `exec_output` and `exec_exit` events.
+#[derive(Debug, Default, Clone)]
+pub struct ExecRun {
+    /// Its `stdout` bytes, in order.
+    pub stdout: Vec<u8>,
+    /// Its `stderr` bytes.
+    pub stderr: Vec<u8>,
+    /// Its terminal output (`pty`).
+    pub pty: Vec<u8>,
+    /// Its `exec_output` events.
+    pub chunks: usize,
+    /// The `exec_exit`, once seen.
+    pub exit: Option<ExecExit>,
+}
+
+impl ExecRun {
+    /// Takes one event about this exec; fails on output after the exit or a second exit.
+    pub fn take(&mut self, event: &Event) -> Result<()> {
+        match event {
+            Event::ExecOutput(o) => {
+                ensure!(self.exit.is_none(), "exec_output after exec_exit: {o:?}");
+                self.chunks += 1;
+                let sink = match o.stream {
+                    OutputStream::Stdout => &mut self.stdout,
+                    OutputStream::Stderr => &mut self.stderr,
+                    OutputStream::Pty => &mut self.pty,
+                };
+                sink.extend_from_slice(&o.data);
+            }
+            Event::ExecExit(x) => {
+                ensure!(self.exit.is_none(), "a second exec_exit: {x:?}");
+                self.exit = Some(x.clone());
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Its stdout as (lossy) text.
+    pub fn out(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+}
+
+/// The exec an event is about, if it is one of an exec's.
+pub fn exec_of(event: &Event) -> Option<u64> {
+    match event {
+        Event::ExecOutput(o) => Some(o.exec_id),
+        Event::ExecExit(x) => Some(x.exec_id),
+        _ => None,
+    }
 }
 
 /// One connection to the shim's control socket.
@@ -125,6 +180,12 @@ impl ControlClient {
     pub fn id(&mut self) -> RequestId {
         self.next_id += 1;
         self.next_id
+    }
+
+    /// Continues the request ids of `other` (ids must be unique across connections: the
+    /// shim answers a known id with its recorded reply).
+    pub fn continue_ids(&mut self, other: &ControlClient) {
+        self.next_id = self.next_id.max(other.next_id);
     }
 
     /// The seq of the last event read.
@@ -257,6 +318,78 @@ impl ControlClient {
             ShimToControl::Ok(_) => Ok(()),
             other => bail!("expected ok, got {other:?}\n{}", self.context()),
         }
+    }
+
+    /// Sends `exec` (built from a fresh id) and returns the reply (`exec_started`, or
+    /// `error`).
+    pub fn exec(&mut self, make: impl FnOnce(RequestId) -> Exec) -> Result<ShimToControl> {
+        let id = self.id();
+        let req = make(id);
+        self.request(id, req)
+    }
+
+    /// Sends `exec` and requires `exec_started`.
+    pub fn exec_started(&mut self, make: impl FnOnce(RequestId) -> Exec) -> Result<ExecStarted> {
+        match self.exec(make)? {
+            ShimToControl::ExecStarted(s) => Ok(s),
+            other => bail!("exec answered {other:?}\n{}", self.context()),
+        }
+    }
+
+    /// Reads events (acknowledging them) until every exec in `ids` has sent its `exec_exit`,
+    /// at most `timeout` in all; returns what each produced.
+    pub fn exec_runs(&mut self, ids: &[u64], timeout: Duration) -> Result<BTreeMap<u64, ExecRun>> {
+        let deadline = Instant::now() + timeout;
+        let mut runs: BTreeMap<u64, ExecRun> =
+            ids.iter().map(|&id| (id, ExecRun::default())).collect();
+        let mut unacked = 0;
+        while runs.values().any(|r| r.exit.is_none()) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Some(s) = self.try_next_stamped(left)? else {
+                let done = runs.values().filter(|r| r.exit.is_some()).count();
+                bail!(
+                    "only {done} of {} execs exited within {timeout:?}\n{}",
+                    ids.len(),
+                    self.context()
+                );
+            };
+            if let Some(run) = exec_of(&s.event).and_then(|id| runs.get_mut(&id)) {
+                run.take(&s.event)?;
+            }
+            unacked += 1;
+            if unacked >= 64 {
+                self.ack(s.seq)?;
+                unacked = 0;
+            }
+        }
+        self.ack(self.last_seq)?;
+        Ok(runs)
+    }
+
+    /// [`exec_runs`](Self::exec_runs) for one exec.
+    pub fn exec_run(&mut self, id: u64, timeout: Duration) -> Result<ExecRun> {
+        let mut runs = self.exec_runs(&[id], timeout)?;
+        runs.remove(&id).ok_or_else(|| anyhow!("exec {id} missing"))
+    }
+
+    /// Waits at most `timeout` for an `error` without `re` (the answer to a bad
+    /// `exec_input`, `exec_resize` or `exec_signal`); events read meanwhile are kept.
+    pub fn error_without_re(&mut self, timeout: Duration) -> Result<ErrorMsg> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.read(left)? {
+                Read::Timeout => bail!("no error within {timeout:?}\n{}", self.context()),
+                Read::Msg(ShimToControl::Event(env)) => self.keep(env)?,
+                Read::Msg(ShimToControl::Error(e)) if e.re.is_none() => return Ok(e),
+                Read::Msg(other) => bail!("expected an error without re, got {other:?}"),
+            }
+        }
+    }
+
+    /// Takes the events already read but not yet handed out.
+    pub fn take_pending(&mut self) -> Vec<Stamped> {
+        self.pending.drain(..).collect()
     }
 
     /// The next event, waiting at most `timeout`.

@@ -98,6 +98,8 @@ impl<S: Sys> Core<S> {
                     let grace = c
                         .grace_ms
                         .map_or(self.cfg.sup.cancel_grace, Duration::from_millis);
+                    // The task's tool processes die after the same grace.
+                    self.cancel_task_execs(&c.task_id, grace, now);
                     let id = self.request_id();
                     self.send(Cancel {
                         id,

@@ -133,8 +133,9 @@ impl<S: Sys> Core<S> {
             }
             None => {}
         }
+        self.driver_execs_gone(pid, now);
         if self.stopping.is_some() {
-            self.finish(status);
+            self.finish(status, now);
             return;
         }
         if self.relaunch_after_exit {
@@ -153,7 +154,7 @@ impl<S: Sys> Core<S> {
                 });
                 self.restart_at = Some(now.checked_add(delay).unwrap_or(now));
             }
-            Decision::Stop => self.finish(status),
+            Decision::Stop => self.finish(status, now),
             Decision::CrashLoop { restarts, window } => {
                 warn!(restarts, ?window, "driver crash loop: not restarting it");
                 self.event(CrashLoop {
@@ -165,8 +166,8 @@ impl<S: Sys> Core<S> {
         }
     }
 
-    pub(super) fn finish(&mut self, status: ExitStatus) {
-        if self.exit_code.is_none() {
+    pub(super) fn finish(&mut self, status: ExitStatus, now: Instant) {
+        if self.exit_code.is_none() && self.exit_pending.is_none() {
             // Every accepted task gets its task_done before the shim goes.
             let (how, why) = if self.stopping.is_some() {
                 (TaskStatus::Cancelled, "shim shutting down")
@@ -176,7 +177,8 @@ impl<S: Sys> Core<S> {
             for done in self.tasks.end_all(how, why) {
                 self.event(done);
             }
-            self.exit_code = Some(self.cfg.exit_code(status.code()));
+            // Every exec gets its exec_exit too: terminated, then reported.
+            self.exit_after_execs(self.cfg.exit_code(status.code()), now);
         }
     }
 

@@ -17,7 +17,7 @@ use tracing::{debug, warn};
 use crate::sys::Sys;
 
 use super::super::lifecycle::Input;
-use super::{due, Core, ExitReason, Output};
+use super::{due, Core, ExecOwner, ExitReason, Output};
 
 /// How long a driver that closed its socket may take to exit before it is a protocol error.
 const EOF_GRACE: Duration = Duration::from_secs(1);
@@ -135,10 +135,19 @@ impl<S: Sys> Core<S> {
             | DriverToShim::Progress(_)
             | DriverToShim::Log(_)
             | DriverToShim::Custom(_) => self.out.push(Output::Relay(body)),
-            DriverToShim::Exec(e) => self.unsupported(Some(e.id), "exec"),
-            DriverToShim::ExecInput(_) => self.unsupported(None, "exec_input"),
-            DriverToShim::ExecResize(_) => self.unsupported(None, "exec_resize"),
-            DriverToShim::ExecSignal(_) => self.unsupported(None, "exec_signal"),
+            DriverToShim::Exec(e) => self.out.push(Output::StartExec(e)),
+            DriverToShim::ExecInput(m) => {
+                let r = self.exec_input(ExecOwner::Driver(pid), m);
+                self.refused(r);
+            }
+            DriverToShim::ExecResize(m) => {
+                let r = self.exec_resize(ExecOwner::Driver(pid), &m);
+                self.refused(r);
+            }
+            DriverToShim::ExecSignal(m) => {
+                let r = self.exec_signal(ExecOwner::Driver(pid), &m);
+                self.refused(r);
+            }
             DriverToShim::Unknown(u) => {
                 debug!(type_name = u.type_name, "unknown message from the driver");
                 self.send(ErrorMsg {
@@ -151,13 +160,18 @@ impl<S: Sys> Core<S> {
         }
     }
 
-    fn unsupported(&mut self, re: Option<u64>, what: &str) {
-        self.send(ErrorMsg {
-            re,
-            code: ErrorCode::Unsupported,
-            message: format!("{what} is not implemented yet"),
-            task_id: None,
-        });
+    /// Tells the driver why an `exec_input`/`exec_resize`/`exec_signal` was refused (an
+    /// `error` without `re`: those messages have no id).
+    fn refused(&mut self, r: Result<(), super::Refusal>) {
+        if let Err((code, message)) = r {
+            debug!(%code, message, "exec message from the driver refused");
+            self.send(ErrorMsg {
+                re: None,
+                code,
+                message,
+                task_id: None,
+            });
+        }
     }
 
     fn on_ready(&mut self, re: Option<u64>, pid: i32, started: Instant, now: Instant) {

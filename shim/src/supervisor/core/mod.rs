@@ -22,6 +22,7 @@
 //! the stop sequence).
 
 mod delivery;
+mod exec;
 mod launch;
 mod link;
 mod pause;
@@ -31,6 +32,7 @@ mod shutdown;
 #[cfg(test)]
 mod testkit;
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -50,6 +52,8 @@ use super::lifecycle::{Input, Lifecycle};
 use super::restart::{BackoffConfig, CrashLoopConfig, Restarter};
 use super::tasks::TaskQueue;
 
+pub use self::exec::{ExecOwner, Refusal};
+
 /// Finished task ids remembered for idempotent `submit_task`.
 const REMEMBER_TASKS: usize = 1024;
 
@@ -66,6 +70,14 @@ pub enum Output {
     Launch,
     /// Stop reading the driver's socket (it sent something unusable).
     StopReading,
+    /// The driver asks for an exec: start it (see [`Core::exec_admit`]) and answer the driver.
+    StartExec(driver_protocol::message::Exec),
+    /// Write these bytes (then, with `eof`, close) to an exec's stdin or terminal.
+    ExecInput(driver_protocol::message::ExecInput),
+    /// Set the terminal size of an exec.
+    ExecResize(u64, driver_protocol::message::TtySize),
+    /// Read what is left of an exec's output, close it, then call [`Core::exec_io_closed`].
+    ExecStop(u64),
 }
 
 /// Why the driver ended, as reported in `driver_exited.reason`.
@@ -182,6 +194,13 @@ pub struct Core<S: Sys> {
     reading_paused: Option<Instant>,
     limiter: WarnLimiter,
     out: Vec<Output>,
+    /// Running execs by id.
+    execs: BTreeMap<u64, exec::ExecEntry>,
+    next_exec_id: u64,
+    /// The exit code, once decided, while execs are still being terminated.
+    exit_pending: Option<i32>,
+    /// Execs still not reported by then are reported as they are, and the shim exits.
+    exit_deadline: Option<Instant>,
 }
 
 impl<S: Sys> Core<S> {
@@ -231,6 +250,10 @@ impl<S: Sys> Core<S> {
             reading_paused: None,
             limiter: WarnLimiter::default(),
             out: Vec::new(),
+            execs: BTreeMap::new(),
+            next_exec_id: 1,
+            exit_pending: None,
+            exit_deadline: None,
             cfg: cfg.clone(),
             sys,
         }
@@ -332,6 +355,7 @@ impl<S: Sys> Core<S> {
             s.and_then(|s| s.kill_at),
             self.replacing.as_ref().and_then(|r| r.term_at),
             self.replacing.as_ref().and_then(|r| r.kill_at),
+            self.exec_deadline(),
         ]
         .into_iter()
         .flatten()
@@ -349,6 +373,7 @@ impl<S: Sys> Core<S> {
         }
         self.stop_timer(now);
         self.replace_timer(now);
+        self.exec_timer(now);
     }
 
     /// The shell stopped reading the driver (the event buffer is full): unanswered pings
@@ -404,7 +429,11 @@ impl<S: Sys> Core<S> {
                 ok(s.id)
             }
             C::SetDriver(s) => self.set_driver(s, now),
-            C::Exec(e) => err(e.id, ErrorCode::Unsupported, "exec is not implemented yet"),
+            C::Exec(e) => err(
+                e.id,
+                ErrorCode::Internal,
+                "exec is started by the shell (Core::exec_admit)",
+            ),
             C::Status(s) => ShimToControl::StatusReply(self.status(s.id, now)),
             other => {
                 let re = match &other {
@@ -443,11 +472,13 @@ impl<S: Sys> Core<S> {
                     signal: Some(signals::name(sig)),
                 },
             }),
-            children: u32::from(self.driver.is_some()),
+            children: u32::try_from(self.execs_running())
+                .unwrap_or(u32::MAX)
+                .saturating_add(u32::from(self.driver.is_some())),
             reaped: 0,
             tasks_queued: u32::try_from(self.tasks.queued()).unwrap_or(u32::MAX),
             task_running: self.tasks.running().map(str::to_owned),
-            execs_running: 0,
+            execs_running: u32::try_from(self.execs_running()).unwrap_or(u32::MAX),
             buffered_events: 0,
             buffered_bytes: 0,
             last_seq: 0,
@@ -498,10 +529,9 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let r = core.on_command(
-            ControlToShim::SetDriver(driver_protocol::message::SetDriver {
-                id: 5,
-                argv: vec![],
-                env: Default::default(),
+            ControlToShim::Unknown(driver_protocol::message::Unknown {
+                type_name: "launch_rockets".into(),
+                id: Some(5),
             }),
             t0,
         );

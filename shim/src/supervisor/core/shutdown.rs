@@ -69,6 +69,8 @@ impl<S: Sys> Core<S> {
         self.restart_at = None;
         self.pausing = None;
         self.cancelling = None;
+        // Every tool process group gets SIGTERM now, SIGKILL after --exec-kill-grace.
+        self.terminate_execs(now, |_| true);
         match self.driver.as_ref() {
             Some(_) => {
                 let id = self.request_id();
@@ -84,7 +86,7 @@ impl<S: Sys> Core<S> {
             }
             None => {
                 self.stopping = Some(Stopping::default());
-                self.finish(self.last_exit.unwrap_or(ExitStatus::Exited(0)));
+                self.finish(self.last_exit.unwrap_or(ExitStatus::Exited(0)), now);
             }
         }
     }
@@ -92,7 +94,13 @@ impl<S: Sys> Core<S> {
     /// `signal`: send a signal to the driver's process group.
     pub(super) fn signal_command(&mut self, s: &driver_protocol::message::Signal) -> ShimToControl {
         if s.target == SignalTarget::Exec {
-            return err(s.id, ErrorCode::Unsupported, "exec is not implemented yet");
+            let Some(id) = s.exec_id else {
+                return err(s.id, ErrorCode::Invalid, "target exec needs an exec_id");
+            };
+            return match self.signal_exec_command(id, &s.signal) {
+                Ok(()) => ok(s.id),
+                Err((code, message)) => err(s.id, code, &message),
+            };
         }
         let Some(sig) = signals::parse(&s.signal) else {
             return err(s.id, ErrorCode::Invalid, "unknown signal");

@@ -74,6 +74,11 @@ impl Shell<'_> {
         self.link.as_ref().is_some_and(|l| l.reading)
     }
 
+    /// Bytes waiting to be written to the driver (`None` without a driver socket).
+    pub(super) fn link_queued(&self) -> Option<usize> {
+        self.link.as_ref().map(|l| l.wbuf.len())
+    }
+
     /// Whether something waits to be written to the driver.
     pub(super) fn link_writing(&self) -> bool {
         self.link.as_ref().is_some_and(|l| !l.wbuf.is_empty())
@@ -109,6 +114,7 @@ impl Shell<'_> {
             user: sup.user,
             workdir: sup.workdir.clone(),
             env,
+            limits: sup.limits.clone(),
         };
         let now = Instant::now();
         match driver::launch(&dcfg, &self.mask) {

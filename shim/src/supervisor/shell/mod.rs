@@ -8,9 +8,11 @@
 //! delivered.
 
 mod errcopy;
+mod exec;
 mod link;
 mod signalfd;
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use driver_protocol::message::{Event, LogStream, Message, ShimToControl};
@@ -24,6 +26,7 @@ use crate::reaper::Reaper;
 use crate::sys::Real;
 
 use self::errcopy::ErrCopy;
+use self::exec::{exec_ready, ExecIoState, Ready};
 use self::link::{link_readable, link_writable, pipe_readable, Link, OutPipe};
 use self::signalfd::Signals;
 use super::core::{Core, Output};
@@ -57,6 +60,10 @@ struct Shell<'a> {
     /// The core was told that the driver is not read (the event buffer is full).
     reading_paused: bool,
     reaped: u64,
+    /// The I/O of every running exec, by exec id.
+    execs: BTreeMap<u64, ExecIoState>,
+    /// Where the next look for exec I/O starts (round robin).
+    exec_cursor: u64,
 }
 
 pub(super) async fn shell(
@@ -96,6 +103,8 @@ pub(super) async fn shell(
         errout: ErrCopy::open(),
         reading_paused: false,
         reaped: 0,
+        execs: BTreeMap::new(),
+        exec_cursor: 0,
     };
     sh.core.start();
     loop {
@@ -123,6 +132,7 @@ pub(super) async fn shell(
         let reading = sh.link_reading() && !full;
         let writing = sh.link_writing();
         let copying = sh.errout.pending();
+        let gate = sh.exec_gate();
         if !full {
             // Lines counted while the event buffer was full are reported once it has room.
             sh.flush_suppressed(Instant::now());
@@ -179,6 +189,16 @@ pub(super) async fn shell(
                 sh.core.on_timer(Instant::now());
             }
             () = sh.errout.flush(), if copying => {}
+            ready = exec_ready(&sh.execs, gate, sh.exec_cursor) => match ready {
+                Ready::Read(id, n) => {
+                    sh.exec_cursor = id.wrapping_add(1);
+                    sh.exec_read(id, n, false);
+                }
+                Ready::Write(id) => {
+                    sh.exec_cursor = id.wrapping_add(1);
+                    sh.exec_write(id);
+                }
+            },
             () = sleep_until(stall) => {
                 sh.write_link();
             }
@@ -286,9 +306,14 @@ impl Shell<'_> {
                     },
                     Output::Launch => self.launch(),
                     Output::StopReading => self.stop_reading(),
+                    Output::StartExec(req) => self.driver_exec(&req),
+                    Output::ExecInput(m) => self.exec_input(m),
+                    Output::ExecResize(id, size) => self.exec_resize(id, size),
+                    Output::ExecStop(id) => self.exec_stop(id),
                 }
             }
         }
+        self.forget_finished_execs();
         // Try to send at once; what does not fit waits for writability.
         self.write_link();
     }
@@ -310,18 +335,26 @@ impl Shell<'_> {
             .reaper
             .drain(&Real, |pid, owner, status| exits.push((pid, owner, status)));
         self.reaped = self.reaped.saturating_add(d.reaped);
-        for (pid, Owner::Driver, status) in exits {
-            if pid == self.driver_pid {
-                // Before its last frames: they are relayed but start nothing.
-                self.core.on_driver_gone(pid);
-                self.close_driver_io();
+        for (pid, owner, status) in exits {
+            match owner {
+                Owner::Driver => {
+                    if pid == self.driver_pid {
+                        // Before its last frames: they are relayed but start nothing.
+                        self.core.on_driver_gone(pid);
+                        self.close_driver_io();
+                    }
+                    self.core.on_driver_exit(pid, status, Instant::now());
+                }
+                Owner::Exec(id) => self.core.on_exec_exit(id, status, Instant::now()),
             }
-            self.core.on_driver_exit(pid, status, Instant::now());
             self.apply_outputs();
         }
     }
 
     fn on_command(&mut self, cmd: crate::control::Command) {
+        let Some(cmd) = self.exec_command(cmd) else {
+            return;
+        };
         let now = Instant::now();
         let reply = self.core.on_command(cmd.request, now);
         let reply = match reply {
