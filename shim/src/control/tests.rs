@@ -13,7 +13,6 @@ use driver_protocol::message::{
 };
 use driver_protocol::ErrorCode;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::UnixStream;
 use tokio::task::LocalSet;
 use tokio::time::timeout;
 use tokio_util::codec::{Decoder as _, Encoder as _};
@@ -54,6 +53,8 @@ fn cfg(max_events: usize, max_bytes: usize) -> ControlConfig {
         max_bytes,
         max_frame: driver_protocol::DEFAULT_MAX_FRAME,
         agent_id: Some("agent-7".into()),
+        token: None,
+        reconnect_max: DEFAULT_RECONNECT_MAX,
     }
 }
 
@@ -80,9 +81,10 @@ fn event(n: u64) -> Event {
     })
 }
 
-/// A control client.
+/// A control client, over any transport.
 struct Client {
-    stream: UnixStream,
+    rd: transport::ReadHalf,
+    wr: transport::WriteHalf,
     codec: MessageCodec<ShimToControl, ControlToShim>,
     buf: BytesMut,
 }
@@ -90,8 +92,18 @@ struct Client {
 impl Client {
     /// Connects without sending anything.
     async fn raw(path: &Path) -> Self {
+        Self::over(
+            transport::dial(&ControlAddr::Unix(path.to_owned()))
+                .await
+                .unwrap(),
+        )
+    }
+
+    /// A client over connected halves.
+    fn over((rd, wr): transport::Halves) -> Self {
         Self {
-            stream: UnixStream::connect(path).await.unwrap(),
+            rd,
+            wr,
             codec: MessageCodec::new(),
             buf: BytesMut::new(),
         }
@@ -110,7 +122,7 @@ impl Client {
     async fn send(&mut self, msg: ControlToShim) {
         let mut out = BytesMut::new();
         self.codec.encode(msg, &mut out).unwrap();
-        self.stream.write_all(&out).await.unwrap();
+        self.wr.write_all(&out).await.unwrap();
     }
 
     /// The next message, `None` at end of stream; panics after the deadline.
@@ -120,7 +132,7 @@ impl Client {
                 if let Some(m) = self.codec.decode(&mut self.buf).unwrap() {
                     return Some(m);
                 }
-                match self.stream.read_buf(&mut self.buf).await {
+                match self.rd.read_buf(&mut self.buf).await {
                     Ok(0) | Err(_) => return None,
                     Ok(_) => {}
                 }
@@ -135,7 +147,7 @@ impl Client {
         if !self.buf.is_empty() {
             return false;
         }
-        timeout(wait, self.stream.read_buf(&mut self.buf))
+        timeout(wait, self.rd.read_buf(&mut self.buf))
             .await
             .is_err()
     }
@@ -174,16 +186,44 @@ fn addr_parsing() {
         "unix:/run/x.sock".parse::<ControlAddr>(),
         Ok(ControlAddr::Unix("/run/x.sock".into()))
     );
-    assert!("tcp:1.2.3.4:5"
+    assert_eq!(
+        "tcp:1.2.3.4:5".parse::<ControlAddr>(),
+        Ok(ControlAddr::Tcp {
+            host: "1.2.3.4".into(),
+            port: 5
+        })
+    );
+    assert_eq!(
+        "tcp:[fe80::1]:65535".parse::<ControlAddr>(),
+        Ok(ControlAddr::Tcp {
+            host: "fe80::1".into(),
+            port: 65535
+        })
+    );
+    assert_eq!(
+        "vsock:3:5".parse::<ControlAddr>(),
+        Ok(ControlAddr::Vsock { cid: 3, port: 5 })
+    );
+    assert!("tcp:fe80::1:5"
         .parse::<ControlAddr>()
         .unwrap_err()
-        .contains("needs a token (not supported yet)"));
-    assert!("vsock:3:5"
-        .parse::<ControlAddr>()
-        .unwrap_err()
-        .contains("needs a token"));
-    assert!("unix:".parse::<ControlAddr>().is_err());
-    assert!("/x".parse::<ControlAddr>().is_err());
+        .contains("brackets"));
+    for bad in [
+        "unix:",
+        "/x",
+        "tcp:h",
+        "tcp::1",
+        "tcp:h:-1",
+        "vsock:a:1",
+        "vsock:1",
+    ] {
+        assert!(bad.parse::<ControlAddr>().is_err(), "{bad}");
+    }
+    for good in ["unix:/x", "tcp:[::1]:7", "tcp:localhost:7", "vsock:any:9"] {
+        let addr: ControlAddr = good.parse().unwrap();
+        assert_eq!(addr.to_string(), good);
+        assert_eq!(addr.is_network(), !good.starts_with("unix:"));
+    }
 }
 
 #[test]
@@ -211,7 +251,7 @@ fn hello_exchange_ping_and_socket_mode() {
         let mut body = BytesMut::new();
         driver_protocol::frame::write_body(&mut body, 1024, b"\x82\xa4type\xa4nope\xa2id\x09")
             .unwrap();
-        c.stream.write_all(&body).await.unwrap();
+        c.wr.write_all(&body).await.unwrap();
         match c.recv().await {
             Some(ShimToControl::Error(e)) => {
                 assert_eq!((e.re, e.code), (Some(9), ErrorCode::Unsupported));
@@ -440,7 +480,7 @@ fn a_bad_frame_closes_only_its_connection() {
             (huge, ErrorCode::FrameTooLarge),
         ] {
             let mut c = Client::raw(&dir.sock()).await;
-            c.stream.write_all(&bytes).await.unwrap();
+            c.wr.write_all(&bytes).await.unwrap();
             assert!(matches!(c.recv().await, Some(ShimToControl::Hello(_))));
             match c.recv().await {
                 Some(ShimToControl::Error(e)) => assert_eq!(e.code, code),
@@ -453,7 +493,7 @@ fn a_bad_frame_closes_only_its_connection() {
         live.expect_seq(1).await;
 
         // A bad frame on the live connection closes it; the next one resumes.
-        live.stream.write_all(&[0, 0, 0, 0]).await.unwrap();
+        live.wr.write_all(&[0, 0, 0, 0]).await.unwrap();
         match live.recv().await {
             Some(ShimToControl::Error(e)) => assert_eq!(e.code, ErrorCode::Malformed),
             other => panic!("expected malformed, got {other:?}"),
@@ -545,7 +585,9 @@ fn a_client_that_does_not_read_is_disconnected_not_waited_for() {
                 .encode(ControlToShim::Ping(Ping { id }), &mut pings)
                 .unwrap();
         }
-        let (_rd, mut wr) = c.stream.into_split();
+        let Client {
+            rd: _rd, mut wr, ..
+        } = c;
         let writer = tokio::task::spawn_local(async move {
             let _ = wr.write_all(&pings).await;
         });
