@@ -22,8 +22,8 @@ const EXIT_USAGE: u8 = 2;
 fn main() -> ExitCode {
     // First thing, while the process has one thread: the control token leaves our
     // environment, so no child (driver, tool, plain-mode command) can ever inherit it.
-    let token = std::env::var_os(cli::TOKEN_VAR);
-    std::env::remove_var(cli::TOKEN_VAR);
+    // SAFETY: no thread has been started yet.
+    let token = unsafe { sys::take_env_secret(c"AGENT_SHIM_TOKEN") };
     let env = |k: &str| {
         if k == cli::TOKEN_VAR {
             token.clone()

@@ -180,6 +180,29 @@ pub fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Takes the secret variable `name` out of the environment: returns its value, overwrites
+/// the value's bytes where they live (the initial environment block is what
+/// `/proc/<pid>/environ` shows, and `unsetenv` alone leaves it there), and unsets it.
+///
+/// # Safety
+///
+/// The process must be single-threaded: nothing may read or change the environment
+/// meanwhile.
+pub unsafe fn take_env_secret(name: &std::ffi::CStr) -> Option<std::ffi::OsString> {
+    let value = std::env::var_os(name.to_str().ok()?);
+    // SAFETY: single-threaded (the caller's contract); getenv returns null or a pointer to
+    // the variable's NUL-terminated value inside the environment, which is writable memory
+    // (the initial block on the stack, or a setenv copy), and strlen stays within it.
+    unsafe {
+        let ptr = libc::getenv(name.as_ptr());
+        if !ptr.is_null() {
+            std::ptr::write_bytes(ptr, 0, libc::strlen(ptr));
+        }
+    }
+    std::env::remove_var(name.to_str().ok()?);
+    value
+}
+
 /// The host name (`gethostname(2)`), if it is set and valid UTF-8.
 pub fn hostname() -> Option<String> {
     let mut buf = [0u8; 256];

@@ -8,6 +8,7 @@
 //! `msgpack`, and is skipped loudly otherwise.
 
 mod commands;
+mod control_transport;
 mod lifecycle;
 mod python;
 mod regressions;
