@@ -547,6 +547,9 @@ fn supervisor_opts(
     let token_file = one(get("control-token-file")?, None, |s| {
         Ok(Some(PathBuf::from(s)))
     })?;
+    // The token matters only with a control link: plain mode ignores an empty variable.
+    let linked = control_listen.is_some() || control_connect.is_some();
+    let env_token = env_token.filter(|_| linked);
     let control_token = match (token_file, env_token) {
         (Some(path), _) => Some(TokenSource::File(path)),
         (None, Some(v)) => {
@@ -1100,6 +1103,9 @@ mod tests {
             assert!(err.is_err(), "{bad} should be refused");
         }
         assert!(run(&["--control-reconnect-max", "0", "--supervise", "x"]).is_err());
+        // Without a control link an empty token variable is nobody's business.
+        assert!(run_with(&["x"], &[("AGENT_SHIM_TOKEN", "")]).is_ok());
+        assert!(run_with(&["--supervise", "x"], &[("AGENT_SHIM_TOKEN", "")]).is_ok());
         assert!(run(&["--agent-id", " ", "--supervise", "x"]).is_err());
         let err = run_with(&["x"], &[("AGENT_SHIM_LOG_RATE", "many")]).unwrap_err();
         assert!(err.to_string().contains("AGENT_SHIM_LOG_RATE"), "{err}");
