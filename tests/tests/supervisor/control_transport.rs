@@ -260,7 +260,9 @@ fn startup_refusals() -> Result<()> {
     let loose = token_file(dir.path(), b"secret\n", 0o644)?;
     let empty_dir = TempDir::new("refusals-empty")?;
     let empty = token_file(empty_dir.path(), b"\n", 0o600)?;
-    let cases: Vec<(Vec<String>, Vec<(&str, &str)>, i32, String)> = vec![
+    // Flags, environment, the exit code wanted, and a piece of the message wanted.
+    type Case<'a> = (Vec<String>, Vec<(&'a str, &'a str)>, i32, String);
+    let cases: Vec<Case> = vec![
         (
             vec!["--control-listen".into(), "tcp:127.0.0.1:1".into()],
             vec![],
