@@ -1057,7 +1057,14 @@ fn tcp_with_a_token_authenticates_streams_and_refuses_the_rest() {
 fn a_flood_of_bad_clients_is_gated_and_the_live_connection_goes_on() {
     let dir = TempDir::new("flood");
     run(async {
-        let mut server = ControlServer::bind(&ControlAddr::Unix(dir.sock()), secure_cfg()).unwrap();
+        // A slow refill, so that a slow machine does not refill the bucket mid-test.
+        let tuning = Tuning {
+            failure_refill: 0.5,
+            ..Tuning::default()
+        };
+        let mut server =
+            ControlServer::bind_tuned(&ControlAddr::Unix(dir.sock()), secure_cfg(), tuning)
+                .unwrap();
         let mut live = Client::raw(&dir.sock()).await;
         live.authenticate(TOKEN).await;
         live.send(ResumeFrom { seq: 0 }.into()).await;
@@ -1080,12 +1087,12 @@ fn a_flood_of_bad_clients_is_gated_and_the_live_connection_goes_on() {
             live.expect_seq(n + 1).await;
         }
         // About the burst is answered, the rest is closed unheard (the bucket refills at
-        // 5/s, so a slow machine may answer a few more).
+        // 0.5/s, so a slow machine may answer a few more).
         assert!(
-            (10..40).contains(&refused_with_error),
+            (10..25).contains(&refused_with_error),
             "{refused_with_error} answered, {closed_unheard} closed unheard"
         );
-        assert!(closed_unheard > 20, "{closed_unheard}");
+        assert!(closed_unheard > 35, "{closed_unheard}");
         assert!(server.connected());
         live.sync(1).await;
     });
