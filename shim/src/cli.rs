@@ -13,7 +13,12 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+use crate::control::{ControlAddr, Token, DEFAULT_RECONNECT_MAX};
 use crate::signals::{self, Rewrites};
+
+/// The variable holding the control token. The shim removes it from its own environment
+/// first thing, so no child ever sees it.
+pub const TOKEN_VAR: &str = "AGENT_SHIM_TOKEN";
 
 /// Default `--grace`.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(8);
@@ -62,13 +67,30 @@ use crate::supervisor::restart::ParsePolicyError;
 /// The restart policy of `--restart`.
 pub use crate::supervisor::restart::RestartPolicy;
 
+/// Where the control token comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TokenSource {
+    /// `--control-token-file PATH`: read (and its permissions checked) at startup.
+    File(PathBuf),
+    /// The `AGENT_SHIM_TOKEN` variable.
+    Env(Token),
+}
+
 /// Supervisor-mode options; see the README's "Supervisor mode" section for each.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SupervisorOpts {
-    /// `--control-listen unix:PATH`: the control socket's path.
-    pub control_listen: Option<PathBuf>,
+    /// `--control-listen ADDR`.
+    pub control_listen: Option<ControlAddr>,
+    /// `--control-connect ADDR`.
+    pub control_connect: Option<ControlAddr>,
     /// `--control-insecure`.
     pub control_insecure: bool,
+    /// `--control-token-file`, else `AGENT_SHIM_TOKEN`.
+    pub control_token: Option<TokenSource>,
+    /// `--control-reconnect-max`.
+    pub control_reconnect_max: Duration,
+    /// `--agent-id` (`None`: the hostname).
+    pub agent_id: Option<String>,
     /// `--restart`.
     pub restart: RestartPolicy,
     /// `--backoff-initial`.
@@ -127,7 +149,11 @@ impl Default for SupervisorOpts {
     fn default() -> Self {
         SupervisorOpts {
             control_listen: None,
+            control_connect: None,
             control_insecure: false,
+            control_token: None,
+            control_reconnect_max: DEFAULT_RECONNECT_MAX,
+            agent_id: None,
             restart: RestartPolicy::OnFailure,
             backoff_initial: Duration::from_millis(200),
             backoff_max: Duration::from_secs(30),
@@ -159,9 +185,10 @@ impl Default for SupervisorOpts {
 }
 
 impl Config {
-    /// Whether supervisor mode is on (`--supervise` or `--control-listen`).
+    /// Whether supervisor mode is on (`--supervise`, `--control-listen` or
+    /// `--control-connect`).
     pub fn supervisor_mode(&self) -> bool {
-        self.supervise || self.sup.control_listen.is_some()
+        self.supervise || self.sup.control_listen.is_some() || self.sup.control_connect.is_some()
     }
 }
 
@@ -250,10 +277,18 @@ Options (each also settable by the environment variable shown; a flag beats its 
 
 Supervisor mode (CMD is an agent driver speaking the driver protocol; each flag also has its
 AGENT_SHIM_* variable, e.g. --ping-interval is AGENT_SHIM_PING_INTERVAL):
-      --supervise            supervise CMD without a control socket
-      --control-listen unix:PATH
-                             serve the control protocol on a unix socket
-      --control-insecure     required with --control-listen (no token authentication yet)
+      --supervise            supervise CMD without a control link
+      --control-listen ADDR  serve the control protocol on ADDR: unix:PATH, tcp:HOST:PORT
+                             ([v6] in brackets) or vsock:CID:PORT (CID a number or any)
+      --control-connect ADDR dial the control plane at ADDR whenever no control connection
+                             is live (reconnects with backoff); may be used with --control-listen
+      --control-token-file PATH
+                             the shared token (file mode 0600 or stricter, owned by us or
+                             root); else from AGENT_SHIM_TOKEN. Required for tcp and vsock
+      --control-insecure     allow a unix control socket without a token
+      --control-reconnect-max DUR
+                             cap of the dial-out backoff [5s]
+      --agent-id ID          sent in the shim's hello [AGENT_SHIM_AGENT_ID, default hostname]
       --restart POLICY       never|on-failure|always [default on-failure]
       --backoff-initial DUR  first restart delay [200ms]
       --backoff-max DUR      restart delay cap [30s]
@@ -288,8 +323,9 @@ Sandbox limits (the driver and every exec) and tool execution:
 
 DUR: 500ms, 8s, 2m, or a number of seconds (8, 0.5).
 Signals: TERM, SIGTERM, 15, RTMIN+1... Booleans in the environment: 1/true/yes, 0/false/no.
-Exit codes: CMD's code, 128+N if CMD died of signal N, 2 usage error, 125 the shim failed,
-126 CMD not executable, 127 CMD not found.
+Exit codes: CMD's code, 128+N if CMD died of signal N, 2 usage error, 125 the shim failed
+(also: the token file is unreadable, empty, or group/other-accessible), 126 CMD not
+executable, 127 CMD not found.
 ",
         version = env!("CARGO_PKG_VERSION")
     )
@@ -435,6 +471,10 @@ const SUP_SWITCHES: &[&str] = &["supervise", "control-insecure", "no-new-privs"]
 /// Supervisor-mode flags with a value.
 const SUP_VALUES: &[&str] = &[
     "control-listen",
+    "control-connect",
+    "control-token-file",
+    "control-reconnect-max",
+    "agent-id",
     "restart",
     "backoff-initial",
     "backoff-max",
@@ -486,21 +526,15 @@ fn parse_restart(s: &str) -> Result<RestartPolicy, String> {
         .map_err(|e: ParsePolicyError| e.to_string())
 }
 
-/// `unix:PATH`; other schemes need authentication, which does not exist yet.
-fn parse_control_addr(s: &str) -> Result<PathBuf, String> {
-    let s = s.trim();
-    if let Some(path) = s.strip_prefix("unix:") {
-        if path.is_empty() {
-            return Err("unix: needs a path".to_owned());
-        }
-        return Ok(PathBuf::from(path));
+fn parse_control_addr(s: &str) -> Result<Option<ControlAddr>, String> {
+    s.parse().map(Some)
+}
+
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err(format!("{s:?} must be more than zero")),
+        d => Ok(d),
     }
-    if s.starts_with("tcp:") || s.starts_with("vsock:") {
-        return Err(format!("{s}: needs a token (not supported yet)"));
-    }
-    Err(format!(
-        "invalid control address {s:?} (expected unix:PATH)"
-    ))
 }
 
 fn parse_names(s: &str) -> Result<Vec<String>, String> {
@@ -511,6 +545,7 @@ fn parse_names(s: &str) -> Result<Vec<String>, String> {
 fn supervisor_opts(
     flags: &BTreeMap<String, String>,
     var: &dyn Fn(&str) -> Result<Option<String>, UsageError>,
+    env_token: Option<OsString>,
 ) -> Result<(bool, SupervisorOpts), UsageError> {
     // The value of flag `name` and where it came from.
     let get = |name: &str| -> Result<Option<(String, String)>, UsageError> {
@@ -533,18 +568,63 @@ fn supervisor_opts(
     let d = SupervisorOpts::default();
     let supervise = one(get("supervise")?, false, parse_bool)?;
     let control_insecure = one(get("control-insecure")?, false, parse_bool)?;
-    let control_listen = one(get("control-listen")?, None, |s| {
-        parse_control_addr(s).map(Some)
+    let control_listen = one(get("control-listen")?, None, parse_control_addr)?;
+    let control_connect = one(get("control-connect")?, None, parse_control_addr)?;
+    let token_file = one(get("control-token-file")?, None, |s| {
+        Ok(Some(PathBuf::from(s)))
     })?;
-    if control_listen.is_some() && !control_insecure {
-        return Err(UsageError(
-            "--control-listen needs --control-insecure (token authentication is not supported yet)"
-                .to_owned(),
-        ));
+    // The token matters only with a control link: plain mode ignores an empty variable.
+    let linked = control_listen.is_some() || control_connect.is_some();
+    let env_token = env_token.filter(|_| linked);
+    let control_token = match (token_file, env_token) {
+        (Some(path), _) => Some(TokenSource::File(path)),
+        (None, Some(v)) => {
+            use std::os::unix::ffi::OsStringExt as _;
+            let token = Token::new(v.into_vec())
+                .map_err(|_| UsageError(format!("{TOKEN_VAR} is empty")))?;
+            Some(TokenSource::Env(token))
+        }
+        (None, None) => None,
+    };
+    if control_token.is_none() {
+        for (flag, addr) in [
+            ("--control-listen", &control_listen),
+            ("--control-connect", &control_connect),
+        ] {
+            match addr {
+                Some(addr) if addr.is_network() => {
+                    return Err(UsageError(format!(
+                        "{flag} {addr} needs a token: --control-token-file PATH or {TOKEN_VAR}"
+                    )))
+                }
+                Some(addr) if !control_insecure => {
+                    return Err(UsageError(format!(
+                        "{flag} {addr} needs a token (--control-token-file PATH or \
+                         {TOKEN_VAR}) or --control-insecure"
+                    )))
+                }
+                _ => {}
+            }
+        }
     }
     let sup = SupervisorOpts {
         control_listen,
+        control_connect,
         control_insecure,
+        control_token,
+        control_reconnect_max: one(
+            get("control-reconnect-max")?,
+            d.control_reconnect_max,
+            parse_positive_duration,
+        )?,
+        agent_id: one(get("agent-id")?, None, |s| {
+            let s = s.trim();
+            if s.is_empty() {
+                Err("the agent id is empty".to_owned())
+            } else {
+                Ok(Some(s.to_owned()))
+            }
+        })?,
         restart: one(get("restart")?, d.restart, parse_restart)?,
         backoff_initial: one(get("backoff-initial")?, d.backoff_initial, parse_duration)?,
         backoff_max: one(get("backoff-max")?, d.backoff_max, parse_duration)?,
@@ -663,7 +743,10 @@ where
             Long(name) if SUP_VALUES.contains(&name) => {
                 let name = name.to_owned();
                 let v = utf8(&format!("--{name}"), p.value()?)?;
-                sup_flags.insert(name, v);
+                let once = ["control-listen", "control-connect"].contains(&name.as_str());
+                if sup_flags.insert(name.clone(), v).is_some() && once {
+                    return Err(UsageError(format!("--{name} may be given only once")));
+                }
             }
             Value(program) => {
                 command.push(program);
@@ -682,7 +765,7 @@ where
         env(name).map(|v| utf8(name, v)).transpose()
     };
     let d = Config::default();
-    let (supervise, sup) = supervisor_opts(&sup_flags, &var)?;
+    let (supervise, sup) = supervisor_opts(&sup_flags, &var, env(TOKEN_VAR))?;
     let cfg = Config {
         supervise,
         sup,
@@ -974,7 +1057,13 @@ mod tests {
         ])
         .unwrap();
         assert!(c.supervisor_mode());
-        assert_eq!(c.sup.control_listen, Some(PathBuf::from("/tmp/x.sock")));
+        assert_eq!(
+            c.sup.control_listen,
+            Some(ControlAddr::Unix(PathBuf::from("/tmp/x.sock")))
+        );
+        assert_eq!(c.sup.control_connect, None);
+        assert_eq!(c.sup.control_token, None);
+        assert_eq!(c.sup.control_reconnect_max, Duration::from_secs(5));
         assert_eq!(c.sup.restart, RestartPolicy::Always);
         assert_eq!(c.sup.backoff_initial, Duration::from_millis(50));
         assert_eq!(c.sup.backoff_factor, 3.0);
@@ -1099,11 +1188,155 @@ mod tests {
         let err = run(&["--control-listen", "tcp:h:1", "--control-insecure", "x"]).unwrap_err();
         assert!(
             err.to_string()
-                .contains("needs a token (not supported yet)"),
+                .contains("--control-listen tcp:h:1 needs a token"),
             "{err}"
         );
+        let err = run(&["--control-listen", "unix:/x", "x"]).unwrap_err();
+        assert!(err.to_string().contains("or --control-insecure"), "{err}");
+        let err = run(&["--control-connect", "vsock:2:5", "x"]).unwrap_err();
+        assert!(err.to_string().contains("needs a token"), "{err}");
+        let err = run_with(
+            &["--control-listen", "tcp:h:1", "x"],
+            &[("AGENT_SHIM_TOKEN", "")],
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("AGENT_SHIM_TOKEN is empty"),
+            "{err}"
+        );
+        let err = run(&[
+            "--control-insecure",
+            "--control-listen",
+            "unix:/a",
+            "--control-listen",
+            "unix:/b",
+            "x",
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("only once"), "{err}");
+        for bad in [
+            "tcp:host",
+            "tcp:::1:5",
+            "tcp:[nope]:5",
+            "tcp::5",
+            "tcp:h:70000",
+            "vsock:x:5",
+            "vsock:3",
+            "udp:1:2",
+        ] {
+            let err = run(&["--control-token-file", "/t", "--control-listen", bad, "x"]);
+            assert!(err.is_err(), "{bad} should be refused");
+        }
+        assert!(run(&["--control-reconnect-max", "0", "--supervise", "x"]).is_err());
+        // Without a control link an empty token variable is nobody's business.
+        assert!(run_with(&["x"], &[("AGENT_SHIM_TOKEN", "")]).is_ok());
+        assert!(run_with(&["--supervise", "x"], &[("AGENT_SHIM_TOKEN", "")]).is_ok());
+        assert!(run(&["--agent-id", " ", "--supervise", "x"]).is_err());
         let err = run_with(&["x"], &[("AGENT_SHIM_LOG_RATE", "many")]).unwrap_err();
         assert!(err.to_string().contains("AGENT_SHIM_LOG_RATE"), "{err}");
+    }
+
+    #[test]
+    fn control_transports_tokens_and_dial_out() {
+        let c = run(&[
+            "--control-listen",
+            "tcp:[::1]:7000",
+            "--control-connect",
+            "vsock:2:1024",
+            "--control-token-file",
+            "/run/secrets/token",
+            "--control-reconnect-max",
+            "750ms",
+            "--agent-id",
+            "agent-42",
+            "drv",
+        ])
+        .unwrap();
+        assert!(c.supervisor_mode());
+        assert_eq!(
+            c.sup.control_listen,
+            Some(ControlAddr::Tcp {
+                host: "::1".into(),
+                port: 7000
+            })
+        );
+        assert_eq!(
+            c.sup.control_connect,
+            Some(ControlAddr::Vsock { cid: 2, port: 1024 })
+        );
+        assert_eq!(
+            c.sup.control_token,
+            Some(TokenSource::File("/run/secrets/token".into()))
+        );
+        assert_eq!(c.sup.control_reconnect_max, Duration::from_millis(750));
+        assert_eq!(c.sup.agent_id.as_deref(), Some("agent-42"));
+
+        // Dial-out alone is supervisor mode; the token from the environment, newline
+        // stripped; the agent id from its variable.
+        let c = run_with(
+            &["--control-connect", "tcp:ctl.example:9000", "drv"],
+            &[
+                ("AGENT_SHIM_TOKEN", "s3cret\n"),
+                ("AGENT_SHIM_AGENT_ID", "from-env"),
+            ],
+        )
+        .unwrap();
+        assert!(c.supervisor_mode());
+        assert_eq!(c.sup.control_listen, None);
+        assert_eq!(
+            c.sup.control_connect,
+            Some(ControlAddr::Tcp {
+                host: "ctl.example".into(),
+                port: 9000
+            })
+        );
+        let want = Token::new(b"s3cret".to_vec()).unwrap();
+        assert_eq!(c.sup.control_token, Some(TokenSource::Env(want)));
+        assert_eq!(c.sup.agent_id.as_deref(), Some("from-env"));
+        // The Debug form never shows the token.
+        assert!(!format!("{c:?}").contains("s3cret"));
+
+        // The file wins over the variable; a unix socket with a token needs no
+        // --control-insecure.
+        let c = run_with(
+            &[
+                "--control-listen",
+                "unix:/run/c.sock",
+                "--control-token-file",
+                "/t",
+                "drv",
+            ],
+            &[("AGENT_SHIM_TOKEN", "")],
+        )
+        .unwrap();
+        assert_eq!(c.sup.control_token, Some(TokenSource::File("/t".into())));
+        assert!(!c.sup.control_insecure);
+
+        // vsock any, IPv4, names.
+        for (addr, want) in [
+            (
+                "vsock:any:5000",
+                ControlAddr::Vsock {
+                    cid: u32::MAX,
+                    port: 5000,
+                },
+            ),
+            (
+                "tcp:127.0.0.1:1",
+                ControlAddr::Tcp {
+                    host: "127.0.0.1".into(),
+                    port: 1,
+                },
+            ),
+        ] {
+            let c = run_with(
+                &["--control-listen", addr, "drv"],
+                &[("AGENT_SHIM_TOKEN", "t")],
+            )
+            .unwrap();
+            assert_eq!(c.sup.control_listen.as_ref(), Some(&want));
+            assert_eq!(want.to_string(), addr);
+        }
     }
 
     #[test]

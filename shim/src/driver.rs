@@ -40,8 +40,9 @@ pub const DRIVER_FD: RawFd = 3;
 /// The variable that tells the driver which fd is its socket.
 pub const FD_VAR: &str = "AGENT_SHIM_FD";
 
-/// The control-link token variable: never passed to the driver.
-pub const TOKEN_VAR: &str = "AGENT_SHIM_TOKEN";
+/// The control-link token variable: never passed to the driver (always denied, whatever
+/// `--env-allow` says).
+pub use crate::cli::TOKEN_VAR;
 
 /// How to start the driver (from the command line: the command, `--user`, `--workdir`, and
 /// the environment computed by [`driver_env`]).

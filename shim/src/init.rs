@@ -30,8 +30,9 @@ use crate::signals::{self, Origin, WarnLimiter};
 use crate::spawn::{self, Prepared, SpawnError, Spec};
 use crate::sys::{Real, SigInfo, Sys};
 
-/// Removed from the child's environment: the control-plane token never reaches children.
-pub const TOKEN_VAR: &str = "AGENT_SHIM_TOKEN";
+// Removed from the child's environment (main has already scrubbed it from ours): the
+// control-plane token never reaches children.
+use crate::cli::TOKEN_VAR;
 
 /// After the final SIGKILL as PID 1, how long to wait for the last exits before giving up
 /// (a process stuck in uninterruptible sleep). Exiting PID 1 kills them anyway.

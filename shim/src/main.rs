@@ -22,7 +22,18 @@ use cli::{Action, LogFormat};
 const EXIT_USAGE: u8 = 2;
 
 fn main() -> ExitCode {
-    let action = match cli::parse(std::env::args_os().skip(1), |k| std::env::var_os(k)) {
+    // First thing, while the process has one thread: the control token leaves our
+    // environment, so no child (driver, tool, plain-mode command) can ever inherit it.
+    // SAFETY: no thread has been started yet.
+    let token = unsafe { sys::take_env_secret(c"AGENT_SHIM_TOKEN") };
+    let env = |k: &str| {
+        if k == cli::TOKEN_VAR {
+            token.clone()
+        } else {
+            std::env::var_os(k)
+        }
+    };
+    let action = match cli::parse(std::env::args_os().skip(1), env) {
         Ok(action) => action,
         Err(err) => {
             // Nothing useful to do if stderr is gone.

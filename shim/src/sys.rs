@@ -159,6 +159,63 @@ impl Sys for Real {
     }
 }
 
+/// Fills `buf` with random bytes from the kernel's CSPRNG (`getrandom(2)`, blocking only
+/// until the pool is first initialised). Not behind [`Sys`]: nothing needs to fake it.
+pub fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = buf.get_mut(filled..).unwrap_or_default();
+        // SAFETY: `rest` is valid for writes of `rest.len()` bytes.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        match usize::try_from(n) {
+            Ok(n) => filled += n,
+            Err(_) => {
+                let err = std::io::Error::last_os_error();
+                if err.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(err);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Takes the secret variable `name` out of the environment: returns its value, overwrites
+/// the value's bytes where they live (the initial environment block is what
+/// `/proc/<pid>/environ` shows, and `unsetenv` alone leaves it there), and unsets it.
+///
+/// # Safety
+///
+/// The process must be single-threaded: nothing may read or change the environment
+/// meanwhile.
+pub unsafe fn take_env_secret(name: &std::ffi::CStr) -> Option<std::ffi::OsString> {
+    let value = std::env::var_os(name.to_str().ok()?);
+    // SAFETY: single-threaded (the caller's contract); getenv returns null or a pointer to
+    // the variable's NUL-terminated value inside the environment, which is writable memory
+    // (the initial block on the stack, or a setenv copy), and strlen stays within it.
+    unsafe {
+        let ptr = libc::getenv(name.as_ptr());
+        if !ptr.is_null() {
+            std::ptr::write_bytes(ptr, 0, libc::strlen(ptr));
+        }
+    }
+    std::env::remove_var(name.to_str().ok()?);
+    value
+}
+
+/// The host name (`gethostname(2)`), if it is set and valid UTF-8.
+pub fn hostname() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: `buf` is valid for writes of its length; the result is NUL-terminated within it
+    // on success (the kernel's limit is 64 bytes).
+    if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } != 0 {
+        return None;
+    }
+    let len = buf.iter().position(|&b| b == 0)?;
+    let name = std::str::from_utf8(buf.get(..len)?).ok()?;
+    (!name.is_empty()).then(|| name.to_owned())
+}
+
 #[cfg(test)]
 pub(crate) mod fake {
     //! A scripted [`Sys`] for unit tests.

@@ -18,23 +18,22 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::ops::ControlFlow;
 use std::rc::{Rc, Weak};
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use driver_protocol::codec::MessageCodec;
-use driver_protocol::message::{
-    ControlToShim, ErrorMsg, Hello, Message as _, Pong, RequestId, Role, Seq, ShimToControl,
-};
-use driver_protocol::{handshake, DecodeError, ErrorCode};
+use driver_protocol::message::{ControlToShim, ErrorMsg, Pong, RequestId, Seq, ShimToControl};
+use driver_protocol::{DecodeError, ErrorCode};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::UnixStream;
 use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 use tokio_util::codec::Decoder as _;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
+use super::auth::{self, Handshake, Step};
 use super::ids::Seen;
-use super::{encode_frame, Command, Inner, Reply};
+use super::transport::{Halves, ReadHalf, WriteHalf};
+use super::{encode_frame, Command, Inner, Origin, Reply};
 
 /// Bytes the writer gathers into one `write`.
 const WRITE_BATCH: usize = 64 * 1024;
@@ -76,6 +75,10 @@ pub(super) struct Conn {
     wake: Notify,
     /// The reader and writer tasks, aborted by [`Conn::close_now`].
     tasks: RefCell<Vec<AbortHandle>>,
+    /// The handshake completed (the connection became the live one, at least for a while).
+    authenticated: Cell<bool>,
+    /// Woken (all waiters) when the connection is closed.
+    closed: Notify,
 }
 
 impl Conn {
@@ -91,6 +94,27 @@ impl Conn {
             cursor: Cell::new(None),
             wake: Notify::new(),
             tasks: RefCell::new(Vec::new()),
+            authenticated: Cell::new(false),
+            closed: Notify::new(),
+        }
+    }
+
+    /// Whether the handshake completed.
+    pub(super) fn authenticated(&self) -> bool {
+        self.authenticated.get()
+    }
+
+    /// Resolves once the connection is closed. Cancel-safe.
+    pub(super) async fn closed(&self) {
+        loop {
+            let notified = self.closed.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a close between the two is not missed.
+            notified.as_mut().enable();
+            if self.out.borrow().state == State::Closed {
+                return;
+            }
+            notified.await;
         }
     }
 
@@ -147,6 +171,7 @@ impl Conn {
             out.bytes = 0;
         }
         self.wake.notify_one();
+        self.closed.notify_waiters();
         let tasks = std::mem::take(&mut *self.tasks.borrow_mut());
         for task in tasks {
             task.abort();
@@ -187,26 +212,69 @@ impl Conn {
     }
 }
 
-/// Starts serving an accepted connection: queues our `hello` and spawns both tasks.
-pub(super) fn start(stream: UnixStream, inner: &Rc<Inner>) {
+/// Starts serving a connection, accepted or dialed: queues our `hello` (with a fresh nonce
+/// when there is a token) and spawns both tasks. `None` when no nonce could be made (the
+/// connection is dropped, and so closed).
+pub(super) fn start(halves: Halves, inner: &Rc<Inner>, origin: Origin) -> Option<Rc<Conn>> {
+    let nonce = match inner.token {
+        Some(_) => match auth::nonce() {
+            Ok(nonce) => nonce,
+            Err(err) => {
+                error!(error = %err, "no random bytes for a handshake nonce; connection closed");
+                return None;
+            }
+        },
+        None => [0; driver_protocol::handshake::NONCE_LEN],
+    };
+    let handshake = Handshake::new(&inner.hello, inner.token.clone(), nonce);
+    let hello = match encode_frame(&handshake.hello().clone().into(), inner.max_frame) {
+        Ok(frame) => frame,
+        Err(err) => {
+            error!(error = %err, "cannot encode our hello; connection closed");
+            return None;
+        }
+    };
     let id = {
         let mut st = inner.state.borrow_mut();
         st.next_conn = st.next_conn.wrapping_add(1);
         st.next_conn
     };
-    debug!(conn = id, "control connection accepted");
-    let (rd, wr) = stream.into_split();
+    debug!(conn = id, %origin, "control connection opened");
+    let (rd, wr) = halves;
     let conn = Rc::new(Conn::new(id, inner.tuning.out_queue_max));
-    conn.send(inner.hello_frame.clone());
+    conn.send(hello);
     let writer = tokio::task::spawn_local(write_loop(wr, Rc::clone(&conn), Rc::clone(inner)));
-    let reader = tokio::task::spawn_local(read_loop(rd, Rc::clone(&conn), Rc::clone(inner)));
+    let reader = tokio::task::spawn_local(read_loop(
+        rd,
+        Rc::clone(&conn),
+        Rc::clone(inner),
+        handshake,
+        origin,
+    ));
     conn.tasks
         .borrow_mut()
         .extend([writer.abort_handle(), reader.abort_handle()]);
+    Some(conn)
 }
 
+/// Holds an accepted connection's place in the gate's count of pending handshakes, and
+/// reports the outcome when the handshake ends (also when the task is aborted).
+struct Pending {
+    inner: Rc<Inner>,
+    conn: Rc<Conn>,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        let failed = !self.conn.authenticated();
+        match self.inner.state.try_borrow_mut() {
+            Ok(mut st) => st.gate.finished(failed, Instant::now()),
+            Err(_) => error!(conn = self.conn.id, "control state busy; gate not updated"),
+        }
+    }
+}
 /// Writes queued replies, then (while streaming) the events after the cursor, in batches.
-async fn write_loop(mut wr: OwnedWriteHalf, conn: Rc<Conn>, inner: Rc<Inner>) {
+async fn write_loop(mut wr: WriteHalf, conn: Rc<Conn>, inner: Rc<Inner>) {
     let mut batch = Vec::with_capacity(WRITE_BATCH);
     loop {
         batch.clear();
@@ -243,47 +311,69 @@ async fn write_loop(mut wr: OwnedWriteHalf, conn: Rc<Conn>, inner: Rc<Inner>) {
     }
 }
 
-/// Reads the client's `hello`, makes the connection the live one, then serves requests.
-async fn read_loop(mut rd: OwnedReadHalf, conn: Rc<Conn>, inner: Rc<Inner>) {
-    let mut codec = MessageCodec::<ControlToShim, ShimToControl>::with_max_frame(inner.max_frame);
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
-    let first = tokio::time::timeout(
-        inner.tuning.hello_timeout,
-        next_message(&mut rd, &mut codec, &mut buf),
-    )
-    .await;
-    let hello = match first {
-        Ok(Ok(Some(ControlToShim::Hello(hello)))) => hello,
-        Ok(Ok(Some(other))) => {
-            let msg = format!("expected hello, got {}", other.type_name());
-            reject(
-                &conn,
-                &inner,
-                request_id(&other),
-                ErrorCode::InvalidState,
-                msg,
-            );
-            return;
-        }
-        Ok(Ok(None)) => {
-            debug!(conn = conn.id, "control client left before hello");
-            conn.close_now();
-            return;
-        }
-        Ok(Err(err)) => {
-            bad_frame(&conn, &inner, &err);
-            return;
-        }
-        Err(_) => {
-            let msg = "no hello received in time".to_owned();
-            reject(&conn, &inner, None, ErrorCode::Timeout, msg);
-            return;
+/// Runs the handshake (`hello`, and `auth` with a token), makes the connection the live one,
+/// then serves requests.
+async fn read_loop(
+    mut rd: ReadHalf,
+    conn: Rc<Conn>,
+    inner: Rc<Inner>,
+    mut handshake: Handshake,
+    origin: Origin,
+) {
+    let pending = matches!(origin, Origin::Accepted(_)).then(|| Pending {
+        inner: Rc::clone(&inner),
+        conn: Rc::clone(&conn),
+    });
+    // Small frames until the peer has proved itself: a client without the token cannot make
+    // the shim buffer more than this.
+    let small = inner.tuning.handshake_max_frame.min(inner.max_frame);
+    let mut codec = MessageCodec::<ControlToShim, ShimToControl>::with_max_frame(small);
+    let mut buf = BytesMut::with_capacity(READ_CHUNK.min(small));
+    let deadline = tokio::time::Instant::now() + inner.tuning.hello_timeout;
+    let hello = loop {
+        let next = tokio::time::timeout_at(deadline, next_message(&mut rd, &mut codec, &mut buf));
+        let msg = match next.await {
+            Ok(Ok(Some(msg))) => msg,
+            Ok(Ok(None)) => {
+                debug!(conn = conn.id, %origin, "control client left during the handshake");
+                conn.close_now();
+                return;
+            }
+            Ok(Err(err)) => {
+                if !matches!(err, DecodeError::Io(_)) {
+                    warn!(conn = conn.id, %origin, error = %err,
+                        "control handshake failed: bad frame");
+                }
+                bad_frame(&conn, &inner, &err);
+                return;
+            }
+            Err(_) => {
+                warn!(conn = conn.id, %origin, "control handshake failed: not completed in time");
+                let msg = "handshake not completed in time".to_owned();
+                reject(&conn, &inner, None, ErrorCode::Timeout, msg);
+                return;
+            }
+        };
+        let re = request_id(&msg);
+        match handshake.on_message(msg) {
+            Ok(Step::Continue) => {}
+            Ok(Step::Live { hello, auth }) => {
+                if let Some(auth) = auth {
+                    conn_reply(&conn, &inner, &auth.into());
+                }
+                break hello;
+            }
+            Err((code, msg)) => {
+                warn!(conn = conn.id, %origin, %code, message = %msg,
+                    "control handshake failed");
+                reject(&conn, &inner, re, code, msg);
+                return;
+            }
         }
     };
-    if let Err((code, msg)) = check_hello(&inner.hello, &hello) {
-        reject(&conn, &inner, None, code, msg);
-        return;
-    }
+    conn.authenticated.set(true);
+    drop(pending);
+    codec = MessageCodec::with_max_frame(inner.max_frame);
     let old = inner.state.borrow_mut().live.replace(Rc::clone(&conn));
     if let Some(old) = old {
         info!(
@@ -293,8 +383,8 @@ async fn read_loop(mut rd: OwnedReadHalf, conn: Rc<Conn>, inner: Rc<Inner>) {
         );
         old.close_now();
     }
-    info!(conn = conn.id, software = %hello.software, version = %hello.software_version,
-        "control client connected");
+    info!(conn = conn.id, %origin, software = %hello.software, version = %hello.software_version,
+        authenticated = inner.token.is_some(), "control client connected");
 
     loop {
         let msg = match next_message(&mut rd, &mut codec, &mut buf).await {
@@ -349,8 +439,8 @@ async fn handle(conn: &Rc<Conn>, inner: &Rc<Inner>, msg: ControlToShim) -> Contr
             send_error(conn, inner, None, ErrorCode::InvalidState, msg);
         }
         ControlToShim::Auth(_) => {
-            let msg = "authentication is not enabled on this socket".to_owned();
-            send_error(conn, inner, None, ErrorCode::Unsupported, msg);
+            let msg = "auth was already exchanged, or is not enabled".to_owned();
+            send_error(conn, inner, None, ErrorCode::InvalidState, msg);
         }
         ControlToShim::Unknown(unknown) => {
             debug!(conn = conn.id, r#type = %unknown.type_name, "unsupported control message");
@@ -401,7 +491,7 @@ async fn forward(conn: &Rc<Conn>, inner: &Rc<Inner>, request: ControlToShim) -> 
 
 /// Reads the next message; `None` at a clean end of stream.
 async fn next_message(
-    rd: &mut OwnedReadHalf,
+    rd: &mut ReadHalf,
     codec: &mut MessageCodec<ControlToShim, ShimToControl>,
     buf: &mut BytesMut,
 ) -> Result<Option<ControlToShim>, DecodeError> {
@@ -416,16 +506,6 @@ async fn next_message(
             return codec.decode_eof(buf);
         }
     }
-}
-
-/// Checks a control client's `hello`: the protocol, a common version, and the role.
-fn check_hello(ours: &Hello, theirs: &Hello) -> Result<(), (ErrorCode, String)> {
-    let negotiated = handshake::negotiate(ours, theirs).map_err(|e| (e.code(), e.to_string()))?;
-    if negotiated.peer_role != Role::Control {
-        let msg = format!("a {:?} cannot use the control socket", negotiated.peer_role);
-        return Err((ErrorCode::Invalid, msg.to_lowercase()));
-    }
-    Ok(())
 }
 
 /// A frame could not be decoded: tell the client why (unless the socket failed) and close.

@@ -20,62 +20,64 @@
 //! accept loop and each connection's two tasks are `spawn_local`ed and share state through
 //! `Rc<RefCell<…>>`, never borrowed across an `.await`.
 
+mod addr;
+mod auth;
 mod buffer;
 mod conn;
+mod dial;
+mod gate;
 mod ids;
 #[cfg(test)]
 mod tests;
+mod transport;
+mod vsock;
 
 use std::cell::RefCell;
 use std::fmt;
-use std::fs;
 use std::io;
-use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
 use std::path::PathBuf;
 use std::rc::Rc;
-use std::str::FromStr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use driver_protocol::message::{
     ControlToShim, ErrorMsg, Event, Hello, Message as _, RequestId, Role, Seq, ShimToControl,
 };
 use driver_protocol::{frame, EncodeError, ErrorCode};
-use nix::sys::stat::{umask, Mode};
-use tokio::net::UnixListener;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::AbortHandle;
 use tracing::{debug, error, warn};
 
+pub use addr::ControlAddr;
+pub use auth::{Token, TokenError};
 use buffer::Buffer;
 use conn::Conn;
+use gate::Gate;
 use ids::IdCache;
+use transport::Listener;
 
 /// Commands waiting for the supervisor; a client sending faster is simply not read.
 const COMMAND_QUEUE: usize = 64;
 
-/// Where the control server listens.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ControlAddr {
-    /// A unix stream socket at this path.
-    Unix(PathBuf),
+/// The default cap of the dial-out backoff (`--control-reconnect-max`).
+pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(5);
+
+/// How a connection came to be: accepted on the listener (and so through the [`gate`]), or
+/// dialed by the shim.
+#[derive(Debug, Clone)]
+enum Origin {
+    /// Accepted; the peer, for logs.
+    Accepted(String),
+    /// Dialed; the address, for logs.
+    Dialed(String),
 }
 
-impl FromStr for ControlAddr {
-    type Err = String;
-
-    /// Parses `unix:PATH`. `tcp:…` and `vsock:…` need a token, which does not exist yet.
-    fn from_str(s: &str) -> Result<Self, String> {
-        if let Some(path) = s.strip_prefix("unix:") {
-            if path.is_empty() {
-                return Err(format!("{s}: unix: needs a path"));
-            }
-            return Ok(Self::Unix(PathBuf::from(path)));
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Accepted(peer) => write!(f, "accepted from {peer}"),
+            Self::Dialed(addr) => write!(f, "dialed to {addr}"),
         }
-        if s.starts_with("tcp:") || s.starts_with("vsock:") {
-            return Err(format!("{s}: needs a token (not supported yet)"));
-        }
-        Err(format!("{s}: expected unix:PATH"))
     }
 }
 
@@ -90,6 +92,11 @@ pub struct ControlConfig {
     pub max_frame: usize,
     /// Sent in the shim's `hello`, for fleets.
     pub agent_id: Option<String>,
+    /// The shared secret every connection must prove (PROTOCOL.md §8.2); `None` only for an
+    /// insecure unix socket.
+    pub token: Option<Token>,
+    /// The cap of the dial-out backoff.
+    pub reconnect_max: Duration,
 }
 
 /// Knobs the protocol leaves to the implementation; tests shrink them.
@@ -97,10 +104,21 @@ pub struct ControlConfig {
 struct Tuning {
     /// Bytes of queued replies over which a connection that does not read is closed.
     out_queue_max: usize,
-    /// How long a new connection has to send its `hello`.
+    /// How long a new connection has to complete its handshake (`hello`, and `auth`).
     hello_timeout: Duration,
     /// How long a rejected connection's last `error` may take to be written.
     close_grace: Duration,
+    /// The largest frame read before the handshake is complete.
+    handshake_max_frame: usize,
+    /// How long one dial may take.
+    connect_timeout: Duration,
+    /// The cap of the dial-out backoff.
+    reconnect_max: Duration,
+    /// Failed handshakes at once, and per second, before new connections are turned away.
+    failure_burst: f64,
+    failure_refill: f64,
+    /// Handshakes in progress at once.
+    max_pending: usize,
 }
 
 impl Default for Tuning {
@@ -109,6 +127,12 @@ impl Default for Tuning {
             out_queue_max: 8 * 1024 * 1024,
             hello_timeout: Duration::from_secs(10),
             close_grace: Duration::from_secs(2),
+            handshake_max_frame: 64 * 1024,
+            connect_timeout: Duration::from_secs(5),
+            reconnect_max: DEFAULT_RECONNECT_MAX,
+            failure_burst: gate::FAILURE_BURST,
+            failure_refill: gate::FAILURE_REFILL,
+            max_pending: gate::MAX_PENDING,
         }
     }
 }
@@ -226,9 +250,9 @@ struct Inner {
     /// Woken (all waiters) whenever an acknowledgement frees events.
     acked: Notify,
     commands: mpsc::Sender<Command>,
-    /// Our `hello`, for negotiation, and its frame, sent first on every connection.
+    /// Our `hello` without a nonce; each connection sends it with a nonce of its own.
     hello: Hello,
-    hello_frame: Bytes,
+    token: Option<Token>,
     max_frame: usize,
     tuning: Tuning,
 }
@@ -241,6 +265,8 @@ struct Shared {
     live: Option<Rc<Conn>>,
     ids: IdCache,
     next_conn: u64,
+    /// Admission of accepted connections to the handshake.
+    gate: Gate,
 }
 
 impl Inner {
@@ -262,61 +288,115 @@ impl Inner {
     }
 }
 
-/// The control socket: accepts connections, buffers events, hands commands to the
-/// supervisor.
+/// Where the control server meets its control plane: a listening address, an address to
+/// dial, or both.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Endpoints {
+    /// `--control-listen`: accept connections here.
+    pub listen: Option<ControlAddr>,
+    /// `--control-connect`: dial here whenever no connection is live.
+    pub connect: Option<ControlAddr>,
+}
+
+/// The control server: accepts (and/or dials) connections, buffers events, hands commands
+/// to the supervisor.
 #[derive(Debug)]
 pub struct ControlServer {
     inner: Rc<Inner>,
     commands: mpsc::Receiver<Command>,
-    accept: AbortHandle,
-    path: PathBuf,
+    /// The accept loop and the dialer, aborted on drop.
+    tasks: Vec<AbortHandle>,
+    /// The unix socket file to remove on drop.
+    unix_path: Option<PathBuf>,
 }
 
 impl ControlServer {
-    /// Binds (removing a stale socket file first; mode 0600) and spawns the accept loop with
-    /// `spawn_local`. Must be called inside the LocalSet.
+    /// Listens on `addr` only (see [`Self::start`]).
+    #[cfg(test)]
     pub fn bind(addr: &ControlAddr, cfg: ControlConfig) -> io::Result<Self> {
-        Self::bind_tuned(addr, cfg, Tuning::default())
+        let endpoints = Endpoints {
+            listen: Some(addr.clone()),
+            connect: None,
+        };
+        Self::start(&endpoints, cfg)
     }
 
-    fn bind_tuned(addr: &ControlAddr, cfg: ControlConfig, tuning: Tuning) -> io::Result<Self> {
-        let ControlAddr::Unix(path) = addr;
-        remove_stale(path)?;
-        // The socket is created with mode 0600 rather than chmod'ed after: no window in which
-        // another user could connect. The shim is single-threaded here.
-        let old = umask(Mode::from_bits_truncate(0o177));
-        let bound = std::os::unix::net::UnixListener::bind(path);
-        umask(old);
-        let listener = bound?;
-        fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
-        listener.set_nonblocking(true)?;
-        let listener = UnixListener::from_std(listener)?;
+    /// Binds the listening address, if any (a unix socket: mode 0600, a stale socket file
+    /// replaced), and spawns the accept loop and the dialer with `spawn_local`. Must be
+    /// called inside the LocalSet.
+    pub fn start(endpoints: &Endpoints, cfg: ControlConfig) -> io::Result<Self> {
+        let tuning = Tuning {
+            reconnect_max: cfg.reconnect_max,
+            ..Tuning::default()
+        };
+        Self::start_tuned(endpoints, cfg, tuning)
+    }
 
+    #[cfg(test)]
+    fn bind_tuned(addr: &ControlAddr, cfg: ControlConfig, tuning: Tuning) -> io::Result<Self> {
+        let endpoints = Endpoints {
+            listen: Some(addr.clone()),
+            connect: None,
+        };
+        Self::start_tuned(&endpoints, cfg, tuning)
+    }
+
+    fn start_tuned(endpoints: &Endpoints, cfg: ControlConfig, tuning: Tuning) -> io::Result<Self> {
+        if cfg.token.is_none()
+            && endpoints
+                .listen
+                .iter()
+                .chain(&endpoints.connect)
+                .any(ControlAddr::is_network)
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a tcp or vsock control link needs a token",
+            ));
+        }
+        let listener = endpoints.listen.as_ref().map(Listener::bind).transpose()?;
         let mut hello = Hello::new(Role::Shim, "agent-shim", env!("CARGO_PKG_VERSION"));
         hello.agent_id = cfg.agent_id.clone();
-        let hello_frame = encode_frame(&ShimToControl::Hello(hello.clone()), cfg.max_frame)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+        let gate = Gate::new(
+            tuning.failure_burst,
+            tuning.failure_refill,
+            tuning.max_pending,
+            Instant::now(),
+        );
         let inner = Rc::new(Inner {
             state: RefCell::new(Shared {
                 buffer: Buffer::new(cfg.max_events, cfg.max_bytes),
                 live: None,
                 ids: IdCache::default(),
                 next_conn: 0,
+                gate,
             }),
             acked: Notify::new(),
             commands: tx,
             hello,
-            hello_frame,
+            token: cfg.token,
             max_frame: cfg.max_frame,
             tuning,
         });
-        let accept = tokio::task::spawn_local(accept_loop(listener, Rc::clone(&inner)));
+        let mut tasks = Vec::new();
+        if let Some(listener) = listener {
+            let task = tokio::task::spawn_local(accept_loop(listener, Rc::clone(&inner)));
+            tasks.push(task.abort_handle());
+        }
+        if let Some(addr) = &endpoints.connect {
+            let task = tokio::task::spawn_local(dial::dial_loop(addr.clone(), Rc::clone(&inner)));
+            tasks.push(task.abort_handle());
+        }
+        let unix_path = match &endpoints.listen {
+            Some(ControlAddr::Unix(path)) => Some(path.clone()),
+            _ => None,
+        };
         Ok(Self {
             inner,
             commands: rx,
-            accept: accept.abort_handle(),
-            path: path.clone(),
+            tasks,
+            unix_path,
         })
     }
 
@@ -419,40 +499,57 @@ impl ControlServer {
 
 impl Drop for ControlServer {
     fn drop(&mut self) {
-        self.accept.abort();
+        for task in &self.tasks {
+            task.abort();
+        }
         if let Some(conn) = self.inner.live() {
             conn.close_now();
         }
-        if let Err(err) = fs::remove_file(&self.path) {
-            debug!(path = %self.path.display(), error = %err, "control socket not removed");
+        if let Some(path) = &self.unix_path {
+            if let Err(err) = std::fs::remove_file(path) {
+                debug!(path = %path.display(), error = %err, "control socket not removed");
+            }
         }
     }
 }
 
-/// Accepts connections until the server is dropped (which aborts this task).
-async fn accept_loop(listener: UnixListener, inner: Rc<Inner>) {
+/// Accepts connections until the server is dropped (which aborts this task); each goes
+/// through the [`gate`] before any handshake work is done for it.
+async fn accept_loop(listener: Listener, inner: Rc<Inner>) {
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => conn::start(stream, &inner),
+            Ok((halves, peer)) => {
+                let now = Instant::now();
+                let (admitted, report) = {
+                    let mut st = inner.state.borrow_mut();
+                    let admitted = st.gate.admit(now);
+                    (admitted, st.gate.report(now))
+                };
+                if let Some(n) = report {
+                    warn!(
+                        failed_handshakes = n.failures,
+                        too_many_pending = n.pending,
+                        "control connections closed unheard (suppressed): too many failed \
+                         handshakes or handshakes in progress"
+                    );
+                }
+                match admitted {
+                    Ok(()) => {
+                        // Not started (no randomness): the gate's count is given back.
+                        if conn::start(halves, &inner, Origin::Accepted(peer)).is_none() {
+                            inner.state.borrow_mut().gate.finished(true, Instant::now());
+                        }
+                    }
+                    // Dropping the halves closes the connection.
+                    Err(why) => debug!(%peer, ?why, "control connection closed unheard"),
+                }
+            }
             Err(err) => {
                 // EMFILE and friends: back off instead of spinning.
                 warn!(error = %err, "control socket accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-    }
-}
-
-/// Removes a socket left by an earlier run; refuses to remove anything that is not a socket.
-fn remove_stale(path: &std::path::Path) -> io::Result<()> {
-    match fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => fs::remove_file(path),
-        Ok(_) => Err(io::Error::new(
-            io::ErrorKind::AlreadyExists,
-            format!("{} exists and is not a socket", path.display()),
-        )),
-        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(err) => Err(err),
     }
 }
 

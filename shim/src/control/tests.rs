@@ -13,7 +13,6 @@ use driver_protocol::message::{
 };
 use driver_protocol::ErrorCode;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::UnixStream;
 use tokio::task::LocalSet;
 use tokio::time::timeout;
 use tokio_util::codec::{Decoder as _, Encoder as _};
@@ -54,6 +53,8 @@ fn cfg(max_events: usize, max_bytes: usize) -> ControlConfig {
         max_bytes,
         max_frame: driver_protocol::DEFAULT_MAX_FRAME,
         agent_id: Some("agent-7".into()),
+        token: None,
+        reconnect_max: DEFAULT_RECONNECT_MAX,
     }
 }
 
@@ -80,9 +81,10 @@ fn event(n: u64) -> Event {
     })
 }
 
-/// A control client.
+/// A control client, over any transport.
 struct Client {
-    stream: UnixStream,
+    rd: transport::ReadHalf,
+    wr: transport::WriteHalf,
     codec: MessageCodec<ShimToControl, ControlToShim>,
     buf: BytesMut,
 }
@@ -90,8 +92,18 @@ struct Client {
 impl Client {
     /// Connects without sending anything.
     async fn raw(path: &Path) -> Self {
+        Self::over(
+            transport::dial(&ControlAddr::Unix(path.to_owned()))
+                .await
+                .unwrap(),
+        )
+    }
+
+    /// A client over connected halves.
+    fn over((rd, wr): transport::Halves) -> Self {
         Self {
-            stream: UnixStream::connect(path).await.unwrap(),
+            rd,
+            wr,
             codec: MessageCodec::new(),
             buf: BytesMut::new(),
         }
@@ -110,7 +122,7 @@ impl Client {
     async fn send(&mut self, msg: ControlToShim) {
         let mut out = BytesMut::new();
         self.codec.encode(msg, &mut out).unwrap();
-        self.stream.write_all(&out).await.unwrap();
+        self.wr.write_all(&out).await.unwrap();
     }
 
     /// The next message, `None` at end of stream; panics after the deadline.
@@ -120,7 +132,7 @@ impl Client {
                 if let Some(m) = self.codec.decode(&mut self.buf).unwrap() {
                     return Some(m);
                 }
-                match self.stream.read_buf(&mut self.buf).await {
+                match self.rd.read_buf(&mut self.buf).await {
                     Ok(0) | Err(_) => return None,
                     Ok(_) => {}
                 }
@@ -135,7 +147,7 @@ impl Client {
         if !self.buf.is_empty() {
             return false;
         }
-        timeout(wait, self.stream.read_buf(&mut self.buf))
+        timeout(wait, self.rd.read_buf(&mut self.buf))
             .await
             .is_err()
     }
@@ -174,16 +186,44 @@ fn addr_parsing() {
         "unix:/run/x.sock".parse::<ControlAddr>(),
         Ok(ControlAddr::Unix("/run/x.sock".into()))
     );
-    assert!("tcp:1.2.3.4:5"
+    assert_eq!(
+        "tcp:1.2.3.4:5".parse::<ControlAddr>(),
+        Ok(ControlAddr::Tcp {
+            host: "1.2.3.4".into(),
+            port: 5
+        })
+    );
+    assert_eq!(
+        "tcp:[fe80::1]:65535".parse::<ControlAddr>(),
+        Ok(ControlAddr::Tcp {
+            host: "fe80::1".into(),
+            port: 65535
+        })
+    );
+    assert_eq!(
+        "vsock:3:5".parse::<ControlAddr>(),
+        Ok(ControlAddr::Vsock { cid: 3, port: 5 })
+    );
+    assert!("tcp:fe80::1:5"
         .parse::<ControlAddr>()
         .unwrap_err()
-        .contains("needs a token (not supported yet)"));
-    assert!("vsock:3:5"
-        .parse::<ControlAddr>()
-        .unwrap_err()
-        .contains("needs a token"));
-    assert!("unix:".parse::<ControlAddr>().is_err());
-    assert!("/x".parse::<ControlAddr>().is_err());
+        .contains("brackets"));
+    for bad in [
+        "unix:",
+        "/x",
+        "tcp:h",
+        "tcp::1",
+        "tcp:h:-1",
+        "vsock:a:1",
+        "vsock:1",
+    ] {
+        assert!(bad.parse::<ControlAddr>().is_err(), "{bad}");
+    }
+    for good in ["unix:/x", "tcp:[::1]:7", "tcp:localhost:7", "vsock:any:9"] {
+        let addr: ControlAddr = good.parse().unwrap();
+        assert_eq!(addr.to_string(), good);
+        assert_eq!(addr.is_network(), !good.starts_with("unix:"));
+    }
 }
 
 #[test]
@@ -211,7 +251,7 @@ fn hello_exchange_ping_and_socket_mode() {
         let mut body = BytesMut::new();
         driver_protocol::frame::write_body(&mut body, 1024, b"\x82\xa4type\xa4nope\xa2id\x09")
             .unwrap();
-        c.stream.write_all(&body).await.unwrap();
+        c.wr.write_all(&body).await.unwrap();
         match c.recv().await {
             Some(ShimToControl::Error(e)) => {
                 assert_eq!((e.re, e.code), (Some(9), ErrorCode::Unsupported));
@@ -440,7 +480,7 @@ fn a_bad_frame_closes_only_its_connection() {
             (huge, ErrorCode::FrameTooLarge),
         ] {
             let mut c = Client::raw(&dir.sock()).await;
-            c.stream.write_all(&bytes).await.unwrap();
+            c.wr.write_all(&bytes).await.unwrap();
             assert!(matches!(c.recv().await, Some(ShimToControl::Hello(_))));
             match c.recv().await {
                 Some(ShimToControl::Error(e)) => assert_eq!(e.code, code),
@@ -453,7 +493,7 @@ fn a_bad_frame_closes_only_its_connection() {
         live.expect_seq(1).await;
 
         // A bad frame on the live connection closes it; the next one resumes.
-        live.stream.write_all(&[0, 0, 0, 0]).await.unwrap();
+        live.wr.write_all(&[0, 0, 0, 0]).await.unwrap();
         match live.recv().await {
             Some(ShimToControl::Error(e)) => assert_eq!(e.code, ErrorCode::Malformed),
             other => panic!("expected malformed, got {other:?}"),
@@ -545,7 +585,9 @@ fn a_client_that_does_not_read_is_disconnected_not_waited_for() {
                 .encode(ControlToShim::Ping(Ping { id }), &mut pings)
                 .unwrap();
         }
-        let (_rd, mut wr) = c.stream.into_split();
+        let Client {
+            rd: _rd, mut wr, ..
+        } = c;
         let writer = tokio::task::spawn_local(async move {
             let _ = wr.write_all(&pings).await;
         });
@@ -608,5 +650,534 @@ fn throughput() {
             body.len(),
             N as f64 / secs
         );
+    });
+}
+
+// ---- authentication, the gate, dial-out ------------------------------------------------
+
+use driver_protocol::handshake::{auth_proof, verify_proof, NONCE_LEN};
+use driver_protocol::message::Auth;
+
+use super::auth::{Handshake, Step};
+use super::dial::Backoff;
+use super::gate::{Gate, Refused, Suppressed};
+
+const TOKEN: &[u8] = b"test-token";
+
+fn token() -> Token {
+    Token::new(TOKEN.to_vec()).unwrap()
+}
+
+fn secure_cfg() -> ControlConfig {
+    ControlConfig {
+        token: Some(token()),
+        ..cfg(1000, 1 << 20)
+    }
+}
+
+fn control_hello(nonce: [u8; NONCE_LEN]) -> Hello {
+    Hello::new(Role::Control, "test", "0").with_nonce(nonce)
+}
+
+fn control_auth(token: &[u8], shim_nonce: &[u8], own: &[u8; NONCE_LEN]) -> ControlToShim {
+    let mac = auth_proof(token, Role::Control, shim_nonce, own);
+    Auth {
+        mac: bytes::Bytes::copy_from_slice(&mac),
+    }
+    .into()
+}
+
+impl Client {
+    /// Sends a control hello with `nonce`; returns the shim's hello and its nonce.
+    async fn hello_with(&mut self, nonce: [u8; NONCE_LEN]) -> (Hello, [u8; NONCE_LEN]) {
+        self.send(control_hello(nonce).into()).await;
+        match self.recv().await {
+            Some(ShimToControl::Hello(h)) => {
+                let n = driver_protocol::handshake::hello_nonce(&h).expect("shim nonce");
+                (h, n)
+            }
+            other => panic!("expected hello, got {other:?}"),
+        }
+    }
+
+    /// The whole authenticated handshake; checks the shim's proof.
+    async fn authenticate(&mut self, token: &[u8]) -> Hello {
+        let own = [7u8; NONCE_LEN];
+        let (hello, shim_nonce) = self.hello_with(own).await;
+        self.send(control_auth(token, &shim_nonce, &own)).await;
+        match self.recv().await {
+            Some(ShimToControl::Auth(a)) => {
+                assert!(
+                    verify_proof(token, Role::Shim, &own, &shim_nonce, &a.mac),
+                    "the shim's proof"
+                );
+            }
+            other => panic!("expected auth, got {other:?}"),
+        }
+        hello
+    }
+
+    /// Expects `error{code}` and then the end of the connection.
+    async fn expect_refused(&mut self, code: ErrorCode) {
+        match self.recv().await {
+            Some(ShimToControl::Error(e)) => assert_eq!(e.code, code, "{e:?}"),
+            other => panic!("expected error {code}, got {other:?}"),
+        }
+        assert!(self.recv().await.is_none(), "closed after the error");
+    }
+}
+
+#[test]
+fn gate_rate_limits_failed_handshakes_and_caps_pending() {
+    let t0 = std::time::Instant::now();
+    let mut gate = Gate::new(3.0, 2.0, 2, t0);
+    // Two at once are admitted, the third waits for one of them.
+    assert_eq!(gate.admit(t0), Ok(()));
+    assert_eq!(gate.admit(t0), Ok(()));
+    assert_eq!(gate.pending(), 2);
+    assert_eq!(gate.admit(t0), Err(Refused::Pending));
+    // Both fail: 1 failure token left of 3.
+    gate.finished(true, t0);
+    gate.finished(true, t0);
+    assert_eq!(gate.pending(), 0);
+    assert_eq!(gate.admit(t0), Ok(()));
+    gate.finished(true, t0);
+    // The bucket is empty: turned away without a handshake.
+    for _ in 0..5 {
+        assert_eq!(gate.admit(t0), Err(Refused::Failures));
+    }
+    assert_eq!(gate.pending(), 0);
+    // The first report says how many, the next waits a second.
+    assert_eq!(
+        gate.report(t0),
+        Some(Suppressed {
+            failures: 5,
+            pending: 1
+        })
+    );
+    assert_eq!(gate.admit(t0), Err(Refused::Failures));
+    assert_eq!(gate.report(t0 + Duration::from_millis(500)), None);
+    // Half a second refills one token (2 per second).
+    let t1 = t0 + Duration::from_millis(500);
+    assert_eq!(gate.admit(t1), Ok(()));
+    // A handshake that succeeds costs nothing.
+    gate.finished(false, t1);
+    assert_eq!(gate.admit(t1), Ok(()));
+    gate.finished(false, t1);
+    assert_eq!(
+        gate.report(t0 + Duration::from_secs(1)),
+        Some(Suppressed {
+            failures: 1,
+            pending: 0
+        })
+    );
+    assert_eq!(
+        gate.report(t0 + Duration::from_secs(5)),
+        None,
+        "nothing new"
+    );
+    // A long pause refills to the burst, no further.
+    let t2 = t1 + Duration::from_secs(60);
+    for _ in 0..3 {
+        assert_eq!(gate.admit(t2), Ok(()));
+        gate.finished(true, t2);
+    }
+    assert_eq!(gate.admit(t2), Err(Refused::Failures));
+}
+
+#[test]
+fn backoff_doubles_with_jitter_up_to_the_cap_and_resets() {
+    let mut b = Backoff::new(Duration::from_secs(1));
+    // unit 1.0 gives the whole step, 0.0 half of it.
+    let whole: Vec<u128> = (0..6).map(|_| b.next_delay(1.0).as_millis()).collect();
+    assert_eq!(whole, [100, 200, 400, 800, 1000, 1000]);
+    b.reset();
+    assert_eq!(b.next_delay(0.0), Duration::from_millis(50));
+    assert_eq!(b.next_delay(0.5), Duration::from_millis(150));
+    assert_eq!(b.next_delay(f64::NAN), Duration::from_millis(200));
+    // A cap below the first step caps the first step too.
+    let mut small = Backoff::new(Duration::from_millis(30));
+    assert_eq!(small.next_delay(1.0), Duration::from_millis(30));
+    assert_eq!(small.next_delay(1.0), Duration::from_millis(30));
+}
+
+fn shim_template() -> Hello {
+    Hello::new(Role::Shim, "agent-shim", "0")
+}
+
+#[test]
+fn handshake_with_a_token_proves_both_sides() {
+    let shim_nonce = [1u8; NONCE_LEN];
+    let ctl_nonce = [2u8; NONCE_LEN];
+    let mut hs = Handshake::new(&shim_template(), Some(token()), shim_nonce);
+    assert_eq!(
+        hs.hello().nonce.as_deref(),
+        Some(&shim_nonce[..]),
+        "our hello carries our nonce"
+    );
+    assert_eq!(
+        hs.on_message(control_hello(ctl_nonce).into()),
+        Ok(Step::Continue)
+    );
+    let step = hs
+        .on_message(control_auth(TOKEN, &shim_nonce, &ctl_nonce))
+        .unwrap();
+    let Step::Live { hello, auth } = step else {
+        panic!("not live: {step:?}")
+    };
+    assert_eq!(hello.role, Role::Control);
+    let auth = auth.expect("the shim proves itself");
+    assert!(verify_proof(
+        TOKEN,
+        Role::Shim,
+        &ctl_nonce,
+        &shim_nonce,
+        &auth.mac
+    ));
+    // Anything after the handshake is not the handshake's business.
+    assert_eq!(
+        hs.on_message(Ping { id: 1 }.into()).unwrap_err().0,
+        ErrorCode::InvalidState
+    );
+
+    // Without a token: live at the hello, no auth, no nonce sent.
+    let mut hs = Handshake::new(&shim_template(), None, shim_nonce);
+    assert_eq!(hs.hello().nonce, None);
+    let step = hs
+        .on_message(Hello::new(Role::Control, "c", "0").into())
+        .unwrap();
+    assert!(matches!(step, Step::Live { auth: None, .. }), "{step:?}");
+}
+
+#[test]
+fn handshake_refusals() {
+    let shim_nonce = [1u8; NONCE_LEN];
+    let ctl_nonce = [2u8; NONCE_LEN];
+    let refused = |msgs: Vec<ControlToShim>| -> ErrorCode {
+        let mut hs = Handshake::new(&shim_template(), Some(token()), shim_nonce);
+        for msg in msgs {
+            match hs.on_message(msg) {
+                Ok(Step::Continue) => {}
+                Ok(live) => panic!("accepted: {live:?}"),
+                Err((code, _)) => return code,
+            }
+        }
+        panic!("still waiting")
+    };
+    let hello = || -> ControlToShim { control_hello(ctl_nonce).into() };
+    // No nonce: unauthorized. A nonce of the wrong length: malformed.
+    assert_eq!(
+        refused(vec![Hello::new(Role::Control, "c", "0").into()]),
+        ErrorCode::Unauthorized
+    );
+    let mut short = Hello::new(Role::Control, "c", "0");
+    short.nonce = Some(bytes::Bytes::from_static(&[1, 2, 3]));
+    assert_eq!(refused(vec![short.into()]), ErrorCode::Malformed);
+    // The second frame is not auth.
+    assert_eq!(
+        refused(vec![hello(), Status { id: 1 }.into()]),
+        ErrorCode::Unauthorized
+    );
+    // A wrong token.
+    assert_eq!(
+        refused(vec![
+            hello(),
+            control_auth(b"wrong", &shim_nonce, &ctl_nonce)
+        ]),
+        ErrorCode::Unauthorized
+    );
+    // A replayed auth: made for another shim nonce.
+    assert_eq!(
+        refused(vec![
+            hello(),
+            control_auth(TOKEN, &[9u8; NONCE_LEN], &ctl_nonce)
+        ]),
+        ErrorCode::Unauthorized
+    );
+    // The shim's own proof reflected back.
+    let reflected = auth_proof(TOKEN, Role::Shim, &ctl_nonce, &shim_nonce);
+    assert_eq!(
+        refused(vec![
+            hello(),
+            Auth {
+                mac: bytes::Bytes::copy_from_slice(&reflected)
+            }
+            .into()
+        ]),
+        ErrorCode::Unauthorized
+    );
+    // A mac of the wrong length.
+    assert_eq!(
+        refused(vec![
+            hello(),
+            Auth {
+                mac: bytes::Bytes::from_static(b"short")
+            }
+            .into()
+        ]),
+        ErrorCode::Unauthorized
+    );
+    // Not hello first; the wrong role; no common version.
+    assert_eq!(
+        refused(vec![Status { id: 1 }.into()]),
+        ErrorCode::InvalidState
+    );
+    assert_eq!(
+        refused(vec![Hello::new(Role::Driver, "d", "0")
+            .with_nonce(ctl_nonce)
+            .into()]),
+        ErrorCode::Invalid
+    );
+    assert_eq!(
+        refused(vec![control_hello(ctl_nonce).with_versions([99]).into()]),
+        ErrorCode::UnsupportedVersion
+    );
+}
+
+#[test]
+fn token_loading_rules() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = TempDir::new("token");
+    let file = dir.0.join("token");
+    let write = |contents: &[u8], mode: u32| {
+        std::fs::write(&file, contents).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    write(b"s3cret\n", 0o600);
+    assert_eq!(
+        Token::from_file(&file).unwrap(),
+        Token::new(b"s3cret".to_vec()).unwrap()
+    );
+    write(b"s3cret\r\n\n", 0o400);
+    assert_eq!(
+        Token::from_file(&file).unwrap(),
+        Token::new(b"s3cret".to_vec()).unwrap()
+    );
+    for mode in [0o644, 0o640, 0o604, 0o660, 0o700 | 0o070] {
+        write(b"s3cret", mode);
+        let err = Token::from_file(&file).unwrap_err();
+        assert!(
+            matches!(err, TokenError::Permissions { .. }),
+            "{mode:o}: {err}"
+        );
+        assert!(
+            err.to_string().contains("readable by its owner only"),
+            "{err}"
+        );
+    }
+    write(b"\n", 0o600);
+    assert!(matches!(Token::from_file(&file), Err(TokenError::Empty)));
+    assert!(matches!(
+        Token::from_file(&dir.0.join("missing")),
+        Err(TokenError::Read { .. })
+    ));
+    assert!(matches!(
+        Token::from_file(&dir.0),
+        Err(TokenError::NotAFile { .. }) | Err(TokenError::Permissions { .. })
+    ));
+    assert!(Token::new(Vec::new()).is_err());
+    assert_eq!(format!("{:?}", token()), "Token(<10 bytes>)");
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn tcp_client(port: u16) -> Client {
+    let addr = ControlAddr::Tcp {
+        host: "127.0.0.1".into(),
+        port,
+    };
+    Client::over(transport::dial(&addr).await.unwrap())
+}
+
+#[test]
+fn tcp_with_a_token_authenticates_streams_and_refuses_the_rest() {
+    run(async {
+        let port = free_port();
+        let addr = ControlAddr::Tcp {
+            host: "127.0.0.1".into(),
+            port,
+        };
+        // No token, no tcp.
+        assert!(ControlServer::bind(&addr, cfg(10, 1 << 20)).is_err());
+        let mut server = ControlServer::bind(&addr, secure_cfg()).unwrap();
+        server.publish(&event(1));
+
+        let mut c = tcp_client(port).await;
+        let hello = c.authenticate(TOKEN).await;
+        assert_eq!(hello.agent_id.as_deref(), Some("agent-7"));
+        c.send(ResumeFrom { seq: 0 }.into()).await;
+        c.expect_seq(1).await;
+        eventually("connected", || server.connected()).await;
+        server.publish(&event(2));
+        c.expect_seq(2).await;
+        c.sync(5).await;
+
+        // A wrong token; a nonce-less hello; a non-auth second frame; garbage.
+        let mut bad = tcp_client(port).await;
+        let own = [3u8; NONCE_LEN];
+        let (_, shim_nonce) = bad.hello_with(own).await;
+        bad.send(control_auth(b"nope", &shim_nonce, &own)).await;
+        bad.expect_refused(ErrorCode::Unauthorized).await;
+
+        let mut bad = tcp_client(port).await;
+        bad.send(Hello::new(Role::Control, "c", "0").into()).await;
+        assert!(matches!(bad.recv().await, Some(ShimToControl::Hello(_))));
+        bad.expect_refused(ErrorCode::Unauthorized).await;
+
+        let mut bad = tcp_client(port).await;
+        let _ = bad.hello_with(own).await;
+        bad.send(Status { id: 9 }.into()).await;
+        bad.expect_refused(ErrorCode::Unauthorized).await;
+
+        // Before authentication frames are small: 100 KiB is too large.
+        let mut bad = tcp_client(port).await;
+        let mut big = BytesMut::new();
+        big.put_u32(100 * 1024);
+        big.put_bytes(0x90, 100 * 1024);
+        bad.wr.write_all(&big).await.unwrap();
+        assert!(matches!(bad.recv().await, Some(ShimToControl::Hello(_))));
+        bad.expect_refused(ErrorCode::FrameTooLarge).await;
+
+        // The live connection never noticed.
+        assert!(server.connected());
+        server.publish(&event(3));
+        c.expect_seq(3).await;
+        c.sync(6).await;
+    });
+}
+
+#[test]
+fn a_flood_of_bad_clients_is_gated_and_the_live_connection_goes_on() {
+    let dir = TempDir::new("flood");
+    run(async {
+        // A slow refill, so that a slow machine does not refill the bucket mid-test.
+        let tuning = Tuning {
+            failure_refill: 0.5,
+            ..Tuning::default()
+        };
+        let mut server =
+            ControlServer::bind_tuned(&ControlAddr::Unix(dir.sock()), secure_cfg(), tuning)
+                .unwrap();
+        let mut live = Client::raw(&dir.sock()).await;
+        live.authenticate(TOKEN).await;
+        live.send(ResumeFrom { seq: 0 }.into()).await;
+        eventually("connected", || server.connected()).await;
+
+        let mut refused_with_error = 0;
+        let mut closed_unheard = 0;
+        for n in 0..60u64 {
+            let mut bad = Client::raw(&dir.sock()).await;
+            bad.send(Hello::new(Role::Control, "c", "0").into()).await;
+            match bad.recv().await {
+                Some(ShimToControl::Hello(_)) => {
+                    bad.expect_refused(ErrorCode::Unauthorized).await;
+                    refused_with_error += 1;
+                }
+                None => closed_unheard += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+            server.publish(&event(n));
+            live.expect_seq(n + 1).await;
+        }
+        // About the burst is answered, the rest is closed unheard (the bucket refills at
+        // 0.5/s, so a slow machine may answer a few more).
+        assert!(
+            (10..25).contains(&refused_with_error),
+            "{refused_with_error} answered, {closed_unheard} closed unheard"
+        );
+        assert!(closed_unheard > 35, "{closed_unheard}");
+        assert!(server.connected());
+        live.sync(1).await;
+    });
+}
+
+#[test]
+fn handshakes_in_progress_are_capped() {
+    let dir = TempDir::new("pending");
+    run(async {
+        let _server = ControlServer::bind(&ControlAddr::Unix(dir.sock()), secure_cfg()).unwrap();
+        // Sixteen clients that never finish their handshake hold every place.
+        let mut idle = Vec::new();
+        for _ in 0..gate::MAX_PENDING {
+            let mut c = Client::raw(&dir.sock()).await;
+            assert!(matches!(c.recv().await, Some(ShimToControl::Hello(_))));
+            idle.push(c);
+        }
+        let mut extra = Client::raw(&dir.sock()).await;
+        assert!(extra.recv().await.is_none(), "over the cap: closed unheard");
+        // One leaves: there is room again, and an honest client gets in.
+        drop(idle.pop());
+        let mut honest = None;
+        for _ in 0..100 {
+            let mut c = Client::raw(&dir.sock()).await;
+            c.send(control_hello([5; NONCE_LEN]).into()).await;
+            if let Some(ShimToControl::Hello(h)) = c.recv().await {
+                let n = driver_protocol::handshake::hello_nonce(&h).unwrap();
+                c.send(control_auth(TOKEN, &n, &[5; NONCE_LEN])).await;
+                assert!(matches!(c.recv().await, Some(ShimToControl::Auth(_))));
+                honest = Some(c);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(honest.is_some(), "a place freed up");
+    });
+}
+
+#[test]
+fn dial_out_connects_authenticates_and_redials_after_a_drop() {
+    let dir = TempDir::new("dial");
+    run(async {
+        let listener = tokio::net::UnixListener::bind(dir.sock()).unwrap();
+        let endpoints = Endpoints {
+            listen: None,
+            connect: Some(ControlAddr::Unix(dir.sock())),
+        };
+        let cfg = ControlConfig {
+            reconnect_max: Duration::from_millis(200),
+            ..secure_cfg()
+        };
+        let mut server = ControlServer::start(&endpoints, cfg).unwrap();
+        for n in 1..=3 {
+            server.publish(&event(n));
+        }
+        let accept = || async {
+            let (stream, _) = timeout(DEADLINE, listener.accept()).await.unwrap().unwrap();
+            let (rd, wr) = stream.into_split();
+            Client::over((Box::new(rd), Box::new(wr)))
+        };
+        let mut c = accept().await;
+        c.authenticate(TOKEN).await;
+        c.send(ResumeFrom { seq: 0 }.into()).await;
+        c.expect_seq(1).await;
+        c.expect_seq(2).await;
+        drop(c);
+        server.publish(&event(4));
+        // Redialed; resumes after 2: exactly 3 and 4.
+        let mut c = accept().await;
+        c.authenticate(TOKEN).await;
+        c.send(ResumeFrom { seq: 2 }.into()).await;
+        c.expect_seq(3).await;
+        c.expect_seq(4).await;
+        c.sync(1).await;
+        // A peer with the wrong token is dropped and dialed again.
+        drop(c);
+        let mut bad = accept().await;
+        let own = [4u8; NONCE_LEN];
+        let (_, n) = bad.hello_with(own).await;
+        bad.send(control_auth(b"wrong", &n, &own)).await;
+        bad.expect_refused(ErrorCode::Unauthorized).await;
+        let mut c = accept().await;
+        c.authenticate(TOKEN).await;
+        c.send(ResumeFrom { seq: 4 }.into()).await;
+        server.publish(&event(5));
+        c.expect_seq(5).await;
     });
 }

@@ -24,7 +24,8 @@ use nix::errno::Errno;
 use thiserror::Error;
 use tracing::{info, info_span, warn, Instrument as _};
 
-use crate::cli::Config;
+use crate::cli::{Config, TokenSource};
+use crate::control::{ControlAddr, Token, TokenError};
 use crate::reaper::Reaper;
 use crate::signals;
 use crate::sys::{Real, Sys};
@@ -46,6 +47,9 @@ pub enum SupervisorError {
     /// The control socket could not be bound.
     #[error("cannot listen on the control socket")]
     Control(#[source] std::io::Error),
+    /// The control token could not be loaded.
+    #[error("no control token")]
+    Token(#[source] TokenError),
 }
 
 impl SupervisorError {
@@ -69,6 +73,7 @@ pub fn run(cfg: &Config) -> Result<i32, SupervisorError> {
     let sys = Real;
     let span = info_span!("supervisor");
     let _enter = span.enter();
+    let token = load_token(cfg)?;
     let own_pid = sys.getpid();
     let pid1 = own_pid == 1;
     if !pid1 {
@@ -86,12 +91,12 @@ pub fn run(cfg: &Config) -> Result<i32, SupervisorError> {
     let mut reaper = Reaper::new();
     let outcome = local.block_on(
         &rt,
-        shell(cfg, original_mask, &mut reaper).instrument(info_span!("loop")),
+        shell(cfg, token, original_mask, &mut reaper).instrument(info_span!("loop")),
     );
     drop(local);
     drop(rt);
     let (code, kill_deadline) = outcome?;
-    if let Some(path) = &cfg.sup.control_listen {
+    if let Some(ControlAddr::Unix(path)) = &cfg.sup.control_listen {
         let _ = std::fs::remove_file(path);
     }
     let set = signals::handled_set();
@@ -103,4 +108,19 @@ pub fn run(cfg: &Config) -> Result<i32, SupervisorError> {
     }
     info!(code, "exiting");
     Ok(code)
+}
+
+/// The control token, loaded (and its file checked) before anything starts; `None` without a
+/// control link or without a token.
+fn load_token(cfg: &Config) -> Result<Option<Token>, SupervisorError> {
+    if cfg.sup.control_listen.is_none() && cfg.sup.control_connect.is_none() {
+        return Ok(None);
+    }
+    match &cfg.sup.control_token {
+        Some(TokenSource::File(path)) => Token::from_file(path)
+            .map(Some)
+            .map_err(SupervisorError::Token),
+        Some(TokenSource::Env(token)) => Ok(Some(token.clone())),
+        None => Ok(None),
+    }
 }

@@ -432,14 +432,16 @@ mod pid1 {
     }
 
     #[test]
-    fn a_non_root_exec_can_neither_signal_pid1_nor_read_root_files() -> Result<()> {
+    fn a_non_root_exec_can_neither_signal_pid1_nor_read_the_token_file() -> Result<()> {
         crate::support::require_root!();
         let dir = TempDir::new("exec-secret")?;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
         let secret = dir.path().join("token");
         std::fs::write(&secret, "s3cret")?;
         std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600))?;
-        let mut sup = start(Setup::new(Mode::Pid1))?;
+        // The shim's own control token file: root's, mode 0600 (the shim insists on it).
+        let token_file = secret.display().to_string();
+        let mut sup = start(Setup::new(Mode::Pid1).flag("--control-token-file", &token_file))?;
         sup.expect_up(1)?;
         let script = format!(
             "id -u; kill -TERM 1 2>/dev/null; echo kill=$?; kill -KILL 1 2>/dev/null; \

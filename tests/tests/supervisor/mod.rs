@@ -8,6 +8,7 @@
 //! `msgpack`, and is skipped loudly otherwise.
 
 mod commands;
+mod control_transport;
 mod exec;
 mod lifecycle;
 mod python;
@@ -163,7 +164,19 @@ impl Setup {
             shim = shim.stderr_unread();
         }
         let running = shim.start()?;
-        let mut ctl = match ControlClient::connect(&sock, PATIENCE) {
+        // A token (file or environment) turns authentication on: use it.
+        let from_file = match self.flags.iter().find(|(k, _)| k == "--control-token-file") {
+            Some((_, Some(path))) => Some(std::fs::read(path)?.trim_ascii_end().to_vec()),
+            _ => None,
+        };
+        let token = from_file.as_deref().or_else(|| {
+            self.envs
+                .iter()
+                .find(|(k, _)| k == "AGENT_SHIM_TOKEN")
+                .map(|(_, v)| v.as_bytes())
+        });
+        let target = crate::support::control::Target::Unix(sock.clone());
+        let mut ctl = match ControlClient::connect_to(&target, token, PATIENCE) {
             Ok(c) => c,
             Err(e) => bail!("{e:#}\n{}", running.context()),
         };

@@ -1,22 +1,24 @@
-//! A blocking client of the shim's control link (`docs/PROTOCOL.md` §8), insecure unix only.
+//! A blocking client of the shim's control link (`docs/PROTOCOL.md` §8): over a unix socket or
+//! TCP, insecure or with a token (§8.2: nonces in the `hello`s, `auth` both ways, the shim's
+//! proof checked), connecting or over a stream it is handed (when the shim dials out).
 //!
 //! It keeps every read bounded (a read timeout on the socket), checks that events arrive
 //! with seqs increasing by exactly 1, and stamps each event with the instant it was read, so
 //! tests can measure the shim's timing from outside. Events that arrive while a request waits
 //! for its reply are kept, in order, for the next [`ControlClient::next_event`].
 
-use std::collections::VecDeque;
-use std::io::ErrorKind;
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{self, ErrorKind, Write};
+use std::net::{Shutdown, TcpStream};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use driver_protocol::blocking::{FrameReader, FrameWriter};
-use std::collections::BTreeMap;
-
+use driver_protocol::handshake::{self, NONCE_LEN};
 use driver_protocol::message::{
-    Ack, ControlToShim, ErrorMsg, Event, EventEnvelope, Exec, ExecExit, ExecStarted, Hello,
+    Ack, Auth, ControlToShim, ErrorMsg, Event, EventEnvelope, Exec, ExecExit, ExecStarted, Hello,
     OutputStream, RequestId, ResumeFrom, Role, Seq, ShimToControl, Status, StatusReply, SubmitTask,
 };
 use driver_protocol::DecodeError;
@@ -89,12 +91,120 @@ pub fn exec_of(event: &Event) -> Option<u64> {
     }
 }
 
-/// One connection to the shim's control socket.
+/// A connected stream: unix or TCP.
+#[derive(Debug)]
+pub enum Stream {
+    /// A unix stream socket.
+    Unix(UnixStream),
+    /// A TCP connection.
+    Tcp(TcpStream),
+}
+
+impl Stream {
+    /// Connects to `target`, retrying until it accepts or `deadline` passes.
+    pub fn connect(target: &Target, deadline: Duration) -> Result<Stream> {
+        let until = Instant::now() + deadline;
+        loop {
+            let attempt = match target {
+                Target::Unix(path) => UnixStream::connect(path).map(Stream::Unix),
+                Target::Tcp(addr) => TcpStream::connect(addr.as_str()).map(Stream::Tcp),
+            };
+            match attempt {
+                Ok(s) => return Ok(s),
+                Err(_) if Instant::now() < until => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("the control link {target:?} did not accept within {deadline:?}")
+                    })
+                }
+            }
+        }
+    }
+
+    /// Another handle on the same stream.
+    pub fn try_clone(&self) -> std::io::Result<Stream> {
+        Ok(match self {
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+        })
+    }
+
+    /// Sets the read timeout.
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_read_timeout(t),
+            Stream::Tcp(s) => s.set_read_timeout(t),
+        }
+    }
+
+    /// Shuts both directions down (the peer sees the end of the stream at once, even while
+    /// another handle keeps the socket open).
+    pub fn shutdown(&self) -> std::io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.shutdown(Shutdown::Both),
+            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
+        }
+    }
+}
+
+impl io::Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.read(buf),
+            Stream::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write(buf),
+            Stream::Tcp(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.flush(),
+            Stream::Tcp(s) => s.flush(),
+        }
+    }
+}
+
+/// Where a control link is.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// A unix socket path.
+    Unix(PathBuf),
+    /// A TCP address, `host:port`.
+    Tcp(String),
+}
+
+/// The frames our side of a handshake sent (for replay tests).
+#[derive(Debug, Clone)]
+pub struct SentHandshake {
+    /// Our `hello`.
+    pub hello: Hello,
+    /// Our `auth`, when a token was used.
+    pub auth: Option<Auth>,
+}
+
+/// A fresh random nonce (from /dev/urandom).
+pub fn random_nonce() -> Result<[u8; NONCE_LEN]> {
+    let mut n = [0u8; NONCE_LEN];
+    io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut n)?;
+    Ok(n)
+}
+
+/// One connection to the shim's control link.
 pub struct ControlClient {
-    reader: FrameReader<UnixStream>,
-    writer: FrameWriter<UnixStream>,
+    reader: FrameReader<Stream>,
+    writer: FrameWriter<Stream>,
     /// The shim's `hello`.
     hello: Hello,
+    /// What we sent in the handshake.
+    sent: SentHandshake,
     /// Events read while waiting for something else, oldest first.
     pending: VecDeque<Stamped>,
     /// The seq of the last event read off the socket (pending or not).
@@ -125,36 +235,54 @@ impl ControlClient {
     /// Connects to the socket at `path`, retrying until it accepts or `deadline` passes,
     /// then exchanges `hello`s and checks the shim's (role `shim`, no nonce: insecure).
     pub fn connect(path: &Path, deadline: Duration) -> Result<ControlClient> {
+        Self::connect_to(&Target::Unix(path.to_owned()), None, deadline)
+    }
+
+    /// Connects to `target` (retrying until `deadline`) and runs the handshake, with `token`
+    /// if given.
+    pub fn connect_to(
+        target: &Target,
+        token: Option<&[u8]>,
+        deadline: Duration,
+    ) -> Result<ControlClient> {
         let until = Instant::now() + deadline;
-        let stream = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) if Instant::now() < until => {
-                    let _ = e;
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(e) => {
-                    return Err(e).with_context(|| {
-                        format!(
-                            "the control socket {} did not accept within {deadline:?}",
-                            path.display()
-                        )
-                    })
-                }
-            }
-        };
-        let writer = FrameWriter::new(stream.try_clone().context("clone the control socket")?);
+        let stream = Stream::connect(target, deadline)?;
+        Self::over(
+            stream,
+            token,
+            until.saturating_duration_since(Instant::now()),
+        )
+    }
+
+    /// Runs the handshake on a connected `stream` (e.g. one the shim dialed and the test
+    /// accepted): `hello` with a fresh nonce when there is a `token`, then `auth` both ways,
+    /// the shim's proof checked. Without a token the shim's `hello` must have no nonce.
+    pub fn over(stream: Stream, token: Option<&[u8]>, deadline: Duration) -> Result<ControlClient> {
+        let until = Instant::now() + deadline;
+        let writer = FrameWriter::new(stream.try_clone().context("clone the control stream")?);
+        let mut ours = Hello::new(Role::Control, "e2e-control", "0");
+        if token.is_some() {
+            ours = ours.with_nonce(random_nonce()?);
+        }
         let mut client = ControlClient {
             reader: FrameReader::new(stream),
             writer,
             hello: Hello::new(Role::Shim, "", ""),
+            sent: SentHandshake {
+                hello: ours.clone(),
+                auth: None,
+            },
             pending: VecDeque::new(),
             last_seq: 0,
             resumed: false,
-            next_id: 0,
+            // Ids unique across connections (PROTOCOL.md §6): random high 32 bits, so a
+            // reconnected client's requests are never taken for retries of earlier ones.
+            next_id: u64::from(u32::from_le_bytes(
+                random_nonce()?[..4].try_into().unwrap_or_default(),
+            )) << 32,
             history: VecDeque::new(),
         };
-        client.send(Hello::new(Role::Control, "e2e-control", "0"))?;
+        client.send(ours.clone())?;
         let hello = match client.read(until.saturating_duration_since(Instant::now()))? {
             Read::Msg(ShimToControl::Hello(h)) => h,
             Read::Msg(other) => bail!("the shim's first frame is not hello: {other:?}"),
@@ -164,11 +292,39 @@ impl ControlClient {
             hello.protocol == driver_protocol::PROTOCOL_NAME
                 && hello.role == Role::Shim
                 && hello.versions.contains(&1)
-                && hello.nonce.is_none(),
+                && hello.nonce.is_some() == token.is_some(),
             "unexpected shim hello {hello:?}"
         );
+        if let Some(token) = token {
+            let shim_nonce = handshake::hello_nonce(&hello).context("the shim's nonce")?;
+            let own = handshake::hello_nonce(&ours).context("our nonce")?;
+            let mac = handshake::auth_proof(token, Role::Control, &shim_nonce, &own);
+            let auth = Auth {
+                mac: bytes::Bytes::copy_from_slice(&mac),
+            };
+            client.send(auth.clone())?;
+            client.sent.auth = Some(auth);
+            match client.read(until.saturating_duration_since(Instant::now()))? {
+                Read::Msg(ShimToControl::Auth(a)) => ensure!(
+                    handshake::verify_proof(token, Role::Shim, &own, &shim_nonce, &a.mac),
+                    "the shim's auth proof is wrong"
+                ),
+                Read::Msg(other) => bail!("the shim answered auth with {other:?}"),
+                Read::Timeout => bail!("no auth from the shim within {deadline:?}"),
+            }
+        }
         client.hello = hello;
         Ok(client)
+    }
+
+    /// The frames our side of the handshake sent.
+    pub fn sent_handshake(&self) -> &SentHandshake {
+        &self.sent
+    }
+
+    /// Ends the connection at once (both directions), as a crashed control plane would.
+    pub fn kill(&self) {
+        let _ = self.reader.get_ref().shutdown();
     }
 
     /// The shim's `hello`.

@@ -21,7 +21,7 @@ use nix::sys::signal::SigSet;
 use tracing::{debug, info, warn};
 
 use crate::cli::Config;
-use crate::control::{ControlAddr, ControlConfig, ControlServer};
+use crate::control::{ControlConfig, ControlServer, Endpoints, Token};
 use crate::reaper::Reaper;
 use crate::sys::Real;
 
@@ -68,24 +68,35 @@ struct Shell<'a> {
 
 pub(super) async fn shell(
     cfg: &Config,
+    token: Option<Token>,
     mask: SigSet,
     reaper: &mut Reaper<Owner>,
 ) -> Result<(i32, Option<Instant>), SupervisorError> {
     let signals = Signals::open()?;
-    let control = match &cfg.sup.control_listen {
-        Some(path) => {
-            let ccfg = ControlConfig {
-                max_events: cfg.sup.event_buffer,
-                max_bytes: cfg.sup.event_buffer_bytes,
-                max_frame: DEFAULT_MAX_FRAME,
-                agent_id: None,
-            };
-            let server = ControlServer::bind(&ControlAddr::Unix(path.clone()), ccfg)
-                .map_err(SupervisorError::Control)?;
-            info!(path = %path.display(), "control socket listening (insecure)");
-            Some(server)
+    let endpoints = Endpoints {
+        listen: cfg.sup.control_listen.clone(),
+        connect: cfg.sup.control_connect.clone(),
+    };
+    let control = if endpoints == Endpoints::default() {
+        None
+    } else {
+        let secure = token.is_some();
+        let ccfg = ControlConfig {
+            max_events: cfg.sup.event_buffer,
+            max_bytes: cfg.sup.event_buffer_bytes,
+            max_frame: DEFAULT_MAX_FRAME,
+            agent_id: cfg.sup.agent_id.clone().or_else(crate::sys::hostname),
+            token,
+            reconnect_max: cfg.sup.control_reconnect_max,
+        };
+        let server = ControlServer::start(&endpoints, ccfg).map_err(SupervisorError::Control)?;
+        if let Some(addr) = &endpoints.listen {
+            info!(%addr, secure, "control link listening");
         }
-        None => None,
+        if let Some(addr) = &endpoints.connect {
+            info!(%addr, secure, "control link dialing out");
+        }
+        Some(server)
     };
     let now = Instant::now();
     let seed = seed();

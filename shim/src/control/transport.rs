@@ -1,0 +1,123 @@
+//! The byte streams under the control link: unix sockets, TCP and vsock, accepted or dialed.
+//!
+//! Everything above this module — the handshake, the replay buffer, the ids, the
+//! one-live-connection rule — sees a connection as a boxed read half and a boxed write half
+//! ([`Halves`]) and never learns which transport or direction it came from.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+use std::path::Path;
+
+use nix::sys::stat::{umask, Mode};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+
+use super::addr::ControlAddr;
+use super::vsock::{VsockListener, VsockStream};
+
+/// The read half of a connection.
+pub(super) type ReadHalf = Box<dyn AsyncRead + Unpin>;
+/// The write half of a connection.
+pub(super) type WriteHalf = Box<dyn AsyncWrite + Unpin>;
+/// A connection, split.
+pub(super) type Halves = (ReadHalf, WriteHalf);
+
+/// A bound control listener.
+#[derive(Debug)]
+pub(super) enum Listener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+    Vsock(VsockListener),
+}
+
+impl Listener {
+    /// Binds `addr`: a unix socket with mode 0600 (a stale socket file is replaced), TCP
+    /// (the host resolved now), or vsock. Must be called inside the runtime.
+    pub(super) fn bind(addr: &ControlAddr) -> io::Result<Self> {
+        match addr {
+            ControlAddr::Unix(path) => bind_unix(path).map(Self::Unix),
+            ControlAddr::Tcp { host, port } => {
+                let listener = std::net::TcpListener::bind((host.as_str(), *port))?;
+                listener.set_nonblocking(true)?;
+                TcpListener::from_std(listener).map(Self::Tcp)
+            }
+            ControlAddr::Vsock { cid, port } => VsockListener::bind(*cid, *port).map(Self::Vsock),
+        }
+    }
+
+    /// The next connection, split; `peer` describes it for logs.
+    pub(super) async fn accept(&self) -> io::Result<(Halves, String)> {
+        match self {
+            Self::Unix(l) => {
+                let (stream, _) = l.accept().await?;
+                Ok((unix_halves(stream), "unix".to_owned()))
+            }
+            Self::Tcp(l) => {
+                let (stream, peer) = l.accept().await?;
+                Ok((tcp_halves(stream), peer.to_string()))
+            }
+            Self::Vsock(l) => Ok((vsock_halves(l.accept().await?), "vsock".to_owned())),
+        }
+    }
+}
+
+/// Dials `addr` (names resolved now, every address tried in turn). Unbounded: the caller
+/// puts a timeout around it.
+pub(super) async fn dial(addr: &ControlAddr) -> io::Result<Halves> {
+    match addr {
+        ControlAddr::Unix(path) => Ok(unix_halves(UnixStream::connect(path).await?)),
+        ControlAddr::Tcp { host, port } => Ok(tcp_halves(
+            TcpStream::connect((host.as_str(), *port)).await?,
+        )),
+        ControlAddr::Vsock { cid, port } => {
+            Ok(vsock_halves(VsockStream::connect(*cid, *port).await?))
+        }
+    }
+}
+
+fn unix_halves(stream: UnixStream) -> Halves {
+    let (rd, wr) = stream.into_split();
+    (Box::new(rd), Box::new(wr))
+}
+
+fn tcp_halves(stream: TcpStream) -> Halves {
+    // Frames are written whole, often small (replies, acks): no Nagle delay on them.
+    if let Err(err) = stream.set_nodelay(true) {
+        tracing::debug!(error = %err, "TCP_NODELAY not set");
+    }
+    let (rd, wr) = stream.into_split();
+    (Box::new(rd), Box::new(wr))
+}
+
+fn vsock_halves(stream: VsockStream) -> Halves {
+    let (rd, wr) = stream.split();
+    (Box::new(rd), Box::new(wr))
+}
+
+/// Binds a unix socket with mode 0600, replacing a stale socket file.
+fn bind_unix(path: &Path) -> io::Result<UnixListener> {
+    remove_stale(path)?;
+    // The socket is created with mode 0600 rather than chmod'ed after: no window in which
+    // another user could connect. The shim is single-threaded here.
+    let old = umask(Mode::from_bits_truncate(0o177));
+    let bound = std::os::unix::net::UnixListener::bind(path);
+    umask(old);
+    let listener = bound?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
+    listener.set_nonblocking(true)?;
+    UnixListener::from_std(listener)
+}
+
+/// Removes a socket left by an earlier run; refuses to remove anything that is not a socket.
+fn remove_stale(path: &Path) -> io::Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => fs::remove_file(path),
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} exists and is not a socket", path.display()),
+        )),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(err) => Err(err),
+    }
+}
