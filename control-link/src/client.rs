@@ -97,6 +97,7 @@ impl Client {
             None => opts.cursor(agent.as_deref()),
         };
         let shared = Arc::new(Shared::new(opts.ack_mode, cursor));
+        shared.connected.store(true, Ordering::Release);
         let (tx, rx) = mpsc::unbounded_channel();
         let (sink, events) = match fleet {
             Some((agent, tx)) => (Sink::Fleet { agent, tx }, None),
