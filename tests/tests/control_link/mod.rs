@@ -7,7 +7,7 @@
 //! or [`Child`] guard drops.
 
 // mod agentctl;
-// mod delivery;
+mod delivery;
 // mod fake;
 // mod fleet;
 // mod listener;
