@@ -98,6 +98,7 @@ impl Client {
         };
         let shared = Arc::new(Shared::new(opts.ack_mode, cursor));
         shared.connected.store(true, Ordering::Release);
+        shared.set_agent_id(agent.clone());
         let (tx, rx) = mpsc::unbounded_channel();
         let (sink, events) = match fleet {
             Some((agent, tx)) => (Sink::Fleet { agent, tx }, None),

@@ -177,7 +177,7 @@ impl Shared {
         self.agent_id.lock().map(|a| a.clone()).unwrap_or(None)
     }
 
-    fn set_agent_id(&self, id: Option<String>) {
+    pub(crate) fn set_agent_id(&self, id: Option<String>) {
         if let Ok(mut slot) = self.agent_id.lock() {
             if id.is_some() {
                 *slot = id;

@@ -8,9 +8,9 @@
 
 // mod agentctl;
 mod delivery;
-// mod fake;
+mod fake;
 // mod fleet;
-// mod listener;
+mod listener;
 mod methods;
 
 use std::collections::BTreeMap;
