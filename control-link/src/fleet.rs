@@ -309,6 +309,10 @@ impl Fleet {
     /// The aggregated event stream, `(agent, seq, event)`: each agent's events once and in
     /// order. Can be taken once. In auto ack mode, what it hands out is acknowledged.
     ///
+    /// Read it concurrently with the requests you make (a task of its own): replies travel
+    /// on the same sockets as events, so while the stream is full and unread, no socket is
+    /// read and requests time out.
+    ///
     /// ```no_run
     /// # async fn demo(fleet: control_link::Fleet) -> Result<(), control_link::Error> {
     /// let mut events = fleet.events()?;

@@ -9,7 +9,7 @@
 // mod agentctl;
 mod delivery;
 mod fake;
-// mod fleet;
+mod fleet;
 mod listener;
 mod methods;
 
