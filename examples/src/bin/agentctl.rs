@@ -227,8 +227,11 @@ fn parse() -> Result<(Global, Cmd), Fail> {
             }
             Value(v) => {
                 rest.push(string(v)?);
-                for v in p.raw_args().map_err(e)? {
-                    rest.push(string(v)?);
+                // A command line to run is taken verbatim, options included.
+                if name == "set-driver" || name == "exec" {
+                    for v in p.raw_args().map_err(e)? {
+                        rest.push(string(v)?);
+                    }
                 }
             }
             Long("json") => g.json = true,

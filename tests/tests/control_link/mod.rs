@@ -6,7 +6,7 @@
 //! Every wait is bounded by [`PATIENCE`]; every process is killed by pid when its `Running`
 //! or [`Child`] guard drops.
 
-// mod agentctl;
+mod agentctl;
 mod delivery;
 mod fake;
 mod fleet;
