@@ -81,6 +81,12 @@ impl Backoff {
 }
 
 /// A caller-provided cursor per agent: the last seq it processed (0 = none).
+///
+/// ```
+/// use std::sync::Arc;
+/// let cursors: control_link::CursorFn = Arc::new(|agent: &str| if agent == "a1" { 7 } else { 0 });
+/// assert_eq!(cursors("a1"), 7);
+/// ```
 pub type CursorFn = Arc<dyn Fn(&str) -> Seq + Send + Sync>;
 
 /// Options for [`Client`]s, [`Listener`](crate::Listener)s and [`Fleet`](crate::Fleet)s.

@@ -7,6 +7,10 @@ use std::sync::Arc;
 use crate::Error;
 
 /// The environment variable [`Token::from_default_env`] reads: the same one the shim reads.
+///
+/// ```
+/// assert_eq!(control_link::TOKEN_ENV, "AGENT_SHIM_TOKEN");
+/// ```
 pub const TOKEN_ENV: &str = "AGENT_SHIM_TOKEN";
 
 /// A control token. It never crosses the wire (only HMAC proofs do) and `Debug` never prints

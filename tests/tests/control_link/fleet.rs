@@ -82,7 +82,7 @@ fn a_fleet_of_100_shims() -> Result<()> {
         for (agent, tasks) in &done {
             let want = format!("task-{}", &agent["agent-".len()..]);
             ensure!(
-                tasks == &[want.clone()],
+                tasks == std::slice::from_ref(&want),
                 "{agent}: {tasks:?}, want [{want}]"
             );
         }
