@@ -119,6 +119,7 @@ pub struct ConnectOptions {
     pub(crate) max_frame: usize,
     pub(crate) reconnect: bool,
     pub(crate) give_up_after: Option<Duration>,
+    pub(crate) keepalive: Duration,
 }
 
 impl fmt::Debug for ConnectOptions {
@@ -136,6 +137,7 @@ impl fmt::Debug for ConnectOptions {
             .field("max_frame", &self.max_frame)
             .field("reconnect", &self.reconnect)
             .field("give_up_after", &self.give_up_after)
+            .field("keepalive", &self.keepalive)
             .finish()
     }
 }
@@ -149,7 +151,7 @@ impl Default for ConnectOptions {
 impl ConnectOptions {
     /// The defaults: no token, 10 s per request, 10 s to connect and authenticate, backoff
     /// 100 ms → 5 s ± 20 %, auto acks, resume from 0, 256 buffered events, 16 MiB frames,
-    /// reconnect forever.
+    /// reconnect forever, keepalive after 15 s of silence.
     ///
     /// ```
     /// let opts = control_link::ConnectOptions::new();
@@ -168,6 +170,7 @@ impl ConnectOptions {
             max_frame: driver_protocol::DEFAULT_MAX_FRAME,
             reconnect: true,
             give_up_after: None,
+            keepalive: Duration::from_secs(15),
         }
     }
 
@@ -318,6 +321,19 @@ impl ConnectOptions {
     /// ```
     pub fn give_up_after(mut self, limit: Duration) -> Self {
         self.give_up_after = Some(limit);
+        self
+    }
+
+    /// After this long without a frame from the shim, ping it; without an answer within as
+    /// long again, drop the connection and reconnect (catches half-open TCP and vsock
+    /// connections). Zero turns it off. Default 15 s.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// let opts = control_link::ConnectOptions::new().keepalive(Duration::from_secs(5));
+    /// ```
+    pub fn keepalive(mut self, interval: Duration) -> Self {
+        self.keepalive = interval;
         self
     }
 

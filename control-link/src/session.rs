@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use driver_protocol::message::{
-    Ack, ControlToShim, Event, Message as _, RequestId, ResumeFrom, Seq, ShimToControl,
+    Ack, ControlToShim, Event, Message as _, Ping, RequestId, ResumeFrom, Seq, ShimToControl,
 };
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::{sleep_until, Instant};
@@ -192,12 +192,14 @@ struct Pending {
 }
 
 /// How a connection ended.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 enum End {
     /// The client is closed: no reconnect.
     Close,
     /// The connection dropped.
     Dropped,
+    /// The agent dialed in again while this connection still looked alive: switch.
+    Replaced(Box<Connected>),
 }
 
 /// The session: see the module docs.
@@ -213,6 +215,8 @@ pub(crate) struct Session {
     pub(crate) ack_sent: Seq,
     /// The agent a redialed shim must name, if known.
     pub(crate) expect_agent: Option<String>,
+    /// The cursor of this connection's `resume_from`.
+    resumed_at: Seq,
     pending: BTreeMap<RequestId, Pending>,
     queued: Option<(Seq, Event)>,
     /// Failed connection attempts since the last good connection.
@@ -239,6 +243,7 @@ impl Session {
             delivered: cursor,
             ack_sent: 0,
             expect_agent,
+            resumed_at: cursor,
             pending: BTreeMap::new(),
             queued: None,
             attempt: 0,
@@ -257,8 +262,11 @@ impl Session {
                     None => break,
                 },
             };
-            if self.serve(conn).await == End::Close || !self.opts.reconnect {
-                break;
+            match self.serve(conn, &mut source).await {
+                End::Close => break,
+                End::Replaced(c) => next = Some(*c),
+                End::Dropped if !self.opts.reconnect => break,
+                End::Dropped => {}
             }
         }
         self.finish();
@@ -381,7 +389,7 @@ impl Session {
         Ok(c)
     }
 
-    async fn serve(&mut self, conn: Connected) -> End {
+    async fn serve(&mut self, conn: Connected, source: &mut Source) -> End {
         let Connected { mut link, hello } = conn;
         if self.expect_agent.is_none() {
             self.expect_agent = hello.agent_id.clone();
@@ -389,7 +397,11 @@ impl Session {
         self.shared.set_agent_id(hello.agent_id);
         self.shared.connected.store(true, Ordering::Release);
         let up_since = Instant::now();
-        let end = match self.serve_link(&mut link).await {
+        let handoff = match source {
+            Source::Handoff(rx) => Some(rx),
+            Source::Dial(_) => None,
+        };
+        let end = match self.serve_link(&mut link, handoff).await {
             Ok(end) => end,
             Err(e) => {
                 info!(error = %e, "control connection lost");
@@ -397,7 +409,7 @@ impl Session {
             }
         };
         self.shared.connected.store(false, Ordering::Release);
-        if end == End::Close {
+        if matches!(end, End::Close) {
             let _ = self.flush_ack(&mut link).await;
         }
         link.shutdown().await;
@@ -407,10 +419,15 @@ impl Session {
         end
     }
 
-    async fn serve_link(&mut self, link: &mut Link) -> Result<End, Error> {
+    async fn serve_link(
+        &mut self,
+        link: &mut Link,
+        mut handoff: Option<&mut mpsc::Receiver<Connected>>,
+    ) -> Result<End, Error> {
         if self.events_started {
             self.start_events(link).await?;
         }
+        self.resumed_at = self.ack_sent;
         // Requests still unanswered go again, with the same ids.
         self.pending.retain(|_, p| !p.reply.is_closed());
         let ids: Vec<RequestId> = self.pending.keys().copied().collect();
@@ -422,7 +439,11 @@ impl Session {
             }
         }
         let mut ack_deadline: Option<Instant> = None;
+        let keepalive = self.opts.keepalive;
+        let mut last_rx = Instant::now();
+        let mut probing = false;
         loop {
+            let probe_at = last_rx + keepalive * if probing { 2 } else { 1 };
             tokio::select! {
                 biased;
                 cmd = self.cmds.recv() => match cmd {
@@ -454,9 +475,24 @@ impl Session {
                         if !self.events_started {
                             self.events_started = true;
                             self.start_events(link).await?;
+                            self.resumed_at = self.ack_sent;
                         }
                     }
                 },
+                c = recv_handoff(&mut handoff) => {
+                    info!("the agent dialed in again; switching to the new connection");
+                    return Ok(End::Replaced(Box::new(c)));
+                }
+                // Only while the socket is read: a slow consumer is not a dead shim.
+                _ = sleep_until(probe_at), if !keepalive.is_zero() && self.queued.is_none() => {
+                    if probing {
+                        warn!(?keepalive, "the shim does not answer; dropping the connection");
+                        return Ok(End::Dropped);
+                    }
+                    probing = true;
+                    let id = self.shared.next_id();
+                    link.send(&ControlToShim::Ping(Ping { id })).await?;
+                }
                 _ = self.shared.drop_now.notified() => {
                     info!("test hook: dropping the connection");
                     return Ok(End::Dropped);
@@ -489,9 +525,14 @@ impl Session {
                         Err(()) => debug!(seq, "nobody takes events; event dropped (not acked)"),
                     }
                     self.delivered = seq;
+                    last_rx = Instant::now();
                 }
                 msg = link.recv(), if self.queued.is_none() => match msg? {
-                    Some(msg) => self.on_message(msg)?,
+                    Some(msg) => {
+                        last_rx = Instant::now();
+                        probing = false;
+                        self.on_message(msg)?;
+                    }
                     None => {
                         info!("the shim closed the control connection");
                         return Ok(End::Dropped);
@@ -506,6 +547,23 @@ impl Session {
             ShimToControl::Event(env) => {
                 if !self.events_started {
                     debug!(seq = env.seq, "event before resume_from ignored");
+                } else if env.seq <= self.resumed_at {
+                    // The shim forgot everything up to the resume cursor, so this seq is from
+                    // a new shim (its seqs start again at 1): follow it.
+                    warn!(
+                        seq = env.seq,
+                        cursor = self.resumed_at,
+                        "the shim's seqs restarted (a new shim behind the address?)"
+                    );
+                    let restart = env.seq - 1;
+                    self.delivered = restart;
+                    self.resumed_at = restart;
+                    self.ack_sent = restart;
+                    self.shared.consumed.store(restart, Ordering::Release);
+                    self.shared.user_acked.store(restart, Ordering::Release);
+                    if let ShimToControl::Event(env) = msg {
+                        self.queued = Some((env.seq, env.event));
+                    }
                 } else if env.seq <= self.delivered {
                     debug!(seq = env.seq, "replayed event already delivered; skipped");
                 } else {
@@ -592,6 +650,18 @@ pub(crate) async fn dial_once(addr: Addr, opts: ConnectOptions) -> Result<Connec
         opts.connect_timeout,
     )
     .await
+}
+
+/// The next handed-over connection; never resolves without a handoff channel (or once it
+/// is closed).
+async fn recv_handoff(handoff: &mut Option<&mut mpsc::Receiver<Connected>>) -> Connected {
+    match handoff {
+        Some(rx) => match rx.recv().await {
+            Some(c) => c,
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {

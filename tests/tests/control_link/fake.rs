@@ -33,6 +33,11 @@ pub struct FakeCfg {
     pub events: Vec<Event>,
     /// Close once every event is acknowledged (instead of waiting for the client to close).
     pub close_when_acked: bool,
+    /// A new shim behind the same address: its seqs start again at 1, whatever the cursor.
+    pub new_life: bool,
+    /// After the events, go silent: read nothing, answer nothing, keep the socket open (a
+    /// half-open connection) until the client closes it.
+    pub go_silent: bool,
 }
 
 impl FakeCfg {
@@ -44,6 +49,8 @@ impl FakeCfg {
             nonce: false,
             events: progress_events(n),
             close_when_acked: true,
+            new_life: false,
+            go_silent: false,
         }
     }
 }
@@ -186,13 +193,22 @@ pub async fn serve(stream: UnixStream, cfg: &FakeCfg) -> Result<Outcome> {
                 acked = acked.max(r.seq);
                 for (i, event) in cfg.events.iter().enumerate() {
                     let seq = i as Seq + 1;
-                    if seq > r.seq {
+                    if seq > r.seq || cfg.new_life {
                         let env = EventEnvelope {
                             seq,
                             event: event.clone(),
                         };
                         w.send(ShimToControl::Event(env)).await?;
                     }
+                }
+                if cfg.go_silent {
+                    // Hold the socket, discarding what comes, until the peer closes it.
+                    let mut sink = [0u8; 4096];
+                    while matches!(w.stream.read(&mut sink).await, Ok(n) if n > 0) {}
+                    return Ok(Outcome::Served {
+                        resumed_from,
+                        acked,
+                    });
                 }
             }
             Some(ControlToShim::Ack(a)) => acked = acked.max(a.seq),

@@ -237,3 +237,117 @@ fn an_agent_dialing_again_continues_on_its_client() -> Result<()> {
         Ok(())
     })
 }
+
+#[test]
+fn a_silent_connection_is_replaced_by_the_agents_new_one() -> Result<()> {
+    let dir = TempDir::new("lst")?;
+    let path = dir.path().join("l.sock");
+    runtime()?.block_on(async {
+        let opts = ConnectOptions::new().keepalive(Duration::ZERO);
+        let mut listener = Listener::bind_with(&Addr::Unix(path.clone()), opts).await?;
+        // Half-open: the first connection goes silent without closing.
+        let silent = FakeCfg {
+            go_silent: true,
+            ..FakeCfg::new("agent-h", 2)
+        };
+        let _first = tokio::spawn(fake::dial(path.clone(), silent));
+        let client = within(PATIENCE, "accept", listener.accept()).await??;
+        let mut events = client.events()?;
+        for want in 1..=2 {
+            let got = within(PATIENCE, "event", events.next())
+                .await?
+                .map(|(s, _)| s);
+            ensure!(got == Some(want), "{got:?}");
+        }
+        // The agent dials again: the client switches at once.
+        let second = tokio::spawn(fake::dial(path.clone(), FakeCfg::new("agent-h", 4)));
+        for want in 3..=4 {
+            let got = within(PATIENCE, "event", events.next())
+                .await?
+                .map(|(s, _)| s);
+            ensure!(got == Some(want), "{got:?}");
+        }
+        let outcome = within(PATIENCE, "second connection", second).await???;
+        ensure!(
+            outcome
+                == Outcome::Served {
+                    resumed_from: Some(2),
+                    acked: 4
+                },
+            "{outcome:?}"
+        );
+        client.close().await;
+        Ok(())
+    })
+}
+
+#[test]
+fn keepalive_drops_a_silent_shim_and_a_new_shim_restarts_the_seqs() -> Result<()> {
+    let dir = TempDir::new("ka")?;
+    let path = dir.path().join("s.sock");
+    runtime()?.block_on(async {
+        let server = UnixListener::bind(&path)?;
+        let opts = ConnectOptions::new()
+            .keepalive(Duration::from_millis(200))
+            .backoff(control_link::Backoff {
+                initial: Duration::from_millis(20),
+                max: Duration::from_millis(100),
+                jitter: 0.0,
+            });
+        let shims = tokio::spawn(async move {
+            // A shim that serves 3 events and then stops answering (half-open)…
+            let (s, _) = server.accept().await?;
+            let first = fake::serve(
+                s,
+                &FakeCfg {
+                    go_silent: true,
+                    ..FakeCfg::new("k", 3)
+                },
+            )
+            .await?;
+            // …then a new shim at the same address, whose seqs start at 1 again.
+            let (s, _) = server.accept().await?;
+            let cfg = FakeCfg {
+                new_life: true,
+                ..FakeCfg::new("k", 2)
+            };
+            let second = fake::serve(s, &cfg).await?;
+            Ok::<_, anyhow::Error>((first, second))
+        });
+        let client = opts.connect(&Addr::Unix(path.clone())).await?;
+        let mut events = client.events()?;
+        let mut seqs = Vec::new();
+        for _ in 0..5 {
+            seqs.push(
+                within(PATIENCE, "event", events.next())
+                    .await?
+                    .map(|(s, _)| s),
+            );
+        }
+        ensure!(
+            seqs == [Some(1), Some(2), Some(3), Some(1), Some(2)],
+            "{seqs:?}"
+        );
+        let (first, second) = within(PATIENCE, "fake shims", shims).await???;
+        ensure!(
+            first
+                == Outcome::Served {
+                    resumed_from: Some(0),
+                    acked: 0
+                },
+            "{first:?}"
+        );
+        ensure!(
+            matches!(
+                second,
+                Outcome::Served {
+                    resumed_from: Some(3),
+                    ..
+                }
+            ),
+            "{second:?}"
+        );
+        client.close().await;
+        Ok(())
+    })
+}
