@@ -11,6 +11,7 @@ mod listener;
 mod options;
 mod random;
 mod session;
+mod shared;
 mod spec;
 mod token;
 mod vsock;
