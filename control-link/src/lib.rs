@@ -1,4 +1,31 @@
 #![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
 
+mod addr;
+mod client;
+mod error;
+mod events;
+mod fleet;
+mod link;
+mod listener;
+mod options;
+mod random;
+mod session;
+mod shared;
+mod spec;
+mod token;
+mod vsock;
+
 pub use driver_protocol as protocol;
+pub use driver_protocol::message::{ExecStarted, RequestId, Seq, StatusReply};
+pub use driver_protocol::ErrorCode;
+
+pub use addr::Addr;
+pub use client::{connect, Client};
+pub use error::Error;
+pub use events::EventStream;
+pub use fleet::{AgentId, Fleet, FleetEvents};
+pub use listener::Listener;
+pub use options::{AckMode, Backoff, ConnectOptions, CursorFn};
+pub use spec::{ExecSpec, Sig, Target, TaskSpec};
+pub use token::{Token, TOKEN_ENV};

@@ -11,3 +11,5 @@ mod init;
 mod drivers;
 
 mod supervisor;
+
+mod control_link;

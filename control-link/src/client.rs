@@ -1,0 +1,578 @@
+//! [`Client`]: a cheap, cloneable handle on one shim, with a typed method for every control
+//! request.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use driver_protocol::message::{
+    CancelTask, ControlToShim, Event, ExecInput, ExecResize, ExecSignal, ExecStarted, Message as _,
+    Pause, Ping, RequestId, RestartDriver, Resume, Seq, SetDriver, ShimToControl, Shutdown, Signal,
+    SignalTarget, Status, StatusReply,
+};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::fleet::FleetItem;
+use crate::link::{handshake, Connected};
+use crate::options::ConnectOptions;
+use crate::session::{dial_once, Cmd, Session, Shared, Sink, Source};
+use crate::{Addr, AgentId, Error, EventStream, ExecSpec, Sig, Target, TaskSpec, Token};
+
+/// Connects to the shim at `addr` with the default [`ConnectOptions`] and `token` (`None`
+/// only for a unix socket of a shim run with `--control-insecure`).
+///
+/// The first connection and handshake happen before this returns, so a wrong address or
+/// token is an error here; later drops are redialed in the background.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), control_link::Error> {
+/// let client = control_link::connect(&"unix:/run/agent.sock".parse()?, None).await?;
+/// println!("{:?}", client.status().await?.state);
+/// # Ok(()) }
+/// ```
+pub async fn connect(addr: &Addr, token: Option<Token>) -> Result<Client, Error> {
+    ConnectOptions::new().maybe_token(token).connect(addr).await
+}
+
+/// A handle on one shim's control link. Clones share the connection; the connection closes
+/// when the last clone (and the last [`EventStream`]) is dropped, or on [`Client::close`].
+///
+/// Every request has a fresh id (random high 32 bits per client, a counter below), is
+/// bounded by the request timeout, and is sent again with the same id after a reconnect, so
+/// it is executed once.
+///
+/// ```no_run
+/// use control_link::{connect, TaskSpec};
+///
+/// # async fn demo() -> Result<(), control_link::Error> {
+/// let client = connect(&"unix:/run/agent.sock".parse()?, None).await?;
+/// let mut events = client.events()?;
+/// client.submit_task(TaskSpec::new("t1", "hello")).await?;
+/// while let Some((seq, event)) = events.next().await {
+///     println!("{seq}: {event:?}");
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    cmds: mpsc::UnboundedSender<Cmd>,
+    shared: Arc<Shared>,
+    events: Mutex<Option<mpsc::Receiver<(Seq, Event)>>>,
+    request_timeout: Duration,
+    close_timeout: Duration,
+}
+
+impl Client {
+    /// Dials `addr` and starts the session.
+    pub(crate) async fn dial(addr: &Addr, opts: ConnectOptions) -> Result<Self, Error> {
+        opts.check_addr(addr)?;
+        let conn = dial_once(addr.clone(), opts.clone()).await?;
+        if let Some(want) = &opts.expect_agent_id {
+            if conn.hello.agent_id.as_deref() != Some(want.as_str()) {
+                return Err(Error::AgentMismatch {
+                    expected: want.clone(),
+                    got: conn.hello.agent_id.clone(),
+                });
+            }
+        }
+        Ok(Self::start(opts, Source::Dial(addr.clone()), conn, None))
+    }
+
+    /// Starts a session on a connection that completed its handshake.
+    pub(crate) fn start(
+        opts: ConnectOptions,
+        source: Source,
+        conn: Connected,
+        fleet: Option<(AgentId, mpsc::Sender<FleetItem>)>,
+    ) -> Self {
+        let agent = conn.hello.agent_id.clone();
+        let cursor = match &fleet {
+            Some((id, _)) => opts.cursor(Some(id)),
+            None => opts.cursor(agent.as_deref()),
+        };
+        let shared = Arc::new(Shared::new(opts.ack_mode, cursor));
+        shared.connected.store(true, Ordering::Release);
+        shared.set_agent_id(agent.clone());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (sink, events) = match fleet {
+            Some((agent, tx)) => (Sink::Fleet { agent, tx }, None),
+            None => {
+                let (etx, erx) = mpsc::channel(opts.event_buffer);
+                (Sink::Own(etx), Some(erx))
+            }
+        };
+        let expect = opts.expect_agent_id.clone().or(agent);
+        let request_timeout = opts.request_timeout;
+        let close_timeout = opts.connect_timeout;
+        let session = Session::new(opts, rx, Arc::clone(&shared), sink, cursor, expect);
+        tokio::spawn(session.run(source, conn));
+        Self {
+            inner: Arc::new(Inner {
+                cmds: tx,
+                shared,
+                events: Mutex::new(events),
+                request_timeout,
+                close_timeout,
+            }),
+        }
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.inner.shared
+    }
+
+    /// The agent id the shim sent in its `hello`, if any.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: control_link::Client) {
+    /// if let Some(agent) = client.agent_id() { println!("talking to {agent}"); }
+    /// # }
+    /// ```
+    pub fn agent_id(&self) -> Option<String> {
+        self.inner.shared.agent_id()
+    }
+
+    /// Whether a connection is up right now.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: control_link::Client) {
+    /// println!("connected: {}", client.is_connected());
+    /// # }
+    /// ```
+    pub fn is_connected(&self) -> bool {
+        self.inner.shared.connected.load(Ordering::Acquire)
+    }
+
+    /// Whether the client is closed (by [`Client::close`], or after giving up reconnecting).
+    ///
+    /// ```no_run
+    /// # async fn demo(client: control_link::Client) {
+    /// assert!(!client.is_closed());
+    /// # }
+    /// ```
+    pub fn is_closed(&self) -> bool {
+        self.inner.shared.closed.load(Ordering::Acquire)
+    }
+
+    /// The event stream: every event once, in seq order, across reconnects. Taking it makes
+    /// the client send `resume_from` (a client whose stream is never taken receives no
+    /// events). It can be taken once; a [`Fleet`](crate::Fleet)'s clients have none (see
+    /// [`Fleet::events`](crate::Fleet::events)).
+    ///
+    /// ```no_run
+    /// # async fn demo(client: control_link::Client) -> Result<(), control_link::Error> {
+    /// let mut events = client.events()?;
+    /// while let Some((seq, event)) = events.next().await {
+    ///     println!("{seq} {event:?}");
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn events(&self) -> Result<EventStream, Error> {
+        let rx = self
+            .inner
+            .events
+            .lock()
+            .ok()
+            .and_then(|mut slot| slot.take())
+            .ok_or(Error::EventsTaken)?;
+        let _ = self.inner.cmds.send(Cmd::StartEvents);
+        Ok(EventStream::new(rx, self.clone()))
+    }
+
+    /// Acknowledges every event up to `seq` as processed (cumulative). In
+    /// [`AckMode::Manual`](crate::AckMode::Manual) this is the only way events are acked:
+    /// call it after persisting. Acks are batched (sent within 200 ms, and on close).
+    ///
+    /// ```no_run
+    /// # async fn demo(client: control_link::Client) -> Result<(), control_link::Error> {
+    /// let mut events = client.events()?;
+    /// if let Some((seq, event)) = events.next().await {
+    ///     // … store the event and the cursor `seq` atomically, then:
+    ///     client.ack(seq);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn ack(&self, seq: Seq) {
+        self.inner
+            .shared
+            .user_acked
+            .fetch_max(seq, Ordering::AcqRel);
+        self.inner.shared.ack_soon.notify_one();
+    }
+
+    /// Sends pending acks now, then closes the connection and stops reconnecting. Requests
+    /// in flight fail with [`Error::Closed`]; the event stream ends.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: control_link::Client) {
+    /// client.close().await;
+    /// # }
+    /// ```
+    pub async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.inner.cmds.send(Cmd::Close(tx)).is_ok() {
+            let _ = tokio::time::timeout(self.inner.close_timeout, rx).await;
+        }
+    }
+
+    async fn call(&self, id: RequestId, msg: ControlToShim) -> Result<ShimToControl, Error> {
+        let limit = self.inner.request_timeout;
+        let call = async {
+            let (tx, rx) = oneshot::channel();
+            self.inner
+                .cmds
+                .send(Cmd::Request { id, msg, reply: tx })
+                .map_err(|_| Error::Closed)?;
+            rx.await.map_err(|_| Error::Closed)?
+        };
+        match tokio::time::timeout(limit, call).await {
+            Ok(Ok(ShimToControl::Error(e))) => Err(Error::remote(e.code, e.message)),
+            Ok(r) => r,
+            Err(_) => Err(Error::Timeout(limit)),
+        }
+    }
+
+    async fn call_ok(
+        &self,
+        make: impl FnOnce(RequestId) -> ControlToShim,
+    ) -> Result<RequestId, Error> {
+        let id = self.inner.shared.next_id();
+        match self.call(id, make(id)).await? {
+            ShimToControl::Ok(_) => Ok(id),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn notice(&self, msg: ControlToShim) -> Result<(), Error> {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .cmds
+            .send(Cmd::Notice { msg, done: tx })
+            .map_err(|_| Error::Closed)?;
+        let limit = self.inner.request_timeout;
+        match tokio::time::timeout(limit, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(Error::Closed),
+            Err(_) => Err(Error::Timeout(limit)),
+        }
+    }
+
+    /// Queues a task (`submit_task`). Idempotent: a task id already queued, running or done
+    /// is not queued again. Its events follow: `task_accepted`, the driver's, `task_done`.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: control_link::Client) -> Result<(), control_link::Error> {
+    /// use control_link::TaskSpec;
+    /// client.submit_task(TaskSpec::new("t1", "write a haiku").redeliver(true)).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn submit_task(&self, task: TaskSpec) -> Result<(), Error> {
+        self.call_ok(|id| task.into_message(id).into())
+            .await
+            .map(drop)
+    }
+
+    /// Cancels a queued or running task (`not_found` for an unknown or finished one).
+    ///
+    /// ```no_run
+    /// # async fn demo(client: control_link::Client) -> Result<(), control_link::Error> {
+    /// client.cancel_task("t1", Some(std::time::Duration::from_secs(2))).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn cancel_task(&self, task_id: &str, grace: Option<Duration>) -> Result<(), Error> {
+        self.call_ok(|id| {
+            CancelTask {
+                id,
+                task_id: task_id.to_owned(),
+                grace_ms: grace.map(millis),
+            }
+            .into()
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Asks the driver to reach a safe point. Returns the request id: the event
+    /// `paused{re}` with this id says the agent is at its safe point.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: control_link::Client) -> Result<(), control_link::Error> {
+    /// use control_link::protocol::message::{Event, Paused};
+    /// let mut events = client.events()?;
+    /// let id = client.pause(None).await?;
+    /// while let Some((_, event)) = events.next().await {
+    ///     if matches!(event, Event::Paused(Paused { re: Some(re) }) if re == id) { break; }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn pause(&self, timeout: Option<Duration>) -> Result<RequestId, Error> {
+        self.call_ok(|id| {
+            Pause {
+                id,
+                timeout_ms: timeout.map(millis),
+            }
+            .into()
+        })
+        .await
+    }
+
+    /// Resumes a paused agent (`invalid_state` when not paused).
+    ///
+    /// ```no_run
+    /// # async fn demo(client: control_link::Client) -> Result<(), control_link::Error> {
+    /// client.resume().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn resume(&self) -> Result<(), Error> {
+        self.call_ok(|id| Resume { id, slept_ms: None }.into())
+            .await
+            .map(drop)
+    }
+
+    /// Sends a signal to the driver's process group or to an exec's.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: control_link::Client) -> Result<(), control_link::Error> {
+    /// use control_link::Target;
+    /// client.signal("USR1", Target::Driver).await?;
+    /// client.signal(15, Target::Exec(3)).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn signal(&self, signal: impl Into<Sig>, target: Target) -> Result<(), Error> {
+        let signal = signal.into().0;
+        let (target, exec_id) = match target {
+            Target::Driver => (SignalTarget::Driver, None),
+            Target::Exec(e) => (SignalTarget::Exec, Some(e)),
+        };
+        self.call_ok(|id| {
+            Signal {
+                id,
+                signal,
+                target,
+                exec_id,
+            }
+            .into()
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Relaunches the driver, also out of state `error` after a crash loop.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: control_link::Client) -> Result<(), control_link::Error> {
+    /// client.restart_driver().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn restart_driver(&self) -> Result<(), Error> {
+        self.call_ok(|id| RestartDriver { id }.into())
+            .await
+            .map(drop)
+    }
+
+    /// Replaces the driver command; the old driver gets a graceful shutdown.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: control_link::Client) -> Result<(), control_link::Error> {
+    /// use std::collections::BTreeMap;
+    /// let env = BTreeMap::from([("MODEL".to_string(), "large".to_string())]);
+    /// client.set_driver(["python3", "-m", "my_agent"], env).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn set_driver<S: Into<String>>(
+        &self,
+        argv: impl IntoIterator<Item = S>,
+        env: BTreeMap<String, String>,
+    ) -> Result<(), Error> {
+        let argv: Vec<String> = argv.into_iter().map(Into::into).collect();
+        self.call_ok(|id| SetDriver { id, argv, env }.into())
+            .await
+            .map(drop)
+    }
+
+    /// Runs a tool process; its `exec_output` and `exec_exit` arrive as events.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: control_link::Client) -> Result<(), control_link::Error> {
+    /// use control_link::ExecSpec;
+    /// let started = client.exec(ExecSpec::new(["ls", "-l"])).await?;
+    /// println!("exec {} is pid {}", started.exec_id, started.pid);
+    /// # Ok(()) }
+    /// ```
+    pub async fn exec(&self, spec: ExecSpec) -> Result<ExecStarted, Error> {
+        let id = self.inner.shared.next_id();
+        match self.call(id, spec.into_message(id).into()).await? {
+            ShimToControl::ExecStarted(s) => Ok(s),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Sends bytes to an exec's stdin (or terminal); `eof` closes it. Not retried across
+    /// reconnects: without a connection it is [`Error::NotConnected`].
+    ///
+    /// ```no_run
+    /// # async fn demo(client: control_link::Client) -> Result<(), control_link::Error> {
+    /// client.exec_input(3, b"ls\n".to_vec(), false).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn exec_input(
+        &self,
+        exec_id: u64,
+        data: impl Into<bytes::Bytes>,
+        eof: bool,
+    ) -> Result<(), Error> {
+        self.notice(
+            ExecInput {
+                exec_id,
+                data: data.into(),
+                eof,
+            }
+            .into(),
+        )
+        .await
+    }
+
+    /// Tells an exec its terminal changed size.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: control_link::Client) -> Result<(), control_link::Error> {
+    /// client.exec_resize(3, 50, 132).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn exec_resize(&self, exec_id: u64, rows: u16, cols: u16) -> Result<(), Error> {
+        self.notice(
+            ExecResize {
+                exec_id,
+                rows,
+                cols,
+            }
+            .into(),
+        )
+        .await
+    }
+
+    /// Sends a signal to an exec's process group.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: control_link::Client) -> Result<(), control_link::Error> {
+    /// client.exec_signal(3, "INT").await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn exec_signal(&self, exec_id: u64, signal: impl Into<Sig>) -> Result<(), Error> {
+        let signal = signal.into().0;
+        self.notice(ExecSignal { exec_id, signal }.into()).await
+    }
+
+    /// The shim's status.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: control_link::Client) -> Result<(), control_link::Error> {
+    /// let s = client.status().await?;
+    /// println!("{:?}, {} restarts, last seq {}", s.state, s.restarts, s.last_seq);
+    /// # Ok(()) }
+    /// ```
+    pub async fn status(&self) -> Result<StatusReply, Error> {
+        let id = self.inner.shared.next_id();
+        match self.call(id, Status { id }.into()).await? {
+            ShimToControl::StatusReply(s) => Ok(s),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Stops the agent and the shim: the driver gets `grace`, buffered events are
+    /// delivered, the shim exits.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: control_link::Client) -> Result<(), control_link::Error> {
+    /// client.shutdown(Some(std::time::Duration::from_secs(5)), Some("scale down")).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn shutdown(
+        &self,
+        grace: Option<Duration>,
+        reason: Option<&str>,
+    ) -> Result<(), Error> {
+        self.call_ok(|id| {
+            Shutdown {
+                id,
+                grace_ms: grace.map(millis),
+                reason: reason.map(str::to_owned),
+            }
+            .into()
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Pings the shim; returns the round-trip time.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: control_link::Client) -> Result<(), control_link::Error> {
+    /// println!("rtt {:?}", client.ping().await?);
+    /// # Ok(()) }
+    /// ```
+    pub async fn ping(&self) -> Result<Duration, Error> {
+        let id = self.inner.shared.next_id();
+        let start = Instant::now();
+        match self.call(id, Ping { id }.into()).await? {
+            ShimToControl::Pong(_) => Ok(start.elapsed()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Test hook: drops the current connection as if the network failed (the client
+    /// reconnects as usual).
+    #[doc(hidden)]
+    pub fn test_drop_connection(&self) {
+        self.inner.shared.drop_now.notify_one();
+    }
+
+    /// Test hook: the next request is written, then the connection drops before its reply
+    /// is read (a lost reply).
+    #[doc(hidden)]
+    pub fn test_drop_after_next_send(&self) {
+        self.inner
+            .shared
+            .drop_after_send
+            .store(true, Ordering::Release);
+    }
+
+    /// Test hook: sends a request with a chosen id (to simulate another instance's retry).
+    #[doc(hidden)]
+    pub async fn test_request(
+        &self,
+        id: RequestId,
+        msg: ControlToShim,
+    ) -> Result<ShimToControl, Error> {
+        self.call(id, msg).await
+    }
+}
+
+/// A reply of the wrong type.
+fn unexpected(msg: &ShimToControl) -> Error {
+    Error::Protocol(format!("unexpected reply {}", msg.type_name()))
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Runs the handshake on an accepted connection (for listeners).
+pub(crate) async fn accept_handshake(
+    io: crate::addr::BoxIo,
+    opts: &ConnectOptions,
+) -> Result<Connected, Error> {
+    handshake(
+        io,
+        opts.token.as_ref(),
+        opts.max_frame,
+        opts.connect_timeout,
+    )
+    .await
+}

@@ -1,0 +1,196 @@
+//! One connection to a shim: framing over any transport, and the control side of the
+//! handshake (PROTOCOL.md §5, §8.1, §8.2).
+//!
+//! ```text
+//!  us (control)                                   shim
+//!   hello{role:"control", nonce: Nc}  ───►  ◄───  hello{role:"shim", agent_id, nonce: Ns}
+//!   auth{mac: proof(control, Ns, Nc)} ───►  ◄───  auth{mac: proof(shim, Nc, Ns)}  (token only)
+//! ```
+//!
+//! With a token, a shim `hello` without a nonce is a downgrade and is refused, and nothing the
+//! shim sends is trusted before its proof verified.
+
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use driver_protocol::codec::MessageCodec;
+use driver_protocol::handshake::{self, auth_proof, hello_nonce, verify_proof, NONCE_LEN};
+use driver_protocol::message::{Auth, ControlToShim, Hello, Role, ShimToControl};
+use driver_protocol::{frame, ErrorCode, Message as _};
+use futures_core::Stream;
+use tokio::io::{AsyncWriteExt as _, ReadHalf, WriteHalf};
+use tokio_util::codec::FramedRead;
+
+use crate::addr::BoxIo;
+use crate::{random, Error, Token};
+
+/// The software name in our `hello`.
+const SOFTWARE: &str = "control-link";
+
+/// A framed connection: typed messages in, typed messages out.
+pub(crate) struct Link {
+    rd: FramedRead<ReadHalf<BoxIo>, MessageCodec<ShimToControl, ControlToShim>>,
+    wr: WriteHalf<BoxIo>,
+    out: BytesMut,
+    max_frame: usize,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link").finish_non_exhaustive()
+    }
+}
+
+impl Link {
+    pub(crate) fn new(io: BoxIo, max_frame: usize) -> Self {
+        let (rd, wr) = tokio::io::split(io);
+        Self {
+            rd: FramedRead::new(rd, MessageCodec::with_max_frame(max_frame)),
+            wr,
+            out: BytesMut::with_capacity(256),
+            max_frame,
+        }
+    }
+
+    /// Writes one message.
+    pub(crate) async fn send(&mut self, msg: &ControlToShim) -> Result<(), Error> {
+        self.out.clear();
+        frame::write_message(&mut self.out, self.max_frame, msg)?;
+        self.wr.write_all(&self.out).await?;
+        Ok(())
+    }
+
+    /// Reads one message; `None` at a clean end of stream. Cancel-safe.
+    pub(crate) async fn recv(&mut self) -> Result<Option<ShimToControl>, Error> {
+        match poll_fn(|cx| Pin::new(&mut self.rd).poll_next(cx)).await {
+            Some(Ok(msg)) => Ok(Some(msg)),
+            Some(Err(e)) => Err(Error::Decode(e)),
+            None => Ok(None),
+        }
+    }
+
+    /// Closes our writing side (the shim then sees end of stream).
+    pub(crate) async fn shutdown(&mut self) {
+        let _ = self.wr.shutdown().await;
+    }
+
+    /// Gives up on the connection. (The control → shim direction has no `error` message:
+    /// the shim learns of a refusal by the close.)
+    async fn refuse(&mut self, code: ErrorCode, message: String) {
+        tracing::debug!(%code, %message, "closing the control connection");
+        self.shutdown().await;
+    }
+}
+
+/// A connection that completed its handshake.
+#[derive(Debug)]
+pub(crate) struct Connected {
+    pub(crate) link: Link,
+    pub(crate) hello: Hello,
+}
+
+/// Runs the handshake on a fresh connection, within `timeout`.
+pub(crate) async fn handshake(
+    io: BoxIo,
+    token: Option<&Token>,
+    max_frame: usize,
+    timeout: Duration,
+) -> Result<Connected, Error> {
+    tokio::time::timeout(timeout, handshake_inner(io, token, max_frame))
+        .await
+        .map_err(|_| Error::Timeout(timeout))?
+}
+
+async fn handshake_inner(
+    io: BoxIo,
+    token: Option<&Token>,
+    max_frame: usize,
+) -> Result<Connected, Error> {
+    let mut link = Link::new(io, max_frame);
+    let mut ours = Hello::new(Role::Control, SOFTWARE, env!("CARGO_PKG_VERSION"));
+    let our_nonce: Option<[u8; NONCE_LEN]> = match token {
+        Some(_) => Some(random::bytes()?),
+        None => None,
+    };
+    if let Some(nonce) = our_nonce {
+        ours = ours.with_nonce(nonce);
+    }
+    // Sent at once, without waiting for the shim's (both sides do).
+    link.send(&ControlToShim::Hello(ours.clone())).await?;
+    let theirs = match link.recv().await? {
+        Some(ShimToControl::Hello(h)) => h,
+        Some(ShimToControl::Error(e)) => return Err(Error::remote(e.code, e.message)),
+        Some(other) => {
+            let msg = format!("expected hello, got {}", other.type_name());
+            link.refuse(ErrorCode::InvalidState, msg.clone()).await;
+            return Err(Error::Protocol(msg));
+        }
+        None => return Err(Error::Protocol("the shim closed before its hello".into())),
+    };
+    if let Err(e) = handshake::negotiate(&ours, &theirs) {
+        link.refuse(e.code(), e.to_string()).await;
+        return Err(Error::Handshake(e));
+    }
+    let (Some(token), Some(our_nonce)) = (token, our_nonce) else {
+        if theirs.nonce.is_some() {
+            let reason = "the shim requires a token and none is configured".to_owned();
+            link.refuse(ErrorCode::Unauthorized, reason.clone()).await;
+            return Err(Error::Unauthorized { reason });
+        }
+        return Ok(Connected {
+            link,
+            hello: theirs,
+        });
+    };
+    let shim_nonce = match hello_nonce(&theirs) {
+        Ok(n) => n,
+        Err(e) => {
+            let reason = match e {
+                handshake::HandshakeError::BadNonce { len: None } => {
+                    "the shim sent no nonce although a token is configured (downgrade refused)"
+                        .to_owned()
+                }
+                other => format!("bad shim nonce: {other}"),
+            };
+            link.refuse(ErrorCode::Unauthorized, reason.clone()).await;
+            return Err(Error::Unauthorized { reason });
+        }
+    };
+    let mac = auth_proof(token.secret(), Role::Control, &shim_nonce, &our_nonce);
+    link.send(&ControlToShim::Auth(Auth {
+        mac: bytes::Bytes::copy_from_slice(&mac),
+    }))
+    .await?;
+    match link.recv().await? {
+        Some(ShimToControl::Auth(auth)) => {
+            if !verify_proof(
+                token.secret(),
+                Role::Shim,
+                &our_nonce,
+                &shim_nonce,
+                &auth.mac,
+            ) {
+                let reason = "the shim's proof of the token is wrong".to_owned();
+                link.refuse(ErrorCode::Unauthorized, reason.clone()).await;
+                return Err(Error::Unauthorized { reason });
+            }
+        }
+        Some(ShimToControl::Error(e)) => return Err(Error::remote(e.code, e.message)),
+        Some(other) => {
+            let reason = format!("expected auth, got {}", other.type_name());
+            link.refuse(ErrorCode::Unauthorized, reason.clone()).await;
+            return Err(Error::Unauthorized { reason });
+        }
+        None => {
+            return Err(Error::Unauthorized {
+                reason: "the shim closed the connection during authentication".into(),
+            })
+        }
+    }
+    Ok(Connected {
+        link,
+        hello: theirs,
+    })
+}

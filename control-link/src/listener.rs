@@ -1,0 +1,199 @@
+//! [`Listener`]: accept shims that dial in (`agent-shim --control-connect ADDR`).
+//!
+//! Each shim names its agent in its `hello`. The first connection of an agent becomes a new
+//! [`Client`]; when the same agent dials again after a drop, the connection is handed to that
+//! existing client, whose event stream continues exactly once (it resumes from its cursor),
+//! instead of producing a second client.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+use tracing::{debug, info, warn};
+
+use crate::addr::{Bound, BoxIo};
+use crate::client::accept_handshake;
+use crate::fleet::FleetInner;
+use crate::link::Connected;
+use crate::session::Source;
+use crate::{Addr, AgentId, Client, ConnectOptions, Error, Token};
+
+/// Agents with a live client, and the way to hand them a new connection.
+type Registry = Arc<Mutex<HashMap<String, mpsc::Sender<Connected>>>>;
+
+/// Where accepted clients go.
+#[derive(Clone)]
+pub(crate) enum Out {
+    Own(mpsc::Sender<Client>),
+    Fleet(std::sync::Weak<FleetInner>),
+}
+
+/// A listening socket for shims that dial in.
+///
+/// ```no_run
+/// use control_link::{Listener, Token};
+///
+/// # async fn demo() -> Result<(), control_link::Error> {
+/// let mut listener = Listener::bind(&"tcp:0.0.0.0:7000".parse()?, Some(Token::from_default_env()?)).await?;
+/// loop {
+///     let client = listener.accept().await?;
+///     println!("agent {:?} connected", client.agent_id());
+/// }
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct Listener {
+    accepted: mpsc::Receiver<Client>,
+    local: Addr,
+    task: AbortHandle,
+}
+
+impl Listener {
+    /// Binds `addr` with the default options and `token` (`None` only for a unix socket).
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), control_link::Error> {
+    /// let listener = control_link::Listener::bind(&"unix:/run/control.sock".parse()?, None).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn bind(addr: &Addr, token: Option<Token>) -> Result<Self, Error> {
+        Self::bind_with(addr, ConnectOptions::new().maybe_token(token)).await
+    }
+
+    /// Binds `addr` with these options (token, timeouts, ack mode, per-agent cursors…).
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), control_link::Error> {
+    /// use control_link::{AckMode, ConnectOptions, Listener};
+    /// let opts = ConnectOptions::new().ack_mode(AckMode::Manual).cursor_for(|_agent| 0);
+    /// let listener = Listener::bind_with(&"unix:/run/control.sock".parse()?, opts).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn bind_with(addr: &Addr, opts: ConnectOptions) -> Result<Self, Error> {
+        let (tx, rx) = mpsc::channel(64);
+        let (local, task) = spawn(addr, opts, Out::Own(tx)).await?;
+        Ok(Self {
+            accepted: rx,
+            local,
+            task,
+        })
+    }
+
+    /// The next new agent (after its handshake). A known agent dialing again is handed to
+    /// its existing client and does not come out here.
+    ///
+    /// ```no_run
+    /// # async fn demo(mut listener: control_link::Listener) -> Result<(), control_link::Error> {
+    /// let client = listener.accept().await?;
+    /// client.submit_task(control_link::TaskSpec::new("t1", "hello")).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn accept(&mut self) -> Result<Client, Error> {
+        self.accepted.recv().await.ok_or(Error::Closed)
+    }
+
+    /// The address bound (with the real port when TCP port 0 was asked for).
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), control_link::Error> {
+    /// let l = control_link::Listener::bind(&"tcp:127.0.0.1:0".parse()?, Some(control_link::Token::from_bytes("t")?)).await?;
+    /// println!("listening on {}", l.local_addr());
+    /// # Ok(()) }
+    /// ```
+    pub fn local_addr(&self) -> &Addr {
+        &self.local
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Binds and spawns the accept loop.
+pub(crate) async fn spawn(
+    addr: &Addr,
+    opts: ConnectOptions,
+    out: Out,
+) -> Result<(Addr, AbortHandle), Error> {
+    opts.check_addr(addr)?;
+    let bound = addr.bind().await?;
+    let local = bound.local_addr(addr);
+    let registry: Registry = Arc::default();
+    let task = tokio::spawn(accept_loop(bound, opts, out, registry));
+    Ok((local, task.abort_handle()))
+}
+
+async fn accept_loop(bound: Bound, opts: ConnectOptions, out: Out, registry: Registry) {
+    loop {
+        match bound.accept().await {
+            Ok(io) => {
+                let (opts, out, registry) = (opts.clone(), out.clone(), Arc::clone(&registry));
+                tokio::spawn(admit(io, opts, out, registry));
+            }
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Handshakes a dialing shim and routes it to its client.
+async fn admit(io: BoxIo, opts: ConnectOptions, out: Out, registry: Registry) {
+    let mut conn = match accept_handshake(io, &opts).await {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(error = %e, "a dialing shim failed its handshake");
+            return;
+        }
+    };
+    let agent = conn.hello.agent_id.clone();
+    if let Some(agent) = &agent {
+        let existing = registry.lock().ok().and_then(|r| r.get(agent).cloned());
+        if let Some(handoff) = existing {
+            match handoff.send(conn).await {
+                Ok(()) => {
+                    info!(agent = %agent, "agent dialed again: connection handed to its client");
+                    return;
+                }
+                Err(mpsc::error::SendError(c)) => conn = c,
+            }
+        }
+    }
+    let (handoff, rx) = mpsc::channel(1);
+    let source = Source::Handoff(rx);
+    match &out {
+        Out::Own(tx) => {
+            let client = Client::start(opts, source, conn, None);
+            register(&registry, agent.as_deref(), handoff);
+            if tx.send(client).await.is_err() {
+                debug!("listener dropped; new client closed");
+            }
+        }
+        Out::Fleet(fleet) => {
+            let Some(fleet) = fleet.upgrade() else { return };
+            let Some(agent) = agent else {
+                warn!("a dialing shim sent no agent_id; a fleet needs one");
+                return;
+            };
+            let id = AgentId::from(agent.as_str());
+            let client = Client::start(opts, source, conn, Some((id.clone(), fleet.tx.clone())));
+            register(&registry, Some(&agent), handoff);
+            fleet.insert(id, client).await;
+        }
+    }
+}
+
+fn register(registry: &Registry, agent: Option<&str>, handoff: mpsc::Sender<Connected>) {
+    let Some(agent) = agent else { return };
+    if let Ok(mut r) = registry.lock() {
+        if r.len() >= 1024 {
+            r.retain(|_, tx| !tx.is_closed());
+        }
+        r.insert(agent.to_owned(), handoff);
+    }
+}

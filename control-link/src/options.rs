@@ -1,0 +1,368 @@
+//! How a client connects, retries and acknowledges: [`ConnectOptions`].
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use driver_protocol::message::Seq;
+
+use crate::{Addr, Client, Error, Token};
+
+/// Who acknowledges events to the shim.
+///
+/// ```
+/// use control_link::{AckMode, ConnectOptions};
+/// let opts = ConnectOptions::new().ack_mode(AckMode::Manual);
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AckMode {
+    /// Every event the [`EventStream`](crate::EventStream) hands out counts as processed;
+    /// acks are batched (every 64 events or 200 ms, and when the stream is dropped or the
+    /// client closed).
+    #[default]
+    Auto,
+    /// Only [`Client::ack`] acknowledges: call it once the events are durably processed.
+    Manual,
+}
+
+/// Reconnect backoff: exponential from `initial`, doubled per failed attempt, capped at
+/// `max`, each delay jittered by ± `jitter` (a fraction).
+///
+/// ```
+/// use std::time::Duration;
+/// use control_link::Backoff;
+/// let b = Backoff { initial: Duration::from_millis(50), max: Duration::from_secs(2), jitter: 0.2 };
+/// assert!(b.delay(10) <= Duration::from_millis(2400));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Backoff {
+    /// The first delay.
+    pub initial: Duration,
+    /// The cap.
+    pub max: Duration,
+    /// ± this fraction of random jitter (0 = none, 0.2 = ± 20 %).
+    pub jitter: f64,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(5),
+            jitter: 0.2,
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay before reconnect attempt `attempt` (0 = the first retry).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use control_link::Backoff;
+    /// let b = Backoff { initial: Duration::from_millis(100), max: Duration::from_secs(1), jitter: 0.0 };
+    /// assert_eq!(b.delay(0), Duration::from_millis(100));
+    /// assert_eq!(b.delay(2), Duration::from_millis(400));
+    /// assert_eq!(b.delay(30), Duration::from_secs(1));
+    /// ```
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let base = self
+            .initial
+            .saturating_mul(1u32 << attempt.min(20))
+            .min(self.max);
+        let jitter = self.jitter.clamp(0.0, 1.0);
+        if jitter == 0.0 {
+            return base;
+        }
+        // A uniform factor in [1 - jitter, 1 + jitter].
+        let unit = (crate::random::u64() >> 11) as f64 / (1u64 << 53) as f64;
+        base.mul_f64(1.0 - jitter + 2.0 * jitter * unit)
+    }
+}
+
+/// A caller-provided cursor per agent: the last seq it processed (0 = none).
+///
+/// ```
+/// use std::sync::Arc;
+/// let cursors: control_link::CursorFn = Arc::new(|agent: &str| if agent == "a1" { 7 } else { 0 });
+/// assert_eq!(cursors("a1"), 7);
+/// ```
+pub type CursorFn = Arc<dyn Fn(&str) -> Seq + Send + Sync>;
+
+/// Options for [`Client`]s, [`Listener`](crate::Listener)s and [`Fleet`](crate::Fleet)s.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use control_link::{AckMode, ConnectOptions, Token};
+///
+/// # async fn demo() -> Result<(), control_link::Error> {
+/// let client = ConnectOptions::new()
+///     .token(Token::from_file("/run/secrets/agent-token")?)
+///     .request_timeout(Duration::from_secs(5))
+///     .ack_mode(AckMode::Manual)
+///     .resume_from(1041) // the cursor persisted by the last run
+///     .connect(&"tcp:10.0.0.7:7000".parse()?)
+///     .await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct ConnectOptions {
+    pub(crate) token: Option<Token>,
+    pub(crate) request_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) backoff: Backoff,
+    pub(crate) ack_mode: AckMode,
+    pub(crate) resume_from: Seq,
+    pub(crate) cursors: Option<CursorFn>,
+    pub(crate) expect_agent_id: Option<String>,
+    pub(crate) event_buffer: usize,
+    pub(crate) max_frame: usize,
+    pub(crate) reconnect: bool,
+    pub(crate) give_up_after: Option<Duration>,
+    pub(crate) keepalive: Duration,
+}
+
+impl fmt::Debug for ConnectOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnectOptions")
+            .field("token", &self.token)
+            .field("request_timeout", &self.request_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("backoff", &self.backoff)
+            .field("ack_mode", &self.ack_mode)
+            .field("resume_from", &self.resume_from)
+            .field("cursors", &self.cursors.is_some())
+            .field("expect_agent_id", &self.expect_agent_id)
+            .field("event_buffer", &self.event_buffer)
+            .field("max_frame", &self.max_frame)
+            .field("reconnect", &self.reconnect)
+            .field("give_up_after", &self.give_up_after)
+            .field("keepalive", &self.keepalive)
+            .finish()
+    }
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ConnectOptions {
+    /// The defaults: no token, 10 s per request, 10 s to connect and authenticate, backoff
+    /// 100 ms → 5 s ± 20 %, auto acks, resume from 0, 256 buffered events, 16 MiB frames,
+    /// reconnect forever, keepalive after 15 s of silence.
+    ///
+    /// ```
+    /// let opts = control_link::ConnectOptions::new();
+    /// ```
+    pub fn new() -> Self {
+        Self {
+            token: None,
+            request_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            backoff: Backoff::default(),
+            ack_mode: AckMode::Auto,
+            resume_from: 0,
+            cursors: None,
+            expect_agent_id: None,
+            event_buffer: 256,
+            max_frame: driver_protocol::DEFAULT_MAX_FRAME,
+            reconnect: true,
+            give_up_after: None,
+            keepalive: Duration::from_secs(15),
+        }
+    }
+
+    /// Authenticate with this token (required for TCP and vsock).
+    ///
+    /// ```
+    /// # use control_link::{ConnectOptions, Token};
+    /// let opts = ConnectOptions::new().token(Token::from_bytes("secret")?);
+    /// # Ok::<(), control_link::Error>(())
+    /// ```
+    pub fn token(mut self, token: Token) -> Self {
+        self.token = Some(token);
+        self
+    }
+
+    /// Authenticate with this token, if any.
+    ///
+    /// ```
+    /// # use control_link::ConnectOptions;
+    /// let opts = ConnectOptions::new().maybe_token(None);
+    /// ```
+    pub fn maybe_token(mut self, token: Option<Token>) -> Self {
+        self.token = token;
+        self
+    }
+
+    /// How long each request may take, retries after reconnects included (default 10 s).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// let opts = control_link::ConnectOptions::new().request_timeout(Duration::from_secs(3));
+    /// ```
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// How long one connection attempt, handshake included, may take (default 10 s).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// let opts = control_link::ConnectOptions::new().connect_timeout(Duration::from_secs(2));
+    /// ```
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// The reconnect backoff.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use control_link::{Backoff, ConnectOptions};
+    /// let opts = ConnectOptions::new().backoff(Backoff {
+    ///     initial: Duration::from_millis(20), max: Duration::from_secs(1), jitter: 0.1 });
+    /// ```
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// Who acknowledges events (default [`AckMode::Auto`]).
+    ///
+    /// ```
+    /// # use control_link::{AckMode, ConnectOptions};
+    /// let opts = ConnectOptions::new().ack_mode(AckMode::Manual);
+    /// ```
+    pub fn ack_mode(mut self, mode: AckMode) -> Self {
+        self.ack_mode = mode;
+        self
+    }
+
+    /// The last seq already processed (a persisted cursor): the event stream starts after
+    /// it (default 0: every buffered event).
+    ///
+    /// ```
+    /// let opts = control_link::ConnectOptions::new().resume_from(42);
+    /// ```
+    pub fn resume_from(mut self, seq: Seq) -> Self {
+        self.resume_from = seq;
+        self
+    }
+
+    /// Cursors per agent, for [`Listener`](crate::Listener)s and
+    /// [`Fleet`](crate::Fleet)s (and clients whose shim names its agent): called once per
+    /// agent when it first connects. Overrides [`resume_from`](Self::resume_from) for shims
+    /// that send an `agent_id`.
+    ///
+    /// ```
+    /// # use std::collections::HashMap;
+    /// # use std::sync::Arc;
+    /// let saved: Arc<HashMap<String, u64>> = Arc::new(HashMap::from([("a1".into(), 17)]));
+    /// let opts = control_link::ConnectOptions::new()
+    ///     .cursor_for(move |agent| saved.get(agent).copied().unwrap_or(0));
+    /// ```
+    pub fn cursor_for(mut self, cursors: impl Fn(&str) -> Seq + Send + Sync + 'static) -> Self {
+        self.cursors = Some(Arc::new(cursors));
+        self
+    }
+
+    /// Refuse a shim whose `hello` does not name this agent.
+    ///
+    /// ```
+    /// let opts = control_link::ConnectOptions::new().expect_agent_id("agent-7");
+    /// ```
+    pub fn expect_agent_id(mut self, agent_id: impl Into<String>) -> Self {
+        self.expect_agent_id = Some(agent_id.into());
+        self
+    }
+
+    /// Events read ahead of the consumer (default 256; at least 1). A consumer that falls
+    /// behind stops the reading of the socket, and the shim buffers.
+    ///
+    /// ```
+    /// let opts = control_link::ConnectOptions::new().event_buffer(1024);
+    /// ```
+    pub fn event_buffer(mut self, events: usize) -> Self {
+        self.event_buffer = events.max(1);
+        self
+    }
+
+    /// The largest frame accepted from the shim (default 16 MiB).
+    ///
+    /// ```
+    /// let opts = control_link::ConnectOptions::new().max_frame(1 << 20);
+    /// ```
+    pub fn max_frame(mut self, bytes: usize) -> Self {
+        self.max_frame = bytes;
+        self
+    }
+
+    /// Whether to redial after the connection drops (default true). Without, the client
+    /// closes when its connection does.
+    ///
+    /// ```
+    /// let opts = control_link::ConnectOptions::new().reconnect(false);
+    /// ```
+    pub fn reconnect(mut self, reconnect: bool) -> Self {
+        self.reconnect = reconnect;
+        self
+    }
+
+    /// Close the client when no connection could be made for this long (default: never).
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// let opts = control_link::ConnectOptions::new().give_up_after(Duration::from_secs(60));
+    /// ```
+    pub fn give_up_after(mut self, limit: Duration) -> Self {
+        self.give_up_after = Some(limit);
+        self
+    }
+
+    /// After this long without a frame from the shim, ping it; without an answer within as
+    /// long again, drop the connection and reconnect (catches half-open TCP and vsock
+    /// connections). Zero turns it off. Default 15 s.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// let opts = control_link::ConnectOptions::new().keepalive(Duration::from_secs(5));
+    /// ```
+    pub fn keepalive(mut self, interval: Duration) -> Self {
+        self.keepalive = interval;
+        self
+    }
+
+    /// Connects to a shim with these options (see [`connect`](crate::connect)).
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), control_link::Error> {
+    /// let client = control_link::ConnectOptions::new()
+    ///     .connect(&"unix:/run/agent.sock".parse()?)
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect(&self, addr: &Addr) -> Result<Client, Error> {
+        Client::dial(addr, self.clone()).await
+    }
+
+    /// Refuses an insecure address.
+    pub(crate) fn check_addr(&self, addr: &Addr) -> Result<(), Error> {
+        if self.token.is_none() && !addr.allows_insecure() {
+            return Err(Error::Insecure(addr.to_string()));
+        }
+        Ok(())
+    }
+
+    /// The starting cursor for an agent.
+    pub(crate) fn cursor(&self, agent_id: Option<&str>) -> Seq {
+        match (&self.cursors, agent_id) {
+            (Some(f), Some(agent)) => f(agent),
+            _ => self.resume_from,
+        }
+    }
+}

@@ -1,0 +1,590 @@
+//! The task behind every [`Client`](crate::Client): one connection at a time, replies matched
+//! by `re`, events handed out exactly once, acks batched, and reconnection.
+//!
+//! ```text
+//!  Client handles ──Cmd──►┐                      ┌──► event channel (bounded) ──► EventStream
+//!                         │  session task        │        or the Fleet's channel
+//!  shim ◄── requests ─────┤  (tokio::spawn)  ────┤
+//!  shim ──► replies/events┘                      └──► oneshot replies, by `re`
+//! ```
+//!
+//! Exactly-once: `delivered` is the last seq handed to the channel. After a reconnect the
+//! session sends `resume_from{cursor}` where the cursor is what the consumer has processed
+//! (taken from the stream in auto mode, [`Client::ack`](crate::Client::ack)ed in manual mode):
+//! never more, so the shim never forgets an event the consumer has not processed. The shim then
+//! replays from the cursor, and the events up to `delivered` (already in the channel) are
+//! skipped. While the channel is full the socket is not read: the shim buffers.
+//!
+//! Requests in flight when a connection drops are sent again, with the same id, on the next
+//! connection; the shim answers a repeated id with the reply it recorded (PROTOCOL.md §8.4).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use driver_protocol::message::{
+    Ack, ControlToShim, Event, Message as _, Ping, RequestId, ResumeFrom, Seq, ShimToControl,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{sleep_until, Instant};
+use tracing::{debug, info, warn};
+
+use crate::fleet::FleetItem;
+use crate::link::{handshake, Connected, Link};
+use crate::options::{AckMode, ConnectOptions};
+pub(crate) use crate::shared::Shared;
+use crate::shared::ACK_INTERVAL;
+use crate::{Addr, AgentId, Error};
+
+/// What a client handle asks of its session.
+#[derive(Debug)]
+pub(crate) enum Cmd {
+    /// A request with an id; the reply comes back by `re`.
+    Request {
+        id: RequestId,
+        msg: ControlToShim,
+        reply: oneshot::Sender<Result<ShimToControl, Error>>,
+    },
+    /// A message without a reply (`exec_input`…); sent only on a live connection.
+    Notice {
+        msg: ControlToShim,
+        done: oneshot::Sender<Result<(), Error>>,
+    },
+    /// The event stream was taken: send `resume_from` from now on.
+    StartEvents,
+    /// Flush acks, close the connection, end.
+    Close(oneshot::Sender<()>),
+}
+
+/// Where new connections come from.
+#[derive(Debug)]
+pub(crate) enum Source {
+    /// Redial this address.
+    Dial(Addr),
+    /// Wait for a [`Listener`](crate::Listener) to hand over the agent's next connection.
+    Handoff(mpsc::Receiver<Connected>),
+}
+
+/// Where events go.
+#[derive(Debug)]
+pub(crate) enum Sink {
+    /// The client's own [`EventStream`](crate::EventStream).
+    Own(mpsc::Sender<(Seq, Event)>),
+    /// A fleet's aggregated stream.
+    Fleet {
+        agent: AgentId,
+        tx: mpsc::Sender<FleetItem>,
+    },
+}
+
+enum Permit {
+    Own(mpsc::OwnedPermit<(Seq, Event)>),
+    Fleet(mpsc::OwnedPermit<FleetItem>, AgentId),
+}
+
+impl Sink {
+    /// Room for one event; `Err` when nobody receives events any more. The future owns what
+    /// it needs, so it borrows nothing from the session.
+    fn reserve(&self) -> impl std::future::Future<Output = Result<Permit, ()>> + 'static {
+        let sink = match self {
+            Sink::Own(tx) => Ok(tx.clone()),
+            Sink::Fleet { agent, tx } => Err((agent.clone(), tx.clone())),
+        };
+        async move {
+            match sink {
+                Ok(tx) => tx.reserve_owned().await.map(Permit::Own).map_err(drop),
+                Err((agent, tx)) => tx
+                    .reserve_owned()
+                    .await
+                    .map(|p| Permit::Fleet(p, agent))
+                    .map_err(drop),
+            }
+        }
+    }
+}
+
+struct Pending {
+    msg: ControlToShim,
+    reply: oneshot::Sender<Result<ShimToControl, Error>>,
+}
+
+/// How a connection ended.
+#[derive(Debug)]
+enum End {
+    /// The client is closed: no reconnect.
+    Close,
+    /// The connection dropped.
+    Dropped,
+    /// The agent dialed in again while this connection still looked alive: switch.
+    Replaced(Box<Connected>),
+}
+
+/// The session: see the module docs.
+pub(crate) struct Session {
+    pub(crate) opts: ConnectOptions,
+    pub(crate) cmds: mpsc::UnboundedReceiver<Cmd>,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) sink: Sink,
+    pub(crate) events_started: bool,
+    /// The last seq handed to the sink.
+    pub(crate) delivered: Seq,
+    /// The last seq acknowledged to the shim (by `ack` or `resume_from`).
+    pub(crate) ack_sent: Seq,
+    /// The agent a redialed shim must name, if known.
+    pub(crate) expect_agent: Option<String>,
+    /// The cursor of this connection's `resume_from`.
+    resumed_at: Seq,
+    pending: BTreeMap<RequestId, Pending>,
+    queued: Option<(Seq, Event)>,
+    /// Failed connection attempts since the last good connection.
+    attempt: u32,
+    close_done: Vec<oneshot::Sender<()>>,
+}
+
+impl Session {
+    pub(crate) fn new(
+        opts: ConnectOptions,
+        cmds: mpsc::UnboundedReceiver<Cmd>,
+        shared: Arc<Shared>,
+        sink: Sink,
+        cursor: Seq,
+        expect_agent: Option<String>,
+    ) -> Self {
+        let events_started = matches!(sink, Sink::Fleet { .. });
+        Self {
+            opts,
+            cmds,
+            shared,
+            sink,
+            events_started,
+            delivered: cursor,
+            ack_sent: 0,
+            expect_agent,
+            resumed_at: cursor,
+            pending: BTreeMap::new(),
+            queued: None,
+            attempt: 0,
+            close_done: Vec::new(),
+        }
+    }
+
+    /// Serves `first`, then every later connection from `source`, until closed.
+    pub(crate) async fn run(mut self, mut source: Source, first: Connected) {
+        let mut next = Some(first);
+        loop {
+            let conn = match next.take() {
+                Some(c) => c,
+                None => match self.reconnect(&mut source).await {
+                    Some(c) => c,
+                    None => break,
+                },
+            };
+            match self.serve(conn, &mut source).await {
+                End::Close => break,
+                End::Replaced(c) => next = Some(*c),
+                End::Dropped if !self.opts.reconnect => break,
+                End::Dropped => {}
+            }
+        }
+        self.finish();
+    }
+
+    /// What may be acknowledged: what the consumer processed, never past what was delivered.
+    fn ack_target(&self) -> Seq {
+        let user = self.shared.user_acked.load(Ordering::Acquire);
+        let target = match self.shared.ack_mode {
+            AckMode::Auto => self.shared.consumed.load(Ordering::Acquire).max(user),
+            AckMode::Manual => user,
+        };
+        target.min(self.delivered)
+    }
+
+    async fn flush_ack(&mut self, link: &mut Link) -> Result<(), Error> {
+        let target = self.ack_target();
+        if target > self.ack_sent {
+            link.send(&ControlToShim::Ack(Ack { seq: target })).await?;
+            self.ack_sent = target;
+        }
+        Ok(())
+    }
+
+    async fn start_events(&mut self, link: &mut Link) -> Result<(), Error> {
+        let cursor = self.ack_target();
+        debug!(cursor, delivered = self.delivered, "resume_from");
+        link.send(&ControlToShim::ResumeFrom(ResumeFrom { seq: cursor }))
+            .await?;
+        self.ack_sent = self.ack_sent.max(cursor);
+        Ok(())
+    }
+
+    /// Handles a command while no connection is up; false when the client closes.
+    fn idle_cmd(&mut self, cmd: Option<Cmd>) -> bool {
+        match cmd {
+            None => false,
+            Some(Cmd::Close(done)) => {
+                self.close_done.push(done);
+                false
+            }
+            Some(Cmd::Request { id, msg, reply }) => {
+                self.pending.insert(id, Pending { msg, reply });
+                true
+            }
+            Some(Cmd::Notice { done, .. }) => {
+                let _ = done.send(Err(Error::NotConnected));
+                true
+            }
+            Some(Cmd::StartEvents) => {
+                self.events_started = true;
+                true
+            }
+        }
+    }
+
+    /// Waits for the next connection (redialing with backoff, or for a handoff), handling
+    /// commands meanwhile; `None` when the client closes or gives up.
+    async fn reconnect(&mut self, source: &mut Source) -> Option<Connected> {
+        let down_since = Instant::now();
+        loop {
+            if let Some(limit) = self.opts.give_up_after {
+                if down_since.elapsed() >= limit {
+                    warn!(?limit, "no connection for too long; giving up");
+                    return None;
+                }
+            }
+            match source {
+                Source::Dial(addr) => {
+                    let delay = self.opts.backoff.delay(self.attempt);
+                    let wake = Instant::now() + delay;
+                    loop {
+                        tokio::select! {
+                            cmd = self.cmds.recv() => if !self.idle_cmd(cmd) { return None },
+                            _ = sleep_until(wake) => break,
+                        }
+                    }
+                    let attempt = dial_once(addr.clone(), self.opts.clone());
+                    tokio::pin!(attempt);
+                    let result = loop {
+                        tokio::select! {
+                            cmd = self.cmds.recv() => if !self.idle_cmd(cmd) { return None },
+                            r = &mut attempt => break r,
+                        }
+                    };
+                    self.attempt = self.attempt.saturating_add(1);
+                    match result.and_then(|c| self.check_agent(c)) {
+                        Ok(c) => return Some(c),
+                        Err(e) => debug!(%addr, error = %e, "reconnect failed"),
+                    }
+                }
+                Source::Handoff(rx) => {
+                    let limit = self
+                        .opts
+                        .give_up_after
+                        .map(|l| down_since + l)
+                        .unwrap_or_else(|| Instant::now() + Duration::from_secs(86400 * 365));
+                    tokio::select! {
+                        cmd = self.cmds.recv() => if !self.idle_cmd(cmd) { return None },
+                        c = rx.recv() => match c {
+                            Some(c) => return Some(c),
+                            None => return None,
+                        },
+                        _ = sleep_until(limit) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    fn check_agent(&self, c: Connected) -> Result<Connected, Error> {
+        if let Some(want) = &self.expect_agent {
+            if c.hello.agent_id.as_deref() != Some(want.as_str()) {
+                return Err(Error::AgentMismatch {
+                    expected: want.clone(),
+                    got: c.hello.agent_id.clone(),
+                });
+            }
+        }
+        Ok(c)
+    }
+
+    async fn serve(&mut self, conn: Connected, source: &mut Source) -> End {
+        let Connected { mut link, hello } = conn;
+        if self.expect_agent.is_none() {
+            self.expect_agent = hello.agent_id.clone();
+        }
+        self.shared.set_agent_id(hello.agent_id);
+        self.shared.connected.store(true, Ordering::Release);
+        let up_since = Instant::now();
+        let handoff = match source {
+            Source::Handoff(rx) => Some(rx),
+            Source::Dial(_) => None,
+        };
+        let end = match self.serve_link(&mut link, handoff).await {
+            Ok(end) => end,
+            Err(e) => {
+                info!(error = %e, "control connection lost");
+                End::Dropped
+            }
+        };
+        self.shared.connected.store(false, Ordering::Release);
+        if matches!(end, End::Close) {
+            let _ = self.flush_ack(&mut link).await;
+        }
+        link.shutdown().await;
+        if up_since.elapsed() >= Duration::from_secs(1) {
+            self.attempt = 0;
+        }
+        end
+    }
+
+    async fn serve_link(
+        &mut self,
+        link: &mut Link,
+        mut handoff: Option<&mut mpsc::Receiver<Connected>>,
+    ) -> Result<End, Error> {
+        if self.events_started {
+            self.start_events(link).await?;
+        }
+        self.resumed_at = self.ack_sent;
+        // Requests still unanswered go again, with the same ids.
+        self.pending.retain(|_, p| !p.reply.is_closed());
+        let ids: Vec<RequestId> = self.pending.keys().copied().collect();
+        for id in ids {
+            if let Some(p) = self.pending.get(&id) {
+                debug!(id, "resending an unanswered request");
+                let msg = p.msg.clone();
+                link.send(&msg).await?;
+            }
+        }
+        let mut ack_deadline: Option<Instant> = None;
+        let keepalive = self.opts.keepalive;
+        let mut last_rx = Instant::now();
+        let mut probing = false;
+        loop {
+            let probe_at = last_rx + keepalive * if probing { 2 } else { 1 };
+            tokio::select! {
+                biased;
+                cmd = self.cmds.recv() => match cmd {
+                    None => return Ok(End::Close),
+                    Some(Cmd::Close(done)) => {
+                        self.close_done.push(done);
+                        return Ok(End::Close);
+                    }
+                    Some(Cmd::Request { id, msg, reply }) => {
+                        if self.pending.len() >= 64 {
+                            self.pending.retain(|_, p| !p.reply.is_closed());
+                        }
+                        let sent = link.send(&msg).await;
+                        self.pending.insert(id, Pending { msg, reply });
+                        sent?;
+                        if self.shared.drop_after_send.swap(false, Ordering::AcqRel) {
+                            info!(id, "test hook: dropping the connection after a request");
+                            return Ok(End::Dropped);
+                        }
+                    }
+                    Some(Cmd::Notice { msg, done }) => match link.send(&msg).await {
+                        Ok(()) => { let _ = done.send(Ok(())); }
+                        Err(e) => {
+                            let _ = done.send(Err(Error::NotConnected));
+                            return Err(e);
+                        }
+                    },
+                    Some(Cmd::StartEvents) => {
+                        if !self.events_started {
+                            self.events_started = true;
+                            self.start_events(link).await?;
+                            self.resumed_at = self.ack_sent;
+                        }
+                    }
+                },
+                c = recv_handoff(&mut handoff) => {
+                    info!("the agent dialed in again; switching to the new connection");
+                    return Ok(End::Replaced(Box::new(c)));
+                }
+                // Only while the socket is read: a slow consumer is not a dead shim.
+                _ = sleep_until(probe_at), if !keepalive.is_zero() && self.queued.is_none() => {
+                    if probing {
+                        warn!(?keepalive, "the shim does not answer; dropping the connection");
+                        return Ok(End::Dropped);
+                    }
+                    probing = true;
+                    let id = self.shared.next_id();
+                    link.send(&ControlToShim::Ping(Ping { id })).await?;
+                }
+                _ = self.shared.drop_now.notified() => {
+                    info!("test hook: dropping the connection");
+                    return Ok(End::Dropped);
+                }
+                _ = self.shared.ack_now.notified() => {
+                    ack_deadline = None;
+                    self.flush_ack(link).await?;
+                }
+                _ = self.shared.ack_soon.notified(), if ack_deadline.is_none() => {
+                    ack_deadline = Some(Instant::now() + ACK_INTERVAL);
+                }
+                _ = sleep_until_opt(ack_deadline) => {
+                    ack_deadline = None;
+                    self.flush_ack(link).await?;
+                }
+                permit = self.sink.reserve(), if self.queued.is_some() => {
+                    let Some((seq, event)) = self.queued.take() else { continue };
+                    match permit {
+                        Ok(Permit::Own(p)) => {
+                            p.send((seq, event));
+                        }
+                        Ok(Permit::Fleet(p, agent)) => {
+                            p.send(FleetItem {
+                                agent,
+                                seq,
+                                event,
+                                shared: Arc::clone(&self.shared),
+                            });
+                        }
+                        Err(()) => debug!(seq, "nobody takes events; event dropped (not acked)"),
+                    }
+                    self.delivered = seq;
+                    last_rx = Instant::now();
+                }
+                msg = link.recv(), if self.queued.is_none() => match msg? {
+                    Some(msg) => {
+                        last_rx = Instant::now();
+                        probing = false;
+                        self.on_message(msg)?;
+                    }
+                    None => {
+                        info!("the shim closed the control connection");
+                        return Ok(End::Dropped);
+                    }
+                },
+            }
+        }
+    }
+
+    fn on_message(&mut self, msg: ShimToControl) -> Result<(), Error> {
+        let re = match &msg {
+            ShimToControl::Event(env) => {
+                if !self.events_started {
+                    debug!(seq = env.seq, "event before resume_from ignored");
+                } else if env.seq <= self.resumed_at {
+                    // The shim forgot everything up to the resume cursor, so this seq is from
+                    // a new shim (its seqs start again at 1): follow it.
+                    warn!(
+                        seq = env.seq,
+                        cursor = self.resumed_at,
+                        "the shim's seqs restarted (a new shim behind the address?)"
+                    );
+                    let restart = env.seq - 1;
+                    self.delivered = restart;
+                    self.resumed_at = restart;
+                    self.ack_sent = restart;
+                    self.shared.consumed.store(restart, Ordering::Release);
+                    self.shared.user_acked.store(restart, Ordering::Release);
+                    if let ShimToControl::Event(env) = msg {
+                        self.queued = Some((env.seq, env.event));
+                    }
+                } else if env.seq <= self.delivered {
+                    debug!(seq = env.seq, "replayed event already delivered; skipped");
+                } else {
+                    if env.seq != self.delivered + 1 {
+                        warn!(
+                            seq = env.seq,
+                            after = self.delivered,
+                            "gap in event seqs: the shim no longer has the events between"
+                        );
+                    }
+                    if let ShimToControl::Event(env) = msg {
+                        self.queued = Some((env.seq, env.event));
+                    }
+                }
+                return Ok(());
+            }
+            ShimToControl::Ok(r) => Some(r.re),
+            ShimToControl::Error(e) => e.re,
+            ShimToControl::StatusReply(r) => Some(r.re),
+            ShimToControl::ExecStarted(r) => Some(r.re),
+            ShimToControl::Pong(r) => Some(r.re),
+            ShimToControl::Hello(_) | ShimToControl::Auth(_) => {
+                return Err(Error::Protocol(format!(
+                    "{} after the handshake",
+                    msg.type_name()
+                )))
+            }
+            ShimToControl::Unknown(u) => {
+                debug!(r#type = %u.type_name, "unknown message from the shim ignored");
+                return Ok(());
+            }
+        };
+        match re {
+            Some(re) => match self.pending.remove(&re) {
+                Some(p) => {
+                    let _ = p.reply.send(Ok(msg));
+                }
+                None => debug!(re, "reply to no pending request (timed out?)"),
+            },
+            None => {
+                if let ShimToControl::Error(e) = &msg {
+                    warn!(code = %e.code, message = %e.message, "the shim reports an error");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) {
+        self.shared.closed.store(true, Ordering::Release);
+        self.shared.connected.store(false, Ordering::Release);
+        for (_, p) in std::mem::take(&mut self.pending) {
+            let _ = p.reply.send(Err(Error::Closed));
+        }
+        self.cmds.close();
+        while let Ok(cmd) = self.cmds.try_recv() {
+            match cmd {
+                Cmd::Request { reply, .. } => {
+                    let _ = reply.send(Err(Error::Closed));
+                }
+                Cmd::Notice { done, .. } => {
+                    let _ = done.send(Err(Error::Closed));
+                }
+                Cmd::Close(done) => self.close_done.push(done),
+                Cmd::StartEvents => {}
+            }
+        }
+        for done in self.close_done.drain(..) {
+            let _ = done.send(());
+        }
+        debug!("control session ended");
+    }
+}
+
+/// One dial and handshake.
+pub(crate) async fn dial_once(addr: Addr, opts: ConnectOptions) -> Result<Connected, Error> {
+    let io = tokio::time::timeout(opts.connect_timeout, addr.dial())
+        .await
+        .map_err(|_| Error::Timeout(opts.connect_timeout))??;
+    handshake(
+        io,
+        opts.token.as_ref(),
+        opts.max_frame,
+        opts.connect_timeout,
+    )
+    .await
+}
+
+/// The next handed-over connection; never resolves without a handoff channel (or once it
+/// is closed).
+async fn recv_handoff(handoff: &mut Option<&mut mpsc::Receiver<Connected>>) -> Connected {
+    match handoff {
+        Some(rx) => match rx.recv().await {
+            Some(c) => c,
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

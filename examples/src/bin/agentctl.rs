@@ -1,0 +1,722 @@
+//! agentctl: a command line over control-link, for one agent-shim.
+//!
+//! ```text
+//! agentctl [--addr ADDR] [--token-file F] [--json] [--timeout DUR] CMD
+//! ```
+//!
+//! See `examples/README.md` for the commands, the output formats and the exit codes. Every
+//! event-reading command acknowledges only what it is meant to: `tail` acks an event once its
+//! line is printed and flushed, so `tail --from <last seq printed>` after a crash continues
+//! exactly once; `task`, `pause --wait` and `exec` read events without acknowledging any.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::io::{IsTerminal as _, Write as _};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use control_link::protocol::message::{Event, Paused, TaskDone, TaskStatus};
+use control_link::{
+    AckMode, Addr, Client, ConnectOptions, Error, EventStream, ExecSpec, Target, TaskSpec, Token,
+};
+use tokio::io::AsyncReadExt as _;
+
+/// The variable holding the default address.
+const ADDR_ENV: &str = "AGENT_SHIM_CONTROL";
+
+/// Exit codes (documented in examples/README.md).
+mod exit {
+    /// The shim refused the request, or the followed task did not succeed.
+    pub const FAILED: u8 = 1;
+    /// Bad usage.
+    pub const USAGE: u8 = 2;
+    /// No connection: unreachable, refused, unauthorized, or lost for good.
+    pub const CONNECT: u8 = 3;
+    /// A request or a wait timed out.
+    pub const TIMEOUT: u8 = 4;
+}
+
+const USAGE: &str = "usage: agentctl [--addr ADDR] [--token-file FILE] [--json] [--timeout DUR] CMD
+
+commands:
+  status                         the shim's status
+  tail [--from SEQ] [--count N]  print events after SEQ (acking each once printed)
+  task TEXT | --json FILE [--id TASK_ID] [--no-follow]
+                                 submit a task, then follow its events until task_done
+  cancel TASK_ID                 cancel a task
+  pause [--wait]                 pause the agent (--wait: until it is at its safe point)
+  resume                         resume the agent
+  signal SIG                     signal the driver's process group (TERM, 15, ...)
+  restart                        relaunch the driver (also out of a crash loop)
+  set-driver -- CMD...           replace the driver command
+  exec [--tty] -- CMD...         run a command in the sandbox, streaming its output
+  shutdown [--grace DUR]         stop the agent and the shim
+  ping                           round trip to the shim
+
+ADDR is unix:PATH, tcp:HOST:PORT or vsock:CID:PORT (default: $AGENT_SHIM_CONTROL).
+The token comes from --token-file, else $AGENT_SHIM_TOKEN if set.";
+
+/// A failure with its exit code.
+struct Fail(u8, String);
+
+impl From<Error> for Fail {
+    fn from(e: Error) -> Self {
+        let code = match &e {
+            Error::Timeout(_) => exit::TIMEOUT,
+            Error::Remote { .. } => exit::FAILED,
+            _ => exit::CONNECT,
+        };
+        Fail(code, error_chain(&e))
+    }
+}
+
+fn usage(msg: impl Into<String>) -> Fail {
+    Fail(exit::USAGE, format!("{}\n\n{USAGE}", msg.into()))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+#[derive(Debug)]
+struct Global {
+    addr: Option<String>,
+    token_file: Option<PathBuf>,
+    json: bool,
+    timeout: Duration,
+}
+
+#[derive(Debug)]
+enum Cmd {
+    Status,
+    Tail {
+        from: u64,
+        count: Option<u64>,
+    },
+    Task {
+        input: TaskInput,
+        id: Option<String>,
+        follow: bool,
+    },
+    Cancel(String),
+    Pause {
+        wait: bool,
+    },
+    Resume,
+    Signal(String),
+    Restart,
+    SetDriver(Vec<String>),
+    Exec {
+        tty: bool,
+        argv: Vec<String>,
+    },
+    Shutdown {
+        grace: Option<Duration>,
+    },
+    Ping,
+}
+
+#[derive(Debug)]
+enum TaskInput {
+    Text(String),
+    JsonFile(PathBuf),
+}
+
+fn main() -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("agentctl: cannot start the runtime: {e}");
+            return ExitCode::from(exit::CONNECT);
+        }
+    };
+    match rt.block_on(run()) {
+        Ok(code) => ExitCode::from(code),
+        Err(Fail(code, msg)) => {
+            eprintln!("agentctl: {msg}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, Fail> {
+    let (num, unit) = match s.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| usage(format!("bad duration {s:?}")))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(usage(format!("bad duration unit in {s:?}"))),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|_| usage(format!("bad duration {s:?}")))
+}
+
+fn string(v: OsString) -> Result<String, Fail> {
+    v.into_string()
+        .map_err(|v| usage(format!("{v:?} is not valid UTF-8")))
+}
+
+fn parse() -> Result<(Global, Cmd), Fail> {
+    use lexopt::prelude::*;
+    let mut p = lexopt::Parser::from_env();
+    let mut g = Global {
+        addr: None,
+        token_file: None,
+        json: false,
+        timeout: Duration::from_secs(10),
+    };
+    let e = |e: lexopt::Error| usage(e.to_string());
+    let name = loop {
+        match p.next().map_err(e)? {
+            Some(Long("addr")) => g.addr = Some(string(p.value().map_err(e)?)?),
+            Some(Long("token-file")) => g.token_file = Some(p.value().map_err(e)?.into()),
+            Some(Long("json")) => g.json = true,
+            Some(Long("timeout")) => g.timeout = parse_duration(&string(p.value().map_err(e)?)?)?,
+            Some(Short('h') | Long("help")) => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            Some(Value(v)) => break string(v)?,
+            Some(other) => return Err(usage(other.unexpected().to_string())),
+            None => return Err(usage("no command given")),
+        }
+    };
+    let mut rest: Vec<String> = Vec::new();
+    let mut from = 0;
+    let mut count = None;
+    let mut json_file = None;
+    let mut id = None;
+    let mut follow = true;
+    let mut wait = false;
+    let mut tty = false;
+    let mut grace = None;
+    while let Some(arg) = p.next().map_err(e)? {
+        match arg {
+            Long("from") if name == "tail" => {
+                from = p.value().map_err(e)?.parse().map_err(e)?;
+            }
+            Long("count") if name == "tail" => {
+                count = Some(p.value().map_err(e)?.parse().map_err(e)?);
+            }
+            Long("json") if name == "task" => {
+                json_file = Some(PathBuf::from(p.value().map_err(e)?))
+            }
+            Long("id") if name == "task" => id = Some(string(p.value().map_err(e)?)?),
+            Long("no-follow") if name == "task" => follow = false,
+            Long("wait") if name == "pause" => wait = true,
+            Long("tty") if name == "exec" => tty = true,
+            Long("grace") if name == "shutdown" => {
+                grace = Some(parse_duration(&string(p.value().map_err(e)?)?)?);
+            }
+            Value(v) => {
+                rest.push(string(v)?);
+                // A command line to run is taken verbatim, options included.
+                if name == "set-driver" || name == "exec" {
+                    for v in p.raw_args().map_err(e)? {
+                        rest.push(string(v)?);
+                    }
+                }
+            }
+            Long("json") => g.json = true,
+            other => return Err(usage(other.unexpected().to_string())),
+        }
+    }
+    let one = |rest: &mut Vec<String>, what: &str| -> Result<String, Fail> {
+        match rest.len() {
+            1 => Ok(rest.remove(0)),
+            _ => Err(usage(format!("{name} takes exactly one {what}"))),
+        }
+    };
+    let none = |rest: &Vec<String>| -> Result<(), Fail> {
+        match rest.is_empty() {
+            true => Ok(()),
+            false => Err(usage(format!("{name} takes no arguments"))),
+        }
+    };
+    let cmd = match name.as_str() {
+        "status" => none(&rest).map(|()| Cmd::Status)?,
+        "tail" => none(&rest).map(|()| Cmd::Tail { from, count })?,
+        "task" => {
+            let input = match (json_file, rest.len()) {
+                (Some(f), 0) => TaskInput::JsonFile(f),
+                (None, 1) => TaskInput::Text(rest.remove(0)),
+                _ => return Err(usage("task takes TEXT or --json FILE")),
+            };
+            Cmd::Task { input, id, follow }
+        }
+        "cancel" => Cmd::Cancel(one(&mut rest, "TASK_ID")?),
+        "pause" => none(&rest).map(|()| Cmd::Pause { wait })?,
+        "resume" => none(&rest).map(|()| Cmd::Resume)?,
+        "signal" => Cmd::Signal(one(&mut rest, "SIG")?),
+        "restart" => none(&rest).map(|()| Cmd::Restart)?,
+        "set-driver" if !rest.is_empty() => Cmd::SetDriver(rest),
+        "exec" if !rest.is_empty() => Cmd::Exec { tty, argv: rest },
+        "set-driver" | "exec" => return Err(usage(format!("{name} needs -- CMD..."))),
+        "shutdown" => none(&rest).map(|()| Cmd::Shutdown { grace })?,
+        "ping" => none(&rest).map(|()| Cmd::Ping)?,
+        other => return Err(usage(format!("unknown command {other:?}"))),
+    };
+    Ok((g, cmd))
+}
+
+async fn run() -> Result<u8, Fail> {
+    let (g, cmd) = parse()?;
+    let addr = match g.addr.clone().or_else(|| std::env::var(ADDR_ENV).ok()) {
+        Some(a) => a,
+        None => return Err(usage(format!("no address: use --addr or set {ADDR_ENV}"))),
+    };
+    let addr: Addr = addr.parse().map_err(|e: Error| usage(e.to_string()))?;
+    let token = match &g.token_file {
+        Some(f) => Some(Token::from_file(f).map_err(|e| Fail(exit::USAGE, e.to_string()))?),
+        None => Token::from_default_env().ok(),
+    };
+    let mut opts = ConnectOptions::new()
+        .maybe_token(token)
+        .request_timeout(g.timeout)
+        .connect_timeout(g.timeout)
+        .give_up_after(g.timeout)
+        .ack_mode(AckMode::Manual);
+    if let Cmd::Tail { from, .. } = &cmd {
+        opts = opts.resume_from(*from);
+    }
+    let client = opts.connect(&addr).await?;
+    let out = Out { json: g.json };
+    let result = command(&client, cmd, &out).await;
+    client.close().await;
+    result
+}
+
+/// Prints in the chosen format.
+struct Out {
+    json: bool,
+}
+
+impl Out {
+    fn line(&self, human: impl FnOnce() -> String, json: impl FnOnce() -> serde_json::Value) {
+        let text = if self.json {
+            json().to_string()
+        } else {
+            human()
+        };
+        let mut stdout = std::io::stdout().lock();
+        // A closed stdout (`| head`) is not an error worth a panic.
+        let _ = writeln!(stdout, "{text}");
+        let _ = stdout.flush();
+    }
+
+    fn ok(&self, what: &str) {
+        self.line(
+            || what.to_owned(),
+            || serde_json::json!({"ok": true, "what": what}),
+        );
+    }
+
+    fn event(&self, seq: u64, event: &Event) {
+        self.line(
+            || format!("{seq:>6} {}", describe(event)),
+            || serde_json::json!({"seq": seq, "event": to_json(event)}),
+        );
+    }
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).unwrap_or_else(|e| serde_json::json!({"unprintable": e.to_string()}))
+}
+
+fn value_text(v: &rmpv::Value) -> String {
+    match v {
+        rmpv::Value::String(s) => format!("{:?}", s.as_str().unwrap_or("<non-utf8>")),
+        other => to_json(other).to_string(),
+    }
+}
+
+/// A one-line human description of an event.
+fn describe(event: &Event) -> String {
+    let task = |t: &Option<String>| t.as_deref().map(|t| format!(" [{t}]")).unwrap_or_default();
+    match event {
+        Event::MessageChunk(m) => format!("message{} {:?}", task(&m.task_id), m.text),
+        Event::ToolCall(c) => format!(
+            "tool_call{} {} {}",
+            task(&c.task_id),
+            c.name,
+            value_text(&c.input)
+        ),
+        Event::ToolResult(r) => format!(
+            "tool_result{} {}{}",
+            task(&r.task_id),
+            value_text(&r.output),
+            if r.is_error { " (error)" } else { "" }
+        ),
+        Event::Progress(p) => format!(
+            "progress{} {}/{} {}",
+            task(&p.task_id),
+            p.done.map_or("?".into(), |d| d.to_string()),
+            p.total.map_or("?".into(), |d| d.to_string()),
+            p.message.as_deref().unwrap_or("")
+        ),
+        Event::Log(l) => format!("log{} {:?}: {}", task(&l.task_id), l.stream, l.text),
+        Event::TaskDone(d) => format!(
+            "task_done [{}] {:?}{}{}",
+            d.task_id,
+            d.status,
+            d.output
+                .as_ref()
+                .map(|o| format!(" output={}", value_text(o)))
+                .unwrap_or_default(),
+            d.error
+                .as_ref()
+                .map(|e| format!(" error={e:?}"))
+                .unwrap_or_default()
+        ),
+        Event::TaskAccepted(a) => format!("task_accepted [{}] position {}", a.task_id, a.position),
+        Event::StateChanged(s) => format!("state {:?} -> {:?}", s.from, s.to),
+        Event::DriverStarted(s) => format!("driver_started pid {} attempt {}", s.pid, s.attempt),
+        Event::DriverReady(r) => format!("driver_ready pid {} in {} ms", r.pid, r.startup_ms),
+        Event::Error(e) => format!("error{} {}: {}", task(&e.task_id), e.code, e.message),
+        other => format!("{} {}", other_type(other), to_json(other)),
+    }
+}
+
+fn other_type(e: &Event) -> &str {
+    use control_link::protocol::Message as _;
+    e.type_name()
+}
+
+async fn command(client: &Client, cmd: Cmd, out: &Out) -> Result<u8, Fail> {
+    match cmd {
+        Cmd::Status => {
+            let s = client.status().await?;
+            out.line(
+                || {
+                    let mut t = format!(
+                        "state {:?}\ndriver pid {}\nrestarts {}\nuptime {} ms\ntasks queued {}\ntask running {}\nexecs running {}\nchildren {}\nreaped {}\nbuffered events {} ({} bytes)\nlast seq {}\nrss {} bytes",
+                        s.state,
+                        s.driver_pid.map_or("-".into(), |p| p.to_string()),
+                        s.restarts,
+                        s.uptime_ms,
+                        s.tasks_queued,
+                        s.task_running.as_deref().unwrap_or("-"),
+                        s.execs_running,
+                        s.children,
+                        s.reaped,
+                        s.buffered_events,
+                        s.buffered_bytes,
+                        s.last_seq,
+                        s.rss_bytes
+                    );
+                    if let Some(agent) = client.agent_id() {
+                        t.push_str(&format!("\nagent {agent}"));
+                    }
+                    t
+                },
+                || to_json(&s),
+            );
+            Ok(0)
+        }
+        Cmd::Tail { count, .. } => {
+            let mut events = client.events()?;
+            let mut n = 0;
+            while count.is_none_or(|c| n < c) {
+                let Some((seq, event)) = events.next().await else {
+                    return Err(Fail(exit::CONNECT, "the connection was lost".into()));
+                };
+                out.event(seq, &event);
+                // Printed and flushed: now it may be forgotten.
+                client.ack(seq);
+                n += 1;
+            }
+            Ok(0)
+        }
+        Cmd::Task { input, id, follow } => {
+            let input = match input {
+                TaskInput::Text(t) => rmpv::Value::from(t),
+                TaskInput::JsonFile(f) => {
+                    let text = std::fs::read_to_string(&f)
+                        .map_err(|e| usage(format!("cannot read {}: {e}", f.display())))?;
+                    let json: serde_json::Value = serde_json::from_str(&text)
+                        .map_err(|e| usage(format!("{}: {e}", f.display())))?;
+                    json_to_msgpack(&json)
+                }
+            };
+            let id = id.unwrap_or_else(new_task_id);
+            let events = if follow { Some(client.events()?) } else { None };
+            client.submit_task(TaskSpec::new(id.clone(), input)).await?;
+            out.line(
+                || format!("submitted {id}"),
+                || serde_json::json!({"submitted": id}),
+            );
+            match events {
+                Some(events) => follow_task(events, &id, out).await,
+                None => Ok(0),
+            }
+        }
+        Cmd::Cancel(task) => {
+            client.cancel_task(&task, None).await?;
+            out.ok(&format!("cancel {task} accepted"));
+            Ok(0)
+        }
+        Cmd::Pause { wait } => {
+            let mut events = if wait { Some(client.events()?) } else { None };
+            let id = client.pause(None).await?;
+            out.line(
+                || format!("pause accepted (id {id})"),
+                || serde_json::json!({"ok": true, "pause_id": id}),
+            );
+            if let Some(events) = &mut events {
+                loop {
+                    match events.next().await {
+                        Some((seq, Event::Paused(Paused { re: Some(re) }))) if re == id => {
+                            out.event(seq, &Event::Paused(Paused { re: Some(re) }));
+                            break;
+                        }
+                        Some(_) => {}
+                        None => return Err(Fail(exit::CONNECT, "the connection was lost".into())),
+                    }
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Resume => {
+            client.resume().await?;
+            out.ok("resume accepted");
+            Ok(0)
+        }
+        Cmd::Signal(sig) => {
+            client.signal(sig.as_str(), Target::Driver).await?;
+            out.ok(&format!("signal {sig} sent"));
+            Ok(0)
+        }
+        Cmd::Restart => {
+            client.restart_driver().await?;
+            out.ok("restart accepted");
+            Ok(0)
+        }
+        Cmd::SetDriver(argv) => {
+            client.set_driver(argv, BTreeMap::new()).await?;
+            out.ok("set-driver accepted");
+            Ok(0)
+        }
+        Cmd::Exec { tty, argv } => exec(client, tty, argv, out).await,
+        Cmd::Shutdown { grace } => {
+            client.shutdown(grace, Some("agentctl")).await?;
+            out.ok("shutdown accepted");
+            Ok(0)
+        }
+        Cmd::Ping => {
+            let rtt = client.ping().await?;
+            out.line(
+                || format!("pong in {rtt:?}"),
+                || serde_json::json!({"pong": true, "rtt_us": rtt.as_micros() as u64}),
+            );
+            Ok(0)
+        }
+    }
+}
+
+/// Prints the task's events until its `task_done`; exit 0 only if it succeeded.
+async fn follow_task(mut events: EventStream, id: &str, out: &Out) -> Result<u8, Fail> {
+    while let Some((seq, event)) = events.next().await {
+        if event_task(&event) != Some(id) {
+            continue;
+        }
+        out.event(seq, &event);
+        if let Event::TaskDone(TaskDone { status, .. }) = event {
+            return Ok(if status == TaskStatus::Succeeded {
+                0
+            } else {
+                exit::FAILED
+            });
+        }
+    }
+    Err(Fail(exit::CONNECT, "the connection was lost".into()))
+}
+
+fn event_task(e: &Event) -> Option<&str> {
+    match e {
+        Event::MessageChunk(m) => m.task_id.as_deref(),
+        Event::ToolCall(m) => m.task_id.as_deref(),
+        Event::ToolResult(m) => m.task_id.as_deref(),
+        Event::FileChange(m) => m.task_id.as_deref(),
+        Event::Progress(m) => m.task_id.as_deref(),
+        Event::Log(m) => m.task_id.as_deref(),
+        Event::Custom(m) => m.task_id.as_deref(),
+        Event::Error(m) => m.task_id.as_deref(),
+        Event::TaskDone(m) => Some(&m.task_id),
+        Event::TaskAccepted(m) => Some(&m.task_id),
+        _ => None,
+    }
+}
+
+fn new_task_id() -> String {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    format!("agentctl-{ms}-{}", std::process::id())
+}
+
+fn json_to_msgpack(v: &serde_json::Value) -> rmpv::Value {
+    use serde_json::Value as J;
+    match v {
+        J::Null => rmpv::Value::Nil,
+        J::Bool(b) => rmpv::Value::Boolean(*b),
+        J::Number(n) => match (n.as_u64(), n.as_i64(), n.as_f64()) {
+            (Some(u), _, _) => rmpv::Value::from(u),
+            (None, Some(i), _) => rmpv::Value::from(i),
+            (_, _, Some(f)) => rmpv::Value::F64(f),
+            _ => rmpv::Value::Nil,
+        },
+        J::String(s) => rmpv::Value::from(s.as_str()),
+        J::Array(a) => rmpv::Value::Array(a.iter().map(json_to_msgpack).collect()),
+        J::Object(o) => rmpv::Value::Map(
+            o.iter()
+                .map(|(k, v)| (rmpv::Value::from(k.as_str()), json_to_msgpack(v)))
+                .collect(),
+        ),
+    }
+}
+
+/// The local terminal in raw mode; restored on drop.
+struct RawMode {
+    saved: libc::termios,
+}
+
+impl RawMode {
+    fn enter() -> Option<Self> {
+        // SAFETY: termios is plain old data; tcgetattr fills it and we check the result.
+        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: fd 0 and a valid termios pointer.
+        if unsafe { libc::tcgetattr(0, &mut saved) } != 0 {
+            return None;
+        }
+        let mut raw = saved;
+        // SAFETY: `raw` is a valid termios.
+        unsafe { libc::cfmakeraw(&mut raw) };
+        // SAFETY: fd 0 and a valid termios pointer.
+        if unsafe { libc::tcsetattr(0, libc::TCSANOW, &raw) } != 0 {
+            return None;
+        }
+        Some(Self { saved })
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        // SAFETY: fd 0 and the termios saved by `enter`.
+        unsafe { libc::tcsetattr(0, libc::TCSANOW, &self.saved) };
+    }
+}
+
+fn terminal_size() -> (u16, u16) {
+    // SAFETY: winsize is plain old data; TIOCGWINSZ fills it and we check the result.
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: fd 1 and a valid winsize pointer.
+    if unsafe { libc::ioctl(1, libc::TIOCGWINSZ, &mut ws) } == 0 && ws.ws_row > 0 {
+        (ws.ws_row, ws.ws_col)
+    } else {
+        (24, 80)
+    }
+}
+
+/// Runs a command in the sandbox: stdin → exec_input, output → stdout/stderr, SIGWINCH →
+/// exec_resize; the exit code is the exec's (128+N for signal N).
+async fn exec(client: &Client, tty: bool, argv: Vec<String>, out: &Out) -> Result<u8, Fail> {
+    let mut events = client.events()?;
+    let mut spec = ExecSpec::new(argv).stdin(true);
+    if tty {
+        let (rows, cols) = terminal_size();
+        spec = spec.tty(rows, cols);
+    }
+    let started = client.exec(spec).await?;
+    let exec_id = started.exec_id;
+    let _raw = if tty && std::io::stdin().is_terminal() {
+        RawMode::enter()
+    } else {
+        None
+    };
+    let mut winch = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change())
+        .map_err(|e| Fail(exit::CONNECT, format!("cannot watch SIGWINCH: {e}")))?;
+    let mut stdin = tokio::io::stdin();
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut stdin_open = true;
+    loop {
+        tokio::select! {
+            ev = events.next() => match ev {
+                Some((seq, Event::ExecOutput(o))) if o.exec_id == exec_id => {
+                    if out.json {
+                        out.event(seq, &Event::ExecOutput(o));
+                    } else {
+                        let is_err = o.stream == control_link::protocol::message::OutputStream::Stderr;
+                        let res = if is_err {
+                            let mut e = std::io::stderr().lock();
+                            e.write_all(&o.data).and_then(|()| e.flush())
+                        } else {
+                            let mut s = std::io::stdout().lock();
+                            s.write_all(&o.data).and_then(|()| s.flush())
+                        };
+                        let _ = res;
+                    }
+                }
+                Some((seq, Event::ExecExit(x))) if x.exec_id == exec_id => {
+                    let code = match (x.code, x.signal.as_deref()) {
+                        (Some(c), _) => u8::try_from(c).unwrap_or(exit::FAILED),
+                        (None, Some(sig)) => 128u8.saturating_add(signal_number(sig)),
+                        (None, None) => exit::FAILED,
+                    };
+                    if out.json {
+                        out.event(seq, &Event::ExecExit(x));
+                    }
+                    return Ok(code);
+                }
+                Some(_) => {}
+                None => return Err(Fail(exit::CONNECT, "the connection was lost".into())),
+            },
+            n = stdin.read(&mut buf), if stdin_open => match n {
+                Ok(0) | Err(_) => {
+                    stdin_open = false;
+                    client.exec_input(exec_id, Vec::new(), true).await?;
+                }
+                Ok(n) => client.exec_input(exec_id, buf[..n].to_vec(), false).await?,
+            },
+            _ = winch.recv(), if tty => {
+                let (rows, cols) = terminal_size();
+                client.exec_resize(exec_id, rows, cols).await?;
+            }
+        }
+    }
+}
+
+fn signal_number(name: &str) -> u8 {
+    let n = name.trim_start_matches("SIG");
+    match n {
+        "HUP" => 1,
+        "INT" => 2,
+        "QUIT" => 3,
+        "ABRT" => 6,
+        "KILL" => 9,
+        "USR1" => 10,
+        "SEGV" => 11,
+        "USR2" => 12,
+        "PIPE" => 13,
+        "ALRM" => 14,
+        "TERM" => 15,
+        other => other.parse().unwrap_or(0),
+    }
+}

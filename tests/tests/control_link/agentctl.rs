@@ -1,0 +1,266 @@
+//! agentctl against a real shim: every command, human and `--json` output, exit codes, and
+//! `tail` killed with SIGKILL mid-stream then restarted from the last seq it printed.
+
+use std::io::{BufRead as _, BufReader, Read as _};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, ensure, Context as _, Result};
+use control_link::TaskSpec;
+
+use super::{assert_consecutive, input, runtime, words, LinkShim};
+use crate::support::{poll_until, workspace_bin, Mode, TempDir, PATIENCE};
+
+fn agentctl_bin() -> Result<PathBuf> {
+    workspace_bin(
+        "AGENTCTL_BIN",
+        &["debug/agentctl"],
+        "`cargo build -p agent-shim-examples`",
+    )
+}
+
+/// A child process killed and reaped on drop.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn command(addr: &str, args: &[&str]) -> Result<Command> {
+    let mut cmd = Command::new(agentctl_bin()?);
+    cmd.arg("--addr").arg(addr).args(args);
+    cmd.env_remove("AGENT_SHIM_TOKEN")
+        .env_remove("AGENT_SHIM_CONTROL");
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    Ok(cmd)
+}
+
+/// Runs agentctl to its end (at most `PATIENCE`): exit code, stdout, stderr.
+fn run(addr: &str, args: &[&str]) -> Result<(i32, String, String)> {
+    let mut child = Guard(command(addr, args)?.spawn()?);
+    let mut out = child.0.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let mut err = child.0.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
+    let out_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let status = poll_until(PATIENCE, || child.0.try_wait().ok().flatten())
+        .ok_or_else(|| anyhow!("agentctl {args:?} did not finish within {PATIENCE:?}"))?;
+    let out = out_t.join().map_err(|_| anyhow!("stdout reader"))?;
+    let err = err_t.join().map_err(|_| anyhow!("stderr reader"))?;
+    let code = status.code().unwrap_or(-1);
+    Ok((code, out, err))
+}
+
+fn json_lines(out: &str) -> Result<Vec<serde_json::Value>> {
+    out.lines()
+        .map(|l| serde_json::from_str(l).with_context(|| format!("not JSON: {l:?}")))
+        .collect()
+}
+
+fn seq_of(v: &serde_json::Value) -> Result<u64> {
+    v["seq"].as_u64().ok_or_else(|| anyhow!("no seq in {v}"))
+}
+
+#[test]
+fn tail_killed_mid_stream_resumes_exactly_once() -> Result<()> {
+    let shim = LinkShim::start(Mode::Subreaper)?;
+    let addr = shim.addr.to_string();
+    // Fill the shim's buffer: a long task, run to its end by a client that never reads
+    // events (so nothing is acknowledged).
+    let total = runtime()?.block_on(async {
+        let client = control_link::connect(&shim.addr, None).await?;
+        client
+            .submit_task(TaskSpec::new("big", input(&words(600), 0)))
+            .await?;
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let s = client.status().await?;
+            if s.task_running.is_none() && s.tasks_queued == 0 && s.last_seq > 1200 {
+                client.close().await;
+                return Ok::<_, anyhow::Error>(s.last_seq);
+            }
+            ensure!(Instant::now() < deadline, "the task did not finish: {s:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })?;
+
+    // First run: read some lines, then SIGKILL it while it is blocked writing the rest.
+    let mut first = Guard(command(&addr, &["--json", "tail"])?.spawn()?);
+    let stdout = first.0.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let mut reader = BufReader::new(stdout);
+    let mut lines = Vec::new();
+    let start = Instant::now();
+    while lines.len() < 300 {
+        ensure!(
+            start.elapsed() < PATIENCE,
+            "tail printed only {} lines",
+            lines.len()
+        );
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            bail!("tail ended after {} lines", lines.len());
+        }
+        lines.push(line.trim_end().to_owned());
+    }
+    first.0.kill()?;
+    first.0.wait()?;
+    // Everything it printed before dying.
+    let mut rest = String::new();
+    reader.read_to_string(&mut rest)?;
+    lines.extend(rest.lines().map(str::to_owned));
+    let printed = json_lines(&lines.join("\n"))?;
+    let first_seqs: Vec<u64> = printed.iter().map(seq_of).collect::<Result<_>>()?;
+    let last = *first_seqs
+        .last()
+        .ok_or_else(|| anyhow!("nothing printed"))?;
+    ensure!(
+        last < total,
+        "the first tail printed everything ({last}); not mid-stream"
+    );
+
+    // It acked only what it printed: the shim still holds everything after `last`.
+    let buffered = runtime()?.block_on(async {
+        let c = control_link::connect(&shim.addr, None).await?;
+        let s = c.status().await?;
+        c.close().await;
+        Ok::<_, control_link::Error>(s.buffered_events)
+    })?;
+    ensure!(
+        buffered >= total - last,
+        "{buffered} buffered, {} unprinted",
+        total - last
+    );
+
+    // Second run from the last seq printed.
+    let count = (total - last).to_string();
+    let from = last.to_string();
+    let (code, out, err) = run(
+        &addr,
+        &["--json", "tail", "--from", &from, "--count", &count],
+    )?;
+    ensure!(code == 0, "tail --from exited {code}: {err}");
+    let second: Vec<u64> = json_lines(&out)?
+        .iter()
+        .map(seq_of)
+        .collect::<Result<_>>()?;
+    let all: Vec<u64> = first_seqs.into_iter().chain(second).collect();
+    assert_consecutive(&all, 1)?;
+    ensure!(all.len() as u64 == total, "{} events of {total}", all.len());
+    Ok(())
+}
+
+#[test]
+fn commands_human_and_json() -> Result<()> {
+    let mut shim = LinkShim::start(Mode::Pid1)?;
+    let addr = shim.addr.to_string();
+    let ok = |args: &[&str]| -> Result<String> {
+        let (code, out, err) = run(&addr, args)?;
+        ensure!(
+            code == 0,
+            "agentctl {args:?} exited {code}\nstdout: {out}\nstderr: {err}"
+        );
+        Ok(out)
+    };
+
+    // status
+    let human = ok(&["status"])?;
+    ensure!(
+        human.contains("state") && human.contains("last seq"),
+        "{human}"
+    );
+    let json: serde_json::Value = serde_json::from_str(ok(&["--json", "status"])?.trim())?;
+    ensure!(
+        json["state"].is_string() && json["last_seq"].is_u64(),
+        "{json}"
+    );
+
+    // task: follows the task to its end
+    let out = ok(&["task", "hello agent", "--id", "h1"])?;
+    ensure!(
+        out.contains("submitted h1")
+            && out.contains("\"hello\"")
+            && out.contains("task_done [h1] Succeeded"),
+        "{out}"
+    );
+    let out = ok(&["--json", "task", "json please", "--id", "j1"])?;
+    let lines = json_lines(&out)?;
+    ensure!(
+        lines.first().map(|l| l["submitted"] == "j1") == Some(true),
+        "{out}"
+    );
+    let done = lines.last().ok_or_else(|| anyhow!("no output"))?;
+    ensure!(
+        done["event"]["type"] == "task_done" && done["event"]["status"] == "succeeded",
+        "{done}"
+    );
+    // a failing task exits 1; the input from a JSON file
+    let dir = TempDir::new("ctl")?;
+    let file = dir.path().join("task.json");
+    std::fs::write(&file, r#"{"text": "x y", "fail": "boom"}"#)?;
+    let (code, out, _) = run(
+        &addr,
+        &["task", "--json", &file.to_string_lossy(), "--id", "f1"],
+    )?;
+    ensure!(
+        code == 1 && out.contains("Failed") && out.contains("boom"),
+        "{code} {out}"
+    );
+    // --no-follow returns at once
+    let out = ok(&["task", "later", "--id", "n1", "--no-follow"])?;
+    ensure!(out.trim() == "submitted n1", "{out}");
+
+    // cancel of an unknown task: the shim's not_found, exit 1
+    let (code, _, err) = run(&addr, &["cancel", "nope"])?;
+    ensure!(code == 1 && err.contains("not_found"), "{code} {err}");
+
+    // pause --wait, resume, resume again (invalid_state)
+    let out = ok(&["pause", "--wait"])?;
+    ensure!(
+        out.contains("pause accepted") && out.contains("paused"),
+        "{out}"
+    );
+    let out = ok(&["--json", "resume"])?;
+    ensure!(json_lines(&out)?[0]["ok"] == true, "{out}");
+    let (code, _, err) = run(&addr, &["resume"])?;
+    ensure!(code == 1 && err.contains("invalid_state"), "{code} {err}");
+
+    // signal, restart, ping
+    ensure!(ok(&["signal", "CONT"])?.contains("signal CONT sent"));
+    let (code, _, err) = run(&addr, &["signal", "BOGUS"])?;
+    ensure!(code == 1 && err.contains("invalid"), "{code} {err}");
+    ensure!(ok(&["restart"])?.contains("restart accepted"));
+    ensure!(ok(&["ping"])?.contains("pong"));
+
+    // tail with a count, human
+    let out = ok(&["tail", "--count", "3"])?;
+    ensure!(out.lines().count() == 3, "{out}");
+
+    // usage errors: 2; nothing listening: 3
+    let (code, _, err) = run(&addr, &["frobnicate"])?;
+    ensure!(code == 2 && err.contains("unknown command"), "{code} {err}");
+    let (code, _, _) = run(&addr, &["status", "extra"])?;
+    ensure!(code == 2);
+    let missing = format!("unix:{}", dir.path().join("none.sock").display());
+    let (code, _, err) = run(&missing, &["--timeout", "1s", "status"])?;
+    ensure!(code == 3, "{code} {err}");
+    let (code, _, err) = run("tcp:127.0.0.1:1", &["status"])?;
+    ensure!(code == 3 && err.contains("needs a token"), "{code} {err}");
+
+    // shutdown: accepted, and the shim exits
+    ensure!(ok(&["shutdown", "--grace", "2s"])?.contains("shutdown accepted"));
+    shim.shim.wait_code(PATIENCE)?;
+    Ok(())
+}

@@ -1,0 +1,136 @@
+//! Every typed method of `Client`, end to end against the real shim and echo driver.
+
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Result};
+use control_link::protocol::message::{DriverState, Event, Paused, TaskStatus};
+use control_link::{connect, Error, ErrorCode, ExecSpec, Target, TaskSpec};
+
+use super::{chunks, input, no_env, read_until, runtime, task_of, within, LinkShim};
+use crate::support::{in_both_modes, Mode, PATIENCE};
+
+fn remote_code(r: Result<impl std::fmt::Debug, Error>) -> Result<ErrorCode> {
+    match r {
+        Err(Error::Remote { code, .. }) => Ok(code),
+        other => bail!("expected an error reply from the shim, got {other:?}"),
+    }
+}
+
+in_both_modes! {
+    fn every_method(mode: Mode) -> Result<()> {
+        let shim = LinkShim::start(mode)?;
+        runtime()?.block_on(async {
+            let client = within(PATIENCE, "connect", connect(&shim.addr, None)).await??;
+            assert!(client.is_connected());
+            assert_eq!(client.agent_id(), None);
+            let mut events = client.events()?;
+            assert!(matches!(client.events(), Err(Error::EventsTaken)));
+            read_until(&mut events, PATIENCE, |e| matches!(e, Event::DriverReady(_))).await?;
+
+            // ping, status
+            let rtt = client.ping().await?;
+            ensure!(rtt < PATIENCE, "ping took {rtt:?}");
+            let status = client.status().await?;
+            ensure!(status.state == DriverState::Ready, "{status:?}");
+            ensure!(status.driver_pid.is_some() && status.last_seq >= 5, "{status:?}");
+
+            // submit_task: the whole task arrives, in order
+            client.submit_task(TaskSpec::new("t1", input("alpha beta gamma", 0))).await?;
+            let got = read_until(&mut events, PATIENCE, |e| {
+                matches!(e, Event::TaskDone(d) if d.task_id == "t1")
+            })
+            .await?;
+            ensure!(chunks(&got, "t1") == ["alpha", "beta", "gamma"], "{got:?}");
+            ensure!(got.iter().any(|(_, e)| matches!(e, Event::TaskAccepted(a) if a.task_id == "t1")));
+
+            // cancel_task: a running task ends cancelled; an unknown one is not_found
+            client
+                .submit_task(TaskSpec::new("slow", input("a b c d e f g h", 300)).redeliver(true))
+                .await?;
+            read_until(&mut events, PATIENCE, |e| {
+                matches!(e, Event::MessageChunk(m) if m.task_id.as_deref() == Some("slow"))
+            })
+            .await?;
+            client.cancel_task("slow", Some(Duration::from_secs(5))).await?;
+            let got = read_until(&mut events, PATIENCE, |e| {
+                matches!(e, Event::TaskDone(d) if d.task_id == "slow")
+            })
+            .await?;
+            let Some((_, Event::TaskDone(done))) = got.last() else { bail!("no task_done") };
+            ensure!(done.status == TaskStatus::Cancelled, "{done:?}");
+            ensure!(remote_code(client.cancel_task("nope", None).await)? == ErrorCode::NotFound);
+
+            // pause → paused{re: the pause's id}; resume; resume again is invalid_state
+            let pause_id = client.pause(Some(Duration::from_secs(5))).await?;
+            read_until(&mut events, PATIENCE, |e| {
+                matches!(e, Event::Paused(Paused { re: Some(re) }) if *re == pause_id)
+            })
+            .await?;
+            ensure!(client.status().await?.state == DriverState::Paused);
+            client.resume().await?;
+            read_until(&mut events, PATIENCE, |e| {
+                matches!(e, Event::StateChanged(s) if s.to == DriverState::Ready)
+            })
+            .await?;
+            ensure!(remote_code(client.resume().await)? == ErrorCode::InvalidState);
+
+            // signal: a harmless one is ok, an unknown name is invalid
+            client.signal("CONT", Target::Driver).await?;
+            client.signal(18, Target::Driver).await?;
+            ensure!(remote_code(client.signal("NOSUCH", Target::Driver).await)? == ErrorCode::Invalid);
+
+            // restart_driver: a new launch follows
+            client.restart_driver().await?;
+            let got = read_until(&mut events, PATIENCE, |e| matches!(e, Event::DriverStarted(_))).await?;
+            ensure!(got.iter().any(|(_, e)| matches!(e, Event::DriverExited(_))), "{got:?}");
+            read_until(&mut events, PATIENCE, |e| matches!(e, Event::DriverReady(_))).await?;
+
+            // set_driver and exec: the shim does not implement them yet and says so with
+            // `unsupported`, surfaced as a typed error. Once it does, they must work.
+            match client.set_driver(crate::supervisor::Driver::Rust.argv()?.iter().map(|a| a.to_string_lossy().into_owned()), no_env()).await {
+                Ok(()) => {
+                    read_until(&mut events, PATIENCE, |e| matches!(e, Event::DriverReady(_))).await?;
+                }
+                other => ensure!(remote_code(other)? == ErrorCode::Unsupported),
+            }
+            match client.exec(ExecSpec::new(["sh", "-c", "echo out"]).stdin(true)).await {
+                Ok(started) => {
+                    client.exec_resize(started.exec_id, 30, 100).await?;
+                    client.exec_input(started.exec_id, b"x".to_vec(), true).await?;
+                    client.exec_signal(started.exec_id, "CONT").await?;
+                    read_until(&mut events, PATIENCE, |e| {
+                        matches!(e, Event::ExecExit(x) if x.exec_id == started.exec_id)
+                    })
+                    .await?;
+                }
+                other => ensure!(remote_code(other)? == ErrorCode::Unsupported),
+            }
+            // Messages without a reply are written (the shim answers an unknown exec with an
+            // error that has no `re`; the connection stays up).
+            client.exec_input(999_999, b"data".to_vec(), false).await?;
+            client.exec_resize(999_999, 10, 10).await?;
+            client.exec_signal(999_999, "TERM").await?;
+            client.ping().await?;
+
+            // shutdown: accepted, then the shim exits with the driver's status
+            client.shutdown(Some(Duration::from_secs(5)), Some("test")).await?;
+            let got = read_until(&mut events, PATIENCE, |e| {
+                matches!(e, Event::DriverExited(_))
+            })
+            .await?;
+            ensure!(got.iter().all(|(_, e)| task_of(e).is_none() || task_of(e) != Some("t1")));
+            client.close().await;
+            ensure!(client.is_closed());
+            ensure!(matches!(client.ping().await, Err(Error::Closed)));
+            // The stream hands out what it had read ahead, then ends.
+            within(PATIENCE, "the end of the stream", async {
+                while events.next().await.is_some() {}
+            })
+            .await?;
+            Ok(())
+        })?;
+        let mut shim = shim;
+        shim.shim.wait_code(PATIENCE)?;
+        Ok(())
+    }
+}
