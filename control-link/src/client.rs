@@ -526,10 +526,18 @@ impl Client {
         }
     }
 
-    /// Test hook: drops the current connection as if the network failed (the client
-    /// reconnects as usual).
-    #[doc(hidden)]
-    pub fn test_drop_connection(&self) {
+    /// Drops the current connection as a network failure would. A client from [`connect`]
+    /// dials again; one accepted by a [`Listener`](crate::Listener) or a
+    /// [`Fleet`](crate::Fleet) waits for its shim to dial again. Either way the event stream
+    /// resumes where the consumer is: nothing is lost or repeated. For failover drills and
+    /// demos.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: control_link::Client) {
+    /// client.drop_connection();
+    /// # }
+    /// ```
+    pub fn drop_connection(&self) {
         self.inner.shared.drop_now.notify_one();
     }
 

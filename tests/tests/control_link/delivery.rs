@@ -48,7 +48,7 @@ fn exactly_once_across_dropped_connections() -> Result<()> {
             if seen.len() % 40 == 0 {
                 drops += 1;
                 if drops % 2 == 1 {
-                    client.test_drop_connection();
+                    client.drop_connection();
                 } else {
                     let sock = shim.sock.clone();
                     tokio::task::spawn_blocking(move || ControlClient::connect(&sock, PATIENCE))

@@ -22,7 +22,7 @@ in_both_modes! {
         runtime()?.block_on(async {
             let client = within(PATIENCE, "connect", connect(&shim.addr, None)).await??;
             assert!(client.is_connected());
-            assert_eq!(client.agent_id(), None);
+            assert_eq!(client.agent_id().as_deref(), Some("link-test"));
             let mut events = client.events()?;
             assert!(matches!(client.events(), Err(Error::EventsTaken)));
             read_until(&mut events, PATIENCE, |e| matches!(e, Event::DriverReady(_))).await?;
@@ -85,26 +85,53 @@ in_both_modes! {
             ensure!(got.iter().any(|(_, e)| matches!(e, Event::DriverExited(_))), "{got:?}");
             read_until(&mut events, PATIENCE, |e| matches!(e, Event::DriverReady(_))).await?;
 
-            // set_driver and exec: the shim does not implement them yet and says so with
-            // `unsupported`, surfaced as a typed error. Once it does, they must work.
-            match client.set_driver(crate::supervisor::Driver::Rust.argv()?.iter().map(|a| a.to_string_lossy().into_owned()), no_env()).await {
-                Ok(()) => {
-                    read_until(&mut events, PATIENCE, |e| matches!(e, Event::DriverReady(_))).await?;
-                }
-                other => ensure!(remote_code(other)? == ErrorCode::Unsupported),
-            }
-            match client.exec(ExecSpec::new(["sh", "-c", "echo out"]).stdin(true)).await {
-                Ok(started) => {
-                    client.exec_resize(started.exec_id, 30, 100).await?;
-                    client.exec_input(started.exec_id, b"x".to_vec(), true).await?;
-                    client.exec_signal(started.exec_id, "CONT").await?;
-                    read_until(&mut events, PATIENCE, |e| {
-                        matches!(e, Event::ExecExit(x) if x.exec_id == started.exec_id)
-                    })
-                    .await?;
-                }
-                other => ensure!(remote_code(other)? == ErrorCode::Unsupported),
-            }
+            // set_driver: the old driver stops gracefully, the new command comes up
+            let argv = crate::supervisor::Driver::Rust
+                .argv()?
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect::<Vec<_>>();
+            client.set_driver(argv, no_env()).await?;
+            let got = read_until(&mut events, PATIENCE, |e| matches!(e, Event::DriverReady(_))).await?;
+            ensure!(
+                got.iter().any(|(_, e)| matches!(e, Event::DriverExited(x) if x.reason == "shutdown")),
+                "{got:?}"
+            );
+
+            // exec: stdin streamed, resize and signal accepted, output and exit as events
+            let started = client
+                .exec(ExecSpec::new(["sh", "-c", "cat; echo out"]).stdin(true))
+                .await?;
+            client.exec_resize(started.exec_id, 30, 100).await?;
+            client.exec_input(started.exec_id, b"x".to_vec(), true).await?;
+            client.exec_signal(started.exec_id, "CONT").await?;
+            let got = read_until(&mut events, PATIENCE, |e| {
+                matches!(e, Event::ExecExit(x) if x.exec_id == started.exec_id)
+            })
+            .await?;
+            let out: Vec<u8> = got
+                .iter()
+                .filter_map(|(_, e)| match e {
+                    Event::ExecOutput(o) if o.exec_id == started.exec_id => Some(o.data.to_vec()),
+                    _ => None,
+                })
+                .flatten()
+                .collect();
+            ensure!(out == b"xout\n", "exec output {:?}", String::from_utf8_lossy(&out));
+            let Some((_, Event::ExecExit(exit))) = got.last() else { bail!("no exec_exit") };
+            ensure!(exit.code == Some(0) && !exit.timed_out, "{exit:?}");
+            // A signal to the exec through `signal{target: exec}` on a running one.
+            let sleeper = client.exec(ExecSpec::new(["sleep", "100"])).await?;
+            client.signal("KILL", Target::Exec(sleeper.exec_id)).await?;
+            let got = read_until(&mut events, PATIENCE, |e| {
+                matches!(e, Event::ExecExit(x) if x.exec_id == sleeper.exec_id)
+            })
+            .await?;
+            let Some((_, Event::ExecExit(exit))) = got.last() else { bail!("no exec_exit") };
+            ensure!(exit.signal.as_deref().is_some_and(|s| s.contains("KILL")), "{exit:?}");
+            ensure!(
+                remote_code(client.signal("TERM", Target::Exec(999_999)).await)? == ErrorCode::NotFound
+            );
             // Messages without a reply are written (the shim answers an unknown exec with an
             // error that has no `re`; the connection stays up).
             client.exec_input(999_999, b"data".to_vec(), false).await?;

@@ -1,7 +1,7 @@
 //! control-link end to end: the library (and `agentctl`) against the real shim as PID 1 (or
 //! a subreaper) supervising the real echo driver over `--control-listen unix:…
 //! --control-insecure`, and the [`Listener`](control_link::Listener) against an in-process
-//! fake shim that dials in (the shim's own dial-out mode is not there yet).
+//! fake shim that dials in, and a `Fleet` against real shims that dial in (`fleet.rs`).
 //!
 //! Every wait is bounded by [`PATIENCE`]; every process is killed by pid when its `Running`
 //! or [`Child`] guard drops.
@@ -69,6 +69,8 @@ impl LinkShim {
             "--control-listen".into(),
             format!("unix:{}", sock.display()).into(),
             "--control-insecure".into(),
+            "--agent-id".into(),
+            "link-test".into(),
         ];
         for (k, v) in FAST {
             args.push(k.into());

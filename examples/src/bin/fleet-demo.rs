@@ -1,0 +1,628 @@
+//! `fleet-demo`: a small fleet of agents, driven from one control-link [`Fleet`].
+//!
+//! It starts `--agents N` agent-shims (each as PID 1 of its own PID namespace when run as
+//! root and `unshare` is there, as a child subreaper otherwise), each supervising the echo
+//! driver and dialing this process's `Fleet` over a unix socket with a token. Then it submits
+//! tasks to every agent, crashes one driver to show the restart, cuts one control connection
+//! mid-task to show the resume, draws a live view (agents × state × tasks done), and ends
+//! with a summary that counts the events delivered, duplicated and lost. Duplicates and
+//! losses are counted from the seqs independently of control-link: both must be 0, and every
+//! task must end, or the demo exits 1.
+//!
+//! ```text
+//! cargo run --release -p agent-shim-examples --bin fleet-demo -- [--agents N] [--tasks N]
+//!     [--shim PATH] [--driver PATH] [--no-view]
+//! ```
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::io::{IsTerminal as _, Write as _};
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use control_link::protocol::message::{DriverState, Event, TaskStatus};
+use control_link::{Addr, AgentId, ConnectOptions, Fleet, Seq, TaskSpec, Token};
+
+/// How long the fleet may take to come up, and the end to be delivered.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// The live view's refresh period.
+const FRAME: Duration = Duration::from_millis(250);
+
+/// What went wrong, for the message before exit code 2.
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Debug)]
+struct Args {
+    agents: usize,
+    tasks: usize,
+    shim: Option<PathBuf>,
+    driver: Option<PathBuf>,
+    view: bool,
+}
+
+const USAGE: &str = "\
+usage: fleet-demo [--agents N] [--tasks N] [--shim PATH] [--driver PATH] [--no-view]
+
+Starts N agent-shims with the echo driver, all dialing one control-link Fleet, submits
+tasks, crashes one driver, cuts one control connection, and checks that every event arrived
+exactly once.
+
+  --agents N     agents to start (default 8)
+  --tasks N      tasks per agent (default 3)
+  --shim PATH    the agent-shim binary (default: $AGENT_SHIM_BIN, or next to this program)
+  --driver PATH  the echo driver (default: next to this program)
+  --no-view      no live view, only the summary
+";
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        agents: 8,
+        tasks: 3,
+        shim: std::env::var_os("AGENT_SHIM_BIN").map(PathBuf::from),
+        driver: None,
+        view: true,
+    };
+    let mut it = std::env::args_os().skip(1);
+    while let Some(arg) = it.next() {
+        let arg = arg.to_string_lossy().into_owned();
+        let mut value = |name: &str| {
+            it.next()
+                .ok_or_else(|| format!("{name} needs a value"))
+                .map(|v| v.to_string_lossy().into_owned())
+        };
+        match arg.as_str() {
+            "--agents" => args.agents = number(&value("--agents")?, 1, 2000)?,
+            "--tasks" => args.tasks = number(&value("--tasks")?, 1, 1000)?,
+            "--shim" => args.shim = Some(value("--shim")?.into()),
+            "--driver" => args.driver = Some(value("--driver")?.into()),
+            "--no-view" => args.view = false,
+            "-h" | "--help" => {
+                print!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument {other:?}\n\n{USAGE}")),
+        }
+    }
+    Ok(args)
+}
+
+fn number(s: &str, min: usize, max: usize) -> Result<usize, String> {
+    s.parse::<usize>()
+        .ok()
+        .filter(|n| (min..=max).contains(n))
+        .ok_or_else(|| format!("{s:?}: expected a number from {min} to {max}"))
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("fleet-demo: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("fleet-demo: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("fleet-demo: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// What the demo knows about one agent, from its events alone.
+#[derive(Debug, Default)]
+struct Agent {
+    state: Option<DriverState>,
+    /// The last seq received (events arrive with seq + 1 each time).
+    last_seq: Seq,
+    events: u64,
+    duplicates: u64,
+    lost: u64,
+    submitted: usize,
+    succeeded: usize,
+    failed: usize,
+    cancelled: usize,
+    restarts: u32,
+}
+
+impl Agent {
+    fn ended(&self) -> usize {
+        self.succeeded + self.failed + self.cancelled
+    }
+
+    /// Counts one event by its seq: the next one, a duplicate, or after a gap.
+    fn count(&mut self, seq: Seq, event: &Event) {
+        if seq <= self.last_seq {
+            self.duplicates += 1;
+            return;
+        }
+        self.lost += seq - self.last_seq - 1;
+        self.last_seq = seq;
+        self.events += 1;
+        match event {
+            Event::StateChanged(c) => self.state = Some(c.to),
+            Event::DriverRestarting(_) => self.restarts += 1,
+            Event::TaskDone(done) => match done.status {
+                TaskStatus::Succeeded => self.succeeded += 1,
+                TaskStatus::Failed => self.failed += 1,
+                TaskStatus::Cancelled => self.cancelled += 1,
+            },
+            _ => {}
+        }
+    }
+}
+
+/// The agents' shim processes; killed by pid when dropped.
+struct Processes {
+    children: Vec<Child>,
+}
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<bool, Error> {
+    let (shim, driver) = binaries(&args)?;
+    let dir = std::env::temp_dir().join(format!("fleet-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let mut cleanup = RemoveDir {
+        dir: dir.clone(),
+        keep: true,
+    };
+    let token_path = dir.join("token");
+    let token = write_token(&token_path)?;
+    let socket = Addr::Unix(dir.join("control.sock"));
+
+    let fleet = Fleet::new(ConnectOptions::new().token(token));
+    fleet.listen(&socket).await?;
+    let mut events = fleet.events()?;
+
+    let namespaces = is_root() && which("unshare").is_some();
+    let n = args.agents;
+    println!(
+        "fleet-demo: starting {n} agents ({}), each agent-shim + echo driver, dialing {socket}",
+        if namespaces {
+            "each PID 1 of its own PID namespace"
+        } else {
+            "as child subreapers"
+        }
+    );
+    let mut procs = Processes {
+        children: Vec::with_capacity(n),
+    };
+    for i in 0..n {
+        let child = start_agent(&shim, &driver, &socket, &token_path, &dir, i, namespaces)?;
+        procs.children.push(child);
+    }
+
+    let ids: Vec<AgentId> = (0..n).map(|i| AgentId::from(agent_name(i))).collect();
+    let mut agents: BTreeMap<AgentId, Agent> = ids
+        .iter()
+        .map(|id| (id.clone(), Agent::default()))
+        .collect();
+    let started = Instant::now();
+
+    // 1. Every agent connected and its driver ready.
+    wait_until(&mut events, &mut agents, "every agent ready", |a| {
+        a.values().all(|a| a.state == Some(DriverState::Ready))
+    })
+    .await?;
+    println!(
+        "fleet-demo: {n} agents ready in {} ms",
+        started.elapsed().as_millis()
+    );
+
+    // 2. Tasks for everyone: words streamed one by one, with a little delay so the view
+    // moves. Agent 0's first task crashes its driver (it is restarted); agent 1's
+    // connection is cut while its tasks stream (it resumes).
+    let mut expected = 0usize;
+    for (i, id) in ids.iter().enumerate() {
+        let Some(client) = fleet.client(id) else {
+            return Err(format!("{id} is not connected").into());
+        };
+        for t in 0..args.tasks {
+            let task_id = format!("{id}-task-{t}");
+            let input = if i == 0 && t == 0 {
+                map([("crash", 3.into())])
+            } else {
+                map([
+                    ("text", "the quick brown fox jumps over the lazy dog".into()),
+                    ("delay_ms", 20.into()),
+                ])
+            };
+            client.submit_task(TaskSpec::new(task_id, input)).await?;
+            if let Some(a) = agents.get_mut(id) {
+                a.submitted += 1;
+            }
+            expected += 1;
+        }
+    }
+    let cut = ids.get(1).cloned();
+    let mut cut_done = false;
+
+    // 3. The live view until every task has ended.
+    let view = args.view && std::io::stdout().is_terminal();
+    let mut drawn = 0usize;
+    let deadline = Instant::now() + PATIENCE;
+    let mut next_frame = Instant::now();
+    loop {
+        let ended: usize = agents.values().map(Agent::ended).sum();
+        if ended >= expected {
+            break;
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("only {ended} of {expected} tasks ended in {PATIENCE:?}").into());
+        }
+        // Cut agent 1's connection once its first task has streamed a little.
+        if !cut_done {
+            if let Some(id) = &cut {
+                if agents.get(id).is_some_and(|a| a.events >= 12) {
+                    if let Some(client) = fleet.client(id) {
+                        client.drop_connection();
+                        cut_done = true;
+                        println!("fleet-demo: cut {id}'s control connection mid-task");
+                    }
+                }
+            }
+        }
+        if view && Instant::now() >= next_frame {
+            drawn = draw(&agents, drawn);
+            next_frame = Instant::now() + FRAME;
+        }
+        next_event(&mut events, &mut agents, FRAME).await;
+    }
+    if view {
+        draw(&agents, drawn);
+    }
+
+    // 4. Delivery check: each shim's last seq (status) must be the last one received.
+    let mut last = BTreeMap::new();
+    for id in &ids {
+        if let Some(client) = fleet.client(id) {
+            last.insert(id.clone(), client.status().await?.last_seq);
+        }
+    }
+    let caught_up = wait_until(&mut events, &mut agents, "every event delivered", |a| {
+        last.iter()
+            .all(|(id, seq)| a.get(id).is_some_and(|a| a.last_seq >= *seq))
+    })
+    .await;
+    for (id, seq) in &last {
+        if let Some(a) = agents.get_mut(id) {
+            // Never received: lost.
+            a.lost += seq.saturating_sub(a.last_seq);
+        }
+    }
+
+    // 5. Shut every agent down; each shim exits with its driver's status.
+    for id in &ids {
+        if let Some(client) = fleet.client(id) {
+            if let Err(e) = client
+                .shutdown(Some(Duration::from_secs(2)), Some("demo over"))
+                .await
+            {
+                eprintln!("fleet-demo: shutdown of {id}: {e}");
+            }
+        }
+    }
+    let exited = wait_exit(&mut procs, Duration::from_secs(10)).await;
+    fleet.close().await;
+
+    let elapsed = started.elapsed();
+    let total = |f: fn(&Agent) -> u64| agents.values().map(f).sum::<u64>();
+    let delivered = total(|a| a.events);
+    let duplicates = total(|a| a.duplicates);
+    let lost = total(|a| a.lost);
+    let succeeded = total(|a| a.succeeded as u64);
+    let failed = total(|a| a.failed as u64);
+    let restarts = total(|a| u64::from(a.restarts));
+    println!();
+    println!("fleet-demo summary");
+    println!("  agents            {n} ({exited} exited cleanly after shutdown)");
+    println!("  tasks             {expected} submitted, {succeeded} succeeded, {failed} failed (the crash)");
+    println!("  driver restarts   {restarts}");
+    println!(
+        "  connection cut    {}",
+        if cut_done { "1 (resumed)" } else { "none" }
+    );
+    println!("  events delivered  {delivered}");
+    println!("  duplicates        {duplicates}");
+    println!("  lost              {lost}");
+    println!("  elapsed           {:.2} s", elapsed.as_secs_f64());
+    let ok = duplicates == 0 && lost == 0 && caught_up.is_ok() && exited == n;
+    if let Err(e) = caught_up {
+        println!("  FAILED: {e}");
+    }
+    if exited != n {
+        println!(
+            "  FAILED: {} agents did not exit after shutdown",
+            n - exited
+        );
+    }
+    if ok {
+        cleanup.keep = false;
+        println!("OK");
+    } else {
+        println!("FAILED (the agents' logs are in {})", dir.display());
+    }
+    Ok(ok)
+}
+
+/// A msgpack map from string keys.
+fn map<const N: usize>(pairs: [(&str, rmpv::Value); N]) -> rmpv::Value {
+    rmpv::Value::Map(pairs.into_iter().map(|(k, v)| (k.into(), v)).collect())
+}
+
+fn agent_name(i: usize) -> String {
+    format!("agent-{i}")
+}
+
+/// Reads events until `done` holds (at most [`PATIENCE`]).
+async fn wait_until(
+    events: &mut control_link::FleetEvents,
+    agents: &mut BTreeMap<AgentId, Agent>,
+    what: &str,
+    done: impl Fn(&BTreeMap<AgentId, Agent>) -> bool,
+) -> Result<(), Error> {
+    let deadline = Instant::now() + PATIENCE;
+    while !done(agents) {
+        if Instant::now() >= deadline {
+            return Err(format!("waiting for {what}: not within {PATIENCE:?}").into());
+        }
+        next_event(events, agents, FRAME).await;
+    }
+    Ok(())
+}
+
+/// Counts the next event, if one comes within `wait`.
+async fn next_event(
+    events: &mut control_link::FleetEvents,
+    agents: &mut BTreeMap<AgentId, Agent>,
+    wait: Duration,
+) {
+    if let Ok(Some((id, seq, event))) = tokio::time::timeout(wait, events.next()).await {
+        agents.entry(id).or_default().count(seq, &event);
+    }
+}
+
+/// Draws the view over the previous one (`drawn` lines); returns the lines drawn.
+fn draw(agents: &BTreeMap<AgentId, Agent>, drawn: usize) -> usize {
+    let mut out = String::new();
+    if drawn > 0 {
+        out.push_str(&format!("\x1b[{drawn}A"));
+    }
+    let mut lines = 0;
+    let mut line = |s: String| {
+        out.push_str("\x1b[2K");
+        out.push_str(&s);
+        out.push('\n');
+        lines += 1;
+    };
+    if agents.len() <= 16 {
+        line(format!(
+            "{:<10} {:<9} {:>7} {:>8} {:>9}",
+            "agent", "state", "tasks", "events", "restarts"
+        ));
+        for (id, a) in agents {
+            let state = a
+                .state
+                .map_or("-".to_owned(), |s| format!("{s:?}").to_lowercase());
+            line(format!(
+                "{:<10} {:<9} {:>3}/{:<3} {:>8} {:>9}",
+                id.to_string(),
+                state,
+                a.ended(),
+                a.submitted,
+                a.events,
+                a.restarts
+            ));
+        }
+    } else {
+        let mut by_state: BTreeMap<String, usize> = BTreeMap::new();
+        for a in agents.values() {
+            let s = a
+                .state
+                .map_or("-".to_owned(), |s| format!("{s:?}").to_lowercase());
+            *by_state.entry(s).or_default() += 1;
+        }
+        let ended: usize = agents.values().map(Agent::ended).sum();
+        let submitted: usize = agents.values().map(|a| a.submitted).sum();
+        let events: u64 = agents.values().map(|a| a.events).sum();
+        line(format!(
+            "agents by state {by_state:?}  tasks {ended}/{submitted}  events {events}"
+        ));
+    }
+    print!("{out}");
+    let _ = std::io::stdout().flush();
+    lines
+}
+
+/// Waits for every shim process to exit; returns how many exited with status 0.
+async fn wait_exit(procs: &mut Processes, limit: Duration) -> usize {
+    let deadline = Instant::now() + limit;
+    loop {
+        let mut running = 0;
+        let mut clean = 0;
+        for child in &mut procs.children {
+            match child.try_wait() {
+                Ok(Some(status)) if status.success() => clean += 1,
+                Ok(Some(_)) | Err(_) => {}
+                Ok(None) => running += 1,
+            }
+        }
+        if running == 0 || Instant::now() >= deadline {
+            return clean;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn start_agent(
+    shim: &Path,
+    driver: &Path,
+    socket: &Addr,
+    token: &Path,
+    dir: &Path,
+    i: usize,
+    namespaces: bool,
+) -> Result<Child, Error> {
+    let log = std::fs::File::create(dir.join(format!("{}.log", agent_name(i))))?;
+    let mut argv: Vec<OsString> = Vec::new();
+    if namespaces {
+        // `--kill-child`: killing unshare (by pid, at cleanup) kills the shim too.
+        for a in ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"] {
+            argv.push(a.into());
+        }
+    }
+    argv.push(shim.into());
+    for a in [
+        "--control-connect".to_owned(),
+        socket.to_string(),
+        "--control-token-file".to_owned(),
+        token.display().to_string(),
+        "--agent-id".to_owned(),
+        agent_name(i),
+        "--backoff-initial".to_owned(),
+        "50ms".to_owned(),
+        "--".to_owned(),
+    ] {
+        argv.push(a.into());
+    }
+    argv.push(driver.into());
+    let (program, rest) = argv.split_first().ok_or("empty command")?;
+    let child = Command::new(program)
+        .args(rest)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .env("RUST_LOG", "info")
+        .spawn()?;
+    Ok(child)
+}
+
+/// A fresh random token in a file only its owner can read.
+fn write_token(path: &Path) -> Result<Token, Error> {
+    use std::io::Read as _;
+    let mut raw = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut raw)?;
+    let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode_0600()
+        .open(path)?;
+    f.write_all(hex.as_bytes())?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(Token::from_bytes(hex.as_bytes())?)
+}
+
+/// `OpenOptions::mode(0o600)` under a name that reads well in a chain.
+trait Mode0600 {
+    fn mode_0600(&mut self) -> &mut Self;
+}
+
+impl Mode0600 for std::fs::OpenOptions {
+    fn mode_0600(&mut self) -> &mut Self {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        self.mode(0o600)
+    }
+}
+
+/// The shim and the driver: from the flags, else next to this program; when run by cargo
+/// and missing, they are built first.
+fn binaries(args: &Args) -> Result<(PathBuf, PathBuf), Error> {
+    let here = std::env::current_exe()?
+        .parent()
+        .map(Path::to_path_buf)
+        .ok_or("cannot locate this program's directory")?;
+    let shim = args.shim.clone().unwrap_or_else(|| here.join("agent-shim"));
+    let driver = args
+        .driver
+        .clone()
+        .unwrap_or_else(|| here.join("echo-driver"));
+    if !shim.is_file() || !driver.is_file() {
+        let cargo = std::env::var_os("CARGO").ok_or_else(|| {
+            format!(
+                "{} or {} is missing: build them (cargo build --release -p agent-shim -p \
+                 agent-shim-examples) or pass --shim and --driver",
+                shim.display(),
+                driver.display()
+            )
+        })?;
+        let release = here.file_name().is_some_and(|d| d == "release");
+        println!("fleet-demo: building agent-shim and the echo driver first");
+        let mut build = Command::new(cargo);
+        build.args([
+            "build",
+            "-q",
+            "-p",
+            "agent-shim",
+            "-p",
+            "agent-shim-examples",
+        ]);
+        if release {
+            build.arg("--release");
+        }
+        let status = build.status()?;
+        if !status.success() {
+            return Err(format!("cargo build failed: {status}").into());
+        }
+    }
+    for p in [&shim, &driver] {
+        if !p.is_file() {
+            return Err(format!("{} not found", p.display()).into());
+        }
+    }
+    Ok((shim, driver))
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}
+
+/// Removes the demo's directory (token, socket, logs) at the end, unless told to keep it
+/// (a failed run keeps the agents' logs).
+struct RemoveDir {
+    dir: PathBuf,
+    keep: bool,
+}
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
