@@ -141,7 +141,11 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::CONNECT);
         }
     };
-    match rt.block_on(run()) {
+    let result = rt.block_on(run());
+    // A read of stdin may still wait in a blocking thread (`exec` forwards stdin): do not
+    // wait for it, or agentctl would hang until the next key press.
+    rt.shutdown_background();
+    match result {
         Ok(code) => ExitCode::from(code),
         Err(Fail(code, msg)) => {
             eprintln!("agentctl: {msg}");

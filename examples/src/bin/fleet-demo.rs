@@ -552,8 +552,8 @@ impl Mode0600 for std::fs::OpenOptions {
     }
 }
 
-/// The shim and the driver: from the flags, else next to this program; when run by cargo
-/// and missing, they are built first.
+/// The shim and the driver: from the flags (or `$AGENT_SHIM_BIN`), else next to this
+/// program; when run by cargo, they are built first.
 fn binaries(args: &Args) -> Result<(PathBuf, PathBuf), Error> {
     let here = std::env::current_exe()?
         .parent()
@@ -564,17 +564,12 @@ fn binaries(args: &Args) -> Result<(PathBuf, PathBuf), Error> {
         .driver
         .clone()
         .unwrap_or_else(|| here.join("echo-driver"));
-    if !shim.is_file() || !driver.is_file() {
-        let cargo = std::env::var_os("CARGO").ok_or_else(|| {
-            format!(
-                "{} or {} is missing: build them (cargo build --release -p agent-shim -p \
-                 agent-shim-examples) or pass --shim and --driver",
-                shim.display(),
-                driver.display()
-            )
-        })?;
+    // Run by cargo (`cargo run -p agent-shim-examples`): make sure both are built and
+    // current (a no-op when they are).
+    let explicit = args.shim.is_some() && args.driver.is_some();
+    if let (Some(cargo), false) = (std::env::var_os("CARGO"), explicit) {
         let release = here.file_name().is_some_and(|d| d == "release");
-        println!("fleet-demo: building agent-shim and the echo driver first");
+        println!("fleet-demo: building agent-shim and the echo driver (cargo build)");
         let mut build = Command::new(cargo);
         build.args([
             "build",
@@ -594,7 +589,12 @@ fn binaries(args: &Args) -> Result<(PathBuf, PathBuf), Error> {
     }
     for p in [&shim, &driver] {
         if !p.is_file() {
-            return Err(format!("{} not found", p.display()).into());
+            return Err(format!(
+                "{} not found: build it (cargo build --release -p agent-shim -p \
+                 agent-shim-examples) or pass --shim and --driver",
+                p.display()
+            )
+            .into());
         }
     }
     Ok((shim, driver))

@@ -8,10 +8,12 @@
 
 mod agentctl;
 mod delivery;
+mod demo;
 mod fake;
 mod fleet;
 mod listener;
 mod methods;
+mod tty;
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
