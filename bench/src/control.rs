@@ -105,7 +105,11 @@ impl Client {
             kept: Vec::new(),
             last_type: String::new(),
         };
-        client.send(Hello::new(Role::Control, "shim-bench", env!("CARGO_PKG_VERSION")))?;
+        client.send(Hello::new(
+            Role::Control,
+            "shim-bench",
+            env!("CARGO_PKG_VERSION"),
+        ))?;
         match client.read_message(deadline)? {
             ShimToControl::Hello(h) if h.role == Role::Shim => {}
             other => bail!("the shim's first frame is not its hello: {other:?}"),
@@ -203,7 +207,6 @@ impl Client {
         }
     }
 
-
     /// Waits for the next `driver_ready` event (the driver start and crash-to-ready
     /// figures); returns it and the `CLOCK_MONOTONIC` instant it was read.
     pub fn wait_driver_ready(&mut self, timeout: Duration) -> Result<(DriverReady, u64)> {
@@ -215,7 +218,13 @@ impl Client {
 
     /// Submits a task that makes the bench driver emit `events` events of `size` bytes, and
     /// reads them all (the event relay figure).
-    pub fn relay(&mut self, task_id: &str, events: u64, size: u64, timeout: Duration) -> Result<Relayed> {
+    pub fn relay(
+        &mut self,
+        task_id: &str,
+        events: u64,
+        size: u64,
+        timeout: Duration,
+    ) -> Result<Relayed> {
         let deadline = Instant::now() + timeout;
         let id = self.id();
         let input = Value::Map(vec![

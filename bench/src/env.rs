@@ -123,7 +123,10 @@ fn install_anchors() -> Result<()> {
         .status()
         .context("apt-get install")?;
     if !install.success() {
-        bail!("apt-get install {} failed: {install}", ANCHOR_PACKAGES.join(" "));
+        bail!(
+            "apt-get install {} failed: {install}",
+            ANCHOR_PACKAGES.join(" ")
+        );
     }
     Ok(())
 }
@@ -147,16 +150,27 @@ fn cargo(args: &[&str], target: &Path) -> Result<()> {
 pub fn prepare() -> Result<Bins> {
     install_anchors()?;
     let target = target_dir()?;
-    let rustup = Command::new("rustup").args(["target", "add", MUSL]).status();
+    let rustup = Command::new("rustup")
+        .args(["target", "add", MUSL])
+        .status();
     if !matches!(rustup, Ok(s) if s.success()) {
-        eprintln!("shim-bench: warning: `rustup target add {MUSL}` failed; trying the build anyway");
+        eprintln!(
+            "shim-bench: warning: `rustup target add {MUSL}` failed; trying the build anyway"
+        );
     }
     cargo(
         &["build", "--release", "--target", MUSL, "-p", "agent-shim"],
         &target,
     )?;
     cargo(
-        &["build", "--release", "-p", "agent-shim-examples", "--bin", "echo-driver"],
+        &[
+            "build",
+            "--release",
+            "-p",
+            "agent-shim-examples",
+            "--bin",
+            "echo-driver",
+        ],
         &target,
     )?;
     let exe = std::env::current_exe().context("current_exe")?;
@@ -205,7 +219,11 @@ pub struct Machine {
 fn first_line(out: std::io::Result<std::process::Output>) -> String {
     match out {
         Ok(o) => {
-            let text = if o.stdout.is_empty() { o.stderr } else { o.stdout };
+            let text = if o.stdout.is_empty() {
+                o.stderr
+            } else {
+                o.stdout
+            };
             String::from_utf8_lossy(&text)
                 .lines()
                 .next()
@@ -229,7 +247,11 @@ pub fn machine(bins: &Bins) -> Machine {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let cpu = cpuinfo
         .lines()
-        .find_map(|l| l.strip_prefix("model name")?.split_once(':').map(|x| x.1.trim().to_string()))
+        .find_map(|l| {
+            l.strip_prefix("model name")?
+                .split_once(':')
+                .map(|x| x.1.trim().to_string())
+        })
         .unwrap_or_else(|| "unknown".into());
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())

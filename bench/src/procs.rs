@@ -91,12 +91,20 @@ pub fn signal(pid: i32, sig: libc::c_int) -> Result<()> {
 /// The children of `pid` (from `/proc/PID/task/PID/children`).
 pub fn children_of(pid: i32) -> Vec<i32> {
     std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .map(|s| s.split_whitespace().filter_map(|p| p.parse().ok()).collect())
+        .map(|s| {
+            s.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
 /// Polls `check` every `every` until it gives `Some` or `timeout` passes.
-pub fn poll<T>(timeout: Duration, every: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+pub fn poll<T>(
+    timeout: Duration,
+    every: Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> Option<T> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = check() {
@@ -184,9 +192,7 @@ impl Spec {
                 cmd.env_remove(&key);
             }
         }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("spawn {argv:?}"))?;
+        let child = cmd.spawn().with_context(|| format!("spawn {argv:?}"))?;
         let outer = child.id() as i32;
         let mut proc = Proc {
             child,
@@ -262,4 +268,30 @@ pub fn read_exact_within(file: &std::fs::File, buf: &mut [u8], timeout: Duration
         }
     }
     Ok(true)
+}
+
+/// CPU time (user + system) of `pid` so far, in milliseconds, from `/proc/PID/stat`.
+pub fn cpu_ms(pid: i32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces: fields are counted after its closing parenthesis.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the name: state is field 3, so utime (14) and stime (15) are at 11 and 12.
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (hz > 0.0).then(|| (utime + stime) * 1000.0 / hz)
+}
+
+/// CPU time of the calling thread so far, in milliseconds.
+pub fn thread_cpu_ms() -> f64 {
+    // SAFETY: `ru` is a valid, writable rusage.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_THREAD, &mut ru);
+        ru
+    };
+    let tv = |t: libc::timeval| t.tv_sec as f64 * 1e3 + t.tv_usec as f64 / 1e3;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
 }

@@ -201,7 +201,10 @@ pub fn render(machine: &Machine, run: &RunInfo, figures: &[Figure]) -> String {
         );
     }
     let _ = writeln!(out, "\n## Summary\n");
-    let _ = writeln!(out, "| figure | target | measured | verdict |\n|---|---|---|---|");
+    let _ = writeln!(
+        out,
+        "| figure | target | measured | verdict |\n|---|---|---|---|"
+    );
     for f in figures {
         for t in &f.targets {
             let (verdict, detail) = match &t.verdict {

@@ -62,16 +62,19 @@ fn bare_start(driver: &Path) -> Result<(Bare, u64)> {
         });
     }
     let t0 = now_ns();
-    let child = cmd.spawn().with_context(|| format!("spawn {}", driver.display()))?;
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("spawn {}", driver.display()))?;
     drop(theirs);
     ours.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut writer = FrameWriter::new(ours.try_clone()?);
     let mut reader = FrameReader::new(ours.try_clone()?);
-    let bare = Bare {
-        child,
-        _link: ours,
-    };
-    writer.send(&ShimToDriver::Hello(Hello::new(Role::Shim, "shim-bench", "0")))?;
+    let bare = Bare { child, _link: ours };
+    writer.send(&ShimToDriver::Hello(Hello::new(
+        Role::Shim,
+        "shim-bench",
+        "0",
+    )))?;
     match reader.read_message::<DriverToShim>()? {
         Some(DriverToShim::Hello(_)) => {}
         other => bail!("expected the driver's hello, got {other:?}"),

@@ -68,7 +68,10 @@ fn shim_run(ctx: &Ctx, n: usize, bytes: u64) -> Result<std::result::Result<f64, 
             "the shim answers the control plane's `exec` with `unsupported` ({msg}); exec is not \
              implemented in the shim yet"
         ))),
-        ExecOutcome::Done { bytes: got, elapsed_ns } => {
+        ExecOutcome::Done {
+            bytes: got,
+            elapsed_ns,
+        } => {
             if got != bytes {
                 bail!("received {got} of {bytes} bytes of output");
             }
@@ -151,11 +154,9 @@ pub fn run(ctx: &Ctx) -> Figure {
             fig.notes.push(format!("NOT YET MEASURED: {why}."));
             fig.targets.push(Target::not_measured(text, why));
         }
-        (None, Some(v)) => fig.targets.push(Target::check(
-            text,
-            v >= 1.0,
-            format!("{v:.2} GB/s"),
-        )),
+        (None, Some(v)) => fig
+            .targets
+            .push(Target::check(text, v >= 1.0, format!("{v:.2} GB/s"))),
         (None, None) => fig.targets.push(Target::not_measured(
             text,
             "no shim run succeeded (see notes)".into(),

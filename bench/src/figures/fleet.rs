@@ -92,7 +92,11 @@ async fn agent(
         };
         let (mut rd, mut wr) = stream.into_split();
         let mut buf = BytesMut::with_capacity(4096);
-        send(&mut wr, Hello::new(Role::Control, "shim-bench-fleet", "0").into()).await?;
+        send(
+            &mut wr,
+            Hello::new(Role::Control, "shim-bench-fleet", "0").into(),
+        )
+        .await?;
         match next_frame(&mut rd, &mut buf).await? {
             Some(f) => match ShimToControl::decode(&f)? {
                 ShimToControl::Hello(_) => {}
@@ -260,7 +264,11 @@ fn measure(ctx: &Ctx, n: usize) -> Result<Found> {
             .context("the control side never reported ready")?;
         let w: Vec<&str> = ready.split_whitespace().collect();
         let (ok, failed, ready_ms) = match w[..] {
-            ["ready", ok, failed, ms] => (ok.parse::<usize>()?, failed.parse::<usize>()?, ms.parse::<f64>()?),
+            ["ready", ok, failed, ms] => (
+                ok.parse::<usize>()?,
+                failed.parse::<usize>()?,
+                ms.parse::<f64>()?,
+            ),
             _ => bail!("unexpected line {ready:?}"),
         };
         if ok != n {
@@ -270,7 +278,8 @@ fn measure(ctx: &Ctx, n: usize) -> Result<Found> {
         let mut shims_kb = 0.0;
         let mut drivers_kb = 0.0;
         for s in &shims {
-            shims_kb += status_kb(s.pid, "VmRSS").ok_or_else(|| anyhow!("shim {} gone", s.pid))? as f64;
+            shims_kb +=
+                status_kb(s.pid, "VmRSS").ok_or_else(|| anyhow!("shim {} gone", s.pid))? as f64;
             for d in children_of(s.pid) {
                 drivers_kb += status_kb(d, "VmRSS").unwrap_or(0) as f64;
             }
@@ -332,13 +341,38 @@ pub fn run(ctx: &Ctx) -> Figure {
             let row = |k: &str, v: String| (k.to_string(), vec![v]);
             fig.rows = vec![
                 row("shims", f.n.to_string()),
-                row("time until every driver_ready at the control side", format!("{:.0} ms", f.ready_ms)),
-                row("control side VmRSS", format!("{:.1} MiB", f.control_kb / 1024.0)),
-                row("control side CPU, total (connect, handshakes, events, status round)", format!("{:.0} ms", f.cpu_total_ms)),
-                row("control side CPU during a 2 s idle hold", format!("{:.1} ms", f.idle_cpu_ms)),
-                row("one status round to every shim", format!("{:.1} ms", f.status_round_ms)),
-                row("shims' VmRSS, total", format!("{:.1} MiB ({:.0} kB per shim)", f.shims_kb / 1024.0, f.shims_kb / f.n as f64)),
-                row("echo drivers' VmRSS, total (not part of the target)", format!("{:.1} MiB", f.drivers_kb / 1024.0)),
+                row(
+                    "time until every driver_ready at the control side",
+                    format!("{:.0} ms", f.ready_ms),
+                ),
+                row(
+                    "control side VmRSS",
+                    format!("{:.1} MiB", f.control_kb / 1024.0),
+                ),
+                row(
+                    "control side CPU, total (connect, handshakes, events, status round)",
+                    format!("{:.0} ms", f.cpu_total_ms),
+                ),
+                row(
+                    "control side CPU during a 2 s idle hold",
+                    format!("{:.1} ms", f.idle_cpu_ms),
+                ),
+                row(
+                    "one status round to every shim",
+                    format!("{:.1} ms", f.status_round_ms),
+                ),
+                row(
+                    "shims' VmRSS, total",
+                    format!(
+                        "{:.1} MiB ({:.0} kB per shim)",
+                        f.shims_kb / 1024.0,
+                        f.shims_kb / f.n as f64
+                    ),
+                ),
+                row(
+                    "echo drivers' VmRSS, total (not part of the target)",
+                    format!("{:.1} MiB", f.drivers_kb / 1024.0),
+                ),
             ];
             fig.targets.push(Target::check(
                 t_control,
@@ -356,7 +390,11 @@ pub fn run(ctx: &Ctx) -> Figure {
                     if f.n == 1000 {
                         String::new()
                     } else {
-                        format!(" (×{:.0} = {:.1} MiB for 1,000)", 1000.0 / f.n as f64, scaled / 1024.0)
+                        format!(
+                            " (×{:.0} = {:.1} MiB for 1,000)",
+                            1000.0 / f.n as f64,
+                            scaled / 1024.0
+                        )
                     }
                 ),
             ));

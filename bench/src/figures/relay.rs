@@ -13,7 +13,7 @@ use driver_protocol::raw;
 
 use crate::clock::now_ns;
 use crate::control::Client;
-use crate::procs::{Mode, Spec};
+use crate::procs::{children_of, cpu_ms, thread_cpu_ms, Mode, Spec};
 use crate::report::{Bar, Chart, Figure, Target};
 use crate::stats::{list, median};
 
@@ -117,8 +117,9 @@ fn raw_run(events: u64, body: &[u8]) -> Result<f64> {
     Ok(events.saturating_sub(1) as f64 / ((last - first) as f64 / 1e9))
 }
 
-/// Events per second through the shim.
-fn shim_run(ctx: &Ctx, n: usize, events: u64) -> Result<f64> {
+/// Events per second through the shim, and the share of one core the shim, the driver and
+/// the control client each used meanwhile.
+fn shim_run(ctx: &Ctx, n: usize, events: u64) -> Result<(f64, [f64; 3])> {
     let sock = ctx.scratch.join(format!("relay-{n}.sock"));
     let _ = std::fs::remove_file(&sock);
     let argv: Vec<OsString> = vec![
@@ -133,14 +134,33 @@ fn shim_run(ctx: &Ctx, n: usize, events: u64) -> Result<f64> {
     let mut client = Client::connect(&sock, Duration::from_secs(10))?;
     client.wait_driver_ready(Duration::from_secs(10))?;
     client.drain(Duration::from_millis(100))?;
-    let r = client.relay(&format!("relay-{n}"), events, EVENT_SIZE, Duration::from_secs(300))?;
+    let driver = children_of(proc.pid).first().copied().unwrap_or(0);
+    let cpu0 = [cpu_ms(proc.pid), cpu_ms(driver), Some(thread_cpu_ms())];
+    let t0 = now_ns();
+    let r = client.relay(
+        &format!("relay-{n}"),
+        events,
+        EVENT_SIZE,
+        Duration::from_secs(300),
+    )?;
+    let wall_ms = (now_ns() - t0) as f64 / 1e6;
+    let cpu1 = [cpu_ms(proc.pid), cpu_ms(driver), Some(thread_cpu_ms())];
+    let mut share = [f64::NAN; 3];
+    for i in 0..3 {
+        if let (Some(a), Some(b)) = (cpu0[i], cpu1[i]) {
+            share[i] = 100.0 * (b - a) / wall_ms;
+        }
+    }
     drop(client);
     proc.stop(Duration::from_secs(5));
     let _ = std::fs::remove_file(&sock);
     if r.events != events {
         bail!("received {} of {events} events", r.events);
     }
-    Ok(r.events.saturating_sub(1) as f64 / (r.elapsed_ns as f64 / 1e9))
+    Ok((
+        r.events.saturating_sub(1) as f64 / (r.elapsed_ns as f64 / 1e9),
+        share,
+    ))
 }
 
 /// Measures the shim and the raw forwarder, interleaved.
@@ -170,7 +190,14 @@ pub fn run(ctx: &Ctx) -> Figure {
             Err(e) => fig.notes.push(format!("raw run {n}: {e:#}")),
         }
         match shim_run(ctx, n, events) {
-            Ok(r) => shim.push(r),
+            Ok((r, [s, d, c])) => {
+                shim.push(r);
+                fig.notes.push(format!(
+                    "run {n}: CPU during the burst, in % of one core: agent-shim {s:.0}%, bench \
+                     driver {d:.0}%, control client {c:.0}% ({} cores in all).",
+                    std::thread::available_parallelism().map_or(0, |n| n.get())
+                ));
+            }
             Err(e) => fig.notes.push(format!("shim run {n}: {e:#}")),
         }
     }
@@ -186,7 +213,9 @@ pub fn run(ctx: &Ctx) -> Figure {
             name.into(),
             vec![
                 m.map_or("—".into(), |x| format!("{x:.0}")),
-                m.map_or("—".into(), |x| format!("{:.0}", x * EVENT_SIZE as f64 / 1e6)),
+                m.map_or("—".into(), |x| {
+                    format!("{:.0}", x * EVENT_SIZE as f64 / 1e6)
+                }),
                 list(&mev(v), 3),
             ],
         ));
@@ -216,15 +245,19 @@ pub fn run(ctx: &Ctx) -> Figure {
             s >= 1e6,
             format!("{s:.0} events/s ({:.0} MB/s)", s * EVENT_SIZE as f64 / 1e6),
         )),
-        None => fig
-            .targets
-            .push(Target::not_measured(t_abs, "no shim run succeeded (see notes)".into())),
+        None => fig.targets.push(Target::not_measured(
+            t_abs,
+            "no shim run succeeded (see notes)".into(),
+        )),
     }
     match (ms, mr) {
         (Some(s), Some(r)) => fig.targets.push(Target::check(
             t_rel,
             s >= 0.4 * r,
-            format!("{:.0}% of the raw forwarder's {r:.0} events/s", 100.0 * s / r),
+            format!(
+                "{:.0}% of the raw forwarder's {r:.0} events/s",
+                100.0 * s / r
+            ),
         )),
         _ => fig.targets.push(Target::not_measured(
             t_rel,

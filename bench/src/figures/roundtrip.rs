@@ -198,7 +198,10 @@ pub fn run(ctx: &Ctx) -> Figure {
             fig.targets.push(Target::check(
                 text,
                 s <= r + MARGIN_US,
-                format!("agent-shim p50 {s:.1} µs vs limit {:.1} µs (raw {r:.1} µs)", r + MARGIN_US),
+                format!(
+                    "agent-shim p50 {s:.1} µs vs limit {:.1} µs (raw {r:.1} µs)",
+                    r + MARGIN_US
+                ),
             ));
         }
         _ => fig.targets.push(Target::not_measured(

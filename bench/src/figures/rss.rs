@@ -99,9 +99,9 @@ fn plain(ctx: &Ctx) -> Figure {
             if shim > tini {
                 fig.notes.push(format!(
                     "FAIL: agent-shim's idle VmRSS is {:.0} kB above tini-static's. Its anonymous \
-                     memory (RssAnon {:.0} kB vs {:.0} kB) is not the difference; the larger \
-                     binary (supervisor mode linked in) faults in more file-backed text pages \
-                     even though plain mode starts no runtime.",
+                     memory (RssAnon {:.0} kB vs {:.0} kB) shows how much of the difference is \
+                     its own heap and stack; the rest is file-backed pages of its larger static \
+                     binary (shim/README.md, “The static binary”).",
                     shim - tini,
                     median(&anon[0]).unwrap_or(0.0),
                     median(&anon[1]).unwrap_or(0.0),

@@ -31,10 +31,15 @@ pub fn run(ctx: &Ctx) -> Figure {
                 }
                 fig.rows.push((
                     name.into(),
-                    vec![m.len().to_string(), format!("{:.1}", m.len() as f64 / 1024.0)],
+                    vec![
+                        m.len().to_string(),
+                        format!("{:.1}", m.len() as f64 / 1024.0),
+                    ],
                 ));
             }
-            Err(e) => fig.notes.push(format!("{name}: cannot stat {}: {e}", path.display())),
+            Err(e) => fig
+                .notes
+                .push(format!("{name}: cannot stat {}: {e}", path.display())),
         }
     }
     let text = "≤ 1 MiB";
@@ -54,14 +59,17 @@ pub fn run(ctx: &Ctx) -> Figure {
                 ));
             }
         }
-        None => fig
-            .targets
-            .push(Target::not_measured(text, "the static binary is missing".into())),
+        None => fig.targets.push(Target::not_measured(
+            text,
+            "the static binary is missing".into(),
+        )),
     }
     fig
 }
 
 /// The size of the static shim, for the report's footer.
 pub fn shim_size(ctx: &Ctx) -> u64 {
-    std::fs::metadata(&ctx.bins.shim).map(|m| m.len()).unwrap_or(0)
+    std::fs::metadata(&ctx.bins.shim)
+        .map(|m| m.len())
+        .unwrap_or(0)
 }
