@@ -65,8 +65,7 @@ fn shim_run(ctx: &Ctx, n: usize, bytes: u64) -> Result<std::result::Result<f64, 
     let _ = std::fs::remove_file(&sock);
     match outcome {
         ExecOutcome::Unsupported(msg) => Ok(Err(format!(
-            "the shim answers the control plane's `exec` with `unsupported` ({msg}); exec is not \
-             implemented in the shim yet"
+            "the shim answers the control plane's `exec` with error `unsupported` (\"{msg}\")"
         ))),
         ExecOutcome::Done {
             bytes: got,
