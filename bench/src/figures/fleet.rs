@@ -398,6 +398,18 @@ pub fn run(ctx: &Ctx) -> Figure {
                     }
                 ),
             ));
+            if f.status_round_ms > 1000.0 {
+                fig.notes.push(format!(
+                    "The status round took {:.1} s: each shim answers `status` by counting its \
+                     live children over every `/proc/PID/stat` (`live_children` in \
+                     shim/src/supervisor/shell/mod.rs). Here the {} shims are not in PID \
+                     namespaces and share the host's /proc with their drivers and each other, so \
+                     one round reads millions of stat files; in a sandbox each shim sees only its \
+                     own namespace.",
+                    f.status_round_ms / 1000.0,
+                    f.n
+                ));
+            }
             fig.notes.push(
                 "The control side is the bench's own tokio client (control-link's `Fleet` has not \
                  landed); it does the same work per connection that a fleet client does."
