@@ -1,0 +1,165 @@
+//! Exec output: a tool writing 1 GiB to stdout through the shim, read by the control side.
+
+use std::ffi::OsString;
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::clock::now_ns;
+use crate::control::{Client, ExecOutcome};
+use crate::procs::{Mode, Spec};
+use crate::report::{Bar, Chart, Figure, Target};
+use crate::stats::{list, median};
+
+use super::Ctx;
+
+/// Bytes per second of `head -c BYTES /dev/zero` read straight from a pipe.
+fn pipe_run(bytes: u64) -> Result<f64> {
+    let t0 = now_ns();
+    let mut child = Command::new("head")
+        .args(["-c", &bytes.to_string(), "/dev/zero"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("spawn head")?;
+    let mut out = child.stdout.take().context("no stdout")?;
+    let mut buf = vec![0u8; 1 << 16];
+    let mut got = 0u64;
+    loop {
+        let n = out.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        got += n as u64;
+    }
+    child.wait()?;
+    if got != bytes {
+        bail!("read {got} of {bytes} bytes");
+    }
+    Ok(bytes as f64 / ((now_ns() - t0) as f64 / 1e9))
+}
+
+/// Bytes per second through the shim, or why it could not be measured.
+fn shim_run(ctx: &Ctx, n: usize, bytes: u64) -> Result<std::result::Result<f64, String>> {
+    let sock = ctx.scratch.join(format!("exec-{n}.sock"));
+    let _ = std::fs::remove_file(&sock);
+    let argv: Vec<OsString> = vec![
+        ctx.bins.shim.clone().into(),
+        "--control-listen".into(),
+        format!("unix:{}", sock.display()).into(),
+        "--control-insecure".into(),
+        "--".into(),
+        ctx.bins.bench_driver.clone().into(),
+    ];
+    let mut proc = Spec::new(Mode::Direct, argv).start()?;
+    let mut client = Client::connect(&sock, Duration::from_secs(10))?;
+    client.wait_driver_ready(Duration::from_secs(10))?;
+    let count = bytes.to_string();
+    let outcome = client.exec_output(
+        &["head", "-c", &count, "/dev/zero"],
+        Duration::from_secs(300),
+    )?;
+    drop(client);
+    proc.stop(Duration::from_secs(5));
+    let _ = std::fs::remove_file(&sock);
+    match outcome {
+        ExecOutcome::Unsupported(msg) => Ok(Err(format!(
+            "the shim answers the control plane's `exec` with error `unsupported` (\"{msg}\")"
+        ))),
+        ExecOutcome::Done {
+            bytes: got,
+            elapsed_ns,
+        } => {
+            if got != bytes {
+                bail!("received {got} of {bytes} bytes of output");
+            }
+            Ok(Ok(bytes as f64 / (elapsed_ns as f64 / 1e9)))
+        }
+    }
+}
+
+/// Measures the shim (when it can exec) and a bare pipe.
+pub fn run(ctx: &Ctx) -> Figure {
+    let bytes: u64 = ctx.pick(1 << 30, 64 << 20);
+    let mut fig = Figure::new(
+        "exec output",
+        "The control client sends `exec{argv: [head, -c, 1 GiB, /dev/zero]}` to agent-shim \
+         (supervising the bench driver) and reads every `exec_output` event until `exec_exit`, \
+         acknowledging as it goes; bytes / time from the request to `exec_exit`. For scale: the \
+         same `head` read by the bench straight from a pipe.",
+    );
+    let text = "≥ 1 GB/s";
+    let reps = ctx.pick(3, 1);
+    let mut shim = Vec::new();
+    let mut pipe = Vec::new();
+    let mut unsupported = None;
+    for n in 0..reps {
+        match pipe_run(bytes) {
+            Ok(v) => pipe.push(v / 1e9),
+            Err(e) => fig.notes.push(format!("pipe run {n}: {e:#}")),
+        }
+        if unsupported.is_some() {
+            continue;
+        }
+        match shim_run(ctx, n, bytes) {
+            Ok(Ok(v)) => shim.push(v / 1e9),
+            Ok(Err(why)) => unsupported = Some(why),
+            Err(e) => fig.notes.push(format!("shim run {n}: {e:#}")),
+        }
+    }
+    fig.columns = vec!["GB/s (median)".into(), "runs (GB/s)".into()];
+    fig.rows.push((
+        "agent-shim → control client".into(),
+        vec![
+            median(&shim).map_or("not measured".into(), |v| format!("{v:.2}")),
+            list(&shim, 2),
+        ],
+    ));
+    fig.rows.push((
+        "bare pipe (for scale)".into(),
+        vec![
+            median(&pipe).map_or("—".into(), |v| format!("{v:.2}")),
+            list(&pipe, 2),
+        ],
+    ));
+    fig.notes.push(format!("{bytes} bytes per run."));
+    let mut chart = Chart {
+        title: "exec output, 1 GiB".into(),
+        unit: "GB/s".into(),
+        higher_is_better: true,
+        bars: Vec::new(),
+    };
+    if let Some(v) = median(&shim) {
+        chart.bars.push(Bar {
+            label: "agent-shim".into(),
+            value: v,
+        });
+    } else {
+        chart.bars.push(Bar {
+            label: "agent-shim (not yet measured)".into(),
+            value: 0.0,
+        });
+    }
+    if let Some(v) = median(&pipe) {
+        chart.bars.push(Bar {
+            label: "bare pipe".into(),
+            value: v,
+        });
+    }
+    fig.charts.push(chart);
+    match (unsupported, median(&shim)) {
+        (Some(why), _) => {
+            fig.notes.push(format!("NOT YET MEASURED: {why}."));
+            fig.targets.push(Target::not_measured(text, why));
+        }
+        (None, Some(v)) => fig
+            .targets
+            .push(Target::check(text, v >= 1.0, format!("{v:.2} GB/s"))),
+        (None, None) => fig.targets.push(Target::not_measured(
+            text,
+            "no shim run succeeded (see notes)".into(),
+        )),
+    }
+    fig
+}
