@@ -42,8 +42,8 @@ impl Token {
         Ok(Self(Arc::from(bytes)))
     }
 
-    /// The contents of a file, without one trailing newline (`\n` or `\r\n`), so that
-    /// `echo secret > token` works.
+    /// The contents of a file, without its trailing newlines (`\n`, `\r\n`), so that
+    /// `echo secret > token` works: the same rule as the shim's `--control-token-file`.
     ///
     /// ```no_run
     /// # use control_link::Token;
@@ -52,19 +52,14 @@ impl Token {
     /// ```
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, Error> {
         let path = path.as_ref();
-        let mut bytes = std::fs::read(path)
+        let bytes = std::fs::read(path)
             .map_err(|e| Error::Token(format!("cannot read {}: {e}", path.display())))?;
-        if bytes.ends_with(b"\n") {
-            bytes.pop();
-            if bytes.ends_with(b"\r") {
-                bytes.pop();
-            }
-        }
-        Self::from_bytes(bytes)
+        Self::from_bytes(trim_newlines(&bytes))
             .map_err(|_| Error::Token(format!("{} holds an empty token", path.display())))
     }
 
-    /// The value of the environment variable `var`.
+    /// The value of the environment variable `var`, without trailing newlines (as the shim
+    /// reads `AGENT_SHIM_TOKEN`).
     ///
     /// ```no_run
     /// # use control_link::Token;
@@ -75,7 +70,8 @@ impl Token {
         use std::os::unix::ffi::OsStrExt as _;
         let value =
             std::env::var_os(var).ok_or_else(|| Error::Token(format!("{var} is not set")))?;
-        Self::from_bytes(value.as_bytes()).map_err(|_| Error::Token(format!("{var} is empty")))
+        Self::from_bytes(trim_newlines(value.as_bytes()))
+            .map_err(|_| Error::Token(format!("{var} is empty")))
     }
 
     /// The value of [`TOKEN_ENV`] (`AGENT_SHIM_TOKEN`).
@@ -101,17 +97,27 @@ impl fmt::Debug for Token {
     }
 }
 
+/// `bytes` without trailing `\n` and `\r`.
+fn trim_newlines(mut bytes: &[u8]) -> &[u8] {
+    while let [rest @ .., b'\n' | b'\r'] = bytes {
+        bytes = rest;
+    }
+    bytes
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn file_loses_one_trailing_newline_only() {
+    fn file_loses_its_trailing_newlines_like_the_shim() {
         let dir = std::env::temp_dir().join(format!("cl-token-{}", std::process::id()));
         std::fs::write(&dir, b"abc\r\n").unwrap();
         assert_eq!(Token::from_file(&dir).unwrap().secret(), b"abc");
         std::fs::write(&dir, b"abc\n\n").unwrap();
-        assert_eq!(Token::from_file(&dir).unwrap().secret(), b"abc\n");
+        assert_eq!(Token::from_file(&dir).unwrap().secret(), b"abc");
+        std::fs::write(&dir, b"a\nb\n").unwrap();
+        assert_eq!(Token::from_file(&dir).unwrap().secret(), b"a\nb");
         std::fs::write(&dir, b"\n").unwrap();
         assert!(Token::from_file(&dir).is_err());
         std::fs::remove_file(&dir).unwrap();

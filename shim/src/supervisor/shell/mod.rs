@@ -372,8 +372,13 @@ impl Shell<'_> {
             ShimToControl::StatusReply(mut s) => {
                 s.reaped = self.reaped;
                 s.rss_bytes = rss_bytes();
-                if let Some(n) = live_children() {
-                    s.children = n;
+                // As PID 1 the namespace's /proc is ours and small: count every child,
+                // adopted orphans included. As a subreaper on a host, scanning every process
+                // of the host per `status` would not scale: the core's count stands.
+                if std::process::id() == 1 {
+                    if let Some(n) = live_children() {
+                        s.children = n;
+                    }
                 }
                 if let Some(c) = self.control.as_ref() {
                     let st = c.stats();
