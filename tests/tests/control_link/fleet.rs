@@ -18,7 +18,7 @@ const AGENTS: usize = 100;
 fn a_fleet_of_100_shims() -> Result<()> {
     let started = Instant::now();
     let shims: Vec<LinkShim> = (0..AGENTS)
-        .map(|_| LinkShim::start(Mode::Subreaper))
+        .map(|i| LinkShim::start_with(Mode::Subreaper, &["--agent-id", &format!("agent-{i:03}")]))
         .collect::<Result<_>>()?;
     let limit = Duration::from_secs(60);
     runtime()?.block_on(async {

@@ -71,8 +71,6 @@ impl LinkShim {
             "--control-listen".into(),
             format!("unix:{}", sock.display()).into(),
             "--control-insecure".into(),
-            "--agent-id".into(),
-            "link-test".into(),
         ];
         for (k, v) in FAST {
             args.push(k.into());
