@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::control::{ControlAddr, Token, DEFAULT_RECONNECT_MAX};
+use crate::control::{ControlAddr, Token, DEFAULT_IDLE_TIMEOUT, DEFAULT_RECONNECT_MAX};
 use crate::signals::{self, Rewrites};
 
 /// The variable holding the control token. The shim removes it from its own environment
@@ -89,6 +89,8 @@ pub struct SupervisorOpts {
     pub control_token: Option<TokenSource>,
     /// `--control-reconnect-max`.
     pub control_reconnect_max: Duration,
+    /// `--control-idle-timeout`.
+    pub control_idle_timeout: Duration,
     /// `--agent-id` (`None`: the hostname).
     pub agent_id: Option<String>,
     /// `--restart`.
@@ -153,6 +155,7 @@ impl Default for SupervisorOpts {
             control_insecure: false,
             control_token: None,
             control_reconnect_max: DEFAULT_RECONNECT_MAX,
+            control_idle_timeout: DEFAULT_IDLE_TIMEOUT,
             agent_id: None,
             restart: RestartPolicy::OnFailure,
             backoff_initial: Duration::from_millis(200),
@@ -288,6 +291,9 @@ AGENT_SHIM_* variable, e.g. --ping-interval is AGENT_SHIM_PING_INTERVAL):
       --control-insecure     allow a unix control socket without a token
       --control-reconnect-max DUR
                              cap of the dial-out backoff [5s]
+      --control-idle-timeout DUR
+                             a dialed connection with nothing from the control plane for
+                             this long is closed and redialed [60s]
       --agent-id ID          sent in the shim's hello [AGENT_SHIM_AGENT_ID, default hostname]
       --restart POLICY       never|on-failure|always [default on-failure]
       --backoff-initial DUR  first restart delay [200ms]
@@ -474,6 +480,7 @@ const SUP_VALUES: &[&str] = &[
     "control-connect",
     "control-token-file",
     "control-reconnect-max",
+    "control-idle-timeout",
     "agent-id",
     "restart",
     "backoff-initial",
@@ -615,6 +622,11 @@ fn supervisor_opts(
         control_reconnect_max: one(
             get("control-reconnect-max")?,
             d.control_reconnect_max,
+            parse_positive_duration,
+        )?,
+        control_idle_timeout: one(
+            get("control-idle-timeout")?,
+            d.control_idle_timeout,
             parse_positive_duration,
         )?,
         agent_id: one(get("agent-id")?, None, |s| {

@@ -70,8 +70,9 @@ impl Buffer {
     /// A `seq` beyond the last one given out is clamped to it: the control plane cannot
     /// acknowledge events that do not exist yet.
     pub(super) fn ack(&mut self, seq: Seq) -> bool {
-        let seq = seq.min(self.last_seq);
-        if seq <= self.acked {
+        // Past the last seq given out: a control plane counting another shim's seqs (one
+        // before a restart). Nothing of ours can be acknowledged by it.
+        if seq > self.last_seq || seq <= self.acked {
             return false;
         }
         self.acked = seq;
@@ -149,7 +150,12 @@ mod tests {
         assert!(b.ack(3));
         assert_eq!(b.stats(), (2, 20, 5));
         assert!(!b.ack(2), "an older ack frees nothing");
-        assert!(b.ack(99), "an ack past the end is clamped");
+        assert!(
+            !b.ack(99),
+            "an ack past the last seq (another shim's) frees nothing"
+        );
+        assert_eq!(b.stats(), (2, 20, 5));
+        assert!(b.ack(5));
         assert_eq!(b.acked(), 5);
         assert!(b.is_empty());
         assert_eq!(b.push(frame(6, 1)), 6, "seqs are never reused");

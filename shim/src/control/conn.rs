@@ -31,6 +31,7 @@ use tokio_util::codec::Decoder as _;
 use tracing::{debug, error, info, warn};
 
 use super::auth::{self, Handshake, Step};
+use super::gate::PeerKey;
 use super::ids::Seen;
 use super::transport::{Halves, ReadHalf, WriteHalf};
 use super::{encode_frame, Command, Inner, Origin, Reply};
@@ -262,13 +263,17 @@ pub(super) fn start(halves: Halves, inner: &Rc<Inner>, origin: Origin) -> Option
 struct Pending {
     inner: Rc<Inner>,
     conn: Rc<Conn>,
+    key: PeerKey,
+    /// The peer sent something: if it does not authenticate, that is a failure. (A client
+    /// that connects and closes without a byte, like a TCP health check, is not one.)
+    spoke: bool,
 }
 
 impl Drop for Pending {
     fn drop(&mut self) {
-        let failed = !self.conn.authenticated();
+        let failed = self.spoke && !self.conn.authenticated();
         match self.inner.state.try_borrow_mut() {
-            Ok(mut st) => st.gate.finished(failed, Instant::now()),
+            Ok(mut st) => st.gate.finished(self.key, failed, Instant::now()),
             Err(_) => error!(conn = self.conn.id, "control state busy; gate not updated"),
         }
     }
@@ -320,10 +325,16 @@ async fn read_loop(
     mut handshake: Handshake,
     origin: Origin,
 ) {
-    let pending = matches!(origin, Origin::Accepted(_)).then(|| Pending {
-        inner: Rc::clone(&inner),
-        conn: Rc::clone(&conn),
-    });
+    let mut pending = match &origin {
+        Origin::Accepted(_, key) => Some(Pending {
+            inner: Rc::clone(&inner),
+            conn: Rc::clone(&conn),
+            key: *key,
+            spoke: true,
+        }),
+        Origin::Dialed(_) => None,
+    };
+    let mut heard = false;
     // Small frames until the peer has proved itself: a client without the token cannot make
     // the shim buffer more than this.
     let small = inner.tuning.handshake_max_frame.min(inner.max_frame);
@@ -333,8 +344,14 @@ async fn read_loop(
     let hello = loop {
         let next = tokio::time::timeout_at(deadline, next_message(&mut rd, &mut codec, &mut buf));
         let msg = match next.await {
-            Ok(Ok(Some(msg))) => msg,
+            Ok(Ok(Some(msg))) => {
+                heard = true;
+                msg
+            }
             Ok(Ok(None)) => {
+                if let Some(p) = pending.as_mut() {
+                    p.spoke = heard || !buf.is_empty();
+                }
                 debug!(conn = conn.id, %origin, "control client left during the handshake");
                 conn.close_now();
                 return;
@@ -387,7 +404,23 @@ async fn read_loop(
         authenticated = inner.token.is_some(), "control client connected");
 
     loop {
-        let msg = match next_message(&mut rd, &mut codec, &mut buf).await {
+        // A dialed connection is the shim's to keep alive: a peer silent for longer than
+        // the idle timeout (a frozen control plane, a black-holed path) is given up, so
+        // that the dialer can reach a live one. An accepted connection is replaced by the
+        // next one instead, so it may be silent.
+        let next = next_message(&mut rd, &mut codec, &mut buf);
+        let read = match origin {
+            Origin::Dialed(_) => match tokio::time::timeout(inner.tuning.dialed_idle, next).await {
+                Ok(read) => read,
+                Err(_) => {
+                    warn!(conn = conn.id, %origin, idle = ?inner.tuning.dialed_idle,
+                        "nothing from the control plane for too long; closing to redial");
+                    break;
+                }
+            },
+            Origin::Accepted(..) => next.await,
+        };
+        let msg = match read {
             Ok(Some(msg)) => msg,
             Ok(None) => {
                 info!(conn = conn.id, "control client disconnected");
@@ -411,16 +444,32 @@ async fn read_loop(
 async fn handle(conn: &Rc<Conn>, inner: &Rc<Inner>, msg: ControlToShim) -> ControlFlow<()> {
     match msg {
         ControlToShim::Ping(ping) => conn_reply(conn, inner, &Pong { re: ping.id }.into()),
-        ControlToShim::Ack(ack) => inner.ack(ack.seq),
+        ControlToShim::Ack(ack) => {
+            let last = inner.state.borrow().buffer.stats().2;
+            if ack.seq > last {
+                warn!(
+                    conn = conn.id,
+                    seq = ack.seq,
+                    last,
+                    "ack past the last seq ignored"
+                );
+            }
+            inner.ack(ack.seq);
+        }
         ControlToShim::ResumeFrom(resume) => {
             inner.ack(resume.seq);
             let (acked, last) = {
                 let st = inner.state.borrow();
                 (st.buffer.acked(), st.buffer.stats().2)
             };
-            // Past the last seq (a control plane that knew an earlier shim): stream from
-            // what exists. Before the acked one: those events are gone; send what is left.
-            let from = resume.seq.min(last).max(acked);
+            // Past the last seq (a control plane that knew an earlier shim behind this
+            // address): nothing is acknowledged, and everything still buffered is sent.
+            // Before the acked one: those events are gone; send what is left.
+            let from = if resume.seq > last {
+                acked
+            } else {
+                resume.seq.max(acked)
+            };
             if from != resume.seq {
                 warn!(
                     conn = conn.id,

@@ -62,12 +62,16 @@ const COMMAND_QUEUE: usize = 64;
 /// The default cap of the dial-out backoff (`--control-reconnect-max`).
 pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(5);
 
+/// How long a dialed connection may go without a frame from the control plane before it is
+/// closed and redialed (`--control-idle-timeout`); control-link pings after 15 s of silence.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// How a connection came to be: accepted on the listener (and so through the [`gate`]), or
 /// dialed by the shim.
 #[derive(Debug, Clone)]
 enum Origin {
-    /// Accepted; the peer, for logs.
-    Accepted(String),
+    /// Accepted; the peer, for logs, and its key in the gate.
+    Accepted(String, gate::PeerKey),
     /// Dialed; the address, for logs.
     Dialed(String),
 }
@@ -75,7 +79,7 @@ enum Origin {
 impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Accepted(peer) => write!(f, "accepted from {peer}"),
+            Self::Accepted(peer, _) => write!(f, "accepted from {peer}"),
             Self::Dialed(addr) => write!(f, "dialed to {addr}"),
         }
     }
@@ -97,6 +101,8 @@ pub struct ControlConfig {
     pub token: Option<Token>,
     /// The cap of the dial-out backoff.
     pub reconnect_max: Duration,
+    /// How long a dialed connection may go without a frame from the control plane.
+    pub idle_timeout: Duration,
 }
 
 /// Knobs the protocol leaves to the implementation; tests shrink them.
@@ -114,6 +120,8 @@ struct Tuning {
     connect_timeout: Duration,
     /// The cap of the dial-out backoff.
     reconnect_max: Duration,
+    /// How long a dialed connection may go without a frame from the control plane.
+    dialed_idle: Duration,
     /// Failed handshakes at once, and per second, before new connections are turned away.
     failure_burst: f64,
     failure_refill: f64,
@@ -130,6 +138,7 @@ impl Default for Tuning {
             handshake_max_frame: 64 * 1024,
             connect_timeout: Duration::from_secs(5),
             reconnect_max: DEFAULT_RECONNECT_MAX,
+            dialed_idle: DEFAULT_IDLE_TIMEOUT,
             failure_burst: gate::FAILURE_BURST,
             failure_refill: gate::FAILURE_REFILL,
             max_pending: gate::MAX_PENDING,
@@ -327,6 +336,7 @@ impl ControlServer {
     pub fn start(endpoints: &Endpoints, cfg: ControlConfig) -> io::Result<Self> {
         let tuning = Tuning {
             reconnect_max: cfg.reconnect_max,
+            dialed_idle: cfg.idle_timeout,
             ..Tuning::default()
         };
         Self::start_tuned(endpoints, cfg, tuning)
@@ -518,11 +528,11 @@ impl Drop for ControlServer {
 async fn accept_loop(listener: Listener, inner: Rc<Inner>) {
     loop {
         match listener.accept().await {
-            Ok((halves, peer)) => {
+            Ok((halves, peer, key)) => {
                 let now = Instant::now();
                 let (admitted, report) = {
                     let mut st = inner.state.borrow_mut();
-                    let admitted = st.gate.admit(now);
+                    let admitted = st.gate.admit(key, now);
                     (admitted, st.gate.report(now))
                 };
                 if let Some(n) = report {
@@ -530,14 +540,19 @@ async fn accept_loop(listener: Listener, inner: Rc<Inner>) {
                         failed_handshakes = n.failures,
                         too_many_pending = n.pending,
                         "control connections closed unheard (suppressed): too many failed \
-                         handshakes or handshakes in progress"
+                         handshakes or handshakes in progress from their peers"
                     );
                 }
                 match admitted {
                     Ok(()) => {
                         // Not started (no randomness): the gate's count is given back.
-                        if conn::start(halves, &inner, Origin::Accepted(peer)).is_none() {
-                            inner.state.borrow_mut().gate.finished(true, Instant::now());
+                        let origin = Origin::Accepted(peer, key);
+                        if conn::start(halves, &inner, origin).is_none() {
+                            inner
+                                .state
+                                .borrow_mut()
+                                .gate
+                                .finished(key, true, Instant::now());
                         }
                     }
                     // Dropping the halves closes the connection.

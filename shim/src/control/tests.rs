@@ -55,6 +55,7 @@ fn cfg(max_events: usize, max_bytes: usize) -> ControlConfig {
         agent_id: Some("agent-7".into()),
         token: None,
         reconnect_max: DEFAULT_RECONNECT_MAX,
+        idle_timeout: super::DEFAULT_IDLE_TIMEOUT,
     }
 }
 
@@ -343,14 +344,24 @@ fn resume_from_replays_exactly_the_missing_events_then_streams_live() {
         assert_eq!(server.stats().last_seq, 7);
 
         // A cursor from beyond this shim's life (a control plane that knew an earlier shim)
-        // acknowledges everything and streams what comes next, without a gap.
+        // acknowledges nothing: every buffered event is sent, from the oldest, then live.
         drop(c);
         let (mut c, _) = Client::connect(&dir.sock()).await;
         c.send(ResumeFrom { seq: 1000 }.into()).await;
-        c.sync(1).await;
-        assert_eq!(server.stats().events, 0);
+        for seq in 5..=7 {
+            c.expect_seq(seq).await;
+        }
+        assert_eq!(
+            server.stats().events,
+            3,
+            "nothing acknowledged by a stale cursor"
+        );
         server.publish(&event(8));
         c.expect_seq(8).await;
+        // So is an ack past the last seq.
+        c.send(Ack { seq: 5000 }.into()).await;
+        c.sync(2).await;
+        assert_eq!(server.stats().events, 4);
     });
 }
 
@@ -660,7 +671,7 @@ use driver_protocol::message::Auth;
 
 use super::auth::{Handshake, Step};
 use super::dial::Backoff;
-use super::gate::{Gate, Refused, Suppressed};
+use super::gate::{Gate, PeerKey, Refused, Suppressed};
 
 const TOKEN: &[u8] = b"test-token";
 
@@ -730,21 +741,23 @@ impl Client {
 #[test]
 fn gate_rate_limits_failed_handshakes_and_caps_pending() {
     let t0 = std::time::Instant::now();
-    let mut gate = Gate::new(3.0, 2.0, 2, t0);
-    // Two at once are admitted, the third waits for one of them.
-    assert_eq!(gate.admit(t0), Ok(()));
-    assert_eq!(gate.admit(t0), Ok(()));
+    let mut gate = Gate::new(3.0, 2.0, 8, t0);
+    let a = PeerKey::Ip([10, 0, 0, 1].into());
+    let b = PeerKey::Ip([10, 0, 0, 2].into());
+    // Two at once from one peer (a quarter of 8), the third waits for one of them.
+    assert_eq!(gate.admit(a, t0), Ok(()));
+    assert_eq!(gate.admit(a, t0), Ok(()));
     assert_eq!(gate.pending(), 2);
-    assert_eq!(gate.admit(t0), Err(Refused::Pending));
+    assert_eq!(gate.admit(a, t0), Err(Refused::Pending));
     // Both fail: 1 failure token left of 3.
-    gate.finished(true, t0);
-    gate.finished(true, t0);
+    gate.finished(a, true, t0);
+    gate.finished(a, true, t0);
     assert_eq!(gate.pending(), 0);
-    assert_eq!(gate.admit(t0), Ok(()));
-    gate.finished(true, t0);
+    assert_eq!(gate.admit(a, t0), Ok(()));
+    gate.finished(a, true, t0);
     // The bucket is empty: turned away without a handshake.
     for _ in 0..5 {
-        assert_eq!(gate.admit(t0), Err(Refused::Failures));
+        assert_eq!(gate.admit(a, t0), Err(Refused::Failures));
     }
     assert_eq!(gate.pending(), 0);
     // The first report says how many, the next waits a second.
@@ -755,15 +768,15 @@ fn gate_rate_limits_failed_handshakes_and_caps_pending() {
             pending: 1
         })
     );
-    assert_eq!(gate.admit(t0), Err(Refused::Failures));
+    assert_eq!(gate.admit(a, t0), Err(Refused::Failures));
     assert_eq!(gate.report(t0 + Duration::from_millis(500)), None);
     // Half a second refills one token (2 per second).
     let t1 = t0 + Duration::from_millis(500);
-    assert_eq!(gate.admit(t1), Ok(()));
+    assert_eq!(gate.admit(a, t1), Ok(()));
     // A handshake that succeeds costs nothing.
-    gate.finished(false, t1);
-    assert_eq!(gate.admit(t1), Ok(()));
-    gate.finished(false, t1);
+    gate.finished(a, false, t1);
+    assert_eq!(gate.admit(a, t1), Ok(()));
+    gate.finished(a, false, t1);
     assert_eq!(
         gate.report(t0 + Duration::from_secs(1)),
         Some(Suppressed {
@@ -779,10 +792,33 @@ fn gate_rate_limits_failed_handshakes_and_caps_pending() {
     // A long pause refills to the burst, no further.
     let t2 = t1 + Duration::from_secs(60);
     for _ in 0..3 {
-        assert_eq!(gate.admit(t2), Ok(()));
-        gate.finished(true, t2);
+        assert_eq!(gate.admit(a, t2), Ok(()));
+        gate.finished(a, true, t2);
     }
-    assert_eq!(gate.admit(t2), Err(Refused::Failures));
+    assert_eq!(gate.admit(a, t2), Err(Refused::Failures));
+    // Another peer is not locked out by the first one's failures.
+    assert_eq!(gate.admit(b, t2), Ok(()));
+    gate.finished(b, false, t2);
+    // A silent connection that never failed leaves the bucket as it was.
+    let c = PeerKey::Ip([10, 0, 0, 3].into());
+    for _ in 0..20 {
+        assert_eq!(gate.admit(c, t2), Ok(()));
+        gate.finished(c, false, t2);
+    }
+    // The global cap: 8 pending from four peers at most two each.
+    let t3 = t2 + Duration::from_secs(60);
+    let peers: Vec<PeerKey> = (0..5u8)
+        .map(|i| PeerKey::Ip([10, 1, 0, i].into()))
+        .collect();
+    for p in &peers[..4] {
+        assert_eq!(gate.admit(*p, t3), Ok(()));
+        assert_eq!(gate.admit(*p, t3), Ok(()));
+    }
+    assert_eq!(gate.admit(peers[4], t3), Err(Refused::Pending));
+    for p in &peers[..4] {
+        gate.finished(*p, false, t3);
+    }
+    assert_eq!(gate.admit(peers[4], t3), Ok(()));
 }
 
 #[test]
@@ -1103,9 +1139,10 @@ fn handshakes_in_progress_are_capped() {
     let dir = TempDir::new("pending");
     run(async {
         let _server = ControlServer::bind(&ControlAddr::Unix(dir.sock()), secure_cfg()).unwrap();
-        // Sixteen clients that never finish their handshake hold every place.
+        // Sixteen clients that never finish their handshake hold every place one peer may
+        // have (unix clients are one peer to the gate).
         let mut idle = Vec::new();
-        for _ in 0..gate::MAX_PENDING {
+        for _ in 0..gate::MAX_PENDING / 4 {
             let mut c = Client::raw(&dir.sock()).await;
             assert!(matches!(c.recv().await, Some(ShimToControl::Hello(_))));
             idle.push(c);

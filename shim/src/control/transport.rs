@@ -14,6 +14,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
 use super::addr::ControlAddr;
+use super::gate::PeerKey;
 use super::vsock::{VsockListener, VsockStream};
 
 /// The read half of a connection.
@@ -46,18 +47,23 @@ impl Listener {
         }
     }
 
-    /// The next connection, split; `peer` describes it for logs.
-    pub(super) async fn accept(&self) -> io::Result<(Halves, String)> {
+    /// The next connection, split; a description of the peer for logs, and its key for the
+    /// gate.
+    pub(super) async fn accept(&self) -> io::Result<(Halves, String, PeerKey)> {
         match self {
             Self::Unix(l) => {
                 let (stream, _) = l.accept().await?;
-                Ok((unix_halves(stream), "unix".to_owned()))
+                Ok((unix_halves(stream), "unix".to_owned(), PeerKey::Unix))
             }
             Self::Tcp(l) => {
                 let (stream, peer) = l.accept().await?;
-                Ok((tcp_halves(stream), peer.to_string()))
+                Ok((tcp_halves(stream), peer.to_string(), PeerKey::Ip(peer.ip())))
             }
-            Self::Vsock(l) => Ok((vsock_halves(l.accept().await?), "vsock".to_owned())),
+            Self::Vsock(l) => Ok((
+                vsock_halves(l.accept().await?),
+                "vsock".to_owned(),
+                PeerKey::Vsock,
+            )),
         }
     }
 }
@@ -86,8 +92,38 @@ fn tcp_halves(stream: TcpStream) -> Halves {
     if let Err(err) = stream.set_nodelay(true) {
         tracing::debug!(error = %err, "TCP_NODELAY not set");
     }
+    keepalive(&stream);
     let (rd, wr) = stream.into_split();
     (Box::new(rd), Box::new(wr))
+}
+
+/// TCP keepalive (first probe after 30 s of silence, then every 10 s, dead after 3
+/// unanswered) and `TCP_USER_TIMEOUT` (unacknowledged data for 60 s), so that a peer behind a
+/// path that went dark is noticed by the kernel even while neither side has anything to say.
+fn keepalive(stream: &TcpStream) {
+    use std::os::fd::AsRawFd as _;
+    let fd = stream.as_raw_fd();
+    let set = |level: libc::c_int, name: libc::c_int, value: libc::c_int| {
+        // SAFETY: `fd` is an open socket owned by `stream`; the value is a c_int of the size
+        // given, as these options expect.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                std::ptr::from_ref(&value).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            tracing::debug!(name, error = %std::io::Error::last_os_error(), "socket option not set");
+        }
+    };
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 30);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 10);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3);
+    set(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, 60_000);
 }
 
 fn vsock_halves(stream: VsockStream) -> Halves {

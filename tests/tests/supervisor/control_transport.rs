@@ -893,3 +893,60 @@ mod vsock {
         }
     }
 }
+
+/// A dialed control connection whose peer goes silent for good (a frozen control plane, a
+/// black-holed path) is given up after `--control-idle-timeout` and redialed; one whose
+/// peer keeps talking (requests, pings) is kept.
+#[test]
+fn dial_out_gives_up_a_silent_peer_and_keeps_a_talking_one() -> Result<()> {
+    let dir = TempDir::new("silent")?;
+    let file = token_file(dir.path(), TOKEN, 0o600)?;
+    let listener = TestListener::bind(dir.path(), true, None)?;
+    let shim = start_shim(
+        one_mode(),
+        vec![
+            "--control-connect".into(),
+            listener.addr().into(),
+            "--control-token-file".into(),
+            file.into_os_string(),
+            "--control-reconnect-max".into(),
+            "300ms".into(),
+            "--control-idle-timeout".into(),
+            "1s".into(),
+        ],
+        &[],
+    )?;
+    let stream = listener.accept(PATIENCE)?;
+    let mut ctl = ControlClient::over(stream, Some(TOKEN), PATIENCE)?;
+    ctl.resume_from(0)?;
+    // Talking every 300 ms for 3 s (three idle timeouts): kept, no redial.
+    let talking = Instant::now();
+    let mut last_word = Instant::now();
+    while talking.elapsed() < Duration::from_secs(3) {
+        ctl.status()?;
+        last_word = Instant::now();
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    ensure!(
+        listener.accept(Duration::from_millis(200)).is_err(),
+        "the shim redialed while its control plane was talking\n{}",
+        shim.context()
+    );
+    // Silent from now on (neither reads, writes nor closes): given up and redialed.
+    let redial = listener.accept(PATIENCE);
+    ensure!(
+        redial.is_ok(),
+        "the shim kept a silent control connection and never redialed\n{}",
+        shim.context()
+    );
+    let took = last_word.elapsed();
+    ensure!(
+        took >= Duration::from_millis(900),
+        "redialed {took:?} after the last request, before the idle timeout"
+    );
+    let mut again = ControlClient::over(redial?, Some(TOKEN), PATIENCE)?;
+    again.resume_from(0)?;
+    again.status()?;
+    drop(ctl);
+    Ok(())
+}

@@ -13,6 +13,7 @@ mod exec;
 mod lifecycle;
 mod python;
 mod regressions;
+mod regressions_control;
 mod robustness;
 mod tasks;
 

@@ -88,6 +88,7 @@ pub(super) async fn shell(
             agent_id: cfg.sup.agent_id.clone().or_else(crate::sys::hostname),
             token,
             reconnect_max: cfg.sup.control_reconnect_max,
+            idle_timeout: cfg.sup.control_idle_timeout,
         };
         let server = ControlServer::start(&endpoints, ccfg).map_err(SupervisorError::Control)?;
         if let Some(addr) = &endpoints.listen {

@@ -1,0 +1,188 @@
+//! Regressions of the control link found in review: a stale cursor past the last seq, and a
+//! client without the token locking the real control plane out.
+
+use std::ffi::OsString;
+use std::io::Write as _;
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Result};
+
+use super::{Driver, Setup, FAST};
+use crate::support::control::{ControlClient, Target};
+use crate::support::{is_root, Mode, Shim, TempDir, PATIENCE};
+
+fn one_mode() -> Mode {
+    if is_root() {
+        Mode::Pid1
+    } else {
+        Mode::Subreaper
+    }
+}
+
+/// A control plane whose persisted cursor is past this shim's last seq (it knew an earlier
+/// shim behind the same address) must still get this shim's buffered events: PROTOCOL says
+/// "stream from what exists", and control-link's "follow a restarted shim" relies on it.
+#[test]
+fn resume_past_the_last_seq_sends_every_buffered_event() -> Result<()> {
+    let mut sup = Setup::new(one_mode()).start()?;
+    let before = sup.status_until("events buffered", |s| s.buffered_events >= 2)?;
+    sup.ctl.kill();
+    let target = Target::Unix(sup.sock.clone());
+    let mut late = ControlClient::connect_to(&target, None, PATIENCE)?;
+    late.resume_from(before.last_seq + 1000)?;
+    // Whatever arrives (the client's own seq check may reject seq 1: that still proves
+    // delivery), something must arrive.
+    // The client's own seq check rejects seq 2 after 1006: that still proves delivery.
+    let got = late.try_next_stamped(Duration::from_secs(2));
+    ensure!(
+        !matches!(got, Ok(None)),
+        "the {} buffered events of this shim were never sent",
+        before.buffered_events
+    );
+    // And nothing was acknowledged by the stale cursor: another client still finds them.
+    let mut probe = ControlClient::connect_to(&target, None, PATIENCE)?;
+    let status = probe.status()?;
+    ensure!(
+        status.buffered_events >= before.buffered_events,
+        "a resume_from past the last seq freed events: {} buffered before, {} after",
+        before.buffered_events,
+        status.buffered_events
+    );
+    drop(late);
+    Ok(())
+}
+
+/// A client that cannot authenticate (no token) must not be able to keep the real control
+/// plane out for as long as it likes: failures are limited per peer address, so a flood from
+/// one address (here 127.0.0.2) does not shut out the control plane connecting from another
+/// (127.0.0.1); and once the flood stops, its own address gets in again within seconds.
+#[test]
+fn a_client_without_the_token_cannot_lock_out_the_control_plane() -> Result<()> {
+    let dir = TempDir::new("lockout")?;
+    let file = dir.path().join("token");
+    std::fs::write(&file, b"e2e-token-0123456789\n")?;
+    std::os::unix::fs::PermissionsExt::set_mode(
+        &mut std::fs::metadata(&file)?.permissions(),
+        0o600,
+    );
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut args: Vec<OsString> = FAST
+        .iter()
+        .flat_map(|(k, v)| [OsString::from(k), OsString::from(v)])
+        .collect();
+    args.extend([
+        "--control-listen".into(),
+        format!("tcp:127.0.0.1:{port}").into(),
+        "--control-token-file".into(),
+        file.into_os_string(),
+    ]);
+    let shim = Shim::new()
+        .mode(one_mode())
+        .args(args)
+        .cmd(Driver::Rust.argv()?)
+        .start()?;
+    let target = Target::Tcp(format!("127.0.0.1:{port}"));
+    // Up and reachable with the right token.
+    drop(ControlClient::connect_to(
+        &target,
+        Some(b"e2e-token-0123456789"),
+        PATIENCE,
+    )?);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let hostile = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(mut s) = connect_from([127, 0, 0, 2], port) {
+                    let _ = s.write_all(b"\x00\x00\x00\x05garbage");
+                    n += 1;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            n
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let (mut ok, mut failed) = (0, 0);
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until {
+        match ControlClient::connect_to(
+            &target,
+            Some(b"e2e-token-0123456789"),
+            Duration::from_secs(1),
+        ) {
+            Ok(_) => ok += 1,
+            Err(_) => failed += 1,
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let n = hostile.join().unwrap_or(0);
+    eprintln!("hostile connections: {n}; control plane: {ok} connected, {failed} refused");
+    // The flood is over: its own address gets in again once its bucket refills.
+    let mut recovered = false;
+    let until = Instant::now() + Duration::from_secs(10);
+    while !recovered && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(500));
+        recovered = ControlClient::connect_to(
+            &target,
+            Some(b"e2e-token-0123456789"),
+            Duration::from_secs(1),
+        )
+        .is_ok();
+    }
+    ensure!(
+        recovered,
+        "the shim stayed closed to 127.0.0.1 after the flood\n{}",
+        shim.context()
+    );
+    if ok == 0 {
+        bail!(
+            "the real control plane was locked out for 5 s by a client without the token \
+             ({failed} attempts refused)\n{}",
+            shim.context()
+        );
+    }
+    Ok(())
+}
+
+/// A TCP connection to 127.0.0.1:`port` from the local address `from` (any of 127/8 works
+/// on loopback), so that one machine can play two peers.
+fn connect_from(from: [u8; 4], port: u16) -> std::io::Result<TcpStream> {
+    use std::os::fd::FromRawFd as _;
+    let sin = |addr: [u8; 4], port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(addr),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket calls on a descriptor we own; the sockaddrs live on the stack
+    // for the duration of each call and `len` is their size.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stream = TcpStream::from_raw_fd(fd);
+        let local = sin(from, 0);
+        if libc::bind(fd, std::ptr::from_ref(&local).cast(), len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let remote = sin([127, 0, 0, 1], port);
+        if libc::connect(fd, std::ptr::from_ref(&remote).cast(), len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(stream)
+    }
+}
