@@ -15,6 +15,7 @@ mod shared;
 mod spec;
 mod token;
 mod vsock;
+mod wake;
 
 pub use driver_protocol as protocol;
 pub use driver_protocol::message::{ExecStarted, RequestId, Seq, StatusReply};
@@ -29,3 +30,4 @@ pub use listener::Listener;
 pub use options::{AckMode, Backoff, ConnectOptions, CursorFn};
 pub use spec::{ExecSpec, Sig, Target, TaskSpec};
 pub use token::{Token, TOKEN_ENV};
+pub use wake::{WakeError, WakeHook};

@@ -38,6 +38,8 @@ pub(crate) struct Shared {
     /// Test hooks: drop the connection now / after the next request is written.
     pub(crate) drop_now: Notify,
     pub(crate) drop_after_send: AtomicBool,
+    /// The last known state, and the lock of the one waker (auto-wake).
+    pub(crate) wake: crate::wake::WakeState,
 }
 
 impl Shared {
@@ -55,6 +57,7 @@ impl Shared {
             id_counter: AtomicU32::new(0),
             drop_now: Notify::new(),
             drop_after_send: AtomicBool::new(false),
+            wake: crate::wake::WakeState::default(),
         }
     }
 

@@ -14,6 +14,7 @@ mod fleet;
 mod listener;
 mod methods;
 mod tty;
+mod wake;
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
