@@ -301,6 +301,12 @@ impl Client {
     /// With a [wake hook](crate::ConnectOptions::wake_hook), a paused agent (or one whose
     /// connection is down) is woken first: see [`ConnectOptions::wake_hook`](crate::ConnectOptions::wake_hook).
     pub async fn submit_task(&self, task: TaskSpec) -> Result<(), Error> {
+        #[cfg(feature = "schema")]
+        if let Some(schema) = task.schema() {
+            if let Ok(mut memo) = self.inner.shared.schemas.lock() {
+                memo.remember(task.task_id(), schema.clone());
+            }
+        }
         self.wake_if_needed().await?;
         self.call_ok(|id| task.into_message(id).into())
             .await
@@ -519,6 +525,36 @@ impl Client {
             }
             other => Err(unexpected(&other)),
         }
+    }
+
+    /// How a task this client submitted ended: its `task_done`, with the output checked
+    /// against the `output_schema` it was submitted with (feature `schema`). A task this
+    /// client does not know (submitted elsewhere, or one of the 4096 most recent no more)
+    /// is taken as having no schema: use [`TaskOutcome::check`](crate::TaskOutcome::check)
+    /// with the stored schema then.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: control_link::Client) -> Result<(), control_link::Error> {
+    /// use control_link::protocol::message::Event;
+    /// use control_link::{TaskOutcome, TaskSpec};
+    /// let schema = rmpv::Value::Map(vec![("type".into(), "integer".into())]);
+    /// let mut events = client.events()?;
+    /// client.submit_task(TaskSpec::new("t1", "2+2?").output_schema(schema)).await?;
+    /// while let Some((_, event)) = events.next().await {
+    ///     if let Event::TaskDone(done) = &event {
+    ///         match client.task_outcome(done) {
+    ///             TaskOutcome::SchemaInvalid { errors, .. } => eprintln!("bad output: {errors:?}"),
+    ///             other => println!("{other:?}"),
+    ///         }
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "schema")]
+    pub fn task_outcome(&self, done: &driver_protocol::message::TaskDone) -> crate::TaskOutcome {
+        let memo = self.inner.shared.schemas.lock().ok();
+        let schema = memo.as_ref().and_then(|m| m.get(&done.task_id));
+        crate::TaskOutcome::check(done, schema)
     }
 
     /// Whether a submit would wake the agent first: a wake hook is set, and the last known

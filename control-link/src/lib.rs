@@ -9,6 +9,8 @@ mod fleet;
 mod link;
 mod listener;
 mod options;
+#[cfg(feature = "schema")]
+mod outcome;
 mod random;
 mod session;
 mod shared;
@@ -28,6 +30,8 @@ pub use events::EventStream;
 pub use fleet::{AgentId, Fleet, FleetEvents};
 pub use listener::Listener;
 pub use options::{AckMode, Backoff, ConnectOptions, CursorFn};
+#[cfg(feature = "schema")]
+pub use outcome::{SchemaError, TaskOutcome};
 pub use spec::{ExecSpec, Sig, Target, TaskSpec};
 pub use token::{Token, TOKEN_ENV};
 pub use wake::{WakeError, WakeHook};

@@ -40,6 +40,9 @@ pub(crate) struct Shared {
     pub(crate) drop_after_send: AtomicBool,
     /// The last known state, and the lock of the one waker (auto-wake).
     pub(crate) wake: crate::wake::WakeState,
+    /// The `output_schema` of each task this client submitted (bounded).
+    #[cfg(feature = "schema")]
+    pub(crate) schemas: Mutex<crate::outcome::SchemaMemo>,
 }
 
 impl Shared {
@@ -58,6 +61,8 @@ impl Shared {
             drop_now: Notify::new(),
             drop_after_send: AtomicBool::new(false),
             wake: crate::wake::WakeState::default(),
+            #[cfg(feature = "schema")]
+            schemas: Mutex::default(),
         }
     }
 

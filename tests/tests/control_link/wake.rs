@@ -74,6 +74,25 @@ impl Freezer {
     }
 }
 
+/// Connects, again while the socket exists but is not listening yet (the shim binds, then
+/// listens): at most [`PATIENCE`].
+async fn refused_retry<T, F: std::future::Future<Output = Result<T, control_link::Error>>>(
+    mut connect: impl FnMut() -> F,
+) -> Result<T> {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        match within(PATIENCE, "connect", connect()).await? {
+            Err(control_link::Error::Io(e))
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            r => return Ok(r?),
+        }
+    }
+}
+
 /// Counts each task's `task_accepted` and `task_done` in `events`.
 fn counts(events: &[(Seq, Event)], task: &str) -> (usize, usize) {
     let accepted = events
@@ -92,7 +111,8 @@ in_both_modes! {
         let shim = LinkShim::start(mode)?;
         let freezer = Freezer::default();
         runtime()?.block_on(async {
-            let client = within(PATIENCE, "connect", freezer.options().connect(&shim.addr)).await??;
+            let opts = freezer.options();
+            let client = refused_retry(|| opts.connect(&shim.addr)).await?;
             let mut events = client.events()?;
             read_until(&mut events, PATIENCE, |e| matches!(e, Event::DriverReady(_))).await?;
             // Running: no wake.
@@ -135,7 +155,8 @@ in_both_modes! {
         let shim = LinkShim::start(mode)?;
         let freezer = Freezer::default();
         runtime()?.block_on(async {
-            let client = within(PATIENCE, "connect", freezer.options().connect(&shim.addr)).await??;
+            let opts = freezer.options();
+            let client = refused_retry(|| opts.connect(&shim.addr)).await?;
             let mut events = client.events()?;
             read_until(&mut events, PATIENCE, |e| matches!(e, Event::DriverReady(_))).await?;
             let id = client.pause(None).await?;
@@ -172,7 +193,7 @@ in_both_modes! {
         let freezer = Freezer::default();
         runtime()?.block_on(async {
             let fleet = Fleet::new(freezer.options());
-            let client = within(PATIENCE, "connect", fleet.connect("link-test", &shim.addr)).await??;
+            let client = refused_retry(|| fleet.connect("link-test", &shim.addr)).await?;
             let mut events = fleet.events()?;
             let deadline = tokio::time::Instant::now() + PATIENCE;
             while client.status().await?.state != DriverState::Ready {
@@ -213,7 +234,7 @@ in_both_modes! {
 fn without_a_hook_nothing_is_woken() -> Result<()> {
     let shim = LinkShim::start(Mode::Subreaper)?;
     runtime()?.block_on(async {
-        let client = within(PATIENCE, "connect", connect(&shim.addr, None)).await??;
+        let client = refused_retry(|| connect(&shim.addr, None)).await?;
         let mut events = client.events()?;
         read_until(&mut events, PATIENCE, |e| {
             matches!(e, Event::DriverReady(_))
