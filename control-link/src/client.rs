@@ -7,9 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use driver_protocol::message::{
-    CancelTask, ControlToShim, Event, ExecInput, ExecResize, ExecSignal, ExecStarted, Message as _,
-    Pause, Ping, RequestId, RestartDriver, Resume, Seq, SetDriver, ShimToControl, Shutdown, Signal,
-    SignalTarget, Status, StatusReply,
+    CancelTask, ControlToShim, DriverState, Event, ExecInput, ExecResize, ExecSignal, ExecStarted,
+    Message as _, Pause, Ping, RequestId, RestartDriver, Resume, Seq, SetDriver, ShimToControl,
+    Shutdown, Signal, SignalTarget, Status, StatusReply,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -59,13 +59,27 @@ pub struct Client {
     inner: Arc<Inner>,
 }
 
-#[derive(Debug)]
 struct Inner {
     cmds: mpsc::UnboundedSender<Cmd>,
     shared: Arc<Shared>,
     events: Mutex<Option<mpsc::Receiver<(Seq, Event)>>>,
     request_timeout: Duration,
     close_timeout: Duration,
+    wake_hook: Option<crate::WakeHook>,
+    wake_timeout: Duration,
+    /// The agent named to the wake hook.
+    wake_agent: AgentId,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("shared", &self.shared)
+            .field("request_timeout", &self.request_timeout)
+            .field("wake_hook", &self.wake_hook.is_some())
+            .field("wake_agent", &self.wake_agent)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Client {
@@ -92,6 +106,12 @@ impl Client {
         fleet: Option<(AgentId, mpsc::Sender<FleetItem>)>,
     ) -> Self {
         let agent = conn.hello.agent_id.clone();
+        let wake_agent = match (&fleet, &agent, &source) {
+            (Some((id, _)), _, _) => id.clone(),
+            (None, Some(a), _) => AgentId::from(a.as_str()),
+            (None, None, Source::Dial(addr)) => AgentId::from(addr.to_string()),
+            (None, None, Source::Handoff(_)) => AgentId::from(""),
+        };
         let cursor = match &fleet {
             Some((id, _)) => opts.cursor(Some(id)),
             None => opts.cursor(agent.as_deref()),
@@ -110,6 +130,8 @@ impl Client {
         let expect = opts.expect_agent_id.clone().or(agent);
         let request_timeout = opts.request_timeout;
         let close_timeout = opts.connect_timeout;
+        let wake_hook = opts.wake_hook.clone();
+        let wake_timeout = opts.wake_timeout;
         let session = Session::new(opts, rx, Arc::clone(&shared), sink, cursor, expect);
         tokio::spawn(session.run(source, conn));
         Self {
@@ -119,6 +141,9 @@ impl Client {
                 events: Mutex::new(events),
                 request_timeout,
                 close_timeout,
+                wake_hook,
+                wake_timeout,
+                wake_agent,
             }),
         }
     }
@@ -272,7 +297,17 @@ impl Client {
     /// client.submit_task(TaskSpec::new("t1", "write a haiku").redeliver(true)).await?;
     /// # Ok(()) }
     /// ```
+    ///
+    /// With a [wake hook](crate::ConnectOptions::wake_hook), a paused agent (or one whose
+    /// connection is down) is woken first: see [`ConnectOptions::wake_hook`](crate::ConnectOptions::wake_hook).
     pub async fn submit_task(&self, task: TaskSpec) -> Result<(), Error> {
+        #[cfg(feature = "schema")]
+        if let Some(schema) = task.schema() {
+            if let Ok(mut memo) = self.inner.shared.schemas.lock() {
+                memo.remember(task.task_id(), schema.clone());
+            }
+        }
+        self.wake_if_needed().await?;
         self.call_ok(|id| task.into_message(id).into())
             .await
             .map(drop)
@@ -312,14 +347,17 @@ impl Client {
     /// # Ok(()) }
     /// ```
     pub async fn pause(&self, timeout: Option<Duration>) -> Result<RequestId, Error> {
-        self.call_ok(|id| {
-            Pause {
-                id,
-                timeout_ms: timeout.map(millis),
-            }
-            .into()
-        })
-        .await
+        let id = self
+            .call_ok(|id| {
+                Pause {
+                    id,
+                    timeout_ms: timeout.map(millis),
+                }
+                .into()
+            })
+            .await?;
+        self.inner.shared.wake.saw_state(DriverState::Pausing);
+        Ok(id)
     }
 
     /// Resumes a paused agent (`invalid_state` when not paused).
@@ -331,8 +369,9 @@ impl Client {
     /// ```
     pub async fn resume(&self) -> Result<(), Error> {
         self.call_ok(|id| Resume { id, slept_ms: None }.into())
-            .await
-            .map(drop)
+            .await?;
+        self.inner.shared.wake.saw_state(DriverState::Ready);
+        Ok(())
     }
 
     /// Sends a signal to the driver's process group or to an exec's.
@@ -480,8 +519,117 @@ impl Client {
     pub async fn status(&self) -> Result<StatusReply, Error> {
         let id = self.inner.shared.next_id();
         match self.call(id, Status { id }.into()).await? {
-            ShimToControl::StatusReply(s) => Ok(s),
+            ShimToControl::StatusReply(s) => {
+                self.inner.shared.wake.saw_state(s.state);
+                Ok(s)
+            }
             other => Err(unexpected(&other)),
+        }
+    }
+
+    /// How a task this client submitted ended: its `task_done`, with the output checked
+    /// against the `output_schema` it was submitted with (feature `schema`). A task this
+    /// client does not know (submitted elsewhere, or one of the 4096 most recent no more)
+    /// is taken as having no schema: use [`TaskOutcome::check`](crate::TaskOutcome::check)
+    /// with the stored schema then.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: control_link::Client) -> Result<(), control_link::Error> {
+    /// use control_link::protocol::message::Event;
+    /// use control_link::{TaskOutcome, TaskSpec};
+    /// let schema = rmpv::Value::Map(vec![("type".into(), "integer".into())]);
+    /// let mut events = client.events()?;
+    /// client.submit_task(TaskSpec::new("t1", "2+2?").output_schema(schema)).await?;
+    /// while let Some((_, event)) = events.next().await {
+    ///     if let Event::TaskDone(done) = &event {
+    ///         match client.task_outcome(done) {
+    ///             TaskOutcome::SchemaInvalid { errors, .. } => eprintln!("bad output: {errors:?}"),
+    ///             other => println!("{other:?}"),
+    ///         }
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "schema")]
+    pub fn task_outcome(&self, done: &driver_protocol::message::TaskDone) -> crate::TaskOutcome {
+        let memo = self.inner.shared.schemas.lock().ok();
+        let schema = memo.as_ref().and_then(|m| m.get(&done.task_id));
+        crate::TaskOutcome::check(done, schema)
+    }
+
+    /// Whether a submit would wake the agent first: a wake hook is set, and the last known
+    /// state is `pausing`/`paused` or no connection is up.
+    ///
+    /// ```no_run
+    /// # fn demo(client: control_link::Client) {
+    /// if client.needs_wake() { println!("the next task wakes the agent"); }
+    /// # }
+    /// ```
+    pub fn needs_wake(&self) -> bool {
+        self.inner.wake_hook.is_some() && (self.inner.shared.wake.paused() || !self.is_connected())
+    }
+
+    /// Wakes the agent if it needs it (see [`ConnectOptions::wake_hook`](crate::ConnectOptions::wake_hook)).
+    async fn wake_if_needed(&self) -> Result<(), Error> {
+        let Some(hook) = self.inner.wake_hook.clone() else {
+            return Ok(());
+        };
+        if !self.needs_wake() {
+            return Ok(());
+        }
+        let limit = self.inner.wake_timeout;
+        let wake = async {
+            // One waker per agent; whoever waited finds it awake (or wakes it, if that
+            // failed).
+            let _waker = self.inner.shared.wake.lock.lock().await;
+            if !self.needs_wake() {
+                return Ok(());
+            }
+            let agent = self.inner.wake_agent.clone();
+            tracing::info!(%agent, "waking the agent before a submit");
+            hook(agent).await.map_err(Error::Wake)?;
+            let _ = self.inner.cmds.send(Cmd::RedialNow);
+            self.until_ready().await
+        };
+        tokio::time::timeout(limit, wake)
+            .await
+            .unwrap_or(Err(Error::Timeout(limit)))
+    }
+
+    /// After the hook: waits for the shim to answer, resumes it if paused, waits for
+    /// `ready` (or a state where waiting is pointless). Bounded by the caller.
+    async fn until_ready(&self) -> Result<(), Error> {
+        let mut resumed = false;
+        loop {
+            let id = self.inner.shared.next_id();
+            let probe = tokio::time::timeout(
+                crate::wake::WAKE_STATUS_TRY,
+                self.call(id, Status { id }.into()),
+            )
+            .await;
+            if let Ok(Ok(ShimToControl::StatusReply(s))) = probe {
+                self.inner.shared.wake.saw_state(s.state);
+                match s.state {
+                    DriverState::Paused if !resumed => {
+                        match self
+                            .call_ok(|id| Resume { id, slept_ms: None }.into())
+                            .await
+                        {
+                            Ok(_) => resumed = true,
+                            // Someone else resumed it meanwhile.
+                            Err(e) if e.code() == Some(&crate::ErrorCode::InvalidState) => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    // Taking tasks; or a state no waiting changes (the shim answers the
+                    // submit as it will).
+                    DriverState::Ready | DriverState::Error | DriverState::Stopping => {
+                        return Ok(())
+                    }
+                    _ => {}
+                }
+            }
+            tokio::time::sleep(crate::wake::WAKE_POLL).await;
         }
     }
 

@@ -87,6 +87,10 @@ pub enum Error {
     /// The event stream of this client was already taken (or belongs to a [`Fleet`](crate::Fleet)).
     #[error("the event stream was already taken")]
     EventsTaken,
+    /// The wake hook ([`ConnectOptions::wake_hook`](crate::ConnectOptions::wake_hook))
+    /// failed to wake a paused agent.
+    #[error("waking the agent failed")]
+    Wake(#[source] crate::WakeError),
 }
 
 impl Error {

@@ -246,6 +246,33 @@ impl Fleet {
             .unwrap_or_default()
     }
 
+    /// How a task an agent of this fleet was given ended, its output checked against the
+    /// schema it was submitted with (see [`Client::task_outcome`]; feature `schema`). An
+    /// agent not in the fleet: the task is taken as having no schema.
+    ///
+    /// ```no_run
+    /// # async fn demo(fleet: control_link::Fleet) -> Result<(), control_link::Error> {
+    /// use control_link::protocol::message::Event;
+    /// let mut events = fleet.events()?;
+    /// while let Some((agent, _, event)) = events.next().await {
+    ///     if let Event::TaskDone(done) = &event {
+    ///         println!("{agent}: {:?}", fleet.task_outcome(&agent, done));
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "schema")]
+    pub fn task_outcome(
+        &self,
+        agent_id: &str,
+        done: &driver_protocol::message::TaskDone,
+    ) -> crate::TaskOutcome {
+        match self.client(agent_id) {
+            Some(c) => c.task_outcome(done),
+            None => crate::TaskOutcome::check(done, None),
+        }
+    }
+
     /// Acknowledges an agent's events up to `seq` (manual ack mode).
     ///
     /// ```no_run

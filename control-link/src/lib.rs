@@ -9,12 +9,15 @@ mod fleet;
 mod link;
 mod listener;
 mod options;
+#[cfg(feature = "schema")]
+mod outcome;
 mod random;
 mod session;
 mod shared;
 mod spec;
 mod token;
 mod vsock;
+mod wake;
 
 pub use driver_protocol as protocol;
 pub use driver_protocol::message::{ExecStarted, RequestId, Seq, StatusReply};
@@ -27,5 +30,8 @@ pub use events::EventStream;
 pub use fleet::{AgentId, Fleet, FleetEvents};
 pub use listener::Listener;
 pub use options::{AckMode, Backoff, ConnectOptions, CursorFn};
+#[cfg(feature = "schema")]
+pub use outcome::{SchemaError, TaskOutcome};
 pub use spec::{ExecSpec, Sig, Target, TaskSpec};
 pub use token::{Token, TOKEN_ENV};
+pub use wake::{WakeError, WakeHook};

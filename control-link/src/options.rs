@@ -120,6 +120,8 @@ pub struct ConnectOptions {
     pub(crate) reconnect: bool,
     pub(crate) give_up_after: Option<Duration>,
     pub(crate) keepalive: Duration,
+    pub(crate) wake_hook: Option<crate::WakeHook>,
+    pub(crate) wake_timeout: Duration,
 }
 
 impl fmt::Debug for ConnectOptions {
@@ -138,6 +140,8 @@ impl fmt::Debug for ConnectOptions {
             .field("reconnect", &self.reconnect)
             .field("give_up_after", &self.give_up_after)
             .field("keepalive", &self.keepalive)
+            .field("wake_hook", &self.wake_hook.is_some())
+            .field("wake_timeout", &self.wake_timeout)
             .finish()
     }
 }
@@ -151,7 +155,8 @@ impl Default for ConnectOptions {
 impl ConnectOptions {
     /// The defaults: no token, 10 s per request, 10 s to connect and authenticate, backoff
     /// 100 ms → 5 s ± 20 %, auto acks, resume from 0, 256 buffered events, 16 MiB frames,
-    /// reconnect forever, keepalive after 15 s of silence.
+    /// reconnect forever, keepalive after 15 s of silence, no wake hook (30 s to wake with
+    /// one).
     ///
     /// ```
     /// let opts = control_link::ConnectOptions::new();
@@ -171,6 +176,8 @@ impl ConnectOptions {
             reconnect: true,
             give_up_after: None,
             keepalive: Duration::from_secs(15),
+            wake_hook: None,
+            wake_timeout: Duration::from_secs(30),
         }
     }
 
@@ -334,6 +341,47 @@ impl ConnectOptions {
     /// ```
     pub fn keepalive(mut self, interval: Duration) -> Self {
         self.keepalive = interval;
+        self
+    }
+
+    /// Auto-wake: before a task is submitted to an agent whose last known state is
+    /// `pausing`/`paused`, or while its connection is down (a frozen container), call
+    /// `hook(agent)` to make its sandbox run again (e.g. `docker unpause`), wait until the
+    /// shim answers, `resume` it if it is paused, wait for state `ready`, then deliver the
+    /// task. Concurrent submits to one agent call the hook once. The whole wake is bounded
+    /// by [`wake_timeout`](Self::wake_timeout); a failing hook fails the submit with
+    /// [`Error::Wake`]. The hook must succeed when the sandbox already runs (the state known
+    /// to the client may be stale). The agent is the [`Fleet`](crate::Fleet)'s id, else
+    /// the shim's `agent_id`, else the address dialed.
+    ///
+    /// ```
+    /// use control_link::{AgentId, ConnectOptions};
+    /// let opts = ConnectOptions::new().wake_hook(|agent: AgentId| async move {
+    ///     // e.g. run `docker unpause <container of agent>` here
+    ///     println!("waking {agent}");
+    ///     Ok::<(), std::io::Error>(())
+    /// });
+    /// ```
+    pub fn wake_hook<F, Fut, E>(mut self, hook: F) -> Self
+    where
+        F: Fn(crate::AgentId) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<(), E>> + Send + 'static,
+        E: Into<crate::WakeError>,
+    {
+        self.wake_hook = Some(crate::wake::hook(hook));
+        self
+    }
+
+    /// How long an auto-wake may take in all: the hook, the shim becoming reachable, the
+    /// resume, state `ready` (default 30 s). Past it the submit fails with
+    /// [`Error::Timeout`].
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// let opts = control_link::ConnectOptions::new().wake_timeout(Duration::from_secs(10));
+    /// ```
+    pub fn wake_timeout(mut self, limit: Duration) -> Self {
+        self.wake_timeout = limit;
         self
     }
 

@@ -24,7 +24,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use driver_protocol::message::{
-    Ack, ControlToShim, Event, Message as _, Ping, RequestId, ResumeFrom, Seq, ShimToControl,
+    Ack, ControlToShim, DriverState, Event, Message as _, Ping, RequestId, ResumeFrom, Seq,
+    ShimToControl,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep_until, Instant};
@@ -55,6 +56,8 @@ pub(crate) enum Cmd {
     StartEvents,
     /// Flush acks, close the connection, end.
     Close(oneshot::Sender<()>),
+    /// Redial at once if waiting for a reconnect backoff (the agent was just woken).
+    RedialNow,
 }
 
 /// Where new connections come from.
@@ -238,6 +241,7 @@ impl Session {
                 self.events_started = true;
                 true
             }
+            Some(Cmd::RedialNow) => true,
         }
     }
 
@@ -258,7 +262,10 @@ impl Session {
                     let wake = Instant::now() + delay;
                     loop {
                         tokio::select! {
-                            cmd = self.cmds.recv() => if !self.idle_cmd(cmd) { return None },
+                            cmd = self.cmds.recv() => match cmd {
+                                Some(Cmd::RedialNow) => break,
+                                cmd => if !self.idle_cmd(cmd) { return None },
+                            },
                             _ = sleep_until(wake) => break,
                         }
                     }
@@ -389,6 +396,7 @@ impl Session {
                             return Err(e);
                         }
                     },
+                    Some(Cmd::RedialNow) => {}
                     Some(Cmd::StartEvents) => {
                         if !self.events_started {
                             self.events_started = true;
@@ -463,6 +471,11 @@ impl Session {
     fn on_message(&mut self, msg: ShimToControl) -> Result<(), Error> {
         let re = match &msg {
             ShimToControl::Event(env) => {
+                match &env.event {
+                    Event::StateChanged(c) => self.shared.wake.saw_state(c.to),
+                    Event::Paused(_) => self.shared.wake.saw_state(DriverState::Paused),
+                    _ => {}
+                }
                 if !self.events_started {
                     debug!(seq = env.seq, "event before resume_from ignored");
                 } else if env.seq <= self.resumed_at {
@@ -546,7 +559,7 @@ impl Session {
                     let _ = done.send(Err(Error::Closed));
                 }
                 Cmd::Close(done) => self.close_done.push(done),
-                Cmd::StartEvents => {}
+                Cmd::StartEvents | Cmd::RedialNow => {}
             }
         }
         for done in self.close_done.drain(..) {

@@ -38,6 +38,11 @@ pub(crate) struct Shared {
     /// Test hooks: drop the connection now / after the next request is written.
     pub(crate) drop_now: Notify,
     pub(crate) drop_after_send: AtomicBool,
+    /// The last known state, and the lock of the one waker (auto-wake).
+    pub(crate) wake: crate::wake::WakeState,
+    /// The `output_schema` of each task this client submitted (bounded).
+    #[cfg(feature = "schema")]
+    pub(crate) schemas: Mutex<crate::outcome::SchemaMemo>,
 }
 
 impl Shared {
@@ -55,6 +60,9 @@ impl Shared {
             id_counter: AtomicU32::new(0),
             drop_now: Notify::new(),
             drop_after_send: AtomicBool::new(false),
+            wake: crate::wake::WakeState::default(),
+            #[cfg(feature = "schema")]
+            schemas: Mutex::default(),
         }
     }
 

@@ -50,6 +50,11 @@ impl TaskSpec {
         }
     }
 
+    #[cfg(feature = "schema")]
+    pub(crate) fn schema(&self) -> Option<&Value> {
+        self.output_schema.as_ref()
+    }
+
     /// The task's id.
     ///
     /// ```

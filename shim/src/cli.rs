@@ -117,6 +117,8 @@ pub struct SupervisorOpts {
     pub ping_misses: u32,
     /// `--pause-timeout`.
     pub pause_timeout: Duration,
+    /// `--idle-after` (`None`: idle detection is off).
+    pub idle_after: Option<Duration>,
     /// `--cancel-grace`.
     pub cancel_grace: Duration,
     /// `--task-queue`.
@@ -169,6 +171,7 @@ impl Default for SupervisorOpts {
             ping_interval: Duration::from_secs(10),
             ping_misses: 3,
             pause_timeout: Duration::from_secs(10),
+            idle_after: None,
             cancel_grace: Duration::from_secs(5),
             task_queue: 64,
             event_buffer: 4096,
@@ -307,6 +310,7 @@ AGENT_SHIM_* variable, e.g. --ping-interval is AGENT_SHIM_PING_INTERVAL):
       --ping-interval DUR    liveness ping period, 0 disables [10s]
       --ping-misses K        unanswered pings before the driver counts as hung [3]
       --pause-timeout DUR    time the driver has to reach a safe point [10s]
+      --idle-after DUR       no task, no exec, no driver event for DUR: event idle [off]
       --cancel-grace DUR     default cancel grace [5s]
       --task-queue N         queued tasks [64]
       --event-buffer N, --event-buffer-bytes N
@@ -494,6 +498,7 @@ const SUP_VALUES: &[&str] = &[
     "ping-interval",
     "ping-misses",
     "pause-timeout",
+    "idle-after",
     "cancel-grace",
     "task-queue",
     "event-buffer",
@@ -657,6 +662,9 @@ fn supervisor_opts(
         ping_interval: one(get("ping-interval")?, d.ping_interval, parse_duration)?,
         ping_misses: one(get("ping-misses")?, d.ping_misses, parse_num)?,
         pause_timeout: one(get("pause-timeout")?, d.pause_timeout, parse_duration)?,
+        idle_after: one(get("idle-after")?, None, |s| {
+            parse_positive_duration(s).map(Some)
+        })?,
         cancel_grace: one(get("cancel-grace")?, d.cancel_grace, parse_duration)?,
         task_queue: one(get("task-queue")?, d.task_queue, parse_num)?,
         event_buffer: one(get("event-buffer")?, d.event_buffer, parse_num)?,
@@ -1246,6 +1254,17 @@ mod tests {
         assert!(run(&["--agent-id", " ", "--supervise", "x"]).is_err());
         let err = run_with(&["x"], &[("AGENT_SHIM_LOG_RATE", "many")]).unwrap_err();
         assert!(err.to_string().contains("AGENT_SHIM_LOG_RATE"), "{err}");
+    }
+
+    #[test]
+    fn idle_after_is_off_by_default_and_positive() {
+        assert_eq!(run(&["--supervise", "x"]).unwrap().sup.idle_after, None);
+        let c = run(&["--idle-after", "90s", "--supervise", "x"]).unwrap();
+        assert_eq!(c.sup.idle_after, Some(Duration::from_secs(90)));
+        let c = run_with(&["--supervise", "x"], &[("AGENT_SHIM_IDLE_AFTER", "250ms")]).unwrap();
+        assert_eq!(c.sup.idle_after, Some(Duration::from_millis(250)));
+        assert!(run(&["--idle-after", "0", "--supervise", "x"]).is_err());
+        assert!(run(&["--idle-after", "soon", "--supervise", "x"]).is_err());
     }
 
     #[test]

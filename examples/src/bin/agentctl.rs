@@ -344,6 +344,23 @@ fn to_json<T: serde::Serialize>(v: &T) -> serde_json::Value {
     serde_json::to_value(v).unwrap_or_else(|e| serde_json::json!({"unprintable": e.to_string()}))
 }
 
+/// `status.idle_since_ms` for people: how long the agent has been idle.
+fn idle_text(since_ms: Option<u64>) -> String {
+    let Some(since) = since_ms else {
+        return "no (busy, or the shim runs without --idle-after)".to_owned();
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0);
+    let ms = now.saturating_sub(since);
+    format!(
+        "for {}.{:03} s (since {since} ms after the Unix epoch)",
+        ms / 1000,
+        ms % 1000
+    )
+}
+
 fn value_text(v: &rmpv::Value) -> String {
     match v {
         rmpv::Value::String(s) => format!("{:?}", s.as_str().unwrap_or("<non-utf8>")),
@@ -425,6 +442,7 @@ async fn command(client: &Client, cmd: Cmd, out: &Out) -> Result<u8, Fail> {
                         s.last_seq,
                         s.rss_bytes
                     );
+                    t.push_str(&format!("\nidle {}", idle_text(s.idle_since_ms)));
                     if let Some(agent) = client.agent_id() {
                         t.push_str(&format!("\nagent {agent}"));
                     }

@@ -4,7 +4,9 @@
 //! root and `unshare` is there, as a child subreaper otherwise), each supervising the echo
 //! driver and dialing this process's `Fleet` over a unix socket with a token. Then it submits
 //! tasks to every agent, crashes one driver to show the restart, cuts one control connection
-//! mid-task to show the resume, draws a live view (agents × state × tasks done), and ends
+//! mid-task to show the resume, waits for every agent to go idle (`--idle-after`), pauses
+//! one and wakes it with a new task (through the Fleet's wake hook), draws a live view
+//! (agents × state × tasks done), and ends
 //! with a summary that counts the events delivered, duplicated and lost. Duplicates and
 //! losses are counted from the seqs independently of control-link: both must be 0, and every
 //! task must end, or the demo exits 1.
@@ -29,6 +31,9 @@ use control_link::{Addr, AgentId, ConnectOptions, Fleet, Seq, TaskSpec, Token};
 const PATIENCE: Duration = Duration::from_secs(60);
 
 /// The live view's refresh period.
+/// Each shim's `--idle-after`.
+const IDLE_AFTER: &str = "300ms";
+
 const FRAME: Duration = Duration::from_millis(250);
 
 /// What went wrong, for the message before exit code 2.
@@ -139,6 +144,10 @@ struct Agent {
     failed: usize,
     cancelled: usize,
     restarts: u32,
+    /// Idle now (an `idle` event, no `busy` since).
+    idle: bool,
+    /// `idle` events received.
+    idles: u64,
 }
 
 impl Agent {
@@ -158,6 +167,11 @@ impl Agent {
         match event {
             Event::StateChanged(c) => self.state = Some(c.to),
             Event::DriverRestarting(_) => self.restarts += 1,
+            Event::Idle(_) => {
+                self.idle = true;
+                self.idles += 1;
+            }
+            Event::Busy(_) => self.idle = false,
             Event::TaskDone(done) => match done.status {
                 TaskStatus::Succeeded => self.succeeded += 1,
                 TaskStatus::Failed => self.failed += 1,
@@ -196,7 +210,18 @@ async fn run(args: Args) -> Result<bool, Error> {
     let token = write_token(&token_path)?;
     let socket = Addr::Unix(dir.join("control.sock"));
 
-    let fleet = Fleet::new(ConnectOptions::new().token(token));
+    // The wake hook: a platform would unfreeze the agent's container here (`docker
+    // unpause`); the demo pauses agents at the protocol level only, so it just counts.
+    let wakes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let hook_wakes = std::sync::Arc::clone(&wakes);
+    let opts = ConnectOptions::new()
+        .token(token)
+        .wake_hook(move |agent: AgentId| {
+            hook_wakes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            println!("fleet-demo: waking {agent} for a new task");
+            async { Ok::<(), std::io::Error>(()) }
+        });
+    let fleet = Fleet::new(opts);
     fleet.listen(&socket).await?;
     let mut events = fleet.events()?;
 
@@ -317,7 +342,45 @@ async fn run(args: Args) -> Result<bool, Error> {
         }
     }
 
-    // 5. Shut every agent down; each shim exits with its driver's status.
+    // 5. Every agent goes idle once its work is done; one is paused (a platform would freeze
+    // its container now) and a new task wakes it: the hook, a resume, the task.
+    wait_until(&mut events, &mut agents, "every agent idle", |a| {
+        a.values().all(|a| a.idle)
+    })
+    .await?;
+    let went_idle = agents.values().filter(|a| a.idles > 0).count();
+    println!("fleet-demo: every agent idle ({IDLE_AFTER} without work)");
+    let mut woken = None;
+    if let Some(id) = ids.last() {
+        if let Some(client) = fleet.client(id) {
+            client.pause(None).await?;
+            wait_until(&mut events, &mut agents, "the agent paused", |a| {
+                a.get(id)
+                    .is_some_and(|a| a.state == Some(DriverState::Paused))
+            })
+            .await?;
+            println!("fleet-demo: paused idle {id}");
+            let text = "good morning";
+            client
+                .submit_task(TaskSpec::new(
+                    format!("{id}-wake"),
+                    map([("text", text.into())]),
+                ))
+                .await?;
+            expected += 1;
+            if let Some(a) = agents.get_mut(id) {
+                a.submitted += 1;
+            }
+            wait_until(&mut events, &mut agents, "the waking task done", |a| {
+                a.get(id).is_some_and(|a| a.ended() >= a.submitted)
+            })
+            .await?;
+            woken = Some(id.clone());
+        }
+    }
+    let wakes = wakes.load(std::sync::atomic::Ordering::SeqCst);
+
+    // 6. Shut every agent down; each shim exits with its driver's status.
     for id in &ids {
         if let Some(client) = fleet.client(id) {
             if let Err(e) = client
@@ -345,6 +408,13 @@ async fn run(args: Args) -> Result<bool, Error> {
     println!("  tasks             {expected} submitted, {succeeded} succeeded, {failed} failed (the crash)");
     println!("  driver restarts   {restarts}");
     println!(
+        "  idle / wake       {went_idle} went idle; {}",
+        match &woken {
+            Some(id) => format!("{id} paused, woken by a new task ({wakes} wake)"),
+            None => "none woken".to_owned(),
+        }
+    );
+    println!(
         "  connection cut    {}",
         if cut_done { "1 (resumed)" } else { "none" }
     );
@@ -352,7 +422,13 @@ async fn run(args: Args) -> Result<bool, Error> {
     println!("  duplicates        {duplicates}");
     println!("  lost              {lost}");
     println!("  elapsed           {:.2} s", elapsed.as_secs_f64());
-    let ok = duplicates == 0 && lost == 0 && caught_up.is_ok() && exited == n;
+    let ok = duplicates == 0
+        && lost == 0
+        && caught_up.is_ok()
+        && exited == n
+        && went_idle == n
+        && woken.is_some()
+        && wakes == 1;
     if let Err(e) = caught_up {
         println!("  FAILED: {e}");
     }
@@ -508,6 +584,8 @@ fn start_agent(
         agent_name(i),
         "--backoff-initial".to_owned(),
         "50ms".to_owned(),
+        "--idle-after".to_owned(),
+        IDLE_AFTER.to_owned(),
         "--".to_owned(),
     ] {
         argv.push(a.into());

@@ -164,7 +164,7 @@ fn tail_killed_mid_stream_resumes_exactly_once() -> Result<()> {
 
 #[test]
 fn commands_human_and_json() -> Result<()> {
-    let mut shim = LinkShim::start(Mode::Pid1)?;
+    let mut shim = LinkShim::start_with(Mode::Pid1, &["--idle-after", "200ms"])?;
     let addr = shim.addr.to_string();
     let ok = |args: &[&str]| -> Result<String> {
         let (code, out, err) = run(&addr, args)?;
@@ -186,6 +186,19 @@ fn commands_human_and_json() -> Result<()> {
         json["state"].is_string() && json["last_seq"].is_u64(),
         "{json}"
     );
+    // Idle time, once the shim has been without work for its --idle-after.
+    let idle = crate::support::poll_until(PATIENCE, || {
+        let out = ok(&["status"]).ok()?;
+        out.lines()
+            .find(|l| l.starts_with("idle for "))
+            .map(str::to_owned)
+    });
+    ensure!(
+        idle.as_deref().is_some_and(|l| l.contains(" s (since ")),
+        "agentctl status never showed the idle time: {idle:?}"
+    );
+    let json: serde_json::Value = serde_json::from_str(ok(&["--json", "status"])?.trim())?;
+    ensure!(json["idle_since_ms"].is_u64(), "{json}");
 
     // task: follows the task to its end
     let out = ok(&["task", "hello agent", "--id", "h1"])?;

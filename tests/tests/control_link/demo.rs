@@ -52,7 +52,8 @@ fn fleet_demo_ends_ok_with_nothing_lost_or_duplicated() -> Result<()> {
     ensure!(status.success(), "fleet-demo: {status}\n{out}\n{err}");
     for line in [
         "agents            6 (6 exited cleanly after shutdown)",
-        "tasks             12 submitted, 11 succeeded, 1 failed (the crash)",
+        "tasks             13 submitted, 12 succeeded, 1 failed (the crash)",
+        "idle / wake       6 went idle; agent-5 paused, woken by a new task (1 wake)",
         "driver restarts   1",
         "connection cut    1 (resumed)",
         "duplicates        0",

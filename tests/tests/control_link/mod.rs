@@ -13,7 +13,9 @@ mod fake;
 mod fleet;
 mod listener;
 mod methods;
+mod schema;
 mod tty;
+mod wake;
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -65,6 +67,11 @@ impl LinkShim {
 
     /// Starts it with extra flags.
     pub fn start_with(mode: Mode, extra: &[&str]) -> Result<Self> {
+        Self::start_driver(mode, Driver::Rust, extra)
+    }
+
+    /// Starts it with this echo driver and extra flags.
+    pub fn start_driver(mode: Mode, driver: Driver, extra: &[&str]) -> Result<Self> {
         let dir = TempDir::new("link")?;
         let sock = dir.path().join("c.sock");
         let mut args: Vec<OsString> = vec![
@@ -80,7 +87,7 @@ impl LinkShim {
         let shim = Shim::new()
             .mode(mode)
             .args(args)
-            .cmd(Driver::Rust.argv()?)
+            .cmd(driver.argv()?)
             .start()?;
         if poll_until(PATIENCE, || sock.exists().then_some(())).is_none() {
             bail!(

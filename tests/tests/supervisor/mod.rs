@@ -10,6 +10,7 @@
 mod commands;
 mod control_transport;
 mod exec;
+mod idle;
 mod lifecycle;
 mod python;
 mod regressions;

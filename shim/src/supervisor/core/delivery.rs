@@ -57,7 +57,7 @@ impl<S: Sys> Core<S> {
     }
 
     /// `submit_task`: queue it (idempotently) and deliver it if the driver is free.
-    pub(super) fn submit_task(&mut self, s: SubmitTask) -> ShimToControl {
+    pub(super) fn submit_task(&mut self, s: SubmitTask, now: Instant) -> ShimToControl {
         let re = s.id;
         if self.stopping.is_some() {
             return err(re, ErrorCode::ShuttingDown, "the shim is shutting down");
@@ -73,6 +73,7 @@ impl<S: Sys> Core<S> {
         let task_id = s.task_id.clone();
         match self.tasks.submit(s) {
             SubmitOutcome::Accepted { position } => {
+                self.activity(now);
                 self.event(TaskAccepted { task_id, position });
                 self.start_next();
                 ok(re)

@@ -132,6 +132,7 @@ impl<S: Sys> Core<S> {
     /// The exec admitted as `id` runs as `pid` (its process group): its timers start.
     pub fn exec_started(&mut self, id: u64, owner: ExecOwner, pid: i32, req: &Exec, now: Instant) {
         info!(exec_id = id, pid, argv = ?req.argv, ?owner, "exec started");
+        self.activity(now);
         self.execs.insert(
             id,
             ExecEntry {

@@ -19,6 +19,34 @@ use crate::sys::Sys;
 use super::super::lifecycle::Input;
 use super::{due, Core, ExecOwner, ExitReason, Output};
 
+/// Whether a message from the driver counts as activity for idle detection (see
+/// [`idle`](super::idle)): what it relays as an event, `task_done`, and exec traffic; not
+/// liveness, lifecycle or replies.
+fn is_activity(msg: &DriverToShim) -> bool {
+    match msg {
+        DriverToShim::Error(e) => e.re.is_none(),
+        DriverToShim::MessageChunk(_)
+        | DriverToShim::ToolCall(_)
+        | DriverToShim::ToolResult(_)
+        | DriverToShim::FileChange(_)
+        | DriverToShim::Progress(_)
+        | DriverToShim::Log(_)
+        | DriverToShim::Custom(_)
+        | DriverToShim::TaskDone(_)
+        | DriverToShim::Exec(_)
+        | DriverToShim::ExecInput(_)
+        | DriverToShim::ExecResize(_)
+        | DriverToShim::ExecSignal(_) => true,
+        DriverToShim::Hello(_)
+        | DriverToShim::Ready(_)
+        | DriverToShim::Paused(_)
+        | DriverToShim::Ping(_)
+        | DriverToShim::Pong(_)
+        | DriverToShim::Ok(_)
+        | DriverToShim::Unknown(_) => false,
+    }
+}
+
 /// How long a driver that closed its socket may take to exit before it is a protocol error.
 const EOF_GRACE: Duration = Duration::from_secs(1);
 
@@ -109,6 +137,9 @@ impl<S: Sys> Core<S> {
         // Being killed: its events and task results still count (a late `task_done` for an
         // abandoned task is dropped by the queue), but it changes no state any more.
         let dying = driver.kill_reason.is_some() || driver.gone;
+        if is_activity(&msg) {
+            self.activity(now);
+        }
         match msg {
             DriverToShim::Hello(_) => debug!("ignoring a second hello from the driver"),
             DriverToShim::Ready(_) | DriverToShim::Paused(_) if dying => {

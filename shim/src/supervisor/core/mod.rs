@@ -23,6 +23,7 @@
 
 mod delivery;
 mod exec;
+mod idle;
 mod launch;
 mod link;
 mod pause;
@@ -201,6 +202,8 @@ pub struct Core<S: Sys> {
     exit_pending: Option<i32>,
     /// Execs still not reported by then are reported as they are, and the shim exits.
     exit_deadline: Option<Instant>,
+    /// Idle detection, with `--idle-after`.
+    idle: Option<idle::IdleTracker>,
 }
 
 impl<S: Sys> Core<S> {
@@ -254,6 +257,9 @@ impl<S: Sys> Core<S> {
             next_exec_id: 1,
             exit_pending: None,
             exit_deadline: None,
+            idle: sup
+                .idle_after
+                .map(|after| idle::IdleTracker::new(after, now)),
             cfg: cfg.clone(),
             sys,
         }
@@ -356,6 +362,7 @@ impl<S: Sys> Core<S> {
             self.replacing.as_ref().and_then(|r| r.term_at),
             self.replacing.as_ref().and_then(|r| r.kill_at),
             self.exec_deadline(),
+            self.idle_deadline(),
         ]
         .into_iter()
         .flatten()
@@ -374,6 +381,7 @@ impl<S: Sys> Core<S> {
         self.stop_timer(now);
         self.replace_timer(now);
         self.exec_timer(now);
+        self.idle_timer(now);
     }
 
     /// The shell stopped reading the driver (the event buffer is full): unanswered pings
@@ -417,7 +425,7 @@ impl<S: Sys> Core<S> {
     ) -> ShimToControl {
         use driver_protocol::message::ControlToShim as C;
         match req {
-            C::SubmitTask(s) => self.submit_task(s),
+            C::SubmitTask(s) => self.submit_task(s, now),
             C::CancelTask(c) => self.cancel_task(c, now),
             C::Pause(p) => self.pause(p.id, now),
             C::Resume(r) => self.resume(r.id, now),
@@ -483,7 +491,7 @@ impl<S: Sys> Core<S> {
             buffered_bytes: 0,
             last_seq: 0,
             rss_bytes: 0,
-            idle_since_ms: None,
+            idle_since_ms: self.idle_since_ms(),
         }
     }
 }

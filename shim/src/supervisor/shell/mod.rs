@@ -122,6 +122,10 @@ pub(super) async fn shell(
     loop {
         // Frames left in the read buffer while the event buffer was full (a no-op if none).
         sh.decode_frames(false);
+        if sh.core.idle_enabled() {
+            // After every input: notices work that ended (idle detection).
+            sh.core.idle_tick(Instant::now());
+        }
         sh.apply_outputs();
         if let Some(code) = sh.core.exit_code() {
             let kill_deadline = sh.core.kill_deadline();
