@@ -18,7 +18,7 @@ fn remote_code(r: Result<impl std::fmt::Debug, Error>) -> Result<ErrorCode> {
 
 in_both_modes! {
     fn every_method(mode: Mode) -> Result<()> {
-        let shim = LinkShim::start_with(mode, &["--agent-id", "link-test"])?;
+        let shim = LinkShim::start(mode)?;
         runtime()?.block_on(async {
             let client = within(PATIENCE, "connect", connect(&shim.addr, None)).await??;
             assert!(client.is_connected());

@@ -83,13 +83,24 @@ impl LinkShim {
             args.push(k.into());
             args.push(v.into());
         }
+        // Named "link-test" unless the caller names it.
+        if !extra.contains(&"--agent-id") {
+            args.extend(["--agent-id".into(), "link-test".into()]);
+        }
         args.extend(extra.iter().map(OsString::from));
         let shim = Shim::new()
             .mode(mode)
             .args(args)
             .cmd(driver.argv()?)
             .start()?;
-        if poll_until(PATIENCE, || sock.exists().then_some(())).is_none() {
+        // The socket file appears when it is bound, a moment before it listens: wait until
+        // a connection is accepted (this probe closes at once, which the shim shrugs off).
+        let listening = || {
+            std::os::unix::net::UnixStream::connect(&sock)
+                .ok()
+                .map(drop)
+        };
+        if poll_until(PATIENCE, listening).is_none() {
             bail!(
                 "no control socket at {}\n{}",
                 sock.display(),
