@@ -12,7 +12,7 @@ pub fn run(ctx: &Ctx) -> Figure {
     let mut fig = Figure::new(
         "static binary size",
         "The file size of `cargo build --release --target x86_64-unknown-linux-musl -p agent-shim` \
-         (static-pie, stripped; every feature is built in), and of the anchors' binaries as apt \
+         (static, non-PIE, stripped; every feature is built in), and of the anchors' binaries as apt \
          installs them (tini-static is static; dumb-init and catatonit are as packaged).",
     );
     fig.columns = vec!["bytes".into(), "KiB".into()];
