@@ -8,6 +8,7 @@
 //! and decodes every frame, hands each event out once in seq order through its
 //! [`EventStream`], and acknowledges them in batches ([`AckMode::Auto`]).
 
+use std::future::Future;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -28,7 +29,8 @@ const EVENT_BUFFER: usize = 4096;
 pub struct Client {
     rt: Runtime,
     client: control_link::Client,
-    events: EventStream,
+    /// Lent to the task of each measurement (see [`Client::run`]).
+    events: Option<EventStream>,
 }
 
 /// The result of one exec output run.
@@ -51,13 +53,11 @@ pub struct Relayed {
     pub elapsed_ns: u64,
 }
 
-/// The next event, or an error once `deadline` has passed or the stream ended.
-async fn next_event(events: &mut EventStream, deadline: Instant) -> Result<Event> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    match tokio::time::timeout(left, events.next()).await {
-        Ok(Some((_, event))) => Ok(event),
-        Ok(None) => bail!("the control link closed"),
-        Err(_) => bail!("timed out waiting for events"),
+/// The next event, or an error when the stream ended.
+async fn next_event(events: &mut EventStream) -> Result<Event> {
+    match events.next().await {
+        Some((_, event)) => Ok(event),
+        None => bail!("the control link closed"),
     }
 }
 
@@ -93,20 +93,57 @@ impl Client {
             }
         })?;
         let events = client.events().map_err(|e| anyhow!("{e}"))?;
-        Ok(Client { rt, client, events })
+        Ok(Client {
+            rt,
+            client,
+            events: Some(events),
+        })
+    }
+
+    /// Runs `work` as a task of the runtime (so that control-link's session task wakes it
+    /// the cheap way, task to task on one thread, not through the runtime's unpark) with the
+    /// client and the event stream, bounded by `timeout`.
+    fn run<T, F>(
+        &mut self,
+        timeout: Duration,
+        work: impl FnOnce(control_link::Client, EventStream) -> F,
+    ) -> Result<T>
+    where
+        T: Send + 'static,
+        F: Future<Output = (EventStream, Result<T>)> + Send + 'static,
+    {
+        let events = self
+            .events
+            .take()
+            .context("a previous measurement failed")?;
+        let fut = work(self.client.clone(), events);
+        let task = self.rt.spawn(async move {
+            let mut fut = std::pin::pin!(fut);
+            tokio::time::timeout(timeout, &mut fut).await.ok()
+        });
+        match self.rt.block_on(task) {
+            Ok(Some((events, res))) => {
+                self.events = Some(events);
+                res
+            }
+            Ok(None) => bail!("timed out after {timeout:?} on the control link"),
+            Err(e) => bail!("the measurement task failed: {e}"),
+        }
     }
 
     /// Waits for the next `driver_ready` event (the driver start and crash-to-ready
     /// figures); returns it and the `CLOCK_MONOTONIC` instant it was handed out.
     pub fn wait_driver_ready(&mut self, timeout: Duration) -> Result<(DriverReady, u64)> {
-        let deadline = Instant::now() + timeout;
-        let events = &mut self.events;
-        self.rt.block_on(async {
-            loop {
-                if let Event::DriverReady(r) = next_event(events, deadline).await? {
-                    return Ok((r, now_ns()));
+        self.run(timeout, |_, mut events| async move {
+            let res = async {
+                loop {
+                    if let Event::DriverReady(r) = next_event(&mut events).await? {
+                        return Ok((r, now_ns()));
+                    }
                 }
             }
+            .await;
+            (events, res)
         })
     }
 
@@ -119,21 +156,21 @@ impl Client {
         size: u64,
         timeout: Duration,
     ) -> Result<Relayed> {
-        let deadline = Instant::now() + timeout;
         let input = Value::Map(vec![
             (Value::from("events"), Value::from(events)),
             (Value::from("size"), Value::from(size)),
         ]);
-        let (client, stream) = (&self.client, &mut self.events);
-        self.rt.block_on(async {
+        let task_id = task_id.to_owned();
+        let want = events;
+        self.run(timeout, move |client, mut stream| async move {
             // The reply and the burst arrive together: read events while the request waits.
-            let submit = client.submit_task(TaskSpec::new(task_id, input));
+            let submit = client.submit_task(TaskSpec::new(task_id.clone(), input));
             let consume = async {
                 let mut got = 0u64;
                 let mut first = 0u64;
                 let mut last = 0u64;
                 loop {
-                    match next_event(stream, deadline).await? {
+                    match next_event(&mut stream).await? {
                         Event::Custom(c) => {
                             if got == 0 {
                                 first = now_ns();
@@ -142,7 +179,7 @@ impl Client {
                                 bail!("a custom event of kind {:?}", c.kind);
                             }
                             got += 1;
-                            if got == events {
+                            if got == want {
                                 last = now_ns();
                             }
                         }
@@ -157,8 +194,10 @@ impl Client {
                 })
             };
             let (submitted, relayed) = tokio::join!(submit, consume);
-            submitted.map_err(|e| anyhow!("submit_task: {e}"))?;
-            relayed
+            let res = submitted
+                .map_err(|e| anyhow!("submit_task: {e}"))
+                .and(relayed);
+            (stream, res)
         })
     }
 
@@ -166,20 +205,22 @@ impl Client {
     /// the shim hands it to the bench driver, which ends the task at once with the payload
     /// as its output; returns the nanoseconds from sending to reading the `task_done` event.
     pub fn round_trip(&mut self, task_id: &str, payload: &[u8], timeout: Duration) -> Result<u64> {
-        let deadline = Instant::now() + timeout;
-        let (client, stream) = (&self.client, &mut self.events);
-        self.rt.block_on(async {
+        let task_id = task_id.to_owned();
+        let payload = payload.to_vec();
+        self.run(timeout, move |client, mut stream| async move {
             let t0 = now_ns();
-            let submit =
-                client.submit_task(TaskSpec::new(task_id, Value::Binary(payload.to_vec())));
+            let submit = client.submit_task(TaskSpec::new(
+                task_id.clone(),
+                Value::Binary(payload.clone()),
+            ));
             let consume = async {
                 loop {
-                    if let Event::TaskDone(done) = next_event(stream, deadline).await? {
+                    if let Event::TaskDone(done) = next_event(&mut stream).await? {
                         if done.task_id != task_id {
                             continue;
                         }
                         let at = now_ns();
-                        if done.output.as_ref().and_then(Value::as_slice) != Some(payload) {
+                        if done.output.as_ref().and_then(Value::as_slice) != Some(&payload[..]) {
                             bail!("task {task_id}: the driver's output is not the payload");
                         }
                         return Ok(at.saturating_sub(t0));
@@ -187,25 +228,24 @@ impl Client {
                 }
             };
             let (submitted, rtt) = tokio::join!(submit, consume);
-            submitted.map_err(|e| anyhow!("submit_task: {e}"))?;
-            rtt
+            let res = submitted.map_err(|e| anyhow!("submit_task: {e}")).and(rtt);
+            (stream, res)
         })
     }
 
     /// Runs `argv` as an exec for the control plane and reads all its output (the exec
     /// output figure).
     pub fn exec_output(&mut self, argv: &[&str], timeout: Duration) -> Result<ExecRun> {
-        let deadline = Instant::now() + timeout;
-        let (client, stream) = (&self.client, &mut self.events);
-        self.rt.block_on(async {
+        let argv: Vec<String> = argv.iter().map(|a| a.to_string()).collect();
+        self.run(timeout, move |client, mut stream| async move {
             let t0 = now_ns();
-            let started = client.exec(ExecSpec::new(argv.iter().copied()));
+            let started = client.exec(ExecSpec::new(argv));
             // One exec at a time: every exec_output until the exec_exit is this exec's.
             let consume = async {
                 let mut bytes = 0u64;
                 let mut ids = (None, None);
                 loop {
-                    match next_event(stream, deadline).await? {
+                    match next_event(&mut stream).await? {
                         Event::ExecOutput(out) => {
                             ids.0.get_or_insert(out.exec_id);
                             bytes += out.data.len() as u64;
@@ -223,30 +263,39 @@ impl Client {
                 }
             };
             let (started, consumed) = tokio::join!(started, consume);
-            let started = started.map_err(|e| anyhow!("exec: {e}"))?;
-            let (bytes, elapsed_ns, (out_id, exit_id)) = consumed?;
-            if exit_id != Some(started.exec_id) || out_id.is_some_and(|id| id != started.exec_id) {
-                bail!("events of another exec than {}", started.exec_id);
-            }
-            Ok(ExecRun { bytes, elapsed_ns })
+            let res = (|| {
+                let started = started.map_err(|e| anyhow!("exec: {e}"))?;
+                let (bytes, elapsed_ns, (out_id, exit_id)) = consumed?;
+                if exit_id != Some(started.exec_id)
+                    || out_id.is_some_and(|id| id != started.exec_id)
+                {
+                    bail!("events of another exec than {}", started.exec_id);
+                }
+                Ok(ExecRun { bytes, elapsed_ns })
+            })();
+            (stream, res)
         })
     }
 
     /// Reads (and so acknowledges) every event that arrives within `window`.
     pub fn drain(&mut self, window: Duration) -> Result<()> {
-        let deadline = Instant::now() + window;
-        let events = &mut self.events;
-        self.rt
-            .block_on(async { while next_event(events, deadline).await.is_ok() {} });
-        Ok(())
+        let res = self.run(
+            window + Duration::from_secs(1),
+            move |_, mut events| async move {
+                let _ = tokio::time::timeout(window, async {
+                    while next_event(&mut events).await.is_ok() {}
+                })
+                .await;
+                (events, Ok(()))
+            },
+        );
+        res
     }
 
     /// Sends the pending acknowledgements and closes the connection.
     pub fn close(self) {
         let Client { rt, client, events } = self;
-        rt.block_on(async {
-            drop(events);
-            client.close().await;
-        });
+        drop(events);
+        rt.block_on(client.close());
     }
 }
