@@ -367,8 +367,14 @@ impl Session {
         let keepalive = self.opts.keepalive;
         let mut last_rx = Instant::now();
         let mut probing = false;
+        // Both timers live across iterations: a fresh `Sleep` per frame would register (and
+        // often unpark the runtime for) a timer per event. The keepalive deadline moves
+        // lazily: when the timer fires early (frames came meanwhile), it is re-armed.
+        let keepalive_timer = tokio::time::sleep_until(last_rx + keepalive);
+        tokio::pin!(keepalive_timer);
+        let ack_timer = tokio::time::sleep_until(last_rx + ACK_INTERVAL);
+        tokio::pin!(ack_timer);
         loop {
-            let probe_at = last_rx + keepalive * if probing { 2 } else { 1 };
             tokio::select! {
                 biased;
                 cmd = self.cmds.recv() => match cmd {
@@ -410,7 +416,13 @@ impl Session {
                     return Ok(End::Replaced(Box::new(c)));
                 }
                 // Only while the socket is read: a slow consumer is not a dead shim.
-                _ = sleep_until(probe_at), if !keepalive.is_zero() && self.queued.is_none() => {
+                _ = &mut keepalive_timer, if !keepalive.is_zero() && self.queued.is_none() => {
+                    let probe_at = last_rx + keepalive * if probing { 2 } else { 1 };
+                    if Instant::now() < probe_at {
+                        keepalive_timer.as_mut().reset(probe_at);
+                        continue;
+                    }
+                    keepalive_timer.as_mut().reset(last_rx + keepalive * 2);
                     if probing {
                         warn!(?keepalive, "the shim does not answer; dropping the connection");
                         return Ok(End::Dropped);
@@ -428,9 +440,11 @@ impl Session {
                     self.flush_ack(link).await?;
                 }
                 _ = self.shared.ack_soon.notified(), if ack_deadline.is_none() => {
-                    ack_deadline = Some(Instant::now() + ACK_INTERVAL);
+                    let at = Instant::now() + ACK_INTERVAL;
+                    ack_deadline = Some(at);
+                    ack_timer.as_mut().reset(at);
                 }
-                _ = sleep_until_opt(ack_deadline) => {
+                _ = &mut ack_timer, if ack_deadline.is_some() => {
                     ack_deadline = None;
                     self.flush_ack(link).await?;
                 }
@@ -591,13 +605,6 @@ async fn recv_handoff(handoff: &mut Option<&mut mpsc::Receiver<Connected>>) -> C
             Some(c) => c,
             None => std::future::pending().await,
         },
-        None => std::future::pending().await,
-    }
-}
-
-async fn sleep_until_opt(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => sleep_until(d).await,
         None => std::future::pending().await,
     }
 }

@@ -132,15 +132,15 @@ pub fn run(ctx: &Ctx) -> Vec<Figure> {
     let mut start = Figure::new(
         "driver start",
         "Wall time from spawning `agent-shim --control-listen unix:… --control-insecure -- \
-         echo-driver` (not PID 1) to reading the `driver_ready` event at the control client \
-         (which connects as soon as the socket accepts, and sends `resume_from{0}`). Baseline: \
+         echo-driver` (not PID 1) to the `driver_ready` event handed out by a control-link \
+         `Client` (which connects as soon as the socket accepts, and sends `resume_from{0}`). Baseline: \
          the bench forks + execs the same echo-driver on a socketpair itself, exchanges `hello`s \
          and reads its `ready`. Medians; runs interleaved.",
     );
     let mut crash = Figure::new(
         "crash to ready",
         "With `--restart always --backoff-initial 0 --backoff-jitter 0`, the driver is SIGKILLed; \
-         wall time from the kill to the next `driver_ready` at the control client. Baseline: \
+         wall time from the kill to the next `driver_ready` at the control-link client. Baseline: \
          SIGKILL the bare driver, reap it, fork + exec it again and read its `ready`. Medians.",
     );
     let start_text = "≤ 5 ms above a bare fork+exec of the driver";
@@ -183,7 +183,7 @@ pub fn run(ctx: &Ctx) -> Vec<Figure> {
     ] {
         fig.columns = vec!["median (ms)".into(), "samples".into(), "raw (ms)".into()];
         fig.rows.push((
-            "agent-shim → control client".into(),
+            "agent-shim → control-link".into(),
             vec![
                 median(shim).map_or("—".into(), |v| format!("{v:.2}")),
                 shim.len().to_string(),

@@ -1,11 +1,10 @@
 //! Fleet: one control process holding live control connections to 1,000 shims (each
 //! supervising the echo driver); the control side's RSS and CPU, and the shims' total RSS.
 //!
-//! `control-link`'s `Fleet` is not there yet, so the control side is [`control_main`]: one
-//! process, one tokio current-thread runtime, one task per shim doing what a fleet client does
-//! (connect, `hello`, `resume_from`, read and acknowledge events, answer a `status` round).
-//! Switching to `Fleet` means replacing `control_main`'s body; the measurement around it (run
-//! as `shim-bench fleet-control DIR N`, reporting on stdout) stays.
+//! The control side is [`control_main`] (run as `shim-bench fleet-control DIR N`, reporting on
+//! stdout): one process, one tokio current-thread runtime and one `control_link::Fleet` that
+//! dials every shim, reads the fleet's aggregated event stream (acknowledged by control-link)
+//! until every `driver_ready`, holds the connections, and sends one `status` round.
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Write};
@@ -15,15 +14,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use bytes::{Buf, BytesMut};
-use driver_protocol::frame::{parse_header, write_message, HEADER_LEN};
-use driver_protocol::message::{
-    Ack, ControlToShim, Hello, Message, ResumeFrom, Role, ShimToControl, Status,
-};
-use driver_protocol::{raw, DEFAULT_MAX_FRAME};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::UnixStream;
+use control_link::{Addr, ConnectOptions, Fleet};
+use driver_protocol::message::Event;
 
 use crate::procs::{children_of, status_kb, Mode, Proc, Spec};
 use crate::report::{Figure, Target};
@@ -42,102 +34,6 @@ fn socket(dir: &Path, i: usize) -> PathBuf {
     dir.join(format!("s{i}.sock"))
 }
 
-/// Reads one frame into `buf`'s front; cancel-safe (all state is in `buf`).
-async fn next_frame(rd: &mut OwnedReadHalf, buf: &mut BytesMut) -> Result<Option<BytesMut>> {
-    loop {
-        if let Some(len) = parse_header(buf, DEFAULT_MAX_FRAME)? {
-            if buf.len() >= HEADER_LEN + len {
-                let mut f = buf.split_to(HEADER_LEN + len);
-                f.advance(HEADER_LEN);
-                return Ok(Some(f));
-            }
-        }
-        if rd.read_buf(buf).await? == 0 {
-            return Ok(None);
-        }
-    }
-}
-
-async fn send(wr: &mut OwnedWriteHalf, msg: ControlToShim) -> Result<()> {
-    let mut out = Vec::with_capacity(64);
-    write_message(&mut out, DEFAULT_MAX_FRAME, &msg)?;
-    wr.write_all(&out).await?;
-    Ok(())
-}
-
-/// What one connection reports to the fleet.
-enum Report {
-    Ready,
-    Status,
-    Failed(String),
-}
-
-/// One shim's connection: handshake, events until `driver_ready`, then idle (acknowledging
-/// events) and one `status` per round.
-async fn agent(
-    path: PathBuf,
-    tx: tokio::sync::mpsc::UnboundedSender<Report>,
-    mut go: tokio::sync::watch::Receiver<u64>,
-) {
-    let res: Result<()> = async {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let stream = loop {
-            match UnixStream::connect(&path).await {
-                Ok(s) => break s,
-                Err(_) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(5)).await
-                }
-                Err(e) => return Err(anyhow!(e).context(format!("connect {}", path.display()))),
-            }
-        };
-        let (mut rd, mut wr) = stream.into_split();
-        let mut buf = BytesMut::with_capacity(4096);
-        send(
-            &mut wr,
-            Hello::new(Role::Control, "shim-bench-fleet", "0").into(),
-        )
-        .await?;
-        match next_frame(&mut rd, &mut buf).await? {
-            Some(f) => match ShimToControl::decode(&f)? {
-                ShimToControl::Hello(_) => {}
-                other => bail!("first frame {other:?}"),
-            },
-            None => bail!("closed before hello"),
-        }
-        send(&mut wr, ResumeFrom { seq: 0 }.into()).await?;
-        let mut ready = false;
-        let mut next_id = 0u64;
-        loop {
-            tokio::select! {
-                frame = next_frame(&mut rd, &mut buf) => {
-                    let Some(f) = frame? else { bail!("the shim closed the connection") };
-                    if raw::read_head(&f)?.type_name == "event" {
-                        let ev = raw::split_envelope(&f)?;
-                        if !ready && raw::read_head(ev.event)?.type_name == "driver_ready" {
-                            ready = true;
-                            let _ = tx.send(Report::Ready);
-                        }
-                        send(&mut wr, Ack { seq: ev.seq }.into()).await?;
-                    } else if let ShimToControl::StatusReply(_) = ShimToControl::decode(&f)? {
-                        let _ = tx.send(Report::Status);
-                    }
-                }
-                changed = go.changed() => {
-                    if changed.is_err() {
-                        return Ok(());
-                    }
-                    next_id += 1;
-                    send(&mut wr, Status { id: next_id }.into()).await?;
-                }
-            }
-        }
-    }
-    .await;
-    if let Err(e) = res {
-        let _ = tx.send(Report::Failed(format!("{}: {e:#}", path.display())));
-    }
-}
-
 fn cpu_ms() -> f64 {
     // SAFETY: `ru` is a valid, writable rusage; RUSAGE_SELF always exists.
     let ru = unsafe {
@@ -149,36 +45,84 @@ fn cpu_ms() -> f64 {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
-/// The control side of the fleet figure (`shim-bench fleet-control DIR N`): connects to the
-/// `N` shims of `DIR`, prints `ready OK FAILED MS` once every driver is ready, waits for a
-/// line on stdin, holds the fleet idle for 2 s, runs one `status` round, and prints
-/// `stats RSS_KB CPU_TOTAL_MS IDLE_CPU_MS STATUS_ROUND_MS STATUSES`.
+/// The agent id of shim `i` (each shim is started with `--agent-id` so the fleet can tell
+/// them apart).
+fn agent_id(i: usize) -> String {
+    format!("agent-{i}")
+}
+
+/// The control side of the fleet figure (`shim-bench fleet-control DIR N`): one
+/// `control_link::Fleet` connects to the `N` shims of `DIR`, prints `ready OK FAILED MS` once
+/// its event stream has shown every `driver_ready`, waits for a line on stdin, holds the
+/// fleet idle for 2 s, runs one `status` round (one request per shim, all at once), and
+/// prints `stats RSS_KB CPU_TOTAL_MS IDLE_CPU_MS STATUS_ROUND_MS STATUSES`.
 pub fn control_main(dir: &Path, n: usize) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
         let t0 = Instant::now();
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let (go_tx, go_rx) = tokio::sync::watch::channel(0u64);
+        let fleet = Fleet::new(
+            ConnectOptions::new()
+                .connect_timeout(Duration::from_secs(60))
+                .request_timeout(Duration::from_secs(120)),
+        );
+        let mut events = fleet.events().map_err(|e| anyhow!("{e}"))?;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Result<(), String>>();
         for i in 0..n {
-            tokio::spawn(agent(socket(dir, i), tx.clone(), go_rx.clone()));
+            let fleet = fleet.clone();
+            let tx = tx.clone();
+            let path = socket(dir, i);
+            tokio::spawn(async move {
+                let res = async {
+                    let addr: Addr = format!("unix:{}", path.display())
+                        .parse()
+                        .map_err(|e| format!("{e}"))?;
+                    let deadline = Instant::now() + Duration::from_secs(120);
+                    loop {
+                        match fleet.connect(agent_id(i), &addr).await {
+                            Ok(_) => return Ok(()),
+                            Err(_) if Instant::now() < deadline => {
+                                tokio::time::sleep(Duration::from_millis(5)).await
+                            }
+                            Err(e) => return Err(format!("connect {addr}: {e}")),
+                        }
+                    }
+                }
+                .await;
+                let _ = tx.send(res);
+            });
         }
         drop(tx);
-        let (mut ok, mut failed) = (0usize, 0usize);
-        while ok + failed < n {
-            match tokio::time::timeout(Duration::from_secs(180), rx.recv()).await {
-                Ok(Some(Report::Ready)) => ok += 1,
-                Ok(Some(Report::Failed(e))) => {
-                    failed += 1;
-                    eprintln!("fleet-control: {e}");
+        let mut ready = std::collections::HashSet::new();
+        let mut failed = 0usize;
+        let limit = Instant::now() + Duration::from_secs(180);
+        while ready.len() + failed < n && Instant::now() < limit {
+            tokio::select! {
+                ev = events.next() => match ev {
+                    Some((agent, _, Event::DriverReady(_))) => {
+                        ready.insert(agent);
+                    }
+                    Some(_) => {}
+                    None => break,
+                },
+                Some(res) = rx.recv() => {
+                    if let Err(e) = res {
+                        failed += 1;
+                        eprintln!("fleet-control: {e}");
+                    }
                 }
-                Ok(Some(Report::Status)) => {}
-                Ok(None) | Err(_) => break,
+                _ = tokio::time::sleep_until(limit.into()) => break,
             }
         }
-        println!("ready {ok} {failed} {}", t0.elapsed().as_millis());
+        println!(
+            "ready {} {failed} {}",
+            ready.len(),
+            t0.elapsed().as_millis()
+        );
         std::io::stdout().flush()?;
+        // Keep reading (and so acknowledging) events while the bench measures.
+        let reader = tokio::spawn(async move { while events.next().await.is_some() {} });
         let mut line = String::new();
         let mut stdin = tokio::io::BufReader::new(tokio::io::stdin());
         tokio::io::AsyncBufReadExt::read_line(&mut stdin, &mut line).await?;
@@ -186,23 +130,28 @@ pub fn control_main(dir: &Path, n: usize) -> Result<()> {
         tokio::time::sleep(IDLE_HOLD).await;
         let idle = cpu_ms() - before;
         let t1 = Instant::now();
-        go_tx.send(1)?;
-        let mut statuses = 0usize;
-        while statuses < ok {
-            match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
-                Ok(Some(Report::Status)) => statuses += 1,
-                Ok(Some(Report::Failed(e))) => eprintln!("fleet-control: {e}"),
-                Ok(Some(Report::Ready)) => {}
-                Ok(None) | Err(_) => break,
+        let mut round = tokio::task::JoinSet::new();
+        for agent in fleet.agents() {
+            if let Some(client) = fleet.client(&agent) {
+                round.spawn(async move { client.status().await });
             }
         }
-        let round = t1.elapsed().as_secs_f64() * 1e3;
+        let mut statuses = 0usize;
+        while let Some(res) = round.join_next().await {
+            match res {
+                Ok(Ok(_)) => statuses += 1,
+                Ok(Err(e)) => eprintln!("fleet-control: status: {e}"),
+                Err(e) => eprintln!("fleet-control: status task: {e}"),
+            }
+        }
+        let round_ms = t1.elapsed().as_secs_f64() * 1e3;
         let rss = status_kb(std::process::id() as i32, "VmRSS").unwrap_or(0);
         println!(
-            "stats {rss} {:.0} {idle:.1} {round:.1} {statuses}",
+            "stats {rss} {:.0} {idle:.1} {round_ms:.1} {statuses}",
             cpu_ms()
         );
         std::io::stdout().flush()?;
+        reader.abort();
         Ok(())
     })
 }
@@ -243,6 +192,8 @@ fn measure(ctx: &Ctx, n: usize) -> Result<Found> {
             "--control-listen".into(),
             format!("unix:{}", socket(&dir, i).display()).into(),
             "--control-insecure".into(),
+            "--agent-id".into(),
+            agent_id(i).into(),
             "--".into(),
             ctx.bins.echo_driver.clone().into(),
         ];
@@ -327,8 +278,9 @@ pub fn run(ctx: &Ctx) -> Figure {
         "fleet",
         "1,000 agent-shims (not PID 1, each `--control-listen unix:… --control-insecure -- \
          echo-driver`) and one control process (`shim-bench fleet-control`: one tokio \
-         current-thread runtime, one task per shim) that connects to all of them, reads and \
-         acknowledges their events until every `driver_ready`, then holds them. Measured while \
+         current-thread runtime and one control-link `Fleet`) that dials all of them, reads the \
+         fleet's event stream (acknowledged by control-link) until every `driver_ready`, then \
+         holds them. Measured while \
          every connection is live: the control process's VmRSS and CPU time (total, and during a \
          2 s idle hold), the time of one `status` round to all shims, and the sum of the shims' \
          VmRSS (their drivers' shown apart).",
@@ -410,11 +362,6 @@ pub fn run(ctx: &Ctx) -> Figure {
                     f.n
                 ));
             }
-            fig.notes.push(
-                "The control side is the bench's own tokio client (control-link's `Fleet` has not \
-                 landed); it does the same work per connection that a fleet client does."
-                    .into(),
-            );
         }
         Err(e) => fig = fig.failed(&[t_control, t_shims], &e),
     }

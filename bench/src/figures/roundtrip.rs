@@ -122,9 +122,9 @@ fn shim_run(ctx: &Ctx, n: usize, count: usize) -> Result<Vec<f64>> {
 pub fn run(ctx: &Ctx) -> Figure {
     let mut fig = Figure::new(
         "round trip",
-        "The control client sends `submit_task` with a 64-byte `bin` input; the shim queues it and \
+        "A control-link `Client` sends `submit_task` with a 64-byte `bin` input; the shim queues it and \
          hands the `task` to the bench driver, which ends it at once with `task_done{output: the \
-         payload}`; time until the client reads that `task_done` event (the `ok` reply and the \
+         payload}`; time until the client's event stream hands out that `task_done` event (the `ok` reply and the \
          `task_accepted` event arrive on the way). One request at a time. Baseline (the target's \
          \"raw\"): a frame with a 64-byte payload from a control thread through a raw forwarder \
          thread to an echo thread and back, over socketpairs, one write per frame: the same \
