@@ -535,3 +535,84 @@ mod pid1 {
         Ok(())
     }
 }
+
+/// Input for execs that never read their stdin is bounded: 16 MiB per exec, 64 MiB for all
+/// together; past either, `exec_input` is refused with `limit` and the shim carries on.
+#[test]
+fn stdin_that_is_never_read_is_bounded() -> Result<()> {
+    const CHUNK: usize = 1 << 20;
+    let mut sup = Setup::new(Mode::Subreaper).start()?;
+    sup.expect_up(1)?;
+    let chunk = Bytes::from(vec![b'x'; CHUNK]);
+    // Sends one chunk; `None` if accepted, the error if refused. (`status` goes through the
+    // supervisor in order after the input, unlike `ping`, which the connection answers.)
+    let feed = |sup: &mut Sup, exec_id: u64| -> Result<Option<ErrorCode>> {
+        sup.ctl.send(ExecInput {
+            exec_id,
+            data: chunk.clone(),
+            eof: false,
+        })?;
+        let id = sup.ctl.id();
+        sup.ctl.send(driver_protocol::message::Status { id })?;
+        let is_status =
+            |m: &ShimToControl| matches!(m, ShimToControl::StatusReply(s) if s.re == id);
+        match sup.ctl.next_reply(PATIENCE)? {
+            ref m if is_status(m) => Ok(None),
+            ShimToControl::Error(e) if e.re.is_none() => {
+                let next = sup.ctl.next_reply(PATIENCE)?;
+                ensure!(is_status(&next), "{next:?}");
+                Ok(Some(e.code))
+            }
+            other => bail!("unexpected {other:?}"),
+        }
+    };
+    let mut execs = Vec::new();
+    for _ in 0..5 {
+        let s = sup.ctl.exec_started(|id| Exec {
+            stdin: true,
+            ..cmd(id, &["sleep", "100"])
+        })?;
+        execs.push(s.exec_id);
+    }
+    // Per exec: 16 MiB (plus what the pipe holds) is taken, then refused.
+    let mut accepted = [0usize; 5];
+    for (i, &exec_id) in execs.iter().take(4).enumerate() {
+        loop {
+            match feed(&mut sup, exec_id)? {
+                None => accepted[i] += 1,
+                Some(code) => {
+                    ensure!(code == ErrorCode::Limit, "exec {exec_id}: {code:?}");
+                    break;
+                }
+            }
+            ensure!(accepted[i] <= 20, "exec {exec_id} took {} MiB", accepted[i]);
+        }
+        ensure!(
+            accepted[i] >= 15,
+            "exec {exec_id} took only {} MiB",
+            accepted[i]
+        );
+    }
+    // All together: the fifth exec finds the total bound reached at once.
+    let code = feed(&mut sup, execs[4])?;
+    ensure!(
+        code == Some(ErrorCode::Limit),
+        "a fifth exec's input: {code:?}"
+    );
+    // The shim is fine: its memory is what it holds, and it still answers.
+    let status = sup.status()?;
+    ensure!(
+        status.rss_bytes < 200 << 20,
+        "rss {} bytes",
+        status.rss_bytes
+    );
+    ensure!(status.execs_running == 5, "{status:?}");
+    for exec_id in execs {
+        sup.ctl.send(ExecSignal {
+            exec_id,
+            signal: "KILL".into(),
+        })?;
+    }
+    sup.status_until("execs gone", |s| s.execs_running == 0)?;
+    Ok(())
+}

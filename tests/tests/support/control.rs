@@ -416,6 +416,20 @@ impl ControlClient {
         }
     }
 
+    /// The next message that is not an event (a reply, or an `error` without `re`), at most
+    /// `timeout`; events read meanwhile are kept.
+    pub fn next_reply(&mut self, timeout: Duration) -> Result<ShimToControl> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.read(left)? {
+                Read::Timeout => bail!("no reply within {timeout:?}\n{}", self.context()),
+                Read::Msg(ShimToControl::Event(env)) => self.keep(env)?,
+                Read::Msg(reply) => return Ok(reply),
+            }
+        }
+    }
+
     /// Sends `submit_task` with a fresh id; the reply (`ok`, or `error`).
     pub fn submit(&mut self, task_id: &str, input: Value) -> Result<ShimToControl> {
         let id = self.id();

@@ -47,6 +47,10 @@ pub(super) const DRIVER_QUEUE_HIGH: usize = 1024 * 1024;
 /// Bytes of `exec_input` that may wait for one exec's stdin; more is refused (`limit`).
 const INPUT_QUEUE_MAX: usize = 16 * 1024 * 1024;
 
+/// Bytes of `exec_input` that may wait for all execs together: with `--max-execs` slots
+/// full, the per-exec bound alone would let a peer park gigabytes in PID 1.
+const INPUT_TOTAL_MAX: usize = 64 * 1024 * 1024;
+
 /// The byte a terminal reads as end of file (VEOF, Ctrl-D, in canonical mode).
 const TTY_EOF: u8 = 0x04;
 
@@ -362,6 +366,18 @@ impl Shell<'_> {
 
     /// Refuses input that would take exec `m.exec_id`'s input queue over its bound.
     fn input_room(&self, m: &ExecInput) -> Result<(), Refusal> {
+        let queued: usize = self.execs.values().map(|io| io.inq.len()).sum();
+        if self.execs.contains_key(&m.exec_id)
+            && queued.saturating_add(m.data.len()) > INPUT_TOTAL_MAX
+        {
+            return Err((
+                ErrorCode::Limit,
+                format!(
+                    "exec {}: {queued} bytes of input already wait for execs that do not read",
+                    m.exec_id
+                ),
+            ));
+        }
         match self.execs.get(&m.exec_id) {
             Some(io) if io.inq.len().saturating_add(m.data.len()) > INPUT_QUEUE_MAX => Err((
                 ErrorCode::Limit,
