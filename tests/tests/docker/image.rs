@@ -106,20 +106,27 @@ fn leased(run: &str) -> bool {
 
 /// Removes the images of other runs that no live runner holds a lease on.
 fn remove_stale_images(run: &str) {
-    let format = format!("{{{{.Repository}}}}:{{{{.Tag}}}} {{{{.Label \"{RUN_LABEL}\"}}}}");
+    // The repository is the run's name (`docker images` has no `.Label` placeholder).
     let filter = format!("label={RUN_LABEL}");
     let Ok(listed) = docker(
-        &["images", "--filter", &filter, "--format", &format],
+        &[
+            "images",
+            "--filter",
+            &filter,
+            "--format",
+            "{{.Repository}} {{.Tag}}",
+        ],
         DOCKER_PATIENCE,
     ) else {
         return;
     };
     for line in listed.lines() {
-        let Some((image, owner)) = line.split_once(' ') else {
+        let Some((owner, tag)) = line.split_once(' ') else {
             continue;
         };
-        if owner != run && !leased(owner) {
-            let _ = docker(&["rmi", "-f", image], DOCKER_PATIENCE);
+        let image = format!("{owner}:{tag}");
+        if owner != run && owner.starts_with("agent-shim-e2e-") && !leased(owner) {
+            let _ = docker(&["rmi", "-f", &image], DOCKER_PATIENCE);
             let _ = std::fs::remove_dir_all(lease_dir(owner));
         }
     }

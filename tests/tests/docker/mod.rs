@@ -82,11 +82,11 @@ pub fn run_name() -> &'static str {
             .or_else(|_| std::env::var("NEXTEST_RUN_ID"))
             .ok()
             .map(|id| {
-                id.chars()
-                    .filter(char::is_ascii_alphanumeric)
-                    .take(12)
+                id.to_ascii_lowercase()
+                    .chars()
+                    .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+                    .take(32)
                     .collect::<String>()
-                    .to_ascii_lowercase()
             })
             .filter(|id| !id.is_empty())
             .unwrap_or_else(|| format!("p{}", std::process::id()));
