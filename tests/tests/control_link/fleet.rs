@@ -17,8 +17,10 @@ const AGENTS: usize = 100;
 #[test]
 fn a_fleet_of_100_shims() -> Result<()> {
     let started = Instant::now();
+    // Each shim names itself as the fleet knows it: `Fleet::connect` refuses a shim whose
+    // `hello` names another agent.
     let shims: Vec<LinkShim> = (0..AGENTS)
-        .map(|_| LinkShim::start(Mode::Subreaper))
+        .map(|i| LinkShim::start_named(Mode::Subreaper, &format!("agent-{i:03}"), &[]))
         .collect::<Result<_>>()?;
     let limit = Duration::from_secs(60);
     runtime()?.block_on(async {

@@ -65,6 +65,11 @@ impl LinkShim {
 
     /// Starts it with extra flags.
     pub fn start_with(mode: Mode, extra: &[&str]) -> Result<Self> {
+        Self::start_named(mode, "link-test", extra)
+    }
+
+    /// Starts it with extra flags, naming itself `agent_id` in its `hello`.
+    pub fn start_named(mode: Mode, agent_id: &str, extra: &[&str]) -> Result<Self> {
         let dir = TempDir::new("link")?;
         let sock = dir.path().join("c.sock");
         let mut args: Vec<OsString> = vec![
@@ -72,7 +77,7 @@ impl LinkShim {
             format!("unix:{}", sock.display()).into(),
             "--control-insecure".into(),
             "--agent-id".into(),
-            "link-test".into(),
+            agent_id.into(),
         ];
         for (k, v) in FAST {
             args.push(k.into());
