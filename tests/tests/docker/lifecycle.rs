@@ -204,3 +204,56 @@ fn docker_pause_and_unpause_inside_the_pause_resume_protocol() -> Result<()> {
         Ok(())
     })
 }
+
+/// The stop budget the image documents: a driver that answers nothing and ignores SIGTERM
+/// (the probe, which never speaks the protocol) is SIGKILLed by the shim when the image's
+/// grace (7 s) runs out, its last events still reach the control plane, and the container
+/// exits by itself inside Docker's default 10 s stop timeout — with 137, the driver's
+/// SIGKILL, not by Docker's SIGKILL of PID 1 (which would lose those events).
+#[test]
+fn a_stuck_driver_is_stopped_within_dockers_default_stop_timeout() -> Result<()> {
+    require_docker!();
+    let images = image()?;
+    let agent = UnixAgent::start_driver(
+        &images.test,
+        &[],
+        &["--ready-timeout", "60s"],
+        &["/usr/local/bin/probe", "ignore-term"],
+    )?;
+    agent.container.wait_log("stdout: ready", PATIENCE)?;
+    let name = agent.container.name.clone();
+    let (took, seen) = runtime()?.block_on(async {
+        let client = within(PATIENCE, "connect", agent.options().connect(&agent.addr)).await??;
+        let mut events = client.events()?;
+        // Docker's default stop timeout: no -t, and the image sets none.
+        let stop = tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            super::docker(&["stop", &name], DOCKER_PATIENCE).map(|_| started.elapsed())
+        });
+        let seen = read_until(
+            &mut events,
+            Duration::from_secs(30),
+            |e| matches!(e, Event::StateChanged(s) if s.to == DriverState::Exited),
+        )
+        .await?;
+        let took = stop.await??;
+        client.close().await;
+        Ok::<_, anyhow::Error>((took, seen))
+    })?;
+    let exited = seen
+        .iter()
+        .find_map(|(_, e)| match e {
+            Event::DriverExited(x) => Some(x),
+            _ => None,
+        })
+        .with_context(|| format!("no driver_exited in {}", kinds(&seen)))?;
+    ensure!(exited.signal.as_deref() == Some("SIGKILL"), "{exited:?}");
+    let code = agent.container.wait_exit(PATIENCE)?;
+    ensure!(code == 137, "exit {code}\n{}", agent.container.logs());
+    eprintln!("a stuck driver: docker stop took {took:?} (grace 7 s, Docker's timeout 10 s)");
+    ensure!(
+        took >= Duration::from_secs(6) && took < Duration::from_secs(10),
+        "docker stop took {took:?}"
+    );
+    Ok(())
+}

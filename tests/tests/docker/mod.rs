@@ -245,12 +245,33 @@ impl UnixAgent {
     /// Starts one from `image` with extra `docker run` options and shim flags, and waits for
     /// its socket.
     pub fn start(image: &str, docker_opts: &[&str], shim_flags: &[&str]) -> Result<UnixAgent> {
+        Self::start_driver(
+            image,
+            docker_opts,
+            shim_flags,
+            &["/usr/local/bin/echo-driver"],
+        )
+    }
+
+    /// [`UnixAgent::start`] with another driver command. A flag in `shim_flags` replaces the
+    /// [`fast_flags`] value of the same name.
+    pub fn start_driver(
+        image: &str,
+        docker_opts: &[&str],
+        shim_flags: &[&str],
+        driver: &[&str],
+    ) -> Result<UnixAgent> {
         use std::os::unix::fs::PermissionsExt as _;
         let dir = crate::support::TempDir::new("docker-unix")?;
         let token_file = dir.path().join("token");
         std::fs::write(&token_file, format!("token-{}\n", unique("t")))?;
         std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600))?;
         let token = control_link::Token::from_file(&token_file)?;
+        let fast: Vec<String> = crate::supervisor::FAST
+            .iter()
+            .filter(|(k, _)| !shim_flags.contains(k))
+            .flat_map(|(k, v)| [(*k).to_owned(), (*v).to_owned()])
+            .collect();
         let container = Run::new("unix")
             .opt("-v")
             .opt(format!("{}:/run/agent-shim", dir.path().display()))
@@ -261,9 +282,10 @@ impl UnixAgent {
                 "--control-token-file",
                 "/run/agent-shim/token",
             ])
-            .args(fast_flags())
+            .args(fast)
             .args(shim_flags.iter().copied())
-            .args(["--", "/usr/local/bin/echo-driver"])
+            .args(["--"])
+            .args(driver.iter().copied())
             .start(image)?;
         let sock = dir.path().join("control.sock");
         wait_for(DOCKER_PATIENCE, "the control socket", || {
