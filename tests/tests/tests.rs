@@ -13,3 +13,5 @@ mod drivers;
 mod supervisor;
 
 mod control_link;
+
+mod docker;

@@ -22,6 +22,11 @@
 //! probe grandchild FILE [--ignore-term] [--stay]
 //!                                   fork a grandchild that logs signals to FILE; print `ready gc=PID`
 //! probe tty                         print `isatty=0|1 fg=0|1 pgleader=0|1`
+//! probe report                      what the shim gave this process, one `key=value` a line:
+//!                                   pid, ppid, uid, gid, groups, no_new_privs, umask, cwd,
+//!                                   cwd_writable,
+//!                                   rlimit_NAME, fds, env_token, env (names), zombies,
+//!                                   pid1 (the command name of PID 1)
 //! ```
 
 use std::ffi::{CStr, CString, OsString};
@@ -81,6 +86,7 @@ fn main() -> ExitCode {
         }
         "grandchild" => grandchild(rest),
         "tty" => tty(),
+        "report" => report(),
         other => return usage(&format!("unknown subcommand {other:?}")),
     };
     match result {
@@ -570,4 +576,155 @@ fn tty() -> io::Result<u8> {
         u8::from(leader)
     ));
     Ok(0)
+}
+
+/// `probe report`: the facts the shim promises about a driver or an exec, seen from inside.
+fn report() -> io::Result<u8> {
+    // SAFETY: these getters cannot fail and have no preconditions.
+    let (pid, ppid, uid, euid, gid, egid) = unsafe {
+        (
+            libc::getpid(),
+            libc::getppid(),
+            libc::getuid(),
+            libc::geteuid(),
+            libc::getgid(),
+            libc::getegid(),
+        )
+    };
+    say(&format!("pid={pid}"));
+    say(&format!("ppid={ppid}"));
+    say(&format!("uid={uid}"));
+    say(&format!("euid={euid}"));
+    say(&format!("gid={gid}"));
+    say(&format!("egid={egid}"));
+    let mut groups = [0 as libc::gid_t; 256];
+    // SAFETY: `groups` has room for the 256 entries the call may write.
+    let n = unsafe { libc::getgroups(groups.len() as libc::c_int, groups.as_mut_ptr()) };
+    let groups = usize::try_from(n)
+        .ok()
+        .and_then(|n| groups.get(..n))
+        .map(|g| join(g.iter()))
+        .unwrap_or_else(|| "?".to_owned());
+    say(&format!("groups={groups}"));
+    // SAFETY: PR_GET_NO_NEW_PRIVS takes no pointer arguments.
+    let nnp = unsafe { libc::prctl(libc::PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0) };
+    say(&format!("no_new_privs={nnp}"));
+    // umask can only be read by setting it: set it back at once (single-threaded).
+    // SAFETY: umask cannot fail.
+    let mask = unsafe {
+        let m = libc::umask(0o022);
+        libc::umask(m);
+        m
+    };
+    say(&format!("umask={mask:03o}"));
+    match std::env::current_dir() {
+        Ok(dir) => say(&format!("cwd={}", dir.display())),
+        Err(e) => say(&format!("cwd=? {e}")),
+    }
+    // Whether this process can create a file in its working directory (and remove it again).
+    let scratch = format!(".probe-{pid}");
+    let writable = std::fs::write(&scratch, b"probe").is_ok();
+    if writable {
+        let _ = std::fs::remove_file(&scratch);
+    }
+    say(&format!("cwd_writable={}", u8::from(writable)));
+    for (name, res) in [
+        ("NOFILE", libc::RLIMIT_NOFILE),
+        ("NPROC", libc::RLIMIT_NPROC),
+        ("AS", libc::RLIMIT_AS),
+        ("CPU", libc::RLIMIT_CPU),
+        ("CORE", libc::RLIMIT_CORE),
+    ] {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: `lim` is a valid out-pointer for the call.
+        if unsafe { libc::getrlimit(res, &mut lim) } != 0 {
+            say(&format!("rlimit_{name}=? {}", last_os_error()));
+            continue;
+        }
+        let show = |v: libc::rlim_t| {
+            if v == libc::RLIM_INFINITY {
+                "unlimited".to_owned()
+            } else {
+                v.to_string()
+            }
+        };
+        say(&format!(
+            "rlimit_{name}={}:{}",
+            show(lim.rlim_cur),
+            show(lim.rlim_max)
+        ));
+    }
+    say(&format!("fds={}", join(open_fds()?.iter())));
+    let token = if std::env::var_os("AGENT_SHIM_TOKEN").is_some() {
+        "set"
+    } else {
+        "unset"
+    };
+    say(&format!("env_token={token}"));
+    let mut names: Vec<String> = std::env::vars_os()
+        .map(|(k, _)| k.to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    say(&format!("env={}", names.join(",")));
+    say(&format!("zombies={}", count_all_zombies()?));
+    let pid1 = std::fs::read_to_string("/proc/1/comm").unwrap_or_else(|_| "?".to_owned());
+    say(&format!("pid1={}", pid1.trim()));
+    Ok(0)
+}
+
+fn join<T: std::fmt::Display>(items: impl Iterator<Item = T>) -> String {
+    items.map(|i| i.to_string()).collect::<Vec<_>>().join(",")
+}
+
+/// The descriptors open in this process, without the one that lists them.
+fn open_fds() -> io::Result<Vec<i32>> {
+    let mut fds = Vec::new();
+    let mut listing = None;
+    for entry in std::fs::read_dir("/proc/self/fd")? {
+        let entry = entry?;
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // The directory being read is itself an open fd: a link to `/proc/<pid>/fd`.
+        match std::fs::read_link(entry.path()) {
+            Ok(target) if target.ends_with("fd") && target.starts_with("/proc") => {
+                listing = Some(fd);
+            }
+            Ok(_) => fds.push(fd),
+            // Gone between readdir and readlink: the listing's own fd, closed already.
+            Err(_) => {}
+        }
+    }
+    fds.retain(|fd| Some(*fd) != listing);
+    fds.sort_unstable();
+    Ok(fds)
+}
+
+/// Counts every zombie in this PID namespace's `/proc`, whoever its parent.
+fn count_all_zombies() -> io::Result<usize> {
+    let mut n = 0;
+    for entry in std::fs::read_dir("/proc")? {
+        let entry = entry?;
+        if !entry.file_name().as_bytes().iter().all(u8::is_ascii_digit) {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let state = stat
+            .rfind(')')
+            .and_then(|i| stat.get(i + 1..))
+            .and_then(|after| after.split_whitespace().next());
+        if state == Some("Z") {
+            n += 1;
+        }
+    }
+    Ok(n)
 }

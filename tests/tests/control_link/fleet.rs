@@ -17,6 +17,8 @@ const AGENTS: usize = 100;
 #[test]
 fn a_fleet_of_100_shims() -> Result<()> {
     let started = Instant::now();
+    // Each shim names itself as the fleet knows it: `Fleet::connect` refuses a shim whose
+    // `hello` names another agent.
     let shims: Vec<LinkShim> = (0..AGENTS)
         .map(|i| LinkShim::start_with(Mode::Subreaper, &["--agent-id", &format!("agent-{i:03}")]))
         .collect::<Result<_>>()?;
