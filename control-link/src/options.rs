@@ -120,6 +120,7 @@ pub struct ConnectOptions {
     pub(crate) reconnect: bool,
     pub(crate) give_up_after: Option<Duration>,
     pub(crate) keepalive: Duration,
+    pub(crate) max_handshakes: usize,
 }
 
 impl fmt::Debug for ConnectOptions {
@@ -138,6 +139,7 @@ impl fmt::Debug for ConnectOptions {
             .field("reconnect", &self.reconnect)
             .field("give_up_after", &self.give_up_after)
             .field("keepalive", &self.keepalive)
+            .field("max_handshakes", &self.max_handshakes)
             .finish()
     }
 }
@@ -151,7 +153,8 @@ impl Default for ConnectOptions {
 impl ConnectOptions {
     /// The defaults: no token, 10 s per request, 10 s to connect and authenticate, backoff
     /// 100 ms → 5 s ± 20 %, auto acks, resume from 0, 256 buffered events, 16 MiB frames,
-    /// reconnect forever, keepalive after 15 s of silence.
+    /// reconnect forever, keepalive after 15 s of silence, 128 handshakes at a time on a
+    /// listener.
     ///
     /// ```
     /// let opts = control_link::ConnectOptions::new();
@@ -171,6 +174,7 @@ impl ConnectOptions {
             reconnect: true,
             give_up_after: None,
             keepalive: Duration::from_secs(15),
+            max_handshakes: 128,
         }
     }
 
@@ -292,7 +296,8 @@ impl ConnectOptions {
         self
     }
 
-    /// The largest frame accepted from the shim (default 16 MiB).
+    /// The largest frame accepted from the shim (default 16 MiB). Until the handshake
+    /// completes, frames are limited to 64 KiB whatever this says.
     ///
     /// ```
     /// let opts = control_link::ConnectOptions::new().max_frame(1 << 20);
@@ -334,6 +339,22 @@ impl ConnectOptions {
     /// ```
     pub fn keepalive(mut self, interval: Duration) -> Self {
         self.keepalive = interval;
+        self
+    }
+
+    /// How many accepted connections a [`Listener`](crate::Listener) (or
+    /// [`Fleet::listen`](crate::Fleet::listen)) authenticates at a time (default 128; at
+    /// least 1). A connection accepted while that many are still in their handshake is closed
+    /// at once (and logged); its shim dials again with its backoff. With the 64 KiB limit on
+    /// frames before authentication and the connect timeout on the handshake, this bounds
+    /// what peers that never authenticate can hold: about `max_handshakes × 64 KiB`, for at
+    /// most the connect timeout each.
+    ///
+    /// ```
+    /// let opts = control_link::ConnectOptions::new().max_handshakes(512);
+    /// ```
+    pub fn max_handshakes(mut self, handshakes: usize) -> Self {
+        self.max_handshakes = handshakes.max(1);
         self
     }
 
