@@ -17,6 +17,7 @@ use crate::fleet::FleetItem;
 use crate::link::{handshake, Connected};
 use crate::options::ConnectOptions;
 use crate::session::{dial_once, Cmd, Session, Shared, Sink, Source};
+use crate::shared::Position;
 use crate::{Addr, AgentId, Error, EventStream, ExecSpec, Sig, Target, TaskSpec, Token};
 
 /// Connects to the shim at `addr` with the default [`ConnectOptions`] and `token` (`None`
@@ -95,15 +96,23 @@ impl Client {
                 });
             }
         }
-        Ok(Self::start(opts, Source::Dial(addr.clone()), conn, None))
+        Ok(Self::start(
+            opts,
+            Source::Dial(addr.clone()),
+            conn,
+            None,
+            None,
+        ))
     }
 
-    /// Starts a session on a connection that completed its handshake.
+    /// Starts a session on a connection that completed its handshake, from `inherit` (a
+    /// replaced fleet client's position) or else from the options' cursor.
     pub(crate) fn start(
         opts: ConnectOptions,
         source: Source,
         conn: Connected,
         fleet: Option<(AgentId, mpsc::Sender<FleetItem>)>,
+        inherit: Option<Position>,
     ) -> Self {
         let agent = conn.hello.agent_id.clone();
         let wake_agent = match (&fleet, &agent, &source) {
@@ -112,11 +121,13 @@ impl Client {
             (None, None, Source::Dial(addr)) => AgentId::from(addr.to_string()),
             (None, None, Source::Handoff(_)) => AgentId::from(""),
         };
-        let cursor = match &fleet {
-            Some((id, _)) => opts.cursor(Some(id)),
-            None => opts.cursor(agent.as_deref()),
-        };
-        let shared = Arc::new(Shared::new(opts.ack_mode, cursor));
+        let start = inherit.unwrap_or_else(|| {
+            Position::at(match &fleet {
+                Some((id, _)) => opts.cursor(Some(id)),
+                None => opts.cursor(agent.as_deref()),
+            })
+        });
+        let shared = Arc::new(Shared::new(opts.ack_mode, start));
         shared.connected.store(true, Ordering::Release);
         shared.set_agent_id(agent.clone());
         let (tx, rx) = mpsc::unbounded_channel();
@@ -132,7 +143,14 @@ impl Client {
         let close_timeout = opts.connect_timeout;
         let wake_hook = opts.wake_hook.clone();
         let wake_timeout = opts.wake_timeout;
-        let session = Session::new(opts, rx, Arc::clone(&shared), sink, cursor, expect);
+        let session = Session::new(
+            opts,
+            rx,
+            Arc::clone(&shared),
+            sink,
+            start.handed_out,
+            expect,
+        );
         tokio::spawn(session.run(source, conn));
         Self {
             inner: Arc::new(Inner {
@@ -174,7 +192,8 @@ impl Client {
         self.inner.shared.connected.load(Ordering::Acquire)
     }
 
-    /// Whether the client is closed (by [`Client::close`], or after giving up reconnecting).
+    /// Whether the client is closed (by [`Client::close`], after giving up reconnecting, or
+    /// refused for good: see [`Client::close_reason`]).
     ///
     /// ```no_run
     /// # async fn demo(client: control_link::Client) {
@@ -183,6 +202,26 @@ impl Client {
     /// ```
     pub fn is_closed(&self) -> bool {
         self.inner.shared.closed.load(Ordering::Acquire)
+    }
+
+    /// Why the client closed by itself, if it did because the shim refused it for good:
+    /// [`Error::Unauthorized`] (the shim behind the address now wants another token) or
+    /// [`Error::AgentMismatch`] (it serves another agent), after 3 refused reconnects in a
+    /// row. Requests then fail with this error and the event stream ends. `None` while the
+    /// client is open, and after [`Client::close`] or giving up reconnecting
+    /// ([`ConnectOptions::give_up_after`]).
+    ///
+    /// ```no_run
+    /// # async fn demo(client: control_link::Client) -> Result<(), control_link::Error> {
+    /// let mut events = client.events()?;
+    /// while let Some((seq, event)) = events.next().await { /* … */ }
+    /// if let Some(reason) = client.close_reason() {
+    ///     eprintln!("the shim refuses us: {reason}"); // e.g. fetch the new token, connect again
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn close_reason(&self) -> Option<Error> {
+        self.inner.shared.close_reason()
     }
 
     /// The event stream: every event once, in seq order, across reconnects. Taking it makes
@@ -253,8 +292,8 @@ impl Client {
             self.inner
                 .cmds
                 .send(Cmd::Request { id, msg, reply: tx })
-                .map_err(|_| Error::Closed)?;
-            rx.await.map_err(|_| Error::Closed)?
+                .map_err(|_| self.inner.shared.closed_error())?;
+            rx.await.map_err(|_| self.inner.shared.closed_error())?
         };
         match tokio::time::timeout(limit, call).await {
             Ok(Ok(ShimToControl::Error(e))) => Err(Error::remote(e.code, e.message)),
@@ -279,11 +318,11 @@ impl Client {
         self.inner
             .cmds
             .send(Cmd::Notice { msg, done: tx })
-            .map_err(|_| Error::Closed)?;
+            .map_err(|_| self.inner.shared.closed_error())?;
         let limit = self.inner.request_timeout;
         match tokio::time::timeout(limit, rx).await {
             Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(Error::Closed),
+            Ok(Err(_)) => Err(self.inner.shared.closed_error()),
             Err(_) => Err(Error::Timeout(limit)),
         }
     }

@@ -107,6 +107,27 @@ impl Error {
         }
     }
 
+    /// Whether this error, from a reconnect's handshake, says the shim refuses this client
+    /// (a wrong token, another agent) rather than that it could not be reached.
+    pub(crate) fn is_refusal(&self) -> bool {
+        matches!(self, Self::Unauthorized { .. } | Self::AgentMismatch { .. })
+    }
+
+    /// A copy of a refusal (see [`Error::is_refusal`]), for every request it fails;
+    /// [`Error::Closed`] for any other error.
+    pub(crate) fn copy_refusal(&self) -> Self {
+        match self {
+            Self::Unauthorized { reason } => Self::Unauthorized {
+                reason: reason.clone(),
+            },
+            Self::AgentMismatch { expected, got } => Self::AgentMismatch {
+                expected: expected.clone(),
+                got: got.clone(),
+            },
+            _ => Self::Closed,
+        }
+    }
+
     /// The error a shim's `error` message stands for (`unauthorized` is
     /// [`Error::Unauthorized`]).
     pub(crate) fn remote(code: ErrorCode, message: String) -> Self {

@@ -15,7 +15,8 @@ use crate::Client;
 ///
 /// In [`AckMode::Auto`](crate::AckMode::Auto) every event handed out counts as processed
 /// and is acknowledged (batched); in manual mode call [`Client::ack`]. The stream ends when
-/// the client closes. Up to the client's event buffer is read ahead; a consumer that stops
+/// the client closes; [`Client::close_reason`] then says whether it closed because the shim
+/// refuses it for good (a changed token, another agent). Up to the client's event buffer is read ahead; a consumer that stops
 /// taking events stops the reading of the socket (the shim buffers, then back-pressures its
 /// driver).
 ///

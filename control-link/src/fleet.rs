@@ -12,7 +12,7 @@ use std::fmt;
 use std::future::poll_fn;
 use std::ops::Deref;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use driver_protocol::message::{Event, Seq};
@@ -20,6 +20,7 @@ use futures_core::Stream;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
+use crate::link::Connected;
 use crate::listener::{self, Out};
 use crate::session::{dial_once, Shared, Source};
 use crate::{Addr, Client, ConnectOptions, Error};
@@ -92,16 +93,30 @@ pub(crate) struct FleetInner {
 }
 
 impl FleetInner {
-    /// Adds (or replaces, closing the old one) an agent's client.
-    pub(crate) async fn insert(&self, agent: AgentId, client: Client) {
-        let old = self
-            .clients
-            .lock()
-            .ok()
-            .and_then(|mut c| c.insert(agent, client));
+    /// Starts the client of `agent` on `conn`, replacing (and closing) a previous client of
+    /// that agent. The new client continues where the fleet's stream stands for the old one:
+    /// the old one is retired first (the stream drops whatever of its events it had not
+    /// handed out yet), and the new one resumes after the last event handed out, so no seq
+    /// of the agent comes out twice and none is lost (the shim replays the dropped ones).
+    pub(crate) async fn adopt(&self, agent: AgentId, source: Source, conn: Connected) -> Client {
+        let (client, old) = {
+            let mut clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
+            let old = clients.remove(&agent);
+            let inherit = old.as_ref().map(|o| o.shared().retire());
+            let client = Client::start(
+                self.opts.clone(),
+                source,
+                conn,
+                Some((agent.clone(), self.tx.clone())),
+                inherit,
+            );
+            clients.insert(agent, client.clone());
+            (client, old)
+        };
         if let Some(old) = old {
             old.close().await;
         }
+        client
     }
 }
 
@@ -163,8 +178,13 @@ impl Fleet {
         }
     }
 
-    /// Dials a listening shim and adds it as `agent_id` (replacing a previous client of that
-    /// agent). A shim that names another agent in its `hello` is refused.
+    /// Dials a listening shim and adds it as `agent_id`. A shim that names another agent in
+    /// its `hello` is refused.
+    ///
+    /// A previous client of that agent is replaced and closed; the aggregated stream goes on
+    /// where it stood for that agent (the new client resumes after the last event the stream
+    /// handed out, and the old client's events not yet handed out are dropped from the stream
+    /// and delivered by the new one), so no seq of the agent comes out twice.
     ///
     /// ```no_run
     /// # async fn demo(fleet: control_link::Fleet) -> Result<(), control_link::Error> {
@@ -188,14 +208,10 @@ impl Fleet {
                 });
             }
         }
-        let client = Client::start(
-            opts.clone(),
-            Source::Dial(addr.clone()),
-            conn,
-            Some((agent.clone(), self.inner.tx.clone())),
-        );
-        self.inner.insert(agent, client.clone()).await;
-        Ok(client)
+        Ok(self
+            .inner
+            .adopt(agent, Source::Dial(addr.clone()), conn)
+            .await)
     }
 
     /// Listens for shims that dial in; each is added under the `agent_id` of its `hello`
@@ -286,7 +302,8 @@ impl Fleet {
         }
     }
 
-    /// Removes an agent, closing its client (acks flushed).
+    /// Removes an agent, closing its client (acks flushed); its events the stream has not
+    /// handed out yet are dropped (unacknowledged: the shim keeps them for a later client).
     ///
     /// ```no_run
     /// # async fn demo(fleet: control_link::Fleet) {
@@ -302,6 +319,7 @@ impl Fleet {
             .and_then(|mut c| c.remove(agent_id));
         match client {
             Some(c) => {
+                c.shared().retire();
                 c.close().await;
                 true
             }
@@ -309,7 +327,8 @@ impl Fleet {
         }
     }
 
-    /// Closes every client and stops listening.
+    /// Closes every client and stops listening. Events the stream has not handed out yet are
+    /// dropped (unacknowledged: the shims keep them for a later control plane).
     ///
     /// ```no_run
     /// # async fn demo(fleet: control_link::Fleet) {
@@ -329,6 +348,7 @@ impl Fleet {
             .map(|mut c| c.drain().map(|(_, c)| c).collect())
             .unwrap_or_default();
         for c in clients {
+            c.shared().retire();
             c.close().await;
         }
     }
@@ -388,12 +408,17 @@ impl FleetEvents {
     }
 
     fn poll_item(&mut self, cx: &mut Context<'_>) -> Poll<Option<(AgentId, Seq, Event)>> {
-        let item = std::task::ready!(self.rx.poll_recv(cx));
-        Poll::Ready(item.map(|it| {
+        loop {
+            let Some(it) = std::task::ready!(self.rx.poll_recv(cx)) else {
+                return Poll::Ready(None);
+            };
             let mut batch = 0;
-            it.shared.taken(it.seq, &mut batch);
-            (it.agent, it.seq, it.event)
-        }))
+            if it.shared.hand_out(it.seq, &mut batch) {
+                return Poll::Ready(Some((it.agent, it.seq, it.event)));
+            }
+            // An event of a replaced (or removed) client: never acknowledged, so the shim
+            // replays it to the agent's current client, which hands it out.
+        }
     }
 }
 

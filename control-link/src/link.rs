@@ -9,6 +9,11 @@
 //!
 //! With a token, a shim `hello` without a nonce is a downgrade and is refused, and nothing the
 //! shim sends is trusted before its proof verified.
+//!
+//! Before the handshake completes a peer is unauthenticated (a listener accepts anyone), so
+//! its frames are limited to [`HANDSHAKE_MAX_FRAME`] (as the shim limits ours) and the whole
+//! handshake to a timeout: a peer that never authenticates holds at most one small frame for
+//! a bounded time. The configured `max_frame` applies from the first message after it.
 
 use std::future::poll_fn;
 use std::pin::Pin;
@@ -28,6 +33,10 @@ use crate::{random, Error, Token};
 
 /// The software name in our `hello`.
 const SOFTWARE: &str = "control-link";
+
+/// The largest frame read before the handshake completes (`hello` and `auth` are a few
+/// hundred bytes; the shim uses the same limit for ours).
+pub(crate) const HANDSHAKE_MAX_FRAME: usize = 64 * 1024;
 
 /// A framed connection: typed messages in, typed messages out.
 pub(crate) struct Link {
@@ -52,6 +61,12 @@ impl Link {
             out: BytesMut::with_capacity(256),
             max_frame,
         }
+    }
+
+    /// Changes the largest frame read and written from now on (between frames only).
+    fn set_max_frame(&mut self, max_frame: usize) {
+        *self.rd.decoder_mut() = MessageCodec::with_max_frame(max_frame);
+        self.max_frame = max_frame;
     }
 
     /// Writes one message.
@@ -91,16 +106,20 @@ pub(crate) struct Connected {
     pub(crate) hello: Hello,
 }
 
-/// Runs the handshake on a fresh connection, within `timeout`.
+/// Runs the handshake on a fresh connection, within `timeout`, reading frames of at most
+/// [`HANDSHAKE_MAX_FRAME`]; the connection returned reads and writes up to `max_frame`.
 pub(crate) async fn handshake(
     io: BoxIo,
     token: Option<&Token>,
     max_frame: usize,
     timeout: Duration,
 ) -> Result<Connected, Error> {
-    tokio::time::timeout(timeout, handshake_inner(io, token, max_frame))
+    let small = HANDSHAKE_MAX_FRAME.min(max_frame);
+    let mut conn = tokio::time::timeout(timeout, handshake_inner(io, token, small))
         .await
-        .map_err(|_| Error::Timeout(timeout))?
+        .map_err(|_| Error::Timeout(timeout))??;
+    conn.link.set_max_frame(max_frame);
+    Ok(conn)
 }
 
 async fn handshake_inner(

@@ -4,13 +4,19 @@
 //! [`Client`]; when the same agent dials again after a drop, the connection is handed to that
 //! existing client, whose event stream continues exactly once (it resumes from its cursor),
 //! instead of producing a second client.
+//!
+//! Anyone can connect to a listening socket, so what an unauthenticated peer can hold is
+//! bounded: at most [`ConnectOptions::max_handshakes`] handshakes run at a time (a connection
+//! accepted beyond that is closed at once), each reads frames of at most 64 KiB until the
+//! peer proved the token, and each ends within the connect timeout.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::AbortHandle;
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::addr::{Bound, BoxIo};
@@ -127,12 +133,33 @@ pub(crate) async fn spawn(
     Ok((local, task.abort_handle()))
 }
 
+/// How often the closing of connections over the handshake limit is logged (with a count).
+const REFUSED_LOG_INTERVAL: Duration = Duration::from_secs(1);
+
 async fn accept_loop(bound: Bound, opts: ConnectOptions, out: Out, registry: Registry) {
+    let handshakes = Arc::new(Semaphore::new(opts.max_handshakes));
+    let mut refused: u64 = 0;
+    let mut refused_logged: Option<Instant> = None;
     loop {
         match bound.accept().await {
             Ok(io) => {
+                let Ok(permit) = Arc::clone(&handshakes).try_acquire_owned() else {
+                    // Closed at once: the peer sees the close and dials again later.
+                    drop(io);
+                    refused += 1;
+                    if refused_logged.is_none_or(|t| t.elapsed() >= REFUSED_LOG_INTERVAL) {
+                        warn!(
+                            refused,
+                            limit = opts.max_handshakes,
+                            "too many connections in their handshake; closing new ones"
+                        );
+                        refused = 0;
+                        refused_logged = Some(Instant::now());
+                    }
+                    continue;
+                };
                 let (opts, out, registry) = (opts.clone(), out.clone(), Arc::clone(&registry));
-                tokio::spawn(admit(io, opts, out, registry));
+                tokio::spawn(admit(io, permit, opts, out, registry));
             }
             Err(e) => {
                 warn!(error = %e, "accept failed");
@@ -142,9 +169,18 @@ async fn accept_loop(bound: Bound, opts: ConnectOptions, out: Out, registry: Reg
     }
 }
 
-/// Handshakes a dialing shim and routes it to its client.
-async fn admit(io: BoxIo, opts: ConnectOptions, out: Out, registry: Registry) {
-    let mut conn = match accept_handshake(io, &opts).await {
+/// Handshakes a dialing shim (holding one of the handshake permits until it is done) and
+/// routes it to its client.
+async fn admit(
+    io: BoxIo,
+    permit: OwnedSemaphorePermit,
+    opts: ConnectOptions,
+    out: Out,
+    registry: Registry,
+) {
+    let handshake = accept_handshake(io, &opts).await;
+    drop(permit);
+    let mut conn = match handshake {
         Ok(c) => c,
         Err(e) => {
             warn!(error = %e, "a dialing shim failed its handshake");
@@ -168,7 +204,7 @@ async fn admit(io: BoxIo, opts: ConnectOptions, out: Out, registry: Registry) {
     let source = Source::Handoff(rx);
     match &out {
         Out::Own(tx) => {
-            let client = Client::start(opts, source, conn, None);
+            let client = Client::start(opts, source, conn, None, None);
             register(&registry, agent.as_deref(), handoff);
             if tx.send(client).await.is_err() {
                 debug!("listener dropped; new client closed");
@@ -180,10 +216,10 @@ async fn admit(io: BoxIo, opts: ConnectOptions, out: Out, registry: Registry) {
                 warn!("a dialing shim sent no agent_id; a fleet needs one");
                 return;
             };
-            let id = AgentId::from(agent.as_str());
-            let client = Client::start(opts, source, conn, Some((id.clone(), fleet.tx.clone())));
             register(&registry, Some(&agent), handoff);
-            fleet.insert(id, client).await;
+            fleet
+                .adopt(AgentId::from(agent.as_str()), source, conn)
+                .await;
         }
     }
 }

@@ -122,6 +122,7 @@ pub struct ConnectOptions {
     pub(crate) keepalive: Duration,
     pub(crate) wake_hook: Option<crate::WakeHook>,
     pub(crate) wake_timeout: Duration,
+    pub(crate) max_handshakes: usize,
 }
 
 impl fmt::Debug for ConnectOptions {
@@ -142,6 +143,7 @@ impl fmt::Debug for ConnectOptions {
             .field("keepalive", &self.keepalive)
             .field("wake_hook", &self.wake_hook.is_some())
             .field("wake_timeout", &self.wake_timeout)
+            .field("max_handshakes", &self.max_handshakes)
             .finish()
     }
 }
@@ -156,7 +158,7 @@ impl ConnectOptions {
     /// The defaults: no token, 10 s per request, 10 s to connect and authenticate, backoff
     /// 100 ms → 5 s ± 20 %, auto acks, resume from 0, 256 buffered events, 16 MiB frames,
     /// reconnect forever, keepalive after 15 s of silence, no wake hook (30 s to wake with
-    /// one).
+    /// one), 128 handshakes at a time on a listener.
     ///
     /// ```
     /// let opts = control_link::ConnectOptions::new();
@@ -178,6 +180,7 @@ impl ConnectOptions {
             keepalive: Duration::from_secs(15),
             wake_hook: None,
             wake_timeout: Duration::from_secs(30),
+            max_handshakes: 128,
         }
     }
 
@@ -299,7 +302,8 @@ impl ConnectOptions {
         self
     }
 
-    /// The largest frame accepted from the shim (default 16 MiB).
+    /// The largest frame accepted from the shim (default 16 MiB). Until the handshake
+    /// completes, frames are limited to 64 KiB whatever this says.
     ///
     /// ```
     /// let opts = control_link::ConnectOptions::new().max_frame(1 << 20);
@@ -382,6 +386,22 @@ impl ConnectOptions {
     /// ```
     pub fn wake_timeout(mut self, limit: Duration) -> Self {
         self.wake_timeout = limit;
+        self
+    }
+
+    /// How many accepted connections a [`Listener`](crate::Listener) (or
+    /// [`Fleet::listen`](crate::Fleet::listen)) authenticates at a time (default 128; at
+    /// least 1). A connection accepted while that many are still in their handshake is closed
+    /// at once (and logged); its shim dials again with its backoff. With the 64 KiB limit on
+    /// frames before authentication and the connect timeout on the handshake, this bounds
+    /// what peers that never authenticate can hold: about `max_handshakes × 64 KiB`, for at
+    /// most the connect timeout each.
+    ///
+    /// ```
+    /// let opts = control_link::ConnectOptions::new().max_handshakes(512);
+    /// ```
+    pub fn max_handshakes(mut self, handshakes: usize) -> Self {
+        self.max_handshakes = handshakes.max(1);
         self
     }
 

@@ -17,6 +17,13 @@
 //!
 //! Requests in flight when a connection drops are sent again, with the same id, on the next
 //! connection; the shim answers a repeated id with the reply it recorded (PROTOCOL.md §8.4).
+//!
+//! A redial the shim refuses (`unauthorized`: it now has another token; or it names another
+//! agent) is retried, since a shim being replaced may briefly answer for the old one; after
+//! [`MAX_REFUSALS`] refusals in a row (other failures in between do not reset the count; a
+//! good connection does) the refusal is final: the session closes, pending and later
+//! requests fail with that refusal, the event stream ends, and
+//! [`Client::close_reason`](crate::Client::close_reason) returns it.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -37,6 +44,9 @@ use crate::options::{AckMode, ConnectOptions};
 pub(crate) use crate::shared::Shared;
 use crate::shared::ACK_INTERVAL;
 use crate::{Addr, AgentId, Error};
+
+/// Refused redials in a row after which the refusal is final.
+pub(crate) const MAX_REFUSALS: u32 = 3;
 
 /// What a client handle asks of its session.
 #[derive(Debug)]
@@ -142,6 +152,8 @@ pub(crate) struct Session {
     queued: Option<(Seq, Event)>,
     /// Failed connection attempts since the last good connection.
     attempt: u32,
+    /// Redials refused (unauthorized, another agent) since the last good connection.
+    refusals: u32,
     close_done: Vec<oneshot::Sender<()>>,
 }
 
@@ -151,7 +163,7 @@ impl Session {
         cmds: mpsc::UnboundedReceiver<Cmd>,
         shared: Arc<Shared>,
         sink: Sink,
-        cursor: Seq,
+        delivered: Seq,
         expect_agent: Option<String>,
     ) -> Self {
         let events_started = matches!(sink, Sink::Fleet { .. });
@@ -161,13 +173,14 @@ impl Session {
             shared,
             sink,
             events_started,
-            delivered: cursor,
+            delivered,
             ack_sent: 0,
             expect_agent,
-            resumed_at: cursor,
+            resumed_at: delivered,
             pending: BTreeMap::new(),
             queued: None,
             attempt: 0,
+            refusals: 0,
             close_done: Vec::new(),
         }
     }
@@ -280,6 +293,20 @@ impl Session {
                     self.attempt = self.attempt.saturating_add(1);
                     match result.and_then(|c| self.check_agent(c)) {
                         Ok(c) => return Some(c),
+                        Err(e) if e.is_refusal() => {
+                            self.refusals = self.refusals.saturating_add(1);
+                            if self.refusals >= MAX_REFUSALS {
+                                warn!(
+                                    %addr,
+                                    error = %e,
+                                    refusals = self.refusals,
+                                    "the shim refuses this client for good; closing it"
+                                );
+                                self.shared.set_close_reason(e);
+                                return None;
+                            }
+                            info!(%addr, error = %e, refusals = self.refusals, "reconnect refused");
+                        }
                         Err(e) => debug!(%addr, error = %e, "reconnect failed"),
                     }
                 }
@@ -321,6 +348,7 @@ impl Session {
         }
         self.shared.set_agent_id(hello.agent_id);
         self.shared.connected.store(true, Ordering::Release);
+        self.refusals = 0;
         let up_since = Instant::now();
         let handoff = match source {
             Source::Handoff(rx) => Some(rx),
@@ -504,8 +532,7 @@ impl Session {
                     self.delivered = restart;
                     self.resumed_at = restart;
                     self.ack_sent = restart;
-                    self.shared.consumed.store(restart, Ordering::Release);
-                    self.shared.user_acked.store(restart, Ordering::Release);
+                    self.shared.restart_at(restart);
                     if let ShimToControl::Event(env) = msg {
                         self.queued = Some((env.seq, env.event));
                     }
@@ -561,16 +588,16 @@ impl Session {
         self.shared.closed.store(true, Ordering::Release);
         self.shared.connected.store(false, Ordering::Release);
         for (_, p) in std::mem::take(&mut self.pending) {
-            let _ = p.reply.send(Err(Error::Closed));
+            let _ = p.reply.send(Err(self.shared.closed_error()));
         }
         self.cmds.close();
         while let Ok(cmd) = self.cmds.try_recv() {
             match cmd {
                 Cmd::Request { reply, .. } => {
-                    let _ = reply.send(Err(Error::Closed));
+                    let _ = reply.send(Err(self.shared.closed_error()));
                 }
                 Cmd::Notice { done, .. } => {
-                    let _ = done.send(Err(Error::Closed));
+                    let _ = done.send(Err(self.shared.closed_error()));
                 }
                 Cmd::Close(done) => self.close_done.push(done),
                 Cmd::StartEvents | Cmd::RedialNow => {}

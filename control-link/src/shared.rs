@@ -3,19 +3,49 @@
 //! the request-id generator.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use driver_protocol::message::{RequestId, Seq};
 use tokio::sync::Notify;
 
 use crate::options::AckMode;
+use crate::Error;
 
 /// How long acks wait to be batched.
 pub(crate) const ACK_INTERVAL: Duration = Duration::from_millis(200);
 
 /// Events taken from a stream after which an ack is sent at once.
 pub(crate) const ACK_EVERY: u32 = 64;
+
+/// Where a fleet client's stream stands, handed from a replaced client to its successor.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Position {
+    /// The last seq a fleet's stream handed out (the successor skips replays up to it).
+    pub(crate) handed_out: Seq,
+    /// [`Shared::consumed`].
+    pub(crate) consumed: Seq,
+    /// [`Shared::user_acked`].
+    pub(crate) user_acked: Seq,
+}
+
+impl Position {
+    /// A fresh client's position: everything up to `cursor` processed.
+    pub(crate) fn at(cursor: Seq) -> Self {
+        Self {
+            handed_out: cursor,
+            consumed: cursor,
+            user_acked: cursor,
+        }
+    }
+}
+
+/// What a fleet's stream handed out for one client, and whether that client was replaced.
+#[derive(Debug)]
+struct Handover {
+    retired: bool,
+    handed_out: Seq,
+}
 
 /// State shared by the session, its client handles and its event stream.
 #[derive(Debug)]
@@ -32,6 +62,10 @@ pub(crate) struct Shared {
     pub(crate) connected: AtomicBool,
     pub(crate) closed: AtomicBool,
     pub(crate) agent_id: Mutex<Option<String>>,
+    /// A fleet's hand-out state; its lock orders handing out against retiring.
+    handover: Mutex<Handover>,
+    /// Why the session closed by itself (a refusal), once it did.
+    close_reason: Mutex<Option<Error>>,
     /// Random high 32 bits of every request id of this client.
     id_high: u64,
     id_counter: AtomicU32,
@@ -46,16 +80,21 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(ack_mode: AckMode, cursor: Seq) -> Self {
+    pub(crate) fn new(ack_mode: AckMode, start: Position) -> Self {
         Self {
             ack_mode,
-            consumed: AtomicU64::new(cursor),
-            user_acked: AtomicU64::new(cursor),
+            consumed: AtomicU64::new(start.consumed),
+            user_acked: AtomicU64::new(start.user_acked),
+            handover: Mutex::new(Handover {
+                retired: false,
+                handed_out: start.handed_out,
+            }),
             ack_soon: Notify::new(),
             ack_now: Notify::new(),
             connected: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             agent_id: Mutex::new(None),
+            close_reason: Mutex::new(None),
             id_high: crate::random::u64() << 32,
             id_counter: AtomicU32::new(0),
             drop_now: Notify::new(),
@@ -88,6 +127,60 @@ impl Shared {
         } else {
             self.ack_soon.notify_one();
         }
+    }
+
+    /// A fleet's stream hands out the event `seq` of this client, unless the client was
+    /// replaced (then false: its successor delivers the event instead).
+    pub(crate) fn hand_out(&self, seq: Seq, since_flush: &mut u32) -> bool {
+        let mut h = self.handover.lock().unwrap_or_else(PoisonError::into_inner);
+        if h.retired {
+            return false;
+        }
+        h.handed_out = h.handed_out.max(seq);
+        self.taken(seq, since_flush);
+        true
+    }
+
+    /// Marks the client replaced: the fleet's stream hands out none of its events from now
+    /// on. Returns where the stream stands, for the successor.
+    pub(crate) fn retire(&self) -> Position {
+        let mut h = self.handover.lock().unwrap_or_else(PoisonError::into_inner);
+        h.retired = true;
+        Position {
+            handed_out: h.handed_out,
+            consumed: self.consumed.load(Ordering::Acquire),
+            user_acked: self.user_acked.load(Ordering::Acquire),
+        }
+    }
+
+    /// The shim behind the address restarted its seqs: everything up to `seq` counts as
+    /// processed and handed out.
+    pub(crate) fn restart_at(&self, seq: Seq) {
+        let mut h = self.handover.lock().unwrap_or_else(PoisonError::into_inner);
+        h.handed_out = seq;
+        self.consumed.store(seq, Ordering::Release);
+        self.user_acked.store(seq, Ordering::Release);
+    }
+
+    /// Records why the session is closing by itself (kept: the first reason).
+    pub(crate) fn set_close_reason(&self, reason: Error) {
+        if let Ok(mut slot) = self.close_reason.lock() {
+            slot.get_or_insert(reason);
+        }
+    }
+
+    /// A copy of the reason the session closed by itself, if it did.
+    pub(crate) fn close_reason(&self) -> Option<Error> {
+        self.close_reason
+            .lock()
+            .ok()
+            .and_then(|r| r.as_ref().map(Error::copy_refusal))
+    }
+
+    /// The error for a request the closed session cannot serve: its close reason, else
+    /// [`Error::Closed`].
+    pub(crate) fn closed_error(&self) -> Error {
+        self.close_reason().unwrap_or(Error::Closed)
     }
 
     pub(crate) fn agent_id(&self) -> Option<String> {

@@ -13,6 +13,7 @@ mod fake;
 mod fleet;
 mod listener;
 mod methods;
+mod regressions;
 mod schema;
 mod tty;
 mod wake;

@@ -21,6 +21,7 @@ mod image;
 mod lifecycle;
 mod network;
 mod reaping;
+mod wake;
 
 use std::io::Read;
 use std::process::{Command, Stdio};
