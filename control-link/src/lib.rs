@@ -16,15 +16,14 @@ mod session;
 mod shared;
 mod spec;
 mod token;
-mod vsock;
 mod wake;
 
 pub use driver_protocol as protocol;
 pub use driver_protocol::message::{ExecStarted, RequestId, Seq, StatusReply};
 pub use driver_protocol::ErrorCode;
 
-pub use addr::Addr;
 pub use client::{connect, Client};
+pub use driver_protocol::net::{Addr, AddrError};
 pub use error::Error;
 pub use events::EventStream;
 pub use fleet::{AgentId, Fleet, FleetEvents};

@@ -126,7 +126,7 @@ pub(crate) async fn spawn(
     out: Out,
 ) -> Result<(Addr, AbortHandle), Error> {
     opts.check_addr(addr)?;
-    let bound = addr.bind().await?;
+    let bound = crate::addr::bind(addr).await?;
     let local = bound.local_addr(addr);
     let registry: Registry = Arc::default();
     let task = tokio::spawn(accept_loop(bound, opts, out, registry));

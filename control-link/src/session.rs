@@ -612,7 +612,7 @@ impl Session {
 
 /// One dial and handshake.
 pub(crate) async fn dial_once(addr: Addr, opts: ConnectOptions) -> Result<Connected, Error> {
-    let io = tokio::time::timeout(opts.connect_timeout, addr.dial())
+    let io = tokio::time::timeout(opts.connect_timeout, crate::addr::dial(&addr))
         .await
         .map_err(|_| Error::Timeout(opts.connect_timeout))??;
     handshake(

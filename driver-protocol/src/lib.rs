@@ -7,6 +7,8 @@ pub mod codec;
 pub mod frame;
 pub mod handshake;
 pub mod message;
+#[cfg(feature = "net")]
+pub mod net;
 pub mod raw;
 
 mod de;

@@ -539,7 +539,9 @@ fn parse_restart(s: &str) -> Result<RestartPolicy, String> {
 }
 
 fn parse_control_addr(s: &str) -> Result<Option<ControlAddr>, String> {
-    s.parse().map(Some)
+    s.parse()
+        .map(Some)
+        .map_err(|e: driver_protocol::net::AddrError| e.to_string())
 }
 
 fn parse_positive_duration(s: &str) -> Result<Duration, String> {

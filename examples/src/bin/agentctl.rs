@@ -18,7 +18,8 @@ use std::time::Duration;
 
 use control_link::protocol::message::{Event, Paused, TaskDone, TaskStatus};
 use control_link::{
-    AckMode, Addr, Client, ConnectOptions, Error, EventStream, ExecSpec, Target, TaskSpec, Token,
+    AckMode, Addr, AddrError, Client, ConnectOptions, Error, EventStream, ExecSpec, Target,
+    TaskSpec, Token,
 };
 use tokio::io::AsyncReadExt as _;
 
@@ -286,7 +287,9 @@ async fn run() -> Result<u8, Fail> {
         Some(a) => a,
         None => return Err(usage(format!("no address: use --addr or set {ADDR_ENV}"))),
     };
-    let addr: Addr = addr.parse().map_err(|e: Error| usage(e.to_string()))?;
+    let addr: Addr = addr
+        .parse()
+        .map_err(|e: AddrError| usage(Error::from(e).to_string()))?;
     let token = match &g.token_file {
         Some(f) => Some(Token::from_file(f).map_err(|e| Fail(exit::USAGE, e.to_string()))?),
         None => Token::from_default_env().ok(),

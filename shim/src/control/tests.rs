@@ -208,6 +208,7 @@ fn addr_parsing() {
     assert!("tcp:fe80::1:5"
         .parse::<ControlAddr>()
         .unwrap_err()
+        .to_string()
         .contains("brackets"));
     for bad in [
         "unix:",

@@ -15,7 +15,7 @@ use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
 use super::addr::ControlAddr;
 use super::gate::PeerKey;
-use super::vsock::{VsockListener, VsockStream};
+use super::vsock::{self, VsockListener, VsockStream};
 
 /// The read half of a connection.
 pub(super) type ReadHalf = Box<dyn AsyncRead + Unpin>;
@@ -43,7 +43,9 @@ impl Listener {
                 listener.set_nonblocking(true)?;
                 TcpListener::from_std(listener).map(Self::Tcp)
             }
-            ControlAddr::Vsock { cid, port } => VsockListener::bind(*cid, *port).map(Self::Vsock),
+            ControlAddr::Vsock { cid, port } => {
+                VsockListener::bind(*cid, *port, vsock::BACKLOG).map(Self::Vsock)
+            }
         }
     }
 
