@@ -55,6 +55,36 @@ pub struct Exec {
     pub task_id: Option<String>,
 }
 
+impl Exec {
+    /// An `exec` of `argv` with every option left out: no extra variables, the default
+    /// working directory and user, no terminal, stdin `/dev/null`, no timeout, no output cap,
+    /// no task. Set the public fields for more.
+    ///
+    /// ```
+    /// use driver_protocol::message::Exec;
+    ///
+    /// let req = Exec::new(7, ["sh", "-c", "echo hi"]);
+    /// assert_eq!(req.argv, ["sh", "-c", "echo hi"]);
+    /// assert!(req.env.is_empty() && req.task_id.is_none() && !req.stdin);
+    /// let timed = Exec { timeout_ms: Some(500), ..Exec::new(8, ["sleep", "1"]) };
+    /// assert_eq!(timed.id, 8);
+    /// ```
+    pub fn new<S: Into<String>>(id: RequestId, argv: impl IntoIterator<Item = S>) -> Self {
+        Self {
+            id,
+            argv: argv.into_iter().map(Into::into).collect(),
+            env: BTreeMap::new(),
+            cwd: None,
+            user: None,
+            tty: None,
+            stdin: false,
+            timeout_ms: None,
+            output_cap: None,
+            task_id: None,
+        }
+    }
+}
+
 /// `exec_started`: the reply to `exec`; from now on `exec_input`, `exec_resize` and
 /// `exec_signal` are accepted for `exec_id`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

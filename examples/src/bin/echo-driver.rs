@@ -449,16 +449,8 @@ impl Driver {
         let id = self.next_id;
         self.next_id += 1;
         self.send(Exec {
-            id,
-            argv: argv.to_vec(),
-            env: Default::default(),
-            cwd: None,
-            user: None,
-            tty: None,
-            stdin: false,
-            timeout_ms: None,
-            output_cap: None,
             task_id: Some(run.task_id.clone()),
+            ..Exec::new(id, argv.to_vec())
         })?;
         let (output, is_error) = match self.wait_exec(run, id)? {
             Ok((exit, stdout)) => {

@@ -21,18 +21,7 @@ use crate::support::{in_both_modes, poll_until, Mode, TempDir, PATIENCE};
 
 /// An exec request running `argv`.
 fn cmd(id: u64, argv: &[&str]) -> Exec {
-    Exec {
-        id,
-        argv: argv.iter().map(|s| s.to_string()).collect(),
-        env: BTreeMap::new(),
-        cwd: None,
-        user: None,
-        tty: None,
-        stdin: false,
-        timeout_ms: None,
-        output_cap: None,
-        task_id: None,
-    }
+    Exec::new(id, argv.iter().copied())
 }
 
 /// An exec request running `sh -c script`.

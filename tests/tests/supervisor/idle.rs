@@ -3,7 +3,6 @@
 //! The container freezer is simulated by SIGSTOP of the shim and its driver (what the cgroup
 //! freezer does to every process of the sandbox, as far as they can tell), SIGCONT to thaw.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{ensure, Result};
@@ -116,18 +115,7 @@ in_both_modes! {
         expect_idle(&mut sup)?;
 
         // An exec of the control plane that runs 3 thresholds quietly: still busy.
-        let started = sup.ctl.exec_started(|id| Exec {
-            id,
-            argv: vec!["sleep".into(), "1.2".into()],
-            env: BTreeMap::new(),
-            cwd: None,
-            user: None,
-            tty: None,
-            stdin: false,
-            timeout_ms: None,
-            output_cap: None,
-            task_id: None,
-        })?;
+        let started = sup.ctl.exec_started(|id| Exec::new(id, ["sleep", "1.2"]))?;
         let status = sup.status()?;
         ensure!(status.idle_since_ms.is_none() && status.execs_running == 1, "{status:?}");
         let (_, seen) = sup.wait_within(

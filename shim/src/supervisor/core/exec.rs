@@ -464,18 +464,7 @@ mod tests {
     use crate::sys::fake::Fake;
 
     fn exec(id: u64, argv: &[&str]) -> Exec {
-        Exec {
-            id,
-            argv: argv.iter().map(|s| s.to_string()).collect(),
-            env: Default::default(),
-            cwd: None,
-            user: None,
-            tty: None,
-            stdin: false,
-            timeout_ms: None,
-            output_cap: None,
-            task_id: None,
-        }
+        Exec::new(id, argv.iter().copied())
     }
 
     /// Admits and "starts" `req` as pid `pid`; its exec id.

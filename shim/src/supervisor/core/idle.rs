@@ -263,18 +263,7 @@ mod tests {
         up(&mut core, t0);
         assert_eq!(idles(&turn(&mut core, t0 + AFTER)).len(), 1);
         let t1 = t0 + AFTER * 2;
-        let req = Exec {
-            id: 1,
-            argv: vec!["sleep".into(), "1000".into()],
-            env: Default::default(),
-            cwd: None,
-            user: None,
-            tty: None,
-            stdin: false,
-            timeout_ms: None,
-            output_cap: None,
-            task_id: None,
-        };
+        let req = Exec::new(1, ["sleep", "1000"]);
         let id = core
             .exec_admit(super::super::ExecOwner::Control, &req, None)
             .unwrap();
