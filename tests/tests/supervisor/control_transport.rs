@@ -78,22 +78,65 @@ fn tcp_sup(mode: Mode, extra: &[&str]) -> Result<(Sup, Target)> {
     args.extend(extra.iter().map(OsString::from));
     let shim = start_shim(mode, args, &[])?;
     let target = Target::Tcp(format!("127.0.0.1:{port}"));
-    let mut ctl = match ControlClient::connect_to(&target, Some(TOKEN), PATIENCE) {
+    let ctl = ControlClient::connect_to(&target, Some(TOKEN), PATIENCE);
+    let sock = dir.path().join("no-socket");
+    Ok((resumed(ctl, shim, mode, sock, dir)?, target))
+}
+
+/// A [`Sup`] over `ctl` (the shim's context added to a failed connection), after
+/// `resume_from{0}`.
+fn resumed(
+    ctl: Result<ControlClient>,
+    shim: Running,
+    mode: Mode,
+    sock: PathBuf,
+    dir: TempDir,
+) -> Result<Sup> {
+    let mut ctl = match ctl {
         Ok(c) => c,
         Err(e) => bail!("{e:#}\n{}", shim.context()),
     };
     ctl.resume_from(0)?;
-    let sock = dir.path().join("no-socket");
-    Ok((
-        Sup {
-            ctl,
-            shim,
-            mode,
-            sock,
-            _dir: dir,
-        },
-        target,
-    ))
+    Ok(Sup {
+        ctl,
+        shim,
+        mode,
+        sock,
+        _dir: dir,
+    })
+}
+
+/// The flags of a shim that dials `addr` with the token in `file`, then `extra`.
+fn dial_args(addr: String, file: PathBuf, extra: &[&str]) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec![
+        "--control-connect".into(),
+        addr.into(),
+        "--control-token-file".into(),
+        file.into_os_string(),
+    ];
+    args.extend(extra.iter().map(OsString::from));
+    args
+}
+
+/// A shim listening on the unix socket `sock`, its token in its environment.
+fn unix_token_shim(mode: Mode, sock: &Path) -> Result<Running> {
+    start_shim(
+        mode,
+        vec![
+            "--control-listen".into(),
+            format!("unix:{}", sock.display()).into(),
+        ],
+        &[("AGENT_SHIM_TOKEN", "e2e-token-0123456789")],
+    )
+}
+
+/// The chunk texts of `task_id` read so far: the first (waited for), then whatever comes
+/// within `more`.
+fn chunks_so_far(sup: &mut Sup, task_id: &str, more: Duration) -> Result<Vec<String>> {
+    let (first, _) = sup.wait("the first chunk", |e| chunk_of(e, task_id))?;
+    let mut got = texts_of(&[first], task_id);
+    got.extend(texts_of(&sup.ctl.events_for(more)?, task_id));
+    Ok(got)
 }
 
 /// How a hostile client was turned away.
@@ -218,14 +261,7 @@ in_both_modes! {
 fn unix_with_a_token_needs_no_insecure_flag() -> Result<()> {
     let dir = TempDir::new("unix-token")?;
     let sock = dir.path().join("c.sock");
-    let shim = start_shim(
-        Mode::Subreaper,
-        vec![
-            "--control-listen".into(),
-            format!("unix:{}", sock.display()).into(),
-        ],
-        &[("AGENT_SHIM_TOKEN", "e2e-token-0123456789")],
-    )?;
+    let shim = unix_token_shim(Mode::Subreaper, &sock)?;
     let target = Target::Unix(sock.clone());
     // Without the token: the shim's hello carries a nonce, a hello without one is refused.
     let outcome = hostile(&target, |s, hello| {
@@ -236,18 +272,8 @@ fn unix_with_a_token_needs_no_insecure_flag() -> Result<()> {
         outcome == Outcome::Refused(ErrorCode::Unauthorized),
         "{outcome:?}"
     );
-    let mut ctl = match ControlClient::connect_to(&target, Some(TOKEN), PATIENCE) {
-        Ok(c) => c,
-        Err(e) => bail!("{e:#}\n{}", shim.context()),
-    };
-    ctl.resume_from(0)?;
-    let mut sup = Sup {
-        ctl,
-        shim,
-        mode: Mode::Subreaper,
-        sock,
-        _dir: dir,
-    };
+    let ctl = ControlClient::connect_to(&target, Some(TOKEN), PATIENCE);
+    let mut sup = resumed(ctl, shim, Mode::Subreaper, sock, dir)?;
     let pid = sup.expect_up(1)?;
     crate::supervisor::check_status_ready(&sup.status()?, pid)?;
     Ok(())
@@ -382,30 +408,16 @@ fn hostile_clients_are_refused_and_the_live_connection_is_undisturbed() -> Resul
         s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     })?;
     let not_a_map = hostile(&target, |s, _| s.write_all(&[0, 0, 0, 1, 0x2a]))?;
-    ensure!(
-        wrong == Outcome::Refused(ErrorCode::Unauthorized),
-        "wrong token: {wrong:?}"
-    );
-    ensure!(
-        no_nonce == Outcome::Refused(ErrorCode::Unauthorized),
-        "no nonce: {no_nonce:?}"
-    );
-    ensure!(
-        not_auth == Outcome::Refused(ErrorCode::Unauthorized),
-        "not auth: {not_auth:?}"
-    );
-    ensure!(
-        replayed == Outcome::Refused(ErrorCode::Unauthorized),
-        "replayed: {replayed:?}"
-    );
-    ensure!(
-        http == Outcome::Refused(ErrorCode::FrameTooLarge),
-        "http: {http:?}"
-    );
-    ensure!(
-        not_a_map == Outcome::Refused(ErrorCode::Malformed),
-        "not a map: {not_a_map:?}"
-    );
+    for (what, got, code) in [
+        ("wrong token", wrong, ErrorCode::Unauthorized),
+        ("no nonce", no_nonce, ErrorCode::Unauthorized),
+        ("not auth", not_auth, ErrorCode::Unauthorized),
+        ("replayed", replayed, ErrorCode::Unauthorized),
+        ("http", http, ErrorCode::FrameTooLarge),
+        ("not a map", not_a_map, ErrorCode::Malformed),
+    ] {
+        ensure!(got == Outcome::Refused(code), "{what}: {got:?}");
+    }
 
     // A flood of 100 bad clients from 4 threads while the live connection works.
     let flood: Vec<_> = (0..4)
@@ -477,13 +489,8 @@ fn a_newer_authenticated_connection_takes_over_over_tcp() -> Result<()> {
         "long",
         input([("text", text.as_str().into()), ("delay_ms", 100.into())]),
     )?;
-    let (first, _) = sup.wait("the first chunk", |e| chunk_of(e, "long"))?;
     // The chunks the older connection read (and so processed).
-    let mut got = texts_of(&[first], "long");
-    got.extend(texts_of(
-        &sup.ctl.events_for(Duration::from_millis(300))?,
-        "long",
-    ));
+    let mut got = chunks_so_far(&mut sup, "long", Duration::from_millis(300))?;
     let cursor = sup.ctl.last_seq();
     let mut newer = ControlClient::connect_to(&target, Some(TOKEN), PATIENCE)?;
     newer.resume_from(cursor)?;
@@ -567,34 +574,17 @@ fn dial_out(mode: Mode, tcp: bool) -> Result<()> {
     let dir = TempDir::new("dial")?;
     let file = token_file(dir.path(), TOKEN, 0o600)?;
     let listener = TestListener::bind(dir.path(), tcp, None)?;
-    let shim = start_shim(
-        mode,
-        vec![
-            "--control-connect".into(),
-            listener.addr().into(),
-            "--control-token-file".into(),
-            file.into_os_string(),
-            "--control-reconnect-max".into(),
-            "500ms".into(),
-        ],
-        &[],
-    )?;
+    let args = dial_args(listener.addr(), file, &["--control-reconnect-max", "500ms"]);
+    let shim = start_shim(mode, args, &[])?;
     let accept = |l: &TestListener, shim: &Running| -> Result<ControlClient> {
         let stream = l
             .accept(PATIENCE)
             .map_err(|e| anyhow!("{e:#}\n{}", shim.context()))?;
         ControlClient::over(stream, Some(TOKEN), PATIENCE)
     };
-    let mut ctl = accept(&listener, &shim)?;
-    ctl.resume_from(0)?;
+    let ctl = accept(&listener, &shim);
     let sock = dir.path().join("unused");
-    let mut sup = Sup {
-        ctl,
-        shim,
-        mode,
-        sock,
-        _dir: dir,
-    };
+    let mut sup = resumed(ctl, shim, mode, sock, dir)?;
     sup.expect_up(1)?;
     let (text, want) = words(30);
     sup.submit(
@@ -603,12 +593,7 @@ fn dial_out(mode: Mode, tcp: bool) -> Result<()> {
     )?;
     // Mid-stream, the control plane's connection dies; the shim redials; resume after the
     // last seq read.
-    let (first, _) = sup.wait("the first chunk", |e| chunk_of(e, "long"))?;
-    let mut got = texts_of(&[first], "long");
-    got.extend(texts_of(
-        &sup.ctl.events_for(Duration::from_millis(200))?,
-        "long",
-    ));
+    let mut got = chunks_so_far(&mut sup, "long", Duration::from_millis(200))?;
     let cursor = sup.ctl.last_seq();
     sup.ctl.kill();
     sup.ctl = accept(&listener, &sup.shim)?;
@@ -668,18 +653,8 @@ fn dial_out_backoff_is_capped() -> Result<()> {
     let dir = TempDir::new("backoff")?;
     let file = token_file(dir.path(), TOKEN, 0o600)?;
     let listener = TestListener::bind(dir.path(), true, None)?;
-    let _shim = start_shim(
-        Mode::Subreaper,
-        vec![
-            "--control-connect".into(),
-            listener.addr().into(),
-            "--control-token-file".into(),
-            file.into_os_string(),
-            "--control-reconnect-max".into(),
-            "400ms".into(),
-        ],
-        &[],
-    )?;
+    let args = dial_args(listener.addr(), file, &["--control-reconnect-max", "400ms"]);
+    let _shim = start_shim(Mode::Subreaper, args, &[])?;
     // A control plane that hangs up at once: the handshake never completes, so each redial
     // backs off further, up to the cap.
     let mut at = Vec::new();
@@ -710,24 +685,10 @@ fn the_token_never_reaches_the_driver() -> Result<()> {
     let mode = one_mode();
     let dir = TempDir::new("scrub")?;
     let sock = dir.path().join("c.sock");
-    let shim = start_shim(
-        mode,
-        vec![
-            "--control-listen".into(),
-            format!("unix:{}", sock.display()).into(),
-        ],
-        &[("AGENT_SHIM_TOKEN", "e2e-token-0123456789")],
-    )?;
+    let shim = unix_token_shim(mode, &sock)?;
     let target = Target::Unix(sock.clone());
-    let mut ctl = ControlClient::connect_to(&target, Some(TOKEN), PATIENCE)?;
-    ctl.resume_from(0)?;
-    let mut sup = Sup {
-        ctl,
-        shim,
-        mode,
-        sock,
-        _dir: dir,
-    };
+    let ctl = ControlClient::connect_to(&target, Some(TOKEN), PATIENCE);
+    let mut sup = resumed(ctl, shim, mode, sock, dir)?;
     let pid = sup.expect_up(1)?;
     let host = sup.host_pid(pid)?;
     let secret = "e2e-token-0123456789";
@@ -767,27 +728,13 @@ fn vsock_dial_out_when_available() -> Result<()> {
     };
     let dir = TempDir::new("vsock")?;
     let file = token_file(dir.path(), TOKEN, 0o600)?;
-    let shim = start_shim(
-        Mode::Subreaper,
-        vec![
-            "--control-connect".into(),
-            format!("vsock:1:{port}").into(),
-            "--control-token-file".into(),
-            file.into_os_string(),
-        ],
-        &[],
-    )?;
-    let stream =
-        vsock::accept(&listener, PATIENCE).map_err(|e| anyhow!("{e:#}\n{}", shim.context()))?;
-    let mut ctl = ControlClient::over(Stream::Unix(stream), Some(TOKEN), PATIENCE)?;
-    ctl.resume_from(0)?;
-    let mut sup = Sup {
-        ctl,
-        shim,
-        mode: Mode::Subreaper,
-        sock: dir.path().join("unused"),
-        _dir: dir,
-    };
+    let args = dial_args(format!("vsock:1:{port}"), file, &[]);
+    let shim = start_shim(Mode::Subreaper, args, &[])?;
+    let ctl = vsock::accept(&listener, PATIENCE)
+        .map_err(|e| anyhow!("{e:#}"))
+        .and_then(|stream| ControlClient::over(Stream::Unix(stream), Some(TOKEN), PATIENCE));
+    let sock = dir.path().join("unused");
+    let mut sup = resumed(ctl, shim, Mode::Subreaper, sock, dir)?;
     sup.expect_up(1)?;
     sup.submit("v", "over vsock".into())?;
     let (got, _) = chunks_until_done(&mut sup.ctl, "v")?;
