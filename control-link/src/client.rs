@@ -14,7 +14,7 @@ use driver_protocol::message::{
 use tokio::sync::{mpsc, oneshot};
 
 use crate::fleet::FleetItem;
-use crate::link::{handshake, Connected};
+use crate::link::Connected;
 use crate::options::ConnectOptions;
 use crate::session::{dial_once, Cmd, Session, Shared, Sink, Source};
 use crate::shared::Position;
@@ -756,18 +756,4 @@ fn unexpected(msg: &ShimToControl) -> Error {
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-/// Runs the handshake on an accepted connection (for listeners).
-pub(crate) async fn accept_handshake(
-    io: crate::addr::BoxIo,
-    opts: &ConnectOptions,
-) -> Result<Connected, Error> {
-    handshake(
-        io,
-        opts.token.as_ref(),
-        opts.max_frame,
-        opts.connect_timeout,
-    )
-    .await
 }

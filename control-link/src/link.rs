@@ -17,7 +17,6 @@
 
 use std::future::poll_fn;
 use std::pin::Pin;
-use std::time::Duration;
 
 use bytes::BytesMut;
 use driver_protocol::codec::MessageCodec;
@@ -29,7 +28,7 @@ use tokio::io::{AsyncWriteExt as _, ReadHalf, WriteHalf};
 use tokio_util::codec::FramedRead;
 
 use crate::addr::BoxIo;
-use crate::{random, Error, Token};
+use crate::{random, ConnectOptions, Error, Token};
 
 /// The software name in our `hello`.
 const SOFTWARE: &str = "control-link";
@@ -106,14 +105,11 @@ pub(crate) struct Connected {
     pub(crate) hello: Hello,
 }
 
-/// Runs the handshake on a fresh connection, within `timeout`, reading frames of at most
-/// [`HANDSHAKE_MAX_FRAME`]; the connection returned reads and writes up to `max_frame`.
-pub(crate) async fn handshake(
-    io: BoxIo,
-    token: Option<&Token>,
-    max_frame: usize,
-    timeout: Duration,
-) -> Result<Connected, Error> {
+/// Runs the handshake on a fresh connection, dialed or accepted, with `opts`' token and
+/// within its `connect_timeout`, reading frames of at most [`HANDSHAKE_MAX_FRAME`]; the
+/// connection returned reads and writes up to `opts`' `max_frame`.
+pub(crate) async fn handshake(io: BoxIo, opts: &ConnectOptions) -> Result<Connected, Error> {
+    let (token, max_frame, timeout) = (opts.token.as_ref(), opts.max_frame, opts.connect_timeout);
     let small = HANDSHAKE_MAX_FRAME.min(max_frame);
     let mut conn = tokio::time::timeout(timeout, handshake_inner(io, token, small))
         .await

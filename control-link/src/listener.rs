@@ -20,8 +20,8 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::addr::{Bound, BoxIo};
-use crate::client::accept_handshake;
 use crate::fleet::FleetInner;
+use crate::link::handshake;
 use crate::link::Connected;
 use crate::session::Source;
 use crate::{Addr, AgentId, Client, ConnectOptions, Error, Token};
@@ -178,9 +178,9 @@ async fn admit(
     out: Out,
     registry: Registry,
 ) {
-    let handshake = accept_handshake(io, &opts).await;
+    let shaken = handshake(io, &opts).await;
     drop(permit);
-    let mut conn = match handshake {
+    let mut conn = match shaken {
         Ok(c) => c,
         Err(e) => {
             warn!(error = %e, "a dialing shim failed its handshake");

@@ -615,13 +615,7 @@ pub(crate) async fn dial_once(addr: Addr, opts: ConnectOptions) -> Result<Connec
     let io = tokio::time::timeout(opts.connect_timeout, crate::addr::dial(&addr))
         .await
         .map_err(|_| Error::Timeout(opts.connect_timeout))??;
-    handshake(
-        io,
-        opts.token.as_ref(),
-        opts.max_frame,
-        opts.connect_timeout,
-    )
-    .await
+    handshake(io, &opts).await
 }
 
 /// The next handed-over connection; never resolves without a handoff channel (or once it

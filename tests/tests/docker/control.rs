@@ -4,8 +4,8 @@
 //! host (`/proc` of the driver's host pid).
 
 use anyhow::{ensure, Result};
-use control_link::protocol::message::{Event, TaskStatus};
-use control_link::{Addr, TaskSpec, Token};
+use control_link::protocol::message::{Event, Seq, TaskStatus};
+use control_link::{Addr, Client, EventStream, TaskSpec, Token};
 
 use super::{
     connect_options, connect_when_up, driver_on_host, exec_output, fast_flags, image, proc_status,
@@ -13,6 +13,32 @@ use super::{
 };
 use crate::control_link::{chunks, input, read_until, runtime, within};
 use crate::support::PATIENCE;
+
+/// Submits `text` to the echo driver as task `task_id`, reads until its `task_done`, and
+/// checks it came back word by word; the events read.
+async fn echo_task(
+    client: &Client,
+    events: &mut EventStream,
+    task_id: &str,
+    text: &str,
+) -> Result<Vec<(Seq, Event)>> {
+    client
+        .submit_task(TaskSpec::new(task_id, input(text, 0)))
+        .await?;
+    let got = read_until(
+        events,
+        PATIENCE,
+        |e| matches!(e, Event::TaskDone(d) if d.task_id == task_id),
+    )
+    .await?;
+    let words: Vec<&str> = text.split(' ').collect();
+    ensure!(
+        chunks(&got, task_id) == words,
+        "{task_id}: {:?}",
+        chunks(&got, task_id)
+    );
+    Ok(got)
+}
 
 #[test]
 fn control_link_over_a_bind_mounted_unix_socket() -> Result<()> {
@@ -34,16 +60,7 @@ fn control_link_over_a_bind_mounted_unix_socket() -> Result<()> {
         let client = within(PATIENCE, "connect", agent.options().connect(&agent.addr)).await??;
         ensure!(client.agent_id().as_deref() == Some("unix-agent"));
         let mut events = client.events()?;
-        client
-            .submit_task(TaskSpec::new("t1", input("hello from the host", 0)))
-            .await?;
-        let got = read_until(
-            &mut events,
-            PATIENCE,
-            |e| matches!(e, Event::TaskDone(d) if d.task_id == "t1"),
-        )
-        .await?;
-        ensure!(chunks(&got, "t1") == ["hello", "from", "the", "host"]);
+        let got = echo_task(&client, &mut events, "t1", "hello from the host").await?;
         ensure!(
             matches!(got.last(), Some((_, Event::TaskDone(d))) if d.status == TaskStatus::Succeeded)
         );
@@ -120,16 +137,7 @@ fn control_link_over_tcp_on_a_user_defined_network() -> Result<()> {
         ensure!(refused.is_err(), "a wrong token was accepted");
 
         let mut events = client.events()?;
-        client
-            .submit_task(TaskSpec::new("net", input("across the bridge", 0)))
-            .await?;
-        let got = read_until(
-            &mut events,
-            PATIENCE,
-            |e| matches!(e, Event::TaskDone(d) if d.task_id == "net"),
-        )
-        .await?;
-        ensure!(chunks(&got, "net") == ["across", "the", "bridge"]);
+        echo_task(&client, &mut events, "net", "across the bridge").await?;
 
         // The token came in the environment; no child ever sees it.
         let (out, _) =

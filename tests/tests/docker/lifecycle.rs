@@ -5,10 +5,10 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _, Result};
-use control_link::protocol::message::{DriverState, Event, LogStream, Paused, TaskStatus};
+use control_link::protocol::message::{DriverState, Event, Paused, TaskStatus};
 use control_link::TaskSpec;
 
-use super::{image, require_docker, Run, UnixAgent, DOCKER_PATIENCE};
+use super::{image, require_docker, resumed_after_ms, Run, UnixAgent, DOCKER_PATIENCE};
 use crate::control_link::{
     assert_consecutive, chunks, input, kinds, read_until, runtime, within, words,
 };
@@ -175,18 +175,7 @@ fn docker_pause_and_unpause_inside_the_pause_resume_protocol() -> Result<()> {
             )
             .await?,
         );
-        let slept = seen
-            .iter()
-            .find_map(|(_, e)| match e {
-                Event::Log(l) if l.stream == LogStream::Driver => l
-                    .text
-                    .strip_prefix("resumed after ")?
-                    .strip_suffix(" ms")?
-                    .parse::<u64>()
-                    .ok(),
-                _ => None,
-            })
-            .with_context(|| format!("no `resumed after` log in {}", kinds(&seen)))?;
+        let slept = resumed_after_ms(&seen)?;
         eprintln!("frozen for {thawed_after:?}; the driver slept {slept} ms");
         ensure!(
             u128::from(slept) >= frozen.as_millis(),

@@ -307,6 +307,31 @@ impl UnixAgent {
     }
 }
 
+/// How long the driver says it was frozen: the `N` of its `resumed after N ms` log among
+/// `events`.
+pub fn resumed_after_ms(
+    events: &[(control_link::Seq, control_link::protocol::message::Event)],
+) -> Result<u64> {
+    use control_link::protocol::message::{Event, LogStream};
+    events
+        .iter()
+        .find_map(|(_, e)| match e {
+            Event::Log(l) if l.stream == LogStream::Driver => l
+                .text
+                .strip_prefix("resumed after ")?
+                .strip_suffix(" ms")?
+                .parse::<u64>()
+                .ok(),
+            _ => None,
+        })
+        .with_context(|| {
+            format!(
+                "no `resumed after` log: {}",
+                crate::control_link::kinds(events)
+            )
+        })
+}
+
 /// Connection options for a test: quick reconnects.
 pub fn connect_options() -> control_link::ConnectOptions {
     control_link::ConnectOptions::new().backoff(control_link::Backoff {

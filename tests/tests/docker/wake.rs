@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context as _, Result};
-use control_link::protocol::message::{DriverState, Event, LogStream, Paused, TaskStatus};
+use control_link::protocol::message::{DriverState, Event, Paused, TaskStatus};
 use control_link::{AgentId, TaskSpec};
 
-use super::{docker, image, require_docker, UnixAgent, DOCKER_PATIENCE};
+use super::{docker, image, require_docker, resumed_after_ms, UnixAgent, DOCKER_PATIENCE};
 use crate::control_link::{input, kinds, read_until, runtime, within};
 use crate::support::PATIENCE;
 
@@ -109,18 +109,7 @@ fn a_docker_paused_agent_is_woken_by_a_submit_through_docker_unpause() -> Result
             "a task before the resume: {}",
             kinds(&seen)
         );
-        let slept = seen
-            .iter()
-            .find_map(|(_, e)| match e {
-                Event::Log(l) if l.stream == LogStream::Driver => l
-                    .text
-                    .strip_prefix("resumed after ")?
-                    .strip_suffix(" ms")?
-                    .parse::<u64>()
-                    .ok(),
-                _ => None,
-            })
-            .with_context(|| format!("no `resumed after` log: {}", kinds(&seen)))?;
+        let slept = resumed_after_ms(&seen)?;
         ensure!(u128::from(slept) >= frozen.as_millis(), "slept {slept} ms");
         for i in 0..10 {
             let id = format!("w{i}");

@@ -397,33 +397,29 @@ impl ControlClient {
 
     /// Waits at most `timeout` for the reply whose `re` is `id`.
     pub fn reply_to(&mut self, id: RequestId, timeout: Duration) -> Result<ShimToControl> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.read(left)? {
-                Read::Timeout => bail!("no reply within {timeout:?}\n{}", self.context()),
-                Read::Msg(ShimToControl::Event(env)) => self.keep(env)?,
-                Read::Msg(reply) => {
-                    if re_of(&reply) == Some(id) {
-                        return Ok(reply);
-                    }
-                    bail!(
-                        "a reply to another request while waiting for {id}: {reply:?}\n{}",
-                        self.context()
-                    );
-                }
-            }
+        let reply = self.next_reply(timeout)?;
+        if re_of(&reply) == Some(id) {
+            return Ok(reply);
         }
+        bail!(
+            "a reply to another request while waiting for {id}: {reply:?}\n{}",
+            self.context()
+        );
     }
 
     /// The next message that is not an event (a reply, or an `error` without `re`), at most
     /// `timeout`; events read meanwhile are kept.
     pub fn next_reply(&mut self, timeout: Duration) -> Result<ShimToControl> {
+        self.next_non_event(timeout, "reply")
+    }
+
+    /// [`next_reply`](Self::next_reply), `what` was expected if none comes.
+    fn next_non_event(&mut self, timeout: Duration, what: &str) -> Result<ShimToControl> {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.read(left)? {
-                Read::Timeout => bail!("no reply within {timeout:?}\n{}", self.context()),
+                Read::Timeout => bail!("no {what} within {timeout:?}\n{}", self.context()),
                 Read::Msg(ShimToControl::Event(env)) => self.keep(env)?,
                 Read::Msg(reply) => return Ok(reply),
             }
@@ -545,15 +541,9 @@ impl ControlClient {
     /// Waits at most `timeout` for an `error` without `re` (the answer to a bad
     /// `exec_input`, `exec_resize` or `exec_signal`); events read meanwhile are kept.
     pub fn error_without_re(&mut self, timeout: Duration) -> Result<ErrorMsg> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.read(left)? {
-                Read::Timeout => bail!("no error within {timeout:?}\n{}", self.context()),
-                Read::Msg(ShimToControl::Event(env)) => self.keep(env)?,
-                Read::Msg(ShimToControl::Error(e)) if e.re.is_none() => return Ok(e),
-                Read::Msg(other) => bail!("expected an error without re, got {other:?}"),
-            }
+        match self.next_non_event(timeout, "error")? {
+            ShimToControl::Error(e) if e.re.is_none() => Ok(e),
+            other => bail!("expected an error without re, got {other:?}"),
         }
     }
 
