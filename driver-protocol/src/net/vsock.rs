@@ -55,6 +55,29 @@ fn sockaddr(cid: u32, port: u32) -> libc::sockaddr_vm {
 
 const ADDR_LEN: libc::socklen_t = size_of::<libc::sockaddr_vm>() as libc::socklen_t;
 
+/// `bind(2)` or `connect(2)`.
+type AddrCall =
+    unsafe extern "C" fn(libc::c_int, *const libc::sockaddr, libc::socklen_t) -> libc::c_int;
+
+/// Calls `call` (`libc::bind` or `libc::connect`) on `fd` with the address `cid:port`; the
+/// error it set, if any.
+fn at_addr(fd: &OwnedFd, cid: u32, port: u32, call: AddrCall) -> io::Result<()> {
+    let addr = sockaddr(cid, port);
+    // SAFETY: `addr` is a valid sockaddr_vm of ADDR_LEN bytes that outlives the call, and
+    // `fd` is an open socket.
+    let rc = unsafe {
+        call(
+            fd.as_raw_fd(),
+            std::ptr::addr_of!(addr).cast::<libc::sockaddr>(),
+            ADDR_LEN,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// A listening vsock socket.
 #[derive(Debug)]
 pub struct VsockListener {
@@ -67,18 +90,7 @@ impl VsockListener {
     /// inside a tokio runtime.
     pub fn bind(cid: u32, port: u32, backlog: u32) -> io::Result<Self> {
         let fd = socket()?;
-        let addr = sockaddr(cid, port);
-        // SAFETY: `addr` is a valid sockaddr_vm of ADDR_LEN bytes that outlives the call.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                std::ptr::addr_of!(addr).cast::<libc::sockaddr>(),
-                ADDR_LEN,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        at_addr(&fd, cid, port, libc::bind)?;
         let backlog = libc::c_int::try_from(backlog).unwrap_or(libc::c_int::MAX);
         // SAFETY: listen(2) takes no pointers.
         if unsafe { libc::listen(fd.as_raw_fd(), backlog) } != 0 {
@@ -134,23 +146,13 @@ impl VsockStream {
     /// runtime. Bound it with a timeout: a peer that never answers leaves it pending.
     pub async fn connect(cid: u32, port: u32) -> io::Result<Self> {
         let fd = socket()?;
-        let addr = sockaddr(cid, port);
-        // SAFETY: `addr` is a valid sockaddr_vm of ADDR_LEN bytes that outlives the call.
-        let rc = unsafe {
-            libc::connect(
-                fd.as_raw_fd(),
-                std::ptr::addr_of!(addr).cast::<libc::sockaddr>(),
-                ADDR_LEN,
-            )
+        let pending = match at_addr(&fd, cid, port, libc::connect) {
+            Ok(()) => false,
+            Err(err) if err.raw_os_error() == Some(libc::EINPROGRESS) => true,
+            Err(err) => return Err(err),
         };
-        if rc != 0 {
-            let err = io::Error::last_os_error();
-            if err.raw_os_error() != Some(libc::EINPROGRESS) {
-                return Err(err);
-            }
-        }
         let stream = Self::new(fd)?;
-        if rc != 0 {
+        if pending {
             // The writability is left set: the socket is writable, and the first write must
             // not wait for an edge that will not come.
             drop(stream.fd.writable().await?);
