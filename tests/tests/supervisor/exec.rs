@@ -228,9 +228,13 @@ in_both_modes! {
         let mut sup = Setup::new(mode).flag("--max-execs", "100").start()?;
         sup.expect_up(1)?;
         let mut ids = BTreeMap::new();
+        // Each waits for the end of its stdin, so none can finish before it is released.
         for n in 0..100 {
-            let script = format!("sleep 0.5; printf 'exec %s' {n}; exit $(({n} % 7))");
-            let s = sup.ctl.exec_started(|id| sh(id, &script))?;
+            let script = format!("read _; printf 'exec %s' {n}; exit $(({n} % 7))");
+            let s = sup.ctl.exec_started(|id| Exec {
+                stdin: true,
+                ..sh(id, &script)
+            })?;
             ids.insert(s.exec_id, n);
         }
         // The 101st is refused while they run.
@@ -240,6 +244,13 @@ in_both_modes! {
                 "{e:?}"
             ),
             other => bail!("the 101st exec answered {other:?}"),
+        }
+        for &exec_id in ids.keys() {
+            sup.ctl.send(ExecInput {
+                exec_id,
+                data: Bytes::new(),
+                eof: true,
+            })?;
         }
         let list: Vec<u64> = ids.keys().copied().collect();
         let runs = sup.ctl.exec_runs(&list, PATIENCE)?;
