@@ -71,6 +71,17 @@ impl Link {
         }
     }
 
+    /// [`Link::recv`] without waiting: `None` when no message is ready yet.
+    pub(crate) fn try_recv(&mut self) -> Option<Result<Option<ShimToControl>, Error>> {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match Pin::new(&mut self.rd).poll_next(&mut cx) {
+            std::task::Poll::Ready(Some(Ok(msg))) => Some(Ok(Some(msg))),
+            std::task::Poll::Ready(Some(Err(e))) => Some(Err(Error::Decode(e))),
+            std::task::Poll::Ready(None) => Some(Ok(None)),
+            std::task::Poll::Pending => None,
+        }
+    }
+
     /// Closes our writing side (the shim then sees end of stream).
     pub(crate) async fn shutdown(&mut self) {
         let _ = self.wr.shutdown().await;

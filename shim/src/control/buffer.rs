@@ -19,8 +19,13 @@
 
 use std::collections::VecDeque;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use driver_protocol::message::Seq;
+
+/// The frames are written into chunks of at least this size, each frame split off as a
+/// reference-counted slice of its chunk: one allocation per chunk, not one per event. A
+/// chunk's memory is reused once every frame in it has been acknowledged, or freed.
+const ARENA_CHUNK: usize = 64 * 1024;
 
 /// The unacknowledged events, oldest first, with their bounds.
 #[derive(Debug)]
@@ -35,6 +40,8 @@ pub(super) struct Buffer {
     acked: Seq,
     max_events: usize,
     max_bytes: usize,
+    /// Where the next frames are written (see [`ARENA_CHUNK`]): what is left of the chunk.
+    arena: BytesMut,
 }
 
 impl Buffer {
@@ -48,6 +55,7 @@ impl Buffer {
             acked: 0,
             max_events: max_events.max(1),
             max_bytes: max_bytes.max(1),
+            arena: BytesMut::new(),
         }
     }
 
@@ -63,6 +71,23 @@ impl Buffer {
         self.bytes = self.bytes.saturating_add(frame.len());
         self.events.push_back((seq, frame));
         seq
+    }
+
+    /// An empty buffer with room for at least `len` bytes, to write the next frame into
+    /// and then [`Self::push_written`] (or [`BytesMut::clear`], to give up on it).
+    pub(super) fn frame_space(&mut self, len: usize) -> &mut BytesMut {
+        self.arena.clear();
+        if self.arena.capacity() < len {
+            self.arena.reserve(len.max(ARENA_CHUNK));
+        }
+        &mut self.arena
+    }
+
+    /// Stores what was written into [`Self::frame_space`] as the frame of the event numbered
+    /// [`Self::next_seq`] (see [`Self::push`]).
+    pub(super) fn push_written(&mut self) -> Seq {
+        let frame = self.arena.split().freeze();
+        self.push(frame)
     }
 
     /// Forgets every event up to `seq` (cumulative); returns whether anything was freed.
@@ -174,6 +199,31 @@ mod tests {
         b.ack(4);
         b.push(frame(5, 100));
         assert!(b.is_full(), "full by bytes");
+    }
+
+    #[test]
+    fn frames_written_in_place_share_chunks_and_count_their_own_length() {
+        let mut b = Buffer::new(100, 1_000_000);
+        for i in 1..=3u8 {
+            let out = b.frame_space(10);
+            out.extend_from_slice(&[i; 10]);
+            assert_eq!(b.push_written(), u64::from(i));
+        }
+        assert_eq!(b.stats(), (3, 30, 3));
+        // A frame given up on leaves nothing behind.
+        b.frame_space(5).extend_from_slice(&[9; 5]);
+        let big = b.frame_space(2 * ARENA_CHUNK);
+        assert!(big.is_empty() && big.capacity() >= 2 * ARENA_CHUNK);
+        big.extend_from_slice(&[4; 7]);
+        b.push_written();
+        let mut out = Vec::new();
+        b.fill(0, &mut out, usize::MAX);
+        let mut want = Vec::new();
+        for (n, len) in [(1u8, 10), (2, 10), (3, 10), (4, 7)] {
+            want.extend(std::iter::repeat_n(n, len));
+        }
+        assert_eq!(out, want);
+        assert!(b.ack(4) && b.is_empty());
     }
 
     #[test]

@@ -438,8 +438,8 @@ impl ControlServer {
         let max = self.inner.max_frame;
         let mut st = self.inner.state.borrow_mut();
         let seq = st.buffer.next_seq();
-        let mut out = BytesMut::with_capacity(event_body.len().saturating_add(32));
-        if let Err(err) = frame::write_event_envelope(&mut out, max, seq, event_body) {
+        let out = st.buffer.frame_space(event_body.len().saturating_add(32));
+        if let Err(err) = frame::write_event_envelope(out, max, seq, event_body) {
             // A client would reject the frame and, reconnecting, get it again forever: the
             // seq carries an error event instead.
             warn!(seq, len = event_body.len(), error = %err, "event over the frame limit replaced");
@@ -448,11 +448,12 @@ impl ControlServer {
                 event_body.len()
             );
             let body = substitute(ErrorCode::FrameTooLarge, msg);
-            if let Err(err) = frame::write_event_envelope(&mut out, max, seq, &body) {
+            out.clear();
+            if let Err(err) = frame::write_event_envelope(out, max, seq, &body) {
                 error!(seq, error = %err, "cannot encode even an error event; seq skipped");
             }
         }
-        let seq = st.buffer.push(out.freeze());
+        let seq = st.buffer.push_written();
         let live = st.live.clone();
         drop(st);
         if let Some(conn) = live.filter(|c| c.is_streaming()) {
