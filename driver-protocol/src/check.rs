@@ -403,7 +403,10 @@ mod tests {
                 }
             }
         }
-        assert!(accepted > 50, "the corpus exercises acceptance ({accepted})");
+        assert!(
+            accepted > 50,
+            "the corpus exercises acceptance ({accepted})"
+        );
     }
 
     #[test]

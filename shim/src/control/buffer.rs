@@ -133,6 +133,18 @@ impl Buffer {
         (self.events.len(), self.bytes, self.last_seq)
     }
 
+    /// The frame of the event after `cursor` if it is at least `min` bytes long: written to
+    /// the socket as it is, rather than copied into a batch.
+    pub(super) fn next_large(&self, cursor: Seq, min: usize) -> Option<(Seq, Bytes)> {
+        let &(front, _) = self.events.front()?;
+        let next = cursor.max(self.acked).saturating_add(1);
+        let skip = usize::try_from(next.saturating_sub(front)).ok()?;
+        self.events
+            .get(skip)
+            .filter(|(_, frame)| frame.len() >= min)
+            .map(|(seq, frame)| (*seq, frame.clone()))
+    }
+
     /// Appends the frames of the events after `cursor` to `out`, in order, until `out`
     /// holds at least `limit` bytes (at least one frame is appended when there is one);
     /// returns the seq of the last frame appended, or `cursor` when none was.
@@ -146,7 +158,9 @@ impl Buffer {
         let skip = usize::try_from(next.saturating_sub(front)).unwrap_or(usize::MAX);
         let mut last = cursor;
         for (seq, frame) in self.events.iter().skip(skip) {
-            if !out.is_empty() && out.len() >= limit {
+            // A frame that would overflow the batch waits for the next one (where a large
+            // frame is written on its own, see [`Self::next_large`]).
+            if !out.is_empty() && out.len().saturating_add(frame.len()) > limit {
                 break;
             }
             out.extend_from_slice(frame);
@@ -246,5 +260,12 @@ mod tests {
         assert_eq!(out, [6, 6, 6, 6]);
         out.clear();
         assert_eq!(b.fill(0, &mut out, 1), 6, "one frame even over the limit");
+        out.clear();
+        b.push(frame(7, 100));
+        assert_eq!(b.fill(5, &mut out, 50), 6, "the large frame waits");
+        assert_eq!(b.next_large(5, 50), None, "6 is small");
+        let (seq, big) = b.next_large(6, 50).expect("7 is large");
+        assert_eq!((seq, big.len()), (7, 100));
+        assert_eq!(b.next_large(7, 50), None, "nothing after 7");
     }
 }
