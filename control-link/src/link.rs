@@ -26,6 +26,10 @@ use tokio_util::codec::FramedRead;
 use crate::addr::BoxIo;
 use crate::{random, Error, Token};
 
+/// The read buffer: a burst of events (or a large `exec_output`) is read in few syscalls
+/// (tokio-util's default is 8 KiB).
+const READ_BUF: usize = 64 * 1024;
+
 /// The software name in our `hello`.
 const SOFTWARE: &str = "control-link";
 
@@ -47,7 +51,7 @@ impl Link {
     pub(crate) fn new(io: BoxIo, max_frame: usize) -> Self {
         let (rd, wr) = tokio::io::split(io);
         Self {
-            rd: FramedRead::new(rd, MessageCodec::with_max_frame(max_frame)),
+            rd: FramedRead::with_capacity(rd, MessageCodec::with_max_frame(max_frame), READ_BUF),
             wr,
             out: BytesMut::with_capacity(256),
             max_frame,

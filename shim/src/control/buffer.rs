@@ -27,6 +27,11 @@ use driver_protocol::message::Seq;
 /// chunk's memory is reused once every frame in it has been acknowledged, or freed.
 const ARENA_CHUNK: usize = 64 * 1024;
 
+/// Used-up chunks kept to be written into again once all their frames are gone: a steady
+/// stream of events then reuses the same few chunks instead of allocating (and, with
+/// musl, mapping and faulting in) a fresh one every 64 KiB.
+const SPARE_CHUNKS: usize = 2;
+
 /// The unacknowledged events, oldest first, with their bounds.
 #[derive(Debug)]
 pub(super) struct Buffer {
@@ -42,6 +47,10 @@ pub(super) struct Buffer {
     max_bytes: usize,
     /// Where the next frames are written (see [`ARENA_CHUNK`]): what is left of the chunk.
     arena: BytesMut,
+    /// Used-up chunks, oldest first (see [`SPARE_CHUNKS`]).
+    spare: VecDeque<BytesMut>,
+    /// The arena's chunk was made for a frame larger than [`ARENA_CHUNK`].
+    arena_big: bool,
 }
 
 impl Buffer {
@@ -56,6 +65,8 @@ impl Buffer {
             max_events: max_events.max(1),
             max_bytes: max_bytes.max(1),
             arena: BytesMut::new(),
+            spare: VecDeque::new(),
+            arena_big: false,
         }
     }
 
@@ -77,8 +88,30 @@ impl Buffer {
     /// and then [`Self::push_written`] (or [`BytesMut::clear`], to give up on it).
     pub(super) fn frame_space(&mut self, len: usize) -> &mut BytesMut {
         self.arena.clear();
-        if self.arena.capacity() < len {
-            self.arena.reserve(len.max(ARENA_CHUNK));
+        let want = len.max(ARENA_CHUNK);
+        // The chunk itself, when every frame in it is gone already.
+        if self.arena.capacity() < len && !self.arena.try_reclaim(want) {
+            let used = std::mem::take(&mut self.arena);
+            // The oldest spare chunk, when every frame in it is gone; else a new chunk.
+            let reusable = self
+                .spare
+                .front_mut()
+                .is_some_and(|oldest| oldest.try_reclaim(want));
+            match self.spare.pop_front() {
+                Some(oldest) if reusable => self.arena = oldest,
+                Some(oldest) => {
+                    self.spare.push_front(oldest);
+                    self.arena.reserve(want);
+                }
+                None => self.arena.reserve(want),
+            }
+            // Only chunks of the usual size are kept (not one made for a huge frame).
+            if self.arena_big {
+                drop(used);
+            } else if self.spare.len() < SPARE_CHUNKS {
+                self.spare.push_back(used);
+            }
+            self.arena_big = want > ARENA_CHUNK;
         }
         &mut self.arena
     }
@@ -238,6 +271,33 @@ mod tests {
         }
         assert_eq!(out, want);
         assert!(b.ack(4) && b.is_empty());
+    }
+
+    #[test]
+    fn chunks_are_reused_once_their_frames_are_acknowledged() {
+        let mut b = Buffer::new(100_000, usize::MAX);
+        let frame_len = 1000;
+        let mut chunks = std::collections::BTreeSet::new();
+        for round in 0..20u64 {
+            // A chunk's worth of frames and more, then everything is acknowledged.
+            for _ in 0..100 {
+                let out = b.frame_space(frame_len);
+                out.extend_from_slice(&[1; 1000]);
+                chunks.insert(out.as_ptr() as usize & !(ARENA_CHUNK - 1));
+                b.push_written();
+            }
+            assert!(b.ack(b.stats().2), "round {round}");
+        }
+        // 2,000 frames of 1,000 bytes: 31 chunks if none were reused.
+        assert!(chunks.len() <= 8, "{} chunks", chunks.len());
+        // A huge frame gets a chunk of its own, which is not kept.
+        let out = b.frame_space(4 * ARENA_CHUNK);
+        out.extend_from_slice(&vec![2; 4 * ARENA_CHUNK]);
+        b.push_written();
+        b.frame_space(10).extend_from_slice(&[3; 10]);
+        b.push_written();
+        b.ack(b.stats().2);
+        assert!(b.spare.iter().all(|c| c.capacity() <= ARENA_CHUNK));
     }
 
     #[test]
