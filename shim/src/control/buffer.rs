@@ -27,10 +27,13 @@ use driver_protocol::message::Seq;
 /// chunk's memory is reused once every frame in it has been acknowledged, or freed.
 const ARENA_CHUNK: usize = 64 * 1024;
 
-/// Used-up chunks kept to be written into again once all their frames are gone: a steady
-/// stream of events then reuses the same few chunks instead of allocating (and, with
-/// musl, mapping and faulting in) a fresh one every 64 KiB.
-const SPARE_CHUNKS: usize = 2;
+/// Used-up chunks are kept, oldest first, to be written into again once all their frames
+/// are acknowledged: a steady stream of events (or of large `exec_output` chunks) then
+/// cycles through the same chunks instead of allocating, and with musl mapping and
+/// faulting in, a fresh one each time. They are bounded in bytes by twice the buffer's own
+/// byte limit (about what a full buffer holds anyway), and once every event is acknowledged
+/// only this many chunks of the usual size stay.
+const IDLE_SPARE_CHUNKS: usize = 2;
 
 /// The unacknowledged events, oldest first, with their bounds.
 #[derive(Debug)]
@@ -47,10 +50,12 @@ pub(super) struct Buffer {
     max_bytes: usize,
     /// Where the next frames are written (see [`ARENA_CHUNK`]): what is left of the chunk.
     arena: BytesMut,
-    /// Used-up chunks, oldest first (see [`SPARE_CHUNKS`]).
-    spare: VecDeque<BytesMut>,
-    /// The arena's chunk was made for a frame larger than [`ARENA_CHUNK`].
-    arena_big: bool,
+    /// Used-up chunks and their sizes, oldest first (see [`IDLE_SPARE_CHUNKS`]).
+    spare: VecDeque<(BytesMut, usize)>,
+    /// The sum of the spare chunks' sizes.
+    spare_bytes: usize,
+    /// The size of the arena's chunk.
+    arena_size: usize,
 }
 
 impl Buffer {
@@ -66,7 +71,8 @@ impl Buffer {
             max_bytes: max_bytes.max(1),
             arena: BytesMut::new(),
             spare: VecDeque::new(),
-            arena_big: false,
+            spare_bytes: 0,
+            arena_size: 0,
         }
     }
 
@@ -90,30 +96,40 @@ impl Buffer {
         self.arena.clear();
         let want = len.max(ARENA_CHUNK);
         // The chunk itself, when every frame in it is gone already.
-        if self.arena.capacity() < len && !self.arena.try_reclaim(want) {
-            let used = std::mem::take(&mut self.arena);
-            // The oldest spare chunk, when every frame in it is gone; else a new chunk.
-            let reusable = self
-                .spare
-                .front_mut()
-                .is_some_and(|oldest| oldest.try_reclaim(want));
-            match self.spare.pop_front() {
-                Some(oldest) if reusable => self.arena = oldest,
-                Some(oldest) => {
-                    self.spare.push_front(oldest);
-                    self.arena.reserve(want);
-                }
-                None => self.arena.reserve(want),
-            }
-            // Only chunks of the usual size are kept (not one made for a huge frame).
-            if self.arena_big {
-                drop(used);
-            } else if self.spare.len() < SPARE_CHUNKS {
-                self.spare.push_back(used);
-            }
-            self.arena_big = want > ARENA_CHUNK;
+        if self.arena.capacity() >= len || self.arena.try_reclaim(want) {
+            return &mut self.arena;
+        }
+        let used = std::mem::take(&mut self.arena);
+        let used_size = std::mem::replace(&mut self.arena_size, want);
+        self.arena = self
+            .reuse_spare(want)
+            .unwrap_or_else(|| BytesMut::with_capacity(want));
+        // The chunks of a full buffer are all spare (or the arena) once it drains: a bound of
+        // twice the byte limit leaves room for the frames past it and for the arena.
+        let bound = self.max_bytes.saturating_mul(2);
+        if used_size > 0 && self.spare_bytes.saturating_add(used_size) <= bound {
+            self.spare_bytes += used_size;
+            self.spare.push_back((used, used_size));
         }
         &mut self.arena
+    }
+
+    /// The oldest spare chunk, reset to its full size, if every frame in it is gone and it
+    /// holds `want` bytes; spare chunks too small for `want` are freed on the way.
+    fn reuse_spare(&mut self, want: usize) -> Option<BytesMut> {
+        loop {
+            let (front, size) = self.spare.front_mut()?;
+            let size = *size;
+            if !front.try_reclaim(size) {
+                return None; // still referenced by an unacknowledged frame
+            }
+            let (chunk, _) = self.spare.pop_front()?;
+            self.spare_bytes -= size;
+            if size >= want {
+                self.arena_size = size;
+                return Some(chunk);
+            }
+        }
     }
 
     /// Stores what was written into [`Self::frame_space`] as the frame of the event numbered
@@ -142,6 +158,20 @@ impl Buffer {
             self.bytes = self.bytes.saturating_sub(frame.len());
             self.events.pop_front();
             freed = true;
+        }
+        if self.events.is_empty() {
+            // Idle again: keep a few chunks of the usual size, free the rest.
+            let mut kept = 0;
+            let mut bytes = 0;
+            self.spare.retain(|(_, size)| {
+                let keep = *size == ARENA_CHUNK && kept < IDLE_SPARE_CHUNKS;
+                if keep {
+                    kept += 1;
+                    bytes += *size;
+                }
+                keep
+            });
+            self.spare_bytes = bytes;
         }
         freed
     }
@@ -297,7 +327,9 @@ mod tests {
         b.frame_space(10).extend_from_slice(&[3; 10]);
         b.push_written();
         b.ack(b.stats().2);
-        assert!(b.spare.iter().all(|c| c.capacity() <= ARENA_CHUNK));
+        assert!(b.spare.len() <= IDLE_SPARE_CHUNKS);
+        assert!(b.spare.iter().all(|(_, size)| *size == ARENA_CHUNK));
+        assert_eq!(b.spare_bytes, b.spare.len() * ARENA_CHUNK);
     }
 
     #[test]
