@@ -249,8 +249,8 @@ pub fn run(ctx: &Ctx) -> Figure {
              batches. control-link's session walks each envelope, decodes its event into a \
              typed `Event` (for a `custom` event, a `String` and a `Value`) and sends it \
              through a channel to the stream (a burst of read events in one turn). 40% of \
-             the raw forwarder means about 0.4 µs per event on each side; see the CPU shares \
-             above: on a shared machine both ends run well below a full core."
+             the raw forwarder means a few hundred nanoseconds per event on each side, \
+             allocation, decoding and channel included; see the CPU shares above."
                 .into(),
         );
     }
