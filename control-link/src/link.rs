@@ -30,6 +30,10 @@ use tokio_util::codec::FramedRead;
 use crate::addr::BoxIo;
 use crate::{random, ConnectOptions, Error, Token};
 
+/// The read buffer: a burst of events (or a large `exec_output`) is read in few syscalls
+/// (tokio-util's default is 8 KiB).
+const READ_BUF: usize = 64 * 1024;
+
 /// The software name in our `hello`.
 const SOFTWARE: &str = "control-link";
 
@@ -55,7 +59,7 @@ impl Link {
     pub(crate) fn new(io: BoxIo, max_frame: usize) -> Self {
         let (rd, wr) = tokio::io::split(io);
         Self {
-            rd: FramedRead::new(rd, MessageCodec::with_max_frame(max_frame)),
+            rd: FramedRead::with_capacity(rd, MessageCodec::with_max_frame(max_frame), READ_BUF),
             wr,
             out: BytesMut::with_capacity(256),
             max_frame,
@@ -82,6 +86,17 @@ impl Link {
             Some(Ok(msg)) => Ok(Some(msg)),
             Some(Err(e)) => Err(Error::Decode(e)),
             None => Ok(None),
+        }
+    }
+
+    /// [`Link::recv`] without waiting: `None` when no message is ready yet.
+    pub(crate) fn try_recv(&mut self) -> Option<Result<Option<ShimToControl>, Error>> {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match Pin::new(&mut self.rd).poll_next(&mut cx) {
+            std::task::Poll::Ready(Some(Ok(msg))) => Some(Ok(Some(msg))),
+            std::task::Poll::Ready(Some(Err(e))) => Some(Err(Error::Decode(e))),
+            std::task::Poll::Ready(None) => Some(Ok(None)),
+            std::task::Poll::Pending => None,
         }
     }
 

@@ -48,6 +48,9 @@ use crate::{Addr, AgentId, Error};
 /// Refused redials in a row after which the refusal is final.
 pub(crate) const MAX_REFUSALS: u32 = 3;
 
+/// Messages already read that are handled in one turn of the session's loop.
+const BURST: usize = 256;
+
 /// What a client handle asks of its session.
 #[derive(Debug)]
 pub(crate) enum Cmd {
@@ -89,6 +92,47 @@ pub(crate) enum Sink {
         agent: AgentId,
         tx: mpsc::Sender<FleetItem>,
     },
+}
+
+/// What became of an event offered to the sink without waiting.
+enum Offer {
+    /// Handed out (or dropped: nobody takes events any more).
+    Taken,
+    /// The channel is full: the event is given back.
+    Full(Seq, Event),
+}
+
+impl Sink {
+    /// Hands `(seq, event)` out if the channel has room now.
+    fn try_send(&self, shared: &Arc<Shared>, seq: Seq, event: Event) -> Offer {
+        use mpsc::error::TrySendError;
+        match self {
+            Sink::Own(tx) => match tx.try_send((seq, event)) {
+                Ok(()) => Offer::Taken,
+                Err(TrySendError::Full((seq, event))) => Offer::Full(seq, event),
+                Err(TrySendError::Closed(_)) => {
+                    debug!(seq, "nobody takes events; event dropped (not acked)");
+                    Offer::Taken
+                }
+            },
+            Sink::Fleet { agent, tx } => {
+                let item = FleetItem {
+                    agent: agent.clone(),
+                    seq,
+                    event,
+                    shared: Arc::clone(shared),
+                };
+                match tx.try_send(item) {
+                    Ok(()) => Offer::Taken,
+                    Err(TrySendError::Full(item)) => Offer::Full(item.seq, item.event),
+                    Err(TrySendError::Closed(_)) => {
+                        debug!(seq, "nobody takes events; event dropped (not acked)");
+                        Offer::Taken
+                    }
+                }
+            }
+        }
+    }
 }
 
 enum Permit {
@@ -500,6 +544,25 @@ impl Session {
                         last_rx = Instant::now();
                         probing = false;
                         self.on_message(msg)?;
+                        // The frames already read follow without a turn of the loop each
+                        // (a burst of events is the common case), while the sink has room.
+                        let mut more = BURST;
+                        loop {
+                            self.offer_queued();
+                            if self.queued.is_some() || more == 0 {
+                                break;
+                            }
+                            more -= 1;
+                            match link.try_recv() {
+                                Some(Ok(Some(msg))) => self.on_message(msg)?,
+                                Some(Ok(None)) => {
+                                    info!("the shim closed the control connection");
+                                    return Ok(End::Dropped);
+                                }
+                                Some(Err(e)) => return Err(e),
+                                None => break,
+                            }
+                        }
                     }
                     None => {
                         info!("the shim closed the control connection");
@@ -507,6 +570,18 @@ impl Session {
                     }
                 },
             }
+        }
+    }
+
+    /// Hands the queued event to the sink if it has room now; else it stays queued (and
+    /// the loop waits for room, without reading the socket).
+    fn offer_queued(&mut self) {
+        let Some((seq, event)) = self.queued.take() else {
+            return;
+        };
+        match self.sink.try_send(&self.shared, seq, event) {
+            Offer::Taken => self.delivered = seq,
+            Offer::Full(seq, event) => self.queued = Some((seq, event)),
         }
     }
 

@@ -147,6 +147,21 @@ pub fn write_event_envelope<B: FrameBuf>(
     })
 }
 
+/// Appends one frame holding the `event` envelope `{seq, event}`, encoding the event in
+/// place: byte-identical to writing
+/// [`ShimToControl::Event`](crate::message::ShimToControl::Event), without building it.
+pub fn write_event<B: FrameBuf>(
+    out: &mut B,
+    max: usize,
+    seq: Seq,
+    event: &crate::message::Event,
+) -> Result<(), EncodeError> {
+    write_with(out, max, |w| {
+        crate::raw::encode_event_envelope(seq, &[], &mut *w.0);
+        event.encode_to(w)
+    })
+}
+
 /// Reserves the header, runs `encode` on the buffer, checks the length and patches it in.
 ///
 /// The limit is checked after encoding: a writer that checks every write makes rmp-serde's
@@ -209,6 +224,33 @@ mod tests {
             text: "x".repeat(len),
             truncated: false,
         })
+    }
+
+    #[test]
+    fn an_event_written_in_place_is_the_envelope_message() {
+        use crate::message::{Event, EventEnvelope, ExecOutput, OutputStream, ShimToControl};
+        let event = Event::ExecOutput(ExecOutput {
+            exec_id: 9,
+            stream: OutputStream::Stdout,
+            data: bytes::Bytes::from(vec![7u8; 70_000]),
+        });
+        let mut ours = Vec::new();
+        write_event(&mut ours, crate::DEFAULT_MAX_FRAME, 300, &event).expect("write");
+        let mut theirs = Vec::new();
+        let msg = ShimToControl::Event(EventEnvelope { seq: 300, event });
+        write_message(&mut theirs, crate::DEFAULT_MAX_FRAME, &msg).expect("write");
+        assert_eq!(ours, theirs);
+        let mut small = Vec::new();
+        let event = Event::ExecOutput(ExecOutput {
+            exec_id: 9,
+            stream: OutputStream::Stdout,
+            data: bytes::Bytes::from(vec![7u8; 100]),
+        });
+        assert!(matches!(
+            write_event(&mut small, 50, 1, &event),
+            Err(EncodeError::FrameTooLarge { .. })
+        ));
+        assert!(small.is_empty());
     }
 
     #[test]

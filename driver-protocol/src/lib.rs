@@ -2,6 +2,7 @@
 #![deny(missing_docs)]
 
 pub mod blocking;
+pub mod check;
 #[cfg(feature = "tokio-codec")]
 pub mod codec;
 pub mod frame;

@@ -72,10 +72,18 @@ pub fn read_head(body: &[u8]) -> Result<Head<'_>, DecodeError> {
 
 /// [`read_head`] in the shape the message decoders use.
 pub(crate) fn peek(body: &[u8]) -> Result<message::Head<'_>, DecodeError> {
-    let head = read_head(body)?;
+    let top = walk(body)?;
+    // An envelope's parts come from the same walk: decoding it does not walk it again.
+    let envelope = match top.type_name {
+        "event" => envelope_parts(&top)
+            .ok()
+            .map(|range| (top.seq.unwrap_or_default(), range)),
+        _ => None,
+    };
     Ok(message::Head {
-        type_name: head.type_name,
-        id: head.id,
+        type_name: top.type_name,
+        id: top.id,
+        envelope,
     })
 }
 
@@ -142,12 +150,19 @@ pub(crate) fn decode_envelope(
     body: &[u8],
     head: &message::Head<'_>,
 ) -> Result<EventEnvelope, DecodeError> {
-    let split = split_envelope(body).map_err(|e| match e {
-        DecodeError::Malformed { detail, .. } => {
-            DecodeError::malformed(Some(head.type_name), head.id, detail)
-        }
-        other => other,
-    })?;
+    let split = match &head.envelope {
+        Some((seq, range)) => RawEvent {
+            seq: *seq,
+            event: body.get(range.clone()).unwrap_or_default(),
+        },
+        // Not a valid envelope: the walk again, for its error.
+        None => split_envelope(body).map_err(|e| match e {
+            DecodeError::Malformed { detail, .. } => {
+                DecodeError::malformed(Some(head.type_name), head.id, detail)
+            }
+            other => other,
+        })?,
+    };
     let event = Event::decode(split.event).map_err(|e| match e {
         DecodeError::Malformed {
             type_name, detail, ..

@@ -134,12 +134,13 @@ pub fn run(ctx: &Ctx) -> Figure {
     fig.charts.push(chart);
     if median(&shim).is_some_and(|v| v < 1.0) {
         fig.notes.push(
-            "FAIL: the output crosses more copies than a pipe: the shim reads each chunk (at \
-             most 32 KiB) into a freshly zeroed buffer, copies it into the `exec_output` \
-             message, encodes that into an `event` envelope in the replay buffer and writes it \
-             to the socket; control-link decodes each envelope into a typed `Event` (one more \
-             copy) and hands it through its channel. Not yet profiled: the first cuts to try \
-             are reading straight into the message's buffer and larger chunks."
+            "FAIL: the output still crosses more copies than a pipe, with three processes \
+             (`head`, the shim, the client) on the machine's cores instead of two. The shim \
+             reads each chunk (at most 128 KiB) into a reused buffer and hands it on without a \
+             copy, encodes it once, in place, into the replay buffer, and writes such large \
+             frames to the socket as they are; what remains is that one copy, the socket's, \
+             and control-link's decode of each envelope into a typed `Event` (one more copy) \
+             handed through its channel."
                 .into(),
         );
     }

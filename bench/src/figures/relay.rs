@@ -242,13 +242,15 @@ pub fn run(ctx: &Ctx) -> Figure {
     }
     if ms.is_some_and(|s| s < 1e6 || mr.is_some_and(|r| s < 0.4 * r)) {
         fig.notes.push(
-            "FAIL: both ends of the relay do per-event work the raw forwarder does not. The shim \
-             decodes every driver frame into its typed message to validate it (a few allocations \
-             per `custom` event: its strings and its `data` value; musl's malloc shows in a \
-             profile) before splicing the body into an `event` envelope, and reads into fresh \
-             64 KiB buffers as relayed bodies keep the old ones alive. control-link's session \
-             decodes every envelope into a typed `Event` and sends it through a channel to the \
-             stream. Profiled with `perf` on the shim and the bench; see the CPU shares above."
+            "FAIL: both ends of the relay still do per-event work the raw forwarder does not. \
+             The shim checks each driver event against its schema without decoding it \
+             (`driver_protocol::check`: no allocation), and writes the `event` envelope in \
+             place into the replay buffer's storage; the writer copies frames into 64 KiB \
+             batches. control-link's session walks each envelope, decodes its event into a \
+             typed `Event` (for a `custom` event, a `String` and a `Value`) and sends it \
+             through a channel to the stream (a burst of read events in one turn). 40% of \
+             the raw forwarder means a few hundred nanoseconds per event on each side, \
+             allocation, decoding and channel included; see the CPU shares above."
                 .into(),
         );
     }

@@ -73,6 +73,9 @@ pub trait Message: Sized {
 pub(crate) struct Head<'a> {
     pub(crate) type_name: &'a str,
     pub(crate) id: Option<RequestId>,
+    /// For a valid `event` envelope: its `seq` and the range of its event in the body (found
+    /// by the same walk, so that decoding the envelope does not walk it again).
+    pub(crate) envelope: Option<(Seq, std::ops::Range<usize>)>,
 }
 
 impl<'a> Head<'a> {

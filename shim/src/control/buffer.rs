@@ -19,8 +19,21 @@
 
 use std::collections::VecDeque;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use driver_protocol::message::Seq;
+
+/// The frames are written into chunks of at least this size, each frame split off as a
+/// reference-counted slice of its chunk: one allocation per chunk, not one per event. A
+/// chunk's memory is reused once every frame in it has been acknowledged, or freed.
+const ARENA_CHUNK: usize = 64 * 1024;
+
+/// Used-up chunks are kept, oldest first, to be written into again once all their frames
+/// are acknowledged: a steady stream of events (or of large `exec_output` chunks) then
+/// cycles through the same chunks instead of allocating, and with musl mapping and
+/// faulting in, a fresh one each time. They are bounded in bytes by twice the buffer's own
+/// byte limit (about what a full buffer holds anyway), and once every event is acknowledged
+/// only this many chunks of the usual size stay.
+const IDLE_SPARE_CHUNKS: usize = 2;
 
 /// The unacknowledged events, oldest first, with their bounds.
 #[derive(Debug)]
@@ -35,6 +48,14 @@ pub(super) struct Buffer {
     acked: Seq,
     max_events: usize,
     max_bytes: usize,
+    /// Where the next frames are written (see [`ARENA_CHUNK`]): what is left of the chunk.
+    arena: BytesMut,
+    /// Used-up chunks and their sizes, oldest first (see [`IDLE_SPARE_CHUNKS`]).
+    spare: VecDeque<(BytesMut, usize)>,
+    /// The sum of the spare chunks' sizes.
+    spare_bytes: usize,
+    /// The size of the arena's chunk.
+    arena_size: usize,
 }
 
 impl Buffer {
@@ -48,6 +69,10 @@ impl Buffer {
             acked: 0,
             max_events: max_events.max(1),
             max_bytes: max_bytes.max(1),
+            arena: BytesMut::new(),
+            spare: VecDeque::new(),
+            spare_bytes: 0,
+            arena_size: 0,
         }
     }
 
@@ -63,6 +88,55 @@ impl Buffer {
         self.bytes = self.bytes.saturating_add(frame.len());
         self.events.push_back((seq, frame));
         seq
+    }
+
+    /// An empty buffer with room for at least `len` bytes, to write the next frame into
+    /// and then [`Self::push_written`] (or [`BytesMut::clear`], to give up on it).
+    pub(super) fn frame_space(&mut self, len: usize) -> &mut BytesMut {
+        self.arena.clear();
+        let want = len.max(ARENA_CHUNK);
+        // The chunk itself, when every frame in it is gone already.
+        if self.arena.capacity() >= len || self.arena.try_reclaim(want) {
+            return &mut self.arena;
+        }
+        let used = std::mem::take(&mut self.arena);
+        let used_size = std::mem::replace(&mut self.arena_size, want);
+        self.arena = self
+            .reuse_spare(want)
+            .unwrap_or_else(|| BytesMut::with_capacity(want));
+        // The chunks of a full buffer are all spare (or the arena) once it drains: a bound of
+        // twice the byte limit leaves room for the frames past it and for the arena.
+        let bound = self.max_bytes.saturating_mul(2);
+        if used_size > 0 && self.spare_bytes.saturating_add(used_size) <= bound {
+            self.spare_bytes += used_size;
+            self.spare.push_back((used, used_size));
+        }
+        &mut self.arena
+    }
+
+    /// The oldest spare chunk, reset to its full size, if every frame in it is gone and it
+    /// holds `want` bytes; spare chunks too small for `want` are freed on the way.
+    fn reuse_spare(&mut self, want: usize) -> Option<BytesMut> {
+        loop {
+            let (front, size) = self.spare.front_mut()?;
+            let size = *size;
+            if !front.try_reclaim(size) {
+                return None; // still referenced by an unacknowledged frame
+            }
+            let (chunk, _) = self.spare.pop_front()?;
+            self.spare_bytes -= size;
+            if size >= want {
+                self.arena_size = size;
+                return Some(chunk);
+            }
+        }
+    }
+
+    /// Stores what was written into [`Self::frame_space`] as the frame of the event numbered
+    /// [`Self::next_seq`] (see [`Self::push`]).
+    pub(super) fn push_written(&mut self) -> Seq {
+        let frame = self.arena.split().freeze();
+        self.push(frame)
     }
 
     /// Forgets every event up to `seq` (cumulative); returns whether anything was freed.
@@ -84,6 +158,20 @@ impl Buffer {
             self.bytes = self.bytes.saturating_sub(frame.len());
             self.events.pop_front();
             freed = true;
+        }
+        if self.events.is_empty() {
+            // Idle again: keep a few chunks of the usual size, free the rest.
+            let mut kept = 0;
+            let mut bytes = 0;
+            self.spare.retain(|(_, size)| {
+                let keep = *size == ARENA_CHUNK && kept < IDLE_SPARE_CHUNKS;
+                if keep {
+                    kept += 1;
+                    bytes += *size;
+                }
+                keep
+            });
+            self.spare_bytes = bytes;
         }
         freed
     }
@@ -108,6 +196,18 @@ impl Buffer {
         (self.events.len(), self.bytes, self.last_seq)
     }
 
+    /// The frame of the event after `cursor` if it is at least `min` bytes long: written to
+    /// the socket as it is, rather than copied into a batch.
+    pub(super) fn next_large(&self, cursor: Seq, min: usize) -> Option<(Seq, Bytes)> {
+        let &(front, _) = self.events.front()?;
+        let next = cursor.max(self.acked).saturating_add(1);
+        let skip = usize::try_from(next.saturating_sub(front)).ok()?;
+        self.events
+            .get(skip)
+            .filter(|(_, frame)| frame.len() >= min)
+            .map(|(seq, frame)| (*seq, frame.clone()))
+    }
+
     /// Appends the frames of the events after `cursor` to `out`, in order, until `out`
     /// holds at least `limit` bytes (at least one frame is appended when there is one);
     /// returns the seq of the last frame appended, or `cursor` when none was.
@@ -121,7 +221,9 @@ impl Buffer {
         let skip = usize::try_from(next.saturating_sub(front)).unwrap_or(usize::MAX);
         let mut last = cursor;
         for (seq, frame) in self.events.iter().skip(skip) {
-            if !out.is_empty() && out.len() >= limit {
+            // A frame that would overflow the batch waits for the next one (where a large
+            // frame is written on its own, see [`Self::next_large`]).
+            if !out.is_empty() && out.len().saturating_add(frame.len()) > limit {
                 break;
             }
             out.extend_from_slice(frame);
@@ -177,6 +279,60 @@ mod tests {
     }
 
     #[test]
+    fn frames_written_in_place_share_chunks_and_count_their_own_length() {
+        let mut b = Buffer::new(100, 1_000_000);
+        for i in 1..=3u8 {
+            let out = b.frame_space(10);
+            out.extend_from_slice(&[i; 10]);
+            assert_eq!(b.push_written(), u64::from(i));
+        }
+        assert_eq!(b.stats(), (3, 30, 3));
+        // A frame given up on leaves nothing behind.
+        b.frame_space(5).extend_from_slice(&[9; 5]);
+        let big = b.frame_space(2 * ARENA_CHUNK);
+        assert!(big.is_empty() && big.capacity() >= 2 * ARENA_CHUNK);
+        big.extend_from_slice(&[4; 7]);
+        b.push_written();
+        let mut out = Vec::new();
+        b.fill(0, &mut out, usize::MAX);
+        let mut want = Vec::new();
+        for (n, len) in [(1u8, 10), (2, 10), (3, 10), (4, 7)] {
+            want.extend(std::iter::repeat_n(n, len));
+        }
+        assert_eq!(out, want);
+        assert!(b.ack(4) && b.is_empty());
+    }
+
+    #[test]
+    fn chunks_are_reused_once_their_frames_are_acknowledged() {
+        let mut b = Buffer::new(100_000, usize::MAX);
+        let frame_len = 1000;
+        let mut chunks = std::collections::BTreeSet::new();
+        for round in 0..20u64 {
+            // A chunk's worth of frames and more, then everything is acknowledged.
+            for _ in 0..100 {
+                let out = b.frame_space(frame_len);
+                out.extend_from_slice(&[1; 1000]);
+                chunks.insert(out.as_ptr() as usize & !(ARENA_CHUNK - 1));
+                b.push_written();
+            }
+            assert!(b.ack(b.stats().2), "round {round}");
+        }
+        // 2,000 frames of 1,000 bytes: 31 chunks if none were reused.
+        assert!(chunks.len() <= 8, "{} chunks", chunks.len());
+        // A huge frame gets a chunk of its own, which is not kept.
+        let out = b.frame_space(4 * ARENA_CHUNK);
+        out.extend_from_slice(&vec![2; 4 * ARENA_CHUNK]);
+        b.push_written();
+        b.frame_space(10).extend_from_slice(&[3; 10]);
+        b.push_written();
+        b.ack(b.stats().2);
+        assert!(b.spare.len() <= IDLE_SPARE_CHUNKS);
+        assert!(b.spare.iter().all(|(_, size)| *size == ARENA_CHUNK));
+        assert_eq!(b.spare_bytes, b.spare.len() * ARENA_CHUNK);
+    }
+
+    #[test]
     fn fill_sends_what_follows_the_cursor_in_batches() {
         let mut b = Buffer::new(100, 10_000);
         for i in 1..=6u8 {
@@ -196,5 +352,12 @@ mod tests {
         assert_eq!(out, [6, 6, 6, 6]);
         out.clear();
         assert_eq!(b.fill(0, &mut out, 1), 6, "one frame even over the limit");
+        out.clear();
+        b.push(frame(7, 100));
+        assert_eq!(b.fill(5, &mut out, 50), 6, "the large frame waits");
+        assert_eq!(b.next_large(5, 50), None, "6 is small");
+        let (seq, big) = b.next_large(6, 50).expect("7 is large");
+        assert_eq!((seq, big.len()), (7, 100));
+        assert_eq!(b.next_large(7, 50), None, "nothing after 7");
     }
 }

@@ -287,6 +287,25 @@ async fn write_loop(mut wr: WriteHalf, conn: Rc<Conn>, inner: Rc<Inner>) {
         if state == State::Closed {
             return;
         }
+        if state == State::Open && batch.is_empty() {
+            // A large event (exec output) is written from the buffer as it is, not copied.
+            let large = conn.cursor.get().and_then(|cursor| {
+                inner
+                    .state
+                    .borrow()
+                    .buffer
+                    .next_large(cursor, WRITE_BATCH / 2)
+            });
+            if let Some((seq, frame)) = large {
+                conn.cursor.set(Some(seq));
+                if let Err(err) = wr.write_all(&frame).await {
+                    debug!(conn = conn.id, error = %err, "control connection write failed");
+                    conn.close_now();
+                    return;
+                }
+                continue;
+            }
+        }
         if state == State::Open && batch.len() < WRITE_BATCH {
             if let Some(cursor) = conn.cursor.get() {
                 let last = inner

@@ -422,14 +422,33 @@ impl ControlServer {
 
     /// Gives `event` the next seq, buffers it, sends it to the live connection if streaming.
     pub fn publish(&mut self, event: &Event) -> u64 {
-        match event.to_body() {
-            Ok(body) => self.publish_raw(&body),
-            Err(err) => {
-                error!(r#type = event.type_name(), error = %err, "cannot encode an event");
-                let body = substitute(ErrorCode::Internal, format!("event lost: {err}"));
-                self.publish_raw(&body)
-            }
+        let max = self.inner.max_frame;
+        let mut st = self.inner.state.borrow_mut();
+        let seq = st.buffer.next_seq();
+        // Encoded in place, into the replay buffer's storage (no body of its own first).
+        let out = st.buffer.frame_space(256);
+        if let Err(err) = frame::write_event(out, max, seq, event) {
+            drop(st);
+            let body = match err {
+                EncodeError::FrameTooLarge { len, .. } => {
+                    warn!(seq, len, "event over the frame limit replaced");
+                    let msg = format!("an event of {len} bytes was over the frame limit");
+                    substitute(ErrorCode::FrameTooLarge, msg)
+                }
+                err => {
+                    error!(r#type = event.type_name(), error = %err, "cannot encode an event");
+                    substitute(ErrorCode::Internal, format!("event lost: {err}"))
+                }
+            };
+            return self.publish_raw(&body);
         }
+        let seq = st.buffer.push_written();
+        let live = st.live.clone();
+        drop(st);
+        if let Some(conn) = live.filter(|c| c.is_streaming()) {
+            conn.wake();
+        }
+        seq
     }
 
     /// Same for a driver event already encoded (its MessagePack body, validated by the caller):
@@ -438,8 +457,8 @@ impl ControlServer {
         let max = self.inner.max_frame;
         let mut st = self.inner.state.borrow_mut();
         let seq = st.buffer.next_seq();
-        let mut out = BytesMut::with_capacity(event_body.len().saturating_add(32));
-        if let Err(err) = frame::write_event_envelope(&mut out, max, seq, event_body) {
+        let out = st.buffer.frame_space(event_body.len().saturating_add(32));
+        if let Err(err) = frame::write_event_envelope(out, max, seq, event_body) {
             // A client would reject the frame and, reconnecting, get it again forever: the
             // seq carries an error event instead.
             warn!(seq, len = event_body.len(), error = %err, "event over the frame limit replaced");
@@ -448,11 +467,12 @@ impl ControlServer {
                 event_body.len()
             );
             let body = substitute(ErrorCode::FrameTooLarge, msg);
-            if let Err(err) = frame::write_event_envelope(&mut out, max, seq, &body) {
+            out.clear();
+            if let Err(err) = frame::write_event_envelope(out, max, seq, &body) {
                 error!(seq, error = %err, "cannot encode even an error event; seq skipped");
             }
         }
-        let seq = st.buffer.push(out.freeze());
+        let seq = st.buffer.push_written();
         let live = st.live.clone();
         drop(st);
         if let Some(conn) = live.filter(|c| c.is_streaming()) {

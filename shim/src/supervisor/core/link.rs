@@ -104,6 +104,24 @@ impl<S: Sys> Core<S> {
         self.kill_driver(ExitReason::ProtocolError);
     }
 
+    /// A driver event checked but not decoded (see `driver_protocol::check`): what
+    /// [`Core::on_driver_msg`] does with one, without the message. True when the caller is
+    /// to relay the body (after applying any outputs this produced: a `busy` event).
+    pub fn on_driver_event(&mut self, type_name: &str, now: Instant) -> bool {
+        let Some(driver) = self.driver.as_ref() else {
+            return false;
+        };
+        if !driver.hello {
+            self.protocol_violation(
+                ErrorCode::InvalidState,
+                format!("expected hello, got {type_name}"),
+            );
+            return false;
+        }
+        self.activity(now);
+        true
+    }
+
     /// One decoded message from the driver; `body` is its MessagePack body.
     pub fn on_driver_msg(&mut self, msg: DriverToShim, body: Bytes, now: Instant) {
         let Some(driver) = self.driver.as_mut() else {

@@ -270,6 +270,11 @@ impl<S: Sys> Core<S> {
         self.out.push(Output::Launch);
     }
 
+    /// Whether outputs wait to be taken.
+    pub fn has_outputs(&self) -> bool {
+        !self.out.is_empty()
+    }
+
     /// Takes the outputs produced so far, in order.
     pub fn take_outputs(&mut self) -> Vec<Output> {
         std::mem::take(&mut self.out)

@@ -35,8 +35,9 @@ use super::super::core::{ExecOwner, Refusal};
 use super::super::Owner;
 use super::Shell;
 
-/// Largest `exec_output` chunk.
-const CHUNK: usize = 32 * 1024;
+/// Largest `exec_output` chunk: large enough that a fast writer costs few events and
+/// syscalls, far below the 16 MiB frame limit (PROTOCOL.md §4).
+const CHUNK: usize = 128 * 1024;
 
 /// Chunks read from one descriptor per turn of the loop.
 const READS_PER_TURN: usize = 4;
@@ -177,14 +178,21 @@ fn refusal_of(err: &SpawnError) -> Refusal {
     (code, err.to_string())
 }
 
-/// Reads from `fd` into `buf`.
-fn read_fd(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: `buf` is a valid writable buffer of `buf.len()` bytes.
-    let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+/// Reads from `fd` into the spare capacity of `buf` (at most what it has), extending it by
+/// what was read.
+fn read_fd_into(fd: &OwnedFd, buf: &mut BytesMut) -> io::Result<usize> {
+    let spare = buf.spare_capacity_mut();
+    // SAFETY: `spare` is valid for writes of `spare.len()` bytes; read(2) writes at most
+    // that many and initializes exactly the `n` it reports.
+    let n = unsafe { libc::read(fd.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len()) };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(usize::try_from(n).unwrap_or(0))
+    let n = usize::try_from(n).unwrap_or(0).min(spare.len());
+    // SAFETY: the first `n` spare bytes were initialized by read(2), and `n` is within the
+    // capacity.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
 }
 
 /// Writes `buf` to `fd`.
@@ -473,7 +481,6 @@ impl Shell<'_> {
     /// Reads output descriptor `n` of exec `id` (a few chunks, while its gate stays open,
     /// unless `force`: then until it has nothing more now).
     pub(super) fn exec_read(&mut self, id: u64, n: usize, force: bool) {
-        let mut buf = vec![0u8; CHUNK];
         let mut reads = 0usize;
         loop {
             if !force && (reads >= READS_PER_TURN || !self.exec_gate_open(id)) {
@@ -491,16 +498,23 @@ impl Shell<'_> {
                 return;
             };
             let stream = out.stream;
+            let buf = &mut self.exec_buf;
+            buf.clear();
+            if buf.capacity() < CHUNK {
+                // Reclaims the storage when the last chunk read into it is gone (it was
+                // encoded into the event buffer); allocates otherwise.
+                buf.reserve(CHUNK);
+            }
             match out
                 .fd
-                .try_io(Interest::READABLE, |fd| read_fd(fd, &mut buf))
+                .try_io(Interest::READABLE, |fd| read_fd_into(fd, buf))
             {
                 Ok(0) => {
                     *slot = None;
                     break;
                 }
-                Ok(len) => {
-                    let data = buf.get(..len).unwrap_or_default();
+                Ok(_) => {
+                    let data = self.exec_buf.split().freeze();
                     self.exec_chunk(id, owner, stream, data);
                 }
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => return,
@@ -535,15 +549,16 @@ impl Shell<'_> {
     }
 
     /// Forwards a chunk (cut to the output cap) to the exec's owner.
-    fn exec_chunk(&mut self, id: u64, owner: ExecOwner, stream: OutputStream, data: &[u8]) {
+    fn exec_chunk(&mut self, id: u64, owner: ExecOwner, stream: OutputStream, mut data: Bytes) {
         let n = self.core.exec_output(id, stream, data.len());
-        let Some(data) = data.get(..n).filter(|d| !d.is_empty()) else {
+        data.truncate(n);
+        if data.is_empty() {
             return;
-        };
+        }
         let msg = ExecOutput {
             exec_id: id,
             stream,
-            data: Bytes::copy_from_slice(data),
+            data,
         };
         match owner {
             ExecOwner::Control => self.publish(&Event::ExecOutput(msg)),

@@ -9,6 +9,7 @@ use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
+use driver_protocol::check;
 use driver_protocol::frame::{self, HEADER_LEN};
 use driver_protocol::message::{DriverToShim, Event, Log, LogStream, Message, ShimToDriver};
 use driver_protocol::DEFAULT_MAX_FRAME;
@@ -29,6 +30,16 @@ const MAX_DRIVER_QUEUE: usize = 2 * DEFAULT_MAX_FRAME + 1024 * 1024;
 
 /// Read chunk for the driver's socket and pipes.
 const READ_CHUNK: usize = 64 * 1024;
+
+/// Relays a driver event's body to the control server, if there is one.
+fn relay(control: &mut Option<ControlServer>, body: &[u8]) {
+    match control.as_mut() {
+        Some(c) => {
+            c.publish_raw(body);
+        }
+        None => debug!(bytes = body.len(), "driver event"),
+    }
+}
 
 /// The driver's socket and what is queued both ways.
 pub(super) struct Link {
@@ -233,6 +244,7 @@ impl Shell<'_> {
     /// `force`, stops while the event buffer is full (backpressure: the rest waits here, and
     /// nothing more is read from the socket meanwhile).
     pub(super) fn decode_frames(&mut self, force: bool) {
+        let now = Instant::now();
         loop {
             if !force && self.control.as_ref().is_some_and(ControlServer::is_full) {
                 return;
@@ -258,6 +270,27 @@ impl Shell<'_> {
             if link.rbuf.len() < want {
                 link.rbuf.reserve(want - link.rbuf.len());
                 return;
+            }
+            // Events, the bulk of the traffic, are checked without being decoded and
+            // relayed from the read buffer as they are: no allocation, no copy but the one
+            // into the replay buffer.
+            let body = link.rbuf.get(HEADER_LEN..want).unwrap_or_default();
+            if let Some(type_name) = check::relayable_event(body) {
+                if self.core.on_driver_event(type_name, now) {
+                    if self.core.has_outputs() {
+                        // Its outputs (a `busy` event) go first.
+                        let body = link.rbuf.split_to(want).split_off(HEADER_LEN).freeze();
+                        self.apply_outputs();
+                        relay(&mut self.control, &body);
+                        continue;
+                    }
+                    relay(&mut self.control, body);
+                }
+                link.rbuf.advance(want);
+                if self.core.has_outputs() {
+                    self.apply_outputs();
+                }
+                continue;
             }
             link.rbuf.advance(HEADER_LEN);
             let body = link.rbuf.split_to(len).freeze();

@@ -64,6 +64,9 @@ struct Shell<'a> {
     execs: BTreeMap<u64, ExecIoState>,
     /// Where the next look for exec I/O starts (round robin).
     exec_cursor: u64,
+    /// Where exec output is read into: each chunk is split off as the `data` of its
+    /// `exec_output` (no copy), and the storage is reused once the chunk is encoded.
+    exec_buf: bytes::BytesMut,
 }
 
 pub(super) async fn shell(
@@ -117,6 +120,7 @@ pub(super) async fn shell(
         reaped: 0,
         execs: BTreeMap::new(),
         exec_cursor: 0,
+        exec_buf: bytes::BytesMut::new(),
     };
     sh.core.start();
     loop {

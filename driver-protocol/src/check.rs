@@ -1,0 +1,428 @@
+//! Validating a driver's event without decoding it into owned values: the shim's relay path.
+//!
+//! A driver event (`message_chunk`, `tool_call`, `tool_result`, `file_change`, `progress`,
+//! `log`, `custom`) is relayed to the control plane as the bytes the driver sent; the shim
+//! only has to know that they decode. Decoding into [`DriverToShim`](crate::message::DriverToShim)
+//! answers that, but allocates every string and every [`rmpv::Value`] of the event only to
+//! drop them again, which at a million events a second is most of the relay's cost.
+//!
+//! [`relayable_event`] decodes the same fields, with the same serde attributes, into shadow
+//! structs that borrow from the body and keep no values: strings are `&str`, values are
+//! walked and forgotten. It is never laxer than the typed decoder: a body it accepts decodes
+//! as the typed message (the tests hold it to that); a body it refuses is left to the typed
+//! decoder, which either accepts it after all (a rare shape the shadow structs do not take)
+//! or gives the authoritative error.
+//!
+//! ```
+//! use driver_protocol::check::relayable_event;
+//! use driver_protocol::message::{Custom, DriverToShim, Message, Ready};
+//!
+//! let custom = DriverToShim::Custom(Custom {
+//!     task_id: None,
+//!     kind: "note".into(),
+//!     data: rmpv::Value::Binary(vec![1, 2, 3]),
+//! });
+//! assert_eq!(relayable_event(&custom.to_body()?), Some("custom"));
+//! let ready = DriverToShim::Ready(Ready { re: None });
+//! assert_eq!(relayable_event(&ready.to_body()?), None, "not an event");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::fmt;
+
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+
+use crate::message::{nil_as_default, FileChangeKind, LogStream};
+
+/// The `type` of `body` when it is a driver event the shim relays as it is and it decodes
+/// as its typed message would; `None` for any other message, and for a body that must be
+/// left to the typed decoder (it may still decode, or it gives the error to report).
+///
+/// Allocates nothing (unless a `tool_call`'s or `tool_result`'s value is refused, for the
+/// error's text).
+pub fn relayable_event(body: &[u8]) -> Option<&str> {
+    let head = crate::raw::read_head(body).ok()?;
+    let ok = match head.type_name {
+        "message_chunk" => fits::<MessageChunkRef<'_>>(body),
+        "tool_call" => fits::<ToolCallRef<'_>>(body),
+        "tool_result" => fits::<ToolResultRef<'_>>(body),
+        "file_change" => fits::<FileChangeRef<'_>>(body),
+        "progress" => fits::<ProgressRef<'_>>(body),
+        "log" => fits::<LogRef<'_>>(body),
+        "custom" => fits::<CustomRef<'_>>(body),
+        _ => false,
+    };
+    ok.then_some(head.type_name)
+}
+
+fn fits<'a, T: Deserialize<'a>>(body: &'a [u8]) -> bool {
+    crate::de::from_slice::<T>(body).is_ok()
+}
+
+// The shadow structs: the fields and serde attributes of the typed events in
+// `message/event.rs`, borrowing instead of owning. Fields are read, never used.
+
+#[derive(serde::Deserialize)]
+#[allow(dead_code)]
+struct MessageChunkRef<'a> {
+    #[serde(default, borrow)]
+    task_id: Option<&'a str>,
+    text: &'a str,
+    #[serde(default, borrow)]
+    role: Option<&'a str>,
+    #[serde(default, rename = "final", deserialize_with = "nil_as_default")]
+    is_final: bool,
+}
+
+#[derive(serde::Deserialize)]
+#[allow(dead_code)]
+struct ToolCallRef<'a> {
+    #[serde(default, borrow)]
+    task_id: Option<&'a str>,
+    call_id: &'a str,
+    name: &'a str,
+    input: AnyRef,
+}
+
+#[derive(serde::Deserialize)]
+#[allow(dead_code)]
+struct ToolResultRef<'a> {
+    #[serde(default, borrow)]
+    task_id: Option<&'a str>,
+    call_id: &'a str,
+    output: AnyRef,
+    #[serde(default, deserialize_with = "nil_as_default")]
+    is_error: bool,
+}
+
+#[derive(serde::Deserialize)]
+#[allow(dead_code)]
+struct FileChangeRef<'a> {
+    #[serde(default, borrow)]
+    task_id: Option<&'a str>,
+    path: &'a str,
+    change: FileChangeKind,
+    #[serde(default, borrow)]
+    from: Option<&'a str>,
+}
+
+#[derive(serde::Deserialize)]
+#[allow(dead_code)]
+struct ProgressRef<'a> {
+    #[serde(default, borrow)]
+    task_id: Option<&'a str>,
+    #[serde(default, borrow)]
+    message: Option<&'a str>,
+    #[serde(default)]
+    done: Option<u64>,
+    #[serde(default)]
+    total: Option<u64>,
+}
+
+#[derive(serde::Deserialize)]
+#[allow(dead_code)]
+struct LogRef<'a> {
+    #[serde(default, borrow)]
+    task_id: Option<&'a str>,
+    stream: LogStream,
+    #[serde(default, borrow)]
+    level: Option<&'a str>,
+    text: &'a str,
+    #[serde(default, deserialize_with = "nil_as_default")]
+    truncated: bool,
+}
+
+#[derive(serde::Deserialize)]
+#[allow(dead_code)]
+struct CustomRef<'a> {
+    #[serde(default, borrow)]
+    task_id: Option<&'a str>,
+    kind: &'a str,
+    data: AnyRef,
+}
+
+/// Any MessagePack value, walked and forgotten: accepts exactly what
+/// [`rmpv::ValueRef`]'s `Deserialize` accepts (a subset of what [`rmpv::Value`]'s accepts),
+/// without building it.
+struct AnyRef;
+
+impl<'de> Deserialize<'de> for AnyRef {
+    fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        de.deserialize_any(AnyVisitor)
+    }
+}
+
+struct AnyVisitor;
+
+impl<'de> Visitor<'de> for AnyVisitor {
+    type Value = AnyRef;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any valid MessagePack value")
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, de: D) -> Result<AnyRef, D::Error> {
+        AnyRef::deserialize(de)
+    }
+
+    fn visit_none<E>(self) -> Result<AnyRef, E> {
+        Ok(AnyRef)
+    }
+
+    fn visit_unit<E>(self) -> Result<AnyRef, E> {
+        Ok(AnyRef)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<AnyRef, E> {
+        Ok(AnyRef)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<AnyRef, E> {
+        Ok(AnyRef)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<AnyRef, E> {
+        Ok(AnyRef)
+    }
+
+    fn visit_f32<E>(self, _: f32) -> Result<AnyRef, E> {
+        Ok(AnyRef)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<AnyRef, E> {
+        Ok(AnyRef)
+    }
+
+    fn visit_borrowed_str<E>(self, _: &'de str) -> Result<AnyRef, E> {
+        Ok(AnyRef)
+    }
+
+    fn visit_borrowed_bytes<E>(self, _: &'de [u8]) -> Result<AnyRef, E> {
+        Ok(AnyRef)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<AnyRef, A::Error> {
+        while seq.next_element::<AnyRef>()?.is_some() {}
+        Ok(AnyRef)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<AnyRef, A::Error> {
+        while map.next_key::<AnyRef>()?.is_some() {
+            map.next_value::<AnyRef>()?;
+        }
+        Ok(AnyRef)
+    }
+
+    fn visit_newtype_struct<D: Deserializer<'de>>(self, de: D) -> Result<AnyRef, D::Error> {
+        de.deserialize_tuple(2, ExtVisitor)
+    }
+}
+
+/// An ext value as [`rmpv::ValueRef`] reads it: its tag, then its bytes, borrowed.
+struct ExtVisitor;
+
+impl<'de> Visitor<'de> for ExtVisitor {
+    type Value = AnyRef;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a valid MessagePack Ext")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<AnyRef, A::Error> {
+        seq.next_element::<i8>()?
+            .ok_or_else(|| de::Error::invalid_length(0, &"invalid ext sequence"))?;
+        seq.next_element::<&'de [u8]>()?
+            .ok_or_else(|| de::Error::invalid_length(1, &"invalid ext sequence"))?;
+        Ok(AnyRef)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rmpv::Value;
+
+    use super::*;
+    use crate::message::{
+        Custom, DriverToShim, ErrorMsg, FileChange, Log, Message, MessageChunk, Progress, Ready,
+        ToolCall, ToolResult,
+    };
+    use crate::ErrorCode;
+
+    /// A body from `(key, value)` pairs, written by hand so that it can be wrong.
+    fn body(fields: &[(&str, Value)]) -> Vec<u8> {
+        let map = Value::Map(
+            fields
+                .iter()
+                .map(|(k, v)| (Value::from(*k), v.clone()))
+                .collect(),
+        );
+        let mut out = Vec::new();
+        rmpv::encode::write_value(&mut out, &map).expect("encode");
+        out
+    }
+
+    /// The property: whatever the check accepts decodes, as the same type.
+    fn agrees(b: &[u8]) {
+        if let Some(ty) = relayable_event(b) {
+            let msg = DriverToShim::decode(b)
+                .unwrap_or_else(|e| panic!("check accepted what decode rejects ({e}): {b:?}"));
+            assert_eq!(msg.type_name(), ty);
+        }
+    }
+
+    fn values() -> Vec<Value> {
+        vec![
+            Value::Nil,
+            Value::from(true),
+            Value::from(7u64),
+            Value::from(-7i64),
+            Value::F32(1.5),
+            Value::F64(2.5),
+            Value::from("text"),
+            Value::Binary(vec![1, 2, 3]),
+            Value::Array(vec![Value::from(1u64), Value::from("a")]),
+            Value::Map(vec![(Value::from("k"), Value::Nil)]),
+            Value::Map(vec![(Value::from(1u64), Value::Array(vec![]))]),
+            Value::Ext(3, vec![9, 9]),
+            Value::from("created"),
+            Value::from("stdout"),
+            Value::from("bogus_kind"),
+        ]
+    }
+
+    #[test]
+    fn typed_events_are_relayable() {
+        let events = [
+            DriverToShim::MessageChunk(MessageChunk {
+                task_id: Some("t".into()),
+                text: "hi".into(),
+                role: Some("assistant".into()),
+                is_final: true,
+            }),
+            DriverToShim::ToolCall(ToolCall {
+                task_id: None,
+                call_id: "c".into(),
+                name: "ls".into(),
+                input: Value::Map(vec![(Value::from("a"), Value::Array(vec![Value::Nil]))]),
+            }),
+            DriverToShim::ToolResult(ToolResult {
+                task_id: None,
+                call_id: "c".into(),
+                output: Value::Ext(1, vec![1]),
+                is_error: false,
+            }),
+            DriverToShim::FileChange(FileChange {
+                task_id: None,
+                path: "/a".into(),
+                change: crate::message::FileChangeKind::Deleted,
+                from: Some("/b".into()),
+            }),
+            DriverToShim::Progress(Progress {
+                task_id: None,
+                message: None,
+                done: Some(1),
+                total: Some(2),
+            }),
+            DriverToShim::Log(Log {
+                task_id: None,
+                stream: LogStream::Driver,
+                level: Some("info".into()),
+                text: "x".into(),
+                truncated: true,
+            }),
+            DriverToShim::Custom(Custom {
+                task_id: Some("t".into()),
+                kind: "k".into(),
+                data: Value::F64(1.0),
+            }),
+        ];
+        for ev in events {
+            let b = ev.to_body().expect("encode");
+            assert_eq!(relayable_event(&b), Some(ev.type_name()));
+            agrees(&b);
+        }
+        let others = [
+            DriverToShim::Ready(Ready { re: None }),
+            DriverToShim::Error(ErrorMsg {
+                re: None,
+                code: ErrorCode::Internal,
+                message: "m".into(),
+                task_id: None,
+            }),
+        ];
+        for m in others {
+            assert_eq!(relayable_event(&m.to_body().expect("encode")), None);
+        }
+    }
+
+    /// Every field of every relayable type, given every kind of value (and left out): the
+    /// check never accepts what the typed decoder rejects.
+    #[test]
+    fn never_laxer_than_the_typed_decoder() {
+        let types: &[(&str, &[&str])] = &[
+            ("message_chunk", &["task_id", "text", "role", "final"]),
+            ("tool_call", &["task_id", "call_id", "name", "input"]),
+            ("tool_result", &["task_id", "call_id", "output", "is_error"]),
+            ("file_change", &["task_id", "path", "change", "from"]),
+            ("progress", &["task_id", "message", "done", "total"]),
+            ("log", &["task_id", "stream", "level", "text", "truncated"]),
+            ("custom", &["task_id", "kind", "data"]),
+        ];
+        let vals = values();
+        let mut accepted = 0;
+        for (ty, fields) in types {
+            // A base where each field holds a plausible value, then one field varied.
+            let base: Vec<(&str, Value)> = fields
+                .iter()
+                .map(|f| {
+                    let v = match *f {
+                        "change" => Value::from("modified"),
+                        "stream" => Value::from("driver"),
+                        "final" | "is_error" | "truncated" => Value::from(false),
+                        "done" | "total" => Value::from(3u64),
+                        _ => Value::from("s"),
+                    };
+                    (*f, v)
+                })
+                .collect();
+            for i in 0..fields.len() {
+                for v in vals.iter().cloned().map(Some).chain([None]) {
+                    let mut fs = vec![("type", Value::from(*ty))];
+                    for (j, (k, bv)) in base.iter().enumerate() {
+                        match (j == i, &v) {
+                            (true, Some(v)) => fs.push((k, v.clone())),
+                            (true, None) => {}
+                            (false, _) => fs.push((k, bv.clone())),
+                        }
+                    }
+                    let b = body(&fs);
+                    if relayable_event(&b).is_some() {
+                        accepted += 1;
+                    }
+                    agrees(&b);
+                }
+            }
+        }
+        assert!(
+            accepted > 50,
+            "the corpus exercises acceptance ({accepted})"
+        );
+    }
+
+    #[test]
+    fn malformed_bodies_are_not_relayable() {
+        assert_eq!(relayable_event(b""), None);
+        assert_eq!(relayable_event(b"\x90"), None);
+        let mut b = body(&[("type", Value::from("custom")), ("kind", Value::from("k"))]);
+        assert_eq!(relayable_event(&b), None, "data is required");
+        b.push(0xc0);
+        assert_eq!(relayable_event(&b), None, "trailing bytes");
+        // {type: "custom", kind: <str of invalid UTF-8>, data: nil}
+        let bad = b"\x83\xa4type\xa6custom\xa4kind\xa2\xff\xfe\xa4data\xc0";
+        assert_eq!(relayable_event(bad), None, "kind is not UTF-8");
+        agrees(bad);
+        // The same with the invalid string as `data`: a value, which may be any bytes.
+        let odd = b"\x83\xa4type\xa6custom\xa4kind\xa1k\xa4data\xa2\xff\xfe";
+        agrees(odd);
+    }
+}
