@@ -10,6 +10,7 @@
 mod commands;
 mod control_transport;
 mod exec;
+mod faults;
 mod hostile;
 mod idle;
 mod lifecycle;
