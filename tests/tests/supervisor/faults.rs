@@ -153,10 +153,8 @@ fn a_stopped_driver_is_killed_as_hung_and_restarted() -> Result<()> {
     let host = sup.host_pid(pid)?;
     let stopped_at = Instant::now();
     // SAFETY: kill has no memory-safety preconditions; `host` is the driver, ours.
-    ensure!(
-        unsafe { libc::kill(host, libc::SIGSTOP) } == 0,
-        "SIGSTOP failed"
-    );
+    let stopped = unsafe { libc::kill(host, libc::SIGSTOP) };
+    ensure!(stopped == 0, "SIGSTOP failed");
     let s = sup.ctl.status_within(Duration::from_secs(1))?;
     ensure!(s.driver_pid == Some(pid), "{s:?}");
     let (exited, at, _) = sup.expect_exited()?;
