@@ -272,3 +272,50 @@ fn fd_exhaustion_in_the_shim_is_survived_and_recovered_from() -> Result<()> {
     ensure!(s2.driver_pid == s.driver_pid, "{s2:?}");
     Ok(())
 }
+
+/// The whole sandbox is frozen without notice (SIGSTOP of the shim and its driver, as a
+/// runtime's freezer does) for 3 s, far past the liveness limit (pings every 200 ms, 3
+/// misses), then thawed: to the shim the clock jumped. Its overdue deadlines fire at once, but
+/// a driver that answers right after the thaw is not killed as hung, and a task submitted
+/// before the freeze completes after it. (With notice, `pause` first: `idle.rs`,
+/// `pause_with_the_container`; arbitrary jumps of the core's clock: the `supervisor_core`
+/// fuzz target.)
+#[test]
+fn a_sandbox_frozen_without_notice_keeps_its_driver_after_the_thaw() -> Result<()> {
+    let mut sup = Setup::new(one_mode()).start()?;
+    let pid = sup.expect_up(1)?;
+    let driver = crate::support::process::PidFd::open(sup.host_pid(pid)?)?;
+    sup.submit(
+        "across",
+        super::input([("text", "a b c".into()), ("delay_ms", 300.into())]),
+    )?;
+    sup.shim.signal(libc::SIGSTOP)?;
+    ensure!(driver.signal(libc::SIGSTOP)?, "the driver is gone");
+    std::thread::sleep(Duration::from_secs(3));
+    ensure!(driver.signal(libc::SIGCONT)?, "the driver is gone");
+    sup.shim.signal(libc::SIGCONT)?;
+    let (done, _, seen) = sup.expect_done("across")?;
+    ensure!(done.status == TaskStatus::Succeeded, "{done:?}");
+    let exits: Vec<_> = seen
+        .iter()
+        .filter(|s| matches!(s.event, Event::DriverExited(_)))
+        .collect();
+    ensure!(
+        exits.is_empty(),
+        "the driver was killed after the thaw: {exits:?}"
+    );
+    let quiet = sup.ctl.events_for(super::QUIET)?;
+    ensure!(
+        !quiet
+            .iter()
+            .any(|s| matches!(s.event, Event::DriverExited(_))),
+        "the driver was killed after the thaw: {:?}",
+        super::kinds(&quiet)
+    );
+    let s = sup.ctl.status_within(Duration::from_secs(2))?;
+    ensure!(
+        s.state == DriverState::Ready && s.driver_pid == Some(pid),
+        "{s:?}"
+    );
+    Ok(())
+}

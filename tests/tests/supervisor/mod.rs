@@ -18,6 +18,7 @@ mod python;
 mod regressions;
 mod regressions_control;
 mod robustness;
+mod soak;
 mod tasks;
 
 use std::ffi::OsString;
