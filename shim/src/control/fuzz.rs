@@ -301,7 +301,7 @@ mod tests {
         }
     }
 
-    /// The checked-in seeds of `shim/fuzz/corpus/control_link` replay clean.
+    /// The checked-in seeds of `shim/fuzz/corpus/control_link` replay clean on stable.
     #[test]
     fn control_corpus_replays_clean() {
         let dir =
@@ -309,9 +309,13 @@ mod tests {
         let mut n = 0;
         for entry in std::fs::read_dir(&dir).expect("the corpus directory exists") {
             let path = entry.expect("an entry").path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            // What a fuzzer run adds is not checked in (and may change under us).
+            if !name.starts_with("seed-") {
+                continue;
+            }
             let data = std::fs::read(&path).expect("a readable seed");
             let lives = super::run(&data);
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
             // Each seed reaches what its name says.
             let want = match name {
                 "seed-token-live" | "seed-insecure-live" => 1,
