@@ -12,6 +12,7 @@
 //! hostile-driver peek LIST             wait (≤ 10 s) for the file LIST, then try to connect to
 //!                                      (as a unix socket) and to read each path listed in it
 //! hostile-driver exec-flood N BYTES    N exec requests at once (`sleep 5`, a variable of BYTES)
+//! hostile-driver exec-then-exit        start an exec that ignores SIGTERM, then exit 0 at once
 //! ```
 //! After its attack it prints `done ...` and sleeps (at most 60 s), answering nothing.
 
@@ -179,6 +180,30 @@ fn main() {
                 }
             }
             eprintln!("done exec-flood started={started} refused={refused} other={other}");
+        }
+        "exec-then-exit" => {
+            let exec = Exec {
+                id: 1,
+                argv: vec!["sh".into(), "-c".into(), "trap '' TERM; sleep 30".into()],
+                env: Default::default(),
+                cwd: None,
+                user: None,
+                tty: None,
+                stdin: false,
+                timeout_ms: None,
+                output_cap: None,
+                task_id: None,
+            };
+            send(&mut writer, &DriverToShim::Exec(exec));
+            loop {
+                match reader.read_message::<ShimToDriver>() {
+                    Ok(Some(ShimToDriver::ExecStarted(_))) => break,
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => std::process::exit(4),
+                }
+            }
+            eprintln!("done exec-then-exit");
+            std::process::exit(0);
         }
         other => {
             eprintln!("unknown mode {other:?}");

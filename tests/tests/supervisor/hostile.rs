@@ -8,7 +8,8 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context as _, Result};
-use driver_protocol::message::{DriverState, Event, LogStream};
+use driver_protocol::message::{DriverState, Event, LogStream, ShimToControl};
+use driver_protocol::ErrorCode;
 
 use super::Setup;
 use crate::support::{is_root, Mode, TempDir};
@@ -235,5 +236,35 @@ fn thousands_of_absurd_exec_requests_are_bounded() -> Result<()> {
         "MEASURED: exec flood: {line}; slowest status {during:?}; rss {} KiB",
         s.rss_bytes >> 10
     );
+    Ok(())
+}
+
+/// Found by fuzzing (`supervisor_core`): the driver exits 0 (no restart under `on-failure`)
+/// while its exec ignores SIGTERM, so the shim has ended every task and waits up to
+/// `--exec-kill-grace` for the exec before exiting. A task submitted in that window was
+/// accepted and never got a `task_done`; it is refused with `shutting_down`, and the shim
+/// exits with the driver's code once the exec is killed.
+#[test]
+fn a_task_submitted_while_the_shim_exits_is_refused() -> Result<()> {
+    let mut sup = Setup::new(one_mode())
+        .flag("--ping-interval", "0")
+        .flag("--exec-kill-grace", "3s")
+        .driver_cmd([hostile(), "exec-then-exit"])
+        .start()?;
+    let pid = sup.expect_up(1)?;
+    let (exited, at, _) = sup.expect_exited()?;
+    ensure!(exited.pid == pid && exited.reason == "exited", "{exited:?}");
+    let reply = sup.ctl.submit("late", "too late".into())?;
+    ensure!(
+        at.elapsed() < Duration::from_secs(3),
+        "the submit came after the exec kill grace: the test proves nothing"
+    );
+    ensure!(
+        matches!(&reply, ShimToControl::Error(e) if e.code == ErrorCode::ShuttingDown),
+        "{reply:?}\n{}",
+        sup.context()
+    );
+    let code = sup.shim.wait_code(crate::support::PATIENCE)?;
+    ensure!(code == 0, "the shim exited {code}");
     Ok(())
 }
