@@ -8,11 +8,13 @@
 //! hostile-driver half-frame            write a header promising 64 KiB and 10 bytes of it
 //! hostile-driver reopen-fd             close the socket's fd and open /dev/null on it
 //! hostile-driver flood SECS            write `log` events as fast as possible for SECS
-//! hostile-driver signal-pid1           kill(1, SIG) for TERM, INT, HUP, USR1, QUIT, KILL, STOP
+//! hostile-driver signal-pid1           at its first task, kill(1, SIG) for TERM, INT, HUP, USR1,
+//!                                      QUIT, KILL, STOP
 //! hostile-driver peek LIST             wait (≤ 10 s) for the file LIST, then try to connect to
 //!                                      (as a unix socket) and to read each path listed in it
 //! hostile-driver exec-flood N BYTES    N exec requests at once (`sleep 5`, a variable of BYTES)
-//! hostile-driver exec-then-exit        start an exec that ignores SIGTERM, then exit 0 at once
+//! hostile-driver exec-then-exit        at its first task, start an exec that outlives SIGTERM,
+//!                                      then exit 0 as soon as it says `ready`
 //! ```
 //! After its attack it prints `done ...` and sleeps (at most 60 s), answering nothing.
 
@@ -92,6 +94,8 @@ fn main() {
             eprintln!("done flood {n}");
         }
         "signal-pid1" => {
+            // The first task is the go: the control plane is watching by then.
+            wait_task(&mut reader);
             for (name, sig) in [
                 ("TERM", libc::SIGTERM),
                 ("INT", libc::SIGINT),
@@ -182,9 +186,13 @@ fn main() {
             eprintln!("done exec-flood started={started} refused={refused} other={other}");
         }
         "exec-then-exit" => {
+            // The first task is the go: the control plane is connected by then.
+            wait_task(&mut reader);
+            // It says `ready` once SIGTERM is ignored (and its children inherit that).
+            let script = "trap '' TERM; echo ready; while :; do sleep 0.1; done";
             let exec = Exec {
                 id: 1,
-                argv: vec!["sh".into(), "-c".into(), "trap '' TERM; sleep 30".into()],
+                argv: vec!["sh".into(), "-c".into(), script.into()],
                 env: Default::default(),
                 cwd: None,
                 user: None,
@@ -195,9 +203,10 @@ fn main() {
                 task_id: None,
             };
             send(&mut writer, &DriverToShim::Exec(exec));
-            loop {
+            let mut out = Vec::new();
+            while !out.ends_with(b"ready\n") {
                 match reader.read_message::<ShimToDriver>() {
-                    Ok(Some(ShimToDriver::ExecStarted(_))) => break,
+                    Ok(Some(ShimToDriver::ExecOutput(o))) => out.extend_from_slice(&o.data),
                     Ok(Some(_)) => {}
                     Ok(None) | Err(_) => std::process::exit(4),
                 }
@@ -211,6 +220,17 @@ fn main() {
         }
     }
     std::thread::sleep(Duration::from_secs(60));
+}
+
+/// Waits for the first task (the test's go); exits 4 if the socket ends first.
+fn wait_task(reader: &mut FrameReader<UnixStream>) {
+    loop {
+        match reader.read_message::<ShimToDriver>() {
+            Ok(Some(ShimToDriver::Task(_))) => return,
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => std::process::exit(4),
+        }
+    }
 }
 
 fn send(w: &mut FrameWriter<UnixStream>, msg: &DriverToShim) {
