@@ -216,7 +216,7 @@ pub fn hostname() -> Option<String> {
     (!name.is_empty()).then(|| name.to_owned())
 }
 
-#[cfg(test)]
+#[cfg(any(test, fuzzing))]
 pub(crate) mod fake {
     //! A scripted [`Sys`] for unit tests.
 

@@ -25,6 +25,8 @@ mod auth;
 mod buffer;
 mod conn;
 mod dial;
+#[cfg(any(test, fuzzing))]
+pub mod fuzz;
 mod gate;
 mod ids;
 #[cfg(test)]

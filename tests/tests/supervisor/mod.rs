@@ -10,12 +10,15 @@
 mod commands;
 mod control_transport;
 mod exec;
+mod faults;
+mod hostile;
 mod idle;
 mod lifecycle;
 mod python;
 mod regressions;
 mod regressions_control;
 mod robustness;
+mod soak;
 mod tasks;
 
 use std::ffi::OsString;

@@ -62,6 +62,11 @@ impl<S: Sys> Core<S> {
         if self.stopping.is_some() {
             return err(re, ErrorCode::ShuttingDown, "the shim is shutting down");
         }
+        // The shim decided to exit and only waits for its execs: every task has had its
+        // task_done already, and a task accepted now would never get one.
+        if self.exit_pending.is_some() || self.exit_code.is_some() {
+            return err(re, ErrorCode::ShuttingDown, "the shim is exiting");
+        }
         if self.reading_paused.is_some() {
             // The event buffer is full: its task_accepted would overshoot the bound.
             return err(

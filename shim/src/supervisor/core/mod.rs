@@ -23,6 +23,8 @@
 
 mod delivery;
 mod exec;
+#[cfg(any(test, fuzzing))]
+pub mod fuzz;
 mod idle;
 mod launch;
 mod link;

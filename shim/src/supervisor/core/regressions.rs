@@ -1,5 +1,6 @@
 //! Regression tests of the reviewed defects: a dead driver gets no task, tasks end when the
-//! shim exits, and backpressure does not make a healthy driver hung.
+//! shim exits, and backpressure does not make a healthy driver hung; and of what fuzzing
+//! found: a task accepted while the shim waits for its execs before exiting.
 
 use std::time::{Duration, Instant};
 
@@ -188,4 +189,49 @@ fn end_of_stream_on_a_live_driver_is_a_protocol_error() {
     core.on_driver_exit(PID, ExitStatus::Exited(0), t0);
     assert_eq!(exited(&core.take_outputs())[0].reason, "exited");
     assert!(core.sys.kills.borrow().is_empty());
+}
+
+/// Found by the `supervisor_core` fuzz target: the driver exits 0 (no restart under
+/// `on-failure`) while one of its execs runs, so the shim ends every task and waits for the
+/// exec before exiting. A `submit_task` in that window was accepted and then never got a
+/// `task_done`. It is refused now.
+#[test]
+fn no_task_is_accepted_while_the_shim_waits_for_execs_to_exit() {
+    let t0 = Instant::now();
+    let c = cfg();
+    let mut core = new_core(&c, t0);
+    up(&mut core, t0);
+    let req = driver_protocol::message::Exec {
+        id: 1,
+        argv: vec!["sh".into()],
+        env: Default::default(),
+        cwd: None,
+        user: None,
+        tty: None,
+        stdin: false,
+        timeout_ms: None,
+        output_cap: None,
+        task_id: None,
+    };
+    let owner = super::ExecOwner::Driver(PID);
+    let id = core.exec_admit(owner, &req, None).expect("admitted");
+    core.exec_started(id, owner, 200, &req, t0);
+    core.on_driver_gone(PID);
+    core.on_driver_exit(PID, ExitStatus::Exited(0), t0);
+    core.take_outputs();
+    assert_eq!(core.exit_code(), None, "waits for the exec");
+    let reply = core.on_command(submit(7, "late", false), t0);
+    assert_eq!(err_code(&reply), Some(ErrorCode::ShuttingDown), "{reply:?}");
+    let outs = core.take_outputs();
+    assert!(
+        !events(&outs)
+            .iter()
+            .any(|e| matches!(e, driver_protocol::message::Event::TaskAccepted(_))),
+        "{outs:?}"
+    );
+    // The exec ends: the shim exits with the driver's code, no task left behind.
+    core.on_exec_exit(id, ExitStatus::Signaled(15), t0);
+    core.exec_io_closed(id, t0);
+    assert_eq!(core.exit_code(), Some(0));
+    assert_eq!(core.tasks.queued(), 0);
 }

@@ -1,0 +1,245 @@
+//! `hostile-driver`: a driver that misbehaves on purpose, so the end-to-end tests can show
+//! what the shim survives. It does the handshake properly (so it gets to `ready`), then the
+//! one attack named by its argument, and reports what happened on stderr (which the shim
+//! turns into `log` events), one fact a line. Nothing here waits forever: every sleep is
+//! bounded.
+//!
+//! ```text
+//! hostile-driver half-frame            write a header promising 64 KiB and 10 bytes of it
+//! hostile-driver reopen-fd             close the socket's fd and open /dev/null on it
+//! hostile-driver flood SECS            write `log` events as fast as possible for SECS
+//! hostile-driver signal-pid1           at its first task, kill(1, SIG) for TERM, INT, HUP, USR1,
+//!                                      QUIT, KILL, STOP
+//! hostile-driver peek LIST             wait (≤ 10 s) for the file LIST, then try to connect to
+//!                                      (as a unix socket) and to read each path listed in it
+//! hostile-driver exec-flood N BYTES    N exec requests at once (`sleep 5`, a variable of BYTES)
+//! hostile-driver exec-then-exit        at its first task, start an exec that outlives SIGTERM,
+//!                                      then exit 0 as soon as it says `ready`
+//! ```
+//! After its attack it prints `done ...` and sleeps (at most 60 s), answering nothing.
+
+use std::fs::File;
+use std::io::{Read as _, Write as _};
+use std::os::fd::{AsRawFd as _, FromRawFd as _};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use driver_protocol::blocking::{FrameReader, FrameWriter};
+use driver_protocol::message::{
+    DriverToShim, Exec, Hello, Log, LogStream, Ready, Role, ShimToDriver,
+};
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(fd) = std::env::var("AGENT_SHIM_FD")
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+    else {
+        eprintln!("no AGENT_SHIM_FD");
+        std::process::exit(2);
+    };
+    // SAFETY: the shim hands us this descriptor, open, for the life of the process; nothing
+    // else here owns it.
+    let sock = unsafe { UnixStream::from_raw_fd(fd) };
+    let Ok(read_half) = sock.try_clone() else {
+        std::process::exit(2);
+    };
+    let mut reader = FrameReader::new(read_half);
+    let mut writer = FrameWriter::new(sock);
+    // The handshake: their hello, ours, ready.
+    let _ = reader.read_message::<ShimToDriver>();
+    send(
+        &mut writer,
+        &DriverToShim::Hello(Hello::new(Role::Driver, "hostile-driver", "1")),
+    );
+    send(&mut writer, &DriverToShim::Ready(Ready { re: None }));
+    let mode = args.first().map(String::as_str).unwrap_or("");
+    match mode {
+        "half-frame" => {
+            let Ok(mut raw) = writer.into_inner() else {
+                std::process::exit(3);
+            };
+            let mut frame = (64u32 << 10).to_be_bytes().to_vec();
+            frame.extend_from_slice(b"\x81\xa4type\xa3log");
+            let _ = raw.write_all(&frame);
+            eprintln!("done half-frame");
+        }
+        "reopen-fd" => {
+            drop(writer);
+            drop(reader);
+            let null = File::open("/dev/null").map(|f| {
+                // SAFETY: dup2 onto the fd number we just closed; both are ours.
+                unsafe { libc::dup2(f.as_raw_fd(), fd) }
+            });
+            eprintln!("done reopen-fd {null:?}");
+        }
+        "flood" => {
+            let secs = arg_u64(&args, 1).unwrap_or(5);
+            let until = Instant::now() + Duration::from_secs(secs);
+            let mut n = 0u64;
+            let text = "x".repeat(200);
+            while Instant::now() < until {
+                let log = Log {
+                    task_id: None,
+                    stream: LogStream::Driver,
+                    level: Some("info".into()),
+                    text: text.clone(),
+                    truncated: false,
+                };
+                if writer.send(&DriverToShim::Log(log)).is_err() {
+                    break;
+                }
+                n += 1;
+            }
+            eprintln!("done flood {n}");
+        }
+        "signal-pid1" => {
+            // The first task is the go: the control plane is watching by then.
+            wait_task(&mut reader);
+            for (name, sig) in [
+                ("TERM", libc::SIGTERM),
+                ("INT", libc::SIGINT),
+                ("HUP", libc::SIGHUP),
+                ("USR1", libc::SIGUSR1),
+                ("QUIT", libc::SIGQUIT),
+                ("KILL", libc::SIGKILL),
+                ("STOP", libc::SIGSTOP),
+            ] {
+                // SAFETY: kill has no memory-safety preconditions.
+                let r = unsafe { libc::kill(1, sig) };
+                let how = if r == 0 {
+                    "sent".to_owned()
+                } else {
+                    format!("refused {}", std::io::Error::last_os_error())
+                };
+                eprintln!("kill 1 {name}: {how}");
+            }
+            eprintln!("done signal-pid1");
+        }
+        "peek" => {
+            let list = args.get(1).cloned().unwrap_or_default();
+            let until = Instant::now() + Duration::from_secs(10);
+            let mut paths = String::new();
+            while Instant::now() < until {
+                if let Ok(s) = std::fs::read_to_string(&list) {
+                    if s.ends_with('\n') {
+                        paths = s;
+                        break;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            for path in paths.lines() {
+                match UnixStream::connect(path) {
+                    Ok(_) => eprintln!("connect {path}: connected"),
+                    Err(e) => eprintln!("connect {path}: denied {e}"),
+                }
+                let mut buf = Vec::new();
+                match File::open(path).and_then(|mut f| f.read_to_end(&mut buf)) {
+                    Ok(n) => eprintln!("read {path}: read {n} bytes"),
+                    Err(e) => eprintln!("read {path}: denied {e}"),
+                }
+            }
+            eprintln!("done peek");
+        }
+        "exec-flood" => {
+            let n = arg_u64(&args, 1).unwrap_or(1000);
+            let bytes = usize::try_from(arg_u64(&args, 2).unwrap_or(0)).unwrap_or(0);
+            let big = "a".repeat(bytes);
+            for id in 1..=n {
+                let exec = Exec {
+                    id,
+                    argv: vec!["sleep".into(), "5".into()],
+                    env: [("BIG".to_owned(), big.clone())].into(),
+                    cwd: None,
+                    user: None,
+                    tty: None,
+                    stdin: false,
+                    timeout_ms: Some(u64::MAX),
+                    output_cap: Some(u64::MAX),
+                    task_id: None,
+                };
+                if let Err(e) = writer.write_message(&DriverToShim::Exec(exec)) {
+                    eprintln!("exec {id}: not sent: {e}");
+                }
+            }
+            let _ = writer.flush();
+            // Count the answers (bounded by time).
+            let (mut started, mut refused, mut other) = (0u64, 0u64, 0u64);
+            let until = Instant::now() + Duration::from_secs(20);
+            let _ = reader
+                .get_ref()
+                .set_read_timeout(Some(Duration::from_millis(500)));
+            while started + refused < n && Instant::now() < until {
+                match reader.read_message::<ShimToDriver>() {
+                    Ok(Some(ShimToDriver::ExecStarted(_))) => started += 1,
+                    Ok(Some(ShimToDriver::Error(_))) => refused += 1,
+                    Ok(Some(ShimToDriver::Ping(p))) => {
+                        let pong = DriverToShim::Pong(driver_protocol::message::Pong { re: p.id });
+                        let _ = writer.send(&pong);
+                    }
+                    Ok(Some(_)) => other += 1,
+                    Ok(None) => break,
+                    Err(_) => {}
+                }
+            }
+            eprintln!("done exec-flood started={started} refused={refused} other={other}");
+        }
+        "exec-then-exit" => {
+            // The first task is the go: the control plane is connected by then.
+            wait_task(&mut reader);
+            // It says `ready` once SIGTERM is ignored (and its children inherit that).
+            let script = "trap '' TERM; echo ready; while :; do sleep 0.1; done";
+            let exec = Exec {
+                id: 1,
+                argv: vec!["sh".into(), "-c".into(), script.into()],
+                env: Default::default(),
+                cwd: None,
+                user: None,
+                tty: None,
+                stdin: false,
+                timeout_ms: None,
+                output_cap: None,
+                task_id: None,
+            };
+            send(&mut writer, &DriverToShim::Exec(exec));
+            let mut out = Vec::new();
+            while !out.ends_with(b"ready\n") {
+                match reader.read_message::<ShimToDriver>() {
+                    Ok(Some(ShimToDriver::ExecOutput(o))) => out.extend_from_slice(&o.data),
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => std::process::exit(4),
+                }
+            }
+            eprintln!("done exec-then-exit");
+            std::process::exit(0);
+        }
+        other => {
+            eprintln!("unknown mode {other:?}");
+            std::process::exit(2);
+        }
+    }
+    std::thread::sleep(Duration::from_secs(60));
+}
+
+/// Waits for the first task (the test's go); exits 4 if the socket ends first.
+fn wait_task(reader: &mut FrameReader<UnixStream>) {
+    loop {
+        match reader.read_message::<ShimToDriver>() {
+            Ok(Some(ShimToDriver::Task(_))) => return,
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => std::process::exit(4),
+        }
+    }
+}
+
+fn send(w: &mut FrameWriter<UnixStream>, msg: &DriverToShim) {
+    if let Err(e) = w.send(msg) {
+        eprintln!("send failed: {e}");
+        std::process::exit(3);
+    }
+}
+
+fn arg_u64(args: &[String], i: usize) -> Option<u64> {
+    args.get(i).and_then(|a| a.parse().ok())
+}
