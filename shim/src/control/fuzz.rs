@@ -265,7 +265,9 @@ impl Model {
         let mut out = Vec::new();
         let mut last = cursor;
         for (seq, frame) in self.events.iter().filter(|(s, _)| *s > from) {
-            if !out.is_empty() && out.len() >= limit {
+            // As the buffer: a frame that would take the batch over the limit waits for the
+            // next batch (the first frame always goes).
+            if !out.is_empty() && out.len().saturating_add(frame.len()) > limit {
                 break;
             }
             out.extend_from_slice(frame);
