@@ -1,6 +1,5 @@
 //! Exec output: a tool writing 1 GiB to stdout through the shim, read by the control side.
 
-use std::ffi::OsString;
 use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -9,7 +8,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::clock::now_ns;
 use crate::control::Client;
-use crate::procs::{Mode, Spec};
+use crate::procs::Mode;
 use crate::report::{Bar, Chart, Figure, Target};
 use crate::stats::{list, median};
 
@@ -42,17 +41,8 @@ fn pipe_run(bytes: u64) -> Result<f64> {
 
 /// Bytes per second through the shim, read by control-link.
 fn shim_run(ctx: &Ctx, n: usize, bytes: u64) -> Result<f64> {
-    let sock = ctx.scratch.join(format!("exec-{n}.sock"));
-    let _ = std::fs::remove_file(&sock);
-    let argv: Vec<OsString> = vec![
-        ctx.bins.shim.clone().into(),
-        "--control-listen".into(),
-        format!("unix:{}", sock.display()).into(),
-        "--control-insecure".into(),
-        "--".into(),
-        ctx.bins.bench_driver.clone().into(),
-    ];
-    let mut proc = Spec::new(Mode::Direct, argv).start()?;
+    let (mut proc, sock) =
+        ctx.supervised(&format!("exec-{n}"), Mode::Direct, &ctx.bins.bench_driver)?;
     let result = (|| -> Result<f64> {
         let mut client = Client::connect(&sock, Duration::from_secs(10))?;
         client.wait_driver_ready(Duration::from_secs(10))?;

@@ -38,6 +38,28 @@ impl Ctx {
             full
         }
     }
+
+    /// Starts the shim in `mode` with an insecure control socket `<scratch>/<name>.sock`
+    /// (a stale one removed first), supervising `driver`; the process and the socket.
+    pub fn supervised(
+        &self,
+        name: &str,
+        mode: crate::procs::Mode,
+        driver: &std::path::Path,
+    ) -> anyhow::Result<(crate::procs::Proc, PathBuf)> {
+        let sock = self.scratch.join(format!("{name}.sock"));
+        let _ = std::fs::remove_file(&sock);
+        let argv: Vec<std::ffi::OsString> = vec![
+            self.bins.shim.clone().into(),
+            "--control-listen".into(),
+            format!("unix:{}", sock.display()).into(),
+            "--control-insecure".into(),
+            "--".into(),
+            driver.into(),
+        ];
+        let proc = crate::procs::Spec::new(mode, argv).start()?;
+        Ok((proc, sock))
+    }
 }
 
 /// Runs every figure in the order (or only those whose group name contains one of

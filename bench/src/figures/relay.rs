@@ -1,7 +1,6 @@
 //! Event relay: 200-byte events driver → shim → control client, against the same frames
 //! relayed by a minimal raw-frame forwarder over socketpairs in the same run.
 
-use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
@@ -13,7 +12,7 @@ use driver_protocol::raw;
 
 use crate::clock::now_ns;
 use crate::control::Client;
-use crate::procs::{children_of, cpu_ms, thread_cpu_ms, Mode, Spec};
+use crate::procs::{children_of, cpu_ms, thread_cpu_ms, Mode};
 use crate::report::{Bar, Chart, Figure, Target};
 use crate::stats::{list, median};
 
@@ -120,17 +119,8 @@ fn raw_run(events: u64, body: &[u8]) -> Result<f64> {
 /// Events per second through the shim, and the share of one core the shim, the driver and
 /// the control client each used meanwhile.
 fn shim_run(ctx: &Ctx, n: usize, events: u64) -> Result<(f64, [f64; 3])> {
-    let sock = ctx.scratch.join(format!("relay-{n}.sock"));
-    let _ = std::fs::remove_file(&sock);
-    let argv: Vec<OsString> = vec![
-        ctx.bins.shim.clone().into(),
-        "--control-listen".into(),
-        format!("unix:{}", sock.display()).into(),
-        "--control-insecure".into(),
-        "--".into(),
-        ctx.bins.bench_driver.clone().into(),
-    ];
-    let mut proc = Spec::new(Mode::Direct, argv).start()?;
+    let (mut proc, sock) =
+        ctx.supervised(&format!("relay-{n}"), Mode::Direct, &ctx.bins.bench_driver)?;
     let mut client = Client::connect(&sock, Duration::from_secs(10))?;
     client.wait_driver_ready(Duration::from_secs(10))?;
     client.drain(Duration::from_millis(100))?;

@@ -1,7 +1,6 @@
 //! Round trip: control → shim → driver → shim → control with a 64-byte payload, against a raw
 //! frame round trip over socketpairs in the same run.
 
-use std::ffi::OsString;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
@@ -11,7 +10,7 @@ use driver_protocol::message::{Custom, Event, Message};
 
 use crate::clock::now_ns;
 use crate::control::Client;
-use crate::procs::{Mode, Spec};
+use crate::procs::Mode;
 use crate::report::{Bar, Chart, Figure, Target};
 use crate::stats::percentile;
 
@@ -90,17 +89,8 @@ fn raw_run(count: usize, forwarder: bool) -> Result<Vec<f64>> {
 
 /// Round-trip times (ns) through the shim and the bench driver.
 fn shim_run(ctx: &Ctx, n: usize, count: usize) -> Result<Vec<f64>> {
-    let sock = ctx.scratch.join(format!("rt-{n}.sock"));
-    let _ = std::fs::remove_file(&sock);
-    let argv: Vec<OsString> = vec![
-        ctx.bins.shim.clone().into(),
-        "--control-listen".into(),
-        format!("unix:{}", sock.display()).into(),
-        "--control-insecure".into(),
-        "--".into(),
-        ctx.bins.bench_driver.clone().into(),
-    ];
-    let mut proc = Spec::new(Mode::Direct, argv).start()?;
+    let (mut proc, sock) =
+        ctx.supervised(&format!("rt-{n}"), Mode::Direct, &ctx.bins.bench_driver)?;
     let mut client = Client::connect(&sock, Duration::from_secs(10))?;
     client.wait_driver_ready(Duration::from_secs(10))?;
     client.drain(Duration::from_millis(100))?;

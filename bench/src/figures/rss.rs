@@ -121,17 +121,8 @@ fn plain(ctx: &Ctx) -> Figure {
 /// `(VmRSS, RssAnon)` in kB of the shim supervising the echo driver, with a live control
 /// connection and every event acknowledged.
 fn supervisor_once(ctx: &Ctx, n: usize) -> Result<(f64, f64)> {
-    let sock = ctx.scratch.join(format!("idle-{n}.sock"));
-    let _ = std::fs::remove_file(&sock);
-    let argv: Vec<OsString> = vec![
-        ctx.bins.shim.clone().into(),
-        "--control-listen".into(),
-        format!("unix:{}", sock.display()).into(),
-        "--control-insecure".into(),
-        "--".into(),
-        ctx.bins.echo_driver.clone().into(),
-    ];
-    let mut proc = Spec::new(Mode::Pid1, argv).start()?;
+    let (mut proc, sock) =
+        ctx.supervised(&format!("idle-{n}"), Mode::Pid1, &ctx.bins.echo_driver)?;
     let mut client = Client::connect(&sock, Duration::from_secs(10))?;
     client.wait_driver_ready(Duration::from_secs(10))?;
     // Let the driver's start-up log lines arrive and be acknowledged: empty buffers.
