@@ -10,34 +10,7 @@
 //! ```
 
 #![no_main]
-// The shim's modules are compiled here for their supervisor core only.
-#![allow(dead_code, unused_imports)]
-
-#[path = "../../src/cli.rs"]
-mod cli;
-#[path = "../../src/control/mod.rs"]
-mod control;
-#[path = "../../src/driver.rs"]
-mod driver;
-#[path = "../../src/exec.rs"]
-mod exec;
-#[path = "../../src/init.rs"]
-mod init;
-#[path = "../../src/limits.rs"]
-mod limits;
-#[path = "../../src/logging.rs"]
-mod logging;
-#[path = "../../src/reaper.rs"]
-mod reaper;
-#[path = "../../src/signals.rs"]
-mod signals;
-#[path = "../../src/spawn.rs"]
-mod spawn;
-#[path = "../../src/supervisor/mod.rs"]
-mod supervisor;
-#[path = "../../src/sys.rs"]
-mod sys;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    control::fuzz::run(data);
+    agent_shim_fuzz::control_link(data);
 });
