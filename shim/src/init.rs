@@ -8,6 +8,7 @@
 //!
 //! ```text
 //!  block signals ─► fork/exec child ─► register pid ─► loop: sigtimedwait(deadline)
+//!                                                        first SETTLE quiet → release code pages
 //!                                                        SIGCHLD     → drain the reaper
 //!                                                        TERM/INT    → forward, arm --grace
 //!                                                        TSTP/TTIN/TTOU → forward, stop self
@@ -37,6 +38,12 @@ use crate::cli::TOKEN_VAR;
 /// After the final SIGKILL as PID 1, how long to wait for the last exits before giving up
 /// (a process stuck in uninterruptible sleep). Exiting PID 1 kills them anyway.
 const FINAL_REAP_LIMIT: Duration = Duration::from_secs(5);
+
+/// Quiet time after which start-up counts as over: the first `sigtimedwait` that waits this
+/// long without a signal releases the mappings of the code start-up ran
+/// ([`Sys::release_startup_pages`]). A short-lived child exits before it, so it costs such a
+/// run nothing.
+const SETTLE: Duration = Duration::from_millis(100);
 
 /// Pause after an unexpected `sigtimedwait` error, so a persistent one cannot spin the CPU.
 const ERROR_BACKOFF: Duration = Duration::from_millis(10);
@@ -103,6 +110,7 @@ pub fn run(cfg: &Config) -> Result<i32, InitError> {
         set: signals::handled_set(),
         grace_deadline: None,
         limiter: WarnLimiter::default(),
+        released: false,
     };
     let status = init.wait_for_child();
     info!(pid = child, ?status, "child exited");
@@ -127,6 +135,8 @@ struct Init<'a, S: Sys> {
     set: SigSet,
     grace_deadline: Option<Instant>,
     limiter: WarnLimiter,
+    /// Whether start-up's code mappings have been released (see [`SETTLE`]).
+    released: bool,
 }
 
 impl<S: Sys> Init<'_, S> {
@@ -136,9 +146,14 @@ impl<S: Sys> Init<'_, S> {
             if let Some(status) = self.status {
                 return status;
             }
-            let timeout = self
+            let grace = self
                 .grace_deadline
                 .map(|d| d.saturating_duration_since(Instant::now()));
+            let settle = (!self.released).then_some(SETTLE);
+            let timeout = match (grace, settle) {
+                (Some(g), Some(s)) => Some(g.min(s)),
+                (g, s) => g.or(s),
+            };
             match self.sys.sigtimedwait(&self.set, timeout) {
                 Ok(Some(info)) => {
                     self.on_signal(&info);
@@ -151,6 +166,11 @@ impl<S: Sys> Init<'_, S> {
                 }
                 Ok(None) => {
                     self.drain();
+                    if !self.released && self.status.is_none() {
+                        self.released = true;
+                        let bytes = self.sys.release_startup_pages();
+                        debug!(bytes, "start-up is over: its code mappings released");
+                    }
                 }
                 Err(Errno::EINTR) => {}
                 Err(err) => {
@@ -364,6 +384,7 @@ mod tests {
             set: signals::handled_set(),
             grace_deadline: None,
             limiter: WarnLimiter::default(),
+            released: false,
         }
     }
 
@@ -480,6 +501,36 @@ mod tests {
             "reaped after the first signal"
         );
         assert!(sys.kills.borrow().is_empty());
+    }
+
+    #[test]
+    fn start_up_mappings_are_released_once_after_a_quiet_wait() {
+        // A signal, then a quiet wait (release), another quiet wait, then the child's exit.
+        let sys = Fake::with_waits(
+            7,
+            [
+                Ok(None),
+                Ok(None),
+                Ok(None),
+                Ok(Some((100, ExitStatus::Exited(0)))),
+            ],
+        );
+        sys.signals
+            .borrow_mut()
+            .push_back(Ok(Some(sig(libc::SIGUSR1, 0, 0))));
+        let cfg = Config::default();
+        let mut i = init(&sys, &cfg, false);
+        assert_eq!(i.wait_for_child(), ExitStatus::Exited(0));
+        assert_eq!(sys.releases.get(), 1);
+    }
+
+    #[test]
+    fn a_child_gone_before_start_up_settles_releases_nothing() {
+        let sys = Fake::with_waits(7, [Ok(Some((100, ExitStatus::Exited(3))))]);
+        let cfg = Config::default();
+        let mut i = init(&sys, &cfg, false);
+        assert_eq!(i.wait_for_child(), ExitStatus::Exited(3));
+        assert_eq!(sys.releases.get(), 0);
     }
 
     #[test]

@@ -66,6 +66,10 @@ pub trait Sys {
         set: &SigSet,
         timeout: Option<Duration>,
     ) -> Result<Option<SigInfo>, Errno>;
+
+    /// Drops the page-table entries of the executable's read-only segments; returns the
+    /// bytes released. See [`release_startup_pages`].
+    fn release_startup_pages(&self) -> usize;
 }
 
 /// The real kernel.
@@ -157,6 +161,10 @@ impl Sys for Real {
             uid,
         }))
     }
+
+    fn release_startup_pages(&self) -> usize {
+        release_startup_pages()
+    }
 }
 
 /// Fills `buf` with random bytes from the kernel's CSPRNG (`getrandom(2)`, blocking only
@@ -216,6 +224,109 @@ pub fn hostname() -> Option<String> {
     (!name.is_empty()).then(|| name.to_owned())
 }
 
+/// Drops the page-table entries of the executable's read-only segments (code and constants)
+/// and returns how many bytes of address space it released; `0` if there was nothing to do.
+///
+/// Plain init mode calls this once, when start-up is over: its child has been running for
+/// [`crate::init`]'s settle time without a signal, and it sleeps in `sigtimedwait`. Start-up (argument parsing, logging,
+/// fork/exec) touches code all over the binary, and the kernel maps the already-cached file
+/// pages 64 KiB around every fault, so most of the binary ends up mapped and counted in VmRSS
+/// although it will never run again. `MADV_DONTNEED` on these clean, file-backed, never
+/// written mappings only removes them from this process's page tables: the page cache keeps
+/// the file (shared with every other process running the same binary), and whatever runs
+/// next faults back in from it, unchanged. Writable segments (data, bss, RELRO) are left
+/// alone — dropping them would lose their contents.
+///
+/// One consequence: a debugger's breakpoints inserted into the code before this call are
+/// discarded with the page that held them.
+pub fn release_startup_pages() -> usize {
+    /// Whole pages inside each read-only `PT_LOAD` of the first object (the executable).
+    unsafe extern "C" fn each(
+        info: *mut libc::dl_phdr_info,
+        _size: libc::size_t,
+        released: *mut libc::c_void,
+    ) -> libc::c_int {
+        // SAFETY: dl_iterate_phdr hands a valid `dl_phdr_info` for the duration of the call,
+        // whose `dlpi_phdr` points to `dlpi_phnum` program headers; `released` is the
+        // `&mut usize` passed below.
+        let (info, released) = unsafe { (&*info, &mut *released.cast::<usize>()) };
+        let page = page_size();
+        let phdrs = if info.dlpi_phdr.is_null() {
+            &[][..]
+        } else {
+            // SAFETY: see above.
+            unsafe { std::slice::from_raw_parts(info.dlpi_phdr, usize::from(info.dlpi_phnum)) }
+        };
+        for ph in phdrs {
+            if ph.p_type != libc::PT_LOAD || ph.p_flags & libc::PF_W != 0 {
+                continue;
+            }
+            let Some(start) = usize::try_from(info.dlpi_addr)
+                .ok()
+                .and_then(|base| base.checked_add(usize::try_from(ph.p_vaddr).ok()?))
+            else {
+                continue;
+            };
+            let Some(end) = usize::try_from(ph.p_memsz)
+                .ok()
+                .and_then(|len| start.checked_add(len))
+            else {
+                continue;
+            };
+            // Only the pages wholly inside the segment: a page it shares with a neighbour
+            // (possibly a writable one) is kept.
+            let first = start.div_ceil(page).saturating_mul(page);
+            let last = end / page * page;
+            if last <= first {
+                continue;
+            }
+            // SAFETY: the range lies inside a read-only, file-backed mapping of our own
+            // executable, which nothing ever writes; dropping its entries only makes later
+            // accesses fault the same bytes back in from the page cache.
+            if unsafe {
+                libc::madvise(
+                    first as *mut libc::c_void,
+                    last - first,
+                    libc::MADV_DONTNEED,
+                )
+            } == 0
+            {
+                *released += last - first;
+            }
+        }
+        // The executable comes first; shared objects (in a dynamically linked build) and the
+        // vDSO are not ours to touch.
+        1
+    }
+    let mut released = 0usize;
+    // SAFETY: `each` matches the callback's contract and only reads what it is given;
+    // `released` outlives the call.
+    unsafe { libc::dl_iterate_phdr(Some(each), (&raw mut released).cast()) };
+    released
+}
+
+/// The system's page size (4 KiB if `sysconf` cannot tell).
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(n).ok().filter(|&n| n > 0).unwrap_or(4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn released_code_and_constants_fault_back_in() {
+        let released = release_startup_pages();
+        assert!(released > 0, "nothing released");
+        assert_eq!(released % page_size(), 0);
+        // Code and constants are all still there: run some, read some.
+        assert_eq!(format!("{:>5}|{}", 42, "const"), "   42|const");
+        assert!(release_startup_pages() > 0, "a second call works too");
+    }
+}
+
 #[cfg(any(test, fuzzing))]
 pub(crate) mod fake {
     //! A scripted [`Sys`] for unit tests.
@@ -232,6 +343,8 @@ pub(crate) mod fake {
         pub signals: RefCell<VecDeque<Result<Option<SigInfo>, Errno>>>,
         pub kills: RefCell<Vec<(i32, i32)>>,
         pub kill_result: RefCell<Option<Errno>>,
+        /// How many times `release_startup_pages` was called.
+        pub releases: std::cell::Cell<usize>,
     }
 
     impl Fake {
@@ -273,6 +386,10 @@ pub(crate) mod fake {
             _timeout: Option<Duration>,
         ) -> Result<Option<SigInfo>, Errno> {
             self.signals.borrow_mut().pop_front().unwrap_or(Ok(None))
+        }
+        fn release_startup_pages(&self) -> usize {
+            self.releases.set(self.releases.get() + 1);
+            0
         }
     }
 }

@@ -3,6 +3,7 @@
 mod cli;
 mod exit;
 mod internal_signals;
+mod memory;
 mod passthrough;
 mod reaping;
 mod signals;
