@@ -52,7 +52,7 @@ pub struct Config {
     pub remap_exit: Vec<(u8, u8)>,
     /// Honour signals from non-root processes inside the PID namespace.
     pub allow_internal_signals: bool,
-    /// A `tracing_subscriber::filter::Targets` directive list (`warn`, `agent_shim=debug`).
+    /// A [`crate::logging::Targets`] directive list (`warn`, `agent_shim=debug`).
     pub log_level: String,
     /// Log format.
     pub log_format: LogFormat,
@@ -417,7 +417,7 @@ fn parse_log_level(s: &str) -> Result<String, String> {
             return Err(bad());
         }
     }
-    s.parse::<tracing_subscriber::filter::Targets>()
+    crate::logging::Targets::parse(s)
         .map(|_| s.to_owned())
         .map_err(|_| bad())
 }
