@@ -5,7 +5,8 @@
 //! and the tables are what unwinding reads. (A build script cannot see the profile's panic
 //! strategy: `CARGO_CFG_PANIC` is the target's default, `unwind`.) About 160 KB of the static
 //! binary is `.eh_frame`, `.eh_frame_hdr` and `.gcc_except_table`; a panic still prints its
-//! message and aborts, only its backtrace is empty.
+//! message and aborts, only its backtrace is empty. (`src/unwinder.rs` then replaces the
+//! unwinder itself, which had nothing left to read.)
 
 use std::env;
 use std::path::Path;
