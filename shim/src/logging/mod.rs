@@ -7,7 +7,7 @@
 //! The subscriber is this module's own small one rather than tracing-subscriber's registry,
 //! `fmt` layer and `Targets` filter, which cost about 130 KiB of the static binary for what
 //! is here a level filter, three spans without fields and one line per event
-//! ([`filter`] keeps `Targets`' directive syntax, [`format`] the `fmt` layer's text lines).
+//! ([`filter`] keeps `Targets`' directive syntax, [`format`](mod@format) the `fmt` layer's text lines).
 //! Entering and leaving a span (every poll of an instrumented future) touches only a
 //! thread-local stack.
 
