@@ -323,6 +323,7 @@ impl Subscriber for Logger {
 
 #[cfg(test)]
 mod tests {
+    use std::fmt;
     use std::sync::{Arc, Mutex};
 
     use super::*;
@@ -382,6 +383,43 @@ mod tests {
                 "ERROR agent_shim::logging::tests: no spans signal=TERM\n",
                 " INFO supervisor:loop{conn=3}: agent_shim::logging::tests: in spans\n",
                 " INFO supervisor:loop{conn=3}: agent_shim::logging::tests: still in loop\n",
+            )
+        );
+    }
+
+    /// Errors with sources, `message` given as a field, numbers, floats and escapes, as
+    /// tracing-subscriber 0.3.23's `fmt` layer (without time) wrote them.
+    #[test]
+    fn text_errors_and_odd_fields_are_those_of_the_fmt_layer() {
+        #[derive(Debug)]
+        struct Outer(std::io::Error);
+        impl fmt::Display for Outer {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("outer")
+            }
+        }
+        impl std::error::Error for Outer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let out = capture("info", LogFormat::Text, || {
+            let e = std::io::Error::other(fmt::Error);
+            tracing::warn!(target: "agent_shim::x",
+                error = &e as &(dyn std::error::Error + 'static), text = "q\"\n", n = -3i64,
+                f = 1.5f64, b = false, "msg with \x07 bell");
+            tracing::warn!(target: "agent_shim::x", message = "as field", extra = 1);
+            let chained = Outer(std::io::Error::other("inner \x1b"));
+            tracing::error!(target: "agent_shim::x",
+                err = &chained as &(dyn std::error::Error + 'static), "chained");
+        });
+        assert_eq!(
+            out,
+            concat!(
+                " WARN agent_shim::x: msg with \\x07 bell error=an error occurred when formatting \
+                 an argument text=\"q\\\"\\n\" n=-3 f=1.5 b=false\n",
+                " WARN agent_shim::x: as field extra=1\n",
+                "ERROR agent_shim::x: chained err=outer err.sources=[inner \\x1b]\n",
             )
         );
     }
