@@ -52,7 +52,7 @@ pub struct Config {
     pub remap_exit: Vec<(u8, u8)>,
     /// Honour signals from non-root processes inside the PID namespace.
     pub allow_internal_signals: bool,
-    /// A `tracing_subscriber::filter::Targets` directive list (`warn`, `agent_shim=debug`).
+    /// A [`crate::logging::Targets`] directive list (`warn`, `agent_shim=debug`).
     pub log_level: String,
     /// Log format.
     pub log_format: LogFormat,
@@ -347,26 +347,142 @@ pub fn version() -> String {
 }
 
 /// Parses a duration: `500ms`, `8s`, `2m`, `1h`, or a bare (possibly fractional) number of
-/// seconds.
+/// seconds, rounded to the nearest nanosecond.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    const NANOS_PER_SEC: u128 = 1_000_000_000;
     let s = s.trim();
-    let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 0.001)
+    let (num, unit_ns) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1_000_000)
     } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1.0)
+        (n, NANOS_PER_SEC)
     } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60.0)
+        (n, 60 * NANOS_PER_SEC)
     } else if let Some(n) = s.strip_suffix('h') {
-        (n, 3600.0)
+        (n, 3600 * NANOS_PER_SEC)
     } else {
-        (s, 1.0)
+        (s, NANOS_PER_SEC)
     };
     let bad = || format!("invalid duration {s:?} (expected e.g. 500ms, 8s, 2m, 0.5)");
-    let n: f64 = num.trim().parse().map_err(|_| bad())?;
-    if !n.is_finite() || n < 0.0 || num.trim().starts_with(['+', '-']) {
+    let num = num.trim();
+    if num.starts_with(['+', '-']) {
         return Err(bad());
     }
-    Duration::try_from_secs_f64(n * scale).map_err(|_| bad())
+    let d = Decimal::parse(num).ok_or_else(bad)?;
+    let nanos = d.scaled(unit_ns).ok_or_else(bad)?;
+    let secs = u64::try_from(nanos / NANOS_PER_SEC).map_err(|_| bad())?;
+    // The remainder is below 10^9.
+    let sub = u32::try_from(nanos % NANOS_PER_SEC).map_err(|_| bad())?;
+    Ok(Duration::new(secs, sub))
+}
+
+/// A decimal number as `f64::from_str` writes it (`12`, `0.5`, `.5`, `5.`, `1e3`, `-2.5E-1`),
+/// without the float parser: `mantissa * 10^exp`, keeping the first 19 significant digits.
+/// (`f64`'s parser and its tables are about 15 KiB of the static binary, for two options.)
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Decimal {
+    negative: bool,
+    mantissa: u64,
+    exp: i32,
+}
+
+impl Decimal {
+    fn parse(s: &str) -> Option<Self> {
+        let (negative, s) = match s.as_bytes().first() {
+            Some(b'-') => (true, s.get(1..)?),
+            Some(b'+') => (false, s.get(1..)?),
+            _ => (false, s),
+        };
+        let (number, exp) = match s.find(['e', 'E']) {
+            Some(i) => (s.get(..i)?, Some(s.get(i + 1..)?)),
+            None => (s, None),
+        };
+        let (int, frac) = number.split_once('.').unwrap_or((number, ""));
+        if int.is_empty() && frac.is_empty() {
+            return None;
+        }
+        let mut mantissa: u64 = 0;
+        let mut exp10: i64 = 0;
+        let mut digits = 0;
+        for (i, b) in int.bytes().chain(frac.bytes()).enumerate() {
+            if !b.is_ascii_digit() {
+                return None;
+            }
+            let in_frac = i >= int.len();
+            if mantissa == 0 && b == b'0' {
+                // A leading zero is not a significant digit.
+                exp10 -= i64::from(in_frac);
+                continue;
+            }
+            if digits < 19 {
+                mantissa = mantissa * 10 + u64::from(b - b'0');
+                digits += 1;
+                exp10 -= i64::from(in_frac);
+            } else {
+                exp10 += i64::from(!in_frac);
+            }
+        }
+        if let Some(e) = exp {
+            let (neg, digits) = match e.as_bytes().first() {
+                Some(b'-') => (true, e.get(1..)?),
+                Some(b'+') => (false, e.get(1..)?),
+                _ => (false, e),
+            };
+            if digits.is_empty() {
+                return None;
+            }
+            let mut n: i64 = 0;
+            for b in digits.bytes() {
+                if !b.is_ascii_digit() {
+                    return None;
+                }
+                n = (n * 10 + i64::from(b - b'0')).min(1 << 40);
+            }
+            exp10 += if neg { -n } else { n };
+        }
+        Some(Self {
+            negative,
+            mantissa,
+            exp: i32::try_from(exp10.clamp(-100_000, 100_000)).unwrap_or_default(),
+        })
+    }
+
+    /// `|self| * unit`, rounded to the nearest integer; `None` if it overflows `u128`.
+    fn scaled(self, unit: u128) -> Option<u128> {
+        if self.mantissa == 0 {
+            return Some(0);
+        }
+        let v = u128::from(self.mantissa) * unit;
+        if self.exp >= 0 {
+            let mut v = v;
+            for _ in 0..self.exp {
+                v = v.checked_mul(10)?;
+            }
+            Some(v)
+        } else if self.exp < -38 {
+            Some(0)
+        } else {
+            let d = 10u128.pow(self.exp.unsigned_abs());
+            let (q, r) = (v / d, v % d);
+            Some(if r >= d - r { q + 1 } else { q })
+        }
+    }
+
+    /// The nearest `f64` (exactly the nearest when the mantissa has at most 15 digits and
+    /// `|exp| <= 22`, which covers every sensible factor).
+    fn to_f64(self) -> f64 {
+        // The mantissa is below 10^19; the conversion rounds to the nearest.
+        let m = self.mantissa as f64;
+        let v = if self.exp >= 0 {
+            m * 10f64.powi(self.exp)
+        } else {
+            m / 10f64.powi(-self.exp)
+        };
+        if self.negative {
+            -v
+        } else {
+            v
+        }
+    }
 }
 
 /// Parses a `--remap-exit` pair `FROM:TO` of exit codes 0–255.
@@ -417,7 +533,7 @@ fn parse_log_level(s: &str) -> Result<String, String> {
             return Err(bad());
         }
     }
-    s.parse::<tracing_subscriber::filter::Targets>()
+    crate::logging::Targets::parse(s)
         .map(|_| s.to_owned())
         .map_err(|_| bad())
 }
@@ -522,7 +638,17 @@ fn parse_num<T: std::str::FromStr>(s: &str) -> Result<T, String> {
 }
 
 fn parse_fraction(s: &str) -> Result<f64, String> {
-    let v: f64 = parse_num(s)?;
+    let t = s.trim();
+    let unsigned = t.strip_prefix(['+', '-']).unwrap_or(t).to_ascii_lowercase();
+    let Some(d) = Decimal::parse(t) else {
+        // `inf` and `nan` are numbers, just not acceptable ones.
+        return Err(if ["inf", "infinity", "nan"].contains(&unsigned.as_str()) {
+            format!("invalid number {s:?} (expected a finite number >= 0)")
+        } else {
+            format!("invalid number {s:?}")
+        });
+    };
+    let v = d.to_f64();
     if v.is_finite() && v >= 0.0 {
         Ok(v)
     } else {
@@ -1381,9 +1507,65 @@ mod tests {
         assert_eq!(parse_duration("8"), Ok(Duration::from_secs(8)));
         assert_eq!(parse_duration("0.5"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
-        for bad in ["", "s", "-1", "+1", "1x", "NaN", "inf", "1e400", "ms"] {
+        assert_eq!(parse_duration("1.5m"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration(".25s"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2."), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1e3ms"), Ok(Duration::from_secs(1)));
+        assert_eq!(parse_duration("2.5E-1"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("0.1"), Ok(Duration::from_millis(100)));
+        assert_eq!(parse_duration("0.0000000015"), Ok(Duration::from_nanos(2)));
+        assert_eq!(parse_duration("0e999"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("1e-99"), Ok(Duration::ZERO));
+        assert_eq!(
+            parse_duration("9223372036854775807"),
+            Ok(Duration::from_secs(i64::MAX as u64))
+        );
+        assert_eq!(
+            parse_duration("12345678901234567890123"),
+            Err(
+                "invalid duration \"12345678901234567890123\" (expected e.g. 500ms, 8s, 2m, 0.5)"
+                    .into()
+            )
+        );
+        for bad in [
+            "", "s", "-1", "+1", "1x", "NaN", "inf", "1e400", "ms", ".", "1e", "1e+", "1.2.3",
+            "1 5", "0x10", "1_000", "e5", "- 1",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn fractions() {
+        for (s, v) in [
+            ("2", 2.0),
+            ("1.5", 1.5),
+            ("0.1", 0.1),
+            (" 0.3 ", 0.3),
+            ("+3", 3.0),
+            ("-0", 0.0),
+            (".5", 0.5),
+            ("1e2", 100.0),
+            ("2.5e-3", 0.0025),
+            ("0.000001", 1e-6),
+            ("123456789.123456", 123_456_789.123_456),
+        ] {
+            assert_eq!(parse_fraction(s), Ok(v), "{s}");
+        }
+        assert_eq!(
+            parse_fraction("inf"),
+            Err("invalid number \"inf\" (expected a finite number >= 0)".into())
+        );
+        assert_eq!(
+            parse_fraction("-1"),
+            Err("invalid number \"-1\" (expected a finite number >= 0)".into())
+        );
+        assert_eq!(
+            parse_fraction("1e400"),
+            Err("invalid number \"1e400\" (expected a finite number >= 0)".into())
+        );
+        assert_eq!(parse_fraction("x"), Err("invalid number \"x\"".into()));
+        assert_eq!(parse_fraction(""), Err("invalid number \"\"".into()));
     }
 
     #[test]

@@ -12,6 +12,8 @@ mod signals;
 mod spawn;
 mod supervisor;
 mod sys;
+#[cfg(all(target_env = "musl", panic = "abort"))]
+mod unwinder;
 
 use std::io::Write as _;
 use std::process::ExitCode;

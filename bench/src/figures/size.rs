@@ -54,10 +54,10 @@ pub fn run(ctx: &Ctx) -> Figure {
                 fig.notes.push(format!(
                     "FAIL: {size} bytes is {:.1} KiB over 1 MiB. The async runtime, control server \
                      and supervisor that supervisor mode added account for most of the growth over \
-                     plain init mode; std's backtrace symbolization (gimli, addr2line, \
-                     miniz_oxide, libunwind: about 200 KiB of code by `cargo bloat`) is linked \
-                     even with `panic = \"abort\"` and cannot be dropped on stable Rust; see \
-                     shim/README.md, “The static binary”.",
+                     plain init mode. Check that the build dropped the unwind tables and libunwind \
+                     (with them std's backtrace symbolization, about 420 KiB in all): \
+                     shim/build.rs and shim/src/unwinder.rs act only for the musl target with \
+                     `panic = \"abort\"`; see shim/README.md, “The static binary”.",
                     (size - LIMIT) as f64 / 1024.0
                 ));
             }

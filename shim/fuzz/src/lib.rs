@@ -17,7 +17,7 @@ mod exec;
 mod init;
 #[path = "../../src/limits.rs"]
 mod limits;
-#[path = "../../src/logging.rs"]
+#[path = "../../src/logging/mod.rs"]
 mod logging;
 #[path = "../../src/reaper.rs"]
 mod reaper;

@@ -1,0 +1,27 @@
+//! Links the static musl release shim without unwind tables (`link/no-unwind-tables.ld`).
+//!
+//! Only for the musl target (the static build, linked by GNU ld through `cc`) in a release
+//! profile, whose `panic = "abort"` means nothing ever unwinds. Debug builds and tests unwind,
+//! and the tables are what unwinding reads. (A build script cannot see the profile's panic
+//! strategy: `CARGO_CFG_PANIC` is the target's default, `unwind`.) About 160 KB of the static
+//! binary is `.eh_frame`, `.eh_frame_hdr` and `.gcc_except_table`; a panic still prints its
+//! message and aborts, only its backtrace is empty. (`src/unwinder.rs` then replaces the
+//! unwinder itself, which had nothing left to read.)
+
+use std::env;
+use std::path::Path;
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=link/no-unwind-tables.ld");
+    let musl = env::var("CARGO_CFG_TARGET_ENV").is_ok_and(|e| e == "musl");
+    let release = env::var("PROFILE").is_ok_and(|p| p == "release");
+    if !(musl && release) {
+        return;
+    }
+    let Ok(dir) = env::var("CARGO_MANIFEST_DIR") else {
+        return;
+    };
+    let script = Path::new(&dir).join("link").join("no-unwind-tables.ld");
+    println!("cargo:rustc-link-arg-bins=-Wl,-T,{}", script.display());
+}
