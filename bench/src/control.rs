@@ -6,14 +6,18 @@
 //! tokio current-thread runtime and one `control_link::Client` with its event stream, so what
 //! is measured is what a control plane built on `control-link` gets: its session task reads
 //! and decodes every frame, hands each event out once in seq order through its
-//! [`EventStream`], and acknowledges them in batches ([`AckMode::Auto`]).
+//! [`EventStream`], and acknowledges them in batches ([`AckMode::Auto`]). A client made with
+//! [`Client::connect_raw`] reads control-link's [`RawEventStream`] instead: the same events,
+//! order and acks, each left encoded (seq, `type`, body) until decoded.
 
 use std::future::Future;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use control_link::{AckMode, Addr, ConnectOptions, EventStream, ExecSpec, TaskSpec};
+use control_link::{
+    AckMode, Addr, ConnectOptions, EventStream, ExecSpec, RawEventStream, TaskSpec,
+};
 use driver_protocol::message::{DriverReady, Event};
 use rmpv::Value;
 use tokio::runtime::Runtime;
@@ -30,7 +34,16 @@ pub struct Client {
     rt: Runtime,
     client: control_link::Client,
     /// Lent to the task of each measurement (see [`Client::run`]).
-    events: Option<EventStream>,
+    events: Option<Events>,
+}
+
+/// The client's event stream: decoded, or raw.
+#[derive(Debug)]
+pub enum Events {
+    /// control-link's [`EventStream`].
+    Typed(EventStream),
+    /// control-link's [`RawEventStream`].
+    Raw(RawEventStream),
 }
 
 /// The result of one exec output run.
@@ -53,12 +66,16 @@ pub struct Relayed {
     pub elapsed_ns: u64,
 }
 
-/// The next event, or an error when the stream ended.
-async fn next_event(events: &mut EventStream) -> Result<Event> {
-    match events.next().await {
-        Some((_, event)) => Ok(event),
-        None => bail!("the control link closed"),
-    }
+/// The next event (decoded, whichever the stream), or an error when the stream ended.
+async fn next_event(events: &mut Events) -> Result<Event> {
+    let event = match events {
+        Events::Typed(s) => s.next().await.map(|(_, event)| event),
+        Events::Raw(s) => match s.next().await {
+            Some(raw) => Some(raw.decode()?),
+            None => None,
+        },
+    };
+    event.context("the control link closed")
 }
 
 impl Client {
@@ -66,6 +83,15 @@ impl Client {
     /// `timeout`: the shim may not be listening yet), and takes the event stream (which sends
     /// `resume_from{0}`).
     pub fn connect(path: &Path, timeout: Duration) -> Result<Client> {
+        Self::connect_with(path, timeout, false)
+    }
+
+    /// [`Client::connect`], taking the raw event stream ([`control_link::Client::raw_events`]).
+    pub fn connect_raw(path: &Path, timeout: Duration) -> Result<Client> {
+        Self::connect_with(path, timeout, true)
+    }
+
+    fn connect_with(path: &Path, timeout: Duration, raw: bool) -> Result<Client> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -92,7 +118,11 @@ impl Client {
                 }
             }
         })?;
-        let events = client.events().map_err(|e| anyhow!("{e}"))?;
+        let events = if raw {
+            Events::Raw(client.raw_events().map_err(|e| anyhow!("{e}"))?)
+        } else {
+            Events::Typed(client.events().map_err(|e| anyhow!("{e}"))?)
+        };
         Ok(Client {
             rt,
             client,
@@ -106,11 +136,11 @@ impl Client {
     fn run<T, F>(
         &mut self,
         timeout: Duration,
-        work: impl FnOnce(control_link::Client, EventStream) -> F,
+        work: impl FnOnce(control_link::Client, Events) -> F,
     ) -> Result<T>
     where
         T: Send + 'static,
-        F: Future<Output = (EventStream, Result<T>)> + Send + 'static,
+        F: Future<Output = (Events, Result<T>)> + Send + 'static,
     {
         let events = self
             .events
@@ -169,6 +199,33 @@ impl Client {
                 let mut got = 0u64;
                 let mut first = 0u64;
                 let mut last = 0u64;
+                if let Events::Raw(raw) = &mut stream {
+                    // Each event's `type` is read; the others (the `task_done`) decoded.
+                    loop {
+                        let event = raw.next().await.context("the control link closed")?;
+                        match event.type_name() {
+                            "custom" => {
+                                if got == 0 {
+                                    first = now_ns();
+                                }
+                                got += 1;
+                                if got == want {
+                                    last = now_ns();
+                                }
+                            }
+                            "task_done" => match event.decode()? {
+                                Event::TaskDone(done) if done.task_id == task_id => break,
+                                _ => {}
+                            },
+                            _ => {}
+                        }
+                    }
+                    return Ok(Relayed {
+                        events: got,
+                        bytes: got * size,
+                        elapsed_ns: last.saturating_sub(first),
+                    });
+                }
                 loop {
                     match next_event(&mut stream).await? {
                         Event::Custom(c) => {

@@ -17,7 +17,8 @@ use anyhow::{bail, Context, Result};
 const USAGE: &str = "usage: shim-bench [--quick] [--out DIR] [--only NAME]...
   --quick      a short run (seconds), e.g. for CI
   --out DIR    where REPORT.md and chart.svg go (default: the bench/ folder of the workspace)
-  --only NAME  run only the figures whose name contains NAME (repeatable); no report is written";
+  --only NAME  run only the figures whose name contains NAME (repeatable); no report is
+               written, their rows and notes are printed";
 
 struct Args {
     quick: bool,

@@ -7,18 +7,21 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use driver_protocol::message::{
-    CancelTask, ControlToShim, DriverState, Event, ExecInput, ExecResize, ExecSignal, ExecStarted,
+    CancelTask, ControlToShim, DriverState, ExecInput, ExecResize, ExecSignal, ExecStarted,
     Message as _, Pause, Ping, RequestId, RestartDriver, Resume, Seq, SetDriver, ShimToControl,
     Shutdown, Signal, SignalTarget, Status, StatusReply,
 };
 use tokio::sync::{mpsc, oneshot};
 
+use crate::events::Item;
 use crate::fleet::FleetItem;
 use crate::link::Connected;
 use crate::options::ConnectOptions;
 use crate::session::{dial_once, Cmd, Session, Shared, Sink, Source};
 use crate::shared::Position;
-use crate::{Addr, AgentId, Error, EventStream, ExecSpec, Sig, Target, TaskSpec, Token};
+use crate::{
+    Addr, AgentId, Error, EventStream, ExecSpec, RawEventStream, Sig, Target, TaskSpec, Token,
+};
 
 /// Connects to the shim at `addr` with the default [`ConnectOptions`] and `token` (`None`
 /// only for a unix socket of a shim run with `--control-insecure`).
@@ -63,7 +66,7 @@ pub struct Client {
 struct Inner {
     cmds: mpsc::UnboundedSender<Cmd>,
     shared: Arc<Shared>,
-    events: Mutex<Option<mpsc::Receiver<(Seq, Event)>>>,
+    events: Mutex<Option<mpsc::Receiver<Item>>>,
     request_timeout: Duration,
     close_timeout: Duration,
     wake_hook: Option<crate::WakeHook>,
@@ -238,6 +241,31 @@ impl Client {
     /// # Ok(()) }
     /// ```
     pub fn events(&self) -> Result<EventStream, Error> {
+        let rx = self.take_events(false)?;
+        Ok(EventStream::new(rx, self.clone()))
+    }
+
+    /// The event stream with events left encoded: the same events, order, acknowledgements
+    /// and resumption as [`Client::events`], each a [`RawEvent`](crate::RawEvent) (seq,
+    /// `type`, MessagePack body) that is decoded only when asked. For a control plane that
+    /// archives or forwards events; reading a `type` and the body costs a fraction of
+    /// decoding every event. Either stream can be taken, once.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: control_link::Client) -> Result<(), control_link::Error> {
+    /// let mut events = client.raw_events()?;
+    /// while let Some(event) = events.next().await {
+    ///     println!("{} {} ({} bytes)", event.seq(), event.type_name(), event.body().len());
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn raw_events(&self) -> Result<RawEventStream, Error> {
+        let rx = self.take_events(true)?;
+        Ok(RawEventStream::new(rx, self.clone()))
+    }
+
+    /// Takes the event channel and starts events (raw or decoded).
+    fn take_events(&self, raw: bool) -> Result<mpsc::Receiver<Item>, Error> {
         let rx = self
             .inner
             .events
@@ -245,8 +273,8 @@ impl Client {
             .ok()
             .and_then(|mut slot| slot.take())
             .ok_or(Error::EventsTaken)?;
-        let _ = self.inner.cmds.send(Cmd::StartEvents);
-        Ok(EventStream::new(rx, self.clone()))
+        let _ = self.inner.cmds.send(Cmd::StartEvents { raw });
+        Ok(rx)
     }
 
     /// Acknowledges every event up to `seq` as processed (cumulative). In

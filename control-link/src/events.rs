@@ -1,14 +1,146 @@
-//! [`EventStream`]: a client's events, each once, in seq order, across reconnects.
+//! [`EventStream`]: a client's events, each once, in seq order, across reconnects; and
+//! [`RawEventStream`]: the same events as [`RawEvent`]s, still encoded, for a control plane
+//! that archives or forwards them rather than reading each one.
 
 use std::future::poll_fn;
+use std::ops::Range;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use driver_protocol::message::{Event, Seq};
+use bytes::Bytes;
+use driver_protocol::message::{Event, Message as _, Seq, Unknown};
+use driver_protocol::{raw, DecodeError};
 use futures_core::Stream;
 use tokio::sync::mpsc;
+use tracing::warn;
 
 use crate::Client;
+
+/// What the session hands to a client's own stream: decoded for an [`EventStream`], still
+/// encoded for a [`RawEventStream`] (the session learns which when the stream is taken).
+#[derive(Debug)]
+pub(crate) enum Item {
+    /// A decoded event.
+    Typed(Seq, Event),
+    /// An event as it came.
+    Raw(RawEvent),
+}
+
+impl Item {
+    pub(crate) fn seq(&self) -> Seq {
+        match self {
+            Item::Typed(seq, _) => *seq,
+            Item::Raw(raw) => raw.seq,
+        }
+    }
+
+    /// The item as a decoded event. (A session delivers raw items only to a raw stream; an
+    /// event that does not decode reads as an `Unknown` event of its type.)
+    fn into_typed(self) -> (Seq, Event) {
+        match self {
+            Item::Typed(seq, event) => (seq, event),
+            Item::Raw(raw) => {
+                let event = raw.decode().unwrap_or_else(|e| {
+                    warn!(seq = raw.seq, error = %e, "an event that does not decode");
+                    Event::Unknown(Unknown {
+                        type_name: raw.type_name().to_owned(),
+                        id: None,
+                    })
+                });
+                (raw.seq, event)
+            }
+        }
+    }
+
+    /// The item as a raw event; `None` (logged) for a decoded event that cannot be encoded
+    /// again (a session hands decoded items only to a typed stream).
+    fn into_raw(self) -> Option<RawEvent> {
+        match self {
+            Item::Raw(raw) => Some(raw),
+            Item::Typed(seq, event) => match event.to_body() {
+                Ok(body) => RawEvent::new(seq, Bytes::from(body)).ok(),
+                Err(e) => {
+                    warn!(seq, error = %e, "an event that cannot be encoded again");
+                    None
+                }
+            },
+        }
+    }
+}
+
+/// One event as the shim sent it: its seq, its `type`, and its MessagePack body (a map with
+/// its own `type` key: for a driver's event, the bytes the driver wrote), not decoded.
+///
+/// What a control plane that archives or forwards events needs: the body can be stored or
+/// sent on as it is, and [`RawEvent::decode`] makes the typed [`Event`] of the ones it
+/// reads. The body is a reference-counted slice of the bytes read from the socket: taking
+/// it ([`RawEvent::into_body`]) copies nothing.
+///
+/// The MessagePack structure of the body (lengths, nesting, a string `type`) was checked
+/// when it was read; its fields were not: [`RawEvent::decode`] can still fail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawEvent {
+    seq: Seq,
+    body: Bytes,
+    /// Where the event's `type` is in `body`.
+    type_at: Range<usize>,
+}
+
+impl RawEvent {
+    /// The event of seq `seq` whose MessagePack body is `body`; fails unless `body` is a
+    /// MessagePack map with a string `type` (see [`raw::read_head`]).
+    ///
+    /// ```
+    /// use control_link::protocol::message::{Custom, Event, Message};
+    /// use control_link::RawEvent;
+    ///
+    /// let custom = Event::Custom(Custom {
+    ///     task_id: None,
+    ///     kind: "note".into(),
+    ///     data: rmpv::Value::Nil,
+    /// });
+    /// let raw = RawEvent::new(7, custom.to_body()?.into())?;
+    /// assert_eq!((raw.seq(), raw.type_name()), (7, "custom"));
+    /// assert_eq!(raw.decode()?, custom);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn new(seq: Seq, body: Bytes) -> Result<Self, DecodeError> {
+        let type_name = raw::read_head(&body)?.type_name;
+        // The offset of a slice of `body` within it.
+        let start = (type_name.as_ptr() as usize).saturating_sub(body.as_ptr() as usize);
+        let type_at = start..start.saturating_add(type_name.len());
+        Ok(Self { seq, body, type_at })
+    }
+
+    /// The event's sequence number.
+    pub fn seq(&self) -> Seq {
+        self.seq
+    }
+
+    /// The event's `type` (e.g. `"custom"`, `"task_done"`).
+    pub fn type_name(&self) -> &str {
+        self.body
+            .get(self.type_at.clone())
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .unwrap_or_default()
+    }
+
+    /// The event's MessagePack body.
+    pub fn body(&self) -> &[u8] {
+        &self.body
+    }
+
+    /// The event's MessagePack body, without a copy.
+    pub fn into_body(self) -> Bytes {
+        self.body
+    }
+
+    /// Decodes the event, as an [`EventStream`] hands it out (an unknown `type` decodes to
+    /// [`Event::Unknown`]).
+    pub fn decode(&self) -> Result<Event, DecodeError> {
+        Event::decode(&self.body)
+    }
+}
 
 /// The events of one shim as `(seq, event)`, from [`Client::events`]. A
 /// [`futures_core::Stream`], and [`EventStream::next`] for plain `async` code.
@@ -33,13 +165,13 @@ use crate::Client;
 /// ```
 #[derive(Debug)]
 pub struct EventStream {
-    rx: mpsc::Receiver<(Seq, Event)>,
+    rx: mpsc::Receiver<Item>,
     client: Client,
     since_flush: u32,
 }
 
 impl EventStream {
-    pub(crate) fn new(rx: mpsc::Receiver<(Seq, Event)>, client: Client) -> Self {
+    pub(crate) fn new(rx: mpsc::Receiver<Item>, client: Client) -> Self {
         Self {
             rx,
             client,
@@ -71,10 +203,12 @@ impl EventStream {
 
     fn poll_item(&mut self, cx: &mut Context<'_>) -> Poll<Option<(Seq, Event)>> {
         let item = std::task::ready!(self.rx.poll_recv(cx));
-        if let Some((seq, _)) = &item {
-            self.client.shared().taken(*seq, &mut self.since_flush);
+        if let Some(item) = &item {
+            self.client
+                .shared()
+                .taken(item.seq(), &mut self.since_flush);
         }
-        Poll::Ready(item)
+        Poll::Ready(item.map(Item::into_typed))
     }
 }
 
@@ -87,6 +221,95 @@ impl Stream for EventStream {
 }
 
 impl Drop for EventStream {
+    fn drop(&mut self) {
+        self.client.shared().ack_now.notify_one();
+    }
+}
+
+/// The events of one shim as [`RawEvent`]s, from [`Client::raw_events`]: the same events,
+/// in the same order, with the same acknowledgements and resumption as an [`EventStream`],
+/// but not decoded. A [`futures_core::Stream`], and [`RawEventStream::next`] for plain
+/// `async` code.
+///
+/// For a control plane that stores or forwards events (an archive, a message bus) and
+/// decodes only those it acts on:
+///
+/// ```no_run
+/// # async fn demo(client: control_link::Client) -> Result<(), control_link::Error> {
+/// use control_link::protocol::message::Event;
+/// let mut events = client.raw_events()?;
+/// while let Some(event) = events.next().await {
+///     // archive(event.seq(), event.body());
+///     if event.type_name() == "task_done" {
+///         if let Event::TaskDone(done) = event.decode()? {
+///             println!("task {} {:?}", done.task_id, done.status);
+///         }
+///     }
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct RawEventStream {
+    rx: mpsc::Receiver<Item>,
+    client: Client,
+    since_flush: u32,
+}
+
+impl RawEventStream {
+    pub(crate) fn new(rx: mpsc::Receiver<Item>, client: Client) -> Self {
+        Self {
+            rx,
+            client,
+            since_flush: 0,
+        }
+    }
+
+    /// The next event; `None` once the client is closed.
+    ///
+    /// ```no_run
+    /// # async fn demo(mut events: control_link::RawEventStream) {
+    /// if let Some(event) = events.next().await { println!("{} {}", event.seq(), event.type_name()); }
+    /// # }
+    /// ```
+    pub async fn next(&mut self) -> Option<RawEvent> {
+        poll_fn(|cx| self.poll_item(cx)).await
+    }
+
+    /// The client this stream belongs to.
+    ///
+    /// ```no_run
+    /// # async fn demo(events: control_link::RawEventStream) {
+    /// let client = events.client().clone();
+    /// # }
+    /// ```
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    fn poll_item(&mut self, cx: &mut Context<'_>) -> Poll<Option<RawEvent>> {
+        loop {
+            let Some(item) = std::task::ready!(self.rx.poll_recv(cx)) else {
+                return Poll::Ready(None);
+            };
+            self.client
+                .shared()
+                .taken(item.seq(), &mut self.since_flush);
+            if let Some(raw) = item.into_raw() {
+                return Poll::Ready(Some(raw));
+            }
+        }
+    }
+}
+
+impl Stream for RawEventStream {
+    type Item = RawEvent;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.get_mut().poll_item(cx)
+    }
+}
+
+impl Drop for RawEventStream {
     fn drop(&mut self) {
         self.client.shared().ack_now.notify_one();
     }

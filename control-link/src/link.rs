@@ -19,15 +19,16 @@ use std::future::poll_fn;
 use std::pin::Pin;
 
 use bytes::BytesMut;
-use driver_protocol::codec::MessageCodec;
+use driver_protocol::codec::{FrameCodec, MessageCodec};
 use driver_protocol::handshake::{self, auth_proof, hello_nonce, verify_proof, NONCE_LEN};
 use driver_protocol::message::{Auth, ControlToShim, Hello, Role, ShimToControl};
-use driver_protocol::{frame, ErrorCode, Message as _};
+use driver_protocol::{frame, raw, DecodeError, ErrorCode, Message as _};
 use futures_core::Stream;
 use tokio::io::{AsyncWriteExt as _, ReadHalf, WriteHalf};
-use tokio_util::codec::FramedRead;
+use tokio_util::codec::{Decoder, FramedRead};
 
 use crate::addr::BoxIo;
+use crate::events::RawEvent;
 use crate::{random, ConnectOptions, Error, Token};
 
 /// The read buffer: a burst of events (or a large `exec_output`) is read in few syscalls
@@ -41,9 +42,74 @@ const SOFTWARE: &str = "control-link";
 /// hundred bytes; the shim uses the same limit for ours).
 pub(crate) const HANDSHAKE_MAX_FRAME: usize = 64 * 1024;
 
-/// A framed connection: typed messages in, typed messages out.
+/// What a link reads: a message, or an event left encoded (once events are read raw).
+#[derive(Debug)]
+pub(crate) enum Incoming {
+    /// A decoded message (every message while events are decoded).
+    Msg(ShimToControl),
+    /// The event of an `event` envelope, not decoded.
+    Event(RawEvent),
+}
+
+/// The reading side's codec: [`MessageCodec`]'s decoding, or, when `raw`, the events of
+/// `event` envelopes split off the read buffer as they are (checked, not decoded).
+struct InCodec {
+    typed: MessageCodec<ShimToControl, ControlToShim>,
+    frames: FrameCodec,
+    raw: bool,
+}
+
+impl InCodec {
+    fn new(max_frame: usize, raw: bool) -> Self {
+        Self {
+            typed: MessageCodec::with_max_frame(max_frame),
+            frames: FrameCodec::with_max_frame(max_frame),
+            raw,
+        }
+    }
+}
+
+impl Decoder for InCodec {
+    type Item = Incoming;
+    type Error = DecodeError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Incoming>, DecodeError> {
+        if !self.raw {
+            return Ok(self.typed.decode(src)?.map(Incoming::Msg));
+        }
+        let Some(body) = self.frames.decode(src)? else {
+            return Ok(None);
+        };
+        decode_raw(body).map(Some)
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Incoming>, DecodeError> {
+        if !self.raw {
+            return Ok(self.typed.decode_eof(src)?.map(Incoming::Msg));
+        }
+        match self.frames.decode_eof(src)? {
+            Some(body) => decode_raw(body).map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+/// An `event` envelope's event as it is (a slice of the frame, no copy); any other message,
+/// or an envelope that does not check, decoded (which gives the error).
+fn decode_raw(body: BytesMut) -> Result<Incoming, DecodeError> {
+    let Ok(split) = raw::split_envelope(&body) else {
+        return ShimToControl::decode(&body).map(Incoming::Msg);
+    };
+    let seq = split.seq;
+    let start = (split.event.as_ptr() as usize).saturating_sub(body.as_ptr() as usize);
+    let end = start.saturating_add(split.event.len());
+    let event = body.freeze().slice(start..end);
+    Ok(Incoming::Event(RawEvent::new(seq, event)?))
+}
+
+/// A framed connection: typed messages in (or events left encoded), typed messages out.
 pub(crate) struct Link {
-    rd: FramedRead<ReadHalf<BoxIo>, MessageCodec<ShimToControl, ControlToShim>>,
+    rd: FramedRead<ReadHalf<BoxIo>, InCodec>,
     wr: WriteHalf<BoxIo>,
     out: BytesMut,
     max_frame: usize,
@@ -59,7 +125,7 @@ impl Link {
     pub(crate) fn new(io: BoxIo, max_frame: usize) -> Self {
         let (rd, wr) = tokio::io::split(io);
         Self {
-            rd: FramedRead::with_capacity(rd, MessageCodec::with_max_frame(max_frame), READ_BUF),
+            rd: FramedRead::with_capacity(rd, InCodec::new(max_frame, false), READ_BUF),
             wr,
             out: BytesMut::with_capacity(256),
             max_frame,
@@ -68,8 +134,14 @@ impl Link {
 
     /// Changes the largest frame read and written from now on (between frames only).
     fn set_max_frame(&mut self, max_frame: usize) {
-        *self.rd.decoder_mut() = MessageCodec::with_max_frame(max_frame);
+        let raw = self.rd.decoder().raw;
+        *self.rd.decoder_mut() = InCodec::new(max_frame, raw);
         self.max_frame = max_frame;
+    }
+
+    /// Reads events raw ([`Incoming::Event`]) from now on, or decoded (between frames only).
+    pub(crate) fn set_raw_events(&mut self, raw: bool) {
+        self.rd.decoder_mut().raw = raw;
     }
 
     /// Writes one message.
@@ -82,6 +154,23 @@ impl Link {
 
     /// Reads one message; `None` at a clean end of stream. Cancel-safe.
     pub(crate) async fn recv(&mut self) -> Result<Option<ShimToControl>, Error> {
+        loop {
+            match self.recv_any().await? {
+                Some(Incoming::Msg(msg)) => return Ok(Some(msg)),
+                // Not in the handshake, the only place this is used: events are decoded.
+                Some(Incoming::Event(event)) => {
+                    tracing::debug!(
+                        seq = event.seq(),
+                        "event before the handshake ended ignored"
+                    );
+                }
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// Reads one message or raw event; `None` at a clean end of stream. Cancel-safe.
+    pub(crate) async fn recv_any(&mut self) -> Result<Option<Incoming>, Error> {
         match poll_fn(|cx| Pin::new(&mut self.rd).poll_next(cx)).await {
             Some(Ok(msg)) => Ok(Some(msg)),
             Some(Err(e)) => Err(Error::Decode(e)),
@@ -89,8 +178,8 @@ impl Link {
         }
     }
 
-    /// [`Link::recv`] without waiting: `None` when no message is ready yet.
-    pub(crate) fn try_recv(&mut self) -> Option<Result<Option<ShimToControl>, Error>> {
+    /// [`Link::recv_any`] without waiting: `None` when nothing is ready yet.
+    pub(crate) fn try_recv(&mut self) -> Option<Result<Option<Incoming>, Error>> {
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         match Pin::new(&mut self.rd).poll_next(&mut cx) {
             std::task::Poll::Ready(Some(Ok(msg))) => Some(Ok(Some(msg))),

@@ -38,8 +38,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep_until, Instant};
 use tracing::{debug, info, warn};
 
+use crate::events::{Item, RawEvent};
 use crate::fleet::FleetItem;
-use crate::link::{handshake, Connected, Link};
+use crate::link::{handshake, Connected, Incoming, Link};
 use crate::options::{AckMode, ConnectOptions};
 pub(crate) use crate::shared::Shared;
 use crate::shared::ACK_INTERVAL;
@@ -65,8 +66,9 @@ pub(crate) enum Cmd {
         msg: ControlToShim,
         done: oneshot::Sender<Result<(), Error>>,
     },
-    /// The event stream was taken: send `resume_from` from now on.
-    StartEvents,
+    /// The event stream was taken: send `resume_from` from now on; `raw`: a
+    /// [`RawEventStream`](crate::RawEventStream), whose events are not decoded.
+    StartEvents { raw: bool },
     /// Flush acks, close the connection, end.
     Close(oneshot::Sender<()>),
     /// Redial at once if waiting for a reconnect backoff (the agent was just woken).
@@ -85,8 +87,9 @@ pub(crate) enum Source {
 /// Where events go.
 #[derive(Debug)]
 pub(crate) enum Sink {
-    /// The client's own [`EventStream`](crate::EventStream).
-    Own(mpsc::Sender<(Seq, Event)>),
+    /// The client's own [`EventStream`](crate::EventStream) or
+    /// [`RawEventStream`](crate::RawEventStream).
+    Own(mpsc::Sender<Item>),
     /// A fleet's aggregated stream.
     Fleet {
         agent: AgentId,
@@ -99,23 +102,42 @@ enum Offer {
     /// Handed out (or dropped: nobody takes events any more).
     Taken,
     /// The channel is full: the event is given back.
-    Full(Seq, Event),
+    Full(Item),
+}
+
+/// A raw event for a fleet's stream, which hands out decoded events. (A fleet's clients
+/// never read events raw.)
+fn decoded(raw: &RawEvent) -> Event {
+    raw.decode().unwrap_or_else(|e| {
+        warn!(seq = raw.seq(), error = %e, "an event that does not decode");
+        Event::Unknown(driver_protocol::message::Unknown {
+            type_name: raw.type_name().to_owned(),
+            id: None,
+        })
+    })
 }
 
 impl Sink {
-    /// Hands `(seq, event)` out if the channel has room now.
-    fn try_send(&self, shared: &Arc<Shared>, seq: Seq, event: Event) -> Offer {
+    /// Hands `item` out if the channel has room now.
+    fn try_send(&self, shared: &Arc<Shared>, item: Item) -> Offer {
         use mpsc::error::TrySendError;
         match self {
-            Sink::Own(tx) => match tx.try_send((seq, event)) {
+            Sink::Own(tx) => match tx.try_send(item) {
                 Ok(()) => Offer::Taken,
-                Err(TrySendError::Full((seq, event))) => Offer::Full(seq, event),
-                Err(TrySendError::Closed(_)) => {
-                    debug!(seq, "nobody takes events; event dropped (not acked)");
+                Err(TrySendError::Full(item)) => Offer::Full(item),
+                Err(TrySendError::Closed(item)) => {
+                    debug!(
+                        seq = item.seq(),
+                        "nobody takes events; event dropped (not acked)"
+                    );
                     Offer::Taken
                 }
             },
             Sink::Fleet { agent, tx } => {
+                let (seq, event) = match item {
+                    Item::Typed(seq, event) => (seq, event),
+                    Item::Raw(raw) => (raw.seq(), decoded(&raw)),
+                };
                 let item = FleetItem {
                     agent: agent.clone(),
                     seq,
@@ -124,7 +146,7 @@ impl Sink {
                 };
                 match tx.try_send(item) {
                     Ok(()) => Offer::Taken,
-                    Err(TrySendError::Full(item)) => Offer::Full(item.seq, item.event),
+                    Err(TrySendError::Full(item)) => Offer::Full(Item::Typed(item.seq, item.event)),
                     Err(TrySendError::Closed(_)) => {
                         debug!(seq, "nobody takes events; event dropped (not acked)");
                         Offer::Taken
@@ -136,7 +158,7 @@ impl Sink {
 }
 
 enum Permit {
-    Own(mpsc::OwnedPermit<(Seq, Event)>),
+    Own(mpsc::OwnedPermit<Item>),
     Fleet(mpsc::OwnedPermit<FleetItem>, AgentId),
 }
 
@@ -184,6 +206,8 @@ pub(crate) struct Session {
     pub(crate) shared: Arc<Shared>,
     pub(crate) sink: Sink,
     pub(crate) events_started: bool,
+    /// The stream taken reads events raw: they are not decoded.
+    raw_events: bool,
     /// The last seq handed to the sink.
     pub(crate) delivered: Seq,
     /// The last seq acknowledged to the shim (by `ack` or `resume_from`).
@@ -193,7 +217,7 @@ pub(crate) struct Session {
     /// The cursor of this connection's `resume_from`.
     resumed_at: Seq,
     pending: BTreeMap<RequestId, Pending>,
-    queued: Option<(Seq, Event)>,
+    queued: Option<Item>,
     /// Failed connection attempts since the last good connection.
     attempt: u32,
     /// Redials refused (unauthorized, another agent) since the last good connection.
@@ -217,6 +241,7 @@ impl Session {
             shared,
             sink,
             events_started,
+            raw_events: false,
             delivered,
             ack_sent: 0,
             expect_agent,
@@ -294,8 +319,9 @@ impl Session {
                 let _ = done.send(Err(Error::NotConnected));
                 true
             }
-            Some(Cmd::StartEvents) => {
+            Some(Cmd::StartEvents { raw }) => {
                 self.events_started = true;
+                self.raw_events = raw;
                 true
             }
             Some(Cmd::RedialNow) => true,
@@ -421,6 +447,7 @@ impl Session {
         link: &mut Link,
         mut handoff: Option<&mut mpsc::Receiver<Connected>>,
     ) -> Result<End, Error> {
+        link.set_raw_events(self.raw_events);
         if self.events_started {
             self.start_events(link).await?;
         }
@@ -475,9 +502,11 @@ impl Session {
                         }
                     },
                     Some(Cmd::RedialNow) => {}
-                    Some(Cmd::StartEvents) => {
+                    Some(Cmd::StartEvents { raw }) => {
                         if !self.events_started {
                             self.events_started = true;
+                            self.raw_events = raw;
+                            link.set_raw_events(raw);
                             self.start_events(link).await?;
                             self.resumed_at = self.ack_sent;
                         }
@@ -521,12 +550,17 @@ impl Session {
                     self.flush_ack(link).await?;
                 }
                 permit = self.sink.reserve(), if self.queued.is_some() => {
-                    let Some((seq, event)) = self.queued.take() else { continue };
+                    let Some(item) = self.queued.take() else { continue };
+                    let seq = item.seq();
                     match permit {
                         Ok(Permit::Own(p)) => {
-                            p.send((seq, event));
+                            p.send(item);
                         }
                         Ok(Permit::Fleet(p, agent)) => {
+                            let event = match item {
+                                Item::Typed(_, event) => event,
+                                Item::Raw(raw) => decoded(&raw),
+                            };
                             p.send(FleetItem {
                                 agent,
                                 seq,
@@ -539,11 +573,11 @@ impl Session {
                     self.delivered = seq;
                     last_rx = Instant::now();
                 }
-                msg = link.recv(), if self.queued.is_none() => match msg? {
+                msg = link.recv_any(), if self.queued.is_none() => match msg? {
                     Some(msg) => {
                         last_rx = Instant::now();
                         probing = false;
-                        self.on_message(msg)?;
+                        self.on_incoming(msg)?;
                         // The frames already read follow without a turn of the loop each
                         // (a burst of events is the common case), while the sink has room.
                         let mut more = BURST;
@@ -554,7 +588,7 @@ impl Session {
                             }
                             more -= 1;
                             match link.try_recv() {
-                                Some(Ok(Some(msg))) => self.on_message(msg)?,
+                                Some(Ok(Some(msg))) => self.on_incoming(msg)?,
                                 Some(Ok(None)) => {
                                     info!("the shim closed the control connection");
                                     return Ok(End::Dropped);
@@ -576,57 +610,88 @@ impl Session {
     /// Hands the queued event to the sink if it has room now; else it stays queued (and
     /// the loop waits for room, without reading the socket).
     fn offer_queued(&mut self) {
-        let Some((seq, event)) = self.queued.take() else {
+        let Some(item) = self.queued.take() else {
             return;
         };
-        match self.sink.try_send(&self.shared, seq, event) {
+        let seq = item.seq();
+        match self.sink.try_send(&self.shared, item) {
             Offer::Taken => self.delivered = seq,
-            Offer::Full(seq, event) => self.queued = Some((seq, event)),
+            Offer::Full(item) => self.queued = Some(item),
+        }
+    }
+
+    /// An event: queued for the sink unless it is a replay already delivered.
+    fn on_event(&mut self, item: Item) {
+        let seq = item.seq();
+        if !self.events_started {
+            debug!(seq, "event before resume_from ignored");
+        } else if seq <= self.resumed_at {
+            // The shim forgot everything up to the resume cursor, so this seq is from
+            // a new shim (its seqs start again at 1): follow it.
+            warn!(
+                seq,
+                cursor = self.resumed_at,
+                "the shim's seqs restarted (a new shim behind the address?)"
+            );
+            let restart = seq.saturating_sub(1);
+            self.delivered = restart;
+            self.resumed_at = restart;
+            self.ack_sent = restart;
+            self.shared.restart_at(restart);
+            self.queued = Some(item);
+        } else if seq <= self.delivered {
+            debug!(seq, "replayed event already delivered; skipped");
+        } else {
+            if seq != self.delivered + 1 {
+                warn!(
+                    seq,
+                    after = self.delivered,
+                    "gap in event seqs: the shim no longer has the events between"
+                );
+            }
+            self.queued = Some(item);
+        }
+    }
+
+    fn on_incoming(&mut self, incoming: Incoming) -> Result<(), Error> {
+        match incoming {
+            Incoming::Msg(msg) => self.on_message(msg),
+            Incoming::Event(raw) => {
+                // The two kinds the wake state follows are decoded here (they are rare).
+                match raw.type_name() {
+                    "state_changed" | "paused" => {
+                        if let Ok(event) = raw.decode() {
+                            self.saw_event(&event);
+                        }
+                    }
+                    _ => {}
+                }
+                self.on_event(Item::Raw(raw));
+                Ok(())
+            }
+        }
+    }
+
+    /// Follows the driver's state for the wake hook.
+    fn saw_event(&self, event: &Event) {
+        match event {
+            Event::StateChanged(c) => self.shared.wake.saw_state(c.to),
+            Event::Paused(_) => self.shared.wake.saw_state(DriverState::Paused),
+            _ => {}
         }
     }
 
     fn on_message(&mut self, msg: ShimToControl) -> Result<(), Error> {
-        let re = match &msg {
+        let msg = match msg {
             ShimToControl::Event(env) => {
-                match &env.event {
-                    Event::StateChanged(c) => self.shared.wake.saw_state(c.to),
-                    Event::Paused(_) => self.shared.wake.saw_state(DriverState::Paused),
-                    _ => {}
-                }
-                if !self.events_started {
-                    debug!(seq = env.seq, "event before resume_from ignored");
-                } else if env.seq <= self.resumed_at {
-                    // The shim forgot everything up to the resume cursor, so this seq is from
-                    // a new shim (its seqs start again at 1): follow it.
-                    warn!(
-                        seq = env.seq,
-                        cursor = self.resumed_at,
-                        "the shim's seqs restarted (a new shim behind the address?)"
-                    );
-                    let restart = env.seq - 1;
-                    self.delivered = restart;
-                    self.resumed_at = restart;
-                    self.ack_sent = restart;
-                    self.shared.restart_at(restart);
-                    if let ShimToControl::Event(env) = msg {
-                        self.queued = Some((env.seq, env.event));
-                    }
-                } else if env.seq <= self.delivered {
-                    debug!(seq = env.seq, "replayed event already delivered; skipped");
-                } else {
-                    if env.seq != self.delivered + 1 {
-                        warn!(
-                            seq = env.seq,
-                            after = self.delivered,
-                            "gap in event seqs: the shim no longer has the events between"
-                        );
-                    }
-                    if let ShimToControl::Event(env) = msg {
-                        self.queued = Some((env.seq, env.event));
-                    }
-                }
+                self.saw_event(&env.event);
+                self.on_event(Item::Typed(env.seq, env.event));
                 return Ok(());
             }
+            other => other,
+        };
+        let re = match &msg {
+            ShimToControl::Event(_) => return Ok(()),
             ShimToControl::Ok(r) => Some(r.re),
             ShimToControl::Error(e) => e.re,
             ShimToControl::StatusReply(r) => Some(r.re),
@@ -675,7 +740,7 @@ impl Session {
                     let _ = done.send(Err(self.shared.closed_error()));
                 }
                 Cmd::Close(done) => self.close_done.push(done),
-                Cmd::StartEvents | Cmd::RedialNow => {}
+                Cmd::StartEvents { .. } | Cmd::RedialNow => {}
             }
         }
         for done in self.close_done.drain(..) {

@@ -33,6 +33,7 @@ use std::fmt;
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 
 use crate::message::{nil_as_default, FileChangeKind, LogStream};
+use crate::raw::{plain_fields, Field};
 
 /// The `type` of `body` when it is a driver event the shim relays as it is and it decodes
 /// as its typed message would; `None` for any other message, and for a body that must be
@@ -42,18 +43,74 @@ use crate::message::{nil_as_default, FileChangeKind, LogStream};
 /// error's text).
 pub fn relayable_event(body: &[u8]) -> Option<&str> {
     let head = crate::raw::read_head(body).ok()?;
+    // The plain shapes first (a scan of the fields, no serde), then the shadow structs.
     let ok = match head.type_name {
-        "message_chunk" => fits::<MessageChunkRef<'_>>(body),
-        "tool_call" => fits::<ToolCallRef<'_>>(body),
-        "tool_result" => fits::<ToolResultRef<'_>>(body),
-        "file_change" => fits::<FileChangeRef<'_>>(body),
-        "progress" => fits::<ProgressRef<'_>>(body),
-        "log" => fits::<LogRef<'_>>(body),
-        "custom" => fits::<CustomRef<'_>>(body),
+        "message_chunk" => plain_fields(body, MESSAGE_CHUNK) || fits::<MessageChunkRef<'_>>(body),
+        "tool_call" => plain_fields(body, TOOL_CALL) || fits::<ToolCallRef<'_>>(body),
+        "tool_result" => plain_fields(body, TOOL_RESULT) || fits::<ToolResultRef<'_>>(body),
+        "file_change" => plain_fields(body, FILE_CHANGE) || fits::<FileChangeRef<'_>>(body),
+        "progress" => plain_fields(body, PROGRESS) || fits::<ProgressRef<'_>>(body),
+        "log" => plain_fields(body, LOG) || fits::<LogRef<'_>>(body),
+        "custom" => plain_fields(body, CUSTOM) || fits::<CustomRef<'_>>(body),
         _ => false,
     };
     ok.then_some(head.type_name)
 }
+
+// The fields of each relayable event in the plain shapes of `raw::plain_fields`: the same
+// fields as the shadow structs below, each shape one their decoder (and the typed one) takes;
+// `true` for a required field.
+
+const MESSAGE_CHUNK: &[(&str, Field, bool)] = &[
+    ("task_id", Field::OptStr, false),
+    ("text", Field::Str, true),
+    ("role", Field::OptStr, false),
+    ("final", Field::Flag, false),
+];
+const TOOL_CALL: &[(&str, Field, bool)] = &[
+    ("task_id", Field::OptStr, false),
+    ("call_id", Field::Str, true),
+    ("name", Field::Str, true),
+    ("input", Field::Any, true),
+];
+const TOOL_RESULT: &[(&str, Field, bool)] = &[
+    ("task_id", Field::OptStr, false),
+    ("call_id", Field::Str, true),
+    ("output", Field::Any, true),
+    ("is_error", Field::Flag, false),
+];
+const FILE_CHANGE: &[(&str, Field, bool)] = &[
+    ("task_id", Field::OptStr, false),
+    ("path", Field::Str, true),
+    (
+        "change",
+        Field::OneOf(&["created", "modified", "deleted", "renamed"]),
+        true,
+    ),
+    ("from", Field::OptStr, false),
+];
+const PROGRESS: &[(&str, Field, bool)] = &[
+    ("task_id", Field::OptStr, false),
+    ("message", Field::OptStr, false),
+    ("done", Field::OptUint, false),
+    ("total", Field::OptUint, false),
+];
+const LOG: &[(&str, Field, bool)] = &[
+    ("task_id", Field::OptStr, false),
+    (
+        "stream",
+        Field::OneOf(&["driver", "stdout", "stderr"]),
+        true,
+    ),
+    ("level", Field::OptStr, false),
+    ("text", Field::Str, true),
+    ("truncated", Field::Flag, false),
+];
+const CUSTOM: &[(&str, Field, bool)] = &[
+    ("task_id", Field::OptStr, false),
+    ("kind", Field::Str, true),
+    ("data", Field::Any, true),
+];
 
 fn fits<'a, T: Deserialize<'a>>(body: &'a [u8]) -> bool {
     crate::de::from_slice::<T>(body).is_ok()
@@ -261,8 +318,26 @@ mod tests {
         out
     }
 
-    /// The property: whatever the check accepts decodes, as the same type.
+    /// The property: whatever the check accepts decodes, as the same type; and so does what
+    /// the plain scan alone accepts.
     fn agrees(b: &[u8]) {
+        if let Ok(head) = crate::raw::read_head(b) {
+            let fields = match head.type_name {
+                "message_chunk" => MESSAGE_CHUNK,
+                "tool_call" => TOOL_CALL,
+                "tool_result" => TOOL_RESULT,
+                "file_change" => FILE_CHANGE,
+                "progress" => PROGRESS,
+                "log" => LOG,
+                _ => CUSTOM,
+            };
+            if plain_fields(b, fields) {
+                let msg = DriverToShim::decode(b).unwrap_or_else(|e| {
+                    panic!("the plain scan accepted what decode rejects ({e}): {b:?}")
+                });
+                assert_eq!(msg.type_name(), head.type_name);
+            }
+        }
         if let Some(ty) = relayable_event(b) {
             let msg = DriverToShim::decode(b)
                 .unwrap_or_else(|e| panic!("check accepted what decode rejects ({e}): {b:?}"));
@@ -407,6 +482,67 @@ mod tests {
             accepted > 50,
             "the corpus exercises acceptance ({accepted})"
         );
+    }
+
+    #[test]
+    fn plain_shapes_are_checked_without_serde() {
+        let custom = DriverToShim::Custom(Custom {
+            task_id: None,
+            kind: "bench".into(),
+            data: Value::Binary(vec![0x5a; 150]),
+        });
+        assert!(plain_fields(&custom.to_body().expect("encode"), CUSTOM));
+        let nested = Value::Map(vec![
+            (
+                Value::from("argv"),
+                Value::Array(vec!["ls".into(), "-l".into()]),
+            ),
+            (
+                Value::from(1u64),
+                Value::Map(vec![(Value::F64(0.5), Value::Nil)]),
+            ),
+        ]);
+        let call = DriverToShim::ToolCall(ToolCall {
+            task_id: Some("t".into()),
+            call_id: "c".into(),
+            name: "run".into(),
+            input: nested.clone(),
+        });
+        let b = call.to_body().expect("encode");
+        assert!(plain_fields(&b, TOOL_CALL));
+        agrees(&b);
+        // Not plain (an ext; a signed encoding of a count; a field twice): the shadow
+        // structs decide, or the typed decoder.
+        let ext = body(&[
+            ("type", Value::from("tool_result")),
+            ("call_id", Value::from("c")),
+            ("output", Value::Array(vec![Value::Ext(1, vec![1])])),
+        ]);
+        assert!(!plain_fields(&ext, TOOL_RESULT));
+        assert_eq!(relayable_event(&ext), Some("tool_result"));
+        let signed = b"\x82\xa4type\xa8progress\xa4done\xd0\x05";
+        assert!(!plain_fields(signed, PROGRESS));
+        agrees(signed);
+        let twice = body(&[
+            ("type", Value::from("custom")),
+            ("kind", Value::from("a")),
+            ("kind", Value::from("b")),
+            ("data", Value::Nil),
+        ]);
+        assert!(!plain_fields(&twice, CUSTOM));
+        agrees(&twice);
+        // Deeper than the limit: not plain, and not relayable.
+        let mut deep = nested;
+        for _ in 0..crate::MAX_DEPTH {
+            deep = Value::Array(vec![deep]);
+        }
+        let b = body(&[
+            ("type", Value::from("custom")),
+            ("kind", Value::from("k")),
+            ("data", deep),
+        ]);
+        assert!(!plain_fields(&b, CUSTOM));
+        agrees(&b);
     }
 
     #[test]

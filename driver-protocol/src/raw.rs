@@ -333,6 +333,72 @@ impl Fail {
 }
 
 /// A read position in a body. Every read checks the remaining length; nothing allocates.
+/// What a field of a relayable event holds in the plain shapes [`plain_fields`] accepts:
+/// each one a shape its typed decoder takes (see [`crate::check`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Field {
+    /// A UTF-8 string.
+    Str,
+    /// Nil or a UTF-8 string.
+    OptStr,
+    /// Nil or a boolean.
+    Flag,
+    /// Nil or an unsigned integer in an unsigned encoding.
+    OptUint,
+    /// One of these strings (a unit enum variant).
+    OneOf(&'static [&'static str]),
+    /// Any value made of nil, booleans, integers, floats, binaries, UTF-8 strings, arrays
+    /// and maps (no ext).
+    Any,
+}
+
+/// Whether `body`, which [`read_head`] accepted, holds every `required` field of `fields`
+/// (at most 32) once, each in its plain shape, and any other field in the shape of
+/// [`Field::Any`]. `false` means "not sure", never "malformed": the caller then asks the
+/// decoder. Allocates nothing.
+pub(crate) fn plain_fields(body: &[u8], fields: &[(&str, Field, bool)]) -> bool {
+    let mut cur = Cursor { buf: body, pos: 0 };
+    let mut seen = 0u32;
+    let plain = (|| -> Result<bool, Fail> {
+        for _ in 0..cur.map_len()? {
+            // Keys, and the `type`, are strings `read_head` checked already.
+            let key = cur.str_bytes()?.ok_or(Fail::KeyNotStr)?;
+            if key == b"type" {
+                cur.skip_value(2)?;
+                continue;
+            }
+            let plain = match fields.iter().position(|(name, ..)| name.as_bytes() == key) {
+                Some(i) => {
+                    let bit = 1u32.checked_shl(i as u32).unwrap_or(0);
+                    if bit == 0 || seen & bit != 0 {
+                        return Ok(false);
+                    }
+                    seen |= bit;
+                    match fields.get(i) {
+                        Some(&(_, kind, _)) => cur.plain(kind)?,
+                        None => false,
+                    }
+                }
+                None => cur.plain_any(2)?,
+            };
+            if !plain {
+                return Ok(false);
+            }
+        }
+        Ok(cur.pos == body.len())
+    })();
+    let required = fields
+        .iter()
+        .enumerate()
+        .all(|(i, &(_, _, req))| !req || (seen >> i) & 1 == 1);
+    matches!(plain, Ok(true)) && required
+}
+
+/// Whether `b` is UTF-8; ASCII, the usual case for keys and names, without a full decode.
+fn is_utf8(b: &[u8]) -> bool {
+    b.is_ascii() || str::from_utf8(b).is_ok()
+}
+
 struct Cursor<'a> {
     buf: &'a [u8],
     pos: usize,
@@ -503,9 +569,82 @@ impl<'a> Cursor<'a> {
         self.take(n).map(Some)
     }
 
+    /// Reads a value of shape `kind` (see [`Field`]): `Ok(false)` when it has another one.
+    fn plain(&mut self, kind: Field) -> Result<bool, Fail> {
+        let nil = self.peek_byte()? == 0xc0;
+        match kind {
+            Field::OptStr | Field::Flag | Field::OptUint if nil => {
+                self.pos += 1;
+                Ok(true)
+            }
+            Field::Str | Field::OptStr => self.utf8(),
+            // Equal bytes: the string is one of the names, and so UTF-8.
+            Field::OneOf(names) => Ok(self
+                .str_bytes()?
+                .is_some_and(|b| names.iter().any(|n| n.as_bytes() == b))),
+            Field::Flag => Ok(matches!(self.byte()?, 0xc2 | 0xc3)),
+            Field::OptUint => match self.byte()? {
+                0x00..=0x7f => Ok(true),
+                0xcc => self.skip(1).map(|()| true),
+                0xcd => self.skip(2).map(|()| true),
+                0xce => self.skip(4).map(|()| true),
+                0xcf => self.skip(8).map(|()| true),
+                _ => Ok(false),
+            },
+            Field::Any => self.plain_any(2),
+        }
+    }
+
+    /// Reads a value: whether it is a UTF-8 string.
+    fn utf8(&mut self) -> Result<bool, Fail> {
+        Ok(self.str_bytes()?.is_some_and(is_utf8))
+    }
+
+    /// Reads a value of the shape of [`Field::Any`] at nesting `level`: `Ok(false)` when it
+    /// has another one.
+    fn plain_any(&mut self, level: usize) -> Result<bool, Fail> {
+        let marker = self.peek_byte()?;
+        // Values per entry: 2 in a map, 1 in an array.
+        let (n, per) = match marker {
+            0xa0..=0xbf | 0xd9..=0xdb => return self.utf8(),
+            // ext, reserved
+            0xc1 | 0xc7..=0xc9 | 0xd4..=0xd8 => return Ok(false),
+            0x80..=0x9f => {
+                self.pos += 1;
+                (
+                    usize::from(marker & 0x0f),
+                    if marker < 0x90 { 2 } else { 1 },
+                )
+            }
+            // array 16, array 32, map 16, map 32
+            0xdc..=0xdf => {
+                self.pos += 1;
+                let n = if marker & 1 == 0 {
+                    self.u16_len()?
+                } else {
+                    self.u32_len()?
+                };
+                (n, if marker >= 0xde { 2 } else { 1 })
+            }
+            _ => return self.skip_value(level).map(|()| true),
+        };
+        if level > MAX_DEPTH {
+            return Ok(false);
+        }
+        // A hostile count ends with `Eof`: every value takes at least one byte.
+        for _ in 0..n.saturating_mul(per) {
+            if !self.plain_any(level + 1)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     fn key(&mut self) -> Result<&'a [u8], Fail> {
         let key = self.str_bytes()?.ok_or(Fail::KeyNotStr)?;
-        str::from_utf8(key).map_err(|_| Fail::KeyNotUtf8)?;
+        if !is_utf8(key) {
+            return Err(Fail::KeyNotUtf8);
+        }
         Ok(key)
     }
 

@@ -63,7 +63,8 @@ impl Ctx {
 }
 
 /// Runs every figure in the order (or only those whose group name contains one of
-/// `only`), printing each one's PASS/FAIL lines as it ends.
+/// `only`, then also printing each one's rows and notes), printing each one's PASS/FAIL
+/// lines as it ends.
 pub fn all(ctx: &Ctx, only: &[String]) -> Vec<Figure> {
     type Run = fn(&Ctx) -> Vec<Figure>;
     let runs: &[(&str, Run)] = &[
@@ -87,6 +88,15 @@ pub fn all(ctx: &Ctx, only: &[String]) -> Vec<Figure> {
         for fig in run(ctx) {
             for t in &fig.targets {
                 println!("{}", t.line(&fig.name));
+            }
+            if !only.is_empty() {
+                // No report is written: its rows and notes are printed instead.
+                for (subject, cells) in &fig.rows {
+                    println!("      {subject}: {}", cells.join(" | "));
+                }
+                for note in &fig.notes {
+                    println!("      note: {note}");
+                }
             }
             out.push(fig);
         }

@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use anyhow::{ensure, Context as _, Result};
-use control_link::protocol::message::{ControlToShim, Event, ShimToControl, SubmitTask};
+use control_link::protocol::message::{
+    ControlToShim, Event, Message as _, ShimToControl, SubmitTask,
+};
 use control_link::{AckMode, ConnectOptions, TaskSpec};
 
 use super::{assert_consecutive, chunks, input, read_until, runtime, within, words, LinkShim};
@@ -65,6 +67,61 @@ fn exactly_once_across_dropped_connections() -> Result<()> {
             "chunks out of order or missing"
         );
         // Nothing more comes: no duplicate after the end.
+        let status = client.status().await?;
+        ensure!(status.last_seq == *seqs.last().unwrap_or(&0), "{status:?}");
+        client.close().await;
+        Ok(())
+    })
+}
+
+#[test]
+fn raw_events_exactly_once_across_dropped_connections() -> Result<()> {
+    let shim = LinkShim::start(Mode::Subreaper)?;
+    let n = 150;
+    runtime()?.block_on(async {
+        let client = fast_reconnect().connect(&shim.addr).await?;
+        let mut events = client.raw_events()?;
+        ensure!(
+            client.events().is_err(),
+            "the stream is taken once, raw or not"
+        );
+        client
+            .submit_task(TaskSpec::new("long", input(&words(n), 2)))
+            .await?;
+        let mut seen = Vec::new();
+        let deadline = tokio::time::Instant::now() + PATIENCE * 2;
+        loop {
+            let raw = tokio::time::timeout_at(deadline, events.next())
+                .await
+                .context("events stopped")?
+                .context("stream ended")?;
+            let event = raw.decode()?;
+            ensure!(
+                raw.type_name() == event.type_name(),
+                "type {} read as {}",
+                event.type_name(),
+                raw.type_name()
+            );
+            ensure!(
+                event.to_body()? == raw.body(),
+                "the body is not the event's encoding"
+            );
+            let done = matches!(&event, Event::TaskDone(d) if d.task_id == "long");
+            seen.push((raw.seq(), event));
+            if done {
+                break;
+            }
+            if seen.len() % 40 == 0 {
+                client.drop_connection();
+            }
+        }
+        let seqs: Vec<u64> = seen.iter().map(|(s, _)| *s).collect();
+        assert_consecutive(&seqs, 1)?;
+        let want: Vec<String> = words(n).split(' ').map(str::to_owned).collect();
+        ensure!(
+            chunks(&seen, "long") == want,
+            "chunks out of order or missing"
+        );
         let status = client.status().await?;
         ensure!(status.last_seq == *seqs.last().unwrap_or(&0), "{status:?}");
         client.close().await;
