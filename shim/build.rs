@@ -1,10 +1,14 @@
 //! Links the static musl release shim without unwind tables (`link/no-unwind-tables.ld`).
 //!
 //! Only for the musl target (the static build, linked by GNU ld through `cc`) in a release
-//! profile, whose `panic = "abort"` means nothing ever unwinds. Debug builds and tests unwind,
-//! and the tables are what unwinding reads. (A build script cannot see the profile's panic
-//! strategy: `CARGO_CFG_PANIC` is the target's default, `unwind`.) About 160 KB of the static
-//! binary is `.eh_frame`, `.eh_frame_hdr` and `.gcc_except_table`; a panic still prints its
+//! profile, whose `panic = "abort"` means nothing ever unwinds. Debug builds unwind, and the
+//! tables are what unwinding reads. (A build script can neither see the profile's panic
+//! strategy — `CARGO_CFG_PANIC` is the target's default, `unwind` — nor tell the binary from
+//! its unit-test harness: `cargo test --release --target x86_64-unknown-linux-musl` links the
+//! harness with the script too, so a failing test there aborts the harness instead of being
+//! reported. Run the shim's unit tests in the debug profile or for the host target, as
+//! `.ci/run` does.) About 160 KB of the static binary is `.eh_frame` (with the index ld
+//! builds from it, `.eh_frame_hdr`) and `.gcc_except_table`; a panic still prints its
 //! message and aborts, only its backtrace is empty. (`src/unwinder.rs` then replaces the
 //! unwinder itself, which had nothing left to read.)
 
@@ -23,5 +27,6 @@ fn main() {
         return;
     };
     let script = Path::new(&dir).join("link").join("no-unwind-tables.ld");
-    println!("cargo:rustc-link-arg-bins=-Wl,-T,{}", script.display());
+    println!("cargo:rustc-link-arg-bins=-T");
+    println!("cargo:rustc-link-arg-bins={}", script.display());
 }

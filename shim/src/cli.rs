@@ -470,6 +470,10 @@ impl Decimal {
     /// The nearest `f64` (exactly the nearest when the mantissa has at most 15 digits and
     /// `|exp| <= 22`, which covers every sensible factor).
     fn to_f64(self) -> f64 {
+        if self.mantissa == 0 {
+            // `0e400` is zero, not 0 × ∞.
+            return 0.0;
+        }
         // The mantissa is below 10^19; the conversion rounds to the nearest.
         let m = self.mantissa as f64;
         let v = if self.exp >= 0 {
@@ -533,8 +537,17 @@ fn parse_log_level(s: &str) -> Result<String, String> {
             return Err(bad());
         }
     }
-    crate::logging::Targets::parse(s)
-        .map(|_| s.to_owned())
+    // Spaces around the parts and their `=` are not part of the names.
+    let normalized = s
+        .split(',')
+        .map(|part| match part.split_once('=') {
+            Some((target, level)) => format!("{}={}", target.trim(), level.trim()),
+            None => part.trim().to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",");
+    crate::logging::Targets::parse(&normalized)
+        .map(|_| normalized)
         .map_err(|_| bad())
 }
 
@@ -1052,6 +1065,23 @@ mod tests {
         assert_eq!(c.remap_exit, vec![(143, 0)]);
         assert_eq!(c.log_level, "agent_shim=debug");
         assert_eq!(c.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn zero_fractions_with_huge_exponents_are_zero() {
+        assert_eq!(parse_fraction("0e400"), Ok(0.0));
+        assert_eq!(parse_fraction("00e595"), Ok(0.0));
+        assert_eq!(parse_fraction("-0"), Ok(-0.0));
+        assert!(parse_fraction("1e400").is_err());
+    }
+
+    #[test]
+    fn log_levels_lose_the_spaces_around_their_parts() {
+        assert_eq!(
+            parse_log_level(" warn , agent_shim = debug ").as_deref(),
+            Ok("warn,agent_shim=debug")
+        );
+        assert!(parse_log_level("warn,a=loud").is_err());
     }
 
     #[test]

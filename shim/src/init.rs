@@ -168,8 +168,9 @@ impl<S: Sys> Init<'_, S> {
                     self.drain();
                     if !self.released && self.status.is_none() {
                         self.released = true;
-                        let bytes = self.sys.release_startup_pages();
-                        debug!(bytes, "start-up is over: its code mappings released");
+                        // Logged first: formatting a line runs code all over the binary.
+                        debug!("start-up is over: releasing its code mappings");
+                        self.sys.release_startup_pages();
                     }
                 }
                 Err(Errno::EINTR) => {}

@@ -12,7 +12,11 @@ mod signals;
 mod spawn;
 mod supervisor;
 mod sys;
-#[cfg(all(target_env = "musl", panic = "abort"))]
+#[cfg(all(
+    target_env = "musl",
+    panic = "abort",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
 mod unwinder;
 
 use std::io::Write as _;

@@ -9,7 +9,10 @@
 //! prints its message and location, an empty `stack backtrace:` and aborts. Entry points that
 //! only unwinding would call abort.
 //!
-//! Compiled only for musl with `panic = "abort"`; every other build links the real unwinder.
+//! Compiled only for musl with `panic = "abort"` on x86_64 and aarch64 (whose std uses the
+//! Itanium-style entry points below; 32-bit ARM's EHABI has others); every other build links
+//! the real unwinder. Every entry point std can refer to is defined here, with or without LTO,
+//! so no member of libunwind is ever pulled into the link (one would clash with these).
 
 use std::ffi::{c_int, c_void};
 
@@ -77,4 +80,28 @@ extern "C" fn _Unwind_SetGR(_ctx: *mut c_void, _reg: c_int, _value: usize) {
 #[no_mangle]
 extern "C" fn _Unwind_SetIP(_ctx: *mut c_void, _ip: usize) {
     std::process::abort()
+}
+
+/// Finds the function containing an address (backtrace printing only; never reached, the walk
+/// reports no frame): unknown.
+#[no_mangle]
+extern "C" fn _Unwind_FindEnclosingFunction(_pc: *mut c_void) -> *mut c_void {
+    std::ptr::null_mut()
+}
+
+/// Starts unwinding for a panic: never called with `panic = "abort"`; if it were, there is no
+/// handler to find, which is what this answers.
+#[no_mangle]
+extern "C" fn _Unwind_RaiseException(_exception: *mut c_void) -> c_int {
+    END_OF_STACK
+}
+
+/// Frees a foreign exception: there are none without unwinding.
+#[no_mangle]
+extern "C" fn _Unwind_DeleteException(_exception: *mut c_void) {}
+
+/// A frame's canonical frame address (never asked: the walk reports no frame).
+#[no_mangle]
+extern "C" fn _Unwind_GetCFA(_ctx: *mut c_void) -> usize {
+    0
 }

@@ -57,6 +57,7 @@ fn write_stderr(mut line: &[u8]) {
         Some(fd) => {
             while !line.is_empty() {
                 match nix::unistd::write(fd, line) {
+                    Err(nix::errno::Errno::EINTR) => {}
                     Ok(0) | Err(_) => return,
                     Ok(n) => line = line.get(n..).unwrap_or_default(),
                 }
@@ -247,11 +248,15 @@ impl Subscriber for Logger {
         if self.format != LogFormat::Text {
             return;
         }
+        // Formatting runs the values' `Debug` code, which must not run under the lock (it
+        // could log).
+        let mut added = String::new();
+        values.record(&mut format::TextFields::new(&mut added));
         if let Some(s) = self.lock().get_mut(&span.into_u64()) {
             if !s.fields.is_empty() {
                 s.fields.push(' ');
             }
-            values.record(&mut format::TextFields::new(&mut s.fields));
+            s.fields.push_str(&added);
         }
     }
 

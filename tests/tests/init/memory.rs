@@ -42,11 +42,18 @@ in_both_modes! {
     fn idle_plain_mode_keeps_little_of_its_executable_mapped(mode: Mode) -> Result<()> {
         let mut shim = Shim::new()
             .mode(mode)
+            .args(["--log-level", "agent_shim=debug"])
             .probe(["signals", "--exit-on", "USR2", "--code", "0"])
             .start()?;
         shim.expect_line("ready", PATIENCE)?;
         let pid = shim.pid();
-        // Start-up maps most of the binary (fault-around); the idle loop needs a small part.
+        // The release happens (it says so at debug level)…
+        let said = poll_until(Duration::from_secs(5), || {
+            shim.stderr().contains("start-up is over").then_some(())
+        });
+        ensure!(said.is_some(), "no release logged\n{}", shim.context());
+        // …and leaves little resident: start-up maps most of the static binary (fault-around),
+        // the idle loop needs a small part of it.
         let mut last = None;
         let released = poll_until(Duration::from_secs(5), || {
             let (size, rss) = executable_readonly_kb(pid)?;
