@@ -22,6 +22,25 @@ fn fast_reconnect() -> ConnectOptions {
     })
 }
 
+/// The events `seen` of the task "long" (`n` words) are every seq once from 1, its chunks in
+/// order, and nothing more comes after them (the shim's last seq is the last one seen).
+async fn all_once_in_order(
+    client: &control_link::Client,
+    seen: &[(u64, Event)],
+    n: usize,
+) -> Result<()> {
+    let seqs: Vec<u64> = seen.iter().map(|(s, _)| *s).collect();
+    assert_consecutive(&seqs, 1)?;
+    let want: Vec<String> = words(n).split(' ').map(str::to_owned).collect();
+    ensure!(
+        chunks(seen, "long") == want,
+        "chunks out of order or missing"
+    );
+    let status = client.status().await?;
+    ensure!(status.last_seq == *seqs.last().unwrap_or(&0), "{status:?}");
+    Ok(())
+}
+
 #[test]
 fn exactly_once_across_dropped_connections() -> Result<()> {
     let shim = LinkShim::start(Mode::Subreaper)?;
@@ -59,16 +78,7 @@ fn exactly_once_across_dropped_connections() -> Result<()> {
             }
         }
         ensure!(drops >= 3, "only {drops} drops");
-        let seqs: Vec<u64> = seen.iter().map(|(s, _)| *s).collect();
-        assert_consecutive(&seqs, 1)?;
-        let want: Vec<String> = words(n).split(' ').map(str::to_owned).collect();
-        ensure!(
-            chunks(&seen, "long") == want,
-            "chunks out of order or missing"
-        );
-        // Nothing more comes: no duplicate after the end.
-        let status = client.status().await?;
-        ensure!(status.last_seq == *seqs.last().unwrap_or(&0), "{status:?}");
+        all_once_in_order(&client, &seen, n).await?;
         client.close().await;
         Ok(())
     })
@@ -115,15 +125,7 @@ fn raw_events_exactly_once_across_dropped_connections() -> Result<()> {
                 client.drop_connection();
             }
         }
-        let seqs: Vec<u64> = seen.iter().map(|(s, _)| *s).collect();
-        assert_consecutive(&seqs, 1)?;
-        let want: Vec<String> = words(n).split(' ').map(str::to_owned).collect();
-        ensure!(
-            chunks(&seen, "long") == want,
-            "chunks out of order or missing"
-        );
-        let status = client.status().await?;
-        ensure!(status.last_seq == *seqs.last().unwrap_or(&0), "{status:?}");
+        all_once_in_order(&client, &seen, n).await?;
         client.close().await;
         Ok(())
     })
