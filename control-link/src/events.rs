@@ -14,14 +14,15 @@ use futures_core::Stream;
 use tokio::sync::mpsc;
 use tracing::warn;
 
+use crate::shared::AckBatch;
 use crate::Client;
 
 /// What the session hands to a client's own stream: decoded for an [`EventStream`], still
 /// encoded for a [`RawEventStream`] (the session learns which when the stream is taken).
 #[derive(Debug)]
 pub(crate) enum Item {
-    /// A decoded event.
-    Typed(Seq, Event),
+    /// A decoded event and the length of the frame it came in.
+    Typed(Seq, Event, usize),
     /// An event as it came.
     Raw(RawEvent),
 }
@@ -29,8 +30,17 @@ pub(crate) enum Item {
 impl Item {
     pub(crate) fn seq(&self) -> Seq {
         match self {
-            Item::Typed(seq, _) => *seq,
+            Item::Typed(seq, ..) => *seq,
             Item::Raw(raw) => raw.seq,
+        }
+    }
+
+    /// About the bytes the event took on the wire (what acknowledging it frees in the
+    /// shim's buffer).
+    pub(crate) fn wire_len(&self) -> usize {
+        match self {
+            Item::Typed(_, _, len) => *len,
+            Item::Raw(raw) => raw.body.len(),
         }
     }
 
@@ -38,7 +48,7 @@ impl Item {
     /// event that does not decode reads as an `Unknown` event of its type.)
     fn into_typed(self) -> (Seq, Event) {
         match self {
-            Item::Typed(seq, event) => (seq, event),
+            Item::Typed(seq, event, _) => (seq, event),
             Item::Raw(raw) => {
                 let event = raw.decode().unwrap_or_else(|e| {
                     warn!(seq = raw.seq, error = %e, "an event that does not decode");
@@ -57,7 +67,7 @@ impl Item {
     fn into_raw(self) -> Option<RawEvent> {
         match self {
             Item::Raw(raw) => Some(raw),
-            Item::Typed(seq, event) => match event.to_body() {
+            Item::Typed(seq, event, _) => match event.to_body() {
                 Ok(body) => RawEvent::new(seq, Bytes::from(body)).ok(),
                 Err(e) => {
                     warn!(seq, error = %e, "an event that cannot be encoded again");
@@ -110,6 +120,11 @@ impl RawEvent {
         let start = (type_name.as_ptr() as usize).saturating_sub(body.as_ptr() as usize);
         let type_at = start..start.saturating_add(type_name.len());
         Ok(Self { seq, body, type_at })
+    }
+
+    /// An event whose body `raw::read_head` accepted, its `type` at `type_at` in `body`.
+    pub(crate) fn checked(seq: Seq, body: Bytes, type_at: Range<usize>) -> Self {
+        Self { seq, body, type_at }
     }
 
     /// The event's sequence number.
@@ -167,7 +182,7 @@ impl RawEvent {
 pub struct EventStream {
     rx: mpsc::Receiver<Item>,
     client: Client,
-    since_flush: u32,
+    since_flush: AckBatch,
 }
 
 impl EventStream {
@@ -175,7 +190,7 @@ impl EventStream {
         Self {
             rx,
             client,
-            since_flush: 0,
+            since_flush: AckBatch::default(),
         }
     }
 
@@ -206,7 +221,7 @@ impl EventStream {
         if let Some(item) = &item {
             self.client
                 .shared()
-                .taken(item.seq(), &mut self.since_flush);
+                .taken(item.seq(), item.wire_len(), &mut self.since_flush);
         }
         Poll::Ready(item.map(Item::into_typed))
     }
@@ -252,7 +267,7 @@ impl Drop for EventStream {
 pub struct RawEventStream {
     rx: mpsc::Receiver<Item>,
     client: Client,
-    since_flush: u32,
+    since_flush: AckBatch,
 }
 
 impl RawEventStream {
@@ -260,7 +275,7 @@ impl RawEventStream {
         Self {
             rx,
             client,
-            since_flush: 0,
+            since_flush: AckBatch::default(),
         }
     }
 
@@ -293,7 +308,7 @@ impl RawEventStream {
             };
             self.client
                 .shared()
-                .taken(item.seq(), &mut self.since_flush);
+                .taken(item.seq(), item.wire_len(), &mut self.since_flush);
             if let Some(raw) = item.into_raw() {
                 return Poll::Ready(Some(raw));
             }

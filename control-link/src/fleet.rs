@@ -412,7 +412,7 @@ impl FleetEvents {
             let Some(it) = std::task::ready!(self.rx.poll_recv(cx)) else {
                 return Poll::Ready(None);
             };
-            let mut batch = 0;
+            let mut batch = crate::shared::AckBatch::default();
             if it.shared.hand_out(it.seq, &mut batch) {
                 return Poll::Ready(Some((it.agent, it.seq, it.event)));
             }

@@ -15,11 +15,13 @@
 //! handshake to a timeout: a peer that never authenticates holds at most one small frame for
 //! a bounded time. The configured `max_frame` applies from the first message after it.
 
+use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::pin::Pin;
 
 use bytes::BytesMut;
 use driver_protocol::codec::{FrameCodec, MessageCodec};
+use driver_protocol::frame::HEADER_LEN;
 use driver_protocol::handshake::{self, auth_proof, hello_nonce, verify_proof, NONCE_LEN};
 use driver_protocol::message::{Auth, ControlToShim, Hello, Role, ShimToControl};
 use driver_protocol::{frame, raw, DecodeError, ErrorCode, Message as _};
@@ -35,6 +37,13 @@ use crate::{random, ConnectOptions, Error, Token};
 /// (tokio-util's default is 8 KiB).
 const READ_BUF: usize = 64 * 1024;
 
+/// Below this much room left in the read buffer, the next read goes to a buffer with room
+/// (see [`InCodec::make_room`]).
+const MIN_READ: usize = 8 * 1024;
+
+/// Read buffers kept for reuse while raw events still hold slices of them.
+const SPARE_BUFS: usize = 8;
+
 /// The software name in our `hello`.
 const SOFTWARE: &str = "control-link";
 
@@ -45,8 +54,10 @@ pub(crate) const HANDSHAKE_MAX_FRAME: usize = 64 * 1024;
 /// What a link reads: a message, or an event left encoded (once events are read raw).
 #[derive(Debug)]
 pub(crate) enum Incoming {
-    /// A decoded message (every message while events are decoded).
-    Msg(ShimToControl),
+    /// A decoded message (every message while events are decoded) and the length of its
+    /// frame. Boxed: a raw event, the bulk of a raw stream, is a quarter of a message's size,
+    /// and every item is moved through several layers of `Poll`s and `Option`s.
+    Msg(Box<ShimToControl>, usize),
     /// The event of an `event` envelope, not decoded.
     Event(RawEvent),
 }
@@ -57,6 +68,8 @@ struct InCodec {
     typed: MessageCodec<ShimToControl, ControlToShim>,
     frames: FrameCodec,
     raw: bool,
+    /// Read buffers given up while raw events held slices of them, oldest first.
+    spare: VecDeque<BytesMut>,
 }
 
 impl InCodec {
@@ -65,6 +78,35 @@ impl InCodec {
             typed: MessageCodec::with_max_frame(max_frame),
             frames: FrameCodec::with_max_frame(max_frame),
             raw,
+            spare: VecDeque::new(),
+        }
+    }
+
+    /// Gives the next read a buffer with room for the rest of the frame it holds the start
+    /// of (`frame`: its whole length, when its header is in) and at least [`MIN_READ`],
+    /// without a fresh allocation where it can.
+    ///
+    /// Raw events are slices of the read buffer, so while the consumer holds some, the
+    /// buffer is shared: left to itself, a full buffer would be replaced by a freshly
+    /// allocated one (whose pages the allocator often has to fault in again) every 64 KiB.
+    /// Instead the full buffer waits here until its events are gone, and the oldest spare
+    /// one whose events are gone is taken back.
+    fn make_room(&mut self, src: &mut BytesMut, frame: Option<usize>) {
+        let need = frame.unwrap_or(0).saturating_sub(src.len()).max(MIN_READ);
+        if src.capacity() - src.len() >= need || src.try_reclaim(need) {
+            return;
+        }
+        let total = src.len().saturating_add(need);
+        let reusable = self.spare.front_mut().is_some_and(|b| b.try_reclaim(total));
+        let mut next = match reusable.then(|| self.spare.pop_front()).flatten() {
+            Some(b) => b,
+            None => BytesMut::with_capacity(READ_BUF.max(total)),
+        };
+        next.extend_from_slice(src);
+        let mut used = std::mem::replace(src, next);
+        used.clear();
+        if self.spare.len() < SPARE_BUFS {
+            self.spare.push_back(used);
         }
     }
 }
@@ -75,7 +117,18 @@ impl Decoder for InCodec {
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Incoming>, DecodeError> {
         if !self.raw {
-            return Ok(self.typed.decode(src)?.map(Incoming::Msg));
+            let before = src.len();
+            let msg = self.typed.decode(src)?;
+            let len = before.saturating_sub(src.len());
+            return Ok(msg.map(|msg| Incoming::Msg(Box::new(msg), len)));
+        }
+        // Room for an incomplete frame is made here, before the frame codec would reserve
+        // it in a fresh allocation (an error is left to the codec).
+        match frame::parse_header(src, usize::MAX) {
+            Ok(Some(len)) if src.len() >= HEADER_LEN.saturating_add(len) => {}
+            Ok(Some(len)) => self.make_room(src, Some(HEADER_LEN.saturating_add(len))),
+            Ok(None) => self.make_room(src, None),
+            Err(_) => {}
         }
         let Some(body) = self.frames.decode(src)? else {
             return Ok(None);
@@ -85,7 +138,10 @@ impl Decoder for InCodec {
 
     fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Incoming>, DecodeError> {
         if !self.raw {
-            return Ok(self.typed.decode_eof(src)?.map(Incoming::Msg));
+            let before = src.len();
+            let msg = self.typed.decode_eof(src)?;
+            let len = before.saturating_sub(src.len());
+            return Ok(msg.map(|msg| Incoming::Msg(Box::new(msg), len)));
         }
         match self.frames.decode_eof(src)? {
             Some(body) => decode_raw(body).map(Some),
@@ -97,14 +153,20 @@ impl Decoder for InCodec {
 /// An `event` envelope's event as it is (a slice of the frame, no copy); any other message,
 /// or an envelope that does not check, decoded (which gives the error).
 fn decode_raw(body: BytesMut) -> Result<Incoming, DecodeError> {
-    let Ok(split) = raw::split_envelope(&body) else {
-        return ShimToControl::decode(&body).map(Incoming::Msg);
+    // The envelope and the event's head in one pass.
+    let Ok((split, type_name)) = raw::split_envelope_head(&body) else {
+        let len = body.len().saturating_add(frame::HEADER_LEN);
+        return ShimToControl::decode(&body).map(|msg| Incoming::Msg(Box::new(msg), len));
     };
     let seq = split.seq;
-    let start = (split.event.as_ptr() as usize).saturating_sub(body.as_ptr() as usize);
+    // Offsets of slices of `body` within it.
+    let offset = |s: &[u8]| (s.as_ptr() as usize).saturating_sub(body.as_ptr() as usize);
+    let start = offset(split.event);
     let end = start.saturating_add(split.event.len());
+    let type_start = offset(type_name.as_bytes()).saturating_sub(start);
+    let type_at = type_start..type_start.saturating_add(type_name.len());
     let event = body.freeze().slice(start..end);
-    Ok(Incoming::Event(RawEvent::new(seq, event)?))
+    Ok(Incoming::Event(RawEvent::checked(seq, event, type_at)))
 }
 
 /// A framed connection: typed messages in (or events left encoded), typed messages out.
@@ -156,7 +218,7 @@ impl Link {
     pub(crate) async fn recv(&mut self) -> Result<Option<ShimToControl>, Error> {
         loop {
             match self.recv_any().await? {
-                Some(Incoming::Msg(msg)) => return Ok(Some(msg)),
+                Some(Incoming::Msg(msg, _)) => return Ok(Some(*msg)),
                 // Not in the handshake, the only place this is used: events are decoded.
                 Some(Incoming::Event(event)) => {
                     tracing::debug!(
@@ -312,4 +374,98 @@ async fn handshake_inner(
         link,
         hello: theirs,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The frame of an `event` envelope around a 200-byte `custom` event.
+    fn envelope(seq: u64) -> Vec<u8> {
+        let mut event = b"\x83\xa4type\xa6custom\xa4kind\xa5bench\xa4data\xc4".to_vec();
+        let pad = 200 - event.len() - 1;
+        event.push(u8::try_from(pad).expect("bin8"));
+        event.resize(200, 0x5a);
+        let mut body = Vec::new();
+        raw::encode_event_envelope(seq, &event, &mut body);
+        let mut frame = Vec::new();
+        frame::write_body(&mut frame, usize::MAX, &body).expect("frame");
+        frame
+    }
+
+    /// A reader of frames with seqs from 1: `pending` is the part of the next frame that
+    /// did not fit in the last read.
+    struct Wire {
+        seq: u64,
+        pending: Vec<u8>,
+    }
+
+    impl Wire {
+        /// Reads into `src` as a socket would (the rest of a frame, then whole frames, then
+        /// part of one) and decodes every complete frame.
+        fn read(&mut self, codec: &mut InCodec, src: &mut BytesMut) -> Vec<RawEvent> {
+            src.extend_from_slice(&std::mem::take(&mut self.pending));
+            loop {
+                self.seq += 1;
+                let frame = envelope(self.seq);
+                let room = src.capacity() - src.len();
+                if room < frame.len() {
+                    src.extend_from_slice(&frame[..room / 2]);
+                    self.pending = frame[room / 2..].to_vec();
+                    break;
+                }
+                src.extend_from_slice(&frame);
+            }
+            let mut events = Vec::new();
+            while let Some(incoming) = codec.decode(src).expect("decodes") {
+                match incoming {
+                    Incoming::Event(e) => events.push(e),
+                    Incoming::Msg(..) => panic!("an envelope decoded as a message"),
+                }
+            }
+            events
+        }
+    }
+
+    #[test]
+    fn read_buffers_held_by_raw_events_are_reused_once_they_are_gone() {
+        let mut codec = InCodec::new(1 << 20, true);
+        let mut src = BytesMut::with_capacity(READ_BUF);
+        let first = src.as_ptr() as usize;
+        let mut wire = Wire {
+            seq: 0,
+            pending: Vec::new(),
+        };
+        let held = wire.read(&mut codec, &mut src);
+        assert!(held.len() > 200, "{} events", held.len());
+        let held_last = held.last().map_or(0, RawEvent::seq);
+        assert_eq!(held.last().map(RawEvent::type_name), Some("custom"));
+        // The events still hold the first buffer: the next read goes to another one, which
+        // starts with the part of a frame the first one ended with.
+        assert!(src.capacity() - src.len() >= MIN_READ);
+        assert_ne!(src.as_ptr() as usize, first);
+        assert!(!src.is_empty());
+        assert_eq!(codec.spare.len(), 1);
+        // Once they are gone, the first buffer is taken back when the second one is full.
+        drop(held);
+        let second = wire.read(&mut codec, &mut src);
+        assert_eq!(src.as_ptr() as usize, first, "the first buffer came back");
+        assert_eq!(second.first().map(RawEvent::seq), Some(held_last + 1));
+        drop(second);
+        // A reader that keeps every event gets fresh buffers, and keeps a bounded few.
+        let mut kept = Vec::new();
+        for _ in 0..3 * SPARE_BUFS {
+            kept.extend(wire.read(&mut codec, &mut src));
+        }
+        assert!(codec.spare.len() <= SPARE_BUFS);
+        assert!(
+            kept.windows(2).all(|w| w[1].seq() == w[0].seq() + 1),
+            "every event once, in order"
+        );
+        // Each is its frame's event, intact (the event is the frame's last 200 bytes).
+        assert!(kept.iter().all(|e| {
+            let frame = envelope(e.seq());
+            frame.get(frame.len() - 200..) == Some(e.body())
+        }));
+    }
 }

@@ -17,8 +17,8 @@ use crate::{Addr, Client, Error, Token};
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum AckMode {
     /// Every event the [`EventStream`](crate::EventStream) hands out counts as processed;
-    /// acks are batched (every 64 events or 200 ms, and when the stream is dropped or the
-    /// client closed).
+    /// acks are batched (every 64 events, every MiB of events, or after 200 ms, and when the
+    /// stream is dropped or the client closed).
     #[default]
     Auto,
     /// Only [`Client::ack`] acknowledges: call it once the events are durably processed.

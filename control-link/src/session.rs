@@ -135,7 +135,7 @@ impl Sink {
             },
             Sink::Fleet { agent, tx } => {
                 let (seq, event) = match item {
-                    Item::Typed(seq, event) => (seq, event),
+                    Item::Typed(seq, event, _) => (seq, event),
                     Item::Raw(raw) => (raw.seq(), decoded(&raw)),
                 };
                 let item = FleetItem {
@@ -146,7 +146,9 @@ impl Sink {
                 };
                 match tx.try_send(item) {
                     Ok(()) => Offer::Taken,
-                    Err(TrySendError::Full(item)) => Offer::Full(Item::Typed(item.seq, item.event)),
+                    Err(TrySendError::Full(item)) => {
+                        Offer::Full(Item::Typed(item.seq, item.event, 0))
+                    }
                     Err(TrySendError::Closed(_)) => {
                         debug!(seq, "nobody takes events; event dropped (not acked)");
                         Offer::Taken
@@ -558,7 +560,7 @@ impl Session {
                         }
                         Ok(Permit::Fleet(p, agent)) => {
                             let event = match item {
-                                Item::Typed(_, event) => event,
+                                Item::Typed(_, event, _) => event,
                                 Item::Raw(raw) => decoded(&raw),
                             };
                             p.send(FleetItem {
@@ -655,7 +657,7 @@ impl Session {
 
     fn on_incoming(&mut self, incoming: Incoming) -> Result<(), Error> {
         match incoming {
-            Incoming::Msg(msg) => self.on_message(msg),
+            Incoming::Msg(msg, len) => self.on_message(*msg, len),
             Incoming::Event(raw) => {
                 // The two kinds the wake state follows are decoded here (they are rare).
                 match raw.type_name() {
@@ -681,11 +683,11 @@ impl Session {
         }
     }
 
-    fn on_message(&mut self, msg: ShimToControl) -> Result<(), Error> {
+    fn on_message(&mut self, msg: ShimToControl, len: usize) -> Result<(), Error> {
         let msg = match msg {
             ShimToControl::Event(env) => {
                 self.saw_event(&env.event);
-                self.on_event(Item::Typed(env.seq, env.event));
+                self.on_event(Item::Typed(env.seq, env.event, len));
                 return Ok(());
             }
             other => other,

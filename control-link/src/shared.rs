@@ -18,6 +18,18 @@ pub(crate) const ACK_INTERVAL: Duration = Duration::from_millis(200);
 /// Events taken from a stream after which an ack is sent at once.
 pub(crate) const ACK_EVERY: u32 = 64;
 
+/// Bytes of events taken from a stream after which an ack is sent at once: an eighth of the
+/// shim's default replay buffer (8 MiB), so that large events (an exec's output, 128 KiB
+/// each) are acknowledged long before the shim's buffer fills and it stops reading.
+pub(crate) const ACK_BYTES: usize = 1024 * 1024;
+
+/// What a stream took since its last ack went out.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct AckBatch {
+    events: u32,
+    bytes: usize,
+}
+
 /// Where a fleet client's stream stands, handed from a replaced client to its successor.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Position {
@@ -114,15 +126,16 @@ impl Shared {
         self.id_high | u64::from(low)
     }
 
-    /// The consumer took the event `seq` from a stream.
-    pub(crate) fn taken(&self, seq: Seq, since_flush: &mut u32) {
+    /// The consumer took the event `seq`, which took `len` bytes on the wire, from a stream.
+    pub(crate) fn taken(&self, seq: Seq, len: usize, since_flush: &mut AckBatch) {
         if self.ack_mode != AckMode::Auto {
             return;
         }
         self.consumed.fetch_max(seq, Ordering::AcqRel);
-        *since_flush += 1;
-        if *since_flush >= ACK_EVERY {
-            *since_flush = 0;
+        since_flush.events = since_flush.events.saturating_add(1);
+        since_flush.bytes = since_flush.bytes.saturating_add(len);
+        if since_flush.events >= ACK_EVERY || since_flush.bytes >= ACK_BYTES {
+            *since_flush = AckBatch::default();
             self.ack_now.notify_one();
         } else {
             self.ack_soon.notify_one();
@@ -131,13 +144,13 @@ impl Shared {
 
     /// A fleet's stream hands out the event `seq` of this client, unless the client was
     /// replaced (then false: its successor delivers the event instead).
-    pub(crate) fn hand_out(&self, seq: Seq, since_flush: &mut u32) -> bool {
+    pub(crate) fn hand_out(&self, seq: Seq, since_flush: &mut AckBatch) -> bool {
         let mut h = self.handover.lock().unwrap_or_else(PoisonError::into_inner);
         if h.retired {
             return false;
         }
         h.handed_out = h.handed_out.max(seq);
-        self.taken(seq, since_flush);
+        self.taken(seq, 0, since_flush);
         true
     }
 
@@ -193,5 +206,51 @@ impl Shared {
                 *slot = id;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether an ack is due now (the `ack_now` permit is taken).
+    fn ack_due(shared: &Shared) -> bool {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            tokio::time::timeout(Duration::ZERO, shared.ack_now.notified())
+                .await
+                .is_ok()
+        })
+    }
+
+    #[test]
+    fn acks_go_out_every_64_events_or_every_mib() {
+        let shared = Shared::new(AckMode::Auto, Position::at(0));
+        let mut batch = AckBatch::default();
+        for seq in 1..ACK_EVERY as u64 {
+            shared.taken(seq, 200, &mut batch);
+        }
+        assert!(!ack_due(&shared), "63 small events wait");
+        shared.taken(64, 200, &mut batch);
+        assert!(ack_due(&shared), "the 64th goes out");
+
+        // Large events (an exec's output): long before 64 of them fill the shim's buffer.
+        let chunk = 128 * 1024 + 64;
+        for seq in 65..72 {
+            shared.taken(seq, chunk, &mut batch);
+            assert!(!ack_due(&shared), "{seq}");
+        }
+        shared.taken(72, chunk, &mut batch);
+        assert!(ack_due(&shared), "8 chunks of 128 KiB are over a MiB");
+        assert_eq!(shared.consumed.load(Ordering::Acquire), 72);
+
+        // Manual mode: the stream acknowledges nothing.
+        let manual = Shared::new(AckMode::Manual, Position::at(0));
+        let mut batch = AckBatch::default();
+        manual.taken(1, 2 * ACK_BYTES, &mut batch);
+        assert!(!ack_due(&manual));
     }
 }

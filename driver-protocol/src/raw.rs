@@ -111,6 +111,49 @@ pub fn split_envelope(body: &[u8]) -> Result<RawEvent<'_>, DecodeError> {
     })
 }
 
+/// [`split_envelope`] and [`read_head`] of the event in one pass over the body: the `seq`,
+/// the event, and the event's `type`.
+///
+/// Accepts and rejects exactly what `split_envelope` followed by `read_head` of the event
+/// do. What a control plane that hands events on without decoding them needs of each.
+///
+/// ```
+/// use driver_protocol::message::{Event, Message, Progress};
+/// use driver_protocol::raw;
+///
+/// let body = Event::Progress(Progress { task_id: None, message: None, done: None, total: None })
+///     .to_body()?;
+/// let mut envelope = Vec::new();
+/// raw::encode_event_envelope(9, &body, &mut envelope);
+/// let (split, type_name) = raw::split_envelope_head(&envelope)?;
+/// assert_eq!((split.seq, split.event, type_name), (9, &body[..], "progress"));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn split_envelope_head(body: &[u8]) -> Result<(RawEvent<'_>, &str), DecodeError> {
+    let mut cur = Cursor { buf: body, pos: 0 };
+    let walked = walk_map(&mut cur, true);
+    let (top, event_type) = match walked {
+        Ok((top, Some(event_type))) if cur.pos == body.len() && event_type != "event" => {
+            (top, event_type)
+        }
+        // Trailing bytes, an error, an envelope whose `type` came after its `event`, or an
+        // event whose own `type` is "event" (whose nested `event` the two walks check at
+        // another depth): the two walks, which also give the error.
+        _ => {
+            let split = split_envelope(body)?;
+            let type_name = read_head(split.event)?.type_name;
+            return Ok((split, type_name));
+        }
+    };
+    let range = envelope_parts(&top)?;
+    let seq = top.seq.unwrap_or_default();
+    let split = RawEvent {
+        seq,
+        event: body.get(range).unwrap_or_default(),
+    };
+    Ok((split, event_type))
+}
+
 /// The byte range of the event inside the body of an `event` envelope (see
 /// [`split_envelope`]).
 pub fn event_body_range(body: &[u8]) -> Result<Range<usize>, DecodeError> {
@@ -230,20 +273,53 @@ fn envelope_parts(top: &TopLevel<'_>) -> Result<Range<usize>, DecodeError> {
 
 /// Checks a whole body and reads the fields the envelope logic needs.
 fn walk(body: &[u8]) -> Result<TopLevel<'_>, DecodeError> {
+    let mut cur = Cursor { buf: body, pos: 0 };
+    let (top, _) = walk_map(&mut cur, false)?;
+    if cur.pos != body.len() {
+        return Err(DecodeError::malformed(
+            Some(top.type_name),
+            top.id,
+            Fail::Trailing.detail(),
+        ));
+    }
+    Ok(top)
+}
+
+/// Checks the map at the cursor, as [`walk`] checks a body, leaving the cursor after it.
+/// With `event_head`, the map's `event` field, when the map's `type` came before it and is
+/// `"event"`, is walked as a message of its own in the same pass, and its `type` returned.
+fn walk_map<'a>(
+    cur: &mut Cursor<'a>,
+    event_head: bool,
+) -> Result<(TopLevel<'a>, Option<&'a str>), DecodeError> {
     let mut type_name = None;
     let mut id = None;
     let fail = |fail: Fail, type_name: Option<&str>, id: Option<RequestId>| {
         DecodeError::malformed(type_name, id, fail.detail())
     };
-    let mut cur = Cursor { buf: body, pos: 0 };
     let mut seq = None;
     let mut seq_seen = false;
     let mut event: Option<Range<usize>> = None;
+    let mut event_type = None;
 
     let entries = cur.map_len().map_err(|f| fail(f, None, None))?;
     for _ in 0..entries {
+        let key = cur.key().map_err(|f| fail(f, type_name, id))?;
+        if key == b"event" && event_head && event.is_none() && type_name == Some("event") {
+            // The event is a message of its own, walked here rather than skipped and
+            // walked again; its errors read as the envelope's.
+            let start = cur.pos;
+            let (inner, _) = walk_map(cur, false).map_err(|e| match e {
+                DecodeError::Malformed { detail, .. } => {
+                    DecodeError::malformed(type_name, id, detail)
+                }
+                other => other,
+            })?;
+            event_type = Some(inner.type_name);
+            event = Some(start..cur.pos);
+            continue;
+        }
         let step = (|| {
-            let key = cur.key()?;
             match key {
                 b"type" => {
                     if type_name.is_some() {
@@ -273,27 +349,25 @@ fn walk(body: &[u8]) -> Result<TopLevel<'_>, DecodeError> {
         })();
         step.map_err(|f| fail(f, type_name, id))?;
     }
-    if cur.pos != body.len() {
-        return Err(fail(Fail::Trailing, type_name, id));
-    }
     let Some(type_name) = type_name else {
         return Err(fail(Fail::MissingType, None, id));
     };
     if type_name != "event" {
         if let Some(range) = &event {
-            let inner = body.get(range.clone()).unwrap_or_default();
+            let inner = cur.buf.get(range.clone()).unwrap_or_default();
             Cursor { buf: inner, pos: 0 }
                 .skip_value(2)
                 .map_err(|f| fail(f, Some(type_name), id))?;
         }
     }
-    Ok(TopLevel {
+    let top = TopLevel {
         type_name,
         id,
         seq,
         seq_seen,
         event,
-    })
+    };
+    Ok((top, event_type))
 }
 
 /// Why a body is malformed; turned into [`DecodeError::Malformed`] text.
@@ -352,49 +426,39 @@ pub(crate) enum Field {
     Any,
 }
 
+/// The plain shapes of a relayable event's fields: `(name, shape, required)`.
+pub(crate) type Fields = &'static [(&'static str, Field, bool)];
+
 /// Whether `body`, which [`read_head`] accepted, holds every `required` field of `fields`
 /// (at most 32) once, each in its plain shape, and any other field in the shape of
 /// [`Field::Any`]. `false` means "not sure", never "malformed": the caller then asks the
 /// decoder. Allocates nothing.
-pub(crate) fn plain_fields(body: &[u8], fields: &[(&str, Field, bool)]) -> bool {
+pub(crate) fn plain_fields(body: &[u8], fields: Fields) -> bool {
     let mut cur = Cursor { buf: body, pos: 0 };
-    let mut seen = 0u32;
-    let plain = (|| -> Result<bool, Fail> {
-        for _ in 0..cur.map_len()? {
-            // Keys, and the `type`, are strings `read_head` checked already.
-            let key = cur.str_bytes()?.ok_or(Fail::KeyNotStr)?;
-            if key == b"type" {
-                cur.skip_value(2)?;
-                continue;
-            }
-            let plain = match fields.iter().position(|(name, ..)| name.as_bytes() == key) {
-                Some(i) => {
-                    let bit = 1u32.checked_shl(i as u32).unwrap_or(0);
-                    if bit == 0 || seen & bit != 0 {
-                        return Ok(false);
-                    }
-                    seen |= bit;
-                    match fields.get(i) {
-                        Some(&(_, kind, _)) => cur.plain(kind)?,
-                        None => false,
-                    }
-                }
-                None => cur.plain_any(2)?,
-            };
-            if !plain {
-                return Ok(false);
-            }
-        }
-        Ok(cur.pos == body.len())
-    })();
-    let required = fields
-        .iter()
-        .enumerate()
-        .all(|(i, &(_, _, req))| !req || (seen >> i) & 1 == 1);
-    matches!(plain, Ok(true)) && required
+    let scanned = cur
+        .map_len()
+        .and_then(|n| cur.scan_fields(n, fields, false));
+    matches!(scanned, Ok(true)) && cur.pos == body.len()
+}
+
+/// [`read_head`] and then [`plain_fields`] in one pass, for the usual body whose first key
+/// is its `type`: the type, when `fields_of` has the fields of that type, the body is well
+/// formed and every field is in its plain shape. `None` means "not sure": the caller then
+/// takes the two passes (which also handle a `type` that is not the first key).
+pub(crate) fn plain_event(body: &[u8], fields_of: impl Fn(&str) -> Option<Fields>) -> Option<&str> {
+    let mut cur = Cursor { buf: body, pos: 0 };
+    let entries = cur.map_len().ok()?;
+    if entries == 0 || cur.key().ok()? != b"type" {
+        return None;
+    }
+    let type_name = cur.type_str().ok()?;
+    let fields = fields_of(type_name)?;
+    let plain = cur.scan_fields(entries - 1, fields, true).ok()? && cur.pos == body.len();
+    plain.then_some(type_name)
 }
 
 /// Whether `b` is UTF-8; ASCII, the usual case for keys and names, without a full decode.
+#[inline(always)]
 fn is_utf8(b: &[u8]) -> bool {
     b.is_ascii() || str::from_utf8(b).is_ok()
 }
@@ -405,16 +469,19 @@ struct Cursor<'a> {
 }
 
 impl<'a> Cursor<'a> {
+    #[inline(always)]
     fn byte(&mut self) -> Result<u8, Fail> {
         let b = *self.buf.get(self.pos).ok_or(Fail::Eof)?;
         self.pos += 1;
         Ok(b)
     }
 
+    #[inline(always)]
     fn peek_byte(&self) -> Result<u8, Fail> {
         self.buf.get(self.pos).copied().ok_or(Fail::Eof)
     }
 
+    #[inline(always)]
     fn take(&mut self, n: usize) -> Result<&'a [u8], Fail> {
         let end = self.pos.checked_add(n).ok_or(Fail::Eof)?;
         let bytes = self.buf.get(self.pos..end).ok_or(Fail::Eof)?;
@@ -422,26 +489,31 @@ impl<'a> Cursor<'a> {
         Ok(bytes)
     }
 
+    #[inline(always)]
     fn array<const N: usize>(&mut self) -> Result<[u8; N], Fail> {
         let mut out = [0; N];
         out.copy_from_slice(self.take(N)?);
         Ok(out)
     }
 
+    #[inline(always)]
     fn u8_len(&mut self) -> Result<usize, Fail> {
         self.byte().map(usize::from)
     }
 
+    #[inline(always)]
     fn u16_len(&mut self) -> Result<usize, Fail> {
         self.array().map(|b| usize::from(u16::from_be_bytes(b)))
     }
 
+    #[inline(always)]
     fn u32_len(&mut self) -> Result<usize, Fail> {
         // A u32 length larger than the address space cannot fit in the body anyway.
         self.array()
             .map(|b| usize::try_from(u32::from_be_bytes(b)).unwrap_or(usize::MAX))
     }
 
+    #[inline(always)]
     fn skip(&mut self, n: usize) -> Result<(), Fail> {
         self.take(n).map(drop)
     }
@@ -546,6 +618,7 @@ impl<'a> Cursor<'a> {
     }
 
     /// Reads a string's bytes, or `None` (consuming only the marker) if the value is not one.
+    #[inline(always)]
     fn str_bytes(&mut self) -> Result<Option<&'a [u8]>, Fail> {
         let n = match self.peek_byte()? {
             m @ 0xa0..=0xbf => {
@@ -596,6 +669,7 @@ impl<'a> Cursor<'a> {
     }
 
     /// Reads a value: whether it is a UTF-8 string.
+    #[inline(always)]
     fn utf8(&mut self) -> Result<bool, Fail> {
         Ok(self.str_bytes()?.is_some_and(is_utf8))
     }
@@ -638,6 +712,51 @@ impl<'a> Cursor<'a> {
             }
         }
         Ok(true)
+    }
+
+    /// Reads `entries` map entries: whether each key is a field of `fields` (at most 32)
+    /// once in its plain shape, or any other key with a value of the shape of
+    /// [`Field::Any`], and every required field is there. A `type` key is skipped, unless
+    /// `checking_keys`: then the `type` was read already and another one is "not sure", as is
+    /// a key that is not UTF-8 (what [`read_head`] would have refused).
+    fn scan_fields(
+        &mut self,
+        entries: usize,
+        fields: Fields,
+        checking_keys: bool,
+    ) -> Result<bool, Fail> {
+        let mut seen = 0u32;
+        for _ in 0..entries {
+            let key = self.str_bytes()?.ok_or(Fail::KeyNotStr)?;
+            if checking_keys && (key == b"type" || !is_utf8(key)) {
+                return Ok(false);
+            }
+            if key == b"type" {
+                self.skip_value(2)?;
+                continue;
+            }
+            let plain = match fields.iter().position(|(name, ..)| name.as_bytes() == key) {
+                Some(i) => {
+                    let bit = 1u32.checked_shl(i as u32).unwrap_or(0);
+                    if bit == 0 || seen & bit != 0 {
+                        return Ok(false);
+                    }
+                    seen |= bit;
+                    match fields.get(i) {
+                        Some(&(_, kind, _)) => self.plain(kind)?,
+                        None => false,
+                    }
+                }
+                None => self.plain_any(2)?,
+            };
+            if !plain {
+                return Ok(false);
+            }
+        }
+        Ok(fields
+            .iter()
+            .enumerate()
+            .all(|(i, &(_, _, req))| !req || (seen >> i) & 1 == 1))
     }
 
     fn key(&mut self) -> Result<&'a [u8], Fail> {
@@ -829,6 +948,69 @@ mod tests {
         let mut other = b"\x82\xa4type\xa4ping\xa5event".to_vec();
         other.extend_from_slice(&nested(MAX_DEPTH - 1, 1));
         assert!(read_head(&other).is_ok());
+    }
+
+    /// `split_envelope` and then `read_head` of its event, as one result.
+    fn two_walks(body: &[u8]) -> Option<(RawEvent<'_>, &str)> {
+        let split = split_envelope(body).ok()?;
+        Some((split, read_head(split.event).ok()?.type_name))
+    }
+
+    #[test]
+    fn one_pass_split_is_the_two_walks() {
+        let event = b"\x82\xa4type\xa6custom\xa4data\xc0".to_vec();
+        let mut env = Vec::new();
+        encode_event_envelope(300, &event, &mut env);
+        let (split, type_name) = split_envelope_head(&env).unwrap();
+        assert_eq!(
+            (split.seq, split.event, type_name),
+            (300, &event[..], "custom")
+        );
+
+        // The event before the `type`: the two walks, same answer.
+        let mut late = b"\x83\xa5event".to_vec();
+        late.extend_from_slice(&event);
+        late.extend_from_slice(b"\xa3seq\x07\xa4type\xa5event");
+        assert_eq!(split_envelope_head(&late).unwrap().1, "custom");
+
+        // An event as deep as allowed, and one level deeper; an event of type "event"
+        // whose own `event` is deep; trailing bytes; a key that is not a string; a `type`
+        // twice; the envelope cut short anywhere.
+        let deep = |levels| {
+            let mut e = b"\x82\xa4type\xa6custom\xa4data".to_vec();
+            e.extend_from_slice(&nested(levels, 1));
+            e
+        };
+        let mut inner_event = b"\x82\xa4type\xa5event\xa5event".to_vec();
+        inner_event.extend_from_slice(&nested(MAX_DEPTH - 1, 1));
+        let events = [
+            deep(MAX_DEPTH - 1),
+            deep(MAX_DEPTH),
+            inner_event,
+            b"\x81\x01\x02".to_vec(),
+            b"\x82\xa4type\xa1a\xa4type\xa1b".to_vec(),
+        ];
+        let mut bodies = Vec::new();
+        for e in &events {
+            let mut env = Vec::new();
+            encode_event_envelope(1, e, &mut env);
+            bodies.push(env);
+        }
+        let mut trailing = env.clone();
+        trailing.push(0xc0);
+        bodies.push(trailing);
+        for cut in 0..env.len() {
+            bodies.push(env[..cut].to_vec());
+        }
+        for body in &bodies {
+            assert_eq!(
+                split_envelope_head(body).ok(),
+                two_walks(body),
+                "{body:02x?}"
+            );
+        }
+        assert!(split_envelope_head(&bodies[0]).is_ok());
+        assert!(split_envelope_head(&bodies[1]).is_err());
     }
 
     #[test]

@@ -844,6 +844,7 @@ proptest! {
     #[test]
     fn envelope_splice_is_byte_identical(seq in any::<u64>(), event in event()) {
         let body = event.to_body().map_err(fail)?;
+        let type_name = event.type_name().to_owned();
         let mut spliced = Vec::new();
         raw::encode_event_envelope(seq, &body, &mut spliced);
         let typed = ShimToControl::Event(EventEnvelope { seq, event });
@@ -851,6 +852,9 @@ proptest! {
         let split = raw::split_envelope(&spliced).map_err(fail)?;
         prop_assert_eq!(split.seq, seq);
         prop_assert_eq!(split.event, &body[..]);
+        let (one, one_type) = raw::split_envelope_head(&spliced).map_err(fail)?;
+        prop_assert_eq!(one, split);
+        prop_assert_eq!(one_type, type_name);
     }
 }
 
@@ -906,6 +910,10 @@ fn decode_is_stable<M: Message + std::fmt::Debug>(body: &[u8]) -> Result<(), Tes
 fn decode_everything(body: &[u8]) -> Result<(), TestCaseError> {
     let _ = raw::read_head(body);
     let _ = raw::split_envelope(body);
+    // The one-pass split is the two walks, in success and in failure.
+    let two =
+        raw::split_envelope(body).and_then(|s| raw::read_head(s.event).map(|h| (s, h.type_name)));
+    prop_assert_eq!(raw::split_envelope_head(body).ok(), two.ok());
     let _ = raw::skip_value(body);
     decode_is_stable::<DriverToShim>(body)?;
     decode_is_stable::<ShimToDriver>(body)?;

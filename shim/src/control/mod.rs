@@ -427,8 +427,14 @@ impl ControlServer {
         let max = self.inner.max_frame;
         let mut st = self.inner.state.borrow_mut();
         let seq = st.buffer.next_seq();
-        // Encoded in place, into the replay buffer's storage (no body of its own first).
-        let out = st.buffer.frame_space(256);
+        // Encoded in place, into the replay buffer's storage (no body of its own first),
+        // sized for the whole frame: a chunk of output that outgrew its space would be
+        // copied into fresh memory.
+        let hint = match event {
+            Event::ExecOutput(o) => o.data.len().saturating_add(256),
+            _ => 256,
+        };
+        let out = st.buffer.frame_space(hint);
         if let Err(err) = frame::write_event(out, max, seq, event) {
             drop(st);
             let body = match err {

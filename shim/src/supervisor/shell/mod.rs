@@ -157,6 +157,7 @@ pub(super) async fn shell(
             // Lines counted while the event buffer was full are reported once it has room.
             sh.flush_suppressed(Instant::now());
         }
+        let published = sh.last_seq();
         // Not `biased`: a driver that always has something to say must not starve the
         // timers (cancel grace, pings) or the control connection.
         tokio::select! {
@@ -225,6 +226,13 @@ pub(super) async fn shell(
             () = sleep_until(sh.rate.suppressed_due()), if !full => {
                 sh.flush_suppressed(Instant::now());
             }
+        }
+        if sh.last_seq() != published {
+            // The connection's writer is another task: it runs only once this one waits.
+            // With a driver or a tool that always has more to read, that would be when the
+            // runtime's budget runs out, after megabytes read and buffered while the control
+            // plane sat idle. Letting it write what this turn published keeps both ends busy.
+            tokio::task::yield_now().await;
         }
     }
 }
@@ -307,6 +315,11 @@ fn rss_bytes() -> u64 {
 }
 
 impl Shell<'_> {
+    /// The seq of the last event published (0 without a control server or before any).
+    fn last_seq(&self) -> u64 {
+        self.control.as_ref().map_or(0, |c| c.stats().last_seq)
+    }
+
     /// Carries out what the core asked for, until it asks for nothing more.
     fn apply_outputs(&mut self) {
         loop {
