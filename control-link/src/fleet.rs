@@ -80,6 +80,8 @@ pub(crate) struct FleetItem {
     pub(crate) agent: AgentId,
     pub(crate) seq: Seq,
     pub(crate) event: Event,
+    /// The bytes the event took on the wire.
+    pub(crate) len: usize,
     pub(crate) shared: Arc<Shared>,
 }
 
@@ -412,8 +414,7 @@ impl FleetEvents {
             let Some(it) = std::task::ready!(self.rx.poll_recv(cx)) else {
                 return Poll::Ready(None);
             };
-            let mut batch = crate::shared::AckBatch::default();
-            if it.shared.hand_out(it.seq, &mut batch) {
+            if it.shared.hand_out(it.seq, it.len) {
                 return Poll::Ready(Some((it.agent, it.seq, it.event)));
             }
             // An event of a replaced (or removed) client: never acknowledged, so the shim

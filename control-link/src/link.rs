@@ -68,8 +68,13 @@ struct InCodec {
     typed: MessageCodec<ShimToControl, ControlToShim>,
     frames: FrameCodec,
     raw: bool,
-    /// Read buffers given up while raw events held slices of them, oldest first.
+    max_frame: usize,
+    /// Read buffers of at most [`READ_BUF`] given up while raw events held slices of them,
+    /// oldest first.
     spare: VecDeque<BytesMut>,
+    /// The size of the read buffer, when [`InCodec::make_room`] gave it (`None`: the
+    /// buffer it started with, which may have grown for a large frame).
+    size: Option<usize>,
 }
 
 impl InCodec {
@@ -78,7 +83,9 @@ impl InCodec {
             typed: MessageCodec::with_max_frame(max_frame),
             frames: FrameCodec::with_max_frame(max_frame),
             raw,
+            max_frame,
             spare: VecDeque::new(),
+            size: None,
         }
     }
 
@@ -89,25 +96,29 @@ impl InCodec {
     /// Raw events are slices of the read buffer, so while the consumer holds some, the
     /// buffer is shared: left to itself, a full buffer would be replaced by a freshly
     /// allocated one (whose pages the allocator often has to fault in again) every 64 KiB.
-    /// Instead the full buffer waits here until its events are gone, and the oldest spare
-    /// one whose events are gone is taken back.
+    /// Instead a full buffer of the usual size waits here until its events are gone, and
+    /// the oldest spare one whose events are gone is taken back (a larger one, made for a
+    /// large frame, is let go). `frame` is within the frame limit: the caller checked.
     fn make_room(&mut self, src: &mut BytesMut, frame: Option<usize>) {
         let need = frame.unwrap_or(0).saturating_sub(src.len()).max(MIN_READ);
         if src.capacity() - src.len() >= need || src.try_reclaim(need) {
             return;
         }
         let total = src.len().saturating_add(need);
-        let reusable = self.spare.front_mut().is_some_and(|b| b.try_reclaim(total));
-        let mut next = match reusable.then(|| self.spare.pop_front()).flatten() {
+        let reusable = self.spare.iter_mut().position(|b| b.try_reclaim(total));
+        let mut next = match reusable.and_then(|i| self.spare.remove(i)) {
             Some(b) => b,
             None => BytesMut::with_capacity(READ_BUF.max(total)),
         };
+        let size = next.capacity();
         next.extend_from_slice(src);
         let mut used = std::mem::replace(src, next);
         used.clear();
-        if self.spare.len() < SPARE_BUFS {
+        let usual = self.size.is_some_and(|s| s <= READ_BUF);
+        if usual && self.spare.len() < SPARE_BUFS {
             self.spare.push_back(used);
         }
+        self.size = Some(size);
     }
 }
 
@@ -124,7 +135,7 @@ impl Decoder for InCodec {
         }
         // Room for an incomplete frame is made here, before the frame codec would reserve
         // it in a fresh allocation (an error is left to the codec).
-        match frame::parse_header(src, usize::MAX) {
+        match frame::parse_header(src, self.max_frame) {
             Ok(Some(len)) if src.len() >= HEADER_LEN.saturating_add(len) => {}
             Ok(Some(len)) => self.make_room(src, Some(HEADER_LEN.saturating_add(len))),
             Ok(None) => self.make_room(src, None),
@@ -438,20 +449,30 @@ mod tests {
         };
         let held = wire.read(&mut codec, &mut src);
         assert!(held.len() > 200, "{} events", held.len());
-        let held_last = held.last().map_or(0, RawEvent::seq);
         assert_eq!(held.last().map(RawEvent::type_name), Some("custom"));
         // The events still hold the first buffer: the next read goes to another one, which
-        // starts with the part of a frame the first one ended with.
+        // starts with the part of a frame the first one ended with. (The first, the
+        // framing's own, is let go: it may have grown for a large frame.)
         assert!(src.capacity() - src.len() >= MIN_READ);
         assert_ne!(src.as_ptr() as usize, first);
         assert!(!src.is_empty());
-        assert_eq!(codec.spare.len(), 1);
-        // Once they are gone, the first buffer is taken back when the second one is full.
+        assert!(codec.spare.is_empty());
+        let second_buf = src.as_ptr() as usize;
         drop(held);
+        // The second is full and held by its events: kept while a third is read into.
         let second = wire.read(&mut codec, &mut src);
-        assert_eq!(src.as_ptr() as usize, first, "the first buffer came back");
-        assert_eq!(second.first().map(RawEvent::seq), Some(held_last + 1));
+        let second_last = second.last().map_or(0, RawEvent::seq);
+        assert_eq!(codec.spare.len(), 1);
+        // Once they are gone, it is taken back when the third one is full.
         drop(second);
+        let third = wire.read(&mut codec, &mut src);
+        assert_eq!(
+            src.as_ptr() as usize,
+            second_buf,
+            "the second buffer came back"
+        );
+        assert_eq!(third.first().map(RawEvent::seq), Some(second_last + 1));
+        drop(third);
         // A reader that keeps every event gets fresh buffers, and keeps a bounded few.
         let mut kept = Vec::new();
         for _ in 0..3 * SPARE_BUFS {
@@ -463,9 +484,22 @@ mod tests {
             "every event once, in order"
         );
         // Each is its frame's event, intact (the event is the frame's last 200 bytes).
+        assert!(kept.iter().all(|e| e.type_name() == "custom"));
         assert!(kept.iter().all(|e| {
             let frame = envelope(e.seq());
             frame.get(frame.len() - 200..) == Some(e.body())
         }));
+    }
+
+    #[test]
+    fn a_header_over_the_limit_reserves_nothing() {
+        let mut codec = InCodec::new(1 << 20, true);
+        let mut src = BytesMut::with_capacity(READ_BUF);
+        src.extend_from_slice(&(256u32 << 20).to_be_bytes());
+        assert!(matches!(
+            codec.decode(&mut src),
+            Err(DecodeError::FrameTooLarge { .. })
+        ));
+        assert!(src.capacity() <= READ_BUF, "{}", src.capacity());
     }
 }

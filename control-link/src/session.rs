@@ -134,6 +134,7 @@ impl Sink {
                 }
             },
             Sink::Fleet { agent, tx } => {
+                let len = item.wire_len();
                 let (seq, event) = match item {
                     Item::Typed(seq, event, _) => (seq, event),
                     Item::Raw(raw) => (raw.seq(), decoded(&raw)),
@@ -142,12 +143,13 @@ impl Sink {
                     agent: agent.clone(),
                     seq,
                     event,
+                    len,
                     shared: Arc::clone(shared),
                 };
                 match tx.try_send(item) {
                     Ok(()) => Offer::Taken,
                     Err(TrySendError::Full(item)) => {
-                        Offer::Full(Item::Typed(item.seq, item.event, 0))
+                        Offer::Full(Item::Typed(item.seq, item.event, item.len))
                     }
                     Err(TrySendError::Closed(_)) => {
                         debug!(seq, "nobody takes events; event dropped (not acked)");
@@ -559,6 +561,7 @@ impl Session {
                             p.send(item);
                         }
                         Ok(Permit::Fleet(p, agent)) => {
+                            let len = item.wire_len();
                             let event = match item {
                                 Item::Typed(_, event, _) => event,
                                 Item::Raw(raw) => decoded(&raw),
@@ -567,6 +570,7 @@ impl Session {
                                 agent,
                                 seq,
                                 event,
+                                len,
                                 shared: Arc::clone(&self.shared),
                             });
                         }

@@ -57,6 +57,8 @@ impl Position {
 struct Handover {
     retired: bool,
     handed_out: Seq,
+    /// What the fleet's stream took of this client since its last ack.
+    batch: AckBatch,
 }
 
 /// State shared by the session, its client handles and its event stream.
@@ -100,6 +102,7 @@ impl Shared {
             handover: Mutex::new(Handover {
                 retired: false,
                 handed_out: start.handed_out,
+                batch: AckBatch::default(),
             }),
             ack_soon: Notify::new(),
             ack_now: Notify::new(),
@@ -144,13 +147,16 @@ impl Shared {
 
     /// A fleet's stream hands out the event `seq` of this client, unless the client was
     /// replaced (then false: its successor delivers the event instead).
-    pub(crate) fn hand_out(&self, seq: Seq, since_flush: &mut AckBatch) -> bool {
+    ///
+    /// `len` is the bytes the event took on the wire; acks follow [`Shared::taken`]'s rule,
+    /// counted per client (one stream takes the events of many).
+    pub(crate) fn hand_out(&self, seq: Seq, len: usize) -> bool {
         let mut h = self.handover.lock().unwrap_or_else(PoisonError::into_inner);
         if h.retired {
             return false;
         }
         h.handed_out = h.handed_out.max(seq);
-        self.taken(seq, 0, since_flush);
+        self.taken(seq, len, &mut h.batch);
         true
     }
 
@@ -227,7 +233,7 @@ mod tests {
     }
 
     #[test]
-    fn acks_go_out_every_64_events_or_every_mib() {
+    fn acks_go_out_every_64_events_or_every_mib_also_for_a_fleet() {
         let shared = Shared::new(AckMode::Auto, Position::at(0));
         let mut batch = AckBatch::default();
         for seq in 1..ACK_EVERY as u64 {
@@ -246,6 +252,17 @@ mod tests {
         shared.taken(72, chunk, &mut batch);
         assert!(ack_due(&shared), "8 chunks of 128 KiB are over a MiB");
         assert_eq!(shared.consumed.load(Ordering::Acquire), 72);
+
+        // A fleet's stream counts per client, across the calls that hand events out.
+        let fleet = Shared::new(AckMode::Auto, Position::at(0));
+        for seq in 1..ACK_EVERY as u64 {
+            assert!(fleet.hand_out(seq, 200));
+        }
+        assert!(!ack_due(&fleet));
+        assert!(fleet.hand_out(64, 200));
+        assert!(ack_due(&fleet), "the 64th handed out goes out");
+        assert!(fleet.hand_out(65, 2 * ACK_BYTES));
+        assert!(ack_due(&fleet), "a large event goes out at once");
 
         // Manual mode: the stream acknowledges nothing.
         let manual = Shared::new(AckMode::Manual, Position::at(0));

@@ -717,8 +717,9 @@ impl<'a> Cursor<'a> {
     /// Reads `entries` map entries: whether each key is a field of `fields` (at most 32)
     /// once in its plain shape, or any other key with a value of the shape of
     /// [`Field::Any`], and every required field is there. A `type` key is skipped, unless
-    /// `checking_keys`: then the `type` was read already and another one is "not sure", as is
-    /// a key that is not UTF-8 (what [`read_head`] would have refused).
+    /// `checking_keys`: then the `type` was read already and what [`read_head`] checks of
+    /// keys is checked here, every doubt "not sure": another `type`, a key that is not
+    /// UTF-8, an `event` key (which `read_head` refuses twice).
     fn scan_fields(
         &mut self,
         entries: usize,
@@ -728,7 +729,7 @@ impl<'a> Cursor<'a> {
         let mut seen = 0u32;
         for _ in 0..entries {
             let key = self.str_bytes()?.ok_or(Fail::KeyNotStr)?;
-            if checking_keys && (key == b"type" || !is_utf8(key)) {
+            if checking_keys && (key == b"type" || key == b"event" || !is_utf8(key)) {
                 return Ok(false);
             }
             if key == b"type" {

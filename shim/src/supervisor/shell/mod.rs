@@ -124,6 +124,7 @@ pub(super) async fn shell(
     };
     sh.core.start();
     loop {
+        let published = sh.last_seq();
         // Frames left in the read buffer while the event buffer was full (a no-op if none).
         sh.decode_frames(false);
         if sh.core.idle_enabled() {
@@ -157,7 +158,6 @@ pub(super) async fn shell(
             // Lines counted while the event buffer was full are reported once it has room.
             sh.flush_suppressed(Instant::now());
         }
-        let published = sh.last_seq();
         // Not `biased`: a driver that always has something to say must not starve the
         // timers (cancel grace, pings) or the control connection.
         tokio::select! {
