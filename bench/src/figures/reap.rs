@@ -60,7 +60,7 @@ pub fn run(ctx: &Ctx) -> Figure {
          medians over the runs, interleaved across inits.",
     );
     let text = "≤ 1.1 × tini-static's time";
-    let reps = ctx.pick(5, 1);
+    let reps = ctx.pick(9, 1);
     let inits = ctx.bins.inits();
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); inits.len()];
     for _ in 0..reps {

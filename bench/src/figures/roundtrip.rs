@@ -123,7 +123,7 @@ pub fn run(ctx: &Ctx) -> Figure {
     );
     let text = "p50 ≤ raw + 40 µs";
     let per_run = ctx.pick(2000, 300);
-    let reps = ctx.pick(3, 1);
+    let reps = ctx.pick(5, 1);
     let mut shim = Vec::new();
     let mut fwd = Vec::new();
     let mut direct = Vec::new();

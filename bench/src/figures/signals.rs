@@ -59,7 +59,7 @@ pub fn run(ctx: &Ctx) -> Figure {
     );
     let text = "p50 ≤ 1.2 × tini-static's";
     let per_run = 1000;
-    let reps = ctx.pick(3, 1);
+    let reps = ctx.pick(5, 1);
     let inits = ctx.bins.inits();
     let mut lat: Vec<Vec<f64>> = vec![Vec::new(); inits.len()];
     let mut run_medians: Vec<Vec<f64>> = vec![Vec::new(); inits.len()];
