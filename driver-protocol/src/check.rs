@@ -340,15 +340,7 @@ mod tests {
     /// the plain scan alone accepts.
     fn agrees(b: &[u8]) {
         if let Ok(head) = crate::raw::read_head(b) {
-            let fields = match head.type_name {
-                "message_chunk" => MESSAGE_CHUNK,
-                "tool_call" => TOOL_CALL,
-                "tool_result" => TOOL_RESULT,
-                "file_change" => FILE_CHANGE,
-                "progress" => PROGRESS,
-                "log" => LOG,
-                _ => CUSTOM,
-            };
+            let fields = plain_table(head.type_name).unwrap_or(CUSTOM);
             if plain_fields(b, fields) {
                 let msg = DriverToShim::decode(b).unwrap_or_else(|e| {
                     panic!("the plain scan accepted what decode rejects ({e}): {b:?}")
