@@ -128,10 +128,7 @@ impl Decoder for InCodec {
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Incoming>, DecodeError> {
         if !self.raw {
-            let before = src.len();
-            let msg = self.typed.decode(src)?;
-            let len = before.saturating_sub(src.len());
-            return Ok(msg.map(|msg| Incoming::Msg(Box::new(msg), len)));
+            return typed(src, |src| self.typed.decode(src));
         }
         // Room for an incomplete frame is made here, before the frame codec would reserve
         // it in a fresh allocation (an error is left to the codec).
@@ -149,16 +146,24 @@ impl Decoder for InCodec {
 
     fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Incoming>, DecodeError> {
         if !self.raw {
-            let before = src.len();
-            let msg = self.typed.decode_eof(src)?;
-            let len = before.saturating_sub(src.len());
-            return Ok(msg.map(|msg| Incoming::Msg(Box::new(msg), len)));
+            return typed(src, |src| self.typed.decode_eof(src));
         }
         match self.frames.decode_eof(src)? {
             Some(body) => decode_raw(body).map(Some),
             None => Ok(None),
         }
     }
+}
+
+/// The message `decode` takes off `src`, with the length of its frame.
+fn typed(
+    src: &mut BytesMut,
+    decode: impl FnOnce(&mut BytesMut) -> Result<Option<ShimToControl>, DecodeError>,
+) -> Result<Option<Incoming>, DecodeError> {
+    let before = src.len();
+    let msg = decode(src)?;
+    let len = before.saturating_sub(src.len());
+    Ok(msg.map(|msg| Incoming::Msg(Box::new(msg), len)))
 }
 
 /// An `event` envelope's event as it is (a slice of the frame, no copy); any other message,
