@@ -48,16 +48,18 @@ pub fn relayable_event(body: &[u8]) -> Option<&str> {
     }
     let head = crate::raw::read_head(body).ok()?;
     // The plain shapes first (a scan of the fields, no serde), then the shadow structs.
-    let ok = match head.type_name {
-        "message_chunk" => plain_fields(body, MESSAGE_CHUNK) || fits::<MessageChunkRef<'_>>(body),
-        "tool_call" => plain_fields(body, TOOL_CALL) || fits::<ToolCallRef<'_>>(body),
-        "tool_result" => plain_fields(body, TOOL_RESULT) || fits::<ToolResultRef<'_>>(body),
-        "file_change" => plain_fields(body, FILE_CHANGE) || fits::<FileChangeRef<'_>>(body),
-        "progress" => plain_fields(body, PROGRESS) || fits::<ProgressRef<'_>>(body),
-        "log" => plain_fields(body, LOG) || fits::<LogRef<'_>>(body),
-        "custom" => plain_fields(body, CUSTOM) || fits::<CustomRef<'_>>(body),
-        _ => false,
-    };
+    let fields = plain_table(head.type_name)?;
+    let ok = plain_fields(body, fields)
+        || match head.type_name {
+            "message_chunk" => fits::<MessageChunkRef<'_>>(body),
+            "tool_call" => fits::<ToolCallRef<'_>>(body),
+            "tool_result" => fits::<ToolResultRef<'_>>(body),
+            "file_change" => fits::<FileChangeRef<'_>>(body),
+            "progress" => fits::<ProgressRef<'_>>(body),
+            "log" => fits::<LogRef<'_>>(body),
+            "custom" => fits::<CustomRef<'_>>(body),
+            _ => false,
+        };
     ok.then_some(head.type_name)
 }
 
@@ -79,25 +81,25 @@ fn plain_table(type_name: &str) -> Option<Fields> {
 // fields as the shadow structs below, each shape one their decoder (and the typed one) takes;
 // `true` for a required field.
 
-const MESSAGE_CHUNK: &[(&str, Field, bool)] = &[
+const MESSAGE_CHUNK: Fields = &[
     ("task_id", Field::OptStr, false),
     ("text", Field::Str, true),
     ("role", Field::OptStr, false),
     ("final", Field::Flag, false),
 ];
-const TOOL_CALL: &[(&str, Field, bool)] = &[
+const TOOL_CALL: Fields = &[
     ("task_id", Field::OptStr, false),
     ("call_id", Field::Str, true),
     ("name", Field::Str, true),
     ("input", Field::Any, true),
 ];
-const TOOL_RESULT: &[(&str, Field, bool)] = &[
+const TOOL_RESULT: Fields = &[
     ("task_id", Field::OptStr, false),
     ("call_id", Field::Str, true),
     ("output", Field::Any, true),
     ("is_error", Field::Flag, false),
 ];
-const FILE_CHANGE: &[(&str, Field, bool)] = &[
+const FILE_CHANGE: Fields = &[
     ("task_id", Field::OptStr, false),
     ("path", Field::Str, true),
     (
@@ -107,13 +109,13 @@ const FILE_CHANGE: &[(&str, Field, bool)] = &[
     ),
     ("from", Field::OptStr, false),
 ];
-const PROGRESS: &[(&str, Field, bool)] = &[
+const PROGRESS: Fields = &[
     ("task_id", Field::OptStr, false),
     ("message", Field::OptStr, false),
     ("done", Field::OptUint, false),
     ("total", Field::OptUint, false),
 ];
-const LOG: &[(&str, Field, bool)] = &[
+const LOG: Fields = &[
     ("task_id", Field::OptStr, false),
     (
         "stream",
@@ -124,7 +126,7 @@ const LOG: &[(&str, Field, bool)] = &[
     ("text", Field::Str, true),
     ("truncated", Field::Flag, false),
 ];
-const CUSTOM: &[(&str, Field, bool)] = &[
+const CUSTOM: Fields = &[
     ("task_id", Field::OptStr, false),
     ("kind", Field::Str, true),
     ("data", Field::Any, true),
