@@ -15,3 +15,5 @@ mod supervisor;
 mod control_link;
 
 mod docker;
+
+mod security;

@@ -1,0 +1,1 @@
+//! Connections that never authenticate cannot lock the control plane out.
