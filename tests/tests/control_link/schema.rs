@@ -140,8 +140,7 @@ in_both_modes! {
 #[test]
 fn python_driver_valid_and_invalid_output() -> Result<()> {
     if !crate::drivers::Driver::python_available() {
-        eprintln!("SKIPPED (AGENT_SHIM_PYTHON not set): {}", module_path!());
-        return Ok(());
+        return crate::support::skip("python", "AGENT_SHIM_PYTHON not set", module_path!());
     }
     valid_and_invalid(Mode::Subreaper, Driver::Python)
 }

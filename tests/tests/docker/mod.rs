@@ -3,7 +3,8 @@
 //! over a bind-mounted unix socket and over TCP on a user-defined network, `docker stop`,
 //! `kill`, `pause`/`unpause`, `network disconnect`/`connect`, and a `Fleet` of 20 containers.
 //!
-//! When no Docker engine answers, every test prints a loud `SKIPPED` line and passes.
+//! When no Docker engine answers, every test prints a loud `SKIPPED` line and passes, except
+//! under `CI=true`, where it fails (`support::skip`).
 //!
 //! Hygiene: every image, container and network is named `agent-shim-e2e-<run>-…` and labelled
 //! with the test process's pid; guards remove them on drop (also when a test fails), and each
@@ -43,11 +44,11 @@ pub const LABEL: &str = "io.agent-shim.e2e.pid";
 macro_rules! require_docker {
     () => {
         if !$crate::docker::available() {
-            eprintln!(
-                "SKIPPED (no Docker engine answers `docker version`): {}",
-                module_path!()
+            return $crate::support::skip(
+                "docker",
+                "no Docker engine answers `docker version`",
+                module_path!(),
             );
-            return Ok(());
         }
     };
 }

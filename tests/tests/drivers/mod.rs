@@ -115,8 +115,11 @@ macro_rules! conformance {
             #[test]
             fn python() -> ::anyhow::Result<()> {
                 if !$crate::drivers::Driver::python_available() {
-                    eprintln!("SKIPPED (AGENT_SHIM_PYTHON not set): {}", module_path!());
-                    return Ok(());
+                    return $crate::support::skip(
+                        "python",
+                        "AGENT_SHIM_PYTHON not set",
+                        module_path!(),
+                    );
                 }
                 body($crate::drivers::Driver::Python)
             }

@@ -378,8 +378,7 @@ in_both_modes! {
 
     fn the_python_driver_runs_a_tool_through_the_shim(mode: Mode) -> Result<()> {
         if !crate::drivers::Driver::python_available() {
-            eprintln!("SKIPPED (AGENT_SHIM_PYTHON not set): {}", module_path!());
-            return Ok(());
+            return crate::support::skip("python", "AGENT_SHIM_PYTHON not set", module_path!());
         }
         driver_tool_call(mode, Driver::Python)
     }

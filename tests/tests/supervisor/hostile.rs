@@ -131,8 +131,11 @@ fn an_event_flood_keeps_rss_bounded_and_status_prompt() -> Result<()> {
 #[test]
 fn a_non_root_driver_cannot_signal_pid1() -> Result<()> {
     if !is_root() {
-        eprintln!("SKIPPED: needs root (a PID namespace and --user)");
-        return Ok(());
+        return crate::support::skip(
+            "root",
+            "a PID namespace and --user need root",
+            module_path!(),
+        );
     }
     let mut sup = Setup::new(Mode::Pid1)
         .flag("--user", "65534:65534")
@@ -167,8 +170,7 @@ fn a_non_root_driver_cannot_signal_pid1() -> Result<()> {
 #[test]
 fn a_non_root_driver_cannot_reach_the_control_socket_or_the_token() -> Result<()> {
     if !is_root() {
-        eprintln!("SKIPPED: needs root (--user)");
-        return Ok(());
+        return crate::support::skip("root", "--user needs root", module_path!());
     }
     let dir = TempDir::new("peek")?;
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;

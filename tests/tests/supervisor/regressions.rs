@@ -164,8 +164,7 @@ in_both_modes! {
     // every task runs on a fresh driver and succeeds.
     fn no_task_goes_to_a_driver_that_already_exited(mode: Mode) -> Result<()> {
         let Some(python) = std::env::var_os("AGENT_SHIM_PYTHON").filter(|p| !p.is_empty()) else {
-            eprintln!("SKIPPED (AGENT_SHIM_PYTHON not set): {}", module_path!());
-            return Ok(());
+            return crate::support::skip("python", "AGENT_SHIM_PYTHON not set", module_path!());
         };
         let dir = TempDir::new("done-then-exit")?;
         let script = dir.path().join("driver.py");

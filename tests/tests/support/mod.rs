@@ -32,12 +32,33 @@ use anyhow::{anyhow, bail, Context, Result};
 /// How long a test waits for something that normally takes milliseconds.
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
-/// Prints a loud skip line and returns from the test when not running as root.
+/// The variable under which a run is CI's: every test must run, none may skip.
+pub const CI_VAR: &str = "CI";
+
+/// The variable in which a CI run names, comma-separated, what its machine cannot give (for
+/// example `vsock`: no loopback transport in this kernel). A skip for a reason it names is
+/// still a skip under CI; `.ci/run` sets it only after probing, and says so loudly.
+pub const CI_CANNOT_VAR: &str = "AGENT_SHIM_CI_CANNOT";
+
+/// A test that cannot run: under `CI=true` an error (a skipped test must not pass there), and
+/// otherwise a loud `SKIPPED` line and `Ok`. `what` names the missing capability (`root`,
+/// `docker`, `python`, `vsock`); `test` is the test's path.
+pub fn skip(what: &str, why: &str, test: &str) -> Result<()> {
+    let ci = std::env::var(CI_VAR).is_ok_and(|v| v == "true" || v == "1");
+    let declared =
+        std::env::var(CI_CANNOT_VAR).is_ok_and(|list| list.split(',').any(|w| w.trim() == what));
+    if ci && !declared {
+        bail!("cannot run under CI ({what}: {why}): {test}");
+    }
+    eprintln!("SKIPPED ({what}: {why}): {test}");
+    Ok(())
+}
+
+/// Returns from the test, through [`skip`], when not running as root.
 macro_rules! require_root {
     () => {
         if !$crate::support::is_root() {
-            eprintln!("SKIPPED (needs root): {}", module_path!());
-            return Ok(());
+            return $crate::support::skip("root", "a PID namespace needs root", module_path!());
         }
     };
 }
