@@ -146,7 +146,8 @@ fn cargo(args: &[&str], target: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Installs the anchors, builds the static shim and the echo driver, and finds every binary.
+/// Installs the anchors, builds the static shim, the echo driver and the bench's own driver
+/// and probe, and finds every binary.
 pub fn prepare() -> Result<Bins> {
     install_anchors()?;
     let target = target_dir()?;
@@ -173,10 +174,22 @@ pub fn prepare() -> Result<Bins> {
         ],
         &target,
     )?;
+    // `cargo run` builds only the binary it runs: the bench's own helpers are built here, so
+    // that the command works from a fresh clone.
+    cargo(
+        &[
+            "build",
+            "--release",
+            "-p",
+            "agent-shim-bench",
+            "--bin",
+            "bench-driver",
+            "--bin",
+            "bench-probe",
+        ],
+        &target,
+    )?;
     let exe = std::env::current_exe().context("current_exe")?;
-    let here = exe
-        .parent()
-        .ok_or_else(|| anyhow!("no parent of {}", exe.display()))?;
     let found = |p: PathBuf| -> Result<PathBuf> {
         if p.is_file() {
             Ok(p)
@@ -191,8 +204,8 @@ pub fn prepare() -> Result<Bins> {
         dumb_init: tool("dumb-init")?,
         catatonit: tool("catatonit")?,
         echo_driver: found(target.join("release").join("echo-driver"))?,
-        bench_driver: found(here.join("bench-driver"))?,
-        probe: found(here.join("bench-probe"))?,
+        bench_driver: found(target.join("release").join("bench-driver"))?,
+        probe: found(target.join("release").join("bench-probe"))?,
         this: exe.clone(),
     })
 }
