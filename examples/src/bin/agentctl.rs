@@ -5,9 +5,12 @@
 //! ```
 //!
 //! See `examples/README.md` for the commands, the output formats and the exit codes. Every
-//! event-reading command acknowledges only what it is meant to: `tail` acks an event once its
-//! line is printed and flushed, so `tail --from <last seq printed>` after a crash continues
-//! exactly once; `task`, `pause --wait` and `exec` read events without acknowledging any.
+//! event-reading command acknowledges what it consumed, once it is done with it: `tail` acks
+//! an event once its line is printed and flushed, so `tail --from <last seq printed>` after a
+//! crash continues exactly once; `exec` acks its output once written and flushed (else the
+//! shim's replay buffer fills and the exec stalls for good), `task --follow` and
+//! `pause --wait` the events they print. Acks are cumulative: an ack also covers the events
+//! of others read before it, which these commands pass over.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -488,7 +491,7 @@ async fn command(client: &Client, cmd: Cmd, out: &Out) -> Result<u8, Fail> {
                 || serde_json::json!({"submitted": id}),
             );
             match events {
-                Some(events) => follow_task(events, &id, out).await,
+                Some(events) => follow_task(client, events, &id, out).await,
                 None => Ok(0),
             }
         }
@@ -509,6 +512,7 @@ async fn command(client: &Client, cmd: Cmd, out: &Out) -> Result<u8, Fail> {
                     match events.next().await {
                         Some((seq, Event::Paused(Paused { re: Some(re) }))) if re == id => {
                             out.event(seq, &Event::Paused(Paused { re: Some(re) }));
+                            client.ack(seq);
                             break;
                         }
                         Some(_) => {}
@@ -556,12 +560,18 @@ async fn command(client: &Client, cmd: Cmd, out: &Out) -> Result<u8, Fail> {
 }
 
 /// Prints the task's events until its `task_done`; exit 0 only if it succeeded.
-async fn follow_task(mut events: EventStream, id: &str, out: &Out) -> Result<u8, Fail> {
+async fn follow_task(
+    client: &Client,
+    mut events: EventStream,
+    id: &str,
+    out: &Out,
+) -> Result<u8, Fail> {
     while let Some((seq, event)) = events.next().await {
         if event_task(&event) != Some(id) {
             continue;
         }
         out.event(seq, &event);
+        client.ack(seq);
         if let Event::TaskDone(TaskDone { status, .. }) = event {
             return Ok(if status == TaskStatus::Succeeded {
                 0
@@ -696,8 +706,12 @@ async fn exec(client: &Client, tty: bool, argv: Vec<String>, out: &Out) -> Resul
                             let mut s = std::io::stdout().lock();
                             s.write_all(&o.data).and_then(|()| s.flush())
                         };
+                        // A closed stdout/stderr is the reader's business; the output was
+                        // consumed all the same.
                         let _ = res;
                     }
+                    // Written and flushed: the shim may forget it (and read on).
+                    client.ack(seq);
                 }
                 Some((seq, Event::ExecExit(x))) if x.exec_id == exec_id => {
                     let code = match (x.code, x.signal.as_deref()) {
@@ -708,6 +722,7 @@ async fn exec(client: &Client, tty: bool, argv: Vec<String>, out: &Out) -> Resul
                     if out.json {
                         out.event(seq, &Event::ExecExit(x));
                     }
+                    client.ack(seq);
                     return Ok(code);
                 }
                 Some(_) => {}
