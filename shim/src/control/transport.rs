@@ -261,3 +261,86 @@ fn probe_listener(path: &Path) -> io::Result<Liveness> {
         Err(err) => Err(err.into()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixListener as StdListener;
+
+    use super::*;
+
+    /// A fresh directory under the temp dir, removed at the end.
+    struct Dir(PathBuf);
+
+    impl Dir {
+        fn new(tag: &str) -> Dir {
+            let d = std::env::temp_dir()
+                .join(format!("agent-shim-transport-{tag}-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&d);
+            fs::create_dir_all(&d).unwrap();
+            Dir(d)
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn a_live_socket_is_refused_a_dead_one_replaced_anything_else_left_alone() {
+        let dir = Dir::new("liveness");
+        let path = dir.0.join("c.sock");
+        assert_eq!(probe_listener(&path).unwrap(), Liveness::Gone);
+        remove_dead(&path).unwrap();
+
+        let live = StdListener::bind(&path).unwrap();
+        assert_eq!(probe_listener(&path).unwrap(), Liveness::Live);
+        let err = remove_dead(&path).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        assert!(err.to_string().contains("live listener"), "{err}");
+        assert!(path.exists(), "a live socket was removed");
+
+        drop(live);
+        assert_eq!(probe_listener(&path).unwrap(), Liveness::Dead);
+        remove_dead(&path).unwrap();
+        assert!(!path.exists(), "a dead socket was left");
+
+        // A symlink to a live socket is not followed: refused, and both stay.
+        let target = dir.0.join("other.sock");
+        let _other = StdListener::bind(&target).unwrap();
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        let err = remove_dead(&path).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
+        assert!(fs::symlink_metadata(&path)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert!(target.exists());
+    }
+
+    #[test]
+    fn only_our_own_socket_is_removed() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .unwrap();
+        let _entered = rt.enter();
+        let dir = Dir::new("ours");
+        let path = dir.0.join("c.sock");
+        let (listener, file) = bind_unix(&path).unwrap();
+        let meta = fs::symlink_metadata(&path).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        // Replaced by someone else's socket: left in place.
+        fs::remove_file(&path).unwrap();
+        let _theirs = StdListener::bind(&path).unwrap();
+        file.remove();
+        assert!(path.exists(), "another socket was removed");
+        // Ours: removed.
+        fs::remove_file(&path).unwrap();
+        drop(listener);
+        let (_listener, file) = bind_unix(&path).unwrap();
+        file.remove();
+        assert!(!path.exists(), "our socket was left");
+    }
+}

@@ -266,4 +266,25 @@ mod tests {
         let text: Vec<u8> = q.queue.iter().copied().collect();
         assert_eq!(text, b"agent-shim: 3 driver output lines dropped\n");
     }
+
+    #[test]
+    fn a_regular_file_is_written_directly_after_what_it_holds() {
+        use std::io::{Seek as _, Write as _};
+        let path = std::env::temp_dir().join(format!("agent-shim-errcopy-{}", std::process::id()));
+        let mut file = std::fs::File::create(&path).unwrap();
+        file.write_all(b"earlier\n").unwrap();
+        file.seek(std::io::SeekFrom::End(0)).unwrap();
+        // As for fd 2: a dup shares the offset, so nothing earlier is overwritten.
+        let mut c = ErrCopy::direct(OwnedFd::from(file.try_clone().unwrap()));
+        c.line("driver[7] stdout: one");
+        c.line("driver[7] stderr: two");
+        assert!(!c.pending(), "nothing waits: it was written");
+        file.write_all(b"later\n").unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(
+            text,
+            "earlier\ndriver[7] stdout: one\ndriver[7] stderr: two\nlater\n"
+        );
+    }
 }
