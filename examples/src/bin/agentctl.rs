@@ -9,8 +9,9 @@
 //! an event once its line is printed and flushed, so `tail --from <last seq printed>` after a
 //! crash continues exactly once; `exec` acks its output once written and flushed (else the
 //! shim's replay buffer fills and the exec stalls for good), `task --follow` and
-//! `pause --wait` the events they print. Acks are cumulative: an ack also covers the events
-//! of others read before it, which these commands pass over.
+//! `pause --wait` the events they print. The events these three pass over (another task's,
+//! the driver's logs) are acknowledged as read: acks are cumulative anyway, and a flood of
+//! them must not fill the shim's buffer and hold what the command waits for.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -515,7 +516,9 @@ async fn command(client: &Client, cmd: Cmd, out: &Out) -> Result<u8, Fail> {
                             client.ack(seq);
                             break;
                         }
-                        Some(_) => {}
+                        // Passed over: acknowledged, so the shim's buffer never fills up
+                        // with what this command does not print.
+                        Some((seq, _)) => client.ack(seq),
                         None => return Err(Fail(exit::CONNECT, "the connection was lost".into())),
                     }
                 }
@@ -568,6 +571,7 @@ async fn follow_task(
 ) -> Result<u8, Fail> {
     while let Some((seq, event)) = events.next().await {
         if event_task(&event) != Some(id) {
+            client.ack(seq);
             continue;
         }
         out.event(seq, &event);
@@ -725,7 +729,9 @@ async fn exec(client: &Client, tty: bool, argv: Vec<String>, out: &Out) -> Resul
                     client.ack(seq);
                     return Ok(code);
                 }
-                Some(_) => {}
+                // Another exec's or the driver's: passed over and acknowledged, so that a
+                // flood of them cannot fill the shim's buffer and hold this exec's output.
+                Some((seq, _)) => client.ack(seq),
                 None => return Err(Fail(exit::CONNECT, "the connection was lost".into())),
             },
             n = stdin.read(&mut buf), if stdin_open => match n {
