@@ -220,7 +220,10 @@ fn remove_dead(path: &Path) -> io::Result<()> {
             )),
             Err(err) => Err(io::Error::new(
                 err.kind(),
-                format!("{} exists and cannot be probed: {err}", path.display()),
+                format!(
+                    "{} is a socket we cannot connect to, so it may be live: not taken over ({err})",
+                    path.display()
+                ),
             )),
         },
         Ok(_) => Err(io::Error::new(

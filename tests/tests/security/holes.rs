@@ -6,7 +6,8 @@
 //! socket file is replaced and only the shim's own socket is removed at exit; a `setsid`
 //! daemon started by an exec pins the documented limit (it survives the exec's timeout and
 //! dies at shutdown, nothing is left after); `agentctl exec` of 1 GiB completes because it
-//! acknowledges what it printed.
+//! acknowledges what it printed. In Docker, a tenant's own shim (uid 1000) started on the
+//! bind-mounted socket directory of a live one is refused too.
 
 use std::ffi::OsString;
 use std::io::Read as _;
@@ -335,5 +336,72 @@ fn agentctl_exec_of_a_gibibyte_completes() -> Result<()> {
         status.code() == Some(7),
         "agentctl exited {status:?}; stderr: {err}"
     );
+    Ok(())
+}
+
+/// A tenant with write access to the socket's directory (a host directory bind-mounted into
+/// several sandboxes) starts its own shim there as uid 1000: it must not take the live
+/// socket over.
+#[test]
+fn a_tenants_second_shim_in_docker_cannot_take_a_live_socket_over() -> Result<()> {
+    if !crate::docker::available() {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            bail!("no Docker engine answers, and CI=true: this test may not be skipped");
+        }
+        eprintln!(
+            "SKIPPED (no Docker engine answers `docker version`): {}",
+            module_path!()
+        );
+        return Ok(());
+    }
+    use crate::docker::{image, Run, UnixAgent};
+    let images = image()?;
+    let agent = UnixAgent::start(&images.test, &[], &[])?;
+    let control_link::Addr::Unix(sock) = &agent.addr else {
+        bail!("not a unix address: {}", agent.addr);
+    };
+    let dir = sock
+        .parent()
+        .ok_or_else(|| anyhow!("no directory for {}", sock.display()))?;
+    let before = identity(sock)?;
+    let rt = crate::control_link::runtime()?;
+    let status = |what: &'static str| -> Result<()> {
+        rt.block_on(async {
+            let client =
+                crate::control_link::within(PATIENCE, what, agent.options().connect(&agent.addr))
+                    .await??;
+            let s = crate::control_link::within(PATIENCE, what, client.status()).await??;
+            ensure!(s.driver_pid.is_some(), "{what}: {s:?}");
+            client.close().await;
+            Ok(())
+        })
+    };
+    status("before")?;
+
+    let tenant = Run::new("holes-tenant")
+        .opts(["--user", "1000:1000", "-v"])
+        .opt(format!("{}:/run/agent-shim", dir.display()))
+        .args([
+            "--control-listen",
+            "unix:/run/agent-shim/control.sock",
+            "--control-insecure",
+            "--",
+            "/usr/local/bin/echo-driver",
+        ])
+        .start(&images.test)?;
+    // On a shim that takes the socket over, this wait runs out: it serves on and on.
+    let code = tenant.wait_exit(Duration::from_secs(30))?;
+    let logs = tenant.logs();
+    eprintln!("the tenant's shim exited {code}: {}", logs.trim());
+    ensure!(
+        code == EXIT_STARTUP,
+        "the tenant's shim exited {code}: {logs}"
+    );
+    ensure!(
+        logs.contains("control.sock"),
+        "the refusal does not name the socket: {logs}"
+    );
+    ensure!(identity(sock)? == before, "the socket file was replaced");
+    status("after")?;
     Ok(())
 }
