@@ -183,11 +183,15 @@ fn bind_unix(path: &Path) -> io::Result<(UnixListener, SocketFile)> {
     umask(old);
     let listener = bound?;
     let meta = fs::symlink_metadata(path)?;
-    if !meta.file_type().is_socket() || meta.mode() & 0o077 != 0 {
+    if !meta.file_type().is_socket() {
         return Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
             format!("{} changed under us after bind", path.display()),
         ));
+    }
+    if meta.mode() & 0o077 != 0 {
+        // A filesystem that ignores the umask for sockets: a socket, checked just now.
+        fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     }
     let file = SocketFile {
         path: path.to_owned(),
