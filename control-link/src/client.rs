@@ -279,7 +279,10 @@ impl Client {
 
     /// Acknowledges every event up to `seq` as processed (cumulative). In
     /// [`AckMode::Manual`](crate::AckMode::Manual) this is the only way events are acked:
-    /// call it after persisting. Acks are batched (sent within 200 ms, and on close).
+    /// call it after persisting. Acks are batched (sent within 200 ms, and on close), except
+    /// that once 64 events or 1 MiB of events were taken from the stream since the last such
+    /// batch, the next ack goes out at once, so a caller that acks as it goes keeps a fast
+    /// stream (an exec's output) flowing instead of stalling on the shim's full buffer.
     ///
     /// ```no_run
     /// # async fn demo(client: control_link::Client) -> Result<(), control_link::Error> {
@@ -291,11 +294,7 @@ impl Client {
     /// # Ok(()) }
     /// ```
     pub fn ack(&self, seq: Seq) {
-        self.inner
-            .shared
-            .user_acked
-            .fetch_max(seq, Ordering::AcqRel);
-        self.inner.shared.ack_soon.notify_one();
+        self.inner.shared.user_ack(seq);
     }
 
     /// Sends pending acks now, then closes the connection and stops reconnecting. Requests

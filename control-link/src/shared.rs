@@ -73,6 +73,10 @@ pub(crate) struct Shared {
     pub(crate) ack_soon: Notify,
     /// Send an ack now.
     pub(crate) ack_now: Notify,
+    /// Manual mode: a stream handed out [`ACK_EVERY`] events or [`ACK_BYTES`] since the last
+    /// time this was cleared, so the caller's next [`Client::ack`](crate::Client::ack) goes
+    /// out at once instead of within [`ACK_INTERVAL`].
+    pub(crate) manual_ack_due: AtomicBool,
     pub(crate) connected: AtomicBool,
     pub(crate) closed: AtomicBool,
     pub(crate) agent_id: Mutex<Option<String>>,
@@ -106,6 +110,7 @@ impl Shared {
             }),
             ack_soon: Notify::new(),
             ack_now: Notify::new(),
+            manual_ack_due: AtomicBool::new(false),
             connected: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             agent_id: Mutex::new(None),
@@ -131,14 +136,30 @@ impl Shared {
 
     /// The consumer took the event `seq`, which took `len` bytes on the wire, from a stream.
     pub(crate) fn taken(&self, seq: Seq, len: usize, since_flush: &mut AckBatch) {
-        if self.ack_mode != AckMode::Auto {
-            return;
+        let auto = self.ack_mode == AckMode::Auto;
+        if auto {
+            self.consumed.fetch_max(seq, Ordering::AcqRel);
         }
-        self.consumed.fetch_max(seq, Ordering::AcqRel);
         since_flush.events = since_flush.events.saturating_add(1);
         since_flush.bytes = since_flush.bytes.saturating_add(len);
-        if since_flush.events >= ACK_EVERY || since_flush.bytes >= ACK_BYTES {
+        let due = since_flush.events >= ACK_EVERY || since_flush.bytes >= ACK_BYTES;
+        if due {
             *since_flush = AckBatch::default();
+        }
+        match (auto, due) {
+            (true, true) => self.ack_now.notify_one(),
+            (true, false) => self.ack_soon.notify_one(),
+            // Manual: only the caller acks; a large batch makes its next ack go out at once.
+            (false, true) => self.manual_ack_due.store(true, Ordering::Release),
+            (false, false) => {}
+        }
+    }
+
+    /// The caller acknowledged up to `seq` (manual or auto mode): sent at once when a batch
+    /// is due (see [`Self::manual_ack_due`]), else within [`ACK_INTERVAL`].
+    pub(crate) fn user_ack(&self, seq: Seq) {
+        self.user_acked.fetch_max(seq, Ordering::AcqRel);
+        if self.manual_ack_due.swap(false, Ordering::AcqRel) {
             self.ack_now.notify_one();
         } else {
             self.ack_soon.notify_one();
@@ -269,5 +290,14 @@ mod tests {
         let mut batch = AckBatch::default();
         manual.taken(1, 2 * ACK_BYTES, &mut batch);
         assert!(!ack_due(&manual));
+        assert_eq!(manual.consumed.load(Ordering::Acquire), 0);
+        // ... but the caller's next ack after a large batch goes out at once, the one after
+        // that waits to be batched again.
+        manual.user_ack(1);
+        assert!(ack_due(&manual), "the ack after a MiB goes out at once");
+        manual.taken(2, 200, &mut batch);
+        manual.user_ack(2);
+        assert!(!ack_due(&manual), "a small batch waits");
+        assert_eq!(manual.user_acked.load(Ordering::Acquire), 2);
     }
 }

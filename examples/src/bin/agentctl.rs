@@ -5,9 +5,13 @@
 //! ```
 //!
 //! See `examples/README.md` for the commands, the output formats and the exit codes. Every
-//! event-reading command acknowledges only what it is meant to: `tail` acks an event once its
-//! line is printed and flushed, so `tail --from <last seq printed>` after a crash continues
-//! exactly once; `task`, `pause --wait` and `exec` read events without acknowledging any.
+//! event-reading command acknowledges what it consumed, once it is done with it: `tail` acks
+//! an event once its line is printed and flushed, so `tail --from <last seq printed>` after a
+//! crash continues exactly once; `exec` acks its output once written and flushed (else the
+//! shim's replay buffer fills and the exec stalls for good), `task --follow` and
+//! `pause --wait` the events they print. The events these three pass over (another task's,
+//! the driver's logs) are acknowledged as read: acks are cumulative anyway, and a flood of
+//! them must not fill the shim's buffer and hold what the command waits for.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -488,7 +492,7 @@ async fn command(client: &Client, cmd: Cmd, out: &Out) -> Result<u8, Fail> {
                 || serde_json::json!({"submitted": id}),
             );
             match events {
-                Some(events) => follow_task(events, &id, out).await,
+                Some(events) => follow_task(client, events, &id, out).await,
                 None => Ok(0),
             }
         }
@@ -509,9 +513,12 @@ async fn command(client: &Client, cmd: Cmd, out: &Out) -> Result<u8, Fail> {
                     match events.next().await {
                         Some((seq, Event::Paused(Paused { re: Some(re) }))) if re == id => {
                             out.event(seq, &Event::Paused(Paused { re: Some(re) }));
+                            client.ack(seq);
                             break;
                         }
-                        Some(_) => {}
+                        // Passed over: acknowledged, so the shim's buffer never fills up
+                        // with what this command does not print.
+                        Some((seq, _)) => client.ack(seq),
                         None => return Err(Fail(exit::CONNECT, "the connection was lost".into())),
                     }
                 }
@@ -556,12 +563,19 @@ async fn command(client: &Client, cmd: Cmd, out: &Out) -> Result<u8, Fail> {
 }
 
 /// Prints the task's events until its `task_done`; exit 0 only if it succeeded.
-async fn follow_task(mut events: EventStream, id: &str, out: &Out) -> Result<u8, Fail> {
+async fn follow_task(
+    client: &Client,
+    mut events: EventStream,
+    id: &str,
+    out: &Out,
+) -> Result<u8, Fail> {
     while let Some((seq, event)) = events.next().await {
         if event_task(&event) != Some(id) {
+            client.ack(seq);
             continue;
         }
         out.event(seq, &event);
+        client.ack(seq);
         if let Event::TaskDone(TaskDone { status, .. }) = event {
             return Ok(if status == TaskStatus::Succeeded {
                 0
@@ -696,8 +710,12 @@ async fn exec(client: &Client, tty: bool, argv: Vec<String>, out: &Out) -> Resul
                             let mut s = std::io::stdout().lock();
                             s.write_all(&o.data).and_then(|()| s.flush())
                         };
+                        // A closed stdout/stderr is the reader's business; the output was
+                        // consumed all the same.
                         let _ = res;
                     }
+                    // Written and flushed: the shim may forget it (and read on).
+                    client.ack(seq);
                 }
                 Some((seq, Event::ExecExit(x))) if x.exec_id == exec_id => {
                     let code = match (x.code, x.signal.as_deref()) {
@@ -708,9 +726,12 @@ async fn exec(client: &Client, tty: bool, argv: Vec<String>, out: &Out) -> Resul
                     if out.json {
                         out.event(seq, &Event::ExecExit(x));
                     }
+                    client.ack(seq);
                     return Ok(code);
                 }
-                Some(_) => {}
+                // Another exec's or the driver's: passed over and acknowledged, so that a
+                // flood of them cannot fill the shim's buffer and hold this exec's output.
+                Some((seq, _)) => client.ack(seq),
                 None => return Err(Fail(exit::CONNECT, "the connection was lost".into())),
             },
             n = stdin.read(&mut buf), if stdin_open => match n {

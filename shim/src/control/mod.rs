@@ -37,7 +37,6 @@ mod vsock;
 use std::cell::RefCell;
 use std::fmt;
 use std::io;
-use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -317,8 +316,8 @@ pub struct ControlServer {
     commands: mpsc::Receiver<Command>,
     /// The accept loop and the dialer, aborted on drop.
     tasks: Vec<AbortHandle>,
-    /// The unix socket file to remove on drop.
-    unix_path: Option<PathBuf>,
+    /// The unix socket file to remove on drop, if it is still ours.
+    unix_file: Option<transport::SocketFile>,
 }
 
 impl ControlServer {
@@ -366,7 +365,13 @@ impl ControlServer {
                 "a tcp or vsock control link needs a token",
             ));
         }
-        let listener = endpoints.listen.as_ref().map(Listener::bind).transpose()?;
+        let (listener, unix_file) = match endpoints.listen.as_ref().map(Listener::bind) {
+            Some(bound) => {
+                let (listener, file) = bound?;
+                (Some(listener), file)
+            }
+            None => (None, None),
+        };
         let mut hello = Hello::new(Role::Shim, "agent-shim", env!("CARGO_PKG_VERSION"));
         hello.agent_id = cfg.agent_id.clone();
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
@@ -400,15 +405,11 @@ impl ControlServer {
             let task = tokio::task::spawn_local(dial::dial_loop(addr.clone(), Rc::clone(&inner)));
             tasks.push(task.abort_handle());
         }
-        let unix_path = match &endpoints.listen {
-            Some(ControlAddr::Unix(path)) => Some(path.clone()),
-            _ => None,
-        };
         Ok(Self {
             inner,
             commands: rx,
             tasks,
-            unix_path,
+            unix_file,
         })
     }
 
@@ -543,10 +544,8 @@ impl Drop for ControlServer {
         if let Some(conn) = self.inner.live() {
             conn.close_now();
         }
-        if let Some(path) = &self.unix_path {
-            if let Err(err) = std::fs::remove_file(path) {
-                debug!(path = %path.display(), error = %err, "control socket not removed");
-            }
+        if let Some(file) = &self.unix_file {
+            file.remove();
         }
     }
 }

@@ -6,9 +6,10 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
-use std::path::Path;
+use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
+use std::path::{Path, PathBuf};
 
+use nix::errno::Errno;
 use nix::sys::stat::{umask, Mode};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
@@ -33,19 +34,23 @@ pub(super) enum Listener {
 }
 
 impl Listener {
-    /// Binds `addr`: a unix socket with mode 0600 (a stale socket file is replaced), TCP
-    /// (the host resolved now), or vsock. Must be called inside the runtime.
-    pub(super) fn bind(addr: &ControlAddr) -> io::Result<Self> {
+    /// Binds `addr`: a unix socket with mode 0600 (a dead socket file is replaced, a live
+    /// one refused; the socket file is returned too), TCP (the host resolved now), or vsock.
+    /// Must be called inside the runtime.
+    pub(super) fn bind(addr: &ControlAddr) -> io::Result<(Self, Option<SocketFile>)> {
         match addr {
-            ControlAddr::Unix(path) => bind_unix(path).map(Self::Unix),
+            ControlAddr::Unix(path) => {
+                bind_unix(path).map(|(listener, file)| (Self::Unix(listener), Some(file)))
+            }
             ControlAddr::Tcp { host, port } => {
                 let listener = std::net::TcpListener::bind((host.as_str(), *port))?;
                 listener.set_nonblocking(true)?;
-                TcpListener::from_std(listener).map(Self::Tcp)
+                Ok((TcpListener::from_std(listener).map(Self::Tcp)?, None))
             }
-            ControlAddr::Vsock { cid, port } => {
-                VsockListener::bind(*cid, *port, vsock::BACKLOG).map(Self::Vsock)
-            }
+            ControlAddr::Vsock { cid, port } => Ok((
+                VsockListener::bind(*cid, *port, vsock::BACKLOG).map(Self::Vsock)?,
+                None,
+            )),
         }
     }
 
@@ -133,29 +138,216 @@ fn vsock_halves(stream: VsockStream) -> Halves {
     (Box::new(rd), Box::new(wr))
 }
 
-/// Binds a unix socket with mode 0600, replacing a stale socket file.
-fn bind_unix(path: &Path) -> io::Result<UnixListener> {
-    remove_stale(path)?;
-    // The socket is created with mode 0600 rather than chmod'ed after: no window in which
-    // another user could connect. The shim is single-threaded here.
+/// The socket file a unix listener created: its path and the identity (device, inode) it
+/// had right after `bind`, so that only our own socket is ever removed.
+#[derive(Debug, Clone)]
+pub(super) struct SocketFile {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl SocketFile {
+    /// Removes the socket file if the path still names the socket we bound (`lstat`, no
+    /// symlink followed): a second shim that took the path over, or anything the tenant put
+    /// there, stays.
+    pub(super) fn remove(&self) {
+        match fs::symlink_metadata(&self.path) {
+            Ok(meta)
+                if meta.file_type().is_socket()
+                    && (meta.dev(), meta.ino()) == (self.dev, self.ino) =>
+            {
+                if let Err(err) = fs::remove_file(&self.path) {
+                    tracing::debug!(path = %self.path.display(), error = %err, "control socket not removed");
+                }
+            }
+            Ok(_) => {
+                tracing::warn!(path = %self.path.display(), "the control socket path is no longer ours: left in place");
+            }
+            Err(err) => {
+                tracing::debug!(path = %self.path.display(), error = %err, "control socket already gone");
+            }
+        }
+    }
+}
+
+/// Binds a unix socket with mode 0600, replacing a dead socket file only (see
+/// [`remove_dead`]).
+fn bind_unix(path: &Path) -> io::Result<(UnixListener, SocketFile)> {
+    remove_dead(path)?;
+    // The socket is created with mode 0600 (umask 0177) rather than chmod'ed after: no window
+    // in which another user could connect, and no chmod that would follow a symlink put in
+    // its place. The shim is single-threaded here.
     let old = umask(Mode::from_bits_truncate(0o177));
     let bound = std::os::unix::net::UnixListener::bind(path);
     umask(old);
     let listener = bound?;
-    fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
+    let meta = fs::symlink_metadata(path)?;
+    if !meta.file_type().is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("{} changed under us after bind", path.display()),
+        ));
+    }
+    if meta.mode() & 0o077 != 0 {
+        // A filesystem that ignores the umask for sockets: a socket, checked just now.
+        fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    }
+    let file = SocketFile {
+        path: path.to_owned(),
+        dev: meta.dev(),
+        ino: meta.ino(),
+    };
     listener.set_nonblocking(true)?;
-    UnixListener::from_std(listener)
+    Ok((UnixListener::from_std(listener)?, file))
 }
 
-/// Removes a socket left by an earlier run; refuses to remove anything that is not a socket.
-fn remove_stale(path: &Path) -> io::Result<()> {
+/// Makes way for our socket at `path`: nothing there is fine; a socket nobody listens on (a
+/// connect is refused) is a dead one left by an earlier run and is removed; a socket that
+/// accepts a connection (or whose backlog is full) belongs to a live listener, most likely
+/// another shim, and is never touched. Anything else (a symlink, a file) is refused too:
+/// the path is looked at with `lstat` and nothing is followed.
+fn remove_dead(path: &Path) -> io::Result<()> {
     match fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => fs::remove_file(path),
+        Ok(meta) if meta.file_type().is_socket() => match probe_listener(path) {
+            Ok(Liveness::Dead) => match fs::remove_file(path) {
+                Err(err) if err.kind() != io::ErrorKind::NotFound => Err(err),
+                _ => Ok(()),
+            },
+            Ok(Liveness::Gone) => Ok(()),
+            Ok(Liveness::Live) => Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!(
+                    "{} is the socket of a live listener (another shim?): not taken over",
+                    path.display()
+                ),
+            )),
+            Err(err) => Err(io::Error::new(
+                err.kind(),
+                format!(
+                    "{} is a socket we cannot connect to, so it may be live: not taken over ({err})",
+                    path.display()
+                ),
+            )),
+        },
         Ok(_) => Err(io::Error::new(
             io::ErrorKind::AlreadyExists,
             format!("{} exists and is not a socket", path.display()),
         )),
         Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(err) => Err(err),
+    }
+}
+
+/// What a connection attempt says about a socket file.
+#[derive(Debug, PartialEq, Eq)]
+enum Liveness {
+    /// Someone listens: the connection was accepted, or the backlog is full.
+    Live,
+    /// Nobody listens (`ECONNREFUSED`).
+    Dead,
+    /// The file went away meanwhile.
+    Gone,
+}
+
+/// Connects to `path` without blocking (a full backlog answers `EAGAIN` at once) and closes
+/// the connection again.
+fn probe_listener(path: &Path) -> io::Result<Liveness> {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let sock = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let addr = UnixAddr::new(path)?;
+    match connect(std::os::fd::AsRawFd::as_raw_fd(&sock), &addr) {
+        Ok(()) | Err(Errno::EAGAIN | Errno::EINPROGRESS) => Ok(Liveness::Live),
+        Err(Errno::ECONNREFUSED) => Ok(Liveness::Dead),
+        Err(Errno::ENOENT) => Ok(Liveness::Gone),
+        Err(err) => Err(err.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixListener as StdListener;
+
+    use super::*;
+
+    /// A fresh directory under the temp dir, removed at the end.
+    struct Dir(PathBuf);
+
+    impl Dir {
+        fn new(tag: &str) -> Dir {
+            let d = std::env::temp_dir()
+                .join(format!("agent-shim-transport-{tag}-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&d);
+            fs::create_dir_all(&d).unwrap();
+            Dir(d)
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn a_live_socket_is_refused_a_dead_one_replaced_anything_else_left_alone() {
+        let dir = Dir::new("liveness");
+        let path = dir.0.join("c.sock");
+        assert_eq!(probe_listener(&path).unwrap(), Liveness::Gone);
+        remove_dead(&path).unwrap();
+
+        let live = StdListener::bind(&path).unwrap();
+        assert_eq!(probe_listener(&path).unwrap(), Liveness::Live);
+        let err = remove_dead(&path).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        assert!(err.to_string().contains("live listener"), "{err}");
+        assert!(path.exists(), "a live socket was removed");
+
+        drop(live);
+        assert_eq!(probe_listener(&path).unwrap(), Liveness::Dead);
+        remove_dead(&path).unwrap();
+        assert!(!path.exists(), "a dead socket was left");
+
+        // A symlink to a live socket is not followed: refused, and both stay.
+        let target = dir.0.join("other.sock");
+        let _other = StdListener::bind(&target).unwrap();
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        let err = remove_dead(&path).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
+        assert!(fs::symlink_metadata(&path)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert!(target.exists());
+    }
+
+    #[test]
+    fn only_our_own_socket_is_removed() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .unwrap();
+        let _entered = rt.enter();
+        let dir = Dir::new("ours");
+        let path = dir.0.join("c.sock");
+        let (listener, file) = bind_unix(&path).unwrap();
+        let meta = fs::symlink_metadata(&path).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        // Replaced by someone else's socket: left in place.
+        fs::remove_file(&path).unwrap();
+        let _theirs = StdListener::bind(&path).unwrap();
+        file.remove();
+        assert!(path.exists(), "another socket was removed");
+        // Ours: removed.
+        fs::remove_file(&path).unwrap();
+        drop(listener);
+        let (_listener, file) = bind_unix(&path).unwrap();
+        file.remove();
+        assert!(!path.exists(), "our socket was left");
     }
 }

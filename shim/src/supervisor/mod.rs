@@ -25,7 +25,7 @@ use thiserror::Error;
 use tracing::{info, info_span, warn, Instrument as _};
 
 use crate::cli::{Config, TokenSource};
-use crate::control::{ControlAddr, Token, TokenError};
+use crate::control::{Token, TokenError};
 use crate::reaper::Reaper;
 use crate::signals;
 use crate::sys::{Real, Sys};
@@ -95,10 +95,8 @@ pub fn run(cfg: &Config) -> Result<i32, SupervisorError> {
     );
     drop(local);
     drop(rt);
+    // The control socket file went with the control server (only if it was still ours).
     let (code, kill_deadline) = outcome?;
-    if let Some(ControlAddr::Unix(path)) = &cfg.sup.control_listen {
-        let _ = std::fs::remove_file(path);
-    }
     let set = signals::handled_set();
     let mut drain = || reaper.drain(&sys, |_, _, _| {}).no_children;
     if pid1 {

@@ -166,6 +166,7 @@ pub struct Shim {
     tty: bool,
     user: Option<u32>,
     stderr_unread: bool,
+    stderr_file: Option<PathBuf>,
 }
 
 impl Default for Shim {
@@ -187,6 +188,7 @@ impl Shim {
             tty: false,
             user: None,
             stderr_unread: false,
+            stderr_file: None,
         }
     }
 
@@ -272,6 +274,13 @@ impl Shim {
         self
     }
 
+    /// The shim's stderr is this regular file (created or truncated), not a pipe:
+    /// [`Running::stderr`] is then empty, read the file instead.
+    pub fn stderr_file(mut self, path: impl AsRef<Path>) -> Self {
+        self.stderr_file = Some(path.as_ref().to_owned());
+        self
+    }
+
     fn command_line(&self) -> Result<Command> {
         let shim = shim_bin()?;
         let mut argv: Vec<OsString> = Vec::new();
@@ -319,7 +328,13 @@ impl Shim {
         let description = format!("{cmd:?}");
         let marker = new_marker();
         cmd.env(MARKER_VAR, &marker);
-        cmd.stderr(Stdio::piped());
+        match &self.stderr_file {
+            Some(path) => cmd.stderr(
+                std::fs::File::create(path)
+                    .with_context(|| format!("create {}", path.display()))?,
+            ),
+            None => cmd.stderr(Stdio::piped()),
+        };
         let mut tty_master = None;
         if self.tty {
             let pair = pty::Pty::open()?;
@@ -353,10 +368,11 @@ impl Shim {
                     .ok_or_else(|| anyhow!("no stdout pipe"))?,
             ),
         };
-        let stderr = child
-            .stderr
-            .take()
-            .ok_or_else(|| anyhow!("no stderr pipe"))?;
+        let stderr: Box<dyn Read + Send> = match child.stderr.take() {
+            Some(pipe) => Box::new(pipe),
+            None if self.stderr_file.is_some() => Box::new(std::io::empty()),
+            None => bail!("no stderr pipe"),
+        };
         let lines = spawn_line_reader(stdout);
         let (stderr_gate, stderr_buf, stderr_done) = if self.stderr_unread {
             let (open, gate) = std::sync::mpsc::channel::<()>();

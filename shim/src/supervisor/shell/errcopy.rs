@@ -11,13 +11,21 @@
 //! shim's own log lines go through a non-blocking descriptor too
 //! ([`crate::logging::use_nonblocking_stderr`]): while stderr is stalled they are dropped,
 //! since a single blocking `warn!` would freeze the loop just the same.
+//!
+//! Not every stderr can be polled: epoll refuses regular files and `/dev/null` (`EPERM`),
+//! and those never stall on a reader anyway. A regular file is written directly, line by
+//! line, through a dup of fd 2 (a fresh open file description would start at offset 0 and
+//! overwrite what is already in the file; the dup shares fd 2's offset and `O_APPEND`); the
+//! shim's own log lines keep fd 2 itself. Any other descriptor epoll refuses is written
+//! directly through the non-blocking descriptor, dropping (and counting) what it does not
+//! take.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd as _, OwnedFd};
 
 use nix::errno::Errno;
 use nix::fcntl::{self, FcntlArg, OFlag};
-use nix::sys::stat::Mode;
+use nix::sys::stat::{Mode, SFlag};
 use tokio::io::unix::AsyncFd;
 use tracing::{debug, warn};
 
@@ -27,7 +35,18 @@ pub(super) const QUEUE_BYTES: usize = 256 * 1024;
 /// The non-blocking copy of driver output lines to our stderr.
 pub(super) struct ErrCopy {
     fd: Option<AsyncFd<OwnedFd>>,
+    /// A stderr epoll refuses (a regular file, `/dev/null`): written at once, line by line.
+    direct: Option<Direct>,
     q: Queue,
+}
+
+/// Stderr written directly: it cannot be polled, and it never waits on a reader.
+struct Direct {
+    fd: OwnedFd,
+    /// One line and its newline, so each goes out in a single `write`.
+    scratch: Vec<u8>,
+    /// Whether a failed write was already logged (once, not per line).
+    failed: bool,
 }
 
 /// The bounded bytes waiting for stderr and the count of lines that did not fit.
@@ -41,6 +60,18 @@ impl ErrCopy {
     /// Opens the non-blocking descriptor for fd 2; without one, lines are only dropped and
     /// counted.
     pub(super) fn open() -> ErrCopy {
+        let stderr = std::io::stderr();
+        if nix::sys::stat::fstat(stderr.as_fd())
+            .is_ok_and(|st| SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFREG)
+        {
+            return match nix::unistd::dup(stderr.as_fd()) {
+                Ok(fd) => ErrCopy::direct(fd),
+                Err(err) => {
+                    warn!(%err, "cannot dup stderr: driver output is not copied there");
+                    ErrCopy::with(None, QUEUE_BYTES)
+                }
+            };
+        }
         let fd = match nonblocking_stderr() {
             Ok(fd) => fd,
             Err(err) => {
@@ -57,7 +88,12 @@ impl ErrCopy {
         let fd = match unsafe { AsyncFd::register(fd) } {
             Ok(fd) => Some(fd),
             Err(err) => {
-                let err = err.into_parts().1;
+                let (fd, err) = err.into_parts();
+                // epoll refuses descriptors that are always ready (`/dev/null`): write
+                // directly.
+                if err.raw_os_error() == Some(libc::EPERM) {
+                    return ErrCopy::direct(fd);
+                }
                 warn!(%err, "cannot register stderr: driver output is not copied there");
                 None
             }
@@ -65,9 +101,20 @@ impl ErrCopy {
         ErrCopy::with(fd, QUEUE_BYTES)
     }
 
+    fn direct(fd: OwnedFd) -> ErrCopy {
+        let mut c = ErrCopy::with(None, QUEUE_BYTES);
+        c.direct = Some(Direct {
+            fd,
+            scratch: Vec::new(),
+            failed: false,
+        });
+        c
+    }
+
     fn with(fd: Option<AsyncFd<OwnedFd>>, cap: usize) -> ErrCopy {
         ErrCopy {
             fd,
+            direct: None,
             q: Queue {
                 queue: VecDeque::new(),
                 cap,
@@ -78,6 +125,10 @@ impl ErrCopy {
 
     /// Queues one line (a newline is added); drops it when the queue has no room.
     pub(super) fn line(&mut self, text: &str) {
+        if let Some(d) = self.direct.as_mut() {
+            d.line(text);
+            return;
+        }
         self.q.note_dropped();
         if self.fd.is_none() || !self.q.push(text) {
             self.q.dropped = self.q.dropped.saturating_add(1);
@@ -129,6 +180,31 @@ impl ErrCopy {
                 }
                 // Would block: readiness cleared, the loop waits again.
                 Err(_would_block) => return,
+            }
+        }
+    }
+}
+
+impl Direct {
+    /// Writes one line and its newline; a line the descriptor does not take is dropped, and
+    /// the first failure is logged.
+    fn line(&mut self, text: &str) {
+        self.scratch.clear();
+        self.scratch.extend_from_slice(text.as_bytes());
+        self.scratch.push(b'\n');
+        let mut rest = self.scratch.as_slice();
+        while !rest.is_empty() {
+            match nix::unistd::write(&self.fd, rest) {
+                Err(Errno::EINTR) => {}
+                Ok(0) => return,
+                Ok(n) => rest = rest.get(n..).unwrap_or_default(),
+                Err(err) => {
+                    if !self.failed {
+                        self.failed = true;
+                        warn!(%err, "writing driver output to stderr failed: lines are dropped");
+                    }
+                    return;
+                }
             }
         }
     }
@@ -189,5 +265,26 @@ mod tests {
         assert_eq!(q.dropped, 0);
         let text: Vec<u8> = q.queue.iter().copied().collect();
         assert_eq!(text, b"agent-shim: 3 driver output lines dropped\n");
+    }
+
+    #[test]
+    fn a_regular_file_is_written_directly_after_what_it_holds() {
+        use std::io::{Seek as _, Write as _};
+        let path = std::env::temp_dir().join(format!("agent-shim-errcopy-{}", std::process::id()));
+        let mut file = std::fs::File::create(&path).unwrap();
+        file.write_all(b"earlier\n").unwrap();
+        file.seek(std::io::SeekFrom::End(0)).unwrap();
+        // As for fd 2: a dup shares the offset, so nothing earlier is overwritten.
+        let mut c = ErrCopy::direct(OwnedFd::from(file.try_clone().unwrap()));
+        c.line("driver[7] stdout: one");
+        c.line("driver[7] stderr: two");
+        assert!(!c.pending(), "nothing waits: it was written");
+        file.write_all(b"later\n").unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(
+            text,
+            "earlier\ndriver[7] stdout: one\ndriver[7] stderr: two\nlater\n"
+        );
     }
 }
