@@ -23,22 +23,9 @@ use driver_protocol::message::Exec;
 use crate::supervisor::{Driver, Setup, FAST};
 use crate::support::control::ControlClient;
 use crate::support::{
-    children_of, is_root, poll_until, workspace_bin, Mode, PidFd, Running, Shim, TempDir, PATIENCE,
+    children_of, is_root, poll_until, require_root, workspace_bin, Mode, PidFd, Running, Shim,
+    TempDir, PATIENCE,
 };
-
-/// Returns from the test with a loud SKIPPED when not root (PID namespaces need it); fails
-/// instead when `CI=true`, where every test must run.
-macro_rules! require_root {
-    () => {
-        if !is_root() {
-            if std::env::var("CI").is_ok_and(|v| v == "true") {
-                bail!("needs root, and CI=true: this test may not be skipped");
-            }
-            eprintln!("SKIPPED (needs root): {}", module_path!());
-            return Ok(());
-        }
-    };
-}
 
 /// The exit code of a shim that failed before its child ran.
 const EXIT_STARTUP: i32 = 125;
@@ -344,16 +331,7 @@ fn agentctl_exec_of_a_gibibyte_completes() -> Result<()> {
 /// socket over.
 #[test]
 fn a_tenants_second_shim_in_docker_cannot_take_a_live_socket_over() -> Result<()> {
-    if !crate::docker::available() {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            bail!("no Docker engine answers, and CI=true: this test may not be skipped");
-        }
-        eprintln!(
-            "SKIPPED (no Docker engine answers `docker version`): {}",
-            module_path!()
-        );
-        return Ok(());
-    }
+    crate::docker::require_docker!();
     use crate::docker::{image, Run, UnixAgent};
     let images = image()?;
     let agent = UnixAgent::start(&images.test, &[], &[])?;
