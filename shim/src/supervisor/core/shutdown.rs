@@ -11,7 +11,7 @@ use driver_protocol::ErrorCode;
 use tracing::{debug, info, warn};
 
 use crate::reaper::ExitStatus;
-use crate::signals::{self, Origin};
+use crate::signals;
 use crate::sys::{SigInfo, Sys};
 
 use super::super::lifecycle::Input;
@@ -21,31 +21,10 @@ impl<S: Sys> Core<S> {
     /// A signal from outside (not SIGCHLD: the shell reaps).
     pub fn on_signal(&mut self, info: &SigInfo, now: Instant) {
         let sig = info.signo;
-        match signals::origin(
-            info,
-            self.own_pid,
-            self.pid1,
-            self.cfg.allow_internal_signals,
-        ) {
-            Origin::Accepted => {}
-            Origin::Ourselves => return,
-            Origin::Internal => {
-                if let Some(suppressed) = self.limiter.check(info.pid, now) {
-                    warn!(
-                        signal = %signals::name(sig),
-                        sender_pid = info.pid,
-                        suppressed,
-                        "ignoring a signal sent to PID 1 from inside the container \
-                         (--allow-internal-signals to honour it)"
-                    );
-                }
-                return;
-            }
-        }
-        let Some(fwd) = self.cfg.rewrites.apply(sig) else {
-            debug!(signal = %signals::name(sig), "dropping signal (--rewrite to 0)");
+        let Some(admitted) = self.admission.admit(info, &self.cfg.rewrites, now) else {
             return;
         };
+        let fwd = admitted.signal;
         if fwd == libc::SIGTERM || fwd == libc::SIGINT {
             info!(signal = %signals::name(sig), "stop requested");
             self.begin_stop(
