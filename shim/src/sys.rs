@@ -27,12 +27,16 @@ pub struct SigInfo {
     /// The signal number.
     pub signo: i32,
     /// `si_code`: `<= 0` (`SI_USER`, `SI_QUEUE`, `SI_TKILL`…) when a process sent it with
-    /// `kill`/`sigqueue`/`tgkill`, `> 0` when the kernel generated it.
+    /// `kill`/`sigqueue`/`tgkill`, `> 0` when the kernel generated it. Only `SI_USER`,
+    /// `SI_TKILL` and kernel codes make `pid` and `uid` the kernel's word (see
+    /// [`crate::signals::sender`]).
     pub code: i32,
     /// `si_pid`: the sender's pid *as seen from the receiver's PID namespace*; `0` when the
-    /// sender lives outside it (or for most kernel-generated signals).
+    /// sender lives outside it (or for most kernel-generated signals). With `SI_QUEUE` and
+    /// other codes a process may choose, whatever the sender wrote.
     pub pid: i32,
-    /// `si_uid`: the sender's real uid (mapped into the receiver's user namespace).
+    /// `si_uid`: the sender's real uid (mapped into the receiver's user namespace); like
+    /// `pid`, the sender's own claim with a code it may choose.
     pub uid: u32,
 }
 
