@@ -285,3 +285,91 @@ fn a_forged_stop_from_a_root_driver_does_not_stop_the_sandbox() -> Result<()> {
     }
     Ok(())
 }
+
+/// Docker tests need an engine; under `CI=true` its absence is a failure.
+fn docker_or_skip() -> Result<bool> {
+    if crate::docker::available() {
+        return Ok(true);
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        bail!("no Docker engine answers (CI=true: not skipped)");
+    }
+    eprintln!("SKIPPED (no Docker engine answers `docker version`)");
+    Ok(false)
+}
+
+/// In a real container run with `--user 1000:1000` (the shim, PID 1, and its command share
+/// the uid, so the kernel lets the command signal PID 1), the command forges SIGTERM "from
+/// outside" with `rt_sigqueueinfo`: it is not forwarded back to it, and the shim logs it.
+#[test]
+fn docker_a_forged_outside_signal_from_the_command_is_not_forwarded() -> Result<()> {
+    if !docker_or_skip()? {
+        return Ok(());
+    }
+    let images = crate::docker::image()?;
+    let c = crate::docker::Run::new("forge")
+        .opts(["--user", "1000:1000"])
+        .args([
+            "/usr/local/bin/probe",
+            "signal-init",
+            "TERM",
+            "--forge",
+            "--watch",
+        ])
+        .start(&images.test)?;
+    let code = c.wait_exit(PATIENCE)?;
+    let logs = c.logs();
+    ensure!(
+        logs.contains("sent ok"),
+        "the kernel refused the forged signal:\n{logs}"
+    );
+    ensure!(
+        logs.contains("quiet") && !logs.contains("got 15"),
+        "the forged SIGTERM was forwarded:\n{logs}"
+    );
+    ensure!(code == 7, "exit {code}:\n{logs}");
+    ensure!(logs.contains("does not vouch"), "not logged:\n{logs}");
+    Ok(())
+}
+
+/// In a real container, the driver (uid 1000 by the image's `AGENT_SHIM_USER`) sends SIGCONT
+/// to PID 1, plainly and forged: refused by the kernel, since the driver has a session of its
+/// own.
+#[test]
+fn docker_a_non_root_driver_cannot_sigcont_pid1() -> Result<()> {
+    if !docker_or_skip()? {
+        return Ok(());
+    }
+    let images = crate::docker::image()?;
+    for forge in [false, true] {
+        let mut driver = vec![
+            "/usr/local/bin/probe",
+            "signal-init",
+            "CONT",
+            "--watch",
+            "--stay",
+        ];
+        if forge {
+            driver.push("--forge");
+        }
+        let agent = crate::docker::UnixAgent::start_driver(
+            &images.test,
+            &[],
+            &[
+                "--ready-timeout",
+                "600s",
+                "--ping-interval",
+                "0",
+                "--restart",
+                "never",
+            ],
+            &driver,
+        )?;
+        let logs = agent.container.wait_log("alive", PATIENCE)?;
+        ensure!(
+            logs.contains("sent EPERM") && logs.contains("quiet"),
+            "forge={forge}: the driver's SIGCONT reached PID 1:\n{logs}"
+        );
+    }
+    Ok(())
+}
