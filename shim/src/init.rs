@@ -215,7 +215,7 @@ impl<S: Sys> Init<'_, S> {
         let fwd = admitted.signal;
         self.forward(fwd);
         let stopping = |s: i32| s == libc::SIGTERM || s == libc::SIGINT;
-        if (stopping(sig) || stopping(fwd)) && self.grace_deadline.is_none() {
+        if (stopping(admitted.received) || stopping(fwd)) && self.grace_deadline.is_none() {
             self.grace_deadline = Instant::now().checked_add(self.cfg.grace);
             debug!(grace = ?self.cfg.grace, "stop requested, grace period started");
         }
@@ -439,6 +439,24 @@ mod tests {
         assert!(i.grace_deadline.is_none());
         i.on_signal(&sig(libc::SIGTERM, 55, 0));
         assert_eq!(*sys.kills.borrow(), vec![(100, libc::SIGTERM)]);
+    }
+
+    #[test]
+    fn a_forged_outside_signal_is_not_forwarded_as_pid1() {
+        let sys = Fake {
+            pid: 1,
+            ..Fake::default()
+        };
+        let cfg = Config::default();
+        let mut i = init(&sys, &cfg, true);
+        // rt_sigqueueinfo lets the sender write si_pid 0 and si_uid 0 with SI_QUEUE.
+        let forged = SigInfo {
+            code: libc::SI_QUEUE,
+            ..sig(libc::SIGTERM, 0, 0)
+        };
+        i.on_signal(&forged);
+        assert!(sys.kills.borrow().is_empty());
+        assert!(i.grace_deadline.is_none());
     }
 
     #[test]

@@ -169,6 +169,36 @@ mod tests {
     }
 
     #[test]
+    fn a_forged_outside_sigterm_does_not_stop_pid1() {
+        let t0 = Instant::now();
+        let c = cfg();
+        let sys = Fake {
+            pid: 1,
+            ..Fake::default()
+        };
+        let mut core = Core::new(sys, &c, t0, 1);
+        up(&mut core, t0);
+        core.take_outputs();
+        // rt_sigqueueinfo lets the sender write si_pid 0 and si_uid 0 with SI_QUEUE.
+        let forged = SigInfo {
+            signo: libc::SIGTERM,
+            code: libc::SI_QUEUE,
+            pid: 0,
+            uid: 0,
+        };
+        core.on_signal(&forged, t0);
+        assert!(states(&core.take_outputs()).is_empty());
+        assert!(core.sys.kills.borrow().is_empty());
+        // The same from `kill` outside the namespace is the runtime's stop.
+        let term = SigInfo {
+            code: libc::SI_USER,
+            ..forged
+        };
+        core.on_signal(&term, t0);
+        assert_eq!(states(&core.take_outputs()), vec![(S::Ready, S::Stopping)]);
+    }
+
+    #[test]
     fn other_signals_go_to_the_driver_group() {
         let t0 = Instant::now();
         let c = cfg();
