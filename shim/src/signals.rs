@@ -365,8 +365,8 @@ impl Admission {
                         claimed_uid = uid,
                         suppressed,
                         "ignoring a signal sent to PID 1 whose sender the kernel does not vouch \
-                         for (sigqueue and the like: it may come from inside the container) \
-                         (--allow-internal-signals to honour it)"
+                         for (sigqueue: it may come from inside the container; \
+                         --allow-internal-signals to honour it)"
                     );
                 }
             }

@@ -187,32 +187,41 @@ fn driver_line(sup: &mut Sup) -> Result<String> {
 
 /// As PID 1, a process inside forges a signal "from outside the namespace" with
 /// `rt_sigqueueinfo` (`si_code` SI_QUEUE, `si_pid` 0, `si_uid` 0): the shim must not forward
-/// it (the child watches for it) and must log it. Two identities reach PID 1 with it: a child
-/// of the same uid as the shim (`docker run --user`: here both run as 65534), and root.
+/// it (the child watches for it) and must log it. Three identities reach PID 1 with it: a
+/// child of the same uid as the shim (`docker run --user`: here both run as 65534), root, and
+/// (SIGCONT only) a non-root child of a root shim, through the kernel's same-session rule:
+/// plain mode keeps its child in the shim's session, like tini, for the terminal's sake.
 #[test]
 fn a_forged_outside_signal_from_inside_is_not_forwarded() -> Result<()> {
     if !root_or_skip("a PID namespace")? {
         return Ok(());
     }
-    for user in [Some(65534), None] {
+    let cases: [(Option<u32>, &[&str], libc::c_int); 3] = [
+        (Some(65534), &["TERM"], libc::SIGTERM),
+        (None, &["TERM"], libc::SIGTERM),
+        (None, &["CONT", "--uid", "65534"], libc::SIGCONT),
+    ];
+    for (shim_user, what, sig) in cases {
         let mut builder = Shim::new().pidns().args(["--grace", "120s"]);
-        if let Some(uid) = user {
+        if let Some(uid) = shim_user {
             builder = builder.user(uid);
         }
-        let mut shim = builder
-            .probe(["signal-init", "TERM", "--forge", "--watch"])
-            .start()?;
+        let mut args = vec!["signal-init"];
+        args.extend_from_slice(what);
+        args.extend(["--forge", "--watch"]);
+        let mut shim = builder.probe(args).start()?;
+        let case = format!("shim as {shim_user:?}, {what:?}");
         shim.expect_line("sent ok", PATIENCE)
-            .with_context(|| format!("as {user:?}: the kernel let the forged signal through"))?;
-        // Forwarded, it would come back to the child as `got 15`.
+            .with_context(|| format!("{case}: the kernel refused the forged signal"))?;
+        // Forwarded, it would come back to the child as `got N`.
         shim.expect_line("quiet", PATIENCE)
-            .with_context(|| format!("as {user:?}: the forged SIGTERM was forwarded"))?;
+            .with_context(|| format!("{case}: the forged signal {sig} was forwarded"))?;
         shim.expect_line("alive", PATIENCE)?;
         shim.expect_exit(7, PATIENCE)?;
         let log = shim.stderr();
         ensure!(
             log.contains("does not vouch"),
-            "as {user:?}: the ignored signal was not logged:\n{log}"
+            "{case}: the ignored signal was not logged:\n{log}"
         );
     }
     Ok(())
