@@ -23,6 +23,10 @@
 //!                                   `sent ok|EPERM|...`; with --watch, `got N` if SIG comes back
 //!                                   within 1.5 s, else `quiet`; print `alive`; exit 7 (--stay:
 //!                                   sleep instead)
+//! probe sigio-init SIG               make the kernel send SIG to PID 1 on our behalf: a pipe
+//!                                   with F_SETOWN 1, F_SETSIG SIG and O_ASYNC, then a write;
+//!                                   print `armed ok|...`, then `got N` if SIG comes back
+//!                                   within 1.5 s, else `quiet`; `alive`; exit 7
 //! probe argv ARGS...                print `argc=N`, then `arg=HEX` per argument
 //! probe env NAMES...                print `NAME=VALUE` or `NAME unset`
 //! probe cat                         copy stdin to stdout
@@ -84,6 +88,7 @@ fn main() -> ExitCode {
         "kill-init" => kill_init(),
         "all-signals" => all_signals(rest),
         "signal-init" => signal_init(rest),
+        "sigio-init" => sigio_init(rest),
         "argv" => argv(rest),
         "env" => env(rest),
         "cat" => cat(),
@@ -904,5 +909,44 @@ fn signal_init(args: &[OsString]) -> io::Result<u8> {
     if stay {
         sleep_bounded();
     }
+    Ok(7)
+}
+
+/// `F_SETSIG` (`<fcntl.h>`, Linux): which signal `O_ASYNC` raises. Not in the libc crate.
+const F_SETSIG: libc::c_int = 10;
+
+fn sigio_init(args: &[OsString]) -> io::Result<u8> {
+    let sig = args
+        .first()
+        .and_then(|a| a.to_str())
+        .and_then(signal_number)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "unknown signal"))?;
+    let mut set = empty_sigset();
+    // SAFETY: `set` is initialised and `sig` a valid signal.
+    unsafe { libc::sigaddset(&mut set, sig) };
+    block_raw(&set)?;
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` has room for the two descriptors.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        return Err(last_os_error());
+    }
+    let [r, w] = fds;
+    // SAFETY: fcntl on the pipe we own; F_SETOWN takes a pid, F_SETSIG a signal number.
+    let armed = unsafe {
+        libc::fcntl(r, libc::F_SETOWN, 1) == 0
+            && libc::fcntl(r, F_SETSIG, sig) == 0
+            && libc::fcntl(r, libc::F_SETFL, libc::O_ASYNC | libc::O_NONBLOCK) == 0
+            && libc::write(w, b"x".as_ptr().cast(), 1) == 1
+    };
+    if armed {
+        say("armed ok");
+    } else {
+        say(&format!("armed {}", last_os_error()));
+    }
+    match wait_signal(&set, Duration::from_millis(1500))? {
+        Some(got) => say(&format!("got {got}")),
+        None => say("quiet"),
+    }
+    say("alive");
     Ok(7)
 }

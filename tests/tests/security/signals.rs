@@ -227,6 +227,31 @@ fn a_forged_outside_signal_from_inside_is_not_forwarded() -> Result<()> {
     Ok(())
 }
 
+/// As PID 1 run as a non-root uid (`docker run --user`), a process inside with the same uid
+/// makes the *kernel* send SIGTERM to PID 1 on its behalf: `F_SETOWN 1` and `F_SETSIG
+/// SIGTERM` on a pipe with `O_ASYNC`, then a write. The siginfo carries a kernel code
+/// (`POLL_IN`), but the signal is the tenant's choice: not forwarded, logged.
+#[test]
+fn a_signal_raised_through_f_setsig_is_not_forwarded() -> Result<()> {
+    if !root_or_skip("a PID namespace")? {
+        return Ok(());
+    }
+    let mut shim = Shim::new()
+        .pidns()
+        .user(65534)
+        .args(["--grace", "120s"])
+        .probe(["sigio-init", "TERM"])
+        .start()?;
+    shim.expect_line("armed ok", PATIENCE)?;
+    shim.expect_line("quiet", PATIENCE)
+        .context("the SIGTERM raised through F_SETSIG was forwarded")?;
+    shim.expect_line("alive", PATIENCE)?;
+    shim.expect_exit(7, PATIENCE)?;
+    let log = shim.stderr();
+    ensure!(log.contains("does not vouch"), "not logged:\n{log}");
+    Ok(())
+}
+
 /// A non-root driver (`--user 65534`) sends SIGCONT to PID 1, plainly and forged as from
 /// outside: the kernel refuses both (the driver has a session of its own, so the "same
 /// session" rule of SIGCONT does not apply), and nothing reaches the driver back. A non-root
