@@ -19,9 +19,13 @@
 //!
 //! The environment is the shim's, scrubbed ([`driver_env`]): the control token never reaches
 //! the driver, and `AGENT_SHIM_FD` always names the socket. The driver may run as another
-//! uid/gid with no supplementary groups, in its own process group (not a terminal's
-//! foreground: it has no terminal), so the supervisor can signal or kill it and every tool it
-//! started at once.
+//! uid/gid with no supplementary groups, in its own session and so its own process group
+//! (`setsid`: it has no terminal), so the supervisor can signal or kill it and every tool it
+//! started at once. Not in the shim's session: the kernel lets any process of a session send
+//! SIGCONT to any other, whatever its uid, and the driver must not be able to signal PID 1.
+//! A side effect: the driver's group has no parent in its session (it is "orphaned"), so a
+//! forwarded SIGTSTP/SIGTTIN/SIGTTOU reaches it but does not stop it by default; `pause`
+//! and the container freezer are how a driver is stopped.
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
@@ -158,7 +162,7 @@ pub fn launch(cfg: &DriverConfig, mask: &SigSet) -> Result<Launched, SpawnError>
     }
     let mut spec = Spec::new(cfg.argv.clone(), env);
     spec.cwd = cfg.workdir.clone();
-    spec.grouping = Grouping::NewGroup;
+    spec.grouping = Grouping::NewSession;
     spec.foreground = false;
     spec.mask = *mask;
     spec.user = cfg.user;

@@ -27,7 +27,7 @@ use tracing::{debug, info, info_span, warn};
 
 use crate::cli::Config;
 use crate::reaper::{ExitStatus, Reaper};
-use crate::signals::{self, Origin, WarnLimiter};
+use crate::signals::{self, Admission, Origin};
 use crate::spawn::{self, Prepared, SpawnError, Spec};
 use crate::sys::{Real, SigInfo, Sys};
 
@@ -109,7 +109,7 @@ pub fn run(cfg: &Config) -> Result<i32, InitError> {
         reaper,
         set: signals::handled_set(),
         grace_deadline: None,
-        limiter: WarnLimiter::default(),
+        admission: Admission::new(own_pid, cfg.allow_internal_signals),
         released: false,
     };
     let status = init.wait_for_child();
@@ -134,7 +134,7 @@ struct Init<'a, S: Sys> {
     reaper: Reaper<()>,
     set: SigSet,
     grace_deadline: Option<Instant>,
-    limiter: WarnLimiter,
+    admission: Admission,
     /// Whether start-up's code mappings have been released (see [`SETTLE`]).
     released: bool,
 }
@@ -206,37 +206,16 @@ impl<S: Sys> Init<'_, S> {
             self.drain();
             return;
         }
-        match signals::origin(
-            info,
-            self.own_pid,
-            self.pid1,
-            self.cfg.allow_internal_signals,
-        ) {
-            Origin::Accepted => {}
-            // Not even logged: the usual case is the kernel's SIGPIPE for a log write to a
-            // closed stderr, and logging it would raise the next one, forever.
-            Origin::Ourselves => return,
-            Origin::Internal => {
-                if let Some(suppressed) = self.limiter.check(info.pid, Instant::now()) {
-                    warn!(
-                        signal = %signals::name(sig),
-                        sender_pid = info.pid,
-                        sender_uid = info.uid,
-                        suppressed,
-                        "ignoring a signal sent to PID 1 from inside the container \
-                         (--allow-internal-signals to honour it)"
-                    );
-                }
-                return;
-            }
-        }
-        let Some(fwd) = self.cfg.rewrites.apply(sig) else {
-            debug!(signal = %signals::name(sig), "dropping signal (--rewrite to 0)");
+        let Some(admitted) = self
+            .admission
+            .admit(info, &self.cfg.rewrites, Instant::now())
+        else {
             return;
         };
+        let fwd = admitted.signal;
         self.forward(fwd);
         let stopping = |s: i32| s == libc::SIGTERM || s == libc::SIGINT;
-        if (stopping(sig) || stopping(fwd)) && self.grace_deadline.is_none() {
+        if (stopping(admitted.received) || stopping(fwd)) && self.grace_deadline.is_none() {
             self.grace_deadline = Instant::now().checked_add(self.cfg.grace);
             debug!(grace = ?self.cfg.grace, "stop requested, grace period started");
         }
@@ -384,7 +363,7 @@ mod tests {
             reaper,
             set: signals::handled_set(),
             grace_deadline: None,
-            limiter: WarnLimiter::default(),
+            admission: Admission::new(sys.pid, cfg.allow_internal_signals),
             released: false,
         }
     }
@@ -460,6 +439,24 @@ mod tests {
         assert!(i.grace_deadline.is_none());
         i.on_signal(&sig(libc::SIGTERM, 55, 0));
         assert_eq!(*sys.kills.borrow(), vec![(100, libc::SIGTERM)]);
+    }
+
+    #[test]
+    fn a_forged_outside_signal_is_not_forwarded_as_pid1() {
+        let sys = Fake {
+            pid: 1,
+            ..Fake::default()
+        };
+        let cfg = Config::default();
+        let mut i = init(&sys, &cfg, true);
+        // rt_sigqueueinfo lets the sender write si_pid 0 and si_uid 0 with SI_QUEUE.
+        let forged = SigInfo {
+            code: libc::SI_QUEUE,
+            ..sig(libc::SIGTERM, 0, 0)
+        };
+        i.on_signal(&forged);
+        assert!(sys.kills.borrow().is_empty());
+        assert!(i.grace_deadline.is_none());
     }
 
     #[test]

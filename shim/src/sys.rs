@@ -27,12 +27,16 @@ pub struct SigInfo {
     /// The signal number.
     pub signo: i32,
     /// `si_code`: `<= 0` (`SI_USER`, `SI_QUEUE`, `SI_TKILL`…) when a process sent it with
-    /// `kill`/`sigqueue`/`tgkill`, `> 0` when the kernel generated it.
+    /// `kill`/`sigqueue`/`tgkill`, `> 0` when the kernel generated it. Only `SI_USER`,
+    /// `SI_TKILL` and kernel codes make `pid` and `uid` the kernel's word (see
+    /// [`crate::signals::sender`]).
     pub code: i32,
     /// `si_pid`: the sender's pid *as seen from the receiver's PID namespace*; `0` when the
-    /// sender lives outside it (or for most kernel-generated signals).
+    /// sender lives outside it (or for most kernel-generated signals). With `SI_QUEUE` and
+    /// other codes a process may choose, whatever the sender wrote.
     pub pid: i32,
-    /// `si_uid`: the sender's real uid (mapped into the receiver's user namespace).
+    /// `si_uid`: the sender's real uid (mapped into the receiver's user namespace); like
+    /// `pid`, the sender's own claim with a code it may choose.
     pub uid: u32,
 }
 
@@ -76,6 +80,9 @@ pub trait Sys {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Real;
 
+/// The size of the kernel's signal set (`_NSIG / 8`), which `rt_sigprocmask` insists on.
+const KERNEL_SIGSET_BYTES: usize = 8;
+
 impl Sys for Real {
     fn waitpid_any_nohang(&self) -> WaitResult {
         let mut status: libc::c_int = 0;
@@ -109,13 +116,27 @@ impl Sys for Real {
     }
 
     fn block_signals(&self, set: &SigSet) -> Result<SigSet, Errno> {
-        let mut old = SigSet::empty();
-        nix::sys::signal::pthread_sigmask(
-            nix::sys::signal::SigmaskHow::SIG_BLOCK,
-            Some(set),
-            Some(&mut old),
-        )?;
-        Ok(old)
+        // The raw syscall, not pthread_sigmask: glibc's takes SIGCANCEL and SIGSETXID (32,
+        // 33) out of the set, and those would then keep their default action, which is to
+        // kill (see `signals`). The kernel's set is 64 bits (_NSIG / 8 bytes).
+        let raw_set: &libc::sigset_t = set.as_ref();
+        // SAFETY: sigset_t is an array of integers; all zero bytes is the empty set.
+        let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: both pointers are valid sigset_t, at least 8 bytes long, for the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigprocmask,
+                libc::SIG_BLOCK,
+                std::ptr::from_ref(raw_set),
+                std::ptr::addr_of_mut!(old),
+                KERNEL_SIGSET_BYTES,
+            )
+        };
+        if rc != 0 {
+            return Err(Errno::last());
+        }
+        // SAFETY: `old` is initialised (zeroed, then written by the kernel).
+        Ok(unsafe { SigSet::from_sigset_t_unchecked(old) })
     }
 
     fn sigtimedwait(

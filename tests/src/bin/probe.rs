@@ -15,6 +15,18 @@
 //! probe orphans N [--stay]          print `adopted_by=shim|other:PID`; make N orphaned
 //!                                   grandchildren; print `forked=N in T`, `zombies=K`
 //! probe kill-init                   as uid 65534, kill(1, SIGTERM); print `sent ...`, `alive`; exit 7
+//! probe all-signals [--exit-on N]   block every signal 1-64 (the ones libc reserves too), print
+//!                                   `ready`, then `got N` (the number) for every signal received
+//! probe signal-init SIG [--uid U] [--forge] [--watch] [--stay]
+//!                                   (as uid U) send SIG to PID 1: kill(2), or with --forge a
+//!                                   rt_sigqueueinfo(2) claiming si_pid 0, si_uid 0; print
+//!                                   `sent ok|EPERM|...`; with --watch, `got N` if SIG comes back
+//!                                   within 1.5 s, else `quiet`; print `alive`; exit 7 (--stay:
+//!                                   sleep instead)
+//! probe sigio-init SIG               make the kernel send SIG to PID 1 on our behalf: a pipe
+//!                                   with F_SETOWN 1, F_SETSIG SIG and O_ASYNC, then a write;
+//!                                   print `armed ok|...`, then `got N` if SIG comes back
+//!                                   within 1.5 s, else `quiet`; `alive`; exit 7
 //! probe argv ARGS...                print `argc=N`, then `arg=HEX` per argument
 //! probe env NAMES...                print `NAME=VALUE` or `NAME unset`
 //! probe cat                         copy stdin to stdout
@@ -74,6 +86,9 @@ fn main() -> ExitCode {
         "ignore-term" => ignore_term(rest),
         "orphans" => orphans(rest),
         "kill-init" => kill_init(),
+        "all-signals" => all_signals(rest),
+        "signal-init" => signal_init(rest),
+        "sigio-init" => sigio_init(rest),
         "argv" => argv(rest),
         "env" => env(rest),
         "cat" => cat(),
@@ -727,4 +742,211 @@ fn count_all_zombies() -> io::Result<usize> {
         }
     }
     Ok(n)
+}
+
+/// Every signal from 1 to 64 but SIGKILL and SIGSTOP, bit by bit: libc's `sigfillset` and
+/// `sigaddset` leave out (or refuse) the ones libc reserves.
+fn every_signal() -> libc::sigset_t {
+    let mut set = empty_sigset();
+    let ptr = std::ptr::addr_of_mut!(set).cast::<u64>();
+    let mut bits = u64::MAX;
+    for sig in [libc::SIGKILL, libc::SIGSTOP] {
+        bits &= !(1u64 << (sig - 1));
+    }
+    // SAFETY: a sigset_t is at least 8 bytes and 8-aligned on the 64-bit targets the tests
+    // run on; the first 64 bits are signals 1 to 64.
+    unsafe { *ptr = bits };
+    set
+}
+
+/// `rt_sigprocmask(SIG_BLOCK, set)` straight to the kernel (glibc's wrappers drop 32 and 33).
+fn block_raw(set: &libc::sigset_t) -> io::Result<()> {
+    // SAFETY: `set` is a valid sigset_t of at least 8 bytes; the old mask is not wanted.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_BLOCK,
+            set as *const libc::sigset_t,
+            std::ptr::null_mut::<libc::sigset_t>(),
+            8usize,
+        )
+    };
+    if rc != 0 {
+        return Err(last_os_error());
+    }
+    Ok(())
+}
+
+/// Waits at most `timeout` for a signal of `set`; `None` when none came.
+fn wait_signal(set: &libc::sigset_t, timeout: Duration) -> io::Result<Option<libc::c_int>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+            return Ok(None);
+        };
+        let ts = libc::timespec {
+            tv_sec: left.as_secs() as libc::time_t,
+            tv_nsec: left.subsec_nanos() as libc::c_long,
+        };
+        let mut info = std::mem::MaybeUninit::<libc::siginfo_t>::uninit();
+        // SAFETY: raw syscall on valid pointers: the set (8 bytes), the siginfo buffer and
+        // the timeout.
+        let sig = unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigtimedwait,
+                set as *const libc::sigset_t,
+                info.as_mut_ptr(),
+                &ts as *const libc::timespec,
+                8usize,
+            )
+        };
+        if sig > 0 {
+            return Ok(Some(sig as libc::c_int));
+        }
+        let e = last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EAGAIN) => return Ok(None),
+            Some(libc::EINTR) => continue,
+            _ => return Err(e),
+        }
+    }
+}
+
+fn all_signals(args: &[OsString]) -> io::Result<u8> {
+    let mut exit_on = None;
+    let mut it = args.iter().filter_map(|a| a.to_str());
+    while let Some(a) = it.next() {
+        match a {
+            "--exit-on" => exit_on = it.next().and_then(|n| n.parse::<libc::c_int>().ok()),
+            _ => return Err(io::Error::new(io::ErrorKind::InvalidInput, "bad option")),
+        }
+    }
+    let set = every_signal();
+    block_raw(&set)?;
+    say("ready");
+    let deadline = Instant::now() + MAX_SLEEP;
+    while Instant::now() < deadline {
+        if let Some(sig) = wait_signal(&set, Duration::from_secs(1))? {
+            say(&format!("got {sig}"));
+            if exit_on == Some(sig) {
+                return Ok(0);
+            }
+        }
+    }
+    Err(io::Error::new(io::ErrorKind::TimedOut, "no exit signal"))
+}
+
+fn signal_init(args: &[OsString]) -> io::Result<u8> {
+    let mut args = args.iter().filter_map(|a| a.to_str());
+    let sig = args
+        .next()
+        .and_then(signal_number)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "unknown signal"))?;
+    let (mut uid, mut forge, mut watch, mut stay) = (None, false, false, false);
+    while let Some(a) = args.next() {
+        match a {
+            "--uid" => uid = args.next().and_then(|u| u.parse::<libc::uid_t>().ok()),
+            "--forge" => forge = true,
+            "--watch" => watch = true,
+            "--stay" => stay = true,
+            _ => return Err(io::Error::new(io::ErrorKind::InvalidInput, "bad option")),
+        }
+    }
+    let mut set = empty_sigset();
+    // SAFETY: `set` is initialised and `sig` a valid signal.
+    unsafe { libc::sigaddset(&mut set, sig) };
+    if watch {
+        block_raw(&set)?;
+    }
+    if let Some(uid) = uid {
+        // SAFETY: plain syscalls; groups and gid first, while still root.
+        let dropped = unsafe {
+            libc::setgroups(0, std::ptr::null()) == 0
+                && libc::setgid(uid) == 0
+                && libc::setuid(uid) == 0
+        };
+        if !dropped {
+            return Err(last_os_error());
+        }
+    }
+    let rc = if forge {
+        // SAFETY: siginfo_t is plain data; all zeros is valid.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        info.si_signo = sig;
+        info.si_code = libc::SI_QUEUE;
+        // si_pid and si_uid (the kill/sigqueue member of the union) follow si_signo,
+        // si_errno, si_code and the padding that aligns the union: at offsets 16 and 20 on
+        // 64-bit Linux. They stay 0, "from outside the namespace, as root".
+        // SAFETY: raw syscall on a valid siginfo.
+        unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigqueueinfo,
+                1 as libc::pid_t,
+                sig,
+                &info as *const libc::siginfo_t,
+            )
+        }
+    } else {
+        // SAFETY: kill has no memory-safety preconditions.
+        libc::c_long::from(unsafe { libc::kill(1, sig) })
+    };
+    if rc == 0 {
+        say("sent ok");
+    } else {
+        let e = last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EPERM) => say("sent EPERM"),
+            _ => say(&format!("sent {e}")),
+        }
+    }
+    if watch {
+        match wait_signal(&set, Duration::from_millis(1500))? {
+            Some(got) => say(&format!("got {got}")),
+            None => say("quiet"),
+        }
+    }
+    say("alive");
+    if stay {
+        sleep_bounded();
+    }
+    Ok(7)
+}
+
+/// `F_SETSIG` (`<fcntl.h>`, Linux): which signal `O_ASYNC` raises. Not in the libc crate.
+const F_SETSIG: libc::c_int = 10;
+
+fn sigio_init(args: &[OsString]) -> io::Result<u8> {
+    let sig = args
+        .first()
+        .and_then(|a| a.to_str())
+        .and_then(signal_number)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "unknown signal"))?;
+    let mut set = empty_sigset();
+    // SAFETY: `set` is initialised and `sig` a valid signal.
+    unsafe { libc::sigaddset(&mut set, sig) };
+    block_raw(&set)?;
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` has room for the two descriptors.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        return Err(last_os_error());
+    }
+    let [r, w] = fds;
+    // SAFETY: fcntl on the pipe we own; F_SETOWN takes a pid, F_SETSIG a signal number.
+    let armed = unsafe {
+        libc::fcntl(r, libc::F_SETOWN, 1) == 0
+            && libc::fcntl(r, F_SETSIG, sig) == 0
+            && libc::fcntl(r, libc::F_SETFL, libc::O_ASYNC | libc::O_NONBLOCK) == 0
+            && libc::write(w, b"x".as_ptr().cast(), 1) == 1
+    };
+    if armed {
+        say("armed ok");
+    } else {
+        say(&format!("armed {}", last_os_error()));
+    }
+    match wait_signal(&set, Duration::from_millis(1500))? {
+        Some(got) => say(&format!("got {got}")),
+        None => say("quiet"),
+    }
+    say("alive");
+    Ok(7)
 }

@@ -48,7 +48,7 @@ use tracing::{debug, info, warn};
 
 use crate::cli::Config;
 use crate::reaper::ExitStatus;
-use crate::signals::{self, WarnLimiter};
+use crate::signals::{self, Admission};
 use crate::sys::Sys;
 
 use super::lifecycle::{Input, Lifecycle};
@@ -165,7 +165,6 @@ struct Stopping {
 pub struct Core<S: Sys> {
     sys: S,
     cfg: Config,
-    own_pid: i32,
     pid1: bool,
     started: Instant,
     hello: Hello,
@@ -195,7 +194,8 @@ pub struct Core<S: Sys> {
     exit_code: Option<i32>,
     /// Since when the shell does not read the driver (the event buffer is full).
     reading_paused: Option<Instant>,
-    limiter: WarnLimiter,
+    /// The origin rule, its warnings and `--rewrite` for signals from outside.
+    admission: Admission,
     out: Vec<Output>,
     /// Running execs by id.
     execs: BTreeMap<u64, exec::ExecEntry>,
@@ -229,7 +229,6 @@ impl<S: Sys> Core<S> {
             seed,
         );
         Core {
-            own_pid,
             pid1: own_pid == 1,
             started: now,
             hello: Hello::new(Role::Shim, "agent-shim", env!("CARGO_PKG_VERSION")),
@@ -253,7 +252,7 @@ impl<S: Sys> Core<S> {
             last_exit: None,
             exit_code: None,
             reading_paused: None,
-            limiter: WarnLimiter::default(),
+            admission: Admission::new(own_pid, cfg.allow_internal_signals),
             out: Vec::new(),
             execs: BTreeMap::new(),
             next_exec_id: 1,

@@ -11,7 +11,7 @@ use driver_protocol::ErrorCode;
 use tracing::{debug, info, warn};
 
 use crate::reaper::ExitStatus;
-use crate::signals::{self, Origin};
+use crate::signals;
 use crate::sys::{SigInfo, Sys};
 
 use super::super::lifecycle::Input;
@@ -21,31 +21,10 @@ impl<S: Sys> Core<S> {
     /// A signal from outside (not SIGCHLD: the shell reaps).
     pub fn on_signal(&mut self, info: &SigInfo, now: Instant) {
         let sig = info.signo;
-        match signals::origin(
-            info,
-            self.own_pid,
-            self.pid1,
-            self.cfg.allow_internal_signals,
-        ) {
-            Origin::Accepted => {}
-            Origin::Ourselves => return,
-            Origin::Internal => {
-                if let Some(suppressed) = self.limiter.check(info.pid, now) {
-                    warn!(
-                        signal = %signals::name(sig),
-                        sender_pid = info.pid,
-                        suppressed,
-                        "ignoring a signal sent to PID 1 from inside the container \
-                         (--allow-internal-signals to honour it)"
-                    );
-                }
-                return;
-            }
-        }
-        let Some(fwd) = self.cfg.rewrites.apply(sig) else {
-            debug!(signal = %signals::name(sig), "dropping signal (--rewrite to 0)");
+        let Some(admitted) = self.admission.admit(info, &self.cfg.rewrites, now) else {
             return;
         };
+        let fwd = admitted.signal;
         if fwd == libc::SIGTERM || fwd == libc::SIGINT {
             info!(signal = %signals::name(sig), "stop requested");
             self.begin_stop(
@@ -187,6 +166,36 @@ mod tests {
         core.on_driver_exit(PID, ExitStatus::Signaled(libc::SIGKILL), t0);
         assert_eq!(core.exit_code(), Some(137));
         assert_eq!(launches(&core.take_outputs()), 0);
+    }
+
+    #[test]
+    fn a_forged_outside_sigterm_does_not_stop_pid1() {
+        let t0 = Instant::now();
+        let c = cfg();
+        let sys = Fake {
+            pid: 1,
+            ..Fake::default()
+        };
+        let mut core = Core::new(sys, &c, t0, 1);
+        up(&mut core, t0);
+        core.take_outputs();
+        // rt_sigqueueinfo lets the sender write si_pid 0 and si_uid 0 with SI_QUEUE.
+        let forged = SigInfo {
+            signo: libc::SIGTERM,
+            code: libc::SI_QUEUE,
+            pid: 0,
+            uid: 0,
+        };
+        core.on_signal(&forged, t0);
+        assert!(states(&core.take_outputs()).is_empty());
+        assert!(core.sys.kills.borrow().is_empty());
+        // The same from `kill` outside the namespace is the runtime's stop.
+        let term = SigInfo {
+            code: libc::SI_USER,
+            ..forged
+        };
+        core.on_signal(&term, t0);
+        assert_eq!(states(&core.take_outputs()), vec![(S::Ready, S::Stopping)]);
     }
 
     #[test]
