@@ -18,7 +18,9 @@ use anyhow::{bail, ensure, Context, Result};
 use driver_protocol::message::{DriverState, Event, Exec, LogStream};
 
 use crate::supervisor::{state_to, Setup, Sup};
-use crate::support::{is_root, poll_until, probe, state_of, Mode, Running, Shim, PATIENCE};
+use crate::support::{
+    in_both_modes, poll_until, probe, require_root, state_of, Mode, Running, Shim, PATIENCE,
+};
 
 /// SIGKILL and SIGSTOP cannot be caught, blocked or forwarded.
 fn catchable() -> impl Iterator<Item = libc::c_int> {
@@ -37,44 +39,7 @@ fn wait_stopped(shim: &Running, stopped: bool) -> bool {
     .is_some()
 }
 
-/// The tests that need root say so loudly, and fail under CI.
-fn root_or_skip(what: &str) -> Result<bool> {
-    if is_root() {
-        return Ok(true);
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        bail!("{what} needs root (CI=true: not skipped)");
-    }
-    eprintln!("SKIPPED (needs root): {what}");
-    Ok(false)
-}
-
-/// One `#[test]` per mode (`pid1`, `subreaper`) running `body(mode)`; the PID-1 one needs
-/// root, and fails rather than skips under `CI=true`.
-macro_rules! both_modes {
-    ($(fn $name:ident($mode:ident: Mode) -> Result<()> $body:block)*) => {$(
-        mod $name {
-            use super::*;
-
-            fn body($mode: Mode) -> Result<()> $body
-
-            #[test]
-            fn pid1() -> Result<()> {
-                if !root_or_skip("a PID namespace")? {
-                    return Ok(());
-                }
-                body(Mode::Pid1)
-            }
-
-            #[test]
-            fn subreaper() -> Result<()> {
-                body(Mode::Subreaper)
-            }
-        }
-    )*};
-}
-
-both_modes! {
+in_both_modes! {
     fn every_catchable_signal_reaches_the_child_in_plain_mode(mode: Mode) -> Result<()> {
         let mut shim = Shim::new()
             .mode(mode)
@@ -193,9 +158,7 @@ fn driver_line(sup: &mut Sup) -> Result<String> {
 /// plain mode keeps its child in the shim's session, like tini, for the terminal's sake.
 #[test]
 fn a_forged_outside_signal_from_inside_is_not_forwarded() -> Result<()> {
-    if !root_or_skip("a PID namespace")? {
-        return Ok(());
-    }
+    require_root!();
     let cases: [(Option<u32>, &[&str], libc::c_int); 3] = [
         (Some(65534), &["TERM"], libc::SIGTERM),
         (None, &["TERM"], libc::SIGTERM),
@@ -233,9 +196,7 @@ fn a_forged_outside_signal_from_inside_is_not_forwarded() -> Result<()> {
 /// (`POLL_IN`), but the signal is the tenant's choice: not forwarded, logged.
 #[test]
 fn a_signal_raised_through_f_setsig_is_not_forwarded() -> Result<()> {
-    if !root_or_skip("a PID namespace")? {
-        return Ok(());
-    }
+    require_root!();
     let mut shim = Shim::new()
         .pidns()
         .user(65534)
@@ -258,9 +219,7 @@ fn a_signal_raised_through_f_setsig_is_not_forwarded() -> Result<()> {
 /// exec tries the same.
 #[test]
 fn a_non_root_driver_cannot_sigcont_pid1() -> Result<()> {
-    if !root_or_skip("a PID namespace and --user")? {
-        return Ok(());
-    }
+    require_root!();
     for forge in [false, true] {
         let mut args = vec!["signal-init", "CONT", "--watch", "--stay"];
         if forge {
@@ -295,9 +254,7 @@ fn a_non_root_driver_cannot_sigcont_pid1() -> Result<()> {
 /// stop` had asked); it is ignored and logged, the driver keeps running.
 #[test]
 fn a_forged_stop_from_a_root_driver_does_not_stop_the_sandbox() -> Result<()> {
-    if !root_or_skip("a PID namespace")? {
-        return Ok(());
-    }
+    require_root!();
     {
         let mut sup = probe_driver(
             Mode::Pid1,
@@ -320,26 +277,12 @@ fn a_forged_stop_from_a_root_driver_does_not_stop_the_sandbox() -> Result<()> {
     Ok(())
 }
 
-/// Docker tests need an engine; under `CI=true` its absence is a failure.
-fn docker_or_skip() -> Result<bool> {
-    if crate::docker::available() {
-        return Ok(true);
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        bail!("no Docker engine answers (CI=true: not skipped)");
-    }
-    eprintln!("SKIPPED (no Docker engine answers `docker version`)");
-    Ok(false)
-}
-
 /// In a real container run with `--user 1000:1000` (the shim, PID 1, and its command share
 /// the uid, so the kernel lets the command signal PID 1), the command forges SIGTERM "from
 /// outside" with `rt_sigqueueinfo`: it is not forwarded back to it, and the shim logs it.
 #[test]
 fn docker_a_forged_outside_signal_from_the_command_is_not_forwarded() -> Result<()> {
-    if !docker_or_skip()? {
-        return Ok(());
-    }
+    crate::docker::require_docker!();
     let images = crate::docker::image()?;
     let c = crate::docker::Run::new("forge")
         .opts(["--user", "1000:1000"])
@@ -371,9 +314,7 @@ fn docker_a_forged_outside_signal_from_the_command_is_not_forwarded() -> Result<
 /// own.
 #[test]
 fn docker_a_non_root_driver_cannot_sigcont_pid1() -> Result<()> {
-    if !docker_or_skip()? {
-        return Ok(());
-    }
+    crate::docker::require_docker!();
     let images = crate::docker::image()?;
     for forge in [false, true] {
         let mut driver = vec![
