@@ -123,6 +123,8 @@ pub fn parse_user(s: &str) -> Result<(u32, u32), String> {
 pub struct Launched {
     /// The driver's pid, which is also its process group id.
     pub pid: i32,
+    /// Its `execve`'s outcome, still to be learnt (see [`spawn::Pending`]).
+    pub spawn: spawn::Pending,
     /// The shim's end of the socket pair: `CLOEXEC`, non-blocking.
     pub socket: UnixStream,
     /// The read end of the driver's stdout: `CLOEXEC`, non-blocking.
@@ -134,12 +136,13 @@ pub struct Launched {
 /// `socketpair(AF_UNIX, SOCK_STREAM|SOCK_CLOEXEC)`, pipes for stdout/stderr (`O_CLOEXEC`),
 /// `/dev/null` for stdin; spawns with fds {null→0, out→1, err→2, sock→3}, every other fd
 /// closed, a new process group (not foreground), `mask` restored in the child, cwd/user/env
-/// from `cfg`; closes the child's ends in the parent. The caller registers `pid` with the
-/// reaper before anything can reap.
+/// from `cfg`; closes the child's ends in the parent. Returns once the child is forked: the
+/// caller registers `pid` with the reaper before anything can reap, then learns from
+/// [`Launched::spawn`] whether its `execve` succeeded, without blocking.
 ///
-/// Errors are those of [`spawn::spawn`]; a failure in the child (`NotFound`, `NotExecutable`,
-/// `Chdir`, `Credentials`, `ChildSetup`) carries the pid of the child, which has already
-/// exited with 127 and is collected by the reaper as an untracked pid.
+/// Errors are those of [`spawn::start`] (nothing forked); a failure in the child
+/// (`NotFound`, `NotExecutable`, `Chdir`, `Credentials`, `ChildSetup`) comes later from
+/// [`spawn::Pending::poll`].
 pub fn launch(cfg: &DriverConfig, mask: &SigSet) -> Result<Launched, SpawnError> {
     // std creates both with SOCK_CLOEXEC / O_CLOEXEC.
     let (socket, theirs) = UnixStream::pair().map_err(|e| io_error("socketpair", &e))?;
@@ -171,13 +174,14 @@ pub fn launch(cfg: &DriverConfig, mask: &SigSet) -> Result<Launched, SpawnError>
         (theirs.as_raw_fd(), DRIVER_FD),
     ];
     let prepared = Prepared::new(&spec)?;
-    let pid = spawn::spawn(&prepared)?;
+    let pending = spawn::start(&prepared)?;
     // The child's ends (and Prepared's duplicates of them) are closed here, so the shim sees
     // EOF on the pipes and the socket once the driver and its descendants are gone.
     drop(prepared);
     drop((null, out_w, err_w, theirs));
     Ok(Launched {
-        pid,
+        pid: pending.pid(),
+        spawn: pending,
         socket,
         stdout: out_r,
         stderr: err_r,
@@ -231,6 +235,13 @@ mod tests {
     use std::time::{Duration, Instant};
 
     const DEADLINE: Duration = Duration::from_secs(10);
+
+    /// [`launch`], then the outcome of its `execve` (the child is reaped by the test).
+    fn launch(cfg: &DriverConfig, mask: &SigSet) -> Result<Launched, SpawnError> {
+        let mut l = super::launch(cfg, mask)?;
+        l.spawn.wait(DEADLINE)?;
+        Ok(l)
+    }
 
     fn os(v: &[(&str, &str)]) -> Vec<(OsString, OsString)> {
         v.iter().map(|(k, v)| (k.into(), v.into())).collect()

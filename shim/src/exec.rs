@@ -72,13 +72,15 @@ pub enum ExecIo {
 pub struct Started {
     /// Its pid, which is also its session and process group id.
     pub pid: i32,
+    /// Its `execve`'s outcome, still to be learnt (see [`spawn::Pending`]).
+    pub spawn: spawn::Pending,
     /// The shim's ends of its I/O.
     pub io: ExecIo,
 }
 
-/// Forks and execs `cfg` (see the module docs). The caller registers `pid` with the reaper
-/// before anything can reap. A failure in the child carries its pid (already exited, reaped
-/// as an orphan), as for [`driver::launch`].
+/// Forks `cfg` (see the module docs) and returns at once. The caller registers `pid` with
+/// the reaper before anything can reap, then learns from [`Started::spawn`] whether the
+/// `execve` succeeded, as for [`driver::launch`].
 pub fn start(cfg: &ExecConfig, mask: &SigSet) -> Result<Started, SpawnError> {
     let mut spec = Spec::new(cfg.argv.clone(), cfg.env.clone());
     spec.cwd = cfg.cwd.clone();
@@ -95,13 +97,14 @@ pub fn start(cfg: &ExecConfig, mask: &SigSet) -> Result<Started, SpawnError> {
             spec.ctty = true;
             spec.fds = (0..3).map(|fd| (slave.as_raw_fd(), fd)).collect();
             let prepared = Prepared::new(&spec)?;
-            let pid = spawn::spawn(&prepared)?;
+            let pending = spawn::start(&prepared)?;
             // Our copies of the slave go: the master reads EIO once every process holding
             // the terminal is gone.
             drop(prepared);
             drop(slave);
             Ok(Started {
-                pid,
+                pid: pending.pid(),
+                spawn: pending,
                 io: ExecIo::Pty(master),
             })
         }
@@ -125,11 +128,12 @@ pub fn start(cfg: &ExecConfig, mask: &SigSet) -> Result<Started, SpawnError> {
                 (err_w.as_raw_fd(), libc::STDERR_FILENO),
             ];
             let prepared = Prepared::new(&spec)?;
-            let pid = spawn::spawn(&prepared)?;
+            let pending = spawn::start(&prepared)?;
             drop(prepared);
             drop((stdin_r, out_w, err_w));
             Ok(Started {
-                pid,
+                pid: pending.pid(),
+                spawn: pending,
                 io: ExecIo::Pipes {
                     stdin: stdin_w,
                     stdout: out_r,

@@ -27,6 +27,10 @@
 //!                                   cwd_writable,
 //!                                   rlimit_NAME, fds, env_token, env (names), zombies,
 //!                                   pid1 (the command name of PID 1)
+//! probe stop-spawns SECS [--uid N]  (as uid N if given) for SECS, spin `tgkill(p, p, SIGSTOP)`
+//!                                   on the next pids after /proc/sys/kernel/ns_last_pid:
+//!                                   stops a child of PID 1 between its setuid and its execve;
+//!                                   print `ready`, then `hits=N` (processes stopped)
 //! ```
 
 use std::ffi::{CStr, CString, OsString};
@@ -87,6 +91,7 @@ fn main() -> ExitCode {
         "grandchild" => grandchild(rest),
         "tty" => tty(),
         "report" => report(),
+        "stop-spawns" => stop_spawns(rest),
         other => return usage(&format!("unknown subcommand {other:?}")),
     };
     match result {
@@ -727,4 +732,55 @@ fn count_all_zombies() -> io::Result<usize> {
         }
     }
     Ok(n)
+}
+
+/// The spawn attack: a process of the tenant's uid stops every new process it may signal, as
+/// soon as it exists (see the module docs).
+fn stop_spawns(args: &[OsString]) -> io::Result<u8> {
+    let secs: f64 = parse_arg(args, 0);
+    let uid = args
+        .iter()
+        .position(|a| a == "--uid")
+        .map(|i| parse_arg::<u32>(args, i + 1));
+    if let Some(uid) = uid {
+        // SAFETY: plain credential syscalls on our own process.
+        let failed = unsafe {
+            libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(uid) != 0
+                || libc::setuid(uid) != 0
+        };
+        if failed {
+            return Err(last_os_error());
+        }
+    }
+    let me = std::process::id() as libc::pid_t;
+    say("ready");
+    let deadline = Instant::now() + Duration::from_secs_f64(secs).min(MAX_SLEEP);
+    let mut hits = 0u64;
+    let mut buf = [0u8; 32];
+    while Instant::now() < deadline {
+        let last = match std::fs::File::open("/proc/sys/kernel/ns_last_pid")
+            .and_then(|mut f| f.read(&mut buf))
+        {
+            Ok(n) => std::str::from_utf8(&buf[..n])
+                .ok()
+                .and_then(|s| s.trim().parse::<libc::pid_t>().ok())
+                .unwrap_or(0),
+            Err(_) => 0,
+        };
+        for _ in 0..64 {
+            for pid in last..=last.saturating_add(3) {
+                if pid <= 1 || pid == me {
+                    continue;
+                }
+                // SAFETY: tgkill takes three integers; a pid we may not signal is refused.
+                let r = unsafe { libc::syscall(libc::SYS_tgkill, pid, pid, libc::SIGSTOP) };
+                if r == 0 {
+                    hits += 1;
+                }
+            }
+        }
+    }
+    say(&format!("hits={hits}"));
+    Ok(0)
 }

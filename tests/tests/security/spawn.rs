@@ -1,1 +1,279 @@
 //! A spawn never blocks PID 1: a child stopped between fork and execve.
+//!
+//! Between its credential drop and its `execve`, a child of the shim runs as the tenant's uid,
+//! so any process of that uid may `SIGSTOP` it there. A shim that reads the child's report
+//! pipe with a blocking `read()` then waits forever: no `status`, no reaping, no signals. The
+//! attacker here is `probe stop-spawns`, run as uid 1000 by the shim itself (an exec of the
+//! control plane, like any tool call), which spins `tgkill(pid, pid, SIGSTOP)` on the newest
+//! pids of the namespace (from `/proc/sys/kernel/ns_last_pid`) while the control plane asks
+//! for execs and the driver restarts.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Result};
+use driver_protocol::message::{
+    ControlToShim, DriverState, Event, Exec, ShimToControl, Signal, SignalTarget,
+};
+use driver_protocol::ErrorCode;
+
+use crate::supervisor::Setup;
+use crate::support::control::{exec_of, ExecRun};
+use crate::support::process::state_of;
+use crate::support::{is_root, poll_until, probe, Mode, PATIENCE};
+
+/// How long the attacker spins.
+const ATTACK: Duration = Duration::from_secs(8);
+
+/// `--spawn-timeout` of these runs (`AGENT_SHIM_SPAWN_TIMEOUT`).
+const SPAWN_TIMEOUT: &str = "1s";
+
+/// Longest a `status` may take while the attack runs (it is answered at once by a shim that
+/// does not block; the margin is for a loaded CI machine).
+const STATUS_MAX: Duration = Duration::from_secs(2);
+
+/// Longest an `exec` may wait for its answer: the spawn timeout and a margin.
+const EXEC_REPLY_MAX: Duration = Duration::from_secs(4);
+
+/// Whether the test can run: root is needed for a PID namespace and `--user`. Without it the
+/// test fails under `CI=true` and is skipped loudly otherwise.
+fn can_run(what: &str) -> Result<bool> {
+    if is_root() {
+        return Ok(true);
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        bail!("{what} needs root (a PID namespace and --user), and CI=true forbids skipping");
+    }
+    eprintln!("SKIPPED (needs root): {what}");
+    Ok(false)
+}
+
+/// The shim's children in state `letter` (`Z` zombie, `T` stopped), as host pids.
+fn children_in(sup: &crate::supervisor::Sup, letter: char) -> Vec<libc::pid_t> {
+    sup.shim
+        .shim_children()
+        .into_iter()
+        .filter(|&p| state_of(p) == Some(letter))
+        .collect()
+}
+
+/// The attack: every exec is answered (started, or refused with `timeout`), `status` stays
+/// prompt, the driver's stopped launches end as `exec_failed` and it comes back, nothing
+/// stays a zombie or stopped, and SIGTERM still stops the shim gracefully with the driver's
+/// code.
+#[test]
+fn a_tool_that_stops_fresh_children_does_not_block_pid1() -> Result<()> {
+    if !can_run("a_tool_that_stops_fresh_children_does_not_block_pid1")? {
+        return Ok(());
+    }
+    let mut sup = Setup::new(Mode::Pid1)
+        .flag("--user", "1000:1000")
+        // The variable rather than the flag: a shim without the setting runs the same test
+        // (and hangs), instead of failing on a usage error.
+        .env("AGENT_SHIM_SPAWN_TIMEOUT", SPAWN_TIMEOUT)
+        .flag("--restart", "always")
+        .flag("--crash-loop-restarts", "1000")
+        .flag("--exec-kill-grace", "300ms")
+        .flag("--grace", "3s")
+        .env("ECHO_EXIT_CODE", "7")
+        .start()?;
+    sup.expect_up(1)?;
+
+    // The tenant's tool: runs as uid 1000 like every exec here.
+    let secs = ATTACK.as_secs().to_string();
+    let attacker = sup.ctl.exec_started(|id| Exec {
+        timeout_ms: Some(60_000),
+        ..Exec::new(id, [probe(), "stop-spawns", secs.as_str()])
+    })?;
+    std::thread::sleep(Duration::from_millis(200));
+
+    let started = Instant::now();
+    let (mut ran, mut refused_timeout, mut refused_other) = (0u32, 0u32, Vec::new());
+    let mut slowest_status = Duration::ZERO;
+    let mut slowest_exec = Duration::ZERO;
+    let mut crashes = 0u32;
+    let mut driver_up = true;
+    let mut next_crash = started + Duration::from_millis(500);
+    while started.elapsed() < ATTACK - Duration::from_millis(500) {
+        // The driver restarts under attack too: killed whenever it is up.
+        if driver_up && Instant::now() >= next_crash {
+            next_crash = Instant::now() + Duration::from_millis(300);
+            crashes += 1;
+            let id = sup.ctl.id();
+            let kill = Signal {
+                id,
+                signal: "KILL".into(),
+                target: SignalTarget::Driver,
+                exec_id: None,
+            };
+            sup.ctl.request_within(id, kill, STATUS_MAX)?;
+        }
+        let id = sup.ctl.id();
+        let asked = Instant::now();
+        let req = Exec {
+            timeout_ms: Some(2000),
+            ..Exec::new(id, [probe(), "exit", "0"])
+        };
+        let reply = match sup.ctl.request_within(id, req, EXEC_REPLY_MAX) {
+            Ok(r) => r,
+            Err(e) => bail!(
+                "exec {ran}+{refused_timeout} unanswered after {:?}: {e:#}\n{}",
+                asked.elapsed(),
+                sup.shim.context()
+            ),
+        };
+        slowest_exec = slowest_exec.max(asked.elapsed());
+        match reply {
+            ShimToControl::ExecStarted(_) => ran += 1,
+            ShimToControl::Error(e) if e.code == ErrorCode::Timeout => refused_timeout += 1,
+            ShimToControl::Error(e) => refused_other.push(format!("{:?}: {}", e.code, e.message)),
+            other => bail!("exec answered {other:?}"),
+        }
+        let asked = Instant::now();
+        let s = match sup.ctl.status_within(STATUS_MAX) {
+            Ok(s) => s,
+            Err(e) => bail!(
+                "status unanswered during the attack: {e:#}\n{}",
+                sup.shim.context()
+            ),
+        };
+        slowest_status = slowest_status.max(asked.elapsed());
+        driver_up = s.state == DriverState::Ready;
+    }
+
+    // The attacker's own end; every event read meanwhile (the driver's launches it stopped).
+    let mut attack = ExecRun::default();
+    let mut events = Vec::new();
+    let deadline = Instant::now() + PATIENCE;
+    while attack.exit.is_none() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Some(s) = sup.ctl.try_next_stamped(left)? else {
+            bail!("the attacker did not end\n{}", sup.context());
+        };
+        if exec_of(&s.event) == Some(attacker.exec_id) {
+            attack.take(&s.event)?;
+        }
+        events.push(s);
+    }
+    let last = sup.ctl.last_seq();
+    sup.ctl.ack(last)?;
+    let attack_out = attack.out();
+    let reasons: Vec<&str> = events
+        .iter()
+        .filter_map(|s| match &s.event {
+            Event::DriverExited(e) => Some(e.reason.as_str()),
+            _ => None,
+        })
+        .collect();
+    let exec_failed = reasons.iter().filter(|r| **r == "exec_failed").count();
+    eprintln!(
+        "MEASURED: {ran} execs ran, {refused_timeout} refused with timeout, other refusals \
+         {refused_other:?}; {crashes} driver kills, {exec_failed} driver launches stopped \
+         (exec_failed), driver exits {reasons:?}; slowest status {slowest_status:?}, slowest exec reply \
+         {slowest_exec:?}; attacker: {:?} {:?}",
+        attack_out.trim(),
+        attack.exit
+    );
+    ensure!(
+        refused_timeout + u32::try_from(exec_failed).unwrap_or(0) > 0,
+        "the attack never caught a child before its execve (nothing proven): {attack_out}"
+    );
+    ensure!(ran > 0, "no exec ran at all");
+    ensure!(
+        refused_other.is_empty(),
+        "refused for another reason: {refused_other:?}"
+    );
+
+    // The driver comes back once the attack is over.
+    let ready = poll_until(PATIENCE, || {
+        sup.ctl
+            .status_within(STATUS_MAX)
+            .ok()
+            .filter(|s| s.state == DriverState::Ready)
+    });
+    ensure!(
+        ready.is_some(),
+        "the driver did not come back\n{}",
+        sup.context()
+    );
+
+    // Nothing stays a zombie, nothing stays stopped: the stopped tools were killed by their
+    // timeout, the stopped launches by the spawn timeout.
+    let clean = poll_until(Duration::from_secs(10), || {
+        let left = [children_in(&sup, 'Z'), children_in(&sup, 'T')];
+        left.iter().all(Vec::is_empty).then_some(())
+    });
+    ensure!(
+        clean.is_some(),
+        "zombies {:?}, stopped {:?}\n{}",
+        children_in(&sup, 'Z'),
+        children_in(&sup, 'T'),
+        sup.context()
+    );
+
+    // A graceful stop still works and ends with the driver's code.
+    sup.shim.signal(libc::SIGTERM)?;
+    let code = sup.shim.wait_code(PATIENCE)?;
+    ensure!(
+        code == 7,
+        "exit code {code} after SIGTERM\n{}",
+        sup.shim.context()
+    );
+    Ok(())
+}
+
+/// Signals addressed to a child still before its execve (here: a task cancel's and a
+/// shutdown's) cannot end it while it is stopped there: the spawn deadline does, the exec
+/// is refused with `timeout`, and a SIGTERM to the shim during the attack is still a
+/// graceful stop with the driver's code.
+#[test]
+fn a_shutdown_during_the_attack_is_still_graceful() -> Result<()> {
+    if !can_run("a_shutdown_during_the_attack_is_still_graceful")? {
+        return Ok(());
+    }
+    let mut sup = Setup::new(Mode::Pid1)
+        .flag("--user", "1000:1000")
+        // The variable rather than the flag: a shim without the setting runs the same test
+        // (and hangs), instead of failing on a usage error.
+        .env("AGENT_SHIM_SPAWN_TIMEOUT", SPAWN_TIMEOUT)
+        .flag("--exec-kill-grace", "300ms")
+        .flag("--grace", "3s")
+        .env("ECHO_EXIT_CODE", "9")
+        .start()?;
+    sup.expect_up(1)?;
+    sup.ctl.exec_started(|id| Exec {
+        timeout_ms: Some(60_000),
+        ..Exec::new(id, [probe(), "stop-spawns", "20"])
+    })?;
+    std::thread::sleep(Duration::from_millis(200));
+    // Keep asking until one exec is caught (its answer is the spawn timeout).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut caught = false;
+    let mut tries = 0u32;
+    while !caught && Instant::now() < deadline {
+        tries += 1;
+        let id = sup.ctl.id();
+        let req = Exec {
+            timeout_ms: Some(1000),
+            ..Exec::new(id, [probe(), "exit", "0"])
+        };
+        match sup.ctl.request_within(id, req, EXEC_REPLY_MAX) {
+            Ok(ShimToControl::Error(e)) if e.code == ErrorCode::Timeout => caught = true,
+            Ok(_) => {}
+            Err(e) => bail!("exec {tries} unanswered: {e:#}\n{}", sup.shim.context()),
+        }
+    }
+    eprintln!("MEASURED: caught after {tries} execs");
+    ensure!(caught, "the attack never caught a child in {tries} execs");
+    // One more exec, then SIGTERM while it may well be pending: the stop is still graceful.
+    let id = sup.ctl.id();
+    sup.ctl
+        .send(ControlToShim::Exec(Exec::new(id, [probe(), "exit", "0"])))?;
+    sup.shim.signal(libc::SIGTERM)?;
+    let code = sup.shim.wait_code(PATIENCE)?;
+    ensure!(
+        code == 9,
+        "exit code {code} after SIGTERM\n{}",
+        sup.shim.context()
+    );
+    Ok(())
+}
