@@ -998,6 +998,139 @@ mod tests {
         );
     }
 
+    /// A `Pending` on a pipe of the test's (non-blocking read end), for child `pid`.
+    fn pending_on(pid: i32) -> (Pending, OwnedFd) {
+        let (r, w) = pipe();
+        // SAFETY: F_SETFL on a descriptor we own.
+        unsafe { libc::fcntl(r.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+        let p = Pending {
+            pid,
+            report: r,
+            buf: [0; REPORT_LEN],
+            got: 0,
+            program: "tool".into(),
+            cwd: Some(PathBuf::from("/nowhere")),
+            user: Some((1000, 1000)),
+        };
+        (p, w)
+    }
+
+    fn write_all(fd: &OwnedFd, bytes: &[u8]) {
+        // SAFETY: a valid buffer of `bytes.len()` bytes.
+        let n = unsafe { libc::write(fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
+        assert_eq!(usize::try_from(n).ok(), Some(bytes.len()));
+    }
+
+    #[test]
+    fn a_report_in_pieces_is_assembled() {
+        let (mut p, w) = pending_on(4242);
+        assert!(p.poll().is_none(), "nothing written yet: undecided");
+        let mut report = Vec::new();
+        report.extend_from_slice(&STEP_CHDIR.to_ne_bytes());
+        report.extend_from_slice(&libc::ENOENT.to_ne_bytes());
+        for byte in &report[..7] {
+            write_all(&w, std::slice::from_ref(byte));
+            assert!(p.poll().is_none(), "{} bytes: undecided", p.got);
+        }
+        write_all(&w, &report[7..]);
+        match p.poll() {
+            Some(Err(SpawnError::Chdir { dir, errno, pid })) => {
+                assert_eq!(dir, PathBuf::from("/nowhere"));
+                assert_eq!(errno, Errno::ENOENT);
+                assert_eq!(pid, Some(4242));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn eof_decides_success_and_a_cut_report_is_a_failure() {
+        let (mut p, w) = pending_on(4243);
+        drop(w);
+        assert!(matches!(p.poll(), Some(Ok(4243))));
+
+        let (mut p, w) = pending_on(4244);
+        write_all(&w, &STEP_SETUID.to_ne_bytes());
+        assert!(p.poll().is_none());
+        drop(w);
+        assert!(matches!(
+            p.poll(),
+            Some(Err(SpawnError::ChildSetup {
+                call: "report",
+                pid: Some(4244),
+                ..
+            }))
+        ));
+
+        let (mut p, w) = pending_on(4245);
+        let mut report = STEP_SETUID.to_ne_bytes().to_vec();
+        report.extend_from_slice(&libc::EPERM.to_ne_bytes());
+        write_all(&w, &report);
+        assert!(matches!(
+            p.poll(),
+            Some(Err(SpawnError::Credentials {
+                call: "setuid",
+                uid: 1000,
+                ..
+            }))
+        ));
+        let mut report = STEP_EXEC.to_ne_bytes().to_vec();
+        report.extend_from_slice(&libc::EACCES.to_ne_bytes());
+        let (mut p, w) = pending_on(4246);
+        write_all(&w, &report);
+        let err = p.poll().and_then(Result::err);
+        assert!(
+            matches!(err, Some(SpawnError::NotExecutable { .. })),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn a_child_stopped_before_execve_is_killed_at_the_deadline() {
+        let (r, w) = pipe();
+        // SAFETY: the child makes only async-signal-safe calls (raise, _exit).
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            // SAFETY: in the forked child: stop, as a tenant's SIGSTOP would, holding the
+            // write end of the report pipe.
+            unsafe {
+                libc::raise(libc::SIGSTOP);
+                libc::_exit(0)
+            }
+        }
+        drop(w);
+        // SAFETY: F_SETFL on a descriptor we own.
+        unsafe { libc::fcntl(r.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+        let mut p = Pending {
+            pid,
+            report: r,
+            buf: [0; REPORT_LEN],
+            got: 0,
+            program: "stopped".into(),
+            cwd: None,
+            user: None,
+        };
+        let t0 = std::time::Instant::now();
+        let err = p.wait(Duration::from_millis(300)).unwrap_err();
+        let took = t0.elapsed();
+        assert!(
+            matches!(err, SpawnError::Timeout { pid: Some(p), .. } if p == pid),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().contains("not started within 300ms"),
+            "{err}"
+        );
+        assert!(took >= Duration::from_millis(300), "{took:?}");
+        assert!(took < Duration::from_secs(5), "{took:?}");
+        let status = waitpid(pid);
+        assert!(
+            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGKILL,
+            "{status:#x}"
+        );
+    }
+
     #[test]
     fn close_loop_closes_the_range_only() {
         let (r, w) = pipe();
