@@ -24,7 +24,6 @@
 //! started at once.
 
 use std::ffi::{OsStr, OsString};
-use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -146,7 +145,7 @@ pub struct Launched {
 pub fn launch(cfg: &DriverConfig, mask: &SigSet) -> Result<Launched, SpawnError> {
     // std creates both with SOCK_CLOEXEC / O_CLOEXEC.
     let (socket, theirs) = UnixStream::pair().map_err(|e| io_error("socketpair", &e))?;
-    let null = File::open("/dev/null").map_err(|e| io_error("open(/dev/null)", &e))?;
+    let null = dev_null()?;
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
     socket
@@ -186,6 +185,43 @@ pub fn launch(cfg: &DriverConfig, mask: &SigSet) -> Result<Launched, SpawnError>
         stdout: out_r,
         stderr: err_r,
     })
+}
+
+/// `/dev/null` as a child's stdin: a duplicate of one descriptor opened the first time (before
+/// any tenant code runs), never blocking: a tenant that replaces `/dev/null` with a FIFO (root
+/// in the sandbox can) would otherwise hang the shim in `open()` at every spawn. The open is
+/// non-blocking and must yield a character device; failing that, the read end of an empty
+/// pipe whose write end is closed stands in (it reads EOF, as `/dev/null` does).
+pub(crate) fn dev_null() -> Result<OwnedFd, SpawnError> {
+    static NULL: std::sync::OnceLock<Option<OwnedFd>> = std::sync::OnceLock::new();
+    let cached = NULL.get_or_init(|| {
+        let flags = libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY;
+        // SAFETY: a valid NUL-terminated path; the result is checked.
+        let fd = unsafe { libc::open(c"/dev/null".as_ptr(), flags) };
+        if fd < 0 {
+            tracing::warn!(err = %Errno::last(), "cannot open /dev/null: children get an empty pipe");
+            return None;
+        }
+        // SAFETY: open succeeded: a fresh descriptor owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: fstat fills `st` on success.
+        let ok = unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) } == 0;
+        // SAFETY: initialized when fstat succeeded.
+        let chr = ok && unsafe { st.assume_init() }.st_mode & libc::S_IFMT == libc::S_IFCHR;
+        if !chr {
+            tracing::warn!("/dev/null is not a character device: children get an empty pipe");
+            return None;
+        }
+        // Children share this open file description: leave it blocking, like theirs.
+        // SAFETY: F_SETFL on a descriptor we own.
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, libc::O_RDONLY) };
+        Some(fd)
+    });
+    match cached {
+        Some(fd) => fd.try_clone().map_err(|e| io_error("dup(/dev/null)", &e)),
+        None => pipe().map(|(r, _closed)| r),
+    }
 }
 
 /// `pipe2(O_CLOEXEC)`: `(read end, write end)`.

@@ -277,3 +277,108 @@ fn a_shutdown_during_the_attack_is_still_graceful() -> Result<()> {
     );
     Ok(())
 }
+
+/// Mounts a FIFO over `target` inside the shim's mount namespace (private to the test run:
+/// `unshare --mount-proc`), as a root tool of the tenant replacing the file would; the bind
+/// mount is made by an exec of the shim itself, so the namespace is the shim's.
+fn fifo_over(sup: &mut crate::supervisor::Sup, dir: &std::path::Path, target: &str) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let fifo = dir.join(target.trim_start_matches('/').replace('/', "_"));
+    let c = std::ffi::CString::new(fifo.as_os_str().as_bytes())?;
+    // SAFETY: a valid NUL-terminated path.
+    ensure!(unsafe { libc::mkfifo(c.as_ptr(), 0o666) } == 0, "mkfifo");
+    let fifo = fifo.to_string_lossy().into_owned();
+    let started = sup
+        .ctl
+        .exec_started(|id| Exec::new(id, ["mount", "--bind", fifo.as_str(), target]))?;
+    let run = sup.ctl.exec_run(started.exec_id, PATIENCE)?;
+    ensure!(
+        run.exit.as_ref().and_then(|x| x.code) == Some(0),
+        "mount --bind {fifo} {target}: {run:?}"
+    );
+    Ok(())
+}
+
+/// A root tool replaces `/etc/passwd` with a FIFO: an exec naming its user by name is refused
+/// at once (`invalid`: not a regular file) instead of leaving PID 1 in `open()`; `status`
+/// stays prompt and numeric users still run.
+#[test]
+fn a_fifo_as_etc_passwd_does_not_block_pid1() -> Result<()> {
+    if !can_run("a_fifo_as_etc_passwd_does_not_block_pid1")? {
+        return Ok(());
+    }
+    let dir = crate::support::TempDir::new("fifo-passwd")?;
+    let mut sup = Setup::new(Mode::Pid1)
+        .flag("--ping-interval", "0")
+        .start()?;
+    sup.expect_up(1)?;
+    fifo_over(&mut sup, dir.path(), "/etc/passwd")?;
+    let id = sup.ctl.id();
+    let req = Exec {
+        user: Some("nobody".into()),
+        ..Exec::new(id, [probe(), "exit", "0"])
+    };
+    let reply = match sup.ctl.request_within(id, req, EXEC_REPLY_MAX) {
+        Ok(r) => r,
+        Err(e) => bail!(
+            "exec as a named user unanswered: {e:#}\n{}",
+            sup.shim.context()
+        ),
+    };
+    match &reply {
+        ShimToControl::Error(e) if e.code == ErrorCode::Invalid => {
+            ensure!(e.message.contains("not a regular file"), "{e:?}");
+        }
+        other => bail!("exec as a named user answered {other:?}"),
+    }
+    sup.ctl.status_within(STATUS_MAX)?;
+    let ok = sup.ctl.exec_started(|id| Exec {
+        user: Some("65534:65534".into()),
+        ..Exec::new(id, [probe(), "exit", "0"])
+    })?;
+    let run = sup.ctl.exec_run(ok.exec_id, PATIENCE)?;
+    ensure!(run.exit.as_ref().and_then(|x| x.code) == Some(0), "{run:?}");
+    Ok(())
+}
+
+/// A root tool replaces `/dev/null` with a FIFO: the next exec and the next driver launch
+/// still start (their stdin is the `/dev/null` opened before any tenant code ran), without
+/// PID 1 blocking in `open()`.
+#[test]
+fn a_fifo_as_dev_null_does_not_block_pid1() -> Result<()> {
+    if !can_run("a_fifo_as_dev_null_does_not_block_pid1")? {
+        return Ok(());
+    }
+    let dir = crate::support::TempDir::new("fifo-null")?;
+    let mut sup = Setup::new(Mode::Pid1)
+        .flag("--ping-interval", "0")
+        .start()?;
+    sup.expect_up(1)?;
+    fifo_over(&mut sup, dir.path(), "/dev/null")?;
+    let id = sup.ctl.id();
+    let reply =
+        match sup
+            .ctl
+            .request_within(id, Exec::new(id, [probe(), "exit", "0"]), EXEC_REPLY_MAX)
+        {
+            Ok(r) => r,
+            Err(e) => bail!("exec unanswered: {e:#}\n{}", sup.shim.context()),
+        };
+    let ShimToControl::ExecStarted(started) = reply else {
+        bail!("exec answered {reply:?}");
+    };
+    let run = sup.ctl.exec_run(started.exec_id, PATIENCE)?;
+    ensure!(run.exit.as_ref().and_then(|x| x.code) == Some(0), "{run:?}");
+    // The driver's next launch too.
+    let id = sup.ctl.id();
+    let kill = Signal {
+        id,
+        signal: "KILL".into(),
+        target: SignalTarget::Driver,
+        exec_id: None,
+    };
+    sup.ctl.request_within(id, kill, STATUS_MAX)?;
+    sup.expect_up(2)?;
+    sup.ctl.status_within(STATUS_MAX)?;
+    Ok(())
+}

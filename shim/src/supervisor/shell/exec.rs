@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::future::poll_fn;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
 use std::task::Poll;
 use std::time::Instant;
 
@@ -239,11 +240,17 @@ impl Shell<'_> {
     /// Admits and forks the exec `req`; registers its pid with the reaper and the core.
     fn fork_exec(&mut self, owner: ExecOwner, req: &Exec) -> Result<(u64, exec::Started), Refusal> {
         let sup = &self.cfg.sup;
+        let invalid = |m| (ErrorCode::Invalid, m);
         let user = match &req.user {
+            // Numeric: no file to read.
+            Some(u) if crate::driver::parse_user(u).is_ok() => {
+                Some(exec::resolve_user(u, "", "").map_err(invalid)?)
+            }
             Some(u) => {
-                let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-                let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
-                Some(exec::resolve_user(u, &passwd, &group).map_err(|m| (ErrorCode::Invalid, m))?)
+                // Bounded, non-blocking reads (the tenant may have replaced these files).
+                let passwd = exec::read_user_db(Path::new("/etc/passwd")).map_err(invalid)?;
+                let group = exec::read_user_db(Path::new("/etc/group")).map_err(invalid)?;
+                Some(exec::resolve_user(u, &passwd, &group).map_err(invalid)?)
             }
             None => sup.user,
         };
