@@ -92,6 +92,14 @@ pub fn run(cfg: &Config) -> Result<i32, InitError> {
         }
     }
     let original_mask = signals::block_all(&sys).map_err(InitError::Signals)?;
+    // The child shares our stderr: on a terminal it can suspend output (`tcflow(TCOOFF)`), and
+    // a blocking log line (say, about the signal it then sends us) would freeze PID 1. Log
+    // lines that do not fit are dropped instead. Without a reopenable stderr they block as
+    // before (fd 2's own flags are the child's too, so they are not changed).
+    match crate::logging::reopen_stderr_nonblocking() {
+        Ok(fd) => crate::logging::use_nonblocking_stderr(fd),
+        Err(err) => debug!(%err, "log lines keep a blocking stderr"),
+    }
 
     let env: Vec<(OsString, OsString)> = std::env::vars_os()
         .filter(|(k, _)| k.as_os_str() != TOKEN_VAR)

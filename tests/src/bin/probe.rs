@@ -14,7 +14,8 @@
 //! probe ignore-term [SIG...]        ignore SIGTERM (and SIG...), print `ready`, sleep
 //! probe orphans N [--stay]          print `adopted_by=shim|other:PID`; make N orphaned
 //!                                   grandchildren; print `forked=N in T`, `zombies=K`
-//! probe kill-init                   as uid 65534, kill(1, SIGTERM); print `sent ...`, `alive`; exit 7
+//! probe kill-init [--fill-stderr]   as uid 65534, kill(1, SIGTERM); print `sent ...`, `alive`; exit 7
+//!                                   (first fill the pipe on fd 2: print `filled=N`)
 //! probe argv ARGS...                print `argc=N`, then `arg=HEX` per argument
 //! probe env NAMES...                print `NAME=VALUE` or `NAME unset`
 //! probe cat                         copy stdin to stdout
@@ -77,7 +78,7 @@ fn main() -> ExitCode {
         "signals" => signals(rest),
         "ignore-term" => ignore_term(rest),
         "orphans" => orphans(rest),
-        "kill-init" => kill_init(),
+        "kill-init" => kill_init(rest),
         "argv" => argv(rest),
         "env" => env(rest),
         "cat" => cat(),
@@ -409,7 +410,10 @@ fn count_zombies(parent: libc::pid_t) -> io::Result<usize> {
     Ok(n)
 }
 
-fn kill_init() -> io::Result<u8> {
+fn kill_init(args: &[OsString]) -> io::Result<u8> {
+    if args.iter().any(|a| a == "--fill-stderr") {
+        say(&format!("filled={}", fill_stderr()?));
+    }
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } == 0 {
         // SAFETY: plain syscalls; order matters (groups and gid while still root).
@@ -432,6 +436,36 @@ fn kill_init() -> io::Result<u8> {
     std::thread::sleep(Duration::from_secs(1));
     say("alive");
     Ok(7)
+}
+
+/// Fills the pipe on fd 2 (shared with the shim) through a non-blocking open file
+/// description of its own (fd 2's flags, shared with the shim, stay blocking); the bytes
+/// written.
+fn fill_stderr() -> io::Result<usize> {
+    let path = CString::new("/proc/self/fd/2").map_err(io::Error::other)?;
+    // SAFETY: a valid NUL-terminated path.
+    let fd = unsafe {
+        libc::open(
+            path.as_ptr(),
+            libc::O_WRONLY | libc::O_NONBLOCK | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(last_os_error());
+    }
+    let chunk = [b'x'; 4096];
+    let mut total = 0usize;
+    while total < 64 << 20 {
+        // SAFETY: a valid buffer of its length.
+        let n = unsafe { libc::write(fd, chunk.as_ptr().cast(), chunk.len()) };
+        if n <= 0 {
+            break;
+        }
+        total += n as usize;
+    }
+    // SAFETY: our descriptor.
+    unsafe { libc::close(fd) };
+    Ok(total)
 }
 
 fn hex(bytes: &[u8]) -> String {

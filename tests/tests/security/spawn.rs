@@ -19,7 +19,7 @@ use driver_protocol::ErrorCode;
 use crate::supervisor::Setup;
 use crate::support::control::{exec_of, ExecRun};
 use crate::support::process::state_of;
-use crate::support::{is_root, poll_until, probe, Mode, PATIENCE};
+use crate::support::{is_root, poll_until, probe, Mode, Shim, PATIENCE};
 
 /// How long the attacker spins.
 const ATTACK: Duration = Duration::from_secs(8);
@@ -380,5 +380,37 @@ fn a_fifo_as_dev_null_does_not_block_pid1() -> Result<()> {
     sup.ctl.request_within(id, kill, STATUS_MAX)?;
     sup.expect_up(2)?;
     sup.ctl.status_within(STATUS_MAX)?;
+    Ok(())
+}
+
+/// Plain mode: the child fills the stderr pipe it shares with the shim (nobody reads it for
+/// now), then exits, which the shim logs (`--log-level info`): the log line is dropped
+/// instead of blocking PID 1, which reaps the child and exits with its code while stderr is
+/// still stalled.
+#[test]
+fn a_child_that_fills_stderr_cannot_block_plain_mode() -> Result<()> {
+    if !can_run("a_child_that_fills_stderr_cannot_block_plain_mode")? {
+        return Ok(());
+    }
+    let mut run = Shim::new()
+        .args(["--log-level", "info"])
+        .stderr_unread()
+        .probe(["kill-init", "--fill-stderr"])
+        .start()?;
+    let code = run.wait_code(Duration::from_secs(8));
+    run.read_stderr();
+    let code = match code {
+        Ok(c) => c,
+        Err(e) => bail!(
+            "the shim did not exit with stderr stalled: {e:#}\n{}",
+            run.context()
+        ),
+    };
+    let out = run.rest_of_stdout(Duration::from_secs(1));
+    ensure!(code == 7, "exit code {code}: {out:?}\n{}", run.context());
+    ensure!(
+        out.iter().any(|l| l.starts_with("filled=")) && out.iter().any(|l| l == "alive"),
+        "{out:?}"
+    );
     Ok(())
 }
