@@ -433,7 +433,7 @@ mod tests {
     #[test]
     fn launch_gives_exactly_the_promised_fds() {
         // A descriptor the shim opened without CLOEXEC must not reach the driver.
-        let null = File::open("/dev/null").unwrap();
+        let null = std::fs::File::open("/dev/null").unwrap();
         // SAFETY: F_DUPFD makes a fresh descriptor ≥ 200, without CLOEXEC.
         let leaked = unsafe { libc::fcntl(null.as_raw_fd(), libc::F_DUPFD, 200) };
         assert!(leaked >= 200);

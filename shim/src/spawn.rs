@@ -3,7 +3,7 @@
 //! Between `fork` and `execve` the child may only make async-signal-safe calls: no allocation
 //! (another thread of the parent may have held the allocator's lock at the `fork`), no
 //! logging, no panicking. So [`Prepared::new`] resolves the program in `PATH` and builds
-//! every C string and pointer array in the parent, and the child half of [`spawn`] is a
+//! every C string and pointer array in the parent, and the child half of [`start`] is a
 //! straight line of raw syscalls:
 //!
 //! 1. `setpgid(0, 0)` (or `setsid()`), so signals can address the child's whole group;
@@ -43,9 +43,9 @@
 //! pipe's write end is likewise moved above every target, and the close step skips it (it is
 //! `CLOEXEC`, so `execve` still closes it).
 //!
-//! **Reaping.** `spawn` never waits: the caller registers the returned pid with the
-//! [`Reaper`](crate::reaper::Reaper) before its next drain. If `execve` failed, the child
-//! already `_exit`ed; its zombie is collected by the next drain as an untracked pid.
+//! **Reaping.** Nothing here waits for the child: the caller registers [`Pending::pid`] with
+//! the [`Reaper`](crate::reaper::Reaper) before its next drain, which collects the child
+//! whether it exec'd, failed (it `_exit`ed with 127) or was killed at the deadline.
 
 use std::ffi::{CString, OsStr, OsString};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -751,7 +751,7 @@ unsafe fn child(prep: &Prepared, write_fd: libc::c_int, foreground: bool) -> ! {
             }
         }
         if let Some(first) = prep.close_from {
-            // Keep the report pipe (`write_fd` ≥ `first`, see `spawn`): it is CLOEXEC.
+            // Keep the report pipe (`write_fd` ≥ `first`, see `start`): it is CLOEXEC.
             close_fds(first, write_fd.saturating_sub(1), prep.nofile);
             close_fds(write_fd.saturating_add(1), RawFd::MAX, prep.nofile);
         }
@@ -832,7 +832,7 @@ unsafe fn child(prep: &Prepared, write_fd: libc::c_int, foreground: bool) -> ! {
 ///
 /// # Safety
 ///
-/// Only for the child half of [`spawn`]: it closes descriptors other code may think it owns.
+/// Only for the child half of [`start`]: it closes descriptors other code may think it owns.
 unsafe fn close_fds(first: RawFd, last: RawFd, nofile: RawFd) {
     if first < 0 || first > last {
         return;
@@ -871,7 +871,7 @@ unsafe fn close_loop(first: RawFd, last: RawFd, nofile: RawFd) {
 ///
 /// # Safety
 ///
-/// Only for the child half of [`spawn`].
+/// Only for the child half of [`start`].
 unsafe fn report_and_exit(write_fd: libc::c_int, step: i32) -> ! {
     // SAFETY: errno is thread-local; reading it and writing a stack buffer is signal-safe.
     unsafe {
