@@ -116,7 +116,9 @@ fn a_tool_that_stops_fresh_children_does_not_block_pid1() -> Result<()> {
         let reply = match sup.ctl.request_within(id, req, EXEC_REPLY_MAX) {
             Ok(r) => r,
             Err(e) => bail!(
-                "exec {ran}+{refused_timeout} unanswered after {:?}: {e:#}\n{}",
+                "exec {ran}+{refused_timeout} (asked {:?} into the attack) unanswered after \
+                 {:?}: {e:#}\n{}",
+                asked.duration_since(started),
                 asked.elapsed(),
                 sup.shim.context()
             ),
