@@ -17,7 +17,7 @@ use driver_protocol::message::{
 use driver_protocol::ErrorCode;
 
 use crate::supervisor::Setup;
-use crate::support::control::{exec_of, ExecRun};
+use crate::support::control::{exec_of, ControlClient, ExecRun};
 use crate::support::process::state_of;
 use crate::support::{is_root, poll_until, probe, Mode, Shim, PATIENCE};
 
@@ -414,5 +414,258 @@ fn a_child_that_fills_stderr_cannot_block_plain_mode() -> Result<()> {
         out.iter().any(|l| l.starts_with("filled=")) && out.iter().any(|l| l == "alive"),
         "{out:?}"
     );
+    Ok(())
+}
+
+/// Kills (SIGKILL) the pids it holds when dropped: the shim and its stopped child of the
+/// traced run below, whatever the outcome.
+struct KillOnDrop(Vec<libc::pid_t>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for &pid in self.0.iter().rev() {
+            // SAFETY: kill has no memory-safety preconditions; these are our own processes
+            // (the shim is our child, its child is not reaped before the shim is gone).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// `waitpid(pid, __WALL | WNOHANG)` until it reports, at most [`PATIENCE`].
+fn wait_stop(pid: libc::pid_t) -> Result<libc::c_int> {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let mut status = 0;
+        // SAFETY: a valid status pointer.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::__WALL | libc::WNOHANG) };
+        if r == pid {
+            return Ok(status);
+        }
+        ensure!(
+            r == 0,
+            "waitpid({pid}): {}",
+            std::io::Error::last_os_error()
+        );
+        ensure!(Instant::now() < deadline, "{pid} did not stop in time");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// A shim started traced by this test (root, outside its namespace): its first `fork` is
+/// caught and the new child left in a group stop before it ran a single instruction, with
+/// its report pipe open — as a tenant's SIGSTOP between the credential drop and `execve`
+/// would leave it, but deterministically. Then the shim goes on, untraced.
+struct Traced {
+    shim: std::process::Child,
+    /// The stopped child.
+    child: libc::pid_t,
+    _guard: KillOnDrop,
+}
+
+fn start_traced(args: &[&str], envs: &[(&str, &str)]) -> Result<Traced> {
+    use std::os::unix::process::CommandExt as _;
+    let mut cmd = std::process::Command::new(crate::support::shim_bin()?);
+    cmd.args(args);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("AGENT_SHIM_") {
+            cmd.env_remove(key);
+        }
+    }
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: between fork and exec only ptrace(2), async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let shim = cmd.spawn()?;
+    let pid = shim.id() as libc::pid_t;
+    let mut guard = KillOnDrop(vec![pid]);
+    // Stopped at its execve (SIGTRAP): follow its forks, and die with us.
+    wait_stop(pid)?;
+    let opts = libc::PTRACE_O_TRACEFORK | libc::PTRACE_O_EXITKILL;
+    // SAFETY: ptrace requests on our stopped tracee.
+    unsafe {
+        ensure!(
+            libc::ptrace(libc::PTRACE_SETOPTIONS, pid, 0, opts) == 0,
+            "SETOPTIONS"
+        );
+        ensure!(libc::ptrace(libc::PTRACE_CONT, pid, 0, 0) == 0, "CONT");
+    }
+    // Its fork: the new child starts traced, in a stop, before running anything.
+    let fork_event = libc::SIGTRAP | (libc::PTRACE_EVENT_FORK << 8);
+    loop {
+        let status = wait_stop(pid)?;
+        ensure!(
+            libc::WIFSTOPPED(status),
+            "the shim ended before forking: {status:#x}"
+        );
+        if status >> 8 == fork_event {
+            break;
+        }
+        // Another stop (a signal): hand it on.
+        // SAFETY: ptrace on our stopped tracee.
+        unsafe { libc::ptrace(libc::PTRACE_CONT, pid, 0, libc::WSTOPSIG(status)) };
+    }
+    let mut child: libc::c_ulong = 0;
+    // SAFETY: GETEVENTMSG writes one unsigned long.
+    unsafe {
+        libc::ptrace(
+            libc::PTRACE_GETEVENTMSG,
+            pid,
+            0,
+            &mut child as *mut libc::c_ulong,
+        )
+    };
+    let child = libc::pid_t::try_from(child)?;
+    guard.0.push(child);
+    wait_stop(child)?;
+    // Detached with SIGSTOP: it stays stopped; the shim goes on.
+    // SAFETY: ptrace on our stopped tracees.
+    unsafe {
+        ensure!(
+            libc::ptrace(libc::PTRACE_DETACH, child, 0, libc::SIGSTOP) == 0,
+            "DETACH child"
+        );
+        ensure!(
+            libc::ptrace(libc::PTRACE_DETACH, pid, 0, 0) == 0,
+            "DETACH shim"
+        );
+    }
+    Ok(Traced {
+        shim,
+        child,
+        _guard: guard,
+    })
+}
+
+impl Traced {
+    /// Waits at most `timeout` for the shim's exit; its code and stderr.
+    fn wait(&mut self, timeout: Duration) -> Result<(Option<i32>, String)> {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = self.shim.try_wait()? {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "the shim did not exit within {timeout:?} (its stopped child: state {:?})",
+                    state_of(self.child)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let mut stderr = String::new();
+        if let Some(mut e) = self.shim.stderr.take() {
+            use std::io::Read as _;
+            e.read_to_string(&mut stderr)?;
+        }
+        Ok((status.code(), stderr))
+    }
+}
+
+/// Plain mode: the command is stopped before its `execve` ([`start_traced`]). The shim waits
+/// at most `--spawn-timeout`, kills it, reaps it and exits 124 saying why (main's shim
+/// waited in `read()` forever).
+#[test]
+fn plain_mode_kills_a_command_stopped_before_execve() -> Result<()> {
+    if !can_run("plain_mode_kills_a_command_stopped_before_execve")? {
+        return Ok(());
+    }
+    // The variable, not the flag: a shim without the setting runs the same test (and hangs).
+    let mut t = start_traced(
+        &["--", probe(), "exit", "0"],
+        &[("AGENT_SHIM_SPAWN_TIMEOUT", "500ms")],
+    )?;
+    let asked = Instant::now();
+    let (code, stderr) = t.wait(Duration::from_secs(10))?;
+    let took = asked.elapsed();
+    eprintln!("MEASURED: exit {code:?} {took:?} after the stop; stderr {stderr:?}");
+    ensure!(code == Some(124), "exit {code:?}: {stderr}");
+    ensure!(stderr.contains("not started within 500ms"), "{stderr}");
+    ensure!(took < Duration::from_secs(3), "took {took:?}");
+    ensure!(
+        state_of(t.child).is_none(),
+        "the stopped child is still there: {:?}",
+        state_of(t.child)
+    );
+    Ok(())
+}
+
+/// Supervisor mode: the driver's first launch is stopped before its `execve`
+/// ([`start_traced`]). The shim answers `status` meanwhile, kills the launch at
+/// `--spawn-timeout` (`driver_exited{reason: exec_failed, signal: SIGKILL}`), relaunches it,
+/// and still stops gracefully on SIGTERM with the driver's code.
+#[test]
+fn a_driver_launch_stopped_before_execve_is_killed_and_restarted() -> Result<()> {
+    if !can_run("a_driver_launch_stopped_before_execve_is_killed_and_restarted")? {
+        return Ok(());
+    }
+    let dir = crate::support::TempDir::new("traced-sup")?;
+    let sock = dir.path().join("c.sock");
+    let listen = format!("unix:{}", sock.display());
+    let driver = crate::drivers::echo_driver_bin()?;
+    let driver = driver.to_string_lossy().into_owned();
+    let mut t = start_traced(
+        &[
+            "--control-listen",
+            &listen,
+            "--control-insecure",
+            "--backoff-initial",
+            "100ms",
+            "--backoff-jitter",
+            "0",
+            "--",
+            &driver,
+        ],
+        &[("AGENT_SHIM_SPAWN_TIMEOUT", "1s"), ("ECHO_EXIT_CODE", "5")],
+    )?;
+    let stopped_at = Instant::now();
+    let target = crate::support::control::Target::Unix(sock.clone());
+    let mut ctl = match ControlClient::connect_to(&target, None, Duration::from_secs(5)) {
+        Ok(c) => c,
+        Err(e) => bail!("no control connection while the launch is stopped: {e:#}"),
+    };
+    ctl.resume_from(0)?;
+    // While the launch is pending: answered at once, the driver still starting.
+    let asked = Instant::now();
+    let s = ctl.status_within(STATUS_MAX)?;
+    let status_took = asked.elapsed();
+    ensure!(s.state == DriverState::Starting, "{s:?}");
+    let (exited, _) = ctl.wait_event(|e| matches!(e, Event::DriverExited(_)), PATIENCE)?;
+    let killed_after = stopped_at.elapsed();
+    let Event::DriverExited(exited) = exited.event else {
+        unreachable!()
+    };
+    ensure!(
+        exited.reason == "exec_failed" && exited.signal.as_deref() == Some("SIGKILL"),
+        "{exited:?}"
+    );
+    ensure!(
+        exited.pid == u32::try_from(t.child)?,
+        "{exited:?}, stopped child {}",
+        t.child
+    );
+    ctl.wait_event(|e| matches!(e, Event::DriverReady(_)), PATIENCE)?;
+    ensure!(
+        state_of(t.child).is_none(),
+        "the stopped launch is still there"
+    );
+    // SAFETY: kill on our own child.
+    unsafe { libc::kill(t.shim.id() as libc::pid_t, libc::SIGTERM) };
+    let (code, stderr) = t.wait(PATIENCE)?;
+    eprintln!(
+        "MEASURED: status during the stopped launch in {status_took:?}; launch killed \
+         {killed_after:?} after the stop; exit {code:?}"
+    );
+    ensure!(code == Some(5), "exit {code:?}: {stderr}");
     Ok(())
 }
