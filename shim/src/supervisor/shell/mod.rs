@@ -69,8 +69,8 @@ struct Shell<'a> {
     /// Where exec output is read into: each chunk is split off as the `data` of its
     /// `exec_output` (no copy), and the storage is reused once the chunk is encoded.
     exec_buf: bytes::BytesMut,
-    /// Children forked but not yet known to have exec'd, by pid.
-    spawning: BTreeMap<i32, Spawning>,
+    /// Children forked but not yet known to have exec'd.
+    spawning: Vec<Spawning>,
 }
 
 pub(super) async fn shell(
@@ -125,7 +125,7 @@ pub(super) async fn shell(
         execs: BTreeMap::new(),
         exec_cursor: 0,
         exec_buf: bytes::BytesMut::new(),
-        spawning: BTreeMap::new(),
+        spawning: Vec::new(),
     };
     sh.core.start();
     loop {

@@ -23,7 +23,6 @@
 //! core, which already tracks its pid; the signals stay blocked in the child until its
 //! `execve`, so only the SIGKILL of a kill grace or of the spawn deadline ends a stopped one.
 
-use std::collections::BTreeMap;
 use std::future::poll_fn;
 use std::task::Poll;
 use std::time::Instant;
@@ -65,6 +64,7 @@ pub(super) enum SpawnFor {
 
 /// One pending child.
 pub(super) struct Spawning {
+    pid: i32,
     report: AsyncFd<Pending>,
     deadline: Instant,
     what: SpawnFor,
@@ -72,14 +72,13 @@ pub(super) struct Spawning {
 
 /// Waits until the report pipe of a pending child has something (data or EOF) and returns
 /// that child's outcome. Never returns while nothing is pending.
-pub(super) async fn spawn_ready(
-    spawning: &mut BTreeMap<i32, Spawning>,
-) -> (i32, Result<i32, SpawnError>) {
+pub(super) async fn spawn_ready(spawning: &mut [Spawning]) -> (i32, Result<i32, SpawnError>) {
     if spawning.is_empty() {
         return std::future::pending().await;
     }
     poll_fn(|cx| {
-        for (&pid, s) in spawning.iter_mut() {
+        for s in spawning.iter_mut() {
+            let pid = s.pid;
             loop {
                 match s.report.poll_read_ready_mut(cx) {
                     Poll::Ready(Ok(mut guard)) => match guard.get_inner_mut().poll() {
@@ -131,14 +130,12 @@ impl Shell<'_> {
         let registered = AsyncFd::new(pending);
         match registered {
             Ok(report) => {
-                self.spawning.insert(
+                self.spawning.push(Spawning {
                     pid,
-                    Spawning {
-                        report,
-                        deadline,
-                        what,
-                    },
-                );
+                    report,
+                    deadline,
+                    what,
+                });
             }
             Err(err) => {
                 warn!(%err, pid, "cannot watch a child's start: killing it");
@@ -157,12 +154,12 @@ impl Shell<'_> {
 
     /// The nearest spawn deadline.
     pub(super) fn spawn_deadline(&self) -> Option<Instant> {
-        self.spawning.values().map(|s| s.deadline).min()
+        self.spawning.iter().map(|s| s.deadline).min()
     }
 
     /// The report pipe of `pid` gave its outcome.
     pub(super) fn spawn_done(&mut self, pid: i32, outcome: Result<i32, SpawnError>) {
-        if let Some(s) = self.spawning.remove(&pid) {
+        if let Some(s) = self.take_spawning(pid) {
             if outcome.is_err() {
                 // Already exited after a report; killed when the pipe itself failed.
                 s.report.get_ref().kill();
@@ -173,16 +170,9 @@ impl Shell<'_> {
 
     /// Kills the children whose `--spawn-timeout` has passed; their starts fail.
     pub(super) fn spawn_timeouts(&mut self, now: Instant) {
-        let due: Vec<i32> = self
-            .spawning
-            .iter()
-            .filter(|(_, s)| s.deadline <= now)
-            .map(|(&pid, _)| pid)
-            .collect();
-        for pid in due {
-            let Some(mut s) = self.spawning.remove(&pid) else {
-                continue;
-            };
+        while let Some(i) = self.spawning.iter().position(|s| s.deadline <= now) {
+            let mut s = self.spawning.swap_remove(i);
+            let pid = s.pid;
             // The last word first: it may have exec'd or failed just now.
             let outcome = match s.report.get_mut().poll() {
                 Some(outcome) => outcome,
@@ -204,13 +194,19 @@ impl Shell<'_> {
     /// `pid` was reaped: if its spawn was pending, decides it first (its pipe is complete
     /// now), so that its exit follows its `exec_started` or its `exec_failed`.
     pub(super) fn spawn_reaped(&mut self, pid: i32) {
-        let Some(mut s) = self.spawning.remove(&pid) else {
+        let Some(mut s) = self.take_spawning(pid) else {
             return;
         };
         // EOF without a report: it exec'd, or was killed before it could; either way its
         // exit status tells the rest.
         let outcome = s.report.get_mut().poll().unwrap_or(Ok(pid));
         self.spawn_decided(pid, s.what, outcome);
+    }
+
+    /// Stops following `pid`'s spawn (there are few at once: a linear search).
+    fn take_spawning(&mut self, pid: i32) -> Option<Spawning> {
+        let i = self.spawning.iter().position(|s| s.pid == pid)?;
+        Some(self.spawning.swap_remove(i))
     }
 
     fn spawn_decided(&mut self, pid: i32, what: SpawnFor, outcome: Result<i32, SpawnError>) {
