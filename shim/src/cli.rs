@@ -24,6 +24,8 @@ pub const TOKEN_VAR: &str = "AGENT_SHIM_TOKEN";
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(8);
 /// Default `--cleanup-grace`.
 pub const DEFAULT_CLEANUP_GRACE: Duration = Duration::from_secs(2);
+/// Default `--spawn-timeout`.
+pub const DEFAULT_SPAWN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Log output format.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -46,6 +48,9 @@ pub struct Config {
     pub grace: Duration,
     /// As PID 1, how long the leftovers get between SIGTERM and SIGKILL after the child exits.
     pub cleanup_grace: Duration,
+    /// How long a forked child may take to `execve` (or report why not) before it is killed
+    /// and its start fails (`--spawn-timeout`).
+    pub spawn_timeout: Duration,
     /// `--rewrite` rules.
     pub rewrites: Rewrites,
     /// `--remap-exit` rules, `(from, to)`; a later rule for the same code wins.
@@ -205,6 +210,7 @@ impl Default for Config {
             pgroup: false,
             grace: DEFAULT_GRACE,
             cleanup_grace: DEFAULT_CLEANUP_GRACE,
+            spawn_timeout: DEFAULT_SPAWN_TIMEOUT,
             rewrites: Rewrites::default(),
             remap_exit: Vec::new(),
             allow_internal_signals: false,
@@ -268,6 +274,9 @@ Options (each also settable by the environment variable shown; a flag beats its 
                              [AGENT_SHIM_GRACE, default 8s]
       --cleanup-grace DUR    as PID 1, after CMD exits: SIGTERM the rest, SIGKILL after DUR
                              [AGENT_SHIM_CLEANUP_GRACE, default 2s]
+      --spawn-timeout DUR    a started child that has neither exec'd nor failed after DUR
+                             is killed and its start fails [AGENT_SHIM_SPAWN_TIMEOUT,
+                             default 5s]
       --rewrite FROM:TO      forward signal FROM as TO (TO = 0 drops it); repeatable
                              [AGENT_SHIM_REWRITE, comma-separated]
       --remap-exit FROM:TO   exit with TO when CMD's exit code is FROM; repeatable
@@ -373,6 +382,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     // The remainder is below 10^9.
     let sub = u32::try_from(nanos % NANOS_PER_SEC).map_err(|_| bad())?;
     Ok(Duration::new(secs, sub))
+}
+
+/// `--spawn-timeout`: a duration above zero (a zero deadline would fail every start).
+fn parse_spawn_timeout(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err("the spawn timeout must be above zero".to_owned());
+    }
+    Ok(d)
 }
 
 /// A decimal number as `f64::from_str` writes it (`12`, `0.5`, `.5`, `5.`, `1e3`, `-2.5E-1`),
@@ -592,6 +610,7 @@ struct Flags {
     pgroup: Option<bool>,
     grace: Option<Duration>,
     cleanup_grace: Option<Duration>,
+    spawn_timeout: Option<Duration>,
     rewrites: Option<Vec<(i32, i32)>>,
     remap_exit: Option<Vec<(u8, u8)>>,
     allow_internal_signals: Option<bool>,
@@ -868,6 +887,10 @@ where
                 let v = utf8("--cleanup-grace", p.value()?)?;
                 f.cleanup_grace = Some(ctx("--cleanup-grace", parse_duration(&v))?);
             }
+            Long("spawn-timeout") => {
+                let v = utf8("--spawn-timeout", p.value()?)?;
+                f.spawn_timeout = Some(ctx("--spawn-timeout", parse_spawn_timeout(&v))?);
+            }
             Long("rewrite") => {
                 let v = utf8("--rewrite", p.value()?)?;
                 let pair = ctx("--rewrite", signals::parse_rewrite(&v))?;
@@ -948,6 +971,13 @@ where
                 from_var(var(name)?, name, parse_duration)?.unwrap_or(d.cleanup_grace)
             }
         },
+        spawn_timeout: match f.spawn_timeout {
+            Some(v) => v,
+            None => {
+                let name = "AGENT_SHIM_SPAWN_TIMEOUT";
+                from_var(var(name)?, name, parse_spawn_timeout)?.unwrap_or(d.spawn_timeout)
+            }
+        },
         rewrites: Rewrites::new(match f.rewrites {
             Some(v) => v,
             None => from_list(var("AGENT_SHIM_REWRITE")?, "AGENT_SHIM_REWRITE", |s| {
@@ -1022,7 +1052,24 @@ mod tests {
         );
         assert_eq!(c.grace, Duration::from_secs(8));
         assert_eq!(c.cleanup_grace, Duration::from_secs(2));
+        assert_eq!(c.spawn_timeout, Duration::from_secs(5));
         assert_eq!(c.log_level, "warn");
+    }
+
+    #[test]
+    fn spawn_timeout_flag_and_variable() {
+        let c = run(&["--spawn-timeout", "750ms", "x"]).unwrap();
+        assert_eq!(c.spawn_timeout, Duration::from_millis(750));
+        let c = run_with(&["x"], &[("AGENT_SHIM_SPAWN_TIMEOUT", "2")]).unwrap();
+        assert_eq!(c.spawn_timeout, Duration::from_secs(2));
+        let c = run_with(
+            &["--spawn-timeout=1s", "x"],
+            &[("AGENT_SHIM_SPAWN_TIMEOUT", "0")],
+        )
+        .unwrap();
+        assert_eq!(c.spawn_timeout, Duration::from_secs(1));
+        assert!(run(&["--spawn-timeout", "0", "x"]).is_err());
+        assert!(run_with(&["x"], &[("AGENT_SHIM_SPAWN_TIMEOUT", "soon")]).is_err());
     }
 
     #[test]

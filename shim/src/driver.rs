@@ -28,7 +28,6 @@
 //! and the container freezer are how a driver is stopped.
 
 use std::ffi::{OsStr, OsString};
-use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -127,6 +126,8 @@ pub fn parse_user(s: &str) -> Result<(u32, u32), String> {
 pub struct Launched {
     /// The driver's pid, which is also its process group id.
     pub pid: i32,
+    /// Its `execve`'s outcome, still to be learnt (see [`spawn::Pending`]).
+    pub spawn: spawn::Pending,
     /// The shim's end of the socket pair: `CLOEXEC`, non-blocking.
     pub socket: UnixStream,
     /// The read end of the driver's stdout: `CLOEXEC`, non-blocking.
@@ -138,16 +139,17 @@ pub struct Launched {
 /// `socketpair(AF_UNIX, SOCK_STREAM|SOCK_CLOEXEC)`, pipes for stdout/stderr (`O_CLOEXEC`),
 /// `/dev/null` for stdin; spawns with fds {null→0, out→1, err→2, sock→3}, every other fd
 /// closed, a new process group (not foreground), `mask` restored in the child, cwd/user/env
-/// from `cfg`; closes the child's ends in the parent. The caller registers `pid` with the
-/// reaper before anything can reap.
+/// from `cfg`; closes the child's ends in the parent. Returns once the child is forked: the
+/// caller registers `pid` with the reaper before anything can reap, then learns from
+/// [`Launched::spawn`] whether its `execve` succeeded, without blocking.
 ///
-/// Errors are those of [`spawn::spawn`]; a failure in the child (`NotFound`, `NotExecutable`,
-/// `Chdir`, `Credentials`, `ChildSetup`) carries the pid of the child, which has already
-/// exited with 127 and is collected by the reaper as an untracked pid.
+/// Errors are those of [`spawn::start`] (nothing forked); a failure in the child
+/// (`NotFound`, `NotExecutable`, `Chdir`, `Credentials`, `ChildSetup`) comes later from
+/// [`spawn::Pending::poll`].
 pub fn launch(cfg: &DriverConfig, mask: &SigSet) -> Result<Launched, SpawnError> {
     // std creates both with SOCK_CLOEXEC / O_CLOEXEC.
     let (socket, theirs) = UnixStream::pair().map_err(|e| io_error("socketpair", &e))?;
-    let null = File::open("/dev/null").map_err(|e| io_error("open(/dev/null)", &e))?;
+    let null = dev_null()?;
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
     socket
@@ -175,17 +177,55 @@ pub fn launch(cfg: &DriverConfig, mask: &SigSet) -> Result<Launched, SpawnError>
         (theirs.as_raw_fd(), DRIVER_FD),
     ];
     let prepared = Prepared::new(&spec)?;
-    let pid = spawn::spawn(&prepared)?;
+    let pending = spawn::start(&prepared)?;
     // The child's ends (and Prepared's duplicates of them) are closed here, so the shim sees
     // EOF on the pipes and the socket once the driver and its descendants are gone.
     drop(prepared);
     drop((null, out_w, err_w, theirs));
     Ok(Launched {
-        pid,
+        pid: pending.pid(),
+        spawn: pending,
         socket,
         stdout: out_r,
         stderr: err_r,
     })
+}
+
+/// `/dev/null` as a child's stdin: a duplicate of one descriptor opened the first time (before
+/// any tenant code runs), never blocking: a tenant that replaces `/dev/null` with a FIFO (root
+/// in the sandbox can) would otherwise hang the shim in `open()` at every spawn. The open is
+/// non-blocking and must yield a character device; failing that, the read end of an empty
+/// pipe whose write end is closed stands in (it reads EOF, as `/dev/null` does).
+pub(crate) fn dev_null() -> Result<OwnedFd, SpawnError> {
+    static NULL: std::sync::OnceLock<Option<OwnedFd>> = std::sync::OnceLock::new();
+    let cached = NULL.get_or_init(|| {
+        let flags = libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY;
+        // SAFETY: a valid NUL-terminated path; the result is checked.
+        let fd = unsafe { libc::open(c"/dev/null".as_ptr(), flags) };
+        if fd < 0 {
+            tracing::warn!(err = %Errno::last(), "cannot open /dev/null: children get an empty pipe");
+            return None;
+        }
+        // SAFETY: open succeeded: a fresh descriptor owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: fstat fills `st` on success.
+        let ok = unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) } == 0;
+        // SAFETY: initialized when fstat succeeded.
+        let chr = ok && unsafe { st.assume_init() }.st_mode & libc::S_IFMT == libc::S_IFCHR;
+        if !chr {
+            tracing::warn!("/dev/null is not a character device: children get an empty pipe");
+            return None;
+        }
+        // Children share this open file description: leave it blocking, like theirs.
+        // SAFETY: F_SETFL on a descriptor we own.
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, libc::O_RDONLY) };
+        Some(fd)
+    });
+    match cached {
+        Some(fd) => fd.try_clone().map_err(|e| io_error("dup(/dev/null)", &e)),
+        None => pipe().map(|(r, _closed)| r),
+    }
 }
 
 /// `pipe2(O_CLOEXEC)`: `(read end, write end)`.
@@ -235,6 +275,13 @@ mod tests {
     use std::time::{Duration, Instant};
 
     const DEADLINE: Duration = Duration::from_secs(10);
+
+    /// [`launch`], then the outcome of its `execve` (the child is reaped by the test).
+    fn launch(cfg: &DriverConfig, mask: &SigSet) -> Result<Launched, SpawnError> {
+        let mut l = super::launch(cfg, mask)?;
+        l.spawn.wait(DEADLINE)?;
+        Ok(l)
+    }
 
     fn os(v: &[(&str, &str)]) -> Vec<(OsString, OsString)> {
         v.iter().map(|(k, v)| (k.into(), v.into())).collect()
@@ -390,7 +437,7 @@ mod tests {
     #[test]
     fn launch_gives_exactly_the_promised_fds() {
         // A descriptor the shim opened without CLOEXEC must not reach the driver.
-        let null = File::open("/dev/null").unwrap();
+        let null = std::fs::File::open("/dev/null").unwrap();
         // SAFETY: F_DUPFD makes a fresh descriptor ≥ 200, without CLOEXEC.
         let leaked = unsafe { libc::fcntl(null.as_raw_fd(), libc::F_DUPFD, 200) };
         assert!(leaked >= 200);

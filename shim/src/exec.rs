@@ -20,7 +20,6 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 
@@ -28,7 +27,7 @@ use driver_protocol::message::TtySize;
 use nix::errno::Errno;
 use nix::sys::signal::SigSet;
 
-use crate::driver::{self, io_error, pipe, set_nonblocking};
+use crate::driver::{self, pipe, set_nonblocking};
 use crate::limits::Limits;
 use crate::spawn::{self, Grouping, Prepared, SpawnError, Spec};
 
@@ -72,13 +71,15 @@ pub enum ExecIo {
 pub struct Started {
     /// Its pid, which is also its session and process group id.
     pub pid: i32,
+    /// Its `execve`'s outcome, still to be learnt (see [`spawn::Pending`]).
+    pub spawn: spawn::Pending,
     /// The shim's ends of its I/O.
     pub io: ExecIo,
 }
 
-/// Forks and execs `cfg` (see the module docs). The caller registers `pid` with the reaper
-/// before anything can reap. A failure in the child carries its pid (already exited, reaped
-/// as an orphan), as for [`driver::launch`].
+/// Forks `cfg` (see the module docs) and returns at once. The caller registers `pid` with
+/// the reaper before anything can reap, then learns from [`Started::spawn`] whether the
+/// `execve` succeeded, as for [`driver::launch`].
 pub fn start(cfg: &ExecConfig, mask: &SigSet) -> Result<Started, SpawnError> {
     let mut spec = Spec::new(cfg.argv.clone(), cfg.env.clone());
     spec.cwd = cfg.cwd.clone();
@@ -95,13 +96,14 @@ pub fn start(cfg: &ExecConfig, mask: &SigSet) -> Result<Started, SpawnError> {
             spec.ctty = true;
             spec.fds = (0..3).map(|fd| (slave.as_raw_fd(), fd)).collect();
             let prepared = Prepared::new(&spec)?;
-            let pid = spawn::spawn(&prepared)?;
+            let pending = spawn::start(&prepared)?;
             // Our copies of the slave go: the master reads EIO once every process holding
             // the terminal is gone.
             drop(prepared);
             drop(slave);
             Ok(Started {
-                pid,
+                pid: pending.pid(),
+                spawn: pending,
                 io: ExecIo::Pty(master),
             })
         }
@@ -111,8 +113,7 @@ pub fn start(cfg: &ExecConfig, mask: &SigSet) -> Result<Started, SpawnError> {
                 set_nonblocking(&w)?;
                 (r, Some(w))
             } else {
-                let null = File::open("/dev/null").map_err(|e| io_error("open(/dev/null)", &e))?;
-                (OwnedFd::from(null), None)
+                (driver::dev_null()?, None)
             };
             let (out_r, out_w) = pipe()?;
             let (err_r, err_w) = pipe()?;
@@ -125,11 +126,12 @@ pub fn start(cfg: &ExecConfig, mask: &SigSet) -> Result<Started, SpawnError> {
                 (err_w.as_raw_fd(), libc::STDERR_FILENO),
             ];
             let prepared = Prepared::new(&spec)?;
-            let pid = spawn::spawn(&prepared)?;
+            let pending = spawn::start(&prepared)?;
             drop(prepared);
             drop((stdin_r, out_w, err_w));
             Ok(Started {
-                pid,
+                pid: pending.pid(),
+                spawn: pending,
                 io: ExecIo::Pipes {
                     stdin: stdin_w,
                     stdout: out_r,
@@ -251,6 +253,39 @@ pub fn resolve_user(spec: &str, passwd: &str, group: &str) -> Result<(u32, u32),
         return Err(format!("invalid user {spec:?}"));
     }
     Ok((uid, gid))
+}
+
+/// Largest `/etc/passwd` or `/etc/group` read for a user name.
+const USER_DB_MAX: u64 = 4 * 1024 * 1024;
+
+/// Reads `/etc/passwd` or `/etc/group` (`path`) for [`resolve_user`], on the supervisor's
+/// loop, so never blocking and bounded: the tenant (root in the sandbox) may have replaced it
+/// with a FIFO, a device or a huge file. A missing file reads as empty (every name is
+/// unknown); anything but a regular file of at most [`USER_DB_MAX`] bytes is an error.
+pub fn read_user_db(path: &std::path::Path) -> Result<String, String> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path);
+    let file = match file {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(String::new()),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let is_file = file.metadata().is_ok_and(|m| m.is_file());
+    if !is_file {
+        return Err(format!("{} is not a regular file", path.display()));
+    }
+    let mut text = Vec::new();
+    file.take(USER_DB_MAX + 1)
+        .read_to_end(&mut text)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if text.len() as u64 > USER_DB_MAX {
+        return Err(format!("{} is over {USER_DB_MAX} bytes", path.display()));
+    }
+    Ok(String::from_utf8_lossy(&text).into_owned())
 }
 
 /// The `:`-separated fields of the first line of `db` whose first field is `name`.

@@ -7,7 +7,9 @@
 //! something happens.
 //!
 //! ```text
-//!  block signals ─► fork/exec child ─► register pid ─► loop: sigtimedwait(deadline)
+//!  block signals ─► fork child ─► register pid ─► wait ≤ --spawn-timeout for its execve
+//!                                                 (else SIGKILL, reap, exit 124)
+//!                                               ─► loop: sigtimedwait(deadline)
 //!                                                        first SETTLE quiet → release code pages
 //!                                                        SIGCHLD     → drain the reaper
 //!                                                        TERM/INT    → forward, arm --grace
@@ -48,6 +50,10 @@ const SETTLE: Duration = Duration::from_millis(100);
 /// Pause after an unexpected `sigtimedwait` error, so a persistent one cannot spin the CPU.
 const ERROR_BACKOFF: Duration = Duration::from_millis(10);
 
+/// The exit code when the command did not reach its `execve` within `--spawn-timeout`
+/// (like `timeout(1)`'s).
+pub const SPAWN_TIMEOUT_EXIT: i32 = 124;
+
 /// Why plain init mode could not run the command at all.
 #[derive(Debug, Error)]
 pub enum InitError {
@@ -60,11 +66,13 @@ pub enum InitError {
 }
 
 impl InitError {
-    /// The shim's exit code for this error: 127 not found, 126 not executable, 125 otherwise.
+    /// The shim's exit code for this error: 127 not found, 126 not executable, 124 the
+    /// child did not reach its `execve` within `--spawn-timeout`, 125 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
             InitError::Spawn(SpawnError::NotFound { .. }) => 127,
             InitError::Spawn(SpawnError::NotExecutable { .. }) => 126,
+            InitError::Spawn(SpawnError::Timeout { .. }) => SPAWN_TIMEOUT_EXIT,
             _ => 125,
         }
     }
@@ -84,6 +92,14 @@ pub fn run(cfg: &Config) -> Result<i32, InitError> {
         }
     }
     let original_mask = signals::block_all(&sys).map_err(InitError::Signals)?;
+    // The child shares our stderr: on a terminal it can suspend output (`tcflow(TCOOFF)`), and
+    // a blocking log line (say, about the signal it then sends us) would freeze PID 1. Log
+    // lines that do not fit are dropped instead. Without a reopenable stderr they block as
+    // before (fd 2's own flags are the child's too, so they are not changed).
+    match crate::logging::reopen_stderr_nonblocking() {
+        Ok(fd) => crate::logging::use_nonblocking_stderr(fd),
+        Err(err) => debug!(%err, "log lines keep a blocking stderr"),
+    }
 
     let env: Vec<(OsString, OsString)> = std::env::vars_os()
         .filter(|(k, _)| k.as_os_str() != TOKEN_VAR)
@@ -95,8 +111,16 @@ pub fn run(cfg: &Config) -> Result<i32, InitError> {
     let mut reaper = Reaper::new();
     // No drain may happen between the fork and this registration (see `reaper`): both are
     // right here, on this thread.
-    let child = spawn::spawn(&prepared)?;
+    let mut pending = spawn::start(&prepared)?;
+    let child = pending.pid();
     reaper.register(child, ());
+    // Nothing else runs yet, so this waits (bounded) for the child's execve; signals stay
+    // pending meanwhile and are handled by the loop. A child stuck before its execve is
+    // killed at the deadline.
+    if let Err(err) = pending.wait(cfg.spawn_timeout) {
+        reap_one(&sys, &mut reaper, child);
+        return Err(err.into());
+    }
     info!(pid = child, pid1, command = ?cfg.command, "child started");
 
     let mut init = Init {
@@ -121,6 +145,36 @@ pub fn run(cfg: &Config) -> Result<i32, InitError> {
     }
     debug!(orphans = init.reaper.orphans_reaped(), "exiting");
     Ok(cfg.exit_code(status.code()))
+}
+
+/// How long a child that failed to start (or was killed for not starting) may take to be
+/// reaped before the shim exits anyway.
+const FAILED_REAP_LIMIT: Duration = Duration::from_secs(1);
+
+/// Reaps `child` (which failed at or before its `execve`, or was killed), waiting at most
+/// [`FAILED_REAP_LIMIT`] for its SIGCHLD.
+fn reap_one<S: Sys>(sys: &S, reaper: &mut Reaper<()>, child: i32) {
+    let mut set = SigSet::empty();
+    set.add(nix::sys::signal::Signal::SIGCHLD);
+    let deadline = Instant::now().checked_add(FAILED_REAP_LIMIT);
+    loop {
+        let mut done = false;
+        let d = reaper.drain(sys, |pid, (), _| done |= pid == child);
+        if done || d.no_children {
+            return;
+        }
+        let left = deadline.map_or(Duration::ZERO, |d| {
+            d.saturating_duration_since(Instant::now())
+        });
+        if left.is_zero() {
+            warn!(
+                pid = child,
+                "the child that failed to start was not reaped in time"
+            );
+            return;
+        }
+        let _ = sys.sigtimedwait(&set, Some(left));
+    }
 }
 
 /// The state of the plain-mode loop, generic over the kernel for testing.

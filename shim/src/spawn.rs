@@ -3,7 +3,7 @@
 //! Between `fork` and `execve` the child may only make async-signal-safe calls: no allocation
 //! (another thread of the parent may have held the allocator's lock at the `fork`), no
 //! logging, no panicking. So [`Prepared::new`] resolves the program in `PATH` and builds
-//! every C string and pointer array in the parent, and the child half of [`spawn`] is a
+//! every C string and pointer array in the parent, and the child half of [`start`] is a
 //! straight line of raw syscalls:
 //!
 //! 1. `setpgid(0, 0)` (or `setsid()`), so signals can address the child's whole group;
@@ -26,6 +26,16 @@
 //! turns an errno into [`SpawnError::NotFound`] (exit 127) or [`SpawnError::NotExecutable`]
 //! (126), like a shell.
 //!
+//! **Fork now, learn the outcome later.** Between the credential drop and `execve` the child
+//! runs as the tenant's uid, which may `SIGSTOP` it there for good; `chdir` and `execve` on a
+//! slow file system also take their time. So the parent never waits on the report pipe:
+//! [`start`] forks and returns a [`Pending`] (the pid and the pipe's non-blocking read end),
+//! the caller registers the pid with the reaper at once and calls [`Pending::poll`] when the
+//! pipe is readable (or the child was reaped); past its deadline it [`Pending::kill`]s the
+//! child (SIGKILL works on a stopped process) and fails the launch with
+//! [`SpawnError::Timeout`]. Plain init mode, which has nothing else to do meanwhile, waits
+//! with [`Pending::wait`] (`poll(2)` with the deadline).
+//!
 //! **Fd mapping without collisions.** A `(source, target)` pair can only clobber another
 //! pair's source if that source's number is some pair's target. So [`Prepared::new`] first
 //! duplicates every source (`F_DUPFD_CLOEXEC`) to a number above every target; the child's
@@ -33,14 +43,15 @@
 //! pipe's write end is likewise moved above every target, and the close step skips it (it is
 //! `CLOEXEC`, so `execve` still closes it).
 //!
-//! **Reaping.** `spawn` never waits: the caller registers the returned pid with the
-//! [`Reaper`](crate::reaper::Reaper) before its next drain. If `execve` failed, the child
-//! already `_exit`ed; its zombie is collected by the next drain as an untracked pid.
+//! **Reaping.** Nothing here waits for the child: the caller registers [`Pending::pid`] with
+//! the [`Reaper`](crate::reaper::Reaper) before its next drain, which collects the child
+//! whether it exec'd, failed (it `_exit`ed with 127) or was killed at the deadline.
 
 use std::ffi::{CString, OsStr, OsString};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::sys::signal::SigSet;
@@ -188,6 +199,17 @@ pub enum SpawnError {
         /// The child's pid (already exited, reaped as an orphan).
         pid: Option<i32>,
     },
+    /// The child neither exec'd nor reported a failure in time (stopped between `fork` and
+    /// `execve`, or stuck in `chdir`/`execve`); it was SIGKILLed.
+    #[error("{}: not started within {after:?} (stopped or stuck before execve): killed", .program.to_string_lossy())]
+    Timeout {
+        /// The program as given.
+        program: OsString,
+        /// The deadline that passed.
+        after: Duration,
+        /// The child's pid (killed; the reaper collects it).
+        pid: Option<i32>,
+    },
     /// A syscall in the parent failed (`pipe`, `fork`, …).
     #[error("{call} failed: {errno}")]
     Os {
@@ -200,7 +222,8 @@ pub enum SpawnError {
 
 impl SpawnError {
     /// The pid of a child that was forked but failed before or at `execve` (it has already
-    /// `_exit`ed with 127; the reaper collects it), if any.
+    /// `_exit`ed with 127, or was killed after [`SpawnError::Timeout`]; the reaper collects
+    /// it), if any.
     #[allow(dead_code, reason = "used by supervisor mode")]
     pub fn pid(&self) -> Option<i32> {
         match self {
@@ -209,7 +232,8 @@ impl SpawnError {
             | SpawnError::Chdir { pid, .. }
             | SpawnError::Credentials { pid, .. }
             | SpawnError::Limits { pid, .. }
-            | SpawnError::ChildSetup { pid, .. } => *pid,
+            | SpawnError::ChildSetup { pid, .. }
+            | SpawnError::Timeout { pid, .. } => *pid,
             SpawnError::Empty | SpawnError::Nul | SpawnError::Os { .. } => None,
         }
     }
@@ -435,18 +459,24 @@ pub fn we_own_stdin_tty() -> bool {
     }
 }
 
-/// Forks and execs `prep`. Returns the child's pid once `execve` has succeeded; never waits
-/// for the child (see the module docs on reaping).
-pub fn spawn(prep: &Prepared) -> Result<i32, SpawnError> {
+/// Forks `prep` and returns at once: the child's pid and the read end of its report pipe
+/// (non-blocking, `CLOEXEC`). Whether the `execve` succeeded is learnt later, without
+/// blocking, from [`Pending::poll`]. The caller registers [`Pending::pid`] with the reaper
+/// before its next drain.
+pub fn start(prep: &Prepared) -> Result<Pending, SpawnError> {
     let mut fds = [0 as libc::c_int; 2];
+    // Both ends non-blocking: the parent polls its end; the child writes 8 bytes into an
+    // empty pipe, which never blocks anyway.
     // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
         return Err(SpawnError::Os {
             call: "pipe2",
             errno: Errno::last(),
         });
     }
     let [read_fd, mut write_fd] = fds;
+    // SAFETY: pipe2 succeeded: `read_fd` is a fresh descriptor owned by nobody else.
+    let report = unsafe { OwnedFd::from_raw_fd(read_fd) };
     if write_fd < prep.fd_floor && (prep.close_from.is_some() || !prep.fd_map.is_empty()) {
         // Above every target, so no `dup2` of the child overwrites it.
         match dup_at_least(write_fd, prep.fd_floor) {
@@ -455,7 +485,6 @@ pub fn spawn(prep: &Prepared) -> Result<i32, SpawnError> {
                 write_fd = std::os::fd::IntoRawFd::into_raw_fd(moved);
             }
             Err(err) => {
-                close(read_fd);
                 close(write_fd);
                 return Err(err);
             }
@@ -468,7 +497,6 @@ pub fn spawn(prep: &Prepared) -> Result<i32, SpawnError> {
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         let errno = Errno::last();
-        close(read_fd);
         close(write_fd);
         return Err(SpawnError::Os {
             call: "fork",
@@ -479,95 +507,211 @@ pub fn spawn(prep: &Prepared) -> Result<i32, SpawnError> {
         // SAFETY: we are the freshly forked child; `write_fd` is the pipe's write end.
         unsafe { child(prep, write_fd, foreground) }
     }
+    // From here on only the child holds the write end: the pipe reads EOF once it has
+    // exec'd or died.
     close(write_fd);
-    let report = read_report(read_fd);
-    close(read_fd);
-    match report {
-        None => Ok(pid),
-        Some((STEP_CHDIR, errno)) => Err(SpawnError::Chdir {
-            dir: prep
-                .cwd
-                .as_ref()
-                .map(|(d, _)| d.clone())
-                .unwrap_or_default(),
-            errno: Errno::from_raw(errno),
-            pid: Some(pid),
-        }),
-        Some((step @ (STEP_SETGROUPS | STEP_SETGID | STEP_SETUID), errno)) => {
-            let (uid, gid) = prep.user.unwrap_or_default();
-            Err(SpawnError::Credentials {
-                call: match step {
-                    STEP_SETGROUPS => "setgroups",
-                    STEP_SETGID => "setgid",
-                    _ => "setuid",
+    Ok(Pending {
+        pid,
+        report,
+        buf: [0; REPORT_LEN],
+        got: 0,
+        program: prep.program.clone(),
+        cwd: prep.cwd.as_ref().map(|(d, _)| d.clone()),
+        user: prep.user,
+    })
+}
+
+/// Length of the child's `(step, errno)` report.
+const REPORT_LEN: usize = 8;
+
+/// A forked child whose `execve` has neither succeeded nor failed yet, as far as the parent
+/// knows: its pid and the read end of its report pipe.
+///
+/// A child can be kept in that state for as long as someone wants: the tenant's own uid may
+/// `SIGSTOP` it between the credential drop and `execve`, and `chdir` or `execve` on a slow
+/// file system take their time. So the parent never blocks on it: it [`poll`](Self::poll)s
+/// when the pipe is readable (or the child was reaped), and past its own deadline
+/// [`kill`](Self::kill)s the child, which works on a stopped process.
+#[derive(Debug)]
+pub struct Pending {
+    pid: i32,
+    report: OwnedFd,
+    /// What has arrived of the report so far (a pipe may hand it over in pieces).
+    buf: [u8; REPORT_LEN],
+    got: usize,
+    program: OsString,
+    cwd: Option<PathBuf>,
+    user: Option<(u32, u32)>,
+}
+
+impl AsRawFd for Pending {
+    /// The report pipe's read end.
+    fn as_raw_fd(&self) -> RawFd {
+        self.report.as_raw_fd()
+    }
+}
+
+impl Pending {
+    /// The child's pid (its process group with [`Grouping::NewGroup`] or
+    /// [`Grouping::NewSession`], once it got that far).
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Reads what the pipe has, without blocking. `None`: nothing decided yet (poll again
+    /// when the pipe is readable). `Some(Ok(pid))`: the pipe reached EOF with no report, so
+    /// `execve` succeeded (or the child died before it: its exit tells). `Some(Err(_))`: the
+    /// child reported a failed step and has `_exit`ed with 127.
+    pub fn poll(&mut self) -> Option<Result<i32, SpawnError>> {
+        loop {
+            let rest = self.buf.get_mut(self.got..)?;
+            if rest.is_empty() {
+                return Some(Err(self.decode()));
+            }
+            // SAFETY: `rest` is a valid writable buffer of `rest.len()` bytes.
+            let n = unsafe {
+                libc::read(
+                    self.report.as_raw_fd(),
+                    rest.as_mut_ptr().cast(),
+                    rest.len(),
+                )
+            };
+            match n {
+                0 if self.got == 0 => return Some(Ok(self.pid)),
+                0 => {
+                    // A report cut short (8 bytes into an empty pipe are written at once,
+                    // so this is not the child of `child`): failed all the same.
+                    return Some(Err(SpawnError::ChildSetup {
+                        call: "report",
+                        errno: Errno::EPROTO,
+                        pid: Some(self.pid),
+                    }));
+                }
+                n if n > 0 => {
+                    let n = usize::try_from(n).unwrap_or(0);
+                    self.got = self.got.saturating_add(n).min(REPORT_LEN);
+                }
+                _ => match Errno::last() {
+                    Errno::EINTR => {}
+                    Errno::EAGAIN => return None,
+                    errno => {
+                        // Cannot happen on a pipe we own; never leave a child we cannot
+                        // follow.
+                        self.kill();
+                        return Some(Err(SpawnError::ChildSetup {
+                            call: "read(report)",
+                            errno,
+                            pid: Some(self.pid),
+                        }));
+                    }
                 },
-                uid,
-                gid,
-                errno: Errno::from_raw(errno),
-                pid: Some(pid),
-            })
+            }
         }
-        Some((step @ (STEP_CTTY | STEP_RLIMIT | STEP_NO_NEW_PRIVS), errno)) => {
-            Err(SpawnError::Limits {
+    }
+
+    /// SIGKILLs the child (stopped or not; it is ours and not reaped, so the pid is still
+    /// its own). Its exit is collected by the reaper as usual.
+    pub fn kill(&self) {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(self.pid, libc::SIGKILL) };
+    }
+
+    /// The error for a child that was still pending after `after` (and was killed).
+    pub fn timed_out(&self, after: Duration) -> SpawnError {
+        SpawnError::Timeout {
+            program: self.program.clone(),
+            after,
+            pid: Some(self.pid),
+        }
+    }
+
+    /// Waits for the outcome at most `timeout`, blocking this thread in `poll(2)` (for plain
+    /// init mode's one child, which nothing else is waiting on). Past the deadline the child
+    /// is SIGKILLed and [`SpawnError::Timeout`] returned; the caller reaps it.
+    pub fn wait(&mut self, timeout: Duration) -> Result<i32, SpawnError> {
+        let deadline = std::time::Instant::now().checked_add(timeout);
+        loop {
+            if let Some(outcome) = self.poll() {
+                return outcome;
+            }
+            let left = deadline.map_or(Duration::from_secs(1), |d| {
+                d.saturating_duration_since(std::time::Instant::now())
+            });
+            if left.is_zero() {
+                self.kill();
+                return Err(self.timed_out(timeout));
+            }
+            let mut pfd = libc::pollfd {
+                fd: self.report.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // Rounded up, so the loop does not spin through the last millisecond.
+            let ms = left
+                .as_micros()
+                .div_ceil(1000)
+                .min(i32::MAX as u128)
+                .try_into()
+                .unwrap_or(i32::MAX);
+            // SAFETY: one valid pollfd. EINTR and errors just go round again: the deadline
+            // bounds the loop.
+            unsafe { libc::poll(&mut pfd, 1, ms) };
+        }
+    }
+
+    /// The error the complete report stands for.
+    fn decode(&self) -> SpawnError {
+        let pid = Some(self.pid);
+        let (step, errno) = self.buf.split_at(4);
+        let word = |b: &[u8]| b.try_into().map(i32::from_ne_bytes).unwrap_or(0);
+        let (step, errno) = (word(step), Errno::from_raw(word(errno)));
+        match step {
+            STEP_CHDIR => SpawnError::Chdir {
+                dir: self.cwd.clone().unwrap_or_default(),
+                errno,
+                pid,
+            },
+            STEP_SETGROUPS | STEP_SETGID | STEP_SETUID => {
+                let (uid, gid) = self.user.unwrap_or_default();
+                SpawnError::Credentials {
+                    call: match step {
+                        STEP_SETGROUPS => "setgroups",
+                        STEP_SETGID => "setgid",
+                        _ => "setuid",
+                    },
+                    uid,
+                    gid,
+                    errno,
+                    pid,
+                }
+            }
+            STEP_CTTY | STEP_RLIMIT | STEP_NO_NEW_PRIVS => SpawnError::Limits {
                 call: match step {
                     STEP_CTTY => "ioctl(TIOCSCTTY)",
                     STEP_RLIMIT => "prlimit",
                     _ => "prctl(PR_SET_NO_NEW_PRIVS)",
                 },
-                errno: Errno::from_raw(errno),
-                pid: Some(pid),
-            })
-        }
-        Some((STEP_DUP2, errno)) => Err(SpawnError::ChildSetup {
-            call: "dup2",
-            errno: Errno::from_raw(errno),
-            pid: Some(pid),
-        }),
-        Some((_, errno)) => {
-            let errno = Errno::from_raw(errno);
-            let program = prep.program.clone();
-            Err(match errno {
+                errno,
+                pid,
+            },
+            STEP_DUP2 => SpawnError::ChildSetup {
+                call: "dup2",
+                errno,
+                pid,
+            },
+            _ => match errno {
                 Errno::ENOENT | Errno::ENOTDIR => SpawnError::NotFound {
-                    program,
-                    pid: Some(pid),
+                    program: self.program.clone(),
+                    pid,
                 },
                 _ => SpawnError::NotExecutable {
-                    program,
+                    program: self.program.clone(),
                     errno,
-                    pid: Some(pid),
+                    pid,
                 },
-            })
+            },
         }
     }
-}
-
-/// Reads the child's `(step, errno)` report; `None` on EOF (the exec succeeded).
-fn read_report(fd: libc::c_int) -> Option<(i32, i32)> {
-    let mut buf = [0u8; 8];
-    let mut got = 0usize;
-    while got < buf.len() {
-        let rest = buf.get_mut(got..)?;
-        // SAFETY: `rest` is a valid writable buffer of `rest.len()` bytes.
-        let n = unsafe { libc::read(fd, rest.as_mut_ptr().cast(), rest.len()) };
-        if n < 0 {
-            if Errno::last() == Errno::EINTR {
-                continue;
-            }
-            break;
-        }
-        if n == 0 {
-            break;
-        }
-        got = got.saturating_add(usize::try_from(n).unwrap_or(0));
-    }
-    if got < buf.len() {
-        return None;
-    }
-    let (step, errno) = buf.split_at(4);
-    Some((
-        i32::from_ne_bytes(step.try_into().ok()?),
-        i32::from_ne_bytes(errno.try_into().ok()?),
-    ))
 }
 
 fn close(fd: libc::c_int) {
@@ -607,7 +751,7 @@ unsafe fn child(prep: &Prepared, write_fd: libc::c_int, foreground: bool) -> ! {
             }
         }
         if let Some(first) = prep.close_from {
-            // Keep the report pipe (`write_fd` ≥ `first`, see `spawn`): it is CLOEXEC.
+            // Keep the report pipe (`write_fd` ≥ `first`, see `start`): it is CLOEXEC.
             close_fds(first, write_fd.saturating_sub(1), prep.nofile);
             close_fds(write_fd.saturating_add(1), RawFd::MAX, prep.nofile);
         }
@@ -688,7 +832,7 @@ unsafe fn child(prep: &Prepared, write_fd: libc::c_int, foreground: bool) -> ! {
 ///
 /// # Safety
 ///
-/// Only for the child half of [`spawn`]: it closes descriptors other code may think it owns.
+/// Only for the child half of [`start`]: it closes descriptors other code may think it owns.
 unsafe fn close_fds(first: RawFd, last: RawFd, nofile: RawFd) {
     if first < 0 || first > last {
         return;
@@ -727,7 +871,7 @@ unsafe fn close_loop(first: RawFd, last: RawFd, nofile: RawFd) {
 ///
 /// # Safety
 ///
-/// Only for the child half of [`spawn`].
+/// Only for the child half of [`start`].
 unsafe fn report_and_exit(write_fd: libc::c_int, step: i32) -> ! {
     // SAFETY: errno is thread-local; reading it and writing a stack buffer is signal-safe.
     unsafe {
@@ -837,7 +981,10 @@ mod tests {
             .fd_map
             .iter()
             .all(|(src, _)| src.as_raw_fd() >= FD_FLOOR.max(n1.max(n2) + 1)));
-        let pid = spawn(&prep).unwrap();
+        let pid = start(&prep)
+            .unwrap()
+            .wait(std::time::Duration::from_secs(10))
+            .unwrap();
         drop((prep, w1, w2));
         assert_eq!(waitpid(pid), 0);
         let read = |fd: OwnedFd| {
@@ -848,6 +995,139 @@ mod tests {
         assert_eq!(
             (read(r1), read(r2)),
             ("one\n".to_string(), "two\n".to_string())
+        );
+    }
+
+    /// A `Pending` on a pipe of the test's (non-blocking read end), for child `pid`.
+    fn pending_on(pid: i32) -> (Pending, OwnedFd) {
+        let (r, w) = pipe();
+        // SAFETY: F_SETFL on a descriptor we own.
+        unsafe { libc::fcntl(r.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+        let p = Pending {
+            pid,
+            report: r,
+            buf: [0; REPORT_LEN],
+            got: 0,
+            program: "tool".into(),
+            cwd: Some(PathBuf::from("/nowhere")),
+            user: Some((1000, 1000)),
+        };
+        (p, w)
+    }
+
+    fn write_all(fd: &OwnedFd, bytes: &[u8]) {
+        // SAFETY: a valid buffer of `bytes.len()` bytes.
+        let n = unsafe { libc::write(fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
+        assert_eq!(usize::try_from(n).ok(), Some(bytes.len()));
+    }
+
+    #[test]
+    fn a_report_in_pieces_is_assembled() {
+        let (mut p, w) = pending_on(4242);
+        assert!(p.poll().is_none(), "nothing written yet: undecided");
+        let mut report = Vec::new();
+        report.extend_from_slice(&STEP_CHDIR.to_ne_bytes());
+        report.extend_from_slice(&libc::ENOENT.to_ne_bytes());
+        for byte in &report[..7] {
+            write_all(&w, std::slice::from_ref(byte));
+            assert!(p.poll().is_none(), "{} bytes: undecided", p.got);
+        }
+        write_all(&w, &report[7..]);
+        match p.poll() {
+            Some(Err(SpawnError::Chdir { dir, errno, pid })) => {
+                assert_eq!(dir, PathBuf::from("/nowhere"));
+                assert_eq!(errno, Errno::ENOENT);
+                assert_eq!(pid, Some(4242));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn eof_decides_success_and_a_cut_report_is_a_failure() {
+        let (mut p, w) = pending_on(4243);
+        drop(w);
+        assert!(matches!(p.poll(), Some(Ok(4243))));
+
+        let (mut p, w) = pending_on(4244);
+        write_all(&w, &STEP_SETUID.to_ne_bytes());
+        assert!(p.poll().is_none());
+        drop(w);
+        assert!(matches!(
+            p.poll(),
+            Some(Err(SpawnError::ChildSetup {
+                call: "report",
+                pid: Some(4244),
+                ..
+            }))
+        ));
+
+        let (mut p, w) = pending_on(4245);
+        let mut report = STEP_SETUID.to_ne_bytes().to_vec();
+        report.extend_from_slice(&libc::EPERM.to_ne_bytes());
+        write_all(&w, &report);
+        assert!(matches!(
+            p.poll(),
+            Some(Err(SpawnError::Credentials {
+                call: "setuid",
+                uid: 1000,
+                ..
+            }))
+        ));
+        let mut report = STEP_EXEC.to_ne_bytes().to_vec();
+        report.extend_from_slice(&libc::EACCES.to_ne_bytes());
+        let (mut p, w) = pending_on(4246);
+        write_all(&w, &report);
+        let err = p.poll().and_then(Result::err);
+        assert!(
+            matches!(err, Some(SpawnError::NotExecutable { .. })),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn a_child_stopped_before_execve_is_killed_at_the_deadline() {
+        let (r, w) = pipe();
+        // SAFETY: the child makes only async-signal-safe calls (raise, _exit).
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            // SAFETY: in the forked child: stop, as a tenant's SIGSTOP would, holding the
+            // write end of the report pipe.
+            unsafe {
+                libc::raise(libc::SIGSTOP);
+                libc::_exit(0)
+            }
+        }
+        drop(w);
+        // SAFETY: F_SETFL on a descriptor we own.
+        unsafe { libc::fcntl(r.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+        let mut p = Pending {
+            pid,
+            report: r,
+            buf: [0; REPORT_LEN],
+            got: 0,
+            program: "stopped".into(),
+            cwd: None,
+            user: None,
+        };
+        let t0 = std::time::Instant::now();
+        let err = p.wait(Duration::from_millis(300)).unwrap_err();
+        let took = t0.elapsed();
+        assert!(
+            matches!(err, SpawnError::Timeout { pid: Some(p), .. } if p == pid),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().contains("not started within 300ms"),
+            "{err}"
+        );
+        assert!(took >= Duration::from_millis(300), "{took:?}");
+        assert!(took < Duration::from_secs(5), "{took:?}");
+        let status = waitpid(pid);
+        assert!(
+            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGKILL,
+            "{status:#x}"
         );
     }
 

@@ -16,9 +16,9 @@
 //! feeds it the peer's first messages and sends what it returns.
 
 use std::fmt;
-use std::fs::File;
 use std::io::{self, Read as _};
 use std::os::unix::fs::MetadataExt as _;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
 use std::rc::Rc;
 
@@ -62,7 +62,12 @@ impl Token {
             source,
         };
         // The checks are made on the opened file, not on the path: no window between them.
-        let mut file = File::open(path).map_err(io_err)?;
+        // Non-blocking: a FIFO put in its place opens at once, and is refused as not a file.
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(path)
+            .map_err(io_err)?;
         let meta = file.metadata().map_err(io_err)?;
         if !meta.is_file() {
             return Err(TokenError::NotAFile { path: display });

@@ -50,6 +50,15 @@ pub fn use_nonblocking_stderr(fd: OwnedFd) {
     let _ = NONBLOCKING_STDERR.set(fd);
 }
 
+/// A fresh, non-blocking open file description of our stderr, from `/proc/self/fd/2`: fd 2's
+/// own flags, shared with the container runtime and (in plain mode) the child, stay untouched.
+/// Fails where stderr cannot be reopened (a socket, no `/proc`).
+pub fn reopen_stderr_nonblocking() -> Result<OwnedFd, nix::errno::Errno> {
+    use nix::fcntl::{self, OFlag};
+    let flags = OFlag::O_WRONLY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC | OFlag::O_NOCTTY;
+    fcntl::open("/proc/self/fd/2", flags, nix::sys::stat::Mode::empty())
+}
+
 /// Writes one log line to stderr, through [`NONBLOCKING_STDERR`] when set; a line that cannot
 /// be written is dropped.
 fn write_stderr(mut line: &[u8]) {

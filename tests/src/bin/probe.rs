@@ -14,7 +14,8 @@
 //! probe ignore-term [SIG...]        ignore SIGTERM (and SIG...), print `ready`, sleep
 //! probe orphans N [--stay]          print `adopted_by=shim|other:PID`; make N orphaned
 //!                                   grandchildren; print `forked=N in T`, `zombies=K`
-//! probe kill-init                   as uid 65534, kill(1, SIGTERM); print `sent ...`, `alive`; exit 7
+//! probe kill-init [--fill-stderr]   as uid 65534, kill(1, SIGTERM); print `sent ...`, `alive`; exit 7
+//!                                   (first fill the pipe on fd 2: print `filled=N`)
 //! probe all-signals [--exit-on N]   block every signal 1-64 (the ones libc reserves too), print
 //!                                   `ready`, then `got N` (the number) for every signal received
 //! probe signal-init SIG [--uid U] [--forge] [--watch] [--stay]
@@ -39,6 +40,10 @@
 //!                                   cwd_writable,
 //!                                   rlimit_NAME, fds, env_token, env (names), zombies,
 //!                                   pid1 (the command name of PID 1)
+//! probe stop-spawns SECS [--uid N]  (as uid N if given) for SECS, spin `tgkill(p, p, SIGSTOP)`
+//!                                   on the next pids after /proc/sys/kernel/ns_last_pid:
+//!                                   stops a child of PID 1 between its setuid and its execve;
+//!                                   print `ready`, then `hits=N` (processes stopped)
 //! ```
 
 use std::ffi::{CStr, CString, OsString};
@@ -85,7 +90,7 @@ fn main() -> ExitCode {
         "signals" => signals(rest),
         "ignore-term" => ignore_term(rest),
         "orphans" => orphans(rest),
-        "kill-init" => kill_init(),
+        "kill-init" => kill_init(rest),
         "all-signals" => all_signals(rest),
         "signal-init" => signal_init(rest),
         "sigio-init" => sigio_init(rest),
@@ -102,6 +107,7 @@ fn main() -> ExitCode {
         "grandchild" => grandchild(rest),
         "tty" => tty(),
         "report" => report(),
+        "stop-spawns" => stop_spawns(rest),
         other => return usage(&format!("unknown subcommand {other:?}")),
     };
     match result {
@@ -419,7 +425,10 @@ fn count_zombies(parent: libc::pid_t) -> io::Result<usize> {
     Ok(n)
 }
 
-fn kill_init() -> io::Result<u8> {
+fn kill_init(args: &[OsString]) -> io::Result<u8> {
+    if args.iter().any(|a| a == "--fill-stderr") {
+        say(&format!("filled={}", fill_stderr()?));
+    }
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } == 0 {
         // SAFETY: plain syscalls; order matters (groups and gid while still root).
@@ -442,6 +451,36 @@ fn kill_init() -> io::Result<u8> {
     std::thread::sleep(Duration::from_secs(1));
     say("alive");
     Ok(7)
+}
+
+/// Fills the pipe on fd 2 (shared with the shim) through a non-blocking open file
+/// description of its own (fd 2's flags, shared with the shim, stay blocking); the bytes
+/// written.
+fn fill_stderr() -> io::Result<usize> {
+    let path = CString::new("/proc/self/fd/2").map_err(io::Error::other)?;
+    // SAFETY: a valid NUL-terminated path.
+    let fd = unsafe {
+        libc::open(
+            path.as_ptr(),
+            libc::O_WRONLY | libc::O_NONBLOCK | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(last_os_error());
+    }
+    let chunk = [b'x'; 4096];
+    let mut total = 0usize;
+    while total < 64 << 20 {
+        // SAFETY: a valid buffer of its length.
+        let n = unsafe { libc::write(fd, chunk.as_ptr().cast(), chunk.len()) };
+        if n <= 0 {
+            break;
+        }
+        total += n as usize;
+    }
+    // SAFETY: our descriptor.
+    unsafe { libc::close(fd) };
+    Ok(total)
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -949,4 +988,55 @@ fn sigio_init(args: &[OsString]) -> io::Result<u8> {
     }
     say("alive");
     Ok(7)
+}
+
+/// The spawn attack: a process of the tenant's uid stops every new process it may signal, as
+/// soon as it exists (see the module docs).
+fn stop_spawns(args: &[OsString]) -> io::Result<u8> {
+    let secs: f64 = parse_arg(args, 0);
+    let uid = args
+        .iter()
+        .position(|a| a == "--uid")
+        .map(|i| parse_arg::<u32>(args, i + 1));
+    if let Some(uid) = uid {
+        // SAFETY: plain credential syscalls on our own process.
+        let failed = unsafe {
+            libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(uid) != 0
+                || libc::setuid(uid) != 0
+        };
+        if failed {
+            return Err(last_os_error());
+        }
+    }
+    let me = std::process::id() as libc::pid_t;
+    say("ready");
+    let deadline = Instant::now() + Duration::from_secs_f64(secs).min(MAX_SLEEP);
+    let mut hits = 0u64;
+    let mut buf = [0u8; 32];
+    while Instant::now() < deadline {
+        let last = match std::fs::File::open("/proc/sys/kernel/ns_last_pid")
+            .and_then(|mut f| f.read(&mut buf))
+        {
+            Ok(n) => std::str::from_utf8(&buf[..n])
+                .ok()
+                .and_then(|s| s.trim().parse::<libc::pid_t>().ok())
+                .unwrap_or(0),
+            Err(_) => 0,
+        };
+        for _ in 0..64 {
+            for pid in last..=last.saturating_add(3) {
+                if pid <= 1 || pid == me {
+                    continue;
+                }
+                // SAFETY: tgkill takes three integers; a pid we may not signal is refused.
+                let r = unsafe { libc::syscall(libc::SYS_tgkill, pid, pid, libc::SIGSTOP) };
+                if r == 0 {
+                    hits += 1;
+                }
+            }
+        }
+    }
+    say(&format!("hits={hits}"));
+    Ok(0)
 }

@@ -156,6 +156,23 @@ impl<S: Sys> Core<S> {
         );
     }
 
+    /// The exec `id` (registered with [`Core::exec_started`]) never ran: its `execve` or a
+    /// step before it failed, or it did not get that far within `--spawn-timeout` and was
+    /// killed. Its owner gets an `error` reply instead of `exec_started`, so no `exec_exit`
+    /// follows; its slot is free again.
+    pub fn exec_spawn_failed(&mut self, id: u64, now: Instant) {
+        if self.execs.remove(&id).is_none() {
+            return;
+        }
+        debug!(exec_id = id, "exec did not start: forgotten");
+        self.activity(now);
+        if self.execs.is_empty() {
+            if let Some(code) = self.exit_pending.take() {
+                self.exit_code = Some(code);
+            }
+        }
+    }
+
     /// Execs running (not yet reported by `exec_exit`).
     pub fn execs_running(&self) -> usize {
         self.execs.len()

@@ -212,6 +212,11 @@ impl<'a> Harness<'a> {
                 let idx = usize::from(self.b());
                 let status = self.status();
                 if let Some((&id, _)) = self.execs.iter().nth(idx % self.execs.len().max(1)) {
+                    if idx % 7 == 0 {
+                        // Its execve failed (or its spawn timed out): forgotten, then reaped.
+                        self.execs.remove(&id);
+                        self.core.exec_spawn_failed(id, self.now);
+                    }
                     self.core.on_exec_exit(id, status, self.now);
                     if self.b() % 2 == 0 {
                         self.execs.remove(&id);
@@ -223,7 +228,7 @@ impl<'a> Harness<'a> {
             18 => {
                 if let Some(pid) = self.core.driver_pid() {
                     if self.b() % 2 == 0 {
-                        self.core.on_exec_failed(pid, self.now);
+                        self.core.on_driver_spawn_failed(pid);
                     } else {
                         self.core.on_driver_gone(pid);
                     }

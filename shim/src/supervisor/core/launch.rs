@@ -51,12 +51,12 @@ impl<S: Sys> Core<S> {
         self.send(self.hello.clone());
     }
 
-    /// The driver was forked as `pid` but its `execve` (or credential change) failed: its
-    /// exit is an `exec_failed`.
-    pub fn on_exec_failed(&mut self, pid: i32, now: Instant) {
-        self.on_launched(pid, now);
-        if let Some(d) = self.driver.as_mut() {
-            d.kill_reason = Some(ExitReason::ExecFailed);
+    /// The driver `pid` (launched with [`Core::on_launched`]) never ran: its `execve` or a
+    /// step before it failed, or it did not get that far within `--spawn-timeout` and was
+    /// killed. Its exit, when reaped, is an `exec_failed` (the restart policy follows).
+    pub fn on_driver_spawn_failed(&mut self, pid: i32) {
+        if let Some(d) = self.driver.as_mut().filter(|d| d.pid == pid) {
+            d.kill_reason.get_or_insert(ExitReason::ExecFailed);
         }
     }
 

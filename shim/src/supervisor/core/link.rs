@@ -436,7 +436,8 @@ mod tests {
         // Exec failure: reason exec_failed; without a process at all too.
         core.on_timer(core.next_deadline().expect("restart"));
         core.take_outputs();
-        core.on_exec_failed(PID + 1, t0);
+        core.on_launched(PID + 1, t0);
+        core.on_driver_spawn_failed(PID + 1);
         core.on_driver_exit(PID + 1, ExitStatus::Exited(127), t0);
         assert_eq!(exited(&core.take_outputs())[0].reason, "exec_failed");
         core.on_timer(core.next_deadline().expect("restart"));

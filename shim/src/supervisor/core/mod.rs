@@ -30,6 +30,8 @@ mod launch;
 mod link;
 mod pause;
 #[cfg(test)]
+mod pending;
+#[cfg(test)]
 mod regressions;
 mod shutdown;
 #[cfg(test)]

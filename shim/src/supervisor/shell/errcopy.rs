@@ -25,7 +25,7 @@ use std::os::fd::{AsFd as _, OwnedFd};
 
 use nix::errno::Errno;
 use nix::fcntl::{self, FcntlArg, OFlag};
-use nix::sys::stat::{Mode, SFlag};
+use nix::sys::stat::SFlag;
 use tokio::io::unix::AsyncFd;
 use tracing::{debug, warn};
 
@@ -235,8 +235,7 @@ impl Queue {
 
 /// A non-blocking descriptor for our stderr (see the module docs).
 fn nonblocking_stderr() -> Result<OwnedFd, Errno> {
-    let flags = OFlag::O_WRONLY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC | OFlag::O_NOCTTY;
-    match fcntl::open("/proc/self/fd/2", flags, Mode::empty()) {
+    match crate::logging::reopen_stderr_nonblocking() {
         Ok(fd) => return Ok(fd),
         Err(err) => debug!(%err, "cannot reopen stderr: setting O_NONBLOCK on fd 2"),
     }

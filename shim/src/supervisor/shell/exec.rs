@@ -14,13 +14,14 @@ use std::collections::BTreeMap;
 use std::future::poll_fn;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
 use std::task::Poll;
 use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
 use driver_protocol::message::{
-    ErrorMsg, Event, Exec, ExecInput, ExecOutput, ExecStarted, OutputStream, ShimToControl,
-    ShimToDriver, TtySize,
+    ErrorMsg, Event, Exec, ExecInput, ExecOutput, OutputStream, ShimToControl, ShimToDriver,
+    TtySize,
 };
 use driver_protocol::ErrorCode;
 use tokio::io::unix::AsyncFd;
@@ -33,6 +34,7 @@ use crate::spawn::SpawnError;
 
 use super::super::core::{ExecOwner, Refusal};
 use super::super::Owner;
+use super::spawning::{ReplyTo, SpawnFor};
 use super::Shell;
 
 /// Largest `exec_output` chunk: large enough that a fast writer costs few events and
@@ -164,8 +166,9 @@ fn register(fd: OwnedFd, what: &str) -> Option<AsyncFd<OwnedFd>> {
     }
 }
 
-fn refusal_of(err: &SpawnError) -> Refusal {
+pub(super) fn refusal_of(err: &SpawnError) -> Refusal {
     let code = match err {
+        SpawnError::Timeout { .. } => ErrorCode::Timeout,
         SpawnError::NotFound { .. } => ErrorCode::NotFound,
         SpawnError::Empty
         | SpawnError::Nul
@@ -216,18 +219,38 @@ impl Shell<'_> {
         }
     }
 
-    /// Starts the exec `req` for `owner`; its `exec_started`, or why not.
-    pub(super) fn start_exec(
-        &mut self,
-        owner: ExecOwner,
-        req: &Exec,
-    ) -> Result<ExecStarted, Refusal> {
+    /// Starts the exec `req` for `owner`: forks it and answers `to` once its `execve` is
+    /// decided (see [`super::spawning`]), or at once when it cannot even be forked.
+    pub(super) fn start_exec(&mut self, owner: ExecOwner, req: &Exec, to: ReplyTo) {
+        match self.fork_exec(owner, req) {
+            Ok((id, started)) => {
+                let what = SpawnFor::Exec {
+                    id,
+                    owner,
+                    re: req.id,
+                    to,
+                    io: started.io,
+                };
+                self.track_spawn(started.spawn, what);
+            }
+            Err(refusal) => self.refuse_exec(to, req, refusal),
+        }
+    }
+
+    /// Admits and forks the exec `req`; registers its pid with the reaper and the core.
+    fn fork_exec(&mut self, owner: ExecOwner, req: &Exec) -> Result<(u64, exec::Started), Refusal> {
         let sup = &self.cfg.sup;
+        let invalid = |m| (ErrorCode::Invalid, m);
         let user = match &req.user {
+            // Numeric: no file to read.
+            Some(u) if crate::driver::parse_user(u).is_ok() => {
+                Some(exec::resolve_user(u, "", "").map_err(invalid)?)
+            }
             Some(u) => {
-                let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-                let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
-                Some(exec::resolve_user(u, &passwd, &group).map_err(|m| (ErrorCode::Invalid, m))?)
+                // Bounded, non-blocking reads (the tenant may have replaced these files).
+                let passwd = exec::read_user_db(Path::new("/etc/passwd")).map_err(invalid)?;
+                let group = exec::read_user_db(Path::new("/etc/group")).map_err(invalid)?;
+                Some(exec::resolve_user(u, &passwd, &group).map_err(invalid)?)
             }
             None => sup.user,
         };
@@ -254,7 +277,6 @@ impl Shell<'_> {
             Ok(s) => s,
             Err(err) => {
                 debug!(%err, argv = ?req.argv, "exec refused");
-                // A child that failed at execve already exited; it is reaped as an orphan.
                 return Err(refusal_of(&err));
             }
         };
@@ -262,7 +284,12 @@ impl Shell<'_> {
         self.reaper.register(started.pid, Owner::Exec(id));
         self.core
             .exec_started(id, owner, started.pid, req, Instant::now());
-        let state = match started.io {
+        Ok((id, started))
+    }
+
+    /// An exec's process ran its `execve`: its I/O is read and written from now on.
+    pub(super) fn exec_io_open(&mut self, id: u64, owner: ExecOwner, io: ExecIo) {
+        let state = match io {
             ExecIo::Pipes {
                 stdin,
                 stdout,
@@ -305,27 +332,12 @@ impl Shell<'_> {
         if all_closed {
             self.core.exec_io_closed(id, Instant::now());
         }
-        Ok(ExecStarted {
-            re: req.id,
-            exec_id: id,
-            pid: started.pid.unsigned_abs(),
-        })
     }
 
-    /// A driver's `exec` request (from the core): start it and answer the driver.
+    /// A driver's `exec` request (from the core): start it; the driver gets its answer.
     pub(super) fn driver_exec(&mut self, req: &Exec) {
         let owner = ExecOwner::Driver(self.driver_pid);
-        let reply: ShimToDriver = match self.start_exec(owner, req) {
-            Ok(started) => started.into(),
-            Err((code, message)) => ErrorMsg {
-                re: Some(req.id),
-                code,
-                message,
-                task_id: None,
-            }
-            .into(),
-        };
-        self.queue_for_driver(&reply);
+        self.start_exec(owner, req, ReplyTo::Driver(self.driver_pid));
     }
 
     /// Control requests about execs: `exec`, `exec_input`, `exec_resize`, `exec_signal` are
@@ -338,16 +350,8 @@ impl Shell<'_> {
         let owner = ExecOwner::Control;
         let r = match &cmd.request {
             C::Exec(req) => {
-                let reply = match self.start_exec(owner, req) {
-                    Ok(started) => ShimToControl::ExecStarted(started),
-                    Err((code, message)) => ShimToControl::Error(ErrorMsg {
-                        re: Some(req.id),
-                        code,
-                        message,
-                        task_id: None,
-                    }),
-                };
-                cmd.reply.send(reply);
+                self.start_exec(owner, req, ReplyTo::Control(cmd.reply));
+                self.apply_outputs();
                 return None;
             }
             C::ExecInput(m) => match self.input_room(m) {

@@ -22,6 +22,7 @@ use crate::driver::{self, DriverConfig};
 
 use super::super::loglines::{self, LineSplitter};
 use super::super::Owner;
+use super::spawning::SpawnFor;
 use super::Shell;
 
 /// Over this many bytes queued for the driver, it counts as hung whatever its progress: a
@@ -129,11 +130,17 @@ impl Shell<'_> {
         };
         let now = Instant::now();
         match driver::launch(&dcfg, &self.mask) {
-            Ok(l) => {
+            Ok(driver::Launched {
+                pid,
+                spawn,
+                socket,
+                stdout,
+                stderr,
+            }) => {
                 // Registered before anything can reap (single thread, no drain in between).
-                self.reaper.register(l.pid, Owner::Driver);
-                self.driver_pid = l.pid;
-                self.link = match UnixStream::from_std(l.socket) {
+                self.reaper.register(pid, Owner::Driver);
+                self.driver_pid = pid;
+                self.link = match UnixStream::from_std(socket) {
                     Ok(sock) => Some(Link {
                         sock,
                         rbuf: BytesMut::with_capacity(READ_CHUNK),
@@ -159,24 +166,20 @@ impl Shell<'_> {
                     }
                 };
                 self.outs = [
-                    pipe(l.stdout, LogStream::Stdout),
-                    pipe(l.stderr, LogStream::Stderr),
+                    pipe(stdout, LogStream::Stdout),
+                    pipe(stderr, LogStream::Stderr),
                 ];
-                self.core.on_launched(l.pid, now);
+                self.core.on_launched(pid, now);
                 if self.link.is_none() {
                     self.core.on_driver_unwritable();
                 }
+                // Whether its execve succeeds is learnt without waiting (see `spawning`).
+                self.track_spawn(spawn, SpawnFor::Driver);
             }
             Err(err) => {
+                // Nothing was forked.
                 warn!(%err, "cannot start the driver");
-                match err.pid() {
-                    Some(pid) => {
-                        self.reaper.register(pid, Owner::Driver);
-                        self.driver_pid = pid;
-                        self.core.on_exec_failed(pid, now);
-                    }
-                    None => self.core.on_launch_error(now),
-                }
+                self.core.on_launch_error(now);
             }
         }
     }

@@ -11,6 +11,7 @@ mod errcopy;
 mod exec;
 mod link;
 mod signalfd;
+mod spawning;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -29,6 +30,7 @@ use self::errcopy::ErrCopy;
 use self::exec::{exec_ready, ExecIoState, Ready};
 use self::link::{link_readable, link_writable, pipe_readable, Link, OutPipe};
 use self::signalfd::Signals;
+use self::spawning::{spawn_ready, Spawning};
 use super::core::{Core, Output};
 use super::loglines::RateLimiter;
 use super::{Owner, SupervisorError};
@@ -67,6 +69,8 @@ struct Shell<'a> {
     /// Where exec output is read into: each chunk is split off as the `data` of its
     /// `exec_output` (no copy), and the storage is reused once the chunk is encoded.
     exec_buf: bytes::BytesMut,
+    /// Children forked but not yet known to have exec'd.
+    spawning: Vec<Spawning>,
 }
 
 pub(super) async fn shell(
@@ -121,6 +125,7 @@ pub(super) async fn shell(
         execs: BTreeMap::new(),
         exec_cursor: 0,
         exec_buf: bytes::BytesMut::new(),
+        spawning: Vec::new(),
     };
     sh.core.start();
     loop {
@@ -154,6 +159,7 @@ pub(super) async fn shell(
         let writing = sh.link_writing();
         let copying = sh.errout.pending();
         let gate = sh.exec_gate();
+        let spawn_deadline = sh.spawn_deadline();
         if !full {
             // Lines counted while the event buffer was full are reported once it has room.
             sh.flush_suppressed(Instant::now());
@@ -220,6 +226,12 @@ pub(super) async fn shell(
                     sh.exec_write(id);
                 }
             },
+            (pid, outcome) = spawn_ready(&mut sh.spawning) => {
+                sh.spawn_done(pid, outcome);
+            }
+            () = sleep_until(spawn_deadline) => {
+                sh.spawn_timeouts(Instant::now());
+            }
             () = sleep_until(stall) => {
                 sh.write_link();
             }
@@ -369,6 +381,8 @@ impl Shell<'_> {
             .drain(&Real, |pid, owner, status| exits.push((pid, owner, status)));
         self.reaped = self.reaped.saturating_add(d.reaped);
         for (pid, owner, status) in exits {
+            // A child reaped before its spawn was decided: decided now, before its exit.
+            self.spawn_reaped(pid);
             match owner {
                 Owner::Driver => {
                     if pid == self.driver_pid {
