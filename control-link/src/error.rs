@@ -118,7 +118,13 @@ impl Error {
     /// assert!(!Error::Closed.is_busy());
     /// ```
     pub fn is_busy(&self) -> bool {
-        matches!(self, Self::Remote { code: ErrorCode::Busy, .. })
+        matches!(
+            self,
+            Self::Remote {
+                code: ErrorCode::Busy,
+                ..
+            }
+        )
     }
 
     /// Whether this error, from a reconnect's handshake, says the shim refuses this client

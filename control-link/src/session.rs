@@ -844,11 +844,8 @@ mod tests {
                     if answer == &hello {
                         // Keep it open while the client is up; the next accept is the limit.
                         let mut sink = [0u8; 256];
-                        let _ = tokio::time::timeout(
-                            Duration::from_millis(500),
-                            s.read(&mut sink),
-                        )
-                        .await;
+                        let _ = tokio::time::timeout(Duration::from_millis(500), s.read(&mut sink))
+                            .await;
                     }
                 }
             });
@@ -861,7 +858,9 @@ mod tests {
                 })
                 .connect_timeout(Duration::from_secs(5));
             let started = std::time::Instant::now();
-            let conn = dial_first(&addr, &opts).await.expect("connected after two busy");
+            let conn = dial_first(&addr, &opts)
+                .await
+                .expect("connected after two busy");
             assert_eq!(conn.hello.software, "fake");
             assert!(started.elapsed() >= Duration::from_millis(30), "backed off");
             drop(conn);
