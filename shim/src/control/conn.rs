@@ -263,12 +263,24 @@ pub(super) fn start(
     let conn = Rc::new(Conn::new(id, inner.tuning.out_queue_max));
     conn.send(hello);
     let writer = tokio::task::spawn_local(write_loop(wr, Rc::clone(&conn), Rc::clone(inner)));
+    // Made here, not in the reader: a reader aborted before it first runs (the writer
+    // failed at once on a reset socket) still gives its place in the gate back.
+    let pending = match &origin {
+        Origin::Accepted(_, source) => Some(Pending {
+            inner: Rc::clone(inner),
+            conn: Rc::clone(&conn),
+            source: *source,
+            failed: false,
+        }),
+        Origin::Dialed(_) => None,
+    };
     let reader = tokio::task::spawn_local(read_loop(
         rd,
         Rc::clone(&conn),
         Rc::clone(inner),
         handshake,
         origin,
+        pending,
     ));
     conn.tasks
         .borrow_mut()
@@ -297,14 +309,16 @@ struct Pending {
     inner: Rc<Inner>,
     conn: Rc<Conn>,
     source: Source,
-    /// The peer sent something: if it does not authenticate, that is a failure. (A client
-    /// that connects and closes without a byte, like a TCP health check, is not one.)
-    spoke: bool,
+    /// The handshake failed: a bad frame, a refused `hello` or `auth`, a deadline missed, or
+    /// a peer that left after sending something. (A client that connects and closes without
+    /// a byte, like a TCP health check, did not fail; nor did one that vanished before its
+    /// reader ran, or that was evicted.)
+    failed: bool,
 }
 
 impl Drop for Pending {
     fn drop(&mut self) {
-        let failed = self.spoke && !self.conn.authenticated();
+        let failed = self.failed && !self.conn.authenticated();
         match self.inner.state.try_borrow_mut() {
             Ok(mut st) => {
                 st.handshaking.remove(&self.conn.id);
@@ -380,16 +394,8 @@ async fn read_loop(
     inner: Rc<Inner>,
     mut handshake: Handshake,
     origin: Origin,
+    mut pending: Option<Pending>,
 ) {
-    let mut pending = match &origin {
-        Origin::Accepted(_, source) => Some(Pending {
-            inner: Rc::clone(&inner),
-            conn: Rc::clone(&conn),
-            source: *source,
-            spoke: true,
-        }),
-        Origin::Dialed(_) => None,
-    };
     let mut heard = false;
     // Small frames until the peer has proved itself: a client without the token cannot make
     // the shim buffer more than this.
@@ -416,13 +422,16 @@ async fn read_loop(
             }
             Ok(Ok(None)) => {
                 if let Some(p) = pending.as_mut() {
-                    p.spoke = heard || !buf.is_empty();
+                    p.failed = heard || !buf.is_empty();
                 }
                 debug!(conn = conn.id, %origin, "control client left during the handshake");
                 conn.close_now();
                 return;
             }
             Ok(Err(err)) => {
+                if let Some(p) = pending.as_mut() {
+                    p.failed = !matches!(err, DecodeError::Io(_)) || heard || !buf.is_empty();
+                }
                 if !matches!(err, DecodeError::Io(_)) {
                     warn!(conn = conn.id, %origin, error = %err,
                         "control handshake failed: bad frame");
@@ -433,6 +442,9 @@ async fn read_loop(
             Err(_) => {
                 debug!(conn = conn.id, %origin, heard,
                     "control handshake failed: not completed in time");
+                if let Some(p) = pending.as_mut() {
+                    p.failed = true;
+                }
                 let msg = "handshake not completed in time".to_owned();
                 reject(&conn, &inner, None, ErrorCode::Timeout, msg);
                 return;
@@ -448,6 +460,9 @@ async fn read_loop(
                 break hello;
             }
             Err((code, msg)) => {
+                if let Some(p) = pending.as_mut() {
+                    p.failed = true;
+                }
                 warn!(conn = conn.id, %origin, %code, message = %msg,
                     "control handshake failed");
                 reject(&conn, &inner, re, code, msg);

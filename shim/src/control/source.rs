@@ -21,6 +21,13 @@
 //! one source too; the price is that peers of one /24 (pods of one node, say) share a share.
 //! A shim that does not run in a pid namespace of its own sees every unix client's pid: all of
 //! them are the inside, one source (the socket is root's, mode 0600, anyway).
+//! Likewise a sandbox that shares the host's network namespace (`--network host`) cannot tell
+//! a control plane on the host's loopback from the tenant: both are the inside. A control
+//! plane there should use a unix socket from outside the pid namespace, or vsock.
+//!
+//! A tenant with `CAP_NET_ADMIN` that adds the control plane's address to its own interface
+//! would make it the inside too, but it has then broken the route to the control plane
+//! anyway (replies to that address stay local).
 //!
 //! The sandbox's own addresses are read with `getifaddrs(3)` at most every
 //! [`REFRESH_EVERY`], and only for a peer that is neither loopback nor the accepted socket's

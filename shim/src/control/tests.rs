@@ -1058,6 +1058,80 @@ fn a_flood_of_bad_clients_is_gated_and_the_live_connection_goes_on() {
 }
 
 #[test]
+fn connections_that_vanish_at_once_give_their_place_in_the_gate_back() {
+    let dir = TempDir::new("vanish");
+    run(async {
+        let server = ControlServer::bind(&ControlAddr::Unix(dir.sock()), secure_cfg()).unwrap();
+        // Gone before the shim writes its hello: the writer fails at once, the reader may
+        // never run. Many more than one source's share.
+        for _ in 0..4 * gate::MAX_PENDING {
+            drop(tokio::net::UnixStream::connect(dir.sock()).await.unwrap());
+        }
+        eventually("every place given back", || {
+            server.inner.state.borrow().gate.pending() == 0
+                && server.inner.state.borrow().handshaking.is_empty()
+        })
+        .await;
+        // And the inside is not locked out by them.
+        let mut c = Client::raw(&dir.sock()).await;
+        c.authenticate(TOKEN).await;
+    });
+}
+
+#[test]
+fn a_full_gate_evicts_the_busiest_sources_oldest_for_another_source() {
+    let dir = TempDir::new("evict");
+    run(async {
+        // Slots for 8, 2 per source; unix clients of this test are all the inside.
+        let tuning = Tuning {
+            max_pending: 8,
+            ..Tuning::default()
+        };
+        let server =
+            ControlServer::bind_tuned(&ControlAddr::Unix(dir.sock()), secure_cfg(), tuning)
+                .unwrap();
+        let mut oldest = Client::raw(&dir.sock()).await;
+        assert!(matches!(oldest.recv().await, Some(ShimToControl::Hello(_))));
+        let mut second = Client::raw(&dir.sock()).await;
+        let Some(ShimToControl::Hello(second_hello)) = second.recv().await else {
+            panic!("no hello");
+        };
+        // The inside's third: busy, and its two are untouched.
+        let mut third = Client::raw(&dir.sock()).await;
+        third.expect_refused(ErrorCode::Busy).await;
+        // Fill the rest from three other sources (played through the gate directly), then
+        // a fourth source's newcomer takes the inside's oldest place.
+        let now = std::time::Instant::now();
+        {
+            let mut st = server.inner.state.borrow_mut();
+            for (n, source) in [[10, 0, 1], [10, 0, 2], [10, 0, 3]].into_iter().enumerate() {
+                for k in 0..2 {
+                    let id = 1000 + (n as u64) * 2 + k;
+                    let admitted = st.gate.admit(gate::Source::Net4(source), id, now);
+                    assert_eq!(admitted, Ok(gate::Admitted { evict: None }));
+                }
+            }
+            assert_eq!(st.gate.pending(), 8);
+            // Source 10.0.9.0/24 arrives: the oldest of the busiest (the inside's first
+            // connection, the smallest id) makes room.
+            let admitted = st.gate.admit(gate::Source::Net4([10, 0, 9]), 2000, now);
+            let evict = admitted.unwrap().evict.expect("an eviction");
+            let victim = st.handshaking.remove(&evict).and_then(|w| w.upgrade());
+            drop(st);
+            victim.expect("the inside's oldest").evict(&server.inner);
+        }
+        oldest.expect_refused(ErrorCode::Busy).await;
+        // The inside's second connection is still in its handshake and completes it.
+        let own = [3u8; NONCE_LEN];
+        let shim_nonce = driver_protocol::handshake::hello_nonce(&second_hello).unwrap();
+        second.send(control_hello(own).into()).await;
+        second.send(control_auth(TOKEN, &shim_nonce, &own)).await;
+        assert!(matches!(second.recv().await, Some(ShimToControl::Auth(_))));
+        eventually("connected", || server.connected()).await;
+    });
+}
+
+#[test]
 fn handshakes_in_progress_are_capped() {
     let dir = TempDir::new("pending");
     run(async {

@@ -15,7 +15,7 @@ use driver_protocol::message::{
 
 use super::{crash, Setup, Sup};
 use crate::support::control::{ControlClient, Stamped, Stream, Target};
-use crate::support::{in_both_modes, is_root, Mode, PATIENCE};
+use crate::support::{in_both_modes, is_root, poll_until, Mode, PATIENCE};
 
 fn one_mode() -> Mode {
     if is_root() {
@@ -225,8 +225,10 @@ fn fd_exhaustion_in_the_shim_is_survived_and_recovered_from() -> Result<()> {
     sup.submit("boom", crash(3))?;
     let (exited, _, _) = sup.expect_exited()?;
     ensure!(exited.pid == pid, "{exited:?}");
-    // A new control plane knocks while no fd is free.
-    let waiting = Stream::connect(&Target::Unix(sup.sock.clone()), PATIENCE)?;
+    // A new control plane knocks while no fd is free, and sends its hello at once (the shim
+    // wants it within a second of accepting): it waits in the listen backlog.
+    let stream = Stream::connect(&Target::Unix(sup.sock.clone()), PATIENCE)?;
+    let waiting = std::thread::spawn(move || ControlClient::over(stream, None, PATIENCE * 4));
     let ticks0 = cpu_ticks(shim)?;
     let mut answered = 0;
     let start = Instant::now();
@@ -262,14 +264,18 @@ fn fd_exhaustion_in_the_shim_is_survived_and_recovered_from() -> Result<()> {
         Duration::from_secs(5),
     )?;
     set_nofile(shim, old)?;
-    // The driver comes back (the restart backoff retries), and the waiting client is served.
-    let s = sup.status_until("a new driver ready", |s| {
-        s.state == DriverState::Ready && s.driver_pid.is_some_and(|p| p != pid)
-    })?;
-    let mut c = ControlClient::over(waiting, None, PATIENCE)
+    // The waiting client is served (and becomes the live connection), and the driver comes
+    // back (the restart backoff retries).
+    let mut c = waiting
+        .join()
+        .map_err(|_| anyhow::anyhow!("the waiting client panicked"))?
         .context("the connection made during EMFILE")?;
-    let s2 = c.status()?;
-    ensure!(s2.driver_pid == s.driver_pid, "{s2:?}");
+    let ready = poll_until(PATIENCE, || {
+        c.status()
+            .ok()
+            .filter(|s| s.state == DriverState::Ready && s.driver_pid.is_some_and(|p| p != pid))
+    });
+    ensure!(ready.is_some(), "no new driver ready\n{}", sup.context());
     Ok(())
 }
 
