@@ -17,7 +17,7 @@ use crate::events::Item;
 use crate::fleet::FleetItem;
 use crate::link::Connected;
 use crate::options::ConnectOptions;
-use crate::session::{dial_once, Cmd, Session, Shared, Sink, Source};
+use crate::session::{dial_first, Cmd, Session, Shared, Sink, Source};
 use crate::shared::Position;
 use crate::{
     Addr, AgentId, Error, EventStream, ExecSpec, RawEventStream, Sig, Target, TaskSpec, Token,
@@ -90,7 +90,7 @@ impl Client {
     /// Dials `addr` and starts the session.
     pub(crate) async fn dial(addr: &Addr, opts: ConnectOptions) -> Result<Self, Error> {
         opts.check_addr(addr)?;
-        let conn = dial_once(addr.clone(), opts.clone()).await?;
+        let conn = dial_first(addr, &opts).await?;
         if let Some(want) = &opts.expect_agent_id {
             if conn.hello.agent_id.as_deref() != Some(want.as_str()) {
                 return Err(Error::AgentMismatch {

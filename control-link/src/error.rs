@@ -107,6 +107,26 @@ impl Error {
         }
     }
 
+    /// Whether the shim turned the connection away as `busy` before its handshake: too
+    /// many handshakes pending from this client's source right now. Worth a retry after a
+    /// backoff (the first connect of a client does so by itself, within its connect timeout).
+    ///
+    /// ```
+    /// # use control_link::{Error, ErrorCode};
+    /// let err = Error::Remote { code: ErrorCode::Busy, message: "retry later".into() };
+    /// assert!(err.is_busy());
+    /// assert!(!Error::Closed.is_busy());
+    /// ```
+    pub fn is_busy(&self) -> bool {
+        matches!(
+            self,
+            Self::Remote {
+                code: ErrorCode::Busy,
+                ..
+            }
+        )
+    }
+
     /// Whether this error, from a reconnect's handshake, says the shim refuses this client
     /// (a wrong token, another agent) rather than that it could not be reached.
     pub(crate) fn is_refusal(&self) -> bool {

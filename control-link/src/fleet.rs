@@ -22,7 +22,7 @@ use tokio::task::AbortHandle;
 
 use crate::link::Connected;
 use crate::listener::{self, Out};
-use crate::session::{dial_once, Shared, Source};
+use crate::session::{dial_first, Shared, Source};
 use crate::{Addr, Client, ConnectOptions, Error};
 
 /// An agent's id, as its shim names it (`hello.agent_id`) or as given to
@@ -201,7 +201,7 @@ impl Fleet {
         let agent = agent_id.into();
         let opts = &self.inner.opts;
         opts.check_addr(addr)?;
-        let conn = dial_once(addr.clone(), opts.clone()).await?;
+        let conn = dial_first(addr, opts).await?;
         if let Some(named) = conn.hello.agent_id.as_deref() {
             if named != &*agent {
                 return Err(Error::AgentMismatch {

@@ -764,6 +764,30 @@ pub(crate) async fn dial_once(addr: Addr, opts: ConnectOptions) -> Result<Connec
     handshake(io, &opts).await
 }
 
+/// The first dial and handshake of a client: like [`dial_once`], but a shim that answers
+/// `busy` (its gate is full of handshakes from the caller's source; PROTOCOL.md §8.1) is
+/// dialed again after the reconnect backoff, for as long as the connect timeout allows.
+/// Every other error, `limit` included (this source failed too many handshakes: retrying
+/// at once would only prolong it), is returned as it is.
+pub(crate) async fn dial_first(addr: &Addr, opts: &ConnectOptions) -> Result<Connected, Error> {
+    let give_up = Instant::now() + opts.connect_timeout;
+    let mut attempt = 0u32;
+    loop {
+        match dial_once(addr.clone(), opts.clone()).await {
+            Err(e) if e.is_busy() => {
+                let delay = opts.backoff.delay(attempt);
+                attempt = attempt.saturating_add(1);
+                if Instant::now() + delay >= give_up {
+                    return Err(e);
+                }
+                debug!(%addr, ?delay, "the shim is busy; dialing again");
+                tokio::time::sleep(delay).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// The next handed-over connection; never resolves without a handoff channel (or once it
 /// is closed).
 async fn recv_handoff(handoff: &mut Option<&mut mpsc::Receiver<Connected>>) -> Connected {
@@ -773,5 +797,78 @@ async fn recv_handoff(handoff: &mut Option<&mut mpsc::Receiver<Connected>>) -> C
             None => std::future::pending().await,
         },
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use driver_protocol::message::{ErrorMsg, Hello, Role, ShimToControl};
+    use driver_protocol::{frame, ErrorCode};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    fn frame_of(msg: ShimToControl) -> Vec<u8> {
+        let mut out = bytes::BytesMut::new();
+        frame::write_message(&mut out, 1 << 20, &msg).unwrap();
+        out.to_vec()
+    }
+
+    /// A shim whose gate turns the first `busy` connections away, then one that says
+    /// `limit`: the first connect retries `busy` and succeeds; `limit` is returned at once.
+    #[test]
+    fn the_first_connect_retries_busy_but_not_limit() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let dir = std::env::temp_dir().join(format!("cl-busy-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join("s.sock");
+            let listener = tokio::net::UnixListener::bind(&path).unwrap();
+            let refuse = |code: ErrorCode| {
+                frame_of(ShimToControl::Error(ErrorMsg {
+                    re: None,
+                    code,
+                    message: "retry later".into(),
+                    task_id: None,
+                }))
+            };
+            let (busy, limit) = (refuse(ErrorCode::Busy), refuse(ErrorCode::Limit));
+            let hello = frame_of(ShimToControl::Hello(Hello::new(Role::Shim, "fake", "0")));
+            let server = tokio::spawn(async move {
+                for answer in [&busy, &busy, &hello, &limit] {
+                    let (mut s, _) = listener.accept().await.unwrap();
+                    s.write_all(answer).await.unwrap();
+                    if answer == &hello {
+                        // Keep it open while the client is up; the next accept is the limit.
+                        let mut sink = [0u8; 256];
+                        let _ = tokio::time::timeout(Duration::from_millis(500), s.read(&mut sink))
+                            .await;
+                    }
+                }
+            });
+            let addr: Addr = format!("unix:{}", path.display()).parse().unwrap();
+            let opts = ConnectOptions::new()
+                .backoff(crate::Backoff {
+                    initial: Duration::from_millis(10),
+                    max: Duration::from_millis(50),
+                    jitter: 0.0,
+                })
+                .connect_timeout(Duration::from_secs(5));
+            let started = std::time::Instant::now();
+            let conn = dial_first(&addr, &opts)
+                .await
+                .expect("connected after two busy");
+            assert_eq!(conn.hello.software, "fake");
+            assert!(started.elapsed() >= Duration::from_millis(30), "backed off");
+            drop(conn);
+            let err = dial_first(&addr, &opts).await.expect_err("limit");
+            assert_eq!(err.code(), Some(&ErrorCode::Limit), "{err}");
+            assert!(!err.is_busy());
+            server.await.unwrap();
+            let _ = std::fs::remove_dir_all(&dir);
+        });
     }
 }

@@ -37,6 +37,9 @@ pub enum ErrorCode {
     /// A bounded resource is full: the task queue, the exec slots, the replay buffer
     /// (`limit`).
     Limit,
+    /// The receiver is too busy to take this now, but would later: a connection turned
+    /// away before its handshake while others are pending; retry with backoff (`busy`).
+    Busy,
     /// The operation did not complete in the time allowed (`timeout`).
     Timeout,
     /// The sender is stopping and takes no new work (`shutting_down`).
@@ -59,6 +62,7 @@ impl ErrorCode {
         "invalid_state",
         "not_found",
         "limit",
+        "busy",
         "timeout",
         "shutting_down",
         "internal",
@@ -76,6 +80,7 @@ impl ErrorCode {
             Self::InvalidState => "invalid_state",
             Self::NotFound => "not_found",
             Self::Limit => "limit",
+            Self::Busy => "busy",
             Self::Timeout => "timeout",
             Self::ShuttingDown => "shutting_down",
             Self::Internal => "internal",
@@ -95,6 +100,7 @@ impl ErrorCode {
             "invalid_state" => Self::InvalidState,
             "not_found" => Self::NotFound,
             "limit" => Self::Limit,
+            "busy" => Self::Busy,
             "timeout" => Self::Timeout,
             "shutting_down" => Self::ShuttingDown,
             "internal" => Self::Internal,

@@ -1385,3 +1385,45 @@ fn auth_vectors_follow_the_proof_definition() {
         );
     }
 }
+
+/// The two refusals of the control link's gate (PROTOCOL.md §8.1), as the shim sends them
+/// instead of its `hello`: checked against a generic MessagePack encoding (`rmpv`) of the
+/// documented map, and decoded back to their codes.
+#[test]
+fn gate_refusals_are_error_frames_with_busy_and_limit() {
+    for (code, wire, message) in [
+        (
+            ErrorCode::Busy,
+            "busy",
+            "too many handshakes pending from this source; retry later",
+        ),
+        (
+            ErrorCode::Limit,
+            "limit",
+            "too many failed handshakes from this source; slow down",
+        ),
+    ] {
+        assert_eq!(code.as_str(), wire);
+        assert_eq!(ErrorCode::parse(wire), code);
+        assert!(ErrorCode::KNOWN.contains(&wire));
+        let msg = ShimToControl::Error(ErrorMsg {
+            re: None,
+            code: code.clone(),
+            message: message.into(),
+            task_id: None,
+        });
+        let body = map(&[
+            ("type", Value::from("error")),
+            ("code", Value::from(wire)),
+            ("message", Value::from(message)),
+        ]);
+        let want = framed(&packed(&body));
+        let mut got = bytes::BytesMut::new();
+        driver_protocol::frame::write_message(&mut got, DEFAULT_MAX_FRAME, &msg).unwrap();
+        assert_eq!(hex::encode(&got), hex::encode(&want), "{wire}");
+        match receive("shim_to_control", &want) {
+            Ok(Some(Any::ShimToControl(ShimToControl::Error(e)))) => assert_eq!(e.code, code),
+            other => panic!("{wire}: {other:?}"),
+        }
+    }
+}

@@ -31,7 +31,7 @@ use tokio_util::codec::Decoder as _;
 use tracing::{debug, error, info, warn};
 
 use super::auth::{self, Handshake, Step};
-use super::gate::PeerKey;
+use super::gate::Source;
 use super::ids::Seen;
 use super::transport::{Halves, ReadHalf, WriteHalf};
 use super::{encode_frame, Command, Inner, Origin, Reply};
@@ -76,6 +76,8 @@ pub(super) struct Conn {
     wake: Notify,
     /// The reader and writer tasks, aborted by [`Conn::close_now`].
     tasks: RefCell<Vec<AbortHandle>>,
+    /// The reader task alone, aborted by [`Conn::evict`].
+    reader: RefCell<Option<AbortHandle>>,
     /// The handshake completed (the connection became the live one, at least for a while).
     authenticated: Cell<bool>,
     /// Woken (all waiters) when the connection is closed.
@@ -95,6 +97,7 @@ impl Conn {
             cursor: Cell::new(None),
             wake: Notify::new(),
             tasks: RefCell::new(Vec::new()),
+            reader: RefCell::new(None),
             authenticated: Cell::new(false),
             closed: Notify::new(),
         }
@@ -199,6 +202,17 @@ impl Conn {
         });
     }
 
+    /// Turns a connection still in its handshake away to make room for another source's:
+    /// `error{code:"busy"}`, written within `grace` or not at all, then the close. Nothing
+    /// more is read from it.
+    pub(super) fn evict(self: &Rc<Self>, inner: &Inner) {
+        if let Some(reader) = self.reader.borrow_mut().take() {
+            reader.abort();
+        }
+        let msg = "too many handshakes pending from this source; retry later".to_owned();
+        reject(self, inner, None, ErrorCode::Busy, msg);
+    }
+
     /// Moves queued replies into `batch` (up to about `limit` bytes); returns the state.
     fn take_replies(&self, batch: &mut Vec<u8>, limit: usize) -> State {
         let mut out = self.out.borrow_mut();
@@ -213,10 +227,15 @@ impl Conn {
     }
 }
 
-/// Starts serving a connection, accepted or dialed: queues our `hello` (with a fresh nonce
+/// Starts serving connection `id`, accepted or dialed: queues our `hello` (with a fresh nonce
 /// when there is a token) and spawns both tasks. `None` when no nonce could be made (the
 /// connection is dropped, and so closed).
-pub(super) fn start(halves: Halves, inner: &Rc<Inner>, origin: Origin) -> Option<Rc<Conn>> {
+pub(super) fn start(
+    halves: Halves,
+    inner: &Rc<Inner>,
+    origin: Origin,
+    id: u64,
+) -> Option<Rc<Conn>> {
     let nonce = match inner.token {
         Some(_) => match auth::nonce() {
             Ok(nonce) => nonce,
@@ -235,27 +254,53 @@ pub(super) fn start(halves: Halves, inner: &Rc<Inner>, origin: Origin) -> Option
             return None;
         }
     };
-    let id = {
-        let mut st = inner.state.borrow_mut();
-        st.next_conn = st.next_conn.wrapping_add(1);
-        st.next_conn
-    };
     debug!(conn = id, %origin, "control connection opened");
     let (rd, wr) = halves;
+    let origin_kind = match origin {
+        Origin::Accepted(..) => Kind::Accepted,
+        Origin::Dialed(_) => Kind::Dialed,
+    };
     let conn = Rc::new(Conn::new(id, inner.tuning.out_queue_max));
     conn.send(hello);
     let writer = tokio::task::spawn_local(write_loop(wr, Rc::clone(&conn), Rc::clone(inner)));
+    // Made here, not in the reader: a reader aborted before it first runs (the writer
+    // failed at once on a reset socket) still gives its place in the gate back.
+    let pending = match &origin {
+        Origin::Accepted(_, source) => Some(Pending {
+            inner: Rc::clone(inner),
+            conn: Rc::clone(&conn),
+            source: *source,
+            failed: false,
+        }),
+        Origin::Dialed(_) => None,
+    };
     let reader = tokio::task::spawn_local(read_loop(
         rd,
         Rc::clone(&conn),
         Rc::clone(inner),
         handshake,
         origin,
+        pending,
     ));
     conn.tasks
         .borrow_mut()
         .extend([writer.abort_handle(), reader.abort_handle()]);
+    *conn.reader.borrow_mut() = Some(reader.abort_handle());
+    if matches!(origin_kind, Kind::Accepted) {
+        inner
+            .state
+            .borrow_mut()
+            .handshaking
+            .insert(id, Rc::downgrade(&conn));
+    }
     Some(conn)
+}
+
+/// Which way a connection came.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Accepted,
+    Dialed,
 }
 
 /// Holds an accepted connection's place in the gate's count of pending handshakes, and
@@ -263,17 +308,23 @@ pub(super) fn start(halves: Halves, inner: &Rc<Inner>, origin: Origin) -> Option
 struct Pending {
     inner: Rc<Inner>,
     conn: Rc<Conn>,
-    key: PeerKey,
-    /// The peer sent something: if it does not authenticate, that is a failure. (A client
-    /// that connects and closes without a byte, like a TCP health check, is not one.)
-    spoke: bool,
+    source: Source,
+    /// The handshake failed: a bad frame, a refused `hello` or `auth`, a deadline missed, or
+    /// a peer that left after sending something. (A client that connects and closes without
+    /// a byte, like a TCP health check, did not fail; nor did one that vanished before its
+    /// reader ran, or that was evicted.)
+    failed: bool,
 }
 
 impl Drop for Pending {
     fn drop(&mut self) {
-        let failed = self.spoke && !self.conn.authenticated();
+        let failed = self.failed && !self.conn.authenticated();
         match self.inner.state.try_borrow_mut() {
-            Ok(mut st) => st.gate.finished(self.key, failed, Instant::now()),
+            Ok(mut st) => {
+                st.handshaking.remove(&self.conn.id);
+                st.gate
+                    .finished(self.source, self.conn.id, failed, Instant::now());
+            }
             Err(_) => error!(conn = self.conn.id, "control state busy; gate not updated"),
         }
     }
@@ -343,24 +394,26 @@ async fn read_loop(
     inner: Rc<Inner>,
     mut handshake: Handshake,
     origin: Origin,
+    mut pending: Option<Pending>,
 ) {
-    let mut pending = match &origin {
-        Origin::Accepted(_, key) => Some(Pending {
-            inner: Rc::clone(&inner),
-            conn: Rc::clone(&conn),
-            key: *key,
-            spoke: true,
-        }),
-        Origin::Dialed(_) => None,
-    };
     let mut heard = false;
     // Small frames until the peer has proved itself: a client without the token cannot make
     // the shim buffer more than this.
     let small = inner.tuning.handshake_max_frame.min(inner.max_frame);
     let mut codec = MessageCodec::<ControlToShim, ShimToControl>::with_max_frame(small);
     let mut buf = BytesMut::with_capacity(READ_CHUNK.min(small));
-    let deadline = tokio::time::Instant::now() + inner.tuning.hello_timeout;
+    // Two deadlines: the peer's `hello` soon (it sends it at once, without waiting for
+    // ours), the whole handshake a little later. A peer that trickles bytes holds its place
+    // in the gate no longer than that.
+    let opened = tokio::time::Instant::now();
+    let first = opened
+        + inner
+            .tuning
+            .hello_timeout
+            .min(inner.tuning.handshake_timeout);
+    let whole = opened + inner.tuning.handshake_timeout;
     let hello = loop {
+        let deadline = if heard { whole } else { first };
         let next = tokio::time::timeout_at(deadline, next_message(&mut rd, &mut codec, &mut buf));
         let msg = match next.await {
             Ok(Ok(Some(msg))) => {
@@ -369,13 +422,16 @@ async fn read_loop(
             }
             Ok(Ok(None)) => {
                 if let Some(p) = pending.as_mut() {
-                    p.spoke = heard || !buf.is_empty();
+                    p.failed = heard || !buf.is_empty();
                 }
                 debug!(conn = conn.id, %origin, "control client left during the handshake");
                 conn.close_now();
                 return;
             }
             Ok(Err(err)) => {
+                if let Some(p) = pending.as_mut() {
+                    p.failed = !matches!(err, DecodeError::Io(_)) || heard || !buf.is_empty();
+                }
                 if !matches!(err, DecodeError::Io(_)) {
                     warn!(conn = conn.id, %origin, error = %err,
                         "control handshake failed: bad frame");
@@ -384,7 +440,11 @@ async fn read_loop(
                 return;
             }
             Err(_) => {
-                warn!(conn = conn.id, %origin, "control handshake failed: not completed in time");
+                debug!(conn = conn.id, %origin, heard,
+                    "control handshake failed: not completed in time");
+                if let Some(p) = pending.as_mut() {
+                    p.failed = true;
+                }
                 let msg = "handshake not completed in time".to_owned();
                 reject(&conn, &inner, None, ErrorCode::Timeout, msg);
                 return;
@@ -400,6 +460,9 @@ async fn read_loop(
                 break hello;
             }
             Err((code, msg)) => {
+                if let Some(p) = pending.as_mut() {
+                    p.failed = true;
+                }
                 warn!(conn = conn.id, %origin, %code, message = %msg,
                     "control handshake failed");
                 reject(&conn, &inner, re, code, msg);

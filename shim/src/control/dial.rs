@@ -98,7 +98,12 @@ pub(super) async fn dial_loop(addr: ControlAddr, inner: Rc<Inner>) {
                 continue;
             }
         };
-        let Some(conn) = conn::start(halves, &inner, Origin::Dialed(addr.to_string())) else {
+        let Some(conn) = conn::start(
+            halves,
+            &inner,
+            Origin::Dialed(addr.to_string()),
+            inner.next_id(),
+        ) else {
             let delay = backoff.next_delay(random_unit());
             tokio::time::sleep(delay).await;
             continue;

@@ -29,15 +29,17 @@ mod dial;
 pub mod fuzz;
 mod gate;
 mod ids;
+mod source;
 #[cfg(test)]
 mod tests;
 mod transport;
 mod vsock;
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::fmt;
 use std::io;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -53,7 +55,7 @@ pub use addr::ControlAddr;
 pub use auth::{Token, TokenError};
 use buffer::Buffer;
 use conn::Conn;
-use gate::Gate;
+use gate::{Gate, Refused};
 use ids::IdCache;
 use transport::Listener;
 
@@ -67,12 +69,21 @@ pub const DEFAULT_RECONNECT_MAX: Duration = Duration::from_secs(5);
 /// closed and redialed (`--control-idle-timeout`); control-link pings after 15 s of silence.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How long an accepted connection may take to send its `hello` (PROTOCOL.md §8.1): a
+/// control plane sends it at once, so a second is generous; a silent connection holds its
+/// place in the gate no longer.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long an accepted connection may take to complete its whole handshake (`hello` and
+/// `auth`): a peer that trickles its bytes holds its place no longer.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// How a connection came to be: accepted on the listener (and so through the [`gate`]), or
 /// dialed by the shim.
 #[derive(Debug, Clone)]
 enum Origin {
-    /// Accepted; the peer, for logs, and its key in the gate.
-    Accepted(String, gate::PeerKey),
+    /// Accepted; the peer, for logs, and its source in the gate.
+    Accepted(String, gate::Source),
     /// Dialed; the address, for logs.
     Dialed(String),
 }
@@ -111,8 +122,10 @@ pub struct ControlConfig {
 struct Tuning {
     /// Bytes of queued replies over which a connection that does not read is closed.
     out_queue_max: usize,
-    /// How long a new connection has to complete its handshake (`hello`, and `auth`).
+    /// How long a new connection has to send its `hello`.
     hello_timeout: Duration,
+    /// How long a new connection has to complete its handshake (`hello`, and `auth`).
+    handshake_timeout: Duration,
     /// How long a rejected connection's last `error` may take to be written.
     close_grace: Duration,
     /// The largest frame read before the handshake is complete.
@@ -134,9 +147,10 @@ impl Default for Tuning {
     fn default() -> Self {
         Self {
             out_queue_max: 8 * 1024 * 1024,
-            hello_timeout: Duration::from_secs(10),
+            hello_timeout: HELLO_TIMEOUT,
+            handshake_timeout: HANDSHAKE_TIMEOUT,
             close_grace: Duration::from_secs(2),
-            handshake_max_frame: 64 * 1024,
+            handshake_max_frame: 16 * 1024,
             connect_timeout: Duration::from_secs(5),
             reconnect_max: DEFAULT_RECONNECT_MAX,
             dialed_idle: DEFAULT_IDLE_TIMEOUT,
@@ -277,6 +291,8 @@ struct Shared {
     next_conn: u64,
     /// Admission of accepted connections to the handshake.
     gate: Gate,
+    /// Accepted connections still in their handshake, by id: the gate may evict one.
+    handshaking: HashMap<u64, Weak<Conn>>,
 }
 
 impl Inner {
@@ -286,6 +302,13 @@ impl Inner {
         if freed {
             self.acked.notify_waiters();
         }
+    }
+
+    /// A fresh connection id.
+    fn next_id(&self) -> u64 {
+        let mut st = self.state.borrow_mut();
+        st.next_conn = st.next_conn.wrapping_add(1);
+        st.next_conn
     }
 
     fn live(&self) -> Option<Rc<Conn>> {
@@ -379,7 +402,6 @@ impl ControlServer {
             tuning.failure_burst,
             tuning.failure_refill,
             tuning.max_pending,
-            Instant::now(),
         );
         let inner = Rc::new(Inner {
             state: RefCell::new(Shared {
@@ -388,6 +410,7 @@ impl ControlServer {
                 ids: IdCache::default(),
                 next_conn: 0,
                 gate,
+                handshaking: HashMap::new(),
             }),
             acked: Notify::new(),
             commands: tx,
@@ -551,45 +574,86 @@ impl Drop for ControlServer {
 }
 
 /// Accepts connections until the server is dropped (which aborts this task); each goes
-/// through the [`gate`] before any handshake work is done for it.
+/// through the [`gate`] before any handshake work is done for it. Nothing here waits for a
+/// peer: a refusal is one small frame written if the socket takes it now, then the close.
 async fn accept_loop(listener: Listener, inner: Rc<Inner>) {
+    let mut classifier = source::Classifier::default();
     loop {
-        match listener.accept().await {
-            Ok((halves, peer, key)) => {
-                let now = Instant::now();
-                let (admitted, report) = {
-                    let mut st = inner.state.borrow_mut();
-                    let admitted = st.gate.admit(key, now);
-                    (admitted, st.gate.report(now))
-                };
-                if let Some(n) = report {
-                    warn!(
-                        failed_handshakes = n.failures,
-                        too_many_pending = n.pending,
-                        "control connections closed unheard (suppressed): too many failed \
-                         handshakes or handshakes in progress from their peers"
-                    );
-                }
-                match admitted {
-                    Ok(()) => {
-                        // Not started (no randomness): the gate's count is given back.
-                        let origin = Origin::Accepted(peer, key);
-                        if conn::start(halves, &inner, origin).is_none() {
-                            inner
-                                .state
-                                .borrow_mut()
-                                .gate
-                                .finished(key, true, Instant::now());
-                        }
-                    }
-                    // Dropping the halves closes the connection.
-                    Err(why) => debug!(%peer, ?why, "control connection closed unheard"),
-                }
-            }
+        match listener.accept(&mut classifier).await {
+            Ok((halves, peer, source)) => admit(halves, peer, source, &inner).await,
             Err(err) => {
                 // EMFILE and friends: back off instead of spinning.
                 warn!(error = %err, "control socket accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Lets an accepted connection start its handshake, evicting another if the gate says so,
+/// or turns it away with `error{code:"busy"|"limit"}`.
+async fn admit(halves: transport::Halves, peer: String, source: gate::Source, inner: &Rc<Inner>) {
+    let now = Instant::now();
+    let id = inner.next_id();
+    let (admitted, report) = {
+        let mut st = inner.state.borrow_mut();
+        let admitted = st.gate.admit(source, id, now);
+        (admitted, st.gate.report(now))
+    };
+    if let Some(n) = report {
+        warn!(
+            failed_handshakes = n.failures,
+            busy = n.busy,
+            evicted = n.evicted,
+            "control connections turned away (suppressed): too many failed handshakes or \
+             handshakes in progress from their source"
+        );
+    }
+    match admitted {
+        Ok(admitted) => {
+            if let Some(old) = admitted.evict {
+                let victim = inner
+                    .state
+                    .borrow_mut()
+                    .handshaking
+                    .remove(&old)
+                    .and_then(|w| w.upgrade());
+                if let Some(victim) = victim {
+                    debug!(conn = old, %source, "pending control connection evicted");
+                    victim.evict(inner);
+                }
+            }
+            let origin = Origin::Accepted(peer, source);
+            // Not started (no randomness): the gate's count is given back.
+            if conn::start(halves, inner, origin, id).is_none() {
+                inner
+                    .state
+                    .borrow_mut()
+                    .gate
+                    .finished(source, id, true, Instant::now());
+            }
+        }
+        Err(why) => {
+            let (code, message) = match why {
+                Refused::Busy => (
+                    ErrorCode::Busy,
+                    "too many handshakes pending from this source; retry later",
+                ),
+                Refused::Failures => (
+                    ErrorCode::Limit,
+                    "too many failed handshakes from this source; slow down",
+                ),
+            };
+            debug!(%peer, %source, %code, "control connection turned away");
+            let refusal = ErrorMsg {
+                re: None,
+                code,
+                message: message.to_owned(),
+                task_id: None,
+            };
+            match encode_frame(&refusal.into(), inner.max_frame) {
+                Ok(frame) => transport::refuse(halves, &frame).await,
+                Err(err) => debug!(error = %err, "cannot encode a refusal"),
             }
         }
     }

@@ -679,7 +679,7 @@ use driver_protocol::message::Auth;
 
 use super::auth::{Handshake, Step};
 use super::dial::Backoff;
-use super::gate::{Gate, PeerKey, Refused, Suppressed};
+use super::gate;
 
 const TOKEN: &[u8] = b"test-token";
 
@@ -744,89 +744,6 @@ impl Client {
         }
         assert!(self.recv().await.is_none(), "closed after the error");
     }
-}
-
-#[test]
-fn gate_rate_limits_failed_handshakes_and_caps_pending() {
-    let t0 = std::time::Instant::now();
-    let mut gate = Gate::new(3.0, 2.0, 8, t0);
-    let a = PeerKey::Ip([10, 0, 0, 1].into());
-    let b = PeerKey::Ip([10, 0, 0, 2].into());
-    // Two at once from one peer (a quarter of 8), the third waits for one of them.
-    assert_eq!(gate.admit(a, t0), Ok(()));
-    assert_eq!(gate.admit(a, t0), Ok(()));
-    assert_eq!(gate.pending(), 2);
-    assert_eq!(gate.admit(a, t0), Err(Refused::Pending));
-    // Both fail: 1 failure token left of 3.
-    gate.finished(a, true, t0);
-    gate.finished(a, true, t0);
-    assert_eq!(gate.pending(), 0);
-    assert_eq!(gate.admit(a, t0), Ok(()));
-    gate.finished(a, true, t0);
-    // The bucket is empty: turned away without a handshake.
-    for _ in 0..5 {
-        assert_eq!(gate.admit(a, t0), Err(Refused::Failures));
-    }
-    assert_eq!(gate.pending(), 0);
-    // The first report says how many, the next waits a second.
-    assert_eq!(
-        gate.report(t0),
-        Some(Suppressed {
-            failures: 5,
-            pending: 1
-        })
-    );
-    assert_eq!(gate.admit(a, t0), Err(Refused::Failures));
-    assert_eq!(gate.report(t0 + Duration::from_millis(500)), None);
-    // Half a second refills one token (2 per second).
-    let t1 = t0 + Duration::from_millis(500);
-    assert_eq!(gate.admit(a, t1), Ok(()));
-    // A handshake that succeeds costs nothing.
-    gate.finished(a, false, t1);
-    assert_eq!(gate.admit(a, t1), Ok(()));
-    gate.finished(a, false, t1);
-    assert_eq!(
-        gate.report(t0 + Duration::from_secs(1)),
-        Some(Suppressed {
-            failures: 1,
-            pending: 0
-        })
-    );
-    assert_eq!(
-        gate.report(t0 + Duration::from_secs(5)),
-        None,
-        "nothing new"
-    );
-    // A long pause refills to the burst, no further.
-    let t2 = t1 + Duration::from_secs(60);
-    for _ in 0..3 {
-        assert_eq!(gate.admit(a, t2), Ok(()));
-        gate.finished(a, true, t2);
-    }
-    assert_eq!(gate.admit(a, t2), Err(Refused::Failures));
-    // Another peer is not locked out by the first one's failures.
-    assert_eq!(gate.admit(b, t2), Ok(()));
-    gate.finished(b, false, t2);
-    // A silent connection that never failed leaves the bucket as it was.
-    let c = PeerKey::Ip([10, 0, 0, 3].into());
-    for _ in 0..20 {
-        assert_eq!(gate.admit(c, t2), Ok(()));
-        gate.finished(c, false, t2);
-    }
-    // The global cap: 8 pending from four peers at most two each.
-    let t3 = t2 + Duration::from_secs(60);
-    let peers: Vec<PeerKey> = (0..5u8)
-        .map(|i| PeerKey::Ip([10, 1, 0, i].into()))
-        .collect();
-    for p in &peers[..4] {
-        assert_eq!(gate.admit(*p, t3), Ok(()));
-        assert_eq!(gate.admit(*p, t3), Ok(()));
-    }
-    assert_eq!(gate.admit(peers[4], t3), Err(Refused::Pending));
-    for p in &peers[..4] {
-        gate.finished(*p, false, t3);
-    }
-    assert_eq!(gate.admit(peers[4], t3), Ok(()));
 }
 
 #[test]
@@ -1124,7 +1041,12 @@ fn a_flood_of_bad_clients_is_gated_and_the_live_connection_goes_on() {
                     bad.expect_refused(ErrorCode::Unauthorized).await;
                     refused_with_error += 1;
                 }
-                None => closed_unheard += 1,
+                Some(ShimToControl::Error(e)) => {
+                    // Turned away before any handshake: `limit`, then the close.
+                    assert_eq!(e.code, ErrorCode::Limit, "{e:?}");
+                    assert!(bad.recv().await.is_none(), "closed after the error");
+                    closed_unheard += 1;
+                }
                 other => panic!("unexpected {other:?}"),
             }
             server.publish(&event(n));
@@ -1143,6 +1065,80 @@ fn a_flood_of_bad_clients_is_gated_and_the_live_connection_goes_on() {
 }
 
 #[test]
+fn connections_that_vanish_at_once_give_their_place_in_the_gate_back() {
+    let dir = TempDir::new("vanish");
+    run(async {
+        let server = ControlServer::bind(&ControlAddr::Unix(dir.sock()), secure_cfg()).unwrap();
+        // Gone before the shim writes its hello: the writer fails at once, the reader may
+        // never run. Many more than one source's share.
+        for _ in 0..4 * gate::MAX_PENDING {
+            drop(tokio::net::UnixStream::connect(dir.sock()).await.unwrap());
+        }
+        eventually("every place given back", || {
+            server.inner.state.borrow().gate.pending() == 0
+                && server.inner.state.borrow().handshaking.is_empty()
+        })
+        .await;
+        // And the inside is not locked out by them.
+        let mut c = Client::raw(&dir.sock()).await;
+        c.authenticate(TOKEN).await;
+    });
+}
+
+#[test]
+fn a_full_gate_evicts_the_busiest_sources_oldest_for_another_source() {
+    let dir = TempDir::new("evict");
+    run(async {
+        // Slots for 8, 2 per source; unix clients of this test are all the inside.
+        let tuning = Tuning {
+            max_pending: 8,
+            ..Tuning::default()
+        };
+        let server =
+            ControlServer::bind_tuned(&ControlAddr::Unix(dir.sock()), secure_cfg(), tuning)
+                .unwrap();
+        let mut oldest = Client::raw(&dir.sock()).await;
+        assert!(matches!(oldest.recv().await, Some(ShimToControl::Hello(_))));
+        let mut second = Client::raw(&dir.sock()).await;
+        let Some(ShimToControl::Hello(second_hello)) = second.recv().await else {
+            panic!("no hello");
+        };
+        // The inside's third: busy, and its two are untouched.
+        let mut third = Client::raw(&dir.sock()).await;
+        third.expect_refused(ErrorCode::Busy).await;
+        // Fill the rest from three other sources (played through the gate directly), then
+        // a fourth source's newcomer takes the inside's oldest place.
+        let now = std::time::Instant::now();
+        {
+            let mut st = server.inner.state.borrow_mut();
+            for (n, source) in [[10, 0, 1], [10, 0, 2], [10, 0, 3]].into_iter().enumerate() {
+                for k in 0..2 {
+                    let id = 1000 + (n as u64) * 2 + k;
+                    let admitted = st.gate.admit(gate::Source::Net4(source), id, now);
+                    assert_eq!(admitted, Ok(gate::Admitted { evict: None }));
+                }
+            }
+            assert_eq!(st.gate.pending(), 8);
+            // Source 10.0.9.0/24 arrives: the oldest of the busiest (the inside's first
+            // connection, the smallest id) makes room.
+            let admitted = st.gate.admit(gate::Source::Net4([10, 0, 9]), 2000, now);
+            let evict = admitted.unwrap().evict.expect("an eviction");
+            let victim = st.handshaking.remove(&evict).and_then(|w| w.upgrade());
+            drop(st);
+            victim.expect("the inside's oldest").evict(&server.inner);
+        }
+        oldest.expect_refused(ErrorCode::Busy).await;
+        // The inside's second connection is still in its handshake and completes it.
+        let own = [3u8; NONCE_LEN];
+        let shim_nonce = driver_protocol::handshake::hello_nonce(&second_hello).unwrap();
+        second.send(control_hello(own).into()).await;
+        second.send(control_auth(TOKEN, &shim_nonce, &own)).await;
+        assert!(matches!(second.recv().await, Some(ShimToControl::Auth(_))));
+        eventually("connected", || server.connected()).await;
+    });
+}
+
+#[test]
 fn handshakes_in_progress_are_capped() {
     let dir = TempDir::new("pending");
     run(async {
@@ -1156,7 +1152,7 @@ fn handshakes_in_progress_are_capped() {
             idle.push(c);
         }
         let mut extra = Client::raw(&dir.sock()).await;
-        assert!(extra.recv().await.is_none(), "over the cap: closed unheard");
+        extra.expect_refused(ErrorCode::Busy).await;
         // One leaves: there is room again, and an honest client gets in.
         drop(idle.pop());
         let mut honest = None;

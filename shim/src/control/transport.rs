@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
 use super::addr::ControlAddr;
-use super::gate::PeerKey;
+use super::source::{Classifier, Source};
 use super::vsock::{self, VsockListener, VsockStream};
 
 /// The read half of a connection.
@@ -24,6 +24,11 @@ pub(super) type ReadHalf = Box<dyn AsyncRead + Unpin>;
 pub(super) type WriteHalf = Box<dyn AsyncWrite + Unpin>;
 /// A connection, split.
 pub(super) type Halves = (ReadHalf, WriteHalf);
+
+/// Connections the kernel queues for accepting (the kernel caps it at `somaxconn`): a flood
+/// of connects from inside the sandbox must not fill the queue in front of the control
+/// plane's.
+const BACKLOG: libc::c_int = 4096;
 
 /// A bound control listener.
 #[derive(Debug)]
@@ -44,6 +49,7 @@ impl Listener {
             }
             ControlAddr::Tcp { host, port } => {
                 let listener = std::net::TcpListener::bind((host.as_str(), *port))?;
+                deepen_backlog(&listener);
                 listener.set_nonblocking(true)?;
                 Ok((TcpListener::from_std(listener).map(Self::Tcp)?, None))
             }
@@ -54,25 +60,60 @@ impl Listener {
         }
     }
 
-    /// The next connection, split; a description of the peer for logs, and its key for the
-    /// gate.
-    pub(super) async fn accept(&self) -> io::Result<(Halves, String, PeerKey)> {
+    /// The next connection, split; a description of the peer for logs, and its source for
+    /// the gate.
+    pub(super) async fn accept(
+        &self,
+        classifier: &mut Classifier,
+    ) -> io::Result<(Halves, String, Source)> {
         match self {
             Self::Unix(l) => {
                 let (stream, _) = l.accept().await?;
-                Ok((unix_halves(stream), "unix".to_owned(), PeerKey::Unix))
+                let cred = stream.peer_cred().ok().map(|c| (c.uid(), c.pid()));
+                let peer = match cred {
+                    Some((uid, Some(pid))) => format!("unix uid {uid} pid {pid}"),
+                    Some((uid, None)) => format!("unix uid {uid}"),
+                    None => "unix".to_owned(),
+                };
+                Ok((unix_halves(stream), peer, Classifier::unix(cred)))
             }
             Self::Tcp(l) => {
                 let (stream, peer) = l.accept().await?;
-                Ok((tcp_halves(stream), peer.to_string(), PeerKey::Ip(peer.ip())))
+                let local = stream.local_addr().ok().map(|a| a.ip());
+                let source = classifier.tcp(peer.ip(), local, std::time::Instant::now());
+                Ok((tcp_halves(stream), peer.to_string(), source))
             }
             Self::Vsock(l) => Ok((
                 vsock_halves(l.accept().await?),
                 "vsock".to_owned(),
-                PeerKey::Vsock,
+                Source::Vsock,
             )),
         }
     }
+}
+
+/// Turns a connection away without ever waiting for it: writes `frame` (an `error`) only if
+/// the socket takes it whole at once (a fresh socket's empty send buffer always does), reads
+/// and discards what the peer already sent (unread data would make the close a reset, and
+/// the peer could lose the frame), then closes.
+pub(super) async fn refuse((mut rd, mut wr): Halves, frame: &[u8]) {
+    use std::pin::Pin;
+    use std::task::Poll;
+    // Polled once, outside tokio's cooperative budget: a socket that is not ready now is not
+    // waited for.
+    let once = std::future::poll_fn(|cx| {
+        let _ = Pin::new(&mut wr).poll_write(cx, frame);
+        let mut scratch = [0u8; 4096];
+        for _ in 0..4 {
+            let mut buf = tokio::io::ReadBuf::new(&mut scratch);
+            match Pin::new(&mut rd).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => {}
+                _ => break,
+            }
+        }
+        Poll::Ready(())
+    });
+    tokio::task::unconstrained(once).await;
 }
 
 /// Dials `addr` (names resolved now, every address tried in turn). Unbounded: the caller
@@ -182,6 +223,7 @@ fn bind_unix(path: &Path) -> io::Result<(UnixListener, SocketFile)> {
     let bound = std::os::unix::net::UnixListener::bind(path);
     umask(old);
     let listener = bound?;
+    deepen_backlog(&listener);
     let meta = fs::symlink_metadata(path)?;
     if !meta.file_type().is_socket() {
         return Err(io::Error::new(
@@ -200,6 +242,15 @@ fn bind_unix(path: &Path) -> io::Result<(UnixListener, SocketFile)> {
     };
     listener.set_nonblocking(true)?;
     Ok((UnixListener::from_std(listener)?, file))
+}
+
+/// Raises a listening socket's accept queue to [`BACKLOG`] (std listens with 128; calling
+/// `listen` again on a listening socket changes its backlog).
+fn deepen_backlog(listener: &impl std::os::fd::AsRawFd) {
+    // SAFETY: the fd is a socket that `listener` owns and that is already listening.
+    if unsafe { libc::listen(listener.as_raw_fd(), BACKLOG) } != 0 {
+        tracing::debug!(error = %io::Error::last_os_error(), "listen backlog not raised");
+    }
 }
 
 /// Makes way for our socket at `path`: nothing there is fine; a socket nobody listens on (a

@@ -144,7 +144,8 @@ fn chunks_so_far(sup: &mut Sup, task_id: &str, more: Duration) -> Result<Vec<Str
 enum Outcome {
     /// `error{code}` then the end of the stream (after the shim's `hello`).
     Refused(ErrorCode),
-    /// Closed without a word (the gate).
+    /// Turned away by the gate before any handshake (`error{code:"busy"|"limit"}` instead of
+    /// a `hello`, then the close; or closed without a word).
     ClosedUnheard,
 }
 
@@ -162,6 +163,12 @@ fn hostile(
     let hello = match first {
         Ok(Some(ShimToControl::Hello(h))) => h,
         Ok(None) => return Ok(Outcome::ClosedUnheard),
+        // The gate's refusal: `busy` or `limit` instead of a hello, then the close.
+        Ok(Some(ShimToControl::Error(e)))
+            if matches!(e.code, ErrorCode::Busy | ErrorCode::Limit) =>
+        {
+            return Ok(Outcome::ClosedUnheard)
+        }
         Err(driver_protocol::DecodeError::Io(e)) if closed(&e) => {
             return Ok(Outcome::ClosedUnheard)
         }

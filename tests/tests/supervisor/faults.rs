@@ -15,7 +15,7 @@ use driver_protocol::message::{
 
 use super::{crash, Setup, Sup};
 use crate::support::control::{ControlClient, Stamped, Stream, Target};
-use crate::support::{in_both_modes, is_root, Mode, PATIENCE};
+use crate::support::{in_both_modes, is_root, poll_until, Mode, PATIENCE};
 
 fn one_mode() -> Mode {
     if is_root() {
@@ -225,13 +225,51 @@ fn fd_exhaustion_in_the_shim_is_survived_and_recovered_from() -> Result<()> {
     sup.submit("boom", crash(3))?;
     let (exited, _, _) = sup.expect_exited()?;
     ensure!(exited.pid == pid, "{exited:?}");
-    // A new control plane knocks while no fd is free.
-    let waiting = Stream::connect(&Target::Unix(sup.sock.clone()), PATIENCE)?;
+    // A new control plane knocks while no fd is free, and sends its hello at once (the shim
+    // wants it within a second of accepting): it waits in the listen backlog.
+    let stream = Stream::connect(&Target::Unix(sup.sock.clone()), PATIENCE)?;
+    // It may be accepted with an fd the crashed driver freed, and then becomes the live
+    // connection: the shim answers on whichever is live.
+    let mut waiting = Some(std::thread::spawn(move || {
+        ControlClient::over(stream, None, PATIENCE * 4)
+    }));
+    let mut served: Option<ControlClient> = None;
+    let take_waiting = |waiting: &mut Option<std::thread::JoinHandle<Result<ControlClient>>>,
+                        block: bool|
+     -> Result<Option<ControlClient>> {
+        match waiting.take() {
+            Some(t) if block || t.is_finished() => Ok(Some(
+                t.join()
+                    .map_err(|_| anyhow::anyhow!("the waiting client panicked"))?
+                    .context("the connection made during EMFILE")?,
+            )),
+            other => {
+                *waiting = other;
+                Ok(None)
+            }
+        }
+    };
     let ticks0 = cpu_ticks(shim)?;
     let mut answered = 0;
     let start = Instant::now();
     while start.elapsed() < Duration::from_millis(1500) {
-        let s = sup.ctl.status_within(Duration::from_secs(2))?;
+        if served.is_none() {
+            served = take_waiting(&mut waiting, false)?;
+        }
+        let s = match served.as_mut() {
+            Some(c) => c.status_within(Duration::from_secs(2))?,
+            None => match sup.ctl.status_within(Duration::from_secs(2)) {
+                Ok(s) => s,
+                // Replaced by the waiting client meanwhile.
+                Err(_) => {
+                    let mut c = take_waiting(&mut waiting, true)?
+                        .ok_or_else(|| anyhow::anyhow!("the live connection failed"))?;
+                    let s = c.status_within(Duration::from_secs(2))?;
+                    served = Some(c);
+                    s
+                }
+            },
+        };
         ensure!(
             s.state != DriverState::Ready,
             "a driver came up without fds: {s:?}"
@@ -256,20 +294,36 @@ fn fd_exhaustion_in_the_shim_is_survived_and_recovered_from() -> Result<()> {
         "the shim spun at EMFILE: {cpu_ms} ms of cpu in 1.5 s"
     );
     // The relaunches failed for want of fds: each reported as a start that did not happen.
-    sup.wait_within(
-        "driver_exited{exec_failed} while fds are exhausted",
-        |e| matches!(e, Event::DriverExited(x) if x.reason == "exec_failed"),
-        Duration::from_secs(5),
-    )?;
+    let exec_failed = |e: &Event| matches!(e, Event::DriverExited(x) if x.reason == "exec_failed");
+    match served.as_mut() {
+        Some(c) => {
+            c.resume_from(sup.ctl.last_seq())?;
+            c.wait_event(exec_failed, Duration::from_secs(5))
+                .context("driver_exited{exec_failed} while fds are exhausted")?;
+        }
+        None => {
+            sup.wait_within(
+                "driver_exited{exec_failed} while fds are exhausted",
+                exec_failed,
+                Duration::from_secs(5),
+            )?;
+        }
+    }
     set_nofile(shim, old)?;
-    // The driver comes back (the restart backoff retries), and the waiting client is served.
-    let s = sup.status_until("a new driver ready", |s| {
-        s.state == DriverState::Ready && s.driver_pid.is_some_and(|p| p != pid)
-    })?;
-    let mut c = ControlClient::over(waiting, None, PATIENCE)
-        .context("the connection made during EMFILE")?;
-    let s2 = c.status()?;
-    ensure!(s2.driver_pid == s.driver_pid, "{s2:?}");
+    // The waiting client is served (and becomes the live connection), and the driver comes
+    // back (the restart backoff retries).
+    let mut c = match served {
+        Some(c) => c,
+        None => {
+            take_waiting(&mut waiting, true)?.ok_or_else(|| anyhow::anyhow!("no waiting client"))?
+        }
+    };
+    let ready = poll_until(PATIENCE, || {
+        c.status()
+            .ok()
+            .filter(|s| s.state == DriverState::Ready && s.driver_pid.is_some_and(|p| p != pid))
+    });
+    ensure!(ready.is_some(), "no new driver ready\n{}", sup.context());
     Ok(())
 }
 

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{ensure, Result};
 
 use super::{Driver, Setup, FAST};
 use crate::support::control::{ControlClient, Target};
@@ -56,9 +56,11 @@ fn resume_past_the_last_seq_sends_every_buffered_event() -> Result<()> {
 }
 
 /// A client that cannot authenticate (no token) must not be able to keep the real control
-/// plane out for as long as it likes: failures are limited per peer address, so a flood from
-/// one address (here 127.0.0.2) does not shut out the control plane connecting from another
-/// (127.0.0.1); and once the flood stops, its own address gets in again within seconds.
+/// plane out for as long as it likes. Every loopback address is the sandbox's inside to the
+/// gate (one source: all of 127/8 is bindable without privilege), so a flood from 127.0.0.2
+/// slows 127.0.0.1 too — each refused with `limit`, never silently — and once the flood stops
+/// the inside gets in again within seconds. (A control plane *outside* the sandbox is never
+/// slowed by the inside at all: `security::gate`.)
 #[test]
 fn a_client_without_the_token_cannot_lock_out_the_control_plane() -> Result<()> {
     let dir = TempDir::new("lockout")?;
@@ -144,13 +146,10 @@ fn a_client_without_the_token_cannot_lock_out_the_control_plane() -> Result<()> 
         "the shim stayed closed to 127.0.0.1 after the flood\n{}",
         shim.context()
     );
-    if ok == 0 {
-        bail!(
-            "the real control plane was locked out for 5 s by a client without the token \
-             ({failed} attempts refused)\n{}",
-            shim.context()
-        );
-    }
+    ensure!(
+        n > 0 && ok + failed > 0,
+        "no flood ({n}) or no attempts ({ok} + {failed})"
+    );
     Ok(())
 }
 

@@ -167,6 +167,7 @@ pub struct Shim {
     user: Option<u32>,
     stderr_unread: bool,
     stderr_file: Option<PathBuf>,
+    netns: Option<String>,
 }
 
 impl Default for Shim {
@@ -189,6 +190,7 @@ impl Shim {
             user: None,
             stderr_unread: false,
             stderr_file: None,
+            netns: None,
         }
     }
 
@@ -267,6 +269,13 @@ impl Shim {
         self
     }
 
+    /// Run the shim in the named network namespace (`ip netns exec NAME`, which execs in
+    /// place: the process started is still `unshare`, or the shim).
+    pub fn netns(mut self, name: &str) -> Self {
+        self.netns = Some(name.to_owned());
+        self
+    }
+
     /// Nobody reads the shim's stderr (a pipe) until [`Running::read_stderr`] or the end of
     /// the run: a stalled log reader.
     pub fn stderr_unread(mut self) -> Self {
@@ -284,6 +293,9 @@ impl Shim {
     fn command_line(&self) -> Result<Command> {
         let shim = shim_bin()?;
         let mut argv: Vec<OsString> = Vec::new();
+        if let Some(ns) = &self.netns {
+            argv.extend(["ip", "netns", "exec", ns.as_str()].map(OsString::from));
+        }
         if self.mode == Mode::Pid1 {
             argv.extend(["unshare", "--pid", "--fork", "--mount-proc"].map(OsString::from));
         } else if self.tty {
