@@ -84,12 +84,17 @@ pub fn run(cfg: &Config) -> Result<i32, InitError> {
         }
     }
     let original_mask = signals::block_all(&sys).map_err(InitError::Signals)?;
+    let own_score = crate::oom::protect_self();
 
     let env: Vec<(OsString, OsString)> = std::env::vars_os()
         .filter(|(k, _)| k.as_os_str() != TOKEN_VAR)
         .collect();
     let mut spec = Spec::new(cfg.command.clone(), env);
     spec.mask = original_mask;
+    // The command gets back the value the shim started with, like under tini.
+    spec.limits.oom_score_adj = own_score
+        .filter(|s| s.now != s.original)
+        .map(|s| s.original);
     let prepared = Prepared::new(&spec)?;
 
     let mut reaper = Reaper::new();
