@@ -349,7 +349,7 @@ impl Prepared {
             fd_floor,
             close_from,
             nofile: nofile_limit(),
-            user: spec.user,
+            user: spec.user.filter(|&creds| !already_running_as(creds)),
             ctty: spec.ctty,
             rlimits: spec
                 .limits
@@ -362,6 +362,22 @@ impl Prepared {
             oom_score_adj: spec.limits.oom_score_adj.map(decimal),
         })
     }
+}
+
+/// Whether the shim already runs as exactly `(uid, gid)` and is not root: then there is
+/// nothing to drop, and a non-root shim (a container run with `--user`) could not call
+/// `setgroups` anyway.
+fn already_running_as((uid, gid): (u32, u32)) -> bool {
+    // SAFETY: these calls only read the calling process's credentials.
+    let (ruid, euid, rgid, egid) = unsafe {
+        (
+            libc::getuid(),
+            libc::geteuid(),
+            libc::getgid(),
+            libc::getegid(),
+        )
+    };
+    uid != 0 && ruid == uid && euid == uid && rgid == gid && egid == gid
 }
 
 /// `v` in decimal ASCII (at most 6 bytes: `-32768`), for the child to write without

@@ -345,18 +345,7 @@ fn in_docker_with_128m_as_uid_1000_the_tool_is_oom_killed_not_pid1() -> Result<(
     require_docker_or_ci!();
     use control_link::protocol::message::Event as E;
     let images = crate::docker::image()?;
-    let agent = crate::docker::UnixAgent::start(
-        &images.test,
-        &[
-            "--memory",
-            "128m",
-            "--memory-swap",
-            "128m",
-            "--user",
-            TENANT,
-        ],
-        &[],
-    )?;
+    let agent = TenantAgent::start(&images.test, &["--memory", "128m", "--memory-swap", "128m"])?;
     // As uid 1000 the shim has no CAP_SYS_RESOURCE: it stays at its floor, below the driver,
     // and says what to grant.
     let shim = agent.container.host_pid()?;
@@ -423,6 +412,64 @@ fn in_docker_with_128m_as_uid_1000_the_tool_is_oom_killed_not_pid1() -> Result<(
         agent.container.logs()
     );
     Ok(())
+}
+
+/// A supervised container run as `--user 1000:1000` (the shim included): its control socket
+/// and token in a host directory owned by uid 1000, bind-mounted at `/run/agent-shim`.
+///
+/// Field order is drop order: the container, then the directory.
+struct TenantAgent {
+    container: crate::docker::Container,
+    addr: control_link::Addr,
+    token: control_link::Token,
+    _dir: crate::support::TempDir,
+}
+
+impl TenantAgent {
+    fn start(image: &str, docker_opts: &[&str]) -> Result<TenantAgent> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = crate::support::TempDir::new("docker-oom")?;
+        let token_file = dir.path().join("token");
+        std::fs::write(
+            &token_file,
+            format!("token-{}\n", crate::docker::unique("t")),
+        )?;
+        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600))?;
+        for path in [dir.path(), token_file.as_path()] {
+            std::os::unix::fs::chown(path, Some(1000), Some(1000))
+                .with_context(|| format!("chown {}", path.display()))?;
+        }
+        let token = control_link::Token::from_file(&token_file)?;
+        let container = crate::docker::Run::new("oom")
+            .opt("-v")
+            .opt(format!("{}:/run/agent-shim", dir.path().display()))
+            .opts(["--user", TENANT])
+            .opts(docker_opts.iter().copied())
+            .args([
+                "--control-listen",
+                "unix:/run/agent-shim/control.sock",
+                "--control-token-file",
+                "/run/agent-shim/token",
+            ])
+            .args(crate::docker::fast_flags())
+            .args(["--", "/usr/local/bin/echo-driver"])
+            .start(image)?;
+        let sock = dir.path().join("control.sock");
+        crate::docker::wait_for(PATIENCE, "the control socket", || {
+            sock.exists().then_some(())
+        })
+        .with_context(|| format!("logs:\n{}", container.logs()))?;
+        Ok(TenantAgent {
+            container,
+            addr: control_link::Addr::Unix(sock),
+            token,
+            _dir: dir,
+        })
+    }
+
+    fn options(&self) -> control_link::ConnectOptions {
+        crate::docker::connect_options().token(self.token.clone())
+    }
 }
 
 /// With `--cap-add SYS_RESOURCE` (when this machine's Docker can grant it): PID 1 at -1000, and
