@@ -25,7 +25,7 @@ use super::super::tasks::LostOutcome;
 use super::{due, err, ok, Core, Driver, ExitReason, Output, Stopping};
 
 impl<S: Sys> Core<S> {
-    /// The driver was forked as `pid` (its exit will reach [`Core::on_driver_exit`]).
+    /// The driver was forked as `pid` (its exit will reach [`Core::on_driver_exit_oom`]).
     pub fn on_launched(&mut self, pid: i32, now: Instant) {
         let attempt = self.next_attempt;
         self.next_attempt = attempt.saturating_add(1);
