@@ -84,7 +84,7 @@ pub fn run(cfg: &Config) -> Result<i32, InitError> {
         }
     }
     let original_mask = signals::block_all(&sys).map_err(InitError::Signals)?;
-    let own_score = crate::oom::protect_self();
+    let own_score = crate::oom::protect_self(crate::oom::Report::Quiet);
 
     let env: Vec<(OsString, OsString)> = std::env::vars_os()
         .filter(|(k, _)| k.as_os_str() != TOKEN_VAR)

@@ -86,14 +86,28 @@ pub struct OwnScore {
     pub now: i16,
 }
 
+/// How loudly [`protect_self`] says that it could not reach -1000.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Report {
+    /// A warning (supervisor mode: the sandbox's platform should grant the capability).
+    Warn,
+    /// An info line (plain init mode prints nothing on a normal run, like tini).
+    Quiet,
+}
+
 /// Lowers the shim's own `oom_score_adj` as far as the kernel allows (-1000 with
-/// `CAP_SYS_RESOURCE`), warning once when it cannot reach -1000. `None` when the file cannot be
-/// read (no `/proc`): nothing was changed.
-pub fn protect_self() -> Option<OwnScore> {
+/// `CAP_SYS_RESOURCE`), saying once (as `report` asks) when it cannot reach -1000. `None` when
+/// the file cannot be read (no `/proc`): nothing was changed.
+pub fn protect_self(report: Report) -> Option<OwnScore> {
     let original = match read_score(Path::new(SCORE_PATH)) {
         Ok(v) => v,
         Err(err) => {
-            warn!(%err, "cannot read {SCORE_PATH}: the OOM killer may pick PID 1");
+            match report {
+                Report::Warn => {
+                    warn!(%err, "cannot read {SCORE_PATH}: the OOM killer may pick PID 1")
+                }
+                Report::Quiet => info!(%err, "cannot read {SCORE_PATH}"),
+            }
             return None;
         }
     };
@@ -116,12 +130,13 @@ pub fn protect_self() -> Option<OwnScore> {
             lo = mid;
         }
     }
-    warn!(
-        oom_score_adj = hi,
-        "cannot lower oom_score_adj to -1000 (needs CAP_SYS_RESOURCE: docker run --cap-add \
-         SYS_RESOURCE, or Kubernetes securityContext.capabilities.add [\"SYS_RESOURCE\"]); \
-         children start above PID 1 but may lower theirs to this value"
-    );
+    const WHY: &str = "cannot lower oom_score_adj to -1000 (needs CAP_SYS_RESOURCE: docker run \
+         --cap-add SYS_RESOURCE, or Kubernetes securityContext.capabilities.add \
+         [\"SYS_RESOURCE\"]); children start above PID 1 but may lower theirs to this value";
+    match report {
+        Report::Warn => warn!(oom_score_adj = hi, "{WHY}"),
+        Report::Quiet => info!(oom_score_adj = hi, "{WHY}"),
+    }
     Some(OwnScore { original, now: hi })
 }
 
