@@ -291,6 +291,39 @@ mod tests {
     }
 
     #[test]
+    fn a_rise_of_the_counter_is_seen_once() {
+        let path = std::env::temp_dir().join(format!("agent-shim-oom-{}", std::process::id()));
+        let write = |n: u64| {
+            std::fs::write(
+                &path,
+                format!("oom_kill_disable 0\nunder_oom 0\noom_kill {n}\n"),
+            )
+            .unwrap()
+        };
+        write(1);
+        let mut c = OomCounter {
+            file: Some(File::open(&path).unwrap()),
+            last: 1,
+        };
+        assert_eq!(c.check(), Some(None));
+        write(3);
+        assert_eq!(
+            c.check(),
+            Some(Some(Rise {
+                kills: 3,
+                new_kills: 2
+            }))
+        );
+        assert_eq!(c.check(), Some(None));
+        std::fs::remove_file(&path).unwrap();
+        let mut unknown = OomCounter {
+            file: None,
+            last: 0,
+        };
+        assert_eq!(unknown.check(), None);
+    }
+
+    #[test]
     fn candidates_follow_proc_self_cgroup() {
         let root = Path::new("/cg");
         let v1 = "4:memory:/docker/abc\n1:cpu:/\n0::/\n";

@@ -529,14 +529,16 @@ mod tests {
                 ..
             })]
         ));
-        // b: the exit, then EOF ⇒ an event (control-owned).
-        core.on_exec_exit(b, ExitStatus::Signaled(libc::SIGKILL), t1);
+        // b: the exit (an OOM kill, as the shell read the counter), then EOF ⇒ an event
+        // (control-owned) that says so.
+        core.on_exec_exit_oom(b, ExitStatus::Signaled(libc::SIGKILL), Some(true), t1);
         assert!(exits(&core.take_outputs()).is_empty());
         core.exec_io_closed(b, t1);
         let outs = core.take_outputs();
         assert!(matches!(
             events(&outs)[..],
-            [Event::ExecExit(ExecExit { code: None, signal: Some(s), .. })] if s == "SIGKILL"
+            [Event::ExecExit(ExecExit { code: None, signal: Some(s), oom_killed: Some(true), .. })]
+                if s == "SIGKILL"
         ));
         assert_eq!(core.execs_running(), 0);
         // The groups are killed at the end (grandchildren holding nothing open).
