@@ -342,6 +342,7 @@ fn exec_exit(exec_id: u64) -> ExecExit {
         timed_out: false,
         truncated: false,
         duration_ms: 4_210,
+        oom_killed: None,
     }
 }
 
@@ -765,6 +766,7 @@ fn samples() -> Vec<Sample> {
                 signal: None,
                 uptime_ms: 93_000,
                 reason: "crashed".to_owned(),
+                oom_killed: None,
             }),
         ),
         s(
@@ -811,6 +813,7 @@ fn samples() -> Vec<Sample> {
                 timed_out: true,
                 truncated: true,
                 duration_ms: 600_000,
+                oom_killed: Some(false),
             }),
         ),
         s(
@@ -820,6 +823,13 @@ fn samples() -> Vec<Sample> {
             }),
         ),
         s("Work arrived after idle.", E::Busy(Busy {})),
+        s(
+            "The OOM killer killed 2 processes in the sandbox since the last reading, 3 in all.",
+            E::Oom(Oom {
+                kills: 3,
+                new_kills: 2,
+            }),
+        ),
     ]
 }
 

@@ -494,15 +494,17 @@ fn exec_exit() -> impl Strategy<Value = ExecExit> {
         any::<bool>(),
         any::<bool>(),
         any::<u64>(),
+        any::<Option<bool>>(),
     )
         .prop_map(
-            |(exec_id, code, signal, timed_out, truncated, duration_ms)| ExecExit {
+            |(exec_id, code, signal, timed_out, truncated, duration_ms, oom_killed)| ExecExit {
                 exec_id,
                 code,
                 signal,
                 timed_out,
                 truncated,
                 duration_ms,
+                oom_killed,
             },
         )
 }
@@ -623,14 +625,18 @@ fn driver_exited() -> impl Strategy<Value = DriverExited> {
         opt_text(),
         any::<u64>(),
         text(),
+        any::<Option<bool>>(),
     )
-        .prop_map(|(pid, code, signal, uptime_ms, reason)| DriverExited {
-            pid,
-            code,
-            signal,
-            uptime_ms,
-            reason,
-        })
+        .prop_map(
+            |(pid, code, signal, uptime_ms, reason, oom_killed)| DriverExited {
+                pid,
+                code,
+                signal,
+                uptime_ms,
+                reason,
+                oom_killed,
+            },
+        )
 }
 
 fn driver_restarting() -> impl Strategy<Value = DriverRestarting> {
@@ -647,6 +653,10 @@ fn crash_loop() -> impl Strategy<Value = CrashLoop> {
 
 fn state_changed() -> impl Strategy<Value = StateChanged> {
     (driver_state(), driver_state()).prop_map(|(from, to)| StateChanged { from, to })
+}
+
+fn oom() -> impl Strategy<Value = Oom> {
+    (any::<u64>(), any::<u64>()).prop_map(|(kills, new_kills)| Oom { kills, new_kills })
 }
 
 fn idle() -> impl Strategy<Value = Idle> {
@@ -745,6 +755,7 @@ fn event() -> impl Strategy<Value = Event> {
         exec_exit().prop_map(M::ExecExit),
         idle().prop_map(M::Idle),
         Just(Busy {}).prop_map(M::Busy),
+        oom().prop_map(M::Oom),
     ]
 }
 

@@ -152,6 +152,8 @@ pub struct SupervisorOpts {
     pub exec_kill_grace: Duration,
     /// `--exec-drain`: after an exec's process exits, how long its output is still read.
     pub exec_drain: Duration,
+    /// `--oom-score-adj DRIVER[:EXEC]`: the children's `oom_score_adj`.
+    pub oom_score_adj: crate::oom::ChildScores,
 }
 
 impl Default for SupervisorOpts {
@@ -191,6 +193,7 @@ impl Default for SupervisorOpts {
             max_execs: 128,
             exec_kill_grace: Duration::from_secs(2),
             exec_drain: Duration::from_millis(200),
+            oom_score_adj: crate::oom::ChildScores::default(),
         }
     }
 }
@@ -339,6 +342,9 @@ Sandbox limits (the driver and every exec) and tool execution:
       --max-execs N          execs running at once; more are refused [128]
       --exec-kill-grace DUR  an exec's group gets SIGKILL this long after SIGTERM [2s]
       --exec-drain DUR       output still read after an exec's process exits [200ms]
+      --oom-score-adj DRIVER[:EXEC]
+                             oom_score_adj of the driver and of every exec, -1000..1000; the
+                             shim itself goes to -1000 (needs CAP_SYS_RESOURCE) [500:1000]
 
 DUR: 500ms, 8s, 2m, or a number of seconds (8, 0.5).
 Signals: TERM, SIGTERM, 15, RTMIN+1... Booleans in the environment: 1/true/yes, 0/false/no.
@@ -661,6 +667,7 @@ const SUP_VALUES: &[&str] = &[
     "max-execs",
     "exec-kill-grace",
     "exec-drain",
+    "oom-score-adj",
 ];
 
 fn parse_num<T: std::str::FromStr>(s: &str) -> Result<T, String> {
@@ -843,6 +850,7 @@ fn supervisor_opts(
             })?,
             umask: one(get("umask")?, None, |s| limits::parse_umask(s).map(Some))?,
             no_new_privs: one(get("no-new-privs")?, false, parse_bool)?,
+            oom_score_adj: None,
         },
         max_execs: one(get("max-execs")?, d.max_execs, |s| {
             parse_num(s).and_then(|n: usize| {
@@ -855,6 +863,11 @@ fn supervisor_opts(
         })?,
         exec_kill_grace: one(get("exec-kill-grace")?, d.exec_kill_grace, parse_duration)?,
         exec_drain: one(get("exec-drain")?, d.exec_drain, parse_duration)?,
+        oom_score_adj: one(
+            get("oom-score-adj")?,
+            d.oom_score_adj,
+            crate::oom::parse_child_scores,
+        )?,
     };
     Ok((supervise, sup))
 }

@@ -100,12 +100,17 @@ pub fn run(cfg: &Config) -> Result<i32, InitError> {
         Ok(fd) => crate::logging::use_nonblocking_stderr(fd),
         Err(err) => debug!(%err, "log lines keep a blocking stderr"),
     }
+    let own_score = crate::oom::protect_self(crate::oom::Report::Quiet);
 
     let env: Vec<(OsString, OsString)> = std::env::vars_os()
         .filter(|(k, _)| k.as_os_str() != TOKEN_VAR)
         .collect();
     let mut spec = Spec::new(cfg.command.clone(), env);
     spec.mask = original_mask;
+    // The command gets back the value the shim started with, like under tini.
+    spec.limits.oom_score_adj = own_score
+        .filter(|s| s.now != s.original)
+        .map(|s| s.original);
     let prepared = Prepared::new(&spec)?;
 
     let mut reaper = Reaper::new();

@@ -106,6 +106,9 @@ pub struct Limits {
     /// `prctl(PR_SET_NO_NEW_PRIVS, 1)`: setuid/setgid bits and file capabilities stop
     /// granting anything at `execve`.
     pub no_new_privs: bool,
+    /// The child's `/proc/self/oom_score_adj`, written before it drops its credentials
+    /// ([`crate::oom`]); `None` keeps the shim's.
+    pub oom_score_adj: Option<i16>,
 }
 
 /// Parses `NAME=SOFT[:HARD]` (`NAME` one of [`Resource::ALL`], case-insensitive; values

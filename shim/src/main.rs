@@ -7,6 +7,7 @@ mod exec;
 mod init;
 mod limits;
 mod logging;
+mod oom;
 mod reaper;
 mod signals;
 mod spawn;

@@ -14,7 +14,10 @@
 //! 4. close every other fd above them if [`Spec::close_other_fds`] (`close_range`, or a
 //!    `close` loop where the kernel or a seccomp filter refuses it);
 //! 5. make the terminal on fd 0 the controlling terminal if [`Spec::ctty`] (a PTY exec); apply
-//!    [`Spec::limits`]: rlimits (`prlimit64`), the umask, `no_new_privs`;
+//!    [`Spec::limits`]: rlimits (`prlimit64`), the umask, `no_new_privs`, and the
+//!    `oom_score_adj` (an `open`/`write` of `/proc/self/oom_score_adj`, still with the shim's
+//!    credentials, so that with `CAP_SYS_RESOURCE` it also sets the floor the tenant cannot go
+//!    below; a failure is tolerated, see [`crate::oom`]);
 //! 6. drop to [`Spec::user`] if asked: `setgroups(0)`, `setgid`, `setuid`, in that order;
 //! 7. `chdir` if asked (after 6, so the directory is entered with the child's credentials);
 //! 8. reset to SIG_DFL the dispositions the shim changed (Rust ignores SIGPIPE);
@@ -288,6 +291,8 @@ pub struct Prepared {
     rlimits: Vec<(libc::c_int, [u64; 2])>,
     umask: Option<libc::mode_t>,
     no_new_privs: bool,
+    /// The decimal `oom_score_adj` to write, and its length.
+    oom_score_adj: Option<([u8; 8], usize)>,
 }
 
 impl Prepared {
@@ -368,7 +373,7 @@ impl Prepared {
             fd_floor,
             close_from,
             nofile: nofile_limit(),
-            user: spec.user,
+            user: spec.user.filter(|&creds| !already_running_as(creds)),
             ctty: spec.ctty,
             rlimits: spec
                 .limits
@@ -378,8 +383,37 @@ impl Prepared {
                 .collect(),
             umask: spec.limits.umask.map(|m| m as libc::mode_t),
             no_new_privs: spec.limits.no_new_privs,
+            oom_score_adj: spec.limits.oom_score_adj.map(decimal),
         })
     }
+}
+
+/// Whether the shim already runs as exactly `(uid, gid)` and is not root: then there is
+/// nothing to drop, and a non-root shim (a container run with `--user`) could not call
+/// `setgroups` anyway.
+fn already_running_as((uid, gid): (u32, u32)) -> bool {
+    // SAFETY: these calls only read the calling process's credentials.
+    let (ruid, euid, rgid, egid) = unsafe {
+        (
+            libc::getuid(),
+            libc::geteuid(),
+            libc::getgid(),
+            libc::getegid(),
+        )
+    };
+    uid != 0 && ruid == uid && euid == uid && rgid == gid && egid == gid
+}
+
+/// `v` in decimal ASCII (at most 6 bytes: `-32768`), for the child to write without
+/// formatting.
+fn decimal(v: i16) -> ([u8; 8], usize) {
+    let mut buf = [0u8; 8];
+    let text = v.to_string();
+    let len = text.len().min(buf.len());
+    if let (Some(dst), Some(src)) = (buf.get_mut(..len), text.as_bytes().get(..len)) {
+        dst.copy_from_slice(src);
+    }
+    (buf, len)
 }
 
 /// `fcntl(fd, F_DUPFD_CLOEXEC, min)`: a `CLOEXEC` duplicate of `fd` numbered ≥ `min`.
@@ -774,6 +808,20 @@ unsafe fn child(prep: &Prepared, write_fd: libc::c_int, foreground: bool) -> ! {
         }
         if let Some(mask) = prep.umask {
             libc::umask(mask);
+        }
+        if let Some((text, len)) = &prep.oom_score_adj {
+            // Before the credentials drop: written with the shim's capabilities, the value is
+            // also the floor the tenant cannot lower it below. Tolerated when it fails (no
+            // /proc, or no CAP_SYS_RESOURCE for a value below the shim's floor): the child
+            // keeps the shim's value, and the shim warned at start about what it can do.
+            let fd = libc::open(
+                c"/proc/self/oom_score_adj".as_ptr(),
+                libc::O_WRONLY | libc::O_CLOEXEC,
+            );
+            if fd >= 0 {
+                libc::write(fd, text.as_ptr().cast(), *len);
+                libc::close(fd);
+            }
         }
         if prep.no_new_privs
             && libc::prctl(

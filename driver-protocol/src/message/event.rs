@@ -196,6 +196,11 @@ pub struct DriverExited {
     /// Why the shim thinks it ended (`exited`, `crashed`, `hung`, `protocol_error`,
     /// `not_ready`, `shutdown`…).
     pub reason: String,
+    /// Whether the kernel's OOM killer sent the `SIGKILL`: present only when the driver died
+    /// of `SIGKILL` and the sandbox cgroup's OOM-kill counter could be read (`true` when it
+    /// rose with this death); absent when it cannot be known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oom_killed: Option<bool>,
 }
 
 /// `driver_restarting`: the restart policy will launch the driver again after `delay_ms`.
@@ -240,6 +245,17 @@ pub struct TaskAccepted {
 pub struct Idle {
     /// When the agent became idle, in milliseconds since the Unix epoch.
     pub idle_since_ms: u64,
+}
+
+/// `oom`: the kernel's OOM killer killed processes in the sandbox's cgroup since the last
+/// reading. The shim reads the counter when one of its children (the driver, an exec) ends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Oom {
+    /// The sandbox cgroup's OOM-kill counter: kills since the cgroup was created (cgroup v2
+    /// `memory.events` `oom_kill`, v1 `memory.oom_control` `oom_kill`).
+    pub kills: u64,
+    /// Kills since the previous `oom` event (or since the shim started).
+    pub new_kills: u64,
 }
 
 /// `busy`: work arrived after `idle`.

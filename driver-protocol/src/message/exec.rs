@@ -172,4 +172,9 @@ pub struct ExecExit {
     pub truncated: bool,
     /// Wall-clock run time.
     pub duration_ms: u64,
+    /// Whether the kernel's OOM killer sent the `SIGKILL`: present only when the exec died of
+    /// `SIGKILL` and the sandbox cgroup's OOM-kill counter could be read (`true` when it rose
+    /// with this death); absent when it cannot be known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oom_killed: Option<bool>,
 }

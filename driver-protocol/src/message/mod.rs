@@ -374,6 +374,8 @@ message_set! {
         "idle" => Idle(Idle),
         /// Work arrived after `idle`.
         "busy" => Busy(Busy),
+        /// The OOM killer killed processes in the sandbox.
+        "oom" => Oom(Oom),
     }
 }
 

@@ -19,6 +19,8 @@ mod init;
 mod limits;
 #[path = "../../src/logging/mod.rs"]
 mod logging;
+#[path = "../../src/oom.rs"]
+mod oom;
 #[path = "../../src/reaper.rs"]
 mod reaper;
 #[path = "../../src/signals.rs"]

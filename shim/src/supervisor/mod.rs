@@ -82,6 +82,7 @@ pub fn run(cfg: &Config) -> Result<i32, SupervisorError> {
         }
     }
     let original_mask = signals::block_all(&sys).map_err(SupervisorError::Signals)?;
+    crate::oom::protect_self(crate::oom::Report::Warn);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .enable_time()

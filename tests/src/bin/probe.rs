@@ -35,6 +35,11 @@
 //! probe grandchild FILE [--ignore-term] [--stay]
 //!                                   fork a grandchild that logs signals to FILE; print `ready gc=PID`
 //! probe tty                         print `isatty=0|1 fg=0|1 pgleader=0|1`
+//! probe oom-adj [LOWER]            print `oom_score_adj=N`; with LOWER, try to write it and
+//!                                   print `lower=ok|ERRNO` and `after=N`
+//! probe hog FORKS MIB               fork FORKS children that sleep (print `forked=N`), then
+//!                                   touch MIB MiB, printing `mib=K` every 16; sleep, exit 0
+//! probe spew MIB                    write MIB MiB of output as fast as stdout takes it
 //! probe report                      what the shim gave this process, one `key=value` a line:
 //!                                   pid, ppid, uid, gid, groups, no_new_privs, umask, cwd,
 //!                                   cwd_writable,
@@ -106,6 +111,9 @@ fn main() -> ExitCode {
         }
         "grandchild" => grandchild(rest),
         "tty" => tty(),
+        "oom-adj" => oom_adj(rest),
+        "hog" => hog(rest),
+        "spew" => spew(rest),
         "report" => report(),
         "stop-spawns" => stop_spawns(rest),
         other => return usage(&format!("unknown subcommand {other:?}")),
@@ -137,6 +145,69 @@ fn parse_arg<T: std::str::FromStr>(args: &[OsString], i: usize) -> T {
             std::process::exit(98)
         }
     }
+}
+
+fn read_oom_adj() -> String {
+    std::fs::read_to_string("/proc/self/oom_score_adj")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|e| format!("? {e}"))
+}
+
+fn oom_adj(args: &[OsString]) -> io::Result<u8> {
+    say(&format!("oom_score_adj={}", read_oom_adj()));
+    if let Some(lower) = args.first().and_then(|a| a.to_str()) {
+        let res = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/proc/self/oom_score_adj")
+            .and_then(|mut f| f.write_all(lower.as_bytes()));
+        match res {
+            Ok(()) => say("lower=ok"),
+            Err(e) => say(&format!("lower={}", e.raw_os_error().unwrap_or(0))),
+        }
+        say(&format!("after={}", read_oom_adj()));
+    }
+    Ok(0)
+}
+
+fn hog(args: &[OsString]) -> io::Result<u8> {
+    let forks: usize = parse_arg(args, 0);
+    let mib: usize = parse_arg(args, 1);
+    let mut forked = 0;
+    for _ in 0..forks {
+        // SAFETY: the child only sleeps and `_exit`s (async-signal-safe calls).
+        match unsafe { libc::fork() } {
+            0 => {
+                // SAFETY: sleep(3) and _exit(2) are async-signal-safe.
+                unsafe { libc::sleep(MAX_SLEEP.as_secs() as libc::c_uint) };
+                exit_now(0)
+            }
+            n if n > 0 => forked += 1,
+            _ => break,
+        }
+    }
+    say(&format!("forked={forked}"));
+    let mut held: Vec<Vec<u8>> = Vec::new();
+    for k in 1..=mib {
+        // Touched, not only reserved: every page is charged to the cgroup.
+        held.push(vec![0x5a; 1 << 20]);
+        if k % 16 == 0 {
+            say(&format!("mib={k}"));
+        }
+    }
+    std::thread::sleep(MAX_SLEEP / 2);
+    say(&format!("held={}", held.len()));
+    Ok(0)
+}
+
+fn spew(args: &[OsString]) -> io::Result<u8> {
+    let mib: usize = parse_arg(args, 0);
+    let block = vec![b'x'; 1 << 16];
+    let mut out = io::stdout().lock();
+    for _ in 0..mib * 16 {
+        out.write_all(&block)?;
+    }
+    out.flush()?;
+    Ok(0)
 }
 
 /// Prints one line and flushes it, so a test sees it at once through a pipe.

@@ -58,6 +58,7 @@ conformance! {
             timed_out: false,
             truncated: true,
             duration_ms: 12,
+            oom_killed: None,
         })?;
         let result = recv!(shim, DriverToShim::ToolResult(r) => r);
         let want = input([
@@ -90,6 +91,7 @@ conformance! {
             timed_out: true,
             truncated: false,
             duration_ms: 5000,
+            oom_killed: None,
         })?;
         let result = recv!(shim, DriverToShim::ToolResult(r) => r);
         let want = input([

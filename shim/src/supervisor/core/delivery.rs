@@ -194,9 +194,11 @@ mod tests {
             t0,
         );
         assert!(core.take_outputs().is_empty());
-        core.on_driver_exit(PID, ExitStatus::Signaled(9), t0);
+        // Our own SIGKILL: the shell found no rise of the OOM-kill counter.
+        core.on_driver_exit_oom(PID, ExitStatus::Signaled(9), Some(false), t0);
         let outs = core.take_outputs();
         assert_eq!(exited(&outs)[0].reason, "cancel_timeout");
+        assert_eq!(exited(&outs)[0].oom_killed, Some(false));
         assert!(task_dones(&outs).is_empty());
     }
 

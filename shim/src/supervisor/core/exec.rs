@@ -68,6 +68,8 @@ pub(super) struct ExecEntry {
     kill_at: Option<Instant>,
     /// Reaped: how it ended.
     status: Option<ExitStatus>,
+    /// Reaped: whether the OOM killer killed it, when known.
+    oom_killed: Option<bool>,
     /// Reaped with output still open: it is closed at this instant.
     drain_until: Option<Instant>,
     /// The shell still has output descriptors open.
@@ -150,6 +152,7 @@ impl<S: Sys> Core<S> {
                 term_at: None,
                 kill_at: None,
                 status: None,
+                oom_killed: None,
                 drain_until: None,
                 io_open: true,
             },
@@ -207,8 +210,22 @@ impl<S: Sys> Core<S> {
         usize::try_from(allowed).unwrap_or(n)
     }
 
-    /// The exec's process (`Owner::Exec(id)`) was reaped.
+    /// The exec's process (`Owner::Exec(id)`) was reaped; whether the OOM killer killed it is
+    /// not known.
+    #[cfg(any(test, fuzzing))]
     pub fn on_exec_exit(&mut self, id: u64, status: ExitStatus, now: Instant) {
+        self.on_exec_exit_oom(id, status, None, now);
+    }
+
+    /// The exec's process (`Owner::Exec(id)`) was reaped; `oom_killed` is the shell's reading
+    /// of the OOM-kill counter (`None`: unknown).
+    pub fn on_exec_exit_oom(
+        &mut self,
+        id: u64,
+        status: ExitStatus,
+        oom_killed: Option<bool>,
+        now: Instant,
+    ) {
         let drain = self.cfg.sup.exec_drain;
         let Some(e) = self.execs.get_mut(&id) else {
             debug!(exec_id = id, "exit of an unknown exec");
@@ -216,6 +233,7 @@ impl<S: Sys> Core<S> {
         };
         debug!(exec_id = id, ?status, "exec process exited");
         e.status = Some(status);
+        e.oom_killed = oom_killed;
         e.timeout_at = None;
         e.term_at = None;
         if e.io_open {
@@ -255,12 +273,14 @@ impl<S: Sys> Core<S> {
             timed_out: e.timed_out,
             truncated: e.truncated,
             duration_ms: Self::since(now, e.started),
+            oom_killed: e.oom_killed,
         };
         info!(
             exec_id = id,
             code,
             signal = exit.signal,
             timed_out = e.timed_out,
+            oom_killed = e.oom_killed,
             "exec ended"
         );
         // Grandchildren that kept the output open, or anything left in the group.
@@ -526,14 +546,16 @@ mod tests {
                 ..
             })]
         ));
-        // b: the exit, then EOF ⇒ an event (control-owned).
-        core.on_exec_exit(b, ExitStatus::Signaled(libc::SIGKILL), t1);
+        // b: the exit (an OOM kill, as the shell read the counter), then EOF ⇒ an event
+        // (control-owned) that says so.
+        core.on_exec_exit_oom(b, ExitStatus::Signaled(libc::SIGKILL), Some(true), t1);
         assert!(exits(&core.take_outputs()).is_empty());
         core.exec_io_closed(b, t1);
         let outs = core.take_outputs();
         assert!(matches!(
             events(&outs)[..],
-            [Event::ExecExit(ExecExit { code: None, signal: Some(s), .. })] if s == "SIGKILL"
+            [Event::ExecExit(ExecExit { code: None, signal: Some(s), oom_killed: Some(true), .. })]
+                if s == "SIGKILL"
         ));
         assert_eq!(core.execs_running(), 0);
         // The groups are killed at the end (grandchildren holding nothing open).

@@ -25,7 +25,7 @@ use super::super::tasks::LostOutcome;
 use super::{due, err, ok, Core, Driver, ExitReason, Output, Stopping};
 
 impl<S: Sys> Core<S> {
-    /// The driver was forked as `pid` (its exit will reach [`Core::on_driver_exit`]).
+    /// The driver was forked as `pid` (its exit will reach [`Core::on_driver_exit_oom`]).
     pub fn on_launched(&mut self, pid: i32, now: Instant) {
         let attempt = self.next_attempt;
         self.next_attempt = attempt.saturating_add(1);
@@ -66,7 +66,14 @@ impl<S: Sys> Core<S> {
         self.next_attempt = attempt.saturating_add(1);
         self.transition(Input::Launched);
         self.event(DriverStarted { pid: 0, attempt });
-        self.driver_gone(0, now, ExitStatus::Exited(125), ExitReason::ExecFailed, now);
+        self.driver_gone(
+            0,
+            now,
+            ExitStatus::Exited(125),
+            ExitReason::ExecFailed,
+            None,
+            now,
+        );
     }
 
     /// The driver process is gone (reaped): what it left in its socket is still to be
@@ -77,8 +84,21 @@ impl<S: Sys> Core<S> {
         }
     }
 
-    /// The reaper collected the driver.
+    /// The reaper collected the driver; whether the OOM killer killed it is not known.
+    #[cfg(any(test, fuzzing))]
     pub fn on_driver_exit(&mut self, pid: i32, status: ExitStatus, now: Instant) {
+        self.on_driver_exit_oom(pid, status, None, now);
+    }
+
+    /// The reaper collected the driver; `oom_killed` is the shell's reading of the OOM-kill
+    /// counter (`None`: unknown).
+    pub fn on_driver_exit_oom(
+        &mut self,
+        pid: i32,
+        status: ExitStatus,
+        oom_killed: Option<bool>,
+        now: Instant,
+    ) {
         let Some(driver) = self.driver.take_if(|d| d.pid == pid) else {
             debug!(pid, "not the current driver");
             return;
@@ -87,7 +107,7 @@ impl<S: Sys> Core<S> {
             ExitStatus::Exited(0) => ExitReason::Exited,
             _ => ExitReason::Crashed,
         });
-        self.driver_gone(pid, driver.started, status, reason, now);
+        self.driver_gone(pid, driver.started, status, reason, oom_killed, now);
     }
 
     fn driver_gone(
@@ -96,6 +116,7 @@ impl<S: Sys> Core<S> {
         started: Instant,
         status: ExitStatus,
         reason: ExitReason,
+        oom_killed: Option<bool>,
         now: Instant,
     ) {
         let uptime = now.saturating_duration_since(started);
@@ -107,13 +128,20 @@ impl<S: Sys> Core<S> {
                 (None, Some(name), detail)
             }
         };
-        info!(pid, ?status, reason = reason.as_str(), "driver exited");
+        info!(
+            pid,
+            ?status,
+            reason = reason.as_str(),
+            oom_killed,
+            "driver exited"
+        );
         self.event(DriverExited {
             pid: pid.unsigned_abs(),
             code,
             signal,
             uptime_ms: Self::ms(uptime),
             reason: reason.as_str().to_owned(),
+            oom_killed,
         });
         self.pausing = None;
         self.replacing = None;

@@ -30,6 +30,7 @@ use tracing::{debug, warn};
 
 use crate::control::ControlServer;
 use crate::exec::{self, ExecConfig, ExecIo};
+use crate::limits::Limits;
 use crate::spawn::SpawnError;
 
 use super::super::core::{ExecOwner, Refusal};
@@ -271,7 +272,10 @@ impl Shell<'_> {
             user,
             tty: req.tty,
             stdin: req.stdin,
-            limits: sup.limits.clone(),
+            limits: Limits {
+                oom_score_adj: Some(sup.oom_score_adj.exec),
+                ..sup.limits.clone()
+            },
         };
         let started = match exec::start(&cfg, &self.mask) {
             Ok(s) => s,

@@ -19,6 +19,7 @@ use tracing::{debug, warn};
 
 use crate::control::ControlServer;
 use crate::driver::{self, DriverConfig};
+use crate::limits::Limits;
 
 use super::super::loglines::{self, LineSplitter};
 use super::super::Owner;
@@ -126,7 +127,10 @@ impl Shell<'_> {
             user: sup.user,
             workdir: sup.workdir.clone(),
             env,
-            limits: sup.limits.clone(),
+            limits: Limits {
+                oom_score_adj: Some(sup.oom_score_adj.driver),
+                ..sup.limits.clone()
+            },
         };
         let now = Instant::now();
         match driver::launch(&dcfg, &self.mask) {

@@ -16,14 +16,15 @@ mod spawning;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use driver_protocol::message::{Event, LogStream, Message, ShimToControl};
+use driver_protocol::message::{Event, LogStream, Message, Oom, ShimToControl};
 use driver_protocol::DEFAULT_MAX_FRAME;
 use nix::sys::signal::SigSet;
 use tracing::{debug, info, warn};
 
 use crate::cli::Config;
 use crate::control::{ControlConfig, ControlServer, Endpoints, Token};
-use crate::reaper::Reaper;
+use crate::oom::OomCounter;
+use crate::reaper::{ExitStatus, Reaper};
 use crate::sys::Real;
 
 use self::errcopy::ErrCopy;
@@ -71,6 +72,8 @@ struct Shell<'a> {
     exec_buf: bytes::BytesMut,
     /// Children forked but not yet known to have exec'd.
     spawning: Vec<Spawning>,
+    /// The sandbox cgroup's OOM-kill counter.
+    oom: OomCounter,
 }
 
 pub(super) async fn shell(
@@ -126,6 +129,7 @@ pub(super) async fn shell(
         exec_cursor: 0,
         exec_buf: bytes::BytesMut::new(),
         spawning: Vec::new(),
+        oom: OomCounter::open(),
     };
     sh.core.start();
     loop {
@@ -383,6 +387,7 @@ impl Shell<'_> {
         for (pid, owner, status) in exits {
             // A child reaped before its spawn was decided: decided now, before its exit.
             self.spawn_reaped(pid);
+            let oom_killed = self.oom_reading(pid, status);
             match owner {
                 Owner::Driver => {
                     if pid == self.driver_pid {
@@ -390,12 +395,37 @@ impl Shell<'_> {
                         self.core.on_driver_gone(pid);
                         self.close_driver_io();
                     }
-                    self.core.on_driver_exit(pid, status, Instant::now());
+                    self.core
+                        .on_driver_exit_oom(pid, status, oom_killed, Instant::now());
                 }
-                Owner::Exec(id) => self.core.on_exec_exit(id, status, Instant::now()),
+                Owner::Exec(id) => {
+                    self.core
+                        .on_exec_exit_oom(id, status, oom_killed, Instant::now())
+                }
             }
             self.apply_outputs();
         }
+    }
+
+    /// Reads the sandbox's OOM-kill counter after a tracked child ended: an `oom` event when
+    /// it rose; for a `SIGKILL` death, whether it rose (`None`: the counter cannot be read, or
+    /// the child did not die of `SIGKILL`).
+    fn oom_reading(&mut self, pid: i32, status: ExitStatus) -> Option<bool> {
+        let rise = self.oom.check()?;
+        if let Some(r) = rise {
+            warn!(
+                pid,
+                ?status,
+                oom_kills = r.kills,
+                new = r.new_kills,
+                "the OOM killer killed processes in the sandbox"
+            );
+            self.publish(&Event::Oom(Oom {
+                kills: r.kills,
+                new_kills: r.new_kills,
+            }));
+        }
+        (status == ExitStatus::Signaled(libc::SIGKILL)).then_some(rise.is_some())
     }
 
     fn on_command(&mut self, cmd: crate::control::Command) {
