@@ -164,7 +164,8 @@ fn a_tool_that_stops_fresh_children_does_not_block_pid1() -> Result<()> {
         refused_timeout + u32::try_from(exec_failed).unwrap_or(0) > 0,
         "the attack never caught a child before its execve (nothing proven): {attack_out}"
     );
-    ensure!(ran > 0, "no exec ran at all");
+    // No `ran > 0`: an attacker that wins every race stops every child of its uid, and what
+    // the shim promises is an answer to each exec and a loop that goes on, not that any ran.
     ensure!(
         refused_other.is_empty(),
         "refused for another reason: {refused_other:?}"
