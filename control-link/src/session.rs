@@ -345,7 +345,7 @@ impl Session {
             }
             match source {
                 Source::Dial(addr) => {
-                    let delay = self.opts.backoff.delay(self.attempt);
+                    let delay = self.opts.backoff.delay(self.attempt, crate::random::unit());
                     let wake = Instant::now() + delay;
                     loop {
                         tokio::select! {

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
 
+pub mod backoff;
 pub mod blocking;
 pub mod check;
 #[cfg(feature = "tokio-codec")]
@@ -15,6 +16,7 @@ pub mod raw;
 mod de;
 mod error;
 
+pub use backoff::Backoff;
 pub use error::{DecodeError, EncodeError, ErrorCode};
 pub use message::Message;
 

@@ -671,7 +671,7 @@ use driver_protocol::handshake::{auth_proof, verify_proof, NONCE_LEN};
 use driver_protocol::message::Auth;
 
 use super::auth::{Handshake, Step};
-use super::dial::Backoff;
+use super::dial;
 use super::gate::{Gate, PeerKey, Refused, Suppressed};
 
 const TOKEN: &[u8] = b"test-token";
@@ -824,18 +824,19 @@ fn gate_rate_limits_failed_handshakes_and_caps_pending() {
 
 #[test]
 fn backoff_doubles_with_jitter_up_to_the_cap_and_resets() {
-    let mut b = Backoff::new(Duration::from_secs(1));
+    let b = dial::backoff(Duration::from_secs(1));
     // unit 1.0 gives the whole step, 0.0 half of it.
-    let whole: Vec<u128> = (0..6).map(|_| b.next_delay(1.0).as_millis()).collect();
+    let whole: Vec<u128> = (0..6).map(|n| b.delay(n, 1.0).as_millis()).collect();
     assert_eq!(whole, [100, 200, 400, 800, 1000, 1000]);
-    b.reset();
-    assert_eq!(b.next_delay(0.0), Duration::from_millis(50));
-    assert_eq!(b.next_delay(0.5), Duration::from_millis(150));
-    assert_eq!(b.next_delay(f64::NAN), Duration::from_millis(200));
+    // After a reset, the count starts at 0 again.
+    assert_eq!(b.delay(0, 0.0), Duration::from_millis(50));
+    assert_eq!(b.delay(1, 0.5), Duration::from_millis(150));
+    assert_eq!(b.delay(2, f64::NAN), Duration::from_millis(200));
+    assert_eq!(dial::FIRST_STEP, Duration::from_millis(100));
     // A cap below the first step caps the first step too.
-    let mut small = Backoff::new(Duration::from_millis(30));
-    assert_eq!(small.next_delay(1.0), Duration::from_millis(30));
-    assert_eq!(small.next_delay(1.0), Duration::from_millis(30));
+    let small = dial::backoff(Duration::from_millis(30));
+    assert_eq!(small.delay(0, 1.0), Duration::from_millis(30));
+    assert_eq!(small.delay(1, 1.0), Duration::from_millis(30));
 }
 
 fn shim_template() -> Hello {
