@@ -2,8 +2,8 @@
 //! counts (`valgrind --tool=callgrind`); wall-clock figures are the benchmark's.
 //!
 //! Per round, for each of a fixed set of driver events: the shim's relay check
-//! ([`check::relayable_event`]), the envelope the shim writes ([`raw::encode_event_envelope`]),
-//! control-link's raw read path ([`raw::split_envelope_head`]) and dispatch
+//! ([`check::relayable_event`]), the envelope the shim writes ([`envelope::encode_event_envelope`]),
+//! control-link's raw read path ([`envelope::split_envelope_head`]) and dispatch
 //! ([`raw::read_head`]); and a typed decode of each event and each envelope (the serde reader).
 //!
 //! ```text
@@ -18,7 +18,7 @@ use driver_protocol::message::{
     Custom, DriverToShim, FileChange, FileChangeKind, Log, LogStream, Message, MessageChunk,
     Progress, ShimToControl, ToolCall, ToolResult,
 };
-use driver_protocol::raw;
+use driver_protocol::{envelope, raw};
 use rmpv::Value;
 
 fn events() -> Vec<Vec<u8>> {
@@ -87,8 +87,8 @@ fn main() {
             let body = black_box(&body[..]);
             let type_name = check::relayable_event(body).expect("relayable");
             envelope.clear();
-            raw::encode_event_envelope(round, body, &mut envelope);
-            let (split, inner) = raw::split_envelope_head(black_box(&envelope)).expect("splits");
+            envelope::encode_event_envelope(round, body, &mut envelope);
+            let (split, inner) = envelope::split_envelope_head(black_box(&envelope)).expect("splits");
             let head = raw::read_head(split.event).expect("reads");
             sum += type_name.len() + inner.len() + head.type_name.len() + split.event.len();
             if round % 16 == 0 {

@@ -8,6 +8,7 @@ pub mod check;
 pub mod codec;
 pub mod frame;
 pub mod handshake;
+pub mod envelope;
 pub mod message;
 #[cfg(feature = "net")]
 pub mod net;

@@ -1,11 +1,13 @@
-//! Reading a message's envelope without decoding its fields, and relaying events as raw bytes.
+//! Reading a message's `type` and `id` without decoding its fields, and checking a body's
+//! structure before anything else reads it.
 //!
 //! Dispatch needs the `type` (and the `id`, so that a rejection can carry `re`) before it
 //! knows which struct to decode the fields into. The shim's relay needs more: it stamps every
 //! driver event with a `seq` and forwards it to the control plane, and at a million events a
-//! second it cannot afford to decode and re-encode each one. This module is a small
-//! hand-written MessagePack walker for both jobs. It never allocates, and it checks a body's
-//! structure completely before serde is allowed to see it:
+//! second it cannot afford to decode and re-encode each one. This module is the walker for
+//! both jobs (over [`mpack`](crate::mpack)'s reader; the [`envelope`](crate::envelope) module
+//! builds on it). It never allocates, and it checks a body's structure completely before
+//! serde is allowed to see it:
 //!
 //! - the body is exactly one map (no trailing bytes) whose keys are all strings;
 //! - `type` is present once, and is a string;
@@ -13,10 +15,7 @@
 //! - every length fits in the body, so no later reader can be tricked into reserving memory
 //!   for elements that are not there.
 //!
-//! [`read_head`] returns the `type` and `id`; [`split_envelope`] finds the `seq` and the raw
-//! bytes of the event inside an `event` envelope; [`encode_event_envelope`] writes an
-//! envelope around an event body without touching it, byte-identical to what
-//! [`ShimToControl::Event`](crate::message::ShimToControl::Event) encodes to.
+//! [`read_head`] returns the `type` and `id`; [`skip_value`] measures one value.
 //!
 //! ```
 //! use driver_protocol::message::{Event, Message, Progress};
@@ -30,20 +29,12 @@
 //! });
 //! let body = event.to_body()?;
 //! assert_eq!(raw::read_head(&body)?.type_name, "progress");
-//!
-//! let mut envelope = Vec::new();
-//! raw::encode_event_envelope(7, &body, &mut envelope);
-//! let split = raw::split_envelope(&envelope)?;
-//! assert_eq!((split.seq, split.event), (7, &body[..]));
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
 use std::ops::Range;
 use std::str;
 
-use bytes::BufMut;
-
-use crate::message::{self, Event, EventEnvelope, Message, RequestId, Seq};
 use crate::{DecodeError, MAX_DEPTH};
 
 /// The `type` and `id` of a message, read without decoding its other fields.
@@ -51,9 +42,10 @@ use crate::{DecodeError, MAX_DEPTH};
 pub struct Head<'a> {
     /// The message's `type`.
     pub type_name: &'a str,
-    /// The message's `id`, when it has one that is an unsigned integer. An `id` of any other
+    /// The message's `id` (a [`RequestId`](crate::message::RequestId)), when it has one that
+    /// is an unsigned integer. An `id` of any other
     /// type is not an error here: it reads as `None`, and the message's own decoder decides.
-    pub id: Option<RequestId>,
+    pub id: Option<u64>,
 }
 
 /// Checks the structure of a message body and reads its `type` and `id`.
@@ -70,113 +62,6 @@ pub fn read_head(body: &[u8]) -> Result<Head<'_>, DecodeError> {
     })
 }
 
-/// [`read_head`] in the shape the message decoders use.
-pub(crate) fn peek(body: &[u8]) -> Result<message::Head<'_>, DecodeError> {
-    let top = walk(body)?;
-    // An envelope's parts come from the same walk: decoding it does not walk it again.
-    let envelope = match top.type_name {
-        "event" => envelope_parts(&top)
-            .ok()
-            .map(|range| (top.seq.unwrap_or_default(), range)),
-        _ => None,
-    };
-    Ok(message::Head {
-        type_name: top.type_name,
-        id: top.id,
-        envelope,
-    })
-}
-
-/// An `event` envelope with its event still encoded: what the relay forwards and what
-/// [`split_envelope`] finds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RawEvent<'a> {
-    /// The envelope's sequence number.
-    pub seq: Seq,
-    /// The MessagePack body of the event (a map with its own `type`), e.g. a driver's event
-    /// exactly as it arrived.
-    pub event: &'a [u8],
-}
-
-/// Finds the `seq` and the raw event inside the body of an `event` envelope.
-///
-/// The whole body is checked as by [`read_head`]; the event's own fields are not decoded.
-pub fn split_envelope(body: &[u8]) -> Result<RawEvent<'_>, DecodeError> {
-    let top = walk(body)?;
-    let range = envelope_parts(&top)?;
-    let seq = top.seq.unwrap_or_default();
-    Ok(RawEvent {
-        seq,
-        event: body.get(range).unwrap_or_default(),
-    })
-}
-
-/// [`split_envelope`] and [`read_head`] of the event in one pass over the body: the `seq`,
-/// the event, and the event's `type`.
-///
-/// Accepts and rejects exactly what `split_envelope` followed by `read_head` of the event
-/// do. What a control plane that hands events on without decoding them needs of each.
-///
-/// ```
-/// use driver_protocol::message::{Event, Message, Progress};
-/// use driver_protocol::raw;
-///
-/// let body = Event::Progress(Progress { task_id: None, message: None, done: None, total: None })
-///     .to_body()?;
-/// let mut envelope = Vec::new();
-/// raw::encode_event_envelope(9, &body, &mut envelope);
-/// let (split, type_name) = raw::split_envelope_head(&envelope)?;
-/// assert_eq!((split.seq, split.event, type_name), (9, &body[..], "progress"));
-/// # Ok::<(), Box<dyn std::error::Error>>(())
-/// ```
-pub fn split_envelope_head(body: &[u8]) -> Result<(RawEvent<'_>, &str), DecodeError> {
-    let mut cur = Cursor { buf: body, pos: 0 };
-    let walked = walk_map(&mut cur, true);
-    let (top, event_type) = match walked {
-        Ok((top, Some(event_type))) if cur.pos == body.len() && event_type != "event" => {
-            (top, event_type)
-        }
-        // Trailing bytes, an error, an envelope whose `type` came after its `event`, or an
-        // event whose own `type` is "event" (whose nested `event` the two walks check at
-        // another depth): the two walks, which also give the error.
-        _ => {
-            let split = split_envelope(body)?;
-            let type_name = read_head(split.event)?.type_name;
-            return Ok((split, type_name));
-        }
-    };
-    let range = envelope_parts(&top)?;
-    let seq = top.seq.unwrap_or_default();
-    let split = RawEvent {
-        seq,
-        event: body.get(range).unwrap_or_default(),
-    };
-    Ok((split, event_type))
-}
-
-/// The byte range of the event inside the body of an `event` envelope (see
-/// [`split_envelope`]).
-pub fn event_body_range(body: &[u8]) -> Result<Range<usize>, DecodeError> {
-    let top = walk(body)?;
-    envelope_parts(&top)
-}
-
-/// Appends the body of `{type: "event", seq, event}` to `out`, with `event_body` copied in
-/// as it is.
-///
-/// The output is byte-identical to the body of
-/// [`ShimToControl::Event`](crate::message::ShimToControl::Event) when `event_body` is what
-/// [`Event::to_body`](crate::message::Message::to_body) gives. `event_body` is not checked:
-/// pass only a body that decoded as an event (as the shim does with a driver's events), or
-/// the receiver will reject the envelope.
-pub fn encode_event_envelope<B: BufMut + ?Sized>(seq: Seq, event_body: &[u8], out: &mut B) {
-    // fixmap(3), "type": "event", "seq": <uint>, "event": <raw>
-    out.put_slice(b"\x83\xa4type\xa5event\xa3seq");
-    write_uint(out, seq);
-    out.put_slice(b"\xa5event");
-    out.put_slice(event_body);
-}
-
 /// The length of the MessagePack value at the start of `buf`.
 ///
 /// Arrays and maps may nest at most [`MAX_DEPTH`] levels, counting a container at the start
@@ -188,91 +73,20 @@ pub fn skip_value(buf: &[u8]) -> Result<usize, DecodeError> {
     Ok(cur.pos)
 }
 
-/// Decodes an `event` envelope, dispatching on the nested event's own `type`.
-pub(crate) fn decode_envelope(
-    body: &[u8],
-    head: &message::Head<'_>,
-) -> Result<EventEnvelope, DecodeError> {
-    let split = match &head.envelope {
-        Some((seq, range)) => RawEvent {
-            seq: *seq,
-            event: body.get(range.clone()).unwrap_or_default(),
-        },
-        // Not a valid envelope: the walk again, for its error.
-        None => split_envelope(body).map_err(|e| match e {
-            DecodeError::Malformed { detail, .. } => {
-                DecodeError::malformed(Some(head.type_name), head.id, detail)
-            }
-            other => other,
-        })?,
-    };
-    let event = Event::decode(split.event).map_err(|e| match e {
-        DecodeError::Malformed {
-            type_name, detail, ..
-        } => DecodeError::malformed(
-            Some(head.type_name),
-            head.id,
-            format_args!(
-                "event {}: {detail}",
-                type_name.as_deref().unwrap_or("of unknown type")
-            ),
-        ),
-        other => other,
-    })?;
-    Ok(EventEnvelope {
-        seq: split.seq,
-        event,
-    })
-}
-
-fn write_uint<B: BufMut + ?Sized>(out: &mut B, v: u64) {
-    // The most compact form, as rmp-serde (and every MessagePack encoder) writes it.
-    if v < 0x80 {
-        out.put_u8(v as u8);
-    } else if let Ok(v) = u8::try_from(v) {
-        out.put_u8(0xcc);
-        out.put_u8(v);
-    } else if let Ok(v) = u16::try_from(v) {
-        out.put_u8(0xcd);
-        out.put_u16(v);
-    } else if let Ok(v) = u32::try_from(v) {
-        out.put_u8(0xce);
-        out.put_u32(v);
-    } else {
-        out.put_u8(0xcf);
-        out.put_u64(v);
-    }
-}
-
 /// What [`walk`] learned about a body's top-level map.
-struct TopLevel<'a> {
-    type_name: &'a str,
-    id: Option<RequestId>,
-    /// `Some` when a `seq` key was seen; the inner `None` when its value is not a uint.
-    seq: Option<Seq>,
-    seq_seen: bool,
-    event: Option<Range<usize>>,
-}
-
-fn envelope_parts(top: &TopLevel<'_>) -> Result<Range<usize>, DecodeError> {
-    let malformed = |detail: &str| DecodeError::malformed(Some(top.type_name), top.id, detail);
-    if top.type_name != "event" {
-        return Err(malformed("not an `event` envelope"));
-    }
-    if !top.seq_seen {
-        return Err(malformed("missing field `seq`"));
-    }
-    if top.seq.is_none() {
-        return Err(malformed("`seq` is not an unsigned integer"));
-    }
-    let Some(event) = &top.event else {
-        return Err(malformed("missing field `event`"));
-    };
-    Ok(event.clone())
+pub(crate) struct TopLevel<'a> {
+    pub(crate) type_name: &'a str,
+    pub(crate) id: Option<u64>,
+    /// The `seq`, when there is one and it is a uint.
+    pub(crate) seq: Option<u64>,
+    /// Whether a `seq` key was seen.
+    pub(crate) seq_seen: bool,
+    /// Where the `event` field's value is.
+    pub(crate) event: Option<Range<usize>>,
 }
 
 /// Checks a whole body and reads the fields the envelope logic needs.
-fn walk(body: &[u8]) -> Result<TopLevel<'_>, DecodeError> {
+pub(crate) fn walk(body: &[u8]) -> Result<TopLevel<'_>, DecodeError> {
     let mut cur = Cursor { buf: body, pos: 0 };
     let (top, _) = walk_map(&mut cur, false)?;
     if cur.pos != body.len() {
@@ -288,13 +102,13 @@ fn walk(body: &[u8]) -> Result<TopLevel<'_>, DecodeError> {
 /// Checks the map at the cursor, as [`walk`] checks a body, leaving the cursor after it.
 /// With `event_head`, the map's `event` field, when the map's `type` came before it and is
 /// `"event"`, is walked as a message of its own in the same pass, and its `type` returned.
-fn walk_map<'a>(
+pub(crate) fn walk_map<'a>(
     cur: &mut Cursor<'a>,
     event_head: bool,
 ) -> Result<(TopLevel<'a>, Option<&'a str>), DecodeError> {
     let mut type_name = None;
     let mut id = None;
-    let fail = |fail: Fail, type_name: Option<&str>, id: Option<RequestId>| {
+    let fail = |fail: Fail, type_name: Option<&str>, id: Option<u64>| {
         DecodeError::malformed(type_name, id, fail.detail())
     };
     let mut seq = None;
@@ -463,7 +277,7 @@ fn is_utf8(b: &[u8]) -> bool {
     b.is_ascii() || str::from_utf8(b).is_ok()
 }
 
-struct Cursor<'a> {
+pub(crate) struct Cursor<'a> {
     buf: &'a [u8],
     pos: usize,
 }
@@ -472,6 +286,16 @@ struct Cursor<'a> {
 // otherwise leaves these one-liners as calls on its per-event path; inlined, they leave the
 // static binary's size as it was (886,408 bytes either way).
 impl<'a> Cursor<'a> {
+    /// A cursor at the start of `buf`.
+    pub(crate) fn new(buf: &'a [u8]) -> Self {
+        Self { buf, pos: 0 }
+    }
+
+    /// Whether every byte was read.
+    pub(crate) fn at_end(&self) -> bool {
+        self.pos == self.buf.len()
+    }
+
     #[inline(always)]
     fn byte(&mut self) -> Result<u8, Fail> {
         let b = *self.buf.get(self.pos).ok_or(Fail::Eof)?;
@@ -828,9 +652,6 @@ impl<'a> Cursor<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::message::{
-        EventEnvelope, ExecOutput, MessageChunk, OutputStream, ShimToControl, SubmitTask,
-    };
 
     fn nested(levels: usize, leaf: u8) -> Vec<u8> {
         let mut v = vec![0x91; levels];
@@ -932,205 +753,5 @@ mod tests {
         assert!(read_head(&with_field(&nested(1_000_000, 1))).is_err());
         assert_eq!(skip_value(&nested(MAX_DEPTH, 1)).unwrap(), MAX_DEPTH + 1);
         assert!(skip_value(&nested(MAX_DEPTH + 1, 1)).is_err());
-    }
-
-    #[test]
-    fn an_envelope_does_not_deepen_its_event() {
-        // An event as deep as allowed on its own…
-        let mut event = b"\x82\xa4type\xa6custom\xa4data".to_vec();
-        event.extend_from_slice(&nested(MAX_DEPTH - 1, 1));
-        assert!(read_head(&event).is_ok());
-        // …is still fine inside an envelope,
-        let mut env = Vec::new();
-        encode_event_envelope(1, &event, &mut env);
-        assert!(read_head(&env).is_ok());
-        assert_eq!(split_envelope(&env).unwrap().event, &event[..]);
-        // but an `event` field of any other message counts at its true depth.
-        let mut other = b"\x82\xa4type\xa4ping\xa5event".to_vec();
-        other.extend_from_slice(&nested(MAX_DEPTH, 1));
-        assert!(read_head(&other).is_err());
-        let mut other = b"\x82\xa4type\xa4ping\xa5event".to_vec();
-        other.extend_from_slice(&nested(MAX_DEPTH - 1, 1));
-        assert!(read_head(&other).is_ok());
-    }
-
-    /// `split_envelope` and then `read_head` of its event, as one result.
-    fn two_walks(body: &[u8]) -> Option<(RawEvent<'_>, &str)> {
-        let split = split_envelope(body).ok()?;
-        Some((split, read_head(split.event).ok()?.type_name))
-    }
-
-    #[test]
-    fn one_pass_split_is_the_two_walks() {
-        let event = b"\x82\xa4type\xa6custom\xa4data\xc0".to_vec();
-        let mut env = Vec::new();
-        encode_event_envelope(300, &event, &mut env);
-        let (split, type_name) = split_envelope_head(&env).unwrap();
-        assert_eq!(
-            (split.seq, split.event, type_name),
-            (300, &event[..], "custom")
-        );
-
-        // The event before the `type`: the two walks, same answer.
-        let mut late = b"\x83\xa5event".to_vec();
-        late.extend_from_slice(&event);
-        late.extend_from_slice(b"\xa3seq\x07\xa4type\xa5event");
-        assert_eq!(split_envelope_head(&late).unwrap().1, "custom");
-
-        // An event as deep as allowed, and one level deeper; an event of type "event"
-        // whose own `event` is deep; trailing bytes; a key that is not a string; a `type`
-        // twice; the envelope cut short anywhere.
-        let deep = |levels| {
-            let mut e = b"\x82\xa4type\xa6custom\xa4data".to_vec();
-            e.extend_from_slice(&nested(levels, 1));
-            e
-        };
-        let mut inner_event = b"\x82\xa4type\xa5event\xa5event".to_vec();
-        inner_event.extend_from_slice(&nested(MAX_DEPTH - 1, 1));
-        let events = [
-            deep(MAX_DEPTH - 1),
-            deep(MAX_DEPTH),
-            inner_event,
-            b"\x81\x01\x02".to_vec(),
-            b"\x82\xa4type\xa1a\xa4type\xa1b".to_vec(),
-        ];
-        let mut bodies = Vec::new();
-        for e in &events {
-            let mut env = Vec::new();
-            encode_event_envelope(1, e, &mut env);
-            bodies.push(env);
-        }
-        let mut trailing = env.clone();
-        trailing.push(0xc0);
-        bodies.push(trailing);
-        for cut in 0..env.len() {
-            bodies.push(env[..cut].to_vec());
-        }
-        for body in &bodies {
-            assert_eq!(
-                split_envelope_head(body).ok(),
-                two_walks(body),
-                "{body:02x?}"
-            );
-        }
-        assert!(split_envelope_head(&bodies[0]).is_ok());
-        assert!(split_envelope_head(&bodies[1]).is_err());
-    }
-
-    #[test]
-    fn serde_never_sees_an_over_deep_body() {
-        // rmp-serde's own limit (1024) would let this through to a recursive decoder.
-        let mut body = b"\x84\xa4type\xabsubmit_task\xa2id\x01\xa7task_id\xa1t\xa5input".to_vec();
-        body.extend_from_slice(&nested(500, 1));
-        let err = crate::message::ControlToShim::decode(&body).unwrap_err();
-        assert!(detail(err).contains("deeper than 64"));
-    }
-
-    #[test]
-    fn envelope_splice_matches_the_encoder() {
-        let events = [
-            Event::MessageChunk(MessageChunk {
-                task_id: Some("task-1".into()),
-                text: "x".repeat(150),
-                role: Some("assistant".into()),
-                is_final: false,
-            }),
-            Event::ExecOutput(ExecOutput {
-                exec_id: 3,
-                stream: OutputStream::Stdout,
-                data: bytes::Bytes::from_static(b"\x00\x01binary"),
-            }),
-        ];
-        let seqs = [
-            0,
-            1,
-            0x7f,
-            0x80,
-            0xff,
-            0x100,
-            0xffff,
-            0x1_0000,
-            0xffff_ffff,
-            0x1_0000_0000,
-            u64::MAX,
-        ];
-        for event in &events {
-            let body = event.to_body().unwrap();
-            for seq in seqs {
-                let msg = ShimToControl::Event(EventEnvelope {
-                    seq,
-                    event: event.clone(),
-                });
-                let mut spliced = bytes::BytesMut::new();
-                encode_event_envelope(seq, &body, &mut spliced);
-                assert_eq!(&spliced[..], &msg.to_body().unwrap()[..], "seq {seq}");
-                assert_eq!(ShimToControl::decode(&spliced).unwrap(), msg);
-                assert_eq!(
-                    split_envelope(&spliced).unwrap(),
-                    RawEvent { seq, event: &body }
-                );
-                let range = event_body_range(&spliced).unwrap();
-                assert_eq!(&spliced[range], &body[..]);
-            }
-        }
-    }
-
-    #[test]
-    fn envelope_errors() {
-        let ping = b"\x82\xa4type\xa4ping\xa2id\x01";
-        assert!(detail(split_envelope(ping).unwrap_err()).contains("not an `event`"));
-        let no_seq = b"\x82\xa4type\xa5event\xa5event\x81\xa4type\xa4busy";
-        assert!(detail(split_envelope(no_seq).unwrap_err()).contains("missing field `seq`"));
-        let bad_seq = b"\x83\xa4type\xa5event\xa3seq\xa1x\xa5event\x81\xa4type\xa4busy";
-        assert!(detail(split_envelope(bad_seq).unwrap_err()).contains("`seq`"));
-        let no_event = b"\x82\xa4type\xa5event\xa3seq\x01";
-        assert!(detail(split_envelope(no_event).unwrap_err()).contains("`event`"));
-        // A broken event inside a good envelope is reported against the envelope.
-        let bad_inner = b"\x83\xa4type\xa5event\xa3seq\x01\xa5event\x81\xa4type\xa8progress\x80";
-        assert!(ShimToControl::decode(bad_inner).is_err());
-        let bad_inner = b"\x83\xa4type\xa5event\xa3seq\x01\xa5event\x82\xa4type\xa3log\xa4text\x01";
-        match ShimToControl::decode(bad_inner).unwrap_err() {
-            DecodeError::Malformed {
-                type_name, detail, ..
-            } => {
-                assert_eq!(type_name.as_deref(), Some("event"));
-                assert!(detail.starts_with("event log:"), "{detail}");
-            }
-            other => panic!("{other:?}"),
-        }
-        // An unknown event type inside an envelope is not an error.
-        let unknown = b"\x83\xa4type\xa5event\xa3seq\x02\xa5event\x81\xa4type\xa3new";
-        match ShimToControl::decode(unknown).unwrap() {
-            ShimToControl::Event(env) => {
-                assert_eq!(env.seq, 2);
-                assert!(matches!(env.event, Event::Unknown(u) if u.type_name == "new"));
-            }
-            other => panic!("{other:?}"),
-        }
-    }
-
-    #[test]
-    fn wrong_typed_field_keeps_type_and_id() {
-        let body = SubmitTask {
-            id: 9,
-            task_id: "t".into(),
-            input: rmpv::Value::Nil,
-            output_schema: None,
-            timeout_ms: None,
-            redeliver: false,
-        };
-        let mut bytes = crate::message::ControlToShim::SubmitTask(body)
-            .to_body()
-            .unwrap();
-        // One more entry in the fixmap: a `timeout_ms` that is a string.
-        bytes[0] += 1;
-        bytes.extend_from_slice(b"\xaatimeout_ms\xa2no");
-        match crate::message::ControlToShim::decode(&bytes).unwrap_err() {
-            DecodeError::Malformed { type_name, id, .. } => {
-                assert_eq!(type_name.as_deref(), Some("submit_task"));
-                assert_eq!(id, Some(9));
-            }
-            other => panic!("{other:?}"),
-        }
     }
 }
