@@ -25,7 +25,10 @@ fn events() -> Vec<Vec<u8>> {
     let task = Some("task-0001".to_owned());
     let input = Value::Map(vec![
         (Value::from("path"), Value::from("src/main.rs")),
-        (Value::from("lines"), Value::Array(vec![Value::from(1), Value::from(40)])),
+        (
+            Value::from("lines"),
+            Value::Array(vec![Value::from(1), Value::from(40)]),
+        ),
     ]);
     let msgs = [
         DriverToShim::MessageChunk(MessageChunk {
@@ -88,7 +91,8 @@ fn main() {
             let type_name = check::relayable_event(body).expect("relayable");
             envelope.clear();
             envelope::encode_event_envelope(round, body, &mut envelope);
-            let (split, inner) = envelope::split_envelope_head(black_box(&envelope)).expect("splits");
+            let (split, inner) =
+                envelope::split_envelope_head(black_box(&envelope)).expect("splits");
             let head = raw::read_head(split.event).expect("reads");
             sum += type_name.len() + inner.len() + head.type_name.len() + split.event.len();
             if round % 16 == 0 {

@@ -46,9 +46,9 @@ use std::marker::PhantomData;
 use bytes::{Buf, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
+use crate::envelope::RawEvent;
 use crate::frame::{self, HEADER_LEN};
 use crate::message::{Message, ShimToControl};
-use crate::envelope::RawEvent;
 use crate::{DecodeError, EncodeError, DEFAULT_MAX_FRAME};
 
 /// Frames as raw bodies: decodes to the body bytes of each frame, encodes bodies.

@@ -32,7 +32,8 @@ use std::ops::Range;
 
 use bytes::BufMut;
 
-use crate::raw::{read_head, walk, walk_map, Cursor, TopLevel};
+use crate::mpack::Cursor;
+use crate::raw::{read_head, walk, walk_map, TopLevel};
 use crate::DecodeError;
 
 /// The `type` and `id` of a message, read before its fields so that the fields can be decoded
@@ -109,9 +110,7 @@ pub fn split_envelope_head(body: &[u8]) -> Result<(RawEvent<'_>, &str), DecodeEr
     let mut cur = Cursor::new(body);
     let walked = walk_map(&mut cur, true);
     let (top, event_type) = match walked {
-        Ok((top, Some(event_type))) if cur.at_end() && event_type != "event" => {
-            (top, event_type)
-        }
+        Ok((top, Some(event_type))) if cur.at_end() && event_type != "event" => (top, event_type),
         // Trailing bytes, an error, an envelope whose `type` came after its `event`, or an
         // event whose own `type` is "event" (whose nested `event` the two walks check at
         // another depth): the two walks, which also give the error.
@@ -189,11 +188,12 @@ fn envelope_parts(top: &TopLevel<'_>) -> Result<Range<usize>, DecodeError> {
     Ok(event.clone())
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::message::{Event, EventEnvelope, ExecOutput, Message, MessageChunk, OutputStream, ShimToControl};
+    use crate::message::{
+        Event, EventEnvelope, ExecOutput, Message, MessageChunk, OutputStream, ShimToControl,
+    };
     use crate::MAX_DEPTH;
 
     fn nested(levels: usize, leaf: u8) -> Vec<u8> {
@@ -374,5 +374,4 @@ mod tests {
             other => panic!("{other:?}"),
         }
     }
-
 }

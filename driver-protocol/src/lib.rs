@@ -6,9 +6,9 @@ pub mod blocking;
 pub mod check;
 #[cfg(feature = "tokio-codec")]
 pub mod codec;
+pub mod envelope;
 pub mod frame;
 pub mod handshake;
-pub mod envelope;
 pub mod message;
 #[cfg(feature = "net")]
 pub mod net;
@@ -16,6 +16,7 @@ pub mod raw;
 
 mod de;
 mod error;
+mod mpack;
 
 pub use backoff::Backoff;
 pub use error::{DecodeError, EncodeError, ErrorCode};

@@ -35,6 +35,7 @@
 use std::ops::Range;
 use std::str;
 
+use crate::mpack::{Cursor, Fail, Token};
 use crate::{DecodeError, MAX_DEPTH};
 
 /// The `type` and `id` of a message, read without decoding its other fields.
@@ -67,7 +68,7 @@ pub fn read_head(body: &[u8]) -> Result<Head<'_>, DecodeError> {
 /// Arrays and maps may nest at most [`MAX_DEPTH`] levels, counting a container at the start
 /// of `buf` as level 1. Bytes after the value are not looked at.
 pub fn skip_value(buf: &[u8]) -> Result<usize, DecodeError> {
-    let mut cur = Cursor { buf, pos: 0 };
+    let mut cur = Cursor::new(buf);
     cur.skip_value(1)
         .map_err(|fail| DecodeError::malformed(None, None, fail.detail()))?;
     Ok(cur.pos)
@@ -87,7 +88,7 @@ pub(crate) struct TopLevel<'a> {
 
 /// Checks a whole body and reads the fields the envelope logic needs.
 pub(crate) fn walk(body: &[u8]) -> Result<TopLevel<'_>, DecodeError> {
-    let mut cur = Cursor { buf: body, pos: 0 };
+    let mut cur = Cursor::new(body);
     let (top, _) = walk_map(&mut cur, false)?;
     if cur.pos != body.len() {
         return Err(DecodeError::malformed(
@@ -169,7 +170,7 @@ pub(crate) fn walk_map<'a>(
     if type_name != "event" {
         if let Some(range) = &event {
             let inner = cur.buf.get(range.clone()).unwrap_or_default();
-            Cursor { buf: inner, pos: 0 }
+            Cursor::new(inner)
                 .skip_value(2)
                 .map_err(|f| fail(f, Some(type_name), id))?;
         }
@@ -184,43 +185,6 @@ pub(crate) fn walk_map<'a>(
     Ok((top, event_type))
 }
 
-/// Why a body is malformed; turned into [`DecodeError::Malformed`] text.
-#[derive(Debug, Clone, Copy)]
-enum Fail {
-    Eof,
-    Reserved,
-    TooDeep,
-    NotMap,
-    KeyNotStr,
-    KeyNotUtf8,
-    TypeNotStr,
-    TypeNotUtf8,
-    DuplicateType,
-    DuplicateEvent,
-    MissingType,
-    Trailing,
-}
-
-impl Fail {
-    fn detail(self) -> &'static str {
-        match self {
-            Self::Eof => "a value runs past the end of the body",
-            Self::Reserved => "invalid MessagePack marker 0xc1",
-            Self::TooDeep => "arrays and maps nest deeper than 64 levels",
-            Self::NotMap => "the body is not a MessagePack map",
-            Self::KeyNotStr => "a key of the message map is not a string",
-            Self::KeyNotUtf8 => "a key of the message map is not valid UTF-8",
-            Self::TypeNotStr => "`type` is not a string",
-            Self::TypeNotUtf8 => "`type` is not valid UTF-8",
-            Self::DuplicateType => "duplicate field `type`",
-            Self::DuplicateEvent => "duplicate field `event`",
-            Self::MissingType => "missing field `type`",
-            Self::Trailing => "bytes after the end of the message map",
-        }
-    }
-}
-
-/// A read position in a body. Every read checks the remaining length; nothing allocates.
 /// What a field of a relayable event holds in the plain shapes [`plain_fields`] accepts:
 /// each one a shape its typed decoder takes (see [`crate::check`]).
 #[derive(Debug, Clone, Copy)]
@@ -248,7 +212,7 @@ pub(crate) type Fields = &'static [(&'static str, Field, bool)];
 /// [`Field::Any`]. `false` means "not sure", never "malformed": the caller then asks the
 /// decoder. Allocates nothing.
 pub(crate) fn plain_fields(body: &[u8], fields: Fields) -> bool {
-    let mut cur = Cursor { buf: body, pos: 0 };
+    let mut cur = Cursor::new(body);
     let scanned = cur
         .map_len()
         .and_then(|n| cur.scan_fields(n, fields, false));
@@ -260,7 +224,7 @@ pub(crate) fn plain_fields(body: &[u8], fields: Fields) -> bool {
 /// formed and every field is in its plain shape. `None` means "not sure": the caller then
 /// takes the two passes (which also handle a `type` that is not the first key).
 pub(crate) fn plain_event(body: &[u8], fields_of: impl Fn(&str) -> Option<Fields>) -> Option<&str> {
-    let mut cur = Cursor { buf: body, pos: 0 };
+    let mut cur = Cursor::new(body);
     let entries = cur.map_len().ok()?;
     if entries == 0 || cur.key().ok()? != b"type" {
         return None;
@@ -277,137 +241,21 @@ fn is_utf8(b: &[u8]) -> bool {
     b.is_ascii() || str::from_utf8(b).is_ok()
 }
 
-pub(crate) struct Cursor<'a> {
-    buf: &'a [u8],
-    pos: usize,
+/// A container's element count as a `usize` (a count that does not fit cannot fit in the
+/// body either: the walk ends with `Eof`).
+#[inline(always)]
+fn count(n: u32) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
 }
 
-// The small readers are `inline(always)`: the shim is built for size (opt-level "z"), which
-// otherwise leaves these one-liners as calls on its per-event path; inlined, they leave the
-// static binary's size as it was (886,408 bytes either way).
+// The walker's readers, on the shared MessagePack cursor.
 impl<'a> Cursor<'a> {
-    /// A cursor at the start of `buf`.
-    pub(crate) fn new(buf: &'a [u8]) -> Self {
-        Self { buf, pos: 0 }
-    }
-
-    /// Whether every byte was read.
-    pub(crate) fn at_end(&self) -> bool {
-        self.pos == self.buf.len()
-    }
-
-    #[inline(always)]
-    fn byte(&mut self) -> Result<u8, Fail> {
-        let b = *self.buf.get(self.pos).ok_or(Fail::Eof)?;
-        self.pos += 1;
-        Ok(b)
-    }
-
-    #[inline(always)]
-    fn peek_byte(&self) -> Result<u8, Fail> {
-        self.buf.get(self.pos).copied().ok_or(Fail::Eof)
-    }
-
-    #[inline(always)]
-    fn take(&mut self, n: usize) -> Result<&'a [u8], Fail> {
-        let end = self.pos.checked_add(n).ok_or(Fail::Eof)?;
-        let bytes = self.buf.get(self.pos..end).ok_or(Fail::Eof)?;
-        self.pos = end;
-        Ok(bytes)
-    }
-
-    #[inline(always)]
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], Fail> {
-        let mut out = [0; N];
-        out.copy_from_slice(self.take(N)?);
-        Ok(out)
-    }
-
-    #[inline(always)]
-    fn u8_len(&mut self) -> Result<usize, Fail> {
-        self.byte().map(usize::from)
-    }
-
-    #[inline(always)]
-    fn u16_len(&mut self) -> Result<usize, Fail> {
-        self.array().map(|b| usize::from(u16::from_be_bytes(b)))
-    }
-
-    #[inline(always)]
-    fn u32_len(&mut self) -> Result<usize, Fail> {
-        // A u32 length larger than the address space cannot fit in the body anyway.
-        self.array()
-            .map(|b| usize::try_from(u32::from_be_bytes(b)).unwrap_or(usize::MAX))
-    }
-
-    #[inline(always)]
-    fn skip(&mut self, n: usize) -> Result<(), Fail> {
-        self.take(n).map(drop)
-    }
-
     /// Skips one value; `level` is the nesting level it has if it is an array or a map.
     fn skip_value(&mut self, level: usize) -> Result<(), Fail> {
-        let marker = self.byte()?;
-        match marker {
-            // positive and negative fixint, nil, false, true
-            0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => Ok(()),
-            0x80..=0x8f => self.skip_map(usize::from(marker & 0x0f), level),
-            0x90..=0x9f => self.skip_array(usize::from(marker & 0x0f), level),
-            0xa0..=0xbf => self.skip(usize::from(marker & 0x1f)),
-            0xc1 => Err(Fail::Reserved),
-            // bin 8/16/32, str 8/16/32
-            0xc4 | 0xd9 => {
-                let n = self.u8_len()?;
-                self.skip(n)
-            }
-            0xc5 | 0xda => {
-                let n = self.u16_len()?;
-                self.skip(n)
-            }
-            0xc6 | 0xdb => {
-                let n = self.u32_len()?;
-                self.skip(n)
-            }
-            // ext 8/16/32: length, then a type byte and the data
-            0xc7 => {
-                let n = self.u8_len()?;
-                self.skip(n.saturating_add(1))
-            }
-            0xc8 => {
-                let n = self.u16_len()?;
-                self.skip(n.saturating_add(1))
-            }
-            0xc9 => {
-                let n = self.u32_len()?;
-                self.skip(n.saturating_add(1))
-            }
-            // uint/int 8, 16, 32, 64 and float 32, 64
-            0xcc | 0xd0 => self.skip(1),
-            0xcd | 0xd1 => self.skip(2),
-            0xca | 0xce | 0xd2 => self.skip(4),
-            0xcb | 0xcf | 0xd3 => self.skip(8),
-            // fixext 1, 2, 4, 8, 16 (a type byte, then the data)
-            0xd4 => self.skip(2),
-            0xd5 => self.skip(3),
-            0xd6 => self.skip(5),
-            0xd7 => self.skip(9),
-            0xd8 => self.skip(17),
-            0xdc => {
-                let n = self.u16_len()?;
-                self.skip_array(n, level)
-            }
-            0xdd => {
-                let n = self.u32_len()?;
-                self.skip_array(n, level)
-            }
-            0xde => {
-                let n = self.u16_len()?;
-                self.skip_map(n, level)
-            }
-            0xdf => {
-                let n = self.u32_len()?;
-                self.skip_map(n, level)
-            }
+        match self.token()? {
+            Token::Array(n) => self.skip_array(count(n), level),
+            Token::Map(n) => self.skip_map(count(n), level),
+            _ => Ok(()),
         }
     }
 
@@ -442,31 +290,6 @@ impl<'a> Cursor<'a> {
             0xdf => self.u32_len(),
             _ => Err(Fail::NotMap),
         }
-    }
-
-    /// Reads a string's bytes, or `None` (consuming only the marker) if the value is not one.
-    #[inline(always)]
-    fn str_bytes(&mut self) -> Result<Option<&'a [u8]>, Fail> {
-        let n = match self.peek_byte()? {
-            m @ 0xa0..=0xbf => {
-                self.pos += 1;
-                usize::from(m & 0x1f)
-            }
-            0xd9 => {
-                self.pos += 1;
-                self.u8_len()?
-            }
-            0xda => {
-                self.pos += 1;
-                self.u16_len()?
-            }
-            0xdb => {
-                self.pos += 1;
-                self.u32_len()?
-            }
-            _ => return Ok(None),
-        };
-        self.take(n).map(Some)
     }
 
     /// Reads a value of shape `kind` (see [`Field`]): `Ok(false)` when it has another one.
@@ -504,30 +327,13 @@ impl<'a> Cursor<'a> {
     /// Reads a value of the shape of [`Field::Any`] at nesting `level`: `Ok(false)` when it
     /// has another one.
     fn plain_any(&mut self, level: usize) -> Result<bool, Fail> {
-        let marker = self.peek_byte()?;
         // Values per entry: 2 in a map, 1 in an array.
-        let (n, per) = match marker {
-            0xa0..=0xbf | 0xd9..=0xdb => return self.utf8(),
-            // ext, reserved
-            0xc1 | 0xc7..=0xc9 | 0xd4..=0xd8 => return Ok(false),
-            0x80..=0x9f => {
-                self.pos += 1;
-                (
-                    usize::from(marker & 0x0f),
-                    if marker < 0x90 { 2 } else { 1 },
-                )
-            }
-            // array 16, array 32, map 16, map 32
-            0xdc..=0xdf => {
-                self.pos += 1;
-                let n = if marker & 1 == 0 {
-                    self.u16_len()?
-                } else {
-                    self.u32_len()?
-                };
-                (n, if marker >= 0xde { 2 } else { 1 })
-            }
-            _ => return self.skip_value(level).map(|()| true),
+        let (n, per) = match self.token()? {
+            Token::Str(b) => return Ok(is_utf8(b)),
+            Token::Ext(..) => return Ok(false),
+            Token::Array(n) => (count(n), 1),
+            Token::Map(n) => (count(n), 2),
+            _ => return Ok(true),
         };
         if level > MAX_DEPTH {
             return Ok(false);
@@ -603,49 +409,13 @@ impl<'a> Cursor<'a> {
     /// Reads a top-level field's value as a non-negative integer; any other value is skipped
     /// and reads as `None`.
     fn uint_or_skip(&mut self) -> Result<Option<u64>, Fail> {
-        let v = match self.peek_byte()? {
-            m @ 0x00..=0x7f => {
-                self.pos += 1;
-                Some(u64::from(m))
-            }
-            0xcc => {
-                self.pos += 1;
-                Some(u64::from(self.byte()?))
-            }
-            0xd0 => {
-                self.pos += 1;
-                u64::try_from(i8::from_be_bytes(self.array()?)).ok()
-            }
-            0xcd => {
-                self.pos += 1;
-                Some(u64::from(u16::from_be_bytes(self.array()?)))
-            }
-            0xce => {
-                self.pos += 1;
-                Some(u64::from(u32::from_be_bytes(self.array()?)))
-            }
-            0xcf => {
-                self.pos += 1;
-                Some(u64::from_be_bytes(self.array()?))
-            }
-            0xd1 => {
-                self.pos += 1;
-                u64::try_from(i16::from_be_bytes(self.array()?)).ok()
-            }
-            0xd2 => {
-                self.pos += 1;
-                u64::try_from(i32::from_be_bytes(self.array()?)).ok()
-            }
-            0xd3 => {
-                self.pos += 1;
-                u64::try_from(i64::from_be_bytes(self.array()?)).ok()
-            }
-            _ => {
-                self.skip_value(2)?;
-                None
-            }
-        };
-        Ok(v)
+        Ok(match self.token()? {
+            Token::Uint(n) => Some(n),
+            Token::Int(n) => u64::try_from(n).ok(),
+            Token::Array(n) => self.skip_array(count(n), 2).map(|()| None)?,
+            Token::Map(n) => self.skip_map(count(n), 2).map(|()| None)?,
+            _ => None,
+        })
     }
 }
 

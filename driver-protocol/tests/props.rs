@@ -911,8 +911,8 @@ fn decode_everything(body: &[u8]) -> Result<(), TestCaseError> {
     let _ = raw::read_head(body);
     let _ = envelope::split_envelope(body);
     // The one-pass split is the two walks, in success and in failure.
-    let two =
-        envelope::split_envelope(body).and_then(|s| raw::read_head(s.event).map(|h| (s, h.type_name)));
+    let two = envelope::split_envelope(body)
+        .and_then(|s| raw::read_head(s.event).map(|h| (s, h.type_name)));
     prop_assert_eq!(envelope::split_envelope_head(body).ok(), two.ok());
     let _ = raw::skip_value(body);
     decode_is_stable::<DriverToShim>(body)?;

@@ -96,10 +96,7 @@ pub(crate) fn encode_named<W: Write, T: Serialize + ?Sized>(
 }
 
 /// Decodes an `event` envelope, dispatching on the nested event's own `type`.
-fn decode_envelope(
-    body: &[u8],
-    head: &Head<'_>,
-) -> Result<EventEnvelope, DecodeError> {
+fn decode_envelope(body: &[u8], head: &Head<'_>) -> Result<EventEnvelope, DecodeError> {
     let split = match &head.envelope {
         Some((seq, range)) => envelope::RawEvent {
             seq: *seq,
@@ -505,9 +502,7 @@ mod tests {
             timeout_ms: None,
             redeliver: false,
         };
-        let mut bytes = ControlToShim::SubmitTask(body)
-            .to_body()
-            .unwrap();
+        let mut bytes = ControlToShim::SubmitTask(body).to_body().unwrap();
         // One more entry in the fixmap: a `timeout_ms` that is a string.
         bytes[0] += 1;
         bytes.extend_from_slice(b"\xaatimeout_ms\xa2no");
