@@ -265,35 +265,31 @@ mod tests {
     /// check never accepts what the typed decoder rejects.
     #[test]
     fn never_laxer_than_the_typed_decoder() {
-        let types: &[(&str, &[&str])] = &[
-            ("message_chunk", &["task_id", "text", "role", "final"]),
-            ("tool_call", &["task_id", "call_id", "name", "input"]),
-            ("tool_result", &["task_id", "call_id", "output", "is_error"]),
-            ("file_change", &["task_id", "path", "change", "from"]),
-            ("progress", &["task_id", "message", "done", "total"]),
-            ("log", &["task_id", "stream", "level", "text", "truncated"]),
-            ("custom", &["task_id", "kind", "data"]),
-        ];
+        // Every relayable type, with its fields from the one table the check reads.
+        let types: Vec<_> = DriverToShim::TYPES
+            .iter()
+            .filter_map(|ty| Some((*ty, plain_table(ty)?)))
+            .collect();
+        assert_eq!(types.len(), 7, "the seven driver events");
         let vals = values();
         let mut accepted = 0;
         for (ty, fields) in types {
             // A base where each field holds a plausible value, then one field varied.
             let base: Vec<(&str, Value)> = fields
                 .iter()
-                .map(|f| {
-                    let v = match *f {
-                        "change" => Value::from("modified"),
-                        "stream" => Value::from("driver"),
-                        "final" | "is_error" | "truncated" => Value::from(false),
-                        "done" | "total" => Value::from(3u64),
-                        _ => Value::from("s"),
+                .map(|&(name, kind, _)| {
+                    let v = match kind {
+                        Field::OneOf(names) => Value::from(names.first().copied().unwrap_or("")),
+                        Field::Flag => Value::from(false),
+                        Field::OptUint => Value::from(3u64),
+                        Field::Str | Field::OptStr | Field::Any => Value::from("s"),
                     };
-                    (*f, v)
+                    (name, v)
                 })
                 .collect();
             for i in 0..fields.len() {
                 for v in vals.iter().cloned().map(Some).chain([None]) {
-                    let mut fs = vec![("type", Value::from(*ty))];
+                    let mut fs = vec![("type", Value::from(ty))];
                     for (j, (k, bv)) in base.iter().enumerate() {
                         match (j == i, &v) {
                             (true, Some(v)) => fs.push((k, v.clone())),
