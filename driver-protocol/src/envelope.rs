@@ -8,7 +8,7 @@
 //! byte-identical to what [`ShimToControl::Event`](crate::message::ShimToControl::Event)
 //! encodes to. The body is checked by [`raw`](crate::raw)'s walker exactly as
 //! [`read_head`] checks any message. The typed decoders of `message` learn an envelope's
-//! parts from the same walk ([`Head`]), so decoding one does not walk it twice.
+//! parts from the same walk, so decoding one does not walk it twice.
 //!
 //! ```
 //! use driver_protocol::envelope;

@@ -5,7 +5,7 @@
 //! knows which struct to decode the fields into. The shim's relay needs more: it stamps every
 //! driver event with a `seq` and forwards it to the control plane, and at a million events a
 //! second it cannot afford to decode and re-encode each one. This module is the walker for
-//! both jobs (over [`mpack`](crate::mpack)'s reader; the [`envelope`](crate::envelope) module
+//! both jobs (over the crate's one MessagePack reader; the [`envelope`](crate::envelope) module
 //! builds on it). It never allocates, and it checks a body's structure completely before
 //! serde is allowed to see it:
 //!
