@@ -13,6 +13,7 @@ pub mod message;
 #[cfg(feature = "net")]
 pub mod net;
 pub mod raw;
+pub mod token;
 
 mod de;
 mod error;
@@ -21,6 +22,7 @@ mod mpack;
 pub use backoff::Backoff;
 pub use error::{DecodeError, EncodeError, ErrorCode};
 pub use message::Message;
+pub use token::{Token, TokenError};
 
 /// The protocol's name, sent in every `hello`.
 pub const PROTOCOL_NAME: &str = "agent-shim";

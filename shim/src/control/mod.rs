@@ -51,7 +51,7 @@ use tokio::task::AbortHandle;
 use tracing::{debug, error, warn};
 
 pub use addr::ControlAddr;
-pub use auth::{Token, TokenError};
+pub use auth::{read_token_file, Token, TokenError};
 use buffer::Buffer;
 use conn::Conn;
 use gate::Gate;

@@ -677,7 +677,7 @@ use super::gate::{Gate, PeerKey, Refused, Suppressed};
 const TOKEN: &[u8] = b"test-token";
 
 fn token() -> Token {
-    Token::new(TOKEN.to_vec()).unwrap()
+    Token::from_line(TOKEN.to_vec()).unwrap()
 }
 
 fn secure_cfg() -> ControlConfig {
@@ -983,17 +983,17 @@ fn token_loading_rules() {
     };
     write(b"s3cret\n", 0o600);
     assert_eq!(
-        Token::from_file(&file).unwrap(),
-        Token::new(b"s3cret".to_vec()).unwrap()
+        read_token_file(&file).unwrap(),
+        Token::from_line(b"s3cret".to_vec()).unwrap()
     );
     write(b"s3cret\r\n\n", 0o400);
     assert_eq!(
-        Token::from_file(&file).unwrap(),
-        Token::new(b"s3cret".to_vec()).unwrap()
+        read_token_file(&file).unwrap(),
+        Token::from_line(b"s3cret".to_vec()).unwrap()
     );
     for mode in [0o644, 0o640, 0o604, 0o660, 0o700 | 0o070] {
         write(b"s3cret", mode);
-        let err = Token::from_file(&file).unwrap_err();
+        let err = read_token_file(&file).unwrap_err();
         assert!(
             matches!(err, TokenError::Permissions { .. }),
             "{mode:o}: {err}"
@@ -1004,16 +1004,16 @@ fn token_loading_rules() {
         );
     }
     write(b"\n", 0o600);
-    assert!(matches!(Token::from_file(&file), Err(TokenError::Empty)));
+    assert!(matches!(read_token_file(&file), Err(TokenError::Empty)));
     assert!(matches!(
-        Token::from_file(&dir.0.join("missing")),
+        read_token_file(&dir.0.join("missing")),
         Err(TokenError::Read { .. })
     ));
     assert!(matches!(
-        Token::from_file(&dir.0),
+        read_token_file(&dir.0),
         Err(TokenError::NotAFile { .. }) | Err(TokenError::Permissions { .. })
     ));
-    assert!(Token::new(Vec::new()).is_err());
+    assert!(Token::from_line(Vec::new()).is_err());
     assert_eq!(format!("{:?}", token()), "Token(<10 bytes>)");
 }
 
