@@ -194,20 +194,8 @@ mod tests {
     use crate::message::{
         Event, EventEnvelope, ExecOutput, Message, MessageChunk, OutputStream, ShimToControl,
     };
+    use crate::raw::tests::{detail, nested};
     use crate::MAX_DEPTH;
-
-    fn nested(levels: usize, leaf: u8) -> Vec<u8> {
-        let mut v = vec![0x91; levels];
-        v.push(leaf);
-        v
-    }
-
-    fn detail(e: DecodeError) -> String {
-        match e {
-            DecodeError::Malformed { detail, .. } => detail,
-            other => panic!("expected malformed, got {other:?}"),
-        }
-    }
 
     #[test]
     fn an_envelope_does_not_deepen_its_event() {

@@ -420,10 +420,11 @@ impl<'a> Cursor<'a> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn nested(levels: usize, leaf: u8) -> Vec<u8> {
+    /// `levels` nested one-element arrays around `leaf`.
+    pub(crate) fn nested(levels: usize, leaf: u8) -> Vec<u8> {
         let mut v = vec![0x91; levels];
         v.push(leaf);
         v
@@ -436,7 +437,8 @@ mod tests {
         body
     }
 
-    fn detail(e: DecodeError) -> String {
+    /// The text of a malformed error.
+    pub(crate) fn detail(e: DecodeError) -> String {
         match e {
             DecodeError::Malformed { detail, .. } => detail,
             other => panic!("expected malformed, got {other:?}"),
