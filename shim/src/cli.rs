@@ -1479,7 +1479,7 @@ mod tests {
                 port: 9000
             })
         );
-        let want = Token::from_line(b"s3cret".to_vec()).unwrap();
+        let want = Token::from_line(b"s3cret").unwrap();
         assert_eq!(c.sup.control_token, Some(TokenSource::Env(want)));
         assert_eq!(c.sup.agent_id.as_deref(), Some("from-env"));
         // The Debug form never shows the token.

@@ -46,7 +46,7 @@ pub fn run(data: &[u8]) -> u32 {
     let with_token = input.b() % 2 == 0;
     let token = || {
         with_token
-            .then(|| Token::from_line(TOKEN.to_vec()).ok())
+            .then(|| Token::from_line(TOKEN).ok())
             .flatten()
     };
     let template = Hello::new(Role::Shim, "agent-shim", "0");

@@ -677,7 +677,7 @@ use super::gate::{Gate, PeerKey, Refused, Suppressed};
 const TOKEN: &[u8] = b"test-token";
 
 fn token() -> Token {
-    Token::from_line(TOKEN.to_vec()).unwrap()
+    Token::from_line(TOKEN).unwrap()
 }
 
 fn secure_cfg() -> ControlConfig {
@@ -984,12 +984,12 @@ fn token_loading_rules() {
     write(b"s3cret\n", 0o600);
     assert_eq!(
         read_token_file(&file).unwrap(),
-        Token::from_line(b"s3cret".to_vec()).unwrap()
+        Token::from_line(b"s3cret").unwrap()
     );
     write(b"s3cret\r\n\n", 0o400);
     assert_eq!(
         read_token_file(&file).unwrap(),
-        Token::from_line(b"s3cret".to_vec()).unwrap()
+        Token::from_line(b"s3cret").unwrap()
     );
     for mode in [0o644, 0o640, 0o604, 0o660, 0o700 | 0o070] {
         write(b"s3cret", mode);
