@@ -207,47 +207,71 @@ macro_rules! message_set {
     };
 }
 
-message_set! {
-    /// Messages a driver sends to the shim.
-    pub enum DriverToShim {
-        /// Handshake.
-        "hello" => Hello(Hello),
-        /// The driver takes tasks.
-        "ready" => Ready(Ready),
-        /// A task ended.
-        "task_done" => TaskDone(TaskDone),
-        /// The driver is at a safe point.
-        "paused" => Paused(Paused),
-        /// Liveness probe of the shim.
-        "ping" => Ping(Ping),
-        /// Answer to the shim's `ping`.
-        "pong" => Pong(Pong),
-        /// Success reply to a shim request.
-        "ok" => Ok(OkReply),
-        /// Failure reply, or an error the driver reports.
-        "error" => Error(ErrorMsg),
-        /// Output text.
-        "message_chunk" => MessageChunk(MessageChunk),
-        /// A tool call began.
-        "tool_call" => ToolCall(ToolCall),
-        /// A tool call ended.
-        "tool_result" => ToolResult(ToolResult),
-        /// A file changed.
-        "file_change" => FileChange(FileChange),
-        /// Task progress.
-        "progress" => Progress(Progress),
-        /// A log line.
-        "log" => Log(Log),
-        /// The driver's own kind of event.
-        "custom" => Custom(Custom),
-        /// Run a tool process.
-        "exec" => Exec(Exec),
-        /// Stdin for an exec.
-        "exec_input" => ExecInput(ExecInput),
-        /// Terminal size of an exec.
-        "exec_resize" => ExecResize(ExecResize),
-        /// Signal an exec's process group.
-        "exec_signal" => ExecSignal(ExecSignal),
+/// The driver's events, which the shim relays to the control plane as they are: one list for
+/// [`DriverToShim`] and [`Event`] (and, through [`Message::TYPES`], for the relay's check).
+/// Calls `message_set!` with the enum's rows, the events spliced in where `driver_events`
+/// stands.
+macro_rules! with_driver_events {
+    (
+        message_set! {
+            $(#[$meta:meta])*
+            pub enum $name:ident { $($before:tt)* } driver_events { $($after:tt)* }
+        }
+    ) => {
+        message_set! {
+            $(#[$meta])*
+            pub enum $name {
+                $($before)*
+                /// Output text.
+                "message_chunk" => MessageChunk(MessageChunk),
+                /// A tool call began.
+                "tool_call" => ToolCall(ToolCall),
+                /// A tool call ended.
+                "tool_result" => ToolResult(ToolResult),
+                /// A file changed.
+                "file_change" => FileChange(FileChange),
+                /// Task progress.
+                "progress" => Progress(Progress),
+                /// A log line.
+                "log" => Log(Log),
+                /// The driver's own kind of event.
+                "custom" => Custom(Custom),
+                $($after)*
+            }
+        }
+    };
+}
+
+with_driver_events! {
+    message_set! {
+        /// Messages a driver sends to the shim.
+        pub enum DriverToShim {
+            /// Handshake.
+            "hello" => Hello(Hello),
+            /// The driver takes tasks.
+            "ready" => Ready(Ready),
+            /// A task ended.
+            "task_done" => TaskDone(TaskDone),
+            /// The driver is at a safe point.
+            "paused" => Paused(Paused),
+            /// Liveness probe of the shim.
+            "ping" => Ping(Ping),
+            /// Answer to the shim's `ping`.
+            "pong" => Pong(Pong),
+            /// Success reply to a shim request.
+            "ok" => Ok(OkReply),
+            /// Failure reply, or an error the driver reports.
+            "error" => Error(ErrorMsg),
+        } driver_events {
+            /// Run a tool process.
+            "exec" => Exec(Exec),
+            /// Stdin for an exec.
+            "exec_input" => ExecInput(ExecInput),
+            /// Terminal size of an exec.
+            "exec_resize" => ExecResize(ExecResize),
+            /// Signal an exec's process group.
+            "exec_signal" => ExecSignal(ExecSignal),
+        }
     }
 }
 
@@ -347,51 +371,39 @@ message_set! {
     }
 }
 
-message_set! {
-    /// An event inside an `event` envelope: the driver's events relayed, and the shim's own.
-    pub enum Event {
-        /// Output text.
-        "message_chunk" => MessageChunk(MessageChunk),
-        /// A tool call began.
-        "tool_call" => ToolCall(ToolCall),
-        /// A tool call ended.
-        "tool_result" => ToolResult(ToolResult),
-        /// A file changed.
-        "file_change" => FileChange(FileChange),
-        /// Task progress.
-        "progress" => Progress(Progress),
-        /// A log line.
-        "log" => Log(Log),
-        /// The driver's own kind of event.
-        "custom" => Custom(Custom),
-        /// An error the driver reported.
-        "error" => Error(ErrorMsg),
-        /// A task ended.
-        "task_done" => TaskDone(TaskDone),
-        /// A submitted task was queued.
-        "task_accepted" => TaskAccepted(TaskAccepted),
-        /// The driver was launched.
-        "driver_started" => DriverStarted(DriverStarted),
-        /// The driver is ready.
-        "driver_ready" => DriverReady(DriverReady),
-        /// The driver ended.
-        "driver_exited" => DriverExited(DriverExited),
-        /// The driver will be relaunched.
-        "driver_restarting" => DriverRestarting(DriverRestarting),
-        /// Too many restarts: state `error`.
-        "crash_loop" => CrashLoop(CrashLoop),
-        /// The driver's state changed.
-        "state_changed" => StateChanged(StateChanged),
-        /// The agent is at a safe point and may be frozen.
-        "paused" => Paused(Paused),
-        /// Output of a control-initiated exec.
-        "exec_output" => ExecOutput(ExecOutput),
-        /// A control-initiated exec ended.
-        "exec_exit" => ExecExit(ExecExit),
-        /// The agent became idle.
-        "idle" => Idle(Idle),
-        /// Work arrived after `idle`.
-        "busy" => Busy(Busy),
+with_driver_events! {
+    message_set! {
+        /// An event inside an `event` envelope: the driver's events relayed, and the shim's own.
+        pub enum Event {} driver_events {
+            /// An error the driver reported.
+            "error" => Error(ErrorMsg),
+            /// A task ended.
+            "task_done" => TaskDone(TaskDone),
+            /// A submitted task was queued.
+            "task_accepted" => TaskAccepted(TaskAccepted),
+            /// The driver was launched.
+            "driver_started" => DriverStarted(DriverStarted),
+            /// The driver is ready.
+            "driver_ready" => DriverReady(DriverReady),
+            /// The driver ended.
+            "driver_exited" => DriverExited(DriverExited),
+            /// The driver will be relaunched.
+            "driver_restarting" => DriverRestarting(DriverRestarting),
+            /// Too many restarts: state `error`.
+            "crash_loop" => CrashLoop(CrashLoop),
+            /// The driver's state changed.
+            "state_changed" => StateChanged(StateChanged),
+            /// The agent is at a safe point and may be frozen.
+            "paused" => Paused(Paused),
+            /// Output of a control-initiated exec.
+            "exec_output" => ExecOutput(ExecOutput),
+            /// A control-initiated exec ended.
+            "exec_exit" => ExecExit(ExecExit),
+            /// The agent became idle.
+            "idle" => Idle(Idle),
+            /// Work arrived after `idle`.
+            "busy" => Busy(Busy),
+        }
     }
 }
 
