@@ -314,9 +314,11 @@ impl<'de> de::SeqAccess<'de> for Ext<'de> {
     }
 }
 
-/// An enum written as a one-entry map (or array): the variant, then its content.
+/// An enum: written as a one-entry map (or array), the variant then its content
+/// (`wrapped`); or written as just its variant.
 struct Variant<'a, 'de> {
     de: &'a mut Deserializer<'de>,
+    wrapped: bool,
 }
 
 impl<'de> de::EnumAccess<'de> for Variant<'_, 'de> {
@@ -332,48 +334,13 @@ impl<'de> de::VariantAccess<'de> for Variant<'_, 'de> {
     type Error = Error;
 
     fn unit_variant(self) -> Result<(), Error> {
+        if !self.wrapped {
+            return Ok(());
+        }
         match self.de.next()? {
             Token::Nil => Ok(()),
             _ => Err(fail("expected nil for a unit variant")),
         }
-    }
-
-    fn newtype_variant_seed<T: DeserializeSeed<'de>>(self, seed: T) -> Result<T::Value, Error> {
-        seed.deserialize(self.de)
-    }
-
-    fn tuple_variant<V: Visitor<'de>>(self, _len: usize, visitor: V) -> Result<V::Value, Error> {
-        self.de.any(visitor, false)
-    }
-
-    fn struct_variant<V: Visitor<'de>>(
-        self,
-        _fields: &'static [&'static str],
-        visitor: V,
-    ) -> Result<V::Value, Error> {
-        self.de.any(visitor, false)
-    }
-}
-
-/// An enum written as just its variant.
-struct UnitVariant<'a, 'de> {
-    de: &'a mut Deserializer<'de>,
-}
-
-impl<'de> de::EnumAccess<'de> for UnitVariant<'_, 'de> {
-    type Error = Error;
-    type Variant = Self;
-
-    fn variant_seed<V: DeserializeSeed<'de>>(self, seed: V) -> Result<(V::Value, Self), Error> {
-        Ok((seed.deserialize(&mut *self.de)?, self))
-    }
-}
-
-impl<'de> de::VariantAccess<'de> for UnitVariant<'_, 'de> {
-    type Error = Error;
-
-    fn unit_variant(self) -> Result<(), Error> {
-        Ok(())
     }
 
     fn newtype_variant_seed<T: DeserializeSeed<'de>>(self, seed: T) -> Result<T::Value, Error> {
@@ -424,13 +391,19 @@ impl<'de> de::Deserializer<'de> for &mut Deserializer<'de> {
         match self.peek_byte() {
             _ if self.byte => Err(self.refuse_byte(&visitor)),
             Some(0x80..=0x9f | 0xdc..=0xdf) => match self.next()? {
-                Token::Array(1) | Token::Map(1) => visitor.visit_enum(Variant { de: self }),
+                Token::Array(1) | Token::Map(1) => visitor.visit_enum(Variant {
+                    de: self,
+                    wrapped: true,
+                }),
                 Token::Array(n) | Token::Map(n) => Err(de::Error::custom(format_args!(
                     "enum: expected one entry, got {n}"
                 ))),
                 _ => Err(fail("enum: unexpected token")),
             },
-            _ => visitor.visit_enum(UnitVariant { de: self }),
+            _ => visitor.visit_enum(Variant {
+                de: self,
+                wrapped: false,
+            }),
         }
     }
 
