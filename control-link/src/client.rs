@@ -13,11 +13,10 @@ use driver_protocol::message::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-use crate::events::Item;
-use crate::fleet::FleetItem;
+use crate::events::{FleetItem, Item, Sink};
 use crate::link::Connected;
 use crate::options::ConnectOptions;
-use crate::session::{dial_first, Cmd, Session, Shared, Sink, Source};
+use crate::session::{dial_first, Cmd, Session, Shared, Source};
 use crate::shared::Position;
 use crate::{
     Addr, AgentId, Error, EventStream, ExecSpec, RawEventStream, Sig, Target, TaskSpec, Token,

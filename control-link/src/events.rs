@@ -1,10 +1,17 @@
 //! [`EventStream`]: a client's events, each once, in seq order, across reconnects; and
 //! [`RawEventStream`]: the same events as [`RawEvent`]s, still encoded, for a control plane
 //! that archives or forwards them rather than reading each one.
+//!
+//! Also where a session's events go (its `Sink`): the client's own stream, or a fleet's
+//! aggregated one, whose items name their [`AgentId`]. The session hands events to the sink
+//! and knows nothing of fleets.
 
+use std::borrow::Borrow;
+use std::fmt;
 use std::future::poll_fn;
-use std::ops::Range;
+use std::ops::{Deref, Range};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -12,10 +19,204 @@ use driver_protocol::message::{Event, Message as _, Seq, Unknown};
 use driver_protocol::{raw, DecodeError};
 use futures_core::Stream;
 use tokio::sync::mpsc;
-use tracing::warn;
+use tracing::{debug, warn};
 
-use crate::shared::AckBatch;
+use crate::shared::{AckBatch, Shared};
 use crate::Client;
+
+/// An agent's id, as its shim names it (`hello.agent_id`) or as given to
+/// [`Fleet::connect`](crate::Fleet::connect). Cheap to clone.
+///
+/// ```
+/// use control_link::AgentId;
+/// let id = AgentId::from("agent-7");
+/// assert_eq!(&*id, "agent-7");
+/// assert_eq!(id.to_string(), "agent-7");
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AgentId(Arc<str>);
+
+impl Deref for AgentId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Borrow<str> for AgentId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for AgentId {
+    fn from(s: &str) -> Self {
+        Self(Arc::from(s))
+    }
+}
+
+impl From<String> for AgentId {
+    fn from(s: String) -> Self {
+        Self(Arc::from(s))
+    }
+}
+
+impl fmt::Display for AgentId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for AgentId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+/// One event on its way to the fleet's stream.
+#[derive(Debug)]
+pub(crate) struct FleetItem {
+    pub(crate) agent: AgentId,
+    pub(crate) seq: Seq,
+    pub(crate) event: Event,
+    /// The bytes the event took on the wire.
+    pub(crate) len: usize,
+    pub(crate) shared: Arc<Shared>,
+}
+
+/// Where events go.
+#[derive(Debug)]
+pub(crate) enum Sink {
+    /// The client's own [`EventStream`](crate::EventStream) or
+    /// [`RawEventStream`](crate::RawEventStream).
+    Own(mpsc::Sender<Item>),
+    /// A fleet's aggregated stream.
+    Fleet {
+        /// The agent whose events these are.
+        agent: AgentId,
+        /// The fleet's channel.
+        tx: mpsc::Sender<FleetItem>,
+    },
+}
+
+/// What became of an event offered to the sink without waiting.
+pub(crate) enum Offer {
+    /// Handed out (or dropped: nobody takes events any more).
+    Taken,
+    /// The channel is full: the event is given back.
+    Full(Item),
+}
+
+/// A raw event for a fleet's stream, which hands out decoded events. (A fleet's clients
+/// never read events raw.)
+fn decoded(raw: &RawEvent) -> Event {
+    raw.decode().unwrap_or_else(|e| {
+        warn!(seq = raw.seq(), error = %e, "an event that does not decode");
+        Event::Unknown(driver_protocol::message::Unknown {
+            type_name: raw.type_name().to_owned(),
+            id: None,
+        })
+    })
+}
+
+impl Sink {
+    /// Hands `item` out if the channel has room now.
+    pub(crate) fn try_send(&self, shared: &Arc<Shared>, item: Item) -> Offer {
+        use mpsc::error::TrySendError;
+        match self {
+            Sink::Own(tx) => match tx.try_send(item) {
+                Ok(()) => Offer::Taken,
+                Err(TrySendError::Full(item)) => Offer::Full(item),
+                Err(TrySendError::Closed(item)) => {
+                    debug!(
+                        seq = item.seq(),
+                        "nobody takes events; event dropped (not acked)"
+                    );
+                    Offer::Taken
+                }
+            },
+            Sink::Fleet { agent, tx } => {
+                let len = item.wire_len();
+                let (seq, event) = match item {
+                    Item::Typed(seq, event, _) => (seq, event),
+                    Item::Raw(raw) => (raw.seq(), decoded(&raw)),
+                };
+                let item = FleetItem {
+                    agent: agent.clone(),
+                    seq,
+                    event,
+                    len,
+                    shared: Arc::clone(shared),
+                };
+                match tx.try_send(item) {
+                    Ok(()) => Offer::Taken,
+                    Err(TrySendError::Full(item)) => {
+                        Offer::Full(Item::Typed(item.seq, item.event, item.len))
+                    }
+                    Err(TrySendError::Closed(_)) => {
+                        debug!(seq, "nobody takes events; event dropped (not acked)");
+                        Offer::Taken
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Room for one event in a sink.
+pub(crate) enum Permit {
+    Own(mpsc::OwnedPermit<Item>),
+    Fleet(mpsc::OwnedPermit<FleetItem>, AgentId),
+}
+
+impl Sink {
+    /// Room for one event; `Err` when nobody receives events any more. The future owns what
+    /// it needs, so it borrows nothing from the session.
+    pub(crate) fn reserve(
+        &self,
+    ) -> impl std::future::Future<Output = Result<Permit, ()>> + 'static {
+        let sink = match self {
+            Sink::Own(tx) => Ok(tx.clone()),
+            Sink::Fleet { agent, tx } => Err((agent.clone(), tx.clone())),
+        };
+        async move {
+            match sink {
+                Ok(tx) => tx.reserve_owned().await.map(Permit::Own).map_err(drop),
+                Err((agent, tx)) => tx
+                    .reserve_owned()
+                    .await
+                    .map(|p| Permit::Fleet(p, agent))
+                    .map_err(drop),
+            }
+        }
+    }
+}
+
+impl Permit {
+    /// Hands `item` out in the room reserved (decoded, for a fleet's stream).
+    pub(crate) fn send(self, item: Item, shared: &Arc<Shared>) {
+        match self {
+            Permit::Own(p) => {
+                p.send(item);
+            }
+            Permit::Fleet(p, agent) => {
+                let seq = item.seq();
+                let len = item.wire_len();
+                let event = match item {
+                    Item::Typed(_, event, _) => event,
+                    Item::Raw(raw) => decoded(&raw),
+                };
+                p.send(FleetItem {
+                    agent,
+                    seq,
+                    event,
+                    len,
+                    shared: Arc::clone(shared),
+                });
+            }
+        }
+    }
+}
 
 /// What the session hands to a client's own stream: decoded for an [`EventStream`], still
 /// encoded for a [`RawEventStream`] (the session learns which when the stream is taken).

@@ -6,11 +6,8 @@
 //! Cursors per agent come from [`ConnectOptions::cursor_for`], so a restarted control plane
 //! resumes each agent where it stopped.
 
-use std::borrow::Borrow;
 use std::collections::HashMap;
-use std::fmt;
 use std::future::poll_fn;
-use std::ops::Deref;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
@@ -19,71 +16,13 @@ use driver_protocol::message::{Event, Seq};
 use futures_core::Stream;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
+use tracing::warn;
 
+use crate::events::{AgentId, FleetItem};
 use crate::link::Connected;
-use crate::listener::{self, Out};
-use crate::session::{dial_first, Shared, Source};
+use crate::listener;
+use crate::session::{dial_first, Source};
 use crate::{Addr, Client, ConnectOptions, Error};
-
-/// An agent's id, as its shim names it (`hello.agent_id`) or as given to
-/// [`Fleet::connect`]. Cheap to clone.
-///
-/// ```
-/// use control_link::AgentId;
-/// let id = AgentId::from("agent-7");
-/// assert_eq!(&*id, "agent-7");
-/// assert_eq!(id.to_string(), "agent-7");
-/// ```
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct AgentId(Arc<str>);
-
-impl Deref for AgentId {
-    type Target = str;
-    fn deref(&self) -> &str {
-        &self.0
-    }
-}
-
-impl Borrow<str> for AgentId {
-    fn borrow(&self) -> &str {
-        &self.0
-    }
-}
-
-impl From<&str> for AgentId {
-    fn from(s: &str) -> Self {
-        Self(Arc::from(s))
-    }
-}
-
-impl From<String> for AgentId {
-    fn from(s: String) -> Self {
-        Self(Arc::from(s))
-    }
-}
-
-impl fmt::Display for AgentId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl fmt::Debug for AgentId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&*self.0, f)
-    }
-}
-
-/// One event on its way to the fleet's stream.
-#[derive(Debug)]
-pub(crate) struct FleetItem {
-    pub(crate) agent: AgentId,
-    pub(crate) seq: Seq,
-    pub(crate) event: Event,
-    /// The bytes the event took on the wire.
-    pub(crate) len: usize,
-    pub(crate) shared: Arc<Shared>,
-}
 
 #[derive(Debug)]
 pub(crate) struct FleetInner {
@@ -226,8 +165,21 @@ impl Fleet {
     /// # Ok(()) }
     /// ```
     pub async fn listen(&self, addr: &Addr) -> Result<Addr, Error> {
-        let out = Out::Fleet(Arc::downgrade(&self.inner));
-        let (local, task) = listener::spawn(addr, self.inner.opts.clone(), out).await?;
+        // The listener hands each new agent to the fleet; it holds the fleet weakly, so a
+        // dropped fleet stops adopting (and its drop aborts the listener).
+        let fleet = Arc::downgrade(&self.inner);
+        let adopt: listener::Adopt = Arc::new(move |agent, source, conn| {
+            let fleet = fleet.clone();
+            Box::pin(async move {
+                let Some(fleet) = fleet.upgrade() else { return };
+                let Some(agent) = agent else {
+                    warn!("a dialing shim sent no agent_id; a fleet needs one");
+                    return;
+                };
+                fleet.adopt(AgentId::from(agent), source, conn).await;
+            })
+        });
+        let (local, task) = listener::spawn(addr, self.inner.opts.clone(), adopt).await?;
         if let Ok(mut l) = self.inner.listeners.lock() {
             l.push(task);
         }

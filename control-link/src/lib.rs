@@ -25,8 +25,8 @@ pub use driver_protocol::ErrorCode;
 pub use client::{connect, Client};
 pub use driver_protocol::net::{Addr, AddrError};
 pub use error::Error;
-pub use events::{EventStream, RawEvent, RawEventStream};
-pub use fleet::{AgentId, Fleet, FleetEvents};
+pub use events::{AgentId, EventStream, RawEvent, RawEventStream};
+pub use fleet::{Fleet, FleetEvents};
 pub use listener::Listener;
 pub use options::{AckMode, Backoff, ConnectOptions, CursorFn};
 #[cfg(feature = "schema")]

@@ -24,7 +24,7 @@ use driver_protocol::codec::{FrameCodec, MessageCodec};
 use driver_protocol::frame::HEADER_LEN;
 use driver_protocol::handshake::{self, auth_proof, hello_nonce, verify_proof, NONCE_LEN};
 use driver_protocol::message::{Auth, ControlToShim, Hello, Role, ShimToControl};
-use driver_protocol::{frame, raw, DecodeError, ErrorCode, Message as _};
+use driver_protocol::{envelope, frame, DecodeError, ErrorCode, Message as _};
 use futures_core::Stream;
 use tokio::io::{AsyncWriteExt as _, ReadHalf, WriteHalf};
 use tokio_util::codec::{Decoder, FramedRead};
@@ -170,7 +170,7 @@ fn typed(
 /// or an envelope that does not check, decoded (which gives the error).
 fn decode_raw(body: BytesMut) -> Result<Incoming, DecodeError> {
     // The envelope and the event's head in one pass.
-    let Ok((split, type_name)) = raw::split_envelope_head(&body) else {
+    let Ok((split, type_name)) = envelope::split_envelope_head(&body) else {
         let len = body.len().saturating_add(frame::HEADER_LEN);
         return ShimToControl::decode(&body).map(|msg| Incoming::Msg(Box::new(msg), len));
     };
@@ -403,7 +403,7 @@ mod tests {
         event.push(u8::try_from(pad).expect("bin8"));
         event.resize(200, 0x5a);
         let mut body = Vec::new();
-        raw::encode_event_envelope(seq, &event, &mut body);
+        envelope::encode_event_envelope(seq, &event, &mut body);
         let mut frame = Vec::new();
         frame::write_body(&mut frame, usize::MAX, &body).expect("frame");
         frame

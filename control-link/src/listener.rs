@@ -11,6 +11,8 @@
 //! peer proved the token, and each ends within the connect timeout.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,21 +22,23 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::addr::{Bound, BoxIo};
-use crate::fleet::FleetInner;
 use crate::link::handshake;
 use crate::link::Connected;
 use crate::session::Source;
-use crate::{Addr, AgentId, Client, ConnectOptions, Error, Token};
+use crate::{Addr, Client, ConnectOptions, Error, Token};
 
 /// Agents with a live client, and the way to hand them a new connection.
 type Registry = Arc<Mutex<HashMap<String, mpsc::Sender<Connected>>>>;
 
-/// Where accepted clients go.
-#[derive(Clone)]
-pub(crate) enum Out {
-    Own(mpsc::Sender<Client>),
-    Fleet(std::sync::Weak<FleetInner>),
-}
+/// What the listener does with each new agent (one not already known, which continues on its
+/// own client): its owner's callback, given the agent's id (if its `hello` named one), the
+/// source of its next connections and its first one. A [`Listener`] starts a client and
+/// queues it for [`Listener::accept`]; a [`Fleet`](crate::Fleet) adopts it.
+pub(crate) type Adopt = Arc<
+    dyn Fn(Option<String>, Source, Connected) -> Pin<Box<dyn Future<Output = ()> + Send>>
+        + Send
+        + Sync,
+>;
 
 /// A listening socket for shims that dial in.
 ///
@@ -79,7 +83,17 @@ impl Listener {
     /// ```
     pub async fn bind_with(addr: &Addr, opts: ConnectOptions) -> Result<Self, Error> {
         let (tx, rx) = mpsc::channel(64);
-        let (local, task) = spawn(addr, opts, Out::Own(tx)).await?;
+        let client_opts = opts.clone();
+        let adopt: Adopt = Arc::new(move |_agent, source, conn| {
+            let client = Client::start(client_opts.clone(), source, conn, None, None);
+            let tx = tx.clone();
+            Box::pin(async move {
+                if tx.send(client).await.is_err() {
+                    debug!("listener dropped; new client closed");
+                }
+            })
+        });
+        let (local, task) = spawn(addr, opts, adopt).await?;
         Ok(Self {
             accepted: rx,
             local,
@@ -123,20 +137,20 @@ impl Drop for Listener {
 pub(crate) async fn spawn(
     addr: &Addr,
     opts: ConnectOptions,
-    out: Out,
+    adopt: Adopt,
 ) -> Result<(Addr, AbortHandle), Error> {
     opts.check_addr(addr)?;
     let bound = crate::addr::bind(addr).await?;
     let local = bound.local_addr(addr);
     let registry: Registry = Arc::default();
-    let task = tokio::spawn(accept_loop(bound, opts, out, registry));
+    let task = tokio::spawn(accept_loop(bound, opts, adopt, registry));
     Ok((local, task.abort_handle()))
 }
 
 /// How often the closing of connections over the handshake limit is logged (with a count).
 const REFUSED_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
-async fn accept_loop(bound: Bound, opts: ConnectOptions, out: Out, registry: Registry) {
+async fn accept_loop(bound: Bound, opts: ConnectOptions, adopt: Adopt, registry: Registry) {
     let handshakes = Arc::new(Semaphore::new(opts.max_handshakes));
     let mut refused: u64 = 0;
     let mut refused_logged: Option<Instant> = None;
@@ -158,8 +172,9 @@ async fn accept_loop(bound: Bound, opts: ConnectOptions, out: Out, registry: Reg
                     }
                     continue;
                 };
-                let (opts, out, registry) = (opts.clone(), out.clone(), Arc::clone(&registry));
-                tokio::spawn(admit(io, permit, opts, out, registry));
+                let (opts, adopt, registry) =
+                    (opts.clone(), Arc::clone(&adopt), Arc::clone(&registry));
+                tokio::spawn(admit(io, permit, opts, adopt, registry));
             }
             Err(e) => {
                 warn!(error = %e, "accept failed");
@@ -175,7 +190,7 @@ async fn admit(
     io: BoxIo,
     permit: OwnedSemaphorePermit,
     opts: ConnectOptions,
-    out: Out,
+    adopt: Adopt,
     registry: Registry,
 ) {
     let shaken = handshake(io, &opts).await;
@@ -201,27 +216,8 @@ async fn admit(
         }
     }
     let (handoff, rx) = mpsc::channel(1);
-    let source = Source::Handoff(rx);
-    match &out {
-        Out::Own(tx) => {
-            let client = Client::start(opts, source, conn, None, None);
-            register(&registry, agent.as_deref(), handoff);
-            if tx.send(client).await.is_err() {
-                debug!("listener dropped; new client closed");
-            }
-        }
-        Out::Fleet(fleet) => {
-            let Some(fleet) = fleet.upgrade() else { return };
-            let Some(agent) = agent else {
-                warn!("a dialing shim sent no agent_id; a fleet needs one");
-                return;
-            };
-            register(&registry, Some(&agent), handoff);
-            fleet
-                .adopt(AgentId::from(agent.as_str()), source, conn)
-                .await;
-        }
-    }
+    register(&registry, agent.as_deref(), handoff);
+    adopt(agent, Source::Handoff(rx), conn).await;
 }
 
 fn register(registry: &Registry, agent: Option<&str>, handoff: mpsc::Sender<Connected>) {

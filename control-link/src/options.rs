@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use driver_protocol::message::Seq;
+pub use driver_protocol::Backoff;
 
 use crate::{Addr, Client, Error, Token};
 
@@ -23,61 +24,6 @@ pub enum AckMode {
     Auto,
     /// Only [`Client::ack`] acknowledges: call it once the events are durably processed.
     Manual,
-}
-
-/// Reconnect backoff: exponential from `initial`, doubled per failed attempt, capped at
-/// `max`, each delay jittered by ± `jitter` (a fraction).
-///
-/// ```
-/// use std::time::Duration;
-/// use control_link::Backoff;
-/// let b = Backoff { initial: Duration::from_millis(50), max: Duration::from_secs(2), jitter: 0.2 };
-/// assert!(b.delay(10) <= Duration::from_millis(2400));
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Backoff {
-    /// The first delay.
-    pub initial: Duration,
-    /// The cap.
-    pub max: Duration,
-    /// ± this fraction of random jitter (0 = none, 0.2 = ± 20 %).
-    pub jitter: f64,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self {
-            initial: Duration::from_millis(100),
-            max: Duration::from_secs(5),
-            jitter: 0.2,
-        }
-    }
-}
-
-impl Backoff {
-    /// The delay before reconnect attempt `attempt` (0 = the first retry).
-    ///
-    /// ```
-    /// # use std::time::Duration;
-    /// # use control_link::Backoff;
-    /// let b = Backoff { initial: Duration::from_millis(100), max: Duration::from_secs(1), jitter: 0.0 };
-    /// assert_eq!(b.delay(0), Duration::from_millis(100));
-    /// assert_eq!(b.delay(2), Duration::from_millis(400));
-    /// assert_eq!(b.delay(30), Duration::from_secs(1));
-    /// ```
-    pub fn delay(&self, attempt: u32) -> Duration {
-        let base = self
-            .initial
-            .saturating_mul(1u32 << attempt.min(20))
-            .min(self.max);
-        let jitter = self.jitter.clamp(0.0, 1.0);
-        if jitter == 0.0 {
-            return base;
-        }
-        // A uniform factor in [1 - jitter, 1 + jitter].
-        let unit = (crate::random::u64() >> 11) as f64 / (1u64 << 53) as f64;
-        base.mul_f64(1.0 - jitter + 2.0 * jitter * unit)
-    }
 }
 
 /// A caller-provided cursor per agent: the last seq it processed (0 = none).
@@ -229,13 +175,17 @@ impl ConnectOptions {
         self
     }
 
-    /// The reconnect backoff.
+    /// The reconnect backoff: the delay before redial n (0 = the first after a drop) is
+    /// `min(initial · factor^n, max)`, ± `jitter` (see [`Backoff`], which is
+    /// driver-protocol's, the same rule the shim's restarts and dial-out follow). Default
+    /// [`Backoff::default`]: 100 ms, ×2, capped at 5 s, ± 20 %.
     ///
     /// ```
     /// # use std::time::Duration;
     /// # use control_link::{Backoff, ConnectOptions};
     /// let opts = ConnectOptions::new().backoff(Backoff {
-    ///     initial: Duration::from_millis(20), max: Duration::from_secs(1), jitter: 0.1 });
+    ///     initial: Duration::from_millis(20), max: Duration::from_secs(1), jitter: 0.1,
+    ///     ..Backoff::default() });
     /// ```
     pub fn backoff(mut self, backoff: Backoff) -> Self {
         self.backoff = backoff;

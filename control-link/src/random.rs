@@ -35,3 +35,9 @@ pub(crate) fn u64() -> u64 {
         }
     }
 }
+
+/// A number uniform in `[0, 1)`, for backoff jitter.
+pub(crate) fn unit() -> f64 {
+    // The top 53 bits fill an f64 mantissa exactly.
+    (u64() >> 11) as f64 / (1u64 << 53) as f64
+}

@@ -38,13 +38,12 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep_until, Instant};
 use tracing::{debug, info, warn};
 
-use crate::events::{Item, RawEvent};
-use crate::fleet::FleetItem;
+use crate::events::{Item, Offer, Sink};
 use crate::link::{handshake, Connected, Incoming, Link};
 use crate::options::{AckMode, ConnectOptions};
 pub(crate) use crate::shared::Shared;
 use crate::shared::ACK_INTERVAL;
-use crate::{Addr, AgentId, Error};
+use crate::{Addr, Error};
 
 /// Refused redials in a row after which the refusal is final.
 pub(crate) const MAX_REFUSALS: u32 = 3;
@@ -82,109 +81,6 @@ pub(crate) enum Source {
     Dial(Addr),
     /// Wait for a [`Listener`](crate::Listener) to hand over the agent's next connection.
     Handoff(mpsc::Receiver<Connected>),
-}
-
-/// Where events go.
-#[derive(Debug)]
-pub(crate) enum Sink {
-    /// The client's own [`EventStream`](crate::EventStream) or
-    /// [`RawEventStream`](crate::RawEventStream).
-    Own(mpsc::Sender<Item>),
-    /// A fleet's aggregated stream.
-    Fleet {
-        agent: AgentId,
-        tx: mpsc::Sender<FleetItem>,
-    },
-}
-
-/// What became of an event offered to the sink without waiting.
-enum Offer {
-    /// Handed out (or dropped: nobody takes events any more).
-    Taken,
-    /// The channel is full: the event is given back.
-    Full(Item),
-}
-
-/// A raw event for a fleet's stream, which hands out decoded events. (A fleet's clients
-/// never read events raw.)
-fn decoded(raw: &RawEvent) -> Event {
-    raw.decode().unwrap_or_else(|e| {
-        warn!(seq = raw.seq(), error = %e, "an event that does not decode");
-        Event::Unknown(driver_protocol::message::Unknown {
-            type_name: raw.type_name().to_owned(),
-            id: None,
-        })
-    })
-}
-
-impl Sink {
-    /// Hands `item` out if the channel has room now.
-    fn try_send(&self, shared: &Arc<Shared>, item: Item) -> Offer {
-        use mpsc::error::TrySendError;
-        match self {
-            Sink::Own(tx) => match tx.try_send(item) {
-                Ok(()) => Offer::Taken,
-                Err(TrySendError::Full(item)) => Offer::Full(item),
-                Err(TrySendError::Closed(item)) => {
-                    debug!(
-                        seq = item.seq(),
-                        "nobody takes events; event dropped (not acked)"
-                    );
-                    Offer::Taken
-                }
-            },
-            Sink::Fleet { agent, tx } => {
-                let len = item.wire_len();
-                let (seq, event) = match item {
-                    Item::Typed(seq, event, _) => (seq, event),
-                    Item::Raw(raw) => (raw.seq(), decoded(&raw)),
-                };
-                let item = FleetItem {
-                    agent: agent.clone(),
-                    seq,
-                    event,
-                    len,
-                    shared: Arc::clone(shared),
-                };
-                match tx.try_send(item) {
-                    Ok(()) => Offer::Taken,
-                    Err(TrySendError::Full(item)) => {
-                        Offer::Full(Item::Typed(item.seq, item.event, item.len))
-                    }
-                    Err(TrySendError::Closed(_)) => {
-                        debug!(seq, "nobody takes events; event dropped (not acked)");
-                        Offer::Taken
-                    }
-                }
-            }
-        }
-    }
-}
-
-enum Permit {
-    Own(mpsc::OwnedPermit<Item>),
-    Fleet(mpsc::OwnedPermit<FleetItem>, AgentId),
-}
-
-impl Sink {
-    /// Room for one event; `Err` when nobody receives events any more. The future owns what
-    /// it needs, so it borrows nothing from the session.
-    fn reserve(&self) -> impl std::future::Future<Output = Result<Permit, ()>> + 'static {
-        let sink = match self {
-            Sink::Own(tx) => Ok(tx.clone()),
-            Sink::Fleet { agent, tx } => Err((agent.clone(), tx.clone())),
-        };
-        async move {
-            match sink {
-                Ok(tx) => tx.reserve_owned().await.map(Permit::Own).map_err(drop),
-                Err((agent, tx)) => tx
-                    .reserve_owned()
-                    .await
-                    .map(|p| Permit::Fleet(p, agent))
-                    .map_err(drop),
-            }
-        }
-    }
 }
 
 struct Pending {
@@ -345,7 +241,7 @@ impl Session {
             }
             match source {
                 Source::Dial(addr) => {
-                    let delay = self.opts.backoff.delay(self.attempt);
+                    let delay = self.opts.backoff.delay(self.attempt, crate::random::unit());
                     let wake = Instant::now() + delay;
                     loop {
                         tokio::select! {
@@ -557,23 +453,7 @@ impl Session {
                     let Some(item) = self.queued.take() else { continue };
                     let seq = item.seq();
                     match permit {
-                        Ok(Permit::Own(p)) => {
-                            p.send(item);
-                        }
-                        Ok(Permit::Fleet(p, agent)) => {
-                            let len = item.wire_len();
-                            let event = match item {
-                                Item::Typed(_, event, _) => event,
-                                Item::Raw(raw) => decoded(&raw),
-                            };
-                            p.send(FleetItem {
-                                agent,
-                                seq,
-                                event,
-                                len,
-                                shared: Arc::clone(&self.shared),
-                            });
-                        }
+                        Ok(permit) => permit.send(item, &self.shared),
                         Err(()) => debug!(seq, "nobody takes events; event dropped (not acked)"),
                     }
                     self.delivered = seq;
@@ -775,7 +655,7 @@ pub(crate) async fn dial_first(addr: &Addr, opts: &ConnectOptions) -> Result<Con
     loop {
         match dial_once(addr.clone(), opts.clone()).await {
             Err(e) if e.is_busy() => {
-                let delay = opts.backoff.delay(attempt);
+                let delay = opts.backoff.delay(attempt, crate::random::unit());
                 attempt = attempt.saturating_add(1);
                 if Instant::now() + delay >= give_up {
                     return Err(e);
@@ -855,6 +735,7 @@ mod tests {
                     initial: Duration::from_millis(10),
                     max: Duration::from_millis(50),
                     jitter: 0.0,
+                    ..crate::Backoff::default()
                 })
                 .connect_timeout(Duration::from_secs(5));
             let started = std::time::Instant::now();

@@ -20,7 +20,7 @@ use driver_protocol::frame::{self, HEADER_LEN};
 use driver_protocol::message::{
     DriverToShim, Event, EventEnvelope, Message, MessageChunk, ShimToControl,
 };
-use driver_protocol::raw;
+use driver_protocol::{envelope, raw};
 use tokio_util::codec::{Decoder, Encoder};
 
 const MAX: usize = driver_protocol::DEFAULT_MAX_FRAME;
@@ -182,7 +182,7 @@ fn relay_decode_reencode(bencher: Bencher) {
 #[divan::bench]
 fn decode_envelope(bencher: Bencher) {
     let mut env = Vec::new();
-    raw::encode_event_envelope(123_456, &body(), &mut env);
+    envelope::encode_event_envelope(123_456, &body(), &mut env);
     bencher
         .counter(one())
         .bench_local(|| ShimToControl::decode(black_box(&env)).unwrap());

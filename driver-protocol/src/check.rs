@@ -6,11 +6,14 @@
 //! answers that, but allocates every string and every [`rmpv::Value`] of the event only to
 //! drop them again, which at a million events a second is most of the relay's cost.
 //!
-//! [`relayable_event`] decodes the same fields, with the same serde attributes, into shadow
-//! structs that borrow from the body and keep no values: strings are `&str`, values are
-//! walked and forgotten. It is never laxer than the typed decoder: a body it accepts decodes
-//! as the typed message (the tests hold it to that); a body it refuses is left to the typed
-//! decoder, which either accepts it after all (a rare shape the shadow structs do not take)
+//! [`relayable_event`] reads the same fields without decoding them: one pass over the body
+//! checks its structure (as [`raw::read_head`](crate::raw::read_head) does) and each field in
+//! a plain shape its typed decoder takes (a string, an optional string, a flag, an unsigned
+//! count, one of a unit enum's names, or any value made of the usual MessagePack kinds). It is
+//! never laxer than the typed decoder: a body it accepts decodes as the typed message (the
+//! tests hold it to that). A body in any other shape (an ext value, a count in a signed
+//! encoding, a struct written as an array…) is left to the typed decoder, which the shim's
+//! relay falls back to anyway: it either accepts the body after all, at the cost of a decode,
 //! or gives the authoritative error.
 //!
 //! ```
@@ -28,39 +31,22 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-use std::fmt;
-
-use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
-
-use crate::message::{nil_as_default, FileChangeKind, LogStream};
 use crate::raw::{plain_event, plain_fields, Field, Fields};
 
 /// The `type` of `body` when it is a driver event the shim relays as it is and it decodes
 /// as its typed message would; `None` for any other message, and for a body that must be
 /// left to the typed decoder (it may still decode, or it gives the error to report).
 ///
-/// Allocates nothing (unless a `tool_call`'s or `tool_result`'s value is refused, for the
-/// error's text).
+/// Allocates nothing.
 pub fn relayable_event(body: &[u8]) -> Option<&str> {
     // The usual body, its `type` first and every field in its plain shape: one pass.
     if let Some(type_name) = plain_event(body, plain_table) {
         return Some(type_name);
     }
+    // Its `type` elsewhere (or a key the one pass leaves to the head): two passes.
     let head = crate::raw::read_head(body).ok()?;
-    // The plain shapes first (a scan of the fields, no serde), then the shadow structs.
     let fields = plain_table(head.type_name)?;
-    let ok = plain_fields(body, fields)
-        || match head.type_name {
-            "message_chunk" => fits::<MessageChunkRef<'_>>(body),
-            "tool_call" => fits::<ToolCallRef<'_>>(body),
-            "tool_result" => fits::<ToolResultRef<'_>>(body),
-            "file_change" => fits::<FileChangeRef<'_>>(body),
-            "progress" => fits::<ProgressRef<'_>>(body),
-            "log" => fits::<LogRef<'_>>(body),
-            "custom" => fits::<CustomRef<'_>>(body),
-            _ => false,
-        };
-    ok.then_some(head.type_name)
+    plain_fields(body, fields).then_some(head.type_name)
 }
 
 /// The fields of a relayable event type in their plain shapes.
@@ -77,9 +63,9 @@ fn plain_table(type_name: &str) -> Option<Fields> {
     })
 }
 
-// The fields of each relayable event in the plain shapes of `raw::plain_fields`: the same
-// fields as the shadow structs below, each shape one their decoder (and the typed one) takes;
-// `true` for a required field.
+// The fields of each relayable event in the plain shapes of `raw::plain_fields`: the fields
+// of the typed events in `message/event.rs`, each shape one their decoder takes; `true` for a
+// required field.
 
 const MESSAGE_CHUNK: Fields = &[
     ("task_id", Field::OptStr, false),
@@ -132,196 +118,14 @@ const CUSTOM: Fields = &[
     ("data", Field::Any, true),
 ];
 
-fn fits<'a, T: Deserialize<'a>>(body: &'a [u8]) -> bool {
-    crate::de::from_slice::<T>(body).is_ok()
-}
-
-// The shadow structs: the fields and serde attributes of the typed events in
-// `message/event.rs`, borrowing instead of owning. Fields are read, never used.
-
-#[derive(serde::Deserialize)]
-#[allow(dead_code)]
-struct MessageChunkRef<'a> {
-    #[serde(default, borrow)]
-    task_id: Option<&'a str>,
-    text: &'a str,
-    #[serde(default, borrow)]
-    role: Option<&'a str>,
-    #[serde(default, rename = "final", deserialize_with = "nil_as_default")]
-    is_final: bool,
-}
-
-#[derive(serde::Deserialize)]
-#[allow(dead_code)]
-struct ToolCallRef<'a> {
-    #[serde(default, borrow)]
-    task_id: Option<&'a str>,
-    call_id: &'a str,
-    name: &'a str,
-    input: AnyRef,
-}
-
-#[derive(serde::Deserialize)]
-#[allow(dead_code)]
-struct ToolResultRef<'a> {
-    #[serde(default, borrow)]
-    task_id: Option<&'a str>,
-    call_id: &'a str,
-    output: AnyRef,
-    #[serde(default, deserialize_with = "nil_as_default")]
-    is_error: bool,
-}
-
-#[derive(serde::Deserialize)]
-#[allow(dead_code)]
-struct FileChangeRef<'a> {
-    #[serde(default, borrow)]
-    task_id: Option<&'a str>,
-    path: &'a str,
-    change: FileChangeKind,
-    #[serde(default, borrow)]
-    from: Option<&'a str>,
-}
-
-#[derive(serde::Deserialize)]
-#[allow(dead_code)]
-struct ProgressRef<'a> {
-    #[serde(default, borrow)]
-    task_id: Option<&'a str>,
-    #[serde(default, borrow)]
-    message: Option<&'a str>,
-    #[serde(default)]
-    done: Option<u64>,
-    #[serde(default)]
-    total: Option<u64>,
-}
-
-#[derive(serde::Deserialize)]
-#[allow(dead_code)]
-struct LogRef<'a> {
-    #[serde(default, borrow)]
-    task_id: Option<&'a str>,
-    stream: LogStream,
-    #[serde(default, borrow)]
-    level: Option<&'a str>,
-    text: &'a str,
-    #[serde(default, deserialize_with = "nil_as_default")]
-    truncated: bool,
-}
-
-#[derive(serde::Deserialize)]
-#[allow(dead_code)]
-struct CustomRef<'a> {
-    #[serde(default, borrow)]
-    task_id: Option<&'a str>,
-    kind: &'a str,
-    data: AnyRef,
-}
-
-/// Any MessagePack value, walked and forgotten: accepts exactly what
-/// [`rmpv::ValueRef`]'s `Deserialize` accepts (a subset of what [`rmpv::Value`]'s accepts),
-/// without building it.
-struct AnyRef;
-
-impl<'de> Deserialize<'de> for AnyRef {
-    fn deserialize<D: Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
-        de.deserialize_any(AnyVisitor)
-    }
-}
-
-struct AnyVisitor;
-
-impl<'de> Visitor<'de> for AnyVisitor {
-    type Value = AnyRef;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("any valid MessagePack value")
-    }
-
-    fn visit_some<D: Deserializer<'de>>(self, de: D) -> Result<AnyRef, D::Error> {
-        AnyRef::deserialize(de)
-    }
-
-    fn visit_none<E>(self) -> Result<AnyRef, E> {
-        Ok(AnyRef)
-    }
-
-    fn visit_unit<E>(self) -> Result<AnyRef, E> {
-        Ok(AnyRef)
-    }
-
-    fn visit_bool<E>(self, _: bool) -> Result<AnyRef, E> {
-        Ok(AnyRef)
-    }
-
-    fn visit_u64<E>(self, _: u64) -> Result<AnyRef, E> {
-        Ok(AnyRef)
-    }
-
-    fn visit_i64<E>(self, _: i64) -> Result<AnyRef, E> {
-        Ok(AnyRef)
-    }
-
-    fn visit_f32<E>(self, _: f32) -> Result<AnyRef, E> {
-        Ok(AnyRef)
-    }
-
-    fn visit_f64<E>(self, _: f64) -> Result<AnyRef, E> {
-        Ok(AnyRef)
-    }
-
-    fn visit_borrowed_str<E>(self, _: &'de str) -> Result<AnyRef, E> {
-        Ok(AnyRef)
-    }
-
-    fn visit_borrowed_bytes<E>(self, _: &'de [u8]) -> Result<AnyRef, E> {
-        Ok(AnyRef)
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<AnyRef, A::Error> {
-        while seq.next_element::<AnyRef>()?.is_some() {}
-        Ok(AnyRef)
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<AnyRef, A::Error> {
-        while map.next_key::<AnyRef>()?.is_some() {
-            map.next_value::<AnyRef>()?;
-        }
-        Ok(AnyRef)
-    }
-
-    fn visit_newtype_struct<D: Deserializer<'de>>(self, de: D) -> Result<AnyRef, D::Error> {
-        de.deserialize_tuple(2, ExtVisitor)
-    }
-}
-
-/// An ext value as [`rmpv::ValueRef`] reads it: its tag, then its bytes, borrowed.
-struct ExtVisitor;
-
-impl<'de> Visitor<'de> for ExtVisitor {
-    type Value = AnyRef;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a valid MessagePack Ext")
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<AnyRef, A::Error> {
-        seq.next_element::<i8>()?
-            .ok_or_else(|| de::Error::invalid_length(0, &"invalid ext sequence"))?;
-        seq.next_element::<&'de [u8]>()?
-            .ok_or_else(|| de::Error::invalid_length(1, &"invalid ext sequence"))?;
-        Ok(AnyRef)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use rmpv::Value;
 
     use super::*;
     use crate::message::{
-        Custom, DriverToShim, ErrorMsg, FileChange, Log, Message, MessageChunk, Progress, Ready,
-        ToolCall, ToolResult,
+        Custom, DriverToShim, ErrorMsg, FileChange, Log, LogStream, Message, MessageChunk,
+        Progress, Ready, ToolCall, ToolResult,
     };
     use crate::ErrorCode;
 
@@ -410,7 +214,7 @@ mod tests {
             DriverToShim::ToolResult(ToolResult {
                 task_id: None,
                 call_id: "c".into(),
-                output: Value::Ext(1, vec![1]),
+                output: Value::Binary(vec![1]),
                 is_error: false,
             }),
             DriverToShim::FileChange(FileChange {
@@ -461,35 +265,31 @@ mod tests {
     /// check never accepts what the typed decoder rejects.
     #[test]
     fn never_laxer_than_the_typed_decoder() {
-        let types: &[(&str, &[&str])] = &[
-            ("message_chunk", &["task_id", "text", "role", "final"]),
-            ("tool_call", &["task_id", "call_id", "name", "input"]),
-            ("tool_result", &["task_id", "call_id", "output", "is_error"]),
-            ("file_change", &["task_id", "path", "change", "from"]),
-            ("progress", &["task_id", "message", "done", "total"]),
-            ("log", &["task_id", "stream", "level", "text", "truncated"]),
-            ("custom", &["task_id", "kind", "data"]),
-        ];
+        // Every relayable type, with its fields from the one table the check reads.
+        let types: Vec<_> = DriverToShim::TYPES
+            .iter()
+            .filter_map(|ty| Some((*ty, plain_table(ty)?)))
+            .collect();
+        assert_eq!(types.len(), 7, "the seven driver events");
         let vals = values();
         let mut accepted = 0;
         for (ty, fields) in types {
             // A base where each field holds a plausible value, then one field varied.
             let base: Vec<(&str, Value)> = fields
                 .iter()
-                .map(|f| {
-                    let v = match *f {
-                        "change" => Value::from("modified"),
-                        "stream" => Value::from("driver"),
-                        "final" | "is_error" | "truncated" => Value::from(false),
-                        "done" | "total" => Value::from(3u64),
-                        _ => Value::from("s"),
+                .map(|&(name, kind, _)| {
+                    let v = match kind {
+                        Field::OneOf(names) => Value::from(names.first().copied().unwrap_or("")),
+                        Field::Flag => Value::from(false),
+                        Field::OptUint => Value::from(3u64),
+                        Field::Str | Field::OptStr | Field::Any => Value::from("s"),
                     };
-                    (*f, v)
+                    (name, v)
                 })
                 .collect();
             for i in 0..fields.len() {
                 for v in vals.iter().cloned().map(Some).chain([None]) {
-                    let mut fs = vec![("type", Value::from(*ty))];
+                    let mut fs = vec![("type", Value::from(ty))];
                     for (j, (k, bv)) in base.iter().enumerate() {
                         match (j == i, &v) {
                             (true, Some(v)) => fs.push((k, v.clone())),
@@ -538,15 +338,17 @@ mod tests {
         let b = call.to_body().expect("encode");
         assert!(plain_fields(&b, TOOL_CALL));
         agrees(&b);
-        // Not plain (an ext; a signed encoding of a count; a field twice): the shadow
-        // structs decide, or the typed decoder.
+        // Not plain (an ext; a signed encoding of a count; a field twice): left to the
+        // typed decoder, which may accept it after all.
         let ext = body(&[
             ("type", Value::from("tool_result")),
             ("call_id", Value::from("c")),
             ("output", Value::Array(vec![Value::Ext(1, vec![1])])),
         ]);
         assert!(!plain_fields(&ext, TOOL_RESULT));
-        assert_eq!(relayable_event(&ext), Some("tool_result"));
+        assert_eq!(relayable_event(&ext), None);
+        let typed = DriverToShim::decode(&ext).expect("the typed decoder takes an ext");
+        assert_eq!(typed.type_name(), "tool_result");
         let signed = b"\x82\xa4type\xa8progress\xa4done\xd0\x05";
         assert!(!plain_fields(signed, PROGRESS));
         agrees(signed);

@@ -46,9 +46,9 @@ use std::marker::PhantomData;
 use bytes::{Buf, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
+use crate::envelope::RawEvent;
 use crate::frame::{self, HEADER_LEN};
 use crate::message::{Message, ShimToControl};
-use crate::raw::RawEvent;
 use crate::{DecodeError, EncodeError, DEFAULT_MAX_FRAME};
 
 /// Frames as raw bodies: decodes to the body bytes of each frame, encodes bodies.
@@ -250,7 +250,7 @@ impl<In, Out: Message> Encoder<Out> for MessageCodec<In, Out> {
 }
 
 /// The relay path: an `event` envelope around an event body that is forwarded as it arrived
-/// (see [`raw::encode_event_envelope`](crate::raw::encode_event_envelope)).
+/// (see [`envelope::encode_event_envelope`](crate::envelope::encode_event_envelope)).
 impl<In> Encoder<RawEvent<'_>> for MessageCodec<In, ShimToControl> {
     type Error = EncodeError;
 

@@ -1,4 +1,5 @@
-//! A small serde deserializer over a message body that [`crate::raw`] has already checked.
+//! A small serde deserializer over a message body that [`crate::raw`] has already checked,
+//! reading through the crate's one MessagePack reader ([`crate::mpack`]).
 //!
 //! It reads MessagePack exactly as `rmp_serde::from_slice` does for the message structs (the
 //! same visits for the same bytes: structs from maps or arrays, enums from a variant name or
@@ -12,6 +13,8 @@ use std::fmt;
 use std::str;
 
 use serde::de::{self, DeserializeSeed, IntoDeserializer, Visitor};
+
+use crate::mpack::{Cursor, Fail, Token};
 
 /// Why the fields of a message did not decode.
 #[derive(Debug)]
@@ -37,106 +40,39 @@ fn fail(detail: &str) -> Error {
     Error(detail.to_owned())
 }
 
+/// A failed read of the body (which the walk has checked, so only a bug gets here).
+#[cold]
+fn read_fail(fail_: Fail) -> Error {
+    match fail_ {
+        Fail::Reserved => fail("invalid MessagePack marker 0xc1"),
+        _ => fail("unexpected end of MessagePack data"),
+    }
+}
+
 /// Deserializes `T` from a MessagePack body.
 pub(crate) fn from_slice<'de, T: de::Deserialize<'de>>(body: &'de [u8]) -> Result<T, Error> {
     T::deserialize(&mut Deserializer {
-        buf: body,
-        pos: 0,
+        cur: Cursor::new(body),
         byte: false,
     })
 }
 
-/// One MessagePack value's head: a scalar, or the length of a container.
-#[derive(Clone, Copy)]
-enum Token<'de> {
-    Nil,
-    Bool(bool),
-    Uint(u64),
-    Int(i64),
-    F32(f32),
-    F64(f64),
-    Str(&'de [u8]),
-    Bin(&'de [u8]),
-    Array(u32),
-    Map(u32),
-    Ext(i8, &'de [u8]),
-}
-
 struct Deserializer<'de> {
-    buf: &'de [u8],
-    pos: usize,
+    cur: Cursor<'de>,
     /// Reading one byte of a binary offered as a sequence: rmp_serde offers it to every
     /// `deserialize_*` as a plain integer (no option, enum or newtype).
     byte: bool,
 }
 
 impl<'de> Deserializer<'de> {
-    fn take(&mut self, n: usize) -> Result<&'de [u8], Error> {
-        let end = self
-            .pos
-            .checked_add(n)
-            .filter(|&end| end <= self.buf.len())
-            .ok_or_else(|| fail("unexpected end of MessagePack data"))?;
-        let bytes = &self.buf[self.pos..end];
-        self.pos = end;
-        Ok(bytes)
-    }
-
-    fn be(&mut self, n: usize) -> Result<u64, Error> {
-        Ok(self
-            .take(n)?
-            .iter()
-            .fold(0u64, |acc, &b| (acc << 8) | u64::from(b)))
-    }
-
     fn peek_byte(&self) -> Option<u8> {
-        self.buf.get(self.pos).copied()
+        self.cur.peek_byte().ok()
     }
 
     /// Reads the next value's head (and, for strings, binaries and exts, its data).
     #[inline(never)]
     fn next(&mut self) -> Result<Token<'de>, Error> {
-        let m = self.take(1)?[0];
-        Ok(match m {
-            0x00..=0x7f => Token::Uint(m.into()),
-            0x80..=0x8f => Token::Map((m & 0x0f).into()),
-            0x90..=0x9f => Token::Array((m & 0x0f).into()),
-            0xa0..=0xbf => Token::Str(self.take((m & 0x1f).into())?),
-            0xc0 => Token::Nil,
-            0xc2 => Token::Bool(false),
-            0xc3 => Token::Bool(true),
-            0xc4..=0xc6 => {
-                let len = self.be(1 << (m - 0xc4))?;
-                Token::Bin(self.take(len as usize)?)
-            }
-            0xc7..=0xc9 => {
-                let len = self.be(1 << (m - 0xc7))?;
-                let tag = self.be(1)? as u8 as i8;
-                Token::Ext(tag, self.take(len as usize)?)
-            }
-            0xca => Token::F32(f32::from_bits(self.be(4)? as u32)),
-            0xcb => Token::F64(f64::from_bits(self.be(8)?)),
-            0xcc..=0xcf => Token::Uint(self.be(1 << (m - 0xcc))?),
-            0xd0..=0xd3 => {
-                let n = 1usize << (m - 0xd0);
-                let raw = self.be(n)?;
-                // Sign-extend from n bytes.
-                let shift = 64 - 8 * n as u32;
-                Token::Int(((raw << shift) as i64) >> shift)
-            }
-            0xd4..=0xd8 => {
-                let tag = self.be(1)? as u8 as i8;
-                Token::Ext(tag, self.take(1 << (m - 0xd4))?)
-            }
-            0xd9..=0xdb => {
-                let len = self.be(1 << (m - 0xd9))?;
-                Token::Str(self.take(len as usize)?)
-            }
-            0xdc | 0xdd => Token::Array(self.be(2 << (m - 0xdc))? as u32),
-            0xde | 0xdf => Token::Map(self.be(2 << (m - 0xde))? as u32),
-            0xe0..=0xff => Token::Int(i64::from(m as i8)),
-            0xc1 => return Err(fail("invalid MessagePack marker 0xc1")),
-        })
+        self.cur.token().map_err(read_fail)
     }
 
     /// What `rmp_serde` does for `deserialize_any` (`allow_bytes`) and for sequences, tuples
@@ -196,8 +132,7 @@ impl<'de> Deserializer<'de> {
         visitor: V,
     ) -> Result<V::Value, Error> {
         let mut encoded = Deserializer {
-            buf: &[],
-            pos: 0,
+            cur: Cursor::new(&[]),
             byte: true,
         };
         let mut access = Compound {
@@ -244,6 +179,7 @@ static BYTES: [[u8; 2]; 256] = {
     table
 };
 
+// How serde names a token's kind in an "invalid type" error.
 impl Token<'_> {
     fn unexpected(&self) -> de::Unexpected<'_> {
         use de::Unexpected as U;
@@ -298,8 +234,7 @@ impl<'de> de::SeqAccess<'de> for Compound<'_, 'de> {
                 return Ok(None);
             };
             let encoded: &'static [u8; 2] = &BYTES[usize::from(b)];
-            self.de.buf = &encoded[..if b < 0x80 { 1 } else { 2 }];
-            self.de.pos = 0;
+            self.de.cur = Cursor::new(&encoded[..if b < 0x80 { 1 } else { 2 }]);
         } else if self.left == 0 {
             return Ok(None);
         } else {
@@ -379,9 +314,11 @@ impl<'de> de::SeqAccess<'de> for Ext<'de> {
     }
 }
 
-/// An enum written as a one-entry map (or array): the variant, then its content.
+/// An enum: written as a one-entry map (or array), the variant then its content
+/// (`wrapped`); or written as just its variant.
 struct Variant<'a, 'de> {
     de: &'a mut Deserializer<'de>,
+    wrapped: bool,
 }
 
 impl<'de> de::EnumAccess<'de> for Variant<'_, 'de> {
@@ -397,48 +334,13 @@ impl<'de> de::VariantAccess<'de> for Variant<'_, 'de> {
     type Error = Error;
 
     fn unit_variant(self) -> Result<(), Error> {
+        if !self.wrapped {
+            return Ok(());
+        }
         match self.de.next()? {
             Token::Nil => Ok(()),
             _ => Err(fail("expected nil for a unit variant")),
         }
-    }
-
-    fn newtype_variant_seed<T: DeserializeSeed<'de>>(self, seed: T) -> Result<T::Value, Error> {
-        seed.deserialize(self.de)
-    }
-
-    fn tuple_variant<V: Visitor<'de>>(self, _len: usize, visitor: V) -> Result<V::Value, Error> {
-        self.de.any(visitor, false)
-    }
-
-    fn struct_variant<V: Visitor<'de>>(
-        self,
-        _fields: &'static [&'static str],
-        visitor: V,
-    ) -> Result<V::Value, Error> {
-        self.de.any(visitor, false)
-    }
-}
-
-/// An enum written as just its variant.
-struct UnitVariant<'a, 'de> {
-    de: &'a mut Deserializer<'de>,
-}
-
-impl<'de> de::EnumAccess<'de> for UnitVariant<'_, 'de> {
-    type Error = Error;
-    type Variant = Self;
-
-    fn variant_seed<V: DeserializeSeed<'de>>(self, seed: V) -> Result<(V::Value, Self), Error> {
-        Ok((seed.deserialize(&mut *self.de)?, self))
-    }
-}
-
-impl<'de> de::VariantAccess<'de> for UnitVariant<'_, 'de> {
-    type Error = Error;
-
-    fn unit_variant(self) -> Result<(), Error> {
-        Ok(())
     }
 
     fn newtype_variant_seed<T: DeserializeSeed<'de>>(self, seed: T) -> Result<T::Value, Error> {
@@ -473,7 +375,7 @@ impl<'de> de::Deserializer<'de> for &mut Deserializer<'de> {
         if self.byte {
             Err(self.refuse_byte(&visitor))
         } else if self.peek_byte() == Some(0xc0) {
-            self.pos += 1;
+            self.cur.pos += 1;
             visitor.visit_none()
         } else {
             visitor.visit_some(self)
@@ -489,13 +391,19 @@ impl<'de> de::Deserializer<'de> for &mut Deserializer<'de> {
         match self.peek_byte() {
             _ if self.byte => Err(self.refuse_byte(&visitor)),
             Some(0x80..=0x9f | 0xdc..=0xdf) => match self.next()? {
-                Token::Array(1) | Token::Map(1) => visitor.visit_enum(Variant { de: self }),
+                Token::Array(1) | Token::Map(1) => visitor.visit_enum(Variant {
+                    de: self,
+                    wrapped: true,
+                }),
                 Token::Array(n) | Token::Map(n) => Err(de::Error::custom(format_args!(
                     "enum: expected one entry, got {n}"
                 ))),
                 _ => Err(fail("enum: unexpected token")),
             },
-            _ => visitor.visit_enum(UnitVariant { de: self }),
+            _ => visitor.visit_enum(Variant {
+                de: self,
+                wrapped: false,
+            }),
         }
     }
 
@@ -517,7 +425,7 @@ impl<'de> de::Deserializer<'de> for &mut Deserializer<'de> {
     ) -> Result<V::Value, Error> {
         match self.peek_byte() {
             Some(0xc0 | 0x90) => {
-                self.pos += 1;
+                self.cur.pos += 1;
                 visitor.visit_unit()
             }
             _ => self.any(visitor, true),

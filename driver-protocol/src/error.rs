@@ -9,104 +9,78 @@ use std::fmt;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// The `code` of an `error` message: a stable string, matched by peers in every language.
-///
-/// Codes this version does not know decode to [`ErrorCode::Other`] and keep their text, so a
-/// newer peer's codes are shown rather than rejected.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum ErrorCode {
-    /// No protocol version is spoken by both sides (`unsupported_version`).
-    UnsupportedVersion,
-    /// A frame's length prefix exceeds the receiver's limit (`frame_too_large`).
-    FrameTooLarge,
-    /// The frame is not a MessagePack map with a string `type`, or a field has the wrong
-    /// type (`malformed`).
-    Malformed,
-    /// The `type` is unknown, or not valid on this link or in this direction (`unsupported`).
-    Unsupported,
-    /// Authentication failed or is missing (`unauthorized`).
-    Unauthorized,
-    /// Well-formed, but a value is not acceptable: an empty argv, an unknown signal name
-    /// (`invalid`).
-    Invalid,
-    /// The request cannot be honoured in the current state, e.g. `resume` when not paused
-    /// (`invalid_state`).
-    InvalidState,
-    /// The task, exec or other object named does not exist (`not_found`).
-    NotFound,
-    /// A bounded resource is full: the task queue, the exec slots, the replay buffer
-    /// (`limit`).
-    Limit,
-    /// The receiver is too busy to take this now, but would later: a connection turned
-    /// away before its handshake while others are pending; retry with backoff (`busy`).
-    Busy,
-    /// The operation did not complete in the time allowed (`timeout`).
-    Timeout,
-    /// The sender is stopping and takes no new work (`shutting_down`).
-    ShuttingDown,
-    /// The receiver failed for a reason of its own; the request may be retried (`internal`).
-    Internal,
-    /// A code this version does not know, kept verbatim.
-    Other(String),
+/// Defines [`ErrorCode`] from one table of `Variant = "wire"` rows: the enum, its
+/// [`KNOWN`](ErrorCode::KNOWN) list, [`as_str`](ErrorCode::as_str) and
+/// [`parse`](ErrorCode::parse), so that a code's string is written once.
+macro_rules! error_codes {
+    ($($(#[$meta:meta])* $variant:ident = $wire:literal,)*) => {
+        /// The `code` of an `error` message: a stable string, matched by peers in every
+        /// language.
+        ///
+        /// Codes this version does not know decode to [`ErrorCode::Other`] and keep their
+        /// text, so a newer peer's codes are shown rather than rejected.
+        #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+        pub enum ErrorCode {
+            $($(#[$meta])* $variant,)*
+            /// A code this version does not know, kept verbatim.
+            Other(String),
+        }
+
+        impl ErrorCode {
+            /// Every code this version defines, in wire form.
+            pub const KNOWN: &'static [&'static str] = &[$($wire),*];
+
+            /// The wire form of this code.
+            pub fn as_str(&self) -> &str {
+                match self {
+                    $(Self::$variant => $wire,)*
+                    Self::Other(s) => s,
+                }
+            }
+
+            /// Parses a wire code; unknown codes become [`ErrorCode::Other`].
+            pub fn parse(s: &str) -> Self {
+                match s {
+                    $($wire => Self::$variant,)*
+                    other => Self::Other(other.to_owned()),
+                }
+            }
+        }
+    };
 }
 
-impl ErrorCode {
-    /// Every code this version defines, in wire form.
-    pub const KNOWN: &'static [&'static str] = &[
-        "unsupported_version",
-        "frame_too_large",
-        "malformed",
-        "unsupported",
-        "unauthorized",
-        "invalid",
-        "invalid_state",
-        "not_found",
-        "limit",
-        "busy",
-        "timeout",
-        "shutting_down",
-        "internal",
-    ];
-
-    /// The wire form of this code.
-    pub fn as_str(&self) -> &str {
-        match self {
-            Self::UnsupportedVersion => "unsupported_version",
-            Self::FrameTooLarge => "frame_too_large",
-            Self::Malformed => "malformed",
-            Self::Unsupported => "unsupported",
-            Self::Unauthorized => "unauthorized",
-            Self::Invalid => "invalid",
-            Self::InvalidState => "invalid_state",
-            Self::NotFound => "not_found",
-            Self::Limit => "limit",
-            Self::Busy => "busy",
-            Self::Timeout => "timeout",
-            Self::ShuttingDown => "shutting_down",
-            Self::Internal => "internal",
-            Self::Other(s) => s,
-        }
-    }
-
-    /// Parses a wire code; unknown codes become [`ErrorCode::Other`].
-    pub fn parse(s: &str) -> Self {
-        match s {
-            "unsupported_version" => Self::UnsupportedVersion,
-            "frame_too_large" => Self::FrameTooLarge,
-            "malformed" => Self::Malformed,
-            "unsupported" => Self::Unsupported,
-            "unauthorized" => Self::Unauthorized,
-            "invalid" => Self::Invalid,
-            "invalid_state" => Self::InvalidState,
-            "not_found" => Self::NotFound,
-            "limit" => Self::Limit,
-            "busy" => Self::Busy,
-            "timeout" => Self::Timeout,
-            "shutting_down" => Self::ShuttingDown,
-            "internal" => Self::Internal,
-            other => Self::Other(other.to_owned()),
-        }
-    }
+error_codes! {
+    /// No protocol version is spoken by both sides (`unsupported_version`).
+    UnsupportedVersion = "unsupported_version",
+    /// A frame's length prefix exceeds the receiver's limit (`frame_too_large`).
+    FrameTooLarge = "frame_too_large",
+    /// The frame is not a MessagePack map with a string `type`, or a field has the wrong
+    /// type (`malformed`).
+    Malformed = "malformed",
+    /// The `type` is unknown, or not valid on this link or in this direction (`unsupported`).
+    Unsupported = "unsupported",
+    /// Authentication failed or is missing (`unauthorized`).
+    Unauthorized = "unauthorized",
+    /// Well-formed, but a value is not acceptable: an empty argv, an unknown signal name
+    /// (`invalid`).
+    Invalid = "invalid",
+    /// The request cannot be honoured in the current state, e.g. `resume` when not paused
+    /// (`invalid_state`).
+    InvalidState = "invalid_state",
+    /// The task, exec or other object named does not exist (`not_found`).
+    NotFound = "not_found",
+    /// A bounded resource is full: the task queue, the exec slots, the replay buffer
+    /// (`limit`).
+    Limit = "limit",
+    /// The receiver is too busy to take this now, but would later: a connection turned
+    /// away before its handshake while others are pending; retry with backoff (`busy`).
+    Busy = "busy",
+    /// The operation did not complete in the time allowed (`timeout`).
+    Timeout = "timeout",
+    /// The sender is stopping and takes no new work (`shutting_down`).
+    ShuttingDown = "shutting_down",
+    /// The receiver failed for a reason of its own; the request may be retried (`internal`).
+    Internal = "internal",
 }
 
 impl fmt::Display for ErrorCode {
@@ -215,4 +189,25 @@ pub enum EncodeError {
     /// Writing to the underlying stream failed.
     #[error("writing a frame failed")]
     Io(#[from] std::io::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_known_code_round_trips_and_others_are_kept() {
+        assert_eq!(ErrorCode::KNOWN.len(), 12);
+        for wire in ErrorCode::KNOWN {
+            let code = ErrorCode::parse(wire);
+            assert!(!matches!(code, ErrorCode::Other(_)), "{wire}");
+            assert_eq!(code.as_str(), *wire);
+            assert_eq!(code.to_string(), *wire);
+        }
+        assert_eq!(ErrorCode::parse("malformed"), ErrorCode::Malformed);
+        assert_eq!(ErrorCode::ShuttingDown.as_str(), "shutting_down");
+        let newer = ErrorCode::parse("from_the_future");
+        assert_eq!(newer, ErrorCode::Other("from_the_future".into()));
+        assert_eq!(newer.as_str(), "from_the_future");
+    }
 }

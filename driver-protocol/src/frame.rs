@@ -134,7 +134,7 @@ pub fn write_body<B: FrameBuf>(out: &mut B, max: usize, body: &[u8]) -> Result<(
 }
 
 /// Appends one frame holding an `event` envelope around the raw `event_body` (see
-/// [`raw::encode_event_envelope`](crate::raw::encode_event_envelope)).
+/// [`envelope::encode_event_envelope`](crate::envelope::encode_event_envelope)).
 pub fn write_event_envelope<B: FrameBuf>(
     out: &mut B,
     max: usize,
@@ -142,7 +142,7 @@ pub fn write_event_envelope<B: FrameBuf>(
     event_body: &[u8],
 ) -> Result<(), EncodeError> {
     write_with(out, max, |w| {
-        crate::raw::encode_event_envelope(seq, event_body, &mut *w.0);
+        crate::envelope::encode_event_envelope(seq, event_body, &mut *w.0);
         Ok(())
     })
 }
@@ -157,7 +157,7 @@ pub fn write_event<B: FrameBuf>(
     event: &crate::message::Event,
 ) -> Result<(), EncodeError> {
     write_with(out, max, |w| {
-        crate::raw::encode_event_envelope(seq, &[], &mut *w.0);
+        crate::envelope::encode_event_envelope(seq, &[], &mut *w.0);
         event.encode_to(w)
     })
 }

@@ -1,22 +1,28 @@
 #![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
 
+pub mod backoff;
 pub mod blocking;
 pub mod check;
 #[cfg(feature = "tokio-codec")]
 pub mod codec;
+pub mod envelope;
 pub mod frame;
 pub mod handshake;
 pub mod message;
 #[cfg(feature = "net")]
 pub mod net;
 pub mod raw;
+pub mod token;
 
 mod de;
 mod error;
+mod mpack;
 
+pub use backoff::Backoff;
 pub use error::{DecodeError, EncodeError, ErrorCode};
 pub use message::Message;
+pub use token::{Token, TokenError};
 
 /// The protocol's name, sent in every `hello`.
 pub const PROTOCOL_NAME: &str = "agent-shim";

@@ -1,11 +1,13 @@
-//! Reading a message's envelope without decoding its fields, and relaying events as raw bytes.
+//! Reading a message's `type` and `id` without decoding its fields, and checking a body's
+//! structure before anything else reads it.
 //!
 //! Dispatch needs the `type` (and the `id`, so that a rejection can carry `re`) before it
 //! knows which struct to decode the fields into. The shim's relay needs more: it stamps every
 //! driver event with a `seq` and forwards it to the control plane, and at a million events a
-//! second it cannot afford to decode and re-encode each one. This module is a small
-//! hand-written MessagePack walker for both jobs. It never allocates, and it checks a body's
-//! structure completely before serde is allowed to see it:
+//! second it cannot afford to decode and re-encode each one. This module is the walker for
+//! both jobs (over the crate's one MessagePack reader; the [`envelope`](crate::envelope) module
+//! builds on it). It never allocates, and it checks a body's structure completely before
+//! serde is allowed to see it:
 //!
 //! - the body is exactly one map (no trailing bytes) whose keys are all strings;
 //! - `type` is present once, and is a string;
@@ -13,10 +15,7 @@
 //! - every length fits in the body, so no later reader can be tricked into reserving memory
 //!   for elements that are not there.
 //!
-//! [`read_head`] returns the `type` and `id`; [`split_envelope`] finds the `seq` and the raw
-//! bytes of the event inside an `event` envelope; [`encode_event_envelope`] writes an
-//! envelope around an event body without touching it, byte-identical to what
-//! [`ShimToControl::Event`](crate::message::ShimToControl::Event) encodes to.
+//! [`read_head`] returns the `type` and `id`; [`skip_value`] measures one value.
 //!
 //! ```
 //! use driver_protocol::message::{Event, Message, Progress};
@@ -30,20 +29,13 @@
 //! });
 //! let body = event.to_body()?;
 //! assert_eq!(raw::read_head(&body)?.type_name, "progress");
-//!
-//! let mut envelope = Vec::new();
-//! raw::encode_event_envelope(7, &body, &mut envelope);
-//! let split = raw::split_envelope(&envelope)?;
-//! assert_eq!((split.seq, split.event), (7, &body[..]));
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
 use std::ops::Range;
 use std::str;
 
-use bytes::BufMut;
-
-use crate::message::{self, Event, EventEnvelope, Message, RequestId, Seq};
+use crate::mpack::{Cursor, Fail, Token};
 use crate::{DecodeError, MAX_DEPTH};
 
 /// The `type` and `id` of a message, read without decoding its other fields.
@@ -51,9 +43,10 @@ use crate::{DecodeError, MAX_DEPTH};
 pub struct Head<'a> {
     /// The message's `type`.
     pub type_name: &'a str,
-    /// The message's `id`, when it has one that is an unsigned integer. An `id` of any other
+    /// The message's `id` (a [`RequestId`](crate::message::RequestId)), when it has one that
+    /// is an unsigned integer. An `id` of any other
     /// type is not an error here: it reads as `None`, and the message's own decoder decides.
-    pub id: Option<RequestId>,
+    pub id: Option<u64>,
 }
 
 /// Checks the structure of a message body and reads its `type` and `id`.
@@ -70,210 +63,32 @@ pub fn read_head(body: &[u8]) -> Result<Head<'_>, DecodeError> {
     })
 }
 
-/// [`read_head`] in the shape the message decoders use.
-pub(crate) fn peek(body: &[u8]) -> Result<message::Head<'_>, DecodeError> {
-    let top = walk(body)?;
-    // An envelope's parts come from the same walk: decoding it does not walk it again.
-    let envelope = match top.type_name {
-        "event" => envelope_parts(&top)
-            .ok()
-            .map(|range| (top.seq.unwrap_or_default(), range)),
-        _ => None,
-    };
-    Ok(message::Head {
-        type_name: top.type_name,
-        id: top.id,
-        envelope,
-    })
-}
-
-/// An `event` envelope with its event still encoded: what the relay forwards and what
-/// [`split_envelope`] finds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RawEvent<'a> {
-    /// The envelope's sequence number.
-    pub seq: Seq,
-    /// The MessagePack body of the event (a map with its own `type`), e.g. a driver's event
-    /// exactly as it arrived.
-    pub event: &'a [u8],
-}
-
-/// Finds the `seq` and the raw event inside the body of an `event` envelope.
-///
-/// The whole body is checked as by [`read_head`]; the event's own fields are not decoded.
-pub fn split_envelope(body: &[u8]) -> Result<RawEvent<'_>, DecodeError> {
-    let top = walk(body)?;
-    let range = envelope_parts(&top)?;
-    let seq = top.seq.unwrap_or_default();
-    Ok(RawEvent {
-        seq,
-        event: body.get(range).unwrap_or_default(),
-    })
-}
-
-/// [`split_envelope`] and [`read_head`] of the event in one pass over the body: the `seq`,
-/// the event, and the event's `type`.
-///
-/// Accepts and rejects exactly what `split_envelope` followed by `read_head` of the event
-/// do. What a control plane that hands events on without decoding them needs of each.
-///
-/// ```
-/// use driver_protocol::message::{Event, Message, Progress};
-/// use driver_protocol::raw;
-///
-/// let body = Event::Progress(Progress { task_id: None, message: None, done: None, total: None })
-///     .to_body()?;
-/// let mut envelope = Vec::new();
-/// raw::encode_event_envelope(9, &body, &mut envelope);
-/// let (split, type_name) = raw::split_envelope_head(&envelope)?;
-/// assert_eq!((split.seq, split.event, type_name), (9, &body[..], "progress"));
-/// # Ok::<(), Box<dyn std::error::Error>>(())
-/// ```
-pub fn split_envelope_head(body: &[u8]) -> Result<(RawEvent<'_>, &str), DecodeError> {
-    let mut cur = Cursor { buf: body, pos: 0 };
-    let walked = walk_map(&mut cur, true);
-    let (top, event_type) = match walked {
-        Ok((top, Some(event_type))) if cur.pos == body.len() && event_type != "event" => {
-            (top, event_type)
-        }
-        // Trailing bytes, an error, an envelope whose `type` came after its `event`, or an
-        // event whose own `type` is "event" (whose nested `event` the two walks check at
-        // another depth): the two walks, which also give the error.
-        _ => {
-            let split = split_envelope(body)?;
-            let type_name = read_head(split.event)?.type_name;
-            return Ok((split, type_name));
-        }
-    };
-    let range = envelope_parts(&top)?;
-    let seq = top.seq.unwrap_or_default();
-    let split = RawEvent {
-        seq,
-        event: body.get(range).unwrap_or_default(),
-    };
-    Ok((split, event_type))
-}
-
-/// The byte range of the event inside the body of an `event` envelope (see
-/// [`split_envelope`]).
-pub fn event_body_range(body: &[u8]) -> Result<Range<usize>, DecodeError> {
-    let top = walk(body)?;
-    envelope_parts(&top)
-}
-
-/// Appends the body of `{type: "event", seq, event}` to `out`, with `event_body` copied in
-/// as it is.
-///
-/// The output is byte-identical to the body of
-/// [`ShimToControl::Event`](crate::message::ShimToControl::Event) when `event_body` is what
-/// [`Event::to_body`](crate::message::Message::to_body) gives. `event_body` is not checked:
-/// pass only a body that decoded as an event (as the shim does with a driver's events), or
-/// the receiver will reject the envelope.
-pub fn encode_event_envelope<B: BufMut + ?Sized>(seq: Seq, event_body: &[u8], out: &mut B) {
-    // fixmap(3), "type": "event", "seq": <uint>, "event": <raw>
-    out.put_slice(b"\x83\xa4type\xa5event\xa3seq");
-    write_uint(out, seq);
-    out.put_slice(b"\xa5event");
-    out.put_slice(event_body);
-}
-
 /// The length of the MessagePack value at the start of `buf`.
 ///
 /// Arrays and maps may nest at most [`MAX_DEPTH`] levels, counting a container at the start
 /// of `buf` as level 1. Bytes after the value are not looked at.
 pub fn skip_value(buf: &[u8]) -> Result<usize, DecodeError> {
-    let mut cur = Cursor { buf, pos: 0 };
+    let mut cur = Cursor::new(buf);
     cur.skip_value(1)
         .map_err(|fail| DecodeError::malformed(None, None, fail.detail()))?;
     Ok(cur.pos)
 }
 
-/// Decodes an `event` envelope, dispatching on the nested event's own `type`.
-pub(crate) fn decode_envelope(
-    body: &[u8],
-    head: &message::Head<'_>,
-) -> Result<EventEnvelope, DecodeError> {
-    let split = match &head.envelope {
-        Some((seq, range)) => RawEvent {
-            seq: *seq,
-            event: body.get(range.clone()).unwrap_or_default(),
-        },
-        // Not a valid envelope: the walk again, for its error.
-        None => split_envelope(body).map_err(|e| match e {
-            DecodeError::Malformed { detail, .. } => {
-                DecodeError::malformed(Some(head.type_name), head.id, detail)
-            }
-            other => other,
-        })?,
-    };
-    let event = Event::decode(split.event).map_err(|e| match e {
-        DecodeError::Malformed {
-            type_name, detail, ..
-        } => DecodeError::malformed(
-            Some(head.type_name),
-            head.id,
-            format_args!(
-                "event {}: {detail}",
-                type_name.as_deref().unwrap_or("of unknown type")
-            ),
-        ),
-        other => other,
-    })?;
-    Ok(EventEnvelope {
-        seq: split.seq,
-        event,
-    })
-}
-
-fn write_uint<B: BufMut + ?Sized>(out: &mut B, v: u64) {
-    // The most compact form, as rmp-serde (and every MessagePack encoder) writes it.
-    if v < 0x80 {
-        out.put_u8(v as u8);
-    } else if let Ok(v) = u8::try_from(v) {
-        out.put_u8(0xcc);
-        out.put_u8(v);
-    } else if let Ok(v) = u16::try_from(v) {
-        out.put_u8(0xcd);
-        out.put_u16(v);
-    } else if let Ok(v) = u32::try_from(v) {
-        out.put_u8(0xce);
-        out.put_u32(v);
-    } else {
-        out.put_u8(0xcf);
-        out.put_u64(v);
-    }
-}
-
 /// What [`walk`] learned about a body's top-level map.
-struct TopLevel<'a> {
-    type_name: &'a str,
-    id: Option<RequestId>,
-    /// `Some` when a `seq` key was seen; the inner `None` when its value is not a uint.
-    seq: Option<Seq>,
-    seq_seen: bool,
-    event: Option<Range<usize>>,
-}
-
-fn envelope_parts(top: &TopLevel<'_>) -> Result<Range<usize>, DecodeError> {
-    let malformed = |detail: &str| DecodeError::malformed(Some(top.type_name), top.id, detail);
-    if top.type_name != "event" {
-        return Err(malformed("not an `event` envelope"));
-    }
-    if !top.seq_seen {
-        return Err(malformed("missing field `seq`"));
-    }
-    if top.seq.is_none() {
-        return Err(malformed("`seq` is not an unsigned integer"));
-    }
-    let Some(event) = &top.event else {
-        return Err(malformed("missing field `event`"));
-    };
-    Ok(event.clone())
+pub(crate) struct TopLevel<'a> {
+    pub(crate) type_name: &'a str,
+    pub(crate) id: Option<u64>,
+    /// The `seq`, when there is one and it is a uint.
+    pub(crate) seq: Option<u64>,
+    /// Whether a `seq` key was seen.
+    pub(crate) seq_seen: bool,
+    /// Where the `event` field's value is.
+    pub(crate) event: Option<Range<usize>>,
 }
 
 /// Checks a whole body and reads the fields the envelope logic needs.
-fn walk(body: &[u8]) -> Result<TopLevel<'_>, DecodeError> {
-    let mut cur = Cursor { buf: body, pos: 0 };
+pub(crate) fn walk(body: &[u8]) -> Result<TopLevel<'_>, DecodeError> {
+    let mut cur = Cursor::new(body);
     let (top, _) = walk_map(&mut cur, false)?;
     if cur.pos != body.len() {
         return Err(DecodeError::malformed(
@@ -288,13 +103,13 @@ fn walk(body: &[u8]) -> Result<TopLevel<'_>, DecodeError> {
 /// Checks the map at the cursor, as [`walk`] checks a body, leaving the cursor after it.
 /// With `event_head`, the map's `event` field, when the map's `type` came before it and is
 /// `"event"`, is walked as a message of its own in the same pass, and its `type` returned.
-fn walk_map<'a>(
+pub(crate) fn walk_map<'a>(
     cur: &mut Cursor<'a>,
     event_head: bool,
 ) -> Result<(TopLevel<'a>, Option<&'a str>), DecodeError> {
     let mut type_name = None;
     let mut id = None;
-    let fail = |fail: Fail, type_name: Option<&str>, id: Option<RequestId>| {
+    let fail = |fail: Fail, type_name: Option<&str>, id: Option<u64>| {
         DecodeError::malformed(type_name, id, fail.detail())
     };
     let mut seq = None;
@@ -355,7 +170,7 @@ fn walk_map<'a>(
     if type_name != "event" {
         if let Some(range) = &event {
             let inner = cur.buf.get(range.clone()).unwrap_or_default();
-            Cursor { buf: inner, pos: 0 }
+            Cursor::new(inner)
                 .skip_value(2)
                 .map_err(|f| fail(f, Some(type_name), id))?;
         }
@@ -370,43 +185,6 @@ fn walk_map<'a>(
     Ok((top, event_type))
 }
 
-/// Why a body is malformed; turned into [`DecodeError::Malformed`] text.
-#[derive(Debug, Clone, Copy)]
-enum Fail {
-    Eof,
-    Reserved,
-    TooDeep,
-    NotMap,
-    KeyNotStr,
-    KeyNotUtf8,
-    TypeNotStr,
-    TypeNotUtf8,
-    DuplicateType,
-    DuplicateEvent,
-    MissingType,
-    Trailing,
-}
-
-impl Fail {
-    fn detail(self) -> &'static str {
-        match self {
-            Self::Eof => "a value runs past the end of the body",
-            Self::Reserved => "invalid MessagePack marker 0xc1",
-            Self::TooDeep => "arrays and maps nest deeper than 64 levels",
-            Self::NotMap => "the body is not a MessagePack map",
-            Self::KeyNotStr => "a key of the message map is not a string",
-            Self::KeyNotUtf8 => "a key of the message map is not valid UTF-8",
-            Self::TypeNotStr => "`type` is not a string",
-            Self::TypeNotUtf8 => "`type` is not valid UTF-8",
-            Self::DuplicateType => "duplicate field `type`",
-            Self::DuplicateEvent => "duplicate field `event`",
-            Self::MissingType => "missing field `type`",
-            Self::Trailing => "bytes after the end of the message map",
-        }
-    }
-}
-
-/// A read position in a body. Every read checks the remaining length; nothing allocates.
 /// What a field of a relayable event holds in the plain shapes [`plain_fields`] accepts:
 /// each one a shape its typed decoder takes (see [`crate::check`]).
 #[derive(Debug, Clone, Copy)]
@@ -434,7 +212,7 @@ pub(crate) type Fields = &'static [(&'static str, Field, bool)];
 /// [`Field::Any`]. `false` means "not sure", never "malformed": the caller then asks the
 /// decoder. Allocates nothing.
 pub(crate) fn plain_fields(body: &[u8], fields: Fields) -> bool {
-    let mut cur = Cursor { buf: body, pos: 0 };
+    let mut cur = Cursor::new(body);
     let scanned = cur
         .map_len()
         .and_then(|n| cur.scan_fields(n, fields, false));
@@ -446,7 +224,7 @@ pub(crate) fn plain_fields(body: &[u8], fields: Fields) -> bool {
 /// formed and every field is in its plain shape. `None` means "not sure": the caller then
 /// takes the two passes (which also handle a `type` that is not the first key).
 pub(crate) fn plain_event(body: &[u8], fields_of: impl Fn(&str) -> Option<Fields>) -> Option<&str> {
-    let mut cur = Cursor { buf: body, pos: 0 };
+    let mut cur = Cursor::new(body);
     let entries = cur.map_len().ok()?;
     if entries == 0 || cur.key().ok()? != b"type" {
         return None;
@@ -463,127 +241,21 @@ fn is_utf8(b: &[u8]) -> bool {
     b.is_ascii() || str::from_utf8(b).is_ok()
 }
 
-struct Cursor<'a> {
-    buf: &'a [u8],
-    pos: usize,
+/// A container's element count as a `usize` (a count that does not fit cannot fit in the
+/// body either: the walk ends with `Eof`).
+#[inline(always)]
+fn count(n: u32) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
 }
 
-// The small readers are `inline(always)`: the shim is built for size (opt-level "z"), which
-// otherwise leaves these one-liners as calls on its per-event path; inlined, they leave the
-// static binary's size as it was (886,408 bytes either way).
+// The walker's readers, on the shared MessagePack cursor.
 impl<'a> Cursor<'a> {
-    #[inline(always)]
-    fn byte(&mut self) -> Result<u8, Fail> {
-        let b = *self.buf.get(self.pos).ok_or(Fail::Eof)?;
-        self.pos += 1;
-        Ok(b)
-    }
-
-    #[inline(always)]
-    fn peek_byte(&self) -> Result<u8, Fail> {
-        self.buf.get(self.pos).copied().ok_or(Fail::Eof)
-    }
-
-    #[inline(always)]
-    fn take(&mut self, n: usize) -> Result<&'a [u8], Fail> {
-        let end = self.pos.checked_add(n).ok_or(Fail::Eof)?;
-        let bytes = self.buf.get(self.pos..end).ok_or(Fail::Eof)?;
-        self.pos = end;
-        Ok(bytes)
-    }
-
-    #[inline(always)]
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], Fail> {
-        let mut out = [0; N];
-        out.copy_from_slice(self.take(N)?);
-        Ok(out)
-    }
-
-    #[inline(always)]
-    fn u8_len(&mut self) -> Result<usize, Fail> {
-        self.byte().map(usize::from)
-    }
-
-    #[inline(always)]
-    fn u16_len(&mut self) -> Result<usize, Fail> {
-        self.array().map(|b| usize::from(u16::from_be_bytes(b)))
-    }
-
-    #[inline(always)]
-    fn u32_len(&mut self) -> Result<usize, Fail> {
-        // A u32 length larger than the address space cannot fit in the body anyway.
-        self.array()
-            .map(|b| usize::try_from(u32::from_be_bytes(b)).unwrap_or(usize::MAX))
-    }
-
-    #[inline(always)]
-    fn skip(&mut self, n: usize) -> Result<(), Fail> {
-        self.take(n).map(drop)
-    }
-
     /// Skips one value; `level` is the nesting level it has if it is an array or a map.
     fn skip_value(&mut self, level: usize) -> Result<(), Fail> {
-        let marker = self.byte()?;
-        match marker {
-            // positive and negative fixint, nil, false, true
-            0x00..=0x7f | 0xe0..=0xff | 0xc0 | 0xc2 | 0xc3 => Ok(()),
-            0x80..=0x8f => self.skip_map(usize::from(marker & 0x0f), level),
-            0x90..=0x9f => self.skip_array(usize::from(marker & 0x0f), level),
-            0xa0..=0xbf => self.skip(usize::from(marker & 0x1f)),
-            0xc1 => Err(Fail::Reserved),
-            // bin 8/16/32, str 8/16/32
-            0xc4 | 0xd9 => {
-                let n = self.u8_len()?;
-                self.skip(n)
-            }
-            0xc5 | 0xda => {
-                let n = self.u16_len()?;
-                self.skip(n)
-            }
-            0xc6 | 0xdb => {
-                let n = self.u32_len()?;
-                self.skip(n)
-            }
-            // ext 8/16/32: length, then a type byte and the data
-            0xc7 => {
-                let n = self.u8_len()?;
-                self.skip(n.saturating_add(1))
-            }
-            0xc8 => {
-                let n = self.u16_len()?;
-                self.skip(n.saturating_add(1))
-            }
-            0xc9 => {
-                let n = self.u32_len()?;
-                self.skip(n.saturating_add(1))
-            }
-            // uint/int 8, 16, 32, 64 and float 32, 64
-            0xcc | 0xd0 => self.skip(1),
-            0xcd | 0xd1 => self.skip(2),
-            0xca | 0xce | 0xd2 => self.skip(4),
-            0xcb | 0xcf | 0xd3 => self.skip(8),
-            // fixext 1, 2, 4, 8, 16 (a type byte, then the data)
-            0xd4 => self.skip(2),
-            0xd5 => self.skip(3),
-            0xd6 => self.skip(5),
-            0xd7 => self.skip(9),
-            0xd8 => self.skip(17),
-            0xdc => {
-                let n = self.u16_len()?;
-                self.skip_array(n, level)
-            }
-            0xdd => {
-                let n = self.u32_len()?;
-                self.skip_array(n, level)
-            }
-            0xde => {
-                let n = self.u16_len()?;
-                self.skip_map(n, level)
-            }
-            0xdf => {
-                let n = self.u32_len()?;
-                self.skip_map(n, level)
-            }
+        match self.token()? {
+            Token::Array(n) => self.skip_array(count(n), level),
+            Token::Map(n) => self.skip_map(count(n), level),
+            _ => Ok(()),
         }
     }
 
@@ -618,31 +290,6 @@ impl<'a> Cursor<'a> {
             0xdf => self.u32_len(),
             _ => Err(Fail::NotMap),
         }
-    }
-
-    /// Reads a string's bytes, or `None` (consuming only the marker) if the value is not one.
-    #[inline(always)]
-    fn str_bytes(&mut self) -> Result<Option<&'a [u8]>, Fail> {
-        let n = match self.peek_byte()? {
-            m @ 0xa0..=0xbf => {
-                self.pos += 1;
-                usize::from(m & 0x1f)
-            }
-            0xd9 => {
-                self.pos += 1;
-                self.u8_len()?
-            }
-            0xda => {
-                self.pos += 1;
-                self.u16_len()?
-            }
-            0xdb => {
-                self.pos += 1;
-                self.u32_len()?
-            }
-            _ => return Ok(None),
-        };
-        self.take(n).map(Some)
     }
 
     /// Reads a value of shape `kind` (see [`Field`]): `Ok(false)` when it has another one.
@@ -680,30 +327,13 @@ impl<'a> Cursor<'a> {
     /// Reads a value of the shape of [`Field::Any`] at nesting `level`: `Ok(false)` when it
     /// has another one.
     fn plain_any(&mut self, level: usize) -> Result<bool, Fail> {
-        let marker = self.peek_byte()?;
         // Values per entry: 2 in a map, 1 in an array.
-        let (n, per) = match marker {
-            0xa0..=0xbf | 0xd9..=0xdb => return self.utf8(),
-            // ext, reserved
-            0xc1 | 0xc7..=0xc9 | 0xd4..=0xd8 => return Ok(false),
-            0x80..=0x9f => {
-                self.pos += 1;
-                (
-                    usize::from(marker & 0x0f),
-                    if marker < 0x90 { 2 } else { 1 },
-                )
-            }
-            // array 16, array 32, map 16, map 32
-            0xdc..=0xdf => {
-                self.pos += 1;
-                let n = if marker & 1 == 0 {
-                    self.u16_len()?
-                } else {
-                    self.u32_len()?
-                };
-                (n, if marker >= 0xde { 2 } else { 1 })
-            }
-            _ => return self.skip_value(level).map(|()| true),
+        let (n, per) = match self.token()? {
+            Token::Str(b) => return Ok(is_utf8(b)),
+            Token::Ext(..) => return Ok(false),
+            Token::Array(n) => (count(n), 1),
+            Token::Map(n) => (count(n), 2),
+            _ => return Ok(true),
         };
         if level > MAX_DEPTH {
             return Ok(false);
@@ -779,60 +409,22 @@ impl<'a> Cursor<'a> {
     /// Reads a top-level field's value as a non-negative integer; any other value is skipped
     /// and reads as `None`.
     fn uint_or_skip(&mut self) -> Result<Option<u64>, Fail> {
-        let v = match self.peek_byte()? {
-            m @ 0x00..=0x7f => {
-                self.pos += 1;
-                Some(u64::from(m))
-            }
-            0xcc => {
-                self.pos += 1;
-                Some(u64::from(self.byte()?))
-            }
-            0xd0 => {
-                self.pos += 1;
-                u64::try_from(i8::from_be_bytes(self.array()?)).ok()
-            }
-            0xcd => {
-                self.pos += 1;
-                Some(u64::from(u16::from_be_bytes(self.array()?)))
-            }
-            0xce => {
-                self.pos += 1;
-                Some(u64::from(u32::from_be_bytes(self.array()?)))
-            }
-            0xcf => {
-                self.pos += 1;
-                Some(u64::from_be_bytes(self.array()?))
-            }
-            0xd1 => {
-                self.pos += 1;
-                u64::try_from(i16::from_be_bytes(self.array()?)).ok()
-            }
-            0xd2 => {
-                self.pos += 1;
-                u64::try_from(i32::from_be_bytes(self.array()?)).ok()
-            }
-            0xd3 => {
-                self.pos += 1;
-                u64::try_from(i64::from_be_bytes(self.array()?)).ok()
-            }
-            _ => {
-                self.skip_value(2)?;
-                None
-            }
-        };
-        Ok(v)
+        Ok(match self.token()? {
+            Token::Uint(n) => Some(n),
+            Token::Int(n) => u64::try_from(n).ok(),
+            Token::Array(n) => self.skip_array(count(n), 2).map(|()| None)?,
+            Token::Map(n) => self.skip_map(count(n), 2).map(|()| None)?,
+            _ => None,
+        })
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use crate::message::{
-        EventEnvelope, ExecOutput, MessageChunk, OutputStream, ShimToControl, SubmitTask,
-    };
 
-    fn nested(levels: usize, leaf: u8) -> Vec<u8> {
+    /// `levels` nested one-element arrays around `leaf`.
+    pub(crate) fn nested(levels: usize, leaf: u8) -> Vec<u8> {
         let mut v = vec![0x91; levels];
         v.push(leaf);
         v
@@ -845,7 +437,8 @@ mod tests {
         body
     }
 
-    fn detail(e: DecodeError) -> String {
+    /// The text of a malformed error.
+    pub(crate) fn detail(e: DecodeError) -> String {
         match e {
             DecodeError::Malformed { detail, .. } => detail,
             other => panic!("expected malformed, got {other:?}"),
@@ -932,205 +525,5 @@ mod tests {
         assert!(read_head(&with_field(&nested(1_000_000, 1))).is_err());
         assert_eq!(skip_value(&nested(MAX_DEPTH, 1)).unwrap(), MAX_DEPTH + 1);
         assert!(skip_value(&nested(MAX_DEPTH + 1, 1)).is_err());
-    }
-
-    #[test]
-    fn an_envelope_does_not_deepen_its_event() {
-        // An event as deep as allowed on its own…
-        let mut event = b"\x82\xa4type\xa6custom\xa4data".to_vec();
-        event.extend_from_slice(&nested(MAX_DEPTH - 1, 1));
-        assert!(read_head(&event).is_ok());
-        // …is still fine inside an envelope,
-        let mut env = Vec::new();
-        encode_event_envelope(1, &event, &mut env);
-        assert!(read_head(&env).is_ok());
-        assert_eq!(split_envelope(&env).unwrap().event, &event[..]);
-        // but an `event` field of any other message counts at its true depth.
-        let mut other = b"\x82\xa4type\xa4ping\xa5event".to_vec();
-        other.extend_from_slice(&nested(MAX_DEPTH, 1));
-        assert!(read_head(&other).is_err());
-        let mut other = b"\x82\xa4type\xa4ping\xa5event".to_vec();
-        other.extend_from_slice(&nested(MAX_DEPTH - 1, 1));
-        assert!(read_head(&other).is_ok());
-    }
-
-    /// `split_envelope` and then `read_head` of its event, as one result.
-    fn two_walks(body: &[u8]) -> Option<(RawEvent<'_>, &str)> {
-        let split = split_envelope(body).ok()?;
-        Some((split, read_head(split.event).ok()?.type_name))
-    }
-
-    #[test]
-    fn one_pass_split_is_the_two_walks() {
-        let event = b"\x82\xa4type\xa6custom\xa4data\xc0".to_vec();
-        let mut env = Vec::new();
-        encode_event_envelope(300, &event, &mut env);
-        let (split, type_name) = split_envelope_head(&env).unwrap();
-        assert_eq!(
-            (split.seq, split.event, type_name),
-            (300, &event[..], "custom")
-        );
-
-        // The event before the `type`: the two walks, same answer.
-        let mut late = b"\x83\xa5event".to_vec();
-        late.extend_from_slice(&event);
-        late.extend_from_slice(b"\xa3seq\x07\xa4type\xa5event");
-        assert_eq!(split_envelope_head(&late).unwrap().1, "custom");
-
-        // An event as deep as allowed, and one level deeper; an event of type "event"
-        // whose own `event` is deep; trailing bytes; a key that is not a string; a `type`
-        // twice; the envelope cut short anywhere.
-        let deep = |levels| {
-            let mut e = b"\x82\xa4type\xa6custom\xa4data".to_vec();
-            e.extend_from_slice(&nested(levels, 1));
-            e
-        };
-        let mut inner_event = b"\x82\xa4type\xa5event\xa5event".to_vec();
-        inner_event.extend_from_slice(&nested(MAX_DEPTH - 1, 1));
-        let events = [
-            deep(MAX_DEPTH - 1),
-            deep(MAX_DEPTH),
-            inner_event,
-            b"\x81\x01\x02".to_vec(),
-            b"\x82\xa4type\xa1a\xa4type\xa1b".to_vec(),
-        ];
-        let mut bodies = Vec::new();
-        for e in &events {
-            let mut env = Vec::new();
-            encode_event_envelope(1, e, &mut env);
-            bodies.push(env);
-        }
-        let mut trailing = env.clone();
-        trailing.push(0xc0);
-        bodies.push(trailing);
-        for cut in 0..env.len() {
-            bodies.push(env[..cut].to_vec());
-        }
-        for body in &bodies {
-            assert_eq!(
-                split_envelope_head(body).ok(),
-                two_walks(body),
-                "{body:02x?}"
-            );
-        }
-        assert!(split_envelope_head(&bodies[0]).is_ok());
-        assert!(split_envelope_head(&bodies[1]).is_err());
-    }
-
-    #[test]
-    fn serde_never_sees_an_over_deep_body() {
-        // rmp-serde's own limit (1024) would let this through to a recursive decoder.
-        let mut body = b"\x84\xa4type\xabsubmit_task\xa2id\x01\xa7task_id\xa1t\xa5input".to_vec();
-        body.extend_from_slice(&nested(500, 1));
-        let err = crate::message::ControlToShim::decode(&body).unwrap_err();
-        assert!(detail(err).contains("deeper than 64"));
-    }
-
-    #[test]
-    fn envelope_splice_matches_the_encoder() {
-        let events = [
-            Event::MessageChunk(MessageChunk {
-                task_id: Some("task-1".into()),
-                text: "x".repeat(150),
-                role: Some("assistant".into()),
-                is_final: false,
-            }),
-            Event::ExecOutput(ExecOutput {
-                exec_id: 3,
-                stream: OutputStream::Stdout,
-                data: bytes::Bytes::from_static(b"\x00\x01binary"),
-            }),
-        ];
-        let seqs = [
-            0,
-            1,
-            0x7f,
-            0x80,
-            0xff,
-            0x100,
-            0xffff,
-            0x1_0000,
-            0xffff_ffff,
-            0x1_0000_0000,
-            u64::MAX,
-        ];
-        for event in &events {
-            let body = event.to_body().unwrap();
-            for seq in seqs {
-                let msg = ShimToControl::Event(EventEnvelope {
-                    seq,
-                    event: event.clone(),
-                });
-                let mut spliced = bytes::BytesMut::new();
-                encode_event_envelope(seq, &body, &mut spliced);
-                assert_eq!(&spliced[..], &msg.to_body().unwrap()[..], "seq {seq}");
-                assert_eq!(ShimToControl::decode(&spliced).unwrap(), msg);
-                assert_eq!(
-                    split_envelope(&spliced).unwrap(),
-                    RawEvent { seq, event: &body }
-                );
-                let range = event_body_range(&spliced).unwrap();
-                assert_eq!(&spliced[range], &body[..]);
-            }
-        }
-    }
-
-    #[test]
-    fn envelope_errors() {
-        let ping = b"\x82\xa4type\xa4ping\xa2id\x01";
-        assert!(detail(split_envelope(ping).unwrap_err()).contains("not an `event`"));
-        let no_seq = b"\x82\xa4type\xa5event\xa5event\x81\xa4type\xa4busy";
-        assert!(detail(split_envelope(no_seq).unwrap_err()).contains("missing field `seq`"));
-        let bad_seq = b"\x83\xa4type\xa5event\xa3seq\xa1x\xa5event\x81\xa4type\xa4busy";
-        assert!(detail(split_envelope(bad_seq).unwrap_err()).contains("`seq`"));
-        let no_event = b"\x82\xa4type\xa5event\xa3seq\x01";
-        assert!(detail(split_envelope(no_event).unwrap_err()).contains("`event`"));
-        // A broken event inside a good envelope is reported against the envelope.
-        let bad_inner = b"\x83\xa4type\xa5event\xa3seq\x01\xa5event\x81\xa4type\xa8progress\x80";
-        assert!(ShimToControl::decode(bad_inner).is_err());
-        let bad_inner = b"\x83\xa4type\xa5event\xa3seq\x01\xa5event\x82\xa4type\xa3log\xa4text\x01";
-        match ShimToControl::decode(bad_inner).unwrap_err() {
-            DecodeError::Malformed {
-                type_name, detail, ..
-            } => {
-                assert_eq!(type_name.as_deref(), Some("event"));
-                assert!(detail.starts_with("event log:"), "{detail}");
-            }
-            other => panic!("{other:?}"),
-        }
-        // An unknown event type inside an envelope is not an error.
-        let unknown = b"\x83\xa4type\xa5event\xa3seq\x02\xa5event\x81\xa4type\xa3new";
-        match ShimToControl::decode(unknown).unwrap() {
-            ShimToControl::Event(env) => {
-                assert_eq!(env.seq, 2);
-                assert!(matches!(env.event, Event::Unknown(u) if u.type_name == "new"));
-            }
-            other => panic!("{other:?}"),
-        }
-    }
-
-    #[test]
-    fn wrong_typed_field_keeps_type_and_id() {
-        let body = SubmitTask {
-            id: 9,
-            task_id: "t".into(),
-            input: rmpv::Value::Nil,
-            output_schema: None,
-            timeout_ms: None,
-            redeliver: false,
-        };
-        let mut bytes = crate::message::ControlToShim::SubmitTask(body)
-            .to_body()
-            .unwrap();
-        // One more entry in the fixmap: a `timeout_ms` that is a string.
-        bytes[0] += 1;
-        bytes.extend_from_slice(b"\xaatimeout_ms\xa2no");
-        match crate::message::ControlToShim::decode(&bytes).unwrap_err() {
-            DecodeError::Malformed { type_name, id, .. } => {
-                assert_eq!(type_name.as_deref(), Some("submit_task"));
-                assert_eq!(id, Some(9));
-            }
-            other => panic!("{other:?}"),
-        }
     }
 }

@@ -18,7 +18,7 @@ use driver_protocol::blocking::{FrameReader, FrameWriter};
 use driver_protocol::codec::{FrameCodec, MessageCodec};
 use driver_protocol::frame::{self, HEADER_LEN};
 use driver_protocol::message::*;
-use driver_protocol::{raw, DecodeError, EncodeError, ErrorCode, DEFAULT_MAX_FRAME};
+use driver_protocol::{envelope, raw, DecodeError, EncodeError, ErrorCode, DEFAULT_MAX_FRAME};
 use proptest::prelude::*;
 use proptest::strategy::Union;
 use proptest::test_runner::TestRunner;
@@ -857,13 +857,13 @@ proptest! {
         let body = event.to_body().map_err(fail)?;
         let type_name = event.type_name().to_owned();
         let mut spliced = Vec::new();
-        raw::encode_event_envelope(seq, &body, &mut spliced);
+        envelope::encode_event_envelope(seq, &body, &mut spliced);
         let typed = ShimToControl::Event(EventEnvelope { seq, event });
         prop_assert_eq!(&spliced, &typed.to_body().map_err(fail)?);
-        let split = raw::split_envelope(&spliced).map_err(fail)?;
+        let split = envelope::split_envelope(&spliced).map_err(fail)?;
         prop_assert_eq!(split.seq, seq);
         prop_assert_eq!(split.event, &body[..]);
-        let (one, one_type) = raw::split_envelope_head(&spliced).map_err(fail)?;
+        let (one, one_type) = envelope::split_envelope_head(&spliced).map_err(fail)?;
         prop_assert_eq!(one, split);
         prop_assert_eq!(one_type, type_name);
     }
@@ -920,11 +920,11 @@ fn decode_is_stable<M: Message + std::fmt::Debug>(body: &[u8]) -> Result<(), Tes
 
 fn decode_everything(body: &[u8]) -> Result<(), TestCaseError> {
     let _ = raw::read_head(body);
-    let _ = raw::split_envelope(body);
+    let _ = envelope::split_envelope(body);
     // The one-pass split is the two walks, in success and in failure.
-    let two =
-        raw::split_envelope(body).and_then(|s| raw::read_head(s.event).map(|h| (s, h.type_name)));
-    prop_assert_eq!(raw::split_envelope_head(body).ok(), two.ok());
+    let two = envelope::split_envelope(body)
+        .and_then(|s| raw::read_head(s.event).map(|h| (s, h.type_name)));
+    prop_assert_eq!(envelope::split_envelope_head(body).ok(), two.ok());
     let _ = raw::skip_value(body);
     decode_is_stable::<DriverToShim>(body)?;
     decode_is_stable::<ShimToDriver>(body)?;

@@ -759,7 +759,7 @@ fn supervisor_opts(
         (Some(path), _) => Some(TokenSource::File(path)),
         (None, Some(v)) => {
             use std::os::unix::ffi::OsStringExt as _;
-            let token = Token::new(v.into_vec())
+            let token = Token::from_line(v.into_vec())
                 .map_err(|_| UsageError(format!("{TOKEN_VAR} is empty")))?;
             Some(TokenSource::Env(token))
         }
@@ -1539,7 +1539,7 @@ mod tests {
                 port: 9000
             })
         );
-        let want = Token::new(b"s3cret".to_vec()).unwrap();
+        let want = Token::from_line(b"s3cret").unwrap();
         assert_eq!(c.sup.control_token, Some(TokenSource::Env(want)));
         assert_eq!(c.sup.agent_id.as_deref(), Some("from-env"));
         // The Debug form never shows the token.

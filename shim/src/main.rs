@@ -1,18 +1,6 @@
-#![doc = include_str!("../README.md")]
+//! The `agent-shim` binary: parse the command line, set up logging, run, map the outcome to
+//! an exit code. Everything else is the `agent_shim` library (`src/lib.rs`).
 
-mod cli;
-mod control;
-mod driver;
-mod exec;
-mod init;
-mod limits;
-mod logging;
-mod oom;
-mod reaper;
-mod signals;
-mod spawn;
-mod supervisor;
-mod sys;
 #[cfg(all(
     target_env = "musl",
     panic = "abort",
@@ -23,7 +11,7 @@ mod unwinder;
 use std::io::Write as _;
 use std::process::ExitCode;
 
-use cli::{Action, LogFormat};
+use agent_shim::{Action, LogFormat};
 
 /// Exit code for a usage error.
 const EXIT_USAGE: u8 = 2;
@@ -32,41 +20,37 @@ fn main() -> ExitCode {
     // First thing, while the process has one thread: the control token leaves our
     // environment, so no child (driver, tool, plain-mode command) can ever inherit it.
     // SAFETY: no thread has been started yet.
-    let token = unsafe { sys::take_env_secret(c"AGENT_SHIM_TOKEN") };
+    let token = unsafe { agent_shim::take_token() };
     let env = |k: &str| {
-        if k == cli::TOKEN_VAR {
+        if k == agent_shim::TOKEN_VAR {
             token.clone()
         } else {
             std::env::var_os(k)
         }
     };
-    let action = match cli::parse(std::env::args_os().skip(1), env) {
+    let action = match agent_shim::parse(std::env::args_os().skip(1), env) {
         Ok(action) => action,
         Err(err) => {
             // Nothing useful to do if stderr is gone.
             let _ = writeln!(
                 std::io::stderr(),
                 "agent-shim: {err}\n{}\nTry 'agent-shim --help' for more information.",
-                cli::USAGE
+                agent_shim::USAGE
             );
             return ExitCode::from(EXIT_USAGE);
         }
     };
     let cfg = match action {
         Action::Run(cfg) => cfg,
-        Action::Help => return print_stdout(&cli::help()),
-        Action::Version => return print_stdout(&format!("{}\n", cli::version())),
+        Action::Help => return print_stdout(&agent_shim::help()),
+        Action::Version => return print_stdout(&format!("{}\n", agent_shim::version())),
     };
-    logging::init(&cfg.log_level, cfg.log_format);
-    let fail = |err: &dyn std::error::Error, code: i32| {
-        report(err, code, cfg.log_format);
+    agent_shim::init_logging(&cfg);
+    let code = agent_shim::run(&cfg).unwrap_or_else(|err| {
+        let code = err.exit_code();
+        report(&err, code, cfg.log_format);
         code
-    };
-    let code = if cfg.supervisor_mode() {
-        supervisor::run(&cfg).unwrap_or_else(|e| fail(&e, e.exit_code()))
-    } else {
-        init::run(&cfg).unwrap_or_else(|e| fail(&e, e.exit_code()))
-    };
+    });
     ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX))
 }
 

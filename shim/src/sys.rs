@@ -369,6 +369,7 @@ pub(crate) mod fake {
     }
 
     impl Fake {
+        #[cfg(test)]
         pub fn with_waits(pid: i32, waits: impl IntoIterator<Item = WaitResult>) -> Self {
             Fake {
                 pid,

@@ -10,9 +10,9 @@
 //! The first input byte sets how many bytes each simulated read delivers; the rest is the
 //! stream. It goes to `FrameCodec`, to `MessageCodec` for every direction and to the blocking
 //! `FrameReader`; each frame body, and the whole input as a body, goes to `raw::read_head`,
-//! `raw::split_envelope` and `Message::decode` of every direction. Besides never panicking,
+//! `envelope::split_envelope` and `Message::decode` of every direction. Besides never panicking,
 //! whatever decodes must encode and decode again to the same bytes, and
-//! `raw::split_envelope_head` must agree with `split_envelope` followed by `read_head`, and
+//! `envelope::split_envelope_head` must agree with `split_envelope` followed by `read_head`, and
 //! whatever `check::relayable_event` accepts must decode as a driver message of that type.
 
 #![no_main]
@@ -23,7 +23,7 @@ use driver_protocol::codec::{FrameCodec, MessageCodec};
 use driver_protocol::message::{
     ControlToShim, DriverToShim, Event, Message, ShimToControl, ShimToDriver,
 };
-use driver_protocol::{check, raw, EncodeError};
+use driver_protocol::{check, envelope, raw, EncodeError};
 use libfuzzer_sys::fuzz_target;
 use tokio_util::codec::Decoder;
 
@@ -89,11 +89,11 @@ fn drain<D: Decoder>(mut codec: D, wire: &[u8], step: usize) -> Vec<D::Item> {
 
 fn bodies(body: &[u8]) {
     let _ = raw::read_head(body);
-    let _ = raw::split_envelope(body);
+    let _ = envelope::split_envelope(body);
     // The one-pass split is the two walks, in success and in failure.
-    let two = raw::split_envelope(body)
+    let two = envelope::split_envelope(body)
         .and_then(|s| raw::read_head(s.event).map(|h| (s, h.type_name)));
-    assert_eq!(raw::split_envelope_head(body).ok(), two.ok());
+    assert_eq!(envelope::split_envelope_head(body).ok(), two.ok());
     // The relay's check is never laxer than the decoder.
     if let Some(type_name) = check::relayable_event(body) {
         let decoded = DriverToShim::decode(body).map(|m| m.type_name().to_owned());

@@ -32,6 +32,7 @@ pub use event::*;
 pub use exec::*;
 pub use task::*;
 
+use crate::envelope::{self, Head};
 use crate::{DecodeError, EncodeError};
 
 /// A message type this version does not know, or one not valid in this direction.
@@ -67,23 +68,6 @@ pub trait Message: Sized {
     }
 }
 
-/// The `type` and `id` of a message, read before its fields so that the fields can be decoded
-/// into the right struct and an error reply can carry `re`.
-#[derive(Debug)]
-pub(crate) struct Head<'a> {
-    pub(crate) type_name: &'a str,
-    pub(crate) id: Option<RequestId>,
-    /// For a valid `event` envelope: its `seq` and the range of its event in the body (found
-    /// by the same walk, so that decoding the envelope does not walk it again).
-    pub(crate) envelope: Option<(Seq, std::ops::Range<usize>)>,
-}
-
-impl<'a> Head<'a> {
-    pub(crate) fn peek(body: &'a [u8]) -> Result<Self, DecodeError> {
-        crate::raw::peek(body)
-    }
-}
-
 /// Deserializes a field that has a default, treating nil like an absent field: the spec lets
 /// senders write nil for any optional field, and a Python driver's `None` must not be
 /// `malformed`.
@@ -109,6 +93,40 @@ pub(crate) fn encode_named<W: Write, T: Serialize + ?Sized>(
     out: &mut W,
 ) -> Result<(), EncodeError> {
     rmp_serde::encode::write_named(out, value).map_err(|e| EncodeError::Unencodable(e.to_string()))
+}
+
+/// Decodes an `event` envelope, dispatching on the nested event's own `type`.
+fn decode_envelope(body: &[u8], head: &Head<'_>) -> Result<EventEnvelope, DecodeError> {
+    let split = match &head.envelope {
+        Some((seq, range)) => envelope::RawEvent {
+            seq: *seq,
+            event: body.get(range.clone()).unwrap_or_default(),
+        },
+        // Not a valid envelope: the walk again, for its error.
+        None => envelope::split_envelope(body).map_err(|e| match e {
+            DecodeError::Malformed { detail, .. } => {
+                DecodeError::malformed(Some(head.type_name), head.id, detail)
+            }
+            other => other,
+        })?,
+    };
+    let event = Event::decode(split.event).map_err(|e| match e {
+        DecodeError::Malformed {
+            type_name, detail, ..
+        } => DecodeError::malformed(
+            Some(head.type_name),
+            head.id,
+            format_args!(
+                "event {}: {detail}",
+                type_name.as_deref().unwrap_or("of unknown type")
+            ),
+        ),
+        other => other,
+    })?;
+    Ok(EventEnvelope {
+        seq: split.seq,
+        event,
+    })
 }
 
 macro_rules! decode_variant {
@@ -158,7 +176,7 @@ macro_rules! message_set {
             }
 
             fn decode(body: &[u8]) -> Result<Self, DecodeError> {
-                let head = Head::peek(body)?;
+                let head = envelope::peek(body)?;
                 match head.type_name {
                     $($tag => decode_variant!(body, &head, $ty $(, $decode)?).map(Self::$variant),)*
                     _ => Ok(Self::Unknown(Unknown {
@@ -189,47 +207,71 @@ macro_rules! message_set {
     };
 }
 
-message_set! {
-    /// Messages a driver sends to the shim.
-    pub enum DriverToShim {
-        /// Handshake.
-        "hello" => Hello(Hello),
-        /// The driver takes tasks.
-        "ready" => Ready(Ready),
-        /// A task ended.
-        "task_done" => TaskDone(TaskDone),
-        /// The driver is at a safe point.
-        "paused" => Paused(Paused),
-        /// Liveness probe of the shim.
-        "ping" => Ping(Ping),
-        /// Answer to the shim's `ping`.
-        "pong" => Pong(Pong),
-        /// Success reply to a shim request.
-        "ok" => Ok(OkReply),
-        /// Failure reply, or an error the driver reports.
-        "error" => Error(ErrorMsg),
-        /// Output text.
-        "message_chunk" => MessageChunk(MessageChunk),
-        /// A tool call began.
-        "tool_call" => ToolCall(ToolCall),
-        /// A tool call ended.
-        "tool_result" => ToolResult(ToolResult),
-        /// A file changed.
-        "file_change" => FileChange(FileChange),
-        /// Task progress.
-        "progress" => Progress(Progress),
-        /// A log line.
-        "log" => Log(Log),
-        /// The driver's own kind of event.
-        "custom" => Custom(Custom),
-        /// Run a tool process.
-        "exec" => Exec(Exec),
-        /// Stdin for an exec.
-        "exec_input" => ExecInput(ExecInput),
-        /// Terminal size of an exec.
-        "exec_resize" => ExecResize(ExecResize),
-        /// Signal an exec's process group.
-        "exec_signal" => ExecSignal(ExecSignal),
+/// The driver's events, which the shim relays to the control plane as they are: one list for
+/// [`DriverToShim`] and [`Event`] (and, through [`Message::TYPES`], for the relay's check).
+/// Calls `message_set!` with the enum's rows, the events spliced in where `driver_events`
+/// stands.
+macro_rules! with_driver_events {
+    (
+        message_set! {
+            $(#[$meta:meta])*
+            pub enum $name:ident { $($before:tt)* } driver_events { $($after:tt)* }
+        }
+    ) => {
+        message_set! {
+            $(#[$meta])*
+            pub enum $name {
+                $($before)*
+                /// Output text.
+                "message_chunk" => MessageChunk(MessageChunk),
+                /// A tool call began.
+                "tool_call" => ToolCall(ToolCall),
+                /// A tool call ended.
+                "tool_result" => ToolResult(ToolResult),
+                /// A file changed.
+                "file_change" => FileChange(FileChange),
+                /// Task progress.
+                "progress" => Progress(Progress),
+                /// A log line.
+                "log" => Log(Log),
+                /// The driver's own kind of event.
+                "custom" => Custom(Custom),
+                $($after)*
+            }
+        }
+    };
+}
+
+with_driver_events! {
+    message_set! {
+        /// Messages a driver sends to the shim.
+        pub enum DriverToShim {
+            /// Handshake.
+            "hello" => Hello(Hello),
+            /// The driver takes tasks.
+            "ready" => Ready(Ready),
+            /// A task ended.
+            "task_done" => TaskDone(TaskDone),
+            /// The driver is at a safe point.
+            "paused" => Paused(Paused),
+            /// Liveness probe of the shim.
+            "ping" => Ping(Ping),
+            /// Answer to the shim's `ping`.
+            "pong" => Pong(Pong),
+            /// Success reply to a shim request.
+            "ok" => Ok(OkReply),
+            /// Failure reply, or an error the driver reports.
+            "error" => Error(ErrorMsg),
+        } driver_events {
+            /// Run a tool process.
+            "exec" => Exec(Exec),
+            /// Stdin for an exec.
+            "exec_input" => ExecInput(ExecInput),
+            /// Terminal size of an exec.
+            "exec_resize" => ExecResize(ExecResize),
+            /// Signal an exec's process group.
+            "exec_signal" => ExecSignal(ExecSignal),
+        }
     }
 }
 
@@ -323,59 +365,47 @@ message_set! {
         /// An exec began.
         "exec_started" => ExecStarted(ExecStarted),
         /// One sequenced event.
-        "event" => Event(EventEnvelope) decoded_by crate::raw::decode_envelope,
+        "event" => Event(EventEnvelope) decoded_by decode_envelope,
         /// Answer to `ping`.
         "pong" => Pong(Pong),
     }
 }
 
-message_set! {
-    /// An event inside an `event` envelope: the driver's events relayed, and the shim's own.
-    pub enum Event {
-        /// Output text.
-        "message_chunk" => MessageChunk(MessageChunk),
-        /// A tool call began.
-        "tool_call" => ToolCall(ToolCall),
-        /// A tool call ended.
-        "tool_result" => ToolResult(ToolResult),
-        /// A file changed.
-        "file_change" => FileChange(FileChange),
-        /// Task progress.
-        "progress" => Progress(Progress),
-        /// A log line.
-        "log" => Log(Log),
-        /// The driver's own kind of event.
-        "custom" => Custom(Custom),
-        /// An error the driver reported.
-        "error" => Error(ErrorMsg),
-        /// A task ended.
-        "task_done" => TaskDone(TaskDone),
-        /// A submitted task was queued.
-        "task_accepted" => TaskAccepted(TaskAccepted),
-        /// The driver was launched.
-        "driver_started" => DriverStarted(DriverStarted),
-        /// The driver is ready.
-        "driver_ready" => DriverReady(DriverReady),
-        /// The driver ended.
-        "driver_exited" => DriverExited(DriverExited),
-        /// The driver will be relaunched.
-        "driver_restarting" => DriverRestarting(DriverRestarting),
-        /// Too many restarts: state `error`.
-        "crash_loop" => CrashLoop(CrashLoop),
-        /// The driver's state changed.
-        "state_changed" => StateChanged(StateChanged),
-        /// The agent is at a safe point and may be frozen.
-        "paused" => Paused(Paused),
-        /// Output of a control-initiated exec.
-        "exec_output" => ExecOutput(ExecOutput),
-        /// A control-initiated exec ended.
-        "exec_exit" => ExecExit(ExecExit),
-        /// The agent became idle.
-        "idle" => Idle(Idle),
-        /// Work arrived after `idle`.
-        "busy" => Busy(Busy),
-        /// The OOM killer killed processes in the sandbox.
-        "oom" => Oom(Oom),
+with_driver_events! {
+    message_set! {
+        /// An event inside an `event` envelope: the driver's events relayed, and the shim's own.
+        pub enum Event {} driver_events {
+            /// An error the driver reported.
+            "error" => Error(ErrorMsg),
+            /// A task ended.
+            "task_done" => TaskDone(TaskDone),
+            /// A submitted task was queued.
+            "task_accepted" => TaskAccepted(TaskAccepted),
+            /// The driver was launched.
+            "driver_started" => DriverStarted(DriverStarted),
+            /// The driver is ready.
+            "driver_ready" => DriverReady(DriverReady),
+            /// The driver ended.
+            "driver_exited" => DriverExited(DriverExited),
+            /// The driver will be relaunched.
+            "driver_restarting" => DriverRestarting(DriverRestarting),
+            /// Too many restarts: state `error`.
+            "crash_loop" => CrashLoop(CrashLoop),
+            /// The driver's state changed.
+            "state_changed" => StateChanged(StateChanged),
+            /// The agent is at a safe point and may be frozen.
+            "paused" => Paused(Paused),
+            /// Output of a control-initiated exec.
+            "exec_output" => ExecOutput(ExecOutput),
+            /// A control-initiated exec ended.
+            "exec_exit" => ExecExit(ExecExit),
+            /// The agent became idle.
+            "idle" => Idle(Idle),
+            /// Work arrived after `idle`.
+            "busy" => Busy(Busy),
+            /// The OOM killer killed processes in the sandbox.
+            "oom" => Oom(Oom),
+        }
     }
 }
 
@@ -461,5 +491,41 @@ mod tests {
         assert!(
             matches!(m, ControlToShim::Exec(Exec { stdin: false, ref env, .. }) if env.is_empty())
         );
+    }
+
+    #[test]
+    fn serde_never_sees_an_over_deep_body() {
+        // rmp-serde's own limit (1024) would let this through to a recursive decoder.
+        let mut body = b"\x84\xa4type\xabsubmit_task\xa2id\x01\xa7task_id\xa1t\xa5input".to_vec();
+        body.extend_from_slice(&[0x91; 500]);
+        body.push(1);
+        let err = ControlToShim::decode(&body).unwrap_err();
+        match err {
+            DecodeError::Malformed { detail, .. } => assert!(detail.contains("deeper than 64")),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn wrong_typed_field_keeps_type_and_id() {
+        let body = SubmitTask {
+            id: 9,
+            task_id: "t".into(),
+            input: rmpv::Value::Nil,
+            output_schema: None,
+            timeout_ms: None,
+            redeliver: false,
+        };
+        let mut bytes = ControlToShim::SubmitTask(body).to_body().unwrap();
+        // One more entry in the fixmap: a `timeout_ms` that is a string.
+        bytes[0] += 1;
+        bytes.extend_from_slice(b"\xaatimeout_ms\xa2no");
+        match ControlToShim::decode(&bytes).unwrap_err() {
+            DecodeError::Malformed { type_name, id, .. } => {
+                assert_eq!(type_name.as_deref(), Some("submit_task"));
+                assert_eq!(id, Some(9));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -12,5 +12,5 @@
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    agent_shim_fuzz::control_link(data);
+    agent_shim::fuzz::control_link(data);
 });

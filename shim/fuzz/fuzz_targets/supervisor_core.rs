@@ -12,5 +12,5 @@
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    agent_shim_fuzz::supervisor_core(data);
+    agent_shim::fuzz::supervisor_core(data);
 });

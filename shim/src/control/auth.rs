@@ -15,12 +15,10 @@
 //! [`Handshake`] is the pure state machine (unit-tested without sockets); the connection
 //! feeds it the peer's first messages and sends what it returns.
 
-use std::fmt;
 use std::io::{self, Read as _};
 use std::os::unix::fs::MetadataExt as _;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
-use std::rc::Rc;
 
 use driver_protocol::handshake::{self, NONCE_LEN};
 use driver_protocol::message::{Auth, ControlToShim, Hello, Message as _, Role};
@@ -30,77 +28,56 @@ use thiserror::Error;
 /// The largest token file read.
 const MAX_TOKEN: u64 = 64 * 1024;
 
-/// The shared secret of the control link. Its `Debug` never shows it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Token(Rc<[u8]>);
+/// The shared secret of the control link: driver-protocol's, one type for both ends. Its
+/// `Debug` never shows it.
+pub use driver_protocol::Token;
 
-impl fmt::Debug for Token {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Token(<{} bytes>)", self.0.len())
+/// Reads the control token file (`--control-token-file`): its contents as a line (trailing
+/// newlines are not part of the token), from a regular file owned by us (or root) and
+/// neither group- nor other-accessible (mode & 0o077 == 0), so that no non-root process of
+/// the sandbox can read it. (driver-protocol's `Token::from_file` makes none of these
+/// checks: the shim never uses it.)
+pub fn read_token_file(path: &Path) -> Result<Token, TokenError> {
+    let display = path.display().to_string();
+    let io_err = |source| TokenError::Read {
+        path: display.clone(),
+        source,
+    };
+    // The checks are made on the opened file, not on the path: no window between them.
+    // Non-blocking: a FIFO put in its place opens at once, and is refused as not a file.
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(io_err)?;
+    let meta = file.metadata().map_err(io_err)?;
+    if !meta.is_file() {
+        return Err(TokenError::NotAFile { path: display });
     }
-}
-
-impl Token {
-    /// A token from its bytes, trailing newlines (`\n`, `\r\n`) stripped; empty is an error.
-    pub fn new(mut bytes: Vec<u8>) -> Result<Self, TokenError> {
-        while matches!(bytes.last(), Some(b'\n' | b'\r')) {
-            bytes.pop();
-        }
-        if bytes.is_empty() {
-            return Err(TokenError::Empty);
-        }
-        Ok(Self(bytes.into()))
+    let mode = meta.mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(TokenError::Permissions {
+            path: display,
+            mode,
+        });
     }
-
-    /// Reads a token file, which must be a regular file owned by us (or root) and neither
-    /// group- nor other-accessible (mode & 0o077 == 0), so that no non-root process of the
-    /// sandbox can read it.
-    pub fn from_file(path: &Path) -> Result<Self, TokenError> {
-        let display = path.display().to_string();
-        let io_err = |source| TokenError::Read {
-            path: display.clone(),
-            source,
-        };
-        // The checks are made on the opened file, not on the path: no window between them.
-        // Non-blocking: a FIFO put in its place opens at once, and is refused as not a file.
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-            .open(path)
-            .map_err(io_err)?;
-        let meta = file.metadata().map_err(io_err)?;
-        if !meta.is_file() {
-            return Err(TokenError::NotAFile { path: display });
-        }
-        let mode = meta.mode() & 0o777;
-        if mode & 0o077 != 0 {
-            return Err(TokenError::Permissions {
-                path: display,
-                mode,
-            });
-        }
-        // SAFETY: geteuid cannot fail and has no preconditions.
-        let euid = unsafe { libc::geteuid() };
-        if meta.uid() != euid && meta.uid() != 0 {
-            return Err(TokenError::Owner {
-                path: display,
-                uid: meta.uid(),
-            });
-        }
-        let mut bytes = Vec::new();
-        (&mut file)
-            .take(MAX_TOKEN + 1)
-            .read_to_end(&mut bytes)
-            .map_err(io_err)?;
-        if bytes.len() as u64 > MAX_TOKEN {
-            return Err(TokenError::TooLong { path: display });
-        }
-        Self::new(bytes)
+    // SAFETY: geteuid cannot fail and has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if meta.uid() != euid && meta.uid() != 0 {
+        return Err(TokenError::Owner {
+            path: display,
+            uid: meta.uid(),
+        });
     }
-
-    fn bytes(&self) -> &[u8] {
-        &self.0
+    let mut bytes = Vec::new();
+    (&mut file)
+        .take(MAX_TOKEN + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io_err)?;
+    if bytes.len() as u64 > MAX_TOKEN {
+        return Err(TokenError::TooLong { path: display });
     }
+    Token::from_line(bytes).map_err(|_| TokenError::Empty)
 }
 
 /// Why the token could not be loaded; the shim does not start.
@@ -281,7 +258,7 @@ impl Handshake {
         };
         // The control plane's proof: its role, our nonce as its peer's, its own.
         let ok = handshake::verify_proof(
-            token.bytes(),
+            token.secret(),
             Role::Control,
             &self.nonce,
             peer_nonce,
@@ -290,7 +267,7 @@ impl Handshake {
         if !ok {
             return Err((ErrorCode::Unauthorized, "authentication failed".to_owned()));
         }
-        let mac = handshake::auth_proof(token.bytes(), Role::Shim, peer_nonce, &self.nonce);
+        let mac = handshake::auth_proof(token.secret(), Role::Shim, peer_nonce, &self.nonce);
         Ok(Step::Live {
             hello,
             auth: Some(Auth {

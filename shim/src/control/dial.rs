@@ -11,54 +11,34 @@
 //!  └──────────────────────────────────────────────────────────────────────┘
 //! ```
 //!
-//! The backoff doubles from [`Backoff::INITIAL`] up to the cap (`--control-reconnect-max`),
-//! each delay drawn between half and all of the current step (jitter, so a fleet of shims
-//! whose control plane restarts does not redial in step). Nothing here blocks the
+//! The delays are the project's one backoff rule ([`Backoff`], ± jitter around a capped
+//! exponential), set up by [`backoff`] to be what they have always been: between half and
+//! all of a step that doubles from 100 ms up to the cap (`--control-reconnect-max`), so that a
+//! fleet of shims whose control plane restarts does not redial in step. Nothing here blocks the
 //! supervisor: it is a task of its own, and every wait is a timer or a socket.
 
 use std::rc::Rc;
 use std::time::Duration;
 
+use driver_protocol::Backoff;
 use tracing::{debug, info, warn};
 
 use super::addr::ControlAddr;
 use super::{conn, transport, Inner, Origin};
 
-/// Capped exponential backoff with jitter.
-#[derive(Debug, Clone)]
-pub(super) struct Backoff {
-    step: Duration,
-    cap: Duration,
-}
+/// The first step of the dial-out backoff: the first delay is between half of it and all
+/// of it.
+pub(super) const FIRST_STEP: Duration = Duration::from_millis(100);
 
-impl Backoff {
-    /// The first delay step.
-    pub(super) const INITIAL: Duration = Duration::from_millis(100);
-
-    /// A backoff starting at [`Self::INITIAL`] (or `cap` if smaller), doubling up to `cap`.
-    pub(super) fn new(cap: Duration) -> Self {
-        Self {
-            step: Self::INITIAL.min(cap),
-            cap,
-        }
-    }
-
-    /// Back to the first step.
-    pub(super) fn reset(&mut self) {
-        self.step = Self::INITIAL.min(self.cap);
-    }
-
-    /// The next delay: uniformly between half the step and the whole step (`unit` in
-    /// [0, 1) picks where); the step then doubles, up to the cap.
-    pub(super) fn next_delay(&mut self, unit: f64) -> Duration {
-        let unit = if unit.is_finite() {
-            unit.clamp(0.0, 1.0)
-        } else {
-            0.0
-        };
-        let delay = self.step.mul_f64(0.5 + 0.5 * unit);
-        self.step = self.step.saturating_mul(2).min(self.cap);
-        delay
+/// The dial-out backoff for the cap `cap` (`--control-reconnect-max`): the delay before
+/// redial n (0 = the first) is between half and all of `min(FIRST_STEP · 2^n, cap)`, drawn
+/// uniformly. In the terms of [`Backoff`]: three quarters of that step, ± a third.
+pub(super) fn backoff(cap: Duration) -> Backoff {
+    Backoff {
+        initial: FIRST_STEP - FIRST_STEP / 4,
+        max: cap - cap / 4,
+        factor: 2.0,
+        jitter: 1.0 / 3.0,
     }
 }
 
@@ -71,9 +51,18 @@ fn random_unit() -> f64 {
     }
 }
 
+/// The delay before redial `attempt`, which it then counts.
+fn next_delay(backoff: &Backoff, attempt: &mut u32) -> Duration {
+    let delay = backoff.delay(*attempt, random_unit());
+    *attempt = attempt.saturating_add(1);
+    delay
+}
+
 /// Dials `addr` whenever no connection is live, until aborted.
 pub(super) async fn dial_loop(addr: ControlAddr, inner: Rc<Inner>) {
-    let mut backoff = Backoff::new(inner.tuning.reconnect_max);
+    let backoff = backoff(inner.tuning.reconnect_max);
+    // Redials since the last authenticated connection.
+    let mut attempt = 0;
     loop {
         // Another connection (e.g. accepted on the listener) is live: wait for it to end.
         while let Some(live) = inner.live() {
@@ -85,13 +74,13 @@ pub(super) async fn dial_loop(addr: ControlAddr, inner: Rc<Inner>) {
         let halves = match dialed {
             Ok(Ok(halves)) => halves,
             Ok(Err(err)) => {
-                let delay = backoff.next_delay(random_unit());
+                let delay = next_delay(&backoff, &mut attempt);
                 debug!(addr = %addr, error = %err, ?delay, "control plane unreachable");
                 tokio::time::sleep(delay).await;
                 continue;
             }
             Err(_) => {
-                let delay = backoff.next_delay(random_unit());
+                let delay = next_delay(&backoff, &mut attempt);
                 warn!(addr = %addr, timeout = ?inner.tuning.connect_timeout, ?delay,
                     "dialing the control plane timed out");
                 tokio::time::sleep(delay).await;
@@ -104,19 +93,19 @@ pub(super) async fn dial_loop(addr: ControlAddr, inner: Rc<Inner>) {
             Origin::Dialed(addr.to_string()),
             inner.next_id(),
         ) else {
-            let delay = backoff.next_delay(random_unit());
+            let delay = next_delay(&backoff, &mut attempt);
             tokio::time::sleep(delay).await;
             continue;
         };
         conn.closed().await;
         if conn.authenticated() {
             info!(addr = %addr, "the dialed control connection ended; redialing");
-            backoff.reset();
+            attempt = 0;
             // A short pause even so: a control plane that accepts and at once drops an
             // authenticated connection must not make the shim spin.
-            tokio::time::sleep(backoff.next_delay(random_unit())).await;
+            tokio::time::sleep(next_delay(&backoff, &mut attempt)).await;
         } else {
-            let delay = backoff.next_delay(random_unit());
+            let delay = next_delay(&backoff, &mut attempt);
             debug!(addr = %addr, ?delay, "the dialed control connection did not authenticate");
             tokio::time::sleep(delay).await;
         }

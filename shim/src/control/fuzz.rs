@@ -44,11 +44,7 @@ const MAX_BYTES: usize = 2048;
 pub fn run(data: &[u8]) -> u32 {
     let mut input = Input { data, pos: 0 };
     let with_token = input.b() % 2 == 0;
-    let token = || {
-        with_token
-            .then(|| Token::new(TOKEN.to_vec()).ok())
-            .flatten()
-    };
+    let token = || with_token.then(|| Token::from_line(TOKEN).ok()).flatten();
     let template = Hello::new(Role::Shim, "agent-shim", "0");
     let mut conn = Conn::new(Handshake::new(&template, token(), SHIM_NONCE));
     let mut buffer = Buffer::new(MAX_EVENTS, MAX_BYTES);

@@ -52,7 +52,7 @@ use tokio::task::AbortHandle;
 use tracing::{debug, error, warn};
 
 pub use addr::ControlAddr;
-pub use auth::{Token, TokenError};
+pub use auth::{read_token_file, Token, TokenError};
 use buffer::Buffer;
 use conn::Conn;
 use gate::{Gate, Refused};
@@ -484,7 +484,7 @@ impl ControlServer {
     }
 
     /// Same for a driver event already encoded (its MessagePack body, validated by the caller):
-    /// spliced with `raw::encode_event_envelope`, never re-encoded.
+    /// spliced with `envelope::encode_event_envelope`, never re-encoded.
     pub fn publish_raw(&mut self, event_body: &[u8]) -> u64 {
         let max = self.inner.max_frame;
         let mut st = self.inner.state.borrow_mut();

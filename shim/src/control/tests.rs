@@ -678,13 +678,13 @@ use driver_protocol::handshake::{auth_proof, verify_proof, NONCE_LEN};
 use driver_protocol::message::Auth;
 
 use super::auth::{Handshake, Step};
-use super::dial::Backoff;
+use super::dial;
 use super::gate;
 
 const TOKEN: &[u8] = b"test-token";
 
 fn token() -> Token {
-    Token::new(TOKEN.to_vec()).unwrap()
+    Token::from_line(TOKEN).unwrap()
 }
 
 fn secure_cfg() -> ControlConfig {
@@ -748,18 +748,19 @@ impl Client {
 
 #[test]
 fn backoff_doubles_with_jitter_up_to_the_cap_and_resets() {
-    let mut b = Backoff::new(Duration::from_secs(1));
+    let b = dial::backoff(Duration::from_secs(1));
     // unit 1.0 gives the whole step, 0.0 half of it.
-    let whole: Vec<u128> = (0..6).map(|_| b.next_delay(1.0).as_millis()).collect();
+    let whole: Vec<u128> = (0..6).map(|n| b.delay(n, 1.0).as_millis()).collect();
     assert_eq!(whole, [100, 200, 400, 800, 1000, 1000]);
-    b.reset();
-    assert_eq!(b.next_delay(0.0), Duration::from_millis(50));
-    assert_eq!(b.next_delay(0.5), Duration::from_millis(150));
-    assert_eq!(b.next_delay(f64::NAN), Duration::from_millis(200));
+    // After a reset, the count starts at 0 again.
+    assert_eq!(b.delay(0, 0.0), Duration::from_millis(50));
+    assert_eq!(b.delay(1, 0.5), Duration::from_millis(150));
+    assert_eq!(b.delay(2, f64::NAN), Duration::from_millis(200));
+    assert_eq!(dial::FIRST_STEP, Duration::from_millis(100));
     // A cap below the first step caps the first step too.
-    let mut small = Backoff::new(Duration::from_millis(30));
-    assert_eq!(small.next_delay(1.0), Duration::from_millis(30));
-    assert_eq!(small.next_delay(1.0), Duration::from_millis(30));
+    let small = dial::backoff(Duration::from_millis(30));
+    assert_eq!(small.delay(0, 1.0), Duration::from_millis(30));
+    assert_eq!(small.delay(1, 1.0), Duration::from_millis(30));
 }
 
 fn shim_template() -> Hello {
@@ -906,17 +907,17 @@ fn token_loading_rules() {
     };
     write(b"s3cret\n", 0o600);
     assert_eq!(
-        Token::from_file(&file).unwrap(),
-        Token::new(b"s3cret".to_vec()).unwrap()
+        read_token_file(&file).unwrap(),
+        Token::from_line(b"s3cret").unwrap()
     );
     write(b"s3cret\r\n\n", 0o400);
     assert_eq!(
-        Token::from_file(&file).unwrap(),
-        Token::new(b"s3cret".to_vec()).unwrap()
+        read_token_file(&file).unwrap(),
+        Token::from_line(b"s3cret").unwrap()
     );
     for mode in [0o644, 0o640, 0o604, 0o660, 0o700 | 0o070] {
         write(b"s3cret", mode);
-        let err = Token::from_file(&file).unwrap_err();
+        let err = read_token_file(&file).unwrap_err();
         assert!(
             matches!(err, TokenError::Permissions { .. }),
             "{mode:o}: {err}"
@@ -927,16 +928,16 @@ fn token_loading_rules() {
         );
     }
     write(b"\n", 0o600);
-    assert!(matches!(Token::from_file(&file), Err(TokenError::Empty)));
+    assert!(matches!(read_token_file(&file), Err(TokenError::Empty)));
     assert!(matches!(
-        Token::from_file(&dir.0.join("missing")),
+        read_token_file(&dir.0.join("missing")),
         Err(TokenError::Read { .. })
     ));
     assert!(matches!(
-        Token::from_file(&dir.0),
+        read_token_file(&dir.0),
         Err(TokenError::NotAFile { .. }) | Err(TokenError::Permissions { .. })
     ));
-    assert!(Token::new(Vec::new()).is_err());
+    assert!(Token::from_line(Vec::new()).is_err());
     assert_eq!(format!("{:?}", token()), "Token(<10 bytes>)");
 }
 

@@ -25,7 +25,7 @@ use thiserror::Error;
 use tracing::{info, info_span, warn, Instrument as _};
 
 use crate::cli::{Config, TokenSource};
-use crate::control::{Token, TokenError};
+use crate::control::{read_token_file, Token, TokenError};
 use crate::reaper::Reaper;
 use crate::signals;
 use crate::sys::{Real, Sys};
@@ -116,7 +116,7 @@ fn load_token(cfg: &Config) -> Result<Option<Token>, SupervisorError> {
         return Ok(None);
     }
     match &cfg.sup.control_token {
-        Some(TokenSource::File(path)) => Token::from_file(path)
+        Some(TokenSource::File(path)) => read_token_file(path)
             .map(Some)
             .map_err(SupervisorError::Token),
         Some(TokenSource::Env(token)) => Ok(Some(token.clone())),

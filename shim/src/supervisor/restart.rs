@@ -13,7 +13,8 @@
 //! delay(n) = min(initial · factor^(n−1), max) · j      j uniform in [1 − jitter, 1 + jitter]
 //! ```
 //!
-//! clamped to `[0, max · (1 + jitter)]`. A run that lasted at least `reset_after` starts the
+//! clamped to `[0, max · (1 + jitter)]`: the project's one backoff rule,
+//! [`driver_protocol::Backoff`], at attempt n − 1. A run that lasted at least `reset_after` starts the
 //! count over (n = 1 again). The defaults ([`BackoffConfig::default`]) are modelled on
 //! Kubernetes' CrashLoopBackOff (10 s initial, ×2, 5 min cap, reset after 10 min of stable
 //! running) but scaled down for an agent driver, which is a single process whose restart is
@@ -32,6 +33,8 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
+
+use driver_protocol::Backoff;
 
 /// When the driver is restarted after it exits (`--restart`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
@@ -73,17 +76,13 @@ impl fmt::Display for RestartPolicy {
     }
 }
 
-/// Exponential backoff between restarts (`--backoff-*`).
+/// Exponential backoff between restarts (`--backoff-*`): the project's one backoff rule
+/// ([`Backoff`]) and when it starts over.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BackoffConfig {
-    /// Delay before the first restart.
-    pub initial: Duration,
-    /// Cap on the delay (before jitter).
-    pub max: Duration,
-    /// Multiplier per consecutive restart (values below 1, or NaN, count as 1).
-    pub factor: f64,
-    /// ± fraction of random jitter (clamped to `[0, 1]`; NaN counts as 0).
-    pub jitter: f64,
+    /// The delays: `initial` before the first restart, `max` the cap (before jitter),
+    /// `factor` per consecutive restart, ± `jitter`.
+    pub delays: Backoff,
     /// A run at least this long resets the backoff.
     pub reset_after: Duration,
 }
@@ -92,10 +91,12 @@ impl Default for BackoffConfig {
     /// 200 ms, ×2, capped at 30 s, ±10 %, reset after 60 s up.
     fn default() -> Self {
         Self {
-            initial: Duration::from_millis(200),
-            max: Duration::from_secs(30),
-            factor: 2.0,
-            jitter: 0.1,
+            delays: Backoff {
+                initial: Duration::from_millis(200),
+                max: Duration::from_secs(30),
+                factor: 2.0,
+                jitter: 0.1,
+            },
             reset_after: Duration::from_secs(60),
         }
     }
@@ -208,7 +209,11 @@ impl Restarter {
         let u = self.rng.next_unit();
         Decision::Restart {
             attempt: self.launch,
-            delay: delay(&self.backoff, self.consecutive, u),
+            // The n-th consecutive restart waits the backoff's attempt n - 1.
+            delay: self
+                .backoff
+                .delays
+                .delay(self.consecutive.saturating_sub(1), u),
         }
     }
 
@@ -255,29 +260,6 @@ impl Restarter {
     }
 }
 
-/// The delay of the `n`-th consecutive restart (n ≥ 1) for a jitter draw `u` in `[0, 1)`.
-/// Total: never panics, whatever the configuration.
-fn delay(cfg: &BackoffConfig, n: u32, u: f64) -> Duration {
-    let initial = cfg.initial.as_secs_f64();
-    let max = cfg.max.as_secs_f64();
-    // NaN fails `>= 1.0`, so it is clamped to 1 as well.
-    let factor = if cfg.factor >= 1.0 { cfg.factor } else { 1.0 };
-    let jitter = if cfg.jitter.is_nan() {
-        0.0
-    } else {
-        cfg.jitter.clamp(0.0, 1.0)
-    };
-    // Beyond ~1100 the power is infinite for any factor > 1 anyway; keep `powi` in range.
-    let exp = i32::try_from(n.saturating_sub(1).min(2048)).unwrap_or(2048);
-    let grown = initial * factor.powi(exp);
-    // inf · 0 (factor = inf, initial = 0) is NaN: treat as the cap.
-    let base = if grown.is_nan() { max } else { grown.min(max) };
-    let j = 1.0 + jitter * (2.0 * u - 1.0);
-    let upper = max * (1.0 + jitter);
-    let secs = (base * j).min(upper).max(0.0);
-    Duration::try_from_secs_f64(secs).unwrap_or(cfg.max)
-}
-
 /// xorshift64* (Vigna 2014): tiny, fast, good enough for jitter. Not for secrets.
 #[derive(Debug, Clone)]
 struct XorShift64Star {
@@ -321,10 +303,12 @@ mod tests {
 
     fn cfg(initial_ms: u64, max_ms: u64, factor: f64, jitter: f64) -> BackoffConfig {
         BackoffConfig {
-            initial: MS * initial_ms as u32,
-            max: MS * max_ms as u32,
-            factor,
-            jitter,
+            delays: Backoff {
+                initial: MS * initial_ms as u32,
+                max: MS * max_ms as u32,
+                factor,
+                jitter,
+            },
             reset_after: Duration::from_secs(60),
         }
     }
@@ -365,10 +349,10 @@ mod tests {
     #[test]
     fn defaults_are_the_documented_ones() {
         let b = BackoffConfig::default();
-        assert_eq!(b.initial, MS * 200);
-        assert_eq!(b.max, Duration::from_secs(30));
-        assert_eq!(b.factor, 2.0);
-        assert_eq!(b.jitter, 0.1);
+        assert_eq!(b.delays.initial, MS * 200);
+        assert_eq!(b.delays.max, Duration::from_secs(30));
+        assert_eq!(b.delays.factor, 2.0);
+        assert_eq!(b.delays.jitter, 0.1);
         assert_eq!(b.reset_after, Duration::from_secs(60));
         let c = CrashLoopConfig::default();
         assert_eq!((c.restarts, c.window), (5, Duration::from_secs(60)));
@@ -655,17 +639,21 @@ mod tests {
             cfg(0, 0, f64::INFINITY, 5.0),
             cfg(1000, 10, 2.0, -1.0),
             BackoffConfig {
-                initial: huge,
-                max: huge,
-                factor: f64::MAX,
-                jitter: 1.0,
+                delays: Backoff {
+                    initial: huge,
+                    max: huge,
+                    factor: f64::MAX,
+                    jitter: 1.0,
+                },
                 reset_after: huge,
             },
             BackoffConfig {
-                initial: Duration::ZERO,
-                max: Duration::ZERO,
-                factor: 0.0,
-                jitter: 0.0,
+                delays: Backoff {
+                    initial: Duration::ZERO,
+                    max: Duration::ZERO,
+                    factor: 0.0,
+                    jitter: 0.0,
+                },
                 reset_after: Duration::ZERO,
             },
         ];
@@ -683,14 +671,14 @@ mod tests {
                 );
                 for i in 0..3000 {
                     let d = delay_of(r.on_exit(t0 + MS * i, MS, false));
-                    let jitter = if b.jitter.is_nan() {
+                    let jitter = if b.delays.jitter.is_nan() {
                         0.0
                     } else {
-                        b.jitter.clamp(0.0, 1.0)
+                        b.delays.jitter.clamp(0.0, 1.0)
                     };
-                    let bound = b.max.as_secs_f64() * (1.0 + jitter);
+                    let bound = b.delays.max.as_secs_f64() * (1.0 + jitter);
                     assert!(
-                        d.as_secs_f64() <= bound * (1.0 + 1e-9) || d == b.max,
+                        d.as_secs_f64() <= bound * (1.0 + 1e-9) || d == b.delays.max,
                         "{b:?}: {d:?}"
                     );
                 }

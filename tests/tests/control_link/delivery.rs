@@ -19,6 +19,7 @@ fn fast_reconnect() -> ConnectOptions {
         initial: Duration::from_millis(20),
         max: Duration::from_millis(200),
         jitter: 0.2,
+        ..control_link::Backoff::default()
     })
 }
 

@@ -293,6 +293,7 @@ fn keepalive_drops_a_silent_shim_and_a_new_shim_restarts_the_seqs() -> Result<()
                 initial: Duration::from_millis(20),
                 max: Duration::from_millis(100),
                 jitter: 0.0,
+                ..control_link::Backoff::default()
             });
         let shims = tokio::spawn(async move {
             // A shim that serves 3 events and then stops answering (half-open)…

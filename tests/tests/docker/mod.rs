@@ -339,6 +339,7 @@ pub fn connect_options() -> control_link::ConnectOptions {
         initial: Duration::from_millis(50),
         max: Duration::from_millis(300),
         jitter: 0.2,
+        ..control_link::Backoff::default()
     })
 }
 

@@ -45,7 +45,7 @@ use driver_protocol::message::{
     DriverState, ErrorMsg, Event, ExitInfo, Hello, OkReply, Role, ShimToControl, ShimToDriver,
     StatusReply,
 };
-use driver_protocol::ErrorCode;
+use driver_protocol::{Backoff, ErrorCode};
 use tracing::{debug, info, warn};
 
 use crate::cli::Config;
@@ -218,10 +218,12 @@ impl<S: Sys> Core<S> {
         let restarter = Restarter::new(
             sup.restart,
             BackoffConfig {
-                initial: sup.backoff_initial,
-                max: sup.backoff_max,
-                factor: sup.backoff_factor,
-                jitter: sup.backoff_jitter,
+                delays: Backoff {
+                    initial: sup.backoff_initial,
+                    max: sup.backoff_max,
+                    factor: sup.backoff_factor,
+                    jitter: sup.backoff_jitter,
+                },
                 reset_after: sup.backoff_reset,
             },
             CrashLoopConfig {
