@@ -255,10 +255,13 @@ pub fn sender(info: &SigInfo, own_pid: i32) -> Sender {
         },
         // SIGCHLD's CLD_* and SI_KERNEL are the kernel's own; any other positive code for a
         // signal the shim can dequeue is the band of an F_SETSIG signal (a fault the CPU
-        // raises is delivered at once, never dequeued).
-        code if code == libc::SI_KERNEL || (code > 0 && info.signo == libc::SIGCHLD) => {
+        // raises is delivered at once, never dequeued). SIGIO and SIGURG are the exception:
+        // the kernel raises them with SI_KERNEL for whoever pointed `F_SETOWN` at us (the
+        // shim itself never does), so their sender is not the kernel's to vouch for.
+        code if code == libc::SI_KERNEL && !matches!(info.signo, libc::SIGIO | libc::SIGURG) => {
             Sender::Kernel
         }
+        code if code > 0 && info.signo == libc::SIGCHLD => Sender::Kernel,
         _ => Sender::Unverified {
             pid: info.pid,
             uid: info.uid,
@@ -596,6 +599,19 @@ mod tests {
                 sender(&info(code, 1, 0), 1),
                 Sender::Unverified { pid: 1, uid: 0 },
                 "code {code}"
+            );
+        }
+        // SIGIO and SIGURG with SI_KERNEL: raised for whoever did F_SETOWN (without F_SETSIG,
+        // or out-of-band data on a socket), not by the kernel on its own account.
+        for signo in [libc::SIGIO, libc::SIGURG] {
+            let raised = SigInfo {
+                signo,
+                ..info(libc::SI_KERNEL, 0, 0)
+            };
+            assert_eq!(
+                sender(&raised, 1),
+                Sender::Unverified { pid: 0, uid: 0 },
+                "signal {signo}"
             );
         }
         // An F_SETSIG band (POLL_IN) on SIGTERM: raised for whoever did F_SETOWN.

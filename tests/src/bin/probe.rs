@@ -25,7 +25,8 @@
 //!                                   within 1.5 s, else `quiet`; print `alive`; exit 7 (--stay:
 //!                                   sleep instead)
 //! probe sigio-init SIG               make the kernel send SIG to PID 1 on our behalf: a pipe
-//!                                   with F_SETOWN 1, F_SETSIG SIG and O_ASYNC, then a write;
+//!                                   with F_SETOWN 1, F_SETSIG SIG (none for IO: plain SIGIO,
+//!                                   which comes as SI_KERNEL) and O_ASYNC, then a write;
 //!                                   print `armed ok|...`, then `got N` if SIG comes back
 //!                                   within 1.5 s, else `quiet`; `alive`; exit 7
 //! probe argv ARGS...                print `argc=N`, then `arg=HEX` per argument
@@ -1044,7 +1045,7 @@ fn sigio_init(args: &[OsString]) -> io::Result<u8> {
     // SAFETY: fcntl on the pipe we own; F_SETOWN takes a pid, F_SETSIG a signal number.
     let armed = unsafe {
         libc::fcntl(r, libc::F_SETOWN, 1) == 0
-            && libc::fcntl(r, F_SETSIG, sig) == 0
+            && (sig == libc::SIGIO || libc::fcntl(r, F_SETSIG, sig) == 0)
             && libc::fcntl(r, libc::F_SETFL, libc::O_ASYNC | libc::O_NONBLOCK) == 0
             && libc::write(w, b"x".as_ptr().cast(), 1) == 1
     };

@@ -193,23 +193,32 @@ fn a_forged_outside_signal_from_inside_is_not_forwarded() -> Result<()> {
 /// As PID 1 run as a non-root uid (`docker run --user`), a process inside with the same uid
 /// makes the *kernel* send SIGTERM to PID 1 on its behalf: `F_SETOWN 1` and `F_SETSIG
 /// SIGTERM` on a pipe with `O_ASYNC`, then a write. The siginfo carries a kernel code
-/// (`POLL_IN`), but the signal is the tenant's choice: not forwarded, logged.
+/// (`POLL_IN`), but the signal is the tenant's choice: not forwarded, logged. The same for a
+/// plain SIGIO (no `F_SETSIG`), which the kernel raises with `SI_KERNEL`.
 #[test]
 fn a_signal_raised_through_f_setsig_is_not_forwarded() -> Result<()> {
     require_root!();
-    let mut shim = Shim::new()
-        .pidns()
-        .user(65534)
-        .args(["--grace", "120s"])
-        .probe(["sigio-init", "TERM"])
-        .start()?;
-    shim.expect_line("armed ok", PATIENCE)?;
-    shim.expect_line("quiet", PATIENCE)
-        .context("the SIGTERM raised through F_SETSIG was forwarded")?;
-    shim.expect_line("alive", PATIENCE)?;
-    shim.expect_exit(7, PATIENCE)?;
-    let log = shim.stderr();
-    ensure!(log.contains("does not vouch"), "not logged:\n{log}");
+    // TERM through F_SETSIG (its code is the band, POLL_IN), and plain SIGIO without F_SETSIG
+    // (its code is SI_KERNEL, yet it is raised for whoever did F_SETOWN).
+    let sigio = libc::SIGIO.to_string();
+    for sig in ["TERM", sigio.as_str()] {
+        let mut shim = Shim::new()
+            .pidns()
+            .user(65534)
+            .args(["--grace", "120s"])
+            .probe(["sigio-init", sig])
+            .start()?;
+        shim.expect_line("armed ok", PATIENCE)?;
+        shim.expect_line("quiet", PATIENCE)
+            .with_context(|| format!("signal {sig} raised through F_SETOWN was forwarded"))?;
+        shim.expect_line("alive", PATIENCE)?;
+        shim.expect_exit(7, PATIENCE)?;
+        let log = shim.stderr();
+        ensure!(
+            log.contains("does not vouch"),
+            "SIG{sig} not logged:\n{log}"
+        );
+    }
     Ok(())
 }
 
