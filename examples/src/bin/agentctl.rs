@@ -136,7 +136,7 @@ enum Cmd {
         /// The task's input: the JSON value in FILE.
         #[arg(long, value_name = "FILE")]
         file: Option<PathBuf>,
-        /// The task's id [default: agentctl-<ms>-<pid>].
+        /// The task's id [default: agentctl-MS-PID, the time in ms and our pid].
         #[arg(long, value_name = "TASK_ID")]
         id: Option<String>,
         /// Return once the task is submitted.
