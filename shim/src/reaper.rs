@@ -25,7 +25,7 @@
 //! current_thread runtime), or while holding the lock around the reaper.
 //!
 //! The table is generic over the waiter `W`: plain init mode tracks its one child with `()`,
-//! the supervisor will track a channel sender per process. [`Reaper::drain`] takes the
+//! the supervisor each process with its owner (the driver, or an exec by id). [`Reaper::drain`] takes the
 //! [`Sys`] and a callback, so it can be driven from any loop.
 
 use std::collections::BTreeMap;

@@ -4,7 +4,9 @@
 //! agentctl [--addr ADDR] [--token-file F] [--json] [--timeout DUR] CMD
 //! ```
 //!
-//! See `examples/README.md` for the commands, the output formats and the exit codes. Every
+//! See `examples/README.md` for the commands, the output formats and the exit codes, or
+//! `agentctl --help` and `agentctl CMD --help`. The options before `CMD` may also follow it:
+//! `--json` always means JSON output. Every
 //! event-reading command acknowledges what it consumed, once it is done with it: `tail` acks
 //! an event once its line is printed and flushed, so `tail --from <last seq printed>` after a
 //! crash continues exactly once; `exec` acks its output once written and flushed (else the
@@ -14,16 +16,17 @@
 //! them must not fill the shim's buffer and hold what the command waits for.
 
 use std::collections::BTreeMap;
-use std::ffi::OsString;
 use std::io::{IsTerminal as _, Write as _};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use clap::error::ErrorKind;
+use clap::{CommandFactory as _, Parser, Subcommand};
 use control_link::protocol::message::{Event, Paused, TaskDone, TaskStatus};
 use control_link::{
-    AckMode, Addr, AddrError, Client, ConnectOptions, Error, EventStream, ExecSpec, Target,
-    TaskSpec, Token,
+    AckMode, Addr, AddrError, Client, ConnectOptions, Error, ErrorCode, EventStream, ExecSpec,
+    Target, TaskSpec, Token,
 };
 use tokio::io::AsyncReadExt as _;
 
@@ -31,36 +34,37 @@ use tokio::io::AsyncReadExt as _;
 const ADDR_ENV: &str = "AGENT_SHIM_CONTROL";
 
 /// Exit codes (documented in examples/README.md).
+///
+/// `exec` exits with the remote command's code, so there agentctl keeps its own failures
+/// apart from it after docker's convention: 125 for agentctl's own, 126 and 127 for a
+/// command that could not be started or was not found. The other commands use 1 to 4.
 mod exit {
     /// The shim refused the request, or the followed task did not succeed.
     pub const FAILED: u8 = 1;
-    /// Bad usage.
+    /// Bad usage (clap's own code for a command line it rejects).
     pub const USAGE: u8 = 2;
     /// No connection: unreachable, refused, unauthorized, or lost for good.
     pub const CONNECT: u8 = 3;
     /// A request or a wait timed out.
     pub const TIMEOUT: u8 = 4;
+    /// `exec`: agentctl itself failed (usage, connection, timeout, a refusal other than
+    /// the two below), so the code cannot be mistaken for the command's.
+    pub const EXEC_OWN: u8 = 125;
+    /// `exec`: the command could not be started (the shim's `invalid`: not executable, a
+    /// bad `cwd` or `user`).
+    pub const EXEC_CANNOT_RUN: u8 = 126;
+    /// `exec`: the command was not found (the shim's `not_found`).
+    pub const EXEC_NOT_FOUND: u8 = 127;
 }
 
-const USAGE: &str = "usage: agentctl [--addr ADDR] [--token-file FILE] [--json] [--timeout DUR] CMD
-
-commands:
-  status                         the shim's status
-  tail [--from SEQ] [--count N]  print events after SEQ (acking each once printed)
-  task TEXT | --json FILE [--id TASK_ID] [--no-follow]
-                                 submit a task, then follow its events until task_done
-  cancel TASK_ID                 cancel a task
-  pause [--wait]                 pause the agent (--wait: until it is at its safe point)
-  resume                         resume the agent
-  signal SIG                     signal the driver's process group (TERM, 15, ...)
-  restart                        relaunch the driver (also out of a crash loop)
-  set-driver -- CMD...           replace the driver command
-  exec [--tty] -- CMD...         run a command in the sandbox, streaming its output
-  shutdown [--grace DUR]         stop the agent and the shim
-  ping                           round trip to the shim
-
+const AFTER_HELP: &str = "\
 ADDR is unix:PATH, tcp:HOST:PORT or vsock:CID:PORT (default: $AGENT_SHIM_CONTROL).
-The token comes from --token-file, else $AGENT_SHIM_TOKEN if set.";
+The token comes from --token-file, else $AGENT_SHIM_TOKEN if set.
+
+Exit codes: 0 done; 1 refused, or the followed task did not succeed; 2 usage; 3 no
+connection; 4 a timeout. `exec` exits with the command's code (128+N for signal N), 125
+when agentctl itself fails, 126 when the command cannot be started, 127 when it is not
+found.";
 
 /// A failure with its exit code.
 struct Fail(u8, String);
@@ -77,7 +81,7 @@ impl From<Error> for Fail {
 }
 
 fn usage(msg: impl Into<String>) -> Fail {
-    Fail(exit::USAGE, format!("{}\n\n{USAGE}", msg.into()))
+    Fail(exit::USAGE, msg.into())
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -91,225 +95,215 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-#[derive(Debug)]
-struct Global {
+/// A command line over control-link, for one agent-shim.
+#[derive(Debug, Parser)]
+#[command(name = "agentctl", version, after_help = AFTER_HELP)]
+struct Cli {
+    /// The shim's control address [default: $AGENT_SHIM_CONTROL].
+    #[arg(long, global = true, value_name = "ADDR")]
     addr: Option<String>,
+    /// The file holding the token [default: $AGENT_SHIM_TOKEN].
+    #[arg(long, global = true, value_name = "FILE")]
     token_file: Option<PathBuf>,
+    /// One JSON object per line instead of human-readable lines.
+    #[arg(long, global = true)]
     json: bool,
+    /// Bounds the connection, each request, and how long a lost connection is redialed.
+    #[arg(long, global = true, value_name = "DUR", default_value = "10s", value_parser = parse_duration)]
     timeout: Duration,
+    #[command(subcommand)]
+    cmd: Cmd,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Subcommand)]
 enum Cmd {
+    /// The shim's status.
     Status,
+    /// Print the events after SEQ, acking each once printed.
     Tail {
+        /// Start after this seq.
+        #[arg(long, value_name = "SEQ", default_value_t = 0)]
         from: u64,
+        /// Stop after N events (default: until interrupted).
+        #[arg(long, value_name = "N")]
         count: Option<u64>,
     },
+    /// Submit a task, then follow its events until its task_done.
     Task {
-        input: TaskInput,
+        /// The task's input, as text.
+        #[arg(required_unless_present = "file", conflicts_with = "file")]
+        text: Option<String>,
+        /// The task's input: the JSON value in FILE.
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
+        /// The task's id [default: agentctl-MS-PID, the time in ms and our pid].
+        #[arg(long, value_name = "TASK_ID")]
         id: Option<String>,
-        follow: bool,
+        /// Return once the task is submitted.
+        #[arg(long)]
+        no_follow: bool,
     },
-    Cancel(String),
+    /// Cancel a queued or running task.
+    Cancel {
+        /// The task to cancel.
+        task_id: String,
+    },
+    /// Pause the agent.
     Pause {
+        /// Wait until the agent is at its safe point (the `paused` event).
+        #[arg(long)]
         wait: bool,
     },
+    /// Resume the agent.
     Resume,
-    Signal(String),
+    /// Signal the driver's process group.
+    Signal {
+        /// TERM, SIGTERM, 15, ...
+        sig: String,
+    },
+    /// Relaunch the driver (also out of a crash loop).
     Restart,
-    SetDriver(Vec<String>),
-    Exec {
-        tty: bool,
+    /// Replace the driver command.
+    SetDriver {
+        /// The new command line, taken verbatim.
+        #[arg(
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "CMD"
+        )]
         argv: Vec<String>,
     },
+    /// Run a command in the sandbox, streaming its output; exit with its code.
+    Exec {
+        /// On a terminal of our size, ours in raw mode; SIGWINCH forwarded.
+        #[arg(long)]
+        tty: bool,
+        /// The command line, taken verbatim.
+        #[arg(
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "CMD"
+        )]
+        argv: Vec<String>,
+    },
+    /// Stop the agent and the shim.
     Shutdown {
+        /// How long the driver has to stop before it is killed.
+        #[arg(long, value_name = "DUR", value_parser = parse_duration)]
         grace: Option<Duration>,
     },
+    /// Round trip to the shim.
     Ping,
 }
 
-#[derive(Debug)]
-enum TaskInput {
-    Text(String),
-    JsonFile(PathBuf),
+/// Parses the command line; a rejected one exits here (2, or 125 for `exec`), `--help` and
+/// `--version` exit 0.
+fn parse() -> Cli {
+    match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            let code = match e.kind() {
+                ErrorKind::DisplayHelp
+                | ErrorKind::DisplayVersion
+                | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+                    if !e.use_stderr() =>
+                {
+                    0
+                }
+                _ if exec_requested() => exit::EXEC_OWN,
+                _ => exit::USAGE,
+            };
+            std::process::exit(i32::from(code));
+        }
+    }
+}
+
+/// Whether the rejected command line asked for `exec` (whose usage errors must not look
+/// like the command's exit code).
+fn exec_requested() -> bool {
+    Cli::command()
+        .ignore_errors(true)
+        .try_get_matches()
+        .is_ok_and(|m| m.subcommand_name() == Some("exec"))
 }
 
 fn main() -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_current_thread()
+    let cli = parse();
+    let is_exec = matches!(cli.cmd, Cmd::Exec { .. });
+    let result = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("agentctl: cannot start the runtime: {e}");
-            return ExitCode::from(exit::CONNECT);
+        Ok(rt) => {
+            let result = rt.block_on(run(cli));
+            // A read of stdin may still wait in a blocking thread (`exec` forwards stdin):
+            // do not wait for it, or agentctl would hang until the next key press.
+            rt.shutdown_background();
+            result
         }
+        Err(e) => Err(Fail(
+            exit::CONNECT,
+            format!("cannot start the runtime: {e}"),
+        )),
     };
-    let result = rt.block_on(run());
-    // A read of stdin may still wait in a blocking thread (`exec` forwards stdin): do not
-    // wait for it, or agentctl would hang until the next key press.
-    rt.shutdown_background();
     match result {
         Ok(code) => ExitCode::from(code),
         Err(Fail(code, msg)) => {
             eprintln!("agentctl: {msg}");
+            // `exec`'s own failures stay apart from the command's codes.
+            let code = match code {
+                exit::EXEC_CANNOT_RUN | exit::EXEC_NOT_FOUND | exit::EXEC_OWN => code,
+                _ if is_exec => exit::EXEC_OWN,
+                _ => code,
+            };
             ExitCode::from(code)
         }
     }
 }
 
-fn parse_duration(s: &str) -> Result<Duration, Fail> {
+fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = match s.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
         Some(i) => s.split_at(i),
         None => (s, "s"),
     };
-    let n: f64 = num
-        .parse()
-        .map_err(|_| usage(format!("bad duration {s:?}")))?;
+    let n: f64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
     let secs = match unit {
         "ms" => n / 1000.0,
         "s" => n,
         "m" => n * 60.0,
         "h" => n * 3600.0,
-        _ => return Err(usage(format!("bad duration unit in {s:?}"))),
+        _ => return Err(format!("bad duration unit in {s:?}")),
     };
-    Duration::try_from_secs_f64(secs).map_err(|_| usage(format!("bad duration {s:?}")))
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("bad duration {s:?}"))
 }
 
-fn string(v: OsString) -> Result<String, Fail> {
-    v.into_string()
-        .map_err(|v| usage(format!("{v:?} is not valid UTF-8")))
-}
-
-fn parse() -> Result<(Global, Cmd), Fail> {
-    use lexopt::prelude::*;
-    let mut p = lexopt::Parser::from_env();
-    let mut g = Global {
-        addr: None,
-        token_file: None,
-        json: false,
-        timeout: Duration::from_secs(10),
-    };
-    let e = |e: lexopt::Error| usage(e.to_string());
-    let name = loop {
-        match p.next().map_err(e)? {
-            Some(Long("addr")) => g.addr = Some(string(p.value().map_err(e)?)?),
-            Some(Long("token-file")) => g.token_file = Some(p.value().map_err(e)?.into()),
-            Some(Long("json")) => g.json = true,
-            Some(Long("timeout")) => g.timeout = parse_duration(&string(p.value().map_err(e)?)?)?,
-            Some(Short('h') | Long("help")) => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            Some(Value(v)) => break string(v)?,
-            Some(other) => return Err(usage(other.unexpected().to_string())),
-            None => return Err(usage("no command given")),
-        }
-    };
-    let mut rest: Vec<String> = Vec::new();
-    let mut from = 0;
-    let mut count = None;
-    let mut json_file = None;
-    let mut id = None;
-    let mut follow = true;
-    let mut wait = false;
-    let mut tty = false;
-    let mut grace = None;
-    while let Some(arg) = p.next().map_err(e)? {
-        match arg {
-            Long("from") if name == "tail" => {
-                from = p.value().map_err(e)?.parse().map_err(e)?;
-            }
-            Long("count") if name == "tail" => {
-                count = Some(p.value().map_err(e)?.parse().map_err(e)?);
-            }
-            Long("json") if name == "task" => {
-                json_file = Some(PathBuf::from(p.value().map_err(e)?))
-            }
-            Long("id") if name == "task" => id = Some(string(p.value().map_err(e)?)?),
-            Long("no-follow") if name == "task" => follow = false,
-            Long("wait") if name == "pause" => wait = true,
-            Long("tty") if name == "exec" => tty = true,
-            Long("grace") if name == "shutdown" => {
-                grace = Some(parse_duration(&string(p.value().map_err(e)?)?)?);
-            }
-            Value(v) => {
-                rest.push(string(v)?);
-                // A command line to run is taken verbatim, options included.
-                if name == "set-driver" || name == "exec" {
-                    for v in p.raw_args().map_err(e)? {
-                        rest.push(string(v)?);
-                    }
-                }
-            }
-            Long("json") => g.json = true,
-            other => return Err(usage(other.unexpected().to_string())),
-        }
-    }
-    let one = |rest: &mut Vec<String>, what: &str| -> Result<String, Fail> {
-        match rest.len() {
-            1 => Ok(rest.remove(0)),
-            _ => Err(usage(format!("{name} takes exactly one {what}"))),
-        }
-    };
-    let none = |rest: &Vec<String>| -> Result<(), Fail> {
-        match rest.is_empty() {
-            true => Ok(()),
-            false => Err(usage(format!("{name} takes no arguments"))),
-        }
-    };
-    let cmd = match name.as_str() {
-        "status" => none(&rest).map(|()| Cmd::Status)?,
-        "tail" => none(&rest).map(|()| Cmd::Tail { from, count })?,
-        "task" => {
-            let input = match (json_file, rest.len()) {
-                (Some(f), 0) => TaskInput::JsonFile(f),
-                (None, 1) => TaskInput::Text(rest.remove(0)),
-                _ => return Err(usage("task takes TEXT or --json FILE")),
-            };
-            Cmd::Task { input, id, follow }
-        }
-        "cancel" => Cmd::Cancel(one(&mut rest, "TASK_ID")?),
-        "pause" => none(&rest).map(|()| Cmd::Pause { wait })?,
-        "resume" => none(&rest).map(|()| Cmd::Resume)?,
-        "signal" => Cmd::Signal(one(&mut rest, "SIG")?),
-        "restart" => none(&rest).map(|()| Cmd::Restart)?,
-        "set-driver" if !rest.is_empty() => Cmd::SetDriver(rest),
-        "exec" if !rest.is_empty() => Cmd::Exec { tty, argv: rest },
-        "set-driver" | "exec" => return Err(usage(format!("{name} needs -- CMD..."))),
-        "shutdown" => none(&rest).map(|()| Cmd::Shutdown { grace })?,
-        "ping" => none(&rest).map(|()| Cmd::Ping)?,
-        other => return Err(usage(format!("unknown command {other:?}"))),
-    };
-    Ok((g, cmd))
-}
-
-async fn run() -> Result<u8, Fail> {
-    let (g, cmd) = parse()?;
-    let addr = match g.addr.clone().or_else(|| std::env::var(ADDR_ENV).ok()) {
+async fn run(cli: Cli) -> Result<u8, Fail> {
+    let addr = match cli.addr.clone().or_else(|| std::env::var(ADDR_ENV).ok()) {
         Some(a) => a,
         None => return Err(usage(format!("no address: use --addr or set {ADDR_ENV}"))),
     };
     let addr: Addr = addr
         .parse()
         .map_err(|e: AddrError| usage(Error::from(e).to_string()))?;
-    let token = match &g.token_file {
+    let token = match &cli.token_file {
         Some(f) => Some(Token::from_file(f).map_err(|e| Fail(exit::USAGE, e.to_string()))?),
         None => Token::from_default_env().ok(),
     };
     let mut opts = ConnectOptions::new()
         .maybe_token(token)
-        .request_timeout(g.timeout)
-        .connect_timeout(g.timeout)
-        .give_up_after(g.timeout)
+        .request_timeout(cli.timeout)
+        .connect_timeout(cli.timeout)
+        .give_up_after(cli.timeout)
         .ack_mode(AckMode::Manual);
-    if let Cmd::Tail { from, .. } = &cmd {
+    if let Cmd::Tail { from, .. } = &cli.cmd {
         opts = opts.resume_from(*from);
     }
     let client = opts.connect(&addr).await?;
-    let out = Out { json: g.json };
-    let result = command(&client, cmd, &out).await;
+    let out = Out { json: cli.json };
+    let result = command(&client, cli.cmd, &out).await;
     client.close().await;
     result
 }
@@ -473,10 +467,16 @@ async fn command(client: &Client, cmd: Cmd, out: &Out) -> Result<u8, Fail> {
             }
             Ok(0)
         }
-        Cmd::Task { input, id, follow } => {
-            let input = match input {
-                TaskInput::Text(t) => rmpv::Value::from(t),
-                TaskInput::JsonFile(f) => {
+        Cmd::Task {
+            text,
+            file,
+            id,
+            no_follow,
+        } => {
+            let input = match (text, file) {
+                (Some(t), _) => rmpv::Value::from(t),
+                (None, None) => return Err(usage("task takes TEXT or --file FILE")),
+                (None, Some(f)) => {
                     let text = std::fs::read_to_string(&f)
                         .map_err(|e| usage(format!("cannot read {}: {e}", f.display())))?;
                     let json: serde_json::Value = serde_json::from_str(&text)
@@ -485,7 +485,11 @@ async fn command(client: &Client, cmd: Cmd, out: &Out) -> Result<u8, Fail> {
                 }
             };
             let id = id.unwrap_or_else(new_task_id);
-            let events = if follow { Some(client.events()?) } else { None };
+            let events = if !no_follow {
+                Some(client.events()?)
+            } else {
+                None
+            };
             client.submit_task(TaskSpec::new(id.clone(), input)).await?;
             out.line(
                 || format!("submitted {id}"),
@@ -496,7 +500,7 @@ async fn command(client: &Client, cmd: Cmd, out: &Out) -> Result<u8, Fail> {
                 None => Ok(0),
             }
         }
-        Cmd::Cancel(task) => {
+        Cmd::Cancel { task_id: task } => {
             client.cancel_task(&task, None).await?;
             out.ok(&format!("cancel {task} accepted"));
             Ok(0)
@@ -530,7 +534,7 @@ async fn command(client: &Client, cmd: Cmd, out: &Out) -> Result<u8, Fail> {
             out.ok("resume accepted");
             Ok(0)
         }
-        Cmd::Signal(sig) => {
+        Cmd::Signal { sig } => {
             client.signal(sig.as_str(), Target::Driver).await?;
             out.ok(&format!("signal {sig} sent"));
             Ok(0)
@@ -540,7 +544,7 @@ async fn command(client: &Client, cmd: Cmd, out: &Out) -> Result<u8, Fail> {
             out.ok("restart accepted");
             Ok(0)
         }
-        Cmd::SetDriver(argv) => {
+        Cmd::SetDriver { argv } => {
             client.set_driver(argv, BTreeMap::new()).await?;
             out.ok("set-driver accepted");
             Ok(0)
@@ -683,7 +687,14 @@ async fn exec(client: &Client, tty: bool, argv: Vec<String>, out: &Out) -> Resul
         let (rows, cols) = terminal_size();
         spec = spec.tty(rows, cols);
     }
-    let started = client.exec(spec).await?;
+    let started = client.exec(spec).await.map_err(|e| {
+        let code = match e.code() {
+            Some(ErrorCode::NotFound) => exit::EXEC_NOT_FOUND,
+            Some(ErrorCode::Invalid) => exit::EXEC_CANNOT_RUN,
+            _ => exit::EXEC_OWN,
+        };
+        Fail(code, error_chain(&e))
+    })?;
     let exec_id = started.exec_id;
     let _raw = if tty && std::io::stdin().is_terminal() {
         RawMode::enter()
@@ -719,9 +730,9 @@ async fn exec(client: &Client, tty: bool, argv: Vec<String>, out: &Out) -> Resul
                 }
                 Some((seq, Event::ExecExit(x))) if x.exec_id == exec_id => {
                     let code = match (x.code, x.signal.as_deref()) {
-                        (Some(c), _) => u8::try_from(c).unwrap_or(exit::FAILED),
+                        (Some(c), _) => u8::try_from(c).unwrap_or(exit::EXEC_OWN),
                         (None, Some(sig)) => 128u8.saturating_add(signal_number(sig)),
-                        (None, None) => exit::FAILED,
+                        (None, None) => exit::EXEC_OWN,
                     };
                     if out.json {
                         out.event(seq, &Event::ExecExit(x));

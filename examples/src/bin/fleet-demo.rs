@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
+use clap::Parser;
 use control_link::protocol::message::{DriverState, Event, TaskStatus};
 use control_link::{Addr, AgentId, ConnectOptions, Fleet, Seq, TaskSpec, Token};
 
@@ -39,76 +40,45 @@ const FRAME: Duration = Duration::from_millis(250);
 /// What went wrong, for the message before exit code 2.
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
-#[derive(Debug)]
+/// Starts N agent-shims with the echo driver, all dialing one control-link Fleet, submits
+/// tasks, crashes one driver, cuts one control connection, and checks that every event
+/// arrived exactly once.
+#[derive(Debug, Parser)]
+#[command(name = "fleet-demo", version)]
 struct Args {
+    /// Agents to start.
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = count(2000))]
     agents: usize,
+    /// Tasks per agent.
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = count(1000))]
     tasks: usize,
+    /// The agent-shim binary [default: $AGENT_SHIM_BIN, or next to this program].
+    #[arg(long, value_name = "PATH")]
     shim: Option<PathBuf>,
+    /// The echo driver [default: next to this program].
+    #[arg(long, value_name = "PATH")]
     driver: Option<PathBuf>,
+    /// No live view, only the summary.
+    #[arg(long = "no-view", action = clap::ArgAction::SetFalse)]
     view: bool,
 }
 
-const USAGE: &str = "\
-usage: fleet-demo [--agents N] [--tasks N] [--shim PATH] [--driver PATH] [--no-view]
-
-Starts N agent-shims with the echo driver, all dialing one control-link Fleet, submits
-tasks, crashes one driver, cuts one control connection, and checks that every event arrived
-exactly once.
-
-  --agents N     agents to start (default 8)
-  --tasks N      tasks per agent (default 3)
-  --shim PATH    the agent-shim binary (default: $AGENT_SHIM_BIN, or next to this program)
-  --driver PATH  the echo driver (default: next to this program)
-  --no-view      no live view, only the summary
-";
-
-fn parse_args() -> Result<Args, String> {
-    let mut args = Args {
-        agents: 8,
-        tasks: 3,
-        shim: std::env::var_os("AGENT_SHIM_BIN").map(PathBuf::from),
-        driver: None,
-        view: true,
-    };
-    let mut it = std::env::args_os().skip(1);
-    while let Some(arg) = it.next() {
-        let arg = arg.to_string_lossy().into_owned();
-        let mut value = |name: &str| {
-            it.next()
-                .ok_or_else(|| format!("{name} needs a value"))
-                .map(|v| v.to_string_lossy().into_owned())
-        };
-        match arg.as_str() {
-            "--agents" => args.agents = number(&value("--agents")?, 1, 2000)?,
-            "--tasks" => args.tasks = number(&value("--tasks")?, 1, 1000)?,
-            "--shim" => args.shim = Some(value("--shim")?.into()),
-            "--driver" => args.driver = Some(value("--driver")?.into()),
-            "--no-view" => args.view = false,
-            "-h" | "--help" => {
-                print!("{USAGE}");
-                std::process::exit(0);
-            }
-            other => return Err(format!("unknown argument {other:?}\n\n{USAGE}")),
-        }
+/// A parser for a number from 1 to `max`.
+fn count(max: usize) -> impl Fn(&str) -> Result<usize, String> + Clone {
+    move |s| {
+        s.parse::<usize>()
+            .ok()
+            .filter(|n| (1..=max).contains(n))
+            .ok_or_else(|| format!("expected a number from 1 to {max}"))
     }
-    Ok(args)
-}
-
-fn number(s: &str, min: usize, max: usize) -> Result<usize, String> {
-    s.parse::<usize>()
-        .ok()
-        .filter(|n| (min..=max).contains(n))
-        .ok_or_else(|| format!("{s:?}: expected a number from {min} to {max}"))
 }
 
 fn main() -> ExitCode {
-    let args = match parse_args() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("fleet-demo: {e}");
-            return ExitCode::from(2);
-        }
-    };
+    // A rejected command line exits 2 (the code for a setup failure too), `--help` 0.
+    let mut args = Args::parse();
+    if args.shim.is_none() {
+        args.shim = std::env::var_os("AGENT_SHIM_BIN").map(PathBuf::from);
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -1,5 +1,7 @@
-//! The control server: the control protocol (PROTOCOL.md §8) on a unix socket, without
-//! authentication (`--control-insecure`), with the replay buffer that makes delivery
+//! The control server: the control protocol (PROTOCOL.md §8) over unix sockets, TCP and
+//! vsock, listened on (`--control-listen`) or dialed (`--control-connect`), every connection
+//! authenticated by the shared token before it may become the live one (a unix socket may go
+//! without, with `--control-insecure`), with the replay buffer that makes delivery
 //! exactly-once across reconnections.
 //!
 //! It exists so that the supervisor deals in commands and events only. Everything about

@@ -225,7 +225,7 @@ fn commands_human_and_json() -> Result<()> {
     std::fs::write(&file, r#"{"text": "x y", "fail": "boom"}"#)?;
     let (code, out, _) = run(
         &addr,
-        &["task", "--json", &file.to_string_lossy(), "--id", "f1"],
+        &["task", "--file", &file.to_string_lossy(), "--id", "f1"],
     )?;
     ensure!(
         code == 1 && out.contains("Failed") && out.contains("boom"),
@@ -263,7 +263,10 @@ fn commands_human_and_json() -> Result<()> {
 
     // usage errors: 2; nothing listening: 3
     let (code, _, err) = run(&addr, &["frobnicate"])?;
-    ensure!(code == 2 && err.contains("unknown command"), "{code} {err}");
+    ensure!(
+        code == 2 && err.contains("unrecognized subcommand 'frobnicate'"),
+        "{code} {err}"
+    );
     let (code, _, _) = run(&addr, &["status", "extra"])?;
     ensure!(code == 2);
     let missing = format!("unix:{}", dir.path().join("none.sock").display());
@@ -271,6 +274,50 @@ fn commands_human_and_json() -> Result<()> {
     ensure!(code == 3, "{code} {err}");
     let (code, _, err) = run("tcp:127.0.0.1:1", &["status"])?;
     ensure!(code == 3 && err.contains("needs a token"), "{code} {err}");
+
+    // `--json` means JSON output wherever it is placed.
+    let json: serde_json::Value = serde_json::from_str(ok(&["status", "--json"])?.trim())?;
+    ensure!(json["last_seq"].is_u64(), "{json}");
+
+    // exec: the command's code; agentctl's own failures apart from it (125), a command
+    // that cannot be started 126, one not found 127, as docker does.
+    let (code, out, err) = run(&addr, &["exec", "--", "sh", "-c", "echo hi; exit 7"])?;
+    ensure!(code == 7 && out == "hi\n", "{code} {out:?} {err}");
+    let (code, _, err) = run(&addr, &["exec", "--", "/no/such/program"])?;
+    ensure!(code == 127 && err.contains("not_found"), "{code} {err}");
+    let (code, _, err) = run(&addr, &["exec", "--", "/dev/null"])?;
+    ensure!(code == 126 && err.contains("invalid"), "{code} {err}");
+    let (code, _, err) = run(&addr, &["exec"])?;
+    ensure!(code == 125 && err.contains("required"), "{code} {err}");
+    let (code, _, err) = run(&missing, &["--timeout", "1s", "exec", "--", "true"])?;
+    ensure!(code == 125, "{code} {err}");
+
+    // --help on every command, and --version
+    for cmd in [
+        "status",
+        "tail",
+        "task",
+        "cancel",
+        "pause",
+        "resume",
+        "signal",
+        "restart",
+        "set-driver",
+        "exec",
+        "shutdown",
+        "ping",
+    ] {
+        let (code, out, err) = run(&addr, &[cmd, "--help"])?;
+        ensure!(
+            code == 0 && out.contains(&format!("Usage: agentctl {cmd}")),
+            "{cmd} --help: {code} {out} {err}"
+        );
+    }
+    let (code, out, _) = run(&addr, &["--version"])?;
+    ensure!(
+        code == 0 && out.trim() == format!("agentctl {}", env!("CARGO_PKG_VERSION")),
+        "{code} {out}"
+    );
 
     // shutdown: accepted, and the shim exits
     ensure!(ok(&["shutdown", "--grace", "2s"])?.contains("shutdown accepted"));

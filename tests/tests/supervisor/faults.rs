@@ -1,7 +1,7 @@
 //! Faults around the shim: a control plane that dies at every step of its handshake and in
 //! the middle of a replay, a driver stopped with SIGSTOP, and fd exhaustion (EMFILE) in the
 //! shim itself. After each, the shim still serves, and nothing is lost or duplicated.
-//! (A slow control plane is in `regressions.rs`: `backpressure_is_not_a_hang`,
+//! (A slow control plane is in `backpressure.rs`: `backpressure_is_not_a_hang`,
 //! `unacknowledged_driver_output_keeps_the_buffer_bounded`.)
 
 use std::io::Write as _;

@@ -7,16 +7,18 @@
 //! `support::Running`). The Python driver runs when `AGENT_SHIM_PYTHON` names a python with
 //! `msgpack`, and is skipped loudly otherwise.
 
+mod backpressure;
 mod commands;
+mod control_lockout;
+mod control_resume;
 mod control_transport;
+mod driver_exit;
 mod exec;
 mod faults;
 mod hostile;
 mod idle;
 mod lifecycle;
 mod python;
-mod regressions;
-mod regressions_control;
 mod robustness;
 mod soak;
 mod tasks;
@@ -492,4 +494,29 @@ pub fn check_status_ready(s: &StatusReply, pid: u32) -> Result<()> {
     );
     ensure!(s.buffered_events <= s.last_seq, "buffered_events: {s:?}");
     Ok(())
+}
+
+/// Reads and acknowledges events until `pred` matches one (at most [`PATIENCE`]); returns
+/// every event read.
+fn ack_until(sup: &mut Sup, what: &str, pred: impl Fn(&Event) -> bool) -> Result<Vec<Stamped>> {
+    let deadline = Instant::now() + PATIENCE;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match sup.ctl.try_next_stamped(left)? {
+            Some(s) => {
+                sup.ctl.ack(s.seq)?;
+                let hit = pred(&s.event);
+                seen.push(s);
+                if hit {
+                    return Ok(seen);
+                }
+            }
+            None => bail!(
+                "no {what} within {PATIENCE:?}; last kinds {:?}\n{}",
+                kinds(&seen[seen.len().saturating_sub(20)..]),
+                sup.context()
+            ),
+        }
+    }
 }

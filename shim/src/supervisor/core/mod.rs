@@ -22,6 +22,8 @@
 //! the stop sequence).
 
 mod delivery;
+#[cfg(test)]
+mod driver_faults;
 mod exec;
 #[cfg(any(test, fuzzing))]
 pub mod fuzz;
@@ -31,9 +33,9 @@ mod link;
 mod pause;
 #[cfg(test)]
 mod pending;
-#[cfg(test)]
-mod regressions;
 mod shutdown;
+#[cfg(test)]
+mod task_ends;
 #[cfg(test)]
 mod testkit;
 
