@@ -13,12 +13,13 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+use crate::logging::LogFormat;
 use crate::control::{ControlAddr, Token, DEFAULT_IDLE_TIMEOUT, DEFAULT_RECONNECT_MAX};
 use crate::signals::{self, Rewrites};
 
 /// The variable holding the control token. The shim removes it from its own environment
 /// first thing, so no child ever sees it.
-pub const TOKEN_VAR: &str = "AGENT_SHIM_TOKEN";
+pub const TOKEN_VAR: &str = driver_protocol::token::TOKEN_ENV;
 
 /// Default `--grace`.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(8);
@@ -26,16 +27,6 @@ pub const DEFAULT_GRACE: Duration = Duration::from_secs(8);
 pub const DEFAULT_CLEANUP_GRACE: Duration = Duration::from_secs(2);
 /// Default `--spawn-timeout`.
 pub const DEFAULT_SPAWN_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Log output format.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum LogFormat {
-    /// Human-readable lines, no timestamps (`docker logs` adds them).
-    #[default]
-    Text,
-    /// One JSON object per line.
-    Json,
-}
 
 /// Everything the shim needs to know, plain init mode and supervisor mode.
 #[derive(Clone, Debug, PartialEq)]

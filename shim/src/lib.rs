@@ -30,7 +30,8 @@ use std::ffi::OsString;
 
 use thiserror::Error;
 
-pub use cli::{help, parse, version, Action, Config, LogFormat, UsageError, TOKEN_VAR, USAGE};
+pub use cli::{help, parse, version, Action, Config, UsageError, TOKEN_VAR, USAGE};
+pub use logging::LogFormat;
 pub use init::InitError;
 pub use supervisor::SupervisorError;
 
