@@ -238,12 +238,17 @@ impl Config {
     /// The shim's exit code for a child's exit `code` (already 128+N for signal N), after
     /// `--remap-exit`.
     pub fn exit_code(&self, code: i32) -> i32 {
-        self.remap_exit
-            .iter()
-            .rev()
-            .find(|(from, _)| i32::from(*from) == code)
-            .map_or(code, |(_, to)| i32::from(*to))
+        remap_exit(&self.remap_exit, code)
     }
+}
+
+/// The exit code for `code` after the `--remap-exit` `rules` (the last rule for it wins).
+pub fn remap_exit(rules: &[(u8, u8)], code: i32) -> i32 {
+    rules
+        .iter()
+        .rev()
+        .find(|(from, _)| i32::from(*from) == code)
+        .map_or(code, |(_, to)| i32::from(*to))
 }
 
 /// What the command line asked for.

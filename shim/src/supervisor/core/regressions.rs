@@ -54,7 +54,7 @@ fn leftover_frames_of_a_reaped_driver_start_no_task() {
 fn every_accepted_task_ends_when_the_shim_exits() {
     let t0 = Instant::now();
     let mut c = cfg();
-    c.sup.restart = crate::cli::RestartPolicy::Never;
+    c.restart = crate::supervisor::restart::RestartPolicy::Never;
     let mut core = new_core(&c, t0);
     up(&mut core, t0);
     for (i, t) in ["A", "B", "C"].iter().enumerate() {
@@ -119,8 +119,8 @@ fn a_resume_without_ready_times_out_and_the_driver_counts_as_hung() {
     use driver_protocol::message::{ControlToShim, Event, Pause, Paused, Resume};
     let t0 = Instant::now();
     let mut c = cfg();
-    c.sup.ping_interval = Duration::ZERO;
-    c.sup.pause_timeout = Duration::from_secs(2);
+    c.ping_interval = Duration::ZERO;
+    c.pause_timeout = Duration::from_secs(2);
     let mut core = new_core(&c, t0);
     up(&mut core, t0);
     let pause = ControlToShim::Pause(Pause {
