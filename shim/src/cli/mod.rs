@@ -12,6 +12,8 @@ mod decimal;
 mod defs;
 mod help;
 mod parse;
+#[cfg(test)]
+mod tests;
 mod values;
 
 use std::ffi::OsString;
