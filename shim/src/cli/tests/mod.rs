@@ -207,3 +207,12 @@ fn non_utf8_command_bytes_pass_through() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn help_and_version() {
+    assert_eq!(parse(os(&["--help"]), |_| None), Ok(Action::Help));
+    assert_eq!(parse(os(&["-h", "x"]), |_| None), Ok(Action::Help));
+    assert_eq!(parse(os(&["-V"]), |_| None), Ok(Action::Version));
+    assert!(crate::cli::help().contains("--remap-exit"));
+    assert!(crate::cli::version().starts_with("agent-shim "));
+}
