@@ -1,126 +1,22 @@
 //! The flag table: every option once, with its name, its `AGENT_SHIM_*` variable, its value,
 //! its default and its help line. Parsing ([`super::parse()`]), the variables, the defaults of
-//! [`Config`] and `--help` all come from [`FLAGS`]; a test checks the READMEs against it.
+//! [`Config`](super::Config) and `--help` all come from [`FLAGS`]; a test checks the READMEs against it.
 //!
 //! A table of `static` rows and one parser, rather than a derive: each row is a few words of
 //! read-only data and a setter function, which keeps the shim small.
 
 use std::path::PathBuf;
 
+use super::flag::Repeat::{List, Once};
+use super::flag::Section::{Init, Sandbox, Supervisor};
+use super::flag::Shown::{Text, Value};
+use super::flag::{switch, val, Flag, NONE, OFF};
 use super::values::{
     list, parse_bool, parse_control_addr, parse_duration, parse_exit_pair, parse_fraction,
     parse_log_format, parse_log_level, parse_names, parse_num, parse_positive_duration,
     parse_restart, parse_spawn_timeout,
 };
-use super::{Config, TokenSource};
-
-/// Sets a flag's value in the config, or says what is wrong with it.
-pub(super) type Setter = fn(&mut Config, &str) -> Result<(), String>;
-
-/// How often a flag may be given, and how its variable is read.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Repeat {
-    /// The last one given wins.
-    Last,
-    /// At most once.
-    Once,
-    /// Repeatable, each value added; the variable is a comma-separated list, and flags
-    /// replace it as a whole.
-    List,
-}
-
-/// What `--help` and the READMEs show as the default.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Shown {
-    /// A value the flag's setter parses into the default ([`Config::default`] is built so).
-    Value(&'static str),
-    /// A description (`off`, `none`, `the shim's`): the field's empty value is the default.
-    Text(&'static str),
-}
-
-/// The part of `--help` a flag is listed in.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Section {
-    /// Plain init mode (and every mode).
-    Init,
-    /// Supervisor mode.
-    Supervisor,
-    /// Sandbox limits and tool execution.
-    Sandbox,
-}
-
-/// One option.
-pub(super) struct Flag {
-    /// The long name, without `--`.
-    pub(super) long: &'static str,
-    /// The short name, if any.
-    pub(super) short: Option<char>,
-    /// The value's placeholder in `--help` (`DUR`); `None`: a switch, taking no value.
-    pub(super) value: Option<&'static str>,
-    /// The environment variable.
-    pub(super) var: &'static str,
-    /// The default, as shown.
-    pub(super) default: Shown,
-    /// How often it may be given.
-    pub(super) repeat: Repeat,
-    /// Where `--help` lists it.
-    pub(super) section: Section,
-    /// The help text; `\n` breaks a line.
-    pub(super) help: &'static str,
-    /// Stores a value.
-    pub(super) set: Setter,
-}
-
-use Repeat::{Last, List, Once};
-use Section::{Init, Sandbox, Supervisor};
-use Shown::{Text, Value};
-
-const OFF: Shown = Text("off");
-const NONE: Shown = Text("none");
-
-/// A flag that takes a value, given only the last time.
-const fn val(
-    long: &'static str,
-    value: &'static str,
-    var: &'static str,
-    default: Shown,
-    section: Section,
-    help: &'static str,
-    set: Setter,
-) -> Flag {
-    Flag {
-        long,
-        short: None,
-        value: Some(value),
-        var,
-        default,
-        repeat: Last,
-        section,
-        help,
-        set,
-    }
-}
-
-/// A switch: given means on; its variable is a boolean.
-const fn switch(
-    long: &'static str,
-    var: &'static str,
-    section: Section,
-    help: &'static str,
-    set: Setter,
-) -> Flag {
-    Flag {
-        long,
-        short: None,
-        value: None,
-        var,
-        default: OFF,
-        repeat: Last,
-        section,
-        help,
-        set,
-    }
-}
+use super::TokenSource;
 
 /// Every flag, in `--help` order.
 pub(super) static FLAGS: &[Flag] = &[
@@ -590,71 +486,4 @@ pub(super) fn long(name: &str) -> Option<&'static Flag> {
 /// The flag named `-c`.
 pub(super) fn short(c: char) -> Option<&'static Flag> {
     FLAGS.iter().find(|f| f.short == Some(c))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::collections::HashSet;
-
-    #[test]
-    fn every_default_value_parses() {
-        for flag in FLAGS {
-            if let Value(v) = flag.default {
-                let mut c = Config::default();
-                assert_eq!((flag.set)(&mut c, v), Ok(()), "--{} {v}", flag.long);
-            }
-        }
-    }
-
-    #[test]
-    fn defaults_agree_with_the_modules_that_own_them() {
-        let c = Config::default();
-        assert_eq!(
-            c.sup.control_reconnect_max,
-            crate::control::DEFAULT_RECONNECT_MAX
-        );
-        assert_eq!(
-            c.sup.control_idle_timeout,
-            crate::control::DEFAULT_IDLE_TIMEOUT
-        );
-        assert_eq!(c.sup.oom_score_adj, crate::oom::ChildScores::default());
-        assert_eq!(c.sup.restart, crate::cli::RestartPolicy::OnFailure);
-        assert_eq!(c.sup.backoff_factor, 2.0);
-        assert_eq!(c.sup.backoff_jitter, 0.1);
-        assert_eq!(c.sup.event_buffer_bytes, 8 * 1024 * 1024);
-        assert_eq!(c.log_format, crate::logging::LogFormat::Text);
-    }
-
-    #[test]
-    fn names_and_variables_are_unique_and_regular() {
-        let mut names = HashSet::new();
-        let mut vars = HashSet::new();
-        for flag in FLAGS {
-            assert!(names.insert(flag.long), "--{} twice", flag.long);
-            assert!(vars.insert(flag.var), "{} twice", flag.var);
-            assert!(!["help", "version"].contains(&flag.long));
-            let regular = format!(
-                "AGENT_SHIM_{}",
-                flag.long.to_ascii_uppercase().replace('-', "_")
-            );
-            // `--log-level` is `AGENT_SHIM_LOG`, as `RUST_LOG` is.
-            if flag.long != "log-level" {
-                assert_eq!(flag.var, regular);
-            }
-            assert!(flag.var != crate::cli::TOKEN_VAR && flag.var != driver_protocol::FD_ENV);
-            assert!(
-                flag.value.is_some() || flag.default == OFF,
-                "--{}",
-                flag.long
-            );
-            assert!(
-                flag.value.is_some() || flag.repeat == Last,
-                "--{}",
-                flag.long
-            );
-        }
-        assert!(short('g').is_some_and(|f| f.long == "pgroup"));
-        assert!(long("grace").is_some() && long("bogus").is_none());
-    }
 }

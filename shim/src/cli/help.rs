@@ -2,7 +2,8 @@
 
 use std::fmt::Write as _;
 
-use super::defs::{Flag, Repeat, Section, Shown, FLAGS};
+use super::defs::FLAGS;
+use super::flag::{Flag, Repeat, Section, Shown};
 
 /// The usage summary printed with every usage error.
 pub const USAGE: &str = "usage: agent-shim [OPTIONS] [--] CMD [ARGS...]";

@@ -10,6 +10,7 @@
 
 mod decimal;
 mod defs;
+mod flag;
 mod help;
 mod parse;
 #[cfg(test)]
@@ -162,7 +163,7 @@ impl Default for Config {
     fn default() -> Self {
         let mut c = Config::blank();
         for flag in defs::FLAGS {
-            if let defs::Shown::Value(v) = flag.default {
+            if let flag::Shown::Value(v) = flag.default {
                 // Every default parses (tested in `defs`); a bad one would keep the blank.
                 let _ = (flag.set)(&mut c, v);
             }

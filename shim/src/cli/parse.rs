@@ -2,7 +2,8 @@
 
 use std::ffi::OsString;
 
-use super::defs::{self, Flag, Repeat};
+use super::defs;
+use super::flag::{Flag, Repeat};
 use super::values::list;
 use super::{Action, Config, TokenSource, UsageError, TOKEN_VAR};
 use crate::control::Token;

@@ -1,5 +1,6 @@
 //! The parser's tests: plain-mode flags here, supervisor flags in `supervisor.rs`.
 
+mod defs;
 mod supervisor;
 
 use super::*;
