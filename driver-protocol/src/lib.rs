@@ -24,6 +24,14 @@ pub use error::{DecodeError, EncodeError, ErrorCode};
 pub use message::Message;
 pub use token::{Token, TokenError};
 
+/// The variable that tells a driver which file descriptor is its socket to the shim
+/// (PROTOCOL.md §7); the control token's variable is [`token::TOKEN_ENV`].
+///
+/// ```
+/// assert_eq!(driver_protocol::FD_ENV, "AGENT_SHIM_FD");
+/// ```
+pub const FD_ENV: &str = "AGENT_SHIM_FD";
+
 /// The protocol's name, sent in every `hello`.
 pub const PROTOCOL_NAME: &str = "agent-shim";
 

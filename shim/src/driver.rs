@@ -41,7 +41,7 @@ use crate::spawn::{self, Grouping, Prepared, SpawnError, Spec};
 pub const DRIVER_FD: RawFd = 3;
 
 /// The variable that tells the driver which fd is its socket.
-pub const FD_VAR: &str = "AGENT_SHIM_FD";
+pub const FD_VAR: &str = driver_protocol::FD_ENV;
 
 /// The control-link token variable: never passed to the driver (always denied, whatever
 /// `--env-allow` says).

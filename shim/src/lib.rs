@@ -30,8 +30,9 @@ use std::ffi::OsString;
 
 use thiserror::Error;
 
-pub use cli::{help, parse, version, Action, Config, LogFormat, UsageError, TOKEN_VAR, USAGE};
+pub use cli::{help, parse, version, Action, Config, UsageError, TOKEN_VAR, USAGE};
 pub use init::InitError;
+pub use logging::LogFormat;
 pub use supervisor::SupervisorError;
 
 /// Why the shim could not run its command at all (a failure of the command itself is its

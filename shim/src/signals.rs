@@ -181,6 +181,11 @@ impl Rewrites {
         Rewrites(rules)
     }
 
+    /// Adds a rule after the others.
+    pub fn push(&mut self, rule: (i32, i32)) {
+        self.0.push(rule);
+    }
+
     /// The signal to forward for `sig`: `None` means "drop it".
     pub fn apply(&self, sig: i32) -> Option<i32> {
         let to = self

@@ -27,7 +27,15 @@ use tracing::{Event, Level, Metadata, Subscriber};
 
 pub use filter::Targets;
 
-use crate::cli::LogFormat;
+/// Log output format (`--log-format`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines, no timestamps (`docker logs` adds them).
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
 
 /// Installs the global subscriber. `level` is a directive list already validated by the
 /// command line; if it somehow does not parse, `warn` is used. Installing twice is a no-op.

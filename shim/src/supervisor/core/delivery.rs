@@ -87,7 +87,7 @@ impl<S: Sys> Core<S> {
             SubmitOutcome::Full => err(
                 re,
                 ErrorCode::Limit,
-                &format!("task queue full ({} tasks)", self.cfg.sup.task_queue),
+                &format!("task queue full ({} tasks)", self.cfg.task_queue),
             ),
         }
     }
@@ -103,7 +103,7 @@ impl<S: Sys> Core<S> {
                 if self.cancelling.is_none() {
                     let grace = c
                         .grace_ms
-                        .map_or(self.cfg.sup.cancel_grace, Duration::from_millis);
+                        .map_or(self.cfg.cancel_grace, Duration::from_millis);
                     // The task's tool processes die after the same grace.
                     self.cancel_task_execs(&c.task_id, grace, now);
                     let id = self.request_id();

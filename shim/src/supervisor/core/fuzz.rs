@@ -37,12 +37,11 @@ use driver_protocol::message::{
 };
 use rmpv::Value;
 
-use crate::cli::Config;
 use crate::reaper::ExitStatus;
 use crate::sys::fake::Fake;
 use crate::sys::SigInfo;
 
-use super::{Core, ExecOwner, Output};
+use super::{Core, ExecOwner, Output, Settings};
 
 /// Upper bound on ops per input, so one input cannot run for long.
 const MAX_OPS: usize = 512;
@@ -86,18 +85,17 @@ struct Harness<'a> {
 
 impl<'a> Harness<'a> {
     fn new(data: &'a [u8]) -> Self {
-        let mut cfg = Config {
+        let cfg = Settings {
             command: vec!["driver".into()],
             grace: Duration::from_secs(2),
-            ..Config::default()
+            backoff_jitter: 0.0,
+            ping_interval: Duration::from_secs(1),
+            ping_misses: 2,
+            task_queue: 4,
+            max_execs: 3,
+            idle_after: Some(Duration::from_secs(5)),
+            ..Settings::default()
         };
-        cfg.supervise = true;
-        cfg.sup.backoff_jitter = 0.0;
-        cfg.sup.ping_interval = Duration::from_secs(1);
-        cfg.sup.ping_misses = 2;
-        cfg.sup.task_queue = 4;
-        cfg.sup.max_execs = 3;
-        cfg.sup.idle_after = Some(Duration::from_secs(5));
         let now = Instant::now();
         // PID 1, so signals from inside are judged as the real shim judges them.
         let sys = Fake {

@@ -141,11 +141,11 @@ mod tests {
 
     const AFTER: Duration = Duration::from_secs(60);
 
-    fn idle_cfg() -> crate::cli::Config {
+    fn idle_cfg() -> crate::supervisor::core::Settings {
         let mut c = cfg();
-        c.sup.idle_after = Some(AFTER);
+        c.idle_after = Some(AFTER);
         // No pings: their timers would only add turns.
-        c.sup.ping_interval = Duration::ZERO;
+        c.ping_interval = Duration::ZERO;
         c
     }
 

@@ -29,7 +29,7 @@ impl<S: Sys> Core<S> {
     pub fn on_launched(&mut self, pid: i32, now: Instant) {
         let attempt = self.next_attempt;
         self.next_attempt = attempt.saturating_add(1);
-        let sup = &self.cfg.sup;
+        let sup = &self.cfg;
         self.driver = Some(Driver {
             pid,
             started: now,
@@ -436,7 +436,7 @@ mod tests {
     fn crash_loop_goes_to_error_and_restart_driver_recovers() {
         let t0 = Instant::now();
         let mut c = cfg();
-        c.sup.crash_loop_restarts = 3;
+        c.crash_loop_restarts = 3;
         let mut core = new_core(&c, t0);
         let mut now = t0;
         let mut pid = PID;
@@ -506,7 +506,7 @@ mod tests {
     fn set_driver_stops_the_old_driver_gracefully_then_launches_the_new_command() {
         let t0 = Instant::now();
         let mut c = cfg();
-        c.sup.ping_interval = Duration::from_secs(60);
+        c.ping_interval = Duration::from_secs(60);
         let mut core = new_core(&c, t0);
         up(&mut core, t0);
         let r = core.on_command(set_driver(1, &["new", "--x"], &[("A", "b")]), t0);
@@ -566,7 +566,7 @@ mod tests {
     fn set_driver_out_of_a_crash_loop_launches_at_once() {
         let t0 = Instant::now();
         let mut c = cfg();
-        c.sup.crash_loop_restarts = 1;
+        c.crash_loop_restarts = 1;
         let mut core = new_core(&c, t0);
         up(&mut core, t0);
         core.on_driver_exit(PID, ExitStatus::Exited(1), t0);

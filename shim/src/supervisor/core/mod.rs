@@ -33,6 +33,7 @@ mod link;
 mod pause;
 #[cfg(test)]
 mod pending;
+mod settings;
 mod shutdown;
 #[cfg(test)]
 mod task_ends;
@@ -50,7 +51,6 @@ use driver_protocol::message::{
 use driver_protocol::{Backoff, ErrorCode};
 use tracing::{debug, info, warn};
 
-use crate::cli::Config;
 use crate::reaper::ExitStatus;
 use crate::signals::{self, Admission};
 use crate::sys::Sys;
@@ -60,6 +60,7 @@ use super::restart::{BackoffConfig, CrashLoopConfig, Restarter};
 use super::tasks::TaskQueue;
 
 pub use self::exec::{ExecOwner, Refusal};
+pub use self::settings::Settings;
 
 /// Finished task ids remembered for idempotent `submit_task`.
 const REMEMBER_TASKS: usize = 1024;
@@ -168,7 +169,7 @@ struct Stopping {
 #[derive(Debug)]
 pub struct Core<S: Sys> {
     sys: S,
-    cfg: Config,
+    cfg: Settings,
     pid1: bool,
     started: Instant,
     hello: Hello,
@@ -214,9 +215,9 @@ pub struct Core<S: Sys> {
 
 impl<S: Sys> Core<S> {
     /// A core for `cfg`; nothing launched yet (call [`Core::start`]).
-    pub fn new(sys: S, cfg: &Config, now: Instant, seed: u64) -> Self {
+    pub fn new(sys: S, cfg: &Settings, now: Instant, seed: u64) -> Self {
         let own_pid = sys.getpid();
-        let sup = &cfg.sup;
+        let sup = cfg;
         let restarter = Restarter::new(
             sup.restart,
             BackoffConfig {

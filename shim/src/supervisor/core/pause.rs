@@ -21,7 +21,7 @@ impl<S: Sys> Core<S> {
         if self.lifecycle.state() != DriverState::Ready || self.driver.is_none() {
             return err(re, ErrorCode::InvalidState, "the driver is not ready");
         }
-        let timeout = self.cfg.sup.pause_timeout;
+        let timeout = self.cfg.pause_timeout;
         let id = self.request_id();
         self.transition(Input::PauseRequested);
         self.send(Pause {
@@ -50,7 +50,7 @@ impl<S: Sys> Core<S> {
             slept_ms: Some(Self::ms(slept)),
         });
         self.resuming = true;
-        self.resume_deadline = now.checked_add(self.cfg.sup.pause_timeout);
+        self.resume_deadline = now.checked_add(self.cfg.pause_timeout);
         ok(re)
     }
 
@@ -209,7 +209,7 @@ mod tests {
             t0,
         );
         core.take_outputs();
-        core.on_timer(t0 + c.sup.pause_timeout);
+        core.on_timer(t0 + c.pause_timeout);
         let outs = core.take_outputs();
         assert_eq!(states(&outs), vec![(S::Pausing, S::Ready)]);
         assert!(events(&outs).iter().any(|e| matches!(

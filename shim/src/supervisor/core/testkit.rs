@@ -10,29 +10,26 @@ use driver_protocol::message::{
 };
 use driver_protocol::ErrorCode;
 
-use crate::cli::Config;
 use crate::sys::fake::Fake;
 
-use super::{Core, Output};
+use super::{Core, Output, Settings};
 
 pub(super) use driver_protocol::message::DriverState as S;
 
 pub(super) const PID: i32 = 100;
 
-pub(super) fn cfg() -> Config {
-    let mut c = Config {
+pub(super) fn cfg() -> Settings {
+    Settings {
         command: vec!["driver".into()],
         grace: Duration::from_secs(8),
-        ..Config::default()
-    };
-    c.supervise = true;
-    c.sup.backoff_jitter = 0.0;
-    c.sup.ping_interval = Duration::from_secs(1);
-    c.sup.ping_misses = 2;
-    c
+        backoff_jitter: 0.0,
+        ping_interval: Duration::from_secs(1),
+        ping_misses: 2,
+        ..Settings::default()
+    }
 }
 
-pub(super) fn new_core(cfg: &Config, t0: Instant) -> Core<Fake> {
+pub(super) fn new_core(cfg: &Settings, t0: Instant) -> Core<Fake> {
     let sys = Fake {
         pid: 7,
         ..Fake::default()

@@ -114,7 +114,7 @@ pub(super) async fn shell(
     let mut sh = Shell {
         cfg,
         mask,
-        core: Core::new(Real, cfg, now, seed),
+        core: Core::new(Real, &super::core::Settings::from(cfg), now, seed),
         reaper,
         control,
         link: None,
