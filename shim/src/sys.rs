@@ -348,7 +348,7 @@ mod tests {
     }
 }
 
-#[cfg(any(test, fuzzing))]
+#[cfg(test)]
 pub(crate) mod fake {
     //! A scripted [`Sys`] for unit tests.
 
@@ -369,7 +369,6 @@ pub(crate) mod fake {
     }
 
     impl Fake {
-        #[cfg(test)]
         pub fn with_waits(pid: i32, waits: impl IntoIterator<Item = WaitResult>) -> Self {
             Fake {
                 pid,

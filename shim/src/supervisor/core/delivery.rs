@@ -13,12 +13,10 @@ use driver_protocol::message::{Cancel, CancelTask, DriverState, SubmitTask, Task
 use driver_protocol::ErrorCode;
 use tracing::{info, warn};
 
-use crate::sys::Sys;
-
 use super::super::tasks::{CancelOutcome, SubmitOutcome};
 use super::{err, ok, Cancelling, Core, ExitReason, Output};
 
-impl<S: Sys> Core<S> {
+impl Core {
     /// Sends the next queued task if the driver can take it.
     pub(super) fn start_next(&mut self) {
         if self.lifecycle.state() != DriverState::Ready
@@ -174,9 +172,9 @@ mod tests {
             })]
         ));
         core.on_timer(t0 + Duration::from_millis(499));
-        assert!(core.sys.kills.borrow().is_empty());
+        assert!(kills(&core).is_empty());
         core.on_timer(t0 + Duration::from_millis(500));
-        assert_eq!(*core.sys.kills.borrow(), vec![(-PID, libc::SIGKILL)]);
+        assert_eq!(kills(&core), vec![(-PID, libc::SIGKILL)]);
         let outs = core.take_outputs();
         let done = task_dones(&outs);
         assert_eq!(done.len(), 1);

@@ -1,7 +1,6 @@
 //! Structured fuzzing of the core: arbitrary bytes become a sequence of inbound messages
 //! (from the driver and from the control plane), exits, signals, kills and clock jumps, fed to
-//! a [`Core`] on the fake [`Sys`](crate::sys::Sys) the way the shell feeds it, while the
-//! invariants below are checked.
+//! a [`Core`] the way the shell feeds it, while the invariants below are checked.
 //!
 //! Built for the unit tests (which replay the checked-in corpus on the stable toolchain) and,
 //! with `--cfg fuzzing`, for the cargo-fuzz target `supervisor_core` in `shim/fuzz/`.
@@ -39,7 +38,6 @@ use rmpv::Value;
 
 use crate::cli::Config;
 use crate::reaper::ExitStatus;
-use crate::sys::fake::Fake;
 use crate::sys::SigInfo;
 
 use super::{Core, ExecOwner, Output};
@@ -71,7 +69,9 @@ pub fn run(data: &[u8]) -> u32 {
 struct Harness<'a> {
     data: &'a [u8],
     pos: usize,
-    core: Core<Fake>,
+    core: Core,
+    /// The signals the core sent that have not taken effect yet, as `(kill target, sig)`.
+    kills: Vec<(i32, i32)>,
     now: Instant,
     next_pid: i32,
     /// The next launch fails (`on_launch_error`).
@@ -100,17 +100,14 @@ impl<'a> Harness<'a> {
         cfg.sup.idle_after = Some(Duration::from_secs(5));
         let now = Instant::now();
         // PID 1, so signals from inside are judged as the real shim judges them.
-        let sys = Fake {
-            pid: 1,
-            ..Fake::default()
-        };
-        let mut core = Core::new(sys, &cfg, now, 7);
+        let mut core = Core::new(1, &cfg, now, 7);
         let last_state = core.state();
         core.start();
         let mut h = Harness {
             data,
             pos: 0,
             core,
+            kills: Vec::new(),
             now,
             next_pid: 100,
             fail_launch: false,
@@ -337,7 +334,7 @@ impl<'a> Harness<'a> {
     /// Every SIGTERM/SIGKILL the core sent so far ends its target (the driver ignores
     /// SIGTERM, to exercise the SIGKILL that follows it).
     fn deliver_kills(&mut self) {
-        let kills: Vec<(i32, i32)> = self.core.sys.kills.borrow_mut().drain(..).collect();
+        let kills = std::mem::take(&mut self.kills);
         for (target, sig) in kills {
             // `kill(-1, …)`: as PID 1, everything.
             let all = target == -1;
@@ -400,6 +397,7 @@ impl<'a> Harness<'a> {
                         self.execs.remove(&id);
                         self.core.exec_io_closed(id, self.now);
                     }
+                    Output::Kill(k) => self.kills.push(k.target()),
                     Output::ToDriver(_)
                     | Output::StopReading
                     | Output::ExecInput(_)

@@ -21,8 +21,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use driver_protocol::message::{Busy, Idle};
 use tracing::info;
 
-use crate::sys::Sys;
-
 use super::Core;
 
 /// The idle tracker, present when `--idle-after` is set.
@@ -46,7 +44,7 @@ impl IdleTracker {
     }
 }
 
-impl<S: Sys> Core<S> {
+impl Core {
     /// Whether a task is queued or running or an exec runs.
     fn has_work(&self) -> bool {
         self.tasks.queued() > 0 || self.tasks.running().is_some() || !self.execs.is_empty()
@@ -150,7 +148,7 @@ mod tests {
     }
 
     /// What the shell does: an input, then the tick; plus the timer when it is due.
-    fn turn(core: &mut Core<crate::sys::fake::Fake>, now: Instant) -> Vec<Output> {
+    fn turn(core: &mut TestCore, now: Instant) -> Vec<Output> {
         core.idle_tick(now);
         if core.next_deadline().is_some_and(|d| d <= now) {
             core.on_timer(now);
@@ -183,7 +181,7 @@ mod tests {
             .unwrap_or(0)
     }
 
-    fn status_idle(core: &mut Core<crate::sys::fake::Fake>, now: Instant) -> Option<u64> {
+    fn status_idle(core: &mut TestCore, now: Instant) -> Option<u64> {
         match core.on_command(ControlToShim::Status(Status { id: 99 }), now) {
             ShimToControl::StatusReply(s) => s.idle_since_ms,
             other => panic!("{other:?}"),

@@ -17,14 +17,13 @@ use tracing::{debug, info, warn};
 
 use crate::reaper::ExitStatus;
 use crate::signals;
-use crate::sys::Sys;
 
 use super::super::lifecycle::Input;
 use super::super::restart::Decision;
 use super::super::tasks::LostOutcome;
-use super::{due, err, ok, Core, Driver, ExitReason, Output, Stopping};
+use super::{due, err, ok, Core, Driver, ExitReason, Kill, Output, Stopping};
 
-impl<S: Sys> Core<S> {
+impl Core {
     /// The driver was forked as `pid` (its exit will reach [`Core::on_driver_exit_oom`]).
     pub fn on_launched(&mut self, pid: i32, now: Instant) {
         let attempt = self.next_attempt;
@@ -227,16 +226,9 @@ impl<S: Sys> Core<S> {
         self.kill_group(pid, libc::SIGKILL);
     }
 
-    pub(super) fn kill_group(&self, pid: i32, sig: i32) {
-        match self.sys.kill(-pid, sig) {
-            Ok(()) => {}
-            Err(nix::errno::Errno::ESRCH) => {
-                if let Err(err) = self.sys.kill(pid, sig) {
-                    debug!(%err, pid, "cannot signal the driver");
-                }
-            }
-            Err(err) => warn!(%err, pid, "cannot signal the driver's group"),
-        }
+    /// Sends `sig` to the driver's process group (or to the driver, if it left its group).
+    pub(super) fn kill_group(&mut self, pid: i32, sig: i32) {
+        self.kill(Kill::Driver { pid, sig });
     }
 
     /// `restart_driver`: forget the crash history and launch again (killing a running driver
@@ -483,7 +475,7 @@ mod tests {
         up(&mut core, t0);
         let r = core.on_command(ControlToShim::RestartDriver(RestartDriver { id: 1 }), t0);
         assert!(is_ok(&r, 1));
-        assert_eq!(*core.sys.kills.borrow(), vec![(-PID, libc::SIGKILL)]);
+        assert_eq!(kills(&core), vec![(-PID, libc::SIGKILL)]);
         assert_eq!(launches(&core.take_outputs()), 0);
         core.on_driver_exit(PID, ExitStatus::Signaled(9), t0);
         let outs = core.take_outputs();
@@ -523,7 +515,7 @@ mod tests {
             "{outs:?}"
         );
         assert_eq!(states(&outs), vec![(S::Ready, S::Stopping)]);
-        assert!(core.sys.kills.borrow().is_empty(), "killed at once");
+        assert!(kills(&core).is_empty(), "killed at once");
         // No task goes to the old driver meanwhile.
         let r = core.on_command(submit(2, "t", false), t0);
         assert!(is_ok(&r, 2));
@@ -533,10 +525,10 @@ mod tests {
         // Half the grace: SIGTERM; the whole grace: SIGKILL.
         assert_eq!(core.next_deadline(), Some(t0 + Duration::from_secs(4)));
         core.on_timer(t0 + Duration::from_secs(4));
-        assert_eq!(*core.sys.kills.borrow(), vec![(-PID, libc::SIGTERM)]);
+        assert_eq!(kills(&core), vec![(-PID, libc::SIGTERM)]);
         core.on_timer(t0 + Duration::from_secs(8));
         assert_eq!(
-            *core.sys.kills.borrow(),
+            kills(&core),
             vec![(-PID, libc::SIGTERM), (-PID, libc::SIGKILL)]
         );
         let t1 = t0 + Duration::from_secs(9);

@@ -2,10 +2,11 @@
 //!
 //! The core owns the driver's [`Lifecycle`], the [`Restarter`], the [`TaskQueue`] and every
 //! timer (as deadlines). The async shell ([`super`]) feeds it inputs — a driver message, the
-//! driver's exit, a control command, a signal, "a deadline passed" — and carries out what it
-//! asks for: [`Output`]s (frames for the driver, events to publish, "launch the driver now")
-//! and kills, which go straight through [`Sys::kill`]. Time is passed in, so the unit tests
-//! drive every transition with a fake [`Sys`] and a made-up clock, without a process.
+//! driver's exit, a control command, a signal, "a deadline passed", the figures only the
+//! shell can read — and carries out what it asks for. Decisions leave the core one way only,
+//! as [`Output`]s: frames for the driver, events to publish, "launch the driver now", a
+//! [`Kill`]. Time is passed in too, so the unit tests drive every transition with a made-up
+//! clock and read every decision from the outputs, without a process or a syscall.
 //!
 //! ```text
 //!  Launch ─► on_launched ─► hello ⇄ hello ─► ready ─► tasks, pause/resume, pings
@@ -83,6 +84,57 @@ pub enum Output {
     ExecResize(u64, driver_protocol::message::TtySize),
     /// Read what is left of an exec's output, close it, then call [`Core::exec_io_closed`].
     ExecStop(u64),
+    /// Send a signal (see [`Kill::apply`]).
+    Kill(Kill),
+}
+
+/// A signal the core decided to send, by whom it is meant for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kill {
+    /// The driver's process group, or the driver alone if it left its group.
+    Driver {
+        /// The driver's pid (its process group's id).
+        pid: i32,
+        /// The signal.
+        sig: i32,
+    },
+    /// An exec's process group.
+    Exec {
+        /// The exec's pid (its process group's id).
+        pid: i32,
+        /// The signal.
+        sig: i32,
+    },
+    /// `kill(-1, SIGKILL)`: every process PID 1 can signal, at the end of the grace.
+    Everything,
+}
+
+impl Kill {
+    /// The first `kill(2)` this sends, as `(pid, signal)` in `kill`'s conventions.
+    pub fn target(self) -> (i32, i32) {
+        match self {
+            Kill::Driver { pid, sig } | Kill::Exec { pid, sig } => (pid.saturating_neg(), sig),
+            Kill::Everything => (-1, libc::SIGKILL),
+        }
+    }
+
+    /// Sends it; failures are logged (a group already gone is no failure).
+    pub fn apply(self, sys: &impl Sys) {
+        let (target, sig) = self.target();
+        match (self, sys.kill(target, sig)) {
+            (_, Ok(())) | (Kill::Exec { .. }, Err(nix::errno::Errno::ESRCH)) => {}
+            (Kill::Driver { pid, sig }, Err(nix::errno::Errno::ESRCH)) => {
+                if let Err(err) = sys.kill(pid, sig) {
+                    debug!(%err, pid, "cannot signal the driver");
+                }
+            }
+            (Kill::Driver { pid, .. }, Err(err)) => {
+                warn!(%err, pid, "cannot signal the driver's group");
+            }
+            (Kill::Exec { pid, .. }, Err(err)) => warn!(%err, pid, "cannot signal an exec's group"),
+            (Kill::Everything, Err(err)) => debug!(%err, "kill(-1) failed"),
+        }
+    }
 }
 
 /// Why the driver ended, as reported in `driver_exited.reason`.
@@ -164,8 +216,7 @@ struct Stopping {
 
 /// The supervisor's decisions; see the module docs.
 #[derive(Debug)]
-pub struct Core<S: Sys> {
-    sys: S,
+pub struct Core {
     cfg: Config,
     pid1: bool,
     started: Instant,
@@ -210,10 +261,10 @@ pub struct Core<S: Sys> {
     idle: Option<idle::IdleTracker>,
 }
 
-impl<S: Sys> Core<S> {
-    /// A core for `cfg`; nothing launched yet (call [`Core::start`]).
-    pub fn new(sys: S, cfg: &Config, now: Instant, seed: u64) -> Self {
-        let own_pid = sys.getpid();
+impl Core {
+    /// A core for `cfg` in a shim whose pid is `own_pid`; nothing launched yet (call
+    /// [`Core::start`]).
+    pub fn new(own_pid: i32, cfg: &Config, now: Instant, seed: u64) -> Self {
         let sup = &cfg.sup;
         let restarter = Restarter::new(
             sup.restart,
@@ -266,7 +317,6 @@ impl<S: Sys> Core<S> {
                 .idle_after
                 .map(|after| idle::IdleTracker::new(after, now)),
             cfg: cfg.clone(),
-            sys,
         }
     }
 
@@ -327,6 +377,10 @@ impl<S: Sys> Core<S> {
 
     fn event(&mut self, ev: impl Into<Event>) {
         self.out.push(Output::Event(ev.into()));
+    }
+
+    fn kill(&mut self, kill: Kill) {
+        self.out.push(Output::Kill(kill));
     }
 
     fn transition(&mut self, input: Input) {

@@ -10,12 +10,10 @@ use driver_protocol::message::{DriverState, ErrorMsg, Pause, Paused, Resume, Shi
 use driver_protocol::ErrorCode;
 use tracing::{debug, warn};
 
-use crate::sys::Sys;
-
 use super::super::lifecycle::Input;
 use super::{err, ok, Core, Pausing};
 
-impl<S: Sys> Core<S> {
+impl Core {
     /// `pause` (control request `re`): ask the driver for a safe point.
     pub(super) fn pause(&mut self, re: u64, now: Instant) -> ShimToControl {
         if self.lifecycle.state() != DriverState::Ready || self.driver.is_none() {

@@ -164,7 +164,7 @@ fn a_pending_exec_is_cancelled_and_killed_like_a_running_one() {
     core.on_timer(t1);
     core.on_timer(t1 + c.sup.exec_kill_grace);
     assert_eq!(
-        *core.sys.kills.borrow(),
+        kills(&core),
         vec![(-300, libc::SIGTERM), (-300, libc::SIGKILL)]
     );
     // The SIGKILL ended it before its execve: reaped while pending, so the shell decides

@@ -103,7 +103,7 @@ fn while_reading_is_paused_pings_do_not_count_and_deadlines_move() {
     // No liveness deadline while paused; timers far later kill nothing.
     assert!(core.next_deadline().is_none());
     core.on_timer(t0 + Duration::from_secs(10));
-    assert!(core.sys.kills.borrow().is_empty());
+    assert!(kills(&core).is_empty());
     assert!(to_driver(&core.take_outputs()).is_empty());
     // A task submitted while the event buffer is full is refused.
     let r = core.on_command(submit(1, "A", false), t0 + Duration::from_secs(10));
@@ -142,7 +142,7 @@ fn a_resume_without_ready_times_out_and_the_driver_counts_as_hung() {
     assert!(events(&outs)
         .iter()
         .any(|e| matches!(e, Event::Error(x) if x.code == ErrorCode::Timeout)));
-    assert_eq!(*core.sys.kills.borrow(), vec![(-PID, libc::SIGKILL)]);
+    assert_eq!(kills(&core), vec![(-PID, libc::SIGKILL)]);
     core.on_driver_exit(PID, ExitStatus::Signaled(9), t1);
     assert_eq!(exited(&core.take_outputs())[0].reason, "hung");
 }
@@ -163,7 +163,7 @@ fn a_hello_with_another_role_is_a_protocol_error() {
         [ShimToDriver::Error(e)] if e.code == ErrorCode::Invalid
     ));
     assert!(outs.contains(&Output::StopReading));
-    assert_eq!(*core.sys.kills.borrow(), vec![(-PID, libc::SIGKILL)]);
+    assert_eq!(kills(&core), vec![(-PID, libc::SIGKILL)]);
     core.on_driver_exit(PID, ExitStatus::Signaled(9), t0);
     assert_eq!(exited(&core.take_outputs())[0].reason, "protocol_error");
 }
@@ -176,9 +176,9 @@ fn end_of_stream_on_a_live_driver_is_a_protocol_error() {
     up(&mut core, t0);
     core.on_driver_eof(t0);
     // A driver that is just exiting gets a moment to be reaped.
-    assert!(core.sys.kills.borrow().is_empty());
+    assert!(kills(&core).is_empty());
     core.on_timer(t0 + Duration::from_secs(1));
-    assert_eq!(*core.sys.kills.borrow(), vec![(-PID, libc::SIGKILL)]);
+    assert_eq!(kills(&core), vec![(-PID, libc::SIGKILL)]);
     core.on_driver_exit(PID, ExitStatus::Signaled(9), t0);
     assert_eq!(exited(&core.take_outputs())[0].reason, "protocol_error");
 
@@ -188,7 +188,7 @@ fn end_of_stream_on_a_live_driver_is_a_protocol_error() {
     core.on_driver_eof(t0);
     core.on_driver_exit(PID, ExitStatus::Exited(0), t0);
     assert_eq!(exited(&core.take_outputs())[0].reason, "exited");
-    assert!(core.sys.kills.borrow().is_empty());
+    assert!(kills(&core).is_empty());
 }
 
 /// Found by the `supervisor_core` fuzz target: the driver exits 0 (no restart under

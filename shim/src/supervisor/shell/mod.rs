@@ -25,7 +25,7 @@ use crate::cli::Config;
 use crate::control::{ControlConfig, ControlServer, Endpoints, Token};
 use crate::oom::OomCounter;
 use crate::reaper::{ExitStatus, Reaper};
-use crate::sys::Real;
+use crate::sys::{Real, Sys};
 
 use self::errcopy::ErrCopy;
 use self::exec::{exec_ready, ExecIoState, Ready};
@@ -49,7 +49,7 @@ const FULL_RECHECK: Duration = Duration::from_millis(20);
 struct Shell<'a> {
     cfg: &'a Config,
     mask: SigSet,
-    core: Core<Real>,
+    core: Core,
     reaper: &'a mut Reaper<Owner>,
     control: Option<ControlServer>,
     link: Option<Link>,
@@ -114,7 +114,7 @@ pub(super) async fn shell(
     let mut sh = Shell {
         cfg,
         mask,
-        core: Core::new(Real, cfg, now, seed),
+        core: Core::new(Real.getpid(), cfg, now, seed),
         reaper,
         control,
         link: None,
@@ -359,6 +359,7 @@ impl Shell<'_> {
                     Output::ExecInput(m) => self.exec_input(m),
                     Output::ExecResize(id, size) => self.exec_resize(id, size),
                     Output::ExecStop(id) => self.exec_stop(id),
+                    Output::Kill(kill) => kill.apply(&Real),
                 }
             }
         }
