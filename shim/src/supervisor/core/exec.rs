@@ -486,7 +486,7 @@ mod tests {
     use bytes::Bytes;
     use driver_protocol::message::{
         CancelTask, ControlToShim, DriverToShim, Event, Exec, ExecExit, ExecInput, ExecSignal,
-        OutputStream, ShimToControl, ShimToDriver, Signal, SignalTarget,
+        OutputStream, ShimToDriver, Signal, SignalTarget,
     };
     use driver_protocol::ErrorCode;
 
@@ -847,15 +847,8 @@ mod tests {
         let mut core = new_core(&c, t0);
         up(&mut core, t0);
         start(&mut core, ExecOwner::Control, &exec(1, &["a"]), 1000, t0);
-        match core.on_command(
-            ControlToShim::Status(driver_protocol::message::Status { id: 3 }),
-            t0,
-        ) {
-            ShimToControl::StatusReply(s) => {
-                assert_eq!(s.execs_running, 1);
-                assert_eq!(s.children, 2);
-            }
-            other => panic!("{other:?}"),
-        }
+        let s = core.status(3, t0, &super::super::Counters::default());
+        assert_eq!(s.execs_running, 1);
+        assert_eq!(s.children, 2);
     }
 }

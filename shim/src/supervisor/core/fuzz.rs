@@ -40,7 +40,7 @@ use crate::cli::Config;
 use crate::reaper::ExitStatus;
 use crate::sys::SigInfo;
 
-use super::{Core, ExecOwner, Output};
+use super::{Core, Counters, ExecOwner, Output};
 
 /// Upper bound on ops per input, so one input cannot run for long.
 const MAX_OPS: usize = 512;
@@ -296,6 +296,10 @@ impl<'a> Harness<'a> {
             }
             ControlToShim::ExecSignal(m) => {
                 let _ = self.core.exec_signal(owner, &m);
+            }
+            ControlToShim::Status(s) => {
+                let reply = self.core.status(s.id, self.now, &Counters::default());
+                assert_eq!(reply.re, s.id);
             }
             other => {
                 let re = request_id(&other);

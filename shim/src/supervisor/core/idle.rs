@@ -131,8 +131,7 @@ mod tests {
     use super::super::Output;
     use super::*;
     use driver_protocol::message::{
-        ControlToShim, DriverToShim, Event, Exec, Message as _, MessageChunk, ShimToControl,
-        Status, TaskDone, TaskStatus,
+        DriverToShim, Event, Exec, Message as _, MessageChunk, TaskDone, TaskStatus,
     };
 
     use crate::reaper::ExitStatus;
@@ -182,10 +181,8 @@ mod tests {
     }
 
     fn status_idle(core: &mut TestCore, now: Instant) -> Option<u64> {
-        match core.on_command(ControlToShim::Status(Status { id: 99 }), now) {
-            ShimToControl::StatusReply(s) => s.idle_since_ms,
-            other => panic!("{other:?}"),
-        }
+        core.status(99, now, &super::super::Counters::default())
+            .idle_since_ms
     }
 
     fn done(task_id: &str) -> DriverToShim {

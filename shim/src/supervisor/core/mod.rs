@@ -137,6 +137,25 @@ impl Kill {
     }
 }
 
+/// What only the shell can read for a `status_reply` (see [`Core::status`]); zero where it
+/// cannot tell.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Every child live now, adopted orphans included, if the shell counted them; `None`
+    /// leaves the core's count (the driver and the execs).
+    pub children: Option<u32>,
+    /// Children reaped since the start.
+    pub reaped: u64,
+    /// Events waiting in the replay buffer.
+    pub buffered_events: u64,
+    /// Bytes waiting in the replay buffer.
+    pub buffered_bytes: u64,
+    /// The seq of the last event published.
+    pub last_seq: u64,
+    /// The shim's resident set size, in bytes.
+    pub rss_bytes: u64,
+}
+
 /// Why the driver ended, as reported in `driver_exited.reason`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ExitReason {
@@ -480,8 +499,8 @@ impl Core {
 
     // ---- control commands -----------------------------------------------------------------
 
-    /// Executes one control command and returns its reply. `status` is answered by the shell
-    /// (it adds what only it knows) from [`Core::status`].
+    /// Executes one control command and returns its reply. `status` is answered by
+    /// [`Core::status`], which takes the figures only the shell can read.
     pub fn on_command(
         &mut self,
         req: driver_protocol::message::ControlToShim,
@@ -506,7 +525,11 @@ impl Core {
                 ErrorCode::Internal,
                 "exec is started by the shell (Core::exec_admit)",
             ),
-            C::Status(s) => ShimToControl::StatusReply(self.status(s.id, now)),
+            C::Status(s) => err(
+                s.id,
+                ErrorCode::Internal,
+                "status is answered with the shell's counters (Core::status)",
+            ),
             other => {
                 let re = match &other {
                     C::Unknown(u) => u.id,
@@ -525,9 +548,12 @@ impl Core {
         }
     }
 
-    /// What the core knows for a `status_reply`; the shell fills in the buffer, the reaper
-    /// and memory figures.
-    pub fn status(&self, re: u64, now: Instant) -> StatusReply {
+    /// The `status_reply` to request `re`: what the core knows, and the shell's `counters`.
+    pub fn status(&self, re: u64, now: Instant, counters: &Counters) -> StatusReply {
+        // The driver and the execs, unless the shell counted every child itself.
+        let children = u32::try_from(self.execs_running())
+            .unwrap_or(u32::MAX)
+            .saturating_add(u32::from(self.driver.is_some()));
         StatusReply {
             re,
             state: self.state(),
@@ -544,17 +570,15 @@ impl Core {
                     signal: Some(signals::name(sig)),
                 },
             }),
-            children: u32::try_from(self.execs_running())
-                .unwrap_or(u32::MAX)
-                .saturating_add(u32::from(self.driver.is_some())),
-            reaped: 0,
+            children: counters.children.unwrap_or(children),
+            reaped: counters.reaped,
             tasks_queued: u32::try_from(self.tasks.queued()).unwrap_or(u32::MAX),
             task_running: self.tasks.running().map(str::to_owned),
             execs_running: u32::try_from(self.execs_running()).unwrap_or(u32::MAX),
-            buffered_events: 0,
-            buffered_bytes: 0,
-            last_seq: 0,
-            rss_bytes: 0,
+            buffered_events: counters.buffered_events,
+            buffered_bytes: counters.buffered_bytes,
+            last_seq: counters.last_seq,
+            rss_bytes: counters.rss_bytes,
             idle_since_ms: self.idle_since_ms(),
         }
     }
@@ -592,14 +616,34 @@ mod tests {
         let c = cfg();
         let mut core = new_core(&c, t0);
         up(&mut core, t0);
-        match core.on_command(ControlToShim::Status(Status { id: 4 }), t0) {
-            ShimToControl::StatusReply(s) => {
-                assert_eq!(s.re, 4);
-                assert_eq!(s.state, S::Ready);
-                assert_eq!(s.driver_pid, Some(100));
-            }
-            other => panic!("{other:?}"),
-        }
+        let s = core.status(4, t0, &Counters::default());
+        assert_eq!(s.re, 4);
+        assert_eq!(s.state, S::Ready);
+        assert_eq!(s.driver_pid, Some(100));
+        assert_eq!(s.children, 1, "the driver");
+        let counted = Counters {
+            children: Some(3),
+            reaped: 5,
+            buffered_events: 6,
+            buffered_bytes: 7,
+            last_seq: 8,
+            rss_bytes: 9,
+        };
+        let s = core.status(4, t0, &counted);
+        assert_eq!(
+            (
+                s.children,
+                s.reaped,
+                s.buffered_events,
+                s.buffered_bytes,
+                s.last_seq,
+                s.rss_bytes
+            ),
+            (3, 5, 6, 7, 8, 9)
+        );
+        // Through `on_command`, `status` is an internal error: the shell answers it.
+        let r = core.on_command(ControlToShim::Status(Status { id: 4 }), t0);
+        assert_eq!(err_code(&r), Some(ErrorCode::Internal));
         let r = core.on_command(
             ControlToShim::Unknown(driver_protocol::message::Unknown {
                 type_name: "launch_rockets".into(),

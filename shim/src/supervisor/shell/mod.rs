@@ -16,7 +16,7 @@ mod spawning;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use driver_protocol::message::{Event, LogStream, Message, Oom, ShimToControl};
+use driver_protocol::message::{ControlToShim, Event, LogStream, Message, Oom, ShimToControl};
 use driver_protocol::DEFAULT_MAX_FRAME;
 use nix::sys::signal::SigSet;
 use tracing::{debug, info, warn};
@@ -32,7 +32,7 @@ use self::exec::{exec_ready, ExecIoState, Ready};
 use self::link::{link_readable, link_writable, pipe_readable, Link, OutPipe};
 use self::signalfd::Signals;
 use self::spawning::{spawn_ready, Spawning};
-use super::core::{Core, Output};
+use super::core::{Core, Counters, Output};
 use super::loglines::RateLimiter;
 use super::{Owner, SupervisorError};
 
@@ -336,6 +336,22 @@ impl Shell<'_> {
         self.control.as_ref().map_or(0, |c| c.stats().last_seq)
     }
 
+    /// The figures of a `status_reply` that only the shell can read.
+    fn counters(&self) -> Counters {
+        let stats = self.control.as_ref().map(ControlServer::stats);
+        Counters {
+            // As PID 1 the namespace's /proc is ours and small: count every child, adopted
+            // orphans included. As a subreaper on a host, scanning every process of the
+            // host per `status` would not scale: the core's count stands.
+            children: (std::process::id() == 1).then(live_children).flatten(),
+            reaped: self.reaped,
+            buffered_events: stats.as_ref().map_or(0, |st| st.events),
+            buffered_bytes: stats.as_ref().map_or(0, |st| st.bytes),
+            last_seq: stats.as_ref().map_or(0, |st| st.last_seq),
+            rss_bytes: rss_bytes(),
+        }
+    }
+
     /// Carries out what the core asked for, until it asks for nothing more.
     fn apply_outputs(&mut self) {
         loop {
@@ -434,28 +450,11 @@ impl Shell<'_> {
             return;
         };
         let now = Instant::now();
-        let reply = self.core.on_command(cmd.request, now);
-        let reply = match reply {
-            ShimToControl::StatusReply(mut s) => {
-                s.reaped = self.reaped;
-                s.rss_bytes = rss_bytes();
-                // As PID 1 the namespace's /proc is ours and small: count every child,
-                // adopted orphans included. As a subreaper on a host, scanning every process
-                // of the host per `status` would not scale: the core's count stands.
-                if std::process::id() == 1 {
-                    if let Some(n) = live_children() {
-                        s.children = n;
-                    }
-                }
-                if let Some(c) = self.control.as_ref() {
-                    let st = c.stats();
-                    s.buffered_events = st.events;
-                    s.buffered_bytes = st.bytes;
-                    s.last_seq = st.last_seq;
-                }
-                ShimToControl::StatusReply(s)
+        let reply = match cmd.request {
+            ControlToShim::Status(s) => {
+                ShimToControl::StatusReply(self.core.status(s.id, now, &self.counters()))
             }
-            other => other,
+            request => self.core.on_command(request, now),
         };
         cmd.reply.send(reply);
     }
