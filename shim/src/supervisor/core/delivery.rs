@@ -23,7 +23,7 @@ impl Core {
             || self
                 .driver
                 .as_ref()
-                .is_none_or(|d| d.kill_reason.is_some() || d.gone)
+                .is_none_or(|d| d.kill_reason.is_some() || d.gone())
         {
             return;
         }
@@ -193,7 +193,8 @@ mod tests {
         );
         assert!(core.take_outputs().is_empty());
         // Our own SIGKILL: the shell found no rise of the OOM-kill counter.
-        core.on_driver_exit_oom(PID, ExitStatus::Signaled(9), Some(false), t0);
+        core.on_driver_exit_oom(PID, ExitStatus::Signaled(9), Some(false));
+        core.on_driver_link_closed(t0);
         let outs = core.take_outputs();
         assert_eq!(exited(&outs)[0].reason, "cancel_timeout");
         assert_eq!(exited(&outs)[0].oom_killed, Some(false));

@@ -103,7 +103,11 @@ impl Core {
             return Err((ErrorCode::Invalid, "tty rows and cols must be > 0".into()));
         }
         if let ExecOwner::Driver(pid) = owner {
-            if self.driver.as_ref().is_none_or(|d| d.pid != pid || d.gone) {
+            if self
+                .driver
+                .as_ref()
+                .is_none_or(|d| d.pid != pid || d.gone())
+            {
                 return Err((ErrorCode::InvalidState, "the driver is gone".into()));
             }
             // A driver dropped to a uid must not get root back through its tools.
@@ -290,7 +294,7 @@ impl Core {
                 if self
                     .driver
                     .as_ref()
-                    .is_some_and(|d| d.pid == pid && !d.gone)
+                    .is_some_and(|d| d.pid == pid && !d.gone())
                 {
                     self.send(exit);
                 }

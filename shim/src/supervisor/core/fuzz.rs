@@ -227,7 +227,10 @@ impl<'a> Harness<'a> {
                     if self.b() % 2 == 0 {
                         self.core.on_driver_spawn_failed(pid);
                     } else {
-                        self.core.on_driver_gone(pid);
+                        // Reaped: its late frames are read while its link closes.
+                        let status = self.status();
+                        self.core.on_driver_exit_oom(pid, status, None);
+                        self.apply();
                     }
                 }
             }
@@ -331,7 +334,6 @@ impl<'a> Harness<'a> {
     }
 
     fn driver_exit(&mut self, pid: i32, status: ExitStatus) {
-        self.core.on_driver_gone(pid);
         self.core.on_driver_exit(pid, status, self.now);
     }
 
@@ -396,6 +398,14 @@ impl<'a> Harness<'a> {
                                 self.exec_started(id, owner, &req);
                             }
                         }
+                    }
+                    Output::CloseDriverLink => {
+                        // What the driver wrote before it died, read as its link closes.
+                        for _ in 0..self.b() % 3 {
+                            let body = self.message(DriverToShim::TYPES);
+                            self.driver_frame(&body);
+                        }
+                        self.core.on_driver_link_closed(self.now);
                     }
                     Output::ExecStop(id) => {
                         self.execs.remove(&id);

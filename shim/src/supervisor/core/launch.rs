@@ -38,7 +38,7 @@ impl Core {
             // Pings start at `ready`: until then `--ready-timeout` is the liveness check.
             next_ping: None,
             pings_unanswered: 0,
-            gone: false,
+            exit: None,
             eof_deadline: None,
         });
         info!(pid, attempt, "driver started");
@@ -75,38 +75,47 @@ impl Core {
         );
     }
 
-    /// The driver process is gone (reaped): what it left in its socket is still to be
-    /// handed over, and is relayed, but starts nothing (no task is sent to a dead driver).
-    pub fn on_driver_gone(&mut self, pid: i32) {
-        if let Some(d) = self.driver.as_mut().filter(|d| d.pid == pid) {
-            d.gone = true;
-        }
-    }
-
-    /// The reaper collected the driver; whether the OOM killer killed it is not known.
+    /// The reaper collected the driver; whether the OOM killer killed it is not known. The
+    /// driver's link is closed at once (the tests' and the fuzzer's shortcut for
+    /// [`Core::on_driver_exit_oom`] and [`Core::on_driver_link_closed`]).
     #[cfg(any(test, fuzzing))]
     pub fn on_driver_exit(&mut self, pid: i32, status: ExitStatus, now: Instant) {
-        self.on_driver_exit_oom(pid, status, None, now);
+        self.on_driver_exit_oom(pid, status, None);
+        self.on_driver_link_closed(now);
     }
 
     /// The reaper collected the driver; `oom_killed` is the shell's reading of the OOM-kill
-    /// counter (`None`: unknown).
-    pub fn on_driver_exit_oom(
-        &mut self,
-        pid: i32,
-        status: ExitStatus,
-        oom_killed: Option<bool>,
-        now: Instant,
-    ) {
-        let Some(driver) = self.driver.take_if(|d| d.pid == pid) else {
+    /// counter (`None`: unknown). What it left in its socket is still to be handed over, and
+    /// is relayed but starts nothing (no task is sent to a dead driver): the core asks for
+    /// [`Output::CloseDriverLink`], and the exit is decided in
+    /// [`Core::on_driver_link_closed`].
+    pub fn on_driver_exit_oom(&mut self, pid: i32, status: ExitStatus, oom_killed: Option<bool>) {
+        let Some(d) = self
+            .driver
+            .as_mut()
+            .filter(|d| d.pid == pid && d.exit.is_none())
+        else {
             debug!(pid, "not the current driver");
+            return;
+        };
+        d.exit = Some((status, oom_killed));
+        self.out.push(Output::CloseDriverLink);
+    }
+
+    /// The shell read what the reaped driver left and closed its link
+    /// ([`Output::CloseDriverLink`]): its exit is decided now.
+    pub fn on_driver_link_closed(&mut self, now: Instant) {
+        let Some(driver) = self.driver.take_if(|d| d.exit.is_some()) else {
+            return;
+        };
+        let Some((status, oom_killed)) = driver.exit else {
             return;
         };
         let reason = driver.kill_reason.unwrap_or(match status {
             ExitStatus::Exited(0) => ExitReason::Exited,
             _ => ExitReason::Crashed,
         });
-        self.driver_gone(pid, driver.started, status, reason, oom_killed, now);
+        self.driver_gone(driver.pid, driver.started, status, reason, oom_killed, now);
     }
 
     fn driver_gone(
@@ -275,7 +284,7 @@ impl Core {
         self.restart_at = None;
         let grace = self.cfg.grace;
         match self.driver.as_mut() {
-            Some(d) if d.kill_reason.is_none() && !d.gone => {
+            Some(d) if d.kill_reason.is_none() && !d.gone() => {
                 d.kill_reason = Some(ExitReason::Shutdown);
                 self.relaunch_after_exit = true;
                 self.pausing = None;

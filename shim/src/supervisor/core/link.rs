@@ -54,7 +54,7 @@ impl Core {
     /// it is killed, reason `protocol_error`.
     pub fn on_driver_eof(&mut self, now: Instant) {
         if let Some(d) = self.driver.as_mut() {
-            if !d.gone && d.kill_reason.is_none() && d.eof_deadline.is_none() {
+            if !d.gone() && d.kill_reason.is_none() && d.eof_deadline.is_none() {
                 debug!("the driver closed its socket");
                 d.eof_deadline = now.checked_add(EOF_GRACE);
             }
@@ -152,7 +152,7 @@ impl Core {
         let started = driver.started;
         // Being killed: its events and task results still count (a late `task_done` for an
         // abandoned task is dropped by the queue), but it changes no state any more.
-        let dying = driver.kill_reason.is_some() || driver.gone;
+        let dying = driver.kill_reason.is_some() || driver.gone();
         if is_activity(&msg) {
             self.activity(now);
         }

@@ -84,6 +84,9 @@ pub enum Output {
     ExecResize(u64, driver_protocol::message::TtySize),
     /// Read what is left of an exec's output, close it, then call [`Core::exec_io_closed`].
     ExecStop(u64),
+    /// The driver was reaped: read what is left in its socket and pipes, close them, then
+    /// call [`Core::on_driver_link_closed`].
+    CloseDriverLink,
     /// Send a signal (see [`Kill::apply`]).
     Kill(Kill),
 }
@@ -205,11 +208,18 @@ struct Driver {
     ready_deadline: Option<Instant>,
     next_ping: Option<Instant>,
     pings_unanswered: u32,
-    /// Reaped: its last frames are still handed over, but it takes nothing more.
-    gone: bool,
+    /// How it ended (and the OOM reading), once reaped, until its link is closed.
+    exit: Option<(ExitStatus, Option<bool>)>,
     /// It closed its socket (or a write failed) while alive: unless it is reaped by then,
     /// this is a protocol error.
     eof_deadline: Option<Instant>,
+}
+
+impl Driver {
+    /// Reaped: its last frames are still handed over, but it takes nothing more.
+    fn gone(&self) -> bool {
+        self.exit.is_some()
+    }
 }
 
 /// A `pause` in progress.

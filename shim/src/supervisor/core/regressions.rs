@@ -38,12 +38,13 @@ fn leftover_frames_of_a_reaped_driver_start_no_task() {
     assert!(is_ok(&core.on_command(submit(2, "B", false), t0), 2));
     assert_eq!(task_sent(&core.take_outputs()), 1);
     // Reaped; its last frame (A done) is read afterwards: relayed, but B is not sent.
-    core.on_driver_gone(PID);
+    core.on_driver_exit_oom(PID, ExitStatus::Exited(1), None);
+    assert_eq!(core.take_outputs(), vec![Output::CloseDriverLink]);
     core.on_driver_msg(done_msg("A"), body(), t0);
     let outs = core.take_outputs();
     assert!(outs.iter().any(|o| matches!(o, Output::Relay(_))));
     assert_eq!(task_sent(&outs), 0, "{outs:?}");
-    core.on_driver_exit(PID, ExitStatus::Exited(1), t0);
+    core.on_driver_link_closed(t0);
     let outs = core.take_outputs();
     // B was never handed to the dead driver, so it is not failed: it waits for the next one.
     assert!(task_dones(&outs).is_empty(), "{outs:?}");
@@ -216,7 +217,6 @@ fn no_task_is_accepted_while_the_shim_waits_for_execs_to_exit() {
     let owner = super::ExecOwner::Driver(PID);
     let id = core.exec_admit(owner, &req, None).expect("admitted");
     core.exec_started(id, owner, 200, &req, t0);
-    core.on_driver_gone(PID);
     core.on_driver_exit(PID, ExitStatus::Exited(0), t0);
     core.take_outputs();
     assert_eq!(core.exit_code(), None, "waits for the exec");

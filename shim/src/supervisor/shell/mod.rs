@@ -29,7 +29,7 @@ use crate::sys::{Real, Sys};
 
 use self::errcopy::ErrCopy;
 use self::exec::{exec_ready, ExecIoState, Ready};
-use self::link::{link_readable, link_writable, pipe_readable, Link, OutPipe};
+use self::link::{link_readable, link_writable, pipe_readable, relay, Link, OutPipe};
 use self::signalfd::Signals;
 use self::spawning::{spawn_ready, Spawning};
 use super::core::{Core, Counters, Output};
@@ -363,18 +363,17 @@ impl Shell<'_> {
                 match out {
                     Output::ToDriver(msg) => self.queue_for_driver(&msg),
                     Output::Event(ev) => self.publish(&ev),
-                    Output::Relay(body) => match self.control.as_mut() {
-                        Some(c) => {
-                            c.publish_raw(&body);
-                        }
-                        None => debug!(bytes = body.len(), "driver event"),
-                    },
+                    Output::Relay(body) => relay(&mut self.control, &body),
                     Output::Launch => self.launch(),
                     Output::StopReading => self.stop_reading(),
                     Output::StartExec(req) => self.driver_exec(&req),
                     Output::ExecInput(m) => self.exec_input(m),
                     Output::ExecResize(id, size) => self.exec_resize(id, size),
                     Output::ExecStop(id) => self.exec_stop(id),
+                    Output::CloseDriverLink => {
+                        self.close_driver_io();
+                        self.core.on_driver_link_closed(Instant::now());
+                    }
                     Output::Kill(kill) => kill.apply(&Real),
                 }
             }
@@ -393,8 +392,8 @@ impl Shell<'_> {
         }
     }
 
-    /// Reaps whatever exited; the driver's exit goes to the core once its last output has
-    /// been read.
+    /// Reaps whatever exited and tells the core (which asks for the driver's last output to
+    /// be read before it decides on the driver's exit).
     fn reap(&mut self) {
         let mut exits = Vec::new();
         let d = self
@@ -407,13 +406,7 @@ impl Shell<'_> {
             let oom_killed = self.oom_reading(pid, status);
             match owner {
                 Owner::Driver => {
-                    if pid == self.driver_pid {
-                        // Before its last frames: they are relayed but start nothing.
-                        self.core.on_driver_gone(pid);
-                        self.close_driver_io();
-                    }
-                    self.core
-                        .on_driver_exit_oom(pid, status, oom_killed, Instant::now());
+                    self.core.on_driver_exit_oom(pid, status, oom_killed);
                 }
                 Owner::Exec(id) => {
                     self.core
