@@ -25,7 +25,7 @@ use crate::cli::Config;
 use crate::control::{ControlConfig, ControlServer, Endpoints, Token};
 use crate::oom::OomCounter;
 use crate::reaper::{ExitStatus, Reaper};
-use crate::sys::{Real, Sys};
+use crate::sys::{self, Real, Sys};
 
 use self::errcopy::ErrCopy;
 use self::exec::{exec_ready, ExecIoState, Ready};
@@ -290,46 +290,6 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-/// The shim's live child processes (the driver, tools, adopted orphans, zombies not yet
-/// reaped): the `/proc/PID/stat` entries whose parent is us. `None` if `/proc` is unreadable.
-fn live_children() -> Option<u32> {
-    let me = std::process::id();
-    let mut n = 0u32;
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let name = entry.file_name();
-        if !name.as_encoded_bytes().iter().all(u8::is_ascii_digit) {
-            continue;
-        }
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue; // gone meanwhile
-        };
-        // `pid (comm) state ppid …`; comm may hold spaces and parentheses.
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_ascii_whitespace().nth(1))
-            .and_then(|p| p.parse::<u32>().ok());
-        if ppid == Some(me) {
-            n = n.saturating_add(1);
-        }
-    }
-    Some(n)
-}
-
-/// Resident set size from `/proc/self/statm`, in bytes.
-fn rss_bytes() -> u64 {
-    let Ok(statm) = std::fs::read_to_string("/proc/self/statm") else {
-        return 0;
-    };
-    let pages: u64 = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(0);
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    pages.saturating_mul(u64::try_from(page).unwrap_or(4096))
-}
-
 impl Shell<'_> {
     /// The seq of the last event published (0 without a control server or before any).
     fn last_seq(&self) -> u64 {
@@ -343,12 +303,14 @@ impl Shell<'_> {
             // As PID 1 the namespace's /proc is ours and small: count every child, adopted
             // orphans included. As a subreaper on a host, scanning every process of the
             // host per `status` would not scale: the core's count stands.
-            children: (std::process::id() == 1).then(live_children).flatten(),
+            children: (std::process::id() == 1)
+                .then(|| sys::proc::children_of(1))
+                .flatten(),
             reaped: self.reaped,
             buffered_events: stats.as_ref().map_or(0, |st| st.events),
             buffered_bytes: stats.as_ref().map_or(0, |st| st.bytes),
             last_seq: stats.as_ref().map_or(0, |st| st.last_seq),
-            rss_bytes: rss_bytes(),
+            rss_bytes: sys::proc::rss_bytes(),
         }
     }
 
