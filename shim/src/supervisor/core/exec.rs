@@ -678,7 +678,8 @@ mod tests {
             ErrorCode::Invalid
         );
         // The control plane's signal{target: exec} reaches any exec.
-        let r = core.on_command(
+        let r = command(
+            &mut core,
             ControlToShim::Signal(Signal {
                 id: 7,
                 signal: "TERM".into(),
@@ -689,7 +690,8 @@ mod tests {
         );
         assert!(is_ok(&r, 7), "{r:?}");
         assert_eq!(kills(&core).last(), Some(&(-600, libc::SIGTERM)));
-        let r = core.on_command(
+        let r = command(
+            &mut core,
             ControlToShim::Signal(Signal {
                 id: 8,
                 signal: "TERM".into(),
@@ -748,12 +750,13 @@ mod tests {
         let c = cfg();
         let mut core = new_core(&c, t0);
         up(&mut core, t0);
-        core.on_command(submit(1, "t1", false), t0);
+        command(&mut core, submit(1, "t1", false), t0);
         let mut req = exec(1, &["sleep", "100"]);
         req.task_id = Some("t1".into());
         let a = start(&mut core, ExecOwner::Driver(PID), &req, 700, t0);
         let b = start(&mut core, ExecOwner::Control, &exec(2, &["sleep"]), 701, t0);
-        let r = core.on_command(
+        let r = command(
+            &mut core,
             ControlToShim::CancelTask(CancelTask {
                 id: 2,
                 task_id: "t1".into(),
@@ -791,7 +794,8 @@ mod tests {
         let mut core = new_core(&c, t0);
         up(&mut core, t0);
         let id = start(&mut core, ExecOwner::Control, &exec(1, &["sleep"]), 800, t0);
-        core.on_command(
+        command(
+            &mut core,
             ControlToShim::Shutdown(driver_protocol::message::Shutdown {
                 id: 1,
                 grace_ms: Some(1000),

@@ -306,9 +306,13 @@ impl<'a> Harness<'a> {
             }
             other => {
                 let re = request_id(&other);
-                let reply = self.core.on_command(other, self.now);
-                if let Some(re) = re {
-                    assert_eq!(reply_re(&reply), Some(re), "reply {reply:?}");
+                let mark = self.core.out.len();
+                self.core.on_command(other, self.now);
+                // The reply comes first among the command's outputs.
+                let reply = self.core.out.get(mark);
+                assert!(matches!(reply, Some(Output::Reply(_))), "{reply:?}");
+                if let (Some(re), Some(Output::Reply(reply))) = (re, reply) {
+                    assert_eq!(reply_re(reply), Some(re), "reply {reply:?}");
                 }
             }
         }
@@ -412,6 +416,7 @@ impl<'a> Harness<'a> {
                         self.core.exec_io_closed(id, self.now);
                     }
                     Output::Kill(k) => self.kills.push(k.target()),
+                    Output::Reply(_) => {}
                     Output::ToDriver(_)
                     | Output::StopReading
                     | Output::ExecInput(_)

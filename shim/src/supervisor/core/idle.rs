@@ -230,7 +230,7 @@ mod tests {
 
         // A submit: busy first, then task_accepted.
         let t1 = t0 + AFTER * 10;
-        let r = core.on_command(submit(1, "t1", false), t1);
+        let r = command(&mut core, submit(1, "t1", false), t1);
         assert!(is_ok(&r, 1));
         let outs = turn(&mut core, t1);
         let kinds: Vec<&str> = events(&outs).iter().map(|e| e.type_name()).collect();
@@ -335,13 +335,13 @@ mod tests {
         let c = idle_cfg();
         let mut core = new_core(&c, t0);
         up(&mut core, t0);
-        core.on_command(submit(1, "t1", false), t0);
+        command(&mut core, submit(1, "t1", false), t0);
         core.on_driver_msg(done("t1"), body(), t0);
         turn(&mut core, t0);
         assert_eq!(idles(&turn(&mut core, t0 + AFTER)).len(), 1);
         // The same task id again: already done, nothing queued, still idle.
         let t1 = t0 + AFTER * 2;
-        let r = core.on_command(submit(2, "t1", false), t1);
+        let r = command(&mut core, submit(2, "t1", false), t1);
         assert!(is_ok(&r, 2));
         let outs = turn(&mut core, t1);
         assert_eq!(busies(&outs), 0, "{outs:?}");

@@ -467,7 +467,11 @@ mod tests {
         assert_eq!(core.state(), S::Error);
         assert_eq!(core.next_deadline(), None, "no more restarts");
         assert_eq!(core.exit_code(), None, "the shim stays up");
-        let r = core.on_command(ControlToShim::RestartDriver(RestartDriver { id: 9 }), now);
+        let r = command(
+            &mut core,
+            ControlToShim::RestartDriver(RestartDriver { id: 9 }),
+            now,
+        );
         assert!(is_ok(&r, 9));
         let outs = core.take_outputs();
         assert_eq!(states(&outs), vec![(S::Error, S::Exited)]);
@@ -482,7 +486,11 @@ mod tests {
         let c = cfg();
         let mut core = new_core(&c, t0);
         up(&mut core, t0);
-        let r = core.on_command(ControlToShim::RestartDriver(RestartDriver { id: 1 }), t0);
+        let r = command(
+            &mut core,
+            ControlToShim::RestartDriver(RestartDriver { id: 1 }),
+            t0,
+        );
         assert!(is_ok(&r, 1));
         assert_eq!(kills(&core), vec![(-PID, libc::SIGKILL)]);
         assert_eq!(launches(&core.take_outputs()), 0);
@@ -510,7 +518,7 @@ mod tests {
         c.sup.ping_interval = Duration::from_secs(60);
         let mut core = new_core(&c, t0);
         up(&mut core, t0);
-        let r = core.on_command(set_driver(1, &["new", "--x"], &[("A", "b")]), t0);
+        let r = command(&mut core, set_driver(1, &["new", "--x"], &[("A", "b")]), t0);
         assert!(is_ok(&r, 1), "{r:?}");
         let (argv, env) = core.driver_command();
         assert_eq!(argv, ["new", "--x"].map(std::ffi::OsString::from));
@@ -526,7 +534,7 @@ mod tests {
         assert_eq!(states(&outs), vec![(S::Ready, S::Stopping)]);
         assert!(kills(&core).is_empty(), "killed at once");
         // No task goes to the old driver meanwhile.
-        let r = core.on_command(submit(2, "t", false), t0);
+        let r = command(&mut core, submit(2, "t", false), t0);
         assert!(is_ok(&r, 2));
         assert!(!to_driver(&core.take_outputs())
             .iter()
@@ -573,7 +581,7 @@ mod tests {
         core.on_driver_exit(PID, ExitStatus::Exited(1), t0);
         core.take_outputs();
         assert_eq!(core.state(), S::Error);
-        let r = core.on_command(set_driver(1, &["fixed"], &[]), t0);
+        let r = command(&mut core, set_driver(1, &["fixed"], &[]), t0);
         assert!(is_ok(&r, 1), "{r:?}");
         let outs = core.take_outputs();
         assert_eq!(launches(&outs), 1);
@@ -594,7 +602,7 @@ mod tests {
             set_driver(5, &["ok"], &[("AGENT_SHIM_FD", "7")]),
             set_driver(6, &["ok"], &[("AGENT_SHIM_TOKEN", "x")]),
         ] {
-            let r = core.on_command(bad, t0);
+            let r = command(&mut core, bad, t0);
             assert_eq!(err_code(&r), Some(ErrorCode::Invalid), "{r:?}");
         }
         assert_eq!(
@@ -602,7 +610,8 @@ mod tests {
             ["driver"].map(std::ffi::OsString::from)
         );
         assert!(core.take_outputs().is_empty());
-        core.on_command(
+        command(
+            &mut core,
             ControlToShim::Shutdown(driver_protocol::message::Shutdown {
                 id: 9,
                 grace_ms: None,
@@ -610,7 +619,7 @@ mod tests {
             }),
             t0,
         );
-        let r = core.on_command(set_driver(10, &["late"], &[]), t0);
+        let r = command(&mut core, set_driver(10, &["late"], &[]), t0);
         assert_eq!(err_code(&r), Some(ErrorCode::ShuttingDown));
     }
 }

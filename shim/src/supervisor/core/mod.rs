@@ -4,9 +4,10 @@
 //! timer (as deadlines). The async shell ([`super`]) feeds it inputs — a driver message, the
 //! driver's exit, a control command, a signal, "a deadline passed", the figures only the
 //! shell can read — and carries out what it asks for. Decisions leave the core one way only,
-//! as [`Output`]s: frames for the driver, events to publish, "launch the driver now", a
-//! [`Kill`]. Time is passed in too, so the unit tests drive every transition with a made-up
-//! clock and read every decision from the outputs, without a process or a syscall.
+//! as [`Output`]s: frames for the driver, events to publish, a control command's reply,
+//! "launch the driver now", a [`Kill`]. Time is passed in too, so the unit tests drive every
+//! transition with a made-up clock and read every decision from the outputs, without a
+//! process or a syscall.
 //!
 //! ```text
 //!  Launch ─► on_launched ─► hello ⇄ hello ─► ready ─► tasks, pause/resume, pings
@@ -89,6 +90,8 @@ pub enum Output {
     CloseDriverLink,
     /// Send a signal (see [`Kill::apply`]).
     Kill(Kill),
+    /// The reply to the control command just given to [`Core::on_command`].
+    Reply(ShimToControl),
 }
 
 /// A signal the core decided to send, by whom it is meant for.
@@ -509,9 +512,17 @@ impl Core {
 
     // ---- control commands -----------------------------------------------------------------
 
-    /// Executes one control command and returns its reply. `status` is answered by
-    /// [`Core::status`], which takes the figures only the shell can read.
-    pub fn on_command(
+    /// Executes one control command; its reply is an [`Output::Reply`], ahead of the
+    /// command's other outputs. `status` is answered by [`Core::status`], which takes the
+    /// figures only the shell can read.
+    pub fn on_command(&mut self, req: driver_protocol::message::ControlToShim, now: Instant) {
+        let first = self.out.len();
+        let reply = self.execute(req, now);
+        self.out.insert(first, Output::Reply(reply));
+    }
+
+    /// Executes one control command and returns its reply.
+    fn execute(
         &mut self,
         req: driver_protocol::message::ControlToShim,
         now: Instant,
@@ -652,9 +663,10 @@ mod tests {
             (3, 5, 6, 7, 8, 9)
         );
         // Through `on_command`, `status` is an internal error: the shell answers it.
-        let r = core.on_command(ControlToShim::Status(Status { id: 4 }), t0);
+        let r = command(&mut core, ControlToShim::Status(Status { id: 4 }), t0);
         assert_eq!(err_code(&r), Some(ErrorCode::Internal));
-        let r = core.on_command(
+        let r = command(
+            &mut core,
             ControlToShim::Unknown(driver_protocol::message::Unknown {
                 type_name: "launch_rockets".into(),
                 id: Some(5),

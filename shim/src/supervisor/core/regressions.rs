@@ -34,8 +34,8 @@ fn leftover_frames_of_a_reaped_driver_start_no_task() {
     let c = cfg();
     let mut core = new_core(&c, t0);
     up(&mut core, t0);
-    assert!(is_ok(&core.on_command(submit(1, "A", false), t0), 1));
-    assert!(is_ok(&core.on_command(submit(2, "B", false), t0), 2));
+    assert!(is_ok(&command(&mut core, submit(1, "A", false), t0), 1));
+    assert!(is_ok(&command(&mut core, submit(2, "B", false), t0), 2));
     assert_eq!(task_sent(&core.take_outputs()), 1);
     // Reaped; its last frame (A done) is read afterwards: relayed, but B is not sent.
     core.on_driver_exit_oom(PID, ExitStatus::Exited(1), None);
@@ -59,7 +59,7 @@ fn every_accepted_task_ends_when_the_shim_exits() {
     let mut core = new_core(&c, t0);
     up(&mut core, t0);
     for (i, t) in ["A", "B", "C"].iter().enumerate() {
-        core.on_command(submit(i as u64 + 1, t, false), t0);
+        command(&mut core, submit(i as u64 + 1, t, false), t0);
     }
     core.take_outputs();
     core.on_driver_exit(PID, ExitStatus::Exited(3), t0);
@@ -74,10 +74,11 @@ fn every_accepted_task_ends_when_the_shim_exits() {
     // On shutdown, queued tasks end cancelled.
     let mut core = new_core(&cfg(), t0);
     up(&mut core, t0);
-    core.on_command(submit(1, "A", false), t0);
-    core.on_command(submit(2, "B", true), t0);
+    command(&mut core, submit(1, "A", false), t0);
+    command(&mut core, submit(2, "B", true), t0);
     core.take_outputs();
-    core.on_command(
+    command(
+        &mut core,
         driver_protocol::message::ControlToShim::Shutdown(driver_protocol::message::Shutdown {
             id: 9,
             grace_ms: Some(1000),
@@ -107,12 +108,16 @@ fn while_reading_is_paused_pings_do_not_count_and_deadlines_move() {
     assert!(kills(&core).is_empty());
     assert!(to_driver(&core.take_outputs()).is_empty());
     // A task submitted while the event buffer is full is refused.
-    let r = core.on_command(submit(1, "A", false), t0 + Duration::from_secs(10));
+    let r = command(
+        &mut core,
+        submit(1, "A", false),
+        t0 + Duration::from_secs(10),
+    );
     assert_eq!(err_code(&r), Some(ErrorCode::Limit));
     core.reading_resumed(t0 + Duration::from_millis(10_500));
     // The ping deadline (1 s) moved back by the 10 s paused.
     assert_eq!(core.next_deadline(), Some(t0 + Duration::from_secs(11)));
-    assert!(is_ok(&core.on_command(submit(2, "B", false), t0), 2));
+    assert!(is_ok(&command(&mut core, submit(2, "B", false), t0), 2));
 }
 
 #[test]
@@ -128,14 +133,14 @@ fn a_resume_without_ready_times_out_and_the_driver_counts_as_hung() {
         id: 5,
         timeout_ms: None,
     });
-    assert!(is_ok(&core.on_command(pause, t0), 5));
+    assert!(is_ok(&command(&mut core, pause, t0), 5));
     core.on_driver_msg(DriverToShim::Paused(Paused { re: Some(1) }), body(), t0);
     let resume = ControlToShim::Resume(Resume {
         id: 6,
         slept_ms: None,
     });
     let t1 = t0 + Duration::from_secs(10);
-    assert!(is_ok(&core.on_command(resume, t1), 6));
+    assert!(is_ok(&command(&mut core, resume, t1), 6));
     core.take_outputs();
     assert_eq!(core.next_deadline(), Some(t1 + Duration::from_secs(2)));
     core.on_timer(t1 + Duration::from_secs(2));
@@ -220,7 +225,7 @@ fn no_task_is_accepted_while_the_shim_waits_for_execs_to_exit() {
     core.on_driver_exit(PID, ExitStatus::Exited(0), t0);
     core.take_outputs();
     assert_eq!(core.exit_code(), None, "waits for the exec");
-    let reply = core.on_command(submit(7, "late", false), t0);
+    let reply = command(&mut core, submit(7, "late", false), t0);
     assert_eq!(err_code(&reply), Some(ErrorCode::ShuttingDown), "{reply:?}");
     let outs = core.take_outputs();
     assert!(

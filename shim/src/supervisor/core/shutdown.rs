@@ -149,7 +149,7 @@ mod tests {
         assert!(kills(&core).is_empty());
         // New work is refused while stopping.
         assert_eq!(
-            err_code(&core.on_command(submit(1, "late", false), t0)),
+            err_code(&command(&mut core, submit(1, "late", false), t0)),
             Some(ErrorCode::ShuttingDown)
         );
         core.on_timer(t0 + Duration::from_secs(4));
@@ -240,7 +240,8 @@ mod tests {
         core.on_driver_exit(PID, ExitStatus::Signaled(libc::SIGSEGV), t0);
         assert_eq!(core.state(), S::Error);
         core.take_outputs();
-        let r = core.on_command(
+        let r = command(
+            &mut core,
             ControlToShim::Shutdown(Shutdown {
                 id: 1,
                 grace_ms: None,
@@ -259,7 +260,8 @@ mod tests {
         let c = cfg();
         let mut core = TestCore::new(1, &c, t0);
         up(&mut core, t0);
-        core.on_command(
+        command(
+            &mut core,
             ControlToShim::Shutdown(Shutdown {
                 id: 1,
                 grace_ms: Some(100),

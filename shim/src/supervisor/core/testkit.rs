@@ -122,6 +122,17 @@ pub(super) fn to_driver(outs: &[Output]) -> Vec<&ShimToDriver> {
         .collect()
 }
 
+/// Runs control command `req` and returns its reply, taken out of the outputs (the others
+/// stay).
+pub(super) fn command(core: &mut Core, req: ControlToShim, now: Instant) -> ShimToControl {
+    core.on_command(req, now);
+    let at = core.out.iter().position(|o| matches!(o, Output::Reply(_)));
+    match at.map(|i| core.out.remove(i)) {
+        Some(Output::Reply(r)) => r,
+        other => panic!("no reply: {other:?}"),
+    }
+}
+
 /// Every kill the core asked for so far, in order (see [`kills_in`]).
 pub(super) fn kills(core: &TestCore) -> Vec<(i32, i32)> {
     let mut all = core.kills.clone();

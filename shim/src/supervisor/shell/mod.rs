@@ -74,6 +74,8 @@ struct Shell<'a> {
     spawning: Vec<Spawning>,
     /// The sandbox cgroup's OOM-kill counter.
     oom: OomCounter,
+    /// Where the reply of the control command being executed goes.
+    replying: Option<crate::control::Reply>,
 }
 
 pub(super) async fn shell(
@@ -130,6 +132,7 @@ pub(super) async fn shell(
         exec_buf: bytes::BytesMut::new(),
         spawning: Vec::new(),
         oom: OomCounter::open(),
+        replying: None,
     };
     sh.core.start();
     loop {
@@ -337,6 +340,10 @@ impl Shell<'_> {
                         self.core.on_driver_link_closed(Instant::now());
                     }
                     Output::Kill(kill) => kill.apply(&Real),
+                    Output::Reply(reply) => match self.replying.take() {
+                        Some(to) => to.send(reply),
+                        None => debug!(?reply, "a reply without a command"),
+                    },
                 }
             }
         }
@@ -405,13 +412,21 @@ impl Shell<'_> {
             return;
         };
         let now = Instant::now();
-        let reply = match cmd.request {
+        match cmd.request {
             ControlToShim::Status(s) => {
-                ShimToControl::StatusReply(self.core.status(s.id, now, &self.counters()))
+                let reply = self.core.status(s.id, now, &self.counters());
+                cmd.reply.send(ShimToControl::StatusReply(reply));
             }
-            request => self.core.on_command(request, now),
-        };
-        cmd.reply.send(reply);
+            request => {
+                // The core's reply (an output) goes here, before its other outputs.
+                self.replying = Some(cmd.reply);
+                self.core.on_command(request, now);
+                self.apply_outputs();
+                if self.replying.take().is_some() {
+                    warn!("the core did not answer a control command");
+                }
+            }
+        }
     }
 
     /// Gives driver output still queued for our stderr a last, bounded chance.
