@@ -632,6 +632,45 @@ mod tests {
     use driver_protocol::message::{ControlToShim, Status};
 
     #[test]
+    fn kills_signal_the_group_and_a_driver_that_left_it() {
+        use crate::sys::fake::Fake;
+        let sys = Fake::default();
+        Kill::Driver { pid: 100, sig: 15 }.apply(&sys);
+        Kill::Exec { pid: 200, sig: 9 }.apply(&sys);
+        Kill::Everything.apply(&sys);
+        assert_eq!(*sys.kills.borrow(), vec![(-100, 15), (-200, 9), (-1, 9)]);
+        // No such group: the driver alone (it left its group); an exec's group is gone.
+        let sys = Fake {
+            kill_result: std::cell::RefCell::new(Some(nix::errno::Errno::ESRCH)),
+            ..Fake::default()
+        };
+        Kill::Driver { pid: 100, sig: 15 }.apply(&sys);
+        Kill::Exec { pid: 200, sig: 9 }.apply(&sys);
+        assert_eq!(*sys.kills.borrow(), vec![(-100, 15), (100, 15), (-200, 9)]);
+    }
+
+    #[test]
+    fn a_reply_goes_ahead_of_its_commands_other_outputs() {
+        let t0 = Instant::now();
+        let c = cfg();
+        let mut core = new_core(&c, t0);
+        up(&mut core, t0);
+        core.on_command(submit(1, "t1", false), t0);
+        let outs = core.take_outputs();
+        assert!(
+            matches!(outs.first(), Some(Output::Reply(r)) if is_ok(r, 1)),
+            "{outs:?}"
+        );
+        assert!(outs.len() > 1, "the task is accepted and sent: {outs:?}");
+        assert_eq!(
+            outs.iter()
+                .filter(|o| matches!(o, Output::Reply(_)))
+                .count(),
+            1
+        );
+    }
+
+    #[test]
     fn status_and_unsupported_commands() {
         let t0 = Instant::now();
         let c = cfg();
