@@ -36,6 +36,7 @@ use nix::errno::Errno;
 use nix::sys::signal::SigSet;
 
 use crate::spawn::{self, Grouping, Prepared, SpawnError, Spec};
+use crate::sys::fd;
 
 /// The driver's end of the socket pair, as numbered in the driver.
 pub const DRIVER_FD: RawFd = 3;
@@ -218,8 +219,9 @@ pub(crate) fn dev_null() -> Result<OwnedFd, SpawnError> {
             return None;
         }
         // Children share this open file description: leave it blocking, like theirs.
-        // SAFETY: F_SETFL on a descriptor we own.
-        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, libc::O_RDONLY) };
+        if let Err(err) = fd::set_status_flags(&fd, nix::fcntl::OFlag::O_RDONLY) {
+            tracing::debug!(%err, "/dev/null keeps its flags");
+        }
         Some(fd)
     });
     match cached {
@@ -230,35 +232,17 @@ pub(crate) fn dev_null() -> Result<OwnedFd, SpawnError> {
 
 /// `pipe2(O_CLOEXEC)`: `(read end, write end)`.
 pub(crate) fn pipe() -> Result<(OwnedFd, OwnedFd), SpawnError> {
-    let mut fds = [0 as libc::c_int; 2];
-    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(SpawnError::Os {
-            call: "pipe2",
-            errno: Errno::last(),
-        });
-    }
-    let [r, w] = fds;
-    // SAFETY: pipe2 succeeded: both are fresh descriptors owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(r), OwnedFd::from_raw_fd(w)) })
+    fd::pipe().map_err(|errno| SpawnError::Os {
+        call: "pipe2",
+        errno,
+    })
 }
 
 pub(crate) fn set_nonblocking(fd: &OwnedFd) -> Result<(), SpawnError> {
-    let os = |errno| SpawnError::Os {
+    fd::set_nonblocking(fd).map_err(|errno| SpawnError::Os {
         call: "fcntl(O_NONBLOCK)",
         errno,
-    };
-    // SAFETY: F_GETFL/F_SETFL only read and change the status flags of a descriptor we own.
-    unsafe {
-        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
-        if flags < 0 {
-            return Err(os(Errno::last()));
-        }
-        if libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
-            return Err(os(Errno::last()));
-        }
-    }
-    Ok(())
+    })
 }
 
 pub(crate) fn io_error(call: &'static str, err: &std::io::Error) -> SpawnError {

@@ -20,7 +20,7 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 
 use driver_protocol::message::TtySize;
@@ -30,6 +30,7 @@ use nix::sys::signal::SigSet;
 use crate::driver::{self, pipe, set_nonblocking};
 use crate::limits::Limits;
 use crate::spawn::{self, Grouping, Prepared, SpawnError, Spec};
+use crate::sys::{fd, pty};
 
 /// How to start one exec.
 #[derive(Clone, Debug, Default)]
@@ -142,60 +143,18 @@ pub fn start(cfg: &ExecConfig, mask: &SigSet) -> Result<Started, SpawnError> {
     }
 }
 
-fn winsize(size: TtySize) -> libc::winsize {
-    libc::winsize {
-        ws_row: size.rows,
-        ws_col: size.cols,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    }
-}
-
-/// `openpty` with the initial size; both ends `CLOEXEC`, the slave opened without becoming
-/// anyone's controlling terminal.
+/// `openpty` with the initial size; both ends `CLOEXEC` (see [`crate::sys::pty::open`]).
 fn openpty(size: TtySize) -> Result<(OwnedFd, OwnedFd), SpawnError> {
-    let mut master: libc::c_int = -1;
-    let mut slave: libc::c_int = -1;
-    let ws = winsize(size);
-    // SAFETY: valid out-pointers for the two descriptors, no name buffer, no termios, a valid
-    // winsize; openpty opens the slave with O_NOCTTY.
-    let rc = unsafe {
-        libc::openpty(
-            &mut master,
-            &mut slave,
-            std::ptr::null_mut(),
-            std::ptr::null(),
-            &ws,
-        )
-    };
-    if rc != 0 {
-        return Err(SpawnError::Os {
-            call: "openpty",
-            errno: Errno::last(),
-        });
-    }
-    // SAFETY: openpty succeeded: both are fresh descriptors owned by nobody else.
-    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
-    for fd in [&master, &slave] {
-        // SAFETY: F_SETFD on a descriptor we own. The loop is single-threaded: nothing forks
-        // between openpty and here.
-        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
-            return Err(SpawnError::Os {
-                call: "fcntl(FD_CLOEXEC)",
-                errno: Errno::last(),
-            });
-        }
-    }
-    Ok((master, slave))
+    pty::open(size.rows, size.cols).map_err(|errno| SpawnError::Os {
+        call: "openpty",
+        errno,
+    })
 }
 
 /// Sets the terminal size of the PTY whose master is `master` (the kernel sends SIGWINCH to
 /// its foreground process group).
 pub fn resize(master: &OwnedFd, size: TtySize) -> Result<(), Errno> {
-    let ws = winsize(size);
-    // SAFETY: TIOCSWINSZ reads one winsize from a valid pointer.
-    let rc = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ as _, &ws) };
-    Errno::result(rc).map(drop)
+    pty::resize(master, size.rows, size.cols)
 }
 
 /// An exec's environment: the driver's scrubbed base ([`driver::driver_env`]) without
@@ -301,13 +260,11 @@ fn lookup<'a>(db: &'a str, name: &str) -> Option<Vec<&'a str>> {
 /// The capacity asked for an exec's stdout pipe: twice the default, so that a tool writing
 /// fast is read in a few large chunks rather than many small ones (best effort: over
 /// `/proc/sys/fs/pipe-max-size`, or past the user's pipe quota, the default stays).
-const STDOUT_PIPE_SIZE: libc::c_int = 256 * 1024;
+const STDOUT_PIPE_SIZE: i32 = 256 * 1024;
 
 fn grow_pipe(fd: &OwnedFd) {
-    // SAFETY: F_SETPIPE_SZ on a descriptor we own; failure changes nothing.
-    let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, STDOUT_PIPE_SIZE) };
-    if r < 0 {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "exec stdout pipe keeps its size");
+    if let Err(err) = fd::set_pipe_size(fd, STDOUT_PIPE_SIZE) {
+        tracing::debug!(%err, "exec stdout pipe keeps its size");
     }
 }
 

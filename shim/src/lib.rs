@@ -89,7 +89,7 @@ pub fn run(cfg: &Config) -> Result<i32, Error> {
 }
 
 /// The fuzz targets' entry points (`shim/fuzz`); only with `--cfg fuzzing`, which
-/// cargo-fuzz sets and which also enables the fake `Sys` they run on.
+/// cargo-fuzz sets.
 #[cfg(fuzzing)]
 pub mod fuzz {
     /// One input through the supervisor core (`shim/src/supervisor/core/fuzz.rs`).

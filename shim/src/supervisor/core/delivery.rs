@@ -13,19 +13,17 @@ use driver_protocol::message::{Cancel, CancelTask, DriverState, SubmitTask, Task
 use driver_protocol::ErrorCode;
 use tracing::{info, warn};
 
-use crate::sys::Sys;
-
 use super::super::tasks::{CancelOutcome, SubmitOutcome};
 use super::{err, ok, Cancelling, Core, ExitReason, Output};
 
-impl<S: Sys> Core<S> {
+impl Core {
     /// Sends the next queued task if the driver can take it.
     pub(super) fn start_next(&mut self) {
         if self.lifecycle.state() != DriverState::Ready
             || self
                 .driver
                 .as_ref()
-                .is_none_or(|d| d.kill_reason.is_some() || d.gone)
+                .is_none_or(|d| d.kill_reason.is_some() || d.gone())
         {
             return;
         }
@@ -154,9 +152,10 @@ mod tests {
         let c = cfg();
         let mut core = new_core(&c, t0);
         up(&mut core, t0);
-        core.on_command(submit(1, "t1", false), t0);
+        command(&mut core, submit(1, "t1", false), t0);
         core.take_outputs();
-        let r = core.on_command(
+        let r = command(
+            &mut core,
             ControlToShim::CancelTask(driver_protocol::message::CancelTask {
                 id: 2,
                 task_id: "t1".into(),
@@ -174,9 +173,9 @@ mod tests {
             })]
         ));
         core.on_timer(t0 + Duration::from_millis(499));
-        assert!(core.sys.kills.borrow().is_empty());
+        assert!(kills(&core).is_empty());
         core.on_timer(t0 + Duration::from_millis(500));
-        assert_eq!(*core.sys.kills.borrow(), vec![(-PID, libc::SIGKILL)]);
+        assert_eq!(kills(&core), vec![(-PID, libc::SIGKILL)]);
         let outs = core.take_outputs();
         let done = task_dones(&outs);
         assert_eq!(done.len(), 1);
@@ -195,7 +194,8 @@ mod tests {
         );
         assert!(core.take_outputs().is_empty());
         // Our own SIGKILL: the shell found no rise of the OOM-kill counter.
-        core.on_driver_exit_oom(PID, ExitStatus::Signaled(9), Some(false), t0);
+        core.on_driver_exit_oom(PID, ExitStatus::Signaled(9), Some(false));
+        core.on_driver_link_closed(t0);
         let outs = core.take_outputs();
         assert_eq!(exited(&outs)[0].reason, "cancel_timeout");
         assert_eq!(exited(&outs)[0].oom_killed, Some(false));
@@ -207,7 +207,7 @@ mod tests {
         let t0 = Instant::now();
         let c = cfg();
         let mut core = new_core(&c, t0);
-        core.on_command(submit(1, "q", false), t0);
+        command(&mut core, submit(1, "q", false), t0);
         core.take_outputs();
         let cancel = |id, t: &str| {
             ControlToShim::CancelTask(driver_protocol::message::CancelTask {
@@ -216,13 +216,13 @@ mod tests {
                 grace_ms: None,
             })
         };
-        assert!(is_ok(&core.on_command(cancel(2, "q"), t0), 2));
+        assert!(is_ok(&command(&mut core, cancel(2, "q"), t0), 2));
         assert_eq!(
             task_dones(&core.take_outputs())[0].status,
             TaskStatus::Cancelled
         );
         assert_eq!(
-            err_code(&core.on_command(cancel(3, "nope"), t0)),
+            err_code(&command(&mut core, cancel(3, "nope"), t0)),
             Some(ErrorCode::NotFound)
         );
     }
@@ -234,7 +234,7 @@ mod tests {
         let mut core = new_core(&c, t0);
         core.on_launched(PID, t0);
         core.take_outputs();
-        let r = core.on_command(submit(1, "t1", false), t0);
+        let r = command(&mut core, submit(1, "t1", false), t0);
         assert!(is_ok(&r, 1));
         let outs = core.take_outputs();
         assert!(events(&outs)
@@ -242,7 +242,7 @@ mod tests {
             .any(|e| matches!(e, Event::TaskAccepted(a) if a.task_id == "t1")));
         assert!(to_driver(&outs).is_empty(), "not before ready");
         // A retry is acknowledged and changes nothing.
-        assert!(is_ok(&core.on_command(submit(2, "t1", false), t0), 2));
+        assert!(is_ok(&command(&mut core, submit(2, "t1", false), t0), 2));
         assert!(core.take_outputs().is_empty());
         core.on_driver_msg(hello(), body(), t0);
         core.on_driver_msg(ready(), body(), t0);
@@ -255,7 +255,7 @@ mod tests {
         core.on_driver_msg(ready(), body(), t0);
         assert!(to_driver(&core.take_outputs()).is_empty());
         // Its task_done is relayed and frees the slot.
-        core.on_command(submit(3, "t2", false), t0);
+        command(&mut core, submit(3, "t2", false), t0);
         assert!(to_driver(&core.take_outputs()).is_empty(), "one at a time");
         core.on_driver_msg(
             DriverToShim::TaskDone(TaskDone {
@@ -281,7 +281,7 @@ mod tests {
         let c = cfg();
         let mut core = new_core(&c, t0);
         up(&mut core, t0);
-        core.on_command(submit(1, "r", true), t0);
+        command(&mut core, submit(1, "r", true), t0);
         core.take_outputs();
         core.on_driver_exit(PID, ExitStatus::Exited(1), t0);
         assert!(task_dones(&core.take_outputs()).is_empty());
@@ -304,7 +304,7 @@ mod tests {
         );
 
         // Without redeliver: failed with the reason.
-        core.on_command(submit(2, "f", false), t1);
+        command(&mut core, submit(2, "f", false), t1);
         core.on_driver_msg(
             DriverToShim::TaskDone(TaskDone {
                 task_id: "r".into(),

@@ -23,15 +23,19 @@ fn while_reading_is_paused_pings_do_not_count_and_deadlines_move() {
     // No liveness deadline while paused; timers far later kill nothing.
     assert!(core.next_deadline().is_none());
     core.on_timer(t0 + Duration::from_secs(10));
-    assert!(core.sys.kills.borrow().is_empty());
+    assert!(kills(&core).is_empty());
     assert!(to_driver(&core.take_outputs()).is_empty());
     // A task submitted while the event buffer is full is refused.
-    let r = core.on_command(submit(1, "A", false), t0 + Duration::from_secs(10));
+    let r = command(
+        &mut core,
+        submit(1, "A", false),
+        t0 + Duration::from_secs(10),
+    );
     assert_eq!(err_code(&r), Some(ErrorCode::Limit));
     core.reading_resumed(t0 + Duration::from_millis(10_500));
     // The ping deadline (1 s) moved back by the 10 s paused.
     assert_eq!(core.next_deadline(), Some(t0 + Duration::from_secs(11)));
-    assert!(is_ok(&core.on_command(submit(2, "B", false), t0), 2));
+    assert!(is_ok(&command(&mut core, submit(2, "B", false), t0), 2));
 }
 
 #[test]
@@ -47,14 +51,14 @@ fn a_resume_without_ready_times_out_and_the_driver_counts_as_hung() {
         id: 5,
         timeout_ms: None,
     });
-    assert!(is_ok(&core.on_command(pause, t0), 5));
+    assert!(is_ok(&command(&mut core, pause, t0), 5));
     core.on_driver_msg(DriverToShim::Paused(Paused { re: Some(1) }), body(), t0);
     let resume = ControlToShim::Resume(Resume {
         id: 6,
         slept_ms: None,
     });
     let t1 = t0 + Duration::from_secs(10);
-    assert!(is_ok(&core.on_command(resume, t1), 6));
+    assert!(is_ok(&command(&mut core, resume, t1), 6));
     core.take_outputs();
     assert_eq!(core.next_deadline(), Some(t1 + Duration::from_secs(2)));
     core.on_timer(t1 + Duration::from_secs(2));
@@ -62,7 +66,7 @@ fn a_resume_without_ready_times_out_and_the_driver_counts_as_hung() {
     assert!(events(&outs)
         .iter()
         .any(|e| matches!(e, Event::Error(x) if x.code == ErrorCode::Timeout)));
-    assert_eq!(*core.sys.kills.borrow(), vec![(-PID, libc::SIGKILL)]);
+    assert_eq!(kills(&core), vec![(-PID, libc::SIGKILL)]);
     core.on_driver_exit(PID, ExitStatus::Signaled(9), t1);
     assert_eq!(exited(&core.take_outputs())[0].reason, "hung");
 }
@@ -83,7 +87,7 @@ fn a_hello_with_another_role_is_a_protocol_error() {
         [ShimToDriver::Error(e)] if e.code == ErrorCode::Invalid
     ));
     assert!(outs.contains(&Output::StopReading));
-    assert_eq!(*core.sys.kills.borrow(), vec![(-PID, libc::SIGKILL)]);
+    assert_eq!(kills(&core), vec![(-PID, libc::SIGKILL)]);
     core.on_driver_exit(PID, ExitStatus::Signaled(9), t0);
     assert_eq!(exited(&core.take_outputs())[0].reason, "protocol_error");
 }
@@ -96,9 +100,9 @@ fn end_of_stream_on_a_live_driver_is_a_protocol_error() {
     up(&mut core, t0);
     core.on_driver_eof(t0);
     // A driver that is just exiting gets a moment to be reaped.
-    assert!(core.sys.kills.borrow().is_empty());
+    assert!(kills(&core).is_empty());
     core.on_timer(t0 + Duration::from_secs(1));
-    assert_eq!(*core.sys.kills.borrow(), vec![(-PID, libc::SIGKILL)]);
+    assert_eq!(kills(&core), vec![(-PID, libc::SIGKILL)]);
     core.on_driver_exit(PID, ExitStatus::Signaled(9), t0);
     assert_eq!(exited(&core.take_outputs())[0].reason, "protocol_error");
 
@@ -108,5 +112,5 @@ fn end_of_stream_on_a_live_driver_is_a_protocol_error() {
     core.on_driver_eof(t0);
     core.on_driver_exit(PID, ExitStatus::Exited(0), t0);
     assert_eq!(exited(&core.take_outputs())[0].reason, "exited");
-    assert!(core.sys.kills.borrow().is_empty());
+    assert!(kills(&core).is_empty());
 }

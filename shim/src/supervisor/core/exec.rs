@@ -29,9 +29,8 @@ use tracing::{debug, info, warn};
 
 use crate::reaper::ExitStatus;
 use crate::signals;
-use crate::sys::Sys;
 
-use super::{Core, Output};
+use super::{Core, Kill, Output};
 
 /// After the shim decided to exit, how much longer than the kill grace and the drain the
 /// last execs may take to be reaped before they are reported as they are.
@@ -84,7 +83,7 @@ fn stream_index(s: OutputStream) -> usize {
     }
 }
 
-impl<S: Sys> Core<S> {
+impl Core {
     /// Checks an `exec` request from `owner` (running as `user`, already resolved by the
     /// shell) and gives it an exec id; the shell then starts it and calls
     /// [`Core::exec_started`], or drops the id if starting failed.
@@ -104,7 +103,11 @@ impl<S: Sys> Core<S> {
             return Err((ErrorCode::Invalid, "tty rows and cols must be > 0".into()));
         }
         if let ExecOwner::Driver(pid) = owner {
-            if self.driver.as_ref().is_none_or(|d| d.pid != pid || d.gone) {
+            if self
+                .driver
+                .as_ref()
+                .is_none_or(|d| d.pid != pid || d.gone())
+            {
                 return Err((ErrorCode::InvalidState, "the driver is gone".into()));
             }
             // A driver dropped to a uid must not get root back through its tools.
@@ -291,7 +294,7 @@ impl<S: Sys> Core<S> {
                 if self
                     .driver
                     .as_ref()
-                    .is_some_and(|d| d.pid == pid && !d.gone)
+                    .is_some_and(|d| d.pid == pid && !d.gone())
                 {
                     self.send(exit);
                 }
@@ -359,11 +362,8 @@ impl<S: Sys> Core<S> {
         Ok(())
     }
 
-    fn kill_exec_group(&self, pid: i32, sig: i32) {
-        match self.sys.kill(-pid, sig) {
-            Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
-            Err(err) => warn!(%err, pid, "cannot signal an exec's group"),
-        }
+    fn kill_exec_group(&mut self, pid: i32, sig: i32) {
+        self.kill(Kill::Exec { pid, sig });
     }
 
     /// SIGTERM to the groups of the execs `pick` selects (not already being killed), SIGKILL
@@ -490,22 +490,21 @@ mod tests {
     use bytes::Bytes;
     use driver_protocol::message::{
         CancelTask, ControlToShim, DriverToShim, Event, Exec, ExecExit, ExecInput, ExecSignal,
-        OutputStream, ShimToControl, ShimToDriver, Signal, SignalTarget,
+        OutputStream, ShimToDriver, Signal, SignalTarget,
     };
     use driver_protocol::ErrorCode;
 
     use super::super::testkit::*;
-    use super::super::{Core, Output};
+    use super::super::Output;
     use super::ExecOwner;
     use crate::reaper::ExitStatus;
-    use crate::sys::fake::Fake;
 
     fn exec(id: u64, argv: &[&str]) -> Exec {
         Exec::new(id, argv.iter().copied())
     }
 
     /// Admits and "starts" `req` as pid `pid`; its exec id.
-    fn start(core: &mut Core<Fake>, owner: ExecOwner, req: &Exec, pid: i32, t: Instant) -> u64 {
+    fn start(core: &mut TestCore, owner: ExecOwner, req: &Exec, pid: i32, t: Instant) -> u64 {
         let id = core.exec_admit(owner, req, None).expect("admitted");
         core.exec_started(id, owner, pid, req, t);
         id
@@ -560,7 +559,7 @@ mod tests {
         assert_eq!(core.execs_running(), 0);
         // The groups are killed at the end (grandchildren holding nothing open).
         assert_eq!(
-            *core.sys.kills.borrow(),
+            kills(&core),
             vec![(-200, libc::SIGKILL), (-201, libc::SIGKILL)]
         );
     }
@@ -577,7 +576,7 @@ mod tests {
         core.on_timer(t0 + c.exec_drain);
         let outs = core.take_outputs();
         assert!(outs.contains(&Output::ExecStop(id)), "{outs:?}");
-        assert_eq!(*core.sys.kills.borrow(), vec![(-300, libc::SIGKILL)]);
+        assert_eq!(kills(&core), vec![(-300, libc::SIGKILL)]);
         // The shell closes the pipes and says so: then the exit.
         core.exec_io_closed(id, t0 + c.exec_drain);
         assert_eq!(exits(&core.take_outputs()).len(), 1);
@@ -595,11 +594,11 @@ mod tests {
         let t1 = t0 + Duration::from_millis(500);
         assert_eq!(core.next_deadline().map(|d| d <= t1), Some(true));
         core.on_timer(t1);
-        assert_eq!(*core.sys.kills.borrow(), vec![(-400, libc::SIGTERM)]);
+        assert_eq!(kills(&core), vec![(-400, libc::SIGTERM)]);
         let t2 = t1 + c.exec_kill_grace;
         core.on_timer(t2);
         assert_eq!(
-            *core.sys.kills.borrow(),
+            kills(&core),
             vec![(-400, libc::SIGTERM), (-400, libc::SIGKILL)]
         );
         core.on_exec_exit(id, ExitStatus::Signaled(libc::SIGKILL), t2);
@@ -673,13 +672,14 @@ mod tests {
             signal: s.into(),
         };
         core.exec_signal(d, &sig("INT")).unwrap();
-        assert_eq!(*core.sys.kills.borrow(), vec![(-600, libc::SIGINT)]);
+        assert_eq!(kills(&core), vec![(-600, libc::SIGINT)]);
         assert_eq!(
             core.exec_signal(d, &sig("NOPE")).unwrap_err().0,
             ErrorCode::Invalid
         );
         // The control plane's signal{target: exec} reaches any exec.
-        let r = core.on_command(
+        let r = command(
+            &mut core,
             ControlToShim::Signal(Signal {
                 id: 7,
                 signal: "TERM".into(),
@@ -689,8 +689,9 @@ mod tests {
             t0,
         );
         assert!(is_ok(&r, 7), "{r:?}");
-        assert_eq!(core.sys.kills.borrow().last(), Some(&(-600, libc::SIGTERM)));
-        let r = core.on_command(
+        assert_eq!(kills(&core).last(), Some(&(-600, libc::SIGTERM)));
+        let r = command(
+            &mut core,
             ControlToShim::Signal(Signal {
                 id: 8,
                 signal: "TERM".into(),
@@ -749,12 +750,13 @@ mod tests {
         let c = cfg();
         let mut core = new_core(&c, t0);
         up(&mut core, t0);
-        core.on_command(submit(1, "t1", false), t0);
+        command(&mut core, submit(1, "t1", false), t0);
         let mut req = exec(1, &["sleep", "100"]);
         req.task_id = Some("t1".into());
         let a = start(&mut core, ExecOwner::Driver(PID), &req, 700, t0);
         let b = start(&mut core, ExecOwner::Control, &exec(2, &["sleep"]), 701, t0);
-        let r = core.on_command(
+        let r = command(
+            &mut core,
             ControlToShim::CancelTask(CancelTask {
                 id: 2,
                 task_id: "t1".into(),
@@ -764,19 +766,19 @@ mod tests {
         );
         assert!(is_ok(&r, 2));
         core.on_timer(t0 + Duration::from_millis(299));
-        assert!(core.sys.kills.borrow().is_empty());
+        assert!(kills(&core).is_empty());
         let t1 = t0 + Duration::from_millis(300);
         core.on_timer(t1);
-        assert!(core.sys.kills.borrow().contains(&(-700, libc::SIGTERM)));
-        assert!(!core.sys.kills.borrow().iter().any(|k| k.0 == -701));
+        assert!(kills(&core).contains(&(-700, libc::SIGTERM)));
+        assert!(!kills(&core).iter().any(|k| k.0 == -701));
         core.on_exec_exit(a, ExitStatus::Signaled(libc::SIGTERM), t1);
         core.exec_io_closed(a, t1);
         assert_eq!(exits(&core.take_outputs()).len(), 1);
         // The driver's exit terminates its own execs only.
         let c2 = start(&mut core, ExecOwner::Driver(PID), &exec(3, &["x"]), 702, t1);
-        core.sys.kills.borrow_mut().clear();
+        core.clear_kills();
         core.on_driver_exit(PID, ExitStatus::Exited(1), t1);
-        assert_eq!(*core.sys.kills.borrow(), vec![(-702, libc::SIGTERM)]);
+        assert_eq!(kills(&core), vec![(-702, libc::SIGTERM)]);
         // Its exit is not sent to a driver that is gone.
         core.take_outputs();
         core.on_exec_exit(c2, ExitStatus::Signaled(libc::SIGTERM), t1);
@@ -792,7 +794,8 @@ mod tests {
         let mut core = new_core(&c, t0);
         up(&mut core, t0);
         let id = start(&mut core, ExecOwner::Control, &exec(1, &["sleep"]), 800, t0);
-        core.on_command(
+        command(
+            &mut core,
             ControlToShim::Shutdown(driver_protocol::message::Shutdown {
                 id: 1,
                 grace_ms: Some(1000),
@@ -801,7 +804,7 @@ mod tests {
             t0,
         );
         // Execs get SIGTERM with the stop; new ones are refused.
-        assert!(core.sys.kills.borrow().contains(&(-800, libc::SIGTERM)));
+        assert!(kills(&core).contains(&(-800, libc::SIGTERM)));
         assert_eq!(
             core.exec_admit(ExecOwner::Control, &exec(2, &["x"]), None)
                 .unwrap_err()
@@ -852,15 +855,8 @@ mod tests {
         let mut core = new_core(&c, t0);
         up(&mut core, t0);
         start(&mut core, ExecOwner::Control, &exec(1, &["a"]), 1000, t0);
-        match core.on_command(
-            ControlToShim::Status(driver_protocol::message::Status { id: 3 }),
-            t0,
-        ) {
-            ShimToControl::StatusReply(s) => {
-                assert_eq!(s.execs_running, 1);
-                assert_eq!(s.children, 2);
-            }
-            other => panic!("{other:?}"),
-        }
+        let s = core.status(3, t0, &super::super::Counters::default());
+        assert_eq!(s.execs_running, 1);
+        assert_eq!(s.children, 2);
     }
 }

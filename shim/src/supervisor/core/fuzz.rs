@@ -1,7 +1,6 @@
 //! Structured fuzzing of the core: arbitrary bytes become a sequence of inbound messages
 //! (from the driver and from the control plane), exits, signals, kills and clock jumps, fed to
-//! a [`Core`] on the fake [`Sys`](crate::sys::Sys) the way the shell feeds it, while the
-//! invariants below are checked.
+//! a [`Core`] the way the shell feeds it, while the invariants below are checked.
 //!
 //! Built for the unit tests (which replay the checked-in corpus on the stable toolchain) and,
 //! with `--cfg fuzzing`, for the cargo-fuzz target `supervisor_core` in `shim/fuzz/`.
@@ -38,10 +37,9 @@ use driver_protocol::message::{
 use rmpv::Value;
 
 use crate::reaper::ExitStatus;
-use crate::sys::fake::Fake;
 use crate::sys::SigInfo;
 
-use super::{Core, ExecOwner, Output, Settings};
+use super::{Core, Counters, ExecOwner, Output, Settings};
 
 /// Upper bound on ops per input, so one input cannot run for long.
 const MAX_OPS: usize = 512;
@@ -70,7 +68,9 @@ pub fn run(data: &[u8]) -> u32 {
 struct Harness<'a> {
     data: &'a [u8],
     pos: usize,
-    core: Core<Fake>,
+    core: Core,
+    /// The signals the core sent that have not taken effect yet, as `(kill target, sig)`.
+    kills: Vec<(i32, i32)>,
     now: Instant,
     next_pid: i32,
     /// The next launch fails (`on_launch_error`).
@@ -98,17 +98,14 @@ impl<'a> Harness<'a> {
         };
         let now = Instant::now();
         // PID 1, so signals from inside are judged as the real shim judges them.
-        let sys = Fake {
-            pid: 1,
-            ..Fake::default()
-        };
-        let mut core = Core::new(sys, &cfg, now, 7);
+        let mut core = Core::new(1, &cfg, now, 7);
         let last_state = core.state();
         core.start();
         let mut h = Harness {
             data,
             pos: 0,
             core,
+            kills: Vec::new(),
             now,
             next_pid: 100,
             fail_launch: false,
@@ -228,7 +225,10 @@ impl<'a> Harness<'a> {
                     if self.b() % 2 == 0 {
                         self.core.on_driver_spawn_failed(pid);
                     } else {
-                        self.core.on_driver_gone(pid);
+                        // Reaped: its late frames are read while its link closes.
+                        let status = self.status();
+                        self.core.on_driver_exit_oom(pid, status, None);
+                        self.apply();
                     }
                 }
             }
@@ -298,11 +298,19 @@ impl<'a> Harness<'a> {
             ControlToShim::ExecSignal(m) => {
                 let _ = self.core.exec_signal(owner, &m);
             }
+            ControlToShim::Status(s) => {
+                let reply = self.core.status(s.id, self.now, &Counters::default());
+                assert_eq!(reply.re, s.id);
+            }
             other => {
                 let re = request_id(&other);
-                let reply = self.core.on_command(other, self.now);
-                if let Some(re) = re {
-                    assert_eq!(reply_re(&reply), Some(re), "reply {reply:?}");
+                let mark = self.core.out.len();
+                self.core.on_command(other, self.now);
+                // The reply comes first among the command's outputs.
+                let reply = self.core.out.get(mark);
+                assert!(matches!(reply, Some(Output::Reply(_))), "{reply:?}");
+                if let (Some(re), Some(Output::Reply(reply))) = (re, reply) {
+                    assert_eq!(reply_re(reply), Some(re), "reply {reply:?}");
                 }
             }
         }
@@ -328,14 +336,13 @@ impl<'a> Harness<'a> {
     }
 
     fn driver_exit(&mut self, pid: i32, status: ExitStatus) {
-        self.core.on_driver_gone(pid);
         self.core.on_driver_exit(pid, status, self.now);
     }
 
     /// Every SIGTERM/SIGKILL the core sent so far ends its target (the driver ignores
     /// SIGTERM, to exercise the SIGKILL that follows it).
     fn deliver_kills(&mut self) {
-        let kills: Vec<(i32, i32)> = self.core.sys.kills.borrow_mut().drain(..).collect();
+        let kills = std::mem::take(&mut self.kills);
         for (target, sig) in kills {
             // `kill(-1, …)`: as PID 1, everything.
             let all = target == -1;
@@ -394,10 +401,20 @@ impl<'a> Harness<'a> {
                             }
                         }
                     }
+                    Output::CloseDriverLink => {
+                        // What the driver wrote before it died, read as its link closes.
+                        for _ in 0..self.b() % 3 {
+                            let body = self.message(DriverToShim::TYPES);
+                            self.driver_frame(&body);
+                        }
+                        self.core.on_driver_link_closed(self.now);
+                    }
                     Output::ExecStop(id) => {
                         self.execs.remove(&id);
                         self.core.exec_io_closed(id, self.now);
                     }
+                    Output::Kill(k) => self.kills.push(k.target()),
+                    Output::Reply(_) => {}
                     Output::ToDriver(_)
                     | Output::StopReading
                     | Output::ExecInput(_)

@@ -21,8 +21,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use driver_protocol::message::{Busy, Idle};
 use tracing::info;
 
-use crate::sys::Sys;
-
 use super::Core;
 
 /// The idle tracker, present when `--idle-after` is set.
@@ -46,7 +44,7 @@ impl IdleTracker {
     }
 }
 
-impl<S: Sys> Core<S> {
+impl Core {
     /// Whether a task is queued or running or an exec runs.
     fn has_work(&self) -> bool {
         self.tasks.queued() > 0 || self.tasks.running().is_some() || !self.execs.is_empty()
@@ -133,8 +131,7 @@ mod tests {
     use super::super::Output;
     use super::*;
     use driver_protocol::message::{
-        ControlToShim, DriverToShim, Event, Exec, Message as _, MessageChunk, ShimToControl,
-        Status, TaskDone, TaskStatus,
+        DriverToShim, Event, Exec, Message as _, MessageChunk, TaskDone, TaskStatus,
     };
 
     use crate::reaper::ExitStatus;
@@ -150,7 +147,7 @@ mod tests {
     }
 
     /// What the shell does: an input, then the tick; plus the timer when it is due.
-    fn turn(core: &mut Core<crate::sys::fake::Fake>, now: Instant) -> Vec<Output> {
+    fn turn(core: &mut TestCore, now: Instant) -> Vec<Output> {
         core.idle_tick(now);
         if core.next_deadline().is_some_and(|d| d <= now) {
             core.on_timer(now);
@@ -183,11 +180,9 @@ mod tests {
             .unwrap_or(0)
     }
 
-    fn status_idle(core: &mut Core<crate::sys::fake::Fake>, now: Instant) -> Option<u64> {
-        match core.on_command(ControlToShim::Status(Status { id: 99 }), now) {
-            ShimToControl::StatusReply(s) => s.idle_since_ms,
-            other => panic!("{other:?}"),
-        }
+    fn status_idle(core: &mut TestCore, now: Instant) -> Option<u64> {
+        core.status(99, now, &super::super::Counters::default())
+            .idle_since_ms
     }
 
     fn done(task_id: &str) -> DriverToShim {
@@ -235,7 +230,7 @@ mod tests {
 
         // A submit: busy first, then task_accepted.
         let t1 = t0 + AFTER * 10;
-        let r = core.on_command(submit(1, "t1", false), t1);
+        let r = command(&mut core, submit(1, "t1", false), t1);
         assert!(is_ok(&r, 1));
         let outs = turn(&mut core, t1);
         let kinds: Vec<&str> = events(&outs).iter().map(|e| e.type_name()).collect();
@@ -340,13 +335,13 @@ mod tests {
         let c = idle_cfg();
         let mut core = new_core(&c, t0);
         up(&mut core, t0);
-        core.on_command(submit(1, "t1", false), t0);
+        command(&mut core, submit(1, "t1", false), t0);
         core.on_driver_msg(done("t1"), body(), t0);
         turn(&mut core, t0);
         assert_eq!(idles(&turn(&mut core, t0 + AFTER)).len(), 1);
         // The same task id again: already done, nothing queued, still idle.
         let t1 = t0 + AFTER * 2;
-        let r = core.on_command(submit(2, "t1", false), t1);
+        let r = command(&mut core, submit(2, "t1", false), t1);
         assert!(is_ok(&r, 2));
         let outs = turn(&mut core, t1);
         assert_eq!(busies(&outs), 0, "{outs:?}");

@@ -17,14 +17,13 @@ use tracing::{debug, info, warn};
 
 use crate::reaper::ExitStatus;
 use crate::signals;
-use crate::sys::Sys;
 
 use super::super::lifecycle::Input;
 use super::super::restart::Decision;
 use super::super::tasks::LostOutcome;
-use super::{due, err, ok, Core, Driver, ExitReason, Output, Stopping};
+use super::{due, err, ok, Core, Driver, ExitReason, Kill, Output, Stopping};
 
-impl<S: Sys> Core<S> {
+impl Core {
     /// The driver was forked as `pid` (its exit will reach [`Core::on_driver_exit_oom`]).
     pub fn on_launched(&mut self, pid: i32, now: Instant) {
         let attempt = self.next_attempt;
@@ -39,7 +38,7 @@ impl<S: Sys> Core<S> {
             // Pings start at `ready`: until then `--ready-timeout` is the liveness check.
             next_ping: None,
             pings_unanswered: 0,
-            gone: false,
+            exit: None,
             eof_deadline: None,
         });
         info!(pid, attempt, "driver started");
@@ -76,38 +75,47 @@ impl<S: Sys> Core<S> {
         );
     }
 
-    /// The driver process is gone (reaped): what it left in its socket is still to be
-    /// handed over, and is relayed, but starts nothing (no task is sent to a dead driver).
-    pub fn on_driver_gone(&mut self, pid: i32) {
-        if let Some(d) = self.driver.as_mut().filter(|d| d.pid == pid) {
-            d.gone = true;
-        }
-    }
-
-    /// The reaper collected the driver; whether the OOM killer killed it is not known.
+    /// The reaper collected the driver; whether the OOM killer killed it is not known. The
+    /// driver's link is closed at once (the tests' and the fuzzer's shortcut for
+    /// [`Core::on_driver_exit_oom`] and [`Core::on_driver_link_closed`]).
     #[cfg(any(test, fuzzing))]
     pub fn on_driver_exit(&mut self, pid: i32, status: ExitStatus, now: Instant) {
-        self.on_driver_exit_oom(pid, status, None, now);
+        self.on_driver_exit_oom(pid, status, None);
+        self.on_driver_link_closed(now);
     }
 
     /// The reaper collected the driver; `oom_killed` is the shell's reading of the OOM-kill
-    /// counter (`None`: unknown).
-    pub fn on_driver_exit_oom(
-        &mut self,
-        pid: i32,
-        status: ExitStatus,
-        oom_killed: Option<bool>,
-        now: Instant,
-    ) {
-        let Some(driver) = self.driver.take_if(|d| d.pid == pid) else {
+    /// counter (`None`: unknown). What it left in its socket is still to be handed over, and
+    /// is relayed but starts nothing (no task is sent to a dead driver): the core asks for
+    /// [`Output::CloseDriverLink`], and the exit is decided in
+    /// [`Core::on_driver_link_closed`].
+    pub fn on_driver_exit_oom(&mut self, pid: i32, status: ExitStatus, oom_killed: Option<bool>) {
+        let Some(d) = self
+            .driver
+            .as_mut()
+            .filter(|d| d.pid == pid && d.exit.is_none())
+        else {
             debug!(pid, "not the current driver");
+            return;
+        };
+        d.exit = Some((status, oom_killed));
+        self.out.push(Output::CloseDriverLink);
+    }
+
+    /// The shell read what the reaped driver left and closed its link
+    /// ([`Output::CloseDriverLink`]): its exit is decided now.
+    pub fn on_driver_link_closed(&mut self, now: Instant) {
+        let Some(driver) = self.driver.take_if(|d| d.exit.is_some()) else {
+            return;
+        };
+        let Some((status, oom_killed)) = driver.exit else {
             return;
         };
         let reason = driver.kill_reason.unwrap_or(match status {
             ExitStatus::Exited(0) => ExitReason::Exited,
             _ => ExitReason::Crashed,
         });
-        self.driver_gone(pid, driver.started, status, reason, oom_killed, now);
+        self.driver_gone(driver.pid, driver.started, status, reason, oom_killed, now);
     }
 
     fn driver_gone(
@@ -227,16 +235,9 @@ impl<S: Sys> Core<S> {
         self.kill_group(pid, libc::SIGKILL);
     }
 
-    pub(super) fn kill_group(&self, pid: i32, sig: i32) {
-        match self.sys.kill(-pid, sig) {
-            Ok(()) => {}
-            Err(nix::errno::Errno::ESRCH) => {
-                if let Err(err) = self.sys.kill(pid, sig) {
-                    debug!(%err, pid, "cannot signal the driver");
-                }
-            }
-            Err(err) => warn!(%err, pid, "cannot signal the driver's group"),
-        }
+    /// Sends `sig` to the driver's process group (or to the driver, if it left its group).
+    pub(super) fn kill_group(&mut self, pid: i32, sig: i32) {
+        self.kill(Kill::Driver { pid, sig });
     }
 
     /// `restart_driver`: forget the crash history and launch again (killing a running driver
@@ -283,7 +284,7 @@ impl<S: Sys> Core<S> {
         self.restart_at = None;
         let grace = self.cfg.grace;
         match self.driver.as_mut() {
-            Some(d) if d.kill_reason.is_none() && !d.gone => {
+            Some(d) if d.kill_reason.is_none() && !d.gone() => {
                 d.kill_reason = Some(ExitReason::Shutdown);
                 self.relaunch_after_exit = true;
                 self.pausing = None;
@@ -466,7 +467,11 @@ mod tests {
         assert_eq!(core.state(), S::Error);
         assert_eq!(core.next_deadline(), None, "no more restarts");
         assert_eq!(core.exit_code(), None, "the shim stays up");
-        let r = core.on_command(ControlToShim::RestartDriver(RestartDriver { id: 9 }), now);
+        let r = command(
+            &mut core,
+            ControlToShim::RestartDriver(RestartDriver { id: 9 }),
+            now,
+        );
         assert!(is_ok(&r, 9));
         let outs = core.take_outputs();
         assert_eq!(states(&outs), vec![(S::Error, S::Exited)]);
@@ -481,9 +486,13 @@ mod tests {
         let c = cfg();
         let mut core = new_core(&c, t0);
         up(&mut core, t0);
-        let r = core.on_command(ControlToShim::RestartDriver(RestartDriver { id: 1 }), t0);
+        let r = command(
+            &mut core,
+            ControlToShim::RestartDriver(RestartDriver { id: 1 }),
+            t0,
+        );
         assert!(is_ok(&r, 1));
-        assert_eq!(*core.sys.kills.borrow(), vec![(-PID, libc::SIGKILL)]);
+        assert_eq!(kills(&core), vec![(-PID, libc::SIGKILL)]);
         assert_eq!(launches(&core.take_outputs()), 0);
         core.on_driver_exit(PID, ExitStatus::Signaled(9), t0);
         let outs = core.take_outputs();
@@ -509,7 +518,7 @@ mod tests {
         c.ping_interval = Duration::from_secs(60);
         let mut core = new_core(&c, t0);
         up(&mut core, t0);
-        let r = core.on_command(set_driver(1, &["new", "--x"], &[("A", "b")]), t0);
+        let r = command(&mut core, set_driver(1, &["new", "--x"], &[("A", "b")]), t0);
         assert!(is_ok(&r, 1), "{r:?}");
         let (argv, env) = core.driver_command();
         assert_eq!(argv, ["new", "--x"].map(std::ffi::OsString::from));
@@ -523,9 +532,9 @@ mod tests {
             "{outs:?}"
         );
         assert_eq!(states(&outs), vec![(S::Ready, S::Stopping)]);
-        assert!(core.sys.kills.borrow().is_empty(), "killed at once");
+        assert!(kills(&core).is_empty(), "killed at once");
         // No task goes to the old driver meanwhile.
-        let r = core.on_command(submit(2, "t", false), t0);
+        let r = command(&mut core, submit(2, "t", false), t0);
         assert!(is_ok(&r, 2));
         assert!(!to_driver(&core.take_outputs())
             .iter()
@@ -533,10 +542,10 @@ mod tests {
         // Half the grace: SIGTERM; the whole grace: SIGKILL.
         assert_eq!(core.next_deadline(), Some(t0 + Duration::from_secs(4)));
         core.on_timer(t0 + Duration::from_secs(4));
-        assert_eq!(*core.sys.kills.borrow(), vec![(-PID, libc::SIGTERM)]);
+        assert_eq!(kills(&core), vec![(-PID, libc::SIGTERM)]);
         core.on_timer(t0 + Duration::from_secs(8));
         assert_eq!(
-            *core.sys.kills.borrow(),
+            kills(&core),
             vec![(-PID, libc::SIGTERM), (-PID, libc::SIGKILL)]
         );
         let t1 = t0 + Duration::from_secs(9);
@@ -572,7 +581,7 @@ mod tests {
         core.on_driver_exit(PID, ExitStatus::Exited(1), t0);
         core.take_outputs();
         assert_eq!(core.state(), S::Error);
-        let r = core.on_command(set_driver(1, &["fixed"], &[]), t0);
+        let r = command(&mut core, set_driver(1, &["fixed"], &[]), t0);
         assert!(is_ok(&r, 1), "{r:?}");
         let outs = core.take_outputs();
         assert_eq!(launches(&outs), 1);
@@ -593,7 +602,7 @@ mod tests {
             set_driver(5, &["ok"], &[("AGENT_SHIM_FD", "7")]),
             set_driver(6, &["ok"], &[("AGENT_SHIM_TOKEN", "x")]),
         ] {
-            let r = core.on_command(bad, t0);
+            let r = command(&mut core, bad, t0);
             assert_eq!(err_code(&r), Some(ErrorCode::Invalid), "{r:?}");
         }
         assert_eq!(
@@ -601,7 +610,8 @@ mod tests {
             ["driver"].map(std::ffi::OsString::from)
         );
         assert!(core.take_outputs().is_empty());
-        core.on_command(
+        command(
+            &mut core,
             ControlToShim::Shutdown(driver_protocol::message::Shutdown {
                 id: 9,
                 grace_ms: None,
@@ -609,7 +619,7 @@ mod tests {
             }),
             t0,
         );
-        let r = core.on_command(set_driver(10, &["late"], &[]), t0);
+        let r = command(&mut core, set_driver(10, &["late"], &[]), t0);
         assert_eq!(err_code(&r), Some(ErrorCode::ShuttingDown));
     }
 }

@@ -14,8 +14,6 @@ use driver_protocol::message::{
 use driver_protocol::{DecodeError, ErrorCode};
 use tracing::{debug, warn};
 
-use crate::sys::Sys;
-
 use super::super::lifecycle::Input;
 use super::{due, Core, ExecOwner, ExitReason, Output};
 
@@ -50,13 +48,13 @@ fn is_activity(msg: &DriverToShim) -> bool {
 /// How long a driver that closed its socket may take to exit before it is a protocol error.
 const EOF_GRACE: Duration = Duration::from_secs(1);
 
-impl<S: Sys> Core<S> {
+impl Core {
     /// The driver's socket reached end of stream, or writing to it failed, while the driver
     /// was not yet reaped: unless it is reaped within [`EOF_GRACE`] (it is just exiting),
     /// it is killed, reason `protocol_error`.
     pub fn on_driver_eof(&mut self, now: Instant) {
         if let Some(d) = self.driver.as_mut() {
-            if !d.gone && d.kill_reason.is_none() && d.eof_deadline.is_none() {
+            if !d.gone() && d.kill_reason.is_none() && d.eof_deadline.is_none() {
                 debug!("the driver closed its socket");
                 d.eof_deadline = now.checked_add(EOF_GRACE);
             }
@@ -154,7 +152,7 @@ impl<S: Sys> Core<S> {
         let started = driver.started;
         // Being killed: its events and task results still count (a late `task_done` for an
         // abandoned task is dropped by the queue), but it changes no state any more.
-        let dying = driver.kill_reason.is_some() || driver.gone;
+        let dying = driver.kill_reason.is_some() || driver.gone();
         if is_activity(&msg) {
             self.activity(now);
         }
@@ -320,7 +318,7 @@ mod tests {
         let outs = core.take_outputs();
         assert!(matches!(to_driver(&outs)[..], [ShimToDriver::Error(_)]));
         assert!(outs.contains(&Output::StopReading));
-        assert_eq!(*core.sys.kills.borrow(), vec![(-PID, libc::SIGKILL)]);
+        assert_eq!(kills(&core), vec![(-PID, libc::SIGKILL)]);
         core.on_driver_exit(PID, ExitStatus::Signaled(9), t0);
         assert_eq!(exited(&core.take_outputs())[0].reason, "protocol_error");
     }
@@ -342,9 +340,9 @@ mod tests {
         core.on_timer(t0 + 2 * s);
         core.on_timer(t0 + 3 * s);
         assert_eq!(to_driver(&core.take_outputs()).len(), 2);
-        assert!(core.sys.kills.borrow().is_empty());
+        assert!(kills(&core).is_empty());
         core.on_timer(t0 + 4 * s);
-        assert_eq!(*core.sys.kills.borrow(), vec![(-PID, libc::SIGKILL)]);
+        assert_eq!(kills(&core), vec![(-PID, libc::SIGKILL)]);
         core.on_driver_exit(PID, ExitStatus::Signaled(9), t0 + 4 * s);
         let outs = core.take_outputs();
         assert_eq!(exited(&outs)[0].reason, "hung");
@@ -361,7 +359,7 @@ mod tests {
         core.on_launched(PID, t0);
         core.on_driver_msg(hello(), body(), t0);
         core.on_timer(t0 + c.ready_timeout);
-        assert!(core.sys.kills.borrow().contains(&(-PID, libc::SIGKILL)));
+        assert!(kills(&core).contains(&(-PID, libc::SIGKILL)));
         core.on_driver_exit(PID, ExitStatus::Signaled(9), t0 + c.ready_timeout);
         assert_eq!(exited(&core.take_outputs())[0].reason, "not_ready");
     }
@@ -401,7 +399,7 @@ mod tests {
             t0,
         );
         assert_eq!(core.take_outputs(), vec![Output::Relay(body())]);
-        assert!(core.sys.kills.borrow().is_empty());
+        assert!(kills(&core).is_empty());
     }
 
     #[test]
@@ -427,20 +425,22 @@ mod tests {
         // A second reason does not replace the first.
         core.on_driver_unwritable();
         assert_eq!(
-            *core.sys.kills.borrow(),
+            kills(&core),
             vec![(-PID, libc::SIGKILL), (-PID, libc::SIGKILL)]
         );
         core.on_driver_exit(PID, ExitStatus::Signaled(9), t0);
         assert_eq!(exited(&core.take_outputs())[0].reason, "protocol_error");
 
         // Exec failure: reason exec_failed; without a process at all too.
-        core.on_timer(core.next_deadline().expect("restart"));
+        let due = core.next_deadline().expect("restart");
+        core.on_timer(due);
         core.take_outputs();
         core.on_launched(PID + 1, t0);
         core.on_driver_spawn_failed(PID + 1);
         core.on_driver_exit(PID + 1, ExitStatus::Exited(127), t0);
         assert_eq!(exited(&core.take_outputs())[0].reason, "exec_failed");
-        core.on_timer(core.next_deadline().expect("restart"));
+        let due = core.next_deadline().expect("restart");
+        core.on_timer(due);
         core.take_outputs();
         core.on_launch_error(t0);
         let outs = core.take_outputs();

@@ -2,10 +2,12 @@
 //!
 //! The core owns the driver's [`Lifecycle`], the [`Restarter`], the [`TaskQueue`] and every
 //! timer (as deadlines). The async shell ([`super`]) feeds it inputs — a driver message, the
-//! driver's exit, a control command, a signal, "a deadline passed" — and carries out what it
-//! asks for: [`Output`]s (frames for the driver, events to publish, "launch the driver now")
-//! and kills, which go straight through [`Sys::kill`]. Time is passed in, so the unit tests
-//! drive every transition with a fake [`Sys`] and a made-up clock, without a process.
+//! driver's exit, a control command, a signal, "a deadline passed", the figures only the
+//! shell can read — and carries out what it asks for. Decisions leave the core one way only,
+//! as [`Output`]s: frames for the driver, events to publish, a control command's reply,
+//! "launch the driver now", a [`Kill`]. Time is passed in too, so the unit tests drive every
+//! transition with a made-up clock and read every decision from the outputs, without a
+//! process or a syscall.
 //!
 //! ```text
 //!  Launch ─► on_launched ─► hello ⇄ hello ─► ready ─► tasks, pause/resume, pings
@@ -30,6 +32,7 @@ pub mod fuzz;
 mod idle;
 mod launch;
 mod link;
+mod output;
 mod pause;
 #[cfg(test)]
 mod pending;
@@ -43,7 +46,6 @@ mod testkit;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::Bytes;
 use driver_protocol::message::{
     DriverState, ErrorMsg, Event, ExitInfo, Hello, OkReply, Role, ShimToControl, ShimToDriver,
     StatusReply,
@@ -53,40 +55,17 @@ use tracing::{debug, info, warn};
 
 use crate::reaper::ExitStatus;
 use crate::signals::{self, Admission};
-use crate::sys::Sys;
 
 use super::lifecycle::{Input, Lifecycle};
 use super::restart::{BackoffConfig, CrashLoopConfig, Restarter};
 use super::tasks::TaskQueue;
 
 pub use self::exec::{ExecOwner, Refusal};
+pub use self::output::{Counters, Kill, Output};
 pub use self::settings::Settings;
 
 /// Finished task ids remembered for idempotent `submit_task`.
 const REMEMBER_TASKS: usize = 1024;
-
-/// Something the shell must do for the core.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Output {
-    /// Queue this message for the driver.
-    ToDriver(ShimToDriver),
-    /// Publish this shim event.
-    Event(Event),
-    /// Publish this driver event, given as its MessagePack body (relayed, never re-encoded).
-    Relay(Bytes),
-    /// Launch the driver now (then call [`Core::on_launched`] or [`Core::on_launch_error`]).
-    Launch,
-    /// Stop reading the driver's socket (it sent something unusable).
-    StopReading,
-    /// The driver asks for an exec: start it (see [`Core::exec_admit`]) and answer the driver.
-    StartExec(driver_protocol::message::Exec),
-    /// Write these bytes (then, with `eof`, close) to an exec's stdin or terminal.
-    ExecInput(driver_protocol::message::ExecInput),
-    /// Set the terminal size of an exec.
-    ExecResize(u64, driver_protocol::message::TtySize),
-    /// Read what is left of an exec's output, close it, then call [`Core::exec_io_closed`].
-    ExecStop(u64),
-}
 
 /// Why the driver ended, as reported in `driver_exited.reason`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -137,11 +116,18 @@ struct Driver {
     ready_deadline: Option<Instant>,
     next_ping: Option<Instant>,
     pings_unanswered: u32,
-    /// Reaped: its last frames are still handed over, but it takes nothing more.
-    gone: bool,
+    /// How it ended (and the OOM reading), once reaped, until its link is closed.
+    exit: Option<(ExitStatus, Option<bool>)>,
     /// It closed its socket (or a write failed) while alive: unless it is reaped by then,
     /// this is a protocol error.
     eof_deadline: Option<Instant>,
+}
+
+impl Driver {
+    /// Reaped: its last frames are still handed over, but it takes nothing more.
+    fn gone(&self) -> bool {
+        self.exit.is_some()
+    }
 }
 
 /// A `pause` in progress.
@@ -167,8 +153,7 @@ struct Stopping {
 
 /// The supervisor's decisions; see the module docs.
 #[derive(Debug)]
-pub struct Core<S: Sys> {
-    sys: S,
+pub struct Core {
     cfg: Settings,
     pid1: bool,
     started: Instant,
@@ -213,10 +198,10 @@ pub struct Core<S: Sys> {
     idle: Option<idle::IdleTracker>,
 }
 
-impl<S: Sys> Core<S> {
-    /// A core for `cfg`; nothing launched yet (call [`Core::start`]).
-    pub fn new(sys: S, cfg: &Settings, now: Instant, seed: u64) -> Self {
-        let own_pid = sys.getpid();
+impl Core {
+    /// A core for `cfg` in a shim whose pid is `own_pid`; nothing launched yet (call
+    /// [`Core::start`]).
+    pub fn new(own_pid: i32, cfg: &Settings, now: Instant, seed: u64) -> Self {
         let sup = cfg;
         let restarter = Restarter::new(
             sup.restart,
@@ -269,7 +254,6 @@ impl<S: Sys> Core<S> {
                 .idle_after
                 .map(|after| idle::IdleTracker::new(after, now)),
             cfg: cfg.clone(),
-            sys,
         }
     }
 
@@ -330,6 +314,10 @@ impl<S: Sys> Core<S> {
 
     fn event(&mut self, ev: impl Into<Event>) {
         self.out.push(Output::Event(ev.into()));
+    }
+
+    fn kill(&mut self, kill: Kill) {
+        self.out.push(Output::Kill(kill));
     }
 
     fn transition(&mut self, input: Input) {
@@ -429,9 +417,17 @@ impl<S: Sys> Core<S> {
 
     // ---- control commands -----------------------------------------------------------------
 
-    /// Executes one control command and returns its reply. `status` is answered by the shell
-    /// (it adds what only it knows) from [`Core::status`].
-    pub fn on_command(
+    /// Executes one control command; its reply is an [`Output::Reply`], ahead of the
+    /// command's other outputs. `status` is answered by [`Core::status`], which takes the
+    /// figures only the shell can read.
+    pub fn on_command(&mut self, req: driver_protocol::message::ControlToShim, now: Instant) {
+        let first = self.out.len();
+        let reply = self.execute(req, now);
+        self.out.insert(first, Output::Reply(reply));
+    }
+
+    /// Executes one control command and returns its reply.
+    fn execute(
         &mut self,
         req: driver_protocol::message::ControlToShim,
         now: Instant,
@@ -455,7 +451,11 @@ impl<S: Sys> Core<S> {
                 ErrorCode::Internal,
                 "exec is started by the shell (Core::exec_admit)",
             ),
-            C::Status(s) => ShimToControl::StatusReply(self.status(s.id, now)),
+            C::Status(s) => err(
+                s.id,
+                ErrorCode::Internal,
+                "status is answered with the shell's counters (Core::status)",
+            ),
             other => {
                 let re = match &other {
                     C::Unknown(u) => u.id,
@@ -474,9 +474,12 @@ impl<S: Sys> Core<S> {
         }
     }
 
-    /// What the core knows for a `status_reply`; the shell fills in the buffer, the reaper
-    /// and memory figures.
-    pub fn status(&self, re: u64, now: Instant) -> StatusReply {
+    /// The `status_reply` to request `re`: what the core knows, and the shell's `counters`.
+    pub fn status(&self, re: u64, now: Instant, counters: &Counters) -> StatusReply {
+        // The driver and the execs, unless the shell counted every child itself.
+        let children = u32::try_from(self.execs_running())
+            .unwrap_or(u32::MAX)
+            .saturating_add(u32::from(self.driver.is_some()));
         StatusReply {
             re,
             state: self.state(),
@@ -493,17 +496,15 @@ impl<S: Sys> Core<S> {
                     signal: Some(signals::name(sig)),
                 },
             }),
-            children: u32::try_from(self.execs_running())
-                .unwrap_or(u32::MAX)
-                .saturating_add(u32::from(self.driver.is_some())),
-            reaped: 0,
+            children: counters.children.unwrap_or(children),
+            reaped: counters.reaped,
             tasks_queued: u32::try_from(self.tasks.queued()).unwrap_or(u32::MAX),
             task_running: self.tasks.running().map(str::to_owned),
             execs_running: u32::try_from(self.execs_running()).unwrap_or(u32::MAX),
-            buffered_events: 0,
-            buffered_bytes: 0,
-            last_seq: 0,
-            rss_bytes: 0,
+            buffered_events: counters.buffered_events,
+            buffered_bytes: counters.buffered_bytes,
+            last_seq: counters.last_seq,
+            rss_bytes: counters.rss_bytes,
             idle_since_ms: self.idle_since_ms(),
         }
     }
@@ -536,20 +537,80 @@ mod tests {
     use driver_protocol::message::{ControlToShim, Status};
 
     #[test]
+    fn kills_signal_the_group_and_a_driver_that_left_it() {
+        use crate::sys::fake::Fake;
+        let sys = Fake::default();
+        Kill::Driver { pid: 100, sig: 15 }.apply(&sys);
+        Kill::Exec { pid: 200, sig: 9 }.apply(&sys);
+        Kill::Everything.apply(&sys);
+        assert_eq!(*sys.kills.borrow(), vec![(-100, 15), (-200, 9), (-1, 9)]);
+        // No such group: the driver alone (it left its group); an exec's group is gone.
+        let sys = Fake {
+            kill_result: std::cell::RefCell::new(Some(nix::errno::Errno::ESRCH)),
+            ..Fake::default()
+        };
+        Kill::Driver { pid: 100, sig: 15 }.apply(&sys);
+        Kill::Exec { pid: 200, sig: 9 }.apply(&sys);
+        assert_eq!(*sys.kills.borrow(), vec![(-100, 15), (100, 15), (-200, 9)]);
+    }
+
+    #[test]
+    fn a_reply_goes_ahead_of_its_commands_other_outputs() {
+        let t0 = Instant::now();
+        let c = cfg();
+        let mut core = new_core(&c, t0);
+        up(&mut core, t0);
+        core.on_command(submit(1, "t1", false), t0);
+        let outs = core.take_outputs();
+        assert!(
+            matches!(outs.first(), Some(Output::Reply(r)) if is_ok(r, 1)),
+            "{outs:?}"
+        );
+        assert!(outs.len() > 1, "the task is accepted and sent: {outs:?}");
+        assert_eq!(
+            outs.iter()
+                .filter(|o| matches!(o, Output::Reply(_)))
+                .count(),
+            1
+        );
+    }
+
+    #[test]
     fn status_and_unsupported_commands() {
         let t0 = Instant::now();
         let c = cfg();
         let mut core = new_core(&c, t0);
         up(&mut core, t0);
-        match core.on_command(ControlToShim::Status(Status { id: 4 }), t0) {
-            ShimToControl::StatusReply(s) => {
-                assert_eq!(s.re, 4);
-                assert_eq!(s.state, S::Ready);
-                assert_eq!(s.driver_pid, Some(100));
-            }
-            other => panic!("{other:?}"),
-        }
-        let r = core.on_command(
+        let s = core.status(4, t0, &Counters::default());
+        assert_eq!(s.re, 4);
+        assert_eq!(s.state, S::Ready);
+        assert_eq!(s.driver_pid, Some(100));
+        assert_eq!(s.children, 1, "the driver");
+        let counted = Counters {
+            children: Some(3),
+            reaped: 5,
+            buffered_events: 6,
+            buffered_bytes: 7,
+            last_seq: 8,
+            rss_bytes: 9,
+        };
+        let s = core.status(4, t0, &counted);
+        assert_eq!(
+            (
+                s.children,
+                s.reaped,
+                s.buffered_events,
+                s.buffered_bytes,
+                s.last_seq,
+                s.rss_bytes
+            ),
+            (3, 5, 6, 7, 8, 9)
+        );
+        // Through `on_command`, `status` is an internal error: the shell answers it.
+        let r = command(&mut core, ControlToShim::Status(Status { id: 4 }), t0);
+        assert_eq!(err_code(&r), Some(ErrorCode::Internal));
+        let r = command(
+            &mut core,
             ControlToShim::Unknown(driver_protocol::message::Unknown {
                 type_name: "launch_rockets".into(),
                 id: Some(5),

@@ -10,12 +10,10 @@ use driver_protocol::message::{DriverState, ErrorMsg, Pause, Paused, Resume, Shi
 use driver_protocol::ErrorCode;
 use tracing::{debug, warn};
 
-use crate::sys::Sys;
-
 use super::super::lifecycle::Input;
 use super::{err, ok, Core, Pausing};
 
-impl<S: Sys> Core<S> {
+impl Core {
     /// `pause` (control request `re`): ask the driver for a safe point.
     pub(super) fn pause(&mut self, re: u64, now: Instant) -> ShimToControl {
         if self.lifecycle.state() != DriverState::Ready || self.driver.is_none() {
@@ -122,7 +120,8 @@ mod tests {
         let c = cfg();
         let mut core = new_core(&c, t0);
         up(&mut core, t0);
-        let r = core.on_command(
+        let r = command(
+            &mut core,
             ControlToShim::Pause(Pause {
                 id: 5,
                 timeout_ms: None,
@@ -134,7 +133,8 @@ mod tests {
         assert_eq!(states(&outs), vec![(S::Ready, S::Pausing)]);
         assert!(matches!(to_driver(&outs)[..], [ShimToDriver::Pause(_)]));
         // A second pause is refused.
-        let r = core.on_command(
+        let r = command(
+            &mut core,
             ControlToShim::Pause(Pause {
                 id: 6,
                 timeout_ms: None,
@@ -148,7 +148,8 @@ mod tests {
         assert!(events(&outs)
             .iter()
             .any(|e| matches!(e, Event::Paused(Paused { re: Some(5) }))));
-        let r = core.on_command(
+        let r = command(
+            &mut core,
             ControlToShim::Resume(Resume {
                 id: 7,
                 slept_ms: None,
@@ -170,7 +171,8 @@ mod tests {
             t0,
         );
         assert_eq!(states(&core.take_outputs()), vec![(S::Paused, S::Ready)]);
-        let r = core.on_command(
+        let r = command(
+            &mut core,
             ControlToShim::Shutdown(Shutdown {
                 id: 8,
                 grace_ms: Some(1000),
@@ -201,7 +203,8 @@ mod tests {
         let c = cfg();
         let mut core = new_core(&c, t0);
         up(&mut core, t0);
-        core.on_command(
+        command(
+            &mut core,
             ControlToShim::Pause(Pause {
                 id: 5,
                 timeout_ms: None,

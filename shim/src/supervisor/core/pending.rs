@@ -89,7 +89,7 @@ fn shutdown_while_the_driver_launch_is_pending() {
     let mut core = new_core(&c, t0);
     core.on_launched(PID, t0);
     core.take_outputs();
-    core.on_command(shutdown(1), t0);
+    command(&mut core, shutdown(1), t0);
     // Stopped before its execve: SIGTERM stays blocked in it; the spawn deadline's SIGKILL
     // ends it, and it is reported as what it was: a driver that never ran.
     core.on_driver_spawn_failed(PID);
@@ -107,7 +107,11 @@ fn restart_driver_while_the_launch_is_pending_waits_for_its_exit() {
     let mut core = new_core(&c, t0);
     core.on_launched(PID, t0);
     core.take_outputs();
-    let _ = core.on_command(ControlToShim::RestartDriver(RestartDriver { id: 1 }), t0);
+    let _ = command(
+        &mut core,
+        ControlToShim::RestartDriver(RestartDriver { id: 1 }),
+        t0,
+    );
     core.take_outputs();
     core.on_driver_spawn_failed(PID);
     core.on_driver_exit(PID, ExitStatus::Signaled(libc::SIGKILL), t0);
@@ -164,7 +168,7 @@ fn a_pending_exec_is_cancelled_and_killed_like_a_running_one() {
     core.on_timer(t1);
     core.on_timer(t1 + c.exec_kill_grace);
     assert_eq!(
-        *core.sys.kills.borrow(),
+        kills(&core),
         vec![(-300, libc::SIGTERM), (-300, libc::SIGKILL)]
     );
     // The SIGKILL ended it before its execve: reaped while pending, so the shell decides
@@ -185,7 +189,7 @@ fn shutdown_waits_for_a_pending_exec_and_exits_once_it_never_ran() {
         .exec_admit(ExecOwner::Control, &req, None)
         .expect("admitted");
     core.exec_started(id, ExecOwner::Control, 300, &req, t0);
-    core.on_command(shutdown(2), t0);
+    command(&mut core, shutdown(2), t0);
     core.on_driver_exit(PID, ExitStatus::Exited(0), t0);
     assert_eq!(
         core.exit_code(),

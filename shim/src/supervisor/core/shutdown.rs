@@ -12,12 +12,12 @@ use tracing::{debug, info, warn};
 
 use crate::reaper::ExitStatus;
 use crate::signals;
-use crate::sys::{SigInfo, Sys};
+use crate::sys::SigInfo;
 
 use super::super::lifecycle::Input;
-use super::{due, err, ok, Core, Stopping};
+use super::{due, err, ok, Core, Kill, Stopping};
 
-impl<S: Sys> Core<S> {
+impl Core {
     /// A signal from outside (not SIGCHLD: the shell reaps).
     pub fn on_signal(&mut self, info: &SigInfo, now: Instant) {
         let sig = info.signo;
@@ -110,9 +110,7 @@ impl<S: Sys> Core<S> {
                 s.kill_at = None;
                 warn!(grace = ?self.cfg.grace, "grace period over, sending SIGKILL");
                 if self.pid1 {
-                    if let Err(err) = self.sys.kill(-1, libc::SIGKILL) {
-                        debug!(%err, "kill(-1) failed");
-                    }
+                    self.kill(Kill::Everything);
                 } else if let Some(pid) = pid {
                     self.kill_group(pid, libc::SIGKILL);
                 }
@@ -129,9 +127,7 @@ mod tests {
     use driver_protocol::ErrorCode;
 
     use super::super::testkit::*;
-    use super::super::Core;
     use crate::reaper::ExitStatus;
-    use crate::sys::fake::Fake;
     use crate::sys::SigInfo;
 
     #[test]
@@ -150,17 +146,17 @@ mod tests {
         let outs = core.take_outputs();
         assert_eq!(states(&outs), vec![(S::Ready, S::Stopping)]);
         assert!(matches!(to_driver(&outs)[..], [ShimToDriver::Shutdown(_)]));
-        assert!(core.sys.kills.borrow().is_empty());
+        assert!(kills(&core).is_empty());
         // New work is refused while stopping.
         assert_eq!(
-            err_code(&core.on_command(submit(1, "late", false), t0)),
+            err_code(&command(&mut core, submit(1, "late", false), t0)),
             Some(ErrorCode::ShuttingDown)
         );
         core.on_timer(t0 + Duration::from_secs(4));
-        assert_eq!(*core.sys.kills.borrow(), vec![(-PID, libc::SIGTERM)]);
+        assert_eq!(kills(&core), vec![(-PID, libc::SIGTERM)]);
         core.on_timer(t0 + Duration::from_secs(8));
         assert_eq!(
-            *core.sys.kills.borrow(),
+            kills(&core),
             vec![(-PID, libc::SIGTERM), (-PID, libc::SIGKILL)]
         );
         core.on_driver_exit(PID, ExitStatus::Signaled(libc::SIGKILL), t0);
@@ -172,11 +168,7 @@ mod tests {
     fn a_forged_outside_sigterm_does_not_stop_pid1() {
         let t0 = Instant::now();
         let c = cfg();
-        let sys = Fake {
-            pid: 1,
-            ..Fake::default()
-        };
-        let mut core = Core::new(sys, &c, t0, 1);
+        let mut core = TestCore::new(1, &c, t0);
         up(&mut core, t0);
         core.take_outputs();
         // rt_sigqueueinfo lets the sender write si_pid 0 and si_uid 0 with SI_QUEUE.
@@ -188,7 +180,7 @@ mod tests {
         };
         core.on_signal(&forged, t0);
         assert!(states(&core.take_outputs()).is_empty());
-        assert!(core.sys.kills.borrow().is_empty());
+        assert!(kills(&core).is_empty());
         // The same from `kill` outside the namespace is the runtime's stop.
         let term = SigInfo {
             code: libc::SI_USER,
@@ -211,7 +203,7 @@ mod tests {
             uid: 0,
         };
         core.on_signal(&hup, t0);
-        assert_eq!(*core.sys.kills.borrow(), vec![(-PID, libc::SIGHUP)]);
+        assert_eq!(kills(&core), vec![(-PID, libc::SIGHUP)]);
     }
 
     #[test]
@@ -248,7 +240,8 @@ mod tests {
         core.on_driver_exit(PID, ExitStatus::Signaled(libc::SIGSEGV), t0);
         assert_eq!(core.state(), S::Error);
         core.take_outputs();
-        let r = core.on_command(
+        let r = command(
+            &mut core,
             ControlToShim::Shutdown(Shutdown {
                 id: 1,
                 grace_ms: None,
@@ -265,13 +258,10 @@ mod tests {
     fn as_pid1_the_grace_kills_everything() {
         let t0 = Instant::now();
         let c = cfg();
-        let sys = Fake {
-            pid: 1,
-            ..Fake::default()
-        };
-        let mut core = Core::new(sys, &c, t0, 1);
+        let mut core = TestCore::new(1, &c, t0);
         up(&mut core, t0);
-        core.on_command(
+        command(
+            &mut core,
             ControlToShim::Shutdown(Shutdown {
                 id: 1,
                 grace_ms: Some(100),
@@ -281,7 +271,7 @@ mod tests {
         );
         core.on_timer(t0 + Duration::from_millis(100));
         assert_eq!(
-            *core.sys.kills.borrow(),
+            kills(&core),
             vec![(-PID, libc::SIGTERM), (-1, libc::SIGKILL)]
         );
         assert_eq!(core.kill_deadline(), None);

@@ -35,16 +35,17 @@ fn leftover_frames_of_a_reaped_driver_start_no_task() {
     let c = cfg();
     let mut core = new_core(&c, t0);
     up(&mut core, t0);
-    assert!(is_ok(&core.on_command(submit(1, "A", false), t0), 1));
-    assert!(is_ok(&core.on_command(submit(2, "B", false), t0), 2));
+    assert!(is_ok(&command(&mut core, submit(1, "A", false), t0), 1));
+    assert!(is_ok(&command(&mut core, submit(2, "B", false), t0), 2));
     assert_eq!(task_sent(&core.take_outputs()), 1);
     // Reaped; its last frame (A done) is read afterwards: relayed, but B is not sent.
-    core.on_driver_gone(PID);
+    core.on_driver_exit_oom(PID, ExitStatus::Exited(1), None);
+    assert_eq!(core.take_outputs(), vec![Output::CloseDriverLink]);
     core.on_driver_msg(done_msg("A"), body(), t0);
     let outs = core.take_outputs();
     assert!(outs.iter().any(|o| matches!(o, Output::Relay(_))));
     assert_eq!(task_sent(&outs), 0, "{outs:?}");
-    core.on_driver_exit(PID, ExitStatus::Exited(1), t0);
+    core.on_driver_link_closed(t0);
     let outs = core.take_outputs();
     // B was never handed to the dead driver, so it is not failed: it waits for the next one.
     assert!(task_dones(&outs).is_empty(), "{outs:?}");
@@ -59,7 +60,7 @@ fn every_accepted_task_ends_when_the_shim_exits() {
     let mut core = new_core(&c, t0);
     up(&mut core, t0);
     for (i, t) in ["A", "B", "C"].iter().enumerate() {
-        core.on_command(submit(i as u64 + 1, t, false), t0);
+        command(&mut core, submit(i as u64 + 1, t, false), t0);
     }
     core.take_outputs();
     core.on_driver_exit(PID, ExitStatus::Exited(3), t0);
@@ -74,10 +75,11 @@ fn every_accepted_task_ends_when_the_shim_exits() {
     // On shutdown, queued tasks end cancelled.
     let mut core = new_core(&cfg(), t0);
     up(&mut core, t0);
-    core.on_command(submit(1, "A", false), t0);
-    core.on_command(submit(2, "B", true), t0);
+    command(&mut core, submit(1, "A", false), t0);
+    command(&mut core, submit(2, "B", true), t0);
     core.take_outputs();
-    core.on_command(
+    command(
+        &mut core,
         driver_protocol::message::ControlToShim::Shutdown(driver_protocol::message::Shutdown {
             id: 9,
             grace_ms: Some(1000),
@@ -119,11 +121,10 @@ fn no_task_is_accepted_while_the_shim_waits_for_execs_to_exit() {
     let owner = super::ExecOwner::Driver(PID);
     let id = core.exec_admit(owner, &req, None).expect("admitted");
     core.exec_started(id, owner, 200, &req, t0);
-    core.on_driver_gone(PID);
     core.on_driver_exit(PID, ExitStatus::Exited(0), t0);
     core.take_outputs();
     assert_eq!(core.exit_code(), None, "waits for the exec");
-    let reply = core.on_command(submit(7, "late", false), t0);
+    let reply = command(&mut core, submit(7, "late", false), t0);
     assert_eq!(err_code(&reply), Some(ErrorCode::ShuttingDown), "{reply:?}");
     let outs = core.take_outputs();
     assert!(

@@ -1,5 +1,5 @@
-//! Shared fixtures for the core's unit tests: a config, a core on a fake [`Sys`](crate::sys::Sys),
-//! a driver brought up to `ready`, and filters over the core's outputs.
+//! Shared fixtures for the core's unit tests: a config, a core, a driver brought up to
+//! `ready`, and filters over the core's outputs.
 
 use std::time::{Duration, Instant};
 
@@ -9,8 +9,6 @@ use driver_protocol::message::{
     ShimToControl, ShimToDriver, SubmitTask, TaskDone,
 };
 use driver_protocol::ErrorCode;
-
-use crate::sys::fake::Fake;
 
 use super::{Core, Output, Settings};
 
@@ -29,12 +27,63 @@ pub(super) fn cfg() -> Settings {
     }
 }
 
-pub(super) fn new_core(cfg: &Settings, t0: Instant) -> Core<Fake> {
-    let sys = Fake {
-        pid: 7,
-        ..Fake::default()
-    };
-    Core::new(sys, cfg, t0, 1)
+/// A core (in a shim that is not PID 1) with a log of the kills it asked for.
+pub(super) fn new_core(cfg: &Settings, t0: Instant) -> TestCore {
+    TestCore::new(7, cfg, t0)
+}
+
+/// A [`Core`] whose [`TestCore::take_outputs`] remembers every [`Output::Kill`], so a test
+/// can look at all the signals sent so far, whoever took the outputs meanwhile.
+pub(super) struct TestCore {
+    core: Core,
+    kills: Vec<(i32, i32)>,
+}
+
+impl TestCore {
+    /// A core for a shim whose pid is `own_pid`.
+    pub(super) fn new(own_pid: i32, cfg: &Settings, t0: Instant) -> Self {
+        TestCore {
+            core: Core::new(own_pid, cfg, t0, 1),
+            kills: Vec::new(),
+        }
+    }
+
+    /// [`Core::take_outputs`], logging the kills.
+    pub(super) fn take_outputs(&mut self) -> Vec<Output> {
+        let outs = self.core.take_outputs();
+        self.kills.extend(kills_in(&outs));
+        outs
+    }
+
+    /// Forgets the kills sent so far (taken or not); other outputs stay.
+    pub(super) fn clear_kills(&mut self) {
+        self.kills.clear();
+        self.core.out.retain(|o| !matches!(o, Output::Kill(_)));
+    }
+}
+
+impl std::ops::Deref for TestCore {
+    type Target = Core;
+    fn deref(&self) -> &Core {
+        &self.core
+    }
+}
+
+impl std::ops::DerefMut for TestCore {
+    fn deref_mut(&mut self) -> &mut Core {
+        &mut self.core
+    }
+}
+
+/// The kills among `outs`, as the first `kill(2)` of each (`(-pgid, sig)` for a group,
+/// `(-1, SIGKILL)` for everything).
+pub(super) fn kills_in(outs: &[Output]) -> Vec<(i32, i32)> {
+    outs.iter()
+        .filter_map(|o| match o {
+            Output::Kill(k) => Some(k.target()),
+            _ => None,
+        })
+        .collect()
 }
 
 pub(super) fn body() -> Bytes {
@@ -69,6 +118,24 @@ pub(super) fn to_driver(outs: &[Output]) -> Vec<&ShimToDriver> {
         .collect()
 }
 
+/// Runs control command `req` and returns its reply, taken out of the outputs (the others
+/// stay).
+pub(super) fn command(core: &mut Core, req: ControlToShim, now: Instant) -> ShimToControl {
+    core.on_command(req, now);
+    let at = core.out.iter().position(|o| matches!(o, Output::Reply(_)));
+    match at.map(|i| core.out.remove(i)) {
+        Some(Output::Reply(r)) => r,
+        other => panic!("no reply: {other:?}"),
+    }
+}
+
+/// Every kill the core asked for so far, in order (see [`kills_in`]).
+pub(super) fn kills(core: &TestCore) -> Vec<(i32, i32)> {
+    let mut all = core.kills.clone();
+    all.extend(kills_in(&core.core.out));
+    all
+}
+
 pub(super) fn launches(outs: &[Output]) -> usize {
     outs.iter().filter(|o| matches!(o, Output::Launch)).count()
 }
@@ -82,7 +149,7 @@ pub(super) fn ready() -> DriverToShim {
 }
 
 /// Launch as PID 100, hello, ready; returns the outputs of the whole start.
-pub(super) fn up(core: &mut Core<Fake>, now: Instant) -> Vec<Output> {
+pub(super) fn up(core: &mut TestCore, now: Instant) -> Vec<Output> {
     core.on_launched(PID, now);
     core.on_driver_msg(hello(), body(), now);
     core.on_driver_msg(ready(), body(), now);

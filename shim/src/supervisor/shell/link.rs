@@ -12,7 +12,7 @@ use bytes::{Buf, BytesMut};
 use driver_protocol::check;
 use driver_protocol::frame::{self, HEADER_LEN};
 use driver_protocol::message::{DriverToShim, Event, Log, LogStream, Message, ShimToDriver};
-use driver_protocol::DEFAULT_MAX_FRAME;
+use driver_protocol::{DecodeError, DEFAULT_MAX_FRAME};
 use tokio::net::unix::pipe;
 use tokio::net::UnixStream;
 use tracing::{debug, warn};
@@ -34,7 +34,7 @@ const MAX_DRIVER_QUEUE: usize = 2 * DEFAULT_MAX_FRAME + 1024 * 1024;
 const READ_CHUNK: usize = 64 * 1024;
 
 /// Relays a driver event's body to the control server, if there is one.
-fn relay(control: &mut Option<ControlServer>, body: &[u8]) {
+pub(super) fn relay(control: &mut Option<ControlServer>, body: &[u8]) {
     match control.as_mut() {
         Some(c) => {
             c.publish_raw(body);
@@ -218,19 +218,19 @@ impl Shell<'_> {
         let more = match link.sock.try_read_buf(&mut link.rbuf) {
             Ok(0) => {
                 debug!("driver closed its socket");
-                link.reading = false;
-                self.core.on_driver_eof(Instant::now());
                 false
             }
             Ok(_) => true,
             Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => return false,
             Err(err) => {
                 debug!(%err, "reading the driver socket failed");
-                link.reading = false;
-                self.core.on_driver_eof(Instant::now());
                 false
             }
         };
+        if !more {
+            link.reading = false;
+            self.core.on_driver_eof(Instant::now());
+        }
         self.decode_frames(false);
         more
     }
@@ -265,13 +265,7 @@ impl Shell<'_> {
             let len = match frame::parse_header(&link.rbuf, DEFAULT_MAX_FRAME) {
                 Ok(Some(len)) => len,
                 Ok(None) => return,
-                Err(err) => {
-                    link.rbuf.clear();
-                    link.reading = false;
-                    self.core.on_driver_decode_error(&err);
-                    self.apply_outputs();
-                    return;
-                }
+                Err(err) => return self.bad_frame(&err),
             };
             let want = HEADER_LEN.saturating_add(len);
             if link.rbuf.len() < want {
@@ -306,15 +300,20 @@ impl Shell<'_> {
                     self.core.on_driver_msg(msg, body, Instant::now());
                     self.apply_outputs();
                 }
-                Err(err) => {
-                    link.rbuf.clear();
-                    link.reading = false;
-                    self.core.on_driver_decode_error(&err);
-                    self.apply_outputs();
-                    return;
-                }
+                Err(err) => return self.bad_frame(&err),
             }
         }
+    }
+
+    /// The driver sent something that is not a frame of the protocol: what is buffered is
+    /// dropped, its socket is no longer read, and the core answers (and kills it).
+    fn bad_frame(&mut self, err: &DecodeError) {
+        if let Some(link) = self.link.as_mut() {
+            link.rbuf.clear();
+            link.reading = false;
+        }
+        self.core.on_driver_decode_error(err);
+        self.apply_outputs();
     }
 
     /// How long the driver may leave queued bytes unread before it counts as hung: the

@@ -16,7 +16,7 @@ mod spawning;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use driver_protocol::message::{Event, LogStream, Message, Oom, ShimToControl};
+use driver_protocol::message::{ControlToShim, Event, LogStream, Message, Oom, ShimToControl};
 use driver_protocol::DEFAULT_MAX_FRAME;
 use nix::sys::signal::SigSet;
 use tracing::{debug, info, warn};
@@ -25,14 +25,14 @@ use crate::cli::Config;
 use crate::control::{ControlConfig, ControlServer, Endpoints, Token};
 use crate::oom::OomCounter;
 use crate::reaper::{ExitStatus, Reaper};
-use crate::sys::Real;
+use crate::sys::{self, Real, Sys};
 
 use self::errcopy::ErrCopy;
 use self::exec::{exec_ready, ExecIoState, Ready};
-use self::link::{link_readable, link_writable, pipe_readable, Link, OutPipe};
+use self::link::{link_readable, link_writable, pipe_readable, relay, Link, OutPipe};
 use self::signalfd::Signals;
 use self::spawning::{spawn_ready, Spawning};
-use super::core::{Core, Output};
+use super::core::{Core, Counters, Output};
 use super::loglines::RateLimiter;
 use super::{Owner, SupervisorError};
 
@@ -49,7 +49,7 @@ const FULL_RECHECK: Duration = Duration::from_millis(20);
 struct Shell<'a> {
     cfg: &'a Config,
     mask: SigSet,
-    core: Core<Real>,
+    core: Core,
     reaper: &'a mut Reaper<Owner>,
     control: Option<ControlServer>,
     link: Option<Link>,
@@ -74,6 +74,8 @@ struct Shell<'a> {
     spawning: Vec<Spawning>,
     /// The sandbox cgroup's OOM-kill counter.
     oom: OomCounter,
+    /// Where the reply of the control command being executed goes.
+    replying: Option<crate::control::Reply>,
 }
 
 pub(super) async fn shell(
@@ -114,7 +116,7 @@ pub(super) async fn shell(
     let mut sh = Shell {
         cfg,
         mask,
-        core: Core::new(Real, &super::core::Settings::from(cfg), now, seed),
+        core: Core::new(Real.getpid(), &super::core::Settings::from(cfg), now, seed),
         reaper,
         control,
         link: None,
@@ -130,6 +132,7 @@ pub(super) async fn shell(
         exec_buf: bytes::BytesMut::new(),
         spawning: Vec::new(),
         oom: OomCounter::open(),
+        replying: None,
     };
     sh.core.start();
     loop {
@@ -290,50 +293,28 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-/// The shim's live child processes (the driver, tools, adopted orphans, zombies not yet
-/// reaped): the `/proc/PID/stat` entries whose parent is us. `None` if `/proc` is unreadable.
-fn live_children() -> Option<u32> {
-    let me = std::process::id();
-    let mut n = 0u32;
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let name = entry.file_name();
-        if !name.as_encoded_bytes().iter().all(u8::is_ascii_digit) {
-            continue;
-        }
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue; // gone meanwhile
-        };
-        // `pid (comm) state ppid …`; comm may hold spaces and parentheses.
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_ascii_whitespace().nth(1))
-            .and_then(|p| p.parse::<u32>().ok());
-        if ppid == Some(me) {
-            n = n.saturating_add(1);
-        }
-    }
-    Some(n)
-}
-
-/// Resident set size from `/proc/self/statm`, in bytes.
-fn rss_bytes() -> u64 {
-    let Ok(statm) = std::fs::read_to_string("/proc/self/statm") else {
-        return 0;
-    };
-    let pages: u64 = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(0);
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    pages.saturating_mul(u64::try_from(page).unwrap_or(4096))
-}
-
 impl Shell<'_> {
     /// The seq of the last event published (0 without a control server or before any).
     fn last_seq(&self) -> u64 {
         self.control.as_ref().map_or(0, |c| c.stats().last_seq)
+    }
+
+    /// The figures of a `status_reply` that only the shell can read.
+    fn counters(&self) -> Counters {
+        let stats = self.control.as_ref().map(ControlServer::stats);
+        Counters {
+            // As PID 1 the namespace's /proc is ours and small: count every child, adopted
+            // orphans included. As a subreaper on a host, scanning every process of the
+            // host per `status` would not scale: the core's count stands.
+            children: (std::process::id() == 1)
+                .then(|| sys::proc::children_of(1))
+                .flatten(),
+            reaped: self.reaped,
+            buffered_events: stats.as_ref().map_or(0, |st| st.events),
+            buffered_bytes: stats.as_ref().map_or(0, |st| st.bytes),
+            last_seq: stats.as_ref().map_or(0, |st| st.last_seq),
+            rss_bytes: sys::proc::rss_bytes(),
+        }
     }
 
     /// Carries out what the core asked for, until it asks for nothing more.
@@ -347,18 +328,22 @@ impl Shell<'_> {
                 match out {
                     Output::ToDriver(msg) => self.queue_for_driver(&msg),
                     Output::Event(ev) => self.publish(&ev),
-                    Output::Relay(body) => match self.control.as_mut() {
-                        Some(c) => {
-                            c.publish_raw(&body);
-                        }
-                        None => debug!(bytes = body.len(), "driver event"),
-                    },
+                    Output::Relay(body) => relay(&mut self.control, &body),
                     Output::Launch => self.launch(),
                     Output::StopReading => self.stop_reading(),
                     Output::StartExec(req) => self.driver_exec(&req),
                     Output::ExecInput(m) => self.exec_input(m),
                     Output::ExecResize(id, size) => self.exec_resize(id, size),
                     Output::ExecStop(id) => self.exec_stop(id),
+                    Output::CloseDriverLink => {
+                        self.close_driver_io();
+                        self.core.on_driver_link_closed(Instant::now());
+                    }
+                    Output::Kill(kill) => kill.apply(&Real),
+                    Output::Reply(reply) => match self.replying.take() {
+                        Some(to) => to.send(reply),
+                        None => debug!("a reply without a command"),
+                    },
                 }
             }
         }
@@ -376,8 +361,8 @@ impl Shell<'_> {
         }
     }
 
-    /// Reaps whatever exited; the driver's exit goes to the core once its last output has
-    /// been read.
+    /// Reaps whatever exited and tells the core (which asks for the driver's last output to
+    /// be read before it decides on the driver's exit).
     fn reap(&mut self) {
         let mut exits = Vec::new();
         let d = self
@@ -390,13 +375,7 @@ impl Shell<'_> {
             let oom_killed = self.oom_reading(pid, status);
             match owner {
                 Owner::Driver => {
-                    if pid == self.driver_pid {
-                        // Before its last frames: they are relayed but start nothing.
-                        self.core.on_driver_gone(pid);
-                        self.close_driver_io();
-                    }
-                    self.core
-                        .on_driver_exit_oom(pid, status, oom_killed, Instant::now());
+                    self.core.on_driver_exit_oom(pid, status, oom_killed);
                 }
                 Owner::Exec(id) => {
                     self.core
@@ -433,30 +412,21 @@ impl Shell<'_> {
             return;
         };
         let now = Instant::now();
-        let reply = self.core.on_command(cmd.request, now);
-        let reply = match reply {
-            ShimToControl::StatusReply(mut s) => {
-                s.reaped = self.reaped;
-                s.rss_bytes = rss_bytes();
-                // As PID 1 the namespace's /proc is ours and small: count every child,
-                // adopted orphans included. As a subreaper on a host, scanning every process
-                // of the host per `status` would not scale: the core's count stands.
-                if std::process::id() == 1 {
-                    if let Some(n) = live_children() {
-                        s.children = n;
-                    }
-                }
-                if let Some(c) = self.control.as_ref() {
-                    let st = c.stats();
-                    s.buffered_events = st.events;
-                    s.buffered_bytes = st.bytes;
-                    s.last_seq = st.last_seq;
-                }
-                ShimToControl::StatusReply(s)
+        match cmd.request {
+            ControlToShim::Status(s) => {
+                let reply = self.core.status(s.id, now, &self.counters());
+                cmd.reply.send(ShimToControl::StatusReply(reply));
             }
-            other => other,
-        };
-        cmd.reply.send(reply);
+            request => {
+                // The core's reply (an output) goes here, before its other outputs.
+                self.replying = Some(cmd.reply);
+                self.core.on_command(request, now);
+                self.apply_outputs();
+                if self.replying.take().is_some() {
+                    warn!("the core did not answer a control command");
+                }
+            }
+        }
     }
 
     /// Gives driver output still queued for our stderr a last, bounded chance.

@@ -6,8 +6,16 @@
 //! is the implementation the binary uses: thin wrappers around `libc`, every error returned as
 //! an [`Errno`], nothing ever panics.
 //!
+//! Beside the trait, the plain helpers the rest of the shim would otherwise write with raw
+//! `libc`, by subject: [`fd`] (pipes and descriptor flags), [`pty`] (pseudo-terminals) and
+//! [`proc`] (readings from `/proc`).
+//!
 //! `fork`/`execve` are not here: they live in [`crate::spawn`], whose child half must stay a
 //! straight line of async-signal-safe calls and cannot usefully be faked.
+
+pub mod fd;
+pub mod proc;
+pub mod pty;
 
 use std::time::Duration;
 
@@ -271,7 +279,7 @@ pub fn release_startup_pages() -> usize {
         // whose `dlpi_phdr` points to `dlpi_phnum` program headers; `released` is the
         // `&mut usize` passed below.
         let (info, released) = unsafe { (&*info, &mut *released.cast::<usize>()) };
-        let page = page_size();
+        let page = proc::page_size();
         let phdrs = if info.dlpi_phdr.is_null() {
             &[][..]
         } else {
@@ -326,13 +334,6 @@ pub fn release_startup_pages() -> usize {
     released
 }
 
-/// The system's page size (4 KiB if `sysconf` cannot tell).
-fn page_size() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    usize::try_from(n).ok().filter(|&n| n > 0).unwrap_or(4096)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -341,14 +342,14 @@ mod tests {
     fn released_code_and_constants_fault_back_in() {
         let released = release_startup_pages();
         assert!(released > 0, "nothing released");
-        assert_eq!(released % page_size(), 0);
+        assert_eq!(released % proc::page_size(), 0);
         // Code and constants are all still there: run some, read some.
         assert_eq!(format!("{:>5}|{}", 42, "const"), "   42|const");
         assert!(release_startup_pages() > 0, "a second call works too");
     }
 }
 
-#[cfg(any(test, fuzzing))]
+#[cfg(test)]
 pub(crate) mod fake {
     //! A scripted [`Sys`] for unit tests.
 
@@ -369,7 +370,6 @@ pub(crate) mod fake {
     }
 
     impl Fake {
-        #[cfg(test)]
         pub fn with_waits(pid: i32, waits: impl IntoIterator<Item = WaitResult>) -> Self {
             Fake {
                 pid,
