@@ -46,7 +46,7 @@ pub const FD_VAR: &str = driver_protocol::FD_ENV;
 
 /// The control-link token variable: never passed to the driver (always denied, whatever
 /// `--env-allow` says).
-pub use crate::cli::TOKEN_VAR;
+pub const TOKEN_VAR: &str = driver_protocol::token::TOKEN_ENV;
 
 /// How to start the driver (from the command line: the command, `--user`, `--workdir`, and
 /// the environment computed by [`driver_env`]).

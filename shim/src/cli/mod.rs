@@ -28,14 +28,14 @@ use crate::limits::Limits;
 use crate::logging::LogFormat;
 use crate::signals::Rewrites;
 /// The restart policy of `--restart`.
-pub use crate::supervisor::restart::RestartPolicy;
+pub use values::RestartPolicy;
 
 pub use help::{help, version, USAGE};
 pub use parse::parse;
 
 /// The variable holding the control token. The shim removes it from its own environment
 /// first thing, so no child ever sees it.
-pub const TOKEN_VAR: &str = driver_protocol::token::TOKEN_ENV;
+pub use crate::driver::TOKEN_VAR;
 
 /// Everything the shim needs to know, plain init mode and supervisor mode.
 #[derive(Clone, Debug, PartialEq)]

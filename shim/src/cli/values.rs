@@ -1,12 +1,13 @@
 //! The value parsers: each takes a flag's or variable's text and gives the typed value, or
 //! a lowercase message saying what was expected (the caller prefixes where it came from).
 
+use std::fmt;
+use std::str::FromStr;
 use std::time::Duration;
 
 use super::decimal::Decimal;
 use crate::control::ControlAddr;
 use crate::logging::LogFormat;
-use crate::supervisor::restart::{ParsePolicyError, RestartPolicy};
 
 /// Parses a duration: `500ms`, `8s`, `2m`, `1h`, or a bare (possibly fractional) number of
 /// seconds, rounded to the nearest nanosecond.
@@ -277,5 +278,45 @@ mod tests {
         assert_eq!(parse_exit_pair("143:0"), Ok((143, 0)));
         assert!(parse_exit_pair("-1:0").is_err());
         assert!(parse_exit_pair("1:").is_err());
+    }
+}
+
+/// When the driver is restarted after it exits (`--restart`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum RestartPolicy {
+    /// Never: the shim exits with the driver's code.
+    Never,
+    /// Unless the driver exited 0 on its own.
+    #[default]
+    OnFailure,
+    /// Always, whatever the exit.
+    Always,
+}
+
+/// A `--restart` value that is not a policy.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid restart policy {0:?} (expected never, on-failure or always)")]
+pub struct ParsePolicyError(pub String);
+
+impl FromStr for RestartPolicy {
+    type Err = ParsePolicyError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "never" => Ok(Self::Never),
+            "on-failure" => Ok(Self::OnFailure),
+            "always" => Ok(Self::Always),
+            other => Err(ParsePolicyError(other.to_owned())),
+        }
+    }
+}
+
+impl fmt::Display for RestartPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Never => "never",
+            Self::OnFailure => "on-failure",
+            Self::Always => "always",
+        })
     }
 }

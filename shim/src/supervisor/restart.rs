@@ -30,51 +30,12 @@
 //! restarts within 60 s.
 
 use std::collections::VecDeque;
-use std::fmt;
-use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use driver_protocol::Backoff;
 
-/// When the driver is restarted after it exits (`--restart`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub enum RestartPolicy {
-    /// Never: the shim exits with the driver's code.
-    Never,
-    /// Unless the driver exited 0 on its own.
-    #[default]
-    OnFailure,
-    /// Always, whatever the exit.
-    Always,
-}
-
-/// A `--restart` value that is not a policy.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid restart policy {0:?} (expected never, on-failure or always)")]
-pub struct ParsePolicyError(pub String);
-
-impl FromStr for RestartPolicy {
-    type Err = ParsePolicyError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "never" => Ok(Self::Never),
-            "on-failure" => Ok(Self::OnFailure),
-            "always" => Ok(Self::Always),
-            other => Err(ParsePolicyError(other.to_owned())),
-        }
-    }
-}
-
-impl fmt::Display for RestartPolicy {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Never => "never",
-            Self::OnFailure => "on-failure",
-            Self::Always => "always",
-        })
-    }
-}
+/// When the driver is restarted after it exits (`--restart`): parsed with the other flags.
+pub use crate::cli::RestartPolicy;
 
 /// Exponential backoff between restarts (`--backoff-*`): the project's one backoff rule
 /// ([`Backoff`]) and when it starts over.

@@ -22,7 +22,37 @@ use std::time::Duration;
 use nix::errno::Errno;
 use nix::sys::signal::SigSet;
 
-use crate::reaper::ExitStatus;
+/// A process killed by signal N reports exit code `SIGNAL_EXIT_BASE + N`, like a shell.
+pub const SIGNAL_EXIT_BASE: i32 = 128;
+
+/// How a reaped child ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// It called `exit(code)` (or returned from `main`); `code` is 0–255.
+    Exited(i32),
+    /// It was killed by this signal.
+    Signaled(i32),
+}
+
+impl ExitStatus {
+    /// Decodes a raw `wait` status. Stop/continue reports (never requested by the reaper) are
+    /// read as "killed by the signal in the low bits", which is what `WTERMSIG` would say.
+    pub fn from_raw(status: libc::c_int) -> Self {
+        if libc::WIFEXITED(status) {
+            ExitStatus::Exited(libc::WEXITSTATUS(status))
+        } else {
+            ExitStatus::Signaled(libc::WTERMSIG(status))
+        }
+    }
+
+    /// The exit code a shell would report: the code itself, or 128+N for signal N.
+    pub fn code(self) -> i32 {
+        match self {
+            ExitStatus::Exited(code) => code,
+            ExitStatus::Signaled(sig) => SIGNAL_EXIT_BASE.saturating_add(sig),
+        }
+    }
+}
 
 /// The result of one `waitpid(-1, WNOHANG)`: see [`Sys::waitpid_any_nohang`].
 pub type WaitResult = Result<Option<(i32, ExitStatus)>, Errno>;
