@@ -1,0 +1,47 @@
+"""agent-shim for Python: a driver SDK and a control client (asyncio first).
+
+Drivers: subclass :class:`Driver`, implement ``on_task(task, ctx)``, call ``run()``.
+Control planes: ``await Client.connect("unix:/run/agent.sock", token=...)``.
+The wire protocol is docs/PROTOCOL.md of the agent-shim repository.
+"""
+
+__version__ = "0.1.0"
+
+from .errors import (  # noqa: E402
+    AgentShimError,
+    AuthenticationError,
+    ConnectionClosed,
+    ProtocolError,
+    RemoteError,
+    ShimTimeout,
+    TaskFailed,
+)
+from .process import ExecResult, Process, TtySize  # noqa: E402
+from .token import TOKEN_ENV, read_token, token_from_env  # noqa: E402
+from .driver import Context, Driver, Task, TaskContext  # noqa: E402
+from .control import Client, Event, Lagged, Status  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "AgentShimError",
+    "AuthenticationError",
+    "ConnectionClosed",
+    "ProtocolError",
+    "RemoteError",
+    "ShimTimeout",
+    "TaskFailed",
+    "ExecResult",
+    "Process",
+    "TtySize",
+    "TOKEN_ENV",
+    "read_token",
+    "token_from_env",
+    "Context",
+    "Driver",
+    "Task",
+    "TaskContext",
+    "Client",
+    "Event",
+    "Lagged",
+    "Status",
+]

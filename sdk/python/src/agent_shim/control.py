@@ -1,0 +1,845 @@
+"""The control client: commands, events (acknowledged, resumable), exec, reconnects.
+
+::
+
+    async with await Client.connect("unix:/run/agent.sock", token=read_token(path)) as c:
+        await c.submit_task("t1", "hello")
+        async for ev in c.events(after=cursor):
+            ...                  # process the event, then persist ev.seq as the cursor
+            if ev.type == "task_done":
+                break
+
+Every wait is bounded (connect, handshake, each request, reconnection); a silent
+connection is probed with ``ping`` and redialed; a bad frame or a dead shim raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import hmac
+import logging
+import os
+import random
+import re
+import socket
+import time
+from dataclasses import dataclass
+from typing import (
+    Any,
+    AsyncIterator,
+    Callable,
+    Deque,
+    Dict,
+    List,
+    Optional,
+    Tuple,
+    Union,
+)
+
+from . import __version__
+from ._wire import (
+    HANDSHAKE_MAX_FRAME,
+    MAX_FRAME,
+    SHIM_TO_CONTROL,
+    Message,
+    check_hello,
+    encode,
+    error_frame,
+    limit,
+    read_frame,
+)
+from .errors import (
+    AuthenticationError,
+    ConnectionClosed,
+    ProtocolError,
+    RemoteError,
+    ShimTimeout,
+)
+from .process import Process, TtySize, exec_request
+
+__all__ = ["Client", "Event", "Lagged", "Status", "parse_address"]
+
+log = logging.getLogger("agent_shim.control")
+
+_AUTH_PREFIX = b"agent-shim-auth-v1\0"
+_CONSUMER = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
+#: Codes that end a connection attempt for good: retrying cannot help.
+_FATAL_CODES = {"unauthorized", "unsupported_version", "malformed", "invalid", "replaced"}
+
+_FAILURES = (ConnectionClosed, ProtocolError, RemoteError, ShimTimeout, asyncio.TimeoutError, OSError)
+
+#: Acknowledge at least every this many events, bytes, or seconds (the shim's hello may
+#: advertise its own: `ack_every`, `ack_delay_ms`; a quarter of its `max_bytes`).
+ACK_EVERY = 64
+ACK_BYTES = 1 << 20
+ACK_DELAY = 0.2
+
+
+def mac(token: bytes, role: str, peer_nonce: bytes, own_nonce: bytes) -> bytes:
+    """The proof of PROTOCOL.md §8.2 sent by ``role``."""
+    msg = _AUTH_PREFIX + role.encode() + b"\0" + peer_nonce + own_nonce
+    return hmac.new(token, msg, hashlib.sha256).digest()
+
+
+def parse_address(address: str) -> Tuple[str, Any]:
+    """``unix:PATH``, ``tcp:HOST:PORT`` (``[v6]``) or ``vsock:CID:PORT`` → (kind, target)."""
+    kind, _, rest = address.partition(":")
+    if kind == "unix" and rest:
+        return "unix", rest
+    if kind in ("tcp", "vsock"):
+        host, sep, port = rest.rpartition(":")
+        if sep and host and port.isdigit() and int(port) < 65536:
+            if kind == "tcp":
+                return "tcp", (host[1:-1] if host.startswith("[") and host.endswith("]") else host, int(port))
+            if host.isdigit():
+                return "vsock", (int(host), int(port))
+    raise ValueError(f"bad address {address!r}: use unix:PATH, tcp:HOST:PORT or vsock:CID:PORT")
+
+
+@dataclass(frozen=True)
+class Event:
+    """One event (``event{seq, event}``): its seq, its type, and its body (with ``type``)."""
+
+    seq: int
+    type: str
+    body: Dict[str, Any]
+    #: The frame's body size, what acknowledging it frees in the shim's buffer.
+    size: int = 0
+
+    def get(self, field: str, default: Any = None) -> Any:
+        """A field of the event's body."""
+        return self.body.get(field, default)
+
+
+@dataclass(frozen=True)
+class Lagged:
+    """An observer fell behind: ``missed`` events were skipped; the next is ``next_seq``."""
+
+    missed: int
+    next_seq: int
+
+
+@dataclass(frozen=True)
+class Status:
+    """The shim's ``status_reply`` (PROTOCOL.md §9.5); ``raw`` holds every field."""
+
+    state: str
+    restarts: int
+    uptime_ms: int
+    children: int
+    reaped: int
+    tasks_queued: int
+    execs_running: int
+    buffered_events: int
+    buffered_bytes: int
+    last_seq: int
+    rss_bytes: int
+    driver_pid: Optional[int]
+    task_running: Optional[str]
+    idle_since_ms: Optional[int]
+    raw: Dict[str, Any]
+
+
+class _Conn:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hello: Message) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.hello = hello
+        self.lost = asyncio.Event()
+        self.why = "connection lost"
+        self.task: Optional["asyncio.Task[None]"] = None
+        self.last_read = time.monotonic()
+
+    def close(self, why: str) -> None:
+        if not self.lost.is_set():
+            self.why = why
+            self.lost.set()
+        self.writer.close()
+
+
+Item = Union[Event, Lagged, BaseException]
+
+
+class Client:
+    """A control-plane connection to one shim. Use :meth:`connect`."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        token: Optional[Union[bytes, str]] = None,
+        consumer: Optional[str] = None,
+        connect_timeout: float = 10.0,
+        request_timeout: float = 10.0,
+        reconnect: bool = True,
+        reconnect_timeout: float = 30.0,
+        backoff: Tuple[float, float] = (0.1, 5.0),
+        keepalive: float = 15.0,
+        max_frame: int = MAX_FRAME,
+        queue_size: int = 4096,
+        software: str = "agent-shim-python",
+    ) -> None:
+        self.address = address
+        self._target = parse_address(address)
+        self._token = token.encode() if isinstance(token, str) else token
+        if self._token is not None and not self._token:
+            raise ValueError("the token is empty")
+        if consumer is not None and not _CONSUMER.match(consumer):
+            raise ValueError("a consumer name is 1 to 64 of A-Z a-z 0-9 . _ -")
+        if self._token is None and self._target[0] != "unix":
+            raise ValueError("tcp and vsock need a token")
+        self.consumer = consumer
+        self.connect_timeout = connect_timeout
+        self.request_timeout = request_timeout
+        self.reconnect = reconnect
+        self.reconnect_timeout = reconnect_timeout
+        self.backoff = backoff
+        self.keepalive = keepalive
+        self.max_frame = max_frame
+        self.software = software
+        self._conn: Optional[_Conn] = None
+        self._connected = asyncio.Event()
+        self._dead: Optional[BaseException] = None
+        self._dead_event = asyncio.Event()
+        self._closing = False
+        self._keeper: Optional["asyncio.Task[None]"] = None
+        self._pending: Dict[int, Tuple["asyncio.Future[Message]", bool]] = {}
+        self._id_high = random.getrandbits(32) << 32
+        self._id_low = 0
+        # events
+        self._pumping = False
+        self._from_now = False
+        self._queue: "asyncio.Queue[Item]" = asyncio.Queue(queue_size)
+        self._unconsumed: Deque[Tuple[int, int]] = collections.deque()
+        self._last_received = 0
+        self._resumed_from = 0
+        self._last_acked = 0
+        self._bytes_since_ack = 0
+        self._ack_timer: Optional[asyncio.TimerHandle] = None
+        self._procs: Dict[int, Process] = {}
+        self._streaming = False
+        #: The shim's hello on the current connection.
+        self.hello: Message = {}
+        #: How many times the connection was re-established.
+        self.reconnects = 0
+
+    # -- connecting --
+
+    @classmethod
+    async def connect(cls, address: str, **options: Any) -> "Client":
+        """Connects and authenticates (see the constructor for ``options``)."""
+        client = cls(address, **options)
+        await client._start()
+        return client
+
+    async def __aenter__(self) -> "Client":
+        if self._keeper is None:
+            await self._start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    @property
+    def agent_id(self) -> Optional[str]:
+        """The ``agent_id`` of the shim's hello."""
+        value = self.hello.get("agent_id")
+        return value if isinstance(value, str) else None
+
+    async def _start(self) -> None:
+        self._attach(await self._dial(self.connect_timeout))
+        self._keeper = asyncio.ensure_future(self._keep())
+
+    async def close(self) -> None:
+        """Flushes the acknowledgement, closes the connection, ends every wait."""
+        if self._closing:
+            return
+        self._closing = True
+        conn = self._conn
+        if conn is not None and not conn.lost.is_set():
+            self._send_ack(conn)
+            try:
+                await asyncio.wait_for(conn.writer.drain(), 2)
+            except (OSError, asyncio.TimeoutError):
+                pass
+            conn.close("closed by the client")
+        if self._keeper is not None:
+            self._keeper.cancel()
+        self._die(ConnectionClosed("the client was closed"))
+
+    def _die(self, why: BaseException) -> None:
+        if self._dead is None:
+            self._dead = why
+        self._dead_event.set()
+        for fut, _ in self._pending.values():
+            if not fut.done():
+                fut.set_exception(self._dead)
+        for proc in self._procs.values():
+            proc._lost(str(self._dead))
+        self._procs.clear()
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+        try:
+            self._queue.put_nowait(self._dead)
+        except asyncio.QueueFull:
+            pass
+        self._connected.set()  # wakes every waiter; they see _dead
+
+    async def _open(self, timeout: float) -> Tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        kind, target = self._target
+        if kind == "unix":
+            return await asyncio.wait_for(asyncio.open_unix_connection(target), timeout)
+        if kind == "tcp":
+            return await asyncio.wait_for(asyncio.open_connection(*target), timeout)
+        family = getattr(socket, "AF_VSOCK", None)
+        if family is None:
+            raise ConnectionClosed("this Python has no AF_VSOCK")
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, target), timeout)
+        except BaseException:
+            sock.close()
+            raise
+        return await asyncio.open_connection(sock=sock)
+
+    async def _handshake(self, timeout: float) -> _Conn:
+        reader, writer = await self._open(timeout)
+        try:
+            return await asyncio.wait_for(self._handshake_on(reader, writer), timeout)
+        except BaseException:
+            writer.close()
+            raise
+
+    async def _handshake_on(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> _Conn:
+        nonce = os.urandom(32) if self._token is not None else None
+        hello: Message = {
+            "type": "hello", "protocol": "agent-shim", "versions": [1], "role": "control",
+            "software": self.software, "software_version": __version__, "capabilities": [],
+        }
+        if nonce is not None:
+            hello["nonce"] = nonce
+        if self.consumer is not None:
+            hello["consumer"] = self.consumer
+        writer.write(encode(hello))
+        got = await read_frame(reader, SHIM_TO_CONTROL, HANDSHAKE_MAX_FRAME)
+        if got is None:
+            raise ConnectionClosed("the shim closed the connection before its hello")
+        shim_hello = got[0]
+        try:
+            check_hello(shim_hello, "shim")
+        except ProtocolError as e:
+            if shim_hello["type"] != "error":
+                writer.write(error_frame(e.code, e.message))
+            if e.code == "unauthorized":
+                raise AuthenticationError(e.code, e.message) from None
+            raise
+        shim_nonce = shim_hello.get("nonce")
+        if self._token is not None and nonce is not None:
+            if not isinstance(shim_nonce, bytes) or len(shim_nonce) != 32:
+                writer.write(error_frame("unauthorized", "the shim did not authenticate"))
+                raise AuthenticationError("unauthorized", "the shim's hello has no nonce (a downgrade?)")
+            writer.write(encode({"type": "auth", "mac": mac(self._token, "control", shim_nonce, nonce)}))
+            got = await read_frame(reader, SHIM_TO_CONTROL, HANDSHAKE_MAX_FRAME)
+            if got is None:
+                raise AuthenticationError("unauthorized", "the shim closed the connection: a wrong token?")
+            auth = got[0]
+            if auth["type"] == "error":
+                raise AuthenticationError(auth["code"], auth["message"])
+            if auth["type"] != "auth":
+                raise ProtocolError("invalid_state", f"expected auth, got {auth['type']}")
+            want = mac(self._token, "shim", nonce, shim_nonce)
+            if not hmac.compare_digest(auth["mac"], want):
+                writer.write(error_frame("unauthorized", "wrong proof"))
+                raise AuthenticationError("unauthorized", "the shim's proof is wrong: another token")
+        elif shim_nonce is not None:
+            raise AuthenticationError("unauthorized", "the shim wants a token and we have none")
+        return _Conn(reader, writer, shim_hello)
+
+    async def _dial(self, budget: float) -> _Conn:
+        """Dials until connected or ``budget`` seconds passed; backoff with jitter."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget
+        delay = self.backoff[0]
+        last: BaseException = ShimTimeout(f"cannot connect to {self.address} within {budget} s")
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise ShimTimeout(f"cannot connect to {self.address} within {budget} s: {last}") from last
+            try:
+                return await self._handshake(min(remaining, max(self.connect_timeout, 0.1)))
+            except (ProtocolError, RemoteError) as e:
+                if e.code in _FATAL_CODES:
+                    raise
+                last = e  # busy, limit, timeout: retry after a backoff
+            except asyncio.TimeoutError:
+                last = ShimTimeout("the handshake timed out")
+            except (OSError, ConnectionClosed) as e:
+                last = e
+            await asyncio.sleep(min(delay * random.uniform(0.8, 1.2), max(0.0, deadline - loop.time())))
+            delay = min(delay * 2, self.backoff[1])
+
+    def _attach(self, conn: _Conn) -> None:
+        self._conn = conn
+        self.hello = conn.hello
+        conn.task = asyncio.ensure_future(self._read(conn))
+        if self._pumping:
+            self._send_resume(conn)
+        self._connected.set()
+
+    async def _keep(self) -> None:
+        """Keeps a connection: probes a silent one, redials a lost one."""
+        while not self._closing:
+            conn = self._conn
+            assert conn is not None
+            try:
+                await asyncio.wait_for(conn.lost.wait(), self.keepalive)
+            except asyncio.TimeoutError:
+                if time.monotonic() - conn.last_read >= self.keepalive:
+                    asyncio.ensure_future(self._probe(conn))
+                continue
+            self._connected.clear()
+            for fut, _ in list(self._pending.values()):
+                if not fut.done():
+                    fut.set_exception(ConnectionClosed(conn.why))
+            if self._closing:
+                return
+            if not self.reconnect or conn.why.startswith("replaced"):
+                self._die(ConnectionClosed(f"the connection to {self.address} ended: {conn.why}"))
+                return
+            try:
+                new = await self._dial(self.reconnect_timeout)
+            except _FAILURES as e:
+                self._die(ConnectionClosed(f"lost {self.address} ({conn.why}) and could not reconnect: {e}"))
+                return
+            self.reconnects += 1
+            self._attach(new)
+
+    async def _probe(self, conn: _Conn) -> None:
+        try:
+            await self._request_on(conn, {"type": "ping"}, self.request_timeout)
+        except _FAILURES:
+            conn.close("no answer to a keepalive ping")
+
+    async def _read(self, conn: _Conn) -> None:
+        why = "the shim closed the connection"
+        try:
+            while True:
+                got = await read_frame(conn.reader, SHIM_TO_CONTROL, self.max_frame)
+                if got is None:
+                    break
+                conn.last_read = time.monotonic()
+                await self._on_message(conn, *got)
+        except ProtocolError as e:
+            why = f"bad frame from the shim: {e}"
+            log.warning("%s: %s", self.address, why)
+            try:
+                conn.writer.write(error_frame(e.code, e.message, e.re))
+            except OSError:
+                pass
+        except ConnectionClosed as e:
+            why = str(e)
+        except asyncio.CancelledError:
+            why = "closed"
+            raise
+        finally:
+            conn.close(why)
+
+    async def _on_message(self, conn: _Conn, msg: Message, size: int) -> None:
+        kind = msg["type"]
+        if kind == "event":
+            await self._on_event(msg["seq"], msg["event"], size)
+        elif "re" in msg and kind in ("ok", "pong", "exec_started", "status_reply", "error"):
+            entry = self._pending.get(msg["re"])
+            if entry is None or entry[0].done():
+                return
+            fut, is_exec = entry
+            if kind == "error":
+                fut.set_exception(RemoteError(msg["code"], msg["message"], msg["re"], msg.get("first_available")))
+                return
+            if kind == "exec_started" and is_exec:
+                proc = Process(msg["exec_id"], msg["pid"], self._send)
+                self._procs[msg["exec_id"]] = msg["process"] = proc
+            fut.set_result(msg)
+        elif kind == "lagged":
+            self._resumed_from = msg["next_seq"] - 1
+            await self._queue.put(Lagged(msg["missed"], msg["next_seq"]))
+        elif kind == "error":
+            err = RemoteError(msg["code"], msg["message"], None, msg.get("first_available"))
+            if msg["code"] == "replaced":
+                conn.close("replaced by a newer connection of the same consumer")
+                self._die(ConnectionClosed(f"replaced: {msg['message']}"))
+            elif msg["code"] in ("gap", "invalid_state") and self._pumping:
+                await self._queue.put(err)
+            else:
+                log.warning("%s: error from the shim: %s", self.address, err)
+
+    # -- requests --
+
+    def _next_id(self) -> int:
+        self._id_low = (self._id_low + 1) & 0xFFFFFFFF
+        return self._id_high | self._id_low
+
+    async def _live(self, timeout: float) -> _Conn:
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout)
+        except asyncio.TimeoutError:
+            raise ShimTimeout(f"not connected to {self.address} within {timeout} s") from None
+        if self._dead is not None:
+            raise self._dead
+        assert self._conn is not None
+        return self._conn
+
+    async def _request_on(self, conn: _Conn, msg: Message, timeout: float, is_exec: bool = False) -> Message:
+        if "id" not in msg:
+            msg["id"] = self._next_id()
+        if conn.lost.is_set():
+            raise ConnectionClosed(conn.why)
+        fut: "asyncio.Future[Message]" = asyncio.get_running_loop().create_future()
+        self._pending[msg["id"]] = (fut, is_exec)
+        try:
+            conn.writer.write(encode(msg, limit(conn.hello, "max_frame", MAX_FRAME)))
+            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+        finally:
+            self._pending.pop(msg["id"], None)
+
+    async def request(self, msg: Message, timeout: Optional[float] = None) -> Message:
+        """Sends a request and returns its reply; ``error`` replies raise RemoteError.
+
+        A connection lost meanwhile is redialed and the request sent again with the same
+        ``id`` (the shim answers a repeated id from its record: nothing runs twice)."""
+        loop = asyncio.get_running_loop()
+        budget = self.request_timeout if timeout is None else timeout
+        deadline = loop.time() + budget
+        msg = dict(msg)
+        msg.setdefault("id", self._next_id())
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise ShimTimeout(f"no answer to {msg['type']} within {budget} s")
+            conn = await self._live(remaining)
+            try:
+                return await self._request_on(conn, msg, max(0.0, deadline - loop.time()), msg["type"] == "exec")
+            except asyncio.TimeoutError:
+                raise ShimTimeout(f"no answer to {msg['type']} within {budget} s") from None
+            except ConnectionClosed:
+                if self._dead is not None:
+                    raise self._dead from None
+                await asyncio.sleep(0.01)  # the keeper redials; then send again, same id
+
+    async def _send(self, msg: Message) -> None:
+        conn = await self._live(self.request_timeout)
+        conn.writer.write(encode(msg, limit(conn.hello, "max_frame", MAX_FRAME)))
+        try:
+            await asyncio.wait_for(conn.writer.drain(), self.request_timeout)
+        except asyncio.TimeoutError:
+            raise ShimTimeout("the shim does not read") from None
+        except OSError as e:
+            raise ConnectionClosed(str(e)) from None
+
+    async def _ok(self, msg: Message) -> None:
+        await self.request(msg)
+
+    # -- typed commands (PROTOCOL.md §8.5) --
+
+    async def ping(self) -> float:
+        """A round trip, in seconds."""
+        start = time.monotonic()
+        await self.request({"type": "ping"})
+        return time.monotonic() - start
+
+    async def status(self) -> Status:
+        """The shim's status."""
+        r = await self.request({"type": "status"})
+        return Status(
+            state=r["state"], restarts=r["restarts"], uptime_ms=r["uptime_ms"],
+            children=r["children"], reaped=r["reaped"], tasks_queued=r["tasks_queued"],
+            execs_running=r["execs_running"], buffered_events=r["buffered_events"],
+            buffered_bytes=r["buffered_bytes"], last_seq=r["last_seq"], rss_bytes=r["rss_bytes"],
+            driver_pid=r.get("driver_pid"), task_running=r.get("task_running"),
+            idle_since_ms=r.get("idle_since_ms"), raw=r,
+        )
+
+    async def submit_task(
+        self,
+        task_id: str,
+        input: Any,
+        *,
+        output_schema: Any = None,
+        timeout_ms: Optional[int] = None,
+        redeliver: bool = False,
+    ) -> None:
+        """Queues a task (idempotent by ``task_id``); ``task_accepted`` follows as an event."""
+        msg: Message = {"type": "submit_task", "task_id": task_id, "input": input}
+        if output_schema is not None:
+            msg["output_schema"] = output_schema
+        if timeout_ms is not None:
+            msg["timeout_ms"] = timeout_ms
+        if redeliver:
+            msg["redeliver"] = True
+        await self._ok(msg)
+
+    async def cancel_task(self, task_id: str, grace_ms: Optional[int] = None) -> None:
+        """Cancels a queued or running task."""
+        msg: Message = {"type": "cancel_task", "task_id": task_id}
+        if grace_ms is not None:
+            msg["grace_ms"] = grace_ms
+        await self._ok(msg)
+
+    async def pause(self, timeout_ms: Optional[int] = None) -> None:
+        """Asks the driver for a safe point; the event ``paused`` says it is there."""
+        msg: Message = {"type": "pause"}
+        if timeout_ms is not None:
+            msg["timeout_ms"] = timeout_ms
+        await self._ok(msg)
+
+    async def resume(self) -> None:
+        """Resumes a paused agent."""
+        await self._ok({"type": "resume"})
+
+    async def signal(self, signal: str, *, exec_id: Optional[int] = None) -> None:
+        """Signals the driver's process group, or an exec's when ``exec_id`` is given."""
+        msg: Message = {"type": "signal", "signal": str(signal)}
+        if exec_id is not None:
+            msg.update(target="exec", exec_id=exec_id)
+        await self._ok(msg)
+
+    async def restart_driver(self) -> None:
+        """Relaunches the driver, also out of a crash loop."""
+        await self._ok({"type": "restart_driver"})
+
+    async def set_driver(self, argv: List[str], env: Optional[Dict[str, str]] = None) -> None:
+        """Replaces the driver command."""
+        msg: Message = {"type": "set_driver", "argv": list(argv)}
+        if env:
+            msg["env"] = dict(env)
+        await self._ok(msg)
+
+    async def shutdown(self, grace_ms: Optional[int] = None, reason: Optional[str] = None) -> None:
+        """Stops the agent and the shim."""
+        msg: Message = {"type": "shutdown"}
+        if grace_ms is not None:
+            msg["grace_ms"] = grace_ms
+        if reason is not None:
+            msg["reason"] = reason
+        await self._ok(msg)
+
+    async def forget_consumer(self, consumer: str) -> None:
+        """Drops a durable consumer's cursor on the shim (shims with sessions)."""
+        await self._ok({"type": "forget_consumer", "consumer": consumer})
+
+    async def exec(
+        self,
+        argv: List[str],
+        *,
+        env: Optional[Dict[str, str]] = None,
+        cwd: Optional[str] = None,
+        user: Optional[str] = None,
+        tty: Optional[TtySize] = None,
+        stdin: bool = False,
+        timeout: Optional[float] = None,
+        output_cap: Optional[int] = None,
+    ) -> Process:
+        """Runs a process in the sandbox. Its output and exit arrive as events, which this
+        client takes for the process (and acknowledges); events start flowing if
+        :meth:`events` was not called yet (from the cursor 0, or live for an observer of a
+        shim with sessions). Events of others wait in :meth:`events`."""
+        if not self._pumping:
+            self._start_pump(after=0 if self.consumer is not None or not self._sessions() else None)
+        msg = exec_request(
+            self._next_id(), argv, env=env, cwd=cwd, user=user, tty=tty, stdin=stdin,
+            timeout=timeout, output_cap=output_cap,
+        )
+        started = await self.request(msg)
+        proc: Process = started["process"]
+        return proc
+
+    def _sessions(self) -> bool:
+        return isinstance(self.hello.get("limits"), dict)
+
+    # -- events --
+
+    def events(
+        self,
+        after: Optional[int] = 0,
+        *,
+        on_lagged: Optional[Callable[[Lagged], None]] = None,
+    ) -> "EventStream":
+        """The events after seq ``after`` (the cursor the caller persisted; 0: all still
+        buffered; None: live ones only, for an observer of a shim with sessions).
+
+        Moving to the next event marks the previous one processed: acknowledgements follow
+        every ``ack_every`` events, ``ack_bytes`` bytes or ``ack_delay`` seconds. Persist
+        ``ev.seq`` with the event's effects before asking for the next one, and processing
+        is exactly once across crashes and reconnects."""
+        if self._streaming:
+            raise RuntimeError("one event stream per client")
+        if not self._pumping:
+            self._start_pump(after)
+        self._streaming = True
+        return EventStream(self, on_lagged)
+
+    def _start_pump(self, after: Optional[int]) -> None:
+        self._pumping = True
+        self._from_now = after is None
+        self._last_received = self._resumed_from = self._last_acked = after or 0
+        conn = self._conn
+        if conn is not None and not conn.lost.is_set():
+            self._send_resume(conn)
+
+    def _send_resume(self, conn: _Conn) -> None:
+        if self._from_now and self._last_received == 0:
+            msg: Message = {"type": "resume_from"}
+        else:
+            msg = {"type": "resume_from", "seq": self._ack_point()}
+            self._last_acked = max(self._last_acked, self._ack_point())
+        self._resumed_from = msg.get("seq", 0)
+        conn.writer.write(encode(msg))
+
+    def _ack_point(self) -> int:
+        return self._unconsumed[0][0] - 1 if self._unconsumed else self._last_received
+
+    async def _on_event(self, seq: int, body: Dict[str, Any], size: int) -> None:
+        if self._resumed_from < seq <= self._last_received:
+            return  # replayed after a reconnect, and already taken
+        if seq <= self._resumed_from:
+            # Lower than our cursor: a new shim behind the same address; a new stream.
+            log.warning("%s: seq %d after resume_from %d: a new shim", self.address, seq, self._resumed_from)
+            self._unconsumed.clear()
+            self._resumed_from = self._last_acked = 0
+        self._last_received = seq
+        kind = body["type"]
+        exec_id = body.get("exec_id")
+        proc = self._procs.get(exec_id) if kind in ("exec_output", "exec_exit") and isinstance(exec_id, int) else None
+        if proc is not None:
+            if kind == "exec_output" and isinstance(body.get("data"), bytes):
+                proc._output(str(body.get("stream")), body["data"])
+            elif kind == "exec_exit":
+                self._procs.pop(exec_id, None)  # type: ignore[arg-type]
+                proc._exit(body)
+            self._bytes_since_ack += size
+            self._ack_progress()
+            return
+        self._unconsumed.append((seq, size))
+        await self._queue.put(Event(seq, kind, body, size))
+
+    def _consumed(self, seq: int) -> None:
+        while self._unconsumed and self._unconsumed[0][0] <= seq:
+            self._bytes_since_ack += self._unconsumed.popleft()[1]
+        self._ack_progress()
+
+    def _ack_progress(self) -> None:
+        hello = self.hello
+        every = limit(hello, "ack_every", ACK_EVERY)
+        max_bytes = limit(hello, "max_bytes", 0)
+        by_bytes = min(ACK_BYTES, max_bytes // 4) if max_bytes else ACK_BYTES
+        pending = self._ack_point() - self._last_acked
+        if pending <= 0:
+            return
+        conn = self._conn
+        if pending >= every or self._bytes_since_ack >= by_bytes:
+            if conn is not None:
+                self._send_ack(conn)
+        elif self._ack_timer is None:
+            delay = limit(hello, "ack_delay_ms", int(ACK_DELAY * 1000)) / 1000
+            self._ack_timer = asyncio.get_running_loop().call_later(delay, self._ack_due)
+
+    def _ack_due(self) -> None:
+        self._ack_timer = None
+        if self._conn is not None:
+            self._send_ack(self._conn)
+
+    def _send_ack(self, conn: _Conn) -> None:
+        point = self._ack_point()
+        if point <= self._last_acked or conn.lost.is_set():
+            return
+        try:
+            conn.writer.write(encode({"type": "ack", "seq": point}))
+        except OSError:
+            return
+        self._last_acked = point
+        self._bytes_since_ack = 0
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+
+    @property
+    def cursor(self) -> int:
+        """The last seq processed (acknowledged or due to be)."""
+        return self._ack_point()
+
+
+class EventStream:
+    """The async iterator of :meth:`Client.events`."""
+
+    def __init__(self, client: Client, on_lagged: Optional[Callable[[Lagged], None]]) -> None:
+        self._client = client
+        self._on_lagged = on_lagged
+        self._current: Optional[int] = None
+        #: Events skipped because an observer fell behind.
+        self.missed = 0
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self
+
+    async def __anext__(self) -> Event:
+        try:
+            return await self.next()
+        except ConnectionClosed:
+            if self._client._closing:
+                raise StopAsyncIteration from None
+            raise
+
+    async def next(self, timeout: Optional[float] = None) -> Event:
+        """The next event (the previous one counts as processed); ShimTimeout after
+        ``timeout`` seconds without one."""
+        client = self._client
+        if self._current is not None:
+            client._consumed(self._current)
+            self._current = None
+        while True:
+            item = await self._get(timeout)
+            if isinstance(item, BaseException):
+                client._queue.put_nowait(item)  # stays the answer for every later call
+                raise item
+            if isinstance(item, Lagged):
+                self.missed += item.missed
+                if self._on_lagged is not None:
+                    self._on_lagged(item)
+                else:
+                    log.warning("%s: fell behind, %d events missed", client.address, item.missed)
+                continue
+            self._current = item.seq
+            return item
+
+    async def _get(self, timeout: Optional[float]) -> Item:
+        client = self._client
+        if not client._queue.empty():
+            return client._queue.get_nowait()
+        if client._dead is not None:
+            return client._dead
+        getter = asyncio.ensure_future(client._queue.get())
+        dead = asyncio.ensure_future(client._dead_event.wait())
+        try:
+            done, _ = await asyncio.wait({getter, dead}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            dead.cancel()
+            if not getter.done():
+                getter.cancel()
+        if getter.done() and not getter.cancelled():
+            return getter.result()
+        if client._dead is not None:
+            return client._dead
+        raise ShimTimeout(f"no event within {timeout} s")
+
+    async def aclose(self) -> None:
+        """Marks the current event processed and sends the acknowledgement."""
+        if self._current is not None:
+            self._client._consumed(self._current)
+            self._current = None
+        if self._client._conn is not None:
+            self._client._send_ack(self._client._conn)
+
+
