@@ -65,8 +65,8 @@ log = logging.getLogger("agent_shim.control")
 
 _AUTH_PREFIX = b"agent-shim-auth-v1\0"
 _CONSUMER = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
-#: Codes that end a connection attempt for good: retrying cannot help.
-_FATAL_CODES = {"unauthorized", "unsupported_version", "malformed", "invalid", "replaced"}
+#: Codes worth another connection attempt after a backoff; any other ends the attempts.
+_RETRY_CODES = {"busy", "limit", "timeout", "internal", "shutting_down"}
 
 _FAILURES = (ConnectionClosed, ProtocolError, RemoteError, ShimTimeout, asyncio.TimeoutError, OSError)
 
@@ -371,7 +371,7 @@ class Client:
             try:
                 return await self._handshake(min(remaining, max(self.connect_timeout, 0.1)))
             except (ProtocolError, RemoteError) as e:
-                if e.code in _FATAL_CODES:
+                if e.code not in _RETRY_CODES:
                     raise
                 last = e  # busy, limit, timeout: retry after a backoff
             except asyncio.TimeoutError:
