@@ -119,7 +119,7 @@ def shim_factory(tmp_path: pathlib.Path) -> Iterator["type[Shim] | object"]:
         counter[0] += 1
         tmp = tmp_path / f"shim{counter[0]}"
         tmp.mkdir()
-        shim = Shim(tmp, driver or driver_cmd("test_driver.py"), **kw)  # type: ignore[arg-type]
+        shim = Shim(tmp, driver or driver_cmd("sdk_test_driver.py"), **kw)  # type: ignore[arg-type]
         started.append(shim)
         return shim
 

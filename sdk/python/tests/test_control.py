@@ -259,7 +259,7 @@ def test_large_events_never_wait_for_an_ack_count(shim_factory):
     # stall the shim (buffer full) while the client waits for the 64th event.
     from conftest import driver_cmd
 
-    shim = shim_factory(driver_cmd("test_driver.py"), args=["--event-buffer-bytes", "8388608"])
+    shim = shim_factory(driver_cmd("sdk_test_driver.py"), args=["--event-buffer-bytes", "8388608"])
 
     async def go():
         async with await connect(shim) as c:

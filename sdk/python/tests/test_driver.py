@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-from conftest import driver_cmd
 from helpers import connect, run, until_done, until_type
 
 
@@ -199,6 +198,3 @@ def test_the_echo_driver_on_the_sdk_under_the_real_shim(shim_factory):
 
     run(go())
 
-
-def test_driver_cmd_exists():
-    assert driver_cmd("test_driver.py")[-1].endswith("test_driver.py")

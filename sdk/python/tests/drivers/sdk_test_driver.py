@@ -12,7 +12,7 @@ import agent_shim
 from agent_shim import Context, Task, TaskContext, TaskFailed, TtySize
 
 
-class TestDriver(agent_shim.Driver):
+class SdkTestDriver(agent_shim.Driver):
     software = "sdk-test-driver"
 
     async def setup(self, ctx: Context) -> None:
@@ -87,7 +87,7 @@ class TestDriver(agent_shim.Driver):
 
 if __name__ == "__main__":
     try:
-        reason = TestDriver().run()
+        reason = SdkTestDriver().run()
     except agent_shim.ProtocolError as e:
         print(f"sdk-test-driver: {e}", file=sys.stderr)
         sys.exit(3)
