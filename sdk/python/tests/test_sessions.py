@@ -61,7 +61,7 @@ def test_an_observer_from_now_sees_only_live_events(shim_factory):
             s = c.events(after=0)
             await until_type(s, "driver_ready")
             status = await c.status()
-            async with await connect(shim) as obs:  # no consumer: an observer
+            async with await connect(shim, consumer=None) as obs:  # an observer
                 so = obs.events(after=None)
                 await asyncio.sleep(0.2)
                 await c.submit_task("t1", "live")
@@ -81,7 +81,7 @@ def test_an_observer_that_falls_behind_is_told_and_goes_on(shim_factory):
         async with await connect(shim, consumer="main") as c:
             s = c.events(after=0)
             # The observer reads nothing for a while (a queue of 1 stops its socket reads).
-            obs = await connect(shim, queue_size=1)
+            obs = await connect(shim, consumer=None, queue_size=1)
             so = obs.events(after=None, on_lagged=lagged.append)
             await asyncio.sleep(0.2)
             await c.submit_task("big", {"big": 400, "size": 16384})
@@ -109,7 +109,7 @@ def test_a_cursor_older_than_the_buffer_is_a_gap(shim_factory):
             s = c.events(after=0)
             await c.submit_task("many", {"big": 100, "size": 10})
             await until_done(s, "many", timeout=30)
-        async with await connect(shim) as obs:
+        async with await connect(shim, consumer=None) as obs:
             with pytest.raises(RemoteError) as e:
                 await obs.events(after=1).next(10)
             assert e.value.code == "gap" and e.value.first_available > 2

@@ -59,11 +59,13 @@ from .errors import (
 )
 from .process import Process, TtySize, exec_request
 
-__all__ = ["Client", "Event", "Lagged", "Status", "parse_address"]
+__all__ = ["Client", "Event", "Lagged", "Status", "parse_address", "DEFAULT_CONSUMER"]
 
 log = logging.getLogger("agent_shim.control")
 
 _AUTH_PREFIX = b"agent-shim-auth-v1\0"
+#: The durable consumer a client is unless told otherwise (control-link's default too).
+DEFAULT_CONSUMER = "control"
 _CONSUMER = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
 #: Codes worth another connection attempt after a backoff; any other ends the attempts.
 _RETRY_CODES = {"busy", "limit", "timeout", "internal", "shutting_down"}
@@ -163,14 +165,21 @@ Item = Union[Event, Lagged, BaseException]
 
 
 class Client:
-    """A control-plane connection to one shim. Use :meth:`connect`."""
+    """A control-plane connection to one shim. Use :meth:`connect`.
+
+    ``consumer`` names the durable consumer this connection is (default ``"control"``, as
+    control-link's): the shim keeps its events until it acknowledges them, and a newer
+    connection of the same name replaces this one. ``consumer=None`` makes an observer:
+    it sees events while connected, its acks are ignored, nothing is kept for it. (Shims
+    without sessions have one shared position and ignore the name.)
+    """
 
     def __init__(
         self,
         address: str,
         *,
         token: Optional[Union[bytes, str]] = None,
-        consumer: Optional[str] = None,
+        consumer: Optional[str] = DEFAULT_CONSUMER,
         connect_timeout: float = 10.0,
         request_timeout: float = 10.0,
         reconnect: bool = True,
