@@ -652,11 +652,12 @@ class Client:
         output_cap: Optional[int] = None,
     ) -> Process:
         """Runs a process in the sandbox. Its output and exit arrive as events, which this
-        client takes for the process (and acknowledges); events start flowing if
-        :meth:`events` was not called yet (from the cursor 0, or live for an observer of a
-        shim with sessions). Events of others wait in :meth:`events`."""
+        client takes for the process and acknowledges. Without :meth:`events` called first,
+        events start flowing from the shim's last seq now, and the other events that pass
+        meanwhile are acknowledged as read (as ``agentctl exec`` does); call :meth:`events`
+        first to see every event (those of the exec excepted)."""
         if not self._pumping:
-            self._start_pump(after=0 if self.consumer is not None or not self._sessions() else None)
+            self._start_pump(after=(await self.status()).last_seq)
         msg = exec_request(
             self._next_id(), argv, env=env, cwd=cwd, user=user, tty=tty, stdin=stdin,
             timeout=timeout, output_cap=output_cap,
@@ -664,9 +665,6 @@ class Client:
         started = await self.request(msg)
         proc: Process = started["process"]
         return proc
-
-    def _sessions(self) -> bool:
-        return isinstance(self.hello.get("limits"), dict)
 
     # -- events --
 
@@ -682,7 +680,8 @@ class Client:
         Moving to the next event marks the previous one processed: acknowledgements follow
         every ``ack_every`` events, ``ack_bytes`` bytes or ``ack_delay`` seconds. Persist
         ``ev.seq`` with the event's effects before asking for the next one, and processing
-        is exactly once across crashes and reconnects."""
+        is exactly once across crashes and reconnects. After :meth:`exec`, the events
+        already flow: ``after`` is then ignored and the stream starts with the next one."""
         if self._streaming:
             raise RuntimeError("one event stream per client")
         if not self._pumping:
@@ -728,6 +727,10 @@ class Client:
             elif kind == "exec_exit":
                 self._procs.pop(exec_id, None)  # type: ignore[arg-type]
                 proc._exit(body)
+            self._bytes_since_ack += size
+            self._ack_progress()
+            return
+        if not self._streaming:  # nobody reads events: passed over (see `exec`)
             self._bytes_since_ack += size
             self._ack_progress()
             return
