@@ -354,3 +354,20 @@ def test_a_shim_that_goes_away_ends_waits_with_an_error(shim_factory):
         await c.close()
 
     run(go(), bound=30)
+
+
+def test_acks_follow_within_the_delay_without_a_count_or_a_close(shim_factory):
+    shim = shim_factory(echo_driver_cmd())
+
+    async def go():
+        async with await connect(shim) as c:
+            stream = c.events()
+            await c.submit_task("t1", "a few words")
+            await until_done(stream, "t1")
+            assert (await c.status()).buffered_events > 0
+            with pytest.raises(ShimTimeout):
+                await stream.next(0.6)  # the task_done counts as processed; 200 ms later: ack
+            status = await c.status()
+            assert status.buffered_events == 0, status
+
+    run(go())
