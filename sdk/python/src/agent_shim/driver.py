@@ -428,6 +428,7 @@ class Driver:
                                    "message": "a task is already running", "task_id": msg["task_id"]})
             else:
                 self._start_task(msg)
+                await asyncio.sleep(0)  # the task starts before the next message is handled
         elif kind == "cancel":
             if ctx is not None and self._task is not None and ctx.task_id == msg["task_id"]:
                 await self._reply({"type": "ok", "re": msg["id"]})
