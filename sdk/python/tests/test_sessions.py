@@ -148,3 +148,42 @@ def test_forget_consumer(shim_factory):
             assert e.value.code == "not_found"
 
     run(go())
+
+
+def test_an_observer_reconnects_where_it_was_without_duplicates(shim_factory):
+    from conftest import echo_driver_cmd, free_port
+    from agent_shim import Client, read_token
+    from test_control import Proxy
+
+    port = free_port()
+    shim = shim_factory(echo_driver_cmd(), listen=f"tcp:127.0.0.1:{port}")
+
+    async def go():
+        proxy = Proxy(port)
+        proxy_port = await proxy.start()
+        try:
+            token = read_token(shim.token_file)
+            async with await connect(shim, consumer="main") as c:
+                s = c.events(after=0)
+                obs = await Client.connect(f"tcp:127.0.0.1:{proxy_port}", token=token, consumer=None,
+                                           backoff=(0.05, 0.5))
+                so = obs.events(after=(await c.status()).last_seq)
+                await c.submit_task("t1", {"text": "a b c d e f", "delay_ms": 100})
+                seqs = []
+                cuts = 0
+                while True:
+                    ev = await so.next(20)
+                    seqs.append(ev.seq)
+                    if ev.type == "message_chunk" and cuts < 2:
+                        proxy.cut()
+                        cuts += 1
+                    if ev.type == "task_done":
+                        break
+                await until_done(s, "t1")
+                assert obs.reconnects >= 2
+                assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs
+                await obs.close()
+        finally:
+            proxy.close()
+
+    run(go())

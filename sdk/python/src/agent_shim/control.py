@@ -473,14 +473,16 @@ class Client:
                 self._procs[msg["exec_id"]] = msg["process"] = proc
             fut.set_result(msg)
         elif kind == "lagged":
-            self._resumed_from = msg["next_seq"] - 1
+            skipped_to = msg["next_seq"] - 1
+            self._resumed_from = skipped_to
+            self._last_received = max(self._last_received, skipped_to)
             await self._queue.put(Lagged(msg["missed"], msg["next_seq"]))
         elif kind == "error":
             err = RemoteError(msg["code"], msg["message"], None, msg.get("first_available"))
             if msg["code"] == "replaced":
                 conn.close("replaced by a newer connection of the same consumer")
                 self._die(ConnectionClosed(f"replaced: {msg['message']}"))
-            elif msg["code"] in ("gap", "invalid_state") and self._pumping:
+            elif msg["code"] == "gap" and self._pumping:
                 await self._queue.put(err)
             else:
                 log.warning("%s: error from the shim: %s", self.address, err)
@@ -700,6 +702,10 @@ class Client:
     def _send_resume(self, conn: _Conn) -> None:
         if self._from_now and self._last_received == 0:
             msg: Message = {"type": "resume_from"}
+        elif self.consumer is None:
+            # An observer: nothing is kept for it, so it goes on after what it received
+            # (what waits in the queue is delivered from there).
+            msg = {"type": "resume_from", "seq": self._last_received}
         else:
             msg = {"type": "resume_from", "seq": self._ack_point()}
             self._last_acked = max(self._last_acked, self._ack_point())
