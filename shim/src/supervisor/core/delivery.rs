@@ -85,7 +85,7 @@ impl Core {
             SubmitOutcome::Full => err(
                 re,
                 ErrorCode::Limit,
-                &format!("task queue full ({} tasks)", self.cfg.task_queue),
+                &format!("task queue full ({} tasks)", self.cfg.opts.task_queue),
             ),
         }
     }
@@ -101,7 +101,7 @@ impl Core {
                 if self.cancelling.is_none() {
                     let grace = c
                         .grace_ms
-                        .map_or(self.cfg.cancel_grace, Duration::from_millis);
+                        .map_or(self.cfg.opts.cancel_grace, Duration::from_millis);
                     // The task's tool processes die after the same grace.
                     self.cancel_task_execs(&c.task_id, grace, now);
                     let id = self.request_id();

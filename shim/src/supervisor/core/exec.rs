@@ -111,7 +111,7 @@ impl Core {
                 return Err((ErrorCode::InvalidState, "the driver is gone".into()));
             }
             // A driver dropped to a uid must not get root back through its tools.
-            let confined = self.cfg.user.is_some_and(|(uid, _)| uid != 0);
+            let confined = self.cfg.opts.user.is_some_and(|(uid, _)| uid != 0);
             if confined && user.is_some_and(|(uid, gid)| uid == 0 || gid == 0) {
                 return Err((
                     ErrorCode::Invalid,
@@ -119,13 +119,13 @@ impl Core {
                 ));
             }
         }
-        if self.execs.len() >= self.cfg.max_execs {
+        if self.execs.len() >= self.cfg.opts.max_execs {
             return Err((
                 ErrorCode::Limit,
                 format!(
                     "all exec slots are taken ({} running, --max-execs {})",
                     self.execs.len(),
-                    self.cfg.max_execs
+                    self.cfg.opts.max_execs
                 ),
             ));
         }
@@ -229,7 +229,7 @@ impl Core {
         oom_killed: Option<bool>,
         now: Instant,
     ) {
-        let drain = self.cfg.exec_drain;
+        let drain = self.cfg.opts.exec_drain;
         let Some(e) = self.execs.get_mut(&id) else {
             debug!(exec_id = id, "exit of an unknown exec");
             return;
@@ -369,7 +369,7 @@ impl Core {
     /// SIGTERM to the groups of the execs `pick` selects (not already being killed), SIGKILL
     /// after `--exec-kill-grace`.
     pub(super) fn terminate_execs(&mut self, now: Instant, pick: impl Fn(&ExecEntry) -> bool) {
-        let grace = self.cfg.exec_kill_grace;
+        let grace = self.cfg.opts.exec_kill_grace;
         let mut groups = Vec::new();
         for e in self.execs.values_mut().filter(|e| pick(e)) {
             e.term_at = None;
@@ -407,7 +407,7 @@ impl Core {
         }
         info!(execs = self.execs.len(), "terminating execs before exiting");
         self.exit_pending = Some(code);
-        let sup = &self.cfg;
+        let sup = &self.cfg.opts;
         self.exit_deadline = now.checked_add(
             sup.exec_kill_grace
                 .saturating_add(sup.exec_drain)
@@ -428,7 +428,7 @@ impl Core {
 
     /// Timeouts, cancel graces, kill graces and drains that are due.
     pub(super) fn exec_timer(&mut self, now: Instant) {
-        let grace = self.cfg.exec_kill_grace;
+        let grace = self.cfg.opts.exec_kill_grace;
         let mut signals_due = Vec::new();
         let mut stops = Vec::new();
         for (&id, e) in &mut self.execs {
@@ -572,13 +572,13 @@ mod tests {
         up(&mut core, t0);
         let id = start(&mut core, ExecOwner::Control, &exec(1, &["sh"]), 300, t0);
         core.on_exec_exit(id, ExitStatus::Exited(0), t0);
-        assert_eq!(core.next_deadline(), Some(t0 + c.exec_drain));
-        core.on_timer(t0 + c.exec_drain);
+        assert_eq!(core.next_deadline(), Some(t0 + c.opts.exec_drain));
+        core.on_timer(t0 + c.opts.exec_drain);
         let outs = core.take_outputs();
         assert!(outs.contains(&Output::ExecStop(id)), "{outs:?}");
         assert_eq!(kills(&core), vec![(-300, libc::SIGKILL)]);
         // The shell closes the pipes and says so: then the exit.
-        core.exec_io_closed(id, t0 + c.exec_drain);
+        core.exec_io_closed(id, t0 + c.opts.exec_drain);
         assert_eq!(exits(&core.take_outputs()).len(), 1);
     }
 
@@ -595,7 +595,7 @@ mod tests {
         assert_eq!(core.next_deadline().map(|d| d <= t1), Some(true));
         core.on_timer(t1);
         assert_eq!(kills(&core), vec![(-400, libc::SIGTERM)]);
-        let t2 = t1 + c.exec_kill_grace;
+        let t2 = t1 + c.opts.exec_kill_grace;
         core.on_timer(t2);
         assert_eq!(
             kills(&core),
@@ -636,7 +636,7 @@ mod tests {
     fn limits_ownership_and_refusals() {
         let t0 = Instant::now();
         let mut c = cfg();
-        c.max_execs = 2;
+        c.opts.max_execs = 2;
         let mut core = new_core(&c, t0);
         up(&mut core, t0);
         let d = ExecOwner::Driver(PID);
@@ -729,7 +729,7 @@ mod tests {
     fn a_confined_driver_may_not_exec_as_root() {
         let t0 = Instant::now();
         let mut c = cfg();
-        c.user = Some((1000, 1000));
+        c.opts.user = Some((1000, 1000));
         let mut core = new_core(&c, t0);
         up(&mut core, t0);
         let d = ExecOwner::Driver(PID);
@@ -845,7 +845,7 @@ mod tests {
         let x = exits(&core.take_outputs());
         assert_eq!(x.len(), 1);
         assert!(x[0].code.is_none() && x[0].signal.is_none(), "{x:?}");
-        assert!(now <= t0 + c.exec_kill_grace + c.exec_drain + super::EXIT_SLACK);
+        assert!(now <= t0 + c.opts.exec_kill_grace + c.opts.exec_drain + super::EXIT_SLACK);
     }
 
     #[test]

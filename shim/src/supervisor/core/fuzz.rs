@@ -88,12 +88,15 @@ impl<'a> Harness<'a> {
         let cfg = Settings {
             command: vec!["driver".into()],
             grace: Duration::from_secs(2),
-            backoff_jitter: 0.0,
-            ping_interval: Duration::from_secs(1),
-            ping_misses: 2,
-            task_queue: 4,
-            max_execs: 3,
-            idle_after: Some(Duration::from_secs(5)),
+            opts: super::settings::CoreOpts {
+                backoff_jitter: 0.0,
+                ping_interval: Duration::from_secs(1),
+                ping_misses: 2,
+                task_queue: 4,
+                max_execs: 3,
+                idle_after: Some(Duration::from_secs(5)),
+                ..super::settings::CoreOpts::flag_defaults()
+            },
             ..Settings::default()
         };
         let now = Instant::now();

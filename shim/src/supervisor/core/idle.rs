@@ -140,9 +140,9 @@ mod tests {
 
     fn idle_cfg() -> crate::supervisor::core::Settings {
         let mut c = cfg();
-        c.idle_after = Some(AFTER);
+        c.opts.idle_after = Some(AFTER);
         // No pings: their timers would only add turns.
-        c.ping_interval = Duration::ZERO;
+        c.opts.ping_interval = Duration::ZERO;
         c
     }
 

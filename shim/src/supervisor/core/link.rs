@@ -224,7 +224,7 @@ impl Core {
     fn on_ready(&mut self, re: Option<u64>, pid: i32, started: Instant, now: Instant) {
         match self.lifecycle.state() {
             DriverState::Starting => {
-                let interval = self.cfg.ping_interval;
+                let interval = self.cfg.opts.ping_interval;
                 if let Some(d) = self.driver.as_mut() {
                     d.ready_deadline = None;
                     if !interval.is_zero() {
@@ -248,15 +248,15 @@ impl Core {
         if let Some(d) = self.driver.as_mut() {
             if due(d.ready_deadline, now) {
                 d.ready_deadline = None;
-                warn!(timeout = ?self.cfg.ready_timeout, "the driver was not ready in time");
+                warn!(timeout = ?self.cfg.opts.ready_timeout, "the driver was not ready in time");
                 self.kill_driver(ExitReason::NotReady);
             }
         }
         if let Some(d) = self.driver.as_mut() {
             if due(d.next_ping, now) {
-                let interval = self.cfg.ping_interval;
+                let interval = self.cfg.opts.ping_interval;
                 d.next_ping = now.checked_add(interval);
-                if d.pings_unanswered >= self.cfg.ping_misses {
+                if d.pings_unanswered >= self.cfg.opts.ping_misses {
                     d.next_ping = None;
                     warn!(
                         misses = d.pings_unanswered,
@@ -358,9 +358,9 @@ mod tests {
         let mut core = new_core(&c, t0);
         core.on_launched(PID, t0);
         core.on_driver_msg(hello(), body(), t0);
-        core.on_timer(t0 + c.ready_timeout);
+        core.on_timer(t0 + c.opts.ready_timeout);
         assert!(kills(&core).contains(&(-PID, libc::SIGKILL)));
-        core.on_driver_exit(PID, ExitStatus::Signaled(9), t0 + c.ready_timeout);
+        core.on_driver_exit(PID, ExitStatus::Signaled(9), t0 + c.opts.ready_timeout);
         assert_eq!(exited(&core.take_outputs())[0].reason, "not_ready");
     }
 

@@ -202,7 +202,7 @@ impl Core {
     /// A core for `cfg` in a shim whose pid is `own_pid`; nothing launched yet (call
     /// [`Core::start`]).
     pub fn new(own_pid: i32, cfg: &Settings, now: Instant, seed: u64) -> Self {
-        let sup = cfg;
+        let sup = &cfg.opts;
         let restarter = Restarter::new(
             sup.restart,
             BackoffConfig {

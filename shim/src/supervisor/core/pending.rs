@@ -124,7 +124,7 @@ fn restart_driver_while_the_launch_is_pending_waits_for_its_exit() {
 fn an_exec_that_never_ran_gets_no_exec_exit_and_frees_its_slot() {
     let t0 = Instant::now();
     let mut c = cfg();
-    c.max_execs = 1;
+    c.opts.max_execs = 1;
     let mut core = new_core(&c, t0);
     up(&mut core, t0);
     let req = Exec::new(1, ["tool"]);
@@ -166,7 +166,7 @@ fn a_pending_exec_is_cancelled_and_killed_like_a_running_one() {
     core.exec_started(id, ExecOwner::Control, 300, &req, t0);
     let t1 = t0 + Duration::from_millis(100);
     core.on_timer(t1);
-    core.on_timer(t1 + c.exec_kill_grace);
+    core.on_timer(t1 + c.opts.exec_kill_grace);
     assert_eq!(
         kills(&core),
         vec![(-300, libc::SIGTERM), (-300, libc::SIGKILL)]

@@ -56,7 +56,7 @@ fn leftover_frames_of_a_reaped_driver_start_no_task() {
 fn every_accepted_task_ends_when_the_shim_exits() {
     let t0 = Instant::now();
     let mut c = cfg();
-    c.restart = crate::supervisor::restart::RestartPolicy::Never;
+    c.opts.restart = crate::supervisor::restart::RestartPolicy::Never;
     let mut core = new_core(&c, t0);
     up(&mut core, t0);
     for (i, t) in ["A", "B", "C"].iter().enumerate() {

@@ -253,7 +253,7 @@ impl Shell<'_> {
                 let group = exec::read_user_db(Path::new("/etc/group")).map_err(invalid)?;
                 Some(exec::resolve_user(u, &passwd, &group).map_err(invalid)?)
             }
-            None => sup.user,
+            None => sup.core.user,
         };
         let id = self.core.exec_admit(owner, req, user)?;
         let cfg = ExecConfig {

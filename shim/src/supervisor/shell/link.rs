@@ -124,7 +124,7 @@ impl Shell<'_> {
         driver::overlay_env(&mut env, vars);
         let dcfg = DriverConfig {
             argv: argv.to_vec(),
-            user: sup.user,
+            user: sup.core.user,
             workdir: sup.workdir.clone(),
             env,
             limits: Limits {
@@ -320,10 +320,12 @@ impl Shell<'_> {
     /// ping interval × misses, or `--ready-timeout` when pings are off.
     fn stall_limit(&self) -> Duration {
         let sup = &self.cfg.sup;
-        if sup.ping_interval.is_zero() {
-            sup.ready_timeout
+        if sup.core.ping_interval.is_zero() {
+            sup.core.ready_timeout
         } else {
-            sup.ping_interval.saturating_mul(sup.ping_misses.max(1))
+            sup.core
+                .ping_interval
+                .saturating_mul(sup.core.ping_misses.max(1))
         }
     }
 
