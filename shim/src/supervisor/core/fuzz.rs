@@ -288,18 +288,18 @@ impl<'a> Harness<'a> {
         let owner = ExecOwner::Control;
         match cmd {
             ControlToShim::Exec(req) => {
-                if let Ok(id) = self.core.exec_admit(owner, &req, None) {
+                if let Ok(id) = self.core.admit(owner, &req, None) {
                     self.exec_started(id, owner, &req);
                 }
             }
             ControlToShim::ExecInput(m) => {
-                let _ = self.core.exec_input(owner, m);
+                self.core.exec_input(owner, m);
             }
             ControlToShim::ExecResize(m) => {
-                let _ = self.core.exec_resize(owner, &m);
+                self.core.exec_resize(owner, &m);
             }
             ControlToShim::ExecSignal(m) => {
-                let _ = self.core.exec_signal(owner, &m);
+                self.core.exec_signal(owner, &m);
             }
             ControlToShim::Status(s) => {
                 let reply = self.core.status(s.id, self.now, &Counters::default());
@@ -399,7 +399,7 @@ impl<'a> Harness<'a> {
                     Output::StartExec(req) => {
                         if let Some(pid) = self.core.driver_pid() {
                             let owner = ExecOwner::Driver(pid);
-                            if let Ok(id) = self.core.exec_admit(owner, &req, None) {
+                            if let Ok(id) = self.core.admit(owner, &req, None) {
                                 self.exec_started(id, owner, &req);
                             }
                         }
@@ -421,7 +421,10 @@ impl<'a> Harness<'a> {
                     Output::ToDriver(_)
                     | Output::StopReading
                     | Output::ExecInput(_)
-                    | Output::ExecResize(..) => {}
+                    | Output::ExecResize(..)
+                    | Output::RelayEvent
+                    | Output::ExecAdmitted { .. }
+                    | Output::ExecRefused(..) => {}
                 }
             }
         }

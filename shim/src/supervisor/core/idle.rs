@@ -260,7 +260,7 @@ mod tests {
         let t1 = t0 + AFTER * 2;
         let req = Exec::new(1, ["sleep", "1000"]);
         let id = core
-            .exec_admit(super::super::ExecOwner::Control, &req, None)
+            .admit(super::super::ExecOwner::Control, &req, None)
             .unwrap();
         core.exec_started(id, super::super::ExecOwner::Control, 500, &req, t1);
         let outs = turn(&mut core, t1);

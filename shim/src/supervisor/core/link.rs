@@ -103,21 +103,22 @@ impl Core {
     }
 
     /// A driver event checked but not decoded (see `driver_protocol::check`): what
-    /// [`Core::on_driver_msg`] does with one, without the message. True when the caller is
-    /// to relay the body (after applying any outputs this produced: a `busy` event).
-    pub fn on_driver_event(&mut self, type_name: &str, now: Instant) -> bool {
+    /// [`Core::on_driver_msg`] does with one, without the message. To relay it, the core
+    /// asks for [`Output::RelayEvent`] (after any other output this produced: a `busy`
+    /// event); the shell holds the body.
+    pub fn on_driver_event(&mut self, type_name: &str, now: Instant) {
         let Some(driver) = self.driver.as_ref() else {
-            return false;
+            return;
         };
         if !driver.hello {
             self.protocol_violation(
                 ErrorCode::InvalidState,
                 format!("expected hello, got {type_name}"),
             );
-            return false;
+            return;
         }
         self.activity(now);
-        true
+        self.out.push(Output::RelayEvent);
     }
 
     /// One decoded message from the driver; `body` is its MessagePack body.
@@ -183,18 +184,9 @@ impl Core {
             | DriverToShim::Log(_)
             | DriverToShim::Custom(_) => self.out.push(Output::Relay(body)),
             DriverToShim::Exec(e) => self.out.push(Output::StartExec(e)),
-            DriverToShim::ExecInput(m) => {
-                let r = self.exec_input(ExecOwner::Driver(pid), m);
-                self.refused(r);
-            }
-            DriverToShim::ExecResize(m) => {
-                let r = self.exec_resize(ExecOwner::Driver(pid), &m);
-                self.refused(r);
-            }
-            DriverToShim::ExecSignal(m) => {
-                let r = self.exec_signal(ExecOwner::Driver(pid), &m);
-                self.refused(r);
-            }
+            DriverToShim::ExecInput(m) => self.exec_input(ExecOwner::Driver(pid), m),
+            DriverToShim::ExecResize(m) => self.exec_resize(ExecOwner::Driver(pid), &m),
+            DriverToShim::ExecSignal(m) => self.exec_signal(ExecOwner::Driver(pid), &m),
             DriverToShim::Unknown(u) => {
                 debug!(type_name = u.type_name, "unknown message from the driver");
                 self.send(ErrorMsg {
@@ -204,20 +196,6 @@ impl Core {
                     task_id: None,
                 });
             }
-        }
-    }
-
-    /// Tells the driver why an `exec_input`/`exec_resize`/`exec_signal` was refused (an
-    /// `error` without `re`: those messages have no id).
-    fn refused(&mut self, r: Result<(), super::Refusal>) {
-        if let Err((code, message)) = r {
-            debug!(%code, message, "exec message from the driver refused");
-            self.send(ErrorMsg {
-                re: None,
-                code,
-                message,
-                task_id: None,
-            });
         }
     }
 

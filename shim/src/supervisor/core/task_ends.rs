@@ -119,7 +119,7 @@ fn no_task_is_accepted_while_the_shim_waits_for_execs_to_exit() {
         task_id: None,
     };
     let owner = super::ExecOwner::Driver(PID);
-    let id = core.exec_admit(owner, &req, None).expect("admitted");
+    let id = core.admit(owner, &req, None).expect("admitted");
     core.exec_started(id, owner, 200, &req, t0);
     core.on_driver_exit(PID, ExitStatus::Exited(0), t0);
     core.take_outputs();

@@ -21,6 +21,7 @@ use crate::control::ControlServer;
 use crate::driver::{self, DriverConfig};
 use crate::limits::Limits;
 
+use super::super::core::Output;
 use super::super::loglines::{self, LineSplitter};
 use super::super::Owner;
 use super::spawning::SpawnFor;
@@ -277,19 +278,23 @@ impl Shell<'_> {
             // into the replay buffer.
             let body = link.rbuf.get(HEADER_LEN..want).unwrap_or_default();
             if let Some(type_name) = check::relayable_event(body) {
-                if self.core.on_driver_event(type_name, now) {
-                    if self.core.has_outputs() {
-                        // Its outputs (a `busy` event) go first.
-                        let body = link.rbuf.split_to(want).split_off(HEADER_LEN).freeze();
-                        self.apply_outputs();
-                        relay(&mut self.control, &body);
-                        continue;
+                self.core.on_driver_event(type_name, now);
+                match self.core.outputs() {
+                    // The common case: relayed from the read buffer as it is.
+                    [Output::RelayEvent] => {
+                        relay(&mut self.control, body);
+                        self.core.outputs_done();
+                        link.rbuf.advance(want);
                     }
-                    relay(&mut self.control, body);
-                }
-                link.rbuf.advance(want);
-                if self.core.has_outputs() {
-                    self.apply_outputs();
+                    [] => link.rbuf.advance(want),
+                    // Other outputs (a `busy` event first, or a protocol error): the body is
+                    // held while they are carried out in order.
+                    _ => {
+                        let body = link.rbuf.split_to(want).split_off(HEADER_LEN).freeze();
+                        self.held_event = Some(body);
+                        self.apply_outputs();
+                        self.held_event = None;
+                    }
                 }
                 continue;
             }
