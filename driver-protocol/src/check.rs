@@ -39,14 +39,33 @@ use crate::raw::{plain_event, plain_fields, Field, Fields};
 ///
 /// Allocates nothing.
 pub fn relayable_event(body: &[u8]) -> Option<&str> {
+    relayable_event_task(body).map(|e| e.type_name)
+}
+
+/// A driver event [`relayable_event`] accepts: its `type` and the task it names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Relayable<'a> {
+    /// The event's `type`.
+    pub type_name: &'a str,
+    /// Its `task_id`, if it names a task.
+    pub task_id: Option<&'a str>,
+}
+
+/// [`relayable_event`], with the `task_id` the event names. Allocates nothing.
+pub fn relayable_event_task(body: &[u8]) -> Option<Relayable<'_>> {
+    let mut task_id = None;
     // The usual body, its `type` first and every field in its plain shape: one pass.
-    if let Some(type_name) = plain_event(body, plain_table) {
-        return Some(type_name);
+    if let Some(type_name) = plain_event(body, plain_table, &mut task_id) {
+        return Some(Relayable { type_name, task_id });
     }
     // Its `type` elsewhere (or a key the one pass leaves to the head): two passes.
     let head = crate::raw::read_head(body).ok()?;
     let fields = plain_table(head.type_name)?;
-    plain_fields(body, fields).then_some(head.type_name)
+    task_id = None;
+    plain_fields(body, fields, &mut task_id).then_some(Relayable {
+        type_name: head.type_name,
+        task_id,
+    })
 }
 
 /// The fields of a relayable event type in their plain shapes.
@@ -147,7 +166,7 @@ mod tests {
     fn agrees(b: &[u8]) {
         if let Ok(head) = crate::raw::read_head(b) {
             let fields = plain_table(head.type_name).unwrap_or(CUSTOM);
-            if plain_fields(b, fields) {
+            if plain_fields(b, fields, &mut None) {
                 let msg = DriverToShim::decode(b).unwrap_or_else(|e| {
                     panic!("the plain scan accepted what decode rejects ({e}): {b:?}")
                 });
@@ -157,11 +176,11 @@ mod tests {
         // The one pass accepts what the two accept, with the same type, and only that; the
         // two accept nothing with its `type` first (and no `event` key, which the one pass
         // leaves to them) that the one pass refuses.
-        let one = plain_event(b, plain_table);
+        let one = plain_event(b, plain_table, &mut None);
         let two = crate::raw::read_head(b)
             .ok()
             .and_then(|h| plain_table(h.type_name).map(|f| (h.type_name, f)))
-            .filter(|(_, f)| plain_fields(b, f))
+            .filter(|(_, f)| plain_fields(b, f, &mut None))
             .map(|(ty, _)| ty);
         let type_first = b.get(1..6) == Some(b"\xa4type");
         let event_key = b.windows(6).any(|w| w == b"\xa5event");
@@ -173,6 +192,22 @@ mod tests {
             let msg = DriverToShim::decode(b)
                 .unwrap_or_else(|e| panic!("check accepted what decode rejects ({e}): {b:?}"));
             assert_eq!(msg.type_name(), ty);
+            // The task it names is the decoded message's.
+            let named = relayable_event_task(b).and_then(|r| r.task_id);
+            assert_eq!(named, task_of(&msg), "{b:?}");
+        }
+    }
+
+    fn task_of(msg: &DriverToShim) -> Option<&str> {
+        match msg {
+            DriverToShim::MessageChunk(m) => m.task_id.as_deref(),
+            DriverToShim::ToolCall(m) => m.task_id.as_deref(),
+            DriverToShim::ToolResult(m) => m.task_id.as_deref(),
+            DriverToShim::FileChange(m) => m.task_id.as_deref(),
+            DriverToShim::Progress(m) => m.task_id.as_deref(),
+            DriverToShim::Log(m) => m.task_id.as_deref(),
+            DriverToShim::Custom(m) => m.task_id.as_deref(),
+            _ => None,
         }
     }
 
@@ -318,7 +353,11 @@ mod tests {
             kind: "bench".into(),
             data: Value::Binary(vec![0x5a; 150]),
         });
-        assert!(plain_fields(&custom.to_body().expect("encode"), CUSTOM));
+        assert!(plain_fields(
+            &custom.to_body().expect("encode"),
+            CUSTOM,
+            &mut None
+        ));
         let nested = Value::Map(vec![
             (
                 Value::from("argv"),
@@ -336,7 +375,7 @@ mod tests {
             input: nested.clone(),
         });
         let b = call.to_body().expect("encode");
-        assert!(plain_fields(&b, TOOL_CALL));
+        assert!(plain_fields(&b, TOOL_CALL, &mut None));
         agrees(&b);
         // Not plain (an ext; a signed encoding of a count; a field twice): left to the
         // typed decoder, which may accept it after all.
@@ -345,12 +384,12 @@ mod tests {
             ("call_id", Value::from("c")),
             ("output", Value::Array(vec![Value::Ext(1, vec![1])])),
         ]);
-        assert!(!plain_fields(&ext, TOOL_RESULT));
+        assert!(!plain_fields(&ext, TOOL_RESULT, &mut None));
         assert_eq!(relayable_event(&ext), None);
         let typed = DriverToShim::decode(&ext).expect("the typed decoder takes an ext");
         assert_eq!(typed.type_name(), "tool_result");
         let signed = b"\x82\xa4type\xa8progress\xa4done\xd0\x05";
-        assert!(!plain_fields(signed, PROGRESS));
+        assert!(!plain_fields(signed, PROGRESS, &mut None));
         agrees(signed);
         let twice = body(&[
             ("type", Value::from("custom")),
@@ -358,7 +397,7 @@ mod tests {
             ("kind", Value::from("b")),
             ("data", Value::Nil),
         ]);
-        assert!(!plain_fields(&twice, CUSTOM));
+        assert!(!plain_fields(&twice, CUSTOM, &mut None));
         agrees(&twice);
         // Deeper than the limit: not plain, and not relayable.
         let mut deep = nested;
@@ -370,7 +409,7 @@ mod tests {
             ("kind", Value::from("k")),
             ("data", deep),
         ]);
-        assert!(!plain_fields(&b, CUSTOM));
+        assert!(!plain_fields(&b, CUSTOM, &mut None));
         agrees(&b);
     }
 

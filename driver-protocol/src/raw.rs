@@ -211,11 +211,16 @@ pub(crate) type Fields = &'static [(&'static str, Field, bool)];
 /// (at most 32) once, each in its plain shape, and any other field in the shape of
 /// [`Field::Any`]. `false` means "not sure", never "malformed": the caller then asks the
 /// decoder. Allocates nothing.
-pub(crate) fn plain_fields(body: &[u8], fields: Fields) -> bool {
+/// `task_id` gets the string value of a `task_id` field, when there is one.
+pub(crate) fn plain_fields<'a>(
+    body: &'a [u8],
+    fields: Fields,
+    task_id: &mut Option<&'a str>,
+) -> bool {
     let mut cur = Cursor::new(body);
     let scanned = cur
         .map_len()
-        .and_then(|n| cur.scan_fields(n, fields, false));
+        .and_then(|n| cur.scan_fields(n, fields, false, task_id));
     matches!(scanned, Ok(true)) && cur.pos == body.len()
 }
 
@@ -223,7 +228,11 @@ pub(crate) fn plain_fields(body: &[u8], fields: Fields) -> bool {
 /// is its `type`: the type, when `fields_of` has the fields of that type, the body is well
 /// formed and every field is in its plain shape. `None` means "not sure": the caller then
 /// takes the two passes (which also handle a `type` that is not the first key).
-pub(crate) fn plain_event(body: &[u8], fields_of: impl Fn(&str) -> Option<Fields>) -> Option<&str> {
+pub(crate) fn plain_event<'a>(
+    body: &'a [u8],
+    fields_of: impl Fn(&str) -> Option<Fields>,
+    task_id: &mut Option<&'a str>,
+) -> Option<&'a str> {
     let mut cur = Cursor::new(body);
     let entries = cur.map_len().ok()?;
     if entries == 0 || cur.key().ok()? != b"type" {
@@ -231,7 +240,7 @@ pub(crate) fn plain_event(body: &[u8], fields_of: impl Fn(&str) -> Option<Fields
     }
     let type_name = cur.type_str().ok()?;
     let fields = fields_of(type_name)?;
-    let plain = cur.scan_fields(entries - 1, fields, true).ok()? && cur.pos == body.len();
+    let plain = cur.scan_fields(entries - 1, fields, true, task_id).ok()? && cur.pos == body.len();
     plain.then_some(type_name)
 }
 
@@ -358,6 +367,7 @@ impl<'a> Cursor<'a> {
         entries: usize,
         fields: Fields,
         checking_keys: bool,
+        task_id: &mut Option<&'a str>,
     ) -> Result<bool, Fail> {
         let mut seen = 0u32;
         for _ in 0..entries {
@@ -376,6 +386,15 @@ impl<'a> Cursor<'a> {
                         return Ok(false);
                     }
                     seen |= bit;
+                    if key == b"task_id" {
+                        // Read ahead; the plain check below decides whether it is valid.
+                        *task_id = self
+                            .clone()
+                            .str_bytes()
+                            .ok()
+                            .flatten()
+                            .and_then(|b| str::from_utf8(b).ok());
+                    }
                     match fields.get(i) {
                         Some(&(_, kind, _)) => self.plain(kind)?,
                         None => false,

@@ -147,6 +147,11 @@ impl TaskQueue {
         self.active.contains(task_id) || self.finished_set.contains(task_id)
     }
 
+    /// Whether `task_id` ended (and is still remembered as such).
+    pub fn is_finished(&self, task_id: &str) -> bool {
+        self.finished_set.contains(task_id)
+    }
+
     /// The driver reported `task_done` for `task_id`: true if it was the running task (it is
     /// then remembered as finished); false otherwise (nothing changes — e.g. a late
     /// `task_done` for an abandoned task).

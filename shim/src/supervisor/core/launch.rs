@@ -159,10 +159,15 @@ impl Core {
         self.cancelling = None;
         self.last_exit = Some(status);
         self.transition(Input::Exited);
-        match self
-            .tasks
-            .driver_lost(&format!("driver {}: {detail}", reason.as_str()))
-        {
+        // Stopping: the running task is not lost but cancelled, as the queued ones are
+        // ([`Core::finish`] ends them all).
+        let lost = match self.stopping {
+            Some(_) => None,
+            None => self
+                .tasks
+                .driver_lost(&format!("driver {}: {detail}", reason.as_str())),
+        };
+        match lost {
             Some(LostOutcome::Failed(done)) => self.event(done),
             Some(LostOutcome::Requeued { task_id, attempt }) => {
                 info!(task_id, attempt, "task will be redelivered");

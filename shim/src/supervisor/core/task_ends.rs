@@ -96,6 +96,45 @@ fn every_accepted_task_ends_when_the_shim_exits() {
     assert!(dones.iter().any(|d| d.task_id == "A"));
 }
 
+/// A task the driver is running when the shim shuts down, and that the driver does not end
+/// itself, ends `cancelled` as the queued ones do (not `failed` by the driver's exit), with
+/// or without `redeliver`.
+#[test]
+fn a_running_task_is_cancelled_by_a_shutdown() {
+    let t0 = Instant::now();
+    for redeliver in [false, true] {
+        let mut core = new_core(&cfg(), t0);
+        up(&mut core, t0);
+        command(&mut core, submit(1, "A", redeliver), t0);
+        command(&mut core, submit(2, "B", false), t0);
+        core.take_outputs();
+        command(
+            &mut core,
+            driver_protocol::message::ControlToShim::Shutdown(driver_protocol::message::Shutdown {
+                id: 9,
+                grace_ms: Some(1000),
+                reason: None,
+            }),
+            t0,
+        );
+        core.on_driver_exit(PID, ExitStatus::Signaled(libc::SIGTERM), t0);
+        let outs = core.take_outputs();
+        let dones = task_dones(&outs);
+        let ends: Vec<_> = dones
+            .iter()
+            .map(|d| (d.task_id.as_str(), d.status, d.error.as_deref()))
+            .collect();
+        assert_eq!(
+            ends,
+            [
+                ("A", TaskStatus::Cancelled, Some("shim shutting down")),
+                ("B", TaskStatus::Cancelled, Some("shim shutting down")),
+            ],
+            "redeliver {redeliver}: {outs:?}"
+        );
+    }
+}
+
 /// Found by the `supervisor_core` fuzz target: the driver exits 0 (no restart under
 /// `on-failure`) while one of its execs runs, so the shim ends every task and waits for the
 /// exec before exiting. A `submit_task` in that window was accepted and then never got a

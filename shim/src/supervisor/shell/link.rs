@@ -24,6 +24,7 @@ use crate::limits::Limits;
 use super::super::core::Output;
 use super::super::loglines::{self, LineSplitter};
 use super::super::Owner;
+use super::exec::DRIVER_QUEUE_HIGH;
 use super::spawning::SpawnFor;
 use super::Shell;
 
@@ -101,6 +102,14 @@ impl Shell<'_> {
     /// Queues a message for the driver (written by [`Shell::write_link`]).
     pub(super) fn queue_for_driver(&mut self, msg: &ShimToDriver) {
         if let Some(link) = self.link.as_mut() {
+            // A notice (an `error` without `re`: a refused event or exec message) is not
+            // queued past DRIVER_QUEUE_HIGH: a driver that sends refused messages without
+            // reading its socket cannot make the shim queue without bound.
+            let notice = matches!(msg, ShimToDriver::Error(e) if e.re.is_none());
+            if notice && link.wbuf.len() >= DRIVER_QUEUE_HIGH {
+                debug!("the driver does not read: a notice is dropped");
+                return;
+            }
             if let Err(err) = frame::write_message(&mut link.wbuf, DEFAULT_MAX_FRAME, msg) {
                 warn!(%err, "cannot encode a message for the driver");
             }
@@ -277,8 +286,9 @@ impl Shell<'_> {
             // relayed from the read buffer as they are: no allocation, no copy but the one
             // into the replay buffer.
             let body = link.rbuf.get(HEADER_LEN..want).unwrap_or_default();
-            if let Some(type_name) = check::relayable_event(body) {
-                self.core.on_driver_event(type_name, now);
+            if let Some(ev) = check::relayable_event_task(body) {
+                self.core
+                    .on_driver_event(ev.type_name, ev.task_id, len, now);
                 match self.core.outputs() {
                     // The common case: relayed from the read buffer as it is.
                     [Output::RelayEvent] => {
