@@ -476,6 +476,22 @@ pub(super) static FLAGS: &[Flag] = &[
         "oom_score_adj of the driver and of every exec, -1000..1000; the\nshim itself goes to -1000 (needs CAP_SYS_RESOURCE)",
         |c, v| crate::oom::parse_child_scores(v).map(|x| c.sup.oom_score_adj = x),
     ),
+    // Task redelivery.
+    val(
+        "max-attempts",
+        "N",
+        "AGENT_SHIM_MAX_ATTEMPTS",
+        Value("3"),
+        Supervisor,
+        "a `redeliver` task is delivered at most N times in all, unless\nits submit_task says max_attempts",
+        |c, v| match parse_num(v)? {
+            0 => Err("must be at least 1".to_owned()),
+            n => {
+                c.sup.core.max_attempts = n;
+                Ok(())
+            }
+        },
+    ),
 ];
 
 /// The flag named `--long`.

@@ -158,6 +158,8 @@ pub struct CoreOpts {
     pub exec_kill_grace: Duration,
     /// `--exec-drain`: after an exec's process exits, how long its output is still read.
     pub exec_drain: Duration,
+    /// `--max-attempts`: deliveries of a `redeliver` task that gives no `max_attempts`.
+    pub max_attempts: u32,
 }
 
 impl CoreOpts {

@@ -190,3 +190,65 @@ fn a_task_running_at_shutdown_ends_cancelled() -> Result<()> {
     ensure!(code == 128 + libc::SIGTERM, "exit code {code}");
     Ok(())
 }
+
+/// A `redeliver` task that crashes every driver it is given is delivered `--max-attempts`
+/// times (or its own `max_attempts`), then ends `failed` saying `max_attempts reached`;
+/// `max_attempts: 0` is refused.
+#[test]
+fn redelivery_of_a_poison_task_stops_at_max_attempts() -> Result<()> {
+    use driver_protocol::message::{ShimToControl, SubmitTask};
+    use driver_protocol::ErrorCode;
+
+    let mut sup = Setup::new(one_mode())
+        .flag("--ping-interval", "0")
+        .flag("--max-attempts", "2")
+        .driver_cmd([hostile(), "crash-on-task"])
+        .start()?;
+    sup.expect_up(1)?;
+    let mut submit = |sup: &mut Sup, task_id: &str, max_attempts| {
+        let id = sup.ctl.id();
+        sup.ctl.request(
+            id,
+            SubmitTask {
+                id,
+                task_id: task_id.into(),
+                input: rmpv::Value::Nil,
+                output_schema: None,
+                timeout_ms: None,
+                redeliver: true,
+                max_attempts,
+            },
+        )
+    };
+    for (task, own, attempts) in [("poison", None, 2u32), ("poison-1", Some(1), 1)] {
+        let reply = submit(&mut sup, task, own)?;
+        ensure!(matches!(reply, ShimToControl::Ok(_)), "{reply:?}");
+        let (done, _, seen) = sup.expect_done(task)?;
+        let crashes: Vec<String> = stderr_lines(&seen)
+            .into_iter()
+            .filter(|l| l.starts_with(&format!("crashed {task} ")))
+            .collect();
+        let want: Vec<String> = (1..=attempts)
+            .map(|a| format!("crashed {task} {a}"))
+            .collect();
+        ensure!(crashes == want, "{task}: deliveries {crashes:?}");
+        let suffix = format!("; max_attempts reached ({attempts} of {attempts})");
+        ensure!(
+            done.status == TaskStatus::Failed
+                && done.error.as_deref().is_some_and(|e| e.ends_with(&suffix)),
+            "{done:?}"
+        );
+    }
+    let reply = submit(&mut sup, "never", Some(0))?;
+    ensure!(
+        matches!(&reply, ShimToControl::Error(e) if e.code == ErrorCode::Invalid),
+        "{reply:?}"
+    );
+    // The driver is up again, with nothing to deliver.
+    let status = sup.status()?;
+    ensure!(
+        status.task_running.is_none() && status.tasks_queued == 0,
+        "{status:?}"
+    );
+    Ok(())
+}

@@ -97,6 +97,9 @@ impl Core {
                 "the event buffer is full (the control plane is not acknowledging)",
             );
         }
+        if s.max_attempts == Some(0) {
+            return err(re, ErrorCode::Invalid, "max_attempts must be at least 1");
+        }
         let task_id = s.task_id.clone();
         match self.tasks.submit(s) {
             SubmitOutcome::Accepted { position } => {

@@ -226,7 +226,8 @@ impl Core {
             hello: Hello::new(Role::Shim, "agent-shim", env!("CARGO_PKG_VERSION")),
             lifecycle: Lifecycle::new(),
             restarter,
-            tasks: TaskQueue::new(sup.task_queue, REMEMBER_TASKS),
+            tasks: TaskQueue::new(sup.task_queue, REMEMBER_TASKS)
+                .with_max_attempts(sup.max_attempts),
             driver: None,
             next_attempt: 1,
             next_request_id: 1,

@@ -168,6 +168,7 @@ pub(super) fn submit(id: u64, task_id: &str, redeliver: bool) -> ControlToShim {
         output_schema: None,
         timeout_ms: None,
         redeliver,
+        max_attempts: None,
     })
 }
 
