@@ -47,8 +47,9 @@ pub fn relayable_event(body: &[u8]) -> Option<&str> {
 pub struct Relayable<'a> {
     /// The event's `type`.
     pub type_name: &'a str,
-    /// Its `task_id`, if it names a task.
-    pub task_id: Option<&'a str>,
+    /// Its `task_id`, if it names a task: the bytes of a UTF-8 string (checked; handed back
+    /// as bytes, so that the relay path does not validate them twice).
+    pub task_id: Option<&'a [u8]>,
 }
 
 /// [`relayable_event`], with the `task_id` the event names. Allocates nothing.
@@ -87,25 +88,25 @@ fn plain_table(type_name: &str) -> Option<Fields> {
 // required field.
 
 const MESSAGE_CHUNK: Fields = &[
-    ("task_id", Field::OptStr, false),
+    ("task_id", Field::TaskId, false),
     ("text", Field::Str, true),
     ("role", Field::OptStr, false),
     ("final", Field::Flag, false),
 ];
 const TOOL_CALL: Fields = &[
-    ("task_id", Field::OptStr, false),
+    ("task_id", Field::TaskId, false),
     ("call_id", Field::Str, true),
     ("name", Field::Str, true),
     ("input", Field::Any, true),
 ];
 const TOOL_RESULT: Fields = &[
-    ("task_id", Field::OptStr, false),
+    ("task_id", Field::TaskId, false),
     ("call_id", Field::Str, true),
     ("output", Field::Any, true),
     ("is_error", Field::Flag, false),
 ];
 const FILE_CHANGE: Fields = &[
-    ("task_id", Field::OptStr, false),
+    ("task_id", Field::TaskId, false),
     ("path", Field::Str, true),
     (
         "change",
@@ -115,13 +116,13 @@ const FILE_CHANGE: Fields = &[
     ("from", Field::OptStr, false),
 ];
 const PROGRESS: Fields = &[
-    ("task_id", Field::OptStr, false),
+    ("task_id", Field::TaskId, false),
     ("message", Field::OptStr, false),
     ("done", Field::OptUint, false),
     ("total", Field::OptUint, false),
 ];
 const LOG: Fields = &[
-    ("task_id", Field::OptStr, false),
+    ("task_id", Field::TaskId, false),
     (
         "stream",
         Field::OneOf(&["driver", "stdout", "stderr"]),
@@ -132,7 +133,7 @@ const LOG: Fields = &[
     ("truncated", Field::Flag, false),
 ];
 const CUSTOM: Fields = &[
-    ("task_id", Field::OptStr, false),
+    ("task_id", Field::TaskId, false),
     ("kind", Field::Str, true),
     ("data", Field::Any, true),
 ];
@@ -194,7 +195,7 @@ mod tests {
             assert_eq!(msg.type_name(), ty);
             // The task it names is the decoded message's.
             let named = relayable_event_task(b).and_then(|r| r.task_id);
-            assert_eq!(named, task_of(&msg), "{b:?}");
+            assert_eq!(named, task_of(&msg).map(str::as_bytes), "{b:?}");
         }
     }
 
@@ -317,7 +318,7 @@ mod tests {
                         Field::OneOf(names) => Value::from(names.first().copied().unwrap_or("")),
                         Field::Flag => Value::from(false),
                         Field::OptUint => Value::from(3u64),
-                        Field::Str | Field::OptStr | Field::Any => Value::from("s"),
+                        Field::Str | Field::OptStr | Field::TaskId | Field::Any => Value::from("s"),
                     };
                     (name, v)
                 })

@@ -193,6 +193,8 @@ pub(crate) enum Field {
     Str,
     /// Nil or a UTF-8 string.
     OptStr,
+    /// Nil or a UTF-8 string: the task the event names, which the scan hands back.
+    TaskId,
     /// Nil or a boolean.
     Flag,
     /// Nil or an unsigned integer in an unsigned encoding.
@@ -211,11 +213,11 @@ pub(crate) type Fields = &'static [(&'static str, Field, bool)];
 /// (at most 32) once, each in its plain shape, and any other field in the shape of
 /// [`Field::Any`]. `false` means "not sure", never "malformed": the caller then asks the
 /// decoder. Allocates nothing.
-/// `task_id` gets the string value of a `task_id` field, when there is one.
+/// `task_id` gets the value of a [`Field::TaskId`] that is a string (its UTF-8 bytes).
 pub(crate) fn plain_fields<'a>(
     body: &'a [u8],
     fields: Fields,
-    task_id: &mut Option<&'a str>,
+    task_id: &mut Option<&'a [u8]>,
 ) -> bool {
     let mut cur = Cursor::new(body);
     let scanned = cur
@@ -231,7 +233,7 @@ pub(crate) fn plain_fields<'a>(
 pub(crate) fn plain_event<'a>(
     body: &'a [u8],
     fields_of: impl Fn(&str) -> Option<Fields>,
-    task_id: &mut Option<&'a str>,
+    task_id: &mut Option<&'a [u8]>,
 ) -> Option<&'a str> {
     let mut cur = Cursor::new(body);
     let entries = cur.map_len().ok()?;
@@ -305,11 +307,11 @@ impl<'a> Cursor<'a> {
     fn plain(&mut self, kind: Field) -> Result<bool, Fail> {
         let nil = self.peek_byte()? == 0xc0;
         match kind {
-            Field::OptStr | Field::Flag | Field::OptUint if nil => {
+            Field::OptStr | Field::TaskId | Field::Flag | Field::OptUint if nil => {
                 self.pos += 1;
                 Ok(true)
             }
-            Field::Str | Field::OptStr => self.utf8(),
+            Field::Str | Field::OptStr | Field::TaskId => self.utf8(),
             // Equal bytes: the string is one of the names, and so UTF-8.
             Field::OneOf(names) => Ok(self
                 .str_bytes()?
@@ -324,6 +326,22 @@ impl<'a> Cursor<'a> {
                 _ => Ok(false),
             },
             Field::Any => self.plain_any(2),
+        }
+    }
+
+    /// Reads a [`Field::TaskId`]: whether it is nil or a UTF-8 string, which `task_id` gets.
+    #[inline(always)]
+    fn task_id(&mut self, task_id: &mut Option<&'a [u8]>) -> Result<bool, Fail> {
+        if self.peek_byte()? == 0xc0 {
+            self.pos += 1;
+            return Ok(true);
+        }
+        match self.str_bytes()? {
+            Some(b) if is_utf8(b) => {
+                *task_id = Some(b);
+                Ok(true)
+            }
+            _ => Ok(false),
         }
     }
 
@@ -367,7 +385,7 @@ impl<'a> Cursor<'a> {
         entries: usize,
         fields: Fields,
         checking_keys: bool,
-        task_id: &mut Option<&'a str>,
+        task_id: &mut Option<&'a [u8]>,
     ) -> Result<bool, Fail> {
         let mut seen = 0u32;
         for _ in 0..entries {
@@ -386,16 +404,8 @@ impl<'a> Cursor<'a> {
                         return Ok(false);
                     }
                     seen |= bit;
-                    if key == b"task_id" {
-                        // Read ahead; the plain check below decides whether it is valid.
-                        *task_id = self
-                            .clone()
-                            .str_bytes()
-                            .ok()
-                            .flatten()
-                            .and_then(|b| str::from_utf8(b).ok());
-                    }
                     match fields.get(i) {
+                        Some(&(_, Field::TaskId, _)) => self.task_id(task_id)?,
                         Some(&(_, kind, _)) => self.plain(kind)?,
                         None => false,
                     }

@@ -40,7 +40,7 @@ impl Core {
     /// The driver's `task_done` (its MessagePack `body` is relayed as is).
     pub(super) fn on_task_done(&mut self, task_id: &str, body: Bytes) {
         if self.tasks.running() == Some(task_id)
-            && !self.relayable("task_done", Some(task_id), body.len())
+            && !self.relayable("task_done", Some(task_id.as_bytes()), body.len())
         {
             // Too large to relay: the task runs on, for a task_done that fits.
             return;

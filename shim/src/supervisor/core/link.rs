@@ -125,7 +125,7 @@ impl Core {
     pub fn on_driver_event(
         &mut self,
         type_name: &str,
-        task_id: Option<&str>,
+        task_id: Option<&[u8]>,
         len: usize,
         now: Instant,
     ) {
@@ -149,7 +149,12 @@ impl Core {
     /// its envelope must fit a control frame, and a task it names must be the one the
     /// driver runs. Otherwise the driver is told why, with an `error` naming the task, and
     /// the event is not relayed (the driver is not killed: the frame itself was sound).
-    pub(super) fn relayable(&mut self, type_name: &str, task_id: Option<&str>, len: usize) -> bool {
+    pub(super) fn relayable(
+        &mut self,
+        type_name: &str,
+        task_id: Option<&[u8]>,
+        len: usize,
+    ) -> bool {
         let refusal = if len > MAX_EVENT_BODY {
             (
                 ErrorCode::FrameTooLarge,
@@ -160,19 +165,22 @@ impl Core {
             )
         } else {
             match task_id {
-                Some(t) if self.tasks.running() != Some(t) => (
+                Some(t) if self.tasks.running().map(str::as_bytes) != Some(t) => (
                     ErrorCode::NotFound,
-                    format!("{type_name} not relayed: task {t:?} is not running on this driver"),
+                    format!(
+                        "{type_name} not relayed: task {:?} is not running on this driver",
+                        String::from_utf8_lossy(t)
+                    ),
                 ),
                 _ => return true,
             }
         };
-        debug!(type_name, len, task_id, code = %refusal.0, "driver event refused");
+        debug!(type_name, len, code = %refusal.0, "driver event refused");
         self.send(ErrorMsg {
             re: None,
             code: refusal.0,
             message: refusal.1,
-            task_id: task_id.map(str::to_owned),
+            task_id: task_id.map(|t| String::from_utf8_lossy(t).into_owned()),
         });
         false
     }
@@ -240,7 +248,7 @@ impl Core {
             | DriverToShim::Log(_)
             | DriverToShim::Custom(_)) => {
                 let type_name = driver_protocol::message::Message::type_name(&ev);
-                if self.relayable(type_name, event_task(&ev), body.len()) {
+                if self.relayable(type_name, event_task(&ev).map(str::as_bytes), body.len()) {
                     self.out.push(Output::Relay(body));
                 }
             }
@@ -372,7 +380,7 @@ mod tests {
             (Some("B"), 10, false, Some(ErrorCode::NotFound)),
             (Some("ghost"), 10, false, Some(ErrorCode::NotFound)),
         ] {
-            core.on_driver_event("custom", task, len, t0);
+            core.on_driver_event("custom", task.map(str::as_bytes), len, t0);
             let outs = core.take_outputs();
             assert_eq!(
                 relays(&outs),
