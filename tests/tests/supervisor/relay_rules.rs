@@ -205,7 +205,7 @@ fn redelivery_of_a_poison_task_stops_at_max_attempts() -> Result<()> {
         .driver_cmd([hostile(), "crash-on-task"])
         .start()?;
     sup.expect_up(1)?;
-    let mut submit = |sup: &mut Sup, task_id: &str, max_attempts| {
+    let submit = |sup: &mut Sup, task_id: &str, max_attempts| {
         let id = sup.ctl.id();
         sup.ctl.request(
             id,
