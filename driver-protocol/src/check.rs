@@ -195,20 +195,7 @@ mod tests {
             assert_eq!(msg.type_name(), ty);
             // The task it names is the decoded message's.
             let named = relayable_event_task(b).and_then(|r| r.task_id);
-            assert_eq!(named, task_of(&msg).map(str::as_bytes), "{b:?}");
-        }
-    }
-
-    fn task_of(msg: &DriverToShim) -> Option<&str> {
-        match msg {
-            DriverToShim::MessageChunk(m) => m.task_id.as_deref(),
-            DriverToShim::ToolCall(m) => m.task_id.as_deref(),
-            DriverToShim::ToolResult(m) => m.task_id.as_deref(),
-            DriverToShim::FileChange(m) => m.task_id.as_deref(),
-            DriverToShim::Progress(m) => m.task_id.as_deref(),
-            DriverToShim::Log(m) => m.task_id.as_deref(),
-            DriverToShim::Custom(m) => m.task_id.as_deref(),
-            _ => None,
+            assert_eq!(named, msg.event_task_id().map(str::as_bytes), "{b:?}");
         }
     }
 

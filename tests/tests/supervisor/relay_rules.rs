@@ -10,20 +10,8 @@ use driver_protocol::message::{Event, LogStream, TaskStatus};
 
 use crate::support::control::Stamped;
 
+use super::hostile::{hostile, one_mode};
 use super::{kinds, Setup, Sup};
-use crate::support::{is_root, Mode};
-
-fn hostile() -> &'static str {
-    env!("CARGO_BIN_EXE_hostile-driver")
-}
-
-fn one_mode() -> Mode {
-    if is_root() {
-        Mode::Pid1
-    } else {
-        Mode::Subreaper
-    }
-}
 
 /// Reads events until the driver's stderr line starting with `prefix`; returns every event
 /// read before it.

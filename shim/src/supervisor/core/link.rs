@@ -18,21 +18,6 @@ use tracing::{debug, warn};
 use super::super::lifecycle::Input;
 use super::{due, Core, ExecOwner, ExitReason, Output};
 
-/// The task a driver event names, if any.
-fn event_task(msg: &DriverToShim) -> Option<&str> {
-    match msg {
-        DriverToShim::Error(e) => e.task_id.as_deref(),
-        DriverToShim::MessageChunk(m) => m.task_id.as_deref(),
-        DriverToShim::ToolCall(m) => m.task_id.as_deref(),
-        DriverToShim::ToolResult(m) => m.task_id.as_deref(),
-        DriverToShim::FileChange(m) => m.task_id.as_deref(),
-        DriverToShim::Progress(m) => m.task_id.as_deref(),
-        DriverToShim::Log(m) => m.task_id.as_deref(),
-        DriverToShim::Custom(m) => m.task_id.as_deref(),
-        _ => None,
-    }
-}
-
 /// Whether a message from the driver counts as activity for idle detection (see
 /// [`idle`](super::idle)): what it relays as an event, `task_done`, and exec traffic; not
 /// liveness, lifecycle or replies.
@@ -248,7 +233,8 @@ impl Core {
             | DriverToShim::Log(_)
             | DriverToShim::Custom(_)) => {
                 let type_name = driver_protocol::message::Message::type_name(&ev);
-                if self.relayable(type_name, event_task(&ev).map(str::as_bytes), body.len()) {
+                let task_id = ev.event_task_id().map(str::as_bytes);
+                if self.relayable(type_name, task_id, body.len()) {
                     self.out.push(Output::Relay(body));
                 }
             }

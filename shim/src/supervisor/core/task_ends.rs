@@ -20,6 +20,15 @@ fn task_sent(outs: &[Output]) -> usize {
         .count()
 }
 
+/// A control `shutdown` with a 1 s grace.
+fn shutdown(id: u64) -> driver_protocol::message::ControlToShim {
+    driver_protocol::message::ControlToShim::Shutdown(driver_protocol::message::Shutdown {
+        id,
+        grace_ms: Some(1000),
+        reason: None,
+    })
+}
+
 fn done_msg(task_id: &str) -> DriverToShim {
     DriverToShim::TaskDone(TaskDone {
         task_id: task_id.to_owned(),
@@ -78,15 +87,7 @@ fn every_accepted_task_ends_when_the_shim_exits() {
     command(&mut core, submit(1, "A", false), t0);
     command(&mut core, submit(2, "B", true), t0);
     core.take_outputs();
-    command(
-        &mut core,
-        driver_protocol::message::ControlToShim::Shutdown(driver_protocol::message::Shutdown {
-            id: 9,
-            grace_ms: Some(1000),
-            reason: None,
-        }),
-        t0,
-    );
+    command(&mut core, shutdown(9), t0);
     core.on_driver_exit(PID, ExitStatus::Exited(0), t0);
     let outs = core.take_outputs();
     let dones = task_dones(&outs);
@@ -108,15 +109,7 @@ fn a_running_task_is_cancelled_by_a_shutdown() {
         command(&mut core, submit(1, "A", redeliver), t0);
         command(&mut core, submit(2, "B", false), t0);
         core.take_outputs();
-        command(
-            &mut core,
-            driver_protocol::message::ControlToShim::Shutdown(driver_protocol::message::Shutdown {
-                id: 9,
-                grace_ms: Some(1000),
-                reason: None,
-            }),
-            t0,
-        );
+        command(&mut core, shutdown(9), t0);
         core.on_driver_exit(PID, ExitStatus::Signaled(libc::SIGTERM), t0);
         let outs = core.take_outputs();
         let dones = task_dones(&outs);
