@@ -29,6 +29,7 @@ pub struct TaskSpec {
     output_schema: Option<Value>,
     timeout: Option<Duration>,
     redeliver: bool,
+    max_attempts: Option<u32>,
 }
 
 impl TaskSpec {
@@ -47,6 +48,7 @@ impl TaskSpec {
             output_schema: None,
             timeout: None,
             redeliver: false,
+            max_attempts: None,
         }
     }
 
@@ -101,6 +103,19 @@ impl TaskSpec {
         self
     }
 
+    /// With [`redeliver`](Self::redeliver): deliver the task at most `n` times in all (the
+    /// first time included); without it, the shim's `--max-attempts` (3 by default). The
+    /// last `task_done` then says `max_attempts reached`.
+    ///
+    /// ```
+    /// # use control_link::TaskSpec;
+    /// let t = TaskSpec::new("t1", "x").redeliver(true).max_attempts(5);
+    /// ```
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = Some(n);
+        self
+    }
+
     pub(crate) fn into_message(self, id: RequestId) -> SubmitTask {
         SubmitTask {
             id,
@@ -109,6 +124,7 @@ impl TaskSpec {
             output_schema: self.output_schema,
             timeout_ms: self.timeout.map(millis),
             redeliver: self.redeliver,
+            max_attempts: self.max_attempts,
         }
     }
 }

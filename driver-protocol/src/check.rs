@@ -39,14 +39,34 @@ use crate::raw::{plain_event, plain_fields, Field, Fields};
 ///
 /// Allocates nothing.
 pub fn relayable_event(body: &[u8]) -> Option<&str> {
+    relayable_event_task(body).map(|e| e.type_name)
+}
+
+/// A driver event [`relayable_event`] accepts: its `type` and the task it names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Relayable<'a> {
+    /// The event's `type`.
+    pub type_name: &'a str,
+    /// Its `task_id`, if it names a task: the bytes of a UTF-8 string (checked; handed back
+    /// as bytes, so that the relay path does not validate them twice).
+    pub task_id: Option<&'a [u8]>,
+}
+
+/// [`relayable_event`], with the `task_id` the event names. Allocates nothing.
+pub fn relayable_event_task(body: &[u8]) -> Option<Relayable<'_>> {
+    let mut task_id = None;
     // The usual body, its `type` first and every field in its plain shape: one pass.
-    if let Some(type_name) = plain_event(body, plain_table) {
-        return Some(type_name);
+    if let Some(type_name) = plain_event(body, plain_table, &mut task_id) {
+        return Some(Relayable { type_name, task_id });
     }
     // Its `type` elsewhere (or a key the one pass leaves to the head): two passes.
     let head = crate::raw::read_head(body).ok()?;
     let fields = plain_table(head.type_name)?;
-    plain_fields(body, fields).then_some(head.type_name)
+    task_id = None;
+    plain_fields(body, fields, &mut task_id).then_some(Relayable {
+        type_name: head.type_name,
+        task_id,
+    })
 }
 
 /// The fields of a relayable event type in their plain shapes.
@@ -68,25 +88,25 @@ fn plain_table(type_name: &str) -> Option<Fields> {
 // required field.
 
 const MESSAGE_CHUNK: Fields = &[
-    ("task_id", Field::OptStr, false),
+    ("task_id", Field::TaskId, false),
     ("text", Field::Str, true),
     ("role", Field::OptStr, false),
     ("final", Field::Flag, false),
 ];
 const TOOL_CALL: Fields = &[
-    ("task_id", Field::OptStr, false),
+    ("task_id", Field::TaskId, false),
     ("call_id", Field::Str, true),
     ("name", Field::Str, true),
     ("input", Field::Any, true),
 ];
 const TOOL_RESULT: Fields = &[
-    ("task_id", Field::OptStr, false),
+    ("task_id", Field::TaskId, false),
     ("call_id", Field::Str, true),
     ("output", Field::Any, true),
     ("is_error", Field::Flag, false),
 ];
 const FILE_CHANGE: Fields = &[
-    ("task_id", Field::OptStr, false),
+    ("task_id", Field::TaskId, false),
     ("path", Field::Str, true),
     (
         "change",
@@ -96,13 +116,13 @@ const FILE_CHANGE: Fields = &[
     ("from", Field::OptStr, false),
 ];
 const PROGRESS: Fields = &[
-    ("task_id", Field::OptStr, false),
+    ("task_id", Field::TaskId, false),
     ("message", Field::OptStr, false),
     ("done", Field::OptUint, false),
     ("total", Field::OptUint, false),
 ];
 const LOG: Fields = &[
-    ("task_id", Field::OptStr, false),
+    ("task_id", Field::TaskId, false),
     (
         "stream",
         Field::OneOf(&["driver", "stdout", "stderr"]),
@@ -113,7 +133,7 @@ const LOG: Fields = &[
     ("truncated", Field::Flag, false),
 ];
 const CUSTOM: Fields = &[
-    ("task_id", Field::OptStr, false),
+    ("task_id", Field::TaskId, false),
     ("kind", Field::Str, true),
     ("data", Field::Any, true),
 ];
@@ -147,7 +167,7 @@ mod tests {
     fn agrees(b: &[u8]) {
         if let Ok(head) = crate::raw::read_head(b) {
             let fields = plain_table(head.type_name).unwrap_or(CUSTOM);
-            if plain_fields(b, fields) {
+            if plain_fields(b, fields, &mut None) {
                 let msg = DriverToShim::decode(b).unwrap_or_else(|e| {
                     panic!("the plain scan accepted what decode rejects ({e}): {b:?}")
                 });
@@ -157,11 +177,11 @@ mod tests {
         // The one pass accepts what the two accept, with the same type, and only that; the
         // two accept nothing with its `type` first (and no `event` key, which the one pass
         // leaves to them) that the one pass refuses.
-        let one = plain_event(b, plain_table);
+        let one = plain_event(b, plain_table, &mut None);
         let two = crate::raw::read_head(b)
             .ok()
             .and_then(|h| plain_table(h.type_name).map(|f| (h.type_name, f)))
-            .filter(|(_, f)| plain_fields(b, f))
+            .filter(|(_, f)| plain_fields(b, f, &mut None))
             .map(|(ty, _)| ty);
         let type_first = b.get(1..6) == Some(b"\xa4type");
         let event_key = b.windows(6).any(|w| w == b"\xa5event");
@@ -173,6 +193,9 @@ mod tests {
             let msg = DriverToShim::decode(b)
                 .unwrap_or_else(|e| panic!("check accepted what decode rejects ({e}): {b:?}"));
             assert_eq!(msg.type_name(), ty);
+            // The task it names is the decoded message's.
+            let named = relayable_event_task(b).and_then(|r| r.task_id);
+            assert_eq!(named, msg.event_task_id().map(str::as_bytes), "{b:?}");
         }
     }
 
@@ -282,7 +305,7 @@ mod tests {
                         Field::OneOf(names) => Value::from(names.first().copied().unwrap_or("")),
                         Field::Flag => Value::from(false),
                         Field::OptUint => Value::from(3u64),
-                        Field::Str | Field::OptStr | Field::Any => Value::from("s"),
+                        Field::Str | Field::OptStr | Field::TaskId | Field::Any => Value::from("s"),
                     };
                     (name, v)
                 })
@@ -318,7 +341,11 @@ mod tests {
             kind: "bench".into(),
             data: Value::Binary(vec![0x5a; 150]),
         });
-        assert!(plain_fields(&custom.to_body().expect("encode"), CUSTOM));
+        assert!(plain_fields(
+            &custom.to_body().expect("encode"),
+            CUSTOM,
+            &mut None
+        ));
         let nested = Value::Map(vec![
             (
                 Value::from("argv"),
@@ -336,7 +363,7 @@ mod tests {
             input: nested.clone(),
         });
         let b = call.to_body().expect("encode");
-        assert!(plain_fields(&b, TOOL_CALL));
+        assert!(plain_fields(&b, TOOL_CALL, &mut None));
         agrees(&b);
         // Not plain (an ext; a signed encoding of a count; a field twice): left to the
         // typed decoder, which may accept it after all.
@@ -345,12 +372,12 @@ mod tests {
             ("call_id", Value::from("c")),
             ("output", Value::Array(vec![Value::Ext(1, vec![1])])),
         ]);
-        assert!(!plain_fields(&ext, TOOL_RESULT));
+        assert!(!plain_fields(&ext, TOOL_RESULT, &mut None));
         assert_eq!(relayable_event(&ext), None);
         let typed = DriverToShim::decode(&ext).expect("the typed decoder takes an ext");
         assert_eq!(typed.type_name(), "tool_result");
         let signed = b"\x82\xa4type\xa8progress\xa4done\xd0\x05";
-        assert!(!plain_fields(signed, PROGRESS));
+        assert!(!plain_fields(signed, PROGRESS, &mut None));
         agrees(signed);
         let twice = body(&[
             ("type", Value::from("custom")),
@@ -358,7 +385,7 @@ mod tests {
             ("kind", Value::from("b")),
             ("data", Value::Nil),
         ]);
-        assert!(!plain_fields(&twice, CUSTOM));
+        assert!(!plain_fields(&twice, CUSTOM, &mut None));
         agrees(&twice);
         // Deeper than the limit: not plain, and not relayable.
         let mut deep = nested;
@@ -370,7 +397,7 @@ mod tests {
             ("kind", Value::from("k")),
             ("data", deep),
         ]);
-        assert!(!plain_fields(&b, CUSTOM));
+        assert!(!plain_fields(&b, CUSTOM, &mut None));
         agrees(&b);
     }
 

@@ -136,6 +136,14 @@ pub fn event_body_range(body: &[u8]) -> Result<Range<usize>, DecodeError> {
     envelope_parts(&top)
 }
 
+/// The most bytes the `event` envelope adds to the event body it carries: the map, its
+/// `type`, `seq` (at its largest, a `u64` over `u32::MAX`) and `event` keys and values.
+pub const EVENT_ENVELOPE_OVERHEAD: usize = 31;
+
+/// The largest event body the shim accepts to relay (from the driver): whatever its `seq`,
+/// its `event` envelope fits a frame of [`DEFAULT_MAX_FRAME`](crate::DEFAULT_MAX_FRAME).
+pub const MAX_EVENT_BODY: usize = crate::DEFAULT_MAX_FRAME - EVENT_ENVELOPE_OVERHEAD;
+
 /// Appends the body of `{type: "event", seq, event}` to `out`, with `event_body` copied in
 /// as it is.
 ///
@@ -196,6 +204,26 @@ mod tests {
     };
     use crate::raw::tests::{detail, nested};
     use crate::MAX_DEPTH;
+
+    #[test]
+    fn the_largest_relayed_event_fits_its_envelope_in_a_frame() {
+        for seq in [0, 0x7f, 0xff, 0xffff, u64::from(u32::MAX), u64::MAX] {
+            let mut out = Vec::new();
+            encode_event_envelope(seq, &[], &mut out);
+            assert!(
+                out.len() <= EVENT_ENVELOPE_OVERHEAD,
+                "seq {seq}: {}",
+                out.len()
+            );
+            if seq == u64::MAX {
+                assert_eq!(out.len(), EVENT_ENVELOPE_OVERHEAD, "the overhead is exact");
+            }
+        }
+        assert_eq!(
+            MAX_EVENT_BODY + EVENT_ENVELOPE_OVERHEAD,
+            crate::DEFAULT_MAX_FRAME
+        );
+    }
 
     #[test]
     fn an_envelope_does_not_deepen_its_event() {

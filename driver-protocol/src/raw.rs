@@ -193,6 +193,8 @@ pub(crate) enum Field {
     Str,
     /// Nil or a UTF-8 string.
     OptStr,
+    /// Nil or a UTF-8 string: the task the event names, which the scan hands back.
+    TaskId,
     /// Nil or a boolean.
     Flag,
     /// Nil or an unsigned integer in an unsigned encoding.
@@ -211,11 +213,16 @@ pub(crate) type Fields = &'static [(&'static str, Field, bool)];
 /// (at most 32) once, each in its plain shape, and any other field in the shape of
 /// [`Field::Any`]. `false` means "not sure", never "malformed": the caller then asks the
 /// decoder. Allocates nothing.
-pub(crate) fn plain_fields(body: &[u8], fields: Fields) -> bool {
+/// `task_id` gets the value of a [`Field::TaskId`] that is a string (its UTF-8 bytes).
+pub(crate) fn plain_fields<'a>(
+    body: &'a [u8],
+    fields: Fields,
+    task_id: &mut Option<&'a [u8]>,
+) -> bool {
     let mut cur = Cursor::new(body);
     let scanned = cur
         .map_len()
-        .and_then(|n| cur.scan_fields(n, fields, false));
+        .and_then(|n| cur.scan_fields(n, fields, false, task_id));
     matches!(scanned, Ok(true)) && cur.pos == body.len()
 }
 
@@ -223,7 +230,11 @@ pub(crate) fn plain_fields(body: &[u8], fields: Fields) -> bool {
 /// is its `type`: the type, when `fields_of` has the fields of that type, the body is well
 /// formed and every field is in its plain shape. `None` means "not sure": the caller then
 /// takes the two passes (which also handle a `type` that is not the first key).
-pub(crate) fn plain_event(body: &[u8], fields_of: impl Fn(&str) -> Option<Fields>) -> Option<&str> {
+pub(crate) fn plain_event<'a>(
+    body: &'a [u8],
+    fields_of: impl Fn(&str) -> Option<Fields>,
+    task_id: &mut Option<&'a [u8]>,
+) -> Option<&'a str> {
     let mut cur = Cursor::new(body);
     let entries = cur.map_len().ok()?;
     if entries == 0 || cur.key().ok()? != b"type" {
@@ -231,7 +242,7 @@ pub(crate) fn plain_event(body: &[u8], fields_of: impl Fn(&str) -> Option<Fields
     }
     let type_name = cur.type_str().ok()?;
     let fields = fields_of(type_name)?;
-    let plain = cur.scan_fields(entries - 1, fields, true).ok()? && cur.pos == body.len();
+    let plain = cur.scan_fields(entries - 1, fields, true, task_id).ok()? && cur.pos == body.len();
     plain.then_some(type_name)
 }
 
@@ -296,11 +307,11 @@ impl<'a> Cursor<'a> {
     fn plain(&mut self, kind: Field) -> Result<bool, Fail> {
         let nil = self.peek_byte()? == 0xc0;
         match kind {
-            Field::OptStr | Field::Flag | Field::OptUint if nil => {
+            Field::OptStr | Field::TaskId | Field::Flag | Field::OptUint if nil => {
                 self.pos += 1;
                 Ok(true)
             }
-            Field::Str | Field::OptStr => self.utf8(),
+            Field::Str | Field::OptStr | Field::TaskId => self.utf8(),
             // Equal bytes: the string is one of the names, and so UTF-8.
             Field::OneOf(names) => Ok(self
                 .str_bytes()?
@@ -315,6 +326,22 @@ impl<'a> Cursor<'a> {
                 _ => Ok(false),
             },
             Field::Any => self.plain_any(2),
+        }
+    }
+
+    /// Reads a [`Field::TaskId`]: whether it is nil or a UTF-8 string, which `task_id` gets.
+    #[inline(always)]
+    fn task_id(&mut self, task_id: &mut Option<&'a [u8]>) -> Result<bool, Fail> {
+        if self.peek_byte()? == 0xc0 {
+            self.pos += 1;
+            return Ok(true);
+        }
+        match self.str_bytes()? {
+            Some(b) if is_utf8(b) => {
+                *task_id = Some(b);
+                Ok(true)
+            }
+            _ => Ok(false),
         }
     }
 
@@ -358,6 +385,7 @@ impl<'a> Cursor<'a> {
         entries: usize,
         fields: Fields,
         checking_keys: bool,
+        task_id: &mut Option<&'a [u8]>,
     ) -> Result<bool, Fail> {
         let mut seen = 0u32;
         for _ in 0..entries {
@@ -377,6 +405,7 @@ impl<'a> Cursor<'a> {
                     }
                     seen |= bit;
                     match fields.get(i) {
+                        Some(&(_, Field::TaskId, _)) => self.task_id(task_id)?,
                         Some(&(_, kind, _)) => self.plain(kind)?,
                         None => false,
                     }

@@ -112,13 +112,36 @@ fn receive(direction: &str, frame: &[u8]) -> Result<Option<Any>, DecodeError> {
 struct Sample {
     description: &'static str,
     msg: Any,
+    /// A second sample of a type (an optional field in use) is in `<type>.<variant>.json`.
+    variant: Option<&'static str>,
 }
 
 fn s(description: &'static str, msg: impl Into<Any>) -> Sample {
     Sample {
         description,
         msg: msg.into(),
+        variant: None,
     }
+}
+
+/// More samples of types that [`samples`] has already, each in its own file.
+fn variant_samples() -> Vec<Sample> {
+    use ControlToShim as C;
+    vec![Sample {
+        variant: Some("max_attempts"),
+        ..s(
+            "Queue a task; redeliver it after a driver crash, delivering it at most 5 times.",
+            C::SubmitTask(SubmitTask {
+                id: 0x5eed_0000_0000_0011,
+                task_id: "task-poison".to_owned(),
+                input: Value::from("parse the attached file"),
+                output_schema: None,
+                timeout_ms: None,
+                redeliver: true,
+                max_attempts: Some(5),
+            }),
+        )
+    }]
 }
 
 impl From<DriverToShim> for Any {
@@ -526,6 +549,7 @@ fn samples() -> Vec<Sample> {
                 output_schema: Some(output_schema()),
                 timeout_ms: Some(900_000),
                 redeliver: true,
+                max_attempts: None,
             }),
         ),
         s(
@@ -1172,9 +1196,11 @@ fn sample_file(sample: &Sample) -> (PathBuf, String, J) {
         ("frame".into(), J::Str(hex::encode(&frame))),
         ("value".into(), value.clone()),
     ]);
-    let path = vectors_dir()
-        .join(sample.msg.direction())
-        .join(format!("{}.json", sample.msg.type_name()));
+    let name = match sample.variant {
+        Some(v) => format!("{}.{v}.json", sample.msg.type_name()),
+        None => format!("{}.json", sample.msg.type_name()),
+    };
+    let path = vectors_dir().join(sample.msg.direction()).join(name);
     (path, doc.to_file_text(), value)
 }
 
@@ -1260,7 +1286,7 @@ fn every_type_of_every_direction_has_exactly_one_sample() {
 fn valid_vectors_match_samples_both_ways() {
     let mut failures = Vec::new();
     let mut expected_files = BTreeSet::new();
-    for sample in samples() {
+    for sample in samples().into_iter().chain(variant_samples()) {
         let (path, text, value) = sample_file(&sample);
         expected_files.insert(path.clone());
         if updating() {

@@ -382,15 +382,17 @@ fn submit_task() -> impl Strategy<Value = SubmitTask> {
         opt_value(),
         any::<Option<u64>>(),
         any::<bool>(),
+        any::<Option<u32>>(),
     )
         .prop_map(
-            |(id, task_id, input, output_schema, timeout_ms, redeliver)| SubmitTask {
+            |(id, task_id, input, output_schema, timeout_ms, redeliver, max_attempts)| SubmitTask {
                 id,
                 task_id,
                 input,
                 output_schema,
                 timeout_ms,
                 redeliver,
+                max_attempts,
             },
         )
 }

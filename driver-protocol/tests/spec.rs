@@ -51,6 +51,13 @@ fn spec_names_the_protocol_and_the_limits() {
     assert!(spec.contains(&format!("`{PROTOCOL_NAME}`")));
     assert!(spec.contains("16 MiB") && spec.contains("16777216"));
     assert!(spec.contains("`AGENT_SHIM_FD`"));
+    // The largest relayed event, and the envelope's overhead, as the crate has them.
+    use driver_protocol::envelope::{EVENT_ENVELOPE_OVERHEAD, MAX_EVENT_BODY};
+    assert!(
+        spec.contains(&MAX_EVENT_BODY.to_string()),
+        "{MAX_EVENT_BODY}"
+    );
+    assert!(spec.contains(&format!("envelope's {EVENT_ENVELOPE_OVERHEAD}")));
 }
 
 /// The worked examples' hex must be the real encoding: the driver `hello` is the golden

@@ -261,3 +261,23 @@ pub struct Oom {
 /// `busy`: work arrived after `idle`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Busy {}
+
+impl super::DriverToShim {
+    /// The task a driver event names (`message_chunk`, `tool_call`, `tool_result`,
+    /// `file_change`, `progress`, `log`, `custom`, and `error`), if any; `None` for every other
+    /// message.
+    pub fn event_task_id(&self) -> Option<&str> {
+        use super::DriverToShim as D;
+        match self {
+            D::Error(e) => e.task_id.as_deref(),
+            D::MessageChunk(m) => m.task_id.as_deref(),
+            D::ToolCall(m) => m.task_id.as_deref(),
+            D::ToolResult(m) => m.task_id.as_deref(),
+            D::FileChange(m) => m.task_id.as_deref(),
+            D::Progress(m) => m.task_id.as_deref(),
+            D::Log(m) => m.task_id.as_deref(),
+            D::Custom(m) => m.task_id.as_deref(),
+            _ => None,
+        }
+    }
+}

@@ -515,6 +515,7 @@ mod tests {
             output_schema: None,
             timeout_ms: None,
             redeliver: false,
+            max_attempts: None,
         };
         let mut bytes = ControlToShim::SubmitTask(body).to_body().unwrap();
         // One more entry in the fixmap: a `timeout_ms` that is a string.

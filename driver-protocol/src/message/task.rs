@@ -53,6 +53,10 @@ pub struct SubmitTask {
     /// (otherwise the task fails with the crash as its reason).
     #[serde(default, deserialize_with = "nil_as_default")]
     pub redeliver: bool,
+    /// With `redeliver`: how many times the task may be delivered in all, the first time
+    /// included (at least 1); absent: the shim's `--max-attempts`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
 }
 
 /// `cancel` (shim → driver): stop working on a task.

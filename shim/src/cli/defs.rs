@@ -197,7 +197,7 @@ pub(super) static FLAGS: &[Flag] = &[
         Value("on-failure"),
         Supervisor,
         "never|on-failure|always",
-        |c, v| parse_restart(v).map(|x| c.sup.restart = x),
+        |c, v| parse_restart(v).map(|x| c.sup.core.restart = x),
     ),
     val(
         "backoff-initial",
@@ -206,7 +206,7 @@ pub(super) static FLAGS: &[Flag] = &[
         Value("200ms"),
         Supervisor,
         "first restart delay",
-        |c, v| parse_duration(v).map(|x| c.sup.backoff_initial = x),
+        |c, v| parse_duration(v).map(|x| c.sup.core.backoff_initial = x),
     ),
     val(
         "backoff-max",
@@ -215,7 +215,7 @@ pub(super) static FLAGS: &[Flag] = &[
         Value("30s"),
         Supervisor,
         "restart delay cap",
-        |c, v| parse_duration(v).map(|x| c.sup.backoff_max = x),
+        |c, v| parse_duration(v).map(|x| c.sup.core.backoff_max = x),
     ),
     val(
         "backoff-factor",
@@ -224,7 +224,7 @@ pub(super) static FLAGS: &[Flag] = &[
         Value("2"),
         Supervisor,
         "delay multiplier per consecutive restart",
-        |c, v| parse_fraction(v).map(|x| c.sup.backoff_factor = x),
+        |c, v| parse_fraction(v).map(|x| c.sup.core.backoff_factor = x),
     ),
     val(
         "backoff-jitter",
@@ -233,7 +233,7 @@ pub(super) static FLAGS: &[Flag] = &[
         Value("0.1"),
         Supervisor,
         "+/- random fraction of each delay",
-        |c, v| parse_fraction(v).map(|x| c.sup.backoff_jitter = x),
+        |c, v| parse_fraction(v).map(|x| c.sup.core.backoff_jitter = x),
     ),
     val(
         "backoff-reset",
@@ -242,7 +242,7 @@ pub(super) static FLAGS: &[Flag] = &[
         Value("60s"),
         Supervisor,
         "a run this long resets the backoff",
-        |c, v| parse_duration(v).map(|x| c.sup.backoff_reset = x),
+        |c, v| parse_duration(v).map(|x| c.sup.core.backoff_reset = x),
     ),
     val(
         "crash-loop-restarts",
@@ -251,7 +251,7 @@ pub(super) static FLAGS: &[Flag] = &[
         Value("5"),
         Supervisor,
         "N restarts within --crash-loop-window: state error, no more\nrestarts",
-        |c, v| parse_num(v).map(|x| c.sup.crash_loop_restarts = x),
+        |c, v| parse_num(v).map(|x| c.sup.core.crash_loop_restarts = x),
     ),
     val(
         "crash-loop-window",
@@ -260,7 +260,7 @@ pub(super) static FLAGS: &[Flag] = &[
         Value("60s"),
         Supervisor,
         "the window of --crash-loop-restarts",
-        |c, v| parse_duration(v).map(|x| c.sup.crash_loop_window = x),
+        |c, v| parse_duration(v).map(|x| c.sup.core.crash_loop_window = x),
     ),
     val(
         "ready-timeout",
@@ -269,7 +269,7 @@ pub(super) static FLAGS: &[Flag] = &[
         Value("30s"),
         Supervisor,
         "launch to ready",
-        |c, v| parse_duration(v).map(|x| c.sup.ready_timeout = x),
+        |c, v| parse_duration(v).map(|x| c.sup.core.ready_timeout = x),
     ),
     val(
         "ping-interval",
@@ -278,7 +278,7 @@ pub(super) static FLAGS: &[Flag] = &[
         Value("10s"),
         Supervisor,
         "liveness ping period, 0 disables",
-        |c, v| parse_duration(v).map(|x| c.sup.ping_interval = x),
+        |c, v| parse_duration(v).map(|x| c.sup.core.ping_interval = x),
     ),
     val(
         "ping-misses",
@@ -287,7 +287,7 @@ pub(super) static FLAGS: &[Flag] = &[
         Value("3"),
         Supervisor,
         "unanswered pings before the driver counts as hung",
-        |c, v| parse_num(v).map(|x| c.sup.ping_misses = x),
+        |c, v| parse_num(v).map(|x| c.sup.core.ping_misses = x),
     ),
     val(
         "pause-timeout",
@@ -296,7 +296,7 @@ pub(super) static FLAGS: &[Flag] = &[
         Value("10s"),
         Supervisor,
         "time the driver has to reach a safe point",
-        |c, v| parse_duration(v).map(|x| c.sup.pause_timeout = x),
+        |c, v| parse_duration(v).map(|x| c.sup.core.pause_timeout = x),
     ),
     val(
         "idle-after",
@@ -305,7 +305,7 @@ pub(super) static FLAGS: &[Flag] = &[
         OFF,
         Supervisor,
         "no task, no exec, no driver event for DUR: event idle",
-        |c, v| parse_positive_duration(v).map(|x| c.sup.idle_after = Some(x)),
+        |c, v| parse_positive_duration(v).map(|x| c.sup.core.idle_after = Some(x)),
     ),
     val(
         "cancel-grace",
@@ -314,7 +314,7 @@ pub(super) static FLAGS: &[Flag] = &[
         Value("5s"),
         Supervisor,
         "default cancel grace",
-        |c, v| parse_duration(v).map(|x| c.sup.cancel_grace = x),
+        |c, v| parse_duration(v).map(|x| c.sup.core.cancel_grace = x),
     ),
     val(
         "task-queue",
@@ -323,7 +323,7 @@ pub(super) static FLAGS: &[Flag] = &[
         Value("64"),
         Supervisor,
         "queued tasks",
-        |c, v| parse_num(v).map(|x| c.sup.task_queue = x),
+        |c, v| parse_num(v).map(|x| c.sup.core.task_queue = x),
     ),
     val(
         "event-buffer",
@@ -350,7 +350,7 @@ pub(super) static FLAGS: &[Flag] = &[
         Text("the shim's"),
         Supervisor,
         "run the driver as this user (supplementary groups dropped)",
-        |c, v| crate::driver::parse_user(v).map(|x| c.sup.user = Some(x)),
+        |c, v| crate::driver::parse_user(v).map(|x| c.sup.core.user = Some(x)),
     ),
     val(
         "workdir",
@@ -444,7 +444,7 @@ pub(super) static FLAGS: &[Flag] = &[
         |c, v| match parse_num(v)? {
             0 => Err("must be at least 1".to_owned()),
             n => {
-                c.sup.max_execs = n;
+                c.sup.core.max_execs = n;
                 Ok(())
             }
         },
@@ -456,7 +456,7 @@ pub(super) static FLAGS: &[Flag] = &[
         Value("2s"),
         Sandbox,
         "an exec's group gets SIGKILL this long after SIGTERM",
-        |c, v| parse_duration(v).map(|x| c.sup.exec_kill_grace = x),
+        |c, v| parse_duration(v).map(|x| c.sup.core.exec_kill_grace = x),
     ),
     val(
         "exec-drain",
@@ -465,7 +465,7 @@ pub(super) static FLAGS: &[Flag] = &[
         Value("200ms"),
         Sandbox,
         "output still read after an exec's process exits",
-        |c, v| parse_duration(v).map(|x| c.sup.exec_drain = x),
+        |c, v| parse_duration(v).map(|x| c.sup.core.exec_drain = x),
     ),
     val(
         "oom-score-adj",
@@ -475,6 +475,22 @@ pub(super) static FLAGS: &[Flag] = &[
         Sandbox,
         "oom_score_adj of the driver and of every exec, -1000..1000; the\nshim itself goes to -1000 (needs CAP_SYS_RESOURCE)",
         |c, v| crate::oom::parse_child_scores(v).map(|x| c.sup.oom_score_adj = x),
+    ),
+    // Task redelivery.
+    val(
+        "max-attempts",
+        "N",
+        "AGENT_SHIM_MAX_ATTEMPTS",
+        Value("3"),
+        Supervisor,
+        "a `redeliver` task is delivered at most N times in all, unless\nits submit_task says max_attempts",
+        |c, v| match parse_num(v)? {
+            0 => Err("must be at least 1".to_owned()),
+            n => {
+                c.sup.core.max_attempts = n;
+                Ok(())
+            }
+        },
     ),
 ];
 

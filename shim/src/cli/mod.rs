@@ -93,6 +93,33 @@ pub struct SupervisorOpts {
     pub control_idle_timeout: Duration,
     /// `--agent-id` (`None`: the hostname).
     pub agent_id: Option<String>,
+    /// What the supervisor's core decides with (restarts, liveness, tasks, execs).
+    pub core: CoreOpts,
+    /// `--event-buffer`.
+    pub event_buffer: usize,
+    /// `--event-buffer-bytes`.
+    pub event_buffer_bytes: usize,
+    /// `--workdir`.
+    pub workdir: Option<PathBuf>,
+    /// `--env-allow` (`None` = every variable).
+    pub env_allow: Option<Vec<String>>,
+    /// `--env-deny`.
+    pub env_deny: Vec<String>,
+    /// `--log-line-max`.
+    pub log_line_max: usize,
+    /// `--log-rate` (0 = unlimited).
+    pub log_rate: u32,
+    /// `--rlimit`, `--umask`, `--no-new-privs`: for the driver and every exec.
+    pub limits: Limits,
+    /// `--oom-score-adj DRIVER[:EXEC]`: the children's `oom_score_adj`.
+    pub oom_score_adj: crate::oom::ChildScores,
+}
+
+/// The supervisor options its core decides with; the core's settings are made of these and
+/// of the signal and exit options above (see `supervisor::core::Settings`). `Default` is
+/// blank (every field empty, zero or off); the flags' defaults are `CoreOpts::flag_defaults`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CoreOpts {
     /// `--restart`.
     pub restart: RestartPolicy,
     /// `--backoff-initial`.
@@ -123,32 +150,23 @@ pub struct SupervisorOpts {
     pub cancel_grace: Duration,
     /// `--task-queue`.
     pub task_queue: usize,
-    /// `--event-buffer`.
-    pub event_buffer: usize,
-    /// `--event-buffer-bytes`.
-    pub event_buffer_bytes: usize,
     /// `--user UID[:GID]`.
     pub user: Option<(u32, u32)>,
-    /// `--workdir`.
-    pub workdir: Option<PathBuf>,
-    /// `--env-allow` (`None` = every variable).
-    pub env_allow: Option<Vec<String>>,
-    /// `--env-deny`.
-    pub env_deny: Vec<String>,
-    /// `--log-line-max`.
-    pub log_line_max: usize,
-    /// `--log-rate` (0 = unlimited).
-    pub log_rate: u32,
-    /// `--rlimit`, `--umask`, `--no-new-privs`: for the driver and every exec.
-    pub limits: Limits,
     /// `--max-execs`: execs running at once.
     pub max_execs: usize,
     /// `--exec-kill-grace`: SIGTERM to SIGKILL of an exec's group.
     pub exec_kill_grace: Duration,
     /// `--exec-drain`: after an exec's process exits, how long its output is still read.
     pub exec_drain: Duration,
-    /// `--oom-score-adj DRIVER[:EXEC]`: the children's `oom_score_adj`.
-    pub oom_score_adj: crate::oom::ChildScores,
+    /// `--max-attempts`: deliveries of a `redeliver` task that gives no `max_attempts`.
+    pub max_attempts: u32,
+}
+
+impl CoreOpts {
+    /// The defaults of the flag table.
+    pub fn flag_defaults() -> Self {
+        Config::default().sup.core
+    }
 }
 
 impl Default for SupervisorOpts {
@@ -196,33 +214,15 @@ impl Config {
                 control_reconnect_max: Duration::ZERO,
                 control_idle_timeout: Duration::ZERO,
                 agent_id: None,
-                restart: RestartPolicy::default(),
-                backoff_initial: Duration::ZERO,
-                backoff_max: Duration::ZERO,
-                backoff_factor: 0.0,
-                backoff_jitter: 0.0,
-                backoff_reset: Duration::ZERO,
-                crash_loop_restarts: 0,
-                crash_loop_window: Duration::ZERO,
-                ready_timeout: Duration::ZERO,
-                ping_interval: Duration::ZERO,
-                ping_misses: 0,
-                pause_timeout: Duration::ZERO,
-                idle_after: None,
-                cancel_grace: Duration::ZERO,
-                task_queue: 0,
+                core: CoreOpts::default(),
                 event_buffer: 0,
                 event_buffer_bytes: 0,
-                user: None,
                 workdir: None,
                 env_allow: None,
                 env_deny: Vec::new(),
                 log_line_max: 0,
                 log_rate: 0,
                 limits: Limits::default(),
-                max_execs: 0,
-                exec_kill_grace: Duration::ZERO,
-                exec_drain: Duration::ZERO,
                 oom_score_adj: crate::oom::ChildScores::default(),
             },
         }

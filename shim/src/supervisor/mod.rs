@@ -127,32 +127,13 @@ fn load_token(cfg: &Config) -> Result<Option<Token>, SupervisorError> {
 impl From<&Config> for core::Settings {
     /// The part of the command line the core decides with.
     fn from(cfg: &Config) -> Self {
-        let sup = &cfg.sup;
         core::Settings {
             command: cfg.command.clone(),
             grace: cfg.grace,
             rewrites: cfg.rewrites.clone(),
             remap_exit: cfg.remap_exit.clone(),
             allow_internal_signals: cfg.allow_internal_signals,
-            restart: sup.restart,
-            backoff_initial: sup.backoff_initial,
-            backoff_max: sup.backoff_max,
-            backoff_factor: sup.backoff_factor,
-            backoff_jitter: sup.backoff_jitter,
-            backoff_reset: sup.backoff_reset,
-            crash_loop_restarts: sup.crash_loop_restarts,
-            crash_loop_window: sup.crash_loop_window,
-            ready_timeout: sup.ready_timeout,
-            ping_interval: sup.ping_interval,
-            ping_misses: sup.ping_misses,
-            pause_timeout: sup.pause_timeout,
-            idle_after: sup.idle_after,
-            cancel_grace: sup.cancel_grace,
-            task_queue: sup.task_queue,
-            user: sup.user,
-            max_execs: sup.max_execs,
-            exec_kill_grace: sup.exec_kill_grace,
-            exec_drain: sup.exec_drain,
+            opts: cfg.sup.core.clone(),
         }
     }
 }

@@ -65,6 +65,8 @@ pub enum LostOutcome {
 struct Entry {
     task: Task,
     redeliver: bool,
+    /// With `redeliver`: the deliveries allowed in all.
+    max_attempts: u32,
 }
 
 /// The queue: waiting tasks, the running one, and the recently finished ids.
@@ -79,6 +81,8 @@ pub struct TaskQueue {
     finished: VecDeque<String>,
     finished_set: HashSet<String>,
     remember: usize,
+    /// The `max_attempts` of a task that gives none.
+    max_attempts: u32,
 }
 
 impl TaskQueue {
@@ -93,6 +97,16 @@ impl TaskQueue {
             finished: VecDeque::new(),
             finished_set: HashSet::new(),
             remember,
+            max_attempts: u32::MAX,
+        }
+    }
+
+    /// The same, with `max_attempts` deliveries of a redelivered task unless it says otherwise
+    /// (`--max-attempts`; `new` allows any number).
+    pub fn with_max_attempts(self, max_attempts: u32) -> Self {
+        Self {
+            max_attempts: max_attempts.max(1),
+            ..self
         }
     }
 
@@ -116,6 +130,7 @@ impl TaskQueue {
                 attempt: 1,
             },
             redeliver: s.redeliver,
+            max_attempts: s.max_attempts.unwrap_or(self.max_attempts).max(1),
         });
         SubmitOutcome::Accepted { position }
     }
@@ -145,6 +160,11 @@ impl TaskQueue {
     /// Whether `task_id` is queued, running or among the remembered finished ids.
     pub fn is_known(&self, task_id: &str) -> bool {
         self.active.contains(task_id) || self.finished_set.contains(task_id)
+    }
+
+    /// Whether `task_id` ended (and is still remembered as such).
+    pub fn is_finished(&self, task_id: &str) -> bool {
+        self.finished_set.contains(task_id)
     }
 
     /// The driver reported `task_done` for `task_id`: true if it was the running task (it is
@@ -188,10 +208,20 @@ impl TaskQueue {
     }
 
     /// The driver died: the running task (if any) is requeued at the front with attempt+1
-    /// when it allowed redelivery (whatever the capacity: it was already accepted), or
-    /// failed with `reason` as its error.
+    /// when it allowed redelivery and has attempts left (whatever the capacity: it was
+    /// already accepted), or failed with `reason` as its error (which says `max_attempts
+    /// reached` when the attempts ran out).
     pub fn driver_lost(&mut self, reason: &str) -> Option<LostOutcome> {
         let mut entry = self.running.take()?;
+        if entry.redeliver && entry.task.attempt >= entry.max_attempts {
+            let reason = format!(
+                "{reason}; max_attempts reached ({} of {})",
+                entry.task.attempt, entry.max_attempts
+            );
+            let done = done(&entry.task.task_id, TaskStatus::Failed, Some(&reason));
+            self.retire(entry.task.task_id);
+            return Some(LostOutcome::Failed(done));
+        }
         if entry.redeliver {
             entry.task.attempt = entry.task.attempt.saturating_add(1);
             let outcome = LostOutcome::Requeued {
@@ -263,12 +293,14 @@ mod tests {
             output_schema: None,
             timeout_ms: Some(1000),
             redeliver: false,
+            max_attempts: None,
         }
     }
 
     fn sub_redeliver(id: &str) -> SubmitTask {
         SubmitTask {
             redeliver: true,
+            max_attempts: None,
             ..sub(id)
         }
     }
@@ -481,6 +513,60 @@ mod tests {
         assert_eq!(q.start_next().unwrap().attempt, 3);
         assert!(q.finish("a"));
         assert_eq!(q.start_next().unwrap().task_id, "b");
+    }
+
+    /// A `redeliver` task is delivered at most `max_attempts` times (its own, else the
+    /// queue's default); the last loss fails it and says so.
+    #[test]
+    fn redelivery_stops_at_max_attempts() {
+        let lost = |q: &mut TaskQueue| {
+            q.start_next();
+            q.driver_lost("driver crashed: exit code 1")
+        };
+        let failed = |attempts: &str| {
+            Some(LostOutcome::Failed(TaskDone {
+                task_id: "a".into(),
+                status: TaskStatus::Failed,
+                output: None,
+                error: Some(format!(
+                    "driver crashed: exit code 1; max_attempts reached ({attempts})"
+                )),
+            }))
+        };
+        let requeued = |attempt| {
+            Some(LostOutcome::Requeued {
+                task_id: "a".into(),
+                attempt,
+            })
+        };
+        // The queue's default.
+        let mut q = TaskQueue::new(4, 8).with_max_attempts(3);
+        q.submit(sub_redeliver("a"));
+        assert_eq!(lost(&mut q), requeued(2));
+        assert_eq!(lost(&mut q), requeued(3));
+        assert_eq!(lost(&mut q), failed("3 of 3"));
+        assert_eq!(q.start_next(), None);
+        assert_eq!(q.submit(sub_redeliver("a")), SubmitOutcome::Duplicate);
+        // The task's own, above or below the default; 1 means no redelivery.
+        for (own, requeues) in [(5u32, 4u32), (1, 0)] {
+            let mut q = TaskQueue::new(4, 8).with_max_attempts(3);
+            q.submit(SubmitTask {
+                max_attempts: Some(own),
+                ..sub_redeliver("a")
+            });
+            for attempt in 2..=requeues + 1 {
+                assert_eq!(lost(&mut q), requeued(attempt));
+            }
+            assert_eq!(lost(&mut q), failed(&format!("{own} of {own}")));
+        }
+        // Without redeliver, max_attempts changes nothing.
+        let mut q = TaskQueue::new(4, 8).with_max_attempts(3);
+        q.submit(SubmitTask {
+            max_attempts: Some(5),
+            ..sub("a")
+        });
+        assert!(matches!(lost(&mut q), Some(LostOutcome::Failed(d))
+            if d.error.as_deref() == Some("driver crashed: exit code 1")));
     }
 
     #[test]

@@ -15,6 +15,14 @@
 //! hostile-driver exec-flood N BYTES    N exec requests at once (`sleep 5`, a variable of BYTES)
 //! hostile-driver exec-then-exit        at its first task, start an exec that outlives SIGTERM,
 //!                                      then exit 0 as soon as it says `ready`
+//! hostile-driver task-strays           at its first task T: a `custom` event for a task it was
+//!                                      not given, a chunk of T, `task_done` for T twice, a
+//!                                      chunk of T after its end; prints each `error` notice
+//!                                      the shim sends back (`notice CODE TASK`)
+//! hostile-driver hold-task             take its first task and never end it (nor exit)
+//! hostile-driver big-event             a `custom` event of exactly the largest body the shim
+//!                                      relays, then one a byte larger; prints the notices
+//! hostile-driver crash-on-task         exit 1 at each task it is given (`crashed TASK ATTEMPT`)
 //! ```
 //! After its attack it prints `done ...` and sleeps (at most 60 s), answering nothing.
 
@@ -26,7 +34,8 @@ use std::time::{Duration, Instant};
 
 use driver_protocol::blocking::{FrameReader, FrameWriter};
 use driver_protocol::message::{
-    DriverToShim, Exec, Hello, Log, LogStream, Ready, Role, ShimToDriver,
+    Custom, DriverToShim, Exec, Hello, Log, LogStream, Message as _, MessageChunk, Ready, Role,
+    ShimToDriver, Task, TaskDone, TaskStatus,
 };
 
 fn main() {
@@ -214,6 +223,64 @@ fn main() {
             eprintln!("done exec-then-exit");
             std::process::exit(0);
         }
+        "task-strays" => {
+            let task = wait_task(&mut reader).task_id;
+            let chunk = |t: &str| {
+                DriverToShim::MessageChunk(MessageChunk {
+                    task_id: Some(t.to_owned()),
+                    text: format!("chunk of {t}"),
+                    role: None,
+                    is_final: false,
+                })
+            };
+            let done = |t: &str| {
+                DriverToShim::TaskDone(TaskDone {
+                    task_id: t.to_owned(),
+                    status: TaskStatus::Succeeded,
+                    output: None,
+                    error: None,
+                })
+            };
+            send(
+                &mut writer,
+                &DriverToShim::Custom(Custom {
+                    task_id: Some("never-given".into()),
+                    kind: "stray".into(),
+                    data: rmpv::Value::Nil,
+                }),
+            );
+            send(&mut writer, &chunk(&task));
+            send(&mut writer, &done(&task));
+            send(&mut writer, &done(&task));
+            send(&mut writer, &chunk(&task));
+            print_notices(&mut reader, 3);
+            eprintln!("done task-strays");
+        }
+        "hold-task" => {
+            let task = wait_task(&mut reader).task_id;
+            eprintln!("done hold-task {task}");
+        }
+        "big-event" => {
+            let largest = big_custom(driver_protocol::envelope::MAX_EVENT_BODY);
+            let over = big_custom(driver_protocol::envelope::MAX_EVENT_BODY + 1);
+            for body in [&largest, &over] {
+                if writer
+                    .write_frame(body)
+                    .and_then(|()| writer.flush())
+                    .is_err()
+                {
+                    std::process::exit(3);
+                }
+            }
+            eprintln!("sent big-event {} {}", largest.len(), over.len());
+            print_notices(&mut reader, 1);
+            eprintln!("done big-event");
+        }
+        "crash-on-task" => {
+            let task = wait_task(&mut reader);
+            eprintln!("crashed {} {}", task.task_id, task.attempt);
+            std::process::exit(1);
+        }
         other => {
             eprintln!("unknown mode {other:?}");
             std::process::exit(2);
@@ -222,11 +289,55 @@ fn main() {
     std::thread::sleep(Duration::from_secs(60));
 }
 
+/// Prints (`notice CODE TASK`) the first `n` `error` notices (no `re`) from the shim,
+/// waiting at most 10 s; `notices timed out` if they do not all come.
+fn print_notices(reader: &mut FrameReader<UnixStream>, n: usize) {
+    let until = Instant::now() + Duration::from_secs(10);
+    let _ = reader
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_millis(200)));
+    let mut seen = 0;
+    while seen < n && Instant::now() < until {
+        match reader.read_message::<ShimToDriver>() {
+            Ok(Some(ShimToDriver::Error(e))) if e.re.is_none() => {
+                seen += 1;
+                eprintln!("notice {} {}", e.code, e.task_id.as_deref().unwrap_or("-"));
+            }
+            Ok(Some(_)) | Err(_) => {}
+            Ok(None) => break,
+        }
+    }
+    if seen < n {
+        eprintln!("notices timed out");
+    }
+}
+
+/// The body of a `custom` event of exactly `len` bytes (over 64 KiB): its `data` a binary
+/// of the bytes 0, 1, …, 250, 0, 1, …
+fn big_custom(len: usize) -> Vec<u8> {
+    let event = |n: usize| {
+        DriverToShim::Custom(Custom {
+            task_id: None,
+            kind: "big".into(),
+            data: rmpv::Value::Binary((0..n).map(|i| (i % 251) as u8).collect()),
+        })
+    };
+    // A bin32 of n bytes takes 5 + n; an empty one (bin8) 2.
+    let base = event(0).to_body().map(|b| b.len()).unwrap_or(0);
+    let n = len.saturating_sub(base + 3);
+    let body = event(n).to_body().unwrap_or_default();
+    if body.len() != len {
+        eprintln!("big-event: body of {} bytes, wanted {len}", body.len());
+        std::process::exit(3);
+    }
+    body
+}
+
 /// Waits for the first task (the test's go); exits 4 if the socket ends first.
-fn wait_task(reader: &mut FrameReader<UnixStream>) {
+fn wait_task(reader: &mut FrameReader<UnixStream>) -> Task {
     loop {
         match reader.read_message::<ShimToDriver>() {
-            Ok(Some(ShimToDriver::Task(_))) => return,
+            Ok(Some(ShimToDriver::Task(t))) => return t,
             Ok(Some(_)) => {}
             Ok(None) | Err(_) => std::process::exit(4),
         }

@@ -153,6 +153,7 @@ fn a_request_whose_reply_was_lost_runs_once() -> Result<()> {
             output_schema: None,
             timeout_ms: None,
             redeliver: false,
+            max_attempts: None,
         });
         for _ in 0..3 {
             let reply = client.test_request(id, msg.clone()).await?;

@@ -14,11 +14,11 @@ use driver_protocol::ErrorCode;
 use super::Setup;
 use crate::support::{is_root, Mode, TempDir};
 
-fn hostile() -> &'static str {
+pub(super) fn hostile() -> &'static str {
     env!("CARGO_BIN_EXE_hostile-driver")
 }
 
-fn one_mode() -> Mode {
+pub(super) fn one_mode() -> Mode {
     if is_root() {
         Mode::Pid1
     } else {

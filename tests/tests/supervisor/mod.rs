@@ -19,6 +19,7 @@ mod hostile;
 mod idle;
 mod lifecycle;
 mod python;
+mod relay_rules;
 mod robustness;
 mod soak;
 mod tasks;

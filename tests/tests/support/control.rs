@@ -448,6 +448,7 @@ impl ControlClient {
                 output_schema: None,
                 timeout_ms: None,
                 redeliver: false,
+                max_attempts: None,
             },
         )
     }

@@ -29,9 +29,9 @@ fn defaults_agree_with_the_modules_that_own_them() {
         crate::control::DEFAULT_IDLE_TIMEOUT
     );
     assert_eq!(c.sup.oom_score_adj, crate::oom::ChildScores::default());
-    assert_eq!(c.sup.restart, crate::cli::RestartPolicy::OnFailure);
-    assert_eq!(c.sup.backoff_factor, 2.0);
-    assert_eq!(c.sup.backoff_jitter, 0.1);
+    assert_eq!(c.sup.core.restart, crate::cli::RestartPolicy::OnFailure);
+    assert_eq!(c.sup.core.backoff_factor, 2.0);
+    assert_eq!(c.sup.core.backoff_jitter, 0.1);
     assert_eq!(c.sup.event_buffer_bytes, 8 * 1024 * 1024);
     assert_eq!(c.log_format, crate::logging::LogFormat::Text);
 }

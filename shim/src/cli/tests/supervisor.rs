@@ -7,9 +7,9 @@ fn supervisor_flags_defaults_and_environment() {
     let c = run(&["drv"]).unwrap();
     assert!(!c.supervisor_mode());
     assert_eq!(c.sup, SupervisorOpts::default());
-    assert_eq!(c.sup.backoff_initial, Duration::from_millis(200));
-    assert_eq!(c.sup.backoff_max, Duration::from_secs(30));
-    assert_eq!(c.sup.backoff_reset, Duration::from_secs(60));
+    assert_eq!(c.sup.core.backoff_initial, Duration::from_millis(200));
+    assert_eq!(c.sup.core.backoff_max, Duration::from_secs(30));
+    assert_eq!(c.sup.core.backoff_reset, Duration::from_secs(60));
 
     let c = run(&[
         "--control-listen",
@@ -48,13 +48,13 @@ fn supervisor_flags_defaults_and_environment() {
     assert_eq!(c.sup.control_connect, None);
     assert_eq!(c.sup.control_token, None);
     assert_eq!(c.sup.control_reconnect_max, Duration::from_secs(5));
-    assert_eq!(c.sup.restart, RestartPolicy::Always);
-    assert_eq!(c.sup.backoff_initial, Duration::from_millis(50));
-    assert_eq!(c.sup.backoff_factor, 3.0);
-    assert_eq!(c.sup.crash_loop_restarts, 7);
-    assert!(c.sup.ping_interval.is_zero());
-    assert_eq!(c.sup.task_queue, 2);
-    assert_eq!(c.sup.user, Some((65534, 65533)));
+    assert_eq!(c.sup.core.restart, RestartPolicy::Always);
+    assert_eq!(c.sup.core.backoff_initial, Duration::from_millis(50));
+    assert_eq!(c.sup.core.backoff_factor, 3.0);
+    assert_eq!(c.sup.core.crash_loop_restarts, 7);
+    assert!(c.sup.core.ping_interval.is_zero());
+    assert_eq!(c.sup.core.task_queue, 2);
+    assert_eq!(c.sup.core.user, Some((65534, 65533)));
     assert_eq!(c.sup.workdir, Some(PathBuf::from("/tmp")));
     assert_eq!(
         c.sup.env_allow,
@@ -74,18 +74,18 @@ fn supervisor_flags_defaults_and_environment() {
     )
     .unwrap();
     assert!(c.supervise && c.supervisor_mode());
-    assert_eq!(c.sup.restart, RestartPolicy::Never);
-    assert_eq!(c.sup.ping_misses, 9);
-    assert_eq!(c.sup.cancel_grace, Duration::from_millis(250));
+    assert_eq!(c.sup.core.restart, RestartPolicy::Never);
+    assert_eq!(c.sup.core.ping_misses, 9);
+    assert_eq!(c.sup.core.cancel_grace, Duration::from_millis(250));
 }
 
 #[test]
 fn sandbox_limit_and_exec_flags() {
     use crate::limits::{Resource, Rlimit};
     let d = run(&["drv"]).unwrap();
-    assert_eq!(d.sup.max_execs, 128);
-    assert_eq!(d.sup.exec_kill_grace, Duration::from_secs(2));
-    assert_eq!(d.sup.exec_drain, Duration::from_millis(200));
+    assert_eq!(d.sup.core.max_execs, 128);
+    assert_eq!(d.sup.core.exec_kill_grace, Duration::from_secs(2));
+    assert_eq!(d.sup.core.exec_drain, Duration::from_millis(200));
     assert_eq!(d.sup.limits, Limits::default());
     let c = run(&[
         "--rlimit",
@@ -114,9 +114,9 @@ fn sandbox_limit_and_exec_flags() {
     );
     assert_eq!(c.sup.limits.umask, Some(0o027));
     assert!(c.sup.limits.no_new_privs);
-    assert_eq!(c.sup.max_execs, 3);
-    assert_eq!(c.sup.exec_kill_grace, Duration::from_millis(500));
-    assert_eq!(c.sup.exec_drain, Duration::from_secs(1));
+    assert_eq!(c.sup.core.max_execs, 3);
+    assert_eq!(c.sup.core.exec_kill_grace, Duration::from_millis(500));
+    assert_eq!(c.sup.core.exec_drain, Duration::from_secs(1));
     // The variable is a list; a flag replaces it as a whole.
     let c = run_with(
         &["drv"],
@@ -222,11 +222,14 @@ fn supervisor_usage_errors() {
 
 #[test]
 fn idle_after_is_off_by_default_and_positive() {
-    assert_eq!(run(&["--supervise", "x"]).unwrap().sup.idle_after, None);
+    assert_eq!(
+        run(&["--supervise", "x"]).unwrap().sup.core.idle_after,
+        None
+    );
     let c = run(&["--idle-after", "90s", "--supervise", "x"]).unwrap();
-    assert_eq!(c.sup.idle_after, Some(Duration::from_secs(90)));
+    assert_eq!(c.sup.core.idle_after, Some(Duration::from_secs(90)));
     let c = run_with(&["--supervise", "x"], &[("AGENT_SHIM_IDLE_AFTER", "250ms")]).unwrap();
-    assert_eq!(c.sup.idle_after, Some(Duration::from_millis(250)));
+    assert_eq!(c.sup.core.idle_after, Some(Duration::from_millis(250)));
     assert!(run(&["--idle-after", "0", "--supervise", "x"]).is_err());
     assert!(run(&["--idle-after", "soon", "--supervise", "x"]).is_err());
 }

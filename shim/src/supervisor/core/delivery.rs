@@ -8,8 +8,8 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use driver_protocol::message::ShimToControl;
 use driver_protocol::message::{Cancel, CancelTask, DriverState, SubmitTask, TaskAccepted};
+use driver_protocol::message::{ErrorMsg, ShimToControl};
 use driver_protocol::ErrorCode;
 use tracing::{info, warn};
 
@@ -39,6 +39,12 @@ impl Core {
 
     /// The driver's `task_done` (its MessagePack `body` is relayed as is).
     pub(super) fn on_task_done(&mut self, task_id: &str, body: Bytes) {
+        if self.tasks.running() == Some(task_id)
+            && !self.relayable("task_done", Some(task_id.as_bytes()), body.len())
+        {
+            // Too large to relay: the task runs on, for a task_done that fits.
+            return;
+        }
         if self.tasks.finish(task_id) {
             if self
                 .cancelling
@@ -50,7 +56,25 @@ impl Core {
             self.out.push(Output::Relay(body));
             self.start_next();
         } else {
-            warn!(task_id, "task_done for a task not running: dropped");
+            // Not relayed; the driver is told (a second task_done, or a task it was not given).
+            let (code, message) = if self.tasks.is_finished(task_id) {
+                (
+                    ErrorCode::InvalidState,
+                    format!("task {task_id:?} has ended already: a second task_done is dropped"),
+                )
+            } else {
+                (
+                    ErrorCode::NotFound,
+                    format!("task_done dropped: task {task_id:?} is not running on this driver"),
+                )
+            };
+            warn!(task_id, %code, "task_done for a task not running: dropped");
+            self.send(ErrorMsg {
+                re: None,
+                code,
+                message,
+                task_id: Some(task_id.to_owned()),
+            });
         }
     }
 
@@ -73,6 +97,9 @@ impl Core {
                 "the event buffer is full (the control plane is not acknowledging)",
             );
         }
+        if s.max_attempts == Some(0) {
+            return err(re, ErrorCode::Invalid, "max_attempts must be at least 1");
+        }
         let task_id = s.task_id.clone();
         match self.tasks.submit(s) {
             SubmitOutcome::Accepted { position } => {
@@ -85,7 +112,7 @@ impl Core {
             SubmitOutcome::Full => err(
                 re,
                 ErrorCode::Limit,
-                &format!("task queue full ({} tasks)", self.cfg.task_queue),
+                &format!("task queue full ({} tasks)", self.cfg.opts.task_queue),
             ),
         }
     }
@@ -101,7 +128,7 @@ impl Core {
                 if self.cancelling.is_none() {
                     let grace = c
                         .grace_ms
-                        .map_or(self.cfg.cancel_grace, Duration::from_millis);
+                        .map_or(self.cfg.opts.cancel_grace, Duration::from_millis);
                     // The task's tool processes die after the same grace.
                     self.cancel_task_execs(&c.task_id, grace, now);
                     let id = self.request_id();
@@ -192,7 +219,16 @@ mod tests {
             body(),
             t0,
         );
-        assert!(core.take_outputs().is_empty());
+        // ... not relayed; the driver is told the task has ended already.
+        let outs = core.take_outputs();
+        assert!(
+            matches!(
+                &outs[..],
+                [Output::ToDriver(ShimToDriver::Error(e))]
+                    if e.code == ErrorCode::InvalidState && e.task_id.as_deref() == Some("t1")
+            ),
+            "{outs:?}"
+        );
         // Our own SIGKILL: the shell found no rise of the OOM-kill counter.
         core.on_driver_exit_oom(PID, ExitStatus::Signaled(9), Some(false));
         core.on_driver_link_closed(t0);

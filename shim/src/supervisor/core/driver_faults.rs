@@ -43,8 +43,8 @@ fn a_resume_without_ready_times_out_and_the_driver_counts_as_hung() {
     use driver_protocol::message::{ControlToShim, Event, Pause, Paused, Resume};
     let t0 = Instant::now();
     let mut c = cfg();
-    c.ping_interval = Duration::ZERO;
-    c.pause_timeout = Duration::from_secs(2);
+    c.opts.ping_interval = Duration::ZERO;
+    c.opts.pause_timeout = Duration::from_secs(2);
     let mut core = new_core(&c, t0);
     up(&mut core, t0);
     let pause = ControlToShim::Pause(Pause {

@@ -22,7 +22,8 @@
 use std::time::{Duration, Instant};
 
 use driver_protocol::message::{
-    Exec, ExecExit, ExecInput, ExecResize, ExecSignal, OutputStream, TtySize,
+    ErrorMsg, Exec, ExecExit, ExecInput, ExecResize, ExecSignal, OutputStream, ShimToControl,
+    TtySize,
 };
 use driver_protocol::ErrorCode;
 use tracing::{debug, info, warn};
@@ -85,9 +86,19 @@ fn stream_index(s: OutputStream) -> usize {
 
 impl Core {
     /// Checks an `exec` request from `owner` (running as `user`, already resolved by the
-    /// shell) and gives it an exec id; the shell then starts it and calls
-    /// [`Core::exec_started`], or drops the id if starting failed.
-    pub fn exec_admit(
+    /// shell): [`Output::ExecAdmitted`] with its exec id (the shell then starts it and calls
+    /// [`Core::exec_started`], or [`Core::exec_spawn_failed`] if starting failed), or
+    /// [`Output::ExecRefused`].
+    pub fn exec_admit(&mut self, owner: ExecOwner, req: &Exec, user: Option<(u32, u32)>) {
+        let verdict = match self.admission(owner, req, user) {
+            Ok(id) => Output::ExecAdmitted { id, owner, user },
+            Err((code, message)) => Output::ExecRefused(code, message),
+        };
+        self.out.push(verdict);
+    }
+
+    /// The exec id for an `exec` request, or why it is refused.
+    fn admission(
         &mut self,
         owner: ExecOwner,
         req: &Exec,
@@ -111,7 +122,7 @@ impl Core {
                 return Err((ErrorCode::InvalidState, "the driver is gone".into()));
             }
             // A driver dropped to a uid must not get root back through its tools.
-            let confined = self.cfg.user.is_some_and(|(uid, _)| uid != 0);
+            let confined = self.cfg.opts.user.is_some_and(|(uid, _)| uid != 0);
             if confined && user.is_some_and(|(uid, gid)| uid == 0 || gid == 0) {
                 return Err((
                     ErrorCode::Invalid,
@@ -119,13 +130,13 @@ impl Core {
                 ));
             }
         }
-        if self.execs.len() >= self.cfg.max_execs {
+        if self.execs.len() >= self.cfg.opts.max_execs {
             return Err((
                 ErrorCode::Limit,
                 format!(
                     "all exec slots are taken ({} running, --max-execs {})",
                     self.execs.len(),
-                    self.cfg.max_execs
+                    self.cfg.opts.max_execs
                 ),
             ));
         }
@@ -229,7 +240,7 @@ impl Core {
         oom_killed: Option<bool>,
         now: Instant,
     ) {
-        let drain = self.cfg.exec_drain;
+        let drain = self.cfg.opts.exec_drain;
         let Some(e) = self.execs.get_mut(&id) else {
             debug!(exec_id = id, "exit of an unknown exec");
             return;
@@ -315,33 +326,62 @@ impl Core {
             .ok_or_else(|| (ErrorCode::NotFound, format!("no exec {id}")))
     }
 
-    /// `exec_input` from `owner`.
-    pub fn exec_input(&mut self, owner: ExecOwner, m: ExecInput) -> Result<(), Refusal> {
-        self.owned(owner, m.exec_id)?;
-        self.out.push(Output::ExecInput(m));
-        Ok(())
-    }
-
-    /// `exec_resize` from `owner`.
-    pub fn exec_resize(&mut self, owner: ExecOwner, m: &ExecResize) -> Result<(), Refusal> {
-        self.owned(owner, m.exec_id)?;
-        if m.rows == 0 || m.cols == 0 {
-            return Err((ErrorCode::Invalid, "rows and cols must be > 0".into()));
+    /// `exec_input` from `owner`: [`Output::ExecInput`], or the refusal to `owner`.
+    pub fn exec_input(&mut self, owner: ExecOwner, m: ExecInput) {
+        match self.owned(owner, m.exec_id) {
+            Ok(_) => self.out.push(Output::ExecInput(m)),
+            Err(refusal) => self.refuse_steering(owner, refusal),
         }
-        self.out.push(Output::ExecResize(
-            m.exec_id,
-            TtySize {
-                rows: m.rows,
-                cols: m.cols,
-            },
-        ));
-        Ok(())
     }
 
-    /// `exec_signal` from `owner`: the signal goes to the exec's whole process group.
-    pub fn exec_signal(&mut self, owner: ExecOwner, m: &ExecSignal) -> Result<(), Refusal> {
-        let pid = self.owned(owner, m.exec_id)?.pid;
-        self.signal_exec(m.exec_id, pid, &m.signal)
+    /// `exec_resize` from `owner`: [`Output::ExecResize`], or the refusal to `owner`.
+    pub fn exec_resize(&mut self, owner: ExecOwner, m: &ExecResize) {
+        let checked = self.owned(owner, m.exec_id).and_then(|_| {
+            if m.rows == 0 || m.cols == 0 {
+                return Err((ErrorCode::Invalid, "rows and cols must be > 0".into()));
+            }
+            Ok(())
+        });
+        match checked {
+            Ok(()) => self.out.push(Output::ExecResize(
+                m.exec_id,
+                TtySize {
+                    rows: m.rows,
+                    cols: m.cols,
+                },
+            )),
+            Err(refusal) => self.refuse_steering(owner, refusal),
+        }
+    }
+
+    /// `exec_signal` from `owner`: the signal goes to the exec's whole process group (an
+    /// [`Output::Kill`]), or the refusal to `owner`.
+    pub fn exec_signal(&mut self, owner: ExecOwner, m: &ExecSignal) {
+        let signalled = self
+            .owned(owner, m.exec_id)
+            .map(|e| e.pid)
+            .and_then(|pid| self.signal_exec(m.exec_id, pid, &m.signal));
+        if let Err(refusal) = signalled {
+            self.refuse_steering(owner, refusal);
+        }
+    }
+
+    /// Tells `owner` why an `exec_input`/`exec_resize`/`exec_signal` was refused: an `error`
+    /// without `re` (those messages have no id), to the driver or as the control reply.
+    fn refuse_steering(&mut self, owner: ExecOwner, (code, message): Refusal) {
+        let msg = ErrorMsg {
+            re: None,
+            code,
+            message,
+            task_id: None,
+        };
+        match owner {
+            ExecOwner::Driver(_) => {
+                debug!(code = %msg.code, message = msg.message, "exec message from the driver refused");
+                self.send(msg);
+            }
+            ExecOwner::Control => self.out.push(Output::Reply(ShimToControl::Error(msg))),
+        }
     }
 
     /// `signal{target: "exec"}` from the control plane (any exec).
@@ -369,7 +409,7 @@ impl Core {
     /// SIGTERM to the groups of the execs `pick` selects (not already being killed), SIGKILL
     /// after `--exec-kill-grace`.
     pub(super) fn terminate_execs(&mut self, now: Instant, pick: impl Fn(&ExecEntry) -> bool) {
-        let grace = self.cfg.exec_kill_grace;
+        let grace = self.cfg.opts.exec_kill_grace;
         let mut groups = Vec::new();
         for e in self.execs.values_mut().filter(|e| pick(e)) {
             e.term_at = None;
@@ -407,7 +447,7 @@ impl Core {
         }
         info!(execs = self.execs.len(), "terminating execs before exiting");
         self.exit_pending = Some(code);
-        let sup = &self.cfg;
+        let sup = &self.cfg.opts;
         self.exit_deadline = now.checked_add(
             sup.exec_kill_grace
                 .saturating_add(sup.exec_drain)
@@ -428,7 +468,7 @@ impl Core {
 
     /// Timeouts, cancel graces, kill graces and drains that are due.
     pub(super) fn exec_timer(&mut self, now: Instant) {
-        let grace = self.cfg.exec_kill_grace;
+        let grace = self.cfg.opts.exec_kill_grace;
         let mut signals_due = Vec::new();
         let mut stops = Vec::new();
         for (&id, e) in &mut self.execs {
@@ -505,7 +545,7 @@ mod tests {
 
     /// Admits and "starts" `req` as pid `pid`; its exec id.
     fn start(core: &mut TestCore, owner: ExecOwner, req: &Exec, pid: i32, t: Instant) -> u64 {
-        let id = core.exec_admit(owner, req, None).expect("admitted");
+        let id = core.admit(owner, req, None).expect("admitted");
         core.exec_started(id, owner, pid, req, t);
         id
     }
@@ -572,13 +612,13 @@ mod tests {
         up(&mut core, t0);
         let id = start(&mut core, ExecOwner::Control, &exec(1, &["sh"]), 300, t0);
         core.on_exec_exit(id, ExitStatus::Exited(0), t0);
-        assert_eq!(core.next_deadline(), Some(t0 + c.exec_drain));
-        core.on_timer(t0 + c.exec_drain);
+        assert_eq!(core.next_deadline(), Some(t0 + c.opts.exec_drain));
+        core.on_timer(t0 + c.opts.exec_drain);
         let outs = core.take_outputs();
         assert!(outs.contains(&Output::ExecStop(id)), "{outs:?}");
         assert_eq!(kills(&core), vec![(-300, libc::SIGKILL)]);
         // The shell closes the pipes and says so: then the exit.
-        core.exec_io_closed(id, t0 + c.exec_drain);
+        core.exec_io_closed(id, t0 + c.opts.exec_drain);
         assert_eq!(exits(&core.take_outputs()).len(), 1);
     }
 
@@ -595,7 +635,7 @@ mod tests {
         assert_eq!(core.next_deadline().map(|d| d <= t1), Some(true));
         core.on_timer(t1);
         assert_eq!(kills(&core), vec![(-400, libc::SIGTERM)]);
-        let t2 = t1 + c.exec_kill_grace;
+        let t2 = t1 + c.opts.exec_kill_grace;
         core.on_timer(t2);
         assert_eq!(
             kills(&core),
@@ -636,17 +676,17 @@ mod tests {
     fn limits_ownership_and_refusals() {
         let t0 = Instant::now();
         let mut c = cfg();
-        c.max_execs = 2;
+        c.opts.max_execs = 2;
         let mut core = new_core(&c, t0);
         up(&mut core, t0);
         let d = ExecOwner::Driver(PID);
         let a = start(&mut core, d, &exec(1, &["a"]), 600, t0);
         start(&mut core, ExecOwner::Control, &exec(2, &["b"]), 601, t0);
-        let (code, msg) = core.exec_admit(d, &exec(3, &["c"]), None).unwrap_err();
+        let (code, msg) = core.admit(d, &exec(3, &["c"]), None).unwrap_err();
         assert_eq!(code, ErrorCode::Limit);
         assert!(msg.contains("--max-execs 2"), "{msg}");
         assert_eq!(
-            core.exec_admit(d, &exec(4, &[]), None).unwrap_err().0,
+            core.admit(d, &exec(4, &[]), None).unwrap_err().0,
             ErrorCode::Invalid
         );
         // Another owner's exec, or an unknown one, is not found.
@@ -656,25 +696,48 @@ mod tests {
             eof: true,
         };
         assert_eq!(
-            core.exec_input(ExecOwner::Control, input(a)).unwrap_err().0,
+            {
+                core.exec_input(ExecOwner::Control, input(a));
+                core.steering_refused()
+            }
+            .unwrap_err()
+            .0,
             ErrorCode::NotFound
         );
         assert_eq!(
-            core.exec_input(d, input(99)).unwrap_err().0,
+            {
+                core.exec_input(d, input(99));
+                core.steering_refused()
+            }
+            .unwrap_err()
+            .0,
             ErrorCode::NotFound
         );
         core.take_outputs();
-        core.exec_input(d, input(a)).unwrap();
+        {
+            core.exec_input(d, input(a));
+            core.steering_refused()
+        }
+        .unwrap();
         assert_eq!(core.take_outputs(), vec![Output::ExecInput(input(a))]);
         // exec_signal goes to the whole group; a bad name is invalid.
         let sig = |s: &str| ExecSignal {
             exec_id: a,
             signal: s.into(),
         };
-        core.exec_signal(d, &sig("INT")).unwrap();
+        {
+            core.exec_signal(d, &sig("INT"));
+            core.steering_refused()
+        }
+        .unwrap();
         assert_eq!(kills(&core), vec![(-600, libc::SIGINT)]);
         assert_eq!(
-            core.exec_signal(d, &sig("NOPE")).unwrap_err().0,
+            {
+                core.exec_signal(d, &sig("NOPE"));
+                core.steering_refused()
+            }
+            .unwrap_err()
+            .0,
             ErrorCode::Invalid
         );
         // The control plane's signal{target: exec} reaches any exec.
@@ -729,18 +792,16 @@ mod tests {
     fn a_confined_driver_may_not_exec_as_root() {
         let t0 = Instant::now();
         let mut c = cfg();
-        c.user = Some((1000, 1000));
+        c.opts.user = Some((1000, 1000));
         let mut core = new_core(&c, t0);
         up(&mut core, t0);
         let d = ExecOwner::Driver(PID);
-        let r = core.exec_admit(d, &exec(1, &["id"]), Some((0, 0)));
+        let r = core.admit(d, &exec(1, &["id"]), Some((0, 0)));
         assert_eq!(r.unwrap_err().0, ErrorCode::Invalid);
-        assert!(core
-            .exec_admit(d, &exec(1, &["id"]), Some((1001, 1001)))
-            .is_ok());
+        assert!(core.admit(d, &exec(1, &["id"]), Some((1001, 1001))).is_ok());
         // The control plane is trusted.
         assert!(core
-            .exec_admit(ExecOwner::Control, &exec(1, &["id"]), Some((0, 0)))
+            .admit(ExecOwner::Control, &exec(1, &["id"]), Some((0, 0)))
             .is_ok());
     }
 
@@ -806,7 +867,7 @@ mod tests {
         // Execs get SIGTERM with the stop; new ones are refused.
         assert!(kills(&core).contains(&(-800, libc::SIGTERM)));
         assert_eq!(
-            core.exec_admit(ExecOwner::Control, &exec(2, &["x"]), None)
+            core.admit(ExecOwner::Control, &exec(2, &["x"]), None)
                 .unwrap_err()
                 .0,
             ErrorCode::ShuttingDown
@@ -845,7 +906,7 @@ mod tests {
         let x = exits(&core.take_outputs());
         assert_eq!(x.len(), 1);
         assert!(x[0].code.is_none() && x[0].signal.is_none(), "{x:?}");
-        assert!(now <= t0 + c.exec_kill_grace + c.exec_drain + super::EXIT_SLACK);
+        assert!(now <= t0 + c.opts.exec_kill_grace + c.opts.exec_drain + super::EXIT_SLACK);
     }
 
     #[test]

@@ -88,12 +88,15 @@ impl<'a> Harness<'a> {
         let cfg = Settings {
             command: vec!["driver".into()],
             grace: Duration::from_secs(2),
-            backoff_jitter: 0.0,
-            ping_interval: Duration::from_secs(1),
-            ping_misses: 2,
-            task_queue: 4,
-            max_execs: 3,
-            idle_after: Some(Duration::from_secs(5)),
+            opts: super::settings::CoreOpts {
+                backoff_jitter: 0.0,
+                ping_interval: Duration::from_secs(1),
+                ping_misses: 2,
+                task_queue: 4,
+                max_execs: 3,
+                idle_after: Some(Duration::from_secs(5)),
+                ..super::settings::CoreOpts::flag_defaults()
+            },
             ..Settings::default()
         };
         let now = Instant::now();
@@ -285,18 +288,18 @@ impl<'a> Harness<'a> {
         let owner = ExecOwner::Control;
         match cmd {
             ControlToShim::Exec(req) => {
-                if let Ok(id) = self.core.exec_admit(owner, &req, None) {
+                if let Ok(id) = self.core.admit(owner, &req, None) {
                     self.exec_started(id, owner, &req);
                 }
             }
             ControlToShim::ExecInput(m) => {
-                let _ = self.core.exec_input(owner, m);
+                self.core.exec_input(owner, m);
             }
             ControlToShim::ExecResize(m) => {
-                let _ = self.core.exec_resize(owner, &m);
+                self.core.exec_resize(owner, &m);
             }
             ControlToShim::ExecSignal(m) => {
-                let _ = self.core.exec_signal(owner, &m);
+                self.core.exec_signal(owner, &m);
             }
             ControlToShim::Status(s) => {
                 let reply = self.core.status(s.id, self.now, &Counters::default());
@@ -396,7 +399,7 @@ impl<'a> Harness<'a> {
                     Output::StartExec(req) => {
                         if let Some(pid) = self.core.driver_pid() {
                             let owner = ExecOwner::Driver(pid);
-                            if let Ok(id) = self.core.exec_admit(owner, &req, None) {
+                            if let Ok(id) = self.core.admit(owner, &req, None) {
                                 self.exec_started(id, owner, &req);
                             }
                         }
@@ -418,7 +421,10 @@ impl<'a> Harness<'a> {
                     Output::ToDriver(_)
                     | Output::StopReading
                     | Output::ExecInput(_)
-                    | Output::ExecResize(..) => {}
+                    | Output::ExecResize(..)
+                    | Output::RelayEvent
+                    | Output::ExecAdmitted { .. }
+                    | Output::ExecRefused(..) => {}
                 }
             }
         }

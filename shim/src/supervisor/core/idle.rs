@@ -140,9 +140,9 @@ mod tests {
 
     fn idle_cfg() -> crate::supervisor::core::Settings {
         let mut c = cfg();
-        c.idle_after = Some(AFTER);
+        c.opts.idle_after = Some(AFTER);
         // No pings: their timers would only add turns.
-        c.ping_interval = Duration::ZERO;
+        c.opts.ping_interval = Duration::ZERO;
         c
     }
 
@@ -260,7 +260,7 @@ mod tests {
         let t1 = t0 + AFTER * 2;
         let req = Exec::new(1, ["sleep", "1000"]);
         let id = core
-            .exec_admit(super::super::ExecOwner::Control, &req, None)
+            .admit(super::super::ExecOwner::Control, &req, None)
             .unwrap();
         core.exec_started(id, super::super::ExecOwner::Control, 500, &req, t1);
         let outs = turn(&mut core, t1);

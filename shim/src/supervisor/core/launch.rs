@@ -28,7 +28,7 @@ impl Core {
     pub fn on_launched(&mut self, pid: i32, now: Instant) {
         let attempt = self.next_attempt;
         self.next_attempt = attempt.saturating_add(1);
-        let sup = &self.cfg;
+        let sup = &self.cfg.opts;
         self.driver = Some(Driver {
             pid,
             started: now,
@@ -159,10 +159,15 @@ impl Core {
         self.cancelling = None;
         self.last_exit = Some(status);
         self.transition(Input::Exited);
-        match self
-            .tasks
-            .driver_lost(&format!("driver {}: {detail}", reason.as_str()))
-        {
+        // Stopping: the running task is not lost but cancelled, as the queued ones are
+        // ([`Core::finish`] ends them all).
+        let lost = match self.stopping {
+            Some(_) => None,
+            None => self
+                .tasks
+                .driver_lost(&format!("driver {}: {detail}", reason.as_str())),
+        };
+        match lost {
             Some(LostOutcome::Failed(done)) => self.event(done),
             Some(LostOutcome::Requeued { task_id, attempt }) => {
                 info!(task_id, attempt, "task will be redelivered");
@@ -437,7 +442,7 @@ mod tests {
     fn crash_loop_goes_to_error_and_restart_driver_recovers() {
         let t0 = Instant::now();
         let mut c = cfg();
-        c.crash_loop_restarts = 3;
+        c.opts.crash_loop_restarts = 3;
         let mut core = new_core(&c, t0);
         let mut now = t0;
         let mut pid = PID;
@@ -515,7 +520,7 @@ mod tests {
     fn set_driver_stops_the_old_driver_gracefully_then_launches_the_new_command() {
         let t0 = Instant::now();
         let mut c = cfg();
-        c.ping_interval = Duration::from_secs(60);
+        c.opts.ping_interval = Duration::from_secs(60);
         let mut core = new_core(&c, t0);
         up(&mut core, t0);
         let r = command(&mut core, set_driver(1, &["new", "--x"], &[("A", "b")]), t0);
@@ -575,7 +580,7 @@ mod tests {
     fn set_driver_out_of_a_crash_loop_launches_at_once() {
         let t0 = Instant::now();
         let mut c = cfg();
-        c.crash_loop_restarts = 1;
+        c.opts.crash_loop_restarts = 1;
         let mut core = new_core(&c, t0);
         up(&mut core, t0);
         core.on_driver_exit(PID, ExitStatus::Exited(1), t0);

@@ -7,6 +7,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use driver_protocol::envelope::MAX_EVENT_BODY;
 use driver_protocol::handshake;
 use driver_protocol::message::{
     DriverReady, DriverState, DriverToShim, ErrorMsg, Ping, Pong, Role,
@@ -102,22 +103,71 @@ impl Core {
         self.kill_driver(ExitReason::ProtocolError);
     }
 
-    /// A driver event checked but not decoded (see `driver_protocol::check`): what
-    /// [`Core::on_driver_msg`] does with one, without the message. True when the caller is
-    /// to relay the body (after applying any outputs this produced: a `busy` event).
-    pub fn on_driver_event(&mut self, type_name: &str, now: Instant) -> bool {
+    /// A driver event checked but not decoded (see `driver_protocol::check`), naming
+    /// `task_id`, of `len` bytes: what [`Core::on_driver_msg`] does with one, without the
+    /// message. To relay it, the core asks for [`Output::RelayEvent`] (after any other output
+    /// this produced: a `busy` event); the shell holds the body.
+    pub fn on_driver_event(
+        &mut self,
+        type_name: &str,
+        task_id: Option<&[u8]>,
+        len: usize,
+        now: Instant,
+    ) {
         let Some(driver) = self.driver.as_ref() else {
-            return false;
+            return;
         };
         if !driver.hello {
             self.protocol_violation(
                 ErrorCode::InvalidState,
                 format!("expected hello, got {type_name}"),
             );
-            return false;
+            return;
         }
         self.activity(now);
-        true
+        if self.relayable(type_name, task_id, len) {
+            self.out.push(Output::RelayEvent);
+        }
+    }
+
+    /// Whether a driver event (or `task_done`) of `len` bytes naming `task_id` is relayed:
+    /// its envelope must fit a control frame, and a task it names must be the one the
+    /// driver runs. Otherwise the driver is told why, with an `error` naming the task, and
+    /// the event is not relayed (the driver is not killed: the frame itself was sound).
+    pub(super) fn relayable(
+        &mut self,
+        type_name: &str,
+        task_id: Option<&[u8]>,
+        len: usize,
+    ) -> bool {
+        let refusal = if len > MAX_EVENT_BODY {
+            (
+                ErrorCode::FrameTooLarge,
+                format!(
+                    "{type_name} of {len} bytes not relayed: an event may have at most \
+                     {MAX_EVENT_BODY} bytes (the frame limit less its envelope)"
+                ),
+            )
+        } else {
+            match task_id {
+                Some(t) if self.tasks.running().map(str::as_bytes) != Some(t) => (
+                    ErrorCode::NotFound,
+                    format!(
+                        "{type_name} not relayed: task {:?} is not running on this driver",
+                        String::from_utf8_lossy(t)
+                    ),
+                ),
+                _ => return true,
+            }
+        };
+        debug!(type_name, len, code = %refusal.0, "driver event refused");
+        self.send(ErrorMsg {
+            re: None,
+            code: refusal.0,
+            message: refusal.1,
+            task_id: task_id.map(|t| String::from_utf8_lossy(t).into_owned()),
+        });
+        false
     }
 
     /// One decoded message from the driver; `body` is its MessagePack body.
@@ -174,27 +224,24 @@ impl Core {
             DriverToShim::Error(e) if e.re.is_some() => {
                 debug!(re = e.re, code = %e.code, message = e.message, "driver error reply");
             }
-            DriverToShim::Error(_)
+            ev @ (DriverToShim::Error(_)
             | DriverToShim::MessageChunk(_)
             | DriverToShim::ToolCall(_)
             | DriverToShim::ToolResult(_)
             | DriverToShim::FileChange(_)
             | DriverToShim::Progress(_)
             | DriverToShim::Log(_)
-            | DriverToShim::Custom(_) => self.out.push(Output::Relay(body)),
+            | DriverToShim::Custom(_)) => {
+                let type_name = driver_protocol::message::Message::type_name(&ev);
+                let task_id = ev.event_task_id().map(str::as_bytes);
+                if self.relayable(type_name, task_id, body.len()) {
+                    self.out.push(Output::Relay(body));
+                }
+            }
             DriverToShim::Exec(e) => self.out.push(Output::StartExec(e)),
-            DriverToShim::ExecInput(m) => {
-                let r = self.exec_input(ExecOwner::Driver(pid), m);
-                self.refused(r);
-            }
-            DriverToShim::ExecResize(m) => {
-                let r = self.exec_resize(ExecOwner::Driver(pid), &m);
-                self.refused(r);
-            }
-            DriverToShim::ExecSignal(m) => {
-                let r = self.exec_signal(ExecOwner::Driver(pid), &m);
-                self.refused(r);
-            }
+            DriverToShim::ExecInput(m) => self.exec_input(ExecOwner::Driver(pid), m),
+            DriverToShim::ExecResize(m) => self.exec_resize(ExecOwner::Driver(pid), &m),
+            DriverToShim::ExecSignal(m) => self.exec_signal(ExecOwner::Driver(pid), &m),
             DriverToShim::Unknown(u) => {
                 debug!(type_name = u.type_name, "unknown message from the driver");
                 self.send(ErrorMsg {
@@ -207,24 +254,10 @@ impl Core {
         }
     }
 
-    /// Tells the driver why an `exec_input`/`exec_resize`/`exec_signal` was refused (an
-    /// `error` without `re`: those messages have no id).
-    fn refused(&mut self, r: Result<(), super::Refusal>) {
-        if let Err((code, message)) = r {
-            debug!(%code, message, "exec message from the driver refused");
-            self.send(ErrorMsg {
-                re: None,
-                code,
-                message,
-                task_id: None,
-            });
-        }
-    }
-
     fn on_ready(&mut self, re: Option<u64>, pid: i32, started: Instant, now: Instant) {
         match self.lifecycle.state() {
             DriverState::Starting => {
-                let interval = self.cfg.ping_interval;
+                let interval = self.cfg.opts.ping_interval;
                 if let Some(d) = self.driver.as_mut() {
                     d.ready_deadline = None;
                     if !interval.is_zero() {
@@ -248,15 +281,15 @@ impl Core {
         if let Some(d) = self.driver.as_mut() {
             if due(d.ready_deadline, now) {
                 d.ready_deadline = None;
-                warn!(timeout = ?self.cfg.ready_timeout, "the driver was not ready in time");
+                warn!(timeout = ?self.cfg.opts.ready_timeout, "the driver was not ready in time");
                 self.kill_driver(ExitReason::NotReady);
             }
         }
         if let Some(d) = self.driver.as_mut() {
             if due(d.next_ping, now) {
-                let interval = self.cfg.ping_interval;
+                let interval = self.cfg.opts.ping_interval;
                 d.next_ping = now.checked_add(interval);
-                if d.pings_unanswered >= self.cfg.ping_misses {
+                if d.pings_unanswered >= self.cfg.opts.ping_misses {
                     d.next_ping = None;
                     warn!(
                         misses = d.pings_unanswered,
@@ -283,6 +316,129 @@ mod tests {
     use super::super::testkit::*;
     use super::super::Output;
     use crate::reaper::ExitStatus;
+
+    /// The driver's error notices in `outs`: `(code, task_id)`.
+    fn notices(outs: &[Output]) -> Vec<(ErrorCode, Option<String>)> {
+        to_driver(outs)
+            .iter()
+            .filter_map(|m| match m {
+                ShimToDriver::Error(e) if e.re.is_none() => {
+                    Some((e.code.clone(), e.task_id.clone()))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn relays(outs: &[Output]) -> usize {
+        outs.iter()
+            .filter(|o| matches!(o, Output::Relay(_) | Output::RelayEvent))
+            .count()
+    }
+
+    /// An event naming a task the driver is not running, or too large for its envelope, is
+    /// not relayed and the driver is told; events of the running task, or of none, are.
+    #[test]
+    fn events_of_other_tasks_and_oversized_events_are_refused() {
+        use driver_protocol::envelope::MAX_EVENT_BODY;
+        let t0 = Instant::now();
+        let mut core = new_core(&cfg(), t0);
+        up(&mut core, t0);
+        command(&mut core, submit(1, "A", false), t0);
+        command(&mut core, submit(2, "B", false), t0);
+        core.take_outputs();
+        for (task, len, relayed, notice) in [
+            (None, 10, true, None),
+            (Some("A"), 10, true, None),
+            (Some("A"), MAX_EVENT_BODY, true, None),
+            (
+                Some("A"),
+                MAX_EVENT_BODY + 1,
+                false,
+                Some(ErrorCode::FrameTooLarge),
+            ),
+            (
+                None,
+                MAX_EVENT_BODY + 1,
+                false,
+                Some(ErrorCode::FrameTooLarge),
+            ),
+            (Some("B"), 10, false, Some(ErrorCode::NotFound)),
+            (Some("ghost"), 10, false, Some(ErrorCode::NotFound)),
+        ] {
+            core.on_driver_event("custom", task.map(str::as_bytes), len, t0);
+            let outs = core.take_outputs();
+            assert_eq!(
+                relays(&outs),
+                usize::from(relayed),
+                "{task:?} {len}: {outs:?}"
+            );
+            let want: Vec<_> = notice
+                .into_iter()
+                .map(|c| (c, task.map(str::to_owned)))
+                .collect();
+            assert_eq!(notices(&outs), want, "{task:?} {len}");
+        }
+        // The decoded path decides the same.
+        let log = |task: &str| {
+            DriverToShim::Log(Log {
+                task_id: Some(task.into()),
+                stream: driver_protocol::message::LogStream::Driver,
+                level: None,
+                text: "x".into(),
+                truncated: false,
+            })
+        };
+        core.on_driver_msg(log("A"), body(), t0);
+        assert_eq!(relays(&core.take_outputs()), 1);
+        core.on_driver_msg(log("ghost"), body(), t0);
+        let outs = core.take_outputs();
+        assert_eq!(relays(&outs), 0);
+        assert_eq!(
+            notices(&outs),
+            [(ErrorCode::NotFound, Some("ghost".into()))]
+        );
+    }
+
+    /// `task_done` for a task the driver was not given (queued, or unknown) is `not_found`, a
+    /// second one `invalid_state`; neither is relayed, and neither ends anything.
+    #[test]
+    fn stray_and_second_task_dones_are_refused() {
+        let t0 = Instant::now();
+        let mut core = new_core(&cfg(), t0);
+        up(&mut core, t0);
+        command(&mut core, submit(1, "A", false), t0);
+        command(&mut core, submit(2, "B", false), t0);
+        core.take_outputs();
+        let done = |task: &str| {
+            DriverToShim::TaskDone(driver_protocol::message::TaskDone {
+                task_id: task.into(),
+                status: driver_protocol::message::TaskStatus::Succeeded,
+                output: None,
+                error: None,
+            })
+        };
+        for (task, code) in [("B", ErrorCode::NotFound), ("ghost", ErrorCode::NotFound)] {
+            core.on_driver_msg(done(task), body(), t0);
+            let outs = core.take_outputs();
+            assert_eq!(relays(&outs), 0, "{outs:?}");
+            assert_eq!(notices(&outs), [(code, Some(task.to_owned()))]);
+        }
+        assert_eq!(core.tasks.running(), Some("A"));
+        core.on_driver_msg(done("A"), body(), t0);
+        let outs = core.take_outputs();
+        assert_eq!(relays(&outs), 1);
+        assert!(notices(&outs).is_empty());
+        assert_eq!(core.tasks.running(), Some("B"));
+        core.on_driver_msg(done("A"), body(), t0);
+        let outs = core.take_outputs();
+        assert_eq!(relays(&outs), 0);
+        assert_eq!(
+            notices(&outs),
+            [(ErrorCode::InvalidState, Some("A".into()))]
+        );
+        assert_eq!(core.tasks.running(), Some("B"), "B runs on");
+    }
 
     #[test]
     fn start_emits_launch_then_starting_and_ready() {
@@ -358,9 +514,9 @@ mod tests {
         let mut core = new_core(&c, t0);
         core.on_launched(PID, t0);
         core.on_driver_msg(hello(), body(), t0);
-        core.on_timer(t0 + c.ready_timeout);
+        core.on_timer(t0 + c.opts.ready_timeout);
         assert!(kills(&core).contains(&(-PID, libc::SIGKILL)));
-        core.on_driver_exit(PID, ExitStatus::Signaled(9), t0 + c.ready_timeout);
+        core.on_driver_exit(PID, ExitStatus::Signaled(9), t0 + c.opts.ready_timeout);
         assert_eq!(exited(&core.take_outputs())[0].reason, "not_ready");
     }
 

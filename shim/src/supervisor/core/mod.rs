@@ -202,7 +202,7 @@ impl Core {
     /// A core for `cfg` in a shim whose pid is `own_pid`; nothing launched yet (call
     /// [`Core::start`]).
     pub fn new(own_pid: i32, cfg: &Settings, now: Instant, seed: u64) -> Self {
-        let sup = cfg;
+        let sup = &cfg.opts;
         let restarter = Restarter::new(
             sup.restart,
             BackoffConfig {
@@ -226,7 +226,8 @@ impl Core {
             hello: Hello::new(Role::Shim, "agent-shim", env!("CARGO_PKG_VERSION")),
             lifecycle: Lifecycle::new(),
             restarter,
-            tasks: TaskQueue::new(sup.task_queue, REMEMBER_TASKS),
+            tasks: TaskQueue::new(sup.task_queue, REMEMBER_TASKS)
+                .with_max_attempts(sup.max_attempts),
             driver: None,
             next_attempt: 1,
             next_request_id: 1,
@@ -262,14 +263,20 @@ impl Core {
         self.out.push(Output::Launch);
     }
 
-    /// Whether outputs wait to be taken.
-    pub fn has_outputs(&self) -> bool {
-        !self.out.is_empty()
-    }
-
     /// Takes the outputs produced so far, in order.
     pub fn take_outputs(&mut self) -> Vec<Output> {
         std::mem::take(&mut self.out)
+    }
+
+    /// The outputs produced so far, in order, for a caller that carries them out in place
+    /// and then calls [`Core::outputs_done`] (the queue keeps its storage).
+    pub fn outputs(&self) -> &[Output] {
+        &self.out
+    }
+
+    /// The outputs read with [`Core::outputs`] were carried out.
+    pub fn outputs_done(&mut self) {
+        self.out.clear();
     }
 
     /// The shim's exit code once it should exit.
@@ -418,7 +425,7 @@ impl Core {
     // ---- control commands -----------------------------------------------------------------
 
     /// Executes one control command; its reply is an [`Output::Reply`], ahead of the
-    /// command's other outputs. `status` is answered by [`Core::status`], which takes the
+    /// command's other outputs. `status` is answered by [`Core::on_status`], which takes the
     /// figures only the shell can read.
     pub fn on_command(&mut self, req: driver_protocol::message::ControlToShim, now: Instant) {
         let first = self.out.len();
@@ -454,7 +461,7 @@ impl Core {
             C::Status(s) => err(
                 s.id,
                 ErrorCode::Internal,
-                "status is answered with the shell's counters (Core::status)",
+                "status is answered with the shell's counters (Core::on_status)",
             ),
             other => {
                 let re = match &other {
@@ -474,8 +481,16 @@ impl Core {
         }
     }
 
+    /// A `status` request `re`, with the figures only the shell can read (`counters`): its
+    /// `status_reply` is an [`Output::Reply`].
+    pub fn on_status(&mut self, re: u64, now: Instant, counters: &Counters) {
+        let reply = self.status_reply(re, now, counters);
+        self.out
+            .push(Output::Reply(ShimToControl::StatusReply(reply)));
+    }
+
     /// The `status_reply` to request `re`: what the core knows, and the shell's `counters`.
-    pub fn status(&self, re: u64, now: Instant, counters: &Counters) -> StatusReply {
+    fn status_reply(&self, re: u64, now: Instant, counters: &Counters) -> StatusReply {
         // The driver and the execs, unless the shell counted every child itself.
         let children = u32::try_from(self.execs_running())
             .unwrap_or(u32::MAX)
@@ -506,6 +521,50 @@ impl Core {
             last_seq: counters.last_seq,
             rss_bytes: counters.rss_bytes,
             idle_since_ms: self.idle_since_ms(),
+        }
+    }
+}
+
+/// The verdicts of the entry points that answer at once, taken back from the outputs, for
+/// the unit tests and the fuzz harness.
+#[cfg(any(test, fuzzing))]
+impl Core {
+    /// [`Core::exec_admit`]'s verdict: the exec id, or the refusal.
+    pub(crate) fn admit(
+        &mut self,
+        owner: ExecOwner,
+        req: &driver_protocol::message::Exec,
+        user: Option<(u32, u32)>,
+    ) -> Result<u64, Refusal> {
+        self.exec_admit(owner, req, user);
+        match self.out.pop() {
+            Some(Output::ExecAdmitted { id, .. }) => Ok(id),
+            Some(Output::ExecRefused(code, message)) => Err((code, message)),
+            other => panic!("exec_admit gave no verdict: {other:?}"),
+        }
+    }
+
+    /// The refusal of the `exec_input`/`exec_resize`/`exec_signal` just given, if it was
+    /// refused (taken from the outputs); what it asked for otherwise stays.
+    pub(crate) fn steering_refused(&mut self) -> Result<(), Refusal> {
+        match self.out.last() {
+            Some(
+                Output::Reply(ShimToControl::Error(e)) | Output::ToDriver(ShimToDriver::Error(e)),
+            ) if e.re.is_none() => {
+                let (code, message) = (e.code.clone(), e.message.clone());
+                self.out.pop();
+                Err((code, message))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// [`Core::on_status`]'s reply.
+    pub(crate) fn status(&mut self, re: u64, now: Instant, counters: &Counters) -> StatusReply {
+        self.on_status(re, now, counters);
+        match self.out.pop() {
+            Some(Output::Reply(ShimToControl::StatusReply(r))) => r,
+            other => panic!("on_status gave no status_reply: {other:?}"),
         }
     }
 }

@@ -3,9 +3,12 @@
 
 use bytes::Bytes;
 use driver_protocol::message::{Event, ShimToControl, ShimToDriver};
+use driver_protocol::ErrorCode;
 use tracing::{debug, warn};
 
 use crate::sys::Sys;
+
+use super::ExecOwner;
 
 #[cfg(doc)]
 use super::Core;
@@ -19,12 +22,29 @@ pub enum Output {
     Event(Event),
     /// Publish this driver event, given as its MessagePack body (relayed, never re-encoded).
     Relay(Bytes),
+    /// Publish the driver event just given to [`Core::on_driver_event`]: the shell holds its
+    /// body (relayed from the read buffer as it is, never copied for the core).
+    RelayEvent,
     /// Launch the driver now (then call [`Core::on_launched`] or [`Core::on_launch_error`]).
     Launch,
     /// Stop reading the driver's socket (it sent something unusable).
     StopReading,
     /// The driver asks for an exec: start it (see [`Core::exec_admit`]) and answer the driver.
     StartExec(driver_protocol::message::Exec),
+    /// The exec request given to [`Core::exec_admit`] is admitted as exec `id`: fork it for
+    /// `owner` (running as `user`), then call [`Core::exec_started`] (or
+    /// [`Core::exec_spawn_failed`]).
+    ExecAdmitted {
+        /// Its exec id.
+        id: u64,
+        /// Who steers it and gets its output.
+        owner: ExecOwner,
+        /// The uid and gid it runs as, as the shell resolved them.
+        user: Option<(u32, u32)>,
+    },
+    /// The exec request given to [`Core::exec_admit`] is refused: answer its sender with this
+    /// `error` code and message.
+    ExecRefused(ErrorCode, String),
     /// Write these bytes (then, with `eof`, close) to an exec's stdin or terminal.
     ExecInput(driver_protocol::message::ExecInput),
     /// Set the terminal size of an exec.
@@ -36,7 +56,9 @@ pub enum Output {
     CloseDriverLink,
     /// Send a signal (see [`Kill::apply`]).
     Kill(Kill),
-    /// The reply to the control command just given to [`Core::on_command`].
+    /// The reply to the control command just given to [`Core::on_command`] or
+    /// [`Core::on_status`], or the refusal of a control `exec_input`, `exec_resize` or
+    /// `exec_signal` (those have no reply when carried out).
     Reply(ShimToControl),
 }
 
@@ -89,7 +111,7 @@ impl Kill {
     }
 }
 
-/// What only the shell can read for a `status_reply` (see [`Core::status`]); zero where it
+/// What only the shell can read for a `status_reply` (see [`Core::on_status`]); zero where it
 /// cannot tell.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counters {

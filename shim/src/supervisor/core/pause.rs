@@ -19,7 +19,7 @@ impl Core {
         if self.lifecycle.state() != DriverState::Ready || self.driver.is_none() {
             return err(re, ErrorCode::InvalidState, "the driver is not ready");
         }
-        let timeout = self.cfg.pause_timeout;
+        let timeout = self.cfg.opts.pause_timeout;
         let id = self.request_id();
         self.transition(Input::PauseRequested);
         self.send(Pause {
@@ -48,7 +48,7 @@ impl Core {
             slept_ms: Some(Self::ms(slept)),
         });
         self.resuming = true;
-        self.resume_deadline = now.checked_add(self.cfg.pause_timeout);
+        self.resume_deadline = now.checked_add(self.cfg.opts.pause_timeout);
         ok(re)
     }
 
@@ -212,7 +212,7 @@ mod tests {
             t0,
         );
         core.take_outputs();
-        core.on_timer(t0 + c.pause_timeout);
+        core.on_timer(t0 + c.opts.pause_timeout);
         let outs = core.take_outputs();
         assert_eq!(states(&outs), vec![(S::Pausing, S::Ready)]);
         assert!(events(&outs).iter().any(|e| matches!(

@@ -124,17 +124,17 @@ fn restart_driver_while_the_launch_is_pending_waits_for_its_exit() {
 fn an_exec_that_never_ran_gets_no_exec_exit_and_frees_its_slot() {
     let t0 = Instant::now();
     let mut c = cfg();
-    c.max_execs = 1;
+    c.opts.max_execs = 1;
     let mut core = new_core(&c, t0);
     up(&mut core, t0);
     let req = Exec::new(1, ["tool"]);
     let id = core
-        .exec_admit(ExecOwner::Control, &req, None)
+        .admit(ExecOwner::Control, &req, None)
         .expect("admitted");
     core.exec_started(id, ExecOwner::Control, 300, &req, t0);
     // Pending: the slot is taken.
     assert!(core
-        .exec_admit(ExecOwner::Control, &Exec::new(2, ["tool"]), None)
+        .admit(ExecOwner::Control, &Exec::new(2, ["tool"]), None)
         .is_err());
     core.take_outputs();
     // Its spawn failed (or timed out): the requester gets an error reply instead.
@@ -146,7 +146,7 @@ fn an_exec_that_never_ran_gets_no_exec_exit_and_frees_its_slot() {
     core.exec_io_closed(id, t0);
     assert!(exec_exits(&core.take_outputs()).is_empty());
     assert!(core
-        .exec_admit(ExecOwner::Control, &Exec::new(3, ["tool"]), None)
+        .admit(ExecOwner::Control, &Exec::new(3, ["tool"]), None)
         .is_ok());
     // Twice is harmless.
     core.exec_spawn_failed(id, t0);
@@ -161,12 +161,12 @@ fn a_pending_exec_is_cancelled_and_killed_like_a_running_one() {
     let mut req = Exec::new(1, ["tool"]);
     req.timeout_ms = Some(100);
     let id = core
-        .exec_admit(ExecOwner::Control, &req, None)
+        .admit(ExecOwner::Control, &req, None)
         .expect("admitted");
     core.exec_started(id, ExecOwner::Control, 300, &req, t0);
     let t1 = t0 + Duration::from_millis(100);
     core.on_timer(t1);
-    core.on_timer(t1 + c.exec_kill_grace);
+    core.on_timer(t1 + c.opts.exec_kill_grace);
     assert_eq!(
         kills(&core),
         vec![(-300, libc::SIGTERM), (-300, libc::SIGKILL)]
@@ -186,7 +186,7 @@ fn shutdown_waits_for_a_pending_exec_and_exits_once_it_never_ran() {
     up(&mut core, t0);
     let req = Exec::new(1, ["tool"]);
     let id = core
-        .exec_admit(ExecOwner::Control, &req, None)
+        .admit(ExecOwner::Control, &req, None)
         .expect("admitted");
     core.exec_started(id, ExecOwner::Control, 300, &req, t0);
     command(&mut core, shutdown(2), t0);

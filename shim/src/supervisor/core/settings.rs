@@ -1,14 +1,16 @@
 //! What the core needs to know of the command line, and nothing else: the core is built from
 //! these [`Settings`] (the supervisor makes them from the CLI's `Config`; the core's tests
-//! write them directly).
+//! write them directly). The supervisor's own options are the CLI's [`CoreOpts`] group as it
+//! is, not a copy of its fields.
 
 use std::ffi::OsString;
 use std::time::Duration;
 
+pub use crate::cli::CoreOpts;
 use crate::signals::Rewrites;
-use crate::supervisor::restart::RestartPolicy;
 
-/// The core's settings; each field is the flag of the same name.
+/// The core's settings: the driver command, the signal and exit options it shares with plain
+/// init mode, and the supervisor's [`CoreOpts`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct Settings {
     /// The driver command and its arguments (`command[0]` is the program).
@@ -21,44 +23,8 @@ pub struct Settings {
     pub remap_exit: Vec<(u8, u8)>,
     /// `--allow-internal-signals`.
     pub allow_internal_signals: bool,
-    /// `--restart`.
-    pub restart: RestartPolicy,
-    /// `--backoff-initial`.
-    pub backoff_initial: Duration,
-    /// `--backoff-max`.
-    pub backoff_max: Duration,
-    /// `--backoff-factor`.
-    pub backoff_factor: f64,
-    /// `--backoff-jitter`.
-    pub backoff_jitter: f64,
-    /// `--backoff-reset`.
-    pub backoff_reset: Duration,
-    /// `--crash-loop-restarts`.
-    pub crash_loop_restarts: u32,
-    /// `--crash-loop-window`.
-    pub crash_loop_window: Duration,
-    /// `--ready-timeout`.
-    pub ready_timeout: Duration,
-    /// `--ping-interval` (zero disables pings).
-    pub ping_interval: Duration,
-    /// `--ping-misses`.
-    pub ping_misses: u32,
-    /// `--pause-timeout`.
-    pub pause_timeout: Duration,
-    /// `--idle-after` (`None`: idle detection is off).
-    pub idle_after: Option<Duration>,
-    /// `--cancel-grace`.
-    pub cancel_grace: Duration,
-    /// `--task-queue`.
-    pub task_queue: usize,
-    /// `--user UID[:GID]` (a driver confined to a non-root uid cannot ask for root).
-    pub user: Option<(u32, u32)>,
-    /// `--max-execs`.
-    pub max_execs: usize,
-    /// `--exec-kill-grace`.
-    pub exec_kill_grace: Duration,
-    /// `--exec-drain`.
-    pub exec_drain: Duration,
+    /// Restarts, liveness, tasks and execs (`--restart`, `--ping-interval`, `--max-execs`, …).
+    pub opts: CoreOpts,
 }
 
 impl Settings {

@@ -234,7 +234,7 @@ mod tests {
     fn stop_from_error_state() {
         let t0 = Instant::now();
         let mut c = cfg();
-        c.crash_loop_restarts = 1;
+        c.opts.crash_loop_restarts = 1;
         let mut core = new_core(&c, t0);
         core.on_launched(PID, t0);
         core.on_driver_exit(PID, ExitStatus::Signaled(libc::SIGSEGV), t0);

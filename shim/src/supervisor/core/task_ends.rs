@@ -20,6 +20,15 @@ fn task_sent(outs: &[Output]) -> usize {
         .count()
 }
 
+/// A control `shutdown` with a 1 s grace.
+fn shutdown(id: u64) -> driver_protocol::message::ControlToShim {
+    driver_protocol::message::ControlToShim::Shutdown(driver_protocol::message::Shutdown {
+        id,
+        grace_ms: Some(1000),
+        reason: None,
+    })
+}
+
 fn done_msg(task_id: &str) -> DriverToShim {
     DriverToShim::TaskDone(TaskDone {
         task_id: task_id.to_owned(),
@@ -56,7 +65,7 @@ fn leftover_frames_of_a_reaped_driver_start_no_task() {
 fn every_accepted_task_ends_when_the_shim_exits() {
     let t0 = Instant::now();
     let mut c = cfg();
-    c.restart = crate::supervisor::restart::RestartPolicy::Never;
+    c.opts.restart = crate::supervisor::restart::RestartPolicy::Never;
     let mut core = new_core(&c, t0);
     up(&mut core, t0);
     for (i, t) in ["A", "B", "C"].iter().enumerate() {
@@ -78,15 +87,7 @@ fn every_accepted_task_ends_when_the_shim_exits() {
     command(&mut core, submit(1, "A", false), t0);
     command(&mut core, submit(2, "B", true), t0);
     core.take_outputs();
-    command(
-        &mut core,
-        driver_protocol::message::ControlToShim::Shutdown(driver_protocol::message::Shutdown {
-            id: 9,
-            grace_ms: Some(1000),
-            reason: None,
-        }),
-        t0,
-    );
+    command(&mut core, shutdown(9), t0);
     core.on_driver_exit(PID, ExitStatus::Exited(0), t0);
     let outs = core.take_outputs();
     let dones = task_dones(&outs);
@@ -94,6 +95,37 @@ fn every_accepted_task_ends_when_the_shim_exits() {
         .iter()
         .any(|d| d.task_id == "B" && d.status == TaskStatus::Cancelled));
     assert!(dones.iter().any(|d| d.task_id == "A"));
+}
+
+/// A task the driver is running when the shim shuts down, and that the driver does not end
+/// itself, ends `cancelled` as the queued ones do (not `failed` by the driver's exit), with
+/// or without `redeliver`.
+#[test]
+fn a_running_task_is_cancelled_by_a_shutdown() {
+    let t0 = Instant::now();
+    for redeliver in [false, true] {
+        let mut core = new_core(&cfg(), t0);
+        up(&mut core, t0);
+        command(&mut core, submit(1, "A", redeliver), t0);
+        command(&mut core, submit(2, "B", false), t0);
+        core.take_outputs();
+        command(&mut core, shutdown(9), t0);
+        core.on_driver_exit(PID, ExitStatus::Signaled(libc::SIGTERM), t0);
+        let outs = core.take_outputs();
+        let dones = task_dones(&outs);
+        let ends: Vec<_> = dones
+            .iter()
+            .map(|d| (d.task_id.as_str(), d.status, d.error.as_deref()))
+            .collect();
+        assert_eq!(
+            ends,
+            [
+                ("A", TaskStatus::Cancelled, Some("shim shutting down")),
+                ("B", TaskStatus::Cancelled, Some("shim shutting down")),
+            ],
+            "redeliver {redeliver}: {outs:?}"
+        );
+    }
 }
 
 /// Found by the `supervisor_core` fuzz target: the driver exits 0 (no restart under
@@ -119,7 +151,7 @@ fn no_task_is_accepted_while_the_shim_waits_for_execs_to_exit() {
         task_id: None,
     };
     let owner = super::ExecOwner::Driver(PID);
-    let id = core.exec_admit(owner, &req, None).expect("admitted");
+    let id = core.admit(owner, &req, None).expect("admitted");
     core.exec_started(id, owner, 200, &req, t0);
     core.on_driver_exit(PID, ExitStatus::Exited(0), t0);
     core.take_outputs();

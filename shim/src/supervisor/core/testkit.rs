@@ -10,6 +10,7 @@ use driver_protocol::message::{
 };
 use driver_protocol::ErrorCode;
 
+use super::settings::CoreOpts;
 use super::{Core, Output, Settings};
 
 pub(super) use driver_protocol::message::DriverState as S;
@@ -20,9 +21,12 @@ pub(super) fn cfg() -> Settings {
     Settings {
         command: vec!["driver".into()],
         grace: Duration::from_secs(8),
-        backoff_jitter: 0.0,
-        ping_interval: Duration::from_secs(1),
-        ping_misses: 2,
+        opts: CoreOpts {
+            backoff_jitter: 0.0,
+            ping_interval: Duration::from_secs(1),
+            ping_misses: 2,
+            ..CoreOpts::flag_defaults()
+        },
         ..Settings::default()
     }
 }
@@ -164,6 +168,7 @@ pub(super) fn submit(id: u64, task_id: &str, redeliver: bool) -> ControlToShim {
         output_schema: None,
         timeout_ms: None,
         redeliver,
+        max_attempts: None,
     })
 }
 

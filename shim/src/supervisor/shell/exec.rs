@@ -220,11 +220,28 @@ impl Shell<'_> {
         }
     }
 
-    /// Starts the exec `req` for `owner`: forks it and answers `to` once its `execve` is
-    /// decided (see [`super::spawning`]), or at once when it cannot even be forked.
-    pub(super) fn start_exec(&mut self, owner: ExecOwner, req: &Exec, to: ReplyTo) {
-        match self.fork_exec(owner, req) {
-            Ok((id, started)) => {
+    /// Starts the exec `req` for `owner`: the core admits it ([`Shell::exec_admitted`], which
+    /// forks it, and `to` is answered once its `execve` is decided: see [`super::spawning`])
+    /// or refuses it ([`Shell::exec_refused`]); `to` is answered at once when its user cannot
+    /// be resolved.
+    pub(super) fn start_exec(&mut self, owner: ExecOwner, req: Exec, to: ReplyTo) {
+        match self.exec_user(&req) {
+            Ok(user) => {
+                self.core.exec_admit(owner, &req, user);
+                self.admitting.push_back((req, to));
+            }
+            Err(refusal) => self.refuse_exec(to, &req, refusal),
+        }
+    }
+
+    /// `Output::ExecAdmitted`: forks the oldest request waiting for the core's verdict.
+    pub(super) fn exec_admitted(&mut self, id: u64, owner: ExecOwner, user: Option<(u32, u32)>) {
+        let Some((req, to)) = self.admitting.pop_front() else {
+            warn!(exec_id = id, "an admitted exec without a request");
+            return;
+        };
+        match self.fork_exec(id, owner, &req, user) {
+            Ok(started) => {
                 let what = SpawnFor::Exec {
                     id,
                     owner,
@@ -234,15 +251,22 @@ impl Shell<'_> {
                 };
                 self.track_spawn(started.spawn, what);
             }
-            Err(refusal) => self.refuse_exec(to, req, refusal),
+            Err(refusal) => self.refuse_exec(to, &req, refusal),
         }
     }
 
-    /// Admits and forks the exec `req`; registers its pid with the reaper and the core.
-    fn fork_exec(&mut self, owner: ExecOwner, req: &Exec) -> Result<(u64, exec::Started), Refusal> {
-        let sup = &self.cfg.sup;
+    /// `Output::ExecRefused`: answers the oldest request waiting for the core's verdict.
+    pub(super) fn exec_refused(&mut self, code: ErrorCode, message: String) {
+        match self.admitting.pop_front() {
+            Some((req, to)) => self.refuse_exec(to, &req, (code, message)),
+            None => warn!(%code, message, "a refused exec without a request"),
+        }
+    }
+
+    /// The uid and gid an exec request runs as: its `user`, else `--user`.
+    fn exec_user(&self, req: &Exec) -> Result<Option<(u32, u32)>, Refusal> {
         let invalid = |m| (ErrorCode::Invalid, m);
-        let user = match &req.user {
+        Ok(match &req.user {
             // Numeric: no file to read.
             Some(u) if crate::driver::parse_user(u).is_ok() => {
                 Some(exec::resolve_user(u, "", "").map_err(invalid)?)
@@ -253,9 +277,19 @@ impl Shell<'_> {
                 let group = exec::read_user_db(Path::new("/etc/group")).map_err(invalid)?;
                 Some(exec::resolve_user(u, &passwd, &group).map_err(invalid)?)
             }
-            None => sup.user,
-        };
-        let id = self.core.exec_admit(owner, req, user)?;
+            None => self.cfg.sup.core.user,
+        })
+    }
+
+    /// Forks the exec `req`, admitted as `id`; registers its pid with the reaper and the core.
+    fn fork_exec(
+        &mut self,
+        id: u64,
+        owner: ExecOwner,
+        req: &Exec,
+        user: Option<(u32, u32)>,
+    ) -> Result<exec::Started, Refusal> {
+        let sup = &self.cfg.sup;
         let cfg = ExecConfig {
             argv: req.argv.iter().map(Into::into).collect(),
             env: exec::exec_env(
@@ -288,7 +322,7 @@ impl Shell<'_> {
         self.reaper.register(started.pid, Owner::Exec(id));
         self.core
             .exec_started(id, owner, started.pid, req, Instant::now());
-        Ok((id, started))
+        Ok(started)
     }
 
     /// An exec's process ran its `execve`: its I/O is read and written from now on.
@@ -339,7 +373,7 @@ impl Shell<'_> {
     }
 
     /// A driver's `exec` request (from the core): start it; the driver gets its answer.
-    pub(super) fn driver_exec(&mut self, req: &Exec) {
+    pub(super) fn driver_exec(&mut self, req: Exec) {
         let owner = ExecOwner::Driver(self.driver_pid);
         self.start_exec(owner, req, ReplyTo::Driver(self.driver_pid));
     }
@@ -352,31 +386,34 @@ impl Shell<'_> {
     ) -> Option<crate::control::Command> {
         use driver_protocol::message::ControlToShim as C;
         let owner = ExecOwner::Control;
-        let r = match &cmd.request {
-            C::Exec(req) => {
-                self.start_exec(owner, req, ReplyTo::Control(cmd.reply));
-                self.apply_outputs();
-                return None;
-            }
-            C::ExecInput(m) => match self.input_room(m) {
-                Ok(()) => self.core.exec_input(owner, m.clone()),
-                Err(r) => Err(r),
+        let crate::control::Command { request, reply } = cmd;
+        match request {
+            C::Exec(req) => self.start_exec(owner, req, ReplyTo::Control(reply)),
+            C::ExecInput(m) => match self.input_room(&m) {
+                Ok(()) => {
+                    self.replying = Some(reply);
+                    self.core.exec_input(owner, m);
+                }
+                Err((code, message)) => reply.send(ShimToControl::Error(ErrorMsg {
+                    re: None,
+                    code,
+                    message,
+                    task_id: None,
+                })),
             },
-            C::ExecResize(m) => self.core.exec_resize(owner, m),
-            C::ExecSignal(m) => self.core.exec_signal(owner, m),
-            _ => return Some(cmd),
-        };
-        match r {
-            // These have no reply on success (and no id to remember).
-            Ok(()) => drop(cmd),
-            Err((code, message)) => cmd.reply.send(ShimToControl::Error(ErrorMsg {
-                re: None,
-                code,
-                message,
-                task_id: None,
-            })),
+            C::ExecResize(m) => {
+                self.replying = Some(reply);
+                self.core.exec_resize(owner, &m);
+            }
+            C::ExecSignal(m) => {
+                self.replying = Some(reply);
+                self.core.exec_signal(owner, &m);
+            }
+            request => return Some(crate::control::Command { request, reply }),
         }
         self.apply_outputs();
+        // These have no reply when carried out (and no id to remember); a refusal was sent.
+        self.replying = None;
         None
     }
 

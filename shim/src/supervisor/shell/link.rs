@@ -21,8 +21,10 @@ use crate::control::ControlServer;
 use crate::driver::{self, DriverConfig};
 use crate::limits::Limits;
 
+use super::super::core::Output;
 use super::super::loglines::{self, LineSplitter};
 use super::super::Owner;
+use super::exec::DRIVER_QUEUE_HIGH;
 use super::spawning::SpawnFor;
 use super::Shell;
 
@@ -100,6 +102,14 @@ impl Shell<'_> {
     /// Queues a message for the driver (written by [`Shell::write_link`]).
     pub(super) fn queue_for_driver(&mut self, msg: &ShimToDriver) {
         if let Some(link) = self.link.as_mut() {
+            // A notice (an `error` without `re`: a refused event or exec message) is not
+            // queued past DRIVER_QUEUE_HIGH: a driver that sends refused messages without
+            // reading its socket cannot make the shim queue without bound.
+            let notice = matches!(msg, ShimToDriver::Error(e) if e.re.is_none());
+            if notice && link.wbuf.len() >= DRIVER_QUEUE_HIGH {
+                debug!("the driver does not read: a notice is dropped");
+                return;
+            }
             if let Err(err) = frame::write_message(&mut link.wbuf, DEFAULT_MAX_FRAME, msg) {
                 warn!(%err, "cannot encode a message for the driver");
             }
@@ -124,7 +134,7 @@ impl Shell<'_> {
         driver::overlay_env(&mut env, vars);
         let dcfg = DriverConfig {
             argv: argv.to_vec(),
-            user: sup.user,
+            user: sup.core.user,
             workdir: sup.workdir.clone(),
             env,
             limits: Limits {
@@ -276,20 +286,25 @@ impl Shell<'_> {
             // relayed from the read buffer as they are: no allocation, no copy but the one
             // into the replay buffer.
             let body = link.rbuf.get(HEADER_LEN..want).unwrap_or_default();
-            if let Some(type_name) = check::relayable_event(body) {
-                if self.core.on_driver_event(type_name, now) {
-                    if self.core.has_outputs() {
-                        // Its outputs (a `busy` event) go first.
-                        let body = link.rbuf.split_to(want).split_off(HEADER_LEN).freeze();
-                        self.apply_outputs();
-                        relay(&mut self.control, &body);
-                        continue;
+            if let Some(ev) = check::relayable_event_task(body) {
+                self.core
+                    .on_driver_event(ev.type_name, ev.task_id, len, now);
+                match self.core.outputs() {
+                    // The common case: relayed from the read buffer as it is.
+                    [Output::RelayEvent] => {
+                        relay(&mut self.control, body);
+                        self.core.outputs_done();
+                        link.rbuf.advance(want);
                     }
-                    relay(&mut self.control, body);
-                }
-                link.rbuf.advance(want);
-                if self.core.has_outputs() {
-                    self.apply_outputs();
+                    [] => link.rbuf.advance(want),
+                    // Other outputs (a `busy` event first, or a protocol error): the body is
+                    // held while they are carried out in order.
+                    _ => {
+                        let body = link.rbuf.split_to(want).split_off(HEADER_LEN).freeze();
+                        self.held_event = Some(body);
+                        self.apply_outputs();
+                        self.held_event = None;
+                    }
                 }
                 continue;
             }
@@ -320,10 +335,12 @@ impl Shell<'_> {
     /// ping interval × misses, or `--ready-timeout` when pings are off.
     fn stall_limit(&self) -> Duration {
         let sup = &self.cfg.sup;
-        if sup.ping_interval.is_zero() {
-            sup.ready_timeout
+        if sup.core.ping_interval.is_zero() {
+            sup.core.ready_timeout
         } else {
-            sup.ping_interval.saturating_mul(sup.ping_misses.max(1))
+            sup.core
+                .ping_interval
+                .saturating_mul(sup.core.ping_misses.max(1))
         }
     }
 

@@ -16,7 +16,7 @@ mod spawning;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use driver_protocol::message::{ControlToShim, Event, LogStream, Message, Oom, ShimToControl};
+use driver_protocol::message::{ControlToShim, Event, LogStream, Message, Oom};
 use driver_protocol::DEFAULT_MAX_FRAME;
 use nix::sys::signal::SigSet;
 use tracing::{debug, info, warn};
@@ -76,6 +76,12 @@ struct Shell<'a> {
     oom: OomCounter,
     /// Where the reply of the control command being executed goes.
     replying: Option<crate::control::Reply>,
+    /// The exec requests given to the core, oldest first, waiting for its verdict
+    /// ([`Output::ExecAdmitted`] or [`Output::ExecRefused`], in the same order).
+    admitting: std::collections::VecDeque<(driver_protocol::message::Exec, spawning::ReplyTo)>,
+    /// The body of the driver event given to the core, while its outputs are carried out
+    /// ([`Output::RelayEvent`]).
+    held_event: Option<bytes::Bytes>,
 }
 
 pub(super) async fn shell(
@@ -133,6 +139,8 @@ pub(super) async fn shell(
         spawning: Vec::new(),
         oom: OomCounter::open(),
         replying: None,
+        admitting: std::collections::VecDeque::new(),
+        held_event: None,
     };
     sh.core.start();
     loop {
@@ -329,9 +337,15 @@ impl Shell<'_> {
                     Output::ToDriver(msg) => self.queue_for_driver(&msg),
                     Output::Event(ev) => self.publish(&ev),
                     Output::Relay(body) => relay(&mut self.control, &body),
+                    Output::RelayEvent => match self.held_event.take() {
+                        Some(body) => relay(&mut self.control, &body),
+                        None => debug!("a relay without an event"),
+                    },
                     Output::Launch => self.launch(),
                     Output::StopReading => self.stop_reading(),
-                    Output::StartExec(req) => self.driver_exec(&req),
+                    Output::StartExec(req) => self.driver_exec(req),
+                    Output::ExecAdmitted { id, owner, user } => self.exec_admitted(id, owner, user),
+                    Output::ExecRefused(code, message) => self.exec_refused(code, message),
                     Output::ExecInput(m) => self.exec_input(m),
                     Output::ExecResize(id, size) => self.exec_resize(id, size),
                     Output::ExecStop(id) => self.exec_stop(id),
@@ -414,18 +428,19 @@ impl Shell<'_> {
         let now = Instant::now();
         match cmd.request {
             ControlToShim::Status(s) => {
-                let reply = self.core.status(s.id, now, &self.counters());
-                cmd.reply.send(ShimToControl::StatusReply(reply));
+                let counters = self.counters();
+                self.replying = Some(cmd.reply);
+                self.core.on_status(s.id, now, &counters);
             }
             request => {
                 // The core's reply (an output) goes here, before its other outputs.
                 self.replying = Some(cmd.reply);
                 self.core.on_command(request, now);
-                self.apply_outputs();
-                if self.replying.take().is_some() {
-                    warn!("the core did not answer a control command");
-                }
             }
+        }
+        self.apply_outputs();
+        if self.replying.take().is_some() {
+            warn!("the core did not answer a control command");
         }
     }
 
