@@ -197,7 +197,7 @@ impl Session {
     async fn start_events(&mut self, link: &mut Link) -> Result<(), Error> {
         let cursor = self.ack_target();
         debug!(cursor, delivered = self.delivered, "resume_from");
-        link.send(&ControlToShim::ResumeFrom(ResumeFrom { seq: cursor }))
+        link.send(&ControlToShim::ResumeFrom(ResumeFrom::after(cursor)))
             .await?;
         self.ack_sent = self.ack_sent.max(cursor);
         Ok(())
@@ -589,6 +589,14 @@ impl Session {
                     msg.type_name()
                 )))
             }
+            ShimToControl::Lagged(l) => {
+                warn!(
+                    missed = l.missed,
+                    next_seq = l.next_seq,
+                    "events skipped: this observer fell behind"
+                );
+                return Ok(());
+            }
             ShimToControl::Unknown(u) => {
                 debug!(r#type = %u.type_name, "unknown message from the shim ignored");
                 return Ok(());
@@ -713,6 +721,7 @@ mod tests {
                     code,
                     message: "retry later".into(),
                     task_id: None,
+                    first_available: None,
                 }))
             };
             let (busy, limit) = (refuse(ErrorCode::Busy), refuse(ErrorCode::Limit));

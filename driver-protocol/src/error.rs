@@ -81,6 +81,15 @@ error_codes! {
     ShuttingDown = "shutting_down",
     /// The receiver failed for a reason of its own; the request may be retried (`internal`).
     Internal = "internal",
+    // sessions
+    /// A newer connection of the same durable consumer took this one's place; it is closed
+    /// (`replaced`).
+    Replaced = "replaced",
+    /// `resume_from` names a seq older than the oldest event still buffered for this
+    /// consumer or observer; `first_available` says where the buffer starts (`gap`).
+    Gap = "gap",
+    /// A request id was reused for a request with another body (`conflict`).
+    Conflict = "conflict",
 }
 
 impl fmt::Display for ErrorCode {

@@ -311,7 +311,9 @@ fn driver_error() -> ErrorMsg {
         code: ErrorCode::Timeout,
         message: "model API did not answer within 60s".to_owned(),
         task_id: some("task-7f3a"),
-    }
+        first_available: None,
+    },
+    first_available: None,
 }
 
 fn task_done() -> TaskDone {
@@ -378,7 +380,7 @@ fn samples() -> Vec<Sample> {
         ),
         s(
             "The driver acknowledges the shim's shutdown with id 12.",
-            D::Ok(OkReply { re: 12 }),
+            D::Ok(OkReply { re: 12, duplicate: None }),
         ),
         s(
             "An error the driver reports (no re): relayed to the control plane as an event.",
@@ -479,7 +481,7 @@ fn samples() -> Vec<Sample> {
         ),
         s(
             "A generic success reply to request 4.",
-            SD::Ok(OkReply { re: 4 }),
+            SD::Ok(OkReply { re: 4, duplicate: None }),
         ),
         s(
             "The shim could not start the driver's exec with id 3.",
@@ -488,6 +490,7 @@ fn samples() -> Vec<Sample> {
                 code: ErrorCode::Invalid,
                 message: "argv[0] \"carg\" not found in PATH".to_owned(),
                 task_id: some("task-7f3a"),
+                first_available: None,
             }),
         ),
         s(
@@ -624,7 +627,7 @@ fn samples() -> Vec<Sample> {
         ),
         s(
             "After the handshake: the control plane processed events up to seq 41.",
-            C::ResumeFrom(ResumeFrom { seq: 41 }),
+            C::ResumeFrom(ResumeFrom::after(41)),
         ),
         s(
             "The control plane's liveness probe.",
@@ -651,6 +654,7 @@ fn samples() -> Vec<Sample> {
             "The task was queued (reply to submit_task).",
             SC::Ok(OkReply {
                 re: 0x5eed_0000_0000_0001,
+                duplicate: None,
             }),
         ),
         s(
@@ -660,6 +664,7 @@ fn samples() -> Vec<Sample> {
                 code: ErrorCode::Limit,
                 message: "task queue is full (64 tasks)".to_owned(),
                 task_id: some("task-7f3a"),
+                first_available: None,
             }),
         ),
         s(
@@ -1421,6 +1426,7 @@ fn gate_refusals_are_error_frames_with_busy_and_limit() {
             code: code.clone(),
             message: message.into(),
             task_id: None,
+            first_available: None,
         });
         let body = map(&[
             ("type", Value::from("error")),

@@ -205,7 +205,10 @@ fn auth() -> impl Strategy<Value = Auth> {
 }
 
 fn ok_reply() -> impl Strategy<Value = OkReply> {
-    any::<u64>().prop_map(|re| OkReply { re })
+    any::<u64>().prop_map(|re| OkReply {
+        re,
+        duplicate: None,
+    })
 }
 
 fn error_msg() -> impl Strategy<Value = ErrorMsg> {
@@ -215,6 +218,7 @@ fn error_msg() -> impl Strategy<Value = ErrorMsg> {
             code,
             message,
             task_id,
+            first_available: None,
         },
     )
 }
@@ -603,7 +607,7 @@ fn ack() -> impl Strategy<Value = Ack> {
 }
 
 fn resume_from() -> impl Strategy<Value = ResumeFrom> {
-    any::<u64>().prop_map(|seq| ResumeFrom { seq })
+    any::<u64>().prop_map(|seq| ResumeFrom::after(seq))
 }
 
 fn task_accepted() -> impl Strategy<Value = TaskAccepted> {

@@ -127,6 +127,10 @@ pub struct SupervisorOpts {
     pub event_buffer: usize,
     /// `--event-buffer-bytes`.
     pub event_buffer_bytes: usize,
+    /// `--max-sessions`.
+    pub max_sessions: usize,
+    /// `--max-consumers`.
+    pub max_consumers: usize,
     /// `--user UID[:GID]`.
     pub user: Option<(u32, u32)>,
     /// `--workdir`.
@@ -213,6 +217,8 @@ impl Config {
                 task_queue: 0,
                 event_buffer: 0,
                 event_buffer_bytes: 0,
+                max_sessions: 0,
+                max_consumers: 0,
                 user: None,
                 workdir: None,
                 env_allow: None,

@@ -147,6 +147,7 @@ pub async fn serve(stream: UnixStream, cfg: &FakeCfg) -> Result<Outcome> {
                 code: ErrorCode::Unauthorized,
                 message: "bad proof".into(),
                 task_id: None,
+                first_available: None,
             };
             w.send(ShimToControl::Error(err)).await?;
             return Ok(Outcome::BadProof);

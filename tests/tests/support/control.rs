@@ -359,7 +359,7 @@ impl ControlClient {
     /// Sends `resume_from{seq}`: the shim replays the buffered events after `seq`, then
     /// continues live. The next event must have seq `seq + 1`.
     pub fn resume_from(&mut self, seq: Seq) -> Result<()> {
-        self.send(ResumeFrom { seq })?;
+        self.send(ResumeFrom::after(seq))?;
         self.last_seq = seq;
         self.resumed = true;
         Ok(())

@@ -81,7 +81,10 @@ impl Core {
                 self.start_next();
                 ok(re)
             }
-            SubmitOutcome::Duplicate => ok(re),
+            SubmitOutcome::Duplicate => ShimToControl::Ok(driver_protocol::message::OkReply {
+                re,
+                duplicate: Some(true),
+            }),
             SubmitOutcome::Full => err(
                 re,
                 ErrorCode::Limit,

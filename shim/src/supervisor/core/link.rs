@@ -85,6 +85,7 @@ impl Core {
             code: err.code(),
             message: err.to_string(),
             task_id: None,
+            first_available: None,
         });
         self.out.push(Output::StopReading);
         self.kill_driver(ExitReason::ProtocolError);
@@ -97,6 +98,7 @@ impl Core {
             code,
             message,
             task_id: None,
+            first_available: None,
         });
         self.out.push(Output::StopReading);
         self.kill_driver(ExitReason::ProtocolError);
@@ -202,6 +204,7 @@ impl Core {
                     code: ErrorCode::Unsupported,
                     message: format!("unknown message type {:?}", u.type_name),
                     task_id: None,
+                    first_available: None,
                 });
             }
         }
@@ -217,6 +220,7 @@ impl Core {
                 code,
                 message,
                 task_id: None,
+                first_available: None,
             });
         }
     }

@@ -374,6 +374,7 @@ impl Shell<'_> {
                 code,
                 message,
                 task_id: None,
+                first_available: None,
             })),
         }
         self.apply_outputs();
@@ -423,6 +424,7 @@ impl Shell<'_> {
                         code,
                         message,
                         task_id: None,
+                        first_available: None,
                     }
                     .into(),
                 );
