@@ -187,6 +187,8 @@ fn hello(role: Role, software: &str, version: &str, capabilities: &[&str]) -> He
         capabilities: strings(capabilities),
         agent_id: None,
         nonce: None,
+        consumer: None,
+        limits: None,
     }
 }
 
@@ -312,8 +314,7 @@ fn driver_error() -> ErrorMsg {
         message: "model API did not answer within 60s".to_owned(),
         task_id: some("task-7f3a"),
         first_available: None,
-    },
-    first_available: None,
+    }
 }
 
 fn task_done() -> TaskDone {
@@ -380,7 +381,10 @@ fn samples() -> Vec<Sample> {
         ),
         s(
             "The driver acknowledges the shim's shutdown with id 12.",
-            D::Ok(OkReply { re: 12, duplicate: None }),
+            D::Ok(OkReply {
+                re: 12,
+                duplicate: None,
+            }),
         ),
         s(
             "An error the driver reports (no re): relayed to the control plane as an event.",
@@ -481,7 +485,10 @@ fn samples() -> Vec<Sample> {
         ),
         s(
             "A generic success reply to request 4.",
-            SD::Ok(OkReply { re: 4, duplicate: None }),
+            SD::Ok(OkReply {
+                re: 4,
+                duplicate: None,
+            }),
         ),
         s(
             "The shim could not start the driver's exec with id 3.",

@@ -195,6 +195,8 @@ fn hello() -> impl Strategy<Value = Hello> {
                     capabilities,
                     agent_id,
                     nonce,
+                    consumer: None,
+                    limits: None,
                 }
             },
         )
