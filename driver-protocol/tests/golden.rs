@@ -112,12 +112,23 @@ fn receive(direction: &str, frame: &[u8]) -> Result<Option<Any>, DecodeError> {
 struct Sample {
     description: &'static str,
     msg: Any,
+    /// A second sample of a type, for optional fields: `<type>.<variant>.json`.
+    variant: Option<&'static str>,
 }
 
 fn s(description: &'static str, msg: impl Into<Any>) -> Sample {
     Sample {
         description,
         msg: msg.into(),
+        variant: None,
+    }
+}
+
+/// Another sample of a type that already has one, showing optional fields.
+fn v(variant: &'static str, description: &'static str, msg: impl Into<Any>) -> Sample {
+    Sample {
+        variant: Some(variant),
+        ..s(description, msg)
     }
 }
 
@@ -719,6 +730,93 @@ fn samples() -> Vec<Sample> {
                 re: 0x5eed_0000_0000_000b,
             }),
         ),
+        // sessions
+        v(
+            "consumer",
+            "A control plane's hello naming its durable consumer (absent: an observer).",
+            C::Hello(Hello {
+                consumer: some("control"),
+                ..hello(Role::Control, "control-link", "0.1.0", &[])
+            }),
+        ),
+        v(
+            "now",
+            "An observer follows live events only.",
+            C::ResumeFrom(ResumeFrom::now()),
+        ),
+        s(
+            "Retire the durable consumer \"shipper\".",
+            C::ForgetConsumer(ForgetConsumer {
+                id: 0x5eed_0000_0000_000c,
+                consumer: "shipper".to_owned(),
+            }),
+        ),
+        v(
+            "limits",
+            "The shim's hello advertising its limits before authentication.",
+            SC::Hello(Hello {
+                agent_id: some("agent-0192"),
+                limits: Some(Limits {
+                    max_events: 4096,
+                    max_bytes: 8_388_608,
+                    max_frame: 16_777_216,
+                    handshake_max_frame: 16_384,
+                    ids_window: 1024,
+                    hello_timeout_ms: 1000,
+                    handshake_timeout_ms: 3000,
+                    max_sessions: 16,
+                    max_consumers: 4,
+                    ack_every: 64,
+                    ack_delay_ms: 100,
+                }),
+                ..hello(Role::Shim, "agent-shim", "0.1.0", &[])
+            }),
+        ),
+        v(
+            "duplicate",
+            "submit_task of a task_id the shim already knows: nothing was queued.",
+            SC::Ok(OkReply {
+                re: 0x5eed_0000_0000_0001,
+                duplicate: Some(true),
+            }),
+        ),
+        v(
+            "gap",
+            "resume_from names a seq older than what is still buffered for this client.",
+            SC::Error(ErrorMsg {
+                first_available: Some(1042),
+                ..ErrorMsg::new(
+                    None,
+                    ErrorCode::Gap,
+                    "events 1..=1041 are no longer buffered for this client",
+                )
+            }),
+        ),
+        v(
+            "replaced",
+            "A newer connection of the same consumer took this one's place; it is closed.",
+            SC::Error(ErrorMsg::new(
+                None,
+                ErrorCode::Replaced,
+                "a newer connection of this consumer replaced this one",
+            )),
+        ),
+        v(
+            "conflict",
+            "A request id was reused for another request.",
+            SC::Error(ErrorMsg::new(
+                Some(0x5eed_0000_0000_0001),
+                ErrorCode::Conflict,
+                "this request id was used for another request",
+            )),
+        ),
+        s(
+            "An observer fell behind: 128 events were freed before it was sent them.",
+            SC::Lagged(Lagged {
+                missed: 128,
+                next_seq: 1170,
+            }),
+        ),
         // ----- events (the body inside an `event` envelope)
         s(
             "A piece of the agent's output text, relayed.",
@@ -1184,9 +1282,11 @@ fn sample_file(sample: &Sample) -> (PathBuf, String, J) {
         ("frame".into(), J::Str(hex::encode(&frame))),
         ("value".into(), value.clone()),
     ]);
-    let path = vectors_dir()
-        .join(sample.msg.direction())
-        .join(format!("{}.json", sample.msg.type_name()));
+    let name = match sample.variant {
+        Some(variant) => format!("{}.{variant}.json", sample.msg.type_name()),
+        None => format!("{}.json", sample.msg.type_name()),
+    };
+    let path = vectors_dir().join(sample.msg.direction()).join(name);
     (path, doc.to_file_text(), value)
 }
 
@@ -1258,7 +1358,7 @@ fn every_type_of_every_direction_has_exactly_one_sample() {
     for (direction, types) in DIRECTIONS {
         let mut sampled: Vec<&str> = samples
             .iter()
-            .filter(|s| s.msg.direction() == *direction)
+            .filter(|s| s.msg.direction() == *direction && s.variant.is_none())
             .map(|s| s.msg.type_name())
             .collect();
         sampled.sort_unstable();

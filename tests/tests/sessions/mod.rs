@@ -3,6 +3,7 @@
 //! shim over real unix sockets.
 
 mod consumers;
+mod link;
 mod observers;
 mod refusals;
 
