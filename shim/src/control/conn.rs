@@ -23,10 +23,10 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 use driver_protocol::codec::MessageCodec;
 use driver_protocol::message::{
-    ControlToShim, ErrorMsg, ForgetConsumer, Lagged, Message as _, OkReply, Pong, RequestId,
-    ResumeFrom, Seq, ShimToControl,
+    ControlToShim, ErrorMsg, ForgetConsumer, Lagged, OkReply, Pong, RequestId, ResumeFrom, Seq,
+    ShimToControl,
 };
-use driver_protocol::{DecodeError, ErrorCode};
+use driver_protocol::{frame, DecodeError, ErrorCode};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::Notify;
 use tokio::task::AbortHandle;
@@ -417,6 +417,7 @@ async fn read_loop(
     let small = inner.tuning.handshake_max_frame.min(inner.max_frame);
     let mut codec = MessageCodec::<ControlToShim, ShimToControl>::with_max_frame(small);
     let mut buf = BytesMut::with_capacity(READ_CHUNK.min(small));
+    let mut hash = 0;
     // Two deadlines: the peer's `hello` soon (it sends it at once, without waiting for
     // ours), the whole handshake a little later. A peer that trickles bytes holds its place
     // in the gate no longer than that.
@@ -429,7 +430,10 @@ async fn read_loop(
     let whole = opened + inner.tuning.handshake_timeout;
     let hello = loop {
         let deadline = if heard { whole } else { first };
-        let next = tokio::time::timeout_at(deadline, next_message(&mut rd, &mut codec, &mut buf));
+        let next = tokio::time::timeout_at(
+            deadline,
+            next_message(&mut rd, &mut codec, &mut buf, &mut hash),
+        );
         let msg = match next.await {
             Ok(Ok(Some(msg))) => {
                 heard = true;
@@ -502,7 +506,7 @@ async fn read_loop(
         // the idle timeout (a frozen control plane, a black-holed path) is given up, so
         // that the dialer can reach a live one. An accepted connection is replaced by the
         // next one instead, so it may be silent.
-        let next = next_message(&mut rd, &mut codec, &mut buf);
+        let next = next_message(&mut rd, &mut codec, &mut buf, &mut hash);
         let read = match origin {
             Origin::Dialed(_) => match tokio::time::timeout(inner.tuning.dialed_idle, next).await {
                 Ok(read) => read,
@@ -526,7 +530,7 @@ async fn read_loop(
                 return;
             }
         };
-        if handle(&conn, &inner, msg).await.is_break() || !conn.is_open() {
+        if handle(&conn, &inner, msg, hash).await.is_break() || !conn.is_open() {
             break;
         }
     }
@@ -634,7 +638,12 @@ fn lag_check(conn: &Conn, inner: &Inner, batch: &mut Vec<u8>) {
 }
 
 /// Handles one request after the handshake; `Break` ends the connection.
-async fn handle(conn: &Rc<Conn>, inner: &Rc<Inner>, msg: ControlToShim) -> ControlFlow<()> {
+async fn handle(
+    conn: &Rc<Conn>,
+    inner: &Rc<Inner>,
+    msg: ControlToShim,
+    hash: u64,
+) -> ControlFlow<()> {
     if !conn.is_open() {
         // Replaced or evicted: nothing more it sends counts.
         return ControlFlow::Break(());
@@ -670,7 +679,7 @@ async fn handle(conn: &Rc<Conn>, inner: &Rc<Inner>, msg: ControlToShim) -> Contr
             let msg = format!("unsupported message type {:?}", unknown.type_name);
             send_error(conn, inner, unknown.id, ErrorCode::Unsupported, msg);
         }
-        request => return forward(conn, inner, request).await,
+        request => return forward(conn, inner, request, hash).await,
     }
     ControlFlow::Continue(())
 }
@@ -773,13 +782,14 @@ fn forget_consumer(inner: &Rc<Inner>, forget: &ForgetConsumer) -> ShimToControl 
 }
 
 /// Hands a command to the supervisor, unless its id was seen recently.
-async fn forward(conn: &Rc<Conn>, inner: &Rc<Inner>, request: ControlToShim) -> ControlFlow<()> {
+async fn forward(
+    conn: &Rc<Conn>,
+    inner: &Rc<Inner>,
+    request: ControlToShim,
+    hash: u64,
+) -> ControlFlow<()> {
     let id = request_id(&request);
     if let Some(id) = id {
-        let hash = match request.to_body() {
-            Ok(body) => body_hash(&body),
-            Err(_) => 0,
-        };
         let mut st = inner.state.borrow_mut();
         if st.ids.hash(id).is_some_and(|h| h != hash) {
             drop(st);
@@ -824,13 +834,22 @@ async fn forward(conn: &Rc<Conn>, inner: &Rc<Inner>, request: ControlToShim) -> 
     ControlFlow::Continue(())
 }
 
-/// Reads the next message; `None` at a clean end of stream.
+/// Reads the next message; `None` at a clean end of stream. With it, the hash of its body
+/// as it came (for `conflict`, [`super::ids`]), taken before the codec consumes it.
 async fn next_message(
     rd: &mut ReadHalf,
     codec: &mut MessageCodec<ControlToShim, ShimToControl>,
     buf: &mut BytesMut,
+    hash: &mut u64,
 ) -> Result<Option<ControlToShim>, DecodeError> {
     loop {
+        // The codec checks the length against its limit; a frame it would refuse is hashed
+        // by no one.
+        if let Ok(Some(len)) = frame::parse_header(buf, usize::MAX) {
+            if let Some(body) = buf.get(frame::HEADER_LEN..frame::HEADER_LEN.saturating_add(len)) {
+                *hash = body_hash(body);
+            }
+        }
         if let Some(msg) = codec.decode(buf)? {
             return Ok(Some(msg));
         }

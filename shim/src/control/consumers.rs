@@ -14,8 +14,6 @@
 //! absent consumer never loses an event (its events slow the driver instead, as one
 //! consumer's always did).
 
-use std::collections::BTreeMap;
-
 use driver_protocol::message::Seq;
 
 /// The longest consumer name.
@@ -41,10 +39,11 @@ pub(super) enum Refusal {
     Connected,
 }
 
-/// The known consumers, by name.
+/// The known consumers, by name: a few (`--max-consumers`), so a list is enough (and smaller
+/// in the static binary than a map).
 #[derive(Debug)]
 pub(super) struct Consumers {
-    by_name: BTreeMap<String, Consumer>,
+    by_name: Vec<(String, Consumer)>,
     max: usize,
 }
 
@@ -61,20 +60,27 @@ impl Consumers {
     /// An empty table of at most `max` consumers (at least 1).
     pub(super) fn new(max: usize) -> Self {
         Self {
-            by_name: BTreeMap::new(),
+            by_name: Vec::new(),
             max: max.max(1),
         }
+    }
+
+    fn find(&mut self, name: &str) -> Option<&mut Consumer> {
+        self.by_name
+            .iter_mut()
+            .find(|(n, _)| n == name)
+            .map(|(_, c)| c)
     }
 
     /// The lowest acknowledged position of all consumers: the buffer may free up to it.
     /// `None` while no consumer is known: then nothing is freed.
     pub(super) fn floor(&self) -> Option<Seq> {
-        self.by_name.values().map(|c| c.acked).min()
+        self.by_name.iter().map(|(_, c)| c.acked).min()
     }
 
     /// The consumer `name`, if known.
     pub(super) fn get(&self, name: &str) -> Option<&Consumer> {
-        self.by_name.get(name)
+        self.by_name.iter().find(|(n, _)| n == name).map(|(_, c)| c)
     }
 
     /// Connection `conn` becomes consumer `name`; a consumer not known yet starts at
@@ -85,7 +91,7 @@ impl Consumers {
         conn: u64,
         start: Seq,
     ) -> Result<Option<u64>, Refusal> {
-        if let Some(c) = self.by_name.get_mut(name) {
+        if let Some(c) = self.find(name) {
             return Ok(c.conn.replace(conn));
         }
         if self.by_name.len() >= self.max {
@@ -95,18 +101,18 @@ impl Consumers {
             acked: start,
             conn: Some(conn),
         };
-        self.by_name.insert(name.to_owned(), consumer);
+        self.by_name.push((name.to_owned(), consumer));
         Ok(None)
     }
 
     /// Whether `name` could join now (known, or room for one more).
     pub(super) fn has_room_for(&self, name: &str) -> bool {
-        self.by_name.contains_key(name) || self.by_name.len() < self.max
+        self.get(name).is_some() || self.by_name.len() < self.max
     }
 
     /// Consumer `name` acknowledged every event up to `seq`; true if its position moved.
     pub(super) fn ack(&mut self, name: &str, seq: Seq) -> bool {
-        match self.by_name.get_mut(name) {
+        match self.find(name) {
             Some(c) if seq > c.acked => {
                 c.acked = seq;
                 true
@@ -117,7 +123,7 @@ impl Consumers {
 
     /// Connection `conn` ended: the consumer it was (if it still is) has none.
     pub(super) fn leave(&mut self, name: &str, conn: u64) {
-        if let Some(c) = self.by_name.get_mut(name) {
+        if let Some(c) = self.find(name) {
             if c.conn == Some(conn) {
                 c.conn = None;
             }
@@ -126,11 +132,11 @@ impl Consumers {
 
     /// Retires consumer `name`.
     pub(super) fn forget(&mut self, name: &str) -> Result<(), Refusal> {
-        match self.by_name.get(name) {
+        match self.get(name) {
             None => Err(Refusal::NotFound),
             Some(c) if c.conn.is_some() => Err(Refusal::Connected),
             Some(_) => {
-                self.by_name.remove(name);
+                self.by_name.retain(|(n, _)| n != name);
                 Ok(())
             }
         }
