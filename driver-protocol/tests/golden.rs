@@ -756,7 +756,7 @@ fn samples() -> Vec<Sample> {
             "The shim's hello advertising its limits before authentication.",
             SC::Hello(Hello {
                 agent_id: some("agent-0192"),
-                limits: Some(Limits {
+                limits: Some(Box::new(Limits {
                     max_events: 4096,
                     max_bytes: 8_388_608,
                     max_frame: 16_777_216,
@@ -768,7 +768,7 @@ fn samples() -> Vec<Sample> {
                     max_consumers: 4,
                     ack_every: 64,
                     ack_delay_ms: 100,
-                }),
+                })),
                 ..hello(Role::Shim, "agent-shim", "0.1.0", &[])
             }),
         ),

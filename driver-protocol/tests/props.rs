@@ -174,7 +174,10 @@ fn hello() -> impl Strategy<Value = Hello> {
         proptest::collection::vec(text(), 0..4),
         opt_text(),
         proptest::option::of(bin()),
-        (opt_text(), proptest::option::of(limits())),
+        (
+            opt_text(),
+            proptest::option::of(limits().prop_map(Box::new)),
+        ),
     )
         .prop_map(
             |(

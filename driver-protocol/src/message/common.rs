@@ -56,7 +56,7 @@ pub struct Hello {
     pub consumer: Option<String>,
     /// The shim's limits (shim → control only), advertised before authentication.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub limits: Option<super::Limits>,
+    pub limits: Option<Box<super::Limits>>,
 }
 
 /// `auth`: proof of the shared token on the control link, sent after both `hello`s.

@@ -456,7 +456,7 @@ impl ControlServer {
         hello.agent_id = cfg.agent_id.clone();
         let max_sessions = cfg.max_sessions.max(1);
         let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-        hello.limits = Some(Limits {
+        hello.limits = Some(Box::new(Limits {
             max_events: cfg.max_events as u64,
             max_bytes: cfg.max_bytes as u64,
             max_frame: cfg.max_frame as u64,
@@ -468,7 +468,7 @@ impl ControlServer {
             max_consumers: cfg.max_consumers.max(1) as u64,
             ack_every: ACK_EVERY,
             ack_delay_ms: millis(ACK_DELAY),
-        });
+        }));
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         let gate = Gate::new(
             tuning.failure_burst,

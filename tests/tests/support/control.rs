@@ -225,7 +225,8 @@ impl std::fmt::Debug for ControlClient {
     }
 }
 
-/// What one bounded read gave.
+/// What one bounded read gave. (Short-lived, one at a time: its size does not matter.)
+#[allow(clippy::large_enum_variant)]
 enum Read {
     Msg(ShimToControl),
     Timeout,
