@@ -1,21 +1,23 @@
 //! The control server: the control protocol (PROTOCOL.md §8) over unix sockets, TCP and
 //! vsock, listened on (`--control-listen`) or dialed (`--control-connect`), every connection
-//! authenticated by the shared token before it may become the live one (a unix socket may go
+//! authenticated by the shared token before it may become a session (a unix socket may go
 //! without, with `--control-insecure`), with the replay buffer that makes delivery
 //! exactly-once across reconnections.
 //!
 //! It exists so that the supervisor deals in commands and events only. Everything about
-//! connections stays here: the `hello` exchange, the one-live-connection rule (a newer
-//! connection replaces the older), `ping`, `ack` and `resume_from`, bad frames, the ids of
-//! recent requests (a retried command gets its recorded reply and is not executed twice), and
-//! the per-connection write queues that keep a client which does not read from ever blocking
-//! PID 1.
+//! connections stays here: the `hello` exchange, the sessions (up to `--max-sessions` at once:
+//! durable consumers, each with its own acknowledged position, a newer connection of one
+//! replacing the older; and observers, which never hold an event back; PROTOCOL.md §8.7),
+//! `ping`, `ack` and `resume_from`, bad frames, the ids of recent requests (a retried command
+//! gets its recorded reply and is not executed twice; another body under a known id is
+//! `conflict`), and the per-connection write queues that keep a client which does not read
+//! from ever blocking PID 1.
 //!
 //! ```text
-//!   supervisor ── publish / publish_raw ──► replay buffer (seq 1, 2, 3 …; freed by ack)
-//!        ▲                                        │ cursor (after resume_from)
-//!        │ next_command / Reply::send             ▼
-//!        └──────────────── live connection: reader task ⇄ writer task ◄──► control client
+//!   supervisor ── publish / publish_raw ──► replay buffer (seq 1, 2, 3 …; freed up to the
+//!        ▲                                        │  slowest consumer's ack)
+//!        │ next_command / Reply::send             ▼  one cursor per session
+//!        └──────────────── sessions: reader task ⇄ writer task ◄──► control clients
 //! ```
 //!
 //! Everything runs on the supervisor's current-thread runtime, inside its `LocalSet`: the
@@ -520,7 +522,7 @@ impl ControlServer {
         }
     }
 
-    /// Gives `event` the next seq, buffers it, sends it to the live connection if streaming.
+    /// Gives `event` the next seq, buffers it, wakes every streaming session.
     pub fn publish(&mut self, event: &Event) -> u64 {
         let max = self.inner.max_frame;
         let mut st = self.inner.state.borrow_mut();
