@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Result};
 use driver_protocol::message::{
-    ForgetConsumer, OkReply, ResumeFrom, ShimToControl, Status, SubmitTask,
+    Exec, ForgetConsumer, OkReply, ResumeFrom, ShimToControl, Status, SubmitTask,
 };
 use driver_protocol::ErrorCode;
 
@@ -157,4 +157,75 @@ fn gap_second_resume_conflict_forget_and_duplicate() -> Result<()> {
     }
     sup.status_until("the buffer is freed", |s| s.buffered_events <= 1)?;
     Ok(())
+}
+
+/// The attack view: a tenant inside the sandbox (the gate's attacker, a tool process as root in
+/// the shim's namespaces, without the token) floods the socket with connections it holds in
+/// their handshake, while token holders outside fill every session but one with observers.
+/// The control plane (a consumer, from outside) still gets a session at once, and a second
+/// consumer takes an observer's place: sessions are counted only once authenticated, and a
+/// consumer always gets in.
+#[test]
+fn a_tenant_cannot_lock_the_control_plane_out() -> Result<()> {
+    crate::support::require_root!();
+    const TOKEN: &str = "sessions-token-0123456789";
+    let dir = crate::support::TempDir::new("sessions-attack")?;
+    let mut sup = Setup::new(Mode::Pid1)
+        .env("AGENT_SHIM_TOKEN", TOKEN)
+        .flag("--max-sessions", "3")
+        .start()?;
+    let target = Target::Unix(sup.sock.clone());
+    let token = Some(TOKEN.as_bytes());
+    let stop = dir.path().join("stop");
+    let argv = vec![
+        env!("CARGO_BIN_EXE_gate-attacker").to_owned(),
+        format!("unix:{}", sup.sock.display()),
+        "60".to_owned(),
+        "--until-file".to_owned(),
+        stop.display().to_string(),
+        "--holders".to_owned(),
+        "200".to_owned(),
+    ];
+    let started = sup.ctl.exec_started(|id| Exec {
+        timeout_ms: Some(70_000),
+        ..Exec::new(id, argv.iter().map(String::as_str))
+    })?;
+    std::thread::sleep(Duration::from_millis(500));
+    // The control plane leaves; two observers hold the other sessions.
+    sup.ctl.kill();
+    let mut observers = Vec::new();
+    for _ in 0..2 {
+        observers.push(ControlClient::connect_as(&target, token, PATIENCE, None)?);
+    }
+    let result = (|| -> Result<()> {
+        let t0 = std::time::Instant::now();
+        let mut ctl = ControlClient::connect_to(&target, token, PATIENCE)?;
+        ensure!(
+            t0.elapsed() < Duration::from_secs(1),
+            "the control plane waited {:?} for a session",
+            t0.elapsed()
+        );
+        ctl.resume_from(0)?;
+        let status = ctl.status()?;
+        ensure!(status.execs_running >= 1, "{status:?}");
+        let mut shipper = ControlClient::connect_as(&target, token, PATIENCE, Some("shipper"))?;
+        ensure!(
+            shipper.status().is_ok(),
+            "the second consumer got no session"
+        );
+        expect_error(&mut observers[0], ErrorCode::Limit)?;
+        std::fs::write(&stop, b"stop")?;
+        let run = ctl.exec_run(started.exec_id, PATIENCE * 3)?;
+        let out = run.out();
+        eprintln!(
+            "MEASURED: {}",
+            out.lines()
+                .find(|l| l.starts_with("ATTACK "))
+                .unwrap_or("(no ATTACK line)")
+        );
+        sup.ctl = ctl;
+        Ok(())
+    })();
+    let _ = std::fs::write(&stop, b"stop");
+    result
 }
