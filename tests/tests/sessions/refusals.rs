@@ -177,7 +177,7 @@ fn a_tenant_cannot_lock_the_control_plane_out() -> Result<()> {
     let target = Target::Unix(sup.sock.clone());
     let token = Some(TOKEN.as_bytes());
     let stop = dir.path().join("stop");
-    let argv = vec![
+    let argv = [
         env!("CARGO_BIN_EXE_gate-attacker").to_owned(),
         format!("unix:{}", sup.sock.display()),
         "60".to_owned(),
