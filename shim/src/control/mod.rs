@@ -84,8 +84,9 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(1);
 /// A consumer should acknowledge at least every this many events (advertised in `hello`)…
 const ACK_EVERY: u64 = 64;
 
-/// … and at most this long after an event it has not acknowledged yet.
-const ACK_DELAY: Duration = Duration::from_millis(100);
+/// … and at most this long after an event it has not acknowledged yet (control-link's own
+/// cadence).
+const ACK_DELAY: Duration = Duration::from_millis(200);
 
 /// How long an accepted connection may take to complete its whole handshake (`hello` and
 /// `auth`): a peer that trickles its bytes holds its place no longer.
@@ -369,13 +370,20 @@ impl Inner {
         st.next_conn
     }
 
-    /// An open session that is a durable consumer, if any.
-    fn live(&self) -> Option<Rc<Conn>> {
+    /// An open session that is the durable consumer `name` (any consumer: `None`), if any.
+    fn live(&self, name: Option<&str>) -> Option<Rc<Conn>> {
         self.state
             .borrow()
             .sessions
             .iter()
-            .find(|c| c.is_open() && c.consumer().is_some())
+            .find(|c| {
+                c.is_open()
+                    && match (c.consumer(), name) {
+                        (Some(c), Some(n)) => c == n,
+                        (Some(_), None) => true,
+                        (None, _) => false,
+                    }
+            })
             .cloned()
     }
 }
@@ -623,7 +631,7 @@ impl ControlServer {
 
     /// A durable consumer is connected (observers do not acknowledge).
     pub fn connected(&self) -> bool {
-        self.inner.live().is_some()
+        self.inner.live(None).is_some()
     }
 }
 
