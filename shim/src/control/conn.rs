@@ -569,26 +569,29 @@ fn join(conn: &Rc<Conn>, inner: &Inner, consumer: Option<&str>) -> Result<(), (E
             );
             return Err((ErrorCode::Limit, msg));
         }
-        let start = st.buffer.acked();
-        let old = match st.consumers.join(name, conn.id, start) {
-            Ok(old) => old,
-            Err(_) => return Err((ErrorCode::Limit, "too many consumers".to_owned())),
-        };
+        // Room first, so that a refused connection leaves the consumers as they were.
+        let old = st.consumers.get(name).and_then(|c| c.conn);
         let replaced = old.and_then(|id| st.session(id));
-        if let Some(old) = &replaced {
-            st.sessions.retain(|c| c.id != old.id);
-        }
-        let mut evicted = None;
-        if st.sessions.len() >= st.max_sessions {
+        let others = st.sessions.len() - usize::from(replaced.is_some());
+        let victim = if others >= st.max_sessions {
             match st.sessions.iter().position(|c| c.consumer().is_none()) {
-                Some(i) => evicted = Some(st.sessions.remove(i)),
+                Some(i) => Some(i),
+                // Only consumers (more than --max-consumers fit, normally impossible).
                 None => {
-                    // Only consumers (fewer than --max-sessions, normally): give the name back.
-                    st.consumers.leave(name, conn.id);
                     let msg = format!("{} control sessions are open already", st.max_sessions);
                     return Err((ErrorCode::Limit, msg));
                 }
             }
+        } else {
+            None
+        };
+        let start = st.buffer.acked();
+        if st.consumers.join(name, conn.id, start).is_err() {
+            return Err((ErrorCode::Limit, "too many consumers".to_owned()));
+        }
+        let evicted = victim.map(|i| st.sessions.remove(i));
+        if let Some(old) = &replaced {
+            st.sessions.retain(|c| c.id != old.id);
         }
         *conn.consumer.borrow_mut() = Some(name.to_owned());
         st.sessions.push(Rc::clone(conn));
