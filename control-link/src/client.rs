@@ -209,7 +209,9 @@ impl Client {
     /// Why the client closed by itself, if it did because the shim refused it for good:
     /// [`Error::Unauthorized`] (the shim behind the address now wants another token) or
     /// [`Error::AgentMismatch`] (it serves another agent), after 3 refused reconnects in a
-    /// row. Requests then fail with this error and the event stream ends. `None` while the
+    /// row; or [`Error::Replaced`] at once, when a newer connection of the same durable
+    /// consumer took this one's place (failover: the two never reconnect over each other).
+    /// Requests then fail with this error and the event stream ends. `None` while the
     /// client is open, and after [`Client::close`] or giving up reconnecting
     /// ([`ConnectOptions::give_up_after`]).
     ///

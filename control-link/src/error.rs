@@ -87,6 +87,14 @@ pub enum Error {
     /// The event stream of this client was already taken (or belongs to a [`Fleet`](crate::Fleet)).
     #[error("the event stream was already taken")]
     EventsTaken,
+    /// A newer connection of the same durable consumer (another instance of this control
+    /// plane, say) took this client's place: the client closed rather than fight over it
+    /// (PROTOCOL.md §8.7).
+    #[error("replaced by a newer connection of consumer {consumer:?}")]
+    Replaced {
+        /// The consumer's name.
+        consumer: String,
+    },
     /// The wake hook ([`ConnectOptions::wake_hook`](crate::ConnectOptions::wake_hook))
     /// failed to wake a paused agent.
     #[error("waking the agent failed")]
@@ -143,6 +151,9 @@ impl Error {
             Self::AgentMismatch { expected, got } => Self::AgentMismatch {
                 expected: expected.clone(),
                 got: got.clone(),
+            },
+            Self::Replaced { consumer } => Self::Replaced {
+                consumer: consumer.clone(),
             },
             _ => Self::Closed,
         }

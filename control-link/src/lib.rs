@@ -20,6 +20,10 @@ mod wake;
 
 pub use driver_protocol as protocol;
 pub use driver_protocol::message::{ExecStarted, RequestId, Seq, StatusReply};
+
+/// The durable consumer a [`Client`] or [`Fleet`] is unless told otherwise
+/// ([`ConnectOptions::consumer`], [`ConnectOptions::observer`]).
+pub const DEFAULT_CONSUMER: &str = "control";
 pub use driver_protocol::ErrorCode;
 
 pub use client::{connect, Client};

@@ -293,7 +293,8 @@ pub(crate) struct Connected {
 pub(crate) async fn handshake(io: BoxIo, opts: &ConnectOptions) -> Result<Connected, Error> {
     let (token, max_frame, timeout) = (opts.token.as_ref(), opts.max_frame, opts.connect_timeout);
     let small = HANDSHAKE_MAX_FRAME.min(max_frame);
-    let mut conn = tokio::time::timeout(timeout, handshake_inner(io, token, small))
+    let consumer = opts.consumer.as_deref();
+    let mut conn = tokio::time::timeout(timeout, handshake_inner(io, token, small, consumer))
         .await
         .map_err(|_| Error::Timeout(timeout))??;
     conn.link.set_max_frame(max_frame);
@@ -304,9 +305,11 @@ async fn handshake_inner(
     io: BoxIo,
     token: Option<&Token>,
     max_frame: usize,
+    consumer: Option<&str>,
 ) -> Result<Connected, Error> {
     let mut link = Link::new(io, max_frame);
     let mut ours = Hello::new(Role::Control, SOFTWARE, env!("CARGO_PKG_VERSION"));
+    ours.consumer = consumer.map(str::to_owned);
     let our_nonce: Option<[u8; NONCE_LEN]> = match token {
         Some(_) => Some(random::bytes()?),
         None => None,

@@ -69,6 +69,8 @@ pub struct ConnectOptions {
     pub(crate) wake_hook: Option<crate::WakeHook>,
     pub(crate) wake_timeout: Duration,
     pub(crate) max_handshakes: usize,
+    pub(crate) consumer: Option<String>,
+    pub(crate) from_now: bool,
 }
 
 impl fmt::Debug for ConnectOptions {
@@ -90,6 +92,8 @@ impl fmt::Debug for ConnectOptions {
             .field("wake_hook", &self.wake_hook.is_some())
             .field("wake_timeout", &self.wake_timeout)
             .field("max_handshakes", &self.max_handshakes)
+            .field("consumer", &self.consumer)
+            .field("from_now", &self.from_now)
             .finish()
     }
 }
@@ -104,7 +108,8 @@ impl ConnectOptions {
     /// The defaults: no token, 10 s per request, 10 s to connect and authenticate, backoff
     /// 100 ms → 5 s ± 20 %, auto acks, resume from 0, 256 buffered events, 16 MiB frames,
     /// reconnect forever, keepalive after 15 s of silence, no wake hook (30 s to wake with
-    /// one), 128 handshakes at a time on a listener.
+    /// one), 128 handshakes at a time on a listener, the durable consumer
+    /// [`DEFAULT_CONSUMER`](crate::DEFAULT_CONSUMER).
     ///
     /// ```
     /// let opts = control_link::ConnectOptions::new();
@@ -127,6 +132,8 @@ impl ConnectOptions {
             wake_hook: None,
             wake_timeout: Duration::from_secs(30),
             max_handshakes: 128,
+            consumer: Some(crate::DEFAULT_CONSUMER.to_owned()),
+            from_now: false,
         }
     }
 
@@ -200,6 +207,34 @@ impl ConnectOptions {
     /// ```
     pub fn ack_mode(mut self, mode: AckMode) -> Self {
         self.ack_mode = mode;
+        self
+    }
+
+    /// Connects as the durable consumer `name` (default
+    /// [`DEFAULT_CONSUMER`](crate::DEFAULT_CONSUMER)): the shim keeps every event until this
+    /// consumer acknowledges it, and a newer connection of the same name (another instance
+    /// of the control plane) replaces this one, which then closes with
+    /// [`Error::Replaced`](crate::Error::Replaced) (PROTOCOL.md §8.7).
+    ///
+    /// ```
+    /// let opts = control_link::ConnectOptions::new().consumer("log-shipper");
+    /// ```
+    pub fn consumer(mut self, name: impl Into<String>) -> Self {
+        self.consumer = Some(name.into());
+        self
+    }
+
+    /// Connects as an observer: no acknowledgement of this client moves any position, a slow
+    /// observer never slows the agent (past the buffer it is told `lagged` and skips ahead),
+    /// and it starts from [`resume_from`](Self::resume_from)'s seq if that is still buffered
+    /// (`from_now`: with live events only). For operators' tools and dashboards.
+    ///
+    /// ```
+    /// let opts = control_link::ConnectOptions::new().observer(true);
+    /// ```
+    pub fn observer(mut self, from_now: bool) -> Self {
+        self.consumer = None;
+        self.from_now = from_now;
         self
     }
 

@@ -34,6 +34,7 @@ use driver_protocol::message::{
     Ack, ControlToShim, DriverState, Event, Message as _, Ping, RequestId, ResumeFrom, Seq,
     ShimToControl,
 };
+use driver_protocol::ErrorCode;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep_until, Instant};
 use tracing::{debug, info, warn};
@@ -116,6 +117,12 @@ pub(crate) struct Session {
     pub(crate) expect_agent: Option<String>,
     /// The cursor of this connection's `resume_from`.
     resumed_at: Seq,
+    /// The shim said `gap`: resume again from just before this seq.
+    regap: Option<Seq>,
+    /// This connection was replaced by a newer one of the same consumer.
+    replaced: bool,
+    /// Events were delivered once already: an observer resumes from its cursor, not from now.
+    started_once: bool,
     pending: BTreeMap<RequestId, Pending>,
     queued: Option<Item>,
     /// Failed connection attempts since the last good connection.
@@ -146,6 +153,9 @@ impl Session {
             ack_sent: 0,
             expect_agent,
             resumed_at: delivered,
+            regap: None,
+            replaced: false,
+            started_once: false,
             pending: BTreeMap::new(),
             queued: None,
             attempt: 0,
@@ -197,8 +207,16 @@ impl Session {
     async fn start_events(&mut self, link: &mut Link) -> Result<(), Error> {
         let cursor = self.ack_target();
         debug!(cursor, delivered = self.delivered, "resume_from");
-        link.send(&ControlToShim::ResumeFrom(ResumeFrom { seq: cursor }))
-            .await?;
+        let resume = if self.opts.consumer.is_none() && self.opts.from_now && !self.started_once {
+            ResumeFrom::now()
+        } else if self.opts.consumer.is_none() {
+            // An observer's acks move nothing: it resumes after what it was handed.
+            ResumeFrom::after(self.delivered.max(cursor))
+        } else {
+            ResumeFrom::after(cursor)
+        };
+        self.started_once = true;
+        link.send(&ControlToShim::ResumeFrom(resume)).await?;
         self.ack_sent = self.ack_sent.max(cursor);
         Ok(())
     }
@@ -464,6 +482,13 @@ impl Session {
                         last_rx = Instant::now();
                         probing = false;
                         self.on_incoming(msg)?;
+                        if self.replaced {
+                            return Ok(End::Close);
+                        }
+                        if let Some(seq) = self.regap.take() {
+                            link.send(&ControlToShim::ResumeFrom(ResumeFrom::after(seq))).await?;
+                            self.ack_sent = self.ack_sent.max(seq);
+                        }
                         // The frames already read follow without a turn of the loop each
                         // (a burst of events is the common case), while the sink has room.
                         let mut more = BURST;
@@ -473,6 +498,9 @@ impl Session {
                                 break;
                             }
                             more -= 1;
+                            if self.replaced {
+                                return Ok(End::Close);
+                            }
                             match link.try_recv() {
                                 Some(Ok(Some(msg))) => self.on_incoming(msg)?,
                                 Some(Ok(None)) => {
@@ -589,6 +617,14 @@ impl Session {
                     msg.type_name()
                 )))
             }
+            ShimToControl::Lagged(l) => {
+                warn!(
+                    missed = l.missed,
+                    next_seq = l.next_seq,
+                    "events skipped: this observer fell behind"
+                );
+                return Ok(());
+            }
             ShimToControl::Unknown(u) => {
                 debug!(r#type = %u.type_name, "unknown message from the shim ignored");
                 return Ok(());
@@ -603,7 +639,24 @@ impl Session {
             },
             None => {
                 if let ShimToControl::Error(e) = &msg {
-                    warn!(code = %e.code, message = %e.message, "the shim reports an error");
+                    match e.code {
+                        ErrorCode::Replaced => {
+                            let consumer = self.opts.consumer.clone().unwrap_or_default();
+                            warn!(%consumer, "replaced by a newer connection of this consumer; closing");
+                            self.shared.set_close_reason(Error::Replaced { consumer });
+                            self.replaced = true;
+                        }
+                        ErrorCode::Gap => {
+                            let first = e.first_available.unwrap_or(1);
+                            warn!(first_available = first, resumed_at = self.resumed_at,
+                                "events before first_available are gone for this client (gap); resuming from there");
+                            self.regap = Some(first.saturating_sub(1));
+                            self.delivered = self.delivered.max(first.saturating_sub(1));
+                        }
+                        _ => {
+                            warn!(code = %e.code, message = %e.message, "the shim reports an error");
+                        }
+                    }
                 }
             }
         }
@@ -713,6 +766,7 @@ mod tests {
                     code,
                     message: "retry later".into(),
                     task_id: None,
+                    first_available: None,
                 }))
             };
             let (busy, limit) = (refuse(ErrorCode::Busy), refuse(ErrorCode::Limit));

@@ -277,6 +277,7 @@ mod tests {
                 code: ErrorCode::Internal,
                 message: "m".into(),
                 task_id: None,
+                first_available: None,
             }),
         ];
         for m in others {

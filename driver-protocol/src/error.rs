@@ -81,6 +81,15 @@ error_codes! {
     ShuttingDown = "shutting_down",
     /// The receiver failed for a reason of its own; the request may be retried (`internal`).
     Internal = "internal",
+    // sessions
+    /// A newer connection of the same durable consumer took this one's place; it is closed
+    /// (`replaced`).
+    Replaced = "replaced",
+    /// `resume_from` names a seq older than the oldest event still buffered for this
+    /// consumer or observer; `first_available` says where the buffer starts (`gap`).
+    Gap = "gap",
+    /// A request id was reused for a request with another body (`conflict`).
+    Conflict = "conflict",
 }
 
 impl fmt::Display for ErrorCode {
@@ -197,7 +206,7 @@ mod tests {
 
     #[test]
     fn every_known_code_round_trips_and_others_are_kept() {
-        assert_eq!(ErrorCode::KNOWN.len(), 13);
+        assert_eq!(ErrorCode::KNOWN.len(), 16);
         for wire in ErrorCode::KNOWN {
             let code = ErrorCode::parse(wire);
             assert!(!matches!(code, ErrorCode::Other(_)), "{wire}");

@@ -59,12 +59,20 @@ impl Hello {
             capabilities: Vec::new(),
             agent_id: None,
             nonce: None,
+            consumer: None,
+            limits: None,
         }
     }
 
     /// Replaces the versions offered (for tests and for peers pinned to older versions).
     pub fn with_versions(mut self, versions: impl IntoIterator<Item = u32>) -> Self {
         self.versions = versions.into_iter().collect();
+        self
+    }
+
+    /// Names the durable consumer this control client is (PROTOCOL.md §8.7).
+    pub fn with_consumer(mut self, consumer: impl Into<String>) -> Self {
+        self.consumer = Some(consumer.into());
         self
     }
 

@@ -124,6 +124,14 @@ fn s(description: &'static str, msg: impl Into<Any>) -> Sample {
     }
 }
 
+/// Another sample of a type that already has one, showing optional fields.
+fn v(variant: &'static str, description: &'static str, msg: impl Into<Any>) -> Sample {
+    Sample {
+        variant: Some(variant),
+        ..s(description, msg)
+    }
+}
+
 /// More samples of types that [`samples`] has already, each in its own file.
 fn variant_samples() -> Vec<Sample> {
     use ControlToShim as C;
@@ -210,6 +218,8 @@ fn hello(role: Role, software: &str, version: &str, capabilities: &[&str]) -> He
         capabilities: strings(capabilities),
         agent_id: None,
         nonce: None,
+        consumer: None,
+        limits: None,
     }
 }
 
@@ -334,6 +344,7 @@ fn driver_error() -> ErrorMsg {
         code: ErrorCode::Timeout,
         message: "model API did not answer within 60s".to_owned(),
         task_id: some("task-7f3a"),
+        first_available: None,
     }
 }
 
@@ -401,7 +412,10 @@ fn samples() -> Vec<Sample> {
         ),
         s(
             "The driver acknowledges the shim's shutdown with id 12.",
-            D::Ok(OkReply { re: 12 }),
+            D::Ok(OkReply {
+                re: 12,
+                duplicate: None,
+            }),
         ),
         s(
             "An error the driver reports (no re): relayed to the control plane as an event.",
@@ -502,7 +516,10 @@ fn samples() -> Vec<Sample> {
         ),
         s(
             "A generic success reply to request 4.",
-            SD::Ok(OkReply { re: 4 }),
+            SD::Ok(OkReply {
+                re: 4,
+                duplicate: None,
+            }),
         ),
         s(
             "The shim could not start the driver's exec with id 3.",
@@ -511,6 +528,7 @@ fn samples() -> Vec<Sample> {
                 code: ErrorCode::Invalid,
                 message: "argv[0] \"carg\" not found in PATH".to_owned(),
                 task_id: some("task-7f3a"),
+                first_available: None,
             }),
         ),
         s(
@@ -648,7 +666,7 @@ fn samples() -> Vec<Sample> {
         ),
         s(
             "After the handshake: the control plane processed events up to seq 41.",
-            C::ResumeFrom(ResumeFrom { seq: 41 }),
+            C::ResumeFrom(ResumeFrom::after(41)),
         ),
         s(
             "The control plane's liveness probe.",
@@ -675,6 +693,7 @@ fn samples() -> Vec<Sample> {
             "The task was queued (reply to submit_task).",
             SC::Ok(OkReply {
                 re: 0x5eed_0000_0000_0001,
+                duplicate: None,
             }),
         ),
         s(
@@ -684,6 +703,7 @@ fn samples() -> Vec<Sample> {
                 code: ErrorCode::Limit,
                 message: "task queue is full (64 tasks)".to_owned(),
                 task_id: some("task-7f3a"),
+                first_available: None,
             }),
         ),
         s(
@@ -729,6 +749,93 @@ fn samples() -> Vec<Sample> {
             "The shim answers the control plane's ping.",
             SC::Pong(Pong {
                 re: 0x5eed_0000_0000_000b,
+            }),
+        ),
+        // sessions
+        v(
+            "consumer",
+            "A control plane's hello naming its durable consumer (absent: an observer).",
+            C::Hello(Hello {
+                consumer: some("control"),
+                ..hello(Role::Control, "control-link", "0.1.0", &[])
+            }),
+        ),
+        v(
+            "now",
+            "An observer follows live events only.",
+            C::ResumeFrom(ResumeFrom::now()),
+        ),
+        s(
+            "Retire the durable consumer \"shipper\".",
+            C::ForgetConsumer(ForgetConsumer {
+                id: 0x5eed_0000_0000_000c,
+                consumer: "shipper".to_owned(),
+            }),
+        ),
+        v(
+            "limits",
+            "The shim's hello advertising its limits before authentication.",
+            SC::Hello(Hello {
+                agent_id: some("agent-0192"),
+                limits: Some(Box::new(Limits {
+                    max_events: 4096,
+                    max_bytes: 8_388_608,
+                    max_frame: 16_777_216,
+                    handshake_max_frame: 16_384,
+                    ids_window: 1024,
+                    hello_timeout_ms: 1000,
+                    handshake_timeout_ms: 3000,
+                    max_sessions: 16,
+                    max_consumers: 4,
+                    ack_every: 64,
+                    ack_delay_ms: 100,
+                })),
+                ..hello(Role::Shim, "agent-shim", "0.1.0", &[])
+            }),
+        ),
+        v(
+            "duplicate",
+            "submit_task of a task_id the shim already knows: nothing was queued.",
+            SC::Ok(OkReply {
+                re: 0x5eed_0000_0000_0001,
+                duplicate: Some(true),
+            }),
+        ),
+        v(
+            "gap",
+            "resume_from names a seq older than what is still buffered for this client.",
+            SC::Error(ErrorMsg {
+                first_available: Some(1042),
+                ..ErrorMsg::new(
+                    None,
+                    ErrorCode::Gap,
+                    "events 1..=1041 are no longer buffered for this client",
+                )
+            }),
+        ),
+        v(
+            "replaced",
+            "A newer connection of the same consumer took this one's place; it is closed.",
+            SC::Error(ErrorMsg::new(
+                None,
+                ErrorCode::Replaced,
+                "a newer connection of this consumer replaced this one",
+            )),
+        ),
+        v(
+            "conflict",
+            "A request id was reused for another request.",
+            SC::Error(ErrorMsg::new(
+                Some(0x5eed_0000_0000_0001),
+                ErrorCode::Conflict,
+                "this request id was used for another request",
+            )),
+        ),
+        s(
+            "An observer fell behind: 128 events were freed before it was sent them.",
+            SC::Lagged(Lagged {
+                missed: 128,
+                next_seq: 1170,
             }),
         ),
         // ----- events (the body inside an `event` envelope)
@@ -1272,7 +1379,7 @@ fn every_type_of_every_direction_has_exactly_one_sample() {
     for (direction, types) in DIRECTIONS {
         let mut sampled: Vec<&str> = samples
             .iter()
-            .filter(|s| s.msg.direction() == *direction)
+            .filter(|s| s.msg.direction() == *direction && s.variant.is_none())
             .map(|s| s.msg.type_name())
             .collect();
         sampled.sort_unstable();
@@ -1447,6 +1554,7 @@ fn gate_refusals_are_error_frames_with_busy_and_limit() {
             code: code.clone(),
             message: message.into(),
             task_id: None,
+            first_available: None,
         });
         let body = map(&[
             ("type", Value::from("error")),

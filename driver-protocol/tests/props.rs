@@ -174,6 +174,10 @@ fn hello() -> impl Strategy<Value = Hello> {
         proptest::collection::vec(text(), 0..4),
         opt_text(),
         proptest::option::of(bin()),
+        (
+            opt_text(),
+            proptest::option::of(limits().prop_map(Box::new)),
+        ),
     )
         .prop_map(
             |(
@@ -185,6 +189,7 @@ fn hello() -> impl Strategy<Value = Hello> {
                 capabilities,
                 agent_id,
                 nonce,
+                (consumer, limits),
             )| {
                 Hello {
                     protocol,
@@ -195,9 +200,35 @@ fn hello() -> impl Strategy<Value = Hello> {
                     capabilities,
                     agent_id,
                     nonce,
+                    consumer,
+                    limits,
                 }
             },
         )
+}
+
+fn limits() -> impl Strategy<Value = Limits> {
+    proptest::collection::vec(any::<u64>(), 11).prop_map(|v| Limits {
+        max_events: v[0],
+        max_bytes: v[1],
+        max_frame: v[2],
+        handshake_max_frame: v[3],
+        ids_window: v[4],
+        hello_timeout_ms: v[5],
+        handshake_timeout_ms: v[6],
+        max_sessions: v[7],
+        max_consumers: v[8],
+        ack_every: v[9],
+        ack_delay_ms: v[10],
+    })
+}
+
+fn lagged() -> impl Strategy<Value = Lagged> {
+    (any::<u64>(), any::<u64>()).prop_map(|(missed, next_seq)| Lagged { missed, next_seq })
+}
+
+fn forget_consumer() -> impl Strategy<Value = ForgetConsumer> {
+    (any::<u64>(), text()).prop_map(|(id, consumer)| ForgetConsumer { id, consumer })
 }
 
 fn auth() -> impl Strategy<Value = Auth> {
@@ -205,18 +236,24 @@ fn auth() -> impl Strategy<Value = Auth> {
 }
 
 fn ok_reply() -> impl Strategy<Value = OkReply> {
-    any::<u64>().prop_map(|re| OkReply { re })
+    (any::<u64>(), any::<Option<bool>>()).prop_map(|(re, duplicate)| OkReply { re, duplicate })
 }
 
 fn error_msg() -> impl Strategy<Value = ErrorMsg> {
-    (any::<Option<u64>>(), error_code(), text(), opt_text()).prop_map(
-        |(re, code, message, task_id)| ErrorMsg {
+    (
+        any::<Option<u64>>(),
+        error_code(),
+        text(),
+        opt_text(),
+        any::<Option<u64>>(),
+    )
+        .prop_map(|(re, code, message, task_id, first_available)| ErrorMsg {
             re,
             code,
             message,
             task_id,
-        },
-    )
+            first_available,
+        })
 }
 
 fn ping() -> impl Strategy<Value = Ping> {
@@ -605,7 +642,7 @@ fn ack() -> impl Strategy<Value = Ack> {
 }
 
 fn resume_from() -> impl Strategy<Value = ResumeFrom> {
-    any::<u64>().prop_map(|seq| ResumeFrom { seq })
+    (any::<Option<u64>>(), opt_text()).prop_map(|(seq, from)| ResumeFrom { seq, from })
 }
 
 fn task_accepted() -> impl Strategy<Value = TaskAccepted> {
@@ -730,6 +767,7 @@ fn control_to_shim() -> impl Strategy<Value = ControlToShim> {
         ack().prop_map(M::Ack),
         resume_from().prop_map(M::ResumeFrom),
         ping().prop_map(M::Ping),
+        forget_consumer().prop_map(M::ForgetConsumer),
     ]
 }
 
@@ -772,6 +810,7 @@ fn shim_to_control() -> impl Strategy<Value = ShimToControl> {
         exec_started().prop_map(M::ExecStarted),
         (any::<u64>(), event()).prop_map(|(seq, event)| M::Event(EventEnvelope { seq, event })),
         pong().prop_map(M::Pong),
+        lagged().prop_map(M::Lagged),
     ]
 }
 

@@ -87,9 +87,13 @@ fn run() -> anyhow::Result<()> {
                 code: ErrorCode::NotFound,
                 message: format!("task {} is not running", c.task_id),
                 task_id: None,
+                first_available: None,
             }))?,
             ShimToDriver::Shutdown(s) => {
-                out.send(&DriverToShim::Ok(OkReply { re: s.id }))?;
+                out.send(&DriverToShim::Ok(OkReply {
+                    re: s.id,
+                    duplicate: None,
+                }))?;
                 return Ok(());
             }
             _ => {}

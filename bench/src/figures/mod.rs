@@ -10,6 +10,8 @@ use crate::report::Figure;
 pub mod driver;
 pub mod exec;
 pub mod exec_output;
+// sessions
+pub mod fanout;
 pub mod fleet;
 pub mod reap;
 pub mod relay;
@@ -78,6 +80,8 @@ pub fn all(ctx: &Ctx, only: &[String]) -> Vec<Figure> {
         ("round trip", |c| vec![roundtrip::run(c)]),
         ("exec output", |c| vec![exec_output::run(c)]),
         ("fleet", |c| vec![fleet::run(c)]),
+        // sessions
+        ("fan-out to observers", |c| vec![fanout::run(c)]),
     ];
     let mut out = Vec::new();
     for (name, run) in runs {

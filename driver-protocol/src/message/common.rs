@@ -50,6 +50,13 @@ pub struct Hello {
     /// A fresh random challenge for the control link's mutual authentication.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nonce: Option<Bytes>,
+    /// The durable consumer this control connection is (control → shim only); absent: an
+    /// observer (PROTOCOL.md §8.7).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumer: Option<String>,
+    /// The shim's limits (shim → control only), advertised before authentication.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<Box<super::Limits>>,
 }
 
 /// `auth`: proof of the shared token on the control link, sent after both `hello`s.
@@ -67,6 +74,19 @@ pub struct Auth {
 pub struct OkReply {
     /// The `id` of the request this answers.
     pub re: RequestId,
+    /// `submit_task` only: a task with this `task_id` was already known, nothing was queued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duplicate: Option<bool>,
+}
+
+impl OkReply {
+    /// `ok{re}`.
+    pub fn new(re: RequestId) -> Self {
+        Self {
+            re,
+            duplicate: None,
+        }
+    }
 }
 
 /// `error`: a failed request, a rejected frame, or (from a driver) an error worth reporting.
@@ -82,6 +102,22 @@ pub struct ErrorMsg {
     /// The task concerned, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task_id: Option<String>,
+    /// `gap` only: the oldest seq still buffered for the consumer or observer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_available: Option<u64>,
+}
+
+impl ErrorMsg {
+    /// `error{re, code, message}`.
+    pub fn new(re: Option<RequestId>, code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            re,
+            code,
+            message: message.into(),
+            task_id: None,
+            first_available: None,
+        }
+    }
 }
 
 /// `ping`: a liveness probe; the peer answers `pong` with `re` = `id`.

@@ -126,10 +126,36 @@ pub struct Ack {
 }
 
 /// `resume_from`: replay every buffered event after `seq`, then continue live.
+///
+/// A consumer's `seq` also acknowledges every event up to it; without `seq` it resumes from
+/// its own acknowledged position. An observer without `seq` (or with `from: "now"`) follows
+/// live events only (PROTOCOL.md §8.7).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResumeFrom {
-    /// The last seq the control plane processed (0 for none).
-    pub seq: Seq,
+    /// The last seq the client processed (0 for none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<Seq>,
+    /// `"now"`: live events only (observers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+}
+
+impl ResumeFrom {
+    /// `resume_from{seq}`.
+    pub fn after(seq: Seq) -> Self {
+        Self {
+            seq: Some(seq),
+            from: None,
+        }
+    }
+
+    /// `resume_from{from: "now"}`: live events only.
+    pub fn now() -> Self {
+        Self {
+            seq: None,
+            from: Some("now".to_owned()),
+        }
+    }
 }
 
 /// `event`: one event from the shim to the control plane, with its sequence number.

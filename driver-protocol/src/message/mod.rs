@@ -20,6 +20,8 @@ mod common;
 mod control;
 mod event;
 mod exec;
+// sessions
+mod session;
 mod task;
 
 use std::io::Write;
@@ -30,6 +32,8 @@ pub use common::*;
 pub use control::*;
 pub use event::*;
 pub use exec::*;
+// sessions
+pub use session::*;
 pub use task::*;
 
 use crate::envelope::{self, Head};
@@ -346,6 +350,9 @@ message_set! {
         "resume_from" => ResumeFrom(ResumeFrom),
         /// Liveness probe.
         "ping" => Ping(Ping),
+        // sessions
+        /// Retire a durable consumer.
+        "forget_consumer" => ForgetConsumer(ForgetConsumer),
     }
 }
 
@@ -368,6 +375,9 @@ message_set! {
         "event" => Event(EventEnvelope) decoded_by decode_envelope,
         /// Answer to `ping`.
         "pong" => Pong(Pong),
+        // sessions
+        /// An observer fell behind and skips ahead.
+        "lagged" => Lagged(Lagged),
     }
 }
 

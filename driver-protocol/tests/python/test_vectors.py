@@ -59,7 +59,8 @@ def load(path):
 
 
 def known_types(direction):
-    return {p.stem for p in (VECTORS / direction).glob("*.json")}
+    # `<type>.json`, and `<type>.<variant>.json` for more samples of a type.
+    return {p.stem.split(".")[0] for p in (VECTORS / direction).glob("*.json")}
 
 
 VALID = sorted(p for d in DIRECTIONS for p in (VECTORS / d).glob("*.json"))

@@ -14,6 +14,11 @@
 //! `pause --wait` the events they print. The events these three pass over (another task's,
 //! the driver's logs) are acknowledged as read: acks are cumulative anyway, and a flood of
 //! them must not fill the shim's buffer and hold what the command waits for.
+//!
+//! agentctl is an observer by default (PROTOCOL.md §8.7): its acknowledgements move no
+//! consumer's position, so `agentctl tail` beside a running control plane never takes events
+//! from it. `--consumer NAME` makes it the durable consumer NAME instead (its acks then free
+//! events, and a newer connection of NAME replaces it).
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal as _, Write as _};
@@ -111,6 +116,10 @@ struct Cli {
     /// Bounds the connection, each request, and how long a lost connection is redialed.
     #[arg(long, global = true, value_name = "DUR", default_value = "10s", value_parser = parse_duration)]
     timeout: Duration,
+    /// Connect as this durable consumer (its acks free events); default: an observer, which
+    /// never moves the control plane's cursor.
+    #[arg(long, global = true, value_name = "NAME")]
+    consumer: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -298,6 +307,10 @@ async fn run(cli: Cli) -> Result<u8, Fail> {
         .connect_timeout(cli.timeout)
         .give_up_after(cli.timeout)
         .ack_mode(AckMode::Manual);
+    opts = match &cli.consumer {
+        Some(name) => opts.consumer(name.clone()),
+        None => opts.observer(false),
+    };
     if let Cmd::Tail { from, .. } = &cli.cmd {
         opts = opts.resume_from(*from);
     }

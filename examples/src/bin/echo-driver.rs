@@ -158,6 +158,7 @@ impl Driver {
             code,
             message,
             task_id: None,
+            first_available: None,
         });
         Stop(EXIT_PROTOCOL)
     }
@@ -184,6 +185,7 @@ impl Driver {
             code,
             message: message.to_owned(),
             task_id: None,
+            first_available: None,
         })
     }
 
@@ -229,6 +231,7 @@ impl Driver {
                     code,
                     message: e.to_string(),
                     task_id: None,
+                    first_available: None,
                 });
                 Err(Stop(EXIT_PROTOCOL))
             }
@@ -247,9 +250,13 @@ impl Driver {
                 code: ErrorCode::Limit,
                 message: "a task is already running".into(),
                 task_id: Some(t.task_id),
+                first_available: None,
             }),
             (ShimToDriver::Cancel(c), Some(run)) if run.task_id == c.task_id => {
-                self.send(OkReply { re: c.id })?;
+                self.send(OkReply {
+                    re: c.id,
+                    duplicate: None,
+                })?;
                 if !run.ignore_cancel {
                     run.cancel = true;
                 }
@@ -272,12 +279,18 @@ impl Driver {
                 self.reply_error(Some(r.id), ErrorCode::InvalidState, "not paused")
             }
             (ShimToDriver::Shutdown(s), Some(run)) => {
-                self.send(OkReply { re: s.id })?;
+                self.send(OkReply {
+                    re: s.id,
+                    duplicate: None,
+                })?;
                 run.shutdown = true;
                 Ok(())
             }
             (ShimToDriver::Shutdown(s), None) => {
-                self.send(OkReply { re: s.id })?;
+                self.send(OkReply {
+                    re: s.id,
+                    duplicate: None,
+                })?;
                 Err(Stop(self.shutdown_code))
             }
             (ShimToDriver::Unknown(u), _) => match u.id {
@@ -317,7 +330,10 @@ impl Driver {
                     return Ok(());
                 }
                 ShimToDriver::Shutdown(s) => {
-                    self.send(OkReply { re: s.id })?;
+                    self.send(OkReply {
+                        re: s.id,
+                        duplicate: None,
+                    })?;
                     if let Some(run) = task.as_deref_mut() {
                         self.end_task(run, TaskStatus::Cancelled, Some("shutdown"), None)?;
                     }

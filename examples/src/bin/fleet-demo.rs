@@ -185,7 +185,7 @@ async fn run(args: Args) -> Result<bool, Error> {
     let wakes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let hook_wakes = std::sync::Arc::clone(&wakes);
     let opts = ConnectOptions::new()
-        .token(token)
+        .token(token.clone())
         .wake_hook(move |agent: AgentId| {
             hook_wakes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             println!("fleet-demo: waking {agent} for a new task");
@@ -229,6 +229,13 @@ async fn run(args: Args) -> Result<bool, Error> {
         "fleet-demo: {n} agents ready in {} ms",
         started.elapsed().as_millis()
     );
+    // An operator tails agent 0 beside the fleet: an observer on the agent's own socket,
+    // acknowledging everything it reads, which must change nothing for the fleet (the
+    // consumer "control"): the summary still counts zero lost and zero duplicated.
+    let operator = tokio::spawn(tail_as_operator(
+        Addr::Unix(dir.join(format!("{}.sock", agent_name(0)))),
+        token,
+    ));
 
     // 2. Tasks for everyone: words streamed one by one, with a little delay so the view
     // moves. Agent 0's first task crashes its driver (it is restarted); agent 1's
@@ -363,6 +370,9 @@ async fn run(args: Args) -> Result<bool, Error> {
     }
     let exited = wait_exit(&mut procs, Duration::from_secs(10)).await;
     fleet.close().await;
+    operator.abort();
+    let tailed = operator.await.ok().unwrap_or(0);
+    let tailed = TAILED.load(std::sync::atomic::Ordering::SeqCst).max(tailed);
 
     let elapsed = started.elapsed();
     let total = |f: fn(&Agent) -> u64| agents.values().map(f).sum::<u64>();
@@ -388,6 +398,7 @@ async fn run(args: Args) -> Result<bool, Error> {
         "  connection cut    {}",
         if cut_done { "1 (resumed)" } else { "none" }
     );
+    println!("  operator tail     {tailed} events of agent-0, as an observer beside the fleet");
     println!("  events delivered  {delivered}");
     println!("  duplicates        {duplicates}");
     println!("  lost              {lost}");
@@ -420,6 +431,32 @@ async fn run(args: Args) -> Result<bool, Error> {
 /// A msgpack map from string keys.
 fn map<const N: usize>(pairs: [(&str, rmpv::Value); N]) -> rmpv::Value {
     rmpv::Value::Map(pairs.into_iter().map(|(k, v)| (k.into(), v)).collect())
+}
+
+/// Events the operator's tail has read so far.
+static TAILED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The operator: an observer tailing one agent's socket, acknowledging what it reads (which,
+/// as an observer's, frees nothing), until aborted; returns the events read.
+async fn tail_as_operator(addr: Addr, token: Token) -> u64 {
+    let opts = ConnectOptions::new().token(token).observer(true);
+    let client = match opts.connect(&addr).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("fleet-demo: the operator cannot connect to {addr}: {e}");
+            return 0;
+        }
+    };
+    let Ok(mut events) = client.events() else {
+        return 0;
+    };
+    let mut n = 0;
+    while let Some((seq, _)) = events.next().await {
+        client.ack(seq);
+        n += 1;
+        TAILED.store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+    n
 }
 
 fn agent_name(i: usize) -> String {
@@ -548,6 +585,12 @@ fn start_agent(
     for a in [
         "--control-connect".to_owned(),
         socket.to_string(),
+        // Also listening, for an operator's tools (agentctl) beside the fleet.
+        "--control-listen".to_owned(),
+        format!(
+            "unix:{}",
+            dir.join(format!("{}.sock", agent_name(i))).display()
+        ),
         "--control-token-file".to_owned(),
         token.display().to_string(),
         "--agent-id".to_owned(),

@@ -492,6 +492,37 @@ pub(super) static FLAGS: &[Flag] = &[
             }
         },
     ),
+    // sessions
+    val(
+        "max-sessions",
+        "N",
+        "AGENT_SHIM_MAX_SESSIONS",
+        Value("16"),
+        Supervisor,
+        "authenticated control connections at once; an observer past it\nis refused, a consumer takes the oldest observer's place",
+        |c, v| match parse_num(v)? {
+            0 => Err("must be at least 1".to_owned()),
+            n => {
+                c.sup.max_sessions = n;
+                Ok(())
+            }
+        },
+    ),
+    val(
+        "max-consumers",
+        "N",
+        "AGENT_SHIM_MAX_CONSUMERS",
+        Value("4"),
+        Supervisor,
+        "durable consumers known at once (each keeps events until it\nacknowledges them); forget_consumer retires one",
+        |c, v| match parse_num(v)? {
+            0 => Err("must be at least 1".to_owned()),
+            n => {
+                c.sup.max_consumers = n;
+                Ok(())
+            }
+        },
+    ),
 ];
 
 /// The flag named `--long`.

@@ -99,6 +99,10 @@ pub struct SupervisorOpts {
     pub event_buffer: usize,
     /// `--event-buffer-bytes`.
     pub event_buffer_bytes: usize,
+    /// `--max-sessions`.
+    pub max_sessions: usize,
+    /// `--max-consumers`.
+    pub max_consumers: usize,
     /// `--workdir`.
     pub workdir: Option<PathBuf>,
     /// `--env-allow` (`None` = every variable).
@@ -217,6 +221,8 @@ impl Config {
                 core: CoreOpts::default(),
                 event_buffer: 0,
                 event_buffer_bytes: 0,
+                max_sessions: 0,
+                max_consumers: 0,
                 workdir: None,
                 env_allow: None,
                 env_deny: Vec::new(),

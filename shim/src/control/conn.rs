@@ -22,8 +22,11 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use driver_protocol::codec::MessageCodec;
-use driver_protocol::message::{ControlToShim, ErrorMsg, Pong, RequestId, Seq, ShimToControl};
-use driver_protocol::{DecodeError, ErrorCode};
+use driver_protocol::message::{
+    ControlToShim, ErrorMsg, ForgetConsumer, Lagged, OkReply, Pong, RequestId, ResumeFrom, Seq,
+    ShimToControl,
+};
+use driver_protocol::{frame, DecodeError, ErrorCode};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::Notify;
 use tokio::task::AbortHandle;
@@ -31,8 +34,9 @@ use tokio_util::codec::Decoder as _;
 use tracing::{debug, error, info, warn};
 
 use super::auth::{self, Handshake, Step};
+use super::consumers::{self, Refusal};
 use super::gate::Source;
-use super::ids::Seen;
+use super::ids::{body_hash, Seen};
 use super::transport::{Halves, ReadHalf, WriteHalf};
 use super::{encode_frame, Command, Inner, Origin, Reply};
 
@@ -72,6 +76,8 @@ pub(super) struct Conn {
     out_max: usize,
     /// `Some(last seq written)` once the client sent `resume_from`: events stream.
     cursor: Cell<Option<Seq>>,
+    /// The durable consumer this connection is; `None`: an observer.
+    consumer: RefCell<Option<String>>,
     /// Wakes the writer: a reply was queued, an event published, or the state changed.
     wake: Notify,
     /// The reader and writer tasks, aborted by [`Conn::close_now`].
@@ -95,12 +101,18 @@ impl Conn {
             }),
             out_max,
             cursor: Cell::new(None),
+            consumer: RefCell::new(None),
             wake: Notify::new(),
             tasks: RefCell::new(Vec::new()),
             reader: RefCell::new(None),
             authenticated: Cell::new(false),
             closed: Notify::new(),
         }
+    }
+
+    /// The durable consumer this connection is, if it is one.
+    pub(super) fn consumer(&self) -> Option<String> {
+        self.consumer.borrow().clone()
     }
 
     /// Whether the handshake completed.
@@ -339,6 +351,9 @@ async fn write_loop(mut wr: WriteHalf, conn: Rc<Conn>, inner: Rc<Inner>) {
             return;
         }
         if state == State::Open && batch.is_empty() {
+            lag_check(&conn, &inner, &mut batch);
+        }
+        if state == State::Open && batch.is_empty() {
             // A large event (exec output) is written from the buffer as it is, not copied.
             let large = conn.cursor.get().and_then(|cursor| {
                 inner
@@ -402,6 +417,7 @@ async fn read_loop(
     let small = inner.tuning.handshake_max_frame.min(inner.max_frame);
     let mut codec = MessageCodec::<ControlToShim, ShimToControl>::with_max_frame(small);
     let mut buf = BytesMut::with_capacity(READ_CHUNK.min(small));
+    let mut hash = 0;
     // Two deadlines: the peer's `hello` soon (it sends it at once, without waiting for
     // ours), the whole handshake a little later. A peer that trickles bytes holds its place
     // in the gate no longer than that.
@@ -414,7 +430,10 @@ async fn read_loop(
     let whole = opened + inner.tuning.handshake_timeout;
     let hello = loop {
         let deadline = if heard { whole } else { first };
-        let next = tokio::time::timeout_at(deadline, next_message(&mut rd, &mut codec, &mut buf));
+        let next = tokio::time::timeout_at(
+            deadline,
+            next_message(&mut rd, &mut codec, &mut buf, &mut hash),
+        );
         let msg = match next.await {
             Ok(Ok(Some(msg))) => {
                 heard = true;
@@ -473,16 +492,13 @@ async fn read_loop(
     conn.authenticated.set(true);
     drop(pending);
     codec = MessageCodec::with_max_frame(inner.max_frame);
-    let old = inner.state.borrow_mut().live.replace(Rc::clone(&conn));
-    if let Some(old) = old {
-        info!(
-            old = old.id,
-            new = conn.id,
-            "a newer control connection replaces the live one"
-        );
-        old.close_now();
+    if let Err((code, msg)) = join(&conn, &inner, hello.consumer.as_deref()) {
+        warn!(conn = conn.id, %origin, %code, message = %msg, "control session refused");
+        reject(&conn, &inner, None, code, msg);
+        return;
     }
     info!(conn = conn.id, %origin, software = %hello.software, version = %hello.software_version,
+        consumer = hello.consumer.as_deref().unwrap_or("-"),
         authenticated = inner.token.is_some(), "control client connected");
 
     loop {
@@ -490,7 +506,7 @@ async fn read_loop(
         // the idle timeout (a frozen control plane, a black-holed path) is given up, so
         // that the dialer can reach a live one. An accepted connection is replaced by the
         // next one instead, so it may be silent.
-        let next = next_message(&mut rd, &mut codec, &mut buf);
+        let next = next_message(&mut rd, &mut codec, &mut buf, &mut hash);
         let read = match origin {
             Origin::Dialed(_) => match tokio::time::timeout(inner.tuning.dialed_idle, next).await {
                 Ok(read) => read,
@@ -509,21 +525,132 @@ async fn read_loop(
                 break;
             }
             Err(err) => {
-                leave_live(&inner, &conn);
+                leave(&inner, &conn);
                 bad_frame(&conn, &inner, &err);
                 return;
             }
         };
-        if handle(&conn, &inner, msg).await.is_break() || !conn.is_open() {
+        if handle(&conn, &inner, msg, hash).await.is_break() || !conn.is_open() {
             break;
         }
     }
-    leave_live(&inner, &conn);
+    leave(&inner, &conn);
     conn.close_now();
 }
 
+/// Makes an authenticated connection a session: the consumer it names (a newer connection of
+/// a consumer replaces the older, which is told `replaced`), or an observer. Past
+/// `--max-sessions` an observer is refused, while a consumer takes the oldest observer's
+/// place (so clients that hold the token but are not the control plane can never lock it
+/// out); a new consumer past `--max-consumers` is refused.
+fn join(conn: &Rc<Conn>, inner: &Inner, consumer: Option<&str>) -> Result<(), (ErrorCode, String)> {
+    let (replaced, evicted) = {
+        let mut st = inner.state.borrow_mut();
+        st.sessions.retain(|c| c.is_open());
+        let Some(name) = consumer else {
+            if st.sessions.len() >= st.max_sessions {
+                let msg = format!("{} control sessions are open already", st.max_sessions);
+                return Err((ErrorCode::Limit, msg));
+            }
+            st.sessions.push(Rc::clone(conn));
+            return Ok(());
+        };
+        if !consumers::valid_name(name) {
+            let msg = format!(
+                "a consumer name is 1 to {} bytes of [A-Za-z0-9._-]",
+                consumers::MAX_NAME
+            );
+            return Err((ErrorCode::Invalid, msg));
+        }
+        if !st.consumers.has_room_for(name) {
+            let msg = format!(
+                "{} consumers are known already; forget_consumer one first",
+                st.consumers.len()
+            );
+            return Err((ErrorCode::Limit, msg));
+        }
+        // Room first, so that a refused connection leaves the consumers as they were.
+        let old = st.consumers.get(name).and_then(|c| c.conn);
+        let replaced = old.and_then(|id| st.session(id));
+        let others = st.sessions.len() - usize::from(replaced.is_some());
+        let victim = if others >= st.max_sessions {
+            match st.sessions.iter().position(|c| c.consumer().is_none()) {
+                Some(i) => Some(i),
+                // Only consumers (more than --max-consumers fit, normally impossible).
+                None => {
+                    let msg = format!("{} control sessions are open already", st.max_sessions);
+                    return Err((ErrorCode::Limit, msg));
+                }
+            }
+        } else {
+            None
+        };
+        let start = st.buffer.acked();
+        if st.consumers.join(name, conn.id, start).is_err() {
+            return Err((ErrorCode::Limit, "too many consumers".to_owned()));
+        }
+        let evicted = victim.map(|i| st.sessions.remove(i));
+        if let Some(old) = &replaced {
+            st.sessions.retain(|c| c.id != old.id);
+        }
+        *conn.consumer.borrow_mut() = Some(name.to_owned());
+        st.sessions.push(Rc::clone(conn));
+        (replaced, evicted)
+    };
+    if let Some(old) = replaced {
+        info!(
+            old = old.id,
+            new = conn.id,
+            "a newer connection of the consumer replaces the older"
+        );
+        let msg = "a newer connection of this consumer replaced this one".to_owned();
+        reject(&old, inner, None, ErrorCode::Replaced, msg);
+    }
+    if let Some(victim) = evicted {
+        info!(
+            conn = victim.id,
+            by = conn.id,
+            "an observer gives its session to a consumer"
+        );
+        let msg = "the session limit is reached and a consumer needs this place".to_owned();
+        reject(&victim, inner, None, ErrorCode::Limit, msg);
+    }
+    Ok(())
+}
+
+/// An observer whose next event was freed already: `lagged{missed, next_seq}` goes into
+/// `batch`, and its cursor skips to what is still buffered.
+fn lag_check(conn: &Conn, inner: &Inner, batch: &mut Vec<u8>) {
+    let Some(cursor) = conn.cursor.get() else {
+        return;
+    };
+    let acked = inner.state.borrow().buffer.acked();
+    if cursor >= acked || conn.consumer.borrow().is_some() {
+        return;
+    }
+    let lagged = Lagged {
+        missed: acked - cursor,
+        next_seq: acked.saturating_add(1),
+    };
+    debug!(conn = conn.id, missed = lagged.missed, "observer lagged");
+    conn.cursor.set(Some(acked));
+    match encode_frame(&lagged.into(), inner.max_frame) {
+        Ok(frame) => batch.extend_from_slice(&frame),
+        Err(err) => warn!(conn = conn.id, error = %err, "cannot encode lagged"),
+    }
+}
+
 /// Handles one request after the handshake; `Break` ends the connection.
-async fn handle(conn: &Rc<Conn>, inner: &Rc<Inner>, msg: ControlToShim) -> ControlFlow<()> {
+async fn handle(
+    conn: &Rc<Conn>,
+    inner: &Rc<Inner>,
+    msg: ControlToShim,
+    hash: u64,
+) -> ControlFlow<()> {
+    if !conn.is_open() {
+        // Replaced or evicted: nothing more it sends counts.
+        return ControlFlow::Break(());
+    }
     match msg {
         ControlToShim::Ping(ping) => conn_reply(conn, inner, &Pong { re: ping.id }.into()),
         ControlToShim::Ack(ack) => {
@@ -536,35 +663,12 @@ async fn handle(conn: &Rc<Conn>, inner: &Rc<Inner>, msg: ControlToShim) -> Contr
                     "ack past the last seq ignored"
                 );
             }
-            inner.ack(ack.seq);
-        }
-        ControlToShim::ResumeFrom(resume) => {
-            inner.ack(resume.seq);
-            let (acked, last) = {
-                let st = inner.state.borrow();
-                (st.buffer.acked(), st.buffer.stats().2)
-            };
-            // Past the last seq (a control plane that knew an earlier shim behind this
-            // address): nothing is acknowledged, and everything still buffered is sent.
-            // Before the acked one: those events are gone; send what is left.
-            let from = if resume.seq > last {
-                acked
-            } else {
-                resume.seq.max(acked)
-            };
-            if from != resume.seq {
-                warn!(
-                    conn = conn.id,
-                    asked = resume.seq,
-                    from,
-                    last,
-                    "resume_from names a seq this shim cannot resume from exactly"
-                );
+            // An observer's ack moves nothing (and is no error).
+            if let Some(name) = conn.consumer() {
+                inner.ack(&name, ack.seq);
             }
-            debug!(conn = conn.id, from, "control client resumes");
-            conn.cursor.set(Some(from));
-            conn.wake();
         }
+        ControlToShim::ResumeFrom(resume) => resume_from(conn, inner, &resume),
         ControlToShim::Hello(_) => {
             let msg = "hello was already exchanged".to_owned();
             send_error(conn, inner, None, ErrorCode::InvalidState, msg);
@@ -578,16 +682,125 @@ async fn handle(conn: &Rc<Conn>, inner: &Rc<Inner>, msg: ControlToShim) -> Contr
             let msg = format!("unsupported message type {:?}", unknown.type_name);
             send_error(conn, inner, unknown.id, ErrorCode::Unsupported, msg);
         }
-        request => return forward(conn, inner, request).await,
+        request => return forward(conn, inner, request, hash).await,
     }
     ControlFlow::Continue(())
 }
 
+/// `resume_from`: where this connection's events start (PROTOCOL.md §8.3, §8.7). Once per
+/// connection; a seq older than what is still buffered for it is `gap`, never a silent skip.
+fn resume_from(conn: &Rc<Conn>, inner: &Rc<Inner>, resume: &ResumeFrom) {
+    if conn.cursor.get().is_some() {
+        let msg = "resume_from was already sent on this connection".to_owned();
+        send_error(conn, inner, None, ErrorCode::InvalidState, msg);
+        return;
+    }
+    let now = resume.from.as_deref() == Some("now");
+    if let Some(from) = resume.from.as_deref().filter(|f| *f != "now") {
+        let msg = format!("resume_from: unknown from {from:?} (only \"now\")");
+        send_error(conn, inner, None, ErrorCode::Invalid, msg);
+        return;
+    }
+    let consumer = conn.consumer();
+    let (floor, last, own) = {
+        let st = inner.state.borrow();
+        let own = consumer
+            .as_deref()
+            .and_then(|name| st.consumers.get(name))
+            .map(|c| c.acked);
+        (st.buffer.acked(), st.buffer.stats().2, own)
+    };
+    // Where this client's stream may start: a consumer's own position, an observer's the
+    // oldest event still buffered.
+    let oldest = own.unwrap_or(floor);
+    let from = match (resume.seq, &consumer) {
+        (_, Some(_)) if now => {
+            let msg = "a consumer resumes from a seq, or from its own position".to_owned();
+            send_error(conn, inner, None, ErrorCode::Invalid, msg);
+            return;
+        }
+        (None, Some(_)) => oldest,
+        (None, None) => last,
+        // Past the last seq (a client that knew an earlier shim behind this address):
+        // nothing is acknowledged, and everything still buffered for it is sent.
+        (Some(seq), _) if seq > last => {
+            warn!(
+                conn = conn.id,
+                asked = seq,
+                last,
+                "resume_from past the last seq: replaying what is buffered"
+            );
+            oldest
+        }
+        (Some(seq), _) if seq < oldest => {
+            debug!(conn = conn.id, asked = seq, oldest, "resume_from: gap");
+            let mut err = ErrorMsg::new(
+                None,
+                ErrorCode::Gap,
+                format!(
+                    "events {}..={oldest} are no longer buffered for this client",
+                    seq + 1
+                ),
+            );
+            err.first_available = Some(oldest.saturating_add(1));
+            conn_reply(conn, inner, &err.into());
+            return;
+        }
+        (Some(seq), _) => seq,
+    };
+    if let Some(name) = &consumer {
+        inner.ack(name, from);
+    }
+    debug!(
+        conn = conn.id,
+        from,
+        consumer = consumer.as_deref().unwrap_or("-"),
+        "control client resumes"
+    );
+    conn.cursor.set(Some(from));
+    conn.wake();
+}
+
+/// `forget_consumer`: retires a consumer that has no connection.
+fn forget_consumer(inner: &Rc<Inner>, forget: &ForgetConsumer) -> ShimToControl {
+    let result = inner.state.borrow_mut().consumers.forget(&forget.consumer);
+    match result {
+        Ok(()) => {
+            info!(consumer = %forget.consumer, "consumer forgotten");
+            inner.refree();
+            OkReply::new(forget.id).into()
+        }
+        Err(why) => {
+            let (code, msg) = match why {
+                Refusal::NotFound => (ErrorCode::NotFound, "no such consumer"),
+                Refusal::Connected => (
+                    ErrorCode::InvalidState,
+                    "the consumer is connected; it must disconnect first",
+                ),
+                Refusal::Full => (ErrorCode::Internal, "unexpected"),
+            };
+            ErrorMsg::new(Some(forget.id), code, msg).into()
+        }
+    }
+}
+
 /// Hands a command to the supervisor, unless its id was seen recently.
-async fn forward(conn: &Rc<Conn>, inner: &Rc<Inner>, request: ControlToShim) -> ControlFlow<()> {
+async fn forward(
+    conn: &Rc<Conn>,
+    inner: &Rc<Inner>,
+    request: ControlToShim,
+    hash: u64,
+) -> ControlFlow<()> {
     let id = request_id(&request);
     if let Some(id) = id {
         let mut st = inner.state.borrow_mut();
+        if st.ids.hash(id).is_some_and(|h| h != hash) {
+            drop(st);
+            debug!(conn = conn.id, id, "request id reused for another request");
+            let msg = "this request id was used for another request".to_owned();
+            send_error(conn, inner, Some(id), ErrorCode::Conflict, msg);
+            return ControlFlow::Continue(());
+        }
         match st.ids.get(id) {
             Some(Seen::Done(frame)) => {
                 let frame = frame.clone();
@@ -601,10 +814,14 @@ async fn forward(conn: &Rc<Conn>, inner: &Rc<Inner>, request: ControlToShim) -> 
                 st.ids.redirect(id, conn.id);
                 return ControlFlow::Continue(());
             }
-            None => st.ids.begin(id, conn.id),
+            None => st.ids.begin(id, conn.id, hash),
         }
     }
     let reply = Reply::new(Rc::clone(inner), conn.id, id);
+    if let ControlToShim::ForgetConsumer(forget) = &request {
+        reply.send(forget_consumer(inner, forget));
+        return ControlFlow::Continue(());
+    }
     if inner
         .commands
         .send(Command { request, reply })
@@ -620,13 +837,22 @@ async fn forward(conn: &Rc<Conn>, inner: &Rc<Inner>, request: ControlToShim) -> 
     ControlFlow::Continue(())
 }
 
-/// Reads the next message; `None` at a clean end of stream.
+/// Reads the next message; `None` at a clean end of stream. With it, the hash of its body
+/// as it came (for `conflict`, [`super::ids`]), taken before the codec consumes it.
 async fn next_message(
     rd: &mut ReadHalf,
     codec: &mut MessageCodec<ControlToShim, ShimToControl>,
     buf: &mut BytesMut,
+    hash: &mut u64,
 ) -> Result<Option<ControlToShim>, DecodeError> {
     loop {
+        // The codec checks the length against its limit; a frame it would refuse is hashed
+        // by no one.
+        if let Ok(Some(len)) = frame::parse_header(buf, usize::MAX) {
+            if let Some(body) = buf.get(frame::HEADER_LEN..frame::HEADER_LEN.saturating_add(len)) {
+                *hash = body_hash(body);
+            }
+        }
         if let Some(msg) = codec.decode(buf)? {
             return Ok(Some(msg));
         }
@@ -663,6 +889,7 @@ fn send_error(conn: &Conn, inner: &Inner, re: Option<RequestId>, code: ErrorCode
         code,
         message: msg,
         task_id: None,
+        first_available: None,
     };
     conn_reply(conn, inner, &err.into());
 }
@@ -675,11 +902,12 @@ fn conn_reply(conn: &Conn, inner: &Inner, msg: &ShimToControl) {
     }
 }
 
-/// The connection is no longer the live one (if it was).
-fn leave_live(inner: &Inner, conn: &Conn) {
+/// The connection is no longer a session (if it was).
+fn leave(inner: &Inner, conn: &Conn) {
     let mut st = inner.state.borrow_mut();
-    if st.live.as_ref().is_some_and(|live| live.id == conn.id) {
-        st.live = None;
+    st.sessions.retain(|c| c.id != conn.id);
+    if let Some(name) = conn.consumer.borrow().as_deref() {
+        st.consumers.leave(name, conn.id);
     }
 }
 
@@ -697,6 +925,7 @@ pub(super) fn request_id(msg: &ControlToShim) -> Option<RequestId> {
         ControlToShim::Status(m) => Some(m.id),
         ControlToShim::Shutdown(m) => Some(m.id),
         ControlToShim::Ping(m) => Some(m.id),
+        ControlToShim::ForgetConsumer(m) => Some(m.id),
         ControlToShim::Unknown(m) => m.id,
         ControlToShim::Hello(_)
         | ControlToShim::Auth(_)

@@ -4,7 +4,7 @@
 //! One `spawn_local` task, for as long as the server lives:
 //!
 //! ```text
-//!  ┌─► wait while any connection is live (accepted or dialed): no thrashing
+//!  ┌─► wait while our consumer is connected otherwise (any consumer, at first): no thrashing
 //!  │   dial, bounded by the connect timeout ── failed ──► sleep backoff ──┐
 //!  │   serve it like an accepted one (hello both ways, auth)              │
 //!  │   wait for it to end; authenticated? backoff reset : sleep backoff ──┤
@@ -63,9 +63,14 @@ pub(super) async fn dial_loop(addr: ControlAddr, inner: Rc<Inner>) {
     let backoff = backoff(inner.tuning.reconnect_max);
     // Redials since the last authenticated connection.
     let mut attempt = 0;
+    // The consumer the control plane's dialed connections were, once one authenticated.
+    let mut ours: Option<String> = None;
     loop {
-        // Another connection (e.g. accepted on the listener) is live: wait for it to end.
-        while let Some(live) = inner.live() {
+        // The control plane is connected otherwise (e.g. accepted on the listener) as the
+        // consumer our dialed connection was (any consumer, before we know): wait for it to
+        // end, rather than replace it and be replaced in turn. Other consumers and observers
+        // (an operator's tools) do not stop the dialing.
+        while let Some(live) = inner.live(ours.as_deref()) {
             live.closed().await;
         }
         debug!(addr = %addr, "dialing the control plane");
@@ -98,6 +103,9 @@ pub(super) async fn dial_loop(addr: ControlAddr, inner: Rc<Inner>) {
             continue;
         };
         conn.closed().await;
+        if let Some(name) = conn.consumer() {
+            ours = Some(name);
+        }
         if conn.authenticated() {
             info!(addr = %addr, "the dialed control connection ended; redialing");
             attempt = 0;

@@ -6,6 +6,9 @@
 //! executed again; if it is still being executed, the retry is swallowed and the reply goes to
 //! the connection the retry came on. The window is bounded: an id older than the last
 //! [`WINDOW`] is forgotten, and would be executed again.
+//!
+//! Each id is remembered with a hash of its request's body: an id reused for another request
+//! is `conflict`, never the other request's reply (PROTOCOL.md §8.4).
 
 use std::collections::{HashMap, VecDeque};
 
@@ -24,23 +27,40 @@ pub(super) enum Seen {
     Done(Bytes),
 }
 
+/// FNV-1a, 64 bits: the hash of a request's body (small, and enough to tell two requests
+/// of one client apart; ids are unique per client, so no one is attacking it).
+pub(super) fn body_hash(body: &[u8]) -> u64 {
+    body.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 /// The last [`WINDOW`] request ids.
 #[derive(Debug, Default)]
 pub(super) struct IdCache {
-    seen: HashMap<RequestId, Seen>,
+    seen: HashMap<RequestId, (Seen, u64)>,
     order: VecDeque<RequestId>,
 }
 
 impl IdCache {
     /// What is known about `id`.
     pub(super) fn get(&self, id: RequestId) -> Option<&Seen> {
-        self.seen.get(&id)
+        self.seen.get(&id).map(|(seen, _)| seen)
     }
 
-    /// Records `id` as forwarded on connection `conn`, forgetting the oldest id when the
-    /// window is full.
-    pub(super) fn begin(&mut self, id: RequestId, conn: u64) {
-        if self.seen.insert(id, Seen::Pending { conn }).is_some() {
+    /// The hash of the body `id` was first seen with.
+    pub(super) fn hash(&self, id: RequestId) -> Option<u64> {
+        self.seen.get(&id).map(|(_, hash)| *hash)
+    }
+
+    /// Records `id` (with its body's `hash`) as forwarded on connection `conn`, forgetting
+    /// the oldest id when the window is full.
+    pub(super) fn begin(&mut self, id: RequestId, conn: u64, hash: u64) {
+        if self
+            .seen
+            .insert(id, (Seen::Pending { conn }, hash))
+            .is_some()
+        {
             return;
         }
         self.order.push_back(id);
@@ -53,7 +73,7 @@ impl IdCache {
 
     /// A retry of a pending `id` arrived on connection `conn`: its reply goes there.
     pub(super) fn redirect(&mut self, id: RequestId, conn: u64) {
-        if let Some(Seen::Pending { conn: c }) = self.seen.get_mut(&id) {
+        if let Some((Seen::Pending { conn: c }, _)) = self.seen.get_mut(&id) {
             *c = conn;
         }
     }
@@ -61,7 +81,7 @@ impl IdCache {
     /// Records the reply to `id`; returns the connection it should go to, when the id is
     /// still remembered as pending.
     pub(super) fn complete(&mut self, id: RequestId, frame: Bytes) -> Option<u64> {
-        let entry = self.seen.get_mut(&id)?;
+        let (entry, _) = self.seen.get_mut(&id)?;
         let conn = match entry {
             Seen::Pending { conn } => Some(*conn),
             Seen::Done(_) => None,
@@ -73,7 +93,7 @@ impl IdCache {
     /// The request `id` will never be answered (its command was dropped): forget it, so a
     /// retry is executed.
     pub(super) fn abandon(&mut self, id: RequestId) {
-        if matches!(self.seen.get(&id), Some(Seen::Pending { .. })) {
+        if matches!(self.seen.get(&id), Some((Seen::Pending { .. }, _))) {
             self.seen.remove(&id);
             self.order.retain(|i| *i != id);
         }
@@ -87,25 +107,32 @@ mod tests {
     #[test]
     fn pending_then_done_then_forgotten_after_the_window() {
         let mut ids = IdCache::default();
-        ids.begin(1, 10);
+        ids.begin(1, 10, 0);
         assert_eq!(ids.get(1), Some(&Seen::Pending { conn: 10 }));
         ids.redirect(1, 11);
         assert_eq!(ids.complete(1, Bytes::from_static(b"r")), Some(11));
         assert_eq!(ids.get(1), Some(&Seen::Done(Bytes::from_static(b"r"))));
         for id in 2..=WINDOW as u64 {
-            ids.begin(id, 10);
+            ids.begin(id, 10, 0);
         }
         assert!(ids.get(1).is_some(), "exactly WINDOW ids are kept");
-        ids.begin(5000, 10);
+        ids.begin(5000, 10, 0);
         assert!(ids.get(1).is_none());
         assert!(ids.get(2).is_some());
     }
 
     #[test]
+    fn fnv_tells_bodies_apart() {
+        assert_ne!(body_hash(b"status 1"), body_hash(b"status 2"));
+        assert_eq!(body_hash(b""), 0xcbf2_9ce4_8422_2325);
+    }
+
+    #[test]
     fn abandoned_ids_are_forgotten_but_answered_ones_are_not() {
         let mut ids = IdCache::default();
-        ids.begin(1, 1);
-        ids.begin(2, 1);
+        ids.begin(1, 1, 0);
+        ids.begin(2, 1, 7);
+        assert_eq!(ids.hash(2), Some(7));
         ids.complete(2, Bytes::new());
         ids.abandon(1);
         ids.abandon(2);

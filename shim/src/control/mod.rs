@@ -1,21 +1,23 @@
 //! The control server: the control protocol (PROTOCOL.md §8) over unix sockets, TCP and
 //! vsock, listened on (`--control-listen`) or dialed (`--control-connect`), every connection
-//! authenticated by the shared token before it may become the live one (a unix socket may go
+//! authenticated by the shared token before it may become a session (a unix socket may go
 //! without, with `--control-insecure`), with the replay buffer that makes delivery
 //! exactly-once across reconnections.
 //!
 //! It exists so that the supervisor deals in commands and events only. Everything about
-//! connections stays here: the `hello` exchange, the one-live-connection rule (a newer
-//! connection replaces the older), `ping`, `ack` and `resume_from`, bad frames, the ids of
-//! recent requests (a retried command gets its recorded reply and is not executed twice), and
-//! the per-connection write queues that keep a client which does not read from ever blocking
-//! PID 1.
+//! connections stays here: the `hello` exchange, the sessions (up to `--max-sessions` at once:
+//! durable consumers, each with its own acknowledged position, a newer connection of one
+//! replacing the older; and observers, which never hold an event back; PROTOCOL.md §8.7),
+//! `ping`, `ack` and `resume_from`, bad frames, the ids of recent requests (a retried command
+//! gets its recorded reply and is not executed twice; another body under a known id is
+//! `conflict`), and the per-connection write queues that keep a client which does not read
+//! from ever blocking PID 1.
 //!
 //! ```text
-//!   supervisor ── publish / publish_raw ──► replay buffer (seq 1, 2, 3 …; freed by ack)
-//!        ▲                                        │ cursor (after resume_from)
-//!        │ next_command / Reply::send             ▼
-//!        └──────────────── live connection: reader task ⇄ writer task ◄──► control client
+//!   supervisor ── publish / publish_raw ──► replay buffer (seq 1, 2, 3 …; freed up to the
+//!        ▲                                        │  slowest consumer's ack)
+//!        │ next_command / Reply::send             ▼  one cursor per session
+//!        └──────────────── sessions: reader task ⇄ writer task ◄──► control clients
 //! ```
 //!
 //! Everything runs on the supervisor's current-thread runtime, inside its `LocalSet`: the
@@ -26,6 +28,7 @@ mod addr;
 mod auth;
 mod buffer;
 mod conn;
+mod consumers;
 mod dial;
 #[cfg(any(test, fuzzing))]
 pub mod fuzz;
@@ -46,7 +49,8 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use driver_protocol::message::{
-    ControlToShim, ErrorMsg, Event, Hello, Message as _, RequestId, Role, Seq, ShimToControl,
+    ControlToShim, ErrorMsg, Event, Hello, Limits, Message as _, RequestId, Role, Seq,
+    ShimToControl,
 };
 use driver_protocol::{frame, EncodeError, ErrorCode};
 use tokio::sync::{mpsc, Notify};
@@ -57,6 +61,7 @@ pub use addr::ControlAddr;
 pub use auth::{read_token_file, Token, TokenError};
 use buffer::Buffer;
 use conn::Conn;
+use consumers::Consumers;
 use gate::{Gate, Refused};
 use ids::IdCache;
 use transport::Listener;
@@ -75,6 +80,13 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// control plane sends it at once, so a second is generous; a silent connection holds its
 /// place in the gate no longer.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A consumer should acknowledge at least every this many events (advertised in `hello`)…
+const ACK_EVERY: u64 = 64;
+
+/// … and at most this long after an event it has not acknowledged yet (control-link's own
+/// cadence).
+const ACK_DELAY: Duration = Duration::from_millis(200);
 
 /// How long an accepted connection may take to complete its whole handshake (`hello` and
 /// `auth`): a peer that trickles its bytes holds its place no longer.
@@ -117,6 +129,10 @@ pub struct ControlConfig {
     pub reconnect_max: Duration,
     /// How long a dialed connection may go without a frame from the control plane.
     pub idle_timeout: Duration,
+    /// Authenticated connections at once (consumers and observers).
+    pub max_sessions: usize,
+    /// Durable consumers known at once.
+    pub max_consumers: usize,
 }
 
 /// Knobs the protocol leaves to the implementation; tests shrink them.
@@ -204,6 +220,7 @@ impl Reply {
                     code: ErrorCode::Internal,
                     message: format!("the reply could not be encoded: {err}"),
                     task_id: None,
+                    first_available: None,
                 };
                 match encode_frame(&fallback.into(), self.inner.max_frame) {
                     Ok(frame) => frame,
@@ -220,10 +237,7 @@ impl Reply {
                 Some(id) => st.ids.complete(id, frame.clone()).unwrap_or(self.conn),
                 None => self.conn,
             };
-            st.live
-                .as_ref()
-                .filter(|live| live.id == conn && live.is_open())
-                .cloned()
+            st.session(conn)
         };
         match target {
             Some(conn) => conn.send(frame),
@@ -287,8 +301,12 @@ struct Inner {
 #[derive(Debug)]
 struct Shared {
     buffer: Buffer,
-    /// The connection that completed its handshake last, if it is still up.
-    live: Option<Rc<Conn>>,
+    /// The authenticated connections, oldest first (at most `--max-sessions`).
+    sessions: Vec<Rc<Conn>>,
+    /// The durable consumers and their positions.
+    consumers: Consumers,
+    /// `--max-sessions`.
+    max_sessions: usize,
     ids: IdCache,
     next_conn: u64,
     /// Admission of accepted connections to the handshake.
@@ -297,11 +315,50 @@ struct Shared {
     handshaking: HashMap<u64, Weak<Conn>>,
 }
 
+impl Shared {
+    /// The open session `id`, if any.
+    fn session(&self, id: u64) -> Option<Rc<Conn>> {
+        self.sessions
+            .iter()
+            .find(|c| c.id == id && c.is_open())
+            .cloned()
+    }
+
+    /// Frees what every consumer has acknowledged; true if anything was freed.
+    fn free(&mut self) -> bool {
+        match self.consumers.floor() {
+            Some(floor) => self.buffer.ack(floor),
+            None => false,
+        }
+    }
+
+    /// Wakes every streaming session's writer (an event was published).
+    fn wake_streaming(&self) {
+        for conn in self.sessions.iter().filter(|c| c.is_streaming()) {
+            conn.wake();
+        }
+    }
+}
+
 impl Inner {
-    /// `ack{seq}` (or the ack implied by `resume_from`).
-    fn ack(&self, seq: Seq) {
-        let freed = self.state.borrow_mut().buffer.ack(seq);
+    /// Consumer `name` acknowledged every event up to `seq` (by `ack` or `resume_from`).
+    fn ack(&self, name: &str, seq: Seq) {
+        let freed = {
+            let mut st = self.state.borrow_mut();
+            // Past the last seq given out: a control plane counting another shim's seqs.
+            if seq > st.buffer.stats().2 {
+                return;
+            }
+            st.consumers.ack(name, seq) && st.free()
+        };
         if freed {
+            self.acked.notify_waiters();
+        }
+    }
+
+    /// The buffer may have been freed by a change of the consumers: wake the waiters.
+    fn refree(&self) {
+        if self.state.borrow_mut().free() {
             self.acked.notify_waiters();
         }
     }
@@ -313,12 +370,20 @@ impl Inner {
         st.next_conn
     }
 
-    fn live(&self) -> Option<Rc<Conn>> {
+    /// An open session that is the durable consumer `name` (any consumer: `None`), if any.
+    fn live(&self, name: Option<&str>) -> Option<Rc<Conn>> {
         self.state
             .borrow()
-            .live
-            .as_ref()
-            .filter(|c| c.is_open())
+            .sessions
+            .iter()
+            .find(|c| {
+                c.is_open()
+                    && match (c.consumer(), name) {
+                        (Some(c), Some(n)) => c == n,
+                        (Some(_), None) => true,
+                        (None, _) => false,
+                    }
+            })
             .cloned()
     }
 }
@@ -399,6 +464,21 @@ impl ControlServer {
         };
         let mut hello = Hello::new(Role::Shim, "agent-shim", env!("CARGO_PKG_VERSION"));
         hello.agent_id = cfg.agent_id.clone();
+        let max_sessions = cfg.max_sessions.max(1);
+        let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        hello.limits = Some(Box::new(Limits {
+            max_events: cfg.max_events as u64,
+            max_bytes: cfg.max_bytes as u64,
+            max_frame: cfg.max_frame as u64,
+            handshake_max_frame: tuning.handshake_max_frame.min(cfg.max_frame) as u64,
+            ids_window: ids::WINDOW as u64,
+            hello_timeout_ms: millis(tuning.hello_timeout.min(tuning.handshake_timeout)),
+            handshake_timeout_ms: millis(tuning.handshake_timeout),
+            max_sessions: max_sessions as u64,
+            max_consumers: cfg.max_consumers.max(1) as u64,
+            ack_every: ACK_EVERY,
+            ack_delay_ms: millis(ACK_DELAY),
+        }));
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         let gate = Gate::new(
             tuning.failure_burst,
@@ -408,7 +488,9 @@ impl ControlServer {
         let inner = Rc::new(Inner {
             state: RefCell::new(Shared {
                 buffer: Buffer::new(cfg.max_events, cfg.max_bytes),
-                live: None,
+                sessions: Vec::new(),
+                consumers: Consumers::new(cfg.max_consumers),
+                max_sessions,
                 ids: IdCache::default(),
                 next_conn: 0,
                 gate,
@@ -448,7 +530,7 @@ impl ControlServer {
         }
     }
 
-    /// Gives `event` the next seq, buffers it, sends it to the live connection if streaming.
+    /// Gives `event` the next seq, buffers it, wakes every streaming session.
     pub fn publish(&mut self, event: &Event) -> u64 {
         let max = self.inner.max_frame;
         let mut st = self.inner.state.borrow_mut();
@@ -477,11 +559,7 @@ impl ControlServer {
             return self.publish_raw(&body);
         }
         let seq = st.buffer.push_written();
-        let live = st.live.clone();
-        drop(st);
-        if let Some(conn) = live.filter(|c| c.is_streaming()) {
-            conn.wake();
-        }
+        st.wake_streaming();
         seq
     }
 
@@ -507,11 +585,7 @@ impl ControlServer {
             }
         }
         let seq = st.buffer.push_written();
-        let live = st.live.clone();
-        drop(st);
-        if let Some(conn) = live.filter(|c| c.is_streaming()) {
-            conn.wake();
-        }
+        st.wake_streaming();
         seq
     }
 
@@ -555,9 +629,9 @@ impl ControlServer {
         }
     }
 
-    /// A control client has completed its handshake and is still connected.
+    /// A durable consumer is connected (observers do not acknowledge).
     pub fn connected(&self) -> bool {
-        self.inner.live().is_some()
+        self.inner.live(None).is_some()
     }
 }
 
@@ -566,7 +640,8 @@ impl Drop for ControlServer {
         for task in &self.tasks {
             task.abort();
         }
-        if let Some(conn) = self.inner.live() {
+        let sessions = std::mem::take(&mut self.inner.state.borrow_mut().sessions);
+        for conn in sessions {
             conn.close_now();
         }
         if let Some(file) = &self.unix_file {
@@ -652,6 +727,7 @@ async fn admit(halves: transport::Halves, peer: String, source: gate::Source, in
                 code,
                 message: message.to_owned(),
                 task_id: None,
+                first_available: None,
             };
             match encode_frame(&refusal.into(), inner.max_frame) {
                 Ok(frame) => transport::refuse(halves, &frame).await,
@@ -670,11 +746,6 @@ fn encode_frame(msg: &ShimToControl, max: usize) -> Result<Bytes, EncodeError> {
 
 /// The body of an `error` event standing in for an event that could not be sent.
 fn substitute(code: ErrorCode, message: String) -> Vec<u8> {
-    let event = Event::Error(ErrorMsg {
-        re: None,
-        code,
-        message,
-        task_id: None,
-    });
+    let event = Event::Error(ErrorMsg::new(None, code, message));
     event.to_body().unwrap_or_default()
 }

@@ -56,6 +56,8 @@ fn cfg(max_events: usize, max_bytes: usize) -> ControlConfig {
         token: None,
         reconnect_max: DEFAULT_RECONNECT_MAX,
         idle_timeout: super::DEFAULT_IDLE_TIMEOUT,
+        max_sessions: 16,
+        max_consumers: 4,
     }
 }
 
@@ -113,7 +115,12 @@ impl Client {
     /// Connects and exchanges `hello`s; returns the shim's.
     async fn connect(path: &Path) -> (Self, Hello) {
         let mut c = Self::raw(path).await;
-        c.send(Hello::new(Role::Control, "test", "0").into()).await;
+        c.send(
+            Hello::new(Role::Control, "test", "0")
+                .with_consumer("control")
+                .into(),
+        )
+        .await;
         match c.recv().await {
             Some(ShimToControl::Hello(h)) => (c, h),
             other => panic!("expected hello, got {other:?}"),
@@ -315,7 +322,7 @@ fn resume_from_replays_exactly_the_missing_events_then_streams_live() {
             c.quiet(Duration::from_millis(100)).await,
             "nothing before resume_from"
         );
-        c.send(ResumeFrom { seq: 2 }.into()).await;
+        c.send(ResumeFrom::after(2).into()).await;
         for seq in 3..=5 {
             match c.recv().await {
                 Some(ShimToControl::Event(ev)) => {
@@ -337,7 +344,7 @@ fn resume_from_replays_exactly_the_missing_events_then_streams_live() {
         // A reconnecting client that processed up to 4 gets 5, 6, 7 and nothing else.
         drop(c);
         let (mut c, _) = Client::connect(&dir.sock()).await;
-        c.send(ResumeFrom { seq: 4 }.into()).await;
+        c.send(ResumeFrom::after(4).into()).await;
         for seq in 5..=7 {
             c.expect_seq(seq).await;
         }
@@ -348,7 +355,7 @@ fn resume_from_replays_exactly_the_missing_events_then_streams_live() {
         // acknowledges nothing: every buffered event is sent, from the oldest, then live.
         drop(c);
         let (mut c, _) = Client::connect(&dir.sock()).await;
-        c.send(ResumeFrom { seq: 1000 }.into()).await;
+        c.send(ResumeFrom::after(1000).into()).await;
         for seq in 5..=7 {
             c.expect_seq(seq).await;
         }
@@ -382,7 +389,7 @@ fn ack_frees_and_not_full_wakes() {
         let bytes_before = server.stats().bytes;
 
         let (mut c, _) = Client::connect(&dir.sock()).await;
-        c.send(ResumeFrom { seq: 0 }.into()).await;
+        c.send(ResumeFrom::after(0).into()).await;
         for seq in 1..=4 {
             c.expect_seq(seq).await;
         }
@@ -427,7 +434,7 @@ fn drain_waits_for_acks_within_the_timeout() {
         server.publish(&event(2));
         assert!(!server.drain(Duration::from_millis(50)).await);
         let (mut c, _) = Client::connect(&dir.sock()).await;
-        c.send(ResumeFrom { seq: 0 }.into()).await;
+        c.send(ResumeFrom::after(0).into()).await;
         let client = async {
             c.expect_seq(1).await;
             c.expect_seq(2).await;
@@ -448,7 +455,7 @@ fn a_newer_connection_replaces_the_live_one() {
         let mut server =
             ControlServer::bind(&ControlAddr::Unix(dir.sock()), cfg(100, 1 << 20)).unwrap();
         let (mut a, _) = Client::connect(&dir.sock()).await;
-        a.send(ResumeFrom { seq: 0 }.into()).await;
+        a.send(ResumeFrom::after(0).into()).await;
         server.publish(&event(1));
         a.expect_seq(1).await;
 
@@ -458,16 +465,35 @@ fn a_newer_connection_replaces_the_live_one() {
 
         let (mut b, _) = Client::connect(&dir.sock()).await;
         b.sync(1).await;
+        match a.recv().await {
+            Some(ShimToControl::Error(e)) => assert_eq!(e.code, ErrorCode::Replaced),
+            other => panic!("expected replaced, got {other:?}"),
+        }
         assert_eq!(a.recv().await, None, "the older connection is closed");
         assert!(server.connected());
-        cmd.reply.send(OkReply { re: 10 }.into());
+        cmd.reply.send(
+            OkReply {
+                re: 10,
+                duplicate: None,
+            }
+            .into(),
+        );
 
-        b.send(ResumeFrom { seq: 1 }.into()).await;
+        b.send(ResumeFrom::after(1).into()).await;
         server.publish(&event(2));
         b.expect_seq(2).await;
         // The retry on `b` gets the recorded reply.
         b.send(Status { id: 10 }.into()).await;
-        assert_eq!(b.recv().await, Some(OkReply { re: 10 }.into()));
+        assert_eq!(
+            b.recv().await,
+            Some(
+                OkReply {
+                    re: 10,
+                    duplicate: None
+                }
+                .into()
+            )
+        );
     });
 }
 
@@ -478,7 +504,7 @@ fn a_bad_frame_closes_only_its_connection() {
         let mut server =
             ControlServer::bind(&ControlAddr::Unix(dir.sock()), cfg(100, 1 << 20)).unwrap();
         let (mut live, _) = Client::connect(&dir.sock()).await;
-        live.send(ResumeFrom { seq: 0 }.into()).await;
+        live.send(ResumeFrom::after(0).into()).await;
 
         // Garbage instead of hello, and a 4 GiB length prefix: each gets an error and is
         // closed, and neither disturbs the live connection.
@@ -514,7 +540,7 @@ fn a_bad_frame_closes_only_its_connection() {
         assert!(!server.connected());
         server.publish(&event(2));
         let (mut next, _) = Client::connect(&dir.sock()).await;
-        next.send(ResumeFrom { seq: 1 }.into()).await;
+        next.send(ResumeFrom::after(1).into()).await;
         next.expect_seq(2).await;
     });
 }
@@ -532,11 +558,35 @@ fn retried_ids_are_not_executed_twice() {
         // A retry while the first is in progress is swallowed.
         c.send(Status { id: 7 }.into()).await;
         c.sync(1).await;
-        cmd.reply.send(OkReply { re: 7 }.into());
-        assert_eq!(c.recv().await, Some(OkReply { re: 7 }.into()));
+        cmd.reply.send(
+            OkReply {
+                re: 7,
+                duplicate: None,
+            }
+            .into(),
+        );
+        assert_eq!(
+            c.recv().await,
+            Some(
+                OkReply {
+                    re: 7,
+                    duplicate: None
+                }
+                .into()
+            )
+        );
         // A retry after the reply gets the recorded reply, and is not forwarded.
         c.send(Status { id: 7 }.into()).await;
-        assert_eq!(c.recv().await, Some(OkReply { re: 7 }.into()));
+        assert_eq!(
+            c.recv().await,
+            Some(
+                OkReply {
+                    re: 7,
+                    duplicate: None
+                }
+                .into()
+            )
+        );
         assert!(
             timeout(Duration::from_millis(100), server.next_command())
                 .await
@@ -547,7 +597,16 @@ fn retried_ids_are_not_executed_twice() {
         drop(c);
         let (mut c, _) = Client::connect(&dir.sock()).await;
         c.send(Status { id: 7 }.into()).await;
-        assert_eq!(c.recv().await, Some(OkReply { re: 7 }.into()));
+        assert_eq!(
+            c.recv().await,
+            Some(
+                OkReply {
+                    re: 7,
+                    duplicate: None
+                }
+                .into()
+            )
+        );
 
         // A request dropped unanswered is forgotten, so its retry is executed.
         c.send(Status { id: 8 }.into()).await;
@@ -562,8 +621,23 @@ fn retried_ids_are_not_executed_twice() {
         let (mut c, _) = Client::connect(&dir.sock()).await;
         c.send(Status { id: 8 }.into()).await;
         c.sync(2).await;
-        cmd.reply.send(OkReply { re: 8 }.into());
-        assert_eq!(c.recv().await, Some(OkReply { re: 8 }.into()));
+        cmd.reply.send(
+            OkReply {
+                re: 8,
+                duplicate: None,
+            }
+            .into(),
+        );
+        assert_eq!(
+            c.recv().await,
+            Some(
+                OkReply {
+                    re: 8,
+                    duplicate: None
+                }
+                .into()
+            )
+        );
     });
 }
 
@@ -582,7 +656,7 @@ fn a_client_that_does_not_read_is_disconnected_not_waited_for() {
         )
         .unwrap();
         let (mut c, _) = Client::connect(&dir.sock()).await;
-        c.send(ResumeFrom { seq: 0 }.into()).await;
+        c.send(ResumeFrom::after(0).into()).await;
         // Events never count against the reply queue: they stay in the buffer, so a big
         // backlog is fine while the client reads nothing.
         for n in 0..20_000 {
@@ -607,7 +681,7 @@ fn a_client_that_does_not_read_is_disconnected_not_waited_for() {
         writer.abort();
         assert_eq!(server.stats().events, 20_000, "nothing is lost");
         let (mut c, _) = Client::connect(&dir.sock()).await;
-        c.send(ResumeFrom { seq: 19_999 }.into()).await;
+        c.send(ResumeFrom::after(19_999).into()).await;
         c.expect_seq(20_000).await;
     });
 }
@@ -624,7 +698,7 @@ fn a_full_buffer_backpressures_and_every_event_arrives_once_in_order() {
         let mut server =
             ControlServer::bind(&ControlAddr::Unix(dir.sock()), cfg(4096, 8 << 20)).unwrap();
         let (mut c, _) = Client::connect(&dir.sock()).await;
-        c.send(ResumeFrom { seq: 0 }.into()).await;
+        c.send(ResumeFrom::after(0).into()).await;
         let body = event(12345).to_body().unwrap();
         let start = std::time::Instant::now();
         let client = tokio::task::spawn_local(async move {
@@ -695,7 +769,9 @@ fn secure_cfg() -> ControlConfig {
 }
 
 fn control_hello(nonce: [u8; NONCE_LEN]) -> Hello {
-    Hello::new(Role::Control, "test", "0").with_nonce(nonce)
+    Hello::new(Role::Control, "test", "0")
+        .with_nonce(nonce)
+        .with_consumer("control")
 }
 
 fn control_auth(token: &[u8], shim_nonce: &[u8], own: &[u8; NONCE_LEN]) -> ControlToShim {
@@ -974,7 +1050,7 @@ fn tcp_with_a_token_authenticates_streams_and_refuses_the_rest() {
         let mut c = tcp_client(port).await;
         let hello = c.authenticate(TOKEN).await;
         assert_eq!(hello.agent_id.as_deref(), Some("agent-7"));
-        c.send(ResumeFrom { seq: 0 }.into()).await;
+        c.send(ResumeFrom::after(0).into()).await;
         c.expect_seq(1).await;
         eventually("connected", || server.connected()).await;
         server.publish(&event(2));
@@ -1029,7 +1105,7 @@ fn a_flood_of_bad_clients_is_gated_and_the_live_connection_goes_on() {
                 .unwrap();
         let mut live = Client::raw(&dir.sock()).await;
         live.authenticate(TOKEN).await;
-        live.send(ResumeFrom { seq: 0 }.into()).await;
+        live.send(ResumeFrom::after(0).into()).await;
         eventually("connected", || server.connected()).await;
 
         let mut refused_with_error = 0;
@@ -1197,7 +1273,7 @@ fn dial_out_connects_authenticates_and_redials_after_a_drop() {
         };
         let mut c = accept().await;
         c.authenticate(TOKEN).await;
-        c.send(ResumeFrom { seq: 0 }.into()).await;
+        c.send(ResumeFrom::after(0).into()).await;
         c.expect_seq(1).await;
         c.expect_seq(2).await;
         drop(c);
@@ -1205,7 +1281,7 @@ fn dial_out_connects_authenticates_and_redials_after_a_drop() {
         // Redialed; resumes after 2: exactly 3 and 4.
         let mut c = accept().await;
         c.authenticate(TOKEN).await;
-        c.send(ResumeFrom { seq: 2 }.into()).await;
+        c.send(ResumeFrom::after(2).into()).await;
         c.expect_seq(3).await;
         c.expect_seq(4).await;
         c.sync(1).await;
@@ -1218,7 +1294,7 @@ fn dial_out_connects_authenticates_and_redials_after_a_drop() {
         bad.expect_refused(ErrorCode::Unauthorized).await;
         let mut c = accept().await;
         c.authenticate(TOKEN).await;
-        c.send(ResumeFrom { seq: 4 }.into()).await;
+        c.send(ResumeFrom::after(4).into()).await;
         server.publish(&event(5));
         c.expect_seq(5).await;
     });

@@ -1,7 +1,7 @@
 //! The byte streams under the control link: unix sockets, TCP and vsock, accepted or dialed.
 //!
 //! Everything above this module — the handshake, the replay buffer, the ids, the
-//! one-live-connection rule — sees a connection as a boxed read half and a boxed write half
+//! sessions — sees a connection as a boxed read half and a boxed write half
 //! ([`Halves`]) and never learns which transport or direction it came from.
 
 use std::fs;

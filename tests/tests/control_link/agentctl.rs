@@ -324,3 +324,71 @@ fn commands_human_and_json() -> Result<()> {
     shim.shim.wait_code(PATIENCE)?;
     Ok(())
 }
+
+/// Issue 18's scenario with the real tool: `agentctl tail` (an observer) prints and
+/// acknowledges events while the control plane is away; the control plane, back with its
+/// cursor, still gets every one of them. `--consumer` makes agentctl a consumer whose acks
+/// count.
+#[test]
+fn tail_never_moves_the_control_planes_cursor() -> Result<()> {
+    use crate::support::control::{ControlClient, Target};
+    let shim = LinkShim::start(Mode::Subreaper)?;
+    let addr = format!("unix:{}", shim.sock.display());
+    let target = Target::Unix(shim.sock.clone());
+    // The control plane processes up to `cursor`, then goes away.
+    let mut ctl = ControlClient::connect_to(&target, None, PATIENCE)?;
+    ctl.resume_from(0)?;
+    ctl.submit_ok("t1", input("a b", 0))?;
+    let mut cursor = 0;
+    while let Some(s) = ctl.try_next_stamped(PATIENCE)? {
+        ctl.ack(s.seq)?;
+        cursor = s.seq;
+        if matches!(
+            &s.event,
+            control_link::protocol::message::Event::TaskDone(_)
+        ) {
+            break;
+        }
+    }
+    drop(ctl);
+    let (code, out, err) = run(&addr, &["--json", "task", "c d e", "--id", "t2"])?;
+    ensure!(code == 0, "task exited {code}: {err}");
+    let tailed = {
+        let (code, out, err) = run(
+            &addr,
+            &[
+                "--json",
+                "tail",
+                "--from",
+                &cursor.to_string(),
+                "--count",
+                "5",
+            ],
+        )?;
+        ensure!(code == 0, "tail exited {code}: {err}");
+        json_lines(&out)?
+            .iter()
+            .map(seq_of)
+            .collect::<Result<Vec<_>>>()?
+    };
+    ensure!(
+        tailed.len() == 5 && tailed[0] == cursor + 1,
+        "tail printed {tailed:?}\n{out}"
+    );
+    let mut back = ControlClient::connect_to(&target, None, PATIENCE)?;
+    back.resume_from(cursor)?;
+    let first = back.next_stamped(PATIENCE)?;
+    ensure!(
+        first.seq == cursor + 1,
+        "the control plane resumed at {} after {cursor}: agentctl's acks moved its cursor",
+        first.seq
+    );
+    drop(back);
+    // As a consumer, its acks count for that consumer only.
+    let (code, _, err) = run(&addr, &["--consumer", "ops", "tail", "--count", "2"])?;
+    ensure!(code == 0, "tail --consumer exited {code}: {err}");
+    let mut back = ControlClient::connect_to(&target, None, PATIENCE)?;
+    back.resume_from(cursor)?;
+    ensure!(back.next_stamped(PATIENCE)?.seq == cursor + 1);
+    Ok(())
+}

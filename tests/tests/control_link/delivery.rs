@@ -65,16 +65,26 @@ fn exactly_once_across_dropped_connections() -> Result<()> {
             if done {
                 break;
             }
-            // Every 40 events the connection dies: by the test hook, or by a second client
-            // connecting, which makes the shim close ours.
+            // Every 40 events the connection dies: by the test hook, or (every other time)
+            // by an observer connecting and acknowledging everything it is sent, which must
+            // change nothing for this consumer. (A second client of the same consumer would
+            // replace this one for good: see sessions::link.)
             if seen.len() % 40 == 0 {
                 drops += 1;
-                if drops % 2 == 1 {
-                    client.drop_connection();
-                } else {
-                    let sock = shim.sock.clone();
-                    tokio::task::spawn_blocking(move || ControlClient::connect(&sock, PATIENCE))
-                        .await??;
+                client.drop_connection();
+                if drops % 2 == 0 {
+                    let target = crate::support::control::Target::Unix(shim.sock.clone());
+                    tokio::task::spawn_blocking(move || -> Result<()> {
+                        let mut o = ControlClient::connect_as(&target, None, PATIENCE, None)?;
+                        o.send(control_link::protocol::message::ResumeFrom::now())?;
+                        while let Some(msg) = o.next_msg(Duration::from_millis(50))? {
+                            if let ShimToControl::Event(env) = msg {
+                                o.ack(env.seq)?;
+                            }
+                        }
+                        Ok(())
+                    })
+                    .await??;
                 }
             }
         }

@@ -61,6 +61,14 @@ fn fleet_demo_ends_ok_with_nothing_lost_or_duplicated() -> Result<()> {
     ] {
         ensure!(out.contains(line), "missing {line:?} in\n{out}\n{err}");
     }
+    // The operator tailed agent 0 beside the fleet, as an observer, and the fleet still lost
+    // and duplicated nothing (above).
+    let tailed = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("operator tail"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse::<u64>().ok());
+    ensure!(tailed.is_some_and(|n| n > 0), "no operator tail in\n{out}");
     ensure!(out.trim_end().ends_with("OK"), "{out}");
     ensure!(leftovers == 0, "{leftovers} processes outlived the demo");
     Ok(())

@@ -147,6 +147,7 @@ pub async fn serve(stream: UnixStream, cfg: &FakeCfg) -> Result<Outcome> {
                 code: ErrorCode::Unauthorized,
                 message: "bad proof".into(),
                 task_id: None,
+                first_available: None,
             };
             w.send(ShimToControl::Error(err)).await?;
             return Ok(Outcome::BadProof);
@@ -189,11 +190,12 @@ pub async fn serve(stream: UnixStream, cfg: &FakeCfg) -> Result<Outcome> {
                 })
             }
             Some(ControlToShim::ResumeFrom(r)) => {
-                resumed_from = Some(r.seq);
-                acked = acked.max(r.seq);
+                let r_seq = r.seq.unwrap_or(acked);
+                resumed_from = Some(r_seq);
+                acked = acked.max(r_seq);
                 for (i, event) in cfg.events.iter().enumerate() {
                     let seq = i as Seq + 1;
-                    if seq > r.seq || cfg.new_life {
+                    if seq > r_seq || cfg.new_life {
                         let env = EventEnvelope {
                             seq,
                             event: event.clone(),

@@ -117,6 +117,7 @@ conformance! {
             code: ErrorCode::Limit,
             message: "all exec slots are taken".into(),
             task_id: None,
+            first_available: None,
         })?;
         let result = recv!(shim, DriverToShim::ToolResult(r) => r);
         ensure!(result.call_id == "t3-exec" && result.is_error, "{result:?}");

@@ -271,6 +271,9 @@ fn agentctl_exec_of_a_gibibyte_completes() -> Result<()> {
     let mut child = Command::new(agentctl_bin()?)
         .arg("--addr")
         .arg(shim.addr.to_string())
+        // No control plane here: agentctl must be the consumer that frees what it read (an
+        // observer's acks free nothing, PROTOCOL.md §8.7, and nobody else would ack).
+        .args(["--consumer", "ops"])
         .args(["exec", "--", "sh", "-c", "head -c 1G /dev/zero; exit 7"])
         .env_remove("AGENT_SHIM_TOKEN")
         .env_remove("AGENT_SHIM_CONTROL")

@@ -225,7 +225,8 @@ impl std::fmt::Debug for ControlClient {
     }
 }
 
-/// What one bounded read gave.
+/// What one bounded read gave. (Short-lived, one at a time: its size does not matter.)
+#[allow(clippy::large_enum_variant)]
 enum Read {
     Msg(ShimToControl),
     Timeout,
@@ -257,10 +258,41 @@ impl ControlClient {
     /// Runs the handshake on a connected `stream` (e.g. one the shim dialed and the test
     /// accepted): `hello` with a fresh nonce when there is a `token`, then `auth` both ways,
     /// the shim's proof checked. Without a token the shim's `hello` must have no nonce.
+    ///
+    /// The client is the durable consumer `control`, as control-link's clients are by
+    /// default (PROTOCOL.md §8.7); [`Self::over_as`] names another, or none (an observer).
     pub fn over(stream: Stream, token: Option<&[u8]>, deadline: Duration) -> Result<ControlClient> {
+        Self::over_as(stream, token, deadline, Some("control"))
+    }
+
+    /// Connects to `target` as the durable consumer `consumer` (`None`: an observer).
+    pub fn connect_as(
+        target: &Target,
+        token: Option<&[u8]>,
+        deadline: Duration,
+        consumer: Option<&str>,
+    ) -> Result<ControlClient> {
+        let until = Instant::now() + deadline;
+        let stream = Stream::connect(target, deadline)?;
+        Self::over_as(
+            stream,
+            token,
+            until.saturating_duration_since(Instant::now()),
+            consumer,
+        )
+    }
+
+    /// [`Self::over`] as the durable consumer `consumer` (`None`: an observer).
+    pub fn over_as(
+        stream: Stream,
+        token: Option<&[u8]>,
+        deadline: Duration,
+        consumer: Option<&str>,
+    ) -> Result<ControlClient> {
         let until = Instant::now() + deadline;
         let writer = FrameWriter::new(stream.try_clone().context("clone the control stream")?);
         let mut ours = Hello::new(Role::Control, "e2e-control", "0");
+        ours.consumer = consumer.map(str::to_owned);
         if token.is_some() {
             ours = ours.with_nonce(random_nonce()?);
         }
@@ -359,10 +391,20 @@ impl ControlClient {
     /// Sends `resume_from{seq}`: the shim replays the buffered events after `seq`, then
     /// continues live. The next event must have seq `seq + 1`.
     pub fn resume_from(&mut self, seq: Seq) -> Result<()> {
-        self.send(ResumeFrom { seq })?;
+        self.send(ResumeFrom::after(seq))?;
         self.last_seq = seq;
         self.resumed = true;
         Ok(())
+    }
+
+    /// The next message of any kind, unchecked (`None`: nothing within `timeout`); for tests
+    /// of the link itself (`lagged`, `gap`, `replaced`). Events read earlier and kept are
+    /// not returned here.
+    pub fn next_msg(&mut self, timeout: Duration) -> Result<Option<ShimToControl>> {
+        match self.read(timeout)? {
+            Read::Msg(msg) => Ok(Some(msg)),
+            Read::Timeout => Ok(None),
+        }
     }
 
     /// Sends `ack{seq}`.
@@ -651,6 +693,9 @@ impl ControlClient {
                     out.push(s);
                     self.ack(seq).ok();
                 }
+                // A consumer's older connection is told why it is closed.
+                Ok(Some(ShimToControl::Error(e)))
+                    if e.re.is_none() && e.code == driver_protocol::ErrorCode::Replaced => {}
                 Ok(Some(other)) => bail!("unexpected {other:?} before the close"),
                 Err(DecodeError::Io(e))
                     if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}

@@ -74,6 +74,7 @@ impl Core {
                 code,
                 message,
                 task_id: Some(task_id.to_owned()),
+                first_available: None,
             });
         }
     }
@@ -108,7 +109,10 @@ impl Core {
                 self.start_next();
                 ok(re)
             }
-            SubmitOutcome::Duplicate => ok(re),
+            SubmitOutcome::Duplicate => ShimToControl::Ok(driver_protocol::message::OkReply {
+                re,
+                duplicate: Some(true),
+            }),
             SubmitOutcome::Full => err(
                 re,
                 ErrorCode::Limit,

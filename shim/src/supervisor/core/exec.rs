@@ -374,6 +374,7 @@ impl Core {
             code,
             message,
             task_id: None,
+            first_available: None,
         };
         match owner {
             ExecOwner::Driver(_) => {

@@ -86,6 +86,7 @@ impl Core {
             code: err.code(),
             message: err.to_string(),
             task_id: None,
+            first_available: None,
         });
         self.out.push(Output::StopReading);
         self.kill_driver(ExitReason::ProtocolError);
@@ -98,6 +99,7 @@ impl Core {
             code,
             message,
             task_id: None,
+            first_available: None,
         });
         self.out.push(Output::StopReading);
         self.kill_driver(ExitReason::ProtocolError);
@@ -166,6 +168,7 @@ impl Core {
             code: refusal.0,
             message: refusal.1,
             task_id: task_id.map(|t| String::from_utf8_lossy(t).into_owned()),
+            first_available: None,
         });
         false
     }
@@ -249,6 +252,7 @@ impl Core {
                     code: ErrorCode::Unsupported,
                     message: format!("unknown message type {:?}", u.type_name),
                     task_id: None,
+                    first_available: None,
                 });
             }
         }

@@ -476,6 +476,7 @@ impl Core {
                         driver_protocol::message::Message::type_name(&other)
                     ),
                     task_id: None,
+                    first_available: None,
                 })
             }
         }
@@ -576,7 +577,10 @@ fn due(t: Option<Instant>, now: Instant) -> bool {
 
 /// The reply to a control request that was carried out.
 fn ok(re: u64) -> ShimToControl {
-    ShimToControl::Ok(OkReply { re })
+    ShimToControl::Ok(OkReply {
+        re,
+        duplicate: None,
+    })
 }
 
 /// The reply to a control request that was refused.
@@ -586,6 +590,7 @@ fn err(re: u64, code: ErrorCode, message: &str) -> ShimToControl {
         code,
         message: message.to_owned(),
         task_id: None,
+        first_available: None,
     })
 }
 

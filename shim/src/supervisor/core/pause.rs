@@ -85,6 +85,7 @@ impl Core {
                 code: ErrorCode::Timeout,
                 message: "the driver did not reach a safe point in time".to_owned(),
                 task_id: None,
+                first_available: None,
             });
             self.start_next();
         }
@@ -96,6 +97,7 @@ impl Core {
                 code: ErrorCode::Timeout,
                 message: "the driver did not resume in time".to_owned(),
                 task_id: None,
+                first_available: None,
             });
             self.kill_driver(super::ExitReason::Hung);
         }

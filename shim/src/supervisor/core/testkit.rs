@@ -173,7 +173,7 @@ pub(super) fn submit(id: u64, task_id: &str, redeliver: bool) -> ControlToShim {
 }
 
 pub(super) fn is_ok(r: &ShimToControl, re: u64) -> bool {
-    matches!(r, ShimToControl::Ok(OkReply { re: x }) if *x == re)
+    matches!(r, ShimToControl::Ok(OkReply { re: x, .. }) if *x == re)
 }
 
 pub(super) fn err_code(r: &ShimToControl) -> Option<ErrorCode> {

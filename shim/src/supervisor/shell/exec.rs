@@ -399,6 +399,7 @@ impl Shell<'_> {
                     code,
                     message,
                     task_id: None,
+                    first_available: None,
                 })),
             },
             C::ExecResize(m) => {
@@ -460,6 +461,7 @@ impl Shell<'_> {
                         code,
                         message,
                         task_id: None,
+                        first_available: None,
                     }
                     .into(),
                 );

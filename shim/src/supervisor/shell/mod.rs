@@ -107,6 +107,8 @@ pub(super) async fn shell(
             token,
             reconnect_max: cfg.sup.control_reconnect_max,
             idle_timeout: cfg.sup.control_idle_timeout,
+            max_sessions: cfg.sup.max_sessions,
+            max_consumers: cfg.sup.max_consumers,
         };
         let server = ControlServer::start(&endpoints, ccfg).map_err(SupervisorError::Control)?;
         if let Some(addr) = &endpoints.listen {

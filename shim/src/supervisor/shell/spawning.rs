@@ -112,6 +112,7 @@ fn exec_reply(re: u64, r: Result<ExecStarted, Refusal>) -> Result<ExecStarted, E
         code,
         message,
         task_id: None,
+        first_available: None,
     })
 }
 
