@@ -547,6 +547,7 @@ impl Core {
 
     /// The refusal of the `exec_input`/`exec_resize`/`exec_signal` just given, if it was
     /// refused (taken from the outputs); what it asked for otherwise stays.
+    #[cfg(test)]
     pub(crate) fn steering_refused(&mut self) -> Result<(), Refusal> {
         match self.out.last() {
             Some(
