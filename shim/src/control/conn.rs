@@ -75,7 +75,7 @@ pub(super) struct Conn {
     /// Bytes of queued replies over which the connection is closed.
     out_max: usize,
     /// `Some(last seq written)` once the client sent `resume_from`: events stream.
-    cursor: Cell<Option<Seq>>,
+    pub(super) cursor: Cell<Option<Seq>>,
     /// The durable consumer this connection is; `None`: an observer.
     consumer: RefCell<Option<String>>,
     /// Wakes the writer: a reply was queued, an event published, or the state changed.

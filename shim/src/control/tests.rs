@@ -8,8 +8,8 @@ use std::time::Duration;
 use bytes::{BufMut as _, BytesMut};
 use driver_protocol::codec::MessageCodec;
 use driver_protocol::message::{
-    Ack, ControlToShim, Event, Hello, Message as _, OkReply, Ping, Progress, ResumeFrom, Role,
-    ShimToControl, Status,
+    Ack, ControlToShim, Event, ForgetConsumer, Hello, Message as _, OkReply, Ping, Progress,
+    ResumeFrom, Role, ShimToControl, Status,
 };
 use driver_protocol::ErrorCode;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -123,6 +123,18 @@ impl Client {
         .await;
         match c.recv().await {
             Some(ShimToControl::Hello(h)) => (c, h),
+            other => panic!("expected hello, got {other:?}"),
+        }
+    }
+
+    /// Connects and exchanges `hello`s as consumer `name` (`None`: an observer).
+    async fn connect_as(path: &Path, name: Option<&str>) -> Self {
+        let mut c = Self::raw(path).await;
+        let mut hello = Hello::new(Role::Control, "test", "0");
+        hello.consumer = name.map(str::to_owned);
+        c.send(hello.into()).await;
+        match c.recv().await {
+            Some(ShimToControl::Hello(_)) => c,
             other => panic!("expected hello, got {other:?}"),
         }
     }
@@ -1297,5 +1309,101 @@ fn dial_out_connects_authenticates_and_redials_after_a_drop() {
         c.send(ResumeFrom::after(4).into()).await;
         server.publish(&event(5));
         c.expect_seq(5).await;
+    });
+}
+
+#[test]
+fn the_buffer_frees_only_what_every_consumer_acked_and_observers_free_nothing() {
+    let dir = TempDir::new("consumers");
+    run(async {
+        let mut server =
+            ControlServer::bind(&ControlAddr::Unix(dir.sock()), cfg(100, 1 << 20)).unwrap();
+        for n in 1..=6 {
+            server.publish(&event(n));
+        }
+        let mut a = Client::connect_as(&dir.sock(), Some("a")).await;
+        let mut b = Client::connect_as(&dir.sock(), Some("b")).await;
+        let mut o = Client::connect_as(&dir.sock(), None).await;
+        a.send(ResumeFrom::after(4).into()).await;
+        b.send(ResumeFrom::after(0).into()).await;
+        o.send(ResumeFrom::after(0).into()).await;
+        o.send(Ack { seq: 6 }.into()).await;
+        o.sync(1).await;
+        a.sync(2).await;
+        assert_eq!(
+            server.stats().events,
+            6,
+            "b acked nothing, the observer's ack is ignored"
+        );
+        b.send(Ack { seq: 3 }.into()).await;
+        b.sync(3).await;
+        assert_eq!(server.stats().events, 3, "freed up to the slowest consumer");
+        // b is gone but known: its events stay; forgetting it frees them.
+        drop(b);
+        eventually("b disconnected", || {
+            server
+                .inner
+                .state
+                .borrow()
+                .consumers
+                .get("b")
+                .is_some_and(|c| c.conn.is_none())
+        })
+        .await;
+        a.send(
+            ForgetConsumer {
+                id: 9,
+                consumer: "b".into(),
+            }
+            .into(),
+        )
+        .await;
+        loop {
+            match a.recv().await {
+                Some(ShimToControl::Ok(ok)) if ok.re == 9 => break,
+                Some(ShimToControl::Event(_)) => {}
+                other => panic!("expected ok, got {other:?}"),
+            }
+        }
+        assert_eq!(server.stats().events, 2, "now only a's position counts");
+    });
+}
+
+#[test]
+fn an_observer_behind_the_buffer_is_told_lagged_and_skips_ahead() {
+    let dir = TempDir::new("lagged");
+    run(async {
+        let mut server =
+            ControlServer::bind(&ControlAddr::Unix(dir.sock()), cfg(100, 1 << 20)).unwrap();
+        let mut c = Client::connect_as(&dir.sock(), Some("control")).await;
+        c.send(ResumeFrom::after(0).into()).await;
+        let mut o = Client::connect_as(&dir.sock(), None).await;
+        o.send(ResumeFrom::after(0).into()).await;
+        server.publish(&event(1));
+        o.expect_seq(1).await;
+        // The observer stops being served for a moment (its cursor stays at 1) while the
+        // consumer acks 2..=5: the observer's next write finds them gone.
+        let observer = server
+            .inner
+            .state
+            .borrow()
+            .sessions
+            .iter()
+            .find(|s| s.consumer().is_none())
+            .cloned()
+            .unwrap();
+        let saved = observer.cursor.replace(None);
+        for n in 2..=5 {
+            server.publish(&event(n));
+        }
+        c.send(Ack { seq: 5 }.into()).await;
+        c.sync(1).await;
+        observer.cursor.set(saved);
+        server.publish(&event(6));
+        match o.recv().await {
+            Some(ShimToControl::Lagged(l)) => assert_eq!((l.missed, l.next_seq), (4, 6)),
+            other => panic!("expected lagged, got {other:?}"),
+        }
+        o.expect_seq(6).await;
     });
 }
