@@ -32,6 +32,7 @@ pub mod fuzz;
 mod gate;
 mod ids;
 mod source;
+mod stream;
 #[cfg(test)]
 mod tests;
 mod transport;
@@ -59,6 +60,7 @@ use buffer::Buffer;
 use conn::Conn;
 use gate::{Gate, Refused};
 use ids::IdCache;
+pub use stream::{Gone, ReplyStream};
 use transport::Listener;
 
 /// Commands waiting for the supervisor; a client sending faster is simply not read.
