@@ -583,6 +583,13 @@ impl Session {
             ShimToControl::StatusReply(r) => Some(r.re),
             ShimToControl::ExecStarted(r) => Some(r.re),
             ShimToControl::Pong(r) => Some(r.re),
+            ShimToControl::FsStatReply(r) => Some(r.re),
+            ShimToControl::FsListReply(r) => Some(r.re),
+            ShimToControl::FsData(d) => {
+                // Streams of reply frames have no consumer in this client yet.
+                debug!(re = d.re, "fs_data without a reader ignored");
+                return Ok(());
+            }
             ShimToControl::Hello(_) | ShimToControl::Auth(_) => {
                 return Err(Error::Protocol(format!(
                     "{} after the handshake",

@@ -346,6 +346,20 @@ fn exec_exit(exec_id: u64) -> ExecExit {
     }
 }
 
+/// A file's metadata for the files samples.
+fn fs_entry(name: &str, kind: FsKind, target: Option<String>) -> FsEntry {
+    FsEntry {
+        name: name.to_owned(),
+        kind,
+        size: 48_213,
+        mode: 0o644,
+        uid: 1000,
+        gid: 1000,
+        mtime_ms: 1_796_000_000_000,
+        target,
+    }
+}
+
 fn samples() -> Vec<Sample> {
     use ControlToShim as C;
     use DriverToShim as D;
@@ -632,6 +646,58 @@ fn samples() -> Vec<Sample> {
                 id: 0x5eed_0000_0000_000b,
             }),
         ),
+        // files
+        s(
+            "The metadata of a file under the file root.",
+            C::FsStat(FsStat {
+                id: 0x5eed_0000_0000_0010,
+                path: "/work/report.pdf".to_owned(),
+                follow: false,
+            }),
+        ),
+        s(
+            "The second page of a directory: at most 2 entries after \"a.txt\".",
+            C::FsList(FsList {
+                id: 0x5eed_0000_0000_0011,
+                path: "/work".to_owned(),
+                after: some("a.txt"),
+                limit: Some(2),
+            }),
+        ),
+        s(
+            "Stream a file from offset 4096 (a read resumed after a reconnect).",
+            C::FsRead(FsRead {
+                id: 0x5eed_0000_0000_0012,
+                path: "/work/report.pdf".to_owned(),
+                offset: 4096,
+                length: None,
+            }),
+        ),
+        s(
+            "Create a directory and its missing parents, mode 0700.",
+            C::FsMkdir(FsMkdir {
+                id: 0x5eed_0000_0000_0013,
+                path: "/work/out/logs".to_owned(),
+                parents: true,
+                mode: Some(0o700),
+            }),
+        ),
+        s(
+            "Remove a directory tree.",
+            C::FsRemove(FsRemove {
+                id: 0x5eed_0000_0000_0014,
+                path: "/work/out".to_owned(),
+                recursive: true,
+            }),
+        ),
+        s(
+            "Move a file, replacing the target.",
+            C::FsRename(FsRename {
+                id: 0x5eed_0000_0000_0015,
+                from: "/work/draft.md".to_owned(),
+                to: "/work/final.md".to_owned(),
+            }),
+        ),
         // ----- shim → control
         s(
             "The shim's handshake to the control plane, with its agent id and nonce (32 × 0x01).",
@@ -705,6 +771,34 @@ fn samples() -> Vec<Sample> {
             "The shim answers the control plane's ping.",
             SC::Pong(Pong {
                 re: 0x5eed_0000_0000_000b,
+            }),
+        ),
+        // files
+        s(
+            "A file's metadata, answering fs_stat.",
+            SC::FsStatReply(FsStatReply {
+                re: 0x5eed_0000_0000_0010,
+                entry: fs_entry("report.pdf", FsKind::File, None),
+            }),
+        ),
+        s(
+            "A page of two entries, more to come, answering fs_list.",
+            SC::FsListReply(FsListReply {
+                re: 0x5eed_0000_0000_0011,
+                entries: vec![
+                    fs_entry("b.txt", FsKind::File, None),
+                    fs_entry("latest", FsKind::Symlink, some("runs/42")),
+                ],
+                more: true,
+            }),
+        ),
+        s(
+            "The last chunk of an fs_read stream: 5 bytes at offset 4096, then the end.",
+            SC::FsData(FsData {
+                re: 0x5eed_0000_0000_0012,
+                offset: 4096,
+                data: Bytes::from_static(b"\x00\x01%PD"),
+                eof: true,
             }),
         ),
         // ----- events (the body inside an `event` envelope)

@@ -728,7 +728,95 @@ fn control_to_shim() -> impl Strategy<Value = ControlToShim> {
         ack().prop_map(M::Ack),
         resume_from().prop_map(M::ResumeFrom),
         ping().prop_map(M::Ping),
+        // files
+        (any::<u64>(), text(), any::<bool>()).prop_map(|(id, path, follow)| M::FsStat(FsStat {
+            id,
+            path,
+            follow
+        })),
+        (
+            any::<u64>(),
+            text(),
+            opt_text(),
+            proptest::option::of(any::<u32>())
+        )
+            .prop_map(|(id, path, after, limit)| M::FsList(FsList {
+                id,
+                path,
+                after,
+                limit
+            })),
+        (
+            any::<u64>(),
+            text(),
+            any::<u64>(),
+            proptest::option::of(any::<u64>())
+        )
+            .prop_map(|(id, path, offset, length)| M::FsRead(FsRead {
+                id,
+                path,
+                offset,
+                length
+            })),
+        (
+            any::<u64>(),
+            text(),
+            any::<bool>(),
+            proptest::option::of(any::<u32>())
+        )
+            .prop_map(|(id, path, parents, mode)| M::FsMkdir(FsMkdir {
+                id,
+                path,
+                parents,
+                mode
+            })),
+        (any::<u64>(), text(), any::<bool>()).prop_map(|(id, path, recursive)| M::FsRemove(
+            FsRemove {
+                id,
+                path,
+                recursive
+            }
+        )),
+        (any::<u64>(), text(), text()).prop_map(|(id, from, to)| M::FsRename(FsRename {
+            id,
+            from,
+            to
+        })),
     ]
+}
+
+/// A file's metadata.
+fn fs_entry() -> impl Strategy<Value = FsEntry> {
+    let kind = prop_oneof![
+        Just(FsKind::File),
+        Just(FsKind::Dir),
+        Just(FsKind::Symlink),
+        Just(FsKind::Fifo),
+        Just(FsKind::Socket),
+        Just(FsKind::Char),
+        Just(FsKind::Block),
+    ];
+    (
+        text(),
+        kind,
+        any::<u64>(),
+        any::<u32>(),
+        (any::<u32>(), any::<u32>()),
+        any::<i64>(),
+        opt_text(),
+    )
+        .prop_map(
+            |(name, kind, size, mode, (uid, gid), mtime_ms, target)| FsEntry {
+                name,
+                kind,
+                size,
+                mode,
+                uid,
+                gid,
+                mtime_ms,
+                target,
+            },
+        )
 }
 
 fn event() -> impl Strategy<Value = Event> {
@@ -770,6 +858,27 @@ fn shim_to_control() -> impl Strategy<Value = ShimToControl> {
         exec_started().prop_map(M::ExecStarted),
         (any::<u64>(), event()).prop_map(|(seq, event)| M::Event(EventEnvelope { seq, event })),
         pong().prop_map(M::Pong),
+        // files
+        (any::<u64>(), fs_entry())
+            .prop_map(|(re, entry)| M::FsStatReply(FsStatReply { re, entry })),
+        (
+            any::<u64>(),
+            proptest::collection::vec(fs_entry(), 0..4),
+            any::<bool>()
+        )
+            .prop_map(|(re, entries, more)| M::FsListReply(FsListReply {
+                re,
+                entries,
+                more
+            })),
+        (any::<u64>(), any::<u64>(), bin(), any::<bool>()).prop_map(|(re, offset, data, eof)| {
+            M::FsData(FsData {
+                re,
+                offset,
+                data,
+                eof,
+            })
+        }),
     ]
 }
 

@@ -20,6 +20,8 @@ mod common;
 mod control;
 mod event;
 mod exec;
+// files
+mod fs;
 mod task;
 
 use std::io::Write;
@@ -30,6 +32,8 @@ pub use common::*;
 pub use control::*;
 pub use event::*;
 pub use exec::*;
+// files
+pub use fs::*;
 pub use task::*;
 
 use crate::envelope::{self, Head};
@@ -346,6 +350,19 @@ message_set! {
         "resume_from" => ResumeFrom(ResumeFrom),
         /// Liveness probe.
         "ping" => Ping(Ping),
+        // files
+        /// One path's metadata.
+        "fs_stat" => FsStat(FsStat),
+        /// One page of a directory.
+        "fs_list" => FsList(FsList),
+        /// Stream a file's bytes.
+        "fs_read" => FsRead(FsRead),
+        /// Create a directory.
+        "fs_mkdir" => FsMkdir(FsMkdir),
+        /// Remove a path.
+        "fs_remove" => FsRemove(FsRemove),
+        /// Move a path.
+        "fs_rename" => FsRename(FsRename),
     }
 }
 
@@ -368,6 +385,13 @@ message_set! {
         "event" => Event(EventEnvelope) decoded_by decode_envelope,
         /// Answer to `ping`.
         "pong" => Pong(Pong),
+        // files
+        /// Answer to `fs_stat`.
+        "fs_stat_reply" => FsStatReply(FsStatReply),
+        /// Answer to `fs_list`.
+        "fs_list_reply" => FsListReply(FsListReply),
+        /// One chunk of an `fs_read` stream.
+        "fs_data" => FsData(FsData),
     }
 }
 

@@ -719,6 +719,12 @@ pub(super) fn request_id(msg: &ControlToShim) -> Option<RequestId> {
         ControlToShim::Status(m) => Some(m.id),
         ControlToShim::Shutdown(m) => Some(m.id),
         ControlToShim::Ping(m) => Some(m.id),
+        ControlToShim::FsStat(m) => Some(m.id),
+        ControlToShim::FsList(m) => Some(m.id),
+        ControlToShim::FsRead(m) => Some(m.id),
+        ControlToShim::FsMkdir(m) => Some(m.id),
+        ControlToShim::FsRemove(m) => Some(m.id),
+        ControlToShim::FsRename(m) => Some(m.id),
         ControlToShim::Unknown(m) => m.id,
         ControlToShim::Hello(_)
         | ControlToShim::Auth(_)
