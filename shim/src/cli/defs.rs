@@ -476,6 +476,38 @@ pub(super) static FLAGS: &[Flag] = &[
         "oom_score_adj of the driver and of every exec, -1000..1000; the\nshim itself goes to -1000 (needs CAP_SYS_RESOURCE)",
         |c, v| crate::oom::parse_child_scores(v).map(|x| c.sup.oom_score_adj = x),
     ),
+    // files
+    val(
+        "fs-root",
+        "DIR",
+        "AGENT_SHIM_FS_ROOT",
+        Value("/"),
+        Sandbox,
+        "file operations of the control link are confined to this directory",
+        |c, v| {
+            if v.starts_with('/') {
+                c.sup.fs_root = v.into();
+                Ok(())
+            } else {
+                Err("must be an absolute path".to_owned())
+            }
+        },
+    ),
+    val(
+        "fs-max-ops",
+        "N",
+        "AGENT_SHIM_FS_MAX_OPS",
+        Value("16"),
+        Sandbox,
+        "file operations (transfers included) running at once; more are\nrefused",
+        |c, v| match parse_num(v)? {
+            0 => Err("must be at least 1".to_owned()),
+            n => {
+                c.sup.fs_max_ops = n;
+                Ok(())
+            }
+        },
+    ),
 ];
 
 /// The flag named `--long`.

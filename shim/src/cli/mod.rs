@@ -149,6 +149,10 @@ pub struct SupervisorOpts {
     pub exec_drain: Duration,
     /// `--oom-score-adj DRIVER[:EXEC]`: the children's `oom_score_adj`.
     pub oom_score_adj: crate::oom::ChildScores,
+    /// `--fs-root`: where file operations are confined.
+    pub fs_root: PathBuf,
+    /// `--fs-max-ops`: file operations running at once.
+    pub fs_max_ops: usize,
 }
 
 impl Default for SupervisorOpts {
@@ -224,6 +228,8 @@ impl Config {
                 exec_kill_grace: Duration::ZERO,
                 exec_drain: Duration::ZERO,
                 oom_score_adj: crate::oom::ChildScores::default(),
+                fs_root: PathBuf::new(),
+                fs_max_ops: 0,
             },
         }
     }

@@ -80,11 +80,6 @@ impl Reply {
 }
 
 impl ReplyStream {
-    /// The request id every frame answers (`re`).
-    pub fn re(&self) -> Option<RequestId> {
-        self.id
-    }
-
     /// The connection is closed (or was never found): frames would go nowhere.
     pub fn is_gone(&self) -> bool {
         !self.conn.as_ref().is_some_and(|c| c.is_open())

@@ -118,7 +118,6 @@ fn a_stream_waits_for_room_stays_bounded_and_arrives_in_order_on_its_connection_
         c.send(Status { id: 1 }.into()).await;
         let cmd = timeout(DEADLINE, server.next_command()).await.unwrap();
         let mut stream = cmd.reply.into_stream();
-        assert_eq!(stream.re(), Some(1));
         assert!(!stream.is_gone());
         const N: u64 = 100_000;
         let conn = server.inner.live().unwrap();

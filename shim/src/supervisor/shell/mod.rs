@@ -76,6 +76,8 @@ struct Shell<'a> {
     oom: OomCounter,
     /// Where the reply of the control command being executed goes.
     replying: Option<crate::control::Reply>,
+    /// The file operations (`fs_*` requests).
+    files: crate::fs::Files,
 }
 
 pub(super) async fn shell(
@@ -133,6 +135,12 @@ pub(super) async fn shell(
         spawning: Vec::new(),
         oom: OomCounter::open(),
         replying: None,
+        files: crate::fs::Files::new(
+            &cfg.sup.fs_root,
+            cfg.sup.user,
+            cfg.sup.limits.umask,
+            cfg.sup.fs_max_ops,
+        ),
     };
     sh.core.start();
     loop {
@@ -408,6 +416,9 @@ impl Shell<'_> {
     }
 
     fn on_command(&mut self, cmd: crate::control::Command) {
+        let Some(cmd) = self.files.handle(cmd) else {
+            return;
+        };
         let Some(cmd) = self.exec_command(cmd) else {
             return;
         };

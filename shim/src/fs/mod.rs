@@ -1,0 +1,303 @@
+//! Files: the control link's file operations (PROTOCOL.md §8.8): `fs_stat`, `fs_list`,
+//! `fs_read` (streamed), `fs_mkdir`, `fs_remove`, `fs_rename`, confined to `--fs-root` and done
+//! with the rights of the sandbox user (`--user`).
+//!
+//! **Why a process per operation.** Two rules meet here. An operation must do what the
+//! sandbox user could do and nothing more, never with root's rights; and PID 1's loop must
+//! never block on anything the tenant controls, while every file here is the tenant's: a FUSE
+//! or NFS path can hang a `read`, an `open`, even a `stat`, for ever. `setfsuid` on the loop's
+//! thread would solve the first and not the second; a thread would solve the second, but a
+//! thread stuck in an uninterruptible FUSE read can never be cancelled, and per-thread
+//! credentials in a process whose other code assumes root are easy to get wrong. A process
+//! per operation solves both: it is forked, drops to the user's uid and gid (no supplementary
+//! groups, `no_new_privs`, not dumpable), opens the root as that user, does the blocking work,
+//! and answers on a socket that the loop reads asynchronously and with bounds (`helper.rs`).
+//! A hung operation holds its own process and one slot of `--fs-max-ops`; it is killed
+//! (`SIGKILL` through a pidfd) when its request is abandoned: an `fs_read` whose connection is
+//! gone, any other operation after [`OP_TIMEOUT`]. A fork of the small shim costs tens of
+//! microseconds, small against a transfer; listing or reading many small files pays it per
+//! request.
+//!
+//! **Confinement** is `confine.rs`: `openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)`, or a
+//! component-by-component walk where the kernel lacks it. **The operations** are `ops.rs`.
+//! `fs_read` answers with a reply stream (`control::ReplyStream`): its chunks go to the
+//! requesting connection only, as fast as it reads them; the operation's process blocks on
+//! its socket meanwhile, so at most a socket buffer and one chunk are in flight per read.
+
+mod confine;
+mod helper;
+mod ops;
+
+use std::cell::Cell;
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt as _;
+use std::path::Path;
+use std::rc::Rc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use driver_protocol::message::{
+    ControlToShim, ErrorMsg, FsData, FsList, FsMkdir, FsRead, FsRemove, FsRename, FsStat,
+    Message as _, RequestId, ShimToControl,
+};
+use driver_protocol::ErrorCode;
+use tracing::{debug, warn};
+
+use crate::control::{Command, Gone, Reply, ReplyStream};
+pub use helper::Settings;
+use helper::{Helper, Record};
+
+/// How long an operation other than `fs_read` may take before its process is killed and the
+/// request answered `timeout` (a hung file system).
+pub const OP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One file operation, as the control plane asked it.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// `fs_stat`.
+    Stat(FsStat),
+    /// `fs_list`.
+    List(FsList),
+    /// `fs_read`.
+    Read(FsRead),
+    /// `fs_mkdir`.
+    Mkdir(FsMkdir),
+    /// `fs_remove`.
+    Remove(FsRemove),
+    /// `fs_rename`.
+    Rename(FsRename),
+}
+
+impl Op {
+    fn id(&self) -> RequestId {
+        match self {
+            Self::Stat(m) => m.id,
+            Self::List(m) => m.id,
+            Self::Read(m) => m.id,
+            Self::Mkdir(m) => m.id,
+            Self::Remove(m) => m.id,
+            Self::Rename(m) => m.id,
+        }
+    }
+}
+
+/// The file operations of one shim: their settings and how many run.
+#[derive(Debug)]
+pub struct Files {
+    settings: Rc<Settings>,
+    running: Rc<Cell<usize>>,
+    max: usize,
+}
+
+impl Files {
+    /// File operations beneath `root`, as `user`, at most `max` at once.
+    pub fn new(root: &Path, user: Option<(u32, u32)>, umask: Option<u32>, max: usize) -> Self {
+        let root = CString::new(root.as_os_str().as_bytes()).unwrap_or_else(|_| c"/".to_owned());
+        Self {
+            settings: Rc::new(Settings {
+                root,
+                user,
+                umask,
+                force_walk: false,
+            }),
+            running: Rc::new(Cell::new(0)),
+            max,
+        }
+    }
+
+    /// Takes a file operation (started on its own task), or gives any other command back.
+    /// Must be called inside the supervisor's `LocalSet`.
+    pub fn handle(&self, cmd: Command) -> Option<Command> {
+        let Command { request, reply } = cmd;
+        let op = match request {
+            ControlToShim::FsStat(m) => Op::Stat(m),
+            ControlToShim::FsList(m) => Op::List(m),
+            ControlToShim::FsRead(m) => Op::Read(m),
+            ControlToShim::FsMkdir(m) => Op::Mkdir(m),
+            ControlToShim::FsRemove(m) => Op::Remove(m),
+            ControlToShim::FsRename(m) => Op::Rename(m),
+            request => return Some(Command { request, reply }),
+        };
+        let id = op.id();
+        if self.running.get() >= self.max {
+            let msg = format!("{} file operations are running", self.max);
+            reply.send(error(id, ErrorCode::Limit, msg));
+            return None;
+        }
+        let slot = Slot::take(&self.running);
+        let helper = match helper::start(&op, &self.settings) {
+            Ok(h) => h,
+            Err(err) => {
+                warn!(error = %err, "cannot start a file operation");
+                let msg = format!("cannot start the operation: {err}");
+                reply.send(error(id, ErrorCode::Internal, msg));
+                return None;
+            }
+        };
+        debug!(id, pid = helper.pid(), op = ?op, "file operation started");
+        tokio::task::spawn_local(async move {
+            match op {
+                Op::Read(m) => read(m, reply.into_stream(), helper).await,
+                _ => answer(id, reply, helper).await,
+            }
+            drop(slot);
+        });
+        None
+    }
+}
+
+/// One running operation's place in the count, given back on drop.
+struct Slot(Rc<Cell<usize>>);
+
+impl Slot {
+    fn take(running: &Rc<Cell<usize>>) -> Self {
+        running.set(running.get().saturating_add(1));
+        Self(Rc::clone(running))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.set(self.0.get().saturating_sub(1));
+    }
+}
+
+fn error(id: RequestId, code: ErrorCode, message: String) -> ShimToControl {
+    ErrorMsg {
+        re: Some(id),
+        code,
+        message,
+        task_id: None,
+    }
+    .into()
+}
+
+/// The child's final message, checked and given the request's id; anything unexpected is
+/// an `internal` error.
+fn final_message(id: RequestId, body: &[u8], read: bool) -> ShimToControl {
+    let msg = match ShimToControl::decode(body) {
+        Ok(msg) => msg,
+        Err(err) => {
+            warn!(id, error = %err, "a file operation answered garbage");
+            return error(id, ErrorCode::Internal, "the operation failed".to_owned());
+        }
+    };
+    match msg {
+        ShimToControl::Error(mut e) => {
+            e.re = Some(id);
+            e.into()
+        }
+        ShimToControl::Ok(mut o) => {
+            o.re = id;
+            o.into()
+        }
+        ShimToControl::FsStatReply(mut r) if !read => {
+            r.re = id;
+            r.into()
+        }
+        ShimToControl::FsListReply(mut r) if !read => {
+            r.re = id;
+            r.into()
+        }
+        other => {
+            warn!(
+                id,
+                r#type = other.type_name(),
+                "a file operation answered out of turn"
+            );
+            error(id, ErrorCode::Internal, "the operation failed".to_owned())
+        }
+    }
+}
+
+/// Why the child ended without its answer.
+fn vanished() -> ShimToControl {
+    error(
+        0,
+        ErrorCode::Internal,
+        "the operation's process ended without an answer (was it killed?)".to_owned(),
+    )
+}
+
+/// Waits (at most [`OP_TIMEOUT`]) for a one-frame operation's answer and sends it.
+async fn answer(id: RequestId, reply: Reply, mut helper: Helper) {
+    let wait = async {
+        loop {
+            match helper.next().await {
+                Ok(Some(Record::Msg(body))) => return final_message(id, &body, false),
+                // Only reads send data.
+                Ok(Some(Record::Data(_))) => {}
+                Ok(None) | Err(_) => {
+                    let mut e = vanished();
+                    if let ShimToControl::Error(e) = &mut e {
+                        e.re = Some(id);
+                    }
+                    return e;
+                }
+            }
+        }
+    };
+    let msg = match tokio::time::timeout(OP_TIMEOUT, wait).await {
+        Ok(msg) => msg,
+        Err(_) => {
+            warn!(id, "a file operation did not finish in time; killed");
+            let msg = format!("not done within {} s", OP_TIMEOUT.as_secs());
+            error(id, ErrorCode::Timeout, msg)
+        }
+    };
+    reply.send(msg);
+    drop(helper);
+}
+
+/// Relays an `fs_read`'s chunks as `fs_data` frames, flow-controlled by the connection.
+async fn read(m: FsRead, mut stream: ReplyStream, mut helper: Helper) {
+    let id = m.id;
+    let mut offset = m.offset;
+    while !stream.is_gone() {
+        let record = tokio::select! {
+            r = helper.next() => r,
+            () = stream.gone() => {
+                debug!(id, "fs_read abandoned: its connection is gone");
+                return;
+            }
+        };
+        let frame = match record {
+            Ok(Some(Record::Data(data))) => {
+                let len = data.len() as u64;
+                let frame = FsData {
+                    re: id,
+                    offset,
+                    data,
+                    eof: false,
+                };
+                offset = offset.saturating_add(len);
+                frame.into()
+            }
+            Ok(Some(Record::Msg(body))) => match final_message(id, &body, true) {
+                ShimToControl::Ok(_) => FsData {
+                    re: id,
+                    offset,
+                    data: Bytes::new(),
+                    eof: true,
+                }
+                .into(),
+                other => other,
+            },
+            Ok(None) | Err(_) => {
+                let mut e = vanished();
+                if let ShimToControl::Error(e) = &mut e {
+                    e.re = Some(id);
+                }
+                e
+            }
+        };
+        let last = !matches!(&frame, ShimToControl::FsData(d) if !d.eof);
+        if let Err(Gone) = stream.send(&frame).await {
+            debug!(id, "fs_read abandoned: its connection is gone");
+            return;
+        }
+        if last {
+            return;
+        }
+    }
+}
