@@ -585,6 +585,7 @@ impl Session {
             ShimToControl::Pong(r) => Some(r.re),
             ShimToControl::FsStatReply(r) => Some(r.re),
             ShimToControl::FsListReply(r) => Some(r.re),
+            ShimToControl::FsWriteReady(r) => Some(r.re),
             ShimToControl::FsData(d) => {
                 // Streams of reply frames have no consumer in this client yet.
                 debug!(re = d.re, "fs_data without a reader ignored");

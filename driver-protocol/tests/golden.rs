@@ -698,6 +698,34 @@ fn samples() -> Vec<Sample> {
                 to: "/work/final.md".to_owned(),
             }),
         ),
+        s(
+            "Start an upload that atomically replaces a file, creating its parents.",
+            C::FsWriteOpen(FsWriteOpen {
+                id: 0x5eed_0000_0000_0016,
+                path: "/work/in/data.bin".to_owned(),
+                mode: Some(0o640),
+                parents: true,
+                append: false,
+                handle: None,
+            }),
+        ),
+        s(
+            "Bytes 65536.. of upload 3.",
+            C::FsWriteData(FsWriteData {
+                id: 0x5eed_0000_0000_0017,
+                handle: 3,
+                offset: 65_536,
+                data: Bytes::from_static(b"\x7fELF"),
+            }),
+        ),
+        s(
+            "Finish upload 3: fsync, then rename over the target.",
+            C::FsWriteClose(FsWriteClose {
+                id: 0x5eed_0000_0000_0018,
+                handle: 3,
+                abort: false,
+            }),
+        ),
         // ----- shim → control
         s(
             "The shim's handshake to the control plane, with its agent id and nonce (32 × 0x01).",
@@ -799,6 +827,14 @@ fn samples() -> Vec<Sample> {
                 offset: 4096,
                 data: Bytes::from_static(b"\x00\x01%PD"),
                 eof: true,
+            }),
+        ),
+        s(
+            "Upload 3 is open and has 65536 bytes (answering a resumed fs_write_open).",
+            SC::FsWriteReady(FsWriteReady {
+                re: 0x5eed_0000_0000_0016,
+                handle: 3,
+                offset: 65_536,
             }),
         ),
         // ----- events (the body inside an `event` envelope)

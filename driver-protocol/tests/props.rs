@@ -782,6 +782,33 @@ fn control_to_shim() -> impl Strategy<Value = ControlToShim> {
             from,
             to
         })),
+        (
+            any::<u64>(),
+            text(),
+            proptest::option::of(any::<u32>()),
+            (any::<bool>(), any::<bool>()),
+            proptest::option::of(any::<u64>())
+        )
+            .prop_map(|(id, path, mode, (parents, append), handle)| {
+                M::FsWriteOpen(FsWriteOpen {
+                    id,
+                    path,
+                    mode,
+                    parents,
+                    append,
+                    handle,
+                })
+            }),
+        (any::<u64>(), any::<u64>(), any::<u64>(), bin()).prop_map(|(id, handle, offset, data)| {
+            M::FsWriteData(FsWriteData {
+                id,
+                handle,
+                offset,
+                data,
+            })
+        }),
+        (any::<u64>(), any::<u64>(), any::<bool>())
+            .prop_map(|(id, handle, abort)| M::FsWriteClose(FsWriteClose { id, handle, abort })),
     ]
 }
 
@@ -879,6 +906,8 @@ fn shim_to_control() -> impl Strategy<Value = ShimToControl> {
                 eof,
             })
         }),
+        (any::<u64>(), any::<u64>(), any::<u64>())
+            .prop_map(|(re, handle, offset)| M::FsWriteReady(FsWriteReady { re, handle, offset })),
     ]
 }
 

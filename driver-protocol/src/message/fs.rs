@@ -170,3 +170,65 @@ pub struct FsRename {
     /// Its new path.
     pub to: String,
 }
+
+/// `fs_write_open`: start an upload to `path` (or, with `handle`, find an upload again after
+/// a reconnect); answered by [`FsWriteReady`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsWriteOpen {
+    /// The request id.
+    pub id: RequestId,
+    /// The file to write, under the file root.
+    pub path: String,
+    /// The new file's permission bits (default `0o644`, less the umask).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<u32>,
+    /// Create missing parent directories.
+    #[serde(default, deserialize_with = "nil_as_default")]
+    pub parents: bool,
+    /// Append to the file (created if missing) instead of replacing it atomically.
+    #[serde(default, deserialize_with = "nil_as_default")]
+    pub append: bool,
+    /// An upload already open: answer with its handle and the bytes it has taken (every
+    /// other field is ignored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handle: Option<u64>,
+}
+
+/// `fs_write_ready`: the upload is open; send `fs_write_data` from `offset`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsWriteReady {
+    /// The `id` of the `fs_write_open`.
+    pub re: RequestId,
+    /// The upload's handle, for `fs_write_data` and `fs_write_close`.
+    pub handle: u64,
+    /// The bytes the upload has taken so far (0 for a new upload).
+    pub offset: u64,
+}
+
+/// `fs_write_data`: the next bytes of an upload; answered by `ok` once they are handed to
+/// the file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsWriteData {
+    /// The request id.
+    pub id: RequestId,
+    /// The upload.
+    pub handle: u64,
+    /// The upload offset of `data`'s first byte; bytes the upload already has are skipped.
+    pub offset: u64,
+    /// The bytes.
+    #[serde(default, deserialize_with = "nil_as_default")]
+    pub data: Bytes,
+}
+
+/// `fs_write_close`: finish an upload (fsync, then the atomic rename over the target), or
+/// abort it; answered by `ok` once it is done.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsWriteClose {
+    /// The request id.
+    pub id: RequestId,
+    /// The upload.
+    pub handle: u64,
+    /// Throw the upload away: the target is left as it was.
+    #[serde(default, deserialize_with = "nil_as_default")]
+    pub abort: bool,
+}

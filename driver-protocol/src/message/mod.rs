@@ -363,6 +363,12 @@ message_set! {
         "fs_remove" => FsRemove(FsRemove),
         /// Move a path.
         "fs_rename" => FsRename(FsRename),
+        /// Start (or find again) an upload.
+        "fs_write_open" => FsWriteOpen(FsWriteOpen),
+        /// Bytes of an upload.
+        "fs_write_data" => FsWriteData(FsWriteData),
+        /// Finish or abort an upload.
+        "fs_write_close" => FsWriteClose(FsWriteClose),
     }
 }
 
@@ -392,6 +398,8 @@ message_set! {
         "fs_list_reply" => FsListReply(FsListReply),
         /// One chunk of an `fs_read` stream.
         "fs_data" => FsData(FsData),
+        /// An upload is open, answering `fs_write_open`.
+        "fs_write_ready" => FsWriteReady(FsWriteReady),
     }
 }
 

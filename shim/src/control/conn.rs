@@ -725,6 +725,9 @@ pub(super) fn request_id(msg: &ControlToShim) -> Option<RequestId> {
         ControlToShim::FsMkdir(m) => Some(m.id),
         ControlToShim::FsRemove(m) => Some(m.id),
         ControlToShim::FsRename(m) => Some(m.id),
+        ControlToShim::FsWriteOpen(m) => Some(m.id),
+        ControlToShim::FsWriteData(m) => Some(m.id),
+        ControlToShim::FsWriteClose(m) => Some(m.id),
         ControlToShim::Unknown(m) => m.id,
         ControlToShim::Hello(_)
         | ControlToShim::Auth(_)

@@ -50,6 +50,11 @@ pub struct ReplyStream {
 }
 
 impl Reply {
+    /// The id of the request this answers.
+    pub fn id(&self) -> Option<RequestId> {
+        self.id
+    }
+
     /// Turns this reply into a stream of frames to the request's connection. The request's
     /// id is forgotten by the retry cache (a retry is executed again).
     pub fn into_stream(mut self) -> ReplyStream {

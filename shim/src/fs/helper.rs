@@ -26,7 +26,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use bytes::{Buf as _, Bytes, BytesMut};
 use nix::errno::Errno;
-use tokio::io::AsyncReadExt as _;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 
 use super::ops::{self, Failure, Out, CHUNK, TAG_DATA, TAG_MSG};
@@ -58,14 +59,23 @@ pub enum Record {
     Msg(Bytes),
 }
 
-/// A running operation's process, killed on drop unless it answered.
+/// A running operation's process, killed on drop unless it [`finished`](Helper::finished).
 #[derive(Debug)]
 pub struct Helper {
     pid: i32,
     pidfd: Option<OwnedFd>,
-    sock: UnixStream,
-    buf: BytesMut,
+    /// Records from the child.
+    pub rd: Records,
+    /// Records to the child (an upload's bytes).
+    pub wr: OwnedWriteHalf,
     done: bool,
+}
+
+/// The reading half of the child's socket, with its buffer.
+#[derive(Debug)]
+pub struct Records {
+    sock: OwnedReadHalf,
+    buf: BytesMut,
 }
 
 /// Forks the process for `op`. Must be called on the shim's (single) thread.
@@ -106,12 +116,15 @@ pub fn start(op: &Op, settings: &Settings) -> io::Result<Helper> {
     });
     let std = std::os::unix::net::UnixStream::from(ours);
     std.set_nonblocking(true)?;
-    let sock = UnixStream::from_std(std)?;
+    let (rd, wr) = UnixStream::from_std(std)?.into_split();
     Ok(Helper {
         pid,
         pidfd,
-        sock,
-        buf: BytesMut::with_capacity(CHUNK + 5),
+        rd: Records {
+            sock: rd,
+            buf: BytesMut::with_capacity(CHUNK + 5),
+        },
+        wr,
         done: false,
     })
 }
@@ -122,6 +135,23 @@ impl Helper {
         self.pid
     }
 
+    /// The child gave its final answer: it exits by itself, and is not killed on drop.
+    pub fn finished(&mut self) {
+        self.done = true;
+    }
+}
+
+/// Sends the child one record (an upload's bytes, or the commit).
+pub async fn send(wr: &mut OwnedWriteHalf, tag: u8, payload: &[u8]) -> io::Result<()> {
+    let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+    let mut head = [0u8; 5];
+    head[0] = tag;
+    head[1..].copy_from_slice(&len.to_be_bytes());
+    wr.write_all(&head).await?;
+    wr.write_all(payload).await
+}
+
+impl Records {
     /// The next record; `None` when the child closed its end (it exited or was killed).
     /// Cancel-safe (what was read stays in the buffer).
     pub async fn next(&mut self) -> io::Result<Option<Record>> {
@@ -141,7 +171,6 @@ impl Helper {
                     self.buf.advance(5);
                     let payload = self.buf.split_to(len).freeze();
                     if tag == TAG_MSG {
-                        self.done = true;
                         return Ok(Some(Record::Msg(payload)));
                     }
                     return Ok(Some(Record::Data(payload)));
@@ -188,8 +217,21 @@ fn child(op: &Op, settings: &Settings, sock: OwnedFd) -> ! {
     let code = match prepare(settings, &sock) {
         Ok(root) => {
             let stream = std::os::unix::net::UnixStream::from(sock);
+            let input = stream.try_clone();
             let mut out = Out::new(io::BufWriter::with_capacity(CHUNK + 5, stream));
-            let msg = match ops::run(op, root.as_raw_fd(), settings.force_walk, &mut out) {
+            let mut input = match input {
+                Ok(s) => io::BufReader::with_capacity(CHUNK + 5, s),
+                // SAFETY: `_exit` ends the process without running the parent's handlers.
+                Err(_) => unsafe { libc::_exit(1) },
+            };
+            let run = ops::run(
+                op,
+                root.as_raw_fd(),
+                settings.force_walk,
+                &mut input,
+                &mut out,
+            );
+            let msg = match run {
                 Ok(msg) => msg,
                 Err(f) => failure(f),
             };

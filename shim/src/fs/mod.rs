@@ -27,6 +27,7 @@
 mod confine;
 mod helper;
 mod ops;
+mod upload;
 
 use std::cell::Cell;
 use std::ffi::CString;
@@ -38,7 +39,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use driver_protocol::message::{
     ControlToShim, ErrorMsg, FsData, FsList, FsMkdir, FsRead, FsRemove, FsRename, FsStat,
-    Message as _, RequestId, ShimToControl,
+    FsWriteOpen, Message as _, RequestId, ShimToControl,
 };
 use driver_protocol::ErrorCode;
 use tracing::{debug, warn};
@@ -66,6 +67,8 @@ pub enum Op {
     Remove(FsRemove),
     /// `fs_rename`.
     Rename(FsRename),
+    /// `fs_write_open` of a new upload.
+    Write(FsWriteOpen),
 }
 
 impl Op {
@@ -77,6 +80,7 @@ impl Op {
             Self::Mkdir(m) => m.id,
             Self::Remove(m) => m.id,
             Self::Rename(m) => m.id,
+            Self::Write(m) => m.id,
         }
     }
 }
@@ -87,6 +91,7 @@ pub struct Files {
     settings: Rc<Settings>,
     running: Rc<Cell<usize>>,
     max: usize,
+    uploads: Rc<upload::Uploads>,
 }
 
 impl Files {
@@ -102,6 +107,7 @@ impl Files {
             }),
             running: Rc::new(Cell::new(0)),
             max,
+            uploads: Rc::default(),
         }
     }
 
@@ -116,6 +122,21 @@ impl Files {
             ControlToShim::FsMkdir(m) => Op::Mkdir(m),
             ControlToShim::FsRemove(m) => Op::Remove(m),
             ControlToShim::FsRename(m) => Op::Rename(m),
+            ControlToShim::FsWriteOpen(m) => match m.handle {
+                Some(handle) => {
+                    self.uploads.reopen(&m, handle, reply);
+                    return None;
+                }
+                None => Op::Write(m),
+            },
+            ControlToShim::FsWriteData(m) => {
+                self.uploads.data(m, reply);
+                return None;
+            }
+            ControlToShim::FsWriteClose(m) => {
+                self.uploads.close(m, reply);
+                return None;
+            }
             request => return Some(Command { request, reply }),
         };
         let id = op.id();
@@ -135,6 +156,10 @@ impl Files {
             }
         };
         debug!(id, pid = helper.pid(), op = ?op, "file operation started");
+        if let Op::Write(m) = op {
+            self.uploads.start(m, reply, helper, slot);
+            return None;
+        }
         tokio::task::spawn_local(async move {
             match op {
                 Op::Read(m) => read(m, reply.into_stream(), helper).await,
@@ -223,8 +248,11 @@ fn vanished() -> ShimToControl {
 async fn answer(id: RequestId, reply: Reply, mut helper: Helper) {
     let wait = async {
         loop {
-            match helper.next().await {
-                Ok(Some(Record::Msg(body))) => return final_message(id, &body, false),
+            match helper.rd.next().await {
+                Ok(Some(Record::Msg(body))) => {
+                    helper.finished();
+                    return final_message(id, &body, false);
+                }
                 // Only reads send data.
                 Ok(Some(Record::Data(_))) => {}
                 Ok(None) | Err(_) => {
@@ -255,7 +283,7 @@ async fn read(m: FsRead, mut stream: ReplyStream, mut helper: Helper) {
     let mut offset = m.offset;
     while !stream.is_gone() {
         let record = tokio::select! {
-            r = helper.next() => r,
+            r = helper.rd.next() => r,
             () = stream.gone() => {
                 debug!(id, "fs_read abandoned: its connection is gone");
                 return;
@@ -273,7 +301,10 @@ async fn read(m: FsRead, mut stream: ReplyStream, mut helper: Helper) {
                 offset = offset.saturating_add(len);
                 frame.into()
             }
-            Ok(Some(Record::Msg(body))) => match final_message(id, &body, true) {
+            Ok(Some(Record::Msg(body))) => match {
+                helper.finished();
+                final_message(id, &body, true)
+            } {
                 ShimToControl::Ok(_) => FsData {
                     re: id,
                     offset,

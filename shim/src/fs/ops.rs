@@ -5,12 +5,12 @@
 //! then one message (the reply, with `re` 0: the shim fills it in) or an `error`.
 
 use std::ffi::{CStr, CString};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use driver_protocol::message::{
     FsEntry, FsKind, FsList, FsListReply, FsMkdir, FsRead, FsRemove, FsRename, FsStat, FsStatReply,
-    OkReply, ShimToControl,
+    FsWriteOpen, OkReply, ShimToControl,
 };
 use driver_protocol::ErrorCode;
 use nix::errno::Errno;
@@ -31,6 +31,8 @@ const REMOVE_DEPTH: usize = 256;
 pub const TAG_DATA: u8 = b'D';
 /// A record tag: a MessagePack `ShimToControl` body follows (the reply, or an `error`).
 pub const TAG_MSG: u8 = b'M';
+/// A record tag (shim to an upload's process): fsync and put the file in place.
+pub const TAG_COMMIT: u8 = b'C';
 
 /// A failed operation: its code and message.
 #[derive(Debug)]
@@ -118,13 +120,15 @@ impl<W: Write> Out<W> {
 }
 
 /// Runs `op` beneath `root`; data goes to `out` as it is read, the final message is returned.
-pub fn run<W: Write>(
+pub fn run<R: Read, W: Write>(
     op: &Op,
     root: RawFd,
     walk: bool,
+    input: &mut R,
     out: &mut Out<W>,
 ) -> Result<ShimToControl, Failure> {
     match op {
+        Op::Write(m) => write(m, root, walk, input, out),
         Op::Stat(m) => stat(m, root, walk),
         Op::List(m) => list(m, root, walk),
         Op::Read(m) => read(m, root, walk, out),
@@ -511,4 +515,147 @@ fn rename(m: &FsRename, root: RawFd, walk: bool) -> Result<ShimToControl, Failur
         return Err(Failure::errno(Errno::last(), &m.from));
     }
     Ok(OkReply { re: 0 }.into())
+}
+
+/// An upload's temporary file, removed unless it was put in place.
+struct Temp<'a> {
+    dir: RawFd,
+    name: &'a CString,
+    armed: bool,
+}
+
+impl Drop for Temp<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = unlink_at(self.dir, self.name, 0);
+        }
+    }
+}
+
+fn write<R: Read, W: Write>(
+    m: &FsWriteOpen,
+    root: RawFd,
+    walk: bool,
+    input: &mut R,
+    out: &mut Out<W>,
+) -> Result<ShimToControl, Failure> {
+    let rel = comps(&m.path)?;
+    let Some((_, dirs)) = rel.split_last() else {
+        return Err(Failure::new(
+            ErrorCode::Invalid,
+            "the file root is a directory",
+        ));
+    };
+    if m.parents && !dirs.is_empty() {
+        let parents = FsMkdir {
+            id: 0,
+            path: dirs.join("/"),
+            parents: true,
+            mode: None,
+        };
+        mkdir(&parents, root, walk)?;
+    }
+    let (dir, name) = parent_beneath(root, &rel, walk).map_err(|e| Failure::resolve(e, &m.path))?;
+    let dir = dir.as_raw_fd();
+    match stat_at(dir, Some(&name)) {
+        Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => {
+            return Err(Failure::errno(Errno::EISDIR, &m.path))
+        }
+        Ok(_) | Err(Errno::ENOENT) => {}
+        Err(e) => return Err(Failure::errno(e, &m.path)),
+    }
+    let mode = m.mode.unwrap_or(0o644) & 0o7777;
+    let base =
+        libc::O_WRONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC;
+    let temp_name;
+    let (fd, mut temp) = if m.append {
+        // SAFETY: `name` is NUL-terminated; the result is a new descriptor or -1.
+        let fd = unsafe {
+            libc::openat(
+                dir,
+                name.as_ptr(),
+                base | libc::O_APPEND | libc::O_CREAT,
+                mode,
+            )
+        };
+        (fd, None)
+    } else {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or_default();
+        temp_name = CString::new(format!(".agent-shim-upload.{}.{nanos}", std::process::id()))
+            .map_err(|_| Failure::new(ErrorCode::Internal, "temporary name"))?;
+        // SAFETY: as above.
+        let fd = unsafe {
+            libc::openat(
+                dir,
+                temp_name.as_ptr(),
+                base | libc::O_CREAT | libc::O_EXCL,
+                mode,
+            )
+        };
+        let temp = Temp {
+            dir,
+            name: &temp_name,
+            armed: fd >= 0,
+        };
+        (fd, Some(temp))
+    };
+    if fd < 0 {
+        return Err(Failure::errno(Errno::last(), &m.path));
+    }
+    // SAFETY: a fresh descriptor.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let st = stat_at(fd.as_raw_fd(), None).map_err(|e| Failure::errno(e, &m.path))?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(Failure::new(
+            ErrorCode::Invalid,
+            format!("{:?} is not a regular file", m.path),
+        ));
+    }
+    // Open: the shim answers `fs_write_ready`.
+    out.msg(&OkReply { re: 0 }.into())
+        .and_then(|()| out.flush())
+        .map_err(|_| Failure::new(ErrorCode::Internal, "the shim is gone"))?;
+    let mut file = std::fs::File::from(fd);
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let mut head = [0u8; 5];
+        if input.read_exact(&mut head).is_err() {
+            // The shim aborted the upload (or is gone): the temporary file goes.
+            return Err(Failure::new(ErrorCode::Internal, "upload aborted"));
+        }
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        match head[0] {
+            TAG_DATA if len <= CHUNK => {
+                let Some(piece) = buf.get_mut(..len) else {
+                    return Err(Failure::new(ErrorCode::Internal, "bad record"));
+                };
+                if input.read_exact(piece).is_err() {
+                    return Err(Failure::new(ErrorCode::Internal, "upload aborted"));
+                }
+                file.write_all(piece).map_err(|e| io_failure(&e, &m.path))?;
+            }
+            TAG_COMMIT => {
+                file.sync_all().map_err(|e| io_failure(&e, &m.path))?;
+                if let Some(t) = temp.as_mut() {
+                    // SAFETY: both names are NUL-terminated.
+                    if unsafe { libc::renameat(dir, t.name.as_ptr(), dir, name.as_ptr()) } != 0 {
+                        return Err(Failure::errno(Errno::last(), &m.path));
+                    }
+                    t.armed = false;
+                }
+                return Ok(OkReply { re: 0 }.into());
+            }
+            _ => return Err(Failure::new(ErrorCode::Internal, "bad record")),
+        }
+    }
+}
+
+fn io_failure(e: &std::io::Error, path: &str) -> Failure {
+    match e.raw_os_error() {
+        Some(n) => Failure::errno(Errno::from_raw(n), path),
+        None => Failure::new(ErrorCode::Internal, format!("{path}: {e}")),
+    }
 }

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _, Result};
 use driver_protocol::message::{
-    FsData, FsEntry, FsKind, FsList, FsMkdir, FsRead, FsRemove, FsRename, FsStat, ShimToControl,
+    FsData, FsEntry, FsKind, FsList, FsMkdir, FsRead, FsRemove, FsRename, FsStat, FsWriteClose,
+    FsWriteData, FsWriteOpen, ShimToControl,
 };
 use driver_protocol::ErrorCode;
 
@@ -597,5 +598,420 @@ fn one_gib_downloads_exactly() -> Result<()> {
     assert_eq!(end, GIB);
     assert_eq!(bad, None, "every byte as written");
     eprintln!("1 GiB read in {:?}", started.elapsed());
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Uploads.
+
+/// Unanswered `fs_write_data` a test client keeps in flight.
+const WINDOW: usize = 16;
+
+/// Opens an upload of `path`; its handle.
+fn open_upload(ctl: &mut ControlClient, path: &str, append: bool) -> Result<u64> {
+    let id = ctl.id();
+    let r = ctl.request(
+        id,
+        FsWriteOpen {
+            id,
+            path: path.to_owned(),
+            mode: None,
+            parents: true,
+            append,
+            handle: None,
+        },
+    )?;
+    match r {
+        ShimToControl::FsWriteReady(r) => {
+            ensure!(r.offset == 0);
+            Ok(r.handle)
+        }
+        other => bail!("fs_write_open: {other:?}"),
+    }
+}
+
+/// Sends `chunks` (offset, bytes) of upload `handle` with a window; the first failure.
+fn send_chunks(
+    ctl: &mut ControlClient,
+    handle: u64,
+    chunks: impl Iterator<Item = (u64, Vec<u8>)>,
+) -> Result<Result<(), ShimToControl>> {
+    let mut pending = std::collections::VecDeque::new();
+    for (offset, data) in chunks {
+        let id = ctl.id();
+        ctl.send(FsWriteData {
+            id,
+            handle,
+            offset,
+            data: data.into(),
+        })?;
+        pending.push_back(id);
+        if pending.len() >= WINDOW {
+            let id = pending.pop_front().unwrap_or_default();
+            match ctl.reply_to(id, PATIENCE)? {
+                ShimToControl::Ok(_) => {}
+                other => return drain(ctl, pending, other),
+            }
+        }
+    }
+    while let Some(id) = pending.pop_front() {
+        match ctl.reply_to(id, PATIENCE)? {
+            ShimToControl::Ok(_) => {}
+            other => return drain(ctl, pending, other),
+        }
+    }
+    Ok(Ok(()))
+}
+
+/// Reads the replies still due after a failed chunk; the failure.
+fn drain(
+    ctl: &mut ControlClient,
+    pending: std::collections::VecDeque<u64>,
+    failure: ShimToControl,
+) -> Result<Result<(), ShimToControl>> {
+    for id in pending {
+        ctl.reply_to(id, PATIENCE)?;
+    }
+    Ok(Err(failure))
+}
+
+fn close_upload(ctl: &mut ControlClient, handle: u64, abort: bool) -> Result<ShimToControl> {
+    let id = ctl.id();
+    ctl.request(id, FsWriteClose { id, handle, abort })
+}
+
+/// Uploads `data` to `path` in 256 KiB chunks; the close's reply.
+fn upload(ctl: &mut ControlClient, path: &str, data: &[u8]) -> Result<ShimToControl> {
+    let handle = open_upload(ctl, path, false)?;
+    let chunks = data
+        .chunks(256 * 1024)
+        .enumerate()
+        .map(|(i, c)| ((i * 256 * 1024) as u64, c.to_vec()));
+    if let Err(e) = send_chunks(ctl, handle, chunks)? {
+        return Ok(e);
+    }
+    close_upload(ctl, handle, false)
+}
+
+/// Chunk `k` (256 KiB) of the generated large uploads.
+fn big_chunk(k: u64, block: &[u8]) -> Vec<u8> {
+    (0..256 * 1024usize)
+        .map(|i| block.get(i % block.len()).copied().unwrap_or(0) ^ (k as u8))
+        .collect()
+}
+
+/// Whether the file at `path` is the `n` generated chunks.
+fn is_big(path: &Path, n: u64, block: &[u8]) -> Result<bool> {
+    use std::io::Read as _;
+    let mut f = std::fs::File::open(path)?;
+    ensure!(f.metadata()?.len() == n * 256 * 1024, "size");
+    let mut buf = vec![0u8; 256 * 1024];
+    for k in 0..n {
+        f.read_exact(&mut buf)?;
+        if buf != big_chunk(k, block) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// No temporary upload file is left in `dir`.
+fn no_leftovers(dir: &Path) -> Result<()> {
+    for e in std::fs::read_dir(dir)? {
+        let name = e?.file_name();
+        ensure!(
+            !name.to_string_lossy().starts_with(".agent-shim-upload"),
+            "left over: {name:?}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn uploads_binary_and_empty_files_atomically() -> Result<()> {
+    require_root!();
+    let dir = TempDir::new("files-up")?;
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(&root)?;
+    std::fs::write(root.join("existing"), b"old")?;
+    let sock = dir.path().join("c.sock");
+    let shim = shim(&sock, &root, &[])?;
+    let mut ctl = connect(&sock, &shim)?;
+    let binary: Vec<u8> = (0..=255u8).cycle().take(700_001).collect();
+    ensure!(matches!(
+        upload(&mut ctl, "new/dir/bin", &binary)?,
+        ShimToControl::Ok(_)
+    ));
+    assert_eq!(std::fs::read(root.join("new/dir/bin"))?, binary);
+    ensure!(matches!(
+        upload(&mut ctl, "empty", b"")?,
+        ShimToControl::Ok(_)
+    ));
+    assert_eq!(std::fs::read(root.join("empty"))?, b"");
+    // Replaced only at the close: until then the old content stands.
+    let handle = open_upload(&mut ctl, "existing", false)?;
+    let sent = send_chunks(&mut ctl, handle, [(0, b"new content".to_vec())].into_iter())?;
+    ensure!(sent.is_ok(), "{sent:?}");
+    assert_eq!(std::fs::read(root.join("existing"))?, b"old");
+    ensure!(matches!(
+        close_upload(&mut ctl, handle, false)?,
+        ShimToControl::Ok(_)
+    ));
+    assert_eq!(std::fs::read(root.join("existing"))?, b"new content");
+    // An aborted upload leaves nothing.
+    let handle = open_upload(&mut ctl, "existing", false)?;
+    let sent = send_chunks(&mut ctl, handle, [(0, b"never".to_vec())].into_iter())?;
+    ensure!(sent.is_ok(), "{sent:?}");
+    ensure!(matches!(
+        close_upload(&mut ctl, handle, true)?,
+        ShimToControl::Ok(_)
+    ));
+    assert_eq!(std::fs::read(root.join("existing"))?, b"new content");
+    // Append.
+    let handle = open_upload(&mut ctl, "existing", true)?;
+    let sent = send_chunks(&mut ctl, handle, [(0, b" and more".to_vec())].into_iter())?;
+    ensure!(sent.is_ok(), "{sent:?}");
+    ensure!(matches!(
+        close_upload(&mut ctl, handle, false)?,
+        ShimToControl::Ok(_)
+    ));
+    assert_eq!(
+        std::fs::read(root.join("existing"))?,
+        b"new content and more"
+    );
+    // Escapes and closed uploads.
+    let id = ctl.id();
+    let r = ctl.request(
+        id,
+        FsWriteOpen {
+            id,
+            path: "../x".into(),
+            mode: None,
+            parents: false,
+            append: false,
+            handle: None,
+        },
+    )?;
+    assert_eq!(code(&r), Some(ErrorCode::BadPath));
+    assert_eq!(
+        code(&close_upload(&mut ctl, handle, false)?),
+        Some(ErrorCode::NotFound)
+    );
+    for d in [root.clone(), root.join("new/dir")] {
+        no_leftovers(&d)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn an_upload_cut_mid_way_resumes_by_offset() -> Result<()> {
+    require_root!();
+    let dir = TempDir::new("files-up-resume")?;
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(&root)?;
+    let sock = dir.path().join("c.sock");
+    let shim = shim(&sock, &root, &[])?;
+    let mut ctl = connect(&sock, &shim)?;
+    let block = generated(4096);
+    const N: u64 = 64; // 16 MiB
+    let handle = open_upload(&mut ctl, "data", false)?;
+    let first = send_chunks(
+        &mut ctl,
+        handle,
+        (0..N / 2).map(|k| (k * 256 * 1024, big_chunk(k, &block))),
+    )?;
+    ensure!(first.is_ok(), "{first:?}");
+    // A few more sent and never acknowledged to us: the connection is cut.
+    for k in N / 2..N / 2 + 3 {
+        let id = ctl.id();
+        ctl.send(FsWriteData {
+            id,
+            handle,
+            offset: k * 256 * 1024,
+            data: big_chunk(k, &block).into(),
+        })?;
+    }
+    ctl.kill();
+    let mut ctl = connect_after(&sock, &shim, Some(&ctl))?;
+    let id = ctl.id();
+    let r = ctl.request(
+        id,
+        FsWriteOpen {
+            id,
+            path: "data".into(),
+            mode: None,
+            parents: false,
+            append: false,
+            handle: Some(handle),
+        },
+    )?;
+    let ShimToControl::FsWriteReady(ready) = r else {
+        bail!("{r:?}");
+    };
+    ensure!(
+        ready.offset >= (N / 2) * 256 * 1024 && ready.offset % (256 * 1024) == 0,
+        "{}",
+        ready.offset
+    );
+    let from = ready.offset / (256 * 1024);
+    // The chunk before the offset again: a duplicate, taken as done.
+    let rest = send_chunks(
+        &mut ctl,
+        handle,
+        (from - 1..N).map(|k| (k * 256 * 1024, big_chunk(k, &block))),
+    )?;
+    ensure!(rest.is_ok(), "{rest:?}");
+    ensure!(matches!(
+        close_upload(&mut ctl, handle, false)?,
+        ShimToControl::Ok(_)
+    ));
+    ensure!(
+        is_big(&root.join("data"), N, &block)?,
+        "the resumed upload is the file"
+    );
+    no_leftovers(&root)
+}
+
+#[test]
+fn one_gib_uploads_exactly() -> Result<()> {
+    require_root!();
+    let dir = TempDir::new("files-up-gib")?;
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(&root)?;
+    let sock = dir.path().join("c.sock");
+    let shim = shim(&sock, &root, &[])?;
+    let mut ctl = connect(&sock, &shim)?;
+    let block = generated(4096);
+    const N: u64 = 4096; // 1 GiB
+    let started = Instant::now();
+    let handle = open_upload(&mut ctl, "gib", false)?;
+    let sent = send_chunks(
+        &mut ctl,
+        handle,
+        (0..N).map(|k| (k * 256 * 1024, big_chunk(k, &block))),
+    )?;
+    ensure!(sent.is_ok(), "{sent:?}");
+    ensure!(matches!(
+        close_upload(&mut ctl, handle, false)?,
+        ShimToControl::Ok(_)
+    ));
+    eprintln!("1 GiB uploaded in {:?}", started.elapsed());
+    ensure!(is_big(&root.join("gib"), N, &block)?, "every byte as sent");
+    Ok(())
+}
+
+#[test]
+fn concurrent_writers_to_one_path_never_tear_it() -> Result<()> {
+    require_root!();
+    let dir = TempDir::new("files-up-race")?;
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(&root)?;
+    let sock = dir.path().join("c.sock");
+    let shim = shim(&sock, &root, &[])?;
+    let mut ctl = connect(&sock, &shim)?;
+    let writers = 4u8;
+    let len = 1 << 20;
+    let handles: Vec<u64> = (0..writers)
+        .map(|_| open_upload(&mut ctl, "shared", false))
+        .collect::<Result<_>>()?;
+    // Interleaved chunks of every writer.
+    for off in (0..len).step_by(64 * 1024) {
+        for (w, h) in handles.iter().enumerate() {
+            let sent = send_chunks(
+                &mut ctl,
+                *h,
+                [(off as u64, vec![w as u8; 64 * 1024])].into_iter(),
+            )?;
+            ensure!(sent.is_ok(), "{sent:?}");
+        }
+    }
+    // Closed in an order that is not the opening one: the last close wins.
+    for w in [2usize, 0, 3, 1] {
+        ensure!(matches!(
+            close_upload(&mut ctl, handles[w], false)?,
+            ShimToControl::Ok(_)
+        ));
+        let now = std::fs::read(root.join("shared"))?;
+        ensure!(
+            now.len() == len && now.iter().all(|b| *b == w as u8),
+            "after writer {w}: torn or wrong"
+        );
+    }
+    no_leftovers(&root)
+}
+
+#[test]
+fn a_full_file_system_is_no_space_and_leaves_nothing() -> Result<()> {
+    require_root!();
+    let dir = TempDir::new("files-full")?;
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(root.join("small"))?;
+    std::fs::set_permissions(root.join("small"), std::fs::Permissions::from_mode(0o755))?;
+    let small = root.join("small");
+    let sock = dir.path().join("c.sock");
+    // The driver mounts a 1 MiB tmpfs in the shim's private mount namespace, then runs.
+    let driver = Driver::Rust.argv()?;
+    let script = format!(
+        "mount -t tmpfs -o size=1m,mode=0777 tmpfs '{}' && exec '{}'",
+        small.display(),
+        driver
+            .first()
+            .map(|d| d.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    );
+    let mut args: Vec<OsString> = vec![
+        "--control-listen".into(),
+        format!("unix:{}", sock.display()).into(),
+        "--control-insecure".into(),
+        "--fs-root".into(),
+        root.clone().into(),
+    ];
+    for (k, v) in FAST {
+        args.push(k.into());
+        args.push(v.into());
+    }
+    let shim = Shim::new()
+        .pidns()
+        .args(args)
+        .cmd(["sh", "-c", &script])
+        .start()?;
+    let mut ctl = connect(&sock, &shim)?;
+    let mounted = crate::support::poll_until(PATIENCE, || {
+        entry(stat(&mut ctl, "small", false).ok()?)
+            .ok()
+            .filter(|e| e.mode == 0o777)
+    });
+    ensure!(
+        mounted.is_some(),
+        "the tmpfs was not mounted\n{}",
+        shim.context()
+    );
+    ensure!(matches!(
+        upload(&mut ctl, "small/f", b"old")?,
+        ShimToControl::Ok(_)
+    ));
+    let big = vec![7u8; 3 << 20];
+    let r = upload(&mut ctl, "small/f", &big)?;
+    assert_eq!(code(&r), Some(ErrorCode::NoSpace), "{r:?}");
+    assert_eq!(
+        read_all(&mut ctl, "small/f")?.ok().as_deref(),
+        Some(&b"old"[..])
+    );
+    let id = ctl.id();
+    let r = ctl.request(
+        id,
+        FsList {
+            id,
+            path: "small".into(),
+            after: None,
+            limit: None,
+        },
+    )?;
+    let ShimToControl::FsListReply(list) = r else {
+        bail!("{r:?}");
+    };
+    let names: Vec<_> = list.entries.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(names, ["f"], "no temporary file left");
+    ctl.status()?;
     Ok(())
 }

@@ -751,6 +751,7 @@ fn re_of(msg: &ShimToControl) -> Option<RequestId> {
         ShimToControl::FsStatReply(r) => Some(r.re),
         ShimToControl::FsListReply(r) => Some(r.re),
         ShimToControl::FsData(d) => Some(d.re),
+        ShimToControl::FsWriteReady(r) => Some(r.re),
         _ => None,
     }
 }
