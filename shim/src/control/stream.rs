@@ -92,9 +92,8 @@ impl ReplyStream {
 
     /// Resolves once the connection is closed. Cancel-safe.
     pub async fn gone(&self) {
-        match &self.conn {
-            Some(conn) => conn.closed().await,
-            None => {}
+        if let Some(conn) = &self.conn {
+            conn.closed().await;
         }
     }
 

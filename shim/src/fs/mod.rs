@@ -235,6 +235,12 @@ fn final_message(id: RequestId, body: &[u8], read: bool) -> ShimToControl {
     }
 }
 
+/// The child's final message (it exits by itself now).
+fn finish(helper: &mut Helper, id: RequestId, body: &[u8]) -> ShimToControl {
+    helper.finished();
+    final_message(id, body, true)
+}
+
 /// Why the child ended without its answer.
 fn vanished() -> ShimToControl {
     error(
@@ -301,10 +307,7 @@ async fn read(m: FsRead, mut stream: ReplyStream, mut helper: Helper) {
                 offset = offset.saturating_add(len);
                 frame.into()
             }
-            Ok(Some(Record::Msg(body))) => match {
-                helper.finished();
-                final_message(id, &body, true)
-            } {
+            Ok(Some(Record::Msg(body))) => match finish(&mut helper, id, &body) {
                 ShimToControl::Ok(_) => FsData {
                     re: id,
                     offset,

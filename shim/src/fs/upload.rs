@@ -45,10 +45,13 @@ struct State {
     close: Option<(Reply, bool)>,
 }
 
+/// One open upload: its state and its task's wake-up.
+type Open = (Rc<RefCell<State>>, Rc<Notify>);
+
 /// The open uploads, by handle.
 #[derive(Debug, Default)]
 pub struct Uploads {
-    open: RefCell<HashMap<u64, (Rc<RefCell<State>>, Rc<Notify>)>>,
+    open: RefCell<HashMap<u64, Open>>,
     next: std::cell::Cell<u64>,
 }
 
