@@ -1015,3 +1015,5 @@ fn a_full_file_system_is_no_space_and_leaves_nothing() -> Result<()> {
     ctl.status()?;
     Ok(())
 }
+
+mod client;
