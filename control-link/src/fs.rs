@@ -28,6 +28,9 @@ const WRITE_CHUNK: usize = 256 * 1024;
 /// Unanswered `fs_write_data` per upload (4 MiB in flight, under the shim's 8 MiB).
 const WRITE_WINDOW: usize = 16;
 
+/// A chunk sent and not yet answered: its offset, its bytes (to send again), its call.
+type InFlight = (u64, Bytes, tokio::task::JoinHandle<Result<(), Error>>);
+
 /// How a file is written.
 #[derive(Debug, Clone, Default)]
 pub struct WriteOptions {
@@ -188,8 +191,7 @@ impl Files {
             other => return Err(unexpected(&other)),
         };
         // Chunks sent and not yet answered, kept to send again after a loss.
-        let mut window: VecDeque<(u64, Bytes, tokio::task::JoinHandle<Result<(), Error>>)> =
-            VecDeque::new();
+        let mut window: VecDeque<InFlight> = VecDeque::new();
         let mut offset = 0u64;
         let mut eof = false;
         while !eof || !window.is_empty() {
