@@ -726,6 +726,21 @@ fn samples() -> Vec<Sample> {
                 abort: false,
             }),
         ),
+        s(
+            "Watch a tree for changes.",
+            C::FsWatch(FsWatch {
+                id: 0x5eed_0000_0000_0019,
+                path: "/work".to_owned(),
+                recursive: true,
+            }),
+        ),
+        s(
+            "End the watch started by request 0x5eed000000000019.",
+            C::FsUnwatch(FsUnwatch {
+                id: 0x5eed_0000_0000_001a,
+                watch: 0x5eed_0000_0000_0019,
+            }),
+        ),
         // ----- shim → control
         s(
             "The shim's handshake to the control plane, with its agent id and nonce (32 × 0x01).",
@@ -875,6 +890,16 @@ fn samples() -> Vec<Sample> {
             E::TaskAccepted(TaskAccepted {
                 task_id: "task-7f3a".to_owned(),
                 position: 1,
+            }),
+        ),
+        s(
+            "A file moved within a watched tree.",
+            E::FsEvent(FsEvent {
+                watch: 0x5eed_0000_0000_0019,
+                change: FsChange::Renamed,
+                path: "/work/draft.md".to_owned(),
+                to: some("/work/final.md"),
+                dropped: None,
             }),
         ),
         s(

@@ -809,6 +809,14 @@ fn control_to_shim() -> impl Strategy<Value = ControlToShim> {
         }),
         (any::<u64>(), any::<u64>(), any::<bool>())
             .prop_map(|(id, handle, abort)| M::FsWriteClose(FsWriteClose { id, handle, abort })),
+        (any::<u64>(), text(), any::<bool>()).prop_map(|(id, path, recursive)| M::FsWatch(
+            FsWatch {
+                id,
+                path,
+                recursive
+            }
+        )),
+        (any::<u64>(), any::<u64>()).prop_map(|(id, watch)| M::FsUnwatch(FsUnwatch { id, watch })),
     ]
 }
 
@@ -871,6 +879,27 @@ fn event() -> impl Strategy<Value = Event> {
         idle().prop_map(M::Idle),
         Just(Busy {}).prop_map(M::Busy),
         oom().prop_map(M::Oom),
+        (
+            any::<u64>(),
+            prop_oneof![
+                Just(FsChange::Created),
+                Just(FsChange::Modified),
+                Just(FsChange::Removed),
+                Just(FsChange::Renamed),
+                Just(FsChange::Overflow),
+                Just(FsChange::Ended),
+            ],
+            text(),
+            opt_text(),
+            proptest::option::of(any::<u64>())
+        )
+            .prop_map(|(watch, change, path, to, dropped)| M::FsEvent(FsEvent {
+                watch,
+                change,
+                path,
+                to,
+                dropped
+            })),
     ]
 }
 

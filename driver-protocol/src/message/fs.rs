@@ -232,3 +232,62 @@ pub struct FsWriteClose {
     #[serde(default, deserialize_with = "nil_as_default")]
     pub abort: bool,
 }
+
+/// `fs_watch`: report changes under a directory (or to a file) as `fs_event` events until
+/// `fs_unwatch`; answered by `ok`. The watch is named by this request's `id`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsWatch {
+    /// The request id, and the watch's name in its events.
+    pub id: RequestId,
+    /// What to watch, under the file root.
+    pub path: String,
+    /// Watch the whole tree below a directory (directories created later too).
+    #[serde(default, deserialize_with = "nil_as_default")]
+    pub recursive: bool,
+}
+
+/// `fs_unwatch`: end a watch; answered by `ok`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsUnwatch {
+    /// The request id.
+    pub id: RequestId,
+    /// The watch: the `id` of its `fs_watch`.
+    pub watch: RequestId,
+}
+
+/// What happened to a watched path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FsChange {
+    /// Created (or moved in).
+    Created,
+    /// Its content changed (a write was closed, or the attributes changed).
+    Modified,
+    /// Removed (or moved out).
+    Removed,
+    /// Moved within the watch: `path` is the old path, `to` the new.
+    Renamed,
+    /// Events were lost (the kernel's queue overflowed, or the watch's rate limit was
+    /// reached): `dropped` says how many at least, when known. Rescan what matters.
+    Overflow,
+    /// The watch ended by itself (its directory was removed, or it failed).
+    Ended,
+}
+
+/// `fs_event`: a change under a watch, through the event stream (exactly once, with a seq).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsEvent {
+    /// The watch: the `id` of its `fs_watch`.
+    pub watch: RequestId,
+    /// What happened.
+    pub change: FsChange,
+    /// The path, under the file root (empty for `overflow`).
+    #[serde(default, deserialize_with = "nil_as_default")]
+    pub path: String,
+    /// For `renamed`: the new path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// For `overflow`: events dropped, at least.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropped: Option<u64>,
+}

@@ -369,6 +369,10 @@ message_set! {
         "fs_write_data" => FsWriteData(FsWriteData),
         /// Finish or abort an upload.
         "fs_write_close" => FsWriteClose(FsWriteClose),
+        /// Watch a path.
+        "fs_watch" => FsWatch(FsWatch),
+        /// End a watch.
+        "fs_unwatch" => FsUnwatch(FsUnwatch),
     }
 }
 
@@ -437,6 +441,9 @@ with_driver_events! {
             "busy" => Busy(Busy),
             /// The OOM killer killed processes in the sandbox.
             "oom" => Oom(Oom),
+            // files
+            /// A change under an `fs_watch`.
+            "fs_event" => FsEvent(FsEvent),
         }
     }
 }

@@ -153,6 +153,10 @@ pub struct SupervisorOpts {
     pub fs_root: PathBuf,
     /// `--fs-max-ops`: file operations running at once.
     pub fs_max_ops: usize,
+    /// `--fs-max-watches`: watches at once.
+    pub fs_max_watches: usize,
+    /// `--fs-watch-rate`: events a second per watch.
+    pub fs_watch_rate: u32,
 }
 
 impl Default for SupervisorOpts {
@@ -230,6 +234,8 @@ impl Config {
                 oom_score_adj: crate::oom::ChildScores::default(),
                 fs_root: PathBuf::new(),
                 fs_max_ops: 0,
+                fs_max_watches: 0,
+                fs_watch_rate: 0,
             },
         }
     }

@@ -728,6 +728,8 @@ pub(super) fn request_id(msg: &ControlToShim) -> Option<RequestId> {
         ControlToShim::FsWriteOpen(m) => Some(m.id),
         ControlToShim::FsWriteData(m) => Some(m.id),
         ControlToShim::FsWriteClose(m) => Some(m.id),
+        ControlToShim::FsWatch(m) => Some(m.id),
+        ControlToShim::FsUnwatch(m) => Some(m.id),
         ControlToShim::Unknown(m) => m.id,
         ControlToShim::Hello(_)
         | ControlToShim::Auth(_)

@@ -57,6 +57,8 @@ pub enum Record {
     Data(Bytes),
     /// A `ShimToControl` body.
     Msg(Bytes),
+    /// An `Event` body (a watch's `fs_event`).
+    Event(Bytes),
 }
 
 /// A running operation's process, killed on drop unless it [`finished`](Helper::finished).
@@ -161,7 +163,8 @@ impl Records {
                 let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
                     as usize;
                 let max = if tag == TAG_DATA { CHUNK } else { MSG_MAX };
-                if (tag != TAG_DATA && tag != TAG_MSG) || len > max {
+                let known = matches!(tag, TAG_DATA | TAG_MSG | super::watch::TAG_EVENT);
+                if !known || len > max {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
                         "bad record from the operation's process",
@@ -172,6 +175,9 @@ impl Records {
                     let payload = self.buf.split_to(len).freeze();
                     if tag == TAG_MSG {
                         return Ok(Some(Record::Msg(payload)));
+                    }
+                    if tag == super::watch::TAG_EVENT {
+                        return Ok(Some(Record::Event(payload)));
                     }
                     return Ok(Some(Record::Data(payload)));
                 }

@@ -28,6 +28,7 @@ mod confine;
 mod helper;
 mod ops;
 mod upload;
+mod watch;
 
 use std::cell::Cell;
 use std::ffi::CString;
@@ -38,8 +39,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use driver_protocol::message::{
-    ControlToShim, ErrorMsg, FsData, FsList, FsMkdir, FsRead, FsRemove, FsRename, FsStat,
-    FsWriteOpen, Message as _, RequestId, ShimToControl,
+    ControlToShim, ErrorMsg, Event, FsChange, FsData, FsEvent, FsList, FsMkdir, FsRead, FsRemove,
+    FsRename, FsStat, FsWatch, FsWriteOpen, Message as _, OkReply, RequestId, ShimToControl,
 };
 use driver_protocol::ErrorCode;
 use tracing::{debug, warn};
@@ -69,6 +70,8 @@ pub enum Op {
     Rename(FsRename),
     /// `fs_write_open` of a new upload.
     Write(FsWriteOpen),
+    /// `fs_watch`.
+    Watch(FsWatch),
 }
 
 impl Op {
@@ -81,6 +84,7 @@ impl Op {
             Self::Remove(m) => m.id,
             Self::Rename(m) => m.id,
             Self::Write(m) => m.id,
+            Self::Watch(m) => m.id,
         }
     }
 }
@@ -92,11 +96,34 @@ pub struct Files {
     running: Rc<Cell<usize>>,
     max: usize,
     uploads: Rc<upload::Uploads>,
+    /// Running watches, by the id of their `fs_watch`.
+    watches: Rc<std::cell::RefCell<std::collections::HashMap<RequestId, tokio::task::AbortHandle>>>,
+    max_watches: usize,
+    /// Events per second per watch.
+    watch_rate: u32,
+    /// Watch events for the shell to publish (bounded).
+    events_tx: tokio::sync::mpsc::Sender<Event>,
+    events_rx: tokio::sync::mpsc::Receiver<Event>,
+}
+
+/// Watch events waiting for the shell, at most.
+const EVENT_QUEUE: usize = 4096;
+
+/// Limits of the file operations.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Operations and uploads at once (`--fs-max-ops`).
+    pub ops: usize,
+    /// Watches at once (`--fs-max-watches`).
+    pub watches: usize,
+    /// Events per second per watch (`--fs-watch-rate`).
+    pub watch_rate: u32,
 }
 
 impl Files {
-    /// File operations beneath `root`, as `user`, at most `max` at once.
-    pub fn new(root: &Path, user: Option<(u32, u32)>, umask: Option<u32>, max: usize) -> Self {
+    /// File operations beneath `root`, as `user`, within `limits`.
+    pub fn new(root: &Path, user: Option<(u32, u32)>, umask: Option<u32>, limits: Limits) -> Self {
+        let (events_tx, events_rx) = tokio::sync::mpsc::channel(EVENT_QUEUE);
         let root = CString::new(root.as_os_str().as_bytes()).unwrap_or_else(|_| c"/".to_owned());
         Self {
             settings: Rc::new(Settings {
@@ -106,9 +133,24 @@ impl Files {
                 force_walk: false,
             }),
             running: Rc::new(Cell::new(0)),
-            max,
+            max: limits.ops,
             uploads: Rc::default(),
+            watches: Rc::default(),
+            max_watches: limits.watches,
+            watch_rate: limits.watch_rate.max(1),
+            events_tx,
+            events_rx,
         }
+    }
+
+    /// The next watch events to publish (up to 256). Cancel-safe.
+    pub async fn next_events(&mut self) -> Vec<Event> {
+        let mut out = Vec::new();
+        if self.events_rx.recv_many(&mut out, 256).await == 0 {
+            // We hold a sender: never closed.
+            std::future::pending::<()>().await;
+        }
+        out
     }
 
     /// Takes a file operation (started on its own task), or gives any other command back.
@@ -137,6 +179,26 @@ impl Files {
                 self.uploads.close(m, reply);
                 return None;
             }
+            ControlToShim::FsWatch(m) => {
+                if self.watches.borrow().len() >= self.max_watches {
+                    let msg = format!("{} watches are running", self.max_watches);
+                    reply.send(error(m.id, ErrorCode::Limit, msg));
+                    return None;
+                }
+                Op::Watch(m)
+            }
+            ControlToShim::FsUnwatch(m) => {
+                let msg = match self.watches.borrow_mut().remove(&m.watch) {
+                    Some(task) => {
+                        // Dropping the task kills the watch's process.
+                        task.abort();
+                        OkReply { re: m.id }.into()
+                    }
+                    None => error(m.id, ErrorCode::NotFound, format!("no watch {}", m.watch)),
+                };
+                reply.send(msg);
+                return None;
+            }
             request => return Some(Command { request, reply }),
         };
         let id = op.id();
@@ -158,6 +220,19 @@ impl Files {
         debug!(id, pid = helper.pid(), op = ?op, "file operation started");
         if let Op::Write(m) = op {
             self.uploads.start(m, reply, helper, slot);
+            return None;
+        }
+        if let Op::Watch(_) = op {
+            // A watch holds a watch's place, not an operation's.
+            drop(slot);
+            let watches = Rc::clone(&self.watches);
+            let events = self.events_tx.clone();
+            let rate = self.watch_rate;
+            let task = tokio::task::spawn_local(async move {
+                watch(id, reply, helper, events, rate).await;
+                watches.borrow_mut().remove(&id);
+            });
+            self.watches.borrow_mut().insert(id, task.abort_handle());
             return None;
         }
         tokio::task::spawn_local(async move {
@@ -259,8 +334,8 @@ async fn answer(id: RequestId, reply: Reply, mut helper: Helper) {
                     helper.finished();
                     return final_message(id, &body, false);
                 }
-                // Only reads send data.
-                Ok(Some(Record::Data(_))) => {}
+                // Only reads send data, only watches events.
+                Ok(Some(Record::Data(_) | Record::Event(_))) => {}
                 Ok(None) | Err(_) => {
                     let mut e = vanished();
                     if let ShimToControl::Error(e) = &mut e {
@@ -317,7 +392,7 @@ async fn read(m: FsRead, mut stream: ReplyStream, mut helper: Helper) {
                 .into(),
                 other => other,
             },
-            Ok(None) | Err(_) => {
+            Ok(None) | Err(_) | Ok(Some(Record::Event(_))) => {
                 let mut e = vanished();
                 if let ShimToControl::Error(e) = &mut e {
                     e.re = Some(id);
@@ -332,6 +407,95 @@ async fn read(m: FsRead, mut stream: ReplyStream, mut helper: Helper) {
         }
         if last {
             return;
+        }
+    }
+}
+
+/// Runs a watch: answers its `fs_watch` once the process has set it up, then relays its
+/// events, at most `rate` a second (the rest counted and reported as one `overflow`).
+async fn watch(
+    id: RequestId,
+    reply: Reply,
+    mut helper: Helper,
+    events: tokio::sync::mpsc::Sender<Event>,
+    rate: u32,
+) {
+    match tokio::time::timeout(OP_TIMEOUT, helper.rd.next()).await {
+        Ok(Ok(Some(Record::Msg(body)))) => {
+            let msg = final_message(id, &body, false);
+            let ok = matches!(msg, ShimToControl::Ok(_));
+            reply.send(msg);
+            if !ok {
+                helper.finished();
+                return;
+            }
+        }
+        _ => {
+            reply.send(error(
+                id,
+                ErrorCode::Internal,
+                "the watch could not be set up".to_owned(),
+            ));
+            return;
+        }
+    }
+    let mut dropped: u64 = 0;
+    let mut tokens = f64::from(rate);
+    let mut last = tokio::time::Instant::now();
+    let mut offer = |ev: FsEvent, dropped: &mut u64| {
+        let now = tokio::time::Instant::now();
+        tokens = (tokens + now.duration_since(last).as_secs_f64() * f64::from(rate))
+            .min(f64::from(rate));
+        last = now;
+        if *dropped > 0 && events.capacity() > 1 && tokens >= 2.0 {
+            let lost = FsEvent {
+                watch: id,
+                change: FsChange::Overflow,
+                path: String::new(),
+                to: None,
+                dropped: Some(*dropped),
+            };
+            if events.try_send(Event::FsEvent(lost)).is_ok() {
+                tokens -= 1.0;
+                *dropped = 0;
+            }
+        }
+        if *dropped == 0 && tokens >= 1.0 && events.try_send(Event::FsEvent(ev)).is_ok() {
+            tokens -= 1.0;
+        } else {
+            *dropped += 1;
+        }
+    };
+    loop {
+        match helper.rd.next().await {
+            Ok(Some(Record::Event(body))) => match Event::decode(&body) {
+                Ok(Event::FsEvent(ev)) if ev.watch == id => offer(ev, &mut dropped),
+                _ => warn!(id, "a watch sent something else than its events"),
+            },
+            Ok(Some(Record::Msg(_))) | Ok(None) | Err(_) => {
+                helper.finished();
+                let end = FsEvent {
+                    watch: id,
+                    change: FsChange::Ended,
+                    path: String::new(),
+                    to: None,
+                    dropped: None,
+                };
+                offer(end, &mut dropped);
+                if dropped > 0 {
+                    // The end is said, even when the rest was dropped.
+                    let lost = FsEvent {
+                        watch: id,
+                        change: FsChange::Overflow,
+                        path: String::new(),
+                        to: None,
+                        dropped: Some(dropped),
+                    };
+                    let _ = events.send(Event::FsEvent(lost)).await;
+                }
+                return;
+            }
+            Ok(Some(Record::Data(_))) => {}
         }
     }
 }

@@ -44,7 +44,7 @@ pub struct Failure {
 }
 
 impl Failure {
-    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+    pub(super) fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
             code,
             message: message.into(),
@@ -91,7 +91,7 @@ impl<W: Write> Out<W> {
         Self { w }
     }
 
-    fn record(&mut self, tag: u8, payload: &[u8]) -> std::io::Result<()> {
+    pub(super) fn record(&mut self, tag: u8, payload: &[u8]) -> std::io::Result<()> {
         let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
         let mut head = [0u8; 5];
         head[0] = tag;
@@ -129,6 +129,7 @@ pub fn run<R: Read, W: Write>(
 ) -> Result<ShimToControl, Failure> {
     match op {
         Op::Write(m) => write(m, root, walk, input, out),
+        Op::Watch(m) => super::watch::run(m, root, walk, out),
         Op::Stat(m) => stat(m, root, walk),
         Op::List(m) => list(m, root, walk),
         Op::Read(m) => read(m, root, walk, out),
@@ -202,7 +203,7 @@ fn stat(m: &FsStat, root: RawFd, walk: bool) -> Result<ShimToControl, Failure> {
 }
 
 /// A directory stream over an owned descriptor (`fdopendir`), closed on drop.
-struct DirStream(*mut libc::DIR);
+pub(super) struct DirStream(*mut libc::DIR);
 
 impl DirStream {
     fn open(fd: OwnedFd) -> Result<Self, Errno> {
@@ -218,13 +219,13 @@ impl DirStream {
         Ok(Self(dir))
     }
 
-    fn fd(&self) -> RawFd {
+    pub(super) fn fd(&self) -> RawFd {
         // SAFETY: `self.0` is a valid, open DIR.
         unsafe { libc::dirfd(self.0) }
     }
 
     /// The next name (without `.` and `..`); `None` at the end.
-    fn next_name(&mut self) -> Result<Option<CString>, Errno> {
+    pub(super) fn next_name(&mut self) -> Result<Option<CString>, Errno> {
         loop {
             Errno::clear();
             // SAFETY: `self.0` is a valid DIR; the entry is copied before the next call.
@@ -253,7 +254,12 @@ impl Drop for DirStream {
     }
 }
 
-fn open_dir(root: RawFd, rel: &[&str], walk: bool, path: &str) -> Result<DirStream, Failure> {
+pub(super) fn open_dir(
+    root: RawFd,
+    rel: &[&str],
+    walk: bool,
+    path: &str,
+) -> Result<DirStream, Failure> {
     let fd = open_beneath(
         root,
         rel,

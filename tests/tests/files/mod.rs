@@ -1017,3 +1017,91 @@ fn a_full_file_system_is_no_space_and_leaves_nothing() -> Result<()> {
 }
 
 mod client;
+
+#[test]
+fn a_watch_on_a_tree_reports_every_change_or_says_it_overflowed() -> Result<()> {
+    use driver_protocol::message::{Event, FsChange, FsUnwatch, FsWatch};
+    require_root!();
+    let dir = TempDir::new("files-watch")?;
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(root.join("w/deep"))?;
+    let sock = dir.path().join("c.sock");
+    let shim = shim(&sock, &root, &["--fs-watch-rate", "100000"])?;
+    let mut ctl = connect(&sock, &shim)?;
+    ctl.resume_from(0)?;
+    let id = ctl.id();
+    let r = ctl.request(
+        id,
+        FsWatch {
+            id,
+            path: "/w".into(),
+            recursive: true,
+        },
+    )?;
+    ensure!(matches!(r, ShimToControl::Ok(_)), "{r:?}");
+    let watch = id;
+    // A directory made after the watch is watched too.
+    std::fs::create_dir(root.join("w/later"))?;
+    std::thread::sleep(Duration::from_millis(200));
+    let mut want = std::collections::BTreeSet::new();
+    for n in 0..1000 {
+        let sub = ["deep", "later", ""][n % 3];
+        let rel = if sub.is_empty() {
+            format!("f{n}")
+        } else {
+            format!("{sub}/f{n}")
+        };
+        std::fs::write(root.join("w").join(&rel), b"x")?;
+        want.insert(format!("/w/{rel}"));
+    }
+    std::fs::rename(root.join("w/f2"), root.join("w/g2"))?;
+    let mut overflow = false;
+    let mut renamed = false;
+    let deadline = Instant::now() + PATIENCE;
+    while (!want.is_empty() || !renamed) && !overflow && Instant::now() < deadline {
+        let env = ctl.next_event(PATIENCE)?;
+        let seq = env.seq;
+        if let Event::FsEvent(e) = env.event {
+            ensure!(e.watch == watch);
+            match e.change {
+                FsChange::Created | FsChange::Modified => {
+                    want.remove(&e.path);
+                }
+                FsChange::Renamed => {
+                    renamed |= e.path == "/w/f2" && e.to.as_deref() == Some("/w/g2");
+                }
+                FsChange::Overflow => overflow = true,
+                _ => {}
+            }
+        }
+        ctl.ack(seq)?;
+    }
+    eprintln!(
+        "watch: overflow {overflow}, unreported {}, renamed {renamed}",
+        want.len()
+    );
+    ensure!(
+        overflow || (want.is_empty() && renamed),
+        "{} changes neither reported nor covered by an overflow (renamed: {renamed})",
+        want.len()
+    );
+    let id = ctl.id();
+    let r = ctl.request(id, FsUnwatch { id, watch })?;
+    ensure!(matches!(r, ShimToControl::Ok(_)), "{r:?}");
+    let id = ctl.id();
+    let r = ctl.request(id, FsUnwatch { id, watch })?;
+    assert_eq!(code(&r), Some(ErrorCode::NotFound));
+    // An escape is refused like any path.
+    let id = ctl.id();
+    let r = ctl.request(
+        id,
+        FsWatch {
+            id,
+            path: "../".into(),
+            recursive: false,
+        },
+    )?;
+    assert_eq!(code(&r), Some(ErrorCode::BadPath));
+    ctl.status()?;
+    Ok(())
+}

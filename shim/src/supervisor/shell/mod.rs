@@ -139,7 +139,11 @@ pub(super) async fn shell(
             &cfg.sup.fs_root,
             cfg.sup.user,
             cfg.sup.limits.umask,
-            cfg.sup.fs_max_ops,
+            crate::fs::Limits {
+                ops: cfg.sup.fs_max_ops,
+                watches: cfg.sup.fs_max_watches,
+                watch_rate: cfg.sup.fs_watch_rate,
+            },
         ),
     };
     sh.core.start();
@@ -252,6 +256,12 @@ pub(super) async fn shell(
             }
             () = sleep_until(sh.rate.suppressed_due()), if !full => {
                 sh.flush_suppressed(Instant::now());
+            }
+            // files: a watch's event (held back while the event buffer is full)
+            evs = sh.files.next_events(), if !full => {
+                for ev in &evs {
+                    sh.publish(ev);
+                }
             }
         }
         if sh.last_seq() != published {
