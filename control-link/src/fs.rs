@@ -13,8 +13,8 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use driver_protocol::message::{
-    ControlToShim, FsEntry, FsList, FsMkdir, FsRead, FsRemove, FsRename, FsStat, FsWriteClose,
-    FsWriteData, FsWriteOpen, ShimToControl,
+    ControlToShim, FsEntry, FsList, FsMkdir, FsRead, FsRemove, FsRename, FsStat, FsUnwatch,
+    FsWatch, FsWriteClose, FsWriteData, FsWriteOpen, ShimToControl,
 };
 use tokio::io::{AsyncRead, AsyncReadExt as _, ReadBuf};
 use tokio::sync::mpsc;
@@ -149,6 +149,35 @@ impl Files {
     pub async fn rename(&self, from: &str, to: &str) -> Result<(), Error> {
         let (from, to) = (from.to_owned(), to.to_owned());
         self.call_ok(|id| FsRename { id, from, to }.into()).await
+    }
+
+    /// Watches `path` (the tree below, with `recursive`): its changes arrive as
+    /// `Event::FsEvent` on the client's event stream ([`Client::events`]), exactly once,
+    /// with `watch` = the id returned here, until [`Files::unwatch`].
+    pub async fn watch(&self, path: &str, recursive: bool) -> Result<u64, Error> {
+        let path = path.to_owned();
+        let id = self.client.next_id();
+        match self
+            .client
+            .call(
+                id,
+                FsWatch {
+                    id,
+                    path,
+                    recursive,
+                }
+                .into(),
+            )
+            .await?
+        {
+            ShimToControl::Ok(_) => Ok(id),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Ends the watch `watch` (the id [`Files::watch`] returned).
+    pub async fn unwatch(&self, watch: u64) -> Result<(), Error> {
+        self.call_ok(|id| FsUnwatch { id, watch }.into()).await
     }
 
     /// The file's bytes from `offset`, as they stream in.

@@ -244,6 +244,17 @@ enum Cmd {
         /// Its new path.
         to: String,
     },
+    /// Print the changes under a path in the sandbox, acking each once printed.
+    Watch {
+        /// The tree below, directories created later included.
+        #[arg(short = 'r', long)]
+        recursive: bool,
+        /// Stop after N changes (default: until interrupted).
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+        /// The path in the sandbox.
+        path: String,
+    },
 }
 
 /// Parses the command line; a rejected one exits here (2, or 125 for `exec`), `--help` and
@@ -613,6 +624,11 @@ async fn command(client: &Client, cmd: Cmd, out: &Out) -> Result<u8, Fail> {
             files::simple(client, files::Simple::Mkdir { path, parents }, out).await
         }
         Cmd::Mv { from, to } => files::simple(client, files::Simple::Mv { from, to }, out).await,
+        Cmd::Watch {
+            recursive,
+            count,
+            path,
+        } => files::watch(client, &path, recursive, count, out).await,
         Cmd::Shutdown { grace } => {
             client.shutdown(grace, Some("agentctl")).await?;
             out.ok("shutdown accepted");

@@ -55,6 +55,38 @@ impl Reply {
         self.id
     }
 
+    /// Sends a reply already encoded (a MessagePack body whose `re` is this request's id),
+    /// as [`Reply::send`] does, without decoding it again.
+    pub fn send_encoded(mut self, body: &[u8]) {
+        self.sent = true;
+        if body.len() > self.inner.max_frame {
+            error!(id = ?self.id, len = body.len(), "an encoded reply over the frame limit dropped");
+            return;
+        }
+        let mut frame = bytes::BytesMut::with_capacity(body.len() + 4);
+        frame.extend_from_slice(&u32::try_from(body.len()).unwrap_or(u32::MAX).to_be_bytes());
+        frame.extend_from_slice(body);
+        let frame = frame.freeze();
+        let target = {
+            let Ok(mut st) = self.inner.state.try_borrow_mut() else {
+                error!(id = ?self.id, "control state busy; reply dropped");
+                return;
+            };
+            let conn = match self.id {
+                Some(id) => st.ids.complete(id, frame.clone()).unwrap_or(self.conn),
+                None => self.conn,
+            };
+            st.live
+                .as_ref()
+                .filter(|live| live.id == conn && live.is_open())
+                .cloned()
+        };
+        match target {
+            Some(conn) => conn.send(frame),
+            None => debug!(id = ?self.id, "reply recorded; its connection is gone"),
+        }
+    }
+
     /// Turns this reply into a stream of frames to the request's connection. The request's
     /// id is forgotten by the retry cache (a retry is executed again).
     pub fn into_stream(mut self) -> ReplyStream {

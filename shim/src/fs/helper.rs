@@ -30,9 +30,10 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 
-use super::ops::{self, Failure, Out, CHUNK, TAG_DATA, TAG_MSG};
+use super::ops::{self, Failure, Out, CHUNK, TAG_DATA, TAG_DONE, TAG_FAIL, TAG_MSG};
 use super::Op;
-use driver_protocol::message::{ErrorMsg, ShimToControl};
+use driver_protocol::message::ShimToControl;
+use driver_protocol::ErrorCode;
 
 /// The largest message record a child may send (an `fs_list` page of 1000 long names fits).
 const MSG_MAX: usize = 4 * 1024 * 1024;
@@ -55,8 +56,12 @@ pub struct Settings {
 pub enum Record {
     /// File bytes.
     Data(Bytes),
-    /// A `ShimToControl` body.
-    Msg(Bytes),
+    /// A reply, encoded, its `re` set (`fs_stat_reply`, `fs_list_reply`).
+    Reply(Bytes),
+    /// Done: the operation succeeded (or, for an upload or a watch, is set up).
+    Done,
+    /// Failed, with this code and message.
+    Fail(ErrorCode, String),
     /// An `Event` body (a watch's `fs_event`).
     Event(Bytes),
 }
@@ -163,7 +168,10 @@ impl Records {
                 let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
                     as usize;
                 let max = if tag == TAG_DATA { CHUNK } else { MSG_MAX };
-                let known = matches!(tag, TAG_DATA | TAG_MSG | super::watch::TAG_EVENT);
+                let known = matches!(
+                    tag,
+                    TAG_DATA | TAG_MSG | TAG_DONE | TAG_FAIL | super::watch::TAG_EVENT
+                );
                 if !known || len > max {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
@@ -173,13 +181,21 @@ impl Records {
                 if self.buf.len() >= 5 + len {
                     self.buf.advance(5);
                     let payload = self.buf.split_to(len).freeze();
-                    if tag == TAG_MSG {
-                        return Ok(Some(Record::Msg(payload)));
-                    }
-                    if tag == super::watch::TAG_EVENT {
-                        return Ok(Some(Record::Event(payload)));
-                    }
-                    return Ok(Some(Record::Data(payload)));
+                    return Ok(Some(match tag {
+                        TAG_MSG => Record::Reply(payload),
+                        TAG_DONE => Record::Done,
+                        TAG_FAIL => {
+                            let mut parts = payload.splitn(2, |b| *b == 0);
+                            let code = parts.next().unwrap_or_default();
+                            let message = parts.next().unwrap_or_default();
+                            Record::Fail(
+                                ErrorCode::parse(&String::from_utf8_lossy(code)),
+                                String::from_utf8_lossy(message).into_owned(),
+                            )
+                        }
+                        TAG_DATA => Record::Data(payload),
+                        _ => Record::Event(payload),
+                    }));
                 }
                 self.buf.reserve(5 + len - self.buf.len());
             } else {
@@ -237,31 +253,21 @@ fn child(op: &Op, settings: &Settings, sock: OwnedFd) -> ! {
                 &mut input,
                 &mut out,
             );
-            let msg = match run {
-                Ok(msg) => msg,
-                Err(f) => failure(f),
+            let sent = match run {
+                Ok(ShimToControl::Ok(_)) => out.done(),
+                Ok(msg) => out.msg(&msg),
+                Err(f) => out.fail(&f),
             };
-            let sent = out.msg(&msg).and_then(|()| out.flush());
-            i32::from(sent.is_err())
+            i32::from(sent.and_then(|()| out.flush()).is_err())
         }
         Err(f) => {
             let stream = std::os::unix::net::UnixStream::from(sock);
             let mut out = Out::new(stream);
-            i32::from(out.msg(&failure(f)).is_err())
+            i32::from(out.fail(&f).is_err())
         }
     };
     // SAFETY: `_exit` ends the process without running the parent's exit handlers.
     unsafe { libc::_exit(code) }
-}
-
-fn failure(f: Failure) -> ShimToControl {
-    ErrorMsg {
-        re: Some(0),
-        code: f.code,
-        message: f.message,
-        task_id: None,
-    }
-    .into()
 }
 
 /// The child's setup: descriptors, credentials, and the root, opened as the user.

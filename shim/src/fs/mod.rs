@@ -32,6 +32,7 @@ mod watch;
 
 use std::cell::Cell;
 use std::ffi::CString;
+use std::io;
 use std::os::unix::ffi::OsStrExt as _;
 use std::path::Path;
 use std::rc::Rc;
@@ -40,7 +41,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use driver_protocol::message::{
     ControlToShim, ErrorMsg, Event, FsChange, FsData, FsEvent, FsList, FsMkdir, FsRead, FsRemove,
-    FsRename, FsStat, FsWatch, FsWriteOpen, Message as _, OkReply, RequestId, ShimToControl,
+    FsRename, FsStat, FsWatch, FsWriteOpen, OkReply, RequestId, ShimToControl,
 };
 use driver_protocol::ErrorCode;
 use tracing::{debug, warn};
@@ -102,8 +103,8 @@ pub struct Files {
     /// Events per second per watch.
     watch_rate: u32,
     /// Watch events for the shell to publish (bounded).
-    events_tx: tokio::sync::mpsc::Sender<Event>,
-    events_rx: tokio::sync::mpsc::Receiver<Event>,
+    events_tx: tokio::sync::mpsc::Sender<FileEvent>,
+    events_rx: tokio::sync::mpsc::Receiver<FileEvent>,
 }
 
 /// Watch events waiting for the shell, at most.
@@ -144,7 +145,7 @@ impl Files {
     }
 
     /// The next watch events to publish (up to 256). Cancel-safe.
-    pub async fn next_events(&mut self) -> Vec<Event> {
+    pub async fn next_events(&mut self) -> Vec<FileEvent> {
         let mut out = Vec::new();
         if self.events_rx.recv_many(&mut out, 256).await == 0 {
             // We hold a sender: never closed.
@@ -272,56 +273,32 @@ fn error(id: RequestId, code: ErrorCode, message: String) -> ShimToControl {
     .into()
 }
 
-/// The child's final message, checked and given the request's id; anything unexpected is
-/// an `internal` error.
-fn final_message(id: RequestId, body: &[u8], read: bool) -> ShimToControl {
-    let msg = match ShimToControl::decode(body) {
-        Ok(msg) => msg,
-        Err(err) => {
-            warn!(id, error = %err, "a file operation answered garbage");
-            return error(id, ErrorCode::Internal, "the operation failed".to_owned());
-        }
-    };
-    match msg {
-        ShimToControl::Error(mut e) => {
-            e.re = Some(id);
-            e.into()
-        }
-        ShimToControl::Ok(mut o) => {
-            o.re = id;
-            o.into()
-        }
-        ShimToControl::FsStatReply(mut r) if !read => {
-            r.re = id;
-            r.into()
-        }
-        ShimToControl::FsListReply(mut r) if !read => {
-            r.re = id;
-            r.into()
-        }
-        other => {
-            warn!(
-                id,
-                r#type = other.type_name(),
-                "a file operation answered out of turn"
-            );
-            error(id, ErrorCode::Internal, "the operation failed".to_owned())
-        }
+/// What a child's final record means for the request `id`: a reply to send (`Ok` for
+/// `Done`, the `error` of a `Fail`), or one the child encoded itself (`Err`). The shim never
+/// decodes what a child says: it frames it, or builds the message from a code.
+fn outcome(id: RequestId, rec: io::Result<Option<Record>>) -> Result<ShimToControl, Bytes> {
+    match rec {
+        Ok(Some(Record::Done)) => Ok(OkReply { re: id }.into()),
+        Ok(Some(Record::Fail(code, message))) => Ok(error(id, code, message)),
+        Ok(Some(Record::Reply(body))) => Err(body),
+        Ok(Some(Record::Data(_) | Record::Event(_))) => Ok(error(
+            id,
+            ErrorCode::Internal,
+            "the operation answered out of turn".to_owned(),
+        )),
+        Ok(None) | Err(_) => Ok(error(
+            id,
+            ErrorCode::Internal,
+            "the operation's process ended without an answer (was it killed?)".to_owned(),
+        )),
     }
 }
 
-/// The child's final message (it exits by itself now).
-fn finish(helper: &mut Helper, id: RequestId, body: &[u8]) -> ShimToControl {
-    helper.finished();
-    final_message(id, body, true)
-}
-
-/// Why the child ended without its answer.
-fn vanished() -> ShimToControl {
-    error(
-        0,
-        ErrorCode::Internal,
-        "the operation's process ended without an answer (was it killed?)".to_owned(),
+/// Whether a record is the child's last (it exits by itself after it).
+fn is_final(rec: &io::Result<Option<Record>>) -> bool {
+    matches!(
+        rec,
+        Ok(Some(Record::Done | Record::Fail(..) | Record::Reply(_)))
     )
 }
 
@@ -329,32 +306,25 @@ fn vanished() -> ShimToControl {
 async fn answer(id: RequestId, reply: Reply, mut helper: Helper) {
     let wait = async {
         loop {
-            match helper.rd.next().await {
-                Ok(Some(Record::Msg(body))) => {
-                    helper.finished();
-                    return final_message(id, &body, false);
-                }
-                // Only reads send data, only watches events.
-                Ok(Some(Record::Data(_) | Record::Event(_))) => {}
-                Ok(None) | Err(_) => {
-                    let mut e = vanished();
-                    if let ShimToControl::Error(e) = &mut e {
-                        e.re = Some(id);
-                    }
-                    return e;
-                }
+            let rec = helper.rd.next().await;
+            if matches!(rec, Ok(Some(Record::Data(_) | Record::Event(_)))) {
+                continue;
             }
+            if is_final(&rec) {
+                helper.finished();
+            }
+            return outcome(id, rec);
         }
     };
-    let msg = match tokio::time::timeout(OP_TIMEOUT, wait).await {
-        Ok(msg) => msg,
+    match tokio::time::timeout(OP_TIMEOUT, wait).await {
+        Ok(Ok(msg)) => reply.send(msg),
+        Ok(Err(body)) => reply.send_encoded(&body),
         Err(_) => {
             warn!(id, "a file operation did not finish in time; killed");
             let msg = format!("not done within {} s", OP_TIMEOUT.as_secs());
-            error(id, ErrorCode::Timeout, msg)
+            reply.send(error(id, ErrorCode::Timeout, msg));
         }
-    };
-    reply.send(msg);
+    }
     drop(helper);
 }
 
@@ -370,7 +340,10 @@ async fn read(m: FsRead, mut stream: ReplyStream, mut helper: Helper) {
                 return;
             }
         };
-        let frame = match record {
+        if is_final(&record) {
+            helper.finished();
+        }
+        let frame: ShimToControl = match record {
             Ok(Some(Record::Data(data))) => {
                 let len = data.len() as u64;
                 let frame = FsData {
@@ -382,23 +355,20 @@ async fn read(m: FsRead, mut stream: ReplyStream, mut helper: Helper) {
                 offset = offset.saturating_add(len);
                 frame.into()
             }
-            Ok(Some(Record::Msg(body))) => match finish(&mut helper, id, &body) {
-                ShimToControl::Ok(_) => FsData {
-                    re: id,
-                    offset,
-                    data: Bytes::new(),
-                    eof: true,
-                }
-                .into(),
-                other => other,
-            },
-            Ok(None) | Err(_) | Ok(Some(Record::Event(_))) => {
-                let mut e = vanished();
-                if let ShimToControl::Error(e) = &mut e {
-                    e.re = Some(id);
-                }
-                e
+            Ok(Some(Record::Done)) => FsData {
+                re: id,
+                offset,
+                data: Bytes::new(),
+                eof: true,
             }
+            .into(),
+            other => outcome(id, other).unwrap_or_else(|_| {
+                error(
+                    id,
+                    ErrorCode::Internal,
+                    "the read answered out of turn".to_owned(),
+                )
+            }),
         };
         let last = !matches!(&frame, ShimToControl::FsData(d) if !d.eof);
         if let Err(Gone) = stream.send(&frame).await {
@@ -411,91 +381,81 @@ async fn read(m: FsRead, mut stream: ReplyStream, mut helper: Helper) {
     }
 }
 
+/// A watch event for the shell to publish: as the watch's process encoded it, or made here.
+#[derive(Debug)]
+pub enum FileEvent {
+    /// An `fs_event` body from the watch's process, published as it is.
+    Raw(Bytes),
+    /// An event made here (an `overflow`, an `ended`).
+    Typed(Event),
+}
+
 /// Runs a watch: answers its `fs_watch` once the process has set it up, then relays its
 /// events, at most `rate` a second (the rest counted and reported as one `overflow`).
 async fn watch(
     id: RequestId,
     reply: Reply,
     mut helper: Helper,
-    events: tokio::sync::mpsc::Sender<Event>,
+    events: tokio::sync::mpsc::Sender<FileEvent>,
     rate: u32,
 ) {
-    match tokio::time::timeout(OP_TIMEOUT, helper.rd.next()).await {
-        Ok(Ok(Some(Record::Msg(body)))) => {
-            let msg = final_message(id, &body, false);
-            let ok = matches!(msg, ShimToControl::Ok(_));
-            reply.send(msg);
-            if !ok {
-                helper.finished();
-                return;
-            }
-        }
-        _ => {
-            reply.send(error(
-                id,
-                ErrorCode::Internal,
-                "the watch could not be set up".to_owned(),
-            ));
-            return;
-        }
+    let first = tokio::time::timeout(OP_TIMEOUT, helper.rd.next()).await;
+    let first = first.unwrap_or_else(|_| Ok(None));
+    let ok = matches!(first, Ok(Some(Record::Done)));
+    if is_final(&first) && !ok {
+        helper.finished();
     }
+    match outcome(id, first) {
+        Ok(msg) => reply.send(msg),
+        Err(body) => reply.send_encoded(&body),
+    }
+    if !ok {
+        return;
+    }
+    let made = |change: FsChange, dropped: Option<u64>| {
+        FileEvent::Typed(Event::FsEvent(FsEvent {
+            watch: id,
+            change,
+            path: String::new(),
+            to: None,
+            dropped,
+        }))
+    };
     let mut dropped: u64 = 0;
     let mut tokens = f64::from(rate);
     let mut last = tokio::time::Instant::now();
-    let mut offer = |ev: FsEvent, dropped: &mut u64| {
+    loop {
+        let ev = match helper.rd.next().await {
+            Ok(Some(Record::Event(body))) => FileEvent::Raw(body),
+            Ok(Some(Record::Data(_))) => continue,
+            other => {
+                if is_final(&other) {
+                    helper.finished();
+                }
+                if dropped > 0 {
+                    let _ = events.send(made(FsChange::Overflow, Some(dropped))).await;
+                }
+                let _ = events.send(made(FsChange::Ended, None)).await;
+                return;
+            }
+        };
         let now = tokio::time::Instant::now();
         tokens = (tokens + now.duration_since(last).as_secs_f64() * f64::from(rate))
             .min(f64::from(rate));
         last = now;
-        if *dropped > 0 && events.capacity() > 1 && tokens >= 2.0 {
-            let lost = FsEvent {
-                watch: id,
-                change: FsChange::Overflow,
-                path: String::new(),
-                to: None,
-                dropped: Some(*dropped),
-            };
-            if events.try_send(Event::FsEvent(lost)).is_ok() {
+        if dropped > 0 && tokens >= 2.0 && events.capacity() > 1 {
+            if events
+                .try_send(made(FsChange::Overflow, Some(dropped)))
+                .is_ok()
+            {
                 tokens -= 1.0;
-                *dropped = 0;
+                dropped = 0;
             }
         }
-        if *dropped == 0 && tokens >= 1.0 && events.try_send(Event::FsEvent(ev)).is_ok() {
+        if dropped == 0 && tokens >= 1.0 && events.try_send(ev).is_ok() {
             tokens -= 1.0;
         } else {
-            *dropped += 1;
-        }
-    };
-    loop {
-        match helper.rd.next().await {
-            Ok(Some(Record::Event(body))) => match Event::decode(&body) {
-                Ok(Event::FsEvent(ev)) if ev.watch == id => offer(ev, &mut dropped),
-                _ => warn!(id, "a watch sent something else than its events"),
-            },
-            Ok(Some(Record::Msg(_))) | Ok(None) | Err(_) => {
-                helper.finished();
-                let end = FsEvent {
-                    watch: id,
-                    change: FsChange::Ended,
-                    path: String::new(),
-                    to: None,
-                    dropped: None,
-                };
-                offer(end, &mut dropped);
-                if dropped > 0 {
-                    // The end is said, even when the rest was dropped.
-                    let lost = FsEvent {
-                        watch: id,
-                        change: FsChange::Overflow,
-                        path: String::new(),
-                        to: None,
-                        dropped: Some(dropped),
-                    };
-                    let _ = events.send(Event::FsEvent(lost)).await;
-                }
-                return;
-            }
-            Ok(Some(Record::Data(_))) => {}
+            dropped = dropped.saturating_add(1);
         }
     }
 }

@@ -33,6 +33,10 @@ pub const TAG_DATA: u8 = b'D';
 pub const TAG_MSG: u8 = b'M';
 /// A record tag (shim to an upload's process): fsync and put the file in place.
 pub const TAG_COMMIT: u8 = b'C';
+/// A record tag: done (the operation succeeded, or the file is open); no payload.
+pub const TAG_DONE: u8 = b'K';
+/// A record tag: failed; the payload is the error code, a NUL, the message.
+pub const TAG_FAIL: u8 = b'F';
 
 /// A failed operation: its code and message.
 #[derive(Debug)]
@@ -107,6 +111,19 @@ impl<W: Write> Out<W> {
     /// Writes what is buffered.
     pub fn flush(&mut self) -> std::io::Result<()> {
         self.w.flush()
+    }
+
+    /// The done record.
+    pub fn done(&mut self) -> std::io::Result<()> {
+        self.record(TAG_DONE, &[])
+    }
+
+    /// A failure record.
+    pub fn fail(&mut self, f: &Failure) -> std::io::Result<()> {
+        let mut payload = f.code.as_str().as_bytes().to_vec();
+        payload.push(0);
+        payload.extend_from_slice(f.message.as_bytes());
+        self.record(TAG_FAIL, &payload)
     }
 
     /// One message record.
@@ -199,7 +216,7 @@ fn stat(m: &FsStat, root: RawFd, walk: bool) -> Result<ShimToControl, Failure> {
             entry((*last).to_owned(), &st, Some((dir.as_raw_fd(), &name)))
         }
     };
-    Ok(FsStatReply { re: 0, entry }.into())
+    Ok(FsStatReply { re: m.id, entry }.into())
 }
 
 /// A directory stream over an owned descriptor (`fdopendir`), closed on drop.
@@ -300,7 +317,7 @@ fn list(m: &FsList, root: RawFd, walk: bool) -> Result<ShimToControl, Failure> {
     }
     let more = page.next().is_some();
     Ok(FsListReply {
-        re: 0,
+        re: m.id,
         entries,
         more,
     }
@@ -621,7 +638,7 @@ fn write<R: Read, W: Write>(
         ));
     }
     // Open: the shim answers `fs_write_ready`.
-    out.msg(&OkReply { re: 0 }.into())
+    out.done()
         .and_then(|()| out.flush())
         .map_err(|_| Failure::new(ErrorCode::Internal, "the shim is gone"))?;
     let mut file = std::fs::File::from(fd);

@@ -23,7 +23,7 @@ use tracing::{debug, warn};
 
 use super::helper::{self, Helper, Record};
 use super::ops::{CHUNK, TAG_COMMIT, TAG_DATA};
-use super::{error, final_message, Slot, OP_TIMEOUT};
+use super::{error, is_final, outcome, Slot, OP_TIMEOUT};
 use crate::control::Reply;
 
 /// Bytes queued on one upload at most; a client sending more before its `ok`s is refused
@@ -152,16 +152,20 @@ fn no_upload(id: u64, handle: u64) -> ShimToControl {
 
 /// What the process said when it stopped taking bytes early (a full disk, say).
 async fn why_stopped(helper: &mut Helper, id: u64) -> ShimToControl {
-    match tokio::time::timeout(Duration::from_secs(5), helper.rd.next()).await {
-        Ok(Ok(Some(Record::Msg(body)))) => {
-            helper.finished();
-            final_message(id, &body, false)
-        }
-        _ => error(
+    let rec = tokio::time::timeout(Duration::from_secs(5), helper.rd.next())
+        .await
+        .unwrap_or(Ok(None));
+    if is_final(&rec) {
+        helper.finished();
+    }
+    match outcome(id, rec) {
+        // An upload's process never sends an encoded reply.
+        Ok(ShimToControl::Ok(_)) | Err(_) => error(
             id,
             ErrorCode::Internal,
-            "the upload's process ended without an answer".to_owned(),
+            "the upload's process stopped early".to_owned(),
         ),
+        Ok(msg) => msg,
     }
 }
 
@@ -175,24 +179,25 @@ async fn run(
     wake: &Rc<Notify>,
 ) {
     // The process opens the file (or fails to) first.
-    let opened = tokio::time::timeout(OP_TIMEOUT, helper.rd.next()).await;
-    let msg = match opened {
-        Ok(Ok(Some(Record::Msg(body)))) => final_message(m.id, &body, false),
-        Ok(_) => error(
-            m.id,
-            ErrorCode::Internal,
-            "the upload's process failed".to_owned(),
-        ),
-        Err(_) => error(
-            m.id,
-            ErrorCode::Timeout,
-            "the file did not open in time".to_owned(),
-        ),
+    let opened = match tokio::time::timeout(OP_TIMEOUT, helper.rd.next()).await {
+        Ok(rec) => rec,
+        Err(_) => {
+            let msg = "the file did not open in time".to_owned();
+            reply.send(error(m.id, ErrorCode::Timeout, msg));
+            return;
+        }
     };
-    if !matches!(msg, ShimToControl::Ok(_)) {
-        if matches!(msg, ShimToControl::Error(_)) {
+    if !matches!(opened, Ok(Some(Record::Done))) {
+        if is_final(&opened) {
             helper.finished();
         }
+        let msg = outcome(m.id, opened).unwrap_or_else(|_| {
+            error(
+                m.id,
+                ErrorCode::Internal,
+                "the upload's process failed".to_owned(),
+            )
+        });
         reply.send(msg);
         return;
     }
@@ -252,11 +257,14 @@ async fn run(
             }
             let msg = match helper::send(&mut helper.wr, TAG_COMMIT, &[]).await {
                 Ok(()) => match tokio::time::timeout(OP_TIMEOUT, helper.rd.next()).await {
-                    Ok(Ok(Some(Record::Msg(body)))) => {
-                        helper.finished();
-                        final_message(id, &body, false)
+                    Ok(rec) => {
+                        if is_final(&rec) {
+                            helper.finished();
+                        }
+                        outcome(id, rec).unwrap_or_else(|_| {
+                            error(id, ErrorCode::Internal, "the upload failed".to_owned())
+                        })
                     }
-                    Ok(_) => why_stopped(&mut helper, id).await,
                     Err(_) => error(id, ErrorCode::Timeout, "fsync did not finish".to_owned()),
                 },
                 Err(_) => why_stopped(&mut helper, id).await,
@@ -279,7 +287,7 @@ async fn run(
             }
             // The process failed on its own (it cannot, between chunks, but a kill can).
             r = helper.rd.next() => {
-                if let Ok(Some(Record::Msg(_))) = r {
+                if is_final(&r) {
                     helper.finished();
                 }
                 warn!(handle, "upload's process ended");
@@ -295,8 +303,10 @@ async fn end_input(helper: &mut Helper) {
     use tokio::io::AsyncWriteExt as _;
     let _ = helper.wr.shutdown().await;
     let wait = tokio::time::timeout(Duration::from_secs(5), helper.rd.next()).await;
-    if let Ok(Ok(Some(Record::Msg(_)))) = wait {
-        helper.finished();
+    if let Ok(rec) = &wait {
+        if is_final(rec) {
+            helper.finished();
+        }
     }
 }
 

@@ -177,7 +177,7 @@ pub fn run<W: Write>(
     })?;
     w.top = w.add(comps, &mut pending)?;
     let io = |_| Failure::new(ErrorCode::Internal, "the shim is gone");
-    out.msg(&OkReply { re: 0 }.into()).map_err(io)?;
+    out.done().map_err(io)?;
     for ev in pending.drain(..) {
         send(out, ev).map_err(io)?;
     }

@@ -277,3 +277,44 @@ impl<R: AsyncRead + Unpin> AsyncRead for Progress<R> {
         r
     }
 }
+
+/// `watch PATH`: prints the changes until interrupted (or `count` of them), acking each.
+pub async fn watch(
+    client: &Client,
+    path: &str,
+    recursive: bool,
+    count: Option<u64>,
+    out: &Out,
+) -> Result<u8, Fail> {
+    use control_link::protocol::message::Event;
+    let mut events = client.events()?;
+    let watch = client.fs().watch(path, recursive).await?;
+    let mut seen = 0;
+    while count.is_none_or(|c| seen < c) {
+        let Some((seq, event)) = events.next().await else {
+            return Err(Fail(super::exit::CONNECT, "the connection was lost".into()));
+        };
+        if let Event::FsEvent(e) = &event {
+            if e.watch == watch {
+                seen += 1;
+                out.line(
+                    || {
+                        let to =
+                            e.to.as_deref()
+                                .map(|t| format!(" -> {t}"))
+                                .unwrap_or_default();
+                        let lost = e
+                            .dropped
+                            .map(|d| format!(" ({d} lost)"))
+                            .unwrap_or_default();
+                        format!("{:?} {}{to}{lost}", e.change, e.path).to_lowercase()
+                    },
+                    || serde_json::to_value(e).unwrap_or_default(),
+                );
+            }
+        }
+        client.ack(seq);
+    }
+    client.fs().unwatch(watch).await?;
+    Ok(0)
+}

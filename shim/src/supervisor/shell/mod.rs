@@ -259,8 +259,11 @@ pub(super) async fn shell(
             }
             // files: a watch's event (held back while the event buffer is full)
             evs = sh.files.next_events(), if !full => {
-                for ev in &evs {
-                    sh.publish(ev);
+                for ev in evs {
+                    match ev {
+                        crate::fs::FileEvent::Typed(ev) => sh.publish(&ev),
+                        crate::fs::FileEvent::Raw(body) => relay(&mut sh.control, &body),
+                    }
                 }
             }
         }
