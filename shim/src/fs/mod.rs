@@ -443,14 +443,16 @@ async fn watch(
         tokens = (tokens + now.duration_since(last).as_secs_f64() * f64::from(rate))
             .min(f64::from(rate));
         last = now;
-        if dropped > 0 && tokens >= 2.0 && events.capacity() > 1 {
-            if events
+        if dropped > 0
+            && tokens >= 2.0
+            && events.capacity() > 1
+            && events
                 .try_send(made(FsChange::Overflow, Some(dropped)))
                 .is_ok()
-            {
-                tokens -= 1.0;
-                dropped = 0;
-            }
+        {
+            tokens -= 1.0;
+            dropped = 0;
+        }
         }
         if dropped == 0 && tokens >= 1.0 && events.try_send(ev).is_ok() {
             tokens -= 1.0;
