@@ -453,7 +453,6 @@ async fn watch(
             tokens -= 1.0;
             dropped = 0;
         }
-        }
         if dropped == 0 && tokens >= 1.0 && events.try_send(ev).is_ok() {
             tokens -= 1.0;
         } else {
