@@ -10,6 +10,7 @@ use crate::report::Figure;
 pub mod driver;
 pub mod exec;
 pub mod exec_output;
+pub mod files;
 pub mod fleet;
 pub mod reap;
 pub mod relay;
@@ -78,6 +79,7 @@ pub fn all(ctx: &Ctx, only: &[String]) -> Vec<Figure> {
         ("round trip", |c| vec![roundtrip::run(c)]),
         ("exec output", |c| vec![exec_output::run(c)]),
         ("fleet", |c| vec![fleet::run(c)]),
+        ("files", files::run),
     ];
     let mut out = Vec::new();
     for (name, run) in runs {
