@@ -28,7 +28,9 @@ impl AsyncRead for Pattern {
         _: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        let n = (buf.remaining() as u64).min(self.left).min(self.block.len() as u64) as usize;
+        let n = (buf.remaining() as u64)
+            .min(self.left)
+            .min(self.block.len() as u64) as usize;
         buf.put_slice(&self.block[..n]);
         self.left -= n as u64;
         Poll::Ready(Ok(()))
@@ -38,7 +40,9 @@ impl AsyncRead for Pattern {
 fn pattern(len: u64) -> Pattern {
     Pattern {
         left: len,
-        block: (0..256 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect(),
+        block: (0..256 * 1024u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect(),
     }
 }
 
@@ -74,7 +78,12 @@ async fn raw(bytes: u64) -> Result<f64> {
 }
 
 /// Upload and download GB/s, and small files per second (list + read), through the shim.
-async fn through_shim(sock: &Path, root: &Path, bytes: u64, small: usize) -> Result<(f64, f64, f64)> {
+async fn through_shim(
+    sock: &Path,
+    root: &Path,
+    bytes: u64,
+    small: usize,
+) -> Result<(f64, f64, f64)> {
     let addr: control_link::Addr = format!("unix:{}", sock.display()).parse()?;
     let client = control_link::ConnectOptions::new()
         .connect_timeout(Duration::from_secs(10))
@@ -158,7 +167,9 @@ pub fn run(ctx: &Ctx) -> Vec<Figure> {
     );
     let reps = ctx.pick(3, 1);
     let (mut up, mut down, mut files, mut rawv) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
     for n in 0..reps {
         match &rt {
             Ok(rt) => match rt.block_on(raw(bytes)) {
@@ -178,9 +189,18 @@ pub fn run(ctx: &Ctx) -> Vec<Figure> {
     }
     fig.columns = vec!["median".into(), "runs".into()];
     let gb = |v: &[f64]| median(v).map_or("not measured".into(), |m| format!("{m:.2} GB/s"));
-    fig.rows.push(("upload (client.fs().write)".into(), vec![gb(&up), list(&up, 2)]));
-    fig.rows.push(("download (client.fs().read)".into(), vec![gb(&down), list(&down, 2)]));
-    fig.rows.push(("raw unix socket copy".into(), vec![gb(&rawv), list(&rawv, 2)]));
+    fig.rows.push((
+        "upload (client.fs().write)".into(),
+        vec![gb(&up), list(&up, 2)],
+    ));
+    fig.rows.push((
+        "download (client.fs().read)".into(),
+        vec![gb(&down), list(&down, 2)],
+    ));
+    fig.rows.push((
+        "raw unix socket copy".into(),
+        vec![gb(&rawv), list(&rawv, 2)],
+    ));
     fig.rows.push((
         format!("{small} small files, listed and read"),
         vec![
@@ -209,9 +229,10 @@ pub fn run(ctx: &Ctx) -> Vec<Figure> {
                     ));
                 }
             }
-            None => fig
-                .targets
-                .push(Target::not_measured(&format!("{what} ≥ 1 GB/s"), "no run".into())),
+            None => fig.targets.push(Target::not_measured(
+                &format!("{what} ≥ 1 GB/s"),
+                "no run".into(),
+            )),
         }
     }
     vec![fig]
