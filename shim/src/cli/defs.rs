@@ -483,7 +483,7 @@ pub(super) static FLAGS: &[Flag] = &[
         "AGENT_SHIM_FS_ROOT",
         Value("/"),
         Sandbox,
-        "file operations of the control link are confined to this directory",
+        "file operations of the control link are confined beneath DIR",
         |c, v| {
             if v.starts_with('/') {
                 c.sup.fs_root = v.into();
