@@ -85,11 +85,22 @@ async fn through_shim(
     small: usize,
 ) -> Result<(f64, f64, f64)> {
     let addr: control_link::Addr = format!("unix:{}", sock.display()).parse()?;
-    let client = control_link::ConnectOptions::new()
-        .connect_timeout(Duration::from_secs(10))
-        .request_timeout(Duration::from_secs(60))
-        .connect(&addr)
-        .await?;
+    // The socket file may exist a moment before the shim listens on it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let client = loop {
+        let c = control_link::ConnectOptions::new()
+            .connect_timeout(Duration::from_secs(10))
+            .request_timeout(Duration::from_secs(60))
+            .connect(&addr)
+            .await;
+        match c {
+            Ok(c) => break c,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     let fs = client.fs();
     let t0 = Instant::now();
     let n = fs.write("big", pattern(bytes), Default::default()).await?;
