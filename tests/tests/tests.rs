@@ -19,3 +19,4 @@ mod docker;
 mod security;
 
 mod sessions;
+mod files;

@@ -12,6 +12,7 @@ pub mod exec;
 pub mod exec_output;
 // sessions
 pub mod fanout;
+pub mod files;
 pub mod fleet;
 pub mod reap;
 pub mod relay;
@@ -82,6 +83,7 @@ pub fn all(ctx: &Ctx, only: &[String]) -> Vec<Figure> {
         ("fleet", |c| vec![fleet::run(c)]),
         // sessions
         ("fan-out to observers", |c| vec![fanout::run(c)]),
+        ("files", files::run),
     ];
     let mut out = Vec::new();
     for (name, run) in runs {

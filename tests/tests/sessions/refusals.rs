@@ -104,6 +104,7 @@ fn gap_second_resume_conflict_forget_and_duplicate() -> Result<()> {
         output_schema: None,
         timeout_ms: None,
         redeliver: false,
+        max_attempts: None,
     };
     sup.ctl.send(submit("t2"))?;
     match sup.ctl.reply_to(id, PATIENCE)? {

@@ -82,6 +82,8 @@ struct Shell<'a> {
     /// The body of the driver event given to the core, while its outputs are carried out
     /// ([`Output::RelayEvent`]).
     held_event: Option<bytes::Bytes>,
+    /// The file operations (`fs_*` requests).
+    files: crate::fs::Files,
 }
 
 pub(super) async fn shell(
@@ -143,6 +145,16 @@ pub(super) async fn shell(
         replying: None,
         admitting: std::collections::VecDeque::new(),
         held_event: None,
+        files: crate::fs::Files::new(
+            &cfg.sup.fs_root,
+            cfg.sup.core.user,
+            cfg.sup.limits.umask,
+            crate::fs::Limits {
+                ops: cfg.sup.fs_max_ops,
+                watches: cfg.sup.fs_max_watches,
+                watch_rate: cfg.sup.fs_watch_rate,
+            },
+        ),
     };
     sh.core.start();
     loop {
@@ -254,6 +266,15 @@ pub(super) async fn shell(
             }
             () = sleep_until(sh.rate.suppressed_due()), if !full => {
                 sh.flush_suppressed(Instant::now());
+            }
+            // files: a watch's event (held back while the event buffer is full)
+            evs = sh.files.next_events(), if !full => {
+                for ev in evs {
+                    match ev {
+                        crate::fs::FileEvent::Typed(ev) => sh.publish(&ev),
+                        crate::fs::FileEvent::Raw(body) => relay(&mut sh.control, &body),
+                    }
+                }
             }
         }
         if sh.last_seq() != published {
@@ -424,6 +445,9 @@ impl Shell<'_> {
     }
 
     fn on_command(&mut self, cmd: crate::control::Command) {
+        let Some(cmd) = self.files.handle(cmd) else {
+            return;
+        };
         let Some(cmd) = self.exec_command(cmd) else {
             return;
         };
