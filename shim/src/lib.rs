@@ -25,6 +25,7 @@ mod signals;
 mod spawn;
 mod supervisor;
 mod sys;
+pub mod vm;
 
 use std::ffi::OsString;
 

@@ -65,6 +65,8 @@ pub struct Config {
     pub supervise: bool,
     /// Supervisor-mode options (ignored in plain mode).
     pub sup: SupervisorOpts,
+    /// microVM init duties (`--vm`, `--hostname`, `--root`).
+    pub vm: crate::vm::VmOpts,
 }
 
 /// Where the control token comes from.
@@ -225,6 +227,7 @@ impl Config {
                 exec_drain: Duration::ZERO,
                 oom_score_adj: crate::oom::ChildScores::default(),
             },
+            vm: crate::vm::VmOpts::default(),
         }
     }
 }
