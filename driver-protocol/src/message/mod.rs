@@ -16,6 +16,7 @@
 //! `Unknown` variant, which the receiver answers with `error{code:"unsupported"}` while the
 //! connection stays up. Unknown fields are ignored.
 
+mod clock;
 mod common;
 mod control;
 mod event;
@@ -26,6 +27,7 @@ use std::io::Write;
 
 use serde::{Deserialize, Serialize};
 
+pub use clock::*;
 pub use common::*;
 pub use control::*;
 pub use event::*;
@@ -346,6 +348,9 @@ message_set! {
         "resume_from" => ResumeFrom(ResumeFrom),
         /// Liveness probe.
         "ping" => Ping(Ping),
+        // microVM
+        /// Set the wall clock.
+        "set_clock" => SetClock(SetClock),
     }
 }
 
@@ -405,6 +410,11 @@ with_driver_events! {
             "busy" => Busy(Busy),
             /// The OOM killer killed processes in the sandbox.
             "oom" => Oom(Oom),
+            // microVM
+            /// The shim set the wall clock.
+            "clock_set" => ClockSet(ClockSet),
+            /// The shim is about to exit: its last event.
+            "shim_exiting" => ShimExiting(ShimExiting),
         }
     }
 }

@@ -445,3 +445,27 @@ pub(crate) mod fake {
         }
     }
 }
+
+/// Sets the wall clock (`CLOCK_REALTIME`) to `unix_ms` milliseconds since the epoch; returns
+/// how far it moved (the time set minus the time read just before), in milliseconds.
+pub fn set_clock(unix_ms: u64) -> std::io::Result<i64> {
+    let secs = i64::try_from(unix_ms / 1000)
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // Below 1000 ms, so the cast is exact.
+    let nsec = (unix_ms % 1000) as i64 * 1_000_000;
+    let ts = libc::timespec {
+        tv_sec: secs as _,
+        tv_nsec: nsec as _,
+    };
+    let before = std::time::SystemTime::now();
+    // SAFETY: clock_settime(2) with a valid clock id and a timespec alive for the call.
+    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let before_ms = match before.duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) => i128::try_from(d.as_millis()).unwrap_or(i128::MAX),
+        Err(e) => -i128::try_from(e.duration().as_millis()).unwrap_or(i128::MAX),
+    };
+    let jump = i128::from(unix_ms) - before_ms;
+    Ok(i64::try_from(jump).unwrap_or(if jump < 0 { i64::MIN } else { i64::MAX }))
+}

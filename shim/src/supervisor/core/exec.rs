@@ -174,7 +174,7 @@ impl Core {
         self.activity(now);
         if self.execs.is_empty() {
             if let Some(code) = self.exit_pending.take() {
-                self.exit_code = Some(code);
+                self.set_exit(code);
             }
         }
     }
@@ -302,7 +302,7 @@ impl Core {
         }
         if self.execs.is_empty() {
             if let Some(code) = self.exit_pending.take() {
-                self.exit_code = Some(code);
+                self.set_exit(code);
             }
         }
     }
@@ -402,7 +402,7 @@ impl Core {
     /// terminated now, and reported as they are after a bounded wait).
     pub(super) fn exit_after_execs(&mut self, code: i32, now: Instant) {
         if self.execs.is_empty() {
-            self.exit_code = Some(code);
+            self.set_exit(code);
             return;
         }
         info!(execs = self.execs.len(), "terminating execs before exiting");

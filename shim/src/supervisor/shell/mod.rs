@@ -417,6 +417,12 @@ impl Shell<'_> {
                 let reply = self.core.status(s.id, now, &self.counters());
                 cmd.reply.send(ShimToControl::StatusReply(reply));
             }
+            ControlToShim::SetClock(s) => {
+                let jump = crate::sys::set_clock(s.unix_ms);
+                let reply = self.core.clock_set(s.id, s.unix_ms, jump, now);
+                cmd.reply.send(reply);
+                self.apply_outputs();
+            }
             request => {
                 // The core's reply (an output) goes here, before its other outputs.
                 self.replying = Some(cmd.reply);
