@@ -728,6 +728,7 @@ fn control_to_shim() -> impl Strategy<Value = ControlToShim> {
         ack().prop_map(M::Ack),
         resume_from().prop_map(M::ResumeFrom),
         ping().prop_map(M::Ping),
+        (any::<u64>(), any::<u64>()).prop_map(|(id, unix_ms)| M::SetClock(SetClock { id, unix_ms })),
     ]
 }
 
@@ -756,6 +757,9 @@ fn event() -> impl Strategy<Value = Event> {
         idle().prop_map(M::Idle),
         Just(Busy {}).prop_map(M::Busy),
         oom().prop_map(M::Oom),
+        (any::<u64>(), any::<i64>())
+            .prop_map(|(unix_ms, jump_ms)| M::ClockSet(ClockSet { unix_ms, jump_ms })),
+        any::<i32>().prop_map(|code| M::ShimExiting(ShimExiting { code })),
     ]
 }
 

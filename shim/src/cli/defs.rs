@@ -481,14 +481,14 @@ pub(super) static FLAGS: &[Flag] = &[
         "vm",
         "AGENT_SHIM_VM",
         Init,
-        "do a microVM init's duties (mounts, hostname, loopback, power off);\non by itself as PID 1 with no /proc mounted",
+        "do a microVM init's duties (mounts, hostname, loopback,\npower off); on by itself as PID 1 with no /proc mounted",
         |c, v| parse_bool(v).map(|x| c.vm.enabled = x),
     ),
     val(
         "hostname",
         "NAME",
         "AGENT_SHIM_HOSTNAME",
-        Text("agent_shim.hostname= of the kernel command line"),
+        Text("from the kernel command line"),
         Init,
         "in a microVM: the hostname to set",
         |c, v| {
