@@ -728,7 +728,8 @@ fn control_to_shim() -> impl Strategy<Value = ControlToShim> {
         ack().prop_map(M::Ack),
         resume_from().prop_map(M::ResumeFrom),
         ping().prop_map(M::Ping),
-        (any::<u64>(), any::<u64>()).prop_map(|(id, unix_ms)| M::SetClock(SetClock { id, unix_ms })),
+        (any::<u64>(), any::<u64>())
+            .prop_map(|(id, unix_ms)| M::SetClock(SetClock { id, unix_ms })),
     ]
 }
 

@@ -10,6 +10,7 @@
 
 mod boot;
 mod cgroup;
+mod clock;
 mod root;
 
 use std::fmt::Write as _;
