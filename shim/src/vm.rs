@@ -26,6 +26,7 @@
 use std::ffi::{CStr, CString};
 use std::io::Write as _;
 use std::os::unix::ffi::OsStrExt as _;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -372,11 +373,18 @@ fn block_fstypes(list: &str) -> impl Iterator<Item = &str> {
 /// The end of the VM: sync, unmount, the exit line on the console, power off. Never returns
 /// (PID 1 must not exit: the kernel would panic and the exit code would be lost).
 pub fn power_off(code: i32) -> ! {
-    // Opened while /dev is still mounted; written after everything is unmounted.
-    let console = std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK)
-        .open("/dev/console");
+    // Opened while /proc and /dev are still mounted; written after everything is unmounted.
+    // Our own stderr first (the console the kernel gave init: the tenant may have replaced
+    // the /dev/console node, never our descriptor), non-blocking: a console whose output
+    // someone stopped loses the line rather than keeping the VM from powering off.
+    let console = crate::logging::reopen_stderr_nonblocking()
+        .map(std::fs::File::from)
+        .or_else(|_| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK)
+                .open("/dev/console")
+        });
     // SAFETY: sync(2) takes no arguments.
     unsafe { libc::sync() };
     for m in MOUNTS.iter().rev() {
@@ -400,13 +408,8 @@ pub fn power_off(code: i32) -> ! {
     // SAFETY: as above.
     unsafe { libc::sync() };
     let line = format!("{EXIT_LINE_PREFIX}{code}\n");
-    match console {
-        Ok(mut c) => {
-            let _ = c.write_all(line.as_bytes());
-        }
-        Err(_) => {
-            let _ = std::io::stderr().write_all(line.as_bytes());
-        }
+    if let Ok(mut c) = console {
+        let _ = c.write_all(line.as_bytes());
     }
     loop {
         // SAFETY: reboot(2) with a documented command; it returns only on failure.
@@ -416,8 +419,6 @@ pub fn power_off(code: i32) -> ! {
         std::thread::sleep(Duration::from_secs(60));
     }
 }
-
-use std::os::unix::fs::OpenOptionsExt as _;
 
 #[cfg(test)]
 mod tests {

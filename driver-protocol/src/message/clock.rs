@@ -33,3 +33,32 @@ pub struct ShimExiting {
     /// The shim's exit code (the driver's, after `--remap-exit`; 128+N for signal N).
     pub code: i32,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{ControlToShim, DriverToShim, Message as _};
+
+    fn set_clock_body() -> Vec<u8> {
+        let map = rmpv::Value::Map(vec![
+            ("type".into(), "set_clock".into()),
+            ("id".into(), 1.into()),
+            ("unix_ms".into(), 5.into()),
+        ]);
+        let mut out = Vec::new();
+        rmpv::encode::write_value(&mut out, &map).unwrap();
+        out
+    }
+
+    #[test]
+    fn only_the_control_plane_can_set_the_clock() {
+        assert!(matches!(
+            ControlToShim::decode(&set_clock_body()),
+            Ok(ControlToShim::SetClock(_))
+        ));
+        // From a driver it is an unknown type, answered `unsupported`.
+        assert!(matches!(
+            DriverToShim::decode(&set_clock_body()),
+            Ok(DriverToShim::Unknown(_))
+        ));
+    }
+}

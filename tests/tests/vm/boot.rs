@@ -54,6 +54,26 @@ fn tasks_execs_and_a_graceful_shutdown_then_power_off() -> Result<()> {
     ] {
         ensure!(out.contains(want), "{want:?} missing from:\n{out}");
     }
+    // The tenant (here uid 1000) cannot read the token: not in its file (0600, root's), not
+    // on the kernel command line.
+    let started = ctl.exec_started(|id| {
+        let mut e =
+            driver_protocol::message::Exec::new(id, ["/probe", "read", "/token", "/proc/cmdline"]);
+        e.user = Some("1000:1000".into());
+        e
+    })?;
+    let run = ctl.exec_run(started.exec_id, VM_PATIENCE)?;
+    let out = run.out();
+    ensure!(
+        out.contains("== /token\nerror Permission denied"),
+        "the token file is readable: {out}"
+    );
+    let token = String::from_utf8_lossy(super::TOKEN).into_owned();
+    ensure!(
+        out.contains("== /proc/cmdline\n") && !out.contains(&token),
+        "{out}"
+    );
+
     // Loopback is up: the probe reads its flags from sysfs (IFF_UP is bit 0).
     let run = exec(&mut ctl, &["/probe", "read", "/sys/class/net/lo/flags"])?;
     let flags = run.out();
