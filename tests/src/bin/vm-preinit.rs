@@ -7,7 +7,12 @@
 //! 2. Gives `eth0` QEMU user networking's guest address (10.0.2.15/24) and brings it up: the
 //!    kernel has no `ip=` autoconfiguration, and the control plane reaches the shim through a
 //!    port QEMU forwards to that address.
-//! 3. `exec`s `/agent-shim` with its own arguments and environment, so the shim is PID 1.
+//! 3. Prints `preinit: boottime_us=N` (`CLOCK_BOOTTIME`: how long since the kernel started),
+//!    for the boot benchmark.
+//! 4. `exec`s `/agent-shim` with its own arguments and environment, so the shim is PID 1
+//!    (or, with `--exec PROGRAM` first, PROGRAM: the benchmark's plain `/init` starts the
+//!    driver directly, with one end of a socketpair as fd 3 and `AGENT_SHIM_FD=3`, the other
+//!    end kept open and never read).
 //!
 //! It mounts nothing: the shim must find `/proc` unmounted and take on the init duties by
 //! itself. Any failure is printed and the exec still happens (the shim then reports).
@@ -21,24 +26,58 @@ fn main() {
     if let Err(err) = eth0_up() {
         eprintln!("preinit: eth0: {err}");
     }
-    let args: Vec<CString> = std::iter::once(CString::new("/agent-shim").unwrap_or_default())
-        .chain(
-            std::env::args_os()
-                .skip(1)
-                .filter_map(|a| CString::new(a.as_bytes()).ok()),
-        )
+    let mut rest: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let program = match rest.first().map(|a| a.as_bytes()) {
+        Some(b"--exec") if rest.len() > 1 => {
+            let p = rest.remove(1);
+            rest.remove(0);
+            driver_socket();
+            CString::new(p.as_bytes()).unwrap_or_default()
+        }
+        _ => c"/agent-shim".to_owned(),
+    };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime(2) fills the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    eprintln!(
+        "preinit: boottime_us={}",
+        ts.tv_sec as i64 * 1_000_000 + ts.tv_nsec as i64 / 1000
+    );
+    let args: Vec<CString> = std::iter::once(program.clone())
+        .chain(rest.iter().filter_map(|a| CString::new(a.as_bytes()).ok()))
         .collect();
     let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
     argv.push(std::ptr::null());
     // SAFETY: argv is a null-terminated array of NUL-terminated strings alive for the call;
     // the environment is the process's own.
-    unsafe { libc::execv(c"/agent-shim".as_ptr(), argv.as_ptr()) };
+    unsafe { libc::execv(program.as_ptr(), argv.as_ptr()) };
     eprintln!(
-        "preinit: exec /agent-shim: {}",
+        "preinit: exec {}: {}",
+        program.to_string_lossy(),
         std::io::Error::last_os_error()
     );
     loop {
         std::thread::sleep(Duration::from_secs(60));
+    }
+}
+
+/// fd 3 (and `AGENT_SHIM_FD=3`) for a driver started without the shim: one end of a
+/// socketpair whose other end stays open (fd 4) and is never read.
+fn driver_socket() {
+    let mut fds = [0; 2];
+    // SAFETY: socketpair(2) fills the array we own; dup2(2) and setenv(3) on our own
+    // descriptors and NUL-terminated strings, single-threaded.
+    unsafe {
+        if libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, fds.as_mut_ptr()) != 0 {
+            eprintln!("preinit: socketpair: {}", std::io::Error::last_os_error());
+            return;
+        }
+        libc::dup2(fds[0], 3);
+        libc::dup2(fds[1], 4);
+        libc::setenv(c"AGENT_SHIM_FD".as_ptr(), c"3".as_ptr(), 1);
     }
 }
 
