@@ -143,6 +143,9 @@ fn kernel() -> Result<(PathBuf, PathBuf)> {
     ))
 }
 
+/// A module's path and its dependencies, by the end of its path, from `modules.dep`.
+type Lookup<'a> = &'a dyn Fn(&str) -> Option<(String, Vec<String>)>;
+
 /// virtio_pci and virtio_net with their dependencies, dependencies first.
 fn load_order(modules: &Path) -> Result<Vec<String>> {
     let dep = std::fs::read_to_string(modules.join("modules.dep"))?;
@@ -157,11 +160,7 @@ fn load_order(modules: &Path) -> Result<Vec<String>> {
                 )
             })
     };
-    fn visit(
-        find: &dyn Fn(&str) -> Option<(String, Vec<String>)>,
-        path: &str,
-        out: &mut Vec<String>,
-    ) -> Result<()> {
+    fn visit(find: Lookup<'_>, path: &str, out: &mut Vec<String>) -> Result<()> {
         let (m, deps) = find(path).with_context(|| format!("{path} not in modules.dep"))?;
         if out.contains(&m) {
             return Ok(());

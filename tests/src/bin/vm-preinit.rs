@@ -44,7 +44,7 @@ fn main() {
     unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
     eprintln!(
         "preinit: boottime_us={}",
-        ts.tv_sec as i64 * 1_000_000 + ts.tv_nsec as i64 / 1000
+        ts.tv_sec.saturating_mul(1_000_000) + ts.tv_nsec / 1000
     );
     let args: Vec<CString> = std::iter::once(program.clone())
         .chain(rest.iter().filter_map(|a| CString::new(a.as_bytes()).ok()))
