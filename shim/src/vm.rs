@@ -30,7 +30,7 @@ use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use tracing::{info, warn};
+use tracing::warn;
 
 /// The console line that carries the exit status to the host: `agent-shim: exit status N`.
 pub const EXIT_LINE_PREFIX: &str = "agent-shim: exit status ";
@@ -134,24 +134,9 @@ static MOUNTS: &[Mount] = &[
     },
 ];
 
-/// Why the VM could not be set up.
-#[derive(Debug, thiserror::Error)]
-pub enum VmError {
-    /// The root device could not be mounted or switched to.
-    #[error("cannot switch root to {dev}: {what}")]
-    Root {
-        /// The device.
-        dev: String,
-        /// The step that failed.
-        what: String,
-        /// The error.
-        #[source]
-        err: std::io::Error,
-    },
-}
-
-/// Does the init duties; only a failed root switch is an error.
-pub fn setup(opts: &VmOpts) -> Result<(), VmError> {
+/// Does the init duties; only a failed root switch is an error (its message names the
+/// device and the step).
+pub fn setup(opts: &VmOpts) -> std::io::Result<()> {
     if let Some(dev) = &opts.root {
         switch_root(dev)?;
     }
@@ -160,7 +145,7 @@ pub fn setup(opts: &VmOpts) -> Result<(), VmError> {
     }
     if !Path::new("/dev/ptmx").exists() {
         if let Err(err) = std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx") {
-            warn!(%err, "cannot link /dev/ptmx");
+            failed("link /dev/ptmx", "", &err);
         }
     }
     enable_controllers(Path::new("/sys/fs/cgroup"));
@@ -173,10 +158,29 @@ pub fn setup(opts: &VmOpts) -> Result<(), VmError> {
         set_hostname(&name);
     }
     if let Err(err) = loopback_up() {
-        warn!(%err, "cannot bring up loopback");
+        failed("bring up loopback", "", &err);
     }
-    info!("microVM init duties done");
     Ok(())
+}
+
+/// Logs a duty that failed (one call site for all: every one costs the static binary).
+fn failed(what: &str, on: &str, err: &dyn std::fmt::Display) {
+    warn!("microVM init: cannot {what} {on}: {err}");
+}
+
+/// `mkdir(path, 0755)`; one that exists already is fine.
+fn mkdir(path: &Path) -> std::io::Result<()> {
+    let p = CString::new(path.as_os_str().as_bytes())?;
+    // SAFETY: mkdir(2) with a NUL-terminated path.
+    if unsafe { libc::mkdir(p.as_ptr(), 0o755) } == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EEXIST) {
+        Ok(())
+    } else {
+        Err(err)
+    }
 }
 
 /// Whether `path` is a mount point: its device differs from its parent's (or it is `/`).
@@ -197,12 +201,10 @@ fn mount_one(m: &Mount) {
     if is_mountpoint(target) {
         return;
     }
-    if let Err(err) = std::fs::create_dir_all(target) {
-        warn!(target = m.target, %err, "cannot create a mount point");
-        return;
-    }
-    if let Err(err) = mount(m.source, target, Some(m.fstype), m.flags, m.data) {
-        warn!(target = m.target, %err, "cannot mount");
+    if let Err(err) =
+        mkdir(target).and_then(|()| mount(m.source, target, Some(m.fstype), m.flags, m.data))
+    {
+        failed("mount", m.target, &err);
     }
 }
 
@@ -237,13 +239,13 @@ fn mount(
 /// per-exec cgroups can be given limits.
 fn enable_controllers(root: &Path) {
     let Ok(list) = std::fs::read_to_string(root.join("cgroup.controllers")) else {
-        warn!("no cgroup2 controllers to enable");
+        failed("read", "cgroup.controllers", &std::io::ErrorKind::NotFound);
         return;
     };
     // One write per controller: one the kernel refuses does not keep the others off.
     for c in list.split_ascii_whitespace() {
         if let Err(err) = std::fs::write(root.join("cgroup.subtree_control"), format!("+{c}")) {
-            warn!(controller = c, %err, "cannot enable a cgroup controller");
+            failed("enable the cgroup controller", c, &err);
         }
     }
 }
@@ -273,7 +275,7 @@ fn set_hostname(name: &str) {
     // SAFETY: the pointer and length describe `name`'s bytes, alive for the call.
     let rc = unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) };
     if rc != 0 {
-        warn!(err = %std::io::Error::last_os_error(), "cannot set the hostname");
+        failed("set the hostname", name, &std::io::Error::last_os_error());
     }
 }
 
@@ -309,11 +311,12 @@ fn loopback_up() -> std::io::Result<()> {
 
 /// Mounts `dev` (waiting up to [`ROOT_WAIT`] for it to appear) and makes it `/`, with
 /// `/proc` and `/dev` moved under it; the initramfs stays in memory beneath.
-fn switch_root(dev: &Path) -> Result<(), VmError> {
-    let fail = |what: &str, err: std::io::Error| VmError::Root {
-        dev: dev.display().to_string(),
-        what: what.to_owned(),
-        err,
+fn switch_root(dev: &Path) -> std::io::Result<()> {
+    let fail = |what: &str, err: std::io::Error| {
+        std::io::Error::new(
+            err.kind(),
+            format!("cannot switch root to {}: {what}: {err}", dev.display()),
+        )
     };
     for m in MOUNTS
         .iter()
@@ -326,7 +329,7 @@ fn switch_root(dev: &Path) -> Result<(), VmError> {
         std::thread::sleep(Duration::from_millis(20));
     }
     let new_root = Path::new(NEW_ROOT);
-    std::fs::create_dir_all(new_root).map_err(|e| fail("mkdir /newroot", e))?;
+    mkdir(new_root).map_err(|e| fail("mkdir /newroot", e))?;
     let source =
         CString::new(dev.as_os_str().as_bytes()).map_err(|e| fail("device path", e.into()))?;
     let types = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
@@ -347,7 +350,7 @@ fn switch_root(dev: &Path) -> Result<(), VmError> {
     for sub in ["proc", "dev"] {
         let old = Path::new("/").join(sub);
         let new = new_root.join(sub);
-        std::fs::create_dir_all(&new).map_err(|e| fail("mkdir under the new root", e))?;
+        mkdir(&new).map_err(|e| fail("mkdir under the new root", e))?;
         let old = CString::new(old.as_os_str().as_bytes()).map_err(|e| fail("path", e.into()))?;
         mount(&old, &new, None, libc::MS_MOVE, None).map_err(|e| fail("move a mount", e))?;
     }
@@ -358,7 +361,6 @@ fn switch_root(dev: &Path) -> Result<(), VmError> {
         return Err(fail("chroot", std::io::Error::last_os_error()));
     }
     std::env::set_current_dir("/").map_err(|e| fail("chdir /", e))?;
-    info!(dev = %dev.display(), "switched root");
     Ok(())
 }
 

@@ -462,10 +462,12 @@ pub fn set_clock(unix_ms: u64) -> std::io::Result<i64> {
     if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
+    // Milliseconds since the epoch fit an i64 for 292 million years either way.
     let before_ms = match before.duration_since(std::time::UNIX_EPOCH) {
-        Ok(d) => i128::try_from(d.as_millis()).unwrap_or(i128::MAX),
-        Err(e) => -i128::try_from(e.duration().as_millis()).unwrap_or(i128::MAX),
+        Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+        Err(e) => i64::try_from(e.duration().as_millis()).map_or(i64::MIN, |ms| -ms),
     };
-    let jump = i128::from(unix_ms) - before_ms;
-    Ok(i64::try_from(jump).unwrap_or(if jump < 0 { i64::MIN } else { i64::MAX }))
+    Ok(i64::try_from(unix_ms)
+        .unwrap_or(i64::MAX)
+        .saturating_sub(before_ms))
 }

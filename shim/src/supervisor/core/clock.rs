@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use driver_protocol::message::{ClockSet, ShimToControl};
 use driver_protocol::ErrorCode;
-use tracing::{info, warn};
+use tracing::info;
 
 use super::{err, ok, Core};
 
@@ -22,13 +22,13 @@ impl Core {
     ) -> ShimToControl {
         match jump_ms {
             Ok(jump_ms) => {
-                info!(unix_ms, jump_ms, "clock set");
+                info!("clock set to {unix_ms} ms, a jump of {jump_ms} ms");
                 self.activity(now);
                 self.event(ClockSet { unix_ms, jump_ms });
                 ok(id)
             }
             Err(e) => {
-                warn!(unix_ms, error = %e, "cannot set the clock");
+                info!("cannot set the clock to {unix_ms} ms: {e}");
                 let code = if e.raw_os_error() == Some(libc::EINVAL) {
                     ErrorCode::Invalid
                 } else {
