@@ -12,6 +12,7 @@ mod boot;
 mod cgroup;
 mod clock;
 mod root;
+mod vsock;
 
 use std::fmt::Write as _;
 use std::net::TcpListener;
