@@ -770,6 +770,26 @@ impl Client {
         }
     }
 
+    /// Sets the sandbox's wall clock to `time` (a microVM's is wrong after a snapshot restore
+    /// or a long pause; send it before [`resume`](Self::resume)). The jump the shim corrected
+    /// arrives as a `clock_set` event. `invalid` for a time the kernel refuses, `internal`
+    /// where the shim may not set the clock (inside a container).
+    ///
+    /// ```no_run
+    /// # async fn demo(client: control_link::Client) -> Result<(), control_link::Error> {
+    /// client.set_clock(std::time::SystemTime::now()).await?;
+    /// client.resume().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn set_clock(&self, time: std::time::SystemTime) -> Result<(), Error> {
+        let unix_ms = time
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        self.call_ok(|id| driver_protocol::message::SetClock { id, unix_ms }.into())
+            .await?;
+        Ok(())
+    }
+
     /// Drops the current connection as a network failure would. A client from [`connect`]
     /// dials again; one accepted by a [`Listener`](crate::Listener) or a
     /// [`Fleet`](crate::Fleet) waits for its shim to dial again. Either way the event stream

@@ -600,6 +600,13 @@ fn samples() -> Vec<Sample> {
             }),
         ),
         s(
+            "Set the wall clock to 2025-01-01T00:00:00Z.",
+            C::SetClock(SetClock {
+                id: 0x5eed_0000_0000_0042,
+                unix_ms: 1_735_689_600_000,
+            }),
+        ),
+        s(
             "Resume the agent (slept_ms is only sent to drivers).",
             C::Resume(Resume {
                 id: 0x5eed_0000_0000_0004,
@@ -1115,6 +1122,17 @@ fn samples() -> Vec<Sample> {
                 kills: 3,
                 new_kills: 2,
             }),
+        ),
+        s(
+            "The shim set the clock to 2025-01-01T00:00:00Z; it was 90 s behind.",
+            E::ClockSet(ClockSet {
+                unix_ms: 1_735_689_600_000,
+                jump_ms: 90_000,
+            }),
+        ),
+        s(
+            "The shim is about to exit with code 7: its last event.",
+            E::ShimExiting(ShimExiting { code: 7 }),
         ),
     ]
 }

@@ -857,6 +857,8 @@ fn control_to_shim() -> impl Strategy<Value = ControlToShim> {
             }
         )),
         (any::<u64>(), any::<u64>()).prop_map(|(id, watch)| M::FsUnwatch(FsUnwatch { id, watch })),
+        (any::<u64>(), any::<u64>())
+            .prop_map(|(id, unix_ms)| M::SetClock(SetClock { id, unix_ms })),
     ]
 }
 
@@ -940,6 +942,9 @@ fn event() -> impl Strategy<Value = Event> {
                 to,
                 dropped
             })),
+        (any::<u64>(), any::<i64>())
+            .prop_map(|(unix_ms, jump_ms)| M::ClockSet(ClockSet { unix_ms, jump_ms })),
+        any::<i32>().prop_map(|code| M::ShimExiting(ShimExiting { code })),
     ]
 }
 

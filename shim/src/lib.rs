@@ -26,6 +26,7 @@ mod signals;
 mod spawn;
 mod supervisor;
 mod sys;
+pub mod vm;
 
 use std::ffi::OsString;
 

@@ -28,6 +28,9 @@ fn main() -> ExitCode {
             std::env::var_os(k)
         }
     };
+    // The kernel's own init in a microVM: PID 1 must never exit (the kernel would panic and
+    // the exit code would be lost), so every way out below powers the VM off instead.
+    let detected = agent_shim::vm::detected();
     let action = match agent_shim::parse(std::env::args_os().skip(1), env) {
         Ok(action) => action,
         Err(err) => {
@@ -37,7 +40,7 @@ fn main() -> ExitCode {
                 "agent-shim: {err}\n{}\nTry 'agent-shim --help' for more information.",
                 agent_shim::USAGE
             );
-            return ExitCode::from(EXIT_USAGE);
+            return exit(detected, i32::from(EXIT_USAGE));
         }
     };
     let cfg = match action {
@@ -46,11 +49,26 @@ fn main() -> ExitCode {
         Action::Version => return print_stdout(&format!("{}\n", agent_shim::version())),
     };
     agent_shim::init_logging(&cfg);
+    let vm = detected || cfg.vm.enabled;
+    if vm {
+        if let Err(err) = agent_shim::vm::setup(&cfg.vm) {
+            report(&err, 125, cfg.log_format);
+            agent_shim::vm::power_off(125);
+        }
+    }
     let code = agent_shim::run(&cfg).unwrap_or_else(|err| {
         let code = err.exit_code();
         report(&err, code, cfg.log_format);
         code
     });
+    exit(vm, code)
+}
+
+/// Exits with `code`, or in a microVM powers it off with `code` on the console.
+fn exit(vm: bool, code: i32) -> ExitCode {
+    if vm {
+        agent_shim::vm::power_off(code);
+    }
     ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX))
 }
 

@@ -20,3 +20,4 @@ mod security;
 
 mod sessions;
 mod files;
+mod vm;

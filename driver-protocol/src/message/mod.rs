@@ -16,6 +16,7 @@
 //! `Unknown` variant, which the receiver answers with `error{code:"unsupported"}` while the
 //! connection stays up. Unknown fields are ignored.
 
+mod clock;
 mod common;
 mod control;
 mod event;
@@ -30,6 +31,7 @@ use std::io::Write;
 
 use serde::{Deserialize, Serialize};
 
+pub use clock::*;
 pub use common::*;
 pub use control::*;
 pub use event::*;
@@ -380,6 +382,9 @@ message_set! {
         "fs_watch" => FsWatch(FsWatch),
         /// End a watch.
         "fs_unwatch" => FsUnwatch(FsUnwatch),
+        // microVM
+        /// Set the wall clock.
+        "set_clock" => SetClock(SetClock),
     }
 }
 
@@ -454,6 +459,11 @@ with_driver_events! {
             // files
             /// A change under an `fs_watch`.
             "fs_event" => FsEvent(FsEvent),
+            // microVM
+            /// The shim set the wall clock.
+            "clock_set" => ClockSet(ClockSet),
+            /// The shim is about to exit: its last event.
+            "shim_exiting" => ShimExiting(ShimExiting),
         }
     }
 }

@@ -264,6 +264,13 @@ enum Cmd {
         /// The path in the sandbox.
         path: String,
     },
+    // microVM
+    /// Set the sandbox's wall clock (a microVM's, after a snapshot restore or a long pause).
+    SetClock {
+        /// The time, in milliseconds since the Unix epoch [default: this machine's time].
+        #[arg(long, value_name = "MS")]
+        unix_ms: Option<u64>,
+    },
 }
 
 /// Parses the command line; a rejected one exits here (2, or 125 for `exec`), `--help` and
@@ -653,6 +660,14 @@ async fn command(client: &Client, cmd: Cmd, out: &Out) -> Result<u8, Fail> {
                 || format!("pong in {rtt:?}"),
                 || serde_json::json!({"pong": true, "rtt_us": rtt.as_micros() as u64}),
             );
+            Ok(0)
+        }
+        Cmd::SetClock { unix_ms } => {
+            let time = unix_ms.map_or_else(std::time::SystemTime::now, |ms| {
+                std::time::UNIX_EPOCH + Duration::from_millis(ms)
+            });
+            client.set_clock(time).await?;
+            out.ok("clock set");
             Ok(0)
         }
     }

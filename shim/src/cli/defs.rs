@@ -585,6 +585,42 @@ pub(super) static FLAGS: &[Flag] = &[
             }
         },
     ),
+    // microVM init duties.
+    switch(
+        "vm",
+        "AGENT_SHIM_VM",
+        Init,
+        "do a microVM init's duties (mounts, hostname, loopback,\npower off); on by itself as PID 1 with no /proc mounted",
+        |c, v| parse_bool(v).map(|x| c.vm.enabled = x),
+    ),
+    val(
+        "hostname",
+        "NAME",
+        "AGENT_SHIM_HOSTNAME",
+        Text("from the kernel command line"),
+        Init,
+        "in a microVM: the hostname to set",
+        |c, v| {
+            if crate::vm::valid_hostname(v) {
+                c.vm.hostname = Some(v.to_owned());
+                Ok(())
+            } else {
+                Err("1 to 64 letters, digits, '-' or '.'".to_owned())
+            }
+        },
+    ),
+    val(
+        "root",
+        "DEV",
+        "AGENT_SHIM_ROOT",
+        NONE,
+        Init,
+        "in a microVM: switch root to the filesystem on block device DEV",
+        |c, v| {
+            c.vm.root = Some(PathBuf::from(v));
+            Ok(())
+        },
+    ),
 ];
 
 /// The flag named `--long`.

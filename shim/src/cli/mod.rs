@@ -65,6 +65,8 @@ pub struct Config {
     pub supervise: bool,
     /// Supervisor-mode options (ignored in plain mode).
     pub sup: SupervisorOpts,
+    /// microVM init duties (`--vm`, `--hostname`, `--root`).
+    pub vm: crate::vm::VmOpts,
 }
 
 /// Where the control token comes from.
@@ -243,6 +245,7 @@ impl Config {
                 fs_max_watches: 0,
                 fs_watch_rate: 0,
             },
+            vm: crate::vm::VmOpts::default(),
         }
     }
 }

@@ -959,6 +959,7 @@ pub(super) fn request_id(msg: &ControlToShim) -> Option<RequestId> {
         ControlToShim::FsWriteClose(m) => Some(m.id),
         ControlToShim::FsWatch(m) => Some(m.id),
         ControlToShim::FsUnwatch(m) => Some(m.id),
+        ControlToShim::SetClock(m) => Some(m.id),
         ControlToShim::Unknown(m) => m.id,
         ControlToShim::Hello(_)
         | ControlToShim::Auth(_)

@@ -445,3 +445,29 @@ pub(crate) mod fake {
         }
     }
 }
+
+/// Sets the wall clock (`CLOCK_REALTIME`) to `unix_ms` milliseconds since the epoch; returns
+/// how far it moved (the time set minus the time read just before), in milliseconds.
+pub fn set_clock(unix_ms: u64) -> std::io::Result<i64> {
+    let secs = i64::try_from(unix_ms / 1000)
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // Below 1000 ms, so the cast is exact.
+    let nsec = (unix_ms % 1000) as i64 * 1_000_000;
+    let ts = libc::timespec {
+        tv_sec: secs as _,
+        tv_nsec: nsec as _,
+    };
+    let before = std::time::SystemTime::now();
+    // SAFETY: clock_settime(2) with a valid clock id and a timespec alive for the call.
+    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // Milliseconds since the epoch fit an i64 for 292 million years either way.
+    let before_ms = match before.duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+        Err(e) => i64::try_from(e.duration().as_millis()).map_or(i64::MIN, |ms| -ms),
+    };
+    Ok(i64::try_from(unix_ms)
+        .unwrap_or(i64::MAX)
+        .saturating_sub(before_ms))
+}

@@ -46,6 +46,7 @@
 //!                                   cwd_writable,
 //!                                   rlimit_NAME, fds, env_token, env (names), zombies,
 //!                                   pid1 (the command name of PID 1)
+//! probe read PATH...               print `== PATH`, then the file's contents (or `error ...`)
 //! probe stop-spawns SECS [--uid N]  (as uid N if given) for SECS, spin `tgkill(p, p, SIGSTOP)`
 //!                                   on the next pids after /proc/sys/kernel/ns_last_pid:
 //!                                   stops a child of PID 1 between its setuid and its execve;
@@ -117,6 +118,7 @@ fn main() -> ExitCode {
         "spew" => spew(rest),
         "report" => report(),
         "stop-spawns" => stop_spawns(rest),
+        "read" => read_files(rest),
         other => return usage(&format!("unknown subcommand {other:?}")),
     };
     match result {
@@ -1110,5 +1112,20 @@ fn stop_spawns(args: &[OsString]) -> io::Result<u8> {
         }
     }
     say(&format!("hits={hits}"));
+    Ok(0)
+}
+
+/// `probe read PATH...`: each file's contents under a `== PATH` line.
+fn read_files(paths: &[OsString]) -> io::Result<u8> {
+    let mut out = io::stdout().lock();
+    for p in paths {
+        writeln!(out, "== {}", p.to_string_lossy())?;
+        match std::fs::read(p) {
+            Ok(bytes) => out.write_all(&bytes)?,
+            Err(e) => writeln!(out, "error {e}")?,
+        }
+        writeln!(out)?;
+    }
+    out.flush()?;
     Ok(0)
 }

@@ -185,7 +185,7 @@ impl Core {
         self.activity(now);
         if self.execs.is_empty() {
             if let Some(code) = self.exit_pending.take() {
-                self.exit_code = Some(code);
+                self.set_exit(code);
             }
         }
     }
@@ -313,7 +313,7 @@ impl Core {
         }
         if self.execs.is_empty() {
             if let Some(code) = self.exit_pending.take() {
-                self.exit_code = Some(code);
+                self.set_exit(code);
             }
         }
     }
@@ -443,7 +443,7 @@ impl Core {
     /// terminated now, and reported as they are after a bounded wait).
     pub(super) fn exit_after_execs(&mut self, code: i32, now: Instant) {
         if self.execs.is_empty() {
-            self.exit_code = Some(code);
+            self.set_exit(code);
             return;
         }
         info!(execs = self.execs.len(), "terminating execs before exiting");

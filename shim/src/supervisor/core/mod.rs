@@ -23,6 +23,7 @@
 //! [`delivery`] (tasks and cancel), [`pause`] (pause/resume) and [`shutdown`] (signals and
 //! the stop sequence).
 
+mod clock;
 mod delivery;
 #[cfg(test)]
 mod driver_faults;
@@ -321,6 +322,15 @@ impl Core {
 
     fn event(&mut self, ev: impl Into<Event>) {
         self.out.push(Output::Event(ev.into()));
+    }
+
+    /// The shim exits with `code`: its last event says so (in a microVM, the one way besides
+    /// the console that the code reaches the control plane).
+    fn set_exit(&mut self, code: i32) {
+        if self.exit_code.is_none() {
+            self.exit_code = Some(code);
+            self.event(driver_protocol::message::ShimExiting { code });
+        }
     }
 
     fn kill(&mut self, kill: Kill) {

@@ -458,6 +458,12 @@ impl Shell<'_> {
                 self.replying = Some(cmd.reply);
                 self.core.on_status(s.id, now, &counters);
             }
+            ControlToShim::SetClock(s) => {
+                let jump = crate::sys::set_clock(s.unix_ms);
+                let reply = self.core.clock_set(s.id, s.unix_ms, jump, now);
+                cmd.reply.send(reply);
+                self.apply_outputs();
+            }
             request => {
                 // The core's reply (an output) goes here, before its other outputs.
                 self.replying = Some(cmd.reply);
