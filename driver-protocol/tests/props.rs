@@ -728,6 +728,7 @@ fn control_to_shim() -> impl Strategy<Value = ControlToShim> {
         ack().prop_map(M::Ack),
         resume_from().prop_map(M::ResumeFrom),
         ping().prop_map(M::Ping),
+        any::<u64>().prop_map(|id| M::Metrics(Metrics { id })),
     ]
 }
 
@@ -756,6 +757,7 @@ fn event() -> impl Strategy<Value = Event> {
         idle().prop_map(M::Idle),
         Just(Busy {}).prop_map(M::Busy),
         oom().prop_map(M::Oom),
+        reading().prop_map(M::Metrics),
     ]
 }
 
@@ -770,7 +772,81 @@ fn shim_to_control() -> impl Strategy<Value = ShimToControl> {
         exec_started().prop_map(M::ExecStarted),
         (any::<u64>(), event()).prop_map(|(seq, event)| M::Event(EventEnvelope { seq, event })),
         pong().prop_map(M::Pong),
+        (any::<u64>(), reading()).prop_map(|(re, r)| M::MetricsReply(MetricsReply::new(re, r))),
     ]
+}
+
+fn cgroup_reading() -> impl Strategy<Value = CgroupReading> {
+    let o = || proptest::option::of(any::<u64>());
+    (
+        1u8..=2,
+        (o(), o(), o(), o(), o(), o(), o(), o()),
+        (o(), o(), o(), o(), o(), o(), o(), o(), o()),
+        (o(), o()),
+    )
+        .prop_map(|(version, a, b, c)| CgroupReading {
+            memory_anon_bytes: c.0,
+            memory_file_bytes: c.1,
+            version,
+            memory_bytes: a.0,
+            memory_limit_bytes: a.1,
+            memory_peak_bytes: a.2,
+            swap_bytes: a.3,
+            swap_limit_bytes: a.4,
+            oom: a.5,
+            oom_kills: a.6,
+            cpu_usage_us: a.7,
+            cpu_periods: b.0,
+            cpu_throttled_periods: b.1,
+            cpu_throttled_us: b.2,
+            cpu_quota_us: b.3,
+            cpu_period_us: b.4,
+            pids: b.5,
+            pids_limit: b.6,
+            io_read_bytes: b.7,
+            io_write_bytes: b.8,
+        })
+}
+
+fn reading() -> impl Strategy<Value = Reading> {
+    let fs = any::<[u64; 5]>().prop_map(|v| FsReading {
+        size_bytes: v[0],
+        used_bytes: v[1],
+        avail_bytes: v[2],
+        inodes: v[3],
+        inodes_used: v[4],
+    });
+    let proc_reading = (
+        any::<bool>(),
+        proptest::option::of(any::<u64>()),
+        any::<(u32, u32, u64, u64)>(),
+    )
+        .prop_map(
+            |(driver, exec_id, (pid, pids, rss_bytes, cpu_us))| ProcReading {
+                role: if driver {
+                    ProcRole::Driver
+                } else {
+                    ProcRole::Exec
+                },
+                exec_id,
+                pid,
+                pids,
+                rss_bytes,
+                cpu_us,
+            },
+        );
+    (
+        any::<u64>(),
+        proptest::option::of(cgroup_reading()),
+        proptest::option::of(fs),
+        proptest::collection::vec(proc_reading, 0..4),
+    )
+        .prop_map(|(time_ms, cgroup, workspace, procs)| Reading {
+            time_ms,
+            cgroup,
+            workspace,
+            procs,
+        })
 }
 
 // ---------------------------------------------------------------------------------------------

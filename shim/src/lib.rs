@@ -19,6 +19,7 @@ mod exec;
 mod init;
 mod limits;
 mod logging;
+mod metrics;
 mod oom;
 mod reaper;
 mod signals;

@@ -20,6 +20,7 @@ mod common;
 mod control;
 mod event;
 mod exec;
+mod metrics;
 mod task;
 
 use std::io::Write;
@@ -30,6 +31,7 @@ pub use common::*;
 pub use control::*;
 pub use event::*;
 pub use exec::*;
+pub use metrics::*;
 pub use task::*;
 
 use crate::envelope::{self, Head};
@@ -346,6 +348,9 @@ message_set! {
         "resume_from" => ResumeFrom(ResumeFrom),
         /// Liveness probe.
         "ping" => Ping(Ping),
+        // Resources.
+        /// Ask for a resource reading.
+        "metrics" => Metrics(Metrics),
     }
 }
 
@@ -368,6 +373,9 @@ message_set! {
         "event" => Event(EventEnvelope) decoded_by decode_envelope,
         /// Answer to `ping`.
         "pong" => Pong(Pong),
+        // Resources.
+        /// Answer to `metrics`.
+        "metrics_reply" => MetricsReply(MetricsReply),
     }
 }
 
@@ -405,6 +413,9 @@ with_driver_events! {
             "busy" => Busy(Busy),
             /// The OOM killer killed processes in the sandbox.
             "oom" => Oom(Oom),
+            // Resources.
+            /// A periodic resource reading (`--metrics-interval`).
+            "metrics" => Metrics(Reading),
         }
     }
 }

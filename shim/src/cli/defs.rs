@@ -476,6 +476,16 @@ pub(super) static FLAGS: &[Flag] = &[
         "oom_score_adj of the driver and of every exec, -1000..1000; the\nshim itself goes to -1000 (needs CAP_SYS_RESOURCE)",
         |c, v| crate::oom::parse_child_scores(v).map(|x| c.sup.oom_score_adj = x),
     ),
+    // Resources.
+    val(
+        "metrics-interval",
+        "DUR",
+        "AGENT_SHIM_METRICS_INTERVAL",
+        OFF,
+        Supervisor,
+        "send a metrics event (a resource reading) every DUR",
+        |c, v| parse_positive_duration(v).map(|x| c.sup.metrics_interval = Some(x)),
+    ),
 ];
 
 /// The flag named `--long`.

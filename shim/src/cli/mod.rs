@@ -149,6 +149,8 @@ pub struct SupervisorOpts {
     pub exec_drain: Duration,
     /// `--oom-score-adj DRIVER[:EXEC]`: the children's `oom_score_adj`.
     pub oom_score_adj: crate::oom::ChildScores,
+    /// `--metrics-interval` (`None`: no periodic `metrics` event).
+    pub metrics_interval: Option<Duration>,
 }
 
 impl Default for SupervisorOpts {
@@ -224,6 +226,7 @@ impl Config {
                 exec_kill_grace: Duration::ZERO,
                 exec_drain: Duration::ZERO,
                 oom_score_adj: crate::oom::ChildScores::default(),
+                metrics_interval: None,
             },
         }
     }

@@ -697,6 +697,7 @@ pub(super) fn request_id(msg: &ControlToShim) -> Option<RequestId> {
         ControlToShim::Status(m) => Some(m.id),
         ControlToShim::Shutdown(m) => Some(m.id),
         ControlToShim::Ping(m) => Some(m.id),
+        ControlToShim::Metrics(m) => Some(m.id),
         ControlToShim::Unknown(m) => m.id,
         ControlToShim::Hello(_)
         | ControlToShim::Auth(_)

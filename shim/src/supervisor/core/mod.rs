@@ -456,6 +456,11 @@ impl Core {
                 ErrorCode::Internal,
                 "status is answered with the shell's counters (Core::status)",
             ),
+            C::Metrics(m) => err(
+                m.id,
+                ErrorCode::Internal,
+                "metrics is answered with the shell's readings",
+            ),
             other => {
                 let re = match &other {
                     C::Unknown(u) => u.id,

@@ -16,13 +16,17 @@ mod spawning;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use driver_protocol::message::{ControlToShim, Event, LogStream, Message, Oom, ShimToControl};
+use driver_protocol::message::{
+    ControlToShim, Event, LogStream, Message, MetricsReply, Oom, ProcRole, ShimToControl,
+};
 use driver_protocol::DEFAULT_MAX_FRAME;
 use nix::sys::signal::SigSet;
 use tracing::{debug, info, warn};
 
 use crate::cli::Config;
 use crate::control::{ControlConfig, ControlServer, Endpoints, Token};
+use crate::metrics::procs::Leader;
+use crate::metrics::Sampler;
 use crate::oom::OomCounter;
 use crate::reaper::{ExitStatus, Reaper};
 use crate::sys::{self, Real, Sys};
@@ -76,6 +80,10 @@ struct Shell<'a> {
     oom: OomCounter,
     /// Where the reply of the control command being executed goes.
     replying: Option<crate::control::Reply>,
+    /// The sources of `metrics` readings, opened before any child runs.
+    sampler: Sampler,
+    /// When the next periodic `metrics` event is due (`--metrics-interval`).
+    metrics_due: Option<Instant>,
 }
 
 pub(super) async fn shell(
@@ -133,6 +141,13 @@ pub(super) async fn shell(
         spawning: Vec::new(),
         oom: OomCounter::open(),
         replying: None,
+        sampler: Sampler::open(
+            cfg.sup
+                .workdir
+                .as_deref()
+                .unwrap_or_else(|| std::path::Path::new(".")),
+        ),
+        metrics_due: cfg.sup.metrics_interval.map(|i| now + i),
     };
     sh.core.start();
     loop {
@@ -244,6 +259,9 @@ pub(super) async fn shell(
             }
             () = sleep_until(sh.rate.suppressed_due()), if !full => {
                 sh.flush_suppressed(Instant::now());
+            }
+            () = sleep_until(sh.metrics_due), if !full => {
+                sh.periodic_metrics(Instant::now());
             }
         }
         if sh.last_seq() != published {
@@ -417,6 +435,13 @@ impl Shell<'_> {
                 let reply = self.core.status(s.id, now, &self.counters());
                 cmd.reply.send(ShimToControl::StatusReply(reply));
             }
+            ControlToShim::Metrics(m) => {
+                let reading = self.sample();
+                cmd.reply
+                    .send(ShimToControl::MetricsReply(MetricsReply::new(
+                        m.id, reading,
+                    )));
+            }
             request => {
                 // The core's reply (an output) goes here, before its other outputs.
                 self.replying = Some(cmd.reply);
@@ -427,6 +452,40 @@ impl Shell<'_> {
                 }
             }
         }
+    }
+
+    /// A resource reading of the sandbox, the driver and every running exec.
+    fn sample(&mut self) -> driver_protocol::message::Reading {
+        let mut leaders: Vec<Leader> = Vec::with_capacity(1 + self.core.execs_running());
+        if let Some(pid) = self.core.driver_pid() {
+            leaders.push(Leader {
+                role: ProcRole::Driver,
+                exec_id: None,
+                pid,
+            });
+        }
+        leaders.extend(self.core.exec_pids().map(|(id, pid)| Leader {
+            role: ProcRole::Exec,
+            exec_id: Some(id),
+            pid,
+        }));
+        self.sampler.read(&leaders)
+    }
+
+    /// `--metrics-interval`: publishes a reading as a `metrics` event and sets the next one.
+    /// A late turn does not make up for missed ones (no burst after a freeze).
+    fn periodic_metrics(&mut self, now: Instant) {
+        let Some(interval) = self.cfg.sup.metrics_interval else {
+            self.metrics_due = None;
+            return;
+        };
+        let reading = self.sample();
+        self.publish(&Event::Metrics(reading));
+        let mut next = self.metrics_due.unwrap_or(now) + interval;
+        if next <= now {
+            next = now + interval;
+        }
+        self.metrics_due = Some(next);
     }
 
     /// Gives driver output still queued for our stderr a last, bounded chance.
