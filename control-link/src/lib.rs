@@ -19,7 +19,7 @@ mod token;
 mod wake;
 
 pub use driver_protocol as protocol;
-pub use driver_protocol::message::{ExecStarted, RequestId, Seq, StatusReply};
+pub use driver_protocol::message::{ExecStarted, Reading, RequestId, Seq, StatusReply};
 pub use driver_protocol::ErrorCode;
 
 pub use client::{connect, Client};

@@ -583,6 +583,7 @@ impl Session {
             ShimToControl::StatusReply(r) => Some(r.re),
             ShimToControl::ExecStarted(r) => Some(r.re),
             ShimToControl::Pong(r) => Some(r.re),
+            ShimToControl::MetricsReply(r) => Some(r.re),
             ShimToControl::Hello(_) | ShimToControl::Auth(_) => {
                 return Err(Error::Protocol(format!(
                     "{} after the handshake",

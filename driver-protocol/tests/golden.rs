@@ -851,7 +851,7 @@ fn samples() -> Vec<Sample> {
 fn metrics_reading() -> Reading {
     Reading {
         time_ms: 1_735_689_600_000,
-        cgroup: Some(CgroupReading {
+        cgroup: Some(Box::new(CgroupReading {
             version: 2,
             memory_bytes: Some(52_428_800),
             memory_limit_bytes: Some(536_870_912),
@@ -872,7 +872,7 @@ fn metrics_reading() -> Reading {
             pids_limit: Some(256),
             io_read_bytes: Some(4_096_000),
             io_write_bytes: Some(1_048_576),
-        }),
+        })),
         workspace: Some(FsReading {
             size_bytes: 10_737_418_240,
             used_bytes: 2_147_483_648,

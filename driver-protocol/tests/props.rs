@@ -837,7 +837,7 @@ fn reading() -> impl Strategy<Value = Reading> {
         );
     (
         any::<u64>(),
-        proptest::option::of(cgroup_reading()),
+        proptest::option::of(cgroup_reading().prop_map(Box::new)),
         proptest::option::of(fs),
         proptest::collection::vec(proc_reading, 0..4),
     )

@@ -25,7 +25,7 @@ pub struct MetricsReply {
     pub time_ms: u64,
     /// The sandbox's cgroup, when one could be read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cgroup: Option<CgroupReading>,
+    pub cgroup: Option<Box<CgroupReading>>,
     /// The workspace filesystem, when it could be read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workspace: Option<FsReading>,
@@ -68,7 +68,7 @@ pub struct Reading {
     pub time_ms: u64,
     /// The sandbox's cgroup, when one could be read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cgroup: Option<CgroupReading>,
+    pub cgroup: Option<Box<CgroupReading>>,
     /// The workspace filesystem, when it could be read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workspace: Option<FsReading>,

@@ -65,14 +65,21 @@ impl Sampler {
     pub fn read(&mut self, leaders: &[Leader]) -> Reading {
         Reading {
             time_ms: now_ms(),
-            cgroup: self.cgroup.as_ref().map(|c| c.read(&mut self.buf)),
+            cgroup: self
+                .cgroup
+                .as_ref()
+                .map(|c| Box::new(c.read(&mut self.buf))),
             workspace: self.workspace.as_ref().and_then(fs_reading),
             procs: procs::read(leaders, self.page, self.tck),
         }
     }
 }
 
-/// `fstatfs` of the workspace: sizes in fragment units (`f_frsize`).
+/// `fstatfs` of the workspace.
+#[allow(
+    clippy::useless_conversion,
+    reason = "fsblkcnt_t and fsfilcnt_t are u32 on some 32-bit targets"
+)]
 fn fs_reading(dir: &File) -> Option<FsReading> {
     let st = nix::sys::statfs::fstatfs(dir).ok()?;
     // `f_frsize` is what `f_blocks` counts in; nix exposes `block_size` (`f_bsize`), equal on
