@@ -17,3 +17,5 @@ mod control_link;
 mod docker;
 
 mod security;
+
+mod resources;

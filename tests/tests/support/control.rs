@@ -748,6 +748,7 @@ fn re_of(msg: &ShimToControl) -> Option<RequestId> {
         ShimToControl::StatusReply(s) => Some(s.re),
         ShimToControl::ExecStarted(e) => Some(e.re),
         ShimToControl::Pong(p) => Some(p.re),
+        ShimToControl::MetricsReply(m) => Some(m.re),
         _ => None,
     }
 }
