@@ -11,6 +11,7 @@ pub mod driver;
 pub mod exec;
 pub mod exec_output;
 pub mod fleet;
+pub mod metrics;
 pub mod reap;
 pub mod relay;
 pub mod roundtrip;
@@ -78,6 +79,7 @@ pub fn all(ctx: &Ctx, only: &[String]) -> Vec<Figure> {
         ("round trip", |c| vec![roundtrip::run(c)]),
         ("exec output", |c| vec![exec_output::run(c)]),
         ("fleet", |c| vec![fleet::run(c)]),
+        ("metrics sample", |c| vec![metrics::run(c)]),
     ];
     let mut out = Vec::new();
     for (name, run) in runs {
