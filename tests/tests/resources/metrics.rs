@@ -291,3 +291,88 @@ fn a_tenant_process_named_to_fool_the_parser_is_counted_right() -> Result<()> {
     ensure!(sup.shim.alive(), "{}", sup.context());
     Ok(())
 }
+
+#[test]
+fn a_tenant_mount_over_the_workspace_or_the_cgroup_tree_is_not_read() -> Result<()> {
+    let cg = v1_cgroup!("mounts");
+    cg.limit_memory(384 * MIB)?;
+    let ws = crate::support::TempDir::new("ws")?;
+    let ws_path = ws.path().display().to_string();
+    // PID 1 of its own PID and mount namespaces (`unshare --mount-proc`, private
+    // propagation): what the tenant mounts stays inside.
+    let mut sup = cg.start(Setup::new(Mode::Pid1).flag("--workdir", &ws_path))?;
+    sup.expect_up(1)?;
+    let before = metrics(&mut sup)?;
+    let size = before
+        .workspace
+        .as_ref()
+        .map(|w| w.size_bytes)
+        .ok_or_else(|| anyhow!("{before:#?}"))?;
+    ensure!(size > 64 * MIB, "{before:#?}");
+
+    // The tenant (root in the sandbox) mounts a 1 MiB tmpfs over the workspace and a tmpfs
+    // with a forged limit over the memory hierarchy.
+    let script = format!(
+        "mount -t tmpfs -o size=1m none '{ws_path}' && \
+         mount -t tmpfs none /sys/fs/cgroup/memory && \
+         echo 1048576 > /sys/fs/cgroup/memory/memory.limit_in_bytes && \
+         echo 1 > /sys/fs/cgroup/memory/memory.usage_in_bytes && \
+         df -k '{ws_path}' && echo mounted"
+    );
+    let (run, _) = run_to_end(&mut sup, |id| Exec {
+        timeout_ms: Some(30_000),
+        ..Exec::new(id, ["/bin/sh", "-c", script.as_str()])
+    })?;
+    ensure!(
+        run.out().contains("mounted"),
+        "the tenant's mounts failed: {run:?}"
+    );
+
+    let after = metrics(&mut sup)?;
+    let w = after
+        .workspace
+        .as_ref()
+        .ok_or_else(|| anyhow!("{after:#?}"))?;
+    ensure!(
+        w.size_bytes == size,
+        "the workspace read through the tenant's mount: {size} -> {}",
+        w.size_bytes
+    );
+    let c = after
+        .cgroup
+        .as_deref()
+        .ok_or_else(|| anyhow!("{after:#?}"))?;
+    ensure!(c.memory_limit_bytes == Some(384 * MIB), "{c:#?}");
+    ensure!(c.memory_bytes.is_some_and(|m| m > 1), "{c:#?}");
+    ensure!(sup.shim.alive(), "{}", sup.context());
+    Ok(())
+}
+
+#[test]
+fn a_stopped_tenant_process_does_not_hold_a_reading() -> Result<()> {
+    crate::support::require_root!();
+    let mut sup = Setup::new(Mode::Pid1).start()?;
+    sup.expect_up(1)?;
+    let started = sup.ctl.exec_started(|id| Exec {
+        timeout_ms: Some(30_000),
+        ..Exec::new(id, ["/bin/sh", "-c", "sleep 30 & kill -STOP $! $$"])
+    })?;
+    let exec_id = started.exec_id;
+    let t0 = Instant::now();
+    let r = reading_until(&mut sup, "the stopped exec and its stopped child", |r| {
+        r.procs
+            .iter()
+            .any(|p| p.exec_id == Some(exec_id) && p.pids == 2)
+    })?;
+    ensure!(
+        t0.elapsed() < Duration::from_secs(5),
+        "{:?} for {r:#?}",
+        t0.elapsed()
+    );
+    sup.ctl.send(ExecSignal {
+        exec_id,
+        signal: "KILL".into(),
+    })?;
+    ensure!(sup.shim.alive(), "{}", sup.context());
+    Ok(())
+}
