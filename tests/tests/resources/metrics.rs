@@ -376,3 +376,35 @@ fn a_stopped_tenant_process_does_not_hold_a_reading() -> Result<()> {
     ensure!(sup.shim.alive(), "{}", sup.context());
     Ok(())
 }
+
+#[test]
+fn polling_metrics_is_not_activity() -> Result<()> {
+    crate::support::require_root!();
+    // A control plane polling every 100 ms (E2B's polls every 5 s), an agent idle after 400 ms.
+    let mut sup = Setup::new(Mode::Pid1)
+        .flag("--idle-after", "400ms")
+        .flag("--metrics-interval", "150ms")
+        .start()?;
+    sup.expect_up(1)?;
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        metrics(&mut sup)?;
+        let mut idle = false;
+        while let Some(s) = sup.ctl.try_next_stamped(Duration::from_millis(100))? {
+            idle |= matches!(s.event, Event::Idle(_));
+            ensure!(
+                !matches!(s.event, Event::Busy(_)),
+                "busy after a reading: {s:?}"
+            );
+            sup.ctl.ack(s.seq)?;
+        }
+        if idle {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no idle event while polling metrics\n{}",
+            sup.context()
+        );
+    }
+}
