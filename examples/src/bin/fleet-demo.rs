@@ -419,7 +419,7 @@ async fn run(args: Args) -> Result<bool, Error> {
         .collect();
     if readings.is_empty() {
         println!("  drivers           no metrics reading arrived");
-    } else if readings.len() <= 8 {
+    } else if readings.len() <= 4 {
         for (id, memory, cpu) in &readings {
             let cpu = cpu.map_or("-".to_owned(), |c| format!("{:.1}%", c * 100.0));
             println!(
