@@ -224,6 +224,7 @@ fn exec_request(id: u64, task_id: Option<String>) -> Exec {
         timeout_ms: Some(600_000),
         output_cap: Some(1_048_576),
         task_id,
+        limits: None,
     }
 }
 
@@ -690,6 +691,7 @@ fn samples() -> Vec<Sample> {
                 last_seq: 53,
                 rss_bytes: 1_572_864,
                 idle_since_ms: None,
+                cgroups: None,
             }),
         ),
         s(

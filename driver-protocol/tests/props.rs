@@ -415,7 +415,7 @@ fn tty() -> impl Strategy<Value = TtySize> {
     (any::<u16>(), any::<u16>()).prop_map(|(rows, cols)| TtySize { rows, cols })
 }
 
-fn exec() -> impl Strategy<Value = Exec> {
+fn exec_base() -> impl Strategy<Value = Exec> {
     (
         any::<u64>(),
         proptest::collection::vec(text(), 0..4),
@@ -440,8 +440,19 @@ fn exec() -> impl Strategy<Value = Exec> {
                 timeout_ms,
                 output_cap,
                 task_id,
+                limits: None,
             },
         )
+}
+
+fn exec() -> impl Strategy<Value = Exec> {
+    let limits =
+        any::<(Option<u64>, Option<u64>, Option<u64>)>().prop_map(|(m, p, c)| ExecLimits {
+            memory_bytes: m,
+            pids: p,
+            cpu_millis: c,
+        });
+    (exec_base(), proptest::option::of(limits)).prop_map(|(e, limits)| Exec { limits, ..e })
 }
 
 fn exec_started() -> impl Strategy<Value = ExecStarted> {
@@ -541,7 +552,7 @@ fn exit_info() -> impl Strategy<Value = ExitInfo> {
     (any::<Option<i32>>(), opt_text()).prop_map(|(code, signal)| ExitInfo { code, signal })
 }
 
-fn status_reply() -> impl Strategy<Value = StatusReply> {
+fn status_reply_base() -> impl Strategy<Value = StatusReply> {
     (
         (
             any::<u64>(),
@@ -594,8 +605,13 @@ fn status_reply() -> impl Strategy<Value = StatusReply> {
                 last_seq,
                 rss_bytes,
                 idle_since_ms,
+                cgroups: None,
             },
         )
+}
+
+fn status_reply() -> impl Strategy<Value = StatusReply> {
+    (status_reply_base(), opt_text()).prop_map(|(s, cgroups)| StatusReply { cgroups, ..s })
 }
 
 fn ack() -> impl Strategy<Value = Ack> {

@@ -12,6 +12,7 @@
 // re-exported below carry such links too (`cargo doc --document-private-items` resolves them).
 #![allow(rustdoc::private_intra_doc_links)]
 
+mod cgroups;
 mod cli;
 mod control;
 mod driver;

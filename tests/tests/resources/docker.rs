@@ -56,6 +56,21 @@ fn in_docker_the_reported_limits_are_the_containers() -> Result<()> {
                 .any(|p| p.role == control_link::protocol::message::ProcRole::Driver),
             "{r:#?}"
         );
+        // Docker mounts the cgroup tree read-only: no per-exec cgroups, and an exec that
+        // asks for limits is refused rather than run without them.
+        let status = client.status().await?;
+        ensure!(status.cgroups.as_deref() == Some("none"), "{status:?}");
+        let refused = client
+            .exec(control_link::ExecSpec::new(["true"]).limits(None, Some(10), None))
+            .await;
+        ensure!(
+            matches!(
+                &refused,
+                Err(control_link::Error::Remote { code, .. })
+                    if *code == control_link::ErrorCode::Unsupported
+            ),
+            "{refused:?}"
+        );
         client.close().await;
         Ok(())
     })

@@ -13,6 +13,7 @@
 //! cgroup v2 is read by the same code; its parsing is unit-tested on recorded v2 files
 //! (`shim/src/metrics/fixtures/v2`).
 
+mod cgroups;
 mod docker;
 mod metrics;
 
@@ -28,8 +29,9 @@ use crate::supervisor::{Setup, Sup};
 const V1_ROOT: &str = "/sys/fs/cgroup";
 
 /// The v1 hierarchies a test cgroup is made in (`cpu` and `cpuacct` may be one mount with
-/// two names; each is joined on its own all the same).
-const CONTROLLERS: &[&str] = &["memory", "pids", "cpu", "cpuacct"];
+/// two names; each is joined on its own all the same; `freezer` for the shim's per-exec
+/// cgroups, which it creates below its own).
+const CONTROLLERS: &[&str] = &["memory", "pids", "cpu", "cpuacct", "freezer"];
 
 /// A cgroup of this test in every v1 hierarchy of [`CONTROLLERS`], removed on drop (after
 /// the shim it holds is gone: declare it before the [`Sup`]).
@@ -121,6 +123,29 @@ impl V1Cgroup {
             std::fs::write(&path, &tid).with_context(|| format!("back to {}", path.display()))?;
         }
         started
+    }
+
+    /// The pids in it or below it (host pids) whose command line is `argv`.
+    pub fn running(&self, argv: &[&str]) -> Result<Vec<i32>> {
+        let want: Vec<u8> = argv
+            .iter()
+            .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+            .collect();
+        let mut pids = Vec::new();
+        let mut dirs = vec![self.dir("memory")?.clone()];
+        while let Some(dir) = dirs.pop() {
+            let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+            pids.extend(procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+            for e in std::fs::read_dir(&dir)?.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    dirs.push(e.path());
+                }
+            }
+        }
+        Ok(pids
+            .into_iter()
+            .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == want))
+            .collect())
     }
 
     /// The `oom_kill` count of `memory.oom_control`.

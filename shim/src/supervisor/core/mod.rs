@@ -511,6 +511,7 @@ impl Core {
             last_seq: counters.last_seq,
             rss_bytes: counters.rss_bytes,
             idle_since_ms: self.idle_since_ms(),
+            cgroups: None,
         }
     }
 }

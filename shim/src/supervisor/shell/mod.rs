@@ -23,6 +23,7 @@ use driver_protocol::DEFAULT_MAX_FRAME;
 use nix::sys::signal::SigSet;
 use tracing::{debug, info, warn};
 
+use crate::cgroups::{Delegation, ExecCgroup};
 use crate::cli::Config;
 use crate::control::{ControlConfig, ControlServer, Endpoints, Token};
 use crate::metrics::procs::Leader;
@@ -84,6 +85,12 @@ struct Shell<'a> {
     sampler: Sampler,
     /// When the next periodic `metrics` event is due (`--metrics-interval`).
     metrics_due: Option<Instant>,
+    /// Where execs get cgroups of their own, if anywhere.
+    delegation: Delegation,
+    /// The cgroup of each exec that has one, with the exec's pid.
+    cgroups: BTreeMap<u64, (i32, ExecCgroup)>,
+    /// Cgroups of ended execs not yet empty enough to remove.
+    stale_cgroups: Vec<ExecCgroup>,
 }
 
 pub(super) async fn shell(
@@ -121,6 +128,16 @@ pub(super) async fn shell(
     };
     let now = Instant::now();
     let seed = seed();
+    // Before any child runs; the OOM counter and the readings' files first: on cgroup v2
+    // the delegation moves the shim into a leaf of its cgroup.
+    let oom = OomCounter::open();
+    let sampler = Sampler::open(
+        cfg.sup
+            .workdir
+            .as_deref()
+            .unwrap_or_else(|| std::path::Path::new(".")),
+    );
+    let delegation = Delegation::detect();
     let mut sh = Shell {
         cfg,
         mask,
@@ -139,15 +156,13 @@ pub(super) async fn shell(
         exec_cursor: 0,
         exec_buf: bytes::BytesMut::new(),
         spawning: Vec::new(),
-        oom: OomCounter::open(),
+        oom,
         replying: None,
-        sampler: Sampler::open(
-            cfg.sup
-                .workdir
-                .as_deref()
-                .unwrap_or_else(|| std::path::Path::new(".")),
-        ),
+        sampler,
         metrics_due: cfg.sup.metrics_interval.map(|i| now + i),
+        delegation,
+        cgroups: BTreeMap::new(),
+        stale_cgroups: Vec::new(),
     };
     sh.core.start();
     loop {
@@ -357,7 +372,16 @@ impl Shell<'_> {
                         self.close_driver_io();
                         self.core.on_driver_link_closed(Instant::now());
                     }
-                    Output::Kill(kill) => kill.apply(&Real),
+                    Output::Kill(kill) => {
+                        kill.apply(&Real);
+                        if let super::core::Kill::Exec {
+                            pid,
+                            sig: libc::SIGKILL,
+                        } = kill
+                        {
+                            self.kill_exec_cgroup(pid);
+                        }
+                    }
                     Output::Reply(reply) => match self.replying.take() {
                         Some(to) => to.send(reply),
                         None => debug!("a reply without a command"),
@@ -396,11 +420,21 @@ impl Shell<'_> {
                     self.core.on_driver_exit_oom(pid, status, oom_killed);
                 }
                 Owner::Exec(id) => {
+                    // With a cgroup of its own, its own counter says exactly.
+                    let own = self
+                        .cgroups
+                        .get(&id)
+                        .and_then(|(_, cg)| cg.oom_kills())
+                        .filter(|_| status == ExitStatus::Signaled(libc::SIGKILL))
+                        .map(|n| n > 0);
                     self.core
-                        .on_exec_exit_oom(id, status, oom_killed, Instant::now())
+                        .on_exec_exit_oom(id, status, own.or(oom_killed), Instant::now())
                 }
             }
             self.apply_outputs();
+        }
+        if !self.stale_cgroups.is_empty() {
+            self.stale_cgroups.retain(|cg| !cg.remove());
         }
     }
 
@@ -432,7 +466,8 @@ impl Shell<'_> {
         let now = Instant::now();
         match cmd.request {
             ControlToShim::Status(s) => {
-                let reply = self.core.status(s.id, now, &self.counters());
+                let mut reply = self.core.status(s.id, now, &self.counters());
+                reply.cgroups = Some(self.delegation.mode().name().to_owned());
                 cmd.reply.send(ShimToControl::StatusReply(reply));
             }
             ControlToShim::Metrics(m) => {
