@@ -29,13 +29,10 @@ use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 
 use driver_protocol::message::ExecLimits;
-use tracing::{debug, info, warn};
+use tracing::info;
 
 /// Where cgroup filesystems are mounted.
 const ROOT: &str = "/sys/fs/cgroup";
-
-/// `statfs` `f_type` of cgroup v2.
-const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
 /// The v1 hierarchies an exec's cgroup is made in (`freezer` for the kill).
 const V1_CONTROLLERS: &[&str] = &["memory", "pids", "cpu", "freezer"];
@@ -289,10 +286,7 @@ impl ExecCgroup {
             match std::fs::remove_dir(dir) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    debug!(dir = %dir.display(), %e, "exec cgroup not removed yet");
-                    all = false;
-                }
+                Err(_) => all = false,
             }
         }
         all
@@ -300,7 +294,8 @@ impl ExecCgroup {
 }
 
 fn is_cgroup2(path: &Path) -> bool {
-    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == CGROUP2_SUPER_MAGIC)
+    nix::sys::statfs::statfs(path)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
 }
 
 /// The shim's own directory below `root` (the mount root when the path is not below it).
@@ -319,21 +314,18 @@ fn detect_v2(root: &Path, proc_cgroup: &str) -> Option<Delegation> {
     let leaf = dir.join("shim");
     if let Err(e) = std::fs::create_dir(&leaf) {
         if e.kind() != std::io::ErrorKind::AlreadyExists {
-            debug!(dir = %dir.display(), %e, "cgroup v2 not delegated");
             return None;
         }
     }
     let me = std::process::id().to_string();
-    if let Err(e) = std::fs::write(leaf.join("cgroup.procs"), &me) {
-        debug!(%e, "cannot move the shim into its leaf cgroup");
+    if std::fs::write(leaf.join("cgroup.procs"), &me).is_err() {
         let _ = std::fs::remove_dir(&leaf);
         return None;
     }
     let control = dir.join("cgroup.subtree_control");
+    // A controller the parent does not offer stays off (its limits then fail the exec).
     for c in ["+memory", "+pids", "+cpu"] {
-        if let Err(e) = std::fs::write(&control, c) {
-            warn!(controller = &c[1..], %e, "cannot enable a controller for exec cgroups");
-        }
+        let _ = std::fs::write(&control, c);
     }
     Some(Delegation {
         mode: Mode::V2,
@@ -358,15 +350,8 @@ fn detect_v1(root: &Path, proc_cgroup: &str) -> Option<Delegation> {
         // Writable? A probe directory says (cgroupfs ignores mode bits for root but not a
         // read-only mount).
         let probe = dir.join(format!("agent-shim-probe-{}", std::process::id()));
-        match std::fs::create_dir(&probe) {
-            Ok(()) => {
-                let _ = std::fs::remove_dir(&probe);
-            }
-            Err(e) => {
-                debug!(controller = c, dir = %dir.display(), %e, "cgroup v1 not writable");
-                return None;
-            }
-        }
+        std::fs::create_dir(&probe).ok()?;
+        let _ = std::fs::remove_dir(&probe);
         parents.push((c, dir));
     }
     Some(Delegation {
