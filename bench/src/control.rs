@@ -334,6 +334,28 @@ impl Client {
         })
     }
 
+    /// Times `count` requests, one at a time: `metrics` (a resource reading), or `ping` for
+    /// the same round trip without a reading. Nanoseconds each.
+    pub fn requests(&mut self, count: usize, metrics: bool, timeout: Duration) -> Result<Vec<u64>> {
+        self.run(timeout, move |client, events| async move {
+            let res = async {
+                let mut out = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let t0 = now_ns();
+                    if metrics {
+                        client.metrics().await?;
+                    } else {
+                        client.ping().await?;
+                    }
+                    out.push(now_ns().saturating_sub(t0));
+                }
+                Ok(out)
+            }
+            .await;
+            (events, res)
+        })
+    }
+
     /// Reads (and so acknowledges) every event that arrives within `window`.
     pub fn drain(&mut self, window: Duration) -> Result<()> {
         let res = self.run(

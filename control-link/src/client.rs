@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use driver_protocol::message::{
     CancelTask, ControlToShim, DriverState, ExecInput, ExecResize, ExecSignal, ExecStarted,
-    Message as _, Pause, Ping, RequestId, RestartDriver, Resume, Seq, SetDriver, ShimToControl,
-    Shutdown, Signal, SignalTarget, Status, StatusReply,
+    Message as _, Metrics, Pause, Ping, Reading, RequestId, RestartDriver, Resume, Seq, SetDriver,
+    ShimToControl, Shutdown, Signal, SignalTarget, Status, StatusReply,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -619,6 +619,26 @@ impl Client {
                 self.inner.shared.wake.saw_state(s.state);
                 Ok(s)
             }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// A resource reading of the sandbox (`metrics`, PROTOCOL.md §8.9): its cgroup's memory,
+    /// CPU, pids and io, its workspace disk, the driver's and each exec's processes. Every
+    /// figure is optional: present only when the shim could read it.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: control_link::Client) -> Result<(), control_link::Error> {
+    /// let r = client.metrics().await?;
+    /// if let Some(cg) = &r.cgroup {
+    ///     println!("memory {:?} of {:?} bytes", cg.memory_bytes, cg.memory_limit_bytes);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn metrics(&self) -> Result<Reading, Error> {
+        let id = self.inner.shared.next_id();
+        match self.call(id, Metrics { id }.into()).await? {
+            ShimToControl::MetricsReply(m) => Ok(m.into_reading()),
             other => Err(unexpected(&other)),
         }
     }

@@ -20,7 +20,7 @@ mod token;
 mod wake;
 
 pub use driver_protocol as protocol;
-pub use driver_protocol::message::{ExecStarted, RequestId, Seq, StatusReply};
+pub use driver_protocol::message::{ExecStarted, Reading, RequestId, Seq, StatusReply};
 
 /// The durable consumer a [`Client`] or [`Fleet`] is unless told otherwise
 /// ([`ConnectOptions::consumer`], [`ConnectOptions::observer`]).

@@ -671,6 +671,7 @@ impl Session {
             ShimToControl::FsListReply(r) => Some(r.re),
             ShimToControl::FsWriteReady(r) => Some(r.re),
             ShimToControl::FsData(d) => Some(d.re),
+            ShimToControl::MetricsReply(r) => Some(r.re),
             ShimToControl::Hello(_) | ShimToControl::Auth(_) => {
                 return Err(Error::Protocol(format!(
                     "{} after the handshake",

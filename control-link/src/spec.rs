@@ -147,6 +147,7 @@ pub struct ExecSpec {
     timeout: Option<Duration>,
     output_cap: Option<u64>,
     task_id: Option<String>,
+    limits: Option<driver_protocol::message::ExecLimits>,
 }
 
 impl ExecSpec {
@@ -167,6 +168,7 @@ impl ExecSpec {
             timeout: None,
             output_cap: None,
             task_id: None,
+            limits: None,
         }
     }
 
@@ -258,6 +260,28 @@ impl ExecSpec {
         self
     }
 
+    /// Limits of the exec's own cgroup: memory in bytes, processes, CPU in thousandths of a
+    /// CPU (PROTOCOL.md §8.9). A shim without delegated cgroups refuses the exec
+    /// (`unsupported`); `status` says which mode it has.
+    ///
+    /// ```
+    /// # use control_link::ExecSpec;
+    /// let spec = ExecSpec::new(["make", "-j8"]).limits(Some(512 << 20), Some(256), Some(2000));
+    /// ```
+    pub fn limits(
+        mut self,
+        memory_bytes: Option<u64>,
+        pids: Option<u64>,
+        cpu_millis: Option<u64>,
+    ) -> Self {
+        self.limits = Some(driver_protocol::message::ExecLimits {
+            memory_bytes,
+            pids,
+            cpu_millis,
+        });
+        self
+    }
+
     pub(crate) fn into_message(self, id: RequestId) -> Exec {
         Exec {
             id,
@@ -270,6 +294,7 @@ impl ExecSpec {
             timeout_ms: self.timeout.map(millis),
             output_cap: self.output_cap,
             task_id: self.task_id,
+            limits: self.limits,
         }
     }
 }

@@ -257,6 +257,7 @@ fn exec_request(id: u64, task_id: Option<String>) -> Exec {
         timeout_ms: Some(600_000),
         output_cap: Some(1_048_576),
         task_id,
+        limits: None,
     }
 }
 
@@ -790,6 +791,12 @@ fn samples() -> Vec<Sample> {
                 watch: 0x5eed_0000_0000_0019,
             }),
         ),
+        s(
+            "Ask for a resource reading.",
+            C::Metrics(Metrics {
+                id: 0x5eed_0000_0000_000c,
+            }),
+        ),
         // ----- shim → control
         s(
             "The shim's handshake to the control plane, with its agent id and nonce (32 × 0x01).",
@@ -844,7 +851,12 @@ fn samples() -> Vec<Sample> {
                 last_seq: 53,
                 rss_bytes: 1_572_864,
                 idle_since_ms: None,
+                cgroups: None,
             }),
+        ),
+        s(
+            "A resource reading, answering metrics: the sandbox's cgroup (v2), its workspace, the driver and exec 17.",
+            SC::MetricsReply(MetricsReply::new(0x5eed_0000_0000_000c, metrics_reading())),
         ),
         s(
             "The control plane's exec started as exec 17.",
@@ -1134,7 +1146,65 @@ fn samples() -> Vec<Sample> {
             "The shim is about to exit with code 7: its last event.",
             E::ShimExiting(ShimExiting { code: 7 }),
         ),
+        s(
+            "A periodic resource reading (--metrics-interval).",
+            E::Metrics(metrics_reading()),
+        ),
     ]
+}
+
+/// The reading of the `metrics_reply` and `metrics` samples.
+fn metrics_reading() -> Reading {
+    Reading {
+        time_ms: 1_735_689_600_000,
+        cgroup: Some(Box::new(CgroupReading {
+            version: 2,
+            memory_bytes: Some(52_428_800),
+            memory_limit_bytes: Some(536_870_912),
+            memory_peak_bytes: Some(104_857_600),
+            memory_anon_bytes: Some(41_943_040),
+            memory_file_bytes: Some(8_388_608),
+            swap_bytes: Some(0),
+            swap_limit_bytes: None,
+            oom: Some(1),
+            oom_kills: Some(1),
+            cpu_usage_us: Some(12_500_000),
+            cpu_periods: Some(240),
+            cpu_throttled_periods: Some(12),
+            cpu_throttled_us: Some(350_000),
+            cpu_quota_us: Some(150_000),
+            cpu_period_us: Some(100_000),
+            pids: Some(9),
+            pids_limit: Some(256),
+            io_read_bytes: Some(4_096_000),
+            io_write_bytes: Some(1_048_576),
+        })),
+        workspace: Some(FsReading {
+            size_bytes: 10_737_418_240,
+            used_bytes: 2_147_483_648,
+            avail_bytes: 8_589_934_592,
+            inodes: 655_360,
+            inodes_used: 41_000,
+        }),
+        procs: vec![
+            ProcReading {
+                role: ProcRole::Driver,
+                exec_id: None,
+                pid: 7,
+                pids: 2,
+                rss_bytes: 31_457_280,
+                cpu_us: 2_000_000,
+            },
+            ProcReading {
+                role: ProcRole::Exec,
+                exec_id: Some(17),
+                pid: 311,
+                pids: 5,
+                rss_bytes: 20_971_520,
+                cpu_us: 9_000_000,
+            },
+        ],
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

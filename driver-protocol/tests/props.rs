@@ -454,7 +454,7 @@ fn tty() -> impl Strategy<Value = TtySize> {
     (any::<u16>(), any::<u16>()).prop_map(|(rows, cols)| TtySize { rows, cols })
 }
 
-fn exec() -> impl Strategy<Value = Exec> {
+fn exec_base() -> impl Strategy<Value = Exec> {
     (
         any::<u64>(),
         proptest::collection::vec(text(), 0..4),
@@ -479,8 +479,19 @@ fn exec() -> impl Strategy<Value = Exec> {
                 timeout_ms,
                 output_cap,
                 task_id,
+                limits: None,
             },
         )
+}
+
+fn exec() -> impl Strategy<Value = Exec> {
+    let limits =
+        any::<(Option<u64>, Option<u64>, Option<u64>)>().prop_map(|(m, p, c)| ExecLimits {
+            memory_bytes: m,
+            pids: p,
+            cpu_millis: c,
+        });
+    (exec_base(), proptest::option::of(limits)).prop_map(|(e, limits)| Exec { limits, ..e })
 }
 
 fn exec_started() -> impl Strategy<Value = ExecStarted> {
@@ -580,7 +591,7 @@ fn exit_info() -> impl Strategy<Value = ExitInfo> {
     (any::<Option<i32>>(), opt_text()).prop_map(|(code, signal)| ExitInfo { code, signal })
 }
 
-fn status_reply() -> impl Strategy<Value = StatusReply> {
+fn status_reply_base() -> impl Strategy<Value = StatusReply> {
     (
         (
             any::<u64>(),
@@ -633,8 +644,13 @@ fn status_reply() -> impl Strategy<Value = StatusReply> {
                 last_seq,
                 rss_bytes,
                 idle_since_ms,
+                cgroups: None,
             },
         )
+}
+
+fn status_reply() -> impl Strategy<Value = StatusReply> {
+    (status_reply_base(), opt_text()).prop_map(|(s, cgroups)| StatusReply { cgroups, ..s })
 }
 
 fn ack() -> impl Strategy<Value = Ack> {
@@ -859,6 +875,7 @@ fn control_to_shim() -> impl Strategy<Value = ControlToShim> {
         (any::<u64>(), any::<u64>()).prop_map(|(id, watch)| M::FsUnwatch(FsUnwatch { id, watch })),
         (any::<u64>(), any::<u64>())
             .prop_map(|(id, unix_ms)| M::SetClock(SetClock { id, unix_ms })),
+        any::<u64>().prop_map(|id| M::Metrics(Metrics { id })),
     ]
 }
 
@@ -945,6 +962,7 @@ fn event() -> impl Strategy<Value = Event> {
         (any::<u64>(), any::<i64>())
             .prop_map(|(unix_ms, jump_ms)| M::ClockSet(ClockSet { unix_ms, jump_ms })),
         any::<i32>().prop_map(|code| M::ShimExiting(ShimExiting { code })),
+        reading().prop_map(M::Metrics),
     ]
 }
 
@@ -983,7 +1001,81 @@ fn shim_to_control() -> impl Strategy<Value = ShimToControl> {
         }),
         (any::<u64>(), any::<u64>(), any::<u64>())
             .prop_map(|(re, handle, offset)| M::FsWriteReady(FsWriteReady { re, handle, offset })),
+        (any::<u64>(), reading()).prop_map(|(re, r)| M::MetricsReply(MetricsReply::new(re, r))),
     ]
+}
+
+fn cgroup_reading() -> impl Strategy<Value = CgroupReading> {
+    let o = || proptest::option::of(any::<u64>());
+    (
+        1u8..=2,
+        (o(), o(), o(), o(), o(), o(), o(), o()),
+        (o(), o(), o(), o(), o(), o(), o(), o(), o()),
+        (o(), o()),
+    )
+        .prop_map(|(version, a, b, c)| CgroupReading {
+            memory_anon_bytes: c.0,
+            memory_file_bytes: c.1,
+            version,
+            memory_bytes: a.0,
+            memory_limit_bytes: a.1,
+            memory_peak_bytes: a.2,
+            swap_bytes: a.3,
+            swap_limit_bytes: a.4,
+            oom: a.5,
+            oom_kills: a.6,
+            cpu_usage_us: a.7,
+            cpu_periods: b.0,
+            cpu_throttled_periods: b.1,
+            cpu_throttled_us: b.2,
+            cpu_quota_us: b.3,
+            cpu_period_us: b.4,
+            pids: b.5,
+            pids_limit: b.6,
+            io_read_bytes: b.7,
+            io_write_bytes: b.8,
+        })
+}
+
+fn reading() -> impl Strategy<Value = Reading> {
+    let fs = any::<[u64; 5]>().prop_map(|v| FsReading {
+        size_bytes: v[0],
+        used_bytes: v[1],
+        avail_bytes: v[2],
+        inodes: v[3],
+        inodes_used: v[4],
+    });
+    let proc_reading = (
+        any::<bool>(),
+        proptest::option::of(any::<u64>()),
+        any::<(u32, u32, u64, u64)>(),
+    )
+        .prop_map(
+            |(driver, exec_id, (pid, pids, rss_bytes, cpu_us))| ProcReading {
+                role: if driver {
+                    ProcRole::Driver
+                } else {
+                    ProcRole::Exec
+                },
+                exec_id,
+                pid,
+                pids,
+                rss_bytes,
+                cpu_us,
+            },
+        );
+    (
+        any::<u64>(),
+        proptest::option::of(cgroup_reading().prop_map(Box::new)),
+        proptest::option::of(fs),
+        proptest::collection::vec(proc_reading, 0..4),
+    )
+        .prop_map(|(time_ms, cgroup, workspace, procs)| Reading {
+            time_ms,
+            cgroup,
+            workspace,
+            procs,
+        })
 }
 
 // ---------------------------------------------------------------------------------------------

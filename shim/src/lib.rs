@@ -12,6 +12,7 @@
 // re-exported below carry such links too (`cargo doc --document-private-items` resolves them).
 #![allow(rustdoc::private_intra_doc_links)]
 
+mod cgroups;
 mod cli;
 mod control;
 mod driver;
@@ -20,6 +21,7 @@ mod fs;
 mod init;
 mod limits;
 mod logging;
+mod metrics;
 mod oom;
 mod reaper;
 mod signals;

@@ -107,6 +107,9 @@ pub struct Spec {
     pub ctty: bool,
     /// Resource limits, umask and `no_new_privs` ([`crate::limits`]).
     pub limits: Limits,
+    /// `cgroup.procs` files open for writing: the child joins each (writes `0`) first of all,
+    /// so it never runs outside its cgroup ([`crate::cgroups`]). The caller owns them.
+    pub cgroup_procs: Vec<RawFd>,
 }
 
 impl Spec {
@@ -126,6 +129,7 @@ impl Spec {
             user: None,
             ctty: false,
             limits: Limits::default(),
+            cgroup_procs: Vec::new(),
         }
     }
 }
@@ -252,6 +256,7 @@ const STEP_SETUID: i32 = 6;
 const STEP_CTTY: i32 = 7;
 const STEP_RLIMIT: i32 = 8;
 const STEP_NO_NEW_PRIVS: i32 = 9;
+const STEP_CGROUP: i32 = 10;
 
 /// Lowest number the sources of [`Spec::fds`] and the report pipe are moved to (when above
 /// every target anyway).
@@ -293,6 +298,8 @@ pub struct Prepared {
     no_new_privs: bool,
     /// The decimal `oom_score_adj` to write, and its length.
     oom_score_adj: Option<([u8; 8], usize)>,
+    /// `cgroup.procs` descriptors to write `0` to (see [`Spec::cgroup_procs`]).
+    cgroup_procs: Vec<RawFd>,
 }
 
 impl Prepared {
@@ -384,6 +391,7 @@ impl Prepared {
             umask: spec.limits.umask.map(|m| m as libc::mode_t),
             no_new_privs: spec.limits.no_new_privs,
             oom_score_adj: spec.limits.oom_score_adj.map(decimal),
+            cgroup_procs: spec.cgroup_procs.clone(),
         })
     }
 }
@@ -733,6 +741,11 @@ impl Pending {
                 errno,
                 pid,
             },
+            STEP_CGROUP => SpawnError::ChildSetup {
+                call: "write(cgroup.procs)",
+                errno,
+                pid,
+            },
             _ => match errno {
                 Errno::ENOENT | Errno::ENOTDIR => SpawnError::NotFound {
                     program: self.program.clone(),
@@ -763,6 +776,12 @@ unsafe fn child(prep: &Prepared, write_fd: libc::c_int, foreground: bool) -> ! {
     // SAFETY: raw syscalls on prepared, NUL-terminated data owned by `prep` (which the fork
     // copied) and on stack values; nothing here allocates, locks or unwinds.
     unsafe {
+        // First of all: nothing the child does may escape its cgroup's limits.
+        for fd in &prep.cgroup_procs {
+            if libc::write(*fd, c"0".as_ptr().cast(), 1) != 1 {
+                report_and_exit(write_fd, STEP_CGROUP);
+            }
+        }
         match prep.grouping {
             Grouping::NewGroup => {
                 libc::setpgid(0, 0);

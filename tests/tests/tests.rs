@@ -21,3 +21,4 @@ mod security;
 mod sessions;
 mod files;
 mod vm;
+mod resources;

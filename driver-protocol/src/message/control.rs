@@ -115,6 +115,9 @@ pub struct StatusReply {
     /// When the agent became idle (ms since the Unix epoch); absent while busy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_since_ms: Option<u64>,
+    /// Per-exec cgroups (resources): `none`, `v1` or `v2-delegated`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroups: Option<String>,
 }
 
 /// `ack`: the control plane has processed every event up to and including `seq`

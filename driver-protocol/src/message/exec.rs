@@ -18,6 +18,21 @@ pub struct TtySize {
     pub cols: u16,
 }
 
+/// `exec.limits`: what an exec's own cgroup allows (only where the shim has delegated
+/// cgroups, PROTOCOL.md §8.9).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecLimits {
+    /// Memory (and swap) in bytes; over it the OOM killer kills within the exec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// Processes and threads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u64>,
+    /// CPU in thousandths of a CPU (1500 = one and a half).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_millis: Option<u64>,
+}
+
 /// `exec`: run a process in its own session and process group.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Exec {
@@ -53,6 +68,9 @@ pub struct Exec {
     /// The task this exec belongs to (cancelling the task kills it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task_id: Option<String>,
+    /// Limits of the exec's own cgroup (resources).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<ExecLimits>,
 }
 
 impl Exec {
@@ -81,6 +99,7 @@ impl Exec {
             timeout_ms: None,
             output_cap: None,
             task_id: None,
+            limits: None,
         }
     }
 }

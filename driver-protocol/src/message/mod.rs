@@ -25,6 +25,7 @@ mod exec;
 mod session;
 // files
 mod fs;
+mod metrics;
 mod task;
 
 use std::io::Write;
@@ -40,6 +41,7 @@ pub use exec::*;
 pub use session::*;
 // files
 pub use fs::*;
+pub use metrics::*;
 pub use task::*;
 
 use crate::envelope::{self, Head};
@@ -385,6 +387,9 @@ message_set! {
         // microVM
         /// Set the wall clock.
         "set_clock" => SetClock(SetClock),
+        // Resources.
+        /// Ask for a resource reading.
+        "metrics" => Metrics(Metrics),
     }
 }
 
@@ -419,6 +424,9 @@ message_set! {
         "fs_data" => FsData(FsData),
         /// An upload is open, answering `fs_write_open`.
         "fs_write_ready" => FsWriteReady(FsWriteReady),
+        // Resources.
+        /// Answer to `metrics`.
+        "metrics_reply" => MetricsReply(MetricsReply),
     }
 }
 
@@ -464,6 +472,9 @@ with_driver_events! {
             "clock_set" => ClockSet(ClockSet),
             /// The shim is about to exit: its last event.
             "shim_exiting" => ShimExiting(ShimExiting),
+            // Resources.
+            /// A periodic resource reading (`--metrics-interval`).
+            "metrics" => Metrics(Reading),
         }
     }
 }

@@ -271,6 +271,18 @@ enum Cmd {
         #[arg(long, value_name = "MS")]
         unix_ms: Option<u64>,
     },
+    // Resources.
+    /// One resource reading: the sandbox's cgroup, its workspace disk, its processes.
+    Metrics,
+    /// A live view of the sandbox's resources, refreshed every DUR.
+    Top {
+        /// Time between readings.
+        #[arg(long, value_name = "DUR", default_value = "2s", value_parser = parse_duration)]
+        interval: Duration,
+        /// Stop after N readings (default: until interrupted).
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+    },
 }
 
 /// Parses the command line; a rejected one exits here (2, or 125 for `exec`), `--help` and
@@ -669,6 +681,194 @@ async fn command(client: &Client, cmd: Cmd, out: &Out) -> Result<u8, Fail> {
             client.set_clock(time).await?;
             out.ok("clock set");
             Ok(0)
+        }
+        Cmd::Metrics => {
+            let r = client.metrics().await?;
+            out.line(|| resources::describe(&r, None), || to_json(&r));
+            Ok(0)
+        }
+        Cmd::Top { interval, count } => resources::top(client, out, interval, count).await,
+    }
+}
+
+/// `metrics` and `top`: resource readings as text.
+mod resources {
+    use std::fmt::Write as _;
+    use std::io::{IsTerminal as _, Write as _};
+    use std::time::Duration;
+
+    use control_link::protocol::message::{ProcRole, Reading};
+    use control_link::Client;
+
+    use super::{to_json, Fail, Out};
+
+    /// Reads every `interval`, printing each reading (on a terminal: in place of the last),
+    /// with CPU use as a share of a CPU since the previous reading.
+    pub(super) async fn top(
+        client: &Client,
+        out: &Out,
+        interval: Duration,
+        count: Option<u64>,
+    ) -> Result<u8, Fail> {
+        let clear = !out.json && std::io::stdout().is_terminal();
+        let mut prev: Option<Reading> = None;
+        let mut n = 0u64;
+        let mut tick = tokio::time::interval(interval);
+        while count.is_none_or(|c| n < c) {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = tokio::signal::ctrl_c() => break,
+            }
+            let r = client.metrics().await?;
+            if clear {
+                let mut stdout = std::io::stdout().lock();
+                let _ = write!(stdout, "\x1b[H\x1b[2J");
+                let _ = stdout.flush();
+            }
+            out.line(|| describe(&r, prev.as_ref()), || to_json(&r));
+            prev = Some(r);
+            n += 1;
+        }
+        Ok(0)
+    }
+
+    /// A reading as lines of text; with the previous reading, CPU use in between.
+    pub(super) fn describe(r: &Reading, prev: Option<&Reading>) -> String {
+        let mut t = format!("time {} ms", r.time_ms);
+        let dt_us = prev
+            .map(|p| r.time_ms.saturating_sub(p.time_ms).saturating_mul(1000))
+            .filter(|&d| d > 0);
+        match &r.cgroup {
+            Some(c) => {
+                let _ = write!(t, "\ncgroup v{}", c.version);
+                let _ = write!(
+                    t,
+                    "\nmemory {} of {} (peak {}, anon {}, cache {})",
+                    bytes(c.memory_bytes),
+                    limit_bytes(c.memory_limit_bytes),
+                    bytes(c.memory_peak_bytes),
+                    bytes(c.memory_anon_bytes),
+                    bytes(c.memory_file_bytes)
+                );
+                let _ = write!(
+                    t,
+                    "\nswap {} of {}",
+                    bytes(c.swap_bytes),
+                    limit_bytes(c.swap_limit_bytes)
+                );
+                let _ = write!(t, "\noom {} (kills {})", num(c.oom), num(c.oom_kills));
+                let cpus = match (c.cpu_quota_us, c.cpu_period_us) {
+                    (Some(q), Some(p)) if p > 0 => format!("{:.2} cpus", q as f64 / p as f64),
+                    _ => "no limit".to_owned(),
+                };
+                let rate = match (dt_us, prev.and_then(|p| p.cgroup.as_ref())) {
+                    (Some(dt), Some(pc)) => match (c.cpu_usage_us, pc.cpu_usage_us) {
+                        (Some(now), Some(then)) => {
+                            format!(
+                                " ({:.1}%)",
+                                now.saturating_sub(then) as f64 * 100.0 / dt as f64
+                            )
+                        }
+                        _ => String::new(),
+                    },
+                    _ => String::new(),
+                };
+                let _ = write!(
+                    t,
+                    "\ncpu {}{rate}, {cpus}, throttled {} of {} periods ({})",
+                    secs(c.cpu_usage_us),
+                    num(c.cpu_throttled_periods),
+                    num(c.cpu_periods),
+                    secs(c.cpu_throttled_us)
+                );
+                let _ = write!(
+                    t,
+                    "\npids {} of {}",
+                    num(c.pids),
+                    c.pids_limit
+                        .map_or("no limit".to_owned(), |l| l.to_string())
+                );
+                let _ = write!(
+                    t,
+                    "\nio read {}, written {}",
+                    bytes(c.io_read_bytes),
+                    bytes(c.io_write_bytes)
+                );
+            }
+            None => t.push_str("\ncgroup -"),
+        }
+        match &r.workspace {
+            Some(w) => {
+                let _ = write!(
+                    t,
+                    "\nworkspace {} used of {} ({} free), inodes {} of {}",
+                    bytes(Some(w.used_bytes)),
+                    bytes(Some(w.size_bytes)),
+                    bytes(Some(w.avail_bytes)),
+                    w.inodes_used,
+                    w.inodes
+                );
+            }
+            None => t.push_str("\nworkspace -"),
+        }
+        for p in &r.procs {
+            let who = match (p.role, p.exec_id) {
+                (ProcRole::Driver, _) => "driver".to_owned(),
+                (ProcRole::Exec, Some(id)) => format!("exec {id}"),
+                (ProcRole::Exec, None) => "exec".to_owned(),
+            };
+            let then = prev.and_then(|pr| {
+                pr.procs
+                    .iter()
+                    .find(|q| q.role == p.role && q.exec_id == p.exec_id && q.pid == p.pid)
+            });
+            let rate = match (dt_us, then) {
+                (Some(dt), Some(q)) => format!(
+                    " ({:.1}%)",
+                    p.cpu_us.saturating_sub(q.cpu_us) as f64 * 100.0 / dt as f64
+                ),
+                _ => String::new(),
+            };
+            let _ = write!(
+                t,
+                "\n{who} pid {}: {} processes, rss {}, cpu {}{rate}",
+                p.pid,
+                p.pids,
+                bytes(Some(p.rss_bytes)),
+                secs(Some(p.cpu_us))
+            );
+        }
+        t
+    }
+
+    fn num(v: Option<u64>) -> String {
+        v.map_or("-".to_owned(), |n| n.to_string())
+    }
+
+    fn secs(us: Option<u64>) -> String {
+        us.map_or("-".to_owned(), |us| format!("{:.2} s", us as f64 / 1e6))
+    }
+
+    fn limit_bytes(v: Option<u64>) -> String {
+        v.map_or("no limit".to_owned(), |b| bytes(Some(b)))
+    }
+
+    /// Bytes in the largest binary unit that keeps the number ≥ 1.
+    pub(super) fn bytes(v: Option<u64>) -> String {
+        let Some(b) = v else {
+            return "-".to_owned();
+        };
+        const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+        let mut x = b as f64;
+        let mut u = 0;
+        while x >= 1024.0 && u + 1 < UNITS.len() {
+            x /= 1024.0;
+            u += 1;
+        }
+        if u == 0 {
+            format!("{b} B")
+        } else {
+            format!("{x:.1} {}", UNITS[u])
         }
     }
 }

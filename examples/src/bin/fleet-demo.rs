@@ -6,7 +6,8 @@
 //! tasks to every agent, crashes one driver to show the restart, cuts one control connection
 //! mid-task to show the resume, waits for every agent to go idle (`--idle-after`), pauses
 //! one and wakes it with a new task (through the Fleet's wake hook), draws a live view
-//! (agents × state × tasks done), and ends
+//! (agents × state × tasks done × each driver's memory and CPU, from the shims' periodic
+//! `metrics` events), and ends
 //! with a summary that counts the events delivered, duplicated and lost. Duplicates and
 //! losses are counted from the seqs independently of control-link: both must be 0, and every
 //! task must end, or the demo exits 1.
@@ -25,7 +26,7 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use control_link::protocol::message::{DriverState, Event, TaskStatus};
+use control_link::protocol::message::{DriverState, Event, ProcRole, TaskStatus};
 use control_link::{Addr, AgentId, ConnectOptions, Fleet, Seq, TaskSpec, Token};
 
 /// How long the fleet may take to come up, and the end to be delivered.
@@ -34,6 +35,12 @@ const PATIENCE: Duration = Duration::from_secs(60);
 /// The live view's refresh period.
 /// Each shim's `--idle-after`.
 const IDLE_AFTER: &str = "300ms";
+
+/// Each shim's `--metrics-interval` (the view's memory and CPU columns): 200 ms, or 2 ms
+/// per agent, so that a large fleet sends at most 500 readings a second.
+fn metrics_interval(agents: usize) -> String {
+    format!("{}ms", (agents * 2).max(200))
+}
 
 const FRAME: Duration = Duration::from_millis(250);
 
@@ -118,6 +125,12 @@ struct Agent {
     idle: bool,
     /// `idle` events received.
     idles: u64,
+    /// The driver's resident memory in the last `metrics` event.
+    memory: Option<u64>,
+    /// The driver's CPU time in the last `metrics` event, and when it was read (ms).
+    cpu: Option<(u64, u64)>,
+    /// The driver's CPU use between the last two `metrics` events (1.0 = one CPU).
+    cpu_share: Option<f64>,
 }
 
 impl Agent {
@@ -142,6 +155,18 @@ impl Agent {
                 self.idles += 1;
             }
             Event::Busy(_) => self.idle = false,
+            Event::Metrics(r) => {
+                let driver = r.procs.iter().find(|p| p.role == ProcRole::Driver);
+                self.memory = driver.map(|p| p.rss_bytes);
+                let now = driver.map(|p| (p.cpu_us, r.time_ms));
+                self.cpu_share = match (self.cpu, now) {
+                    (Some((then, t0)), Some((cpu, t1))) if t1 > t0 => {
+                        Some(cpu.saturating_sub(then) as f64 / ((t1 - t0) as f64 * 1000.0))
+                    }
+                    _ => None,
+                };
+                self.cpu = now;
+            }
             Event::TaskDone(done) => match done.status {
                 TaskStatus::Succeeded => self.succeeded += 1,
                 TaskStatus::Failed => self.failed += 1,
@@ -209,7 +234,7 @@ async fn run(args: Args) -> Result<bool, Error> {
         children: Vec::with_capacity(n),
     };
     for i in 0..n {
-        let child = start_agent(&shim, &driver, &socket, &token_path, &dir, i, namespaces)?;
+        let child = start_agent(&shim, &driver, &socket, &token_path, &dir, i, n, namespaces)?;
         procs.children.push(child);
     }
 
@@ -399,6 +424,32 @@ async fn run(args: Args) -> Result<bool, Error> {
         if cut_done { "1 (resumed)" } else { "none" }
     );
     println!("  operator tail     {tailed} events of agent-0, as an observer beside the fleet");
+    let readings: Vec<_> = agents
+        .iter()
+        .filter_map(|(id, a)| a.memory.map(|m| (id, m, a.cpu_share)))
+        .collect();
+    if readings.is_empty() {
+        println!("  drivers           no metrics reading arrived");
+    } else if readings.len() <= 4 {
+        for (id, memory, cpu) in &readings {
+            let cpu = cpu.map_or("-".to_owned(), |c| format!("{:.1}%", c * 100.0));
+            println!(
+                "  {:<17} driver memory {:.1} MiB, cpu {cpu}",
+                id.to_string(),
+                *memory as f64 / 1048576.0
+            );
+        }
+    } else {
+        let total: u64 = readings.iter().map(|r| r.1).sum();
+        let max = readings.iter().map(|r| r.1).max().unwrap_or(0);
+        let cpu: f64 = readings.iter().filter_map(|r| r.2).sum();
+        println!(
+            "  drivers           memory {:.1} MiB in all (largest {:.1} MiB), cpu {:.1}% in all",
+            total as f64 / 1048576.0,
+            max as f64 / 1048576.0,
+            cpu * 100.0
+        );
+    }
     println!("  events delivered  {delivered}");
     println!("  duplicates        {duplicates}");
     println!("  lost              {lost}");
@@ -506,21 +557,29 @@ fn draw(agents: &BTreeMap<AgentId, Agent>, drawn: usize) -> usize {
     };
     if agents.len() <= 16 {
         line(format!(
-            "{:<10} {:<9} {:>7} {:>8} {:>9}",
-            "agent", "state", "tasks", "events", "restarts"
+            "{:<10} {:<9} {:>7} {:>8} {:>9} {:>9} {:>6}",
+            "agent", "state", "tasks", "events", "restarts", "memory", "cpu"
         ));
         for (id, a) in agents {
             let state = a
                 .state
                 .map_or("-".to_owned(), |s| format!("{s:?}").to_lowercase());
+            let memory = a
+                .memory
+                .map_or("-".to_owned(), |b| format!("{:.1}M", b as f64 / 1048576.0));
+            let cpu = a
+                .cpu_share
+                .map_or("-".to_owned(), |c| format!("{:.1}%", c * 100.0));
             line(format!(
-                "{:<10} {:<9} {:>3}/{:<3} {:>8} {:>9}",
+                "{:<10} {:<9} {:>3}/{:<3} {:>8} {:>9} {:>9} {:>6}",
                 id.to_string(),
                 state,
                 a.ended(),
                 a.submitted,
                 a.events,
-                a.restarts
+                a.restarts,
+                memory,
+                cpu
             ));
         }
     } else {
@@ -534,8 +593,12 @@ fn draw(agents: &BTreeMap<AgentId, Agent>, drawn: usize) -> usize {
         let ended: usize = agents.values().map(Agent::ended).sum();
         let submitted: usize = agents.values().map(|a| a.submitted).sum();
         let events: u64 = agents.values().map(|a| a.events).sum();
+        let memory: u64 = agents.values().filter_map(|a| a.memory).sum();
+        let cpu: f64 = agents.values().filter_map(|a| a.cpu_share).sum();
         line(format!(
-            "agents by state {by_state:?}  tasks {ended}/{submitted}  events {events}"
+            "agents by state {by_state:?}  tasks {ended}/{submitted}  events {events}  drivers' memory {:.1}M  cpu {:.1}%",
+            memory as f64 / 1048576.0,
+            cpu * 100.0
         ));
     }
     print!("{out}");
@@ -571,6 +634,7 @@ fn start_agent(
     token: &Path,
     dir: &Path,
     i: usize,
+    agents: usize,
     namespaces: bool,
 ) -> Result<Child, Error> {
     let log = std::fs::File::create(dir.join(format!("{}.log", agent_name(i))))?;
@@ -599,6 +663,8 @@ fn start_agent(
         "50ms".to_owned(),
         "--idle-after".to_owned(),
         IDLE_AFTER.to_owned(),
+        "--metrics-interval".to_owned(),
+        metrics_interval(agents),
         "--".to_owned(),
     ] {
         argv.push(a.into());

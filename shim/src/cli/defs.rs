@@ -621,6 +621,16 @@ pub(super) static FLAGS: &[Flag] = &[
             Ok(())
         },
     ),
+    // Resources.
+    val(
+        "metrics-interval",
+        "DUR",
+        "AGENT_SHIM_METRICS_INTERVAL",
+        OFF,
+        Supervisor,
+        "send a metrics event (a resource reading) every DUR",
+        |c, v| parse_positive_duration(v).map(|x| c.sup.metrics_interval = Some(x)),
+    ),
 ];
 
 /// The flag named `--long`.

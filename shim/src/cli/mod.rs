@@ -127,6 +127,8 @@ pub struct SupervisorOpts {
     pub fs_max_watches: usize,
     /// `--fs-watch-rate`: events a second per watch.
     pub fs_watch_rate: u32,
+    /// `--metrics-interval` (`None`: no periodic `metrics` event).
+    pub metrics_interval: Option<Duration>,
 }
 
 /// The supervisor options its core decides with; the core's settings are made of these and
@@ -244,6 +246,7 @@ impl Config {
                 fs_max_ops: 0,
                 fs_max_watches: 0,
                 fs_watch_rate: 0,
+                metrics_interval: None,
             },
             vm: crate::vm::VmOpts::default(),
         }

@@ -960,6 +960,7 @@ pub(super) fn request_id(msg: &ControlToShim) -> Option<RequestId> {
         ControlToShim::FsWatch(m) => Some(m.id),
         ControlToShim::FsUnwatch(m) => Some(m.id),
         ControlToShim::SetClock(m) => Some(m.id),
+        ControlToShim::Metrics(m) => Some(m.id),
         ControlToShim::Unknown(m) => m.id,
         ControlToShim::Hello(_)
         | ControlToShim::Auth(_)

@@ -167,6 +167,7 @@ fn main() {
                     timeout_ms: Some(u64::MAX),
                     output_cap: Some(u64::MAX),
                     task_id: None,
+                    limits: None,
                 };
                 if let Err(e) = writer.write_message(&DriverToShim::Exec(exec)) {
                     eprintln!("exec {id}: not sent: {e}");
@@ -210,6 +211,7 @@ fn main() {
                 timeout_ms: None,
                 output_cap: None,
                 task_id: None,
+                limits: None,
             };
             send(&mut writer, &DriverToShim::Exec(exec));
             let mut out = Vec::new();

@@ -392,3 +392,61 @@ fn tail_never_moves_the_control_planes_cursor() -> Result<()> {
     ensure!(back.next_stamped(PATIENCE)?.seq == cursor + 1);
     Ok(())
 }
+
+// Resources.
+
+#[test]
+fn metrics_and_top_human_and_json() -> Result<()> {
+    let shim = LinkShim::start(Mode::Subreaper)?;
+    let addr = shim.addr.to_string();
+
+    let (code, out, err) = run(&addr, &["metrics", "--json"])?;
+    ensure!(code == 0, "metrics --json exited {code}: {err}");
+    let v = json_lines(&out)?;
+    let r = v.first().ok_or_else(|| anyhow!("no output"))?;
+    ensure!(v.len() == 1 && r["time_ms"].as_u64().is_some(), "{out}");
+    ensure!(
+        r["workspace"]["size_bytes"].as_u64().is_some_and(|n| n > 0),
+        "{out}"
+    );
+    ensure!(
+        r["procs"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p["role"] == "driver")),
+        "{out}"
+    );
+
+    let (code, out, err) = run(&addr, &["metrics"])?;
+    ensure!(code == 0, "metrics exited {code}: {err}");
+    for want in ["time ", "workspace ", "driver pid "] {
+        ensure!(out.contains(want), "no {want:?} in {out}");
+    }
+
+    let (code, out, err) = run(
+        &addr,
+        &["top", "--interval", "100ms", "--count", "3", "--json"],
+    )?;
+    ensure!(code == 0, "top --json exited {code}: {err}");
+    let times: Vec<u64> = json_lines(&out)?
+        .iter()
+        .map(|v| v["time_ms"].as_u64().ok_or_else(|| anyhow!("{v}")))
+        .collect::<Result<_>>()?;
+    ensure!(
+        times.len() == 3 && times.windows(2).all(|w| w[0] < w[1]),
+        "{out}"
+    );
+
+    // Not a terminal: readings one after the other, the second with CPU use since the first.
+    let (code, out, err) = run(&addr, &["top", "--interval", "100ms", "--count", "2"])?;
+    ensure!(code == 0, "top exited {code}: {err}");
+    ensure!(!out.contains('\x1b'), "terminal codes in a pipe: {out:?}");
+    ensure!(out.matches("time ").count() == 2, "{out}");
+    let second = out.rsplit("time ").next().unwrap_or_default();
+    ensure!(
+        second
+            .lines()
+            .any(|l| l.starts_with("driver pid") && l.ends_with("%)")),
+        "{out}"
+    );
+    Ok(())
+}

@@ -233,6 +233,7 @@ pub async fn serve(stream: UnixStream, cfg: &FakeCfg) -> Result<Outcome> {
                     last_seq: n,
                     rss_bytes: 0,
                     idle_since_ms: None,
+                    cgroups: None,
                 };
                 w.send(ShimToControl::StatusReply(reply)).await?;
             }

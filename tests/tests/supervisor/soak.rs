@@ -51,6 +51,7 @@ fn exec_req(id: u64) -> Exec {
         timeout_ms: Some(10_000),
         output_cap: None,
         task_id: None,
+        limits: None,
     }
 }
 

@@ -798,6 +798,7 @@ fn re_of(msg: &ShimToControl) -> Option<RequestId> {
         ShimToControl::FsListReply(r) => Some(r.re),
         ShimToControl::FsData(d) => Some(d.re),
         ShimToControl::FsWriteReady(r) => Some(r.re),
+        ShimToControl::MetricsReply(m) => Some(m.re),
         _ => None,
     }
 }

@@ -195,6 +195,14 @@ impl Core {
         self.execs.len()
     }
 
+    /// The exec id and pid (its session's) of every exec whose process has not been reaped.
+    pub fn exec_pids(&self) -> impl Iterator<Item = (u64, i32)> + '_ {
+        self.execs
+            .iter()
+            .filter(|(_, e)| e.status.is_none())
+            .map(|(&id, e)| (id, e.pid))
+    }
+
     /// The owner of exec `id`, while it runs.
     pub fn exec_owner(&self, id: u64) -> Option<ExecOwner> {
         self.execs.get(&id).map(|e| e.owner)

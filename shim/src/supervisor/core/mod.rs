@@ -473,6 +473,11 @@ impl Core {
                 ErrorCode::Internal,
                 "status is answered with the shell's counters (Core::on_status)",
             ),
+            C::Metrics(m) => err(
+                m.id,
+                ErrorCode::Internal,
+                "metrics is answered with the shell's readings",
+            ),
             other => {
                 let re = match &other {
                     C::Unknown(u) => u.id,
@@ -532,6 +537,7 @@ impl Core {
             last_seq: counters.last_seq,
             rss_bytes: counters.rss_bytes,
             idle_since_ms: self.idle_since_ms(),
+            cgroups: counters.cgroups.map(str::to_owned),
         }
     }
 }
@@ -668,6 +674,7 @@ mod tests {
             buffered_bytes: 7,
             last_seq: 8,
             rss_bytes: 9,
+            cgroups: Some("v1"),
         };
         let s = core.status(4, t0, &counted);
         assert_eq!(

@@ -128,4 +128,6 @@ pub struct Counters {
     pub last_seq: u64,
     /// The shim's resident set size, in bytes.
     pub rss_bytes: u64,
+    /// Which per-exec cgroups are in effect (`none`, `v1`, `v2-delegated`), if the shell knows.
+    pub cgroups: Option<&'static str>,
 }

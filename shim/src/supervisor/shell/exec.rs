@@ -28,6 +28,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tracing::{debug, warn};
 
+use crate::cgroups::ExecCgroup;
 use crate::control::ControlServer;
 use crate::exec::{self, ExecConfig, ExecIo};
 use crate::limits::Limits;
@@ -289,6 +290,23 @@ impl Shell<'_> {
         req: &Exec,
         user: Option<(u32, u32)>,
     ) -> Result<exec::Started, Refusal> {
+        let cgroup =
+            match self.delegation.create(id, req.limits.as_ref()) {
+                None if req.limits.is_some() => return Err((
+                    ErrorCode::Unsupported,
+                    "exec limits need a delegated cgroup, and this shim has none (cgroups: none)"
+                        .into(),
+                )),
+                None => None,
+                Some(Ok(cg)) => Some(cg),
+                Some(Err(err)) => {
+                    warn!(exec_id = id, %err, "cannot create the exec's cgroup");
+                    return Err((
+                        ErrorCode::Internal,
+                        format!("cannot create the exec's cgroup: {err}"),
+                    ));
+                }
+            };
         let sup = &self.cfg.sup;
         let cfg = ExecConfig {
             argv: req.argv.iter().map(Into::into).collect(),
@@ -310,14 +328,25 @@ impl Shell<'_> {
                 oom_score_adj: Some(sup.oom_score_adj.exec),
                 ..sup.limits.clone()
             },
+            cgroup_procs: cgroup
+                .as_ref()
+                .map(ExecCgroup::procs_fds)
+                .unwrap_or_default(),
         };
         let started = match exec::start(&cfg, &self.mask) {
             Ok(s) => s,
             Err(err) => {
                 debug!(%err, argv = ?req.argv, "exec refused");
+                if let Some(cg) = cgroup {
+                    cg.kill();
+                    self.retire_cgroup(cg);
+                }
                 return Err(refusal_of(&err));
             }
         };
+        if let Some(cg) = cgroup {
+            self.cgroups.insert(id, (started.pid, cg));
+        }
         // Registered before anything can reap (single thread, no drain in between).
         self.reaper.register(started.pid, Owner::Exec(id));
         self.core
@@ -634,5 +663,34 @@ impl Shell<'_> {
     pub(super) fn forget_finished_execs(&mut self) {
         let core = &self.core;
         self.execs.retain(|id, _| core.exec_owner(*id).is_some());
+        let done: Vec<u64> = self
+            .cgroups
+            .keys()
+            .copied()
+            .filter(|id| core.exec_owner(*id).is_none())
+            .collect();
+        for id in done {
+            if let Some((_, cg)) = self.cgroups.remove(&id) {
+                // Its group was SIGKILLed at its end: so is everything left in its cgroup.
+                cg.kill();
+                self.retire_cgroup(cg);
+            }
+        }
+    }
+
+    /// Removes an exec's cgroup now, or once its last process is gone (retried after every
+    /// reap).
+    pub(super) fn retire_cgroup(&mut self, cg: ExecCgroup) {
+        if !cg.remove() {
+            self.stale_cgroups.push(cg);
+        }
+    }
+
+    /// A `SIGKILL` to exec `pid`'s group also kills everything in its cgroup (what left the
+    /// group with `setsid` included).
+    pub(super) fn kill_exec_cgroup(&self, pid: i32) {
+        if let Some((_, (_, cg))) = self.cgroups.iter().find(|(_, (p, _))| *p == pid) {
+            cg.kill();
+        }
     }
 }

@@ -16,13 +16,18 @@ mod spawning;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use driver_protocol::message::{ControlToShim, Event, LogStream, Message, Oom};
+use driver_protocol::message::{
+    ControlToShim, Event, LogStream, Message, MetricsReply, Oom, ProcRole, ShimToControl,
+};
 use driver_protocol::DEFAULT_MAX_FRAME;
 use nix::sys::signal::SigSet;
 use tracing::{debug, info, warn};
 
+use crate::cgroups::{Delegation, ExecCgroup};
 use crate::cli::Config;
 use crate::control::{ControlConfig, ControlServer, Endpoints, Token};
+use crate::metrics::procs::Leader;
+use crate::metrics::Sampler;
 use crate::oom::OomCounter;
 use crate::reaper::{ExitStatus, Reaper};
 use crate::sys::{self, Real, Sys};
@@ -84,6 +89,16 @@ struct Shell<'a> {
     held_event: Option<bytes::Bytes>,
     /// The file operations (`fs_*` requests).
     files: crate::fs::Files,
+    /// The sources of `metrics` readings, opened before any child runs.
+    sampler: Sampler,
+    /// When the next periodic `metrics` event is due (`--metrics-interval`).
+    metrics_due: Option<Instant>,
+    /// Where execs get cgroups of their own, if anywhere.
+    delegation: Delegation,
+    /// The cgroup of each exec that has one, with the exec's pid.
+    cgroups: BTreeMap<u64, (i32, ExecCgroup)>,
+    /// Cgroups of ended execs not yet empty enough to remove.
+    stale_cgroups: Vec<ExecCgroup>,
 }
 
 pub(super) async fn shell(
@@ -123,6 +138,16 @@ pub(super) async fn shell(
     };
     let now = Instant::now();
     let seed = seed();
+    // Before any child runs; the OOM counter and the readings' files first: on cgroup v2
+    // the delegation moves the shim into a leaf of its cgroup.
+    let oom = OomCounter::open();
+    let sampler = Sampler::open(
+        cfg.sup
+            .workdir
+            .as_deref()
+            .unwrap_or_else(|| std::path::Path::new(".")),
+    );
+    let delegation = Delegation::detect();
     let mut sh = Shell {
         cfg,
         mask,
@@ -141,7 +166,7 @@ pub(super) async fn shell(
         exec_cursor: 0,
         exec_buf: bytes::BytesMut::new(),
         spawning: Vec::new(),
-        oom: OomCounter::open(),
+        oom,
         replying: None,
         admitting: std::collections::VecDeque::new(),
         held_event: None,
@@ -155,6 +180,11 @@ pub(super) async fn shell(
                 watch_rate: cfg.sup.fs_watch_rate,
             },
         ),
+        sampler,
+        metrics_due: cfg.sup.metrics_interval.map(|i| now + i),
+        delegation,
+        cgroups: BTreeMap::new(),
+        stale_cgroups: Vec::new(),
     };
     sh.core.start();
     loop {
@@ -276,6 +306,9 @@ pub(super) async fn shell(
                     }
                 }
             }
+            () = sleep_until(sh.metrics_due), if !full => {
+                sh.periodic_metrics(Instant::now());
+            }
         }
         if sh.last_seq() != published {
             // The connection's writer is another task: it runs only once this one waits.
@@ -345,6 +378,7 @@ impl Shell<'_> {
             buffered_bytes: stats.as_ref().map_or(0, |st| st.bytes),
             last_seq: stats.as_ref().map_or(0, |st| st.last_seq),
             rss_bytes: sys::proc::rss_bytes(),
+            cgroups: Some(self.delegation.mode().name()),
         }
     }
 
@@ -376,7 +410,16 @@ impl Shell<'_> {
                         self.close_driver_io();
                         self.core.on_driver_link_closed(Instant::now());
                     }
-                    Output::Kill(kill) => kill.apply(&Real),
+                    Output::Kill(kill) => {
+                        kill.apply(&Real);
+                        if let super::core::Kill::Exec {
+                            pid,
+                            sig: libc::SIGKILL,
+                        } = kill
+                        {
+                            self.kill_exec_cgroup(pid);
+                        }
+                    }
                     Output::Reply(reply) => match self.replying.take() {
                         Some(to) => to.send(reply),
                         None => debug!("a reply without a command"),
@@ -415,11 +458,21 @@ impl Shell<'_> {
                     self.core.on_driver_exit_oom(pid, status, oom_killed);
                 }
                 Owner::Exec(id) => {
+                    // With a cgroup of its own, its own counter says exactly.
+                    let own = self
+                        .cgroups
+                        .get(&id)
+                        .and_then(|(_, cg)| cg.oom_kills())
+                        .filter(|_| status == ExitStatus::Signaled(libc::SIGKILL))
+                        .map(|n| n > 0);
                     self.core
-                        .on_exec_exit_oom(id, status, oom_killed, Instant::now())
+                        .on_exec_exit_oom(id, status, own.or(oom_killed), Instant::now())
                 }
             }
             self.apply_outputs();
+        }
+        if !self.stale_cgroups.is_empty() {
+            self.stale_cgroups.retain(|cg| !cg.remove());
         }
     }
 
@@ -464,6 +517,13 @@ impl Shell<'_> {
                 cmd.reply.send(reply);
                 self.apply_outputs();
             }
+            ControlToShim::Metrics(m) => {
+                let reading = self.sample();
+                cmd.reply
+                    .send(ShimToControl::MetricsReply(MetricsReply::new(
+                        m.id, reading,
+                    )));
+            }
             request => {
                 // The core's reply (an output) goes here, before its other outputs.
                 self.replying = Some(cmd.reply);
@@ -474,6 +534,40 @@ impl Shell<'_> {
         if self.replying.take().is_some() {
             warn!("the core did not answer a control command");
         }
+    }
+
+    /// A resource reading of the sandbox, the driver and every running exec.
+    fn sample(&mut self) -> driver_protocol::message::Reading {
+        let mut leaders: Vec<Leader> = Vec::with_capacity(1 + self.core.execs_running());
+        if let Some(pid) = self.core.driver_pid() {
+            leaders.push(Leader {
+                role: ProcRole::Driver,
+                exec_id: None,
+                pid,
+            });
+        }
+        leaders.extend(self.core.exec_pids().map(|(id, pid)| Leader {
+            role: ProcRole::Exec,
+            exec_id: Some(id),
+            pid,
+        }));
+        self.sampler.read(&leaders)
+    }
+
+    /// `--metrics-interval`: publishes a reading as a `metrics` event and sets the next one.
+    /// A late turn does not make up for missed ones (no burst after a freeze).
+    fn periodic_metrics(&mut self, now: Instant) {
+        let Some(interval) = self.cfg.sup.metrics_interval else {
+            self.metrics_due = None;
+            return;
+        };
+        let reading = self.sample();
+        self.publish(&Event::Metrics(reading));
+        let mut next = self.metrics_due.unwrap_or(now) + interval;
+        if next <= now {
+            next = now + interval;
+        }
+        self.metrics_due = Some(next);
     }
 
     /// Gives driver output still queued for our stderr a last, bounded chance.

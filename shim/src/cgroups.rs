@@ -1,0 +1,409 @@
+//! Per-exec cgroups, where the sandbox's cgroup is delegated to the shim.
+//!
+//! When the shim can create child cgroups, each exec runs in one of its own, below the
+//! shim's cgroup: its `limits` are written there, its timeout or cancel kills every process
+//! in it (a `setsid` daemon included), and its OOM kills are counted there.
+//!
+//! - **cgroup v2** ("v2-delegated"): the shim's cgroup directory is writable (PID 1 of a
+//!   microVM, or a container given its subtree). The "no internal processes" rule: the shim
+//!   first moves itself into the leaf `<cgroup>/shim`, then enables `memory`, `pids` and `cpu`
+//!   in `<cgroup>/cgroup.subtree_control`; each exec gets `<cgroup>/exec-<id>`, killed with
+//!   `cgroup.kill`.
+//! - **cgroup v1** ("v1", as root): the shim's directories in the `memory`, `pids`, `cpu`
+//!   and `freezer` hierarchies are writable; each exec gets `agent-shim-exec-<id>-<tag>` in
+//!   each (in `memory` only with a memory limit: v1 counts an OOM kill only in the victim's
+//!   own memory cgroup, so the sandbox's counter must keep seeing the others), killed by
+//!   freezing it, sending `SIGKILL` to every pid in it, and thawing it.
+//!
+//! Everything is decided once at start ([`Delegation::detect`]), before any child runs. The
+//! directories are created by the shim (root) with mode 0755: a tenant running as another
+//! user cannot write their files. A tenant cannot leave its exec's cgroup: moving a process
+//! needs write access to the target's `cgroup.procs` and to the common ancestor's. The child
+//! joins its cgroup between `fork` and `execve` by writing `0` to each `cgroup.procs`,
+//! opened before the fork (no allocation after it).
+
+use std::fs::File;
+use std::io::Write as _;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::FileExt as _;
+use std::path::{Path, PathBuf};
+
+use driver_protocol::message::ExecLimits;
+use tracing::info;
+
+/// Where cgroup filesystems are mounted.
+const ROOT: &str = "/sys/fs/cgroup";
+
+/// The v1 hierarchies an exec's cgroup is made in (`freezer` for the kill).
+const V1_CONTROLLERS: &[&str] = &["memory", "pids", "cpu", "freezer"];
+
+/// The CFS period the `cpu` limit is written with, microseconds.
+const CPU_PERIOD_US: u64 = 100_000;
+
+/// Which kind of delegation is in effect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// No cgroup can be created: execs run in the shim's cgroup, as without this module.
+    None,
+    /// cgroup v1 hierarchies, written as root.
+    V1,
+    /// A delegated cgroup v2 subtree.
+    V2,
+}
+
+impl Mode {
+    /// The name `status` gives: `none`, `v1` or `v2-delegated`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::None => "none",
+            Mode::V1 => "v1",
+            Mode::V2 => "v2-delegated",
+        }
+    }
+}
+
+/// Where exec cgroups are created.
+#[derive(Debug)]
+pub struct Delegation {
+    mode: Mode,
+    /// Makes this shim's cgroup names its own (v1 hierarchies may be shared with other
+    /// sandboxes on the host): the start time in nanoseconds.
+    tag: u64,
+    /// v2: one directory; v1: `(controller, directory)` per hierarchy.
+    parents: Vec<(&'static str, PathBuf)>,
+}
+
+/// One exec's cgroup.
+#[derive(Debug)]
+pub struct ExecCgroup {
+    mode: Mode,
+    /// Its directories (`(controller, dir)`; one with controller `""` on v2).
+    dirs: Vec<(&'static str, PathBuf)>,
+    /// Its `cgroup.procs`, open for writing: the child writes `0` to each.
+    procs: Vec<File>,
+}
+
+impl Delegation {
+    /// A delegation that creates nothing.
+    pub fn none() -> Self {
+        Delegation {
+            mode: Mode::None,
+            tag: 0,
+            parents: Vec::new(),
+        }
+    }
+
+    /// Finds out whether the shim can create child cgroups, and on v2 moves the shim into
+    /// its leaf and enables the controllers. Call before any child is started.
+    pub fn detect() -> Self {
+        let proc_cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        let root = Path::new(ROOT);
+        let d = if is_cgroup2(root) {
+            detect_v2(root, &proc_cgroup)
+        } else {
+            detect_v1(root, &proc_cgroup)
+        };
+        let d = d.unwrap_or_else(Delegation::none);
+        info!(cgroups = d.mode.name(), "per-exec cgroups");
+        d
+    }
+
+    /// The mode in effect.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// Creates exec `id`'s cgroup with `limits` written; `None` without delegation.
+    pub fn create(
+        &self,
+        id: u64,
+        limits: Option<&ExecLimits>,
+    ) -> Option<std::io::Result<ExecCgroup>> {
+        if self.mode == Mode::None {
+            return None;
+        }
+        Some(self.create_in(id, limits))
+    }
+
+    fn create_in(&self, id: u64, limits: Option<&ExecLimits>) -> std::io::Result<ExecCgroup> {
+        let name = match self.mode {
+            Mode::V2 => format!("exec-{id}-{:x}", self.tag),
+            _ => format!("agent-shim-exec-{id}-{:x}", self.tag),
+        };
+        let mut cg = ExecCgroup {
+            mode: self.mode,
+            dirs: Vec::new(),
+            procs: Vec::new(),
+        };
+        for (controller, parent) in &self.parents {
+            // v1 counts an OOM kill only in the victim's own memory cgroup: an exec without a
+            // memory limit stays in the sandbox's, whose counter then keeps counting it.
+            if *controller == "memory" && limits.is_none_or(|l| l.memory_bytes.is_none()) {
+                continue;
+            }
+            let dir = parent.join(&name);
+            // Never shared: a directory that exists is another's.
+            match std::fs::create_dir(&dir) {
+                Ok(()) => {}
+                Err(e) => {
+                    cg.remove();
+                    return Err(e);
+                }
+            }
+            cg.dirs.push((controller, dir));
+        }
+        if let Some(l) = limits {
+            if let Err(e) = cg.apply(l) {
+                cg.remove();
+                return Err(e);
+            }
+        }
+        for (_, dir) in &cg.dirs {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(dir.join("cgroup.procs"));
+            match f {
+                Ok(f) => cg.procs.push(f),
+                Err(e) => {
+                    cg.remove();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(cg)
+    }
+}
+
+impl ExecCgroup {
+    /// The `cgroup.procs` descriptors the child writes `0` to.
+    pub fn procs_fds(&self) -> Vec<RawFd> {
+        self.procs.iter().map(AsRawFd::as_raw_fd).collect()
+    }
+
+    fn dir(&self, controller: &str) -> Option<&Path> {
+        self.dirs
+            .iter()
+            .find(|(c, _)| *c == controller || self.mode == Mode::V2)
+            .map(|(_, d)| d.as_path())
+    }
+
+    fn write(&self, controller: &str, file: &str, value: &str) -> std::io::Result<()> {
+        let dir = self
+            .dir(controller)
+            .ok_or_else(|| std::io::Error::other(format!("no {controller} cgroup")))?;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join(file))?
+            .write_all(value.as_bytes())
+    }
+
+    /// Writes the exec's limits.
+    fn apply(&self, l: &ExecLimits) -> std::io::Result<()> {
+        let v2 = self.mode == Mode::V2;
+        if let Some(m) = l.memory_bytes {
+            let m = m.to_string();
+            if v2 {
+                self.write("memory", "memory.max", &m)?;
+                // Killed at the limit, not swapped out.
+                let _ = self.write("memory", "memory.swap.max", "0");
+            } else {
+                self.write("memory", "memory.limit_in_bytes", &m)?;
+                let _ = self.write("memory", "memory.memsw.limit_in_bytes", &m);
+            }
+        }
+        if let Some(p) = l.pids {
+            self.write("pids", "pids.max", &p.to_string())?;
+        }
+        if let Some(millis) = l.cpu_millis {
+            // 1000 millicpus = one CPU: that share of each period.
+            let quota = (millis.saturating_mul(CPU_PERIOD_US) / 1000).max(1000);
+            if v2 {
+                self.write("cpu", "cpu.max", &format!("{quota} {CPU_PERIOD_US}"))?;
+            } else {
+                self.write("cpu", "cpu.cfs_period_us", &CPU_PERIOD_US.to_string())?;
+                self.write("cpu", "cpu.cfs_quota_us", &quota.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Kills every process in the cgroup: `cgroup.kill` on v2; on v1 freeze, `SIGKILL` each
+    /// pid, thaw (frozen processes cannot fork meanwhile; they die once thawed).
+    pub fn kill(&self) {
+        if self.mode == Mode::V2 && self.write("", "cgroup.kill", "1").is_ok() {
+            return;
+        }
+        let frozen = self.write("freezer", "freezer.state", "FROZEN").is_ok();
+        // Without a freezer a process may fork between the read and the kill: a few rounds.
+        for _ in 0..if frozen { 1 } else { 8 } {
+            let pids = self.pids();
+            if pids.is_empty() {
+                break;
+            }
+            for pid in pids {
+                // SAFETY: kill(2) has no memory-safety preconditions.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        if frozen {
+            let _ = self.write("freezer", "freezer.state", "THAWED");
+        }
+    }
+
+    /// The pids in the cgroup (its first hierarchy's `cgroup.procs`).
+    fn pids(&self) -> Vec<i32> {
+        let Some((_, dir)) = self.dirs.first() else {
+            return Vec::new();
+        };
+        std::fs::read_to_string(dir.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .filter(|&p: &i32| p > 0)
+            .collect()
+    }
+
+    /// The cgroup's OOM-kill counter (`memory.events` / `memory.oom_control`, `oom_kill`).
+    pub fn oom_kills(&self) -> Option<u64> {
+        let file = match self.mode {
+            Mode::V2 => "memory.events",
+            _ => "memory.oom_control",
+        };
+        let f = File::open(self.dir("memory")?.join(file)).ok()?;
+        let mut buf = [0u8; 512];
+        let n = f.read_at(&mut buf, 0).ok()?;
+        std::str::from_utf8(buf.get(..n)?)
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("oom_kill "))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    /// Removes its directories; `false` while a process is still in it (try again later).
+    pub fn remove(&self) -> bool {
+        let mut all = true;
+        for (_, dir) in &self.dirs {
+            match std::fs::remove_dir(dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(_) => all = false,
+            }
+        }
+        all
+    }
+}
+
+fn is_cgroup2(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
+}
+
+/// The shim's own directory below `root` (the mount root when the path is not below it).
+fn own_dir(base: &Path, rel: &str) -> PathBuf {
+    let d = base.join(rel.trim_start_matches('/'));
+    if d.is_dir() {
+        d
+    } else {
+        base.to_owned()
+    }
+}
+
+fn detect_v2(root: &Path, proc_cgroup: &str) -> Option<Delegation> {
+    let rel = proc_cgroup.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let dir = own_dir(root, rel);
+    let leaf = dir.join("shim");
+    if let Err(e) = std::fs::create_dir(&leaf) {
+        if e.kind() != std::io::ErrorKind::AlreadyExists {
+            return None;
+        }
+    }
+    let me = std::process::id().to_string();
+    if std::fs::write(leaf.join("cgroup.procs"), &me).is_err() {
+        let _ = std::fs::remove_dir(&leaf);
+        return None;
+    }
+    let control = dir.join("cgroup.subtree_control");
+    // A controller the parent does not offer stays off (its limits then fail the exec).
+    for c in ["+memory", "+pids", "+cpu"] {
+        let _ = std::fs::write(&control, c);
+    }
+    Some(Delegation {
+        mode: Mode::V2,
+        tag: tag(),
+        parents: vec![("", dir)],
+    })
+}
+
+fn detect_v1(root: &Path, proc_cgroup: &str) -> Option<Delegation> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return None;
+    }
+    let mut parents = Vec::new();
+    for &c in V1_CONTROLLERS {
+        let rel = proc_cgroup.lines().find_map(|l| {
+            let mut p = l.splitn(3, ':');
+            let (_, cs, path) = (p.next()?, p.next()?, p.next()?);
+            cs.split(',').any(|x| x == c).then_some(path)
+        })?;
+        let dir = own_dir(&root.join(c), rel);
+        // Writable? A probe directory says (cgroupfs ignores mode bits for root but not a
+        // read-only mount).
+        let probe = dir.join(format!("agent-shim-probe-{}", std::process::id()));
+        std::fs::create_dir(&probe).ok()?;
+        let _ = std::fs::remove_dir(&probe);
+        parents.push((c, dir));
+    }
+    Some(Delegation {
+        mode: Mode::V1,
+        tag: tag(),
+        parents,
+    })
+}
+
+/// Nanoseconds of the wall clock: the shim's tag in cgroup names.
+fn tag() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mode_names_are_the_protocols() {
+        assert_eq!(Mode::None.name(), "none");
+        assert_eq!(Mode::V1.name(), "v1");
+        assert_eq!(Mode::V2.name(), "v2-delegated");
+    }
+
+    #[test]
+    fn limits_are_written_in_v2_form() {
+        let dir = std::env::temp_dir().join(format!("agent-shim-cg2-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["memory.max", "memory.swap.max", "pids.max", "cpu.max"] {
+            // Empty: a cgroup file takes one write whole; a plain file is not truncated.
+            std::fs::write(dir.join(f), "").unwrap();
+        }
+        let cg = ExecCgroup {
+            mode: Mode::V2,
+            dirs: vec![("", dir.clone())],
+            procs: Vec::new(),
+        };
+        cg.apply(&ExecLimits {
+            memory_bytes: Some(64 << 20),
+            pids: Some(32),
+            cpu_millis: Some(500),
+        })
+        .unwrap();
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+        assert_eq!(read("memory.max"), "67108864");
+        assert_eq!(read("memory.swap.max"), "0");
+        assert_eq!(read("pids.max"), "32");
+        assert_eq!(read("cpu.max"), "50000 100000");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,197 @@
+//! Per-process readings: the driver and each exec, with every process of its session.
+//!
+//! The driver and every exec are session leaders (`setsid` in the child), so what they start
+//! stays in their session unless it calls `setsid` itself. One pass over `/proc` reads each
+//! process's `/proc/PID/stat` (a kernel-generated file of a process of the sandbox: opened
+//! non-blocking, read once, never followed anywhere) and adds its resident set and CPU time to
+//! the leader whose session it is in.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
+
+use driver_protocol::message::{ProcReading, ProcRole};
+
+/// A `/proc/PID/stat` line is far shorter (comm is at most 16 bytes).
+const STAT_MAX: usize = 1024;
+
+/// At most this many `/proc` entries are read per reading, so a tenant's fork bomb makes a
+/// reading incomplete rather than long.
+const SCAN_MAX: usize = 65_536;
+
+/// One session leader to report on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Leader {
+    /// The driver or an exec.
+    pub role: ProcRole,
+    /// The exec, for an exec.
+    pub exec_id: Option<u64>,
+    /// Its pid (and session id).
+    pub pid: i32,
+}
+
+/// What one `/proc/PID/stat` says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stat {
+    session: i32,
+    /// utime + stime + cutime + cstime, in clock ticks.
+    ticks: u64,
+    /// Resident pages.
+    rss_pages: u64,
+}
+
+/// Reads `/proc` once for `leaders`: one reading per leader still found. `page` is the page
+/// size, `tck` the clock ticks per second.
+pub fn read(leaders: &[Leader], page: u64, tck: u64) -> Vec<ProcReading> {
+    let mut out: Vec<ProcReading> = Vec::with_capacity(leaders.len());
+    let mut found = vec![false; leaders.len()];
+    let mut acc = vec![(0u32, 0u64, 0u64); leaders.len()];
+    if leaders.is_empty() {
+        return out;
+    }
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    let mut buf = [0u8; STAT_MAX];
+    let mut path = String::with_capacity(32);
+    for entry in dir.flatten().take(SCAN_MAX) {
+        let name = entry.file_name();
+        let Some(name) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        path.clear();
+        path.push_str("/proc/");
+        path.push_str(name);
+        path.push_str("/stat");
+        let Some(stat) = read_stat(&path, &mut buf) else {
+            continue; // gone meanwhile
+        };
+        let Some(i) = leaders.iter().position(|l| l.pid == stat.session) else {
+            continue;
+        };
+        if let (Some(a), Some(f)) = (acc.get_mut(i), found.get_mut(i)) {
+            a.0 = a.0.saturating_add(1);
+            a.1 = a.1.saturating_add(stat.rss_pages);
+            a.2 = a.2.saturating_add(stat.ticks);
+            // The leader itself must be among them: a session whose leader is gone is not
+            // the exec's any more (its pid may be reused).
+            *f |= name.parse::<i32>().ok() == Some(stat.session);
+        }
+    }
+    for ((l, (pids, pages, ticks)), f) in leaders.iter().zip(acc).zip(found) {
+        if !f {
+            continue;
+        }
+        out.push(ProcReading {
+            role: l.role,
+            exec_id: l.exec_id,
+            pid: l.pid.unsigned_abs(),
+            pids,
+            rss_bytes: pages.saturating_mul(page),
+            cpu_us: ticks.saturating_mul(1_000_000) / tck.max(1),
+        });
+    }
+    out
+}
+
+fn read_stat(path: &str, buf: &mut [u8; STAT_MAX]) -> Option<Stat> {
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(path)
+        .ok()?;
+    let n = read_once(&mut f, buf)?;
+    parse_stat(std::str::from_utf8(buf.get(..n)?).ok()?)
+}
+
+fn read_once(f: &mut File, buf: &mut [u8]) -> Option<usize> {
+    f.read(buf).ok()
+}
+
+/// `pid (comm) state ppid pgrp session … utime stime cutime cstime … rss …`, where comm may
+/// hold spaces and parentheses: the fields are counted after the last `)`.
+fn parse_stat(stat: &str) -> Option<Stat> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut f = rest.split_ascii_whitespace();
+    // After ')': state(0) ppid(1) pgrp(2) session(3) … utime(11) stime(12) cutime(13)
+    // cstime(14) … rss(21).
+    let session = f.nth(3)?.parse().ok()?;
+    let utime: u64 = f.nth(7)?.parse().ok()?;
+    let stime: u64 = f.next()?.parse().ok()?;
+    // cutime and cstime are signed in the kernel's format, never negative in practice.
+    let cutime: u64 = f.next()?.parse().unwrap_or(0);
+    let cstime: u64 = f.next()?.parse().unwrap_or(0);
+    let rss_pages: i64 = f.nth(6)?.parse().ok()?;
+    Some(Stat {
+        session,
+        ticks: utime
+            .saturating_add(stime)
+            .saturating_add(cutime)
+            .saturating_add(cstime),
+        rss_pages: rss_pages.max(0).unsigned_abs(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_lines_parse_past_a_hostile_comm() {
+        let line = "311 (a) b) 1 2 3) S 1 311 311 0 -1 4194560 120 0 0 0 250 50 7 3 20 0 1 0 \
+                    12345 10485760 2560 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0";
+        assert_eq!(
+            parse_stat(line),
+            Some(Stat {
+                session: 311,
+                ticks: 310,
+                rss_pages: 2560
+            })
+        );
+        assert_eq!(parse_stat("311 (x) S 1 311"), None);
+        assert_eq!(parse_stat(""), None);
+    }
+
+    #[test]
+    fn a_session_is_read_from_proc() {
+        // A child in a session of its own, with a grandchild in it.
+        let mut child = std::process::Command::new("setsid")
+            .args(["sh", "-c", "sleep 5 & exec sleep 5"])
+            .spawn()
+            .expect("setsid");
+        let pid = i32::try_from(child.id()).unwrap();
+        let leader = Leader {
+            role: ProcRole::Exec,
+            exec_id: Some(4),
+            pid,
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut got = Vec::new();
+        while std::time::Instant::now() < deadline {
+            got = read(&[leader], 4096, 100);
+            if got.first().is_some_and(|r| r.pids == 2) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        // SAFETY: kill(2) with a negative pid signals our own child's group; no memory.
+        unsafe { libc::kill(-pid, libc::SIGKILL) };
+        let _ = child.kill();
+        let _ = child.wait();
+        let r = got.first().expect("a reading");
+        assert_eq!(
+            (r.role, r.exec_id, r.pid, r.pids),
+            (ProcRole::Exec, Some(4), child.id(), 2)
+        );
+        assert!(r.rss_bytes > 0);
+        // Gone: no reading, nothing guessed.
+        let gone = Leader {
+            pid: 0x3fff_fff0,
+            ..leader
+        };
+        assert!(read(&[gone], 4096, 100).is_empty());
+    }
+}

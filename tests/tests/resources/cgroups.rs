@@ -1,0 +1,195 @@
+//! Per-exec cgroups on cgroup v1, for real: the shim as root PID 1 in cgroup v1 hierarchies
+//! of the test's own, which it may write, so every exec gets a cgroup of its own below them.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, ensure, Result};
+use driver_protocol::message::{Event, Exec, ExecLimits, ExecSignal, ProcRole};
+
+use super::{metrics, V1Cgroup};
+use crate::supervisor::{Setup, Sup};
+use crate::support::control::{exec_of, ExecRun};
+use crate::support::{poll_until, probe, Mode, PATIENCE};
+
+const MIB: u64 = 1 << 20;
+
+/// The shim in `cg`, with the mode it reports checked.
+fn start_in(cg: &V1Cgroup) -> Result<Sup> {
+    let mut sup = cg.start(Setup::new(Mode::Pid1))?;
+    sup.expect_up(1)?;
+    let status = sup.status()?;
+    ensure!(
+        status.cgroups.as_deref() == Some("v1"),
+        "cgroups {:?}\n{}",
+        status.cgroups,
+        sup.context()
+    );
+    Ok(sup)
+}
+
+macro_rules! v1_cgroup {
+    ($tag:expr) => {{
+        crate::support::require_root!();
+        match V1Cgroup::new($tag)? {
+            Some(cg) => cg,
+            None => {
+                return crate::support::skip(
+                    "cgroup-v1",
+                    "no cgroup v1 hierarchies at /sys/fs/cgroup",
+                    module_path!(),
+                )
+            }
+        }
+    }};
+}
+
+fn limited(id: u64, argv: &[&str], timeout_ms: u64, limits: ExecLimits) -> Exec {
+    Exec {
+        timeout_ms: Some(timeout_ms),
+        limits: Some(limits),
+        ..Exec::new(id, argv.iter().copied())
+    }
+}
+
+/// Waits for exec `id`'s end; its run.
+fn run_of(sup: &mut Sup, id: u64, timeout: Duration) -> Result<ExecRun> {
+    let (last, skipped) = sup.wait_within(
+        "exec_exit",
+        |e| matches!(e, Event::ExecExit(x) if x.exec_id == id),
+        timeout,
+    )?;
+    let mut run = ExecRun::default();
+    for s in skipped.iter().chain([&last]) {
+        if exec_of(&s.event) == Some(id) {
+            run.take(&s.event)?;
+        }
+    }
+    sup.ctl.ack(sup.ctl.last_seq())?;
+    Ok(run)
+}
+
+#[test]
+fn a_per_exec_memory_limit_kills_only_that_exec() -> Result<()> {
+    let cg = v1_cgroup!("exec-mem");
+    cg.limit_memory(1024 * MIB)?;
+    let mut sup = start_in(&cg)?;
+    let bystander = sup.ctl.exec_started(|id| Exec {
+        timeout_ms: Some(60_000),
+        ..Exec::new(id, ["sleep", "60"])
+    })?;
+    let p = probe();
+    let hog = sup.ctl.exec_started(|id| {
+        limited(
+            id,
+            &[p, "hog", "0", "512"],
+            60_000,
+            ExecLimits {
+                memory_bytes: Some(64 * MIB),
+                ..ExecLimits::default()
+            },
+        )
+    })?;
+    let run = run_of(&mut sup, hog.exec_id, PATIENCE)?;
+    let exit = run.exit.as_ref().ok_or_else(|| anyhow!("{run:?}"))?;
+    ensure!(
+        exit.signal.as_deref() == Some("SIGKILL") && exit.oom_killed == Some(true),
+        "{exit:?}\n{}",
+        sup.context()
+    );
+    // The sandbox's limit was far away: the bystander and the driver live on.
+    let r = metrics(&mut sup)?;
+    ensure!(
+        r.procs.iter().any(|p| p.exec_id == Some(bystander.exec_id)),
+        "the bystander exec is gone: {r:#?}"
+    );
+    ensure!(r.procs.iter().any(|p| p.role == ProcRole::Driver), "{r:#?}");
+    ensure!(sup.shim.alive(), "{}", sup.context());
+    sup.ctl.send(ExecSignal {
+        exec_id: bystander.exec_id,
+        signal: "KILL".into(),
+    })?;
+    run_of(&mut sup, bystander.exec_id, PATIENCE)?;
+    Ok(())
+}
+
+#[test]
+fn a_setsid_daemon_started_by_an_exec_is_dead_after_its_timeout() -> Result<()> {
+    let cg = v1_cgroup!("daemon");
+    let mut sup = start_in(&cg)?;
+    let daemon = ["sleep", "301"];
+    let started = sup.ctl.exec_started(|id| Exec {
+        timeout_ms: Some(1_000),
+        ..Exec::new(id, ["/bin/sh", "-c", "setsid sleep 301 & exec sleep 302"])
+    })?;
+    // It runs, out of the exec's session and process group.
+    let seen = poll_until(PATIENCE, || {
+        cg.running(&daemon).ok().filter(|p| !p.is_empty())
+    });
+    ensure!(seen.is_some(), "the daemon never ran\n{}", sup.context());
+    let run = run_of(&mut sup, started.exec_id, PATIENCE)?;
+    ensure!(run.exit.as_ref().is_some_and(|e| e.timed_out), "{run:?}");
+    let gone = poll_until(Duration::from_secs(5), || {
+        cg.running(&daemon).ok().filter(Vec::is_empty)
+    });
+    ensure!(
+        gone.is_some(),
+        "the setsid daemon outlived its exec: {:?}\n{}",
+        cg.running(&daemon),
+        sup.context()
+    );
+    ensure!(sup.shim.alive(), "{}", sup.context());
+    Ok(())
+}
+
+#[test]
+fn a_fork_bomb_in_an_exec_with_a_pids_limit_is_contained() -> Result<()> {
+    let cg = v1_cgroup!("bomb");
+    let mut sup = start_in(&cg)?;
+    let p = probe();
+    let base = metrics(&mut sup)?
+        .cgroup
+        .and_then(|c| c.pids)
+        .ok_or_else(|| anyhow!("no pids count"))?;
+    let t0 = Instant::now();
+    let started = sup.ctl.exec_started(|id| {
+        limited(
+            id,
+            &[p, "hog", "5000", "0"],
+            3_000,
+            ExecLimits {
+                pids: Some(40),
+                ..ExecLimits::default()
+            },
+        )
+    })?;
+    // The shim answers while the exec is at its limit.
+    let status = sup.status()?;
+    ensure!(status.execs_running == 1, "{status:?}");
+    let run = run_of(&mut sup, started.exec_id, PATIENCE)?;
+    let forked: u32 = run
+        .out()
+        .lines()
+        .find_map(|l| l.strip_prefix("forked="))
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| anyhow!("no forked= line: {run:?}"))?;
+    ensure!(forked < 40, "forked {forked} under a limit of 40");
+    ensure!(run.exit.as_ref().is_some_and(|e| e.timed_out), "{run:?}");
+    // Everything it forked died with it.
+    let left = poll_until(Duration::from_secs(5), || {
+        let r = metrics(&mut sup).ok()?;
+        let pids = r.cgroup.as_ref()?.pids?;
+        (pids <= base).then_some(pids)
+    });
+    ensure!(
+        left.is_some(),
+        "processes left after the exec: {:?} (before it: {base})\n{}",
+        metrics(&mut sup)?.cgroup.and_then(|c| c.pids),
+        sup.context()
+    );
+    eprintln!(
+        "MEASURED fork bomb under pids 40: forked {forked}, contained and killed in {:?}",
+        t0.elapsed()
+    );
+    ensure!(sup.shim.alive(), "{}", sup.context());
+    Ok(())
+}
