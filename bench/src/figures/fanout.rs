@@ -21,7 +21,7 @@ use super::Ctx;
 
 /// The observers of the second configuration (PROTOCOL.md §8.7; `--max-sessions` 16 with
 /// the consumer makes 17 sessions, so the shim runs with a higher limit).
-const OBSERVERS: usize = 16;
+pub const OBSERVERS: usize = 16;
 
 /// One observer: a raw connection that says no `consumer`, subscribes from now and reads
 /// every frame until the shim closes it; returns the events and `lagged` frames it read.
