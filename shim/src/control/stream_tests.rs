@@ -61,7 +61,13 @@ impl Client {
             codec: MessageCodec::new(),
             buf: BytesMut::new(),
         };
-        c.send(Hello::new(Role::Control, "test", "0").into()).await;
+        // The durable consumer "control": a newer connection of it replaces this one.
+        c.send(
+            Hello::new(Role::Control, "test", "0")
+                .with_consumer("control")
+                .into(),
+        )
+        .await;
         assert!(matches!(c.recv().await, Some(ShimToControl::Hello(_))));
         c
     }
