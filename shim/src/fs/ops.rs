@@ -128,11 +128,16 @@ impl<W: Write> Out<W> {
 
     /// One message record.
     pub fn msg(&mut self, msg: &ShimToControl) -> std::io::Result<()> {
-        use driver_protocol::Message as _;
-        let body = msg
-            .to_body()
+        // Through the control connection's encoder (one copy of it in the shim), the frame
+        // header left out.
+        let frame = crate::control::encode_frame(msg, usize::MAX)
             .map_err(|e| std::io::Error::other(e.to_string()))?;
-        self.record(TAG_MSG, &body)
+        self.record(
+            TAG_MSG,
+            frame
+                .get(driver_protocol::frame::HEADER_LEN..)
+                .unwrap_or_default(),
+        )
     }
 }
 
