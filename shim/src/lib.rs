@@ -17,7 +17,6 @@ mod cli;
 mod control;
 mod driver;
 mod exec;
-mod fs;
 mod init;
 mod limits;
 mod logging;

@@ -18,7 +18,6 @@ mod docker;
 
 mod security;
 
-mod files;
 mod resources;
 mod sessions;
 mod vm;

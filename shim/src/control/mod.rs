@@ -35,7 +35,6 @@ pub mod fuzz;
 mod gate;
 mod ids;
 mod source;
-mod stream;
 #[cfg(test)]
 mod tests;
 mod transport;
@@ -65,7 +64,6 @@ use conn::Conn;
 use consumers::Consumers;
 use gate::{Gate, Refused};
 use ids::IdCache;
-pub use stream::{Gone, ReplyStream};
 use transport::Listener;
 
 /// Commands waiting for the supervisor; a client sending faster is simply not read.

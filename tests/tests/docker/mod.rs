@@ -17,7 +17,6 @@
 mod build;
 mod container;
 mod control;
-mod files;
 mod fleet;
 mod image;
 mod lifecycle;
