@@ -18,7 +18,7 @@ mod docker;
 
 mod security;
 
-mod sessions;
 mod files;
-mod vm;
 mod resources;
+mod sessions;
+mod vm;

@@ -122,7 +122,14 @@ fn a_stream_waits_for_room_stays_bounded_and_arrives_in_order_on_its_connection_
         let mut stream = cmd.reply.into_stream();
         assert!(!stream.is_gone());
         const N: u64 = 100_000;
-        let conn = server.inner.state.borrow().sessions.first().cloned().unwrap();
+        let conn = server
+            .inner
+            .state
+            .borrow()
+            .sessions
+            .first()
+            .cloned()
+            .unwrap();
         let producer = tokio::task::spawn_local(async move {
             let mut peak = 0;
             for n in 0..N {
