@@ -179,3 +179,44 @@ pub struct ForgetConsumer {
     /// The consumer's name.
     pub consumer: String,
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn decode(body: &[u8]) -> Result<Limits, String> {
+        crate::de::from_slice(body).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn limits_decode_as_the_derive_did() {
+        let all: Vec<u64> = (1..=11).collect();
+        let want = Limits::from_fields(std::array::from_fn(|i| i as u64 + 1));
+        // A map, in any order, with unknown keys ignored.
+        let mut map: BTreeMap<&str, u64> = LIMITS_FIELDS.iter().copied().zip(all.clone()).collect();
+        map.insert("later", 99);
+        assert_eq!(decode(&rmp_serde::to_vec(&map).unwrap()), Ok(want.clone()));
+        // An array in declaration order.
+        assert_eq!(decode(&rmp_serde::to_vec(&all).unwrap()), Ok(want));
+        assert_eq!(
+            decode(&rmp_serde::to_vec(&all[..3]).unwrap()),
+            Err("invalid length 3, expected struct Limits with 11 elements".to_owned())
+        );
+        map.remove("max_events");
+        assert_eq!(
+            decode(&rmp_serde::to_vec(&map).unwrap()),
+            Err("missing field `max_events`".to_owned())
+        );
+        // Two `max_bytes` keys.
+        let mut body = vec![0x82];
+        for _ in 0..2 {
+            body.push(0xa9);
+            body.extend_from_slice(b"max_bytes");
+            body.push(1);
+        }
+        assert_eq!(decode(&body), Err("duplicate field `max_bytes`".to_owned()));
+        assert!(decode(&rmp_serde::to_vec(&"x").unwrap()).is_err());
+    }
+}
