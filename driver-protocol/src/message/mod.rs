@@ -92,8 +92,14 @@ pub(crate) fn decode_fields<'a, T: Deserialize<'a>>(
     body: &'a [u8],
     head: &Head<'_>,
 ) -> Result<T, DecodeError> {
-    crate::de::from_slice(body)
-        .map_err(|e| DecodeError::malformed(Some(head.type_name), head.id, e))
+    crate::de::from_slice(body).map_err(|e| fields_error(head, e))
+}
+
+/// The error of [`decode_fields`], out of line: one copy for every message type.
+#[cold]
+#[inline(never)]
+fn fields_error(head: &Head<'_>, e: crate::de::Error) -> DecodeError {
+    DecodeError::malformed(Some(head.type_name), head.id, e)
 }
 
 pub(crate) fn encode_named<W: Write, T: Serialize + ?Sized>(

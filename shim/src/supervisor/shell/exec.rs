@@ -345,7 +345,7 @@ impl Shell<'_> {
             }
         };
         if let Some(cg) = cgroup {
-            self.cgroups.insert(id, (started.pid, cg));
+            self.cgroups.push((id, started.pid, cg));
         }
         // Registered before anything can reap (single thread, no drain in between).
         self.reaper.register(started.pid, Owner::Exec(id));
@@ -663,18 +663,16 @@ impl Shell<'_> {
     pub(super) fn forget_finished_execs(&mut self) {
         let core = &self.core;
         self.execs.retain(|id, _| core.exec_owner(*id).is_some());
-        let done: Vec<u64> = self
-            .cgroups
-            .keys()
-            .copied()
-            .filter(|id| core.exec_owner(*id).is_none())
-            .collect();
-        for id in done {
-            if let Some((_, cg)) = self.cgroups.remove(&id) {
-                // Its group was SIGKILLed at its end: so is everything left in its cgroup.
-                cg.kill();
-                self.retire_cgroup(cg);
+        let mut i = 0;
+        while let Some((id, ..)) = self.cgroups.get(i) {
+            if self.core.exec_owner(*id).is_some() {
+                i += 1;
+                continue;
             }
+            let (_, _, cg) = self.cgroups.remove(i);
+            // Its group was SIGKILLed at its end: so is everything left in its cgroup.
+            cg.kill();
+            self.retire_cgroup(cg);
         }
     }
 
@@ -689,7 +687,7 @@ impl Shell<'_> {
     /// A `SIGKILL` to exec `pid`'s group also kills everything in its cgroup (what left the
     /// group with `setsid` included).
     pub(super) fn kill_exec_cgroup(&self, pid: i32) {
-        if let Some((_, (_, cg))) = self.cgroups.iter().find(|(_, (p, _))| *p == pid) {
+        if let Some((_, _, cg)) = self.cgroups.iter().find(|(_, p, _)| *p == pid) {
             cg.kill();
         }
     }

@@ -93,8 +93,9 @@ struct Shell<'a> {
     metrics_due: Option<Instant>,
     /// Where execs get cgroups of their own, if anywhere.
     delegation: Delegation,
-    /// The cgroup of each exec that has one, with the exec's pid.
-    cgroups: BTreeMap<u64, (i32, ExecCgroup)>,
+    /// The cgroup of each exec that has one: exec id, pid, cgroup (a few entries: a `Vec`
+    /// costs less code in the static binary than another `BTreeMap`).
+    cgroups: Vec<(u64, i32, ExecCgroup)>,
     /// Cgroups of ended execs not yet empty enough to remove.
     stale_cgroups: Vec<ExecCgroup>,
 }
@@ -171,7 +172,7 @@ pub(super) async fn shell(
         sampler,
         metrics_due: cfg.sup.metrics_interval.map(|i| now + i),
         delegation,
-        cgroups: BTreeMap::new(),
+        cgroups: Vec::new(),
         stale_cgroups: Vec::new(),
     };
     sh.core.start();
@@ -440,8 +441,9 @@ impl Shell<'_> {
                     // With a cgroup of its own, its own counter says exactly.
                     let own = self
                         .cgroups
-                        .get(&id)
-                        .and_then(|(_, cg)| cg.oom_kills())
+                        .iter()
+                        .find(|(e, ..)| *e == id)
+                        .and_then(|(_, _, cg)| cg.oom_kills())
                         .filter(|_| status == ExitStatus::Signaled(libc::SIGKILL))
                         .map(|n| n > 0);
                     self.core
