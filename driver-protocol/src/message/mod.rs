@@ -21,9 +21,9 @@ mod common;
 mod control;
 mod event;
 mod exec;
+mod metrics;
 // sessions
 mod session;
-mod metrics;
 mod task;
 
 use std::io::Write;
@@ -35,9 +35,9 @@ pub use common::*;
 pub use control::*;
 pub use event::*;
 pub use exec::*;
+pub use metrics::*;
 // sessions
 pub use session::*;
-pub use metrics::*;
 pub use task::*;
 
 use crate::envelope::{self, Head};
