@@ -4,9 +4,10 @@
 //!
 //! Everything that names a path is resolved once, when the supervisor starts and before any
 //! child of ours runs: the cgroup files are opened then, and so is the workspace directory
-//! (`O_PATH`), whose filesystem each reading asks with `fstatfs` on that descriptor. A tenant
-//! that later mounts something over the workspace or the cgroup tree (a FUSE filesystem that
-//! never answers) is never asked. Nothing is read unless a reading is asked for: by a
+//! (`O_PATH`), whose filesystem each reading asks with `fstatfs` on that descriptor, and so is
+//! `/proc`, which each reading walks from its descriptor. A tenant that later mounts something
+//! over the workspace, the cgroup tree or `/proc` (a FUSE filesystem that never answers) is
+//! never asked. Nothing is read unless a reading is asked for: by a
 //! `metrics` request or by `--metrics-interval`.
 
 pub mod cgroup;
@@ -30,6 +31,8 @@ const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 pub struct Sampler {
     cgroup: Option<Cgroup>,
     workspace: Option<File>,
+    /// `/proc`, opened before any child runs.
+    proc: Option<procs::ProcDir>,
     /// Where cgroup files are read into.
     buf: Vec<u8>,
     page: u64,
@@ -55,6 +58,7 @@ impl Sampler {
         Sampler {
             cgroup,
             workspace,
+            proc: procs::ProcDir::open(),
             buf: Vec::new(),
             page: u64::try_from(crate::sys::proc::page_size()).unwrap_or(4096),
             tck: clock_ticks(),
@@ -70,7 +74,11 @@ impl Sampler {
                 .as_ref()
                 .map(|c| Box::new(c.read(&mut self.buf))),
             workspace: self.workspace.as_ref().and_then(fs_reading),
-            procs: procs::read(leaders, self.page, self.tck),
+            procs: self
+                .proc
+                .as_ref()
+                .map(|p| procs::read(p, leaders, self.page, self.tck))
+                .unwrap_or_default(),
         }
     }
 }

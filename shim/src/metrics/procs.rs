@@ -5,10 +5,17 @@
 //! process's `/proc/PID/stat` (a kernel-generated file of a process of the sandbox: opened
 //! non-blocking, read once, never followed anywhere) and adds its resident set and CPU time to
 //! the leader whose session it is in.
+//!
+//! `/proc` is opened once, when the supervisor starts ([`ProcDir::open`]), and every pass
+//! walks that descriptor, never the path: a tenant allowed to mount (root in a microVM) that
+//! mounts a filesystem over `/proc`, or over one `/proc/PID`, is never read. Each `PID/stat`
+//! is opened with `openat2(RESOLVE_NO_XDEV | RESOLVE_NO_SYMLINKS)`, so a mount inside `/proc`
+//! is refused rather than entered; a kernel without `openat2` falls back to `O_NOFOLLOW`.
 
+use std::ffi::CStr;
 use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use driver_protocol::message::{ProcReading, ProcRole};
 
@@ -40,34 +47,122 @@ struct Stat {
     rss_pages: u64,
 }
 
-/// Reads `/proc` once for `leaders`: one reading per leader still found. `page` is the page
+/// `/proc`, opened once: what every pass walks.
+#[derive(Debug)]
+pub struct ProcDir(OwnedFd);
+
+impl ProcDir {
+    /// Opens `/proc`; `None` where it is not mounted (then no process is read).
+    pub fn open() -> Option<Self> {
+        // SAFETY: a NUL-terminated literal path; the result is checked and owned below.
+        let fd = unsafe {
+            libc::open(
+                c"/proc".as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        // SAFETY: a fresh descriptor of ours, owned by nothing else.
+        (fd >= 0).then(|| ProcDir(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// The names of `/proc`'s entries that are pids, at most `max` entries read.
+    fn pids(&self, max: usize) -> Vec<u32> {
+        let mut pids = Vec::new();
+        // A descriptor of its own for the listing (readdir moves its offset; closedir closes
+        // it). SAFETY: `self.0` is an open directory; "." names it.
+        let fd = unsafe {
+            libc::openat(
+                self.0.as_raw_fd(),
+                c".".as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return pids;
+        }
+        // SAFETY: `fd` is ours and open; on success the DIR owns it, on failure we close it.
+        let dir = unsafe { libc::fdopendir(fd) };
+        if dir.is_null() {
+            // SAFETY: `fd` is still ours (fdopendir failed).
+            unsafe { libc::close(fd) };
+            return pids;
+        }
+        for _ in 0..max {
+            // SAFETY: `dir` is an open DIR used by this thread only.
+            let ent = unsafe { libc::readdir(dir) };
+            if ent.is_null() {
+                break;
+            }
+            // SAFETY: readdir returned an entry whose d_name is NUL-terminated, valid until
+            // the next readdir on `dir`; it is copied out before that.
+            let name = unsafe { CStr::from_ptr((*ent).d_name.as_ptr()) };
+            if let Some(pid) = std::str::from_utf8(name.to_bytes())
+                .ok()
+                .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|n| n.parse().ok())
+            {
+                pids.push(pid);
+            }
+        }
+        // SAFETY: `dir` is open; closedir closes it and its descriptor.
+        unsafe { libc::closedir(dir) };
+        pids
+    }
+
+    /// `PID/stat`, opened beneath this `/proc` without crossing a mount or following a link.
+    fn open_stat(&self, pid: u32) -> Option<File> {
+        let path = std::ffi::CString::new(format!("{pid}/stat")).ok()?;
+        let flags = libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC;
+        /// `struct open_how` (linux/openat2.h).
+        #[repr(C)]
+        struct OpenHow {
+            flags: u64,
+            mode: u64,
+            resolve: u64,
+        }
+        let how = OpenHow {
+            flags: u64::try_from(flags).unwrap_or(0),
+            mode: 0,
+            resolve: libc::RESOLVE_NO_XDEV | libc::RESOLVE_NO_SYMLINKS,
+        };
+        // SAFETY: openat2 reads `how` (its size passed) and the NUL-terminated `path`; the
+        // directory descriptor is open. The result is checked before use.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                self.0.as_raw_fd(),
+                path.as_ptr(),
+                std::ptr::from_ref(&how),
+                std::mem::size_of::<OpenHow>(),
+            )
+        };
+        let fd = if fd < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOSYS) {
+            // SAFETY: as above, with plain openat; O_NOFOLLOW refuses a final link.
+            libc::c_long::from(unsafe {
+                libc::openat(self.0.as_raw_fd(), path.as_ptr(), flags | libc::O_NOFOLLOW)
+            })
+        } else {
+            fd
+        };
+        let fd = i32::try_from(fd).ok().filter(|&fd| fd >= 0)?;
+        // SAFETY: a fresh descriptor of ours, owned by nothing else.
+        Some(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+}
+
+/// Reads `proc` once for `leaders`: one reading per leader still found. `page` is the page
 /// size, `tck` the clock ticks per second.
-pub fn read(leaders: &[Leader], page: u64, tck: u64) -> Vec<ProcReading> {
+pub fn read(proc: &ProcDir, leaders: &[Leader], page: u64, tck: u64) -> Vec<ProcReading> {
     let mut out: Vec<ProcReading> = Vec::with_capacity(leaders.len());
     let mut found = vec![false; leaders.len()];
     let mut acc = vec![(0u32, 0u64, 0u64); leaders.len()];
     if leaders.is_empty() {
         return out;
     }
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return out;
-    };
     let mut buf = [0u8; STAT_MAX];
-    let mut path = String::with_capacity(32);
-    for entry in dir.flatten().take(SCAN_MAX) {
-        let name = entry.file_name();
-        let Some(name) = name
-            .to_str()
-            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
-        else {
-            continue;
-        };
-        path.clear();
-        path.push_str("/proc/");
-        path.push_str(name);
-        path.push_str("/stat");
-        let Some(stat) = read_stat(&path, &mut buf) else {
-            continue; // gone meanwhile
+    for pid in proc.pids(SCAN_MAX) {
+        let Some(stat) = proc.open_stat(pid).and_then(|f| read_stat(f, &mut buf)) else {
+            continue; // gone meanwhile, or not this /proc's
         };
         let Some(i) = leaders.iter().position(|l| l.pid == stat.session) else {
             continue;
@@ -78,7 +173,7 @@ pub fn read(leaders: &[Leader], page: u64, tck: u64) -> Vec<ProcReading> {
             a.2 = a.2.saturating_add(stat.ticks);
             // The leader itself must be among them: a session whose leader is gone is not
             // the exec's any more (its pid may be reused).
-            *f |= name.parse::<i32>().ok() == Some(stat.session);
+            *f |= i32::try_from(pid).ok() == Some(stat.session);
         }
     }
     for ((l, (pids, pages, ticks)), f) in leaders.iter().zip(acc).zip(found) {
@@ -97,12 +192,7 @@ pub fn read(leaders: &[Leader], page: u64, tck: u64) -> Vec<ProcReading> {
     out
 }
 
-fn read_stat(path: &str, buf: &mut [u8; STAT_MAX]) -> Option<Stat> {
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
-        .open(path)
-        .ok()?;
+fn read_stat(mut f: File, buf: &mut [u8; STAT_MAX]) -> Option<Stat> {
     let n = read_once(&mut f, buf)?;
     parse_stat(std::str::from_utf8(buf.get(..n)?).ok()?)
 }
@@ -168,10 +258,11 @@ mod tests {
             exec_id: Some(4),
             pid,
         };
+        let proc = ProcDir::open().expect("/proc");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         let mut got = Vec::new();
         while std::time::Instant::now() < deadline {
-            got = read(&[leader], 4096, 100);
+            got = read(&proc, &[leader], 4096, 100);
             if got.first().is_some_and(|r| r.pids == 2) {
                 break;
             }
@@ -192,6 +283,6 @@ mod tests {
             pid: 0x3fff_fff0,
             ..leader
         };
-        assert!(read(&[gone], 4096, 100).is_empty());
+        assert!(read(&proc, &[gone], 4096, 100).is_empty());
     }
 }

@@ -348,6 +348,49 @@ fn a_tenant_mount_over_the_workspace_or_the_cgroup_tree_is_not_read() -> Result<
     Ok(())
 }
 
+/// The tenant (root, allowed to mount) mounts a tmpfs over `/proc` holding a forged
+/// `PID/stat` for the driver, with a gigantic resident set: the shim walks the `/proc` it
+/// opened at start, so the reading stays the kernel's.
+#[test]
+fn a_tenant_mount_over_proc_is_not_read() -> Result<()> {
+    crate::support::require_root!();
+    let mut sup = Setup::new(Mode::Pid1).start()?;
+    sup.expect_up(1)?;
+    let before = metrics(&mut sup)?;
+    let driver = before
+        .procs
+        .iter()
+        .find(|p| p.role == ProcRole::Driver)
+        .ok_or_else(|| anyhow!("{before:#?}"))?
+        .pid;
+    let forged =
+        format!("{driver} (x) S 1 {driver} {driver} 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 1 1 999999999");
+    let script = format!(
+        "mount -t tmpfs none /proc && mkdir /proc/{driver} && \
+         echo '{forged}' > /proc/{driver}/stat && echo mounted"
+    );
+    let (run, _) = run_to_end(&mut sup, |id| Exec {
+        timeout_ms: Some(30_000),
+        ..Exec::new(id, ["/bin/sh", "-c", script.as_str()])
+    })?;
+    ensure!(
+        run.out().contains("mounted"),
+        "the tenant's mount failed: {run:?}"
+    );
+    let after = metrics(&mut sup)?;
+    let d = after
+        .procs
+        .iter()
+        .find(|p| p.role == ProcRole::Driver)
+        .ok_or_else(|| anyhow!("the driver's reading is gone: {after:#?}"))?;
+    ensure!(
+        d.pid == driver && d.pids == 1 && d.rss_bytes < 1024 * MIB,
+        "the reading went through the tenant's /proc: {d:#?}"
+    );
+    ensure!(sup.shim.alive(), "{}", sup.context());
+    Ok(())
+}
+
 #[test]
 fn a_stopped_tenant_process_does_not_hold_a_reading() -> Result<()> {
     crate::support::require_root!();
