@@ -65,6 +65,21 @@ impl Sampler {
         }
     }
 
+    /// The live children of `parent`, read from the `/proc` opened at start (`None` where it
+    /// was not mounted then). For `status`.
+    pub fn children_of(&self, parent: u32) -> Option<u32> {
+        self.proc.as_ref().map(|p| p.children_of(parent))
+    }
+
+    /// The shim's own resident set in bytes, read from the `/proc` opened at start (`0` if
+    /// unreadable). For `status`.
+    pub fn own_rss_bytes(&self) -> u64 {
+        self.proc
+            .as_ref()
+            .and_then(|p| p.rss_pages(std::process::id()))
+            .map_or(0, |pages| pages.saturating_mul(self.page))
+    }
+
     /// Takes a reading now, of the sandbox and of `leaders`.
     pub fn read(&mut self, leaders: &[Leader]) -> Reading {
         Reading {

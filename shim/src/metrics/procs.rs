@@ -150,6 +150,45 @@ impl ProcDir {
     }
 }
 
+impl ProcDir {
+    /// The live child processes of `parent` (adopted orphans and zombies not yet reaped
+    /// included): the `PID/stat` entries whose parent it is, at most [`SCAN_MAX`] read. This
+    /// reads every process's `stat`: only for a PID namespace of our own.
+    pub fn children_of(&self, parent: u32) -> u32 {
+        let mut buf = [0u8; STAT_MAX];
+        let mut n = 0u32;
+        for pid in self.pids(SCAN_MAX) {
+            let Some(f) = self.open_stat(pid) else {
+                continue; // gone meanwhile
+            };
+            let mut f = f;
+            let Some(len) = read_once(&mut f, &mut buf) else {
+                continue;
+            };
+            let stat = buf.get(..len).and_then(|b| std::str::from_utf8(b).ok());
+            if stat.and_then(parent_in_stat) == Some(parent) {
+                n = n.saturating_add(1);
+            }
+        }
+        n
+    }
+
+    /// The resident set of process `pid`, in pages, from its `stat` (`None` if unreadable).
+    pub fn rss_pages(&self, pid: u32) -> Option<u64> {
+        let mut buf = [0u8; STAT_MAX];
+        let stat = self.open_stat(pid).and_then(|f| read_stat(f, &mut buf))?;
+        Some(stat.rss_pages)
+    }
+}
+
+/// The parent pid in a `/proc/PID/stat` line: `pid (comm) state ppid …`, where comm may hold
+/// spaces and parentheses.
+fn parent_in_stat(stat: &str) -> Option<u32> {
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_ascii_whitespace().nth(1))
+        .and_then(|p| p.parse::<u32>().ok())
+}
+
 /// Reads `proc` once for `leaders`: one reading per leader still found. `page` is the page
 /// size, `tck` the clock ticks per second.
 pub fn read(proc: &ProcDir, leaders: &[Leader], page: u64, tck: u64) -> Vec<ProcReading> {
@@ -228,6 +267,27 @@ fn parse_stat(stat: &str) -> Option<Stat> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_parent_is_read_past_a_hostile_comm() {
+        assert_eq!(parent_in_stat("42 (a) b) c) S 7 42 42 0"), Some(7));
+        assert_eq!(parent_in_stat("42 (sh) R 1 1 1"), Some(1));
+        assert_eq!(parent_in_stat("garbage"), None);
+    }
+
+    #[test]
+    fn a_child_is_counted_and_the_rss_is_read() {
+        let proc = ProcDir::open().expect("/proc");
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .expect("sleep");
+        let n = proc.children_of(std::process::id());
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(n >= 1, "{n}");
+        assert!(proc.rss_pages(std::process::id()).is_some_and(|p| p > 0));
+    }
 
     #[test]
     fn stat_lines_parse_past_a_hostile_comm() {

@@ -365,10 +365,18 @@ fn a_tenant_mount_over_proc_is_not_read() -> Result<()> {
         .pid;
     let forged =
         format!("{driver} (x) S 1 {driver} {driver} 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 1 1 999999999");
+    // Over the tenant's /proc: a forged driver, a forged PID 1 (the shim) with a huge
+    // resident set, 100 forged children of PID 1, and a `self` whose `statm` is a FIFO that
+    // no one writes (a read of it by path would never return).
     let script = format!(
-        "mount -t tmpfs none /proc && mkdir /proc/{driver} && \
-         echo '{forged}' > /proc/{driver}/stat && echo mounted"
+        "mount -t tmpfs none /proc && mkdir /proc/{driver} /proc/1 /proc/self && \
+         echo '{forged}' > /proc/{driver}/stat && \
+         echo '1 (x) S 0 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 1 1 999999999' > /proc/1/stat && \
+         for i in $(seq 1000 1099); do mkdir /proc/$i && \
+           echo \"$i (x) S 1 $i $i 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 1 1 1\" > /proc/$i/stat; done && \
+         mkfifo /proc/self/statm && echo mounted"
     );
+    let status_before = sup.ctl.status()?;
     let (run, _) = run_to_end(&mut sup, |id| Exec {
         timeout_ms: Some(30_000),
         ..Exec::new(id, ["/bin/sh", "-c", script.as_str()])
@@ -386,6 +394,17 @@ fn a_tenant_mount_over_proc_is_not_read() -> Result<()> {
     ensure!(
         d.pid == driver && d.pids == 1 && d.rss_bytes < 1024 * MIB,
         "the reading went through the tenant's /proc: {d:#?}"
+    );
+    // `status` reads the same /proc, from the descriptor opened at start: it answers, and
+    // neither the forged resident set nor the forged children reach it.
+    let status = sup.ctl.status_within(PATIENCE)?;
+    ensure!(
+        status.rss_bytes > 0 && status.rss_bytes < 1024 * MIB,
+        "status read the tenant's /proc: {status:#?}"
+    );
+    ensure!(
+        status.children < 100 && status.children + 5 >= status_before.children,
+        "status counted the tenant's forged children: {status:#?} (before: {status_before:#?})"
     );
     ensure!(sup.shim.alive(), "{}", sup.context());
     Ok(())

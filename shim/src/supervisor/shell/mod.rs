@@ -30,7 +30,7 @@ use crate::metrics::procs::Leader;
 use crate::metrics::Sampler;
 use crate::oom::OomCounter;
 use crate::reaper::{ExitStatus, Reaper};
-use crate::sys::{self, Real, Sys};
+use crate::sys::{Real, Sys};
 
 use self::errcopy::ErrCopy;
 use self::exec::{exec_ready, ExecIoState, Ready};
@@ -351,13 +351,13 @@ impl Shell<'_> {
             // orphans included. As a subreaper on a host, scanning every process of the
             // host per `status` would not scale: the core's count stands.
             children: (std::process::id() == 1)
-                .then(|| sys::proc::children_of(1))
+                .then(|| self.sampler.children_of(1))
                 .flatten(),
             reaped: self.reaped,
             buffered_events: stats.as_ref().map_or(0, |st| st.events),
             buffered_bytes: stats.as_ref().map_or(0, |st| st.bytes),
             last_seq: stats.as_ref().map_or(0, |st| st.last_seq),
-            rss_bytes: sys::proc::rss_bytes(),
+            rss_bytes: self.sampler.own_rss_bytes(),
             cgroups: Some(self.delegation.mode().name()),
         }
     }
