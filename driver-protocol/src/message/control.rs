@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{DriverState, Event, RequestId, Seq};
 
-use super::nil_as_default;
+use super::{fields, nil_as_default};
 
 /// What a `signal` request targets.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -35,12 +35,21 @@ pub struct Signal {
     pub exec_id: Option<u64>,
 }
 
+fields!(Signal {
+    id: req,
+    signal: req,
+    target: nil,
+    exec_id: opt
+});
+
 /// `restart_driver`: launch the driver again, also out of state `error` (the "recover" action).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RestartDriver {
     /// The request id.
     pub id: RequestId,
 }
+
+fields!(RestartDriver { id: req });
 
 /// `set_driver`: replace the driver command; the old driver gets a graceful shutdown.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -58,12 +67,20 @@ pub struct SetDriver {
     pub env: BTreeMap<String, String>,
 }
 
+fields!(SetDriver {
+    id: req,
+    argv: req,
+    env: nil
+});
+
 /// `status`: ask for a [`StatusReply`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Status {
     /// The request id.
     pub id: RequestId,
 }
+
+fields!(Status { id: req });
 
 /// How a process ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,6 +137,26 @@ pub struct StatusReply {
     pub cgroups: Option<String>,
 }
 
+fields!(StatusReply {
+    re: req,
+    state: req,
+    driver_pid: opt,
+    restarts: req,
+    uptime_ms: req,
+    last_exit: opt,
+    children: req,
+    reaped: req,
+    tasks_queued: req,
+    task_running: opt,
+    execs_running: req,
+    buffered_events: req,
+    buffered_bytes: req,
+    last_seq: req,
+    rss_bytes: req,
+    idle_since_ms: opt,
+    cgroups: opt
+});
+
 /// `ack`: the control plane has processed every event up to and including `seq`
 /// (cumulative); the shim may forget them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -127,6 +164,8 @@ pub struct Ack {
     /// The last processed seq.
     pub seq: Seq,
 }
+
+fields!(Ack { seq: req });
 
 /// `resume_from`: replay every buffered event after `seq`, then continue live.
 ///
@@ -142,6 +181,11 @@ pub struct ResumeFrom {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
 }
+
+fields!(ResumeFrom {
+    seq: opt,
+    from: opt
+});
 
 impl ResumeFrom {
     /// `resume_from{seq}`.

@@ -7,7 +7,7 @@
 use rmpv::Value;
 use serde::{Deserialize, Serialize};
 
-use super::nil_as_default;
+use super::{fields, nil_as_default};
 
 /// `message_chunk`: a piece of the agent's output text, streamed as it is produced.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -25,6 +25,8 @@ pub struct MessageChunk {
     pub is_final: bool,
 }
 
+fields!(MessageChunk { task_id: opt, text: req, role: opt, is_final as "final": nil });
+
 /// `tool_call`: the agent decided to call a tool.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ToolCall {
@@ -38,6 +40,13 @@ pub struct ToolCall {
     /// The tool's arguments.
     pub input: Value,
 }
+
+fields!(ToolCall {
+    task_id: opt,
+    call_id: req,
+    name: req,
+    input: req
+});
 
 /// `tool_result`: a tool call finished.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -53,6 +62,13 @@ pub struct ToolResult {
     #[serde(default, deserialize_with = "nil_as_default")]
     pub is_error: bool,
 }
+
+fields!(ToolResult {
+    task_id: opt,
+    call_id: req,
+    output: req,
+    is_error: nil
+});
 
 /// What happened to a file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -83,6 +99,13 @@ pub struct FileChange {
     pub from: Option<String>,
 }
 
+fields!(FileChange {
+    task_id: opt,
+    path: req,
+    change: req,
+    from: opt
+});
+
 /// `progress`: how far along a task is.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Progress {
@@ -99,6 +122,13 @@ pub struct Progress {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total: Option<u64>,
 }
+
+fields!(Progress {
+    task_id: opt,
+    message: opt,
+    done: opt,
+    total: opt
+});
 
 /// Where a log line came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -130,6 +160,14 @@ pub struct Log {
     pub truncated: bool,
 }
 
+fields!(Log {
+    task_id: opt,
+    stream: req,
+    level: opt,
+    text: req,
+    truncated: nil
+});
+
 /// `custom`: an event of the driver's own kind, carrying any value.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Custom {
@@ -141,6 +179,12 @@ pub struct Custom {
     /// Anything.
     pub data: Value,
 }
+
+fields!(Custom {
+    task_id: opt,
+    kind: req,
+    data: req
+});
 
 /// The driver's lifecycle state, as the shim sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -171,6 +215,11 @@ pub struct DriverStarted {
     pub attempt: u32,
 }
 
+fields!(DriverStarted {
+    pid: req,
+    attempt: req
+});
+
 /// `driver_ready`: the driver finished its handshake and sent `ready`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DriverReady {
@@ -179,6 +228,11 @@ pub struct DriverReady {
     /// Milliseconds from launch to `ready`.
     pub startup_ms: u64,
 }
+
+fields!(DriverReady {
+    pid: req,
+    startup_ms: req
+});
 
 /// `driver_exited`: the driver process ended.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -203,6 +257,15 @@ pub struct DriverExited {
     pub oom_killed: Option<bool>,
 }
 
+fields!(DriverExited {
+    pid: req,
+    code: opt,
+    signal: opt,
+    uptime_ms: req,
+    reason: req,
+    oom_killed: opt
+});
+
 /// `driver_restarting`: the restart policy will launch the driver again after `delay_ms`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DriverRestarting {
@@ -211,6 +274,11 @@ pub struct DriverRestarting {
     /// The backoff before it.
     pub delay_ms: u64,
 }
+
+fields!(DriverRestarting {
+    attempt: req,
+    delay_ms: req
+});
 
 /// `crash_loop`: too many restarts in the window; the driver stays down (state `error`) until
 /// `restart_driver`.
@@ -222,6 +290,11 @@ pub struct CrashLoop {
     pub window_ms: u64,
 }
 
+fields!(CrashLoop {
+    restarts: req,
+    window_ms: req
+});
+
 /// `state_changed`: the driver's lifecycle state changed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StateChanged {
@@ -230,6 +303,8 @@ pub struct StateChanged {
     /// The new state.
     pub to: DriverState,
 }
+
+fields!(StateChanged { from: req, to: req });
 
 /// `task_accepted`: the shim queued a submitted task.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -240,12 +315,19 @@ pub struct TaskAccepted {
     pub position: u32,
 }
 
+fields!(TaskAccepted {
+    task_id: req,
+    position: req
+});
+
 /// `idle`: no task, no exec and no driver event for the configured stretch.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Idle {
     /// When the agent became idle, in milliseconds since the Unix epoch.
     pub idle_since_ms: u64,
 }
+
+fields!(Idle { idle_since_ms: req });
 
 /// `oom`: the kernel's OOM killer killed processes in the sandbox's cgroup since the last
 /// reading. The shim reads the counter when one of its children (the driver, an exec) ends.
@@ -257,6 +339,11 @@ pub struct Oom {
     /// Kills since the previous `oom` event (or since the shim started).
     pub new_kills: u64,
 }
+
+fields!(Oom {
+    kills: req,
+    new_kills: req
+});
 
 /// `busy`: work arrived after `idle`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -281,3 +368,5 @@ impl super::DriverToShim {
         }
     }
 }
+
+fields!(Busy {});

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::RequestId;
 
-use super::nil_as_default;
+use super::{fields, nil_as_default};
 
 /// A terminal size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,6 +73,20 @@ pub struct Exec {
     pub limits: Option<ExecLimits>,
 }
 
+fields!(Exec {
+    id: req,
+    argv: req,
+    env: nil,
+    cwd: opt,
+    user: opt,
+    tty: opt,
+    stdin: nil,
+    timeout_ms: opt,
+    output_cap: opt,
+    task_id: opt,
+    limits: opt
+});
+
 impl Exec {
     /// An `exec` of `argv` with every option left out: no extra variables, the default
     /// working directory and user, no terminal, stdin `/dev/null`, no timeout, no output cap,
@@ -116,6 +130,12 @@ pub struct ExecStarted {
     pub pid: u32,
 }
 
+fields!(ExecStarted {
+    re: req,
+    exec_id: req,
+    pid: req
+});
+
 /// `exec_input`: bytes for the exec's stdin (or terminal); `eof` closes it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ExecInput {
@@ -129,6 +149,12 @@ pub struct ExecInput {
     pub eof: bool,
 }
 
+fields!(ExecInput {
+    exec_id: req,
+    data: nil,
+    eof: nil
+});
+
 /// `exec_resize`: the exec's terminal changed size.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ExecResize {
@@ -140,6 +166,12 @@ pub struct ExecResize {
     pub cols: u16,
 }
 
+fields!(ExecResize {
+    exec_id: req,
+    rows: req,
+    cols: req
+});
+
 /// `exec_signal`: send a signal to the exec's whole process group.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ExecSignal {
@@ -148,6 +180,11 @@ pub struct ExecSignal {
     /// The signal: a name (`TERM`, `SIGTERM`) or a number (`15`).
     pub signal: String,
 }
+
+fields!(ExecSignal {
+    exec_id: req,
+    signal: req
+});
 
 /// Which output of an exec a chunk comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -171,6 +208,12 @@ pub struct ExecOutput {
     /// The bytes, exactly as written.
     pub data: Bytes,
 }
+
+fields!(ExecOutput {
+    exec_id: req,
+    stream: req,
+    data: req
+});
 
 /// `exec_exit`: the exec ended; always the last message about it, sent exactly once.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -197,3 +240,13 @@ pub struct ExecExit {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oom_killed: Option<bool>,
 }
+
+fields!(ExecExit {
+    exec_id: req,
+    code: opt,
+    signal: opt,
+    timed_out: nil,
+    truncated: nil,
+    duration_ms: req,
+    oom_killed: opt
+});

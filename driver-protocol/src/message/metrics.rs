@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::fields;
 use super::{nil_as_default, RequestId};
 
 /// `metrics`: ask for a [`MetricsReply`].
@@ -15,6 +16,8 @@ pub struct Metrics {
     /// The request id.
     pub id: RequestId,
 }
+
+fields!(Metrics { id: req });
 
 /// `metrics_reply`: one [`Reading`] (its fields, beside `re`), answering `metrics`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -37,6 +40,14 @@ pub struct MetricsReply {
     )]
     pub procs: Vec<ProcReading>,
 }
+
+fields!(MetricsReply {
+    re: req,
+    time_ms: req,
+    cgroup: opt,
+    workspace: opt,
+    procs: nil
+});
 
 impl MetricsReply {
     /// The reply to request `re` carrying `reading`.
@@ -80,6 +91,13 @@ pub struct Reading {
     )]
     pub procs: Vec<ProcReading>,
 }
+
+fields!(Reading {
+    time_ms: req,
+    cgroup: opt,
+    workspace: opt,
+    procs: nil
+});
 
 /// The sandbox cgroup's figures. Limits are absent when there is none (`max`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

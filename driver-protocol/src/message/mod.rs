@@ -40,6 +40,7 @@ pub use metrics::*;
 pub use session::*;
 pub use task::*;
 
+use crate::de::Fields;
 use crate::envelope::{self, Head};
 use crate::{DecodeError, EncodeError};
 
@@ -88,12 +89,71 @@ where
 }
 
 #[inline(never)]
-pub(crate) fn decode_fields<'a, T: Deserialize<'a>>(
-    body: &'a [u8],
-    head: &Head<'_>,
-) -> Result<T, DecodeError> {
-    crate::de::from_slice(body).map_err(|e| fields_error(head, e))
+pub(crate) fn decode_fields<T: Fields>(body: &[u8], head: &Head<'_>) -> Result<T, DecodeError> {
+    crate::de::read_fields(body).map_err(|e| fields_error(head, e))
 }
+
+/// Implements the table-driven decoder ([`Fields`]) of a message struct: one line naming its
+/// fields in declaration order, each with what its serde attributes say.
+///
+/// ```text
+/// fields!(Exec { id: req, argv: req, env: nil, cwd: opt, ... });
+/// ```
+///
+/// - `req`: no `#[serde(default)]`: the field must be present.
+/// - `opt`: `#[serde(default)]`: absent, it is `Default::default()` (`opt(path)`:
+///   `#[serde(default = "path")]`, absent it is `path()`).
+/// - `nil`: `#[serde(default, deserialize_with = "nil_as_default")]`: absent or nil, it is
+///   `Default::default()` (`nil(path)`: absent or nil, it is `path()`).
+/// - `name as "wire"`: `#[serde(rename = "wire")]`.
+///
+/// The derived `Deserialize` stays (for peers that use serde directly); the tests hold the two
+/// to the same result for every message type.
+macro_rules! fields {
+    ($ty:ident { $($field:ident $(as $wire:literal)?: $kind:ident $(($default:path))?),* $(,)? }) => {
+        impl crate::de::Fields for $ty {
+            fn read(de: &mut crate::de::Deserializer<'_>) -> Result<Self, crate::de::Error> {
+                #[allow(non_camel_case_types)]
+                enum Field {
+                    $($field,)*
+                }
+                const ORDER: &[Field] = &[$(Field::$field),*];
+                static SHAPE: crate::de::Shape = crate::de::Shape {
+                    name: stringify!($ty),
+                    fields: &[$(fields!(@wire $field $($wire)?)),*],
+                };
+                const _: () = assert!(ORDER.len() <= 64);
+                $(let mut $field = None;)*
+                #[allow(unused_variables)] // no required field
+                let found = de.read_struct(&SHAPE, &mut |index, de| {
+                    match ORDER.get(index) {
+                        $(Some(Field::$field) => $field = fields!(@read $kind de),)*
+                        _ => {}
+                    }
+                    Ok(())
+                })?;
+                Ok(Self {
+                    $($field: fields!(@finish found $field Field::$field, $kind $(($default))?),)*
+                })
+            }
+        }
+    };
+    (@wire $field:ident) => { stringify!($field) };
+    (@wire $field:ident $wire:literal) => { $wire };
+    (@read req $de:ident) => { Some($de.value()?) };
+    (@read opt $de:ident) => { Some($de.value()?) };
+    // `nil_as_default`: an `Option` of the field's type, nil read as `None`.
+    (@read nil $de:ident) => { $de.value()? };
+    (@finish $found:ident $slot:ident $index:expr, req) => {
+        $found.required($slot, $index as usize)?
+    };
+    (@finish $found:ident $slot:ident $index:expr, opt) => { $slot.unwrap_or_default() };
+    (@finish $found:ident $slot:ident $index:expr, nil) => { $slot.unwrap_or_default() };
+    (@finish $found:ident $slot:ident $index:expr, $kind:ident ($default:path)) => {
+        $slot.unwrap_or_else($default)
+    };
+}
+pub(crate) use fields;
 
 /// The error of [`decode_fields`], out of line: one copy for every message type.
 #[cold]

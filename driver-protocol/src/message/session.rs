@@ -6,6 +6,7 @@ use std::fmt;
 use serde::de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 
+use super::fields;
 use super::{RequestId, Seq};
 
 /// The shim's limits, in its `hello` (`limits`): what a client may send and how the shim
@@ -171,6 +172,11 @@ pub struct Lagged {
     pub next_seq: Seq,
 }
 
+fields!(Lagged {
+    missed: req,
+    next_seq: req
+});
+
 /// `forget_consumer`: retire a durable consumer; the buffer no longer keeps events for it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ForgetConsumer {
@@ -179,6 +185,11 @@ pub struct ForgetConsumer {
     /// The consumer's name.
     pub consumer: String,
 }
+
+fields!(ForgetConsumer {
+    id: req,
+    consumer: req
+});
 
 #[cfg(test)]
 mod tests {

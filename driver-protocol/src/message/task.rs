@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::RequestId;
 
-use super::nil_as_default;
+use super::{fields, nil_as_default};
 
 /// `task` (shim → driver): work for the driver. Delivered once the driver is `ready`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -24,6 +24,14 @@ pub struct Task {
     #[serde(default = "first_attempt", deserialize_with = "nil_as_first_attempt")]
     pub attempt: u32,
 }
+
+fields!(Task {
+    task_id: req,
+    input: req,
+    output_schema: opt,
+    timeout_ms: opt,
+    attempt: nil(first_attempt)
+});
 
 fn first_attempt() -> u32 {
     1
@@ -59,6 +67,16 @@ pub struct SubmitTask {
     pub max_attempts: Option<u32>,
 }
 
+fields!(SubmitTask {
+    id: req,
+    task_id: req,
+    input: req,
+    output_schema: opt,
+    timeout_ms: opt,
+    redeliver: nil,
+    max_attempts: opt
+});
+
 /// `cancel` (shim → driver): stop working on a task.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Cancel {
@@ -71,6 +89,12 @@ pub struct Cancel {
     pub grace_ms: Option<u64>,
 }
 
+fields!(Cancel {
+    id: req,
+    task_id: req,
+    grace_ms: opt
+});
+
 /// `cancel_task` (control → shim): cancel a queued or running task.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CancelTask {
@@ -82,6 +106,12 @@ pub struct CancelTask {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grace_ms: Option<u64>,
 }
+
+fields!(CancelTask {
+    id: req,
+    task_id: req,
+    grace_ms: opt
+});
 
 /// How a task ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -110,3 +140,10 @@ pub struct TaskDone {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
+
+fields!(TaskDone {
+    task_id: req,
+    status: req,
+    output: opt,
+    error: opt
+});
