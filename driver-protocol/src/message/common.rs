@@ -5,6 +5,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::ErrorCode;
 
+use crate::enc::put_names;
+
 use super::{fields, nil_as_default};
 
 /// A request id, chosen by the sender of a request and echoed in the reply's `re`.
@@ -24,6 +26,8 @@ pub enum Role {
     /// A control plane, speaking over the control socket.
     Control,
 }
+
+put_names!(Role { Driver = "driver", Shim = "shim", Control = "control" });
 
 /// `hello`: the first frame each way on every connection.
 ///
@@ -59,18 +63,7 @@ pub struct Hello {
     pub limits: Option<Box<super::Limits>>,
 }
 
-fields!(Hello {
-    protocol: req,
-    versions: req,
-    role: req,
-    software: req,
-    software_version: req,
-    capabilities: nil,
-    agent_id: opt,
-    nonce: opt,
-    consumer: opt,
-    limits: opt
-});
+fields!(Hello { protocol: req, versions: req, role: req, software: req, software_version: req, capabilities: nil, agent_id: opt skip, nonce: opt skip, consumer: opt skip, limits: opt skip });
 
 /// `auth`: proof of the shared token on the control link, sent after both `hello`s.
 ///
@@ -94,10 +87,7 @@ pub struct OkReply {
     pub duplicate: Option<bool>,
 }
 
-fields!(OkReply {
-    re: req,
-    duplicate: opt
-});
+fields!(OkReply { re: req, duplicate: opt skip });
 
 impl OkReply {
     /// `ok{re}`.
@@ -127,13 +117,7 @@ pub struct ErrorMsg {
     pub first_available: Option<u64>,
 }
 
-fields!(ErrorMsg {
-    re: opt,
-    code: req,
-    message: req,
-    task_id: opt,
-    first_available: opt
-});
+fields!(ErrorMsg { re: opt skip, code: req, message: req, task_id: opt skip, first_available: opt skip });
 
 impl ErrorMsg {
     /// `error{re, code, message}`.
@@ -174,7 +158,7 @@ pub struct Ready {
     pub re: Option<RequestId>,
 }
 
-fields!(Ready { re: opt });
+fields!(Ready { re: opt skip });
 
 /// `pause`: reach a safe point and report `paused`, so the sandbox can be frozen.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -186,10 +170,7 @@ pub struct Pause {
     pub timeout_ms: Option<u64>,
 }
 
-fields!(Pause {
-    id: req,
-    timeout_ms: opt
-});
+fields!(Pause { id: req, timeout_ms: opt skip });
 
 /// `paused`: the driver (or, towards the control plane, the shim) is at a safe point.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -199,7 +180,7 @@ pub struct Paused {
     pub re: Option<RequestId>,
 }
 
-fields!(Paused { re: opt });
+fields!(Paused { re: opt skip });
 
 /// `resume`: continue after a pause.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -212,10 +193,7 @@ pub struct Resume {
     pub slept_ms: Option<u64>,
 }
 
-fields!(Resume {
-    id: req,
-    slept_ms: opt
-});
+fields!(Resume { id: req, slept_ms: opt skip });
 
 /// `shutdown`: stop gracefully within the grace period.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -230,8 +208,4 @@ pub struct Shutdown {
     pub reason: Option<String>,
 }
 
-fields!(Shutdown {
-    id: req,
-    grace_ms: opt,
-    reason: opt
-});
+fields!(Shutdown { id: req, grace_ms: opt skip, reason: opt skip });

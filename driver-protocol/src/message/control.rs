@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{DriverState, Event, RequestId, Seq};
 
+use crate::enc::put_names;
+
 use super::{fields, nil_as_default};
 
 /// What a `signal` request targets.
@@ -19,6 +21,8 @@ pub enum SignalTarget {
     /// An exec's process group (`exec_id` required).
     Exec,
 }
+
+put_names!(SignalTarget { Driver = "driver", Exec = "exec" });
 
 /// `signal`: send a signal to the driver or to an exec.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -35,12 +39,7 @@ pub struct Signal {
     pub exec_id: Option<u64>,
 }
 
-fields!(Signal {
-    id: req,
-    signal: req,
-    target: nil,
-    exec_id: opt
-});
+fields!(Signal { id: req, signal: req, target: nil, exec_id: opt skip });
 
 /// `restart_driver`: launch the driver again, also out of state `error` (the "recover" action).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -67,11 +66,7 @@ pub struct SetDriver {
     pub env: BTreeMap<String, String>,
 }
 
-fields!(SetDriver {
-    id: req,
-    argv: req,
-    env: nil
-});
+fields!(SetDriver { id: req, argv: req, env: nil skip });
 
 /// `status`: ask for a [`StatusReply`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -92,6 +87,8 @@ pub struct ExitInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signal: Option<String>,
 }
+
+fields!(ExitInfo { code: opt skip, signal: opt skip });
 
 /// `status_reply`: the shim's state, answering `status`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -137,25 +134,7 @@ pub struct StatusReply {
     pub cgroups: Option<String>,
 }
 
-fields!(StatusReply {
-    re: req,
-    state: req,
-    driver_pid: opt,
-    restarts: req,
-    uptime_ms: req,
-    last_exit: opt,
-    children: req,
-    reaped: req,
-    tasks_queued: req,
-    task_running: opt,
-    execs_running: req,
-    buffered_events: req,
-    buffered_bytes: req,
-    last_seq: req,
-    rss_bytes: req,
-    idle_since_ms: opt,
-    cgroups: opt
-});
+fields!(StatusReply { re: req, state: req, driver_pid: opt skip, restarts: req, uptime_ms: req, last_exit: opt skip, children: req, reaped: req, tasks_queued: req, task_running: opt skip, execs_running: req, buffered_events: req, buffered_bytes: req, last_seq: req, rss_bytes: req, idle_since_ms: opt skip, cgroups: opt skip });
 
 /// `ack`: the control plane has processed every event up to and including `seq`
 /// (cumulative); the shim may forget them.
@@ -182,10 +161,7 @@ pub struct ResumeFrom {
     pub from: Option<String>,
 }
 
-fields!(ResumeFrom {
-    seq: opt,
-    from: opt
-});
+fields!(ResumeFrom { seq: opt skip, from: opt skip });
 
 impl ResumeFrom {
     /// `resume_from{seq}`.
@@ -212,4 +188,17 @@ pub struct EventEnvelope {
     pub seq: Seq,
     /// The event.
     pub event: Event,
+}
+
+/// As its derived `Serialize`: `seq`, then the event's own map.
+impl crate::enc::PutFields for EventEnvelope {
+    fn put_fields(
+        &self,
+        e: &mut crate::enc::Enc<'_>,
+        tag: Option<&str>,
+    ) -> Result<(), crate::EncodeError> {
+        e.struct_head(tag, 2)?;
+        e.field("seq", &self.seq)?;
+        e.field("event", &self.event)
+    }
 }

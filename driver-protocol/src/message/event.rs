@@ -7,6 +7,8 @@
 use rmpv::Value;
 use serde::{Deserialize, Serialize};
 
+use crate::enc::put_names;
+
 use super::{fields, nil_as_default};
 
 /// `message_chunk`: a piece of the agent's output text, streamed as it is produced.
@@ -25,7 +27,7 @@ pub struct MessageChunk {
     pub is_final: bool,
 }
 
-fields!(MessageChunk { task_id: opt, text: req, role: opt, is_final as "final": nil });
+fields!(MessageChunk { task_id: opt skip, text: req, role: opt skip, is_final as "final": nil });
 
 /// `tool_call`: the agent decided to call a tool.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -41,12 +43,7 @@ pub struct ToolCall {
     pub input: Value,
 }
 
-fields!(ToolCall {
-    task_id: opt,
-    call_id: req,
-    name: req,
-    input: req
-});
+fields!(ToolCall { task_id: opt skip, call_id: req, name: req, input: req });
 
 /// `tool_result`: a tool call finished.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -63,12 +60,7 @@ pub struct ToolResult {
     pub is_error: bool,
 }
 
-fields!(ToolResult {
-    task_id: opt,
-    call_id: req,
-    output: req,
-    is_error: nil
-});
+fields!(ToolResult { task_id: opt skip, call_id: req, output: req, is_error: nil });
 
 /// What happened to a file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -83,6 +75,8 @@ pub enum FileChangeKind {
     /// The file was renamed from `from`.
     Renamed,
 }
+
+put_names!(FileChangeKind { Created = "created", Modified = "modified", Deleted = "deleted", Renamed = "renamed" });
 
 /// `file_change`: the agent changed a file in the workspace.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -99,12 +93,7 @@ pub struct FileChange {
     pub from: Option<String>,
 }
 
-fields!(FileChange {
-    task_id: opt,
-    path: req,
-    change: req,
-    from: opt
-});
+fields!(FileChange { task_id: opt skip, path: req, change: req, from: opt skip });
 
 /// `progress`: how far along a task is.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -123,12 +112,7 @@ pub struct Progress {
     pub total: Option<u64>,
 }
 
-fields!(Progress {
-    task_id: opt,
-    message: opt,
-    done: opt,
-    total: opt
-});
+fields!(Progress { task_id: opt skip, message: opt skip, done: opt skip, total: opt skip });
 
 /// Where a log line came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -141,6 +125,8 @@ pub enum LogStream {
     /// A line the driver wrote to its stderr (captured by the shim).
     Stderr,
 }
+
+put_names!(LogStream { Driver = "driver", Stdout = "stdout", Stderr = "stderr" });
 
 /// `log`: a log line, sent by the driver or captured by the shim from its stdout/stderr.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -160,13 +146,7 @@ pub struct Log {
     pub truncated: bool,
 }
 
-fields!(Log {
-    task_id: opt,
-    stream: req,
-    level: opt,
-    text: req,
-    truncated: nil
-});
+fields!(Log { task_id: opt skip, stream: req, level: opt skip, text: req, truncated: nil });
 
 /// `custom`: an event of the driver's own kind, carrying any value.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -180,11 +160,7 @@ pub struct Custom {
     pub data: Value,
 }
 
-fields!(Custom {
-    task_id: opt,
-    kind: req,
-    data: req
-});
+fields!(Custom { task_id: opt skip, kind: req, data: req });
 
 /// The driver's lifecycle state, as the shim sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -205,6 +181,8 @@ pub enum DriverState {
     /// Crash loop detected: no more restarts until `restart_driver`.
     Error,
 }
+
+put_names!(DriverState { Starting = "starting", Ready = "ready", Pausing = "pausing", Paused = "paused", Stopping = "stopping", Exited = "exited", Error = "error" });
 
 /// `driver_started`: the shim launched the driver.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -257,14 +235,7 @@ pub struct DriverExited {
     pub oom_killed: Option<bool>,
 }
 
-fields!(DriverExited {
-    pid: req,
-    code: opt,
-    signal: opt,
-    uptime_ms: req,
-    reason: req,
-    oom_killed: opt
-});
+fields!(DriverExited { pid: req, code: opt skip, signal: opt skip, uptime_ms: req, reason: req, oom_killed: opt skip });
 
 /// `driver_restarting`: the restart policy will launch the driver again after `delay_ms`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use super::RequestId;
 
+use crate::enc::put_names;
+
 use super::{fields, nil_as_default};
 
 /// A terminal size.
@@ -17,6 +19,11 @@ pub struct TtySize {
     /// Columns.
     pub cols: u16,
 }
+
+fields!(TtySize {
+    rows: req,
+    cols: req
+});
 
 /// `exec.limits`: what an exec's own cgroup allows (only where the shim has delegated
 /// cgroups, PROTOCOL.md §8.8).
@@ -32,6 +39,8 @@ pub struct ExecLimits {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_millis: Option<u64>,
 }
+
+fields!(ExecLimits { memory_bytes: opt skip, pids: opt skip, cpu_millis: opt skip });
 
 /// `exec`: run a process in its own session and process group.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -73,19 +82,7 @@ pub struct Exec {
     pub limits: Option<ExecLimits>,
 }
 
-fields!(Exec {
-    id: req,
-    argv: req,
-    env: nil,
-    cwd: opt,
-    user: opt,
-    tty: opt,
-    stdin: nil,
-    timeout_ms: opt,
-    output_cap: opt,
-    task_id: opt,
-    limits: opt
-});
+fields!(Exec { id: req, argv: req, env: nil skip, cwd: opt skip, user: opt skip, tty: opt skip, stdin: nil, timeout_ms: opt skip, output_cap: opt skip, task_id: opt skip, limits: opt skip });
 
 impl Exec {
     /// An `exec` of `argv` with every option left out: no extra variables, the default
@@ -198,6 +195,8 @@ pub enum OutputStream {
     Pty,
 }
 
+put_names!(OutputStream { Stdout = "stdout", Stderr = "stderr", Pty = "pty" });
+
 /// `exec_output`: a chunk of an exec's output.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ExecOutput {
@@ -241,12 +240,4 @@ pub struct ExecExit {
     pub oom_killed: Option<bool>,
 }
 
-fields!(ExecExit {
-    exec_id: req,
-    code: opt,
-    signal: opt,
-    timed_out: nil,
-    truncated: nil,
-    duration_ms: req,
-    oom_killed: opt
-});
+fields!(ExecExit { exec_id: req, code: opt skip, signal: opt skip, timed_out: nil, truncated: nil, duration_ms: req, oom_killed: opt skip });

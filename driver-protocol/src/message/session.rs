@@ -41,6 +41,20 @@ pub struct Limits {
     pub ack_delay_ms: u64,
 }
 
+fields!(Limits {
+    max_events: req,
+    max_bytes: req,
+    max_frame: req,
+    handshake_max_frame: req,
+    ids_window: req,
+    hello_timeout_ms: req,
+    handshake_timeout_ms: req,
+    max_sessions: req,
+    max_consumers: req,
+    ack_every: req,
+    ack_delay_ms: req
+});
+
 /// The fields of [`Limits`], in declaration (and array) order.
 const LIMITS_FIELDS: &[&str] = &[
     "max_events",

@@ -5,6 +5,8 @@ use serde::{Deserialize, Serialize};
 
 use super::RequestId;
 
+use crate::enc::put_names;
+
 use super::{fields, nil_as_default};
 
 /// `task` (shim → driver): work for the driver. Delivered once the driver is `ready`.
@@ -25,13 +27,7 @@ pub struct Task {
     pub attempt: u32,
 }
 
-fields!(Task {
-    task_id: req,
-    input: req,
-    output_schema: opt,
-    timeout_ms: opt,
-    attempt: nil(first_attempt)
-});
+fields!(Task { task_id: req, input: req, output_schema: opt skip, timeout_ms: opt skip, attempt: nil(first_attempt) });
 
 fn first_attempt() -> u32 {
     1
@@ -67,15 +63,7 @@ pub struct SubmitTask {
     pub max_attempts: Option<u32>,
 }
 
-fields!(SubmitTask {
-    id: req,
-    task_id: req,
-    input: req,
-    output_schema: opt,
-    timeout_ms: opt,
-    redeliver: nil,
-    max_attempts: opt
-});
+fields!(SubmitTask { id: req, task_id: req, input: req, output_schema: opt skip, timeout_ms: opt skip, redeliver: nil, max_attempts: opt skip });
 
 /// `cancel` (shim → driver): stop working on a task.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -89,11 +77,7 @@ pub struct Cancel {
     pub grace_ms: Option<u64>,
 }
 
-fields!(Cancel {
-    id: req,
-    task_id: req,
-    grace_ms: opt
-});
+fields!(Cancel { id: req, task_id: req, grace_ms: opt skip });
 
 /// `cancel_task` (control → shim): cancel a queued or running task.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -107,11 +91,7 @@ pub struct CancelTask {
     pub grace_ms: Option<u64>,
 }
 
-fields!(CancelTask {
-    id: req,
-    task_id: req,
-    grace_ms: opt
-});
+fields!(CancelTask { id: req, task_id: req, grace_ms: opt skip });
 
 /// How a task ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -124,6 +104,8 @@ pub enum TaskStatus {
     /// The task was cancelled.
     Cancelled,
 }
+
+put_names!(TaskStatus { Succeeded = "succeeded", Failed = "failed", Cancelled = "cancelled" });
 
 /// `task_done`: the task ended. Sent by the driver, or by the shim when the driver could not
 /// finish it (crash, cancel past the grace).
@@ -141,9 +123,4 @@ pub struct TaskDone {
     pub error: Option<String>,
 }
 
-fields!(TaskDone {
-    task_id: req,
-    status: req,
-    output: opt,
-    error: opt
-});
+fields!(TaskDone { task_id: req, status: req, output: opt skip, error: opt skip });
