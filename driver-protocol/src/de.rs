@@ -6,13 +6,16 @@
 //! a one-entry map, nil as `None`, invalid UTF-8 strings offered as bytes, ext values as a
 //! `(tag, data)` newtype), but the reading itself is one non-generic function: only a thin
 //! dispatch on the decoded token is instantiated per visitor, which keeps the shim's binary
-//! small. The body's structure (lengths within bounds, nesting depth, no reserved marker) is
+//! small. The message structs themselves are not read through their derived visitors but
+//! through [`Deserializer::read_struct`], one loop over a table of field names for every
+//! struct ([`Fields`], implemented by `message::fields!`); only the fields' values go through
+//! serde. The body's structure (lengths within bounds, nesting depth, no reserved marker) is
 //! checked before this runs; every read is still bounds-checked and fails cleanly.
 
 use std::fmt;
 use std::str;
 
-use serde::de::{self, DeserializeSeed, IntoDeserializer, Visitor};
+use serde::de::{self, Deserialize as _, DeserializeSeed, IntoDeserializer, Visitor};
 
 use crate::mpack::{Cursor, Fail, Token};
 
@@ -50,14 +53,104 @@ fn read_fail(fail_: Fail) -> Error {
 }
 
 /// Deserializes `T` from a MessagePack body.
+#[cfg(test)]
 pub(crate) fn from_slice<'de, T: de::Deserialize<'de>>(body: &'de [u8]) -> Result<T, Error> {
-    T::deserialize(&mut Deserializer {
-        cur: Cursor::new(body),
-        byte: false,
-    })
+    T::deserialize(&mut Deserializer::new(body))
 }
 
-struct Deserializer<'de> {
+/// Reads a message struct ([`Fields`]) from a MessagePack body.
+pub(crate) fn read_fields<T: Fields>(body: &[u8]) -> Result<T, Error> {
+    T::read(&mut Deserializer::new(body))
+}
+
+/// A struct read by one shared loop ([`Deserializer::read_struct`]) over a table of its field
+/// names, instead of the visitor `#[derive(Deserialize)]` generates for each struct: the
+/// message decoders' code is then one small function per message type. Implemented with the
+/// [`fields!`](crate::message) macro, which reads exactly as the derive does (the struct's
+/// serde attributes and its `fields!` line must say the same; the tests hold every message
+/// type to `rmp_serde` with the derive).
+pub(crate) trait Fields: Sized {
+    /// Reads the struct (a map, an array or a binary, as the derive accepts) from `de`.
+    fn read(de: &mut Deserializer<'_>) -> Result<Self, Error>;
+}
+
+/// A struct's name and its fields' wire names, in declaration (and array) order.
+#[derive(Debug)]
+pub(crate) struct Shape {
+    /// The struct's name, for errors (`expected struct Hello`).
+    pub(crate) name: &'static str,
+    /// The fields' names on the wire; at most 64.
+    pub(crate) fields: &'static [&'static str],
+}
+
+/// How [`Deserializer::read_struct`] found a struct written: what a field it lacks is.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Found {
+    shape: &'static Shape,
+    /// Written as an array (or a binary): a lacking field is a short array, not a missing key.
+    seq: bool,
+}
+
+impl Found {
+    /// A field the derive requires: its value, or the derive's error when it was not read.
+    #[inline]
+    pub(crate) fn required<T>(self, slot: Option<T>, index: usize) -> Result<T, Error> {
+        match slot {
+            Some(v) => Ok(v),
+            None => Err(self.missing(index)),
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn missing(self, index: usize) -> Error {
+        let name = self.shape.fields.get(index).copied().unwrap_or_default();
+        if self.seq {
+            de::Error::invalid_length(index, &self.shape.expecting_len())
+        } else {
+            de::Error::missing_field(name)
+        }
+    }
+}
+
+impl Shape {
+    /// What the derive's sequence visitor expects: `struct Hello with 10 elements` (`1 element`).
+    fn expecting_len(&'static self) -> impl de::Expected {
+        struct WithLen(&'static Shape);
+        impl de::Expected for WithLen {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                let n = self.0.fields.len();
+                let s = if n == 1 { "" } else { "s" };
+                write!(f, "struct {} with {n} element{s}", self.0.name)
+            }
+        }
+        WithLen(self)
+    }
+}
+
+/// What the derive's visitor expects: `struct Hello`.
+impl de::Expected for Shape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "struct {}", self.name)
+    }
+}
+
+/// The derive's field visitor, for errors: a key that is neither a string, a binary nor an
+/// index.
+struct FieldIdentifier;
+
+impl de::Expected for FieldIdentifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("field identifier")
+    }
+}
+
+/// A field's value into its slot: `field(index, de)` reads the value of field `index` from
+/// `de` (see [`Deserializer::read_struct`]).
+pub(crate) type FieldFn<'f, 'de> =
+    dyn FnMut(usize, &mut Deserializer<'de>) -> Result<(), Error> + 'f;
+
+pub(crate) struct Deserializer<'de> {
     cur: Cursor<'de>,
     /// Reading one byte of a binary offered as a sequence: rmp_serde offers it to every
     /// `deserialize_*` as a plain integer (no option, enum or newtype).
@@ -65,6 +158,91 @@ struct Deserializer<'de> {
 }
 
 impl<'de> Deserializer<'de> {
+    fn new(body: &'de [u8]) -> Self {
+        Self {
+            cur: Cursor::new(body),
+            byte: false,
+        }
+    }
+
+    /// Reads the next value as `T`, as a derived struct reads a field's value.
+    #[inline]
+    pub(crate) fn value<T: de::Deserialize<'de>>(&mut self) -> Result<T, Error> {
+        T::deserialize(self)
+    }
+
+    /// Reads a struct of `shape` as `#[derive(Deserialize)]` reads it, calling `field` with
+    /// each field's index for its value; what the caller did not get is then decided by
+    /// [`Found::required`] (or the field's default).
+    ///
+    /// A map: each key is a field's name (a string or a binary) or its index; other keys are
+    /// skipped, a field twice is an error. An array: the fields in order, a longer array is an
+    /// error. A binary: its bytes as the fields in order, as integers (the rest ignored).
+    #[inline(never)]
+    pub(crate) fn read_struct(
+        &mut self,
+        shape: &'static Shape,
+        field: &mut FieldFn<'_, 'de>,
+    ) -> Result<Found, Error> {
+        let n = shape.fields.len();
+        match self.next()? {
+            Token::Map(len) => {
+                let mut seen = 0u64;
+                for _ in 0..len {
+                    let index = match self.next()? {
+                        Token::Str(key) | Token::Bin(key) => {
+                            shape.fields.iter().position(|f| f.as_bytes() == key)
+                        }
+                        Token::Uint(i) => usize::try_from(i).ok().filter(|&i| i < n),
+                        token => {
+                            return Err(de::Error::invalid_type(
+                                token.unexpected(),
+                                &FieldIdentifier,
+                            ))
+                        }
+                    };
+                    let Some(index) = index else {
+                        de::IgnoredAny::deserialize(&mut *self)?;
+                        continue;
+                    };
+                    let bit = 1u64.checked_shl(index as u32).unwrap_or(0);
+                    if seen & bit != 0 {
+                        let name = shape.fields.get(index).copied().unwrap_or_default();
+                        return Err(de::Error::duplicate_field(name));
+                    }
+                    seen |= bit;
+                    field(index, self)?;
+                }
+                Ok(Found { shape, seq: false })
+            }
+            Token::Array(len) => {
+                let len = len as usize;
+                for index in 0..len.min(n) {
+                    field(index, self)?;
+                }
+                if len > n {
+                    return Err(de::Error::custom(format_args!(
+                        "array or map had {len} elements but only {n} were read"
+                    )));
+                }
+                Ok(Found { shape, seq: true })
+            }
+            Token::Bin(bytes) => {
+                // As `bytes_as_seq`: each byte through a deserializer of its own encoding.
+                for (index, &b) in bytes.iter().take(n).enumerate() {
+                    let encoded: &'static [u8; 2] = &BYTES[usize::from(b)];
+                    let mut byte = Deserializer {
+                        cur: Cursor::new(&encoded[..if b < 0x80 { 1 } else { 2 }]),
+                        byte: true,
+                    };
+                    field(index, &mut byte)?;
+                }
+                Ok(Found { shape, seq: true })
+            }
+            token => Err(de::Error::invalid_type(token.unexpected(), shape)),
+        }
+    }
+
     fn peek_byte(&self) -> Option<u8> {
         self.cur.peek_byte().ok()
     }
@@ -562,28 +740,79 @@ mod tests {
         out
     }
 
-    /// Every field of `base` replaced in turn by every value of [`VALUES`], and dropped: this
-    /// deserializer and rmp_serde must agree on each (same value, or both an error).
-    fn agrees<T: DeserializeOwned + PartialEq + Debug>(base: &[(&str, &[u8])]) {
+    /// An array body of the values of `fields`, in their order.
+    fn array(fields: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut out = vec![0xdc];
+        out.extend_from_slice(&(fields.len() as u16).to_be_bytes());
+        for (_, v) in fields {
+            out.extend_from_slice(v);
+        }
+        out
+    }
+
+    /// A map body of `fields` keyed by their position in `fields` (the derive takes an
+    /// integer key as the index of a field) or by their names as binaries.
+    fn keyed_otherwise(fields: &[(&str, &[u8])], by_index: bool) -> Vec<u8> {
+        let mut out = vec![0xde];
+        out.extend_from_slice(&(fields.len() as u16).to_be_bytes());
+        for (i, (k, v)) in fields.iter().enumerate() {
+            if by_index {
+                out.push(i as u8);
+            } else {
+                out.push(0xc4);
+                out.push(k.len() as u8);
+                out.extend_from_slice(k.as_bytes());
+            }
+            out.extend_from_slice(v);
+        }
+        out
+    }
+
+    /// Every field of `base` replaced in turn by every value of [`VALUES`], and dropped; the
+    /// fields as an array (every prefix of it), keyed by index or by binary names; every
+    /// value as a whole body. The table-driven reader ([`super::Fields`]) and the derive
+    /// through this deserializer must read each alike, to the text of the error; the derive
+    /// through this deserializer and through rmp_serde must agree on each (same value, or
+    /// both an error).
+    fn agrees<T: DeserializeOwned + super::Fields + PartialEq + Debug>(base: &[(&str, &[u8])]) {
         let mut cases = vec![body(base)];
         for i in 0..base.len() {
             for v in VALUES {
                 let mut fields = base.to_vec();
                 fields[i].1 = v;
                 cases.push(body(&fields));
+                cases.push(array(&fields));
             }
             let mut fields = base.to_vec();
             fields.remove(i);
             cases.push(body(&fields));
         }
+        for n in 0..=base.len() {
+            cases.push(array(&base[..n]));
+        }
+        cases.push(keyed_otherwise(base, true));
+        cases.push(keyed_otherwise(base, false));
         for v in VALUES {
             let mut fields = base.to_vec();
             fields.push(("extra", v));
             cases.push(body(&fields));
+            cases.push(array(&fields));
             cases.push(v.to_vec());
         }
+        // Twice the first field.
+        if let Some(first) = base.first() {
+            let mut fields = base.to_vec();
+            fields.push(*first);
+            cases.push(body(&fields));
+        }
         for case in cases {
+            let table = super::read_fields::<T>(&case);
             let ours = super::from_slice::<T>(&case);
+            match (&table, &ours) {
+                (Ok(a), Ok(b)) => assert_eq!(a, b, "{case:02x?}"),
+                (Err(a), Err(b)) => assert_eq!(a.0, b.0, "{case:02x?}"),
+                _ => panic!("{case:02x?}: table {table:?}, derive {ours:?}"),
+            }
             let theirs = rmp_serde::from_slice::<T>(&case);
             match (&ours, &theirs) {
                 (Ok(a), Ok(b)) => assert_eq!(a, b, "{case:02x?}"),
@@ -606,6 +835,11 @@ mod tests {
             ("capabilities", b"\x91\xa1c"),
             ("agent_id", b"\xa1a"),
             ("nonce", b"\xc4\x01\x09"),
+            ("consumer", b"\xa1c"),
+            (
+                "limits",
+                b"\x9b\x01\x02\x03\x04\x05\x06\x07\x08\x09\x0a\x0b",
+            ),
         ]);
         agrees::<Auth>(&[("mac", b"\xc4\x01\x09")]);
         agrees::<Ready>(&[("re", b"\x01")]);
@@ -668,6 +902,7 @@ mod tests {
             ("timeout_ms", b"\xcd\x03\xe8"),
             ("output_cap", b"\x10"),
             ("task_id", b"\xa1t"),
+            ("limits", b"\x82\xa4pids\x01\xaacpu_millis\xcd\x05\xdc"),
         ]);
         agrees::<ExecInput>(&[
             ("exec_id", b"\x01"),
@@ -715,6 +950,73 @@ mod tests {
             ("attempt", b"\x02"),
         ]);
         agrees::<StateChanged>(&[("from", b"\xa5ready"), ("to", b"\xa6paused")]);
+        agrees::<Cancel>(&[
+            ("id", b"\x01"),
+            ("task_id", b"\xa1t"),
+            ("grace_ms", b"\x01"),
+        ]);
+        agrees::<ExecStarted>(&[("re", b"\x01"), ("exec_id", b"\x02"), ("pid", b"\x03")]);
+        agrees::<ExecOutput>(&[
+            ("exec_id", b"\x01"),
+            ("stream", b"\xa3pty"),
+            ("data", b"\xc4\x01\x02"),
+        ]);
+        agrees::<StatusReply>(&[
+            ("re", b"\x01"),
+            ("state", b"\xa5ready"),
+            ("driver_pid", b"\x02"),
+            ("restarts", b"\x03"),
+            ("uptime_ms", b"\x04"),
+            ("last_exit", b"\x81\xa4code\x01"),
+            ("children", b"\x05"),
+            ("reaped", b"\x06"),
+            ("tasks_queued", b"\x07"),
+            ("task_running", b"\xa1t"),
+            ("execs_running", b"\x08"),
+            ("buffered_events", b"\x09"),
+            ("buffered_bytes", b"\x0a"),
+            ("last_seq", b"\x0b"),
+            ("rss_bytes", b"\x0c"),
+            ("idle_since_ms", b"\x0d"),
+            ("cgroups", b"\xa4none"),
+        ]);
+        agrees::<Lagged>(&[("missed", b"\x01"), ("next_seq", b"\x02")]);
+        agrees::<ForgetConsumer>(&[("id", b"\x01"), ("consumer", b"\xa1c")]);
+        agrees::<SetClock>(&[("id", b"\x01"), ("unix_ms", b"\x02")]);
+        agrees::<ClockSet>(&[("unix_ms", b"\x01"), ("jump_ms", b"\xff")]);
+        agrees::<ShimExiting>(&[("code", b"\x01")]);
+        agrees::<Metrics>(&[("id", b"\x01")]);
+        let cgroup = b"\x83\xa7version\x02\xa4pids\x03\xa3oom\xc0".as_slice();
+        let fs = b"\x95\x01\x02\x03\x04\x05".as_slice();
+        let procs = b"\x91\x86\xa4role\xa6driver\xa3pid\x01\xa4pids\x02\xa9rss_bytes\x03\xa6cpu_us\x04\xa7exec_id\x05".as_slice();
+        agrees::<MetricsReply>(&[
+            ("re", b"\x01"),
+            ("time_ms", b"\x02"),
+            ("cgroup", cgroup),
+            ("workspace", fs),
+            ("procs", procs),
+        ]);
+        agrees::<Reading>(&[
+            ("time_ms", b"\x02"),
+            ("cgroup", cgroup),
+            ("workspace", fs),
+            ("procs", procs),
+        ]);
+        agrees::<DriverStarted>(&[("pid", b"\x01"), ("attempt", b"\x02")]);
+        agrees::<DriverReady>(&[("pid", b"\x01"), ("startup_ms", b"\x02")]);
+        agrees::<DriverExited>(&[
+            ("pid", b"\x01"),
+            ("code", b"\x02"),
+            ("signal", b"\xa4KILL"),
+            ("uptime_ms", b"\x03"),
+            ("reason", b"\xa1r"),
+            ("oom_killed", b"\xc3"),
+        ]);
+        agrees::<DriverRestarting>(&[("attempt", b"\x01"), ("delay_ms", b"\x02")]);
+        agrees::<CrashLoop>(&[("restarts", b"\x01"), ("window_ms", b"\x02")]);
+        agrees::<TaskAccepted>(&[("task_id", b"\xa1t"), ("position", b"\x02")]);
+        agrees::<Idle>(&[("idle_since_ms", b"\x01")]);
+        agrees::<Oom>(&[("kills", b"\x01"), ("new_kills", b"\x02")]);
         agrees::<ExecExit>(&[
             ("exec_id", b"\x01"),
             ("code", b"\xff"),

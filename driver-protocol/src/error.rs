@@ -104,6 +104,12 @@ impl Serialize for ErrorCode {
     }
 }
 
+impl crate::enc::Put for ErrorCode {
+    fn put(&self, e: &mut crate::enc::Enc<'_>) -> Result<(), EncodeError> {
+        e.str(self.as_str().as_bytes())
+    }
+}
+
 impl<'de> Deserialize<'de> for ErrorCode {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = std::borrow::Cow::<'de, str>::deserialize(d)?;

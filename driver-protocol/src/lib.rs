@@ -16,6 +16,7 @@ pub mod raw;
 pub mod token;
 
 mod de;
+mod enc;
 mod error;
 mod mpack;
 

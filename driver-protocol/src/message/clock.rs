@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::fields;
 use super::RequestId;
 
 /// `set_clock`: set the sandbox's wall clock (`CLOCK_REALTIME`) to `unix_ms`. The reply is
@@ -16,6 +17,11 @@ pub struct SetClock {
     pub unix_ms: u64,
 }
 
+fields!(SetClock {
+    id: req,
+    unix_ms: req
+});
+
 /// `clock_set` (event): the shim set the wall clock.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClockSet {
@@ -26,6 +32,11 @@ pub struct ClockSet {
     pub jump_ms: i64,
 }
 
+fields!(ClockSet {
+    unix_ms: req,
+    jump_ms: req
+});
+
 /// `shim_exiting` (event): the shim is about to exit (in a microVM: to power the VM off)
 /// with `code`; always its last event.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,6 +44,8 @@ pub struct ShimExiting {
     /// The shim's exit code (the driver's, after `--remap-exit`; 128+N for signal N).
     pub code: i32,
 }
+
+fields!(ShimExiting { code: req });
 
 #[cfg(test)]
 mod tests {

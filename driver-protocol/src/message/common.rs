@@ -5,7 +5,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::ErrorCode;
 
-use super::nil_as_default;
+use crate::enc::put_names;
+
+use super::{fields, nil_as_default};
 
 /// A request id, chosen by the sender of a request and echoed in the reply's `re`.
 pub type RequestId = u64;
@@ -24,6 +26,8 @@ pub enum Role {
     /// A control plane, speaking over the control socket.
     Control,
 }
+
+put_names!(Role { Driver = "driver", Shim = "shim", Control = "control" });
 
 /// `hello`: the first frame each way on every connection.
 ///
@@ -59,6 +63,8 @@ pub struct Hello {
     pub limits: Option<Box<super::Limits>>,
 }
 
+fields!(Hello { protocol: req, versions: req, role: req, software: req, software_version: req, capabilities: nil, agent_id: opt skip, nonce: opt skip, consumer: opt skip, limits: opt skip });
+
 /// `auth`: proof of the shared token on the control link, sent after both `hello`s.
 ///
 /// `mac` is HMAC-SHA256 over the sender's role, the peer's nonce and the sender's own nonce;
@@ -69,6 +75,8 @@ pub struct Auth {
     pub mac: Bytes,
 }
 
+fields!(Auth { mac: req });
+
 /// `ok`: the generic success reply to a request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OkReply {
@@ -78,6 +86,8 @@ pub struct OkReply {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duplicate: Option<bool>,
 }
+
+fields!(OkReply { re: req, duplicate: opt skip });
 
 impl OkReply {
     /// `ok{re}`.
@@ -107,6 +117,8 @@ pub struct ErrorMsg {
     pub first_available: Option<u64>,
 }
 
+fields!(ErrorMsg { re: opt skip, code: req, message: req, task_id: opt skip, first_available: opt skip });
+
 impl ErrorMsg {
     /// `error{re, code, message}`.
     pub fn new(re: Option<RequestId>, code: ErrorCode, message: impl Into<String>) -> Self {
@@ -127,12 +139,16 @@ pub struct Ping {
     pub id: RequestId,
 }
 
+fields!(Ping { id: req });
+
 /// `pong`: the answer to `ping`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Pong {
     /// The `id` of the `ping` this answers.
     pub re: RequestId,
 }
+
+fields!(Pong { re: req });
 
 /// `ready`: the driver can take tasks (sent once at start, and as the reply to `resume`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -141,6 +157,8 @@ pub struct Ready {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub re: Option<RequestId>,
 }
+
+fields!(Ready { re: opt skip });
 
 /// `pause`: reach a safe point and report `paused`, so the sandbox can be frozen.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -152,6 +170,8 @@ pub struct Pause {
     pub timeout_ms: Option<u64>,
 }
 
+fields!(Pause { id: req, timeout_ms: opt skip });
+
 /// `paused`: the driver (or, towards the control plane, the shim) is at a safe point.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Paused {
@@ -159,6 +179,8 @@ pub struct Paused {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub re: Option<RequestId>,
 }
+
+fields!(Paused { re: opt skip });
 
 /// `resume`: continue after a pause.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -170,6 +192,8 @@ pub struct Resume {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slept_ms: Option<u64>,
 }
+
+fields!(Resume { id: req, slept_ms: opt skip });
 
 /// `shutdown`: stop gracefully within the grace period.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -183,3 +207,5 @@ pub struct Shutdown {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
+
+fields!(Shutdown { id: req, grace_ms: opt skip, reason: opt skip });

@@ -7,7 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{DriverState, Event, RequestId, Seq};
 
-use super::nil_as_default;
+use crate::enc::put_names;
+
+use super::{fields, nil_as_default};
 
 /// What a `signal` request targets.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -19,6 +21,8 @@ pub enum SignalTarget {
     /// An exec's process group (`exec_id` required).
     Exec,
 }
+
+put_names!(SignalTarget { Driver = "driver", Exec = "exec" });
 
 /// `signal`: send a signal to the driver or to an exec.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -35,12 +39,16 @@ pub struct Signal {
     pub exec_id: Option<u64>,
 }
 
+fields!(Signal { id: req, signal: req, target: nil, exec_id: opt skip });
+
 /// `restart_driver`: launch the driver again, also out of state `error` (the "recover" action).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RestartDriver {
     /// The request id.
     pub id: RequestId,
 }
+
+fields!(RestartDriver { id: req });
 
 /// `set_driver`: replace the driver command; the old driver gets a graceful shutdown.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -58,12 +66,16 @@ pub struct SetDriver {
     pub env: BTreeMap<String, String>,
 }
 
+fields!(SetDriver { id: req, argv: req, env: nil skip });
+
 /// `status`: ask for a [`StatusReply`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Status {
     /// The request id.
     pub id: RequestId,
 }
+
+fields!(Status { id: req });
 
 /// How a process ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +87,8 @@ pub struct ExitInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signal: Option<String>,
 }
+
+fields!(ExitInfo { code: opt skip, signal: opt skip });
 
 /// `status_reply`: the shim's state, answering `status`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -120,6 +134,8 @@ pub struct StatusReply {
     pub cgroups: Option<String>,
 }
 
+fields!(StatusReply { re: req, state: req, driver_pid: opt skip, restarts: req, uptime_ms: req, last_exit: opt skip, children: req, reaped: req, tasks_queued: req, task_running: opt skip, execs_running: req, buffered_events: req, buffered_bytes: req, last_seq: req, rss_bytes: req, idle_since_ms: opt skip, cgroups: opt skip });
+
 /// `ack`: the control plane has processed every event up to and including `seq`
 /// (cumulative); the shim may forget them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -127,6 +143,8 @@ pub struct Ack {
     /// The last processed seq.
     pub seq: Seq,
 }
+
+fields!(Ack { seq: req });
 
 /// `resume_from`: replay every buffered event after `seq`, then continue live.
 ///
@@ -142,6 +160,8 @@ pub struct ResumeFrom {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
 }
+
+fields!(ResumeFrom { seq: opt skip, from: opt skip });
 
 impl ResumeFrom {
     /// `resume_from{seq}`.
@@ -168,4 +188,17 @@ pub struct EventEnvelope {
     pub seq: Seq,
     /// The event.
     pub event: Event,
+}
+
+/// As its derived `Serialize`: `seq`, then the event's own map.
+impl crate::enc::PutFields for EventEnvelope {
+    fn put_fields(
+        &self,
+        e: &mut crate::enc::Enc<'_>,
+        tag: Option<&str>,
+    ) -> Result<(), crate::EncodeError> {
+        e.struct_head(tag, 2)?;
+        e.field("seq", &self.seq)?;
+        e.field("event", &self.event)
+    }
 }

@@ -7,7 +7,9 @@
 use rmpv::Value;
 use serde::{Deserialize, Serialize};
 
-use super::nil_as_default;
+use crate::enc::put_names;
+
+use super::{fields, nil_as_default};
 
 /// `message_chunk`: a piece of the agent's output text, streamed as it is produced.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -25,6 +27,8 @@ pub struct MessageChunk {
     pub is_final: bool,
 }
 
+fields!(MessageChunk { task_id: opt skip, text: req, role: opt skip, is_final as "final": nil });
+
 /// `tool_call`: the agent decided to call a tool.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ToolCall {
@@ -38,6 +42,8 @@ pub struct ToolCall {
     /// The tool's arguments.
     pub input: Value,
 }
+
+fields!(ToolCall { task_id: opt skip, call_id: req, name: req, input: req });
 
 /// `tool_result`: a tool call finished.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -54,6 +60,8 @@ pub struct ToolResult {
     pub is_error: bool,
 }
 
+fields!(ToolResult { task_id: opt skip, call_id: req, output: req, is_error: nil });
+
 /// What happened to a file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -67,6 +75,8 @@ pub enum FileChangeKind {
     /// The file was renamed from `from`.
     Renamed,
 }
+
+put_names!(FileChangeKind { Created = "created", Modified = "modified", Deleted = "deleted", Renamed = "renamed" });
 
 /// `file_change`: the agent changed a file in the workspace.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -82,6 +92,8 @@ pub struct FileChange {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
 }
+
+fields!(FileChange { task_id: opt skip, path: req, change: req, from: opt skip });
 
 /// `progress`: how far along a task is.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -100,6 +112,8 @@ pub struct Progress {
     pub total: Option<u64>,
 }
 
+fields!(Progress { task_id: opt skip, message: opt skip, done: opt skip, total: opt skip });
+
 /// Where a log line came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -111,6 +125,8 @@ pub enum LogStream {
     /// A line the driver wrote to its stderr (captured by the shim).
     Stderr,
 }
+
+put_names!(LogStream { Driver = "driver", Stdout = "stdout", Stderr = "stderr" });
 
 /// `log`: a log line, sent by the driver or captured by the shim from its stdout/stderr.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -130,6 +146,8 @@ pub struct Log {
     pub truncated: bool,
 }
 
+fields!(Log { task_id: opt skip, stream: req, level: opt skip, text: req, truncated: nil });
+
 /// `custom`: an event of the driver's own kind, carrying any value.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Custom {
@@ -141,6 +159,8 @@ pub struct Custom {
     /// Anything.
     pub data: Value,
 }
+
+fields!(Custom { task_id: opt skip, kind: req, data: req });
 
 /// The driver's lifecycle state, as the shim sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -162,6 +182,8 @@ pub enum DriverState {
     Error,
 }
 
+put_names!(DriverState { Starting = "starting", Ready = "ready", Pausing = "pausing", Paused = "paused", Stopping = "stopping", Exited = "exited", Error = "error" });
+
 /// `driver_started`: the shim launched the driver.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DriverStarted {
@@ -171,6 +193,11 @@ pub struct DriverStarted {
     pub attempt: u32,
 }
 
+fields!(DriverStarted {
+    pid: req,
+    attempt: req
+});
+
 /// `driver_ready`: the driver finished its handshake and sent `ready`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DriverReady {
@@ -179,6 +206,11 @@ pub struct DriverReady {
     /// Milliseconds from launch to `ready`.
     pub startup_ms: u64,
 }
+
+fields!(DriverReady {
+    pid: req,
+    startup_ms: req
+});
 
 /// `driver_exited`: the driver process ended.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -203,6 +235,8 @@ pub struct DriverExited {
     pub oom_killed: Option<bool>,
 }
 
+fields!(DriverExited { pid: req, code: opt skip, signal: opt skip, uptime_ms: req, reason: req, oom_killed: opt skip });
+
 /// `driver_restarting`: the restart policy will launch the driver again after `delay_ms`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DriverRestarting {
@@ -211,6 +245,11 @@ pub struct DriverRestarting {
     /// The backoff before it.
     pub delay_ms: u64,
 }
+
+fields!(DriverRestarting {
+    attempt: req,
+    delay_ms: req
+});
 
 /// `crash_loop`: too many restarts in the window; the driver stays down (state `error`) until
 /// `restart_driver`.
@@ -222,6 +261,11 @@ pub struct CrashLoop {
     pub window_ms: u64,
 }
 
+fields!(CrashLoop {
+    restarts: req,
+    window_ms: req
+});
+
 /// `state_changed`: the driver's lifecycle state changed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StateChanged {
@@ -230,6 +274,8 @@ pub struct StateChanged {
     /// The new state.
     pub to: DriverState,
 }
+
+fields!(StateChanged { from: req, to: req });
 
 /// `task_accepted`: the shim queued a submitted task.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -240,12 +286,19 @@ pub struct TaskAccepted {
     pub position: u32,
 }
 
+fields!(TaskAccepted {
+    task_id: req,
+    position: req
+});
+
 /// `idle`: no task, no exec and no driver event for the configured stretch.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Idle {
     /// When the agent became idle, in milliseconds since the Unix epoch.
     pub idle_since_ms: u64,
 }
+
+fields!(Idle { idle_since_ms: req });
 
 /// `oom`: the kernel's OOM killer killed processes in the sandbox's cgroup since the last
 /// reading. The shim reads the counter when one of its children (the driver, an exec) ends.
@@ -257,6 +310,11 @@ pub struct Oom {
     /// Kills since the previous `oom` event (or since the shim started).
     pub new_kills: u64,
 }
+
+fields!(Oom {
+    kills: req,
+    new_kills: req
+});
 
 /// `busy`: work arrived after `idle`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -281,3 +339,5 @@ impl super::DriverToShim {
         }
     }
 }
+
+fields!(Busy {});

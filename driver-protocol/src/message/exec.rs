@@ -7,7 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use super::RequestId;
 
-use super::nil_as_default;
+use crate::enc::put_names;
+
+use super::{fields, nil_as_default};
 
 /// A terminal size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -17,6 +19,11 @@ pub struct TtySize {
     /// Columns.
     pub cols: u16,
 }
+
+fields!(TtySize {
+    rows: req,
+    cols: req
+});
 
 /// `exec.limits`: what an exec's own cgroup allows (only where the shim has delegated
 /// cgroups, PROTOCOL.md §8.8).
@@ -32,6 +39,8 @@ pub struct ExecLimits {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_millis: Option<u64>,
 }
+
+fields!(ExecLimits { memory_bytes: opt skip, pids: opt skip, cpu_millis: opt skip });
 
 /// `exec`: run a process in its own session and process group.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -72,6 +81,8 @@ pub struct Exec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<ExecLimits>,
 }
+
+fields!(Exec { id: req, argv: req, env: nil skip, cwd: opt skip, user: opt skip, tty: opt skip, stdin: nil, timeout_ms: opt skip, output_cap: opt skip, task_id: opt skip, limits: opt skip });
 
 impl Exec {
     /// An `exec` of `argv` with every option left out: no extra variables, the default
@@ -116,6 +127,12 @@ pub struct ExecStarted {
     pub pid: u32,
 }
 
+fields!(ExecStarted {
+    re: req,
+    exec_id: req,
+    pid: req
+});
+
 /// `exec_input`: bytes for the exec's stdin (or terminal); `eof` closes it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ExecInput {
@@ -129,6 +146,12 @@ pub struct ExecInput {
     pub eof: bool,
 }
 
+fields!(ExecInput {
+    exec_id: req,
+    data: nil,
+    eof: nil
+});
+
 /// `exec_resize`: the exec's terminal changed size.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ExecResize {
@@ -140,6 +163,12 @@ pub struct ExecResize {
     pub cols: u16,
 }
 
+fields!(ExecResize {
+    exec_id: req,
+    rows: req,
+    cols: req
+});
+
 /// `exec_signal`: send a signal to the exec's whole process group.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ExecSignal {
@@ -148,6 +177,11 @@ pub struct ExecSignal {
     /// The signal: a name (`TERM`, `SIGTERM`) or a number (`15`).
     pub signal: String,
 }
+
+fields!(ExecSignal {
+    exec_id: req,
+    signal: req
+});
 
 /// Which output of an exec a chunk comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -161,6 +195,8 @@ pub enum OutputStream {
     Pty,
 }
 
+put_names!(OutputStream { Stdout = "stdout", Stderr = "stderr", Pty = "pty" });
+
 /// `exec_output`: a chunk of an exec's output.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ExecOutput {
@@ -171,6 +207,12 @@ pub struct ExecOutput {
     /// The bytes, exactly as written.
     pub data: Bytes,
 }
+
+fields!(ExecOutput {
+    exec_id: req,
+    stream: req,
+    data: req
+});
 
 /// `exec_exit`: the exec ended; always the last message about it, sent exactly once.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -197,3 +239,5 @@ pub struct ExecExit {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oom_killed: Option<bool>,
 }
+
+fields!(ExecExit { exec_id: req, code: opt skip, signal: opt skip, timed_out: nil, truncated: nil, duration_ms: req, oom_killed: opt skip });

@@ -7,7 +7,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::fields;
 use super::{nil_as_default, RequestId};
+use crate::enc::put_names;
 
 /// `metrics`: ask for a [`MetricsReply`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -15,6 +17,8 @@ pub struct Metrics {
     /// The request id.
     pub id: RequestId,
 }
+
+fields!(Metrics { id: req });
 
 /// `metrics_reply`: one [`Reading`] (its fields, beside `re`), answering `metrics`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -37,6 +41,8 @@ pub struct MetricsReply {
     )]
     pub procs: Vec<ProcReading>,
 }
+
+fields!(MetricsReply { re: req, time_ms: req, cgroup: opt skip, workspace: opt skip, procs: nil skip });
 
 impl MetricsReply {
     /// The reply to request `re` carrying `reading`.
@@ -80,6 +86,8 @@ pub struct Reading {
     )]
     pub procs: Vec<ProcReading>,
 }
+
+fields!(Reading { time_ms: req, cgroup: opt skip, workspace: opt skip, procs: nil skip });
 
 /// The sandbox cgroup's figures. Limits are absent when there is none (`max`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,6 +154,8 @@ pub struct CgroupReading {
     pub io_write_bytes: Option<u64>,
 }
 
+fields!(CgroupReading { version: req, memory_bytes: opt skip, memory_limit_bytes: opt skip, memory_peak_bytes: opt skip, memory_anon_bytes: opt skip, memory_file_bytes: opt skip, swap_bytes: opt skip, swap_limit_bytes: opt skip, oom: opt skip, oom_kills: opt skip, cpu_usage_us: opt skip, cpu_periods: opt skip, cpu_throttled_periods: opt skip, cpu_throttled_us: opt skip, cpu_quota_us: opt skip, cpu_period_us: opt skip, pids: opt skip, pids_limit: opt skip, io_read_bytes: opt skip, io_write_bytes: opt skip });
+
 /// The workspace filesystem (`statfs` of the driver's working directory).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FsReading {
@@ -161,6 +171,14 @@ pub struct FsReading {
     pub inodes_used: u64,
 }
 
+fields!(FsReading {
+    size_bytes: req,
+    used_bytes: req,
+    avail_bytes: req,
+    inodes: req,
+    inodes_used: req
+});
+
 /// What a process reading is of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -170,6 +188,8 @@ pub enum ProcRole {
     /// An exec (`exec_id` says which).
     Exec,
 }
+
+put_names!(ProcRole { Driver = "driver", Exec = "exec" });
 
 /// The driver or one exec, with every process of its session (what it started and did not
 /// move out of it), from `/proc/PID/stat`.
@@ -189,3 +209,5 @@ pub struct ProcReading {
     /// Their CPU time together (user and system), microseconds.
     pub cpu_us: u64,
 }
+
+fields!(ProcReading { role: req, exec_id: opt skip, pid: req, pids: req, rss_bytes: req, cpu_us: req });

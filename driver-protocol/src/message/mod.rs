@@ -40,6 +40,7 @@ pub use metrics::*;
 pub use session::*;
 pub use task::*;
 
+use crate::de::Fields;
 use crate::envelope::{self, Head};
 use crate::{DecodeError, EncodeError};
 
@@ -88,12 +89,104 @@ where
 }
 
 #[inline(never)]
-pub(crate) fn decode_fields<'a, T: Deserialize<'a>>(
-    body: &'a [u8],
-    head: &Head<'_>,
-) -> Result<T, DecodeError> {
-    crate::de::from_slice(body).map_err(|e| fields_error(head, e))
+pub(crate) fn decode_fields<T: Fields>(body: &[u8], head: &Head<'_>) -> Result<T, DecodeError> {
+    crate::de::read_fields(body).map_err(|e| fields_error(head, e))
 }
+
+/// Implements the table-driven decoder ([`Fields`]) and the encoder ([`Put`]) of a message
+/// struct: one line naming its fields in declaration order, each with what its serde
+/// attributes say.
+///
+/// ```text
+/// fields!(Exec { id: req, argv: req, env: nil skip, cwd: opt skip, ... });
+/// ```
+///
+/// - `req`: no `#[serde(default)]`: the field must be present.
+/// - `opt`: `#[serde(default)]`: absent, it is `Default::default()` (`opt(path)`:
+///   `#[serde(default = "path")]`, absent it is `path()`).
+/// - `nil`: `#[serde(default, deserialize_with = "nil_as_default")]`: absent or nil, it is
+///   `Default::default()` (`nil(path)`: absent or nil, it is `path()`).
+/// - `skip` after the kind: `#[serde(skip_serializing_if = "Option::is_none")]` (or
+///   `Vec::is_empty`, `BTreeMap::is_empty`): not written when `None` or empty.
+/// - `name as "wire"`: `#[serde(rename = "wire")]`.
+///
+/// The derived `Deserialize` and `Serialize` stay (for peers that use serde directly); the
+/// tests hold the two paths to the same result for every message type.
+macro_rules! fields {
+    ($ty:ident {
+        $($field:ident $(as $wire:literal)?: $kind:ident $(($default:path))? $($skip:ident)?),*
+        $(,)?
+    }) => {
+        impl crate::de::Fields for $ty {
+            fn read(de: &mut crate::de::Deserializer<'_>) -> Result<Self, crate::de::Error> {
+                #[allow(non_camel_case_types)]
+                enum Field {
+                    $($field,)*
+                }
+                const ORDER: &[Field] = &[$(Field::$field),*];
+                static SHAPE: crate::de::Shape = crate::de::Shape {
+                    name: stringify!($ty),
+                    fields: &[$(fields!(@wire $field $($wire)?)),*],
+                };
+                const _: () = assert!(ORDER.len() <= 64);
+                $(let mut $field = None;)*
+                #[allow(unused_variables)] // no required field
+                let found = de.read_struct(&SHAPE, &mut |index, de| {
+                    match ORDER.get(index) {
+                        $(Some(Field::$field) => $field = fields!(@read $kind de),)*
+                        _ => {}
+                    }
+                    Ok(())
+                })?;
+                Ok(Self {
+                    $($field: fields!(@finish found $field Field::$field, $kind $(($default))?),)*
+                })
+            }
+        }
+
+        impl crate::enc::PutFields for $ty {
+            fn put_fields(
+                &self,
+                e: &mut crate::enc::Enc<'_>,
+                tag: Option<&str>,
+            ) -> Result<(), crate::EncodeError> {
+                let n = 0 $(+ fields!(@count $($skip)? self.$field))*;
+                e.struct_head(tag, n)?;
+                $(fields!(@put $($skip)? e self.$field, fields!(@wire $field $($wire)?));)*
+                Ok(())
+            }
+        }
+
+        impl crate::enc::Put for $ty {
+            fn put(&self, e: &mut crate::enc::Enc<'_>) -> Result<(), crate::EncodeError> {
+                crate::enc::PutFields::put_fields(self, e, None)
+            }
+        }
+    };
+    (@wire $field:ident) => { stringify!($field) };
+    (@wire $field:ident $wire:literal) => { $wire };
+    (@read req $de:ident) => { Some($de.value()?) };
+    (@read opt $de:ident) => { Some($de.value()?) };
+    // `nil_as_default`: an `Option` of the field's type, nil read as `None`.
+    (@read nil $de:ident) => { $de.value()? };
+    (@finish $found:ident $slot:ident $index:expr, req) => {
+        $found.required($slot, $index as usize)?
+    };
+    (@finish $found:ident $slot:ident $index:expr, opt) => { $slot.unwrap_or_default() };
+    (@finish $found:ident $slot:ident $index:expr, nil) => { $slot.unwrap_or_default() };
+    (@finish $found:ident $slot:ident $index:expr, $kind:ident ($default:path)) => {
+        $slot.unwrap_or_else($default)
+    };
+    (@count $value:expr) => { 1 };
+    (@count skip $value:expr) => { usize::from(!crate::enc::Skip::skipped(&$value)) };
+    (@put $e:ident $value:expr, $name:expr) => { $e.field($name, &$value)? };
+    (@put skip $e:ident $value:expr, $name:expr) => {
+        if !crate::enc::Skip::skipped(&$value) {
+            $e.field($name, &$value)?;
+        }
+    };
+}
+pub(crate) use fields;
 
 /// The error of [`decode_fields`], out of line: one copy for every message type.
 #[cold]
@@ -102,11 +195,11 @@ fn fields_error(head: &Head<'_>, e: crate::de::Error) -> DecodeError {
     DecodeError::malformed(Some(head.type_name), head.id, e)
 }
 
-pub(crate) fn encode_named<W: Write, T: Serialize + ?Sized>(
-    value: &T,
-    out: &mut W,
-) -> Result<(), EncodeError> {
-    rmp_serde::encode::write_named(out, value).map_err(|e| EncodeError::Unencodable(e.to_string()))
+/// The error of encoding an [`Unknown`] message.
+#[cold]
+#[inline(never)]
+fn unknown_type(u: &Unknown) -> EncodeError {
+    EncodeError::Unencodable(format!("unknown message type {:?}", u.type_name))
 }
 
 /// Decodes an `event` envelope, dispatching on the nested event's own `type`.
@@ -201,13 +294,17 @@ macro_rules! message_set {
             }
 
             fn encode_to<W: Write>(&self, out: &mut W) -> Result<(), EncodeError> {
-                if let Self::Unknown(u) = self {
-                    return Err(EncodeError::Unencodable(format!(
-                        "unknown message type {:?}",
-                        u.type_name
-                    )));
+                crate::enc::Put::put(self, &mut crate::enc::Enc::new(out))
+            }
+        }
+
+        /// The message as its map, `type` first.
+        impl crate::enc::Put for $name {
+            fn put(&self, e: &mut crate::enc::Enc<'_>) -> Result<(), EncodeError> {
+                match self {
+                    $(Self::$variant(m) => crate::enc::PutFields::put_fields(m, e, Some($tag)),)*
+                    Self::Unknown(u) => Err(unknown_type(u)),
                 }
-                encode_named(self, out)
             }
         }
 

@@ -6,6 +6,7 @@ use std::fmt;
 use serde::de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 
+use super::fields;
 use super::{RequestId, Seq};
 
 /// The shim's limits, in its `hello` (`limits`): what a client may send and how the shim
@@ -39,6 +40,20 @@ pub struct Limits {
     /// … and at most this long after the last event it has not acknowledged.
     pub ack_delay_ms: u64,
 }
+
+fields!(Limits {
+    max_events: req,
+    max_bytes: req,
+    max_frame: req,
+    handshake_max_frame: req,
+    ids_window: req,
+    hello_timeout_ms: req,
+    handshake_timeout_ms: req,
+    max_sessions: req,
+    max_consumers: req,
+    ack_every: req,
+    ack_delay_ms: req
+});
 
 /// The fields of [`Limits`], in declaration (and array) order.
 const LIMITS_FIELDS: &[&str] = &[
@@ -171,6 +186,11 @@ pub struct Lagged {
     pub next_seq: Seq,
 }
 
+fields!(Lagged {
+    missed: req,
+    next_seq: req
+});
+
 /// `forget_consumer`: retire a durable consumer; the buffer no longer keeps events for it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ForgetConsumer {
@@ -179,6 +199,11 @@ pub struct ForgetConsumer {
     /// The consumer's name.
     pub consumer: String,
 }
+
+fields!(ForgetConsumer {
+    id: req,
+    consumer: req
+});
 
 #[cfg(test)]
 mod tests {

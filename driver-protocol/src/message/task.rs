@@ -5,7 +5,9 @@ use serde::{Deserialize, Serialize};
 
 use super::RequestId;
 
-use super::nil_as_default;
+use crate::enc::put_names;
+
+use super::{fields, nil_as_default};
 
 /// `task` (shim → driver): work for the driver. Delivered once the driver is `ready`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -24,6 +26,8 @@ pub struct Task {
     #[serde(default = "first_attempt", deserialize_with = "nil_as_first_attempt")]
     pub attempt: u32,
 }
+
+fields!(Task { task_id: req, input: req, output_schema: opt skip, timeout_ms: opt skip, attempt: nil(first_attempt) });
 
 fn first_attempt() -> u32 {
     1
@@ -59,6 +63,8 @@ pub struct SubmitTask {
     pub max_attempts: Option<u32>,
 }
 
+fields!(SubmitTask { id: req, task_id: req, input: req, output_schema: opt skip, timeout_ms: opt skip, redeliver: nil, max_attempts: opt skip });
+
 /// `cancel` (shim → driver): stop working on a task.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Cancel {
@@ -70,6 +76,8 @@ pub struct Cancel {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grace_ms: Option<u64>,
 }
+
+fields!(Cancel { id: req, task_id: req, grace_ms: opt skip });
 
 /// `cancel_task` (control → shim): cancel a queued or running task.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -83,6 +91,8 @@ pub struct CancelTask {
     pub grace_ms: Option<u64>,
 }
 
+fields!(CancelTask { id: req, task_id: req, grace_ms: opt skip });
+
 /// How a task ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -94,6 +104,8 @@ pub enum TaskStatus {
     /// The task was cancelled.
     Cancelled,
 }
+
+put_names!(TaskStatus { Succeeded = "succeeded", Failed = "failed", Cancelled = "cancelled" });
 
 /// `task_done`: the task ended. Sent by the driver, or by the shim when the driver could not
 /// finish it (crash, cancel past the grace).
@@ -110,3 +122,5 @@ pub struct TaskDone {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
+
+fields!(TaskDone { task_id: req, status: req, output: opt skip, error: opt skip });
