@@ -480,6 +480,7 @@ fn exec_base() -> impl Strategy<Value = Exec> {
                 output_cap,
                 task_id,
                 limits: None,
+                tag: None,
             },
         )
 }
