@@ -492,8 +492,11 @@ fn exec() -> impl Strategy<Value = Exec> {
             pids: p,
             cpu_millis: c,
         });
-    (exec_base(), proptest::option::of(limits), opt_text())
-        .prop_map(|(e, limits, tag)| Exec { limits, tag, ..e })
+    (exec_base(), proptest::option::of(limits), opt_text()).prop_map(|(e, limits, tag)| Exec {
+        limits,
+        tag,
+        ..e
+    })
 }
 
 fn exec_info() -> impl Strategy<Value = ExecInfo> {
@@ -512,7 +515,11 @@ fn exec_info() -> impl Strategy<Value = ExecInfo> {
             ended_ms,
         });
     (
-        (any::<u64>(), proptest::collection::vec(text(), 0..3), any::<bool>()),
+        (
+            any::<u64>(),
+            proptest::collection::vec(text(), 0..3),
+            any::<bool>(),
+        ),
         (any::<u32>(), any::<u32>(), opt_text(), opt_text(), text()),
         (any::<u64>(), any::<u64>(), proptest::option::of(end)),
     )

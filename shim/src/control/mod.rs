@@ -61,12 +61,12 @@ use tracing::{debug, error, warn};
 
 pub use addr::ControlAddr;
 pub use auth::{read_token_file, Token, TokenError};
-pub use registry::RegistryConfig;
 use buffer::Buffer;
 use conn::Conn;
 use consumers::Consumers;
 use gate::{Gate, Refused};
 use ids::IdCache;
+pub use registry::RegistryConfig;
 use transport::Listener;
 
 /// Commands waiting for the supervisor; a client sending faster is simply not read.

@@ -159,7 +159,10 @@ impl Retained {
         if offset < self.first() || offset >= self.end || max == 0 {
             return None;
         }
-        let i = self.runs.partition_point(|&(s, _)| s <= offset).checked_sub(1)?;
+        let i = self
+            .runs
+            .partition_point(|&(s, _)| s <= offset)
+            .checked_sub(1)?;
         let &(_, stream) = self.runs.get(i)?;
         let run_end = self.runs.get(i + 1).map_or(self.end, |&(s, _)| s);
         let n = usize::try_from(run_end.saturating_sub(offset))
@@ -428,7 +431,11 @@ mod tests {
             assert!(reg.ended(&exit(id), t0 + Duration::from_millis(id)));
         }
         let ids: Vec<u64> = reg.list().iter().map(|i| i.exec_id).collect();
-        assert_eq!(ids, vec![4, 2, 3], "running first; the oldest exited forgotten");
+        assert_eq!(
+            ids,
+            vec![4, 2, 3],
+            "running first; the oldest exited forgotten"
+        );
         reg.prune(t0 + Duration::from_secs(61));
         let ids: Vec<u64> = reg.records.keys().copied().collect();
         assert_eq!(ids, vec![4]);

@@ -418,7 +418,11 @@ impl<'a> Harness<'a> {
                         self.core.on_driver_link_closed(self.now);
                     }
                     Output::ExecEnded(x) => {
-                        assert!(self.ended.insert(x.exec_id), "exec {} ended twice", x.exec_id);
+                        assert!(
+                            self.ended.insert(x.exec_id),
+                            "exec {} ended twice",
+                            x.exec_id
+                        );
                     }
                     Output::ExecStop(id) => {
                         self.execs.remove(&id);
@@ -578,7 +582,15 @@ fn field(bit: u32, v: u8) -> (Value, Value) {
             pick(&["invalid", "limit", "internal", "timeout", "bogus"]),
         ),
         28 if v % 2 == 0 => ("message", Value::from("m")),
-        28 => ("tag", pick(&["build:1", "", "a b", "ttttttttttttttttttttttttttttttttttttttttttttttttttttttttttttttttt"])),
+        28 => (
+            "tag",
+            pick(&[
+                "build:1",
+                "",
+                "a b",
+                "ttttttttttttttttttttttttttttttttttttttttttttttttttttttttttttttttt",
+            ]),
+        ),
         29 => ("output", Value::from("o")),
         30 => ("error", Value::from("e")),
         _ => ("cwd", pick(&["/", "relative", ""])),
