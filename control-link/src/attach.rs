@@ -1,4 +1,4 @@
-//! Following one exec's output from another connection (`attach_exec`, PROTOCOL.md §8.9):
+//! Following one exec's output from another connection (`attach_exec`, PROTOCOL.md §8.10):
 //! the stream [`Client::attach_exec`](crate::Client::attach_exec) returns.
 
 use driver_protocol::message::{AttachLagged, AttachOutput, ExecExit};

@@ -616,7 +616,7 @@ impl Client {
         }
     }
 
-    /// The execs running and the recently exited ones (`list_execs`, PROTOCOL.md §8.9):
+    /// The execs running and the recently exited ones (`list_execs`, PROTOCOL.md §8.10):
     /// argv, pid, user, tag, owner, start time, and for an exited one how and when it ended.
     ///
     /// ```no_run
@@ -634,7 +634,7 @@ impl Client {
         }
     }
 
-    /// Attaches to exec `exec_id` (`attach_exec`, PROTOCOL.md §8.9): the output the shim
+    /// Attaches to exec `exec_id` (`attach_exec`, PROTOCOL.md §8.10): the output the shim
     /// still retains from `from_offset` (`None`: the oldest byte retained), then the live
     /// output, then the exit. An offset no longer retained is
     /// [`Error::Remote`] with code `gap` (the message names the first retained offset).

@@ -1,4 +1,4 @@
-//! Messages of the exec registry (PROTOCOL.md §8.9): the execs running and recently exited
+//! Messages of the exec registry (PROTOCOL.md §8.10): the execs running and recently exited
 //! (`list_execs`), and attaching to one exec's output (`attach_exec`): its retained tail
 //! replayed by byte offset, then followed live until its exit.
 

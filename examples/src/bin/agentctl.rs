@@ -1019,7 +1019,7 @@ fn exit_status(code: Option<i32>, signal: Option<&str>) -> u8 {
     }
 }
 
-/// `ps` and `attach`: the exec registry (PROTOCOL.md §8.9).
+/// `ps` and `attach`: the exec registry (PROTOCOL.md §8.10).
 mod registry {
     use std::io::Write as _;
 

@@ -1,4 +1,4 @@
-//! `list_execs`, `attach_exec` and `detach_exec` (PROTOCOL.md §8.9): answered inside the
+//! `list_execs`, `attach_exec` and `detach_exec` (PROTOCOL.md §8.10): answered inside the
 //! control server from the [`registry`](super::registry), and each attachment's output
 //! written by its connection's writer task.
 //!

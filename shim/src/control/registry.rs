@@ -1,4 +1,4 @@
-//! The exec registry (PROTOCOL.md §8.9): every exec running and the recently exited ones,
+//! The exec registry (PROTOCOL.md §8.10): every exec running and the recently exited ones,
 //! for `list_execs`, each with the tail of its output retained for `attach_exec`.
 //!
 //! It lives in the control server because only control clients read it; the supervisor feeds

@@ -1,4 +1,4 @@
-//! The exec registry (PROTOCOL.md §8.9), end to end with the shim as PID 1: `list_execs`
+//! The exec registry (PROTOCOL.md §8.10), end to end with the shim as PID 1: `list_execs`
 //! with tags, owners and exits; `attach_exec` from a second client replaying the retained
 //! tail and following live to the exit; an offset no longer retained reported as `gap`; a
 //! stalled attached client that slows nothing; and every refusal.
