@@ -7,9 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use driver_protocol::message::{
-    CancelTask, ControlToShim, DriverState, ExecInput, ExecResize, ExecSignal, ExecStarted,
-    Message as _, Metrics, Pause, Ping, Reading, RequestId, RestartDriver, Resume, Seq, SetDriver,
-    ShimToControl, Shutdown, Signal, SignalTarget, Status, StatusReply,
+    AttachExec, CancelTask, ControlToShim, DetachExec, DriverState, ExecAttached, ExecInfo,
+    ExecInput, ExecResize, ExecSignal, ExecStarted, ListExecs, Message as _, Metrics, Pause, Ping,
+    Reading, RequestId, RestartDriver, Resume, Seq, SetDriver, ShimToControl, Shutdown, Signal,
+    SignalTarget, Status, StatusReply,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -19,7 +20,8 @@ use crate::options::ConnectOptions;
 use crate::session::{dial_first, Cmd, Session, Shared, Source};
 use crate::shared::Position;
 use crate::{
-    Addr, AgentId, Error, EventStream, ExecSpec, RawEventStream, Sig, Target, TaskSpec, Token,
+    Addr, AgentId, AttachStream, Error, EventStream, ExecSpec, RawEventStream, Sig, Target,
+    TaskSpec, Token,
 };
 
 /// Connects to the shim at `addr` with the default [`ConnectOptions`] and `token` (`None`
@@ -612,6 +614,91 @@ impl Client {
             ShimToControl::MetricsReply(m) => Ok(m.into_reading()),
             other => Err(unexpected(&other)),
         }
+    }
+
+    /// The execs running and the recently exited ones (`list_execs`, PROTOCOL.md §8.10):
+    /// argv, pid, user, tag, owner, start time, and for an exited one how and when it ended.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: control_link::Client) -> Result<(), control_link::Error> {
+    /// for e in client.list_execs().await? {
+    ///     println!("{} {:?} {:?} {:?}", e.exec_id, e.tag, e.argv, e.exit);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn list_execs(&self) -> Result<Vec<ExecInfo>, Error> {
+        let id = self.inner.shared.next_id();
+        match self.call(id, ListExecs { id }.into()).await? {
+            ShimToControl::ExecList(l) => Ok(l.execs),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Attaches to exec `exec_id` (`attach_exec`, PROTOCOL.md §8.10): the output the shim
+    /// still retains from `from_offset` (`None`: the oldest byte retained), then the live
+    /// output, then the exit. An offset no longer retained is
+    /// [`Error::Remote`] with code `gap` (the message names the first retained offset).
+    /// Read-only: the exec's owner is not affected.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: control_link::Client) -> Result<(), control_link::Error> {
+    /// use control_link::AttachItem;
+    /// let (attached, mut stream) = client.attach_exec(17, None).await?;
+    /// println!("from byte {}", attached.from_offset);
+    /// while let Some(item) = stream.next().await {
+    ///     match item {
+    ///         AttachItem::Output(o) => print!("{}", String::from_utf8_lossy(&o.data)),
+    ///         AttachItem::Lagged(l) => eprintln!("skipped {} bytes", l.missed),
+    ///         AttachItem::Exit(x) => println!("exit {:?}", x.code),
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn attach_exec(
+        &self,
+        exec_id: u64,
+        from_offset: Option<u64>,
+    ) -> Result<(ExecAttached, AttachStream), Error> {
+        let id = self.inner.shared.next_id();
+        let msg = AttachExec {
+            id,
+            exec_id,
+            from_offset,
+        }
+        .into();
+        let limit = self.inner.request_timeout;
+        let (sink, rx) = mpsc::unbounded_channel();
+        let call = async {
+            let (tx, reply) = oneshot::channel();
+            self.inner
+                .cmds
+                .send(Cmd::Attach {
+                    id,
+                    msg,
+                    exec_id,
+                    reply: tx,
+                    sink,
+                })
+                .map_err(|_| self.inner.shared.closed_error())?;
+            reply.await.map_err(|_| self.inner.shared.closed_error())?
+        };
+        match tokio::time::timeout(limit, call).await {
+            Ok(Ok(ShimToControl::ExecAttached(a))) => {
+                let stream = AttachStream::new(exec_id, a.from_offset, rx);
+                Ok((a, stream))
+            }
+            Ok(Ok(ShimToControl::Error(e))) => Err(Error::remote(e.code, e.message)),
+            Ok(Ok(other)) => Err(unexpected(&other)),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(Error::Timeout(limit)),
+        }
+    }
+
+    /// Stops following exec `exec_id` on this connection (`detach_exec`).
+    pub async fn detach_exec(&self, exec_id: u64) -> Result<(), Error> {
+        self.call_ok(|id| DetachExec { id, exec_id }.into())
+            .await
+            .map(|_| ())
     }
 
     /// How a task this client submitted ended: its `task_done`, with the output checked

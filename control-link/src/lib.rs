@@ -2,6 +2,7 @@
 #![deny(missing_docs)]
 
 mod addr;
+mod attach;
 mod client;
 mod error;
 mod events;
@@ -26,6 +27,7 @@ pub use driver_protocol::message::{ExecStarted, Reading, RequestId, Seq, StatusR
 pub const DEFAULT_CONSUMER: &str = "control";
 pub use driver_protocol::ErrorCode;
 
+pub use attach::{AttachItem, AttachStream};
 pub use client::{connect, Client};
 pub use driver_protocol::net::{Addr, AddrError};
 pub use error::Error;

@@ -39,6 +39,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep_until, Instant};
 use tracing::{debug, info, warn};
 
+use crate::attach::AttachItem;
 use crate::events::{Item, Offer, Sink};
 use crate::link::{handshake, Connected, Incoming, Link};
 use crate::options::{AckMode, ConnectOptions};
@@ -73,6 +74,15 @@ pub(crate) enum Cmd {
     Close(oneshot::Sender<()>),
     /// Redial at once if waiting for a reconnect backoff (the agent was just woken).
     RedialNow,
+    /// `attach_exec` (a request with an id): its output frames go to `sink` until the exec's
+    /// `attach_exit`, a refusal, or the connection's end; never resent on another connection.
+    Attach {
+        id: RequestId,
+        msg: ControlToShim,
+        exec_id: u64,
+        reply: oneshot::Sender<Result<ShimToControl, Error>>,
+        sink: mpsc::UnboundedSender<AttachItem>,
+    },
 }
 
 /// Where new connections come from.
@@ -124,6 +134,8 @@ pub(crate) struct Session {
     /// Events were delivered once already: an observer resumes from its cursor, not from now.
     started_once: bool,
     pending: BTreeMap<RequestId, Pending>,
+    /// The execs this connection follows (`attach_exec`), by exec id.
+    attached: BTreeMap<u64, mpsc::UnboundedSender<AttachItem>>,
     queued: Option<Item>,
     /// Failed connection attempts since the last good connection.
     attempt: u32,
@@ -157,6 +169,7 @@ impl Session {
             replaced: false,
             started_once: false,
             pending: BTreeMap::new(),
+            attached: BTreeMap::new(),
             queued: None,
             attempt: 0,
             refusals: 0,
@@ -235,6 +248,10 @@ impl Session {
             }
             Some(Cmd::Notice { done, .. }) => {
                 let _ = done.send(Err(Error::NotConnected));
+                true
+            }
+            Some(Cmd::Attach { reply, .. }) => {
+                let _ = reply.send(Err(Error::NotConnected));
                 true
             }
             Some(Cmd::StartEvents { raw }) => {
@@ -350,6 +367,20 @@ impl Session {
             }
         };
         self.shared.connected.store(false, Ordering::Release);
+        // Attachments belong to the connection: their streams end here (the caller attaches
+        // again from the offset it reached).
+        self.attached.clear();
+        let attaching: Vec<RequestId> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| matches!(p.msg, ControlToShim::AttachExec(_)))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in attaching {
+            if let Some(p) = self.pending.remove(&id) {
+                let _ = p.reply.send(Err(Error::NotConnected));
+            }
+        }
         if matches!(end, End::Close) {
             let _ = self.flush_ack(&mut link).await;
         }
@@ -420,6 +451,12 @@ impl Session {
                         }
                     },
                     Some(Cmd::RedialNow) => {}
+                    Some(Cmd::Attach { id, msg, exec_id, reply, sink }) => {
+                        self.attached.insert(exec_id, sink);
+                        let sent = link.send(&msg).await;
+                        self.pending.insert(id, Pending { msg, reply });
+                        sent?;
+                    }
                     Some(Cmd::StartEvents { raw }) => {
                         if !self.events_started {
                             self.events_started = true;
@@ -612,6 +649,20 @@ impl Session {
             ShimToControl::ExecStarted(r) => Some(r.re),
             ShimToControl::Pong(r) => Some(r.re),
             ShimToControl::MetricsReply(r) => Some(r.re),
+            ShimToControl::ExecList(r) => Some(r.re),
+            ShimToControl::ExecAttached(r) => Some(r.re),
+            ShimToControl::AttachOutput(o) => {
+                self.to_attached(o.exec_id, AttachItem::Output(o.clone()), false);
+                return Ok(());
+            }
+            ShimToControl::AttachLagged(l) => {
+                self.to_attached(l.exec_id, AttachItem::Lagged(l.clone()), false);
+                return Ok(());
+            }
+            ShimToControl::AttachExit(x) => {
+                self.to_attached(x.exec_id, AttachItem::Exit(x.clone()), true);
+                return Ok(());
+            }
             ShimToControl::Hello(_) | ShimToControl::Auth(_) => {
                 return Err(Error::Protocol(format!(
                     "{} after the handshake",
@@ -634,6 +685,10 @@ impl Session {
         match re {
             Some(re) => match self.pending.remove(&re) {
                 Some(p) => {
+                    if let (ControlToShim::AttachExec(a), ShimToControl::Error(_)) = (&p.msg, &msg)
+                    {
+                        self.attached.remove(&a.exec_id);
+                    }
                     let _ = p.reply.send(Ok(msg));
                 }
                 None => debug!(re, "reply to no pending request (timed out?)"),
@@ -664,6 +719,20 @@ impl Session {
         Ok(())
     }
 
+    /// Hands an attached exec's frame to its stream (dropped if nobody follows it).
+    fn to_attached(&mut self, exec_id: u64, item: AttachItem, last: bool) {
+        let gone = match self.attached.get(&exec_id) {
+            Some(sink) => sink.send(item).is_err(),
+            None => {
+                debug!(exec_id, "output of an exec no stream follows ignored");
+                return;
+            }
+        };
+        if last || gone {
+            self.attached.remove(&exec_id);
+        }
+    }
+
     fn finish(mut self) {
         self.shared.closed.store(true, Ordering::Release);
         self.shared.connected.store(false, Ordering::Release);
@@ -680,6 +749,9 @@ impl Session {
                     let _ = done.send(Err(self.shared.closed_error()));
                 }
                 Cmd::Close(done) => self.close_done.push(done),
+                Cmd::Attach { reply, .. } => {
+                    let _ = reply.send(Err(self.shared.closed_error()));
+                }
                 Cmd::StartEvents { .. } | Cmd::RedialNow => {}
             }
         }

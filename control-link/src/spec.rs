@@ -148,6 +148,7 @@ pub struct ExecSpec {
     output_cap: Option<u64>,
     task_id: Option<String>,
     limits: Option<driver_protocol::message::ExecLimits>,
+    tag: Option<String>,
 }
 
 impl ExecSpec {
@@ -169,6 +170,7 @@ impl ExecSpec {
             output_cap: None,
             task_id: None,
             limits: None,
+            tag: None,
         }
     }
 
@@ -282,6 +284,18 @@ impl ExecSpec {
         self
     }
 
+    /// A label `list_execs` shows (1 to 64 bytes of `[A-Za-z0-9._:/@+=-]`; the shim refuses
+    /// anything else with `invalid`).
+    ///
+    /// ```
+    /// # use control_link::ExecSpec;
+    /// let spec = ExecSpec::new(["make"]).tag("build:web");
+    /// ```
+    pub fn tag(mut self, tag: impl Into<String>) -> Self {
+        self.tag = Some(tag.into());
+        self
+    }
+
     pub(crate) fn into_message(self, id: RequestId) -> Exec {
         Exec {
             id,
@@ -295,6 +309,7 @@ impl ExecSpec {
             output_cap: self.output_cap,
             task_id: self.task_id,
             limits: self.limits,
+            tag: self.tag,
         }
     }
 }

@@ -258,6 +258,7 @@ fn exec_request(id: u64, task_id: Option<String>) -> Exec {
         output_cap: Some(1_048_576),
         task_id,
         limits: None,
+        tag: None,
     }
 }
 
@@ -855,6 +856,120 @@ fn samples() -> Vec<Sample> {
             SC::Lagged(Lagged {
                 missed: 128,
                 next_seq: 1170,
+            }),
+        ),
+        // exec registry
+        v(
+            "tag",
+            "Run a tool process labelled for list_execs.",
+            C::Exec(Exec {
+                tag: some("build:web"),
+                ..Exec::new(0x5eed_0000_0000_0020, ["make", "-j4"])
+            }),
+        ),
+        s(
+            "List the running and recently exited execs.",
+            C::ListExecs(ListExecs {
+                id: 0x5eed_0000_0000_0021,
+            }),
+        ),
+        s(
+            "Replay exec 17's retained output from byte 4096, then follow it.",
+            C::AttachExec(AttachExec {
+                id: 0x5eed_0000_0000_0022,
+                exec_id: 17,
+                from_offset: Some(4096),
+            }),
+        ),
+        s(
+            "Stop following exec 17 on this connection.",
+            C::DetachExec(DetachExec {
+                id: 0x5eed_0000_0000_0023,
+                exec_id: 17,
+            }),
+        ),
+        s(
+            "The execs: one running (the control plane's, tagged), one exited (the driver's).",
+            SC::ExecList(ExecList {
+                re: 0x5eed_0000_0000_0021,
+                execs: vec![
+                    ExecInfo {
+                        exec_id: 17,
+                        argv: strings(&["make", "-j4"]),
+                        argv_truncated: false,
+                        pid: 311,
+                        uid: 1000,
+                        user: some("1000:1000"),
+                        tag: some("build:web"),
+                        owner: "control".to_owned(),
+                        started_ms: 1_767_225_600_000,
+                        output_bytes: 81_920,
+                        exit: None,
+                    },
+                    ExecInfo {
+                        exec_id: 16,
+                        argv: strings(&["cargo", "test"]),
+                        argv_truncated: false,
+                        pid: 290,
+                        uid: 0,
+                        user: None,
+                        tag: None,
+                        owner: "driver".to_owned(),
+                        started_ms: 1_767_225_590_000,
+                        output_bytes: 512,
+                        exit: Some(ExecEnd {
+                            code: Some(0),
+                            signal: None,
+                            timed_out: false,
+                            oom_killed: None,
+                            ended_ms: 1_767_225_598_500,
+                        }),
+                    },
+                ],
+            }),
+        ),
+        s(
+            "Attached to exec 17 from byte 16384, the oldest still retained; 81920 written so far.",
+            SC::ExecAttached(ExecAttached {
+                re: 0x5eed_0000_0000_0022,
+                exec_id: 17,
+                from_offset: 16_384,
+                first_offset: 16_384,
+                end_offset: 81_920,
+                running: true,
+            }),
+        ),
+        s(
+            "Output of attached exec 17 at byte 16384 of its output.",
+            SC::AttachOutput(AttachOutput {
+                exec_id: 17,
+                stream: OutputStream::Stdout,
+                offset: 16_384,
+                data: Bytes::from_static(b"Compiling web v0.1.0\n"),
+            }),
+        ),
+        s(
+            "An attached connection fell behind exec 17: 65536 bytes are skipped.",
+            SC::AttachLagged(AttachLagged {
+                exec_id: 17,
+                missed: 65_536,
+                next_offset: 147_456,
+            }),
+        ),
+        s(
+            "Attached exec 17 ended: the last frame of the attachment.",
+            SC::AttachExit(exec_exit(17)),
+        ),
+        v(
+            "attach_gap",
+            "attach_exec from an offset no longer retained: the first retained offset.",
+            SC::Error(ErrorMsg {
+                first_available: Some(16_384),
+                ..ErrorMsg::new(
+                    Some(0x5eed_0000_0000_0022),
+                    ErrorCode::Gap,
+                    "exec 17: bytes before 16384 are no longer retained",
+                )
             }),
         ),
         // ----- events (the body inside an `event` envelope)

@@ -480,6 +480,7 @@ fn exec_base() -> impl Strategy<Value = Exec> {
                 output_cap,
                 task_id,
                 limits: None,
+                tag: None,
             },
         )
 }
@@ -491,7 +492,56 @@ fn exec() -> impl Strategy<Value = Exec> {
             pids: p,
             cpu_millis: c,
         });
-    (exec_base(), proptest::option::of(limits)).prop_map(|(e, limits)| Exec { limits, ..e })
+    (exec_base(), proptest::option::of(limits), opt_text()).prop_map(|(e, limits, tag)| Exec {
+        limits,
+        tag,
+        ..e
+    })
+}
+
+fn exec_info() -> impl Strategy<Value = ExecInfo> {
+    let end = (
+        any::<Option<i32>>(),
+        opt_text(),
+        any::<bool>(),
+        any::<Option<bool>>(),
+        any::<u64>(),
+    )
+        .prop_map(|(code, signal, timed_out, oom_killed, ended_ms)| ExecEnd {
+            code,
+            signal,
+            timed_out,
+            oom_killed,
+            ended_ms,
+        });
+    (
+        (
+            any::<u64>(),
+            proptest::collection::vec(text(), 0..3),
+            any::<bool>(),
+        ),
+        (any::<u32>(), any::<u32>(), opt_text(), opt_text(), text()),
+        (any::<u64>(), any::<u64>(), proptest::option::of(end)),
+    )
+        .prop_map(
+            |(
+                (exec_id, argv, argv_truncated),
+                (pid, uid, user, tag, owner),
+                (started_ms, output_bytes, exit),
+            )| ExecInfo {
+                exec_id,
+                argv,
+                argv_truncated,
+                pid,
+                uid,
+                user,
+                tag,
+                owner,
+                started_ms,
+                output_bytes,
+                exit,
+            },
+        )
 }
 
 fn exec_started() -> impl Strategy<Value = ExecStarted> {
@@ -787,6 +837,15 @@ fn control_to_shim() -> impl Strategy<Value = ControlToShim> {
         (any::<u64>(), any::<u64>())
             .prop_map(|(id, unix_ms)| M::SetClock(SetClock { id, unix_ms })),
         any::<u64>().prop_map(|id| M::Metrics(Metrics { id })),
+        any::<u64>().prop_map(|id| M::ListExecs(ListExecs { id })),
+        any::<(u64, u64, Option<u64>)>().prop_map(|(id, exec_id, from_offset)| M::AttachExec(
+            AttachExec {
+                id,
+                exec_id,
+                from_offset
+            }
+        )),
+        any::<(u64, u64)>().prop_map(|(id, exec_id)| M::DetachExec(DetachExec { id, exec_id })),
     ]
 }
 
@@ -835,6 +894,34 @@ fn shim_to_control() -> impl Strategy<Value = ShimToControl> {
         pong().prop_map(M::Pong),
         lagged().prop_map(M::Lagged),
         (any::<u64>(), reading()).prop_map(|(re, r)| M::MetricsReply(MetricsReply::new(re, r))),
+        (any::<u64>(), proptest::collection::vec(exec_info(), 0..3))
+            .prop_map(|(re, execs)| M::ExecList(ExecList { re, execs })),
+        (any::<(u64, u64, u64, u64, u64)>(), any::<bool>()).prop_map(
+            |((re, exec_id, from_offset, first_offset, end_offset), running)| {
+                M::ExecAttached(ExecAttached {
+                    re,
+                    exec_id,
+                    from_offset,
+                    first_offset,
+                    end_offset,
+                    running,
+                })
+            }
+        ),
+        (exec_output(), any::<u64>()).prop_map(|(o, offset)| M::AttachOutput(AttachOutput {
+            exec_id: o.exec_id,
+            stream: o.stream,
+            offset,
+            data: o.data,
+        })),
+        any::<(u64, u64, u64)>().prop_map(|(exec_id, missed, next_offset)| M::AttachLagged(
+            AttachLagged {
+                exec_id,
+                missed,
+                next_offset
+            }
+        )),
+        exec_exit().prop_map(M::AttachExit),
     ]
 }
 

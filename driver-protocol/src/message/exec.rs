@@ -80,6 +80,27 @@ pub struct Exec {
     /// Limits of the exec's own cgroup (resources).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<ExecLimits>,
+    /// A label for `list_execs` (1 to [`MAX_TAG`] bytes of `[A-Za-z0-9._:/@+=-]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+}
+
+/// The longest `exec.tag`, in bytes.
+pub const MAX_TAG: usize = 64;
+
+/// Whether `tag` is a valid `exec.tag`: 1 to [`MAX_TAG`] bytes of `[A-Za-z0-9._:/@+=-]`.
+///
+/// ```
+/// use driver_protocol::message::valid_tag;
+///
+/// assert!(valid_tag("build:web-1"));
+/// assert!(!valid_tag("") && !valid_tag("a b") && !valid_tag(&"x".repeat(65)));
+/// ```
+pub fn valid_tag(tag: &str) -> bool {
+    (1..=MAX_TAG).contains(&tag.len())
+        && tag
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:/@+=-".contains(&b))
 }
 
 fields!(Exec { id: req, argv: req, env: nil skip, cwd: opt skip, user: opt skip, tty: opt skip, stdin: nil, timeout_ms: opt skip, output_cap: opt skip, task_id: opt skip, limits: opt skip });
@@ -111,6 +132,7 @@ impl Exec {
             output_cap: None,
             task_id: None,
             limits: None,
+            tag: None,
         }
     }
 }

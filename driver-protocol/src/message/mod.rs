@@ -22,6 +22,8 @@ mod control;
 mod event;
 mod exec;
 mod metrics;
+// exec registry
+mod registry;
 // sessions
 mod session;
 mod task;
@@ -36,6 +38,8 @@ pub use control::*;
 pub use event::*;
 pub use exec::*;
 pub use metrics::*;
+// exec registry
+pub use registry::*;
 // sessions
 pub use session::*;
 pub use task::*;
@@ -466,6 +470,13 @@ message_set! {
         // Resources.
         /// Ask for a resource reading.
         "metrics" => Metrics(Metrics),
+        // exec registry
+        /// List the running and recently exited execs.
+        "list_execs" => ListExecs(ListExecs),
+        /// Replay an exec's retained output, then follow it.
+        "attach_exec" => AttachExec(AttachExec),
+        /// Stop following an exec.
+        "detach_exec" => DetachExec(DetachExec),
     }
 }
 
@@ -494,6 +505,17 @@ message_set! {
         // Resources.
         /// Answer to `metrics`.
         "metrics_reply" => MetricsReply(MetricsReply),
+        // exec registry
+        /// Answer to `list_execs`.
+        "exec_list" => ExecList(ExecList),
+        /// Answer to `attach_exec`.
+        "exec_attached" => ExecAttached(ExecAttached),
+        /// Output of an attached exec.
+        "attach_output" => AttachOutput(AttachOutput),
+        /// An attached connection skipped output it was too slow for.
+        "attach_lagged" => AttachLagged(AttachLagged),
+        /// An attached exec ended.
+        "attach_exit" => AttachExit(AttachExit),
     }
 }
 

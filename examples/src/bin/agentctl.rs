@@ -188,6 +188,9 @@ enum Cmd {
         /// On a terminal of our size, ours in raw mode; SIGWINCH forwarded.
         #[arg(long)]
         tty: bool,
+        /// A label `ps` shows (1 to 64 bytes of [A-Za-z0-9._:/@+=-]).
+        #[arg(long, value_name = "TAG")]
+        tag: Option<String>,
         /// The command line, taken verbatim.
         #[arg(
             required = true,
@@ -196,6 +199,18 @@ enum Cmd {
             value_name = "CMD"
         )]
         argv: Vec<String>,
+    },
+    // exec registry
+    /// The execs running and the recently exited ones.
+    Ps,
+    /// Follow a running (or recently exited) exec: its retained output, then live output;
+    /// exit with its code.
+    Attach {
+        /// The exec's id (`ps`).
+        exec_id: u64,
+        /// Start at this byte offset of its output [default: the oldest byte retained].
+        #[arg(long, value_name = "OFFSET")]
+        from: Option<u64>,
     },
     /// Stop the agent and the shim.
     Shutdown {
@@ -581,7 +596,9 @@ async fn command(client: &Client, cmd: Cmd, out: &Out) -> Result<u8, Fail> {
             out.ok("set-driver accepted");
             Ok(0)
         }
-        Cmd::Exec { tty, argv } => exec(client, tty, argv, out).await,
+        Cmd::Exec { tty, tag, argv } => exec(client, tty, tag, argv, out).await,
+        Cmd::Ps => registry::ps(client, out).await,
+        Cmd::Attach { exec_id, from } => registry::attach(client, exec_id, from, out).await,
         Cmd::Shutdown { grace } => {
             client.shutdown(grace, Some("agentctl")).await?;
             out.ok("shutdown accepted");
@@ -908,9 +925,18 @@ fn terminal_size() -> (u16, u16) {
 
 /// Runs a command in the sandbox: stdin → exec_input, output → stdout/stderr, SIGWINCH →
 /// exec_resize; the exit code is the exec's (128+N for signal N).
-async fn exec(client: &Client, tty: bool, argv: Vec<String>, out: &Out) -> Result<u8, Fail> {
+async fn exec(
+    client: &Client,
+    tty: bool,
+    tag: Option<String>,
+    argv: Vec<String>,
+    out: &Out,
+) -> Result<u8, Fail> {
     let mut events = client.events()?;
     let mut spec = ExecSpec::new(argv).stdin(true);
+    if let Some(tag) = tag {
+        spec = spec.tag(tag);
+    }
     if tty {
         let (rows, cols) = terminal_size();
         spec = spec.tty(rows, cols);
@@ -957,11 +983,7 @@ async fn exec(client: &Client, tty: bool, argv: Vec<String>, out: &Out) -> Resul
                     client.ack(seq);
                 }
                 Some((seq, Event::ExecExit(x))) if x.exec_id == exec_id => {
-                    let code = match (x.code, x.signal.as_deref()) {
-                        (Some(c), _) => u8::try_from(c).unwrap_or(exit::EXEC_OWN),
-                        (None, Some(sig)) => 128u8.saturating_add(signal_number(sig)),
-                        (None, None) => exit::EXEC_OWN,
-                    };
+                    let code = exit_status(x.code, x.signal.as_deref());
                     if out.json {
                         out.event(seq, &Event::ExecExit(x));
                     }
@@ -985,6 +1007,128 @@ async fn exec(client: &Client, tty: bool, argv: Vec<String>, out: &Out) -> Resul
                 client.exec_resize(exec_id, rows, cols).await?;
             }
         }
+    }
+}
+
+/// An exec's exit as agentctl's exit code: its code, 128+N for signal N.
+fn exit_status(code: Option<i32>, signal: Option<&str>) -> u8 {
+    match (code, signal) {
+        (Some(c), _) => u8::try_from(c).unwrap_or(exit::EXEC_OWN),
+        (None, Some(sig)) => 128u8.saturating_add(signal_number(sig)),
+        (None, None) => exit::EXEC_OWN,
+    }
+}
+
+/// `ps` and `attach`: the exec registry (PROTOCOL.md §8.10).
+mod registry {
+    use std::io::Write as _;
+
+    use control_link::protocol::message::{ExecInfo, OutputStream};
+    use control_link::{AttachItem, Client};
+
+    use super::{error_chain, exit, exit_status, to_json, Fail, Out};
+
+    /// The table, or one JSON object per exec.
+    pub(super) async fn ps(client: &Client, out: &Out) -> Result<u8, Fail> {
+        let execs = client.list_execs().await?;
+        if out.json {
+            for e in &execs {
+                out.line(String::new, || to_json(e));
+            }
+            return Ok(0);
+        }
+        let mut t = format!(
+            "{:>6} {:>7} {:>5} {:<7} {:<16} {:<14} {:>10}  COMMAND\n",
+            "ID", "PID", "UID", "OWNER", "TAG", "STATUS", "OUTPUT"
+        );
+        for e in &execs {
+            t.push_str(&row(e));
+            t.push('\n');
+        }
+        let _ = std::io::stdout().lock().write_all(t.as_bytes());
+        Ok(0)
+    }
+
+    fn row(e: &ExecInfo) -> String {
+        let status = match &e.exit {
+            None => "running".to_owned(),
+            Some(x) => match (x.code, x.signal.as_deref()) {
+                (Some(c), _) => format!("exited {c}"),
+                (None, Some(s)) => format!("killed {s}"),
+                (None, None) => "ended".to_owned(),
+            },
+        };
+        let mut cmd = e.argv.join(" ");
+        if e.argv_truncated {
+            cmd.push('…');
+        }
+        format!(
+            "{:>6} {:>7} {:>5} {:<7} {:<16} {:<14} {:>10}  {}",
+            e.exec_id,
+            e.pid,
+            e.uid,
+            e.owner,
+            e.tag.as_deref().unwrap_or("-"),
+            status,
+            e.output_bytes,
+            cmd
+        )
+    }
+
+    /// Streams the exec's output to stdout/stderr (with `--json`, one object per frame)
+    /// and exits with its status; bytes skipped because we read too slowly are said on
+    /// stderr.
+    pub(super) async fn attach(
+        client: &Client,
+        exec_id: u64,
+        from: Option<u64>,
+        out: &Out,
+    ) -> Result<u8, Fail> {
+        let (attached, mut stream) = client
+            .attach_exec(exec_id, from)
+            .await
+            .map_err(|e| Fail(exit::EXEC_OWN, error_chain(&e)))?;
+        if out.json {
+            out.line(String::new, || to_json(&attached));
+        }
+        while let Some(item) = stream.next().await {
+            match item {
+                AttachItem::Output(o) if out.json => out.line(String::new, || to_json(&o)),
+                AttachItem::Output(o) => {
+                    // A closed stdout/stderr is the reader's business.
+                    let _ = if o.stream == OutputStream::Stderr {
+                        let mut e = std::io::stderr().lock();
+                        e.write_all(&o.data).and_then(|()| e.flush())
+                    } else {
+                        let mut s = std::io::stdout().lock();
+                        s.write_all(&o.data).and_then(|()| s.flush())
+                    };
+                }
+                AttachItem::Lagged(l) => {
+                    if out.json {
+                        out.line(String::new, || to_json(&l));
+                    } else {
+                        eprintln!(
+                            "agentctl: {} bytes of output skipped (too slow); going on at {}",
+                            l.missed, l.next_offset
+                        );
+                    }
+                }
+                AttachItem::Exit(x) => {
+                    if out.json {
+                        out.line(String::new, || to_json(&x));
+                    }
+                    return Ok(exit_status(x.code, x.signal.as_deref()));
+                }
+            }
+        }
+        Err(Fail(
+            exit::EXEC_OWN,
+            format!(
+                "the connection was lost; attach again with --from {}",
+                stream.next_offset()
+            ),
+        ))
     }
 }
 

@@ -18,6 +18,9 @@ use super::values::{
 };
 use super::TokenSource;
 
+/// The largest `--exec-retain`: 16 MiB per exec.
+const MAX_RETAIN: usize = 16 * 1024 * 1024;
+
 /// Every flag, in `--help` order.
 pub(super) static FLAGS: &[Flag] = &[
     Flag {
@@ -522,6 +525,40 @@ pub(super) static FLAGS: &[Flag] = &[
                 Ok(())
             }
         },
+    ),
+    // exec registry
+    val(
+        "exec-retain",
+        "BYTES",
+        "AGENT_SHIM_EXEC_RETAIN",
+        Value("65536"),
+        Supervisor,
+        "the tail of each exec's output kept for attach_exec, in bytes\n(0: none, and attach_exec is refused)",
+        |c, v| match parse_num(v)? {
+            n if n > MAX_RETAIN => Err(format!("at most {MAX_RETAIN}")),
+            n => {
+                c.sup.exec_retain = n;
+                Ok(())
+            }
+        },
+    ),
+    val(
+        "exec-history",
+        "N",
+        "AGENT_SHIM_EXEC_HISTORY",
+        Value("32"),
+        Supervisor,
+        "exited execs list_execs and attach_exec still know (the oldest\nforgotten first)",
+        |c, v| parse_num(v).map(|x| c.sup.exec_history = x),
+    ),
+    val(
+        "exec-history-ttl",
+        "DUR",
+        "AGENT_SHIM_EXEC_HISTORY_TTL",
+        Value("5m"),
+        Supervisor,
+        "how long an exited exec is kept for list_execs and attach_exec",
+        |c, v| parse_duration(v).map(|x| c.sup.exec_history_ttl = x),
     ),
     // microVM init duties.
     switch(

@@ -105,6 +105,12 @@ pub struct SupervisorOpts {
     pub max_sessions: usize,
     /// `--max-consumers`.
     pub max_consumers: usize,
+    /// `--exec-retain`.
+    pub exec_retain: usize,
+    /// `--exec-history`.
+    pub exec_history: usize,
+    /// `--exec-history-ttl`.
+    pub exec_history_ttl: Duration,
     /// `--workdir`.
     pub workdir: Option<PathBuf>,
     /// `--env-allow` (`None` = every variable).
@@ -227,6 +233,9 @@ impl Config {
                 event_buffer_bytes: 0,
                 max_sessions: 0,
                 max_consumers: 0,
+                exec_retain: 0,
+                exec_history: 0,
+                exec_history_ttl: Duration::ZERO,
                 workdir: None,
                 env_allow: None,
                 env_deny: Vec::new(),

@@ -88,6 +88,8 @@ pub(super) struct Conn {
     authenticated: Cell<bool>,
     /// Woken (all waiters) when the connection is closed.
     closed: Notify,
+    /// The execs this connection follows (`attach_exec`).
+    pub(super) attached: RefCell<Vec<super::attach::Attachment>>,
 }
 
 impl Conn {
@@ -107,6 +109,7 @@ impl Conn {
             reader: RefCell::new(None),
             authenticated: Cell::new(false),
             closed: Notify::new(),
+            attached: RefCell::new(Vec::new()),
         }
     }
 
@@ -352,6 +355,10 @@ async fn write_loop(mut wr: WriteHalf, conn: Rc<Conn>, inner: Rc<Inner>) {
         }
         if state == State::Open && batch.is_empty() {
             lag_check(&conn, &inner, &mut batch);
+        }
+        if state == State::Open && batch.len() < WRITE_BATCH / 2 {
+            // At most half a batch: the events behind are never held back.
+            super::attach::fill(&conn, &inner, &mut batch, WRITE_BATCH / 2);
         }
         if state == State::Open && batch.is_empty() {
             // A large event (exec output) is written from the buffer as it is, not copied.
@@ -818,8 +825,16 @@ async fn forward(
         }
     }
     let reply = Reply::new(Rc::clone(inner), conn.id, id);
-    if let ControlToShim::ForgetConsumer(forget) = &request {
-        reply.send(forget_consumer(inner, forget));
+    let answered = match &request {
+        ControlToShim::ForgetConsumer(forget) => Some(forget_consumer(inner, forget)),
+        // exec registry
+        ControlToShim::ListExecs(m) => Some(super::attach::list(inner, m)),
+        ControlToShim::AttachExec(m) => Some(super::attach::attach(conn, inner, m)),
+        ControlToShim::DetachExec(m) => Some(super::attach::detach(conn, m)),
+        _ => None,
+    };
+    if let Some(msg) = answered {
+        reply.send(msg);
         return ControlFlow::Continue(());
     }
     if inner
@@ -928,6 +943,9 @@ pub(super) fn request_id(msg: &ControlToShim) -> Option<RequestId> {
         ControlToShim::ForgetConsumer(m) => Some(m.id),
         ControlToShim::SetClock(m) => Some(m.id),
         ControlToShim::Metrics(m) => Some(m.id),
+        ControlToShim::ListExecs(m) => Some(m.id),
+        ControlToShim::AttachExec(m) => Some(m.id),
+        ControlToShim::DetachExec(m) => Some(m.id),
         ControlToShim::Unknown(m) => m.id,
         ControlToShim::Hello(_)
         | ControlToShim::Auth(_)

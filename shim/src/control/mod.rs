@@ -25,6 +25,7 @@
 //! `Rc<RefCell<…>>`, never borrowed across an `.await`.
 
 mod addr;
+mod attach;
 mod auth;
 mod buffer;
 mod conn;
@@ -34,6 +35,7 @@ mod dial;
 pub mod fuzz;
 mod gate;
 mod ids;
+mod registry;
 mod source;
 #[cfg(test)]
 mod tests;
@@ -49,8 +51,8 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use driver_protocol::message::{
-    ControlToShim, ErrorMsg, Event, Hello, Limits, Message as _, RequestId, Role, Seq,
-    ShimToControl,
+    ControlToShim, ErrorMsg, Event, Exec, ExecExit, Hello, Limits, Message as _, OutputStream,
+    RequestId, Role, Seq, ShimToControl,
 };
 use driver_protocol::{frame, EncodeError, ErrorCode};
 use tokio::sync::{mpsc, Notify};
@@ -64,6 +66,7 @@ use conn::Conn;
 use consumers::Consumers;
 use gate::{Gate, Refused};
 use ids::IdCache;
+pub use registry::RegistryConfig;
 use transport::Listener;
 
 /// Commands waiting for the supervisor; a client sending faster is simply not read.
@@ -133,6 +136,8 @@ pub struct ControlConfig {
     pub max_sessions: usize,
     /// Durable consumers known at once.
     pub max_consumers: usize,
+    /// The exec registry's bounds.
+    pub registry: RegistryConfig,
 }
 
 /// Knobs the protocol leaves to the implementation; tests shrink them.
@@ -313,6 +318,8 @@ struct Shared {
     gate: Gate,
     /// Accepted connections still in their handshake, by id: the gate may evict one.
     handshaking: HashMap<u64, Weak<Conn>>,
+    /// The execs running and recently exited, with their output's tail.
+    registry: registry::Registry,
 }
 
 impl Shared {
@@ -329,6 +336,13 @@ impl Shared {
         match self.consumers.floor() {
             Some(floor) => self.buffer.ack(floor),
             None => false,
+        }
+    }
+
+    /// Wakes the writers of the sessions attached to exec `id`.
+    fn wake_attached(&self, id: u64) {
+        for conn in self.sessions.iter().filter(|c| attach::follows(c, id)) {
+            conn.wake();
         }
     }
 
@@ -495,6 +509,7 @@ impl ControlServer {
                 next_conn: 0,
                 gate,
                 handshaking: HashMap::new(),
+                registry: registry::Registry::new(cfg.registry),
             }),
             acked: Notify::new(),
             commands: tx,
@@ -626,6 +641,33 @@ impl ControlServer {
             events: events as u64,
             bytes: bytes as u64,
             last_seq,
+        }
+    }
+
+    /// Exec `id` started as `pid` for `owner` (`driver` or `control`), running as `uid`: the
+    /// registry lists it from now on.
+    pub fn exec_started(&self, id: u64, req: &Exec, pid: i32, uid: u32, owner: &str) {
+        self.inner
+            .state
+            .borrow_mut()
+            .registry
+            .started(id, req, pid, uid, owner);
+    }
+
+    /// `data` of exec `id`'s `stream` was forwarded to its owner: retained, and the
+    /// connections attached to the exec are woken.
+    pub fn exec_output(&self, id: u64, stream: OutputStream, data: &[u8]) {
+        let st = &mut *self.inner.state.borrow_mut();
+        if st.registry.output(id, stream, data) {
+            st.wake_attached(id);
+        }
+    }
+
+    /// Exec `exit.exec_id` ended.
+    pub fn exec_ended(&self, exit: &ExecExit) {
+        let st = &mut *self.inner.state.borrow_mut();
+        if st.registry.ended(exit, Instant::now()) {
+            st.wake_attached(exit.exec_id);
         }
     }
 

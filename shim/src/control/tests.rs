@@ -58,6 +58,11 @@ fn cfg(max_events: usize, max_bytes: usize) -> ControlConfig {
         idle_timeout: super::DEFAULT_IDLE_TIMEOUT,
         max_sessions: 16,
         max_consumers: 4,
+        registry: super::RegistryConfig {
+            retain: 64 * 1024,
+            history: 8,
+            ttl: std::time::Duration::from_secs(60),
+        },
     }
 }
 

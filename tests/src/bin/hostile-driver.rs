@@ -168,6 +168,7 @@ fn main() {
                     output_cap: Some(u64::MAX),
                     task_id: None,
                     limits: None,
+                    tag: None,
                 };
                 if let Err(e) = writer.write_message(&DriverToShim::Exec(exec)) {
                     eprintln!("exec {id}: not sent: {e}");
@@ -212,6 +213,7 @@ fn main() {
                 output_cap: None,
                 task_id: None,
                 limits: None,
+                tag: None,
             };
             send(&mut writer, &DriverToShim::Exec(exec));
             let mut out = Vec::new();

@@ -450,3 +450,103 @@ fn metrics_and_top_human_and_json() -> Result<()> {
     );
     Ok(())
 }
+
+/// `agentctl ps` and `agentctl attach` against a real shim as PID 1: an exec started by
+/// another client (a control-link consumer) is listed with its tag, and attach replays its
+/// output, follows it live and exits with its code; control-link's typed `list_execs` and
+/// `attach_exec` see the same.
+#[test]
+fn ps_and_attach_follow_an_exec_another_client_started() -> Result<()> {
+    let shim = LinkShim::start(Mode::Pid1)?;
+    let addr = shim.addr.to_string();
+    let rt = runtime()?;
+    let client = rt.block_on(control_link::connect(&shim.addr, None))?;
+    let script = "echo one; echo two >&2; read x; echo three; exit 5";
+    let spec = control_link::ExecSpec::new(["sh", "-c", script])
+        .stdin(true)
+        .tag("job:ctl");
+    let exec_id = rt.block_on(client.exec(spec))?.exec_id;
+    // Wait (typed list_execs) until the first two lines are written.
+    poll_until(PATIENCE, || {
+        let execs = rt.block_on(client.list_execs()).ok()?;
+        execs
+            .into_iter()
+            .find(|e| e.exec_id == exec_id && e.output_bytes >= 8)
+    })
+    .ok_or_else(|| anyhow!("exec {exec_id} never wrote its first lines"))?;
+
+    let (code, out, err) = run(&addr, &["ps"])?;
+    ensure!(code == 0, "ps: {code} {err}");
+    let row = out
+        .lines()
+        .find(|l| l.contains("job:ctl"))
+        .ok_or_else(|| anyhow!("ps shows no job:ctl:\n{out}"))?;
+    ensure!(
+        row.contains("running") && row.contains("control") && row.contains("sh -c"),
+        "{out}"
+    );
+    let (code, out, _) = run(&addr, &["ps", "--json"])?;
+    ensure!(code == 0);
+    let rows = json_lines(&out)?;
+    ensure!(
+        rows.iter()
+            .any(|r| r["exec_id"] == exec_id && r["tag"] == "job:ctl" && r["exit"].is_null()),
+        "{out}"
+    );
+
+    // attach: the replay, then (after the input the owner sends) the rest and the exit code.
+    let mut att = Guard(command(&addr, &["attach", &exec_id.to_string()])?.spawn()?);
+    let mut stdout = att.0.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let mut stderr = att.0.stderr.take().ok_or_else(|| anyhow!("no stderr"))?;
+    let out_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    // A typed attachment beside it sees the same replay.
+    let (attached, mut stream) = rt.block_on(client.attach_exec(exec_id, Some(0)))?;
+    ensure!(
+        attached.running && attached.first_offset == 0,
+        "{attached:?}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    rt.block_on(client.exec_input(exec_id, b"go\n".to_vec(), true))?;
+    let status = poll_until(PATIENCE, || att.0.try_wait().ok().flatten())
+        .ok_or_else(|| anyhow!("agentctl attach did not finish"))?;
+    let out = out_t.join().map_err(|_| anyhow!("stdout reader"))?;
+    let err = err_t.join().map_err(|_| anyhow!("stderr reader"))?;
+    ensure!(status.code() == Some(5), "attach exited {status:?}: {err}");
+    ensure!(
+        out == "one\nthree\n" && err.contains("two"),
+        "out {out:?} err {err:?}"
+    );
+    let typed = rt.block_on(async {
+        let mut bytes = Vec::new();
+        while let Some(item) = stream.next().await {
+            match item {
+                control_link::AttachItem::Output(o) => bytes.extend_from_slice(&o.data),
+                control_link::AttachItem::Exit(x) => return Ok((bytes, x)),
+                control_link::AttachItem::Lagged(l) => bail!("lagged {l:?}"),
+            }
+        }
+        bail!("the stream ended without the exit")
+    })?;
+    ensure!(typed.0.len() == 14 && typed.1.code == Some(5), "{typed:?}");
+    // An exec nobody knows: agentctl's own failure (125), the shim's code printed.
+    let (code, _, err) = run(&addr, &["attach", "987654"])?;
+    ensure!(code == 125 && err.contains("not_found"), "{code} {err}");
+    // After the exit, ps shows it exited.
+    let (_, out, _) = run(&addr, &["ps"])?;
+    ensure!(
+        out.lines()
+            .any(|l| l.contains("job:ctl") && l.contains("exited 5")),
+        "{out}"
+    );
+    rt.block_on(client.close());
+    Ok(())
+}

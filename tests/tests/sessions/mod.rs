@@ -6,6 +6,7 @@ mod consumers;
 mod link;
 mod observers;
 mod refusals;
+mod registry;
 
 use std::time::Duration;
 

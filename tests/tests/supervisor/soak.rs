@@ -52,6 +52,7 @@ fn exec_req(id: u64) -> Exec {
         output_cap: None,
         task_id: None,
         limits: None,
+        tag: None,
     }
 }
 

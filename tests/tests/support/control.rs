@@ -795,6 +795,8 @@ fn re_of(msg: &ShimToControl) -> Option<RequestId> {
         ShimToControl::ExecStarted(e) => Some(e.re),
         ShimToControl::Pong(p) => Some(p.re),
         ShimToControl::MetricsReply(m) => Some(m.re),
+        ShimToControl::ExecList(l) => Some(l.re),
+        ShimToControl::ExecAttached(a) => Some(a.re),
         _ => None,
     }
 }

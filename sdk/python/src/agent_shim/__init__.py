@@ -19,10 +19,25 @@ from .errors import (  # noqa: E402
 from .process import ExecResult, Process, TtySize  # noqa: E402
 from .token import TOKEN_ENV, read_token, token_from_env  # noqa: E402
 from .driver import Context, Driver, Task, TaskContext  # noqa: E402
-from .control import Client, Event, Lagged, Status  # noqa: E402
+from .control import (  # noqa: E402
+    AttachExit,
+    AttachLagged,
+    Attachment,
+    AttachOutput,
+    Client,
+    Event,
+    ExecInfo,
+    Lagged,
+    Status,
+)
 
 __all__ = [
     "__version__",
+    "AttachExit",
+    "AttachLagged",
+    "Attachment",
+    "AttachOutput",
+    "ExecInfo",
     "AgentShimError",
     "AuthenticationError",
     "ConnectionClosed",

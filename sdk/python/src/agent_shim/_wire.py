@@ -146,6 +146,24 @@ SHIM_TO_CONTROL: Schema = {
     },
     "event": {"seq": (U64, REQ), "event": (_map, REQ)},
     "lagged": {"missed": (U64, REQ), "next_seq": (U64, REQ)},
+    # exec registry (PROTOCOL.md §8.10, §9.9)
+    "exec_list": {"re": (U64, REQ), "execs": (_list_of(_map), REQ)},
+    "exec_attached": {
+        "re": (U64, REQ),
+        "exec_id": (U64, REQ),
+        "from_offset": (U64, REQ),
+        "first_offset": (U64, REQ),
+        "end_offset": (U64, REQ),
+        "running": (_bool, REQ),
+    },
+    "attach_output": {
+        "exec_id": (U64, REQ),
+        "stream": (_one_of("stdout", "stderr", "pty"), REQ),
+        "offset": (U64, REQ),
+        "data": (_bin, REQ),
+    },
+    "attach_lagged": {"exec_id": (U64, REQ), "missed": (U64, REQ), "next_offset": (U64, REQ)},
+    "attach_exit": SHIM_TO_DRIVER["exec_exit"],
 }
 
 

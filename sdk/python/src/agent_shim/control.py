@@ -164,6 +164,89 @@ class _Conn:
 Item = Union[Event, Lagged, BaseException]
 
 
+@dataclass(frozen=True)
+class ExecInfo:
+    """One exec of ``list_execs`` (PROTOCOL.md §8.10); ``exit`` is None while it runs."""
+
+    exec_id: int
+    argv: List[str]
+    pid: int
+    uid: int
+    owner: str
+    started_ms: int
+    output_bytes: int
+    tag: Optional[str]
+    user: Optional[str]
+    exit: Optional[Dict[str, Any]]
+    raw: Dict[str, Any]
+
+
+@dataclass(frozen=True)
+class AttachOutput:
+    """Output of an attached exec: ``data`` at byte ``offset`` of its output."""
+
+    stream: str
+    offset: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class AttachLagged:
+    """This client read too slowly: ``missed`` bytes skipped, it goes on at ``next_offset``."""
+
+    missed: int
+    next_offset: int
+
+
+@dataclass(frozen=True)
+class AttachExit:
+    """The attached exec ended (the fields of its ``exec_exit`` in ``raw``); the last item."""
+
+    code: Optional[int]
+    signal: Optional[str]
+    raw: Dict[str, Any]
+
+
+AttachItem = Union[AttachOutput, AttachLagged, AttachExit]
+
+
+class Attachment:
+    """An attached exec (:meth:`Client.attach_exec`): iterate it for its output, then its
+    exit. It belongs to the connection: if that is lost the iteration raises
+    ConnectionClosed, and ``next_offset`` is where to attach again."""
+
+    def __init__(self, exec_id: int, reply: Message) -> None:
+        self.exec_id = exec_id
+        self.from_offset: int = reply["from_offset"]
+        self.first_offset: int = reply["first_offset"]
+        self.end_offset: int = reply["end_offset"]
+        self.running: bool = reply["running"]
+        self.next_offset = self.from_offset
+        #: The exit, once it came.
+        self.exit: Optional[AttachExit] = None
+        self._queue: "asyncio.Queue[Union[AttachItem, BaseException]]" = asyncio.Queue()
+
+    def _put(self, item: Union[AttachItem, BaseException]) -> None:
+        self._queue.put_nowait(item)
+
+    def __aiter__(self) -> "Attachment":
+        return self
+
+    async def __anext__(self) -> AttachItem:
+        if self.exit is not None:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        if isinstance(item, AttachOutput):
+            self.next_offset = item.offset + len(item.data)
+        elif isinstance(item, AttachLagged):
+            self.next_offset = item.next_offset
+        else:
+            self.exit = item
+        return item
+
+
 class Client:
     """A control-plane connection to one shim. Use :meth:`connect`.
 
@@ -228,6 +311,8 @@ class Client:
         self._bytes_since_ack = 0
         self._ack_timer: Optional[asyncio.TimerHandle] = None
         self._procs: Dict[int, Process] = {}
+        #: The execs followed on the current connection (attach_exec), by exec id.
+        self._attached: Dict[int, Attachment] = {}
         self._streaming = False
         #: The shim's hello on the current connection.
         self.hello: Message = {}
@@ -288,6 +373,7 @@ class Client:
         for proc in self._procs.values():
             proc._lost(str(self._dead))
         self._procs.clear()
+        self._end_attachments(str(self._dead))
         if self._ack_timer is not None:
             self._ack_timer.cancel()
         try:
@@ -455,12 +541,17 @@ class Client:
             raise
         finally:
             conn.close(why)
+            self._end_attachments(why)
 
     async def _on_message(self, conn: _Conn, msg: Message, size: int) -> None:
         kind = msg["type"]
         if kind == "event":
             await self._on_event(msg["seq"], msg["event"], size)
-        elif "re" in msg and kind in ("ok", "pong", "exec_started", "status_reply", "error"):
+        elif kind in ("attach_output", "attach_lagged", "attach_exit"):
+            self._on_attached(msg)
+        elif "re" in msg and kind in (
+            "ok", "pong", "exec_started", "status_reply", "error", "exec_list", "exec_attached"
+        ):
             entry = self._pending.get(msg["re"])
             if entry is None or entry[0].done():
                 return
@@ -486,6 +577,25 @@ class Client:
                 await self._queue.put(err)
             else:
                 log.warning("%s: error from the shim: %s", self.address, err)
+
+    def _end_attachments(self, why: str) -> None:
+        """Attachments belong to the connection: each ends with ConnectionClosed."""
+        for att in self._attached.values():
+            att._put(ConnectionClosed(f"attachment ended: {why}"))
+        self._attached.clear()
+
+    def _on_attached(self, msg: Message) -> None:
+        att = self._attached.get(msg["exec_id"])
+        if att is None:
+            return
+        kind = msg["type"]
+        if kind == "attach_output":
+            att._put(AttachOutput(msg["stream"], msg["offset"], msg["data"]))
+        elif kind == "attach_lagged":
+            att._put(AttachLagged(msg["missed"], msg["next_offset"]))
+        else:
+            del self._attached[msg["exec_id"]]
+            att._put(AttachExit(msg.get("code"), msg.get("signal"), msg))
 
     # -- requests --
 
@@ -573,6 +683,50 @@ class Client:
             idle_since_ms=r.get("idle_since_ms"), raw=r,
         )
 
+    async def list_execs(self) -> List[ExecInfo]:
+        """The execs running and the recently exited ones (``list_execs``, PROTOCOL.md §8.10)."""
+        r = await self.request({"type": "list_execs"})
+        return [
+            ExecInfo(
+                exec_id=e["exec_id"], argv=list(e["argv"]), pid=e["pid"], uid=e["uid"],
+                owner=e["owner"], started_ms=e["started_ms"], output_bytes=e["output_bytes"],
+                tag=e.get("tag"), user=e.get("user"), exit=e.get("exit"), raw=e,
+            )
+            for e in r["execs"]
+        ]
+
+    async def attach_exec(self, exec_id: int, from_offset: Optional[int] = None) -> Attachment:
+        """Follows exec ``exec_id`` (``attach_exec``, PROTOCOL.md §8.10): the output the shim
+        still retains from ``from_offset`` (None: the oldest byte retained), then the live
+        output, then its exit. An offset no longer retained raises RemoteError ``gap`` whose
+        ``first_available`` is the oldest offset retained. Not retried on another
+        connection: a lost connection ends the attachment (attach again from its
+        ``next_offset``)."""
+        conn = await self._live(self.request_timeout)
+        msg: Message = {"type": "attach_exec", "id": self._next_id(), "exec_id": exec_id}
+        if from_offset is not None:
+            msg["from_offset"] = from_offset
+        # Registered before the request: output may follow the reply at once.
+        pending = Attachment(exec_id, {"from_offset": from_offset or 0, "first_offset": 0,
+                                       "end_offset": 0, "running": True})
+        self._attached[exec_id] = pending
+        try:
+            reply = await self._request_on(conn, msg, self.request_timeout)
+        except BaseException:
+            if self._attached.get(exec_id) is pending:
+                del self._attached[exec_id]
+            raise
+        pending.from_offset = pending.next_offset = reply["from_offset"]
+        pending.first_offset = reply["first_offset"]
+        pending.end_offset = reply["end_offset"]
+        pending.running = reply["running"]
+        return pending
+
+    async def detach_exec(self, exec_id: int) -> None:
+        """Stops following exec ``exec_id`` on this connection (``detach_exec``)."""
+        self._attached.pop(exec_id, None)
+        await self.request({"type": "detach_exec", "exec_id": exec_id})
+
     async def submit_task(
         self,
         task_id: str,
@@ -652,6 +806,7 @@ class Client:
         stdin: bool = False,
         timeout: Optional[float] = None,
         output_cap: Optional[int] = None,
+        tag: Optional[str] = None,
     ) -> Process:
         """Runs a process in the sandbox. Its output and exit arrive as events, which this
         client takes for the process and acknowledges. Without :meth:`events` called first,
@@ -662,7 +817,7 @@ class Client:
             self._start_pump(after=(await self.status()).last_seq)
         msg = exec_request(
             self._next_id(), argv, env=env, cwd=cwd, user=user, tty=tty, stdin=stdin,
-            timeout=timeout, output_cap=output_cap,
+            timeout=timeout, output_cap=output_cap, tag=tag,
         )
         started = await self.request(msg)
         proc: Process = started["process"]

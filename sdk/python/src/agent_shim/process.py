@@ -177,6 +177,7 @@ def exec_request(
     timeout: Optional[float] = None,
     output_cap: Optional[int] = None,
     task_id: Optional[str] = None,
+    tag: Optional[str] = None,
 ) -> Dict[str, Any]:
     """The ``exec`` message (PROTOCOL.md §9.2); ``timeout`` in seconds."""
     if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
@@ -198,4 +199,6 @@ def exec_request(
         msg["output_cap"] = output_cap
     if task_id is not None:
         msg["task_id"] = task_id
+    if tag is not None:
+        msg["tag"] = tag
     return msg

@@ -22,8 +22,8 @@
 use std::time::{Duration, Instant};
 
 use driver_protocol::message::{
-    ErrorMsg, Exec, ExecExit, ExecInput, ExecResize, ExecSignal, OutputStream, ShimToControl,
-    TtySize,
+    valid_tag, ErrorMsg, Exec, ExecExit, ExecInput, ExecResize, ExecSignal, OutputStream,
+    ShimToControl, TtySize, MAX_TAG,
 };
 use driver_protocol::ErrorCode;
 use tracing::{debug, info, warn};
@@ -109,6 +109,12 @@ impl Core {
         }
         if req.argv.is_empty() || req.argv.first().is_some_and(String::is_empty) {
             return Err((ErrorCode::Invalid, "argv is empty".into()));
+        }
+        if req.tag.as_deref().is_some_and(|t| !valid_tag(t)) {
+            return Err((
+                ErrorCode::Invalid,
+                format!("tag: 1 to {MAX_TAG} bytes of [A-Za-z0-9._:/@+=-]"),
+            ));
         }
         if req.tty.is_some_and(|t| t.rows == 0 || t.cols == 0) {
             return Err((ErrorCode::Invalid, "tty rows and cols must be > 0".into()));
@@ -307,6 +313,7 @@ impl Core {
         );
         // Grandchildren that kept the output open, or anything left in the group.
         self.kill_exec_group(e.pid, libc::SIGKILL);
+        self.out.push(Output::ExecEnded(exit.clone()));
         match e.owner {
             ExecOwner::Control => self.event(exit),
             ExecOwner::Driver(pid) => {

@@ -77,6 +77,8 @@ struct Harness<'a> {
     fail_launch: bool,
     /// Running execs: id → pid (process group).
     execs: BTreeMap<u64, i32>,
+    /// Execs the core reported ended (`Output::ExecEnded`): each exactly once.
+    ended: std::collections::BTreeSet<u64>,
     /// Per task id: `task_accepted` and `task_done` counts.
     accepted: BTreeMap<String, u32>,
     done: BTreeMap<String, u32>,
@@ -113,6 +115,7 @@ impl<'a> Harness<'a> {
             next_pid: 100,
             fail_launch: false,
             execs: BTreeMap::new(),
+            ended: std::collections::BTreeSet::new(),
             accepted: BTreeMap::new(),
             done: BTreeMap::new(),
             last_state,
@@ -414,6 +417,13 @@ impl<'a> Harness<'a> {
                         }
                         self.core.on_driver_link_closed(self.now);
                     }
+                    Output::ExecEnded(x) => {
+                        assert!(
+                            self.ended.insert(x.exec_id),
+                            "exec {} ended twice",
+                            x.exec_id
+                        );
+                    }
                     Output::ExecStop(id) => {
                         self.execs.remove(&id);
                         self.core.exec_io_closed(id, self.now);
@@ -571,7 +581,16 @@ fn field(bit: u32, v: u8) -> (Value, Value) {
             "code",
             pick(&["invalid", "limit", "internal", "timeout", "bogus"]),
         ),
-        28 => ("message", Value::from("m")),
+        28 if v % 2 == 0 => ("message", Value::from("m")),
+        28 => (
+            "tag",
+            pick(&[
+                "build:1",
+                "",
+                "a b",
+                "ttttttttttttttttttttttttttttttttttttttttttttttttttttttttttttttttt",
+            ]),
+        ),
         29 => ("output", Value::from("o")),
         30 => ("error", Value::from("e")),
         _ => ("cwd", pick(&["/", "relative", ""])),

@@ -49,6 +49,9 @@ pub enum Output {
     ExecInput(driver_protocol::message::ExecInput),
     /// Set the terminal size of an exec.
     ExecResize(u64, driver_protocol::message::TtySize),
+    /// Exec `exec_id` ended, reported to its owner (if it is still there) by the output that
+    /// follows: the exec registry records it (`list_execs`, `attach_exec`).
+    ExecEnded(driver_protocol::message::ExecExit),
     /// Read what is left of an exec's output, close it, then call [`Core::exec_io_closed`].
     ExecStop(u64),
     /// The driver was reaped: read what is left in its socket and pipes, close them, then

@@ -150,6 +150,7 @@ fn no_task_is_accepted_while_the_shim_waits_for_execs_to_exit() {
         output_cap: None,
         task_id: None,
         limits: None,
+        tag: None,
     };
     let owner = super::ExecOwner::Driver(PID);
     let id = core.admit(owner, &req, None).expect("admitted");

@@ -349,6 +349,15 @@ impl Shell<'_> {
         }
         // Registered before anything can reap (single thread, no drain in between).
         self.reaper.register(started.pid, Owner::Exec(id));
+        if let Some(control) = &self.control {
+            // SAFETY: geteuid cannot fail.
+            let uid = user.map_or_else(|| unsafe { libc::geteuid() }, |(uid, _)| uid);
+            let owner = match owner {
+                ExecOwner::Driver(_) => "driver",
+                ExecOwner::Control => "control",
+            };
+            control.exec_started(id, req, started.pid, uid, owner);
+        }
         self.core
             .exec_started(id, owner, started.pid, req, Instant::now());
         Ok(started)
@@ -630,6 +639,9 @@ impl Shell<'_> {
         data.truncate(n);
         if data.is_empty() {
             return;
+        }
+        if let Some(control) = &self.control {
+            control.exec_output(id, stream, &data);
         }
         let msg = ExecOutput {
             exec_id: id,

@@ -125,6 +125,11 @@ pub(super) async fn shell(
             idle_timeout: cfg.sup.control_idle_timeout,
             max_sessions: cfg.sup.max_sessions,
             max_consumers: cfg.sup.max_consumers,
+            registry: crate::control::RegistryConfig {
+                retain: cfg.sup.exec_retain,
+                history: cfg.sup.exec_history,
+                ttl: cfg.sup.exec_history_ttl,
+            },
         };
         let server = ControlServer::start(&endpoints, ccfg).map_err(SupervisorError::Control)?;
         if let Some(addr) = &endpoints.listen {
@@ -386,6 +391,11 @@ impl Shell<'_> {
                     Output::ExecInput(m) => self.exec_input(m),
                     Output::ExecResize(id, size) => self.exec_resize(id, size),
                     Output::ExecStop(id) => self.exec_stop(id),
+                    Output::ExecEnded(exit) => {
+                        if let Some(control) = &self.control {
+                            control.exec_ended(&exit);
+                        }
+                    }
                     Output::CloseDriverLink => {
                         self.close_driver_io();
                         self.core.on_driver_link_closed(Instant::now());
