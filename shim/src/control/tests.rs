@@ -58,6 +58,7 @@ fn cfg(max_events: usize, max_bytes: usize) -> ControlConfig {
         idle_timeout: super::DEFAULT_IDLE_TIMEOUT,
         max_sessions: 16,
         max_consumers: 4,
+        cgroups: None,
     }
 }
 
