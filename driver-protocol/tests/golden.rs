@@ -232,6 +232,7 @@ fn hello(role: Role, software: &str, version: &str, capabilities: &[&str]) -> He
         nonce: None,
         consumer: None,
         limits: None,
+        cgroups: None,
     }
 }
 
