@@ -429,16 +429,29 @@ impl Client {
         Ok(id)
     }
 
-    /// Resumes a paused agent (`invalid_state` when not paused).
+    /// Resumes a paused agent (`invalid_state` when not paused). With `clock`, the shim
+    /// first sets the sandbox's wall clock to it, as [`set_clock`](Self::set_clock) does
+    /// (a `clock_set` event reports the jump), and only then wakes the driver, in one
+    /// request: what a microVM restored from a snapshot needs. A time the kernel refuses is
+    /// `invalid` (`internal` where the shim may not set the clock) and the agent stays paused.
     ///
     /// ```no_run
     /// # async fn demo(client: control_link::Client) -> Result<(), control_link::Error> {
-    /// client.resume().await?;
+    /// client.resume(None).await?;
+    /// // After a snapshot restore:
+    /// client.resume(Some(std::time::SystemTime::now())).await?;
     /// # Ok(()) }
     /// ```
-    pub async fn resume(&self) -> Result<(), Error> {
-        self.call_ok(|id| Resume { id, slept_ms: None }.into())
-            .await?;
+    pub async fn resume(&self, clock: Option<std::time::SystemTime>) -> Result<(), Error> {
+        let unix_ms = clock.map(unix_ms);
+        self.call_ok(|id| {
+            Resume {
+                unix_ms,
+                ..Resume::new(id)
+            }
+            .into()
+        })
+        .await?;
         self.inner.shared.wake.saw_state(DriverState::Ready);
         Ok(())
     }
@@ -785,10 +798,7 @@ impl Client {
                 self.inner.shared.wake.saw_state(s.state);
                 match s.state {
                     DriverState::Paused if !resumed => {
-                        match self
-                            .call_ok(|id| Resume { id, slept_ms: None }.into())
-                            .await
-                        {
+                        match self.call_ok(|id| Resume::new(id).into()).await {
                             Ok(_) => resumed = true,
                             // Someone else resumed it meanwhile.
                             Err(e) if e.code() == Some(&crate::ErrorCode::InvalidState) => {}
@@ -849,20 +859,18 @@ impl Client {
     }
 
     /// Sets the sandbox's wall clock to `time` (a microVM's is wrong after a snapshot restore
-    /// or a long pause; send it before [`resume`](Self::resume)). The jump the shim corrected
-    /// arrives as a `clock_set` event. `invalid` for a time the kernel refuses, `internal`
-    /// where the shim may not set the clock (inside a container).
+    /// or a long pause; to set it as a paused agent resumes, give the time to
+    /// [`resume`](Self::resume) instead). The jump the shim corrected arrives as a
+    /// `clock_set` event. `invalid` for a time the kernel refuses, `internal` where the shim
+    /// may not set the clock (inside a container).
     ///
     /// ```no_run
     /// # async fn demo(client: control_link::Client) -> Result<(), control_link::Error> {
     /// client.set_clock(std::time::SystemTime::now()).await?;
-    /// client.resume().await?;
     /// # Ok(()) }
     /// ```
     pub async fn set_clock(&self, time: std::time::SystemTime) -> Result<(), Error> {
-        let unix_ms = time
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let unix_ms = unix_ms(time);
         self.call_ok(|id| driver_protocol::message::SetClock { id, unix_ms }.into())
             .await?;
         Ok(())
@@ -911,4 +919,10 @@ fn unexpected(msg: &ShimToControl) -> Error {
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// `time` in milliseconds since the Unix epoch (0 before it, `u64::MAX` past what fits).
+fn unix_ms(time: std::time::SystemTime) -> u64 {
+    time.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }

@@ -61,6 +61,7 @@ impl Hello {
             nonce: None,
             consumer: None,
             limits: None,
+            cgroups: None,
         }
     }
 

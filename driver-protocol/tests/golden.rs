@@ -135,21 +135,33 @@ fn v(variant: &'static str, description: &'static str, msg: impl Into<Any>) -> S
 /// More samples of types that [`samples`] has already, each in its own file.
 fn variant_samples() -> Vec<Sample> {
     use ControlToShim as C;
-    vec![Sample {
-        variant: Some("max_attempts"),
-        ..s(
-            "Queue a task; redeliver it after a driver crash, delivering it at most 5 times.",
-            C::SubmitTask(SubmitTask {
-                id: 0x5eed_0000_0000_0011,
-                task_id: "task-poison".to_owned(),
-                input: Value::from("parse the attached file"),
-                output_schema: None,
-                timeout_ms: None,
-                redeliver: true,
-                max_attempts: Some(5),
+    vec![
+        v(
+            "clock",
+            "Set the wall clock to 2025-01-01T00:00:00Z, then resume the agent (after a \
+             snapshot restore).",
+            C::Resume(Resume {
+                id: 0x5eed_0000_0000_0043,
+                slept_ms: None,
+                unix_ms: Some(1_735_689_600_000),
             }),
-        )
-    }]
+        ),
+        Sample {
+            variant: Some("max_attempts"),
+            ..s(
+                "Queue a task; redeliver it after a driver crash, delivering it at most 5 times.",
+                C::SubmitTask(SubmitTask {
+                    id: 0x5eed_0000_0000_0011,
+                    task_id: "task-poison".to_owned(),
+                    input: Value::from("parse the attached file"),
+                    output_schema: None,
+                    timeout_ms: None,
+                    redeliver: true,
+                    max_attempts: Some(5),
+                }),
+            )
+        },
+    ]
 }
 
 impl From<DriverToShim> for Any {
@@ -220,6 +232,7 @@ fn hello(role: Role, software: &str, version: &str, capabilities: &[&str]) -> He
         nonce: None,
         consumer: None,
         limits: None,
+        cgroups: None,
     }
 }
 
@@ -501,6 +514,7 @@ fn samples() -> Vec<Sample> {
             SD::Resume(Resume {
                 id: 10,
                 slept_ms: Some(300_000),
+                unix_ms: None,
             }),
         ),
         s(
@@ -596,10 +610,7 @@ fn samples() -> Vec<Sample> {
         ),
         s(
             "Resume the agent (slept_ms is only sent to drivers).",
-            C::Resume(Resume {
-                id: 0x5eed_0000_0000_0004,
-                slept_ms: None,
-            }),
+            C::Resume(Resume::new(0x5eed_0000_0000_0004)),
         ),
         s(
             "Send SIGTERM to the process group of exec 17.",
@@ -794,9 +805,10 @@ fn samples() -> Vec<Sample> {
         ),
         v(
             "limits",
-            "The shim's hello advertising its limits before authentication.",
+            "The shim's hello advertising its limits and its cgroup mode before authentication.",
             SC::Hello(Hello {
                 agent_id: some("agent-0192"),
+                cgroups: some("v2-delegated"),
                 limits: Some(Box::new(Limits {
                     max_events: 4096,
                     max_bytes: 8_388_608,

@@ -177,6 +177,7 @@ fn hello() -> impl Strategy<Value = Hello> {
         (
             opt_text(),
             proptest::option::of(limits().prop_map(Box::new)),
+            opt_text(),
         ),
     )
         .prop_map(
@@ -189,7 +190,7 @@ fn hello() -> impl Strategy<Value = Hello> {
                 capabilities,
                 agent_id,
                 nonce,
-                (consumer, limits),
+                (consumer, limits, cgroups),
             )| {
                 Hello {
                     protocol,
@@ -202,6 +203,7 @@ fn hello() -> impl Strategy<Value = Hello> {
                     nonce,
                     consumer,
                     limits,
+                    cgroups,
                 }
             },
         )
@@ -277,7 +279,13 @@ fn paused() -> impl Strategy<Value = Paused> {
 }
 
 fn resume() -> impl Strategy<Value = Resume> {
-    (any::<u64>(), any::<Option<u64>>()).prop_map(|(id, slept_ms)| Resume { id, slept_ms })
+    (any::<u64>(), any::<Option<u64>>(), any::<Option<u64>>()).prop_map(
+        |(id, slept_ms, unix_ms)| Resume {
+            id,
+            slept_ms,
+            unix_ms,
+        },
+    )
 }
 
 fn shutdown() -> impl Strategy<Value = Shutdown> {

@@ -1,8 +1,11 @@
-//! Per-exec cgroups, where the sandbox's cgroup is delegated to the shim.
+//! Per-exec and driver cgroups, where the sandbox's cgroup is delegated to the shim.
 //!
 //! When the shim can create child cgroups, each exec runs in one of its own, below the
 //! shim's cgroup: its `limits` are written there, its timeout or cancel kills every process
-//! in it (a `setsid` daemon included), and its OOM kills are counted there.
+//! in it (a `setsid` daemon included), and its OOM kills are counted there. Each launch of
+//! the driver gets one too (`driver-<n>`), without limits: its usage is apart from the
+//! execs', its `oom_killed` comes from its own counter, and when it exits everything left
+//! in it is killed before the next launch, so a restart leaves nothing of the old driver.
 //!
 //! - **cgroup v2** ("v2-delegated"): the shim's cgroup directory is writable (PID 1 of a
 //!   microVM, or a container given its subtree). The "no internal processes" rule: the shim
@@ -36,6 +39,9 @@ const ROOT: &str = "/sys/fs/cgroup";
 
 /// The v1 hierarchies an exec's cgroup is made in (`freezer` for the kill).
 const V1_CONTROLLERS: &[&str] = &["memory", "pids", "cpu", "freezer"];
+
+/// The cgroup made for the sandbox when the shim starts at the root of a v2 hierarchy.
+const SANDBOX: &str = "agent-shim";
 
 /// The CFS period the `cpu` limit is written with, microseconds.
 const CPU_PERIOD_US: u64 = 100_000;
@@ -71,9 +77,12 @@ pub struct Delegation {
     tag: u64,
     /// v2: one directory; v1: `(controller, directory)` per hierarchy.
     parents: Vec<(&'static str, PathBuf)>,
+    /// v2 at the root of the hierarchy: the sandbox's cgroup made below it, as a line of
+    /// `/proc/self/cgroup` (`0::/agent-shim`).
+    sandbox: Option<String>,
 }
 
-/// One exec's cgroup.
+/// One exec's cgroup, or one launch of the driver's.
 #[derive(Debug)]
 pub struct ExecCgroup {
     mode: Mode,
@@ -90,18 +99,19 @@ impl Delegation {
             mode: Mode::None,
             tag: 0,
             parents: Vec::new(),
+            sandbox: None,
         }
     }
 
-    /// Finds out whether the shim can create child cgroups, and on v2 moves the shim into
-    /// its leaf and enables the controllers. Call before any child is started.
-    pub fn detect() -> Self {
-        let proc_cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    /// Finds out whether the shim can create child cgroups (`proc_cgroup`: the contents of
+    /// `/proc/self/cgroup`), and on v2 moves the shim into its leaf and enables the
+    /// controllers. Call before any child is started.
+    pub fn detect(proc_cgroup: &str) -> Self {
         let root = Path::new(ROOT);
         let d = if is_cgroup2(root) {
-            detect_v2(root, &proc_cgroup)
+            detect_v2(root, proc_cgroup)
         } else {
-            detect_v1(root, &proc_cgroup)
+            detect_v1(root, proc_cgroup)
         };
         let d = d.unwrap_or_else(Delegation::none);
         info!(cgroups = d.mode.name(), "per-exec cgroups");
@@ -113,6 +123,13 @@ impl Delegation {
         self.mode
     }
 
+    /// Where the shim was at the root of a v2 hierarchy (PID 1 of a microVM), whose root
+    /// cgroup has no usage files of its own: the sandbox's cgroup the delegation made below
+    /// it, as a line of `/proc/self/cgroup`, to read the sandbox's usage from.
+    pub fn sandbox(&self) -> Option<&str> {
+        self.sandbox.as_deref()
+    }
+
     /// Creates exec `id`'s cgroup with `limits` written; `None` without delegation.
     pub fn create(
         &self,
@@ -122,13 +139,27 @@ impl Delegation {
         if self.mode == Mode::None {
             return None;
         }
-        Some(self.create_in(id, limits))
+        Some(self.create_in("exec", id, limits))
     }
 
-    fn create_in(&self, id: u64, limits: Option<&ExecLimits>) -> std::io::Result<ExecCgroup> {
+    /// Creates the cgroup of the driver's `n`th launch (no limits); `None` without
+    /// delegation.
+    pub fn create_driver(&self, n: u64) -> Option<std::io::Result<ExecCgroup>> {
+        if self.mode == Mode::None {
+            return None;
+        }
+        Some(self.create_in("driver", n, None))
+    }
+
+    fn create_in(
+        &self,
+        what: &str,
+        id: u64,
+        limits: Option<&ExecLimits>,
+    ) -> std::io::Result<ExecCgroup> {
         let name = match self.mode {
-            Mode::V2 => format!("exec-{id}-{:x}", self.tag),
-            _ => format!("agent-shim-exec-{id}-{:x}", self.tag),
+            Mode::V2 => format!("{what}-{id}-{:x}", self.tag),
+            _ => format!("agent-shim-{what}-{id}-{:x}", self.tag),
         };
         let mut cg = ExecCgroup {
             mode: self.mode,
@@ -310,7 +341,24 @@ fn own_dir(base: &Path, rel: &str) -> PathBuf {
 
 fn detect_v2(root: &Path, proc_cgroup: &str) -> Option<Delegation> {
     let rel = proc_cgroup.lines().find_map(|l| l.strip_prefix("0::"))?;
-    let dir = own_dir(root, rel);
+    let mut dir = own_dir(root, rel);
+    let mut sandbox = None;
+    // The hierarchy's root (every other cgroup has a `cgroup.type`) counts nothing of its
+    // own (no `memory.current`, `memory.events`, `pids.current`): the sandbox gets a cgroup
+    // below it, with the controllers the root offers (a microVM's init enabled them).
+    if !dir.join("cgroup.type").exists() {
+        let made = dir.join(SANDBOX);
+        if let Err(e) = std::fs::create_dir(&made) {
+            if e.kind() != std::io::ErrorKind::AlreadyExists {
+                return None;
+            }
+        }
+        for c in ["+memory", "+pids", "+cpu", "+io"] {
+            let _ = std::fs::write(dir.join("cgroup.subtree_control"), c);
+        }
+        sandbox = Some(format!("0::/{}/{SANDBOX}", rel.trim_matches('/')).replace("//", "/"));
+        dir = made;
+    }
     let leaf = dir.join("shim");
     if let Err(e) = std::fs::create_dir(&leaf) {
         if e.kind() != std::io::ErrorKind::AlreadyExists {
@@ -331,6 +379,7 @@ fn detect_v2(root: &Path, proc_cgroup: &str) -> Option<Delegation> {
         mode: Mode::V2,
         tag: tag(),
         parents: vec![("", dir)],
+        sandbox,
     })
 }
 
@@ -358,6 +407,7 @@ fn detect_v1(root: &Path, proc_cgroup: &str) -> Option<Delegation> {
         mode: Mode::V1,
         tag: tag(),
         parents,
+        sandbox: None,
     })
 }
 
@@ -378,6 +428,28 @@ mod tests {
         assert_eq!(Mode::None.name(), "none");
         assert_eq!(Mode::V1.name(), "v1");
         assert_eq!(Mode::V2.name(), "v2-delegated");
+    }
+
+    #[test]
+    fn at_the_root_of_a_v2_hierarchy_the_sandbox_gets_a_cgroup_below_it() {
+        let base = std::env::temp_dir().join(format!("agent-shim-cgroot-{}", std::process::id()));
+        // The root: no `cgroup.type`.
+        std::fs::create_dir_all(&base).unwrap();
+        let d = detect_v2(&base, "0::/\n").unwrap();
+        assert_eq!(d.sandbox(), Some("0::/agent-shim"));
+        assert_eq!(d.parents, vec![("", base.join("agent-shim"))]);
+        let me = std::fs::read_to_string(base.join("agent-shim/shim/cgroup.procs")).unwrap();
+        assert_eq!(me, std::process::id().to_string());
+        std::fs::remove_dir_all(&base).unwrap();
+        // Any other cgroup: its own directory, nothing made above the leaf.
+        let own = base.join("box");
+        std::fs::create_dir_all(&own).unwrap();
+        std::fs::write(own.join("cgroup.type"), "domain\n").unwrap();
+        let d = detect_v2(&base, "0::/box\n").unwrap();
+        assert_eq!(d.sandbox(), None);
+        assert_eq!(d.parents, vec![("", own.clone())]);
+        assert!(!own.join("agent-shim").exists());
+        std::fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]

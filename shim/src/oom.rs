@@ -174,11 +174,11 @@ pub struct Rise {
 }
 
 impl OomCounter {
-    /// Finds and opens the counter of the shim's own memory cgroup; without one, every
-    /// [`OomCounter::check`] is `None` (unknown).
-    pub fn open() -> Self {
-        let cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-        for path in candidates(&cgroup, Path::new("/sys/fs/cgroup")) {
+    /// Finds and opens the counter of the memory cgroup `proc_cgroup` names (the shim's own:
+    /// `/proc/self/cgroup`'s contents); without one, every [`OomCounter::check`] is `None`
+    /// (unknown).
+    pub fn open(proc_cgroup: &str) -> Self {
+        for path in candidates(proc_cgroup, Path::new("/sys/fs/cgroup")) {
             let Ok(file) = File::open(&path) else {
                 continue;
             };

@@ -61,6 +61,10 @@ pub struct Hello {
     /// The shim's limits (shim → control only), advertised before authentication.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<Box<super::Limits>>,
+    /// Which per-child cgroups the shim creates (shim → control only): `none`, `v1` or
+    /// `v2-delegated`, as in `status_reply` (PROTOCOL.md §8.8). Sent before authentication.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroups: Option<String>,
 }
 
 fields!(Hello { protocol: req, versions: req, role: req, software: req, software_version: req, capabilities: nil, agent_id: opt skip, nonce: opt skip, consumer: opt skip, limits: opt skip });
@@ -191,6 +195,22 @@ pub struct Resume {
     /// driver learns how long it slept, e.g. to refresh expired credentials.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slept_ms: Option<u64>,
+    /// The time to set the wall clock to first, in milliseconds since the Unix epoch (control
+    /// plane → shim only): as `set_clock`, but in the same step, before the driver is woken
+    /// (its `slept_ms` is then measured on the corrected clock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unix_ms: Option<u64>,
+}
+
+impl Resume {
+    /// A `resume` with request id `id` and no optional field.
+    pub fn new(id: RequestId) -> Self {
+        Resume {
+            id,
+            slept_ms: None,
+            unix_ms: None,
+        }
+    }
 }
 
 fields!(Resume { id: req, slept_ms: opt skip });

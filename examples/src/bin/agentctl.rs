@@ -164,7 +164,12 @@ enum Cmd {
         wait: bool,
     },
     /// Resume the agent.
-    Resume,
+    Resume {
+        /// Set the sandbox's wall clock first (after a snapshot restore), to this time in
+        /// milliseconds since the Unix epoch, or to this machine's time with `now`.
+        #[arg(long, value_name = "MS|now")]
+        clock: Option<ClockArg>,
+    },
     /// Signal the driver's process group.
     Signal {
         /// TERM, SIGTERM, 15, ...
@@ -304,6 +309,36 @@ fn main() -> ExitCode {
             };
             ExitCode::from(code)
         }
+    }
+}
+
+/// A time to set the sandbox's clock to: `now` (this machine's) or milliseconds since the
+/// Unix epoch.
+#[derive(Debug, Clone, Copy)]
+enum ClockArg {
+    Now,
+    Unix(u64),
+}
+
+impl ClockArg {
+    fn time(self) -> std::time::SystemTime {
+        match self {
+            ClockArg::Now => std::time::SystemTime::now(),
+            ClockArg::Unix(ms) => std::time::UNIX_EPOCH + Duration::from_millis(ms),
+        }
+    }
+}
+
+impl std::str::FromStr for ClockArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "now" {
+            return Ok(ClockArg::Now);
+        }
+        s.parse()
+            .map(ClockArg::Unix)
+            .map_err(|_| format!("bad time {s:?}: milliseconds since the Unix epoch, or `now`"))
     }
 }
 
@@ -576,8 +611,8 @@ async fn command(client: &Client, cmd: Cmd, out: &Out) -> Result<u8, Fail> {
             }
             Ok(0)
         }
-        Cmd::Resume => {
-            client.resume().await?;
+        Cmd::Resume { clock } => {
+            client.resume(clock.map(ClockArg::time)).await?;
             out.ok("resume accepted");
             Ok(0)
         }
@@ -613,9 +648,8 @@ async fn command(client: &Client, cmd: Cmd, out: &Out) -> Result<u8, Fail> {
             Ok(0)
         }
         Cmd::SetClock { unix_ms } => {
-            let time = unix_ms.map_or_else(std::time::SystemTime::now, |ms| {
-                std::time::UNIX_EPOCH + Duration::from_millis(ms)
-            });
+            let time =
+                unix_ms.map_or_else(std::time::SystemTime::now, |ms| ClockArg::Unix(ms).time());
             client.set_clock(time).await?;
             out.ok("clock set");
             Ok(0)

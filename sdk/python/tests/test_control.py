@@ -75,6 +75,10 @@ def test_typed_commands_over_unix(shim_factory):
             with pytest.raises(RemoteError) as e:
                 await c.resume()
             assert e.value.code == "invalid_state"
+            # With a time: refused the same way, before the clock is touched (this host's).
+            with pytest.raises(RemoteError) as e:
+                await c.resume(unix_ms=1_735_689_600_000)
+            assert e.value.code == "invalid_state"
             await c.pause()
             await until_type(stream, "paused")
             await c.resume()

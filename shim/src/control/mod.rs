@@ -138,6 +138,9 @@ pub struct ControlConfig {
     pub max_consumers: usize,
     /// The exec registry's bounds.
     pub registry: RegistryConfig,
+    /// Which per-child cgroups are in effect (`none`, `v1`, `v2-delegated`), told in the
+    /// `hello`.
+    pub cgroups: Option<&'static str>,
 }
 
 /// Knobs the protocol leaves to the implementation; tests shrink them.
@@ -478,6 +481,7 @@ impl ControlServer {
         };
         let mut hello = Hello::new(Role::Shim, "agent-shim", env!("CARGO_PKG_VERSION"));
         hello.agent_id = cfg.agent_id.clone();
+        hello.cgroups = cfg.cgroups.map(str::to_owned);
         let max_sessions = cfg.max_sessions.max(1);
         let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         hello.limits = Some(Box::new(Limits {

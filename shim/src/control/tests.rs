@@ -63,6 +63,7 @@ fn cfg(max_events: usize, max_bytes: usize) -> ControlConfig {
             history: 8,
             ttl: std::time::Duration::from_secs(60),
         },
+        cgroups: None,
     }
 }
 

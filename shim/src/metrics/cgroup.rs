@@ -365,6 +365,39 @@ mod tests {
         );
     }
 
+    /// Recorded by `vm::resources` (`AGENT_SHIM_VM_RECORD`) from the sandbox cgroup the shim
+    /// makes as a microVM's init (Debian's kernel 6.1), after an exec was OOM-killed under
+    /// its own limit, a fork bomb was contained and a 2 MiB disk was read: no limits set.
+    #[test]
+    fn v2_files_recorded_in_a_microvm_parse() {
+        let r = parse_fixture(2, "v2-vm", V2_FILES);
+        assert_eq!(
+            r,
+            CgroupReading {
+                version: 2,
+                memory_bytes: Some(1_372_160),
+                memory_limit_bytes: None,
+                memory_peak_bytes: Some(34_336_768),
+                memory_anon_bytes: Some(495_616),
+                memory_file_bytes: Some(0),
+                swap_bytes: Some(0),
+                swap_limit_bytes: None,
+                oom: Some(1),
+                oom_kills: Some(1),
+                cpu_usage_us: Some(5_606_616),
+                cpu_periods: Some(0),
+                cpu_throttled_periods: Some(0),
+                cpu_throttled_us: Some(0),
+                cpu_quota_us: None,
+                cpu_period_us: Some(100_000),
+                pids: Some(6),
+                pids_limit: None,
+                io_read_bytes: Some(2_097_152),
+                io_write_bytes: Some(0),
+            }
+        );
+    }
+
     #[test]
     fn recorded_v2_files_without_limits_parse() {
         let files: &[(Key, &str)] = &[

@@ -40,11 +40,11 @@ pub struct Sampler {
 }
 
 impl Sampler {
-    /// Finds and opens the shim's cgroup and the workspace directory `workdir` (the driver's
-    /// working directory: `--workdir`, or the shim's own).
-    pub fn open(workdir: &Path) -> Self {
-        let proc_cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-        let cgroup = Cgroup::open(Path::new(CGROUP_ROOT), &proc_cgroup);
+    /// Finds and opens the cgroup `proc_cgroup` names (the sandbox's: `/proc/self/cgroup`'s
+    /// contents) and the workspace directory `workdir` (the driver's working directory:
+    /// `--workdir`, or the shim's own).
+    pub fn open(workdir: &Path, proc_cgroup: &str) -> Self {
+        let cgroup = Cgroup::open(Path::new(CGROUP_ROOT), proc_cgroup);
         let workspace = std::fs::OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
@@ -146,13 +146,13 @@ mod tests {
 
     #[test]
     fn the_workspace_and_the_time_are_read() {
-        let mut s = Sampler::open(&std::env::temp_dir());
+        let mut s = Sampler::open(&std::env::temp_dir(), "");
         let r = s.read(&[]);
         let ws = r.workspace.expect("statfs of the temp dir");
         assert!(ws.size_bytes > 0 && ws.used_bytes <= ws.size_bytes);
         assert!(r.time_ms > 1_700_000_000_000);
         assert!(r.procs.is_empty());
-        let none = Sampler::open(Path::new("/nonexistent/agent-shim")).read(&[]);
+        let none = Sampler::open(Path::new("/nonexistent/agent-shim"), "").read(&[]);
         assert_eq!(none.workspace, None);
     }
 }

@@ -40,6 +40,8 @@
 //!                                   print `lower=ok|ERRNO` and `after=N`
 //! probe hog FORKS MIB               fork FORKS children that sleep (print `forked=N`), then
 //!                                   touch MIB MiB, printing `mib=K` every 16; sleep, exit 0
+//! probe daemon [CMD ARGS...]        fork a child that leaves the session (`setsid`) and sleeps:
+//!                                   print `daemon=PID`, then sleep too (with CMD: `execv` it)
 //! probe spew MIB                    write MIB MiB of output as fast as stdout takes it
 //! probe report                      what the shim gave this process, one `key=value` a line:
 //!                                   pid, ppid, uid, gid, groups, no_new_privs, umask, cwd,
@@ -115,6 +117,7 @@ fn main() -> ExitCode {
         "tty" => tty(),
         "oom-adj" => oom_adj(rest),
         "hog" => hog(rest),
+        "daemon" => daemon(rest),
         "spew" => spew(rest),
         "report" => report(),
         "stop-spawns" => stop_spawns(rest),
@@ -169,6 +172,34 @@ fn oom_adj(args: &[OsString]) -> io::Result<u8> {
         }
         say(&format!("after={}", read_oom_adj()));
     }
+    Ok(0)
+}
+
+fn daemon(then: &[OsString]) -> io::Result<u8> {
+    let argv: Vec<CString> = then
+        .iter()
+        .map(|a| CString::new(a.as_bytes()))
+        .collect::<Result<_, _>>()
+        .map_err(io::Error::other)?;
+    let pid = fork()?;
+    if pid == 0 {
+        // SAFETY: setsid(2), sleep(3) and _exit(2) are async-signal-safe.
+        unsafe {
+            libc::setsid();
+            libc::sleep(MAX_SLEEP.as_secs() as libc::c_uint);
+        }
+        exit_now(0)
+    }
+    say(&format!("daemon={pid}"));
+    if let Some(cmd) = argv.first() {
+        let mut ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+        ptrs.push(std::ptr::null());
+        // SAFETY: `cmd` and every pointer of the NULL-terminated `ptrs` point into `argv`,
+        // alive across the call.
+        unsafe { libc::execv(cmd.as_ptr(), ptrs.as_ptr()) };
+        return Err(io::Error::last_os_error());
+    }
+    std::thread::sleep(MAX_SLEEP);
     Ok(0)
 }
 

@@ -67,12 +67,12 @@ in_both_modes! {
             })
             .await?;
             ensure!(client.status().await?.state == DriverState::Paused);
-            client.resume().await?;
+            client.resume(None).await?;
             read_until(&mut events, PATIENCE, |e| {
                 matches!(e, Event::StateChanged(s) if s.to == DriverState::Ready)
             })
             .await?;
-            ensure!(remote_code(client.resume().await)? == ErrorCode::InvalidState);
+            ensure!(remote_code(client.resume(None).await)? == ErrorCode::InvalidState);
 
             // signal: a harmless one is ok, an unknown name is invalid
             client.signal("CONT", Target::Driver).await?;

@@ -278,7 +278,7 @@ fn without_a_hook_nothing_is_woken() -> Result<()> {
             .submit_task(TaskSpec::new("q", input("queued", 0)))
             .await?;
         ensure!(client.status().await?.tasks_queued == 1);
-        client.resume().await?;
+        client.resume(None).await?;
         read_until(
             &mut events,
             PATIENCE,

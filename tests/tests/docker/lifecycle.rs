@@ -166,7 +166,7 @@ fn docker_pause_and_unpause_inside_the_pause_resume_protocol() -> Result<()> {
         tokio::time::sleep(frozen).await;
         c.docker(&["unpause"])?;
         let thawed_after = froze_at.elapsed();
-        client.resume().await?;
+        client.resume(None).await?;
         seen.extend(
             read_until(
                 &mut events,

@@ -122,7 +122,7 @@ conformance! {
         shim.expect_quiet()?;
         shim.ping()?;
         let resume = shim.id();
-        shim.send(Resume { id: resume, slept_ms: Some(1234) })?;
+        shim.send(Resume { id: resume, slept_ms: Some(1234), unix_ms: None })?;
         let log = recv!(shim, DriverToShim::Log(l) => l);
         let want = Log {
             task_id: None,
@@ -147,7 +147,7 @@ conformance! {
     fn pause_when_idle_and_resume_when_not_paused(driver: Driver) -> Result<()> {
         let mut shim = FakeShim::start(driver)?;
         let resume = shim.id();
-        shim.send(Resume { id: resume, slept_ms: Some(1) })?;
+        shim.send(Resume { id: resume, slept_ms: Some(1), unix_ms: None })?;
         let err = recv!(shim, DriverToShim::Error(e) => e);
         ensure!(err.code == ErrorCode::InvalidState && err.re == Some(resume), "{err:?}");
 
@@ -157,7 +157,7 @@ conformance! {
         ensure!(paused.re == Some(pause), "{paused:?}");
         shim.ping()?;
         let resume = shim.id();
-        shim.send(Resume { id: resume, slept_ms: None })?;
+        shim.send(Resume { id: resume, slept_ms: None, unix_ms: None })?;
         let log = recv!(shim, DriverToShim::Log(l) => l);
         ensure!(log.text == "resumed after 0 ms" && log.stream == LogStream::Driver, "{log:?}");
         let ready = recv!(shim, DriverToShim::Ready(r) => r);

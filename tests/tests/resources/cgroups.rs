@@ -4,7 +4,9 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, ensure, Result};
-use driver_protocol::message::{Event, Exec, ExecLimits, ExecSignal, ProcRole};
+use driver_protocol::message::{
+    Event, Exec, ExecLimits, ExecSignal, ProcRole, Signal, SignalTarget,
+};
 
 use super::{metrics, V1Cgroup};
 use crate::supervisor::{Setup, Sup};
@@ -190,6 +192,66 @@ fn a_fork_bomb_in_an_exec_with_a_pids_limit_is_contained() -> Result<()> {
         "MEASURED fork bomb under pids 40: forked {forked}, contained and killed in {:?}",
         t0.elapsed()
     );
+    ensure!(sup.shim.alive(), "{}", sup.context());
+    Ok(())
+}
+
+#[test]
+fn the_driver_runs_in_a_cgroup_of_its_own_and_its_exit_kills_it_whole() -> Result<()> {
+    let cg = v1_cgroup!("driver");
+    let echo = crate::drivers::echo_driver_bin()?;
+    // The driver leaves a daemon behind, out of its session and process group.
+    let script = format!("setsid sleep 304 & exec {}", echo.display());
+    let daemon = ["sleep", "304"];
+    let mut sup = cg.start(Setup::new(Mode::Pid1).driver_cmd(["/bin/sh", "-c", &script]))?;
+    sup.expect_up(1)?;
+    ensure!(
+        sup.ctl.shim_hello().cgroups.as_deref() == Some("v1"),
+        "hello: {:?}",
+        sup.ctl.shim_hello()
+    );
+    let first = poll_until(PATIENCE, || {
+        cg.running(&daemon).ok().filter(|p| p.len() == 1)
+    })
+    .ok_or_else(|| anyhow!("the daemon never ran\n{}", sup.context()))?;
+    // In the driver's own cgroup, in each hierarchy but memory (the sandbox's, so that its
+    // OOM kills are counted there).
+    let own = std::fs::read_to_string(format!("/proc/{}/cgroup", first[0]))?;
+    for c in ["pids", "cpu", "freezer"] {
+        ensure!(
+            own.lines()
+                .any(|l| l.contains(c) && l.contains("/agent-shim-driver-1-")),
+            "the daemon's cgroups: {own}"
+        );
+    }
+    // A SIGKILL to the driver's group misses the daemon; the driver's end takes it.
+    sup.ctl.expect_ok(|id| {
+        Signal {
+            id,
+            signal: "KILL".into(),
+            target: SignalTarget::Driver,
+            exec_id: None,
+        }
+        .into()
+    })?;
+    sup.expect_exited()?;
+    sup.expect_up(2)?;
+    let gone = poll_until(Duration::from_secs(5), || {
+        cg.running(&daemon).ok().filter(|p| !p.contains(&first[0]))
+    });
+    ensure!(
+        gone.is_some(),
+        "the old driver's daemon outlived it: {:?}\n{}",
+        cg.running(&daemon),
+        sup.context()
+    );
+    // The new launch has a cgroup of its own.
+    let second = poll_until(PATIENCE, || {
+        cg.running(&daemon).ok().filter(|p| p.len() == 1)
+    })
+    .ok_or_else(|| anyhow!("the new driver's daemon never ran\n{}", sup.context()))?;
+    let own = std::fs::read_to_string(format!("/proc/{}/cgroup", second[0]))?;
+    ensure!(own.contains("/agent-shim-driver-2-"), "{own}");
     ensure!(sup.shim.alive(), "{}", sup.context());
     Ok(())
 }

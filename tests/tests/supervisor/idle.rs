@@ -172,7 +172,7 @@ in_both_modes! {
         );
 
         let id = sup.ctl.id();
-        let reply = sup.ctl.request(id, Resume { id, slept_ms: None })?;
+        let reply = sup.ctl.request(id, Resume { id, slept_ms: None, unix_ms: None })?;
         ensure!(matches!(reply, ShimToControl::Ok(_)), "resume answered {reply:?}");
         let (_, seen) = sup.wait("state ready", |e| state_to(e, DriverState::Ready))?;
         // The echo driver logs the slept_ms it was given.

@@ -175,7 +175,7 @@ in_both_modes! {
             kinds(&quiet)
         );
         let id = sup.ctl.id();
-        let reply = sup.ctl.request(id, Resume { id, slept_ms: None })?;
+        let reply = sup.ctl.request(id, Resume { id, slept_ms: None, unix_ms: None })?;
         ensure!(matches!(reply, ShimToControl::Ok(_)), "resume answered {reply:?}");
         let (log, _) = sup.wait("the driver's resumed log", |e| {
             matches!(e, Event::Log(l)
@@ -198,7 +198,7 @@ in_both_modes! {
         ensure!(done.status == TaskStatus::Succeeded, "{done:?}");
         // Resume when not paused: invalid_state.
         let id = sup.ctl.id();
-        let reply = sup.ctl.request(id, Resume { id, slept_ms: None })?;
+        let reply = sup.ctl.request(id, Resume { id, slept_ms: None, unix_ms: None })?;
         ensure!(
             matches!(&reply, ShimToControl::Error(e) if e.code == ErrorCode::InvalidState),
             "resume when ready answered {reply:?}"

@@ -11,6 +11,7 @@
 mod boot;
 mod cgroup;
 mod clock;
+mod resources;
 mod root;
 mod vsock;
 

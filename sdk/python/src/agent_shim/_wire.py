@@ -73,6 +73,7 @@ _HELLO = {
     "agent_id": (_str, OPT),
     "nonce": (_bin, OPT),
     "limits": (_map, OPT),
+    "cgroups": (_str, OPT),
 }
 _ERROR = {
     "re": (U64, OPT),

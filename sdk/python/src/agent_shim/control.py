@@ -760,9 +760,29 @@ class Client:
             msg["timeout_ms"] = timeout_ms
         await self._ok(msg)
 
-    async def resume(self) -> None:
-        """Resumes a paused agent."""
-        await self._ok({"type": "resume"})
+    async def resume(self, unix_ms: Optional[int] = None) -> None:
+        """Resumes a paused agent (``invalid_state`` when it is not paused).
+
+        With ``unix_ms`` (milliseconds since the Unix epoch; ``int(time.time() * 1000)`` for
+        this machine's time), the shim first sets the sandbox's wall clock to it, as
+        :meth:`set_clock` does, and only then wakes the driver: what a microVM restored from
+        a snapshot needs. A ``clock_set`` event reports the jump. A time the kernel refuses is
+        ``invalid`` (``internal`` where the shim may not set the clock) and the agent stays
+        paused.
+        """
+        msg: Message = {"type": "resume"}
+        if unix_ms is not None:
+            msg["unix_ms"] = unix_ms
+        await self._ok(msg)
+
+    async def set_clock(self, unix_ms: int) -> None:
+        """Sets the sandbox's wall clock to ``unix_ms`` (milliseconds since the Unix epoch).
+
+        A ``clock_set`` event reports the jump. ``invalid`` for a time the kernel refuses,
+        ``internal`` where the shim may not set the clock (inside a container: the clock is
+        the host's).
+        """
+        await self._ok({"type": "set_clock", "unix_ms": unix_ms})
 
     async def signal(self, signal: str, *, exec_id: Optional[int] = None) -> None:
         """Signals the driver's process group, or an exec's when ``exec_id`` is given."""

@@ -53,10 +53,7 @@ fn a_resume_without_ready_times_out_and_the_driver_counts_as_hung() {
     });
     assert!(is_ok(&command(&mut core, pause, t0), 5));
     core.on_driver_msg(DriverToShim::Paused(Paused { re: Some(1) }), body(), t0);
-    let resume = ControlToShim::Resume(Resume {
-        id: 6,
-        slept_ms: None,
-    });
+    let resume = ControlToShim::Resume(Resume::new(6));
     let t1 = t0 + Duration::from_secs(10);
     assert!(is_ok(&command(&mut core, resume, t1), 6));
     core.take_outputs();

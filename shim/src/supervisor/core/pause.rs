@@ -46,10 +46,32 @@ impl Core {
         self.send(Resume {
             id,
             slept_ms: Some(Self::ms(slept)),
+            unix_ms: None,
         });
         self.resuming = true;
         self.resume_deadline = now.checked_add(self.cfg.opts.pause_timeout);
         ok(re)
+    }
+
+    /// `resume{unix_ms}` (control request `re`): the wall clock is set first (`set_clock`
+    /// does, reporting `clock_set`), then the driver is woken and measures its sleep on the
+    /// corrected clock. Nothing happens unless the driver is paused; a clock the kernel
+    /// refuses answers as `set_clock` would and leaves the driver paused.
+    pub fn resume_at(
+        &mut self,
+        re: u64,
+        unix_ms: u64,
+        set_clock: impl FnOnce(u64) -> std::io::Result<i64>,
+        now: Instant,
+    ) -> ShimToControl {
+        if self.lifecycle.state() != DriverState::Paused || self.resuming {
+            return err(re, ErrorCode::InvalidState, "the driver is not paused");
+        }
+        let reply = self.clock_set(re, unix_ms, set_clock(unix_ms), now);
+        if !matches!(reply, ShimToControl::Ok(_)) {
+            return reply;
+        }
+        self.resume(re, now)
     }
 
     /// The driver's `paused`.
@@ -109,11 +131,13 @@ mod tests {
     use std::time::Instant;
 
     use driver_protocol::message::{
-        ControlToShim, DriverToShim, ErrorMsg, Event, Pause, Paused, Resume, ShimToDriver, Shutdown,
+        ClockSet, ControlToShim, DriverToShim, ErrorMsg, Event, Pause, Paused, Resume,
+        ShimToDriver, Shutdown,
     };
     use driver_protocol::ErrorCode;
 
     use super::super::testkit::*;
+    use super::super::Output;
     use crate::reaper::ExitStatus;
 
     #[test]
@@ -150,14 +174,7 @@ mod tests {
         assert!(events(&outs)
             .iter()
             .any(|e| matches!(e, Event::Paused(Paused { re: Some(5) }))));
-        let r = command(
-            &mut core,
-            ControlToShim::Resume(Resume {
-                id: 7,
-                slept_ms: None,
-            }),
-            t0,
-        );
+        let r = command(&mut core, ControlToShim::Resume(Resume::new(7)), t0);
         assert!(is_ok(&r, 7));
         let outs = core.take_outputs();
         assert!(matches!(
@@ -224,5 +241,61 @@ mod tests {
                 ..
             })
         )));
+    }
+
+    #[test]
+    fn resume_with_a_time_sets_the_clock_first_and_only_when_paused() {
+        let t0 = Instant::now();
+        let c = cfg();
+        let mut core = new_core(&c, t0);
+        up(&mut core, t0);
+        core.take_outputs();
+        // Not paused: refused, and the clock is left alone.
+        let r = core.resume_at(3, 1_000, |_| panic!("the clock was set"), t0);
+        assert_eq!(err_code(&r), Some(ErrorCode::InvalidState));
+        assert!(core.take_outputs().is_empty());
+        let r = command(
+            &mut core,
+            ControlToShim::Pause(Pause {
+                id: 5,
+                timeout_ms: None,
+            }),
+            t0,
+        );
+        assert!(is_ok(&r, 5));
+        core.on_driver_msg(DriverToShim::Paused(Paused { re: Some(1) }), body(), t0);
+        core.take_outputs();
+        // A time the kernel refuses: the error, no event, and the driver stays paused.
+        let r = core.resume_at(
+            6,
+            u64::MAX,
+            |_| Err(std::io::Error::from_raw_os_error(libc::EINVAL)),
+            t0,
+        );
+        assert_eq!(err_code(&r), Some(ErrorCode::Invalid));
+        assert!(core.take_outputs().is_empty());
+        // Set: `clock_set` is published before the driver is told to resume.
+        let r = core.resume_at(7, 2_000, |ms| Ok(i64::try_from(ms).unwrap_or(0) - 500), t0);
+        assert!(is_ok(&r, 7));
+        let outs = core.take_outputs();
+        let clock = outs.iter().position(|o| {
+            matches!(
+                o,
+                Output::Event(Event::ClockSet(ClockSet {
+                    unix_ms: 2_000,
+                    jump_ms: 1_500
+                }))
+            )
+        });
+        let resume = outs
+            .iter()
+            .position(|o| matches!(o, Output::ToDriver(ShimToDriver::Resume(_))));
+        assert!(
+            clock.is_some() && resume.is_some() && clock < resume,
+            "{outs:?}"
+        );
+        // Resuming: a second one is refused without touching the clock.
+        let r = core.resume_at(8, 3_000, |_| panic!("the clock was set"), t0);
+        assert_eq!(err_code(&r), Some(ErrorCode::InvalidState));
     }
 }

@@ -132,6 +132,16 @@ impl Shell<'_> {
         let mut env =
             driver::driver_env(std::env::vars_os(), sup.env_allow.as_deref(), &sup.env_deny);
         driver::overlay_env(&mut env, vars);
+        // Its own cgroup, fresh for each launch (where the shim can create one).
+        self.launches = self.launches.wrapping_add(1);
+        let cgroup = match self.delegation.create_driver(self.launches) {
+            Some(Ok(cg)) => Some(cg),
+            Some(Err(err)) => {
+                warn!(%err, "cannot create the driver's cgroup: it runs in the shim's");
+                None
+            }
+            None => None,
+        };
         let dcfg = DriverConfig {
             argv: argv.to_vec(),
             user: sup.core.user,
@@ -141,9 +151,21 @@ impl Shell<'_> {
                 oom_score_adj: Some(sup.oom_score_adj.driver),
                 ..sup.limits.clone()
             },
+            cgroup_procs: cgroup
+                .as_ref()
+                .map(crate::cgroups::ExecCgroup::procs_fds)
+                .unwrap_or_default(),
         };
         let now = Instant::now();
-        match driver::launch(&dcfg, &self.mask) {
+        let launched = driver::launch(&dcfg, &self.mask);
+        if let Some(cg) = cgroup {
+            if launched.is_ok() {
+                self.driver_cgroup = Some(cg);
+            } else {
+                self.retire_cgroup(cg);
+            }
+        }
+        match launched {
             Ok(driver::Launched {
                 pid,
                 spawn,

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use driver_protocol::message::{
-    ControlToShim, Event, LogStream, Message, MetricsReply, Oom, ProcRole, ShimToControl,
+    ControlToShim, Event, LogStream, Message, MetricsReply, Oom, ProcRole, Resume, ShimToControl,
 };
 use driver_protocol::DEFAULT_MAX_FRAME;
 use nix::sys::signal::SigSet;
@@ -98,6 +98,10 @@ struct Shell<'a> {
     cgroups: Vec<(u64, i32, ExecCgroup)>,
     /// Cgroups of ended execs not yet empty enough to remove.
     stale_cgroups: Vec<ExecCgroup>,
+    /// The cgroup of the driver's current launch, if it has one.
+    driver_cgroup: Option<ExecCgroup>,
+    /// Launches of the driver so far (names its cgroups).
+    launches: u64,
 }
 
 pub(super) async fn shell(
@@ -107,6 +111,21 @@ pub(super) async fn shell(
     reaper: &mut Reaper<Owner>,
 ) -> Result<(i32, Option<Instant>), SupervisorError> {
     let signals = Signals::open()?;
+    // Before any child runs, and before the control server, whose `hello` tells the cgroup
+    // mode. The OOM counter and the readings' files are those of the sandbox's cgroup as it
+    // was before the delegation moved the shim into a leaf of it (or, at the root of a
+    // microVM's hierarchy, the cgroup the delegation made for the sandbox).
+    let proc_cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let delegation = Delegation::detect(&proc_cgroup);
+    let sandbox = delegation.sandbox().unwrap_or(&proc_cgroup);
+    let oom = OomCounter::open(sandbox);
+    let sampler = Sampler::open(
+        cfg.sup
+            .workdir
+            .as_deref()
+            .unwrap_or_else(|| std::path::Path::new(".")),
+        sandbox,
+    );
     let endpoints = Endpoints {
         listen: cfg.sup.control_listen.clone(),
         connect: cfg.sup.control_connect.clone(),
@@ -130,6 +149,7 @@ pub(super) async fn shell(
                 history: cfg.sup.exec_history,
                 ttl: cfg.sup.exec_history_ttl,
             },
+            cgroups: Some(delegation.mode().name()),
         };
         let server = ControlServer::start(&endpoints, ccfg).map_err(SupervisorError::Control)?;
         if let Some(addr) = &endpoints.listen {
@@ -142,16 +162,6 @@ pub(super) async fn shell(
     };
     let now = Instant::now();
     let seed = seed();
-    // Before any child runs; the OOM counter and the readings' files first: on cgroup v2
-    // the delegation moves the shim into a leaf of its cgroup.
-    let oom = OomCounter::open();
-    let sampler = Sampler::open(
-        cfg.sup
-            .workdir
-            .as_deref()
-            .unwrap_or_else(|| std::path::Path::new(".")),
-    );
-    let delegation = Delegation::detect();
     let mut sh = Shell {
         cfg,
         mask,
@@ -179,6 +189,8 @@ pub(super) async fn shell(
         delegation,
         cgroups: Vec::new(),
         stale_cgroups: Vec::new(),
+        driver_cgroup: None,
+        launches: 0,
     };
     sh.core.start();
     loop {
@@ -445,6 +457,17 @@ impl Shell<'_> {
             let oom_killed = self.oom_reading(pid, status);
             match owner {
                 Owner::Driver => {
+                    let mut oom_killed = oom_killed;
+                    if self.driver_pid == pid {
+                        if let Some(cg) = self.driver_cgroup.take() {
+                            // Its own counter says exactly; then nothing of it outlives it.
+                            if status == ExitStatus::Signaled(libc::SIGKILL) {
+                                oom_killed = cg.oom_kills().map(|n| n > 0).or(oom_killed);
+                            }
+                            cg.kill();
+                            self.retire_cgroup(cg);
+                        }
+                    }
                     self.core.on_driver_exit_oom(pid, status, oom_killed);
                 }
                 Owner::Exec(id) => {
@@ -504,6 +527,15 @@ impl Shell<'_> {
                 let reply = self.core.clock_set(s.id, s.unix_ms, jump, now);
                 cmd.reply.send(reply);
                 self.apply_outputs();
+            }
+            ControlToShim::Resume(Resume {
+                id,
+                unix_ms: Some(unix_ms),
+                ..
+            }) => {
+                // The clock first, then the driver (see `Core::resume_at`).
+                let reply = self.core.resume_at(id, unix_ms, crate::sys::set_clock, now);
+                cmd.reply.send(reply);
             }
             ControlToShim::Metrics(m) => {
                 let reading = self.sample();
