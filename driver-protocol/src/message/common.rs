@@ -67,7 +67,7 @@ pub struct Hello {
     pub cgroups: Option<String>,
 }
 
-fields!(Hello { protocol: req, versions: req, role: req, software: req, software_version: req, capabilities: nil, agent_id: opt skip, nonce: opt skip, consumer: opt skip, limits: opt skip });
+fields!(Hello { protocol: req, versions: req, role: req, software: req, software_version: req, capabilities: nil, agent_id: opt skip, nonce: opt skip, consumer: opt skip, limits: opt skip, cgroups: opt skip });
 
 /// `auth`: proof of the shared token on the control link, sent after both `hello`s.
 ///
@@ -213,7 +213,7 @@ impl Resume {
     }
 }
 
-fields!(Resume { id: req, slept_ms: opt skip });
+fields!(Resume { id: req, slept_ms: opt skip, unix_ms: opt skip });
 
 /// `shutdown`: stop gracefully within the grace period.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -103,7 +103,7 @@ pub fn valid_tag(tag: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"._:/@+=-".contains(&b))
 }
 
-fields!(Exec { id: req, argv: req, env: nil skip, cwd: opt skip, user: opt skip, tty: opt skip, stdin: nil, timeout_ms: opt skip, output_cap: opt skip, task_id: opt skip, limits: opt skip });
+fields!(Exec { id: req, argv: req, env: nil skip, cwd: opt skip, user: opt skip, tty: opt skip, stdin: nil, timeout_ms: opt skip, output_cap: opt skip, task_id: opt skip, limits: opt skip, tag: opt skip });
 
 impl Exec {
     /// An `exec` of `argv` with every option left out: no extra variables, the default

@@ -5,7 +5,7 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use super::{ExecExit, OutputStream, RequestId};
+use super::{fields, ExecExit, OutputStream, RequestId};
 
 /// `list_execs`: ask for an [`ExecList`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -13,6 +13,8 @@ pub struct ListExecs {
     /// The request id.
     pub id: RequestId,
 }
+
+fields!(ListExecs { id: req });
 
 /// How an exec in an [`ExecList`] ended (the fields of its `exec_exit`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,6 +34,8 @@ pub struct ExecEnd {
     /// When it ended, in ms since the Unix epoch.
     pub ended_ms: u64,
 }
+
+fields!(ExecEnd { code: opt skip, signal: opt skip, timed_out: opt, oom_killed: opt skip, ended_ms: req });
 
 /// One exec in an [`ExecList`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,6 +68,8 @@ pub struct ExecInfo {
     pub exit: Option<ExecEnd>,
 }
 
+fields!(ExecInfo { exec_id: req, argv: req, argv_truncated: opt, pid: req, uid: req, user: opt skip, tag: opt skip, owner: req, started_ms: req, output_bytes: req, exit: opt skip });
+
 /// `exec_list`: the reply to `list_execs`, running execs first, then exited ones, each in
 /// the order they started.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,6 +79,8 @@ pub struct ExecList {
     /// The execs.
     pub execs: Vec<ExecInfo>,
 }
+
+fields!(ExecList { re: req, execs: req });
 
 /// `attach_exec`: replay exec `exec_id`'s retained output from `from_offset`, then follow it
 /// live until it exits (then `attach_exit`). Read-only.
@@ -86,6 +94,8 @@ pub struct AttachExec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from_offset: Option<u64>,
 }
+
+fields!(AttachExec { id: req, exec_id: req, from_offset: opt skip });
 
 /// `exec_attached`: the reply to `attach_exec`; `attach_output` frames follow from
 /// `from_offset`.
@@ -105,6 +115,8 @@ pub struct ExecAttached {
     pub running: bool,
 }
 
+fields!(ExecAttached { re: req, exec_id: req, from_offset: req, first_offset: req, end_offset: req, running: req });
+
 /// `detach_exec`: stop following exec `exec_id` on this connection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DetachExec {
@@ -113,6 +125,8 @@ pub struct DetachExec {
     /// The exec.
     pub exec_id: u64,
 }
+
+fields!(DetachExec { id: req, exec_id: req });
 
 /// `attach_output`: bytes of an attached exec's output, at `offset` in its output stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -127,6 +141,8 @@ pub struct AttachOutput {
     pub data: Bytes,
 }
 
+fields!(AttachOutput { exec_id: req, stream: req, offset: req, data: req });
+
 /// `attach_lagged`: the attached connection read slower than the exec wrote; bytes
 /// `next_offset - missed .. next_offset` were no longer retained and are skipped.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -138,6 +154,8 @@ pub struct AttachLagged {
     /// Where the stream goes on.
     pub next_offset: u64,
 }
+
+fields!(AttachLagged { exec_id: req, missed: req, next_offset: req });
 
 /// `attach_exit`: the attached exec ended (the fields of its `exec_exit`); the last frame of
 /// the attachment.
