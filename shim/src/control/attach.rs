@@ -162,12 +162,6 @@ pub(super) fn fill(conn: &Conn, inner: &Inner, batch: &mut Vec<u8>, limit: usize
                     missed: first - a.offset,
                     next_offset: first,
                 };
-                debug!(
-                    conn = conn.id,
-                    exec_id = a.exec_id,
-                    missed = lagged.missed,
-                    "attachment lagged"
-                );
                 a.offset = first;
                 lagged.into()
             } else if let Some((stream, data)) = rec.out.read(a.offset, room) {
