@@ -652,15 +652,15 @@ impl Session {
             ShimToControl::ExecList(r) => Some(r.re),
             ShimToControl::ExecAttached(r) => Some(r.re),
             ShimToControl::AttachOutput(o) => {
-                self.to_attached(o.exec_id, AttachItem::Output(o.clone()), false);
+                self.route_attached(o.exec_id, AttachItem::Output(o.clone()), false);
                 return Ok(());
             }
             ShimToControl::AttachLagged(l) => {
-                self.to_attached(l.exec_id, AttachItem::Lagged(l.clone()), false);
+                self.route_attached(l.exec_id, AttachItem::Lagged(l.clone()), false);
                 return Ok(());
             }
             ShimToControl::AttachExit(x) => {
-                self.to_attached(x.exec_id, AttachItem::Exit(x.clone()), true);
+                self.route_attached(x.exec_id, AttachItem::Exit(x.clone()), true);
                 return Ok(());
             }
             ShimToControl::Hello(_) | ShimToControl::Auth(_) => {
@@ -720,7 +720,7 @@ impl Session {
     }
 
     /// Hands an attached exec's frame to its stream (dropped if nobody follows it).
-    fn to_attached(&mut self, exec_id: u64, item: AttachItem, last: bool) {
+    fn route_attached(&mut self, exec_id: u64, item: AttachItem, last: bool) {
         let gone = match self.attached.get(&exec_id) {
             Some(sink) => sink.send(item).is_err(),
             None => {

@@ -193,7 +193,7 @@ enum Cmd {
         /// On a terminal of our size, ours in raw mode; SIGWINCH forwarded.
         #[arg(long)]
         tty: bool,
-        /// A label `ps` shows (1 to 64 bytes of [A-Za-z0-9._:/@+=-]).
+        /// A label `ps` shows (1 to 64 bytes of `[A-Za-z0-9._:/@+=-]`).
         #[arg(long, value_name = "TAG")]
         tag: Option<String>,
         /// The command line, taken verbatim.

@@ -14,7 +14,7 @@ use driver_protocol::message::{
     ListExecs, OkReply, ShimToControl,
 };
 use driver_protocol::ErrorCode;
-use tracing::{debug, warn};
+use tracing::warn;
 
 use super::conn::Conn;
 use super::registry;
@@ -51,14 +51,11 @@ pub(super) fn attach(conn: &Conn, inner: &Inner, req: &AttachExec) -> ShimToCont
             conn.wake();
             reply.into()
         }
-        Err((code, message, first_available)) => {
-            debug!(conn = conn.id, exec_id = req.exec_id, %code, message, "attach_exec refused");
-            ErrorMsg {
-                first_available,
-                ..ErrorMsg::new(Some(req.id), code, message)
-            }
-            .into()
+        Err((code, message, first_available)) => ErrorMsg {
+            first_available,
+            ..ErrorMsg::new(Some(req.id), code, message)
         }
+        .into(),
     }
 }
 
@@ -113,7 +110,6 @@ fn try_attach(conn: &Conn, inner: &Inner, req: &AttachExec) -> Result<ExecAttach
         rec,
         offset: from,
     });
-    debug!(conn = conn.id, exec_id = id, from, "attached");
     Ok(ExecAttached {
         re: req.id,
         exec_id: id,
@@ -166,12 +162,6 @@ pub(super) fn fill(conn: &Conn, inner: &Inner, batch: &mut Vec<u8>, limit: usize
                     missed: first - a.offset,
                     next_offset: first,
                 };
-                debug!(
-                    conn = conn.id,
-                    exec_id = a.exec_id,
-                    missed = lagged.missed,
-                    "attachment lagged"
-                );
                 a.offset = first;
                 lagged.into()
             } else if let Some((stream, data)) = rec.out.read(a.offset, room) {

@@ -405,6 +405,46 @@ mod tests {
     }
 
     #[test]
+    fn the_ring_matches_a_model_over_random_writes() {
+        // A small LCG: deterministic, no dependency.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move |n: u64| {
+            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            (x >> 33) % n.max(1)
+        };
+        for cap in [1usize, 7, 64, 1000] {
+            let mut r = Retained::new(cap);
+            // Every byte written, with its stream.
+            let mut model: Vec<(u8, OutputStream)> = Vec::new();
+            for _ in 0..3000 {
+                let big = next(10) == 0;
+                let n = next(if big { 3 * cap as u64 } else { 40 }) as usize;
+                let stream = [Stdout, Stderr, OutputStream::Pty][next(3) as usize];
+                let data: Vec<u8> = (0..n).map(|_| next(256) as u8).collect();
+                r.push(stream, &data);
+                model.extend(data.iter().map(|&b| (b, stream)));
+                assert_eq!(r.end(), model.len() as u64);
+                assert!(r.end() - r.first() <= cap as u64);
+                assert!(r.runs.len() <= MAX_SEGMENTS);
+                // Read the retained bytes back in random pieces, from a random start.
+                let span = r.end() - r.first();
+                let mut at = r.first() + next(span + 1);
+                while let Some((s, d)) = r.read(at, 1 + next(2 * cap as u64) as usize) {
+                    assert!(!d.is_empty());
+                    for (i, b) in d.iter().enumerate() {
+                        assert_eq!(model[at as usize + i], (*b, s), "cap {cap} at {at}+{i}");
+                    }
+                    at += d.len() as u64;
+                }
+                assert_eq!(at, r.end());
+                if r.first() > 0 {
+                    assert_eq!(r.read(r.first() - 1, 1), None);
+                }
+            }
+        }
+    }
+
+    #[test]
     fn exited_records_are_bounded_in_count_and_time() {
         let cfg = RegistryConfig {
             retain: 16,
