@@ -249,6 +249,12 @@ fn commands_human_and_json() -> Result<()> {
     ensure!(json_lines(&out)?[0]["ok"] == true, "{out}");
     let (code, _, err) = run(&addr, &["resume"])?;
     ensure!(code == 1 && err.contains("invalid_state"), "{code} {err}");
+    // With a time: refused the same way before the clock is touched (this host's); a time
+    // that is neither milliseconds nor `now` is a usage error.
+    let (code, _, err) = run(&addr, &["resume", "--clock", "now"])?;
+    ensure!(code == 1 && err.contains("invalid_state"), "{code} {err}");
+    let (code, _, err) = run(&addr, &["resume", "--clock", "yesterday"])?;
+    ensure!(code == 2 && err.contains("bad time"), "{code} {err}");
 
     // signal, restart, ping
     ensure!(ok(&["signal", "CONT"])?.contains("signal CONT sent"));

@@ -255,3 +255,47 @@ fn the_driver_runs_in_a_cgroup_of_its_own_and_its_exit_kills_it_whole() -> Resul
     ensure!(sup.shim.alive(), "{}", sup.context());
     Ok(())
 }
+
+#[test]
+fn an_execs_limits_are_written_in_its_own_v1_cgroups() -> Result<()> {
+    let cg = v1_cgroup!("limits");
+    let mut sup = start_in(&cg)?;
+    let started = sup.ctl.exec_started(|id| {
+        limited(
+            id,
+            &["sleep", "60"],
+            60_000,
+            ExecLimits {
+                memory_bytes: Some(48 * MIB),
+                pids: Some(16),
+                cpu_millis: Some(250),
+            },
+        )
+    })?;
+    let pid = sup.host_pid(started.pid)?;
+    let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+    let read = |controller: &str, file: &str| -> Result<String> {
+        let path = own
+            .lines()
+            .find_map(|l| {
+                let mut p = l.splitn(3, ':');
+                let (_, cs, path) = (p.next()?, p.next()?, p.next()?);
+                cs.split(',').any(|c| c == controller).then_some(path)
+            })
+            .filter(|p| p.contains("/agent-shim-exec-"))
+            .ok_or_else(|| anyhow!("the exec has no {controller} cgroup of its own: {own}"))?;
+        let full = format!("/sys/fs/cgroup/{controller}{path}/{file}");
+        Ok(std::fs::read_to_string(&full)?.trim().to_owned())
+    };
+    ensure!(read("memory", "memory.limit_in_bytes")? == (48 * MIB).to_string());
+    ensure!(read("pids", "pids.max")? == "16");
+    ensure!(read("cpu", "cpu.cfs_period_us")? == "100000");
+    ensure!(read("cpu", "cpu.cfs_quota_us")? == "25000");
+    ensure!(read("freezer", "freezer.state")? == "THAWED");
+    sup.ctl.send(ExecSignal {
+        exec_id: started.exec_id,
+        signal: "KILL".into(),
+    })?;
+    run_of(&mut sup, started.exec_id, PATIENCE)?;
+    Ok(())
+}

@@ -4,6 +4,7 @@
 //!
 //! - `hello` and `status` say `v2-delegated`; the shim sits in `agent-shim/shim`, the driver in
 //!   `agent-shim/driver-1-*` (with the `setsid` daemon it left), each exec in `agent-shim/exec-*`;
+//! - an exec's `limits` (memory, pids, CPU) are in its cgroup's files as the kernel reads them;
 //! - an exec past its `memory_bytes` is OOM-killed, `oom_killed` is exact for it, the `oom`
 //!   event comes, and a sibling exec and the driver live on;
 //! - a `setsid` daemon started by an exec is dead after the exec's timeout (`cgroup.kill`);
@@ -188,6 +189,44 @@ fn per_exec_limits_cgroup_kills_and_metrics_on_a_real_cgroup_v2() -> Result<()> 
     );
     let own = exec(&mut ctl, &["/probe", "read", "/proc/self/cgroup"])?.out();
     ensure!(own.contains("\n0::/agent-shim/exec-"), "an exec: {own}");
+
+    // Every limit is written in the exec's own cgroup, as the kernel reads it back.
+    let limited = ctl.exec_started(|id| Exec {
+        timeout_ms: Some(60_000),
+        limits: Some(ExecLimits {
+            memory_bytes: Some(48 * MIB),
+            pids: Some(16),
+            cpu_millis: Some(250),
+        }),
+        ..Exec::new(id, ["/probe", "sleep", "60"])
+    })?;
+    let line = cgroups_of(&mut ctl, &[limited.pid])?.remove(0);
+    let dir = line
+        .strip_prefix("0::")
+        .filter(|d| d.starts_with("/agent-shim/exec-"))
+        .ok_or_else(|| anyhow!("the limited exec's cgroup: {line}"))?;
+    let files = ["cpu.max", "memory.max", "memory.swap.max", "pids.max"];
+    let paths: Vec<String> = files
+        .iter()
+        .map(|f| format!("/sys/fs/cgroup{dir}/{f}"))
+        .collect();
+    let argv: Vec<&str> = ["/probe", "read"]
+        .into_iter()
+        .chain(paths.iter().map(String::as_str))
+        .collect();
+    let out = exec(&mut ctl, &argv)?.out();
+    for (p, want) in paths.iter().zip(["25000 100000", "50331648", "0", "16"]) {
+        let got = out
+            .split(&format!("== {p}\n"))
+            .nth(1)
+            .and_then(|s| s.lines().next());
+        ensure!(got == Some(want), "{p}: {got:?}, want {want:?}\n{out}");
+    }
+    ctl.send(driver_protocol::message::ExecSignal {
+        exec_id: limited.exec_id,
+        signal: "KILL".into(),
+    })?;
+    run_of(&mut ctl, limited.exec_id)?;
 
     // A memory limit kills only its exec, and says so exactly.
     // Outlives the test (killed by the shutdown).
