@@ -88,6 +88,9 @@ pub(super) struct Conn {
     authenticated: Cell<bool>,
     /// Woken (all waiters) when the connection is closed.
     closed: Notify,
+    /// Woken (all waiters) when the writer took queued replies: a reply stream waiting for
+    /// room looks again (`stream.rs`).
+    pub(super) drained: Notify,
 }
 
 impl Conn {
@@ -107,6 +110,7 @@ impl Conn {
             reader: RefCell::new(None),
             authenticated: Cell::new(false),
             closed: Notify::new(),
+            drained: Notify::new(),
         }
     }
 
@@ -149,6 +153,16 @@ impl Conn {
         self.wake.notify_one();
     }
 
+    /// Bytes of replies queued and not yet taken by the writer.
+    pub(super) fn queued(&self) -> usize {
+        self.out.borrow().bytes
+    }
+
+    /// The limit of [`Self::queued`] over which the connection is closed.
+    pub(super) fn queue_max(&self) -> usize {
+        self.out_max
+    }
+
     /// Queues one frame; over the queue's limit the connection is closed instead.
     pub(super) fn send(&self, frame: Bytes) {
         let overflow = {
@@ -188,6 +202,7 @@ impl Conn {
         }
         self.wake.notify_one();
         self.closed.notify_waiters();
+        self.drained.notify_waiters();
         let tasks = std::mem::take(&mut *self.tasks.borrow_mut());
         for task in tasks {
             task.abort();
@@ -228,14 +243,21 @@ impl Conn {
     /// Moves queued replies into `batch` (up to about `limit` bytes); returns the state.
     fn take_replies(&self, batch: &mut Vec<u8>, limit: usize) -> State {
         let mut out = self.out.borrow_mut();
+        let mut took = false;
         while batch.is_empty() || batch.len() < limit {
             let Some(frame) = out.frames.pop_front() else {
                 break;
             };
             out.bytes = out.bytes.saturating_sub(frame.len());
             batch.extend_from_slice(&frame);
+            took = true;
         }
-        out.state
+        let state = out.state;
+        drop(out);
+        if took {
+            self.drained.notify_waiters();
+        }
+        state
     }
 }
 
@@ -926,6 +948,17 @@ pub(super) fn request_id(msg: &ControlToShim) -> Option<RequestId> {
         ControlToShim::Shutdown(m) => Some(m.id),
         ControlToShim::Ping(m) => Some(m.id),
         ControlToShim::ForgetConsumer(m) => Some(m.id),
+        ControlToShim::FsStat(m) => Some(m.id),
+        ControlToShim::FsList(m) => Some(m.id),
+        ControlToShim::FsRead(m) => Some(m.id),
+        ControlToShim::FsMkdir(m) => Some(m.id),
+        ControlToShim::FsRemove(m) => Some(m.id),
+        ControlToShim::FsRename(m) => Some(m.id),
+        ControlToShim::FsWriteOpen(m) => Some(m.id),
+        ControlToShim::FsWriteData(m) => Some(m.id),
+        ControlToShim::FsWriteClose(m) => Some(m.id),
+        ControlToShim::FsWatch(m) => Some(m.id),
+        ControlToShim::FsUnwatch(m) => Some(m.id),
         ControlToShim::SetClock(m) => Some(m.id),
         ControlToShim::Metrics(m) => Some(m.id),
         ControlToShim::Unknown(m) => m.id,

@@ -35,6 +35,7 @@ pub mod fuzz;
 mod gate;
 mod ids;
 mod source;
+mod stream;
 #[cfg(test)]
 mod tests;
 mod transport;
@@ -64,6 +65,7 @@ use conn::Conn;
 use consumers::Consumers;
 use gate::{Gate, Refused};
 use ids::IdCache;
+pub use stream::{Gone, ReplyStream};
 use transport::Listener;
 
 /// Commands waiting for the supervisor; a client sending faster is simply not read.

@@ -794,6 +794,10 @@ fn re_of(msg: &ShimToControl) -> Option<RequestId> {
         ShimToControl::StatusReply(s) => Some(s.re),
         ShimToControl::ExecStarted(e) => Some(e.re),
         ShimToControl::Pong(p) => Some(p.re),
+        ShimToControl::FsStatReply(r) => Some(r.re),
+        ShimToControl::FsListReply(r) => Some(r.re),
+        ShimToControl::FsData(d) => Some(d.re),
+        ShimToControl::FsWriteReady(r) => Some(r.re),
         ShimToControl::MetricsReply(m) => Some(m.re),
         _ => None,
     }
