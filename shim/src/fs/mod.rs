@@ -229,14 +229,14 @@ impl Files {
             let watches = Rc::clone(&self.watches);
             let events = self.events_tx.clone();
             let rate = self.watch_rate;
-            let task = tokio::task::spawn_local(async move {
+            let task = spawn(async move {
                 watch(id, reply, helper, events, rate).await;
                 watches.borrow_mut().remove(&id);
             });
             self.watches.borrow_mut().insert(id, task.abort_handle());
             return None;
         }
-        tokio::task::spawn_local(async move {
+        spawn(async move {
             match op {
                 Op::Read(m) => read(m, reply.into_stream(), helper).await,
                 _ => answer(id, reply, helper).await,
@@ -245,6 +245,13 @@ impl Files {
         });
         None
     }
+}
+
+/// Spawns a file task on the `LocalSet`, boxed: every kind of file task is then one future
+/// type, and the binary holds one task harness for them all rather than one per kind.
+fn spawn(task: impl std::future::Future<Output = ()> + 'static) -> tokio::task::JoinHandle<()> {
+    let task: std::pin::Pin<Box<dyn std::future::Future<Output = ()>>> = Box::pin(task);
+    tokio::task::spawn_local(task)
 }
 
 /// One running operation's place in the count, given back on drop.

@@ -128,11 +128,16 @@ impl<W: Write> Out<W> {
 
     /// One message record.
     pub fn msg(&mut self, msg: &ShimToControl) -> std::io::Result<()> {
-        use driver_protocol::Message as _;
-        let body = msg
-            .to_body()
+        // Through the control connection's encoder (one copy of it in the shim), the frame
+        // header left out.
+        let frame = crate::control::encode_frame(msg, usize::MAX)
             .map_err(|e| std::io::Error::other(e.to_string()))?;
-        self.record(TAG_MSG, &body)
+        self.record(
+            TAG_MSG,
+            frame
+                .get(driver_protocol::frame::HEADER_LEN..)
+                .unwrap_or_default(),
+        )
     }
 }
 
@@ -294,7 +299,7 @@ fn list(m: &FsList, root: RawFd, walk: bool) -> Result<ShimToControl, Failure> {
     while let Some(name) = dir.next_name().map_err(|e| Failure::errno(e, &m.path))? {
         names.push(name);
     }
-    names.sort();
+    sort_names(&mut names);
     let after = m.after.as_deref().map(str::as_bytes);
     let limit = match m.limit {
         Some(n) if n > 0 => (n as usize).min(LIST_MAX),
@@ -322,6 +327,32 @@ fn list(m: &FsList, root: RawFd, walk: bool) -> Result<ShimToControl, Failure> {
         more,
     }
     .into())
+}
+
+/// Sorts names bytewise with the C library's `qsort` (linked in already), not a sort
+/// instantiated for `CString` (some 4 KiB of code).
+fn sort_names(names: &mut [CString]) {
+    unsafe extern "C" fn cmp(a: *const libc::c_void, b: *const libc::c_void) -> libc::c_int {
+        // SAFETY: `qsort` passes pointers to two elements of `names`, valid `CString`s;
+        // `strcmp` compares their NUL-terminated bytes as unsigned chars (bytewise).
+        unsafe {
+            libc::strcmp(
+                (*a.cast::<CString>()).as_ptr(),
+                (*b.cast::<CString>()).as_ptr(),
+            )
+        }
+    }
+    // SAFETY: `names` is `len` initialized elements of `size_of::<CString>()` bytes each;
+    // `qsort` only swaps them (a move, as Rust allows by copying bytes) and calls `cmp`,
+    // which neither panics nor keeps the pointers.
+    unsafe {
+        libc::qsort(
+            names.as_mut_ptr().cast(),
+            names.len(),
+            std::mem::size_of::<CString>(),
+            Some(cmp),
+        );
+    }
 }
 
 /// Whether two `stat`s of one open file say it was not changed in between.
@@ -680,5 +711,66 @@ fn io_failure(e: &std::io::Error, path: &str) -> Failure {
     match e.raw_os_error() {
         Some(n) => Failure::errno(Errno::from_raw(n), path),
         None => Failure::new(ErrorCode::Internal, format!("{path}: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use driver_protocol::message::{FsListReply, Message as _};
+
+    use super::*;
+
+    /// `fs_list`'s order: bytewise, as a Rust sort of the names gives it.
+    #[test]
+    fn names_sort_bytewise() {
+        let raw: [&[u8]; 9] = [
+            b"b", b"a\xff", b"\xff", b"ab", b"a", b"B", b"", b"a\x01", b"b",
+        ];
+        let mut names: Vec<CString> = raw
+            .iter()
+            .map(|n| CString::new(n.to_vec()).expect("no NUL"))
+            .collect();
+        let mut want = names.clone();
+        want.sort();
+        sort_names(&mut names);
+        assert_eq!(names, want);
+        sort_names(&mut []);
+    }
+
+    /// A message record holds exactly the message's MessagePack body.
+    #[test]
+    fn msg_record_is_the_body() {
+        let entry = |name: &str| FsEntry {
+            name: name.to_owned(),
+            kind: FsKind::Symlink,
+            size: 1 << 40,
+            mode: 0o777,
+            uid: 1000,
+            gid: 1000,
+            mtime_ms: -5,
+            target: Some("t".to_owned()),
+        };
+        let msgs: [ShimToControl; 2] = [
+            FsStatReply {
+                re: 9,
+                entry: entry("one"),
+            }
+            .into(),
+            FsListReply {
+                re: u64::MAX,
+                entries: (0..300).map(|i| entry(&format!("n{i}"))).collect(),
+                more: true,
+            }
+            .into(),
+        ];
+        for msg in msgs {
+            let mut out = Out::new(Vec::new());
+            out.msg(&msg).expect("record");
+            let body = msg.to_body().expect("encode");
+            let mut want = vec![TAG_MSG];
+            want.extend_from_slice(&u32::try_from(body.len()).expect("len").to_be_bytes());
+            want.extend_from_slice(&body);
+            assert_eq!(out.w, want);
+        }
     }
 }

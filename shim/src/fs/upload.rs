@@ -77,7 +77,7 @@ impl Uploads {
         let state = Rc::new(RefCell::new(State::default()));
         let wake = Rc::new(Notify::new());
         let uploads = Rc::clone(self);
-        tokio::task::spawn_local(async move {
+        super::spawn(async move {
             run(&uploads, handle, m, reply, helper, &state, &wake).await;
             uploads.open.borrow_mut().remove(&handle);
             // Whatever is still queued is answered: the upload is over.

@@ -125,9 +125,7 @@ fn event(watch: u64, change: FsChange, path: String, to: Option<String>) -> FsEv
 }
 
 fn send<W: Write>(out: &mut Out<W>, ev: FsEvent) -> std::io::Result<()> {
-    use driver_protocol::Message as _;
-    let body = Event::FsEvent(ev)
-        .to_body()
+    let body = crate::control::event_body(&Event::FsEvent(ev))
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     out.record(TAG_EVENT, &body)
 }
