@@ -26,10 +26,22 @@ fn write_and_read_through_control_link_survive_dropped_connections() -> Result<(
     );
     let addr: control_link::Addr = format!("unix:{}", sock.display()).parse()?;
     runtime()?.block_on(within(Duration::from_secs(120), "the transfers", async {
-        let client = control_link::ConnectOptions::new()
-            .connect_timeout(Duration::from_secs(20))
-            .connect(&addr)
-            .await?;
+        // The socket file exists a moment before the shim listens on it: a refusal is
+        // tried again, within the test's bound.
+        let client = loop {
+            let c = control_link::ConnectOptions::new()
+                .connect_timeout(Duration::from_secs(20))
+                .connect(&addr)
+                .await;
+            match c {
+                Err(control_link::Error::Io(e))
+                    if e.kind() == std::io::ErrorKind::ConnectionRefused =>
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                c => break c?,
+            }
+        };
         let fs = client.fs();
         let data = generated(48 << 20);
         // Drops the connection while the transfer runs.
