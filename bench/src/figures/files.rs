@@ -16,6 +16,9 @@ use crate::stats::{list, median};
 
 use super::Ctx;
 
+/// Uploads, and downloads, at once in the mix whose peak memory is read.
+const MIX: usize = 4;
+
 /// `len` bytes of a repeating pattern, without holding them.
 struct Pattern {
     left: u64,
@@ -130,12 +133,77 @@ async fn through_shim(
     if entries.len() != small || read != small as u64 * 1024 {
         bail!("small files: {} listed, {read} bytes read", entries.len());
     }
+    // A mix, for the peak memory: MIX uploads and MIX downloads at once, while the small
+    // files are read again.
+    let each = (bytes / 8).max(1 << 20);
+    for i in 0..MIX {
+        fs.write(&format!("mix-{i}"), pattern(each), Default::default())
+            .await?;
+    }
+    let mut jobs = tokio::task::JoinSet::new();
+    for i in 0..MIX {
+        let fs = client.fs();
+        jobs.spawn(async move { drain(fs.read(&format!("mix-{i}"), 0)).await });
+        let fs = client.fs();
+        jobs.spawn(async move {
+            Ok(fs
+                .write(&format!("mix-up-{i}"), pattern(each), Default::default())
+                .await?)
+        });
+    }
+    let fs2 = client.fs();
+    let names: Vec<String> = entries.iter().map(|e| e.name.clone()).collect();
+    jobs.spawn(async move {
+        let mut n = 0;
+        for name in names {
+            n += drain(fs2.read(&format!("small/{name}"), 0)).await?;
+        }
+        Ok(n)
+    });
+    while let Some(done) = jobs.join_next().await {
+        done??;
+    }
     client.close().await;
     Ok((up, down, rate))
 }
 
-fn shim_run(ctx: &Ctx, n: usize, bytes: u64, small: usize) -> Result<(f64, f64, f64)> {
-    let root = ctx.scratch.join(format!("files-root-{n}"));
+/// Where the file root goes: a tmpfs (`/dev/shm`) when there is one, so that the figure is the
+/// transfer's and not the disk's (an upload's `fsync` of 1 GiB is the disk's speed, shown
+/// beside it by [`disk`]); the scratch directory otherwise.
+fn root_base(ctx: &Ctx) -> (std::path::PathBuf, &'static str) {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        let dir = shm.join(format!("shim-bench-files-{}", std::process::id()));
+        if std::fs::create_dir_all(&dir).is_ok() {
+            return (dir, "tmpfs (/dev/shm)");
+        }
+    }
+    (ctx.scratch.clone(), "the scratch directory's disk")
+}
+
+/// GB/s of writing `bytes` to a file in `dir` and `fsync`ing it: what an upload to that disk
+/// cannot beat.
+fn disk(dir: &Path, bytes: u64) -> Result<f64> {
+    use std::io::Write as _;
+    let path = dir.join("disk-figure");
+    let block = vec![0x5au8; 1 << 20];
+    let t0 = Instant::now();
+    let mut f = std::fs::File::create(&path)?;
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(block.len() as u64) as usize;
+        f.write_all(&block[..n])?;
+        left -= n as u64;
+    }
+    f.sync_all()?;
+    let gbs = bytes as f64 / t0.elapsed().as_secs_f64() / 1e9;
+    drop(f);
+    std::fs::remove_file(&path)?;
+    Ok(gbs)
+}
+
+fn shim_run(ctx: &Ctx, n: usize, bytes: u64, small: usize) -> Result<(f64, f64, f64, f64)> {
+    let root = root_base(ctx).0.join(format!("files-root-{n}"));
     std::fs::create_dir_all(&root)?;
     let sock = ctx.scratch.join(format!("files-{n}.sock"));
     let _ = std::fs::remove_file(&sock);
@@ -159,25 +227,31 @@ fn shim_run(ctx: &Ctx, n: usize, bytes: u64, small: usize) -> Result<(f64, f64, 
         .build()
         .context("runtime")?;
     let result = rt.block_on(through_shim(&sock, &root, bytes, small));
+    // The shim's peak resident memory over the whole run, the mix included.
+    let peak = crate::procs::status_kb(proc.pid, "VmHWM");
     proc.stop(Duration::from_secs(5));
     let _ = std::fs::remove_dir_all(&root);
-    result
+    let (up, down, rate) = result?;
+    Ok((up, down, rate, peak.map_or(f64::NAN, |kb| kb as f64)))
 }
 
 /// Measures uploads, downloads and small files through the shim, and the raw socket copy.
 pub fn run(ctx: &Ctx) -> Vec<Figure> {
     let bytes: u64 = ctx.pick(1 << 30, 64 << 20);
     let small = ctx.pick(10_000, 1_000);
+    let (base, where_) = root_base(ctx);
     let mut fig = Figure::new(
         "files",
         "control-link's `client.fs()` against agent-shim over a unix socket (`--fs-root` a \
-         scratch directory on the same disk, no `--user`): `write` of a generated 1 GiB \
+         directory on a tmpfs where there is one, no `--user`): `write` of a generated 1 GiB \
          stream (atomic replace: temporary file, fsync, rename), `read` of it back; beside \
          it, the same bytes through a raw unix socketpair in one process. Then 10,000 files \
          of 1 KiB listed (`fs_list` pages) and each read (`fs_read`): files per second.",
     );
     let reps = ctx.pick(3, 1);
     let (mut up, mut down, mut files, mut rawv) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut diskv = Vec::new();
+    let mut peaks = Vec::new();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build();
@@ -189,8 +263,15 @@ pub fn run(ctx: &Ctx) -> Vec<Figure> {
             },
             Err(e) => fig.notes.push(format!("runtime: {e}")),
         }
+        match disk(&ctx.scratch, bytes) {
+            Ok(v) => diskv.push(v),
+            Err(e) => fig.notes.push(format!("disk run {n}: {e:#}")),
+        }
         match shim_run(ctx, n, bytes, small) {
-            Ok((u, d, f)) => {
+            Ok((u, d, f, p)) => {
+                if p.is_finite() {
+                    peaks.push(p / 1024.0);
+                }
                 up.push(u);
                 down.push(d);
                 files.push(f);
@@ -213,11 +294,29 @@ pub fn run(ctx: &Ctx) -> Vec<Figure> {
         vec![gb(&rawv), list(&rawv, 2)],
     ));
     fig.rows.push((
+        "the scratch disk: the same bytes written and fsync'd".into(),
+        vec![gb(&diskv), list(&diskv, 2)],
+    ));
+    fig.rows.push((
+        format!("agent-shim's peak RSS (VmHWM), a mix of {MIX} uploads, {MIX} downloads and the small files at once"),
+        vec![
+            median(&peaks).map_or("not measured".into(), |m| format!("{m:.1} MiB")),
+            list(&peaks, 1),
+        ],
+    ));
+    fig.rows.push((
         format!("{small} small files, listed and read"),
         vec![
             median(&files).map_or("not measured".into(), |m| format!("{m:.0} files/s")),
             list(&files, 0),
         ],
+    ));
+    if base != ctx.scratch {
+        let _ = std::fs::remove_dir_all(&base);
+    }
+    fig.notes.push(format!(
+        "The file root was on {where_}. An upload's atomic replace ends with an fsync: \
+         to a disk, no upload is faster than the disk's row."
     ));
     fig.notes.push(format!(
         "{bytes} bytes per transfer. Not measured here: `exec cat` through the shim (the \

@@ -241,10 +241,29 @@ impl Conn {
     }
 
     /// Moves queued replies into `batch` (up to about `limit` bytes); returns the state.
+    /// The next queued reply, if it is a frame of `min` bytes or more (written as it is).
+    fn take_large(&self, min: usize) -> Option<Bytes> {
+        let frame = {
+            let mut out = self.out.borrow_mut();
+            if !out.frames.front().is_some_and(|f| f.len() >= min) {
+                return None;
+            }
+            let frame = out.frames.pop_front()?;
+            out.bytes = out.bytes.saturating_sub(frame.len());
+            frame
+        };
+        self.drained.notify_waiters();
+        Some(frame)
+    }
+
     fn take_replies(&self, batch: &mut Vec<u8>, limit: usize) -> State {
         let mut out = self.out.borrow_mut();
         let mut took = false;
         while batch.is_empty() || batch.len() < limit {
+            // A large frame (a file's chunk) is written on its own, not copied into the batch.
+            if out.frames.front().is_some_and(|f| f.len() >= limit / 2) {
+                break;
+            }
             let Some(frame) = out.frames.pop_front() else {
                 break;
             };
@@ -371,6 +390,16 @@ async fn write_loop(mut wr: WriteHalf, conn: Rc<Conn>, inner: Rc<Inner>) {
         let state = conn.take_replies(&mut batch, WRITE_BATCH);
         if state == State::Closed {
             return;
+        }
+        if batch.is_empty() {
+            if let Some(frame) = conn.take_large(WRITE_BATCH / 2) {
+                if let Err(err) = wr.write_all(&frame).await {
+                    debug!(conn = conn.id, error = %err, "control connection write failed");
+                    conn.close_now();
+                    return;
+                }
+                continue;
+            }
         }
         if state == State::Open && batch.is_empty() {
             lag_check(&conn, &inner, &mut batch);

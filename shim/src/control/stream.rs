@@ -137,6 +137,18 @@ impl ReplyStream {
                 return Err(Gone);
             }
         };
+        self.send_frame(frame).await
+    }
+
+    /// Sends one frame already encoded (its 4-byte length header included), as
+    /// [`ReplyStream::send`] does. A frame over the connection's frame limit ends the stream.
+    /// Cancel-safe: a cancelled send sent nothing.
+    pub async fn send_frame(&mut self, frame: bytes::Bytes) -> Result<(), Gone> {
+        if frame.len() > self.inner.max_frame.saturating_add(4) {
+            error!(re = ?self.id, len = frame.len(), "a reply stream frame over the frame limit");
+            self.conn = None;
+            return Err(Gone);
+        }
         loop {
             let Some(conn) = self.conn.clone().filter(|c| c.is_open()) else {
                 self.conn = None;

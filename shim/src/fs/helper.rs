@@ -30,13 +30,16 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 
-use super::ops::{self, Failure, Out, CHUNK, TAG_DATA, TAG_DONE, TAG_FAIL, TAG_MSG};
+use super::ops::{self, Failure, Out, CHUNK, DATA_HEAD, TAG_DONE, TAG_FAIL, TAG_FRAME, TAG_MSG};
 use super::Op;
 use driver_protocol::message::ShimToControl;
 use driver_protocol::ErrorCode;
 
 /// The largest message record a child may send (an `fs_list` page of 1000 long names fits).
 const MSG_MAX: usize = 4 * 1024 * 1024;
+
+/// The send buffer of each end of an operation's socket: four chunks.
+const SOCK_BUF: libc::c_int = 4 * CHUNK as libc::c_int;
 
 /// What an operation's process needs besides the operation.
 #[derive(Debug, Clone)]
@@ -54,8 +57,8 @@ pub struct Settings {
 /// One record from the child.
 #[derive(Debug)]
 pub enum Record {
-    /// File bytes.
-    Data(Bytes),
+    /// A whole `fs_data` frame (its length header included), checked to be one frame.
+    Frame(Bytes),
     /// A reply, encoded, its `re` set (`fs_stat_reply`, `fs_list_reply`).
     Reply(Bytes),
     /// Done: the operation succeeded (or, for an upload or a watch, is set up).
@@ -102,6 +105,27 @@ pub fn start(op: &Op, settings: &Settings) -> io::Result<Helper> {
     }
     // SAFETY: two fresh descriptors the kernel just returned, owned here.
     let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // Room for a few chunks each way, so a transfer is a few wake-ups a chunk, not one a
+    // page (the default is under one chunk). Forced past `wmem_max` when PID 1 may; the
+    // default stays otherwise. Kernel memory, bounded by `--fs-max-ops`.
+    for fd in [&ours, &theirs] {
+        let size: libc::c_int = SOCK_BUF;
+        for opt in [libc::SO_SNDBUFFORCE, libc::SO_SNDBUF] {
+            // SAFETY: a plain setsockopt on our descriptor with an int value.
+            let set = unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    opt,
+                    std::ptr::from_ref(&size).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if set == 0 {
+                break;
+            }
+        }
+    }
     // SAFETY: supervisor mode runs on one thread, so the child may run ordinary code (it
     // allocates, it uses std); it never returns from `child`.
     let pid = unsafe { libc::fork() };
@@ -129,7 +153,7 @@ pub fn start(op: &Op, settings: &Settings) -> io::Result<Helper> {
         pidfd,
         rd: Records {
             sock: rd,
-            buf: BytesMut::with_capacity(CHUNK + 5),
+            buf: BytesMut::with_capacity(CHUNK + DATA_HEAD),
         },
         wr,
         done: false,
@@ -154,8 +178,21 @@ pub async fn send(wr: &mut OwnedWriteHalf, tag: u8, payload: &[u8]) -> io::Resul
     let mut head = [0u8; 5];
     head[0] = tag;
     head[1..].copy_from_slice(&len.to_be_bytes());
-    wr.write_all(&head).await?;
-    wr.write_all(payload).await
+    // The head and the payload in one `writev`, neither copied.
+    let mut done = 0;
+    while done < head.len() {
+        let bufs = [
+            std::io::IoSlice::new(head.get(done..).unwrap_or_default()),
+            std::io::IoSlice::new(payload),
+        ];
+        let n = wr.write_vectored(&bufs).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        done += n;
+    }
+    wr.write_all(payload.get(done - head.len()..).unwrap_or_default())
+        .await
 }
 
 impl Records {
@@ -167,10 +204,14 @@ impl Records {
                 let tag = self.buf[0];
                 let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
                     as usize;
-                let max = if tag == TAG_DATA { CHUNK } else { MSG_MAX };
+                let max = if tag == TAG_FRAME {
+                    CHUNK + DATA_HEAD
+                } else {
+                    MSG_MAX
+                };
                 let known = matches!(
                     tag,
-                    TAG_DATA | TAG_MSG | TAG_DONE | TAG_FAIL | super::watch::TAG_EVENT
+                    TAG_FRAME | TAG_MSG | TAG_DONE | TAG_FAIL | super::watch::TAG_EVENT
                 );
                 if !known || len > max {
                     return Err(io::Error::new(
@@ -193,13 +234,23 @@ impl Records {
                                 String::from_utf8_lossy(message).into_owned(),
                             )
                         }
-                        TAG_DATA => Record::Data(payload),
+                        TAG_FRAME => {
+                            let head = payload.get(..4).unwrap_or_default();
+                            let said = u32::from_be_bytes(head.try_into().unwrap_or([0xff; 4]));
+                            if said as usize != payload.len().saturating_sub(4) {
+                                return Err(io::Error::new(
+                                    io::ErrorKind::InvalidData,
+                                    "a bad frame from the operation's process",
+                                ));
+                            }
+                            Record::Frame(payload)
+                        }
                         _ => Record::Event(payload),
                     }));
                 }
                 self.buf.reserve(5 + len - self.buf.len());
             } else {
-                self.buf.reserve(CHUNK + 5);
+                self.buf.reserve(CHUNK + DATA_HEAD);
             }
             if self.sock.read_buf(&mut self.buf).await? == 0 {
                 return Ok(None);
@@ -240,9 +291,11 @@ fn child(op: &Op, settings: &Settings, sock: OwnedFd) -> ! {
         Ok(root) => {
             let stream = std::os::unix::net::UnixStream::from(sock);
             let input = stream.try_clone();
-            let mut out = Out::new(io::BufWriter::with_capacity(CHUNK + 5, stream));
+            let mut out = Out::new(io::BufWriter::with_capacity(CHUNK + DATA_HEAD, stream));
+            // Unbuffered: an upload's chunk is read straight into its buffer, not copied
+            // out of a reader's.
             let mut input = match input {
-                Ok(s) => io::BufReader::with_capacity(CHUNK + 5, s),
+                Ok(s) => s,
                 // SAFETY: `_exit` ends the process without running the parent's handlers.
                 Err(_) => unsafe { libc::_exit(1) },
             };

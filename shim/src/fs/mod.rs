@@ -40,8 +40,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use driver_protocol::message::{
-    ControlToShim, ErrorMsg, Event, FsChange, FsData, FsEvent, FsList, FsMkdir, FsRead, FsRemove,
-    FsRename, FsStat, FsWatch, FsWriteOpen, OkReply, RequestId, ShimToControl,
+    ControlToShim, ErrorMsg, Event, FsChange, FsEvent, FsList, FsMkdir, FsRead, FsRemove, FsRename,
+    FsStat, FsWatch, FsWriteOpen, OkReply, RequestId, ShimToControl,
 };
 use driver_protocol::ErrorCode;
 use tracing::{debug, warn};
@@ -282,7 +282,7 @@ fn outcome(id: RequestId, rec: io::Result<Option<Record>>) -> Result<ShimToContr
         Ok(Some(Record::Done)) => Ok(OkReply::new(id).into()),
         Ok(Some(Record::Fail(code, message))) => Ok(error(id, code, message)),
         Ok(Some(Record::Reply(body))) => Err(body),
-        Ok(Some(Record::Data(_) | Record::Event(_))) => Ok(error(
+        Ok(Some(Record::Frame(_) | Record::Event(_))) => Ok(error(
             id,
             ErrorCode::Internal,
             "the operation answered out of turn".to_owned(),
@@ -308,7 +308,7 @@ async fn answer(id: RequestId, reply: Reply, mut helper: Helper) {
     let wait = async {
         loop {
             let rec = helper.rd.next().await;
-            if matches!(rec, Ok(Some(Record::Data(_) | Record::Event(_)))) {
+            if matches!(rec, Ok(Some(Record::Frame(_) | Record::Event(_)))) {
                 continue;
             }
             if is_final(&rec) {
@@ -329,10 +329,10 @@ async fn answer(id: RequestId, reply: Reply, mut helper: Helper) {
     drop(helper);
 }
 
-/// Relays an `fs_read`'s chunks as `fs_data` frames, flow-controlled by the connection.
+/// Relays an `fs_read`'s `fs_data` frames, made whole by its process, flow-controlled by the
+/// connection.
 async fn read(m: FsRead, mut stream: ReplyStream, mut helper: Helper) {
     let id = m.id;
-    let mut offset = m.offset;
     while !stream.is_gone() {
         let record = tokio::select! {
             r = helper.rd.next() => r,
@@ -344,39 +344,24 @@ async fn read(m: FsRead, mut stream: ReplyStream, mut helper: Helper) {
         if is_final(&record) {
             helper.finished();
         }
-        let frame: ShimToControl = match record {
-            Ok(Some(Record::Data(data))) => {
-                let len = data.len() as u64;
-                let frame = FsData {
-                    re: id,
-                    offset,
-                    data,
-                    eof: false,
-                };
-                offset = offset.saturating_add(len);
-                frame.into()
+        let sent = match record {
+            Ok(Some(Record::Frame(frame))) => stream.send_frame(frame).await,
+            // The process sent the `eof` frame before it.
+            Ok(Some(Record::Done)) => return,
+            other => {
+                let msg = outcome(id, other).unwrap_or_else(|_| {
+                    error(
+                        id,
+                        ErrorCode::Internal,
+                        "the read answered out of turn".to_owned(),
+                    )
+                });
+                let _ = stream.send(&msg).await;
+                return;
             }
-            Ok(Some(Record::Done)) => FsData {
-                re: id,
-                offset,
-                data: Bytes::new(),
-                eof: true,
-            }
-            .into(),
-            other => outcome(id, other).unwrap_or_else(|_| {
-                error(
-                    id,
-                    ErrorCode::Internal,
-                    "the read answered out of turn".to_owned(),
-                )
-            }),
         };
-        let last = !matches!(&frame, ShimToControl::FsData(d) if !d.eof);
-        if let Err(Gone) = stream.send(&frame).await {
+        if let Err(Gone) = sent {
             debug!(id, "fs_read abandoned: its connection is gone");
-            return;
-        }
-        if last {
             return;
         }
     }
@@ -428,7 +413,7 @@ async fn watch(
     loop {
         let ev = match helper.rd.next().await {
             Ok(Some(Record::Event(body))) => FileEvent::Raw(body),
-            Ok(Some(Record::Data(_))) => continue,
+            Ok(Some(Record::Frame(_))) => continue,
             other => {
                 if is_final(&other) {
                     helper.finished();

@@ -27,8 +27,14 @@ pub const LIST_MAX: usize = 1000;
 /// How deep `fs_remove{recursive}` descends before it gives up (`invalid`).
 const REMOVE_DEPTH: usize = 256;
 
-/// A record tag: a chunk of file data follows.
+/// A record tag (shim to an upload's process): a chunk of file data follows.
 pub const TAG_DATA: u8 = b'D';
+/// A record tag (an `fs_read`'s process to the shim): a whole `fs_data` frame follows, its
+/// 4-byte length header included, which the shim sends on as it is ([`data_frame_head`]).
+pub const TAG_FRAME: u8 = b'R';
+/// The bytes before an `fs_data` frame's `data`: the record head, the frame's length, and the
+/// MessagePack map up to the `data` bin's header ([`data_frame_head`]).
+pub const DATA_HEAD: usize = 5 + 4 + 57;
 /// A record tag: a MessagePack `ShimToControl` body follows (the reply, or an `error`).
 pub const TAG_MSG: u8 = b'M';
 /// A record tag (shim to an upload's process): fsync and put the file in place.
@@ -104,8 +110,9 @@ impl<W: Write> Out<W> {
         self.w.write_all(payload)
     }
 
-    fn data(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.record(TAG_DATA, bytes)
+    /// Writes `buf` as it is: a record made by [`data_frame_head`] and its data.
+    fn raw(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        self.w.write_all(buf)
     }
 
     /// Writes what is buffered.
@@ -392,11 +399,12 @@ fn read<W: Write>(
         Some(len) => size.min(m.offset.saturating_add(len)),
         None => size,
     };
-    let mut buf = vec![0u8; CHUNK];
+    // The record's head, then the file's bytes read right behind it: one write a chunk.
+    let mut buf = vec![0u8; DATA_HEAD + CHUNK];
     let mut off = m.offset;
     while off < end {
         let want = usize::try_from(end - off).unwrap_or(CHUNK).min(CHUNK);
-        let Some(chunk) = buf.get_mut(..want) else {
+        let Some(chunk) = buf.get_mut(DATA_HEAD..DATA_HEAD + want) else {
             break;
         };
         // SAFETY: `chunk` is writable for `want` bytes.
@@ -415,7 +423,12 @@ fn read<W: Write>(
             ));
         }
         let n = n as usize;
-        if out.data(chunk.get(..n).unwrap_or_default()).is_err() {
+        let (head, _) = buf.split_at_mut(DATA_HEAD);
+        data_frame_head(head, m.id, off, n, false);
+        if out
+            .raw(buf.get(..DATA_HEAD + n).unwrap_or_default())
+            .is_err()
+        {
             // The shim is gone or gave up on this read.
             return Err(Failure::new(ErrorCode::Internal, "the reader is gone"));
         }
@@ -428,7 +441,36 @@ fn read<W: Write>(
             format!("{:?} changed while it was read", m.path),
         ));
     }
+    // The end: an empty `fs_data` with `eof`, then the done record.
+    let mut head = [0u8; DATA_HEAD];
+    data_frame_head(&mut head, m.id, off, 0, true);
+    out.raw(&head)
+        .map_err(|_| Failure::new(ErrorCode::Internal, "the reader is gone"))?;
     Ok(OkReply::new(0).into())
+}
+
+/// Fills `head` ([`DATA_HEAD`] bytes) with a [`TAG_FRAME`] record's head and the start of an
+/// `fs_data` frame `{type, re, offset, eof, data}` whose `data` (the last field) is the `len`
+/// bytes that follow `head`. Every integer has its widest encoding, so the head's size is
+/// fixed and the file's bytes are read into place behind it: the frame is never copied.
+fn data_frame_head(head: &mut [u8], re: u64, offset: u64, len: usize, eof: bool) {
+    let len = u32::try_from(len).unwrap_or(u32::MAX);
+    let body = (DATA_HEAD as u32 - 9).saturating_add(len);
+    let mut w = Vec::with_capacity(DATA_HEAD);
+    w.push(TAG_FRAME);
+    w.extend_from_slice(&body.saturating_add(4).to_be_bytes());
+    w.extend_from_slice(&body.to_be_bytes());
+    w.extend_from_slice(b"\x85\xa4type\xa7fs_data\xa2re\xcf");
+    w.extend_from_slice(&re.to_be_bytes());
+    w.extend_from_slice(b"\xa6offset\xcf");
+    w.extend_from_slice(&offset.to_be_bytes());
+    w.extend_from_slice(b"\xa3eof");
+    w.push(if eof { 0xc3 } else { 0xc2 });
+    w.extend_from_slice(b"\xa4data\xc6");
+    w.extend_from_slice(&len.to_be_bytes());
+    if let Some(dst) = head.get_mut(..w.len()) {
+        dst.copy_from_slice(&w);
+    }
 }
 
 fn mkdir_at(dir: RawFd, name: &CString, mode: u32) -> Result<(), Errno> {
@@ -735,6 +777,39 @@ mod tests {
         sort_names(&mut names);
         assert_eq!(names, want);
         sort_names(&mut []);
+    }
+
+    /// An `fs_data` record made in place is one whole frame that decodes as the message it
+    /// stands for, for every size, offset and id, and with `eof`.
+    #[test]
+    fn data_frames_made_in_place_decode_as_fs_data() {
+        use driver_protocol::message::FsData;
+        for (re, offset, len, eof) in [
+            (0u64, 0u64, 0usize, true),
+            (7, 4096, 5, false),
+            (u64::MAX, u64::MAX - 1, 1000, false),
+            (1 << 40, 1 << 33, CHUNK, false),
+        ] {
+            let mut buf = vec![0u8; DATA_HEAD + len];
+            for (i, b) in buf.iter_mut().enumerate().skip(DATA_HEAD) {
+                *b = (i * 31) as u8;
+            }
+            data_frame_head(&mut buf[..DATA_HEAD], re, offset, len, eof);
+            assert_eq!(buf[0], TAG_FRAME);
+            let rec = u32::from_be_bytes(buf[1..5].try_into().expect("4")) as usize;
+            assert_eq!(rec, buf.len() - 5);
+            let frame = &buf[5..];
+            let body_len = u32::from_be_bytes(frame[..4].try_into().expect("4")) as usize;
+            assert_eq!(body_len, frame.len() - 4);
+            let msg = ShimToControl::decode(&frame[4..]).expect("decodes");
+            let want = FsData {
+                re,
+                offset,
+                data: bytes::Bytes::copy_from_slice(&buf[DATA_HEAD..]),
+                eof,
+            };
+            assert_eq!(msg, ShimToControl::FsData(want));
+        }
     }
 
     /// A message record holds exactly the message's MessagePack body.
