@@ -245,7 +245,7 @@ impl Conn {
     fn take_large(&self, min: usize) -> Option<Bytes> {
         let frame = {
             let mut out = self.out.borrow_mut();
-            if !out.frames.front().is_some_and(|f| f.len() >= min) {
+            if out.frames.front().is_none_or(|f| f.len() < min) {
                 return None;
             }
             let frame = out.frames.pop_front()?;

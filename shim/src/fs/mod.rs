@@ -22,7 +22,10 @@
 //! component-by-component walk where the kernel lacks it. **The operations** are `ops.rs`.
 //! `fs_read` answers with a reply stream (`control::ReplyStream`): its chunks go to the
 //! requesting connection only, as fast as it reads them; the operation's process blocks on
-//! its socket meanwhile, so at most a socket buffer and one chunk are in flight per read.
+//! its socket meanwhile, so at most a socket buffer (four chunks) and one chunk are in flight
+//! per read. The process writes each `fs_data` frame whole, the file's bytes read in place
+//! behind a head of fixed size, and the shim sends that frame on as it came: the shim copies
+//! a chunk only out of one socket and into the other.
 
 mod confine;
 mod helper;
