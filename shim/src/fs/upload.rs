@@ -285,14 +285,51 @@ async fn run(
                 end_input(&mut helper).await;
                 return;
             }
-            // The process failed on its own (it cannot, between chunks, but a kill can).
+            // The process stopped on its own: a write failed (a full disk) on bytes already
+            // answered `ok` (they were in its socket), or it was killed.
             r = helper.rd.next() => {
                 if is_final(&r) {
                     helper.finished();
                 }
                 warn!(handle, "upload's process ended");
+                let why = match outcome(0, r) {
+                    Ok(ShimToControl::Error(e)) => (e.code, e.message),
+                    _ => (ErrorCode::Internal, "the upload's process ended".to_owned()),
+                };
+                fail_rest(state, wake, &why).await;
                 return;
             }
+        }
+    }
+}
+
+/// Answers what comes for a failed upload with its failure, until its `fs_write_close` (or
+/// [`IDLE`]): the client learns why (`no_space`, say), not only that the upload is gone.
+async fn fail_rest(state: &Rc<RefCell<State>>, wake: &Rc<Notify>, why: &(ErrorCode, String)) {
+    loop {
+        let notified = wake.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let (queue, close) = {
+            let mut st = state.borrow_mut();
+            st.queued = 0;
+            (std::mem::take(&mut st.queue), st.close.take())
+        };
+        for (_, r) in queue {
+            let id = reply_id(&r).unwrap_or(0);
+            r.send(error(id, why.0.clone(), why.1.clone()));
+        }
+        if let Some((r, abort)) = close {
+            let id = reply_id(&r).unwrap_or(0);
+            r.send(if abort {
+                OkReply::new(id).into()
+            } else {
+                error(id, why.0.clone(), why.1.clone())
+            });
+            return;
+        }
+        if tokio::time::timeout(IDLE, notified).await.is_err() {
+            return;
         }
     }
 }
