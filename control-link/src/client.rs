@@ -315,7 +315,36 @@ impl Client {
         }
     }
 
-    async fn call(&self, id: RequestId, msg: ControlToShim) -> Result<ShimToControl, Error> {
+    /// The shim's file operations (PROTOCOL.md §8.8).
+    pub fn fs(&self) -> crate::fs::Files {
+        crate::fs::Files::new(self.clone())
+    }
+
+    /// A fresh request id.
+    pub(crate) fn next_id(&self) -> RequestId {
+        self.inner.shared.next_id()
+    }
+
+    /// Sends a request answered by a stream of frames; they come on the receiver (closed at
+    /// the end, or when the connection drops).
+    pub(crate) fn stream(
+        &self,
+        id: RequestId,
+        msg: ControlToShim,
+    ) -> Result<mpsc::Receiver<ShimToControl>, Error> {
+        let (frames, rx) = mpsc::channel(16);
+        self.inner
+            .cmds
+            .send(Cmd::Stream { id, msg, frames })
+            .map_err(|_| self.inner.shared.closed_error())?;
+        Ok(rx)
+    }
+
+    pub(crate) async fn call(
+        &self,
+        id: RequestId,
+        msg: ControlToShim,
+    ) -> Result<ShimToControl, Error> {
         let limit = self.inner.request_timeout;
         let call = async {
             let (tx, rx) = oneshot::channel();
@@ -609,7 +638,7 @@ impl Client {
         }
     }
 
-    /// A resource reading of the sandbox (`metrics`, PROTOCOL.md §8.8): its cgroup's memory,
+    /// A resource reading of the sandbox (`metrics`, PROTOCOL.md §8.9): its cgroup's memory,
     /// CPU, pids and io, its workspace disk, the driver's and each exec's processes. Every
     /// figure is optional: present only when the shim could read it.
     ///
@@ -913,7 +942,7 @@ impl Client {
 }
 
 /// A reply of the wrong type.
-fn unexpected(msg: &ShimToControl) -> Error {
+pub(crate) fn unexpected(msg: &ShimToControl) -> Error {
     Error::Protocol(format!("unexpected reply {}", msg.type_name()))
 }
 

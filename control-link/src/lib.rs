@@ -7,6 +7,7 @@ mod client;
 mod error;
 mod events;
 mod fleet;
+mod fs;
 mod link;
 mod listener;
 mod options;
@@ -33,6 +34,7 @@ pub use driver_protocol::net::{Addr, AddrError};
 pub use error::Error;
 pub use events::{AgentId, EventStream, RawEvent, RawEventStream};
 pub use fleet::{Fleet, FleetEvents};
+pub use fs::{Files, FsReader, WriteOptions};
 pub use listener::Listener;
 pub use options::{AckMode, Backoff, ConnectOptions, CursorFn};
 #[cfg(feature = "schema")]

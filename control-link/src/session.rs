@@ -53,6 +53,19 @@ pub(crate) const MAX_REFUSALS: u32 = 3;
 /// Messages already read that are handled in one turn of the session's loop.
 const BURST: usize = 256;
 
+/// A stream frame waiting for room in its reader.
+type Stalled = (mpsc::Sender<ShimToControl>, RequestId, bool, ShimToControl);
+
+/// Room for the stalled frame.
+async fn reserve_stalled(
+    stalled: &Option<Stalled>,
+) -> Result<mpsc::OwnedPermit<ShimToControl>, mpsc::error::SendError<()>> {
+    match stalled {
+        Some((tx, ..)) => tx.clone().reserve_owned().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// What a client handle asks of its session.
 #[derive(Debug)]
 pub(crate) enum Cmd {
@@ -82,6 +95,15 @@ pub(crate) enum Cmd {
         exec_id: u64,
         reply: oneshot::Sender<Result<ShimToControl, Error>>,
         sink: mpsc::UnboundedSender<AttachItem>,
+    },
+    /// A request answered by a stream of frames (`fs_read`): every frame with its `re` goes
+    /// to `frames` (bounded: a slow reader slows the connection, it never buffers without
+    /// bound). A stream is not resent after a reconnect: `frames` is dropped, and the
+    /// reader asks again from where it is.
+    Stream {
+        id: RequestId,
+        msg: ControlToShim,
+        frames: mpsc::Sender<ShimToControl>,
     },
 }
 
@@ -136,6 +158,13 @@ pub(crate) struct Session {
     pending: BTreeMap<RequestId, Pending>,
     /// The execs this connection follows (`attach_exec`), by exec id.
     attached: BTreeMap<u64, mpsc::UnboundedSender<AttachItem>>,
+    /// Streams of reply frames, by request id.
+    streams: BTreeMap<RequestId, mpsc::Sender<ShimToControl>>,
+    /// A stream frame its reader has no room for yet (the connection is not read meanwhile):
+    /// the stream, its id, whether it is the last frame, the frame.
+    stalled: Option<Stalled>,
+    /// Streams asked for while no connection was up, sent on the next.
+    streams_waiting: Vec<(RequestId, ControlToShim, mpsc::Sender<ShimToControl>)>,
     queued: Option<Item>,
     /// Failed connection attempts since the last good connection.
     attempt: u32,
@@ -170,6 +199,9 @@ impl Session {
             started_once: false,
             pending: BTreeMap::new(),
             attached: BTreeMap::new(),
+            streams: BTreeMap::new(),
+            stalled: None,
+            streams_waiting: Vec::new(),
             queued: None,
             attempt: 0,
             refusals: 0,
@@ -260,6 +292,10 @@ impl Session {
                 true
             }
             Some(Cmd::RedialNow) => true,
+            Some(Cmd::Stream { id, msg, frames }) => {
+                self.streams_waiting.push((id, msg, frames));
+                true
+            }
         }
     }
 
@@ -401,6 +437,13 @@ impl Session {
             self.start_events(link).await?;
         }
         self.resumed_at = self.ack_sent;
+        // Streams of the last connection are over: their readers ask again.
+        self.streams.clear();
+        self.stalled = None;
+        for (id, msg, frames) in std::mem::take(&mut self.streams_waiting) {
+            self.streams.insert(id, frames);
+            link.send(&msg).await?;
+        }
         // Requests still unanswered go again, with the same ids.
         self.pending.retain(|_, p| !p.reply.is_closed());
         let ids: Vec<RequestId> = self.pending.keys().copied().collect();
@@ -443,6 +486,10 @@ impl Session {
                             return Ok(End::Dropped);
                         }
                     }
+                    Some(Cmd::Stream { id, msg, frames }) => {
+                        self.streams.insert(id, frames);
+                        link.send(&msg).await?;
+                    }
                     Some(Cmd::Notice { msg, done }) => match link.send(&msg).await {
                         Ok(()) => { let _ = done.send(Ok(())); }
                         Err(e) => {
@@ -472,7 +519,7 @@ impl Session {
                     return Ok(End::Replaced(Box::new(c)));
                 }
                 // Only while the socket is read: a slow consumer is not a dead shim.
-                _ = &mut keepalive_timer, if !keepalive.is_zero() && self.queued.is_none() => {
+                _ = &mut keepalive_timer, if !keepalive.is_zero() && self.queued.is_none() && self.stalled.is_none() => {
                     let probe_at = last_rx + keepalive * if probing { 2 } else { 1 };
                     if Instant::now() < probe_at {
                         keepalive_timer.as_mut().reset(probe_at);
@@ -514,7 +561,16 @@ impl Session {
                     self.delivered = seq;
                     last_rx = Instant::now();
                 }
-                msg = link.recv_any(), if self.queued.is_none() => match msg? {
+                permit = reserve_stalled(&self.stalled), if self.stalled.is_some() => {
+                    let Some((_, re, last, msg)) = self.stalled.take() else { continue };
+                    match permit {
+                        Ok(permit) if !last => { permit.send(msg); }
+                        Ok(permit) => { permit.send(msg); self.streams.remove(&re); }
+                        Err(_) => { self.streams.remove(&re); }
+                    }
+                    last_rx = Instant::now();
+                }
+                msg = link.recv_any(), if self.queued.is_none() && self.stalled.is_none() => match msg? {
                     Some(msg) => {
                         last_rx = Instant::now();
                         probing = false;
@@ -531,7 +587,7 @@ impl Session {
                         let mut more = BURST;
                         loop {
                             self.offer_queued();
-                            if self.queued.is_some() || more == 0 {
+                            if self.queued.is_some() || self.stalled.is_some() || more == 0 {
                                 break;
                             }
                             more -= 1;
@@ -648,6 +704,10 @@ impl Session {
             ShimToControl::StatusReply(r) => Some(r.re),
             ShimToControl::ExecStarted(r) => Some(r.re),
             ShimToControl::Pong(r) => Some(r.re),
+            ShimToControl::FsStatReply(r) => Some(r.re),
+            ShimToControl::FsListReply(r) => Some(r.re),
+            ShimToControl::FsWriteReady(r) => Some(r.re),
+            ShimToControl::FsData(d) => Some(d.re),
             ShimToControl::MetricsReply(r) => Some(r.re),
             ShimToControl::ExecList(r) => Some(r.re),
             ShimToControl::ExecAttached(r) => Some(r.re),
@@ -682,6 +742,21 @@ impl Session {
                 return Ok(());
             }
         };
+        if let Some(frames) = re.and_then(|re| self.streams.get(&re)) {
+            let last = !matches!(&msg, ShimToControl::FsData(d) if !d.eof);
+            let re = re.unwrap_or_default();
+            match frames.try_send(msg) {
+                Ok(()) if !last => {}
+                Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {
+                    self.streams.remove(&re);
+                }
+                // The reader is behind: the connection is read no faster than it.
+                Err(mpsc::error::TrySendError::Full(msg)) => {
+                    self.stalled = Some((frames.clone(), re, last, msg));
+                }
+            }
+            return Ok(());
+        }
         match re {
             Some(re) => match self.pending.remove(&re) {
                 Some(p) => {
@@ -752,7 +827,7 @@ impl Session {
                 Cmd::Attach { reply, .. } => {
                     let _ = reply.send(Err(self.shared.closed_error()));
                 }
-                Cmd::StartEvents { .. } | Cmd::RedialNow => {}
+                Cmd::StartEvents { .. } | Cmd::RedialNow | Cmd::Stream { .. } => {}
             }
         }
         for done in self.close_done.drain(..) {

@@ -263,7 +263,7 @@ impl ExecSpec {
     }
 
     /// Limits of the exec's own cgroup: memory in bytes, processes, CPU in thousandths of a
-    /// CPU (PROTOCOL.md §8.8). A shim without delegated cgroups refuses the exec
+    /// CPU (PROTOCOL.md §8.9). A shim without delegated cgroups refuses the exec
     /// (`unsupported`); `status` says which mode it has.
     ///
     /// ```

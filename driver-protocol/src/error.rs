@@ -90,6 +90,16 @@ error_codes! {
     Gap = "gap",
     /// A request id was reused for a request with another body (`conflict`).
     Conflict = "conflict",
+    // files
+    /// A path is not acceptable: empty, not UTF-8, or leading out of the file root through
+    /// `..`, a symlink or a magic link (`bad_path`).
+    BadPath = "bad_path",
+    /// The sandbox user may not do this to this path (`permission`).
+    Permission = "permission",
+    /// The file system is full, or the user's quota is (`no_space`).
+    NoSpace = "no_space",
+    /// The file changed while it was being read (`changed`).
+    Changed = "changed",
 }
 
 impl fmt::Display for ErrorCode {
@@ -212,7 +222,7 @@ mod tests {
 
     #[test]
     fn every_known_code_round_trips_and_others_are_kept() {
-        assert_eq!(ErrorCode::KNOWN.len(), 16);
+        assert_eq!(ErrorCode::KNOWN.len(), 20);
         for wire in ErrorCode::KNOWN {
             let code = ErrorCode::parse(wire);
             assert!(!matches!(code, ErrorCode::Other(_)), "{wire}");

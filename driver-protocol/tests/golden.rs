@@ -395,6 +395,20 @@ fn exec_exit(exec_id: u64) -> ExecExit {
     }
 }
 
+/// A file's metadata for the files samples.
+fn fs_entry(name: &str, kind: FsKind, target: Option<String>) -> FsEntry {
+    FsEntry {
+        name: name.to_owned(),
+        kind,
+        size: 48_213,
+        mode: 0o644,
+        uid: 1000,
+        gid: 1000,
+        mtime_ms: 1_796_000_000_000,
+        target,
+    }
+}
+
 fn samples() -> Vec<Sample> {
     use ControlToShim as C;
     use DriverToShim as D;
@@ -694,6 +708,101 @@ fn samples() -> Vec<Sample> {
                 id: 0x5eed_0000_0000_000b,
             }),
         ),
+        // files
+        s(
+            "The metadata of a file under the file root.",
+            C::FsStat(FsStat {
+                id: 0x5eed_0000_0000_0010,
+                path: "/work/report.pdf".to_owned(),
+                follow: false,
+            }),
+        ),
+        s(
+            "The second page of a directory: at most 2 entries after \"a.txt\".",
+            C::FsList(FsList {
+                id: 0x5eed_0000_0000_0011,
+                path: "/work".to_owned(),
+                after: some("a.txt"),
+                limit: Some(2),
+            }),
+        ),
+        s(
+            "Stream a file from offset 4096 (a read resumed after a reconnect).",
+            C::FsRead(FsRead {
+                id: 0x5eed_0000_0000_0012,
+                path: "/work/report.pdf".to_owned(),
+                offset: 4096,
+                length: None,
+            }),
+        ),
+        s(
+            "Create a directory and its missing parents, mode 0700.",
+            C::FsMkdir(FsMkdir {
+                id: 0x5eed_0000_0000_0013,
+                path: "/work/out/logs".to_owned(),
+                parents: true,
+                mode: Some(0o700),
+            }),
+        ),
+        s(
+            "Remove a directory tree.",
+            C::FsRemove(FsRemove {
+                id: 0x5eed_0000_0000_0014,
+                path: "/work/out".to_owned(),
+                recursive: true,
+            }),
+        ),
+        s(
+            "Move a file, replacing the target.",
+            C::FsRename(FsRename {
+                id: 0x5eed_0000_0000_0015,
+                from: "/work/draft.md".to_owned(),
+                to: "/work/final.md".to_owned(),
+            }),
+        ),
+        s(
+            "Start an upload that atomically replaces a file, creating its parents.",
+            C::FsWriteOpen(FsWriteOpen {
+                id: 0x5eed_0000_0000_0016,
+                path: "/work/in/data.bin".to_owned(),
+                mode: Some(0o640),
+                parents: true,
+                append: false,
+                handle: None,
+            }),
+        ),
+        s(
+            "Bytes 65536.. of upload 3.",
+            C::FsWriteData(FsWriteData {
+                id: 0x5eed_0000_0000_0017,
+                handle: 3,
+                offset: 65_536,
+                data: Bytes::from_static(b"\x7fELF"),
+            }),
+        ),
+        s(
+            "Finish upload 3: fsync, then rename over the target.",
+            C::FsWriteClose(FsWriteClose {
+                id: 0x5eed_0000_0000_0018,
+                handle: 3,
+                abort: false,
+            }),
+        ),
+        s(
+            "Watch a tree for changes.",
+            C::FsWatch(FsWatch {
+                id: 0x5eed_0000_0000_0019,
+                path: "/work".to_owned(),
+                recursive: true,
+            }),
+        ),
+        s(
+            "End the watch started by request 0x5eed000000000019.",
+            C::FsUnwatch(FsUnwatch {
+                id: 0x5eed_0000_0000_001a,
+                watch: 0x5eed_0000_0000_0019,
+            }),
+        ),
         s(
             "Ask for a resource reading.",
             C::Metrics(Metrics {
@@ -984,6 +1093,42 @@ fn samples() -> Vec<Sample> {
                 )
             }),
         ),
+        // files
+        s(
+            "A file's metadata, answering fs_stat.",
+            SC::FsStatReply(FsStatReply {
+                re: 0x5eed_0000_0000_0010,
+                entry: fs_entry("report.pdf", FsKind::File, None),
+            }),
+        ),
+        s(
+            "A page of two entries, more to come, answering fs_list.",
+            SC::FsListReply(FsListReply {
+                re: 0x5eed_0000_0000_0011,
+                entries: vec![
+                    fs_entry("b.txt", FsKind::File, None),
+                    fs_entry("latest", FsKind::Symlink, some("runs/42")),
+                ],
+                more: true,
+            }),
+        ),
+        s(
+            "The last chunk of an fs_read stream: 5 bytes at offset 4096, then the end.",
+            SC::FsData(FsData {
+                re: 0x5eed_0000_0000_0012,
+                offset: 4096,
+                data: Bytes::from_static(b"\x00\x01%PD"),
+                eof: true,
+            }),
+        ),
+        s(
+            "Upload 3 is open and has 65536 bytes (answering a resumed fs_write_open).",
+            SC::FsWriteReady(FsWriteReady {
+                re: 0x5eed_0000_0000_0016,
+                handle: 3,
+                offset: 65_536,
+            }),
+        ),
         // ----- events (the body inside an `event` envelope)
         s(
             "A piece of the agent's output text, relayed.",
@@ -1022,6 +1167,16 @@ fn samples() -> Vec<Sample> {
             E::TaskAccepted(TaskAccepted {
                 task_id: "task-7f3a".to_owned(),
                 position: 1,
+            }),
+        ),
+        s(
+            "A file moved within a watched tree.",
+            E::FsEvent(FsEvent {
+                watch: 0x5eed_0000_0000_0019,
+                change: FsChange::Renamed,
+                path: "/work/draft.md".to_owned(),
+                to: some("/work/final.md"),
+                dropped: None,
             }),
         ),
         s(

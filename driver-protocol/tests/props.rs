@@ -842,6 +842,95 @@ fn control_to_shim() -> impl Strategy<Value = ControlToShim> {
         resume_from().prop_map(M::ResumeFrom),
         ping().prop_map(M::Ping),
         forget_consumer().prop_map(M::ForgetConsumer),
+        // files
+        (any::<u64>(), text(), any::<bool>()).prop_map(|(id, path, follow)| M::FsStat(FsStat {
+            id,
+            path,
+            follow
+        })),
+        (
+            any::<u64>(),
+            text(),
+            opt_text(),
+            proptest::option::of(any::<u32>())
+        )
+            .prop_map(|(id, path, after, limit)| M::FsList(FsList {
+                id,
+                path,
+                after,
+                limit
+            })),
+        (
+            any::<u64>(),
+            text(),
+            any::<u64>(),
+            proptest::option::of(any::<u64>())
+        )
+            .prop_map(|(id, path, offset, length)| M::FsRead(FsRead {
+                id,
+                path,
+                offset,
+                length
+            })),
+        (
+            any::<u64>(),
+            text(),
+            any::<bool>(),
+            proptest::option::of(any::<u32>())
+        )
+            .prop_map(|(id, path, parents, mode)| M::FsMkdir(FsMkdir {
+                id,
+                path,
+                parents,
+                mode
+            })),
+        (any::<u64>(), text(), any::<bool>()).prop_map(|(id, path, recursive)| M::FsRemove(
+            FsRemove {
+                id,
+                path,
+                recursive
+            }
+        )),
+        (any::<u64>(), text(), text()).prop_map(|(id, from, to)| M::FsRename(FsRename {
+            id,
+            from,
+            to
+        })),
+        (
+            any::<u64>(),
+            text(),
+            proptest::option::of(any::<u32>()),
+            (any::<bool>(), any::<bool>()),
+            proptest::option::of(any::<u64>())
+        )
+            .prop_map(|(id, path, mode, (parents, append), handle)| {
+                M::FsWriteOpen(FsWriteOpen {
+                    id,
+                    path,
+                    mode,
+                    parents,
+                    append,
+                    handle,
+                })
+            }),
+        (any::<u64>(), any::<u64>(), any::<u64>(), bin()).prop_map(|(id, handle, offset, data)| {
+            M::FsWriteData(FsWriteData {
+                id,
+                handle,
+                offset,
+                data,
+            })
+        }),
+        (any::<u64>(), any::<u64>(), any::<bool>())
+            .prop_map(|(id, handle, abort)| M::FsWriteClose(FsWriteClose { id, handle, abort })),
+        (any::<u64>(), text(), any::<bool>()).prop_map(|(id, path, recursive)| M::FsWatch(
+            FsWatch {
+                id,
+                path,
+                recursive
+            }
+        )),
+        (any::<u64>(), any::<u64>()).prop_map(|(id, watch)| M::FsUnwatch(FsUnwatch { id, watch })),
         (any::<u64>(), any::<u64>())
             .prop_map(|(id, unix_ms)| M::SetClock(SetClock { id, unix_ms })),
         any::<u64>().prop_map(|id| M::Metrics(Metrics { id })),
@@ -855,6 +944,40 @@ fn control_to_shim() -> impl Strategy<Value = ControlToShim> {
         )),
         any::<(u64, u64)>().prop_map(|(id, exec_id)| M::DetachExec(DetachExec { id, exec_id })),
     ]
+}
+
+/// A file's metadata.
+fn fs_entry() -> impl Strategy<Value = FsEntry> {
+    let kind = prop_oneof![
+        Just(FsKind::File),
+        Just(FsKind::Dir),
+        Just(FsKind::Symlink),
+        Just(FsKind::Fifo),
+        Just(FsKind::Socket),
+        Just(FsKind::Char),
+        Just(FsKind::Block),
+    ];
+    (
+        text(),
+        kind,
+        any::<u64>(),
+        any::<u32>(),
+        (any::<u32>(), any::<u32>()),
+        any::<i64>(),
+        opt_text(),
+    )
+        .prop_map(
+            |(name, kind, size, mode, (uid, gid), mtime_ms, target)| FsEntry {
+                name,
+                kind,
+                size,
+                mode,
+                uid,
+                gid,
+                mtime_ms,
+                target,
+            },
+        )
 }
 
 fn event() -> impl Strategy<Value = Event> {
@@ -882,6 +1005,27 @@ fn event() -> impl Strategy<Value = Event> {
         idle().prop_map(M::Idle),
         Just(Busy {}).prop_map(M::Busy),
         oom().prop_map(M::Oom),
+        (
+            any::<u64>(),
+            prop_oneof![
+                Just(FsChange::Created),
+                Just(FsChange::Modified),
+                Just(FsChange::Removed),
+                Just(FsChange::Renamed),
+                Just(FsChange::Overflow),
+                Just(FsChange::Ended),
+            ],
+            text(),
+            opt_text(),
+            proptest::option::of(any::<u64>())
+        )
+            .prop_map(|(watch, change, path, to, dropped)| M::FsEvent(FsEvent {
+                watch,
+                change,
+                path,
+                to,
+                dropped
+            })),
         (any::<u64>(), any::<i64>())
             .prop_map(|(unix_ms, jump_ms)| M::ClockSet(ClockSet { unix_ms, jump_ms })),
         any::<i32>().prop_map(|code| M::ShimExiting(ShimExiting { code })),
@@ -901,6 +1045,29 @@ fn shim_to_control() -> impl Strategy<Value = ShimToControl> {
         (any::<u64>(), event()).prop_map(|(seq, event)| M::Event(EventEnvelope { seq, event })),
         pong().prop_map(M::Pong),
         lagged().prop_map(M::Lagged),
+        // files
+        (any::<u64>(), fs_entry())
+            .prop_map(|(re, entry)| M::FsStatReply(FsStatReply { re, entry })),
+        (
+            any::<u64>(),
+            proptest::collection::vec(fs_entry(), 0..4),
+            any::<bool>()
+        )
+            .prop_map(|(re, entries, more)| M::FsListReply(FsListReply {
+                re,
+                entries,
+                more
+            })),
+        (any::<u64>(), any::<u64>(), bin(), any::<bool>()).prop_map(|(re, offset, data, eof)| {
+            M::FsData(FsData {
+                re,
+                offset,
+                data,
+                eof,
+            })
+        }),
+        (any::<u64>(), any::<u64>(), any::<u64>())
+            .prop_map(|(re, handle, offset)| M::FsWriteReady(FsWriteReady { re, handle, offset })),
         (any::<u64>(), reading()).prop_map(|(re, r)| M::MetricsReply(MetricsReply::new(re, r))),
         (any::<u64>(), proptest::collection::vec(exec_info(), 0..3))
             .prop_map(|(re, execs)| M::ExecList(ExecList { re, execs })),

@@ -17,6 +17,7 @@ mod cli;
 mod control;
 mod driver;
 mod exec;
+mod fs;
 mod init;
 mod limits;
 mod logging;

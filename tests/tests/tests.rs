@@ -18,6 +18,7 @@ mod docker;
 
 mod security;
 
+mod files;
 mod resources;
 mod sessions;
 mod vm;

@@ -12,6 +12,7 @@ pub mod exec;
 pub mod exec_output;
 // sessions
 pub mod fanout;
+pub mod files;
 pub mod fleet;
 pub mod metrics;
 pub mod reap;
@@ -83,6 +84,7 @@ pub fn all(ctx: &Ctx, only: &[String]) -> Vec<Figure> {
         ("fleet", |c| vec![fleet::run(c)]),
         // sessions
         ("fan-out to observers", |c| vec![fanout::run(c)]),
+        ("files", files::run),
         ("metrics sample", |c| vec![metrics::run(c)]),
     ];
     let mut out = Vec::new();

@@ -26,7 +26,7 @@ fields!(TtySize {
 });
 
 /// `exec.limits`: what an exec's own cgroup allows (only where the shim has delegated
-/// cgroups, PROTOCOL.md §8.8).
+/// cgroups, PROTOCOL.md §8.9).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecLimits {
     /// Memory (and swap) in bytes; over it the OOM killer kills within the exec.

@@ -3,7 +3,7 @@
 //! `metrics{id}` asks for one [`Reading`], answered by `metrics_reply`; with
 //! `--metrics-interval` the shim also sends the same reading as a periodic `metrics` event.
 //! Every figure is optional: a field is present only when the shim could read it, and nothing
-//! is estimated or filled in (PROTOCOL.md §8.8).
+//! is estimated or filled in (PROTOCOL.md §8.9).
 
 use serde::{Deserialize, Serialize};
 

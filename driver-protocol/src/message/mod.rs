@@ -26,6 +26,8 @@ mod metrics;
 mod registry;
 // sessions
 mod session;
+// files
+mod fs;
 mod task;
 
 use std::io::Write;
@@ -42,6 +44,8 @@ pub use metrics::*;
 pub use registry::*;
 // sessions
 pub use session::*;
+// files
+pub use fs::*;
 pub use task::*;
 
 use crate::de::Fields;
@@ -464,6 +468,29 @@ message_set! {
         // sessions
         /// Retire a durable consumer.
         "forget_consumer" => ForgetConsumer(ForgetConsumer),
+        // files
+        /// One path's metadata.
+        "fs_stat" => FsStat(FsStat),
+        /// One page of a directory.
+        "fs_list" => FsList(FsList),
+        /// Stream a file's bytes.
+        "fs_read" => FsRead(FsRead),
+        /// Create a directory.
+        "fs_mkdir" => FsMkdir(FsMkdir),
+        /// Remove a path.
+        "fs_remove" => FsRemove(FsRemove),
+        /// Move a path.
+        "fs_rename" => FsRename(FsRename),
+        /// Start (or find again) an upload.
+        "fs_write_open" => FsWriteOpen(FsWriteOpen),
+        /// Bytes of an upload.
+        "fs_write_data" => FsWriteData(FsWriteData),
+        /// Finish or abort an upload.
+        "fs_write_close" => FsWriteClose(FsWriteClose),
+        /// Watch a path.
+        "fs_watch" => FsWatch(FsWatch),
+        /// End a watch.
+        "fs_unwatch" => FsUnwatch(FsUnwatch),
         // microVM
         /// Set the wall clock.
         "set_clock" => SetClock(SetClock),
@@ -502,6 +529,15 @@ message_set! {
         // sessions
         /// An observer fell behind and skips ahead.
         "lagged" => Lagged(Lagged),
+        // files
+        /// Answer to `fs_stat`.
+        "fs_stat_reply" => FsStatReply(FsStatReply),
+        /// Answer to `fs_list`.
+        "fs_list_reply" => FsListReply(FsListReply),
+        /// One chunk of an `fs_read` stream.
+        "fs_data" => FsData(FsData),
+        /// An upload is open, answering `fs_write_open`.
+        "fs_write_ready" => FsWriteReady(FsWriteReady),
         // Resources.
         /// Answer to `metrics`.
         "metrics_reply" => MetricsReply(MetricsReply),
@@ -553,6 +589,9 @@ with_driver_events! {
             "busy" => Busy(Busy),
             /// The OOM killer killed processes in the sandbox.
             "oom" => Oom(Oom),
+            // files
+            /// A change under an `fs_watch`.
+            "fs_event" => FsEvent(FsEvent),
             // microVM
             /// The shim set the wall clock.
             "clock_set" => ClockSet(ClockSet),

@@ -27,6 +27,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::error::ErrorKind;
+
+#[path = "agentctl/files.rs"]
+mod files;
 use clap::{CommandFactory as _, Parser, Subcommand};
 use control_link::protocol::message::{Event, Paused, TaskDone, TaskStatus};
 use control_link::{
@@ -225,6 +228,62 @@ enum Cmd {
     },
     /// Round trip to the shim.
     Ping,
+    // files
+    /// Copy a file (a tree with -r) into the sandbox or out of it; sandbox paths start
+    /// with ':' (`cp ./in :/work/in`, `cp :/work/out ./out`).
+    Cp {
+        /// Copy directories recursively.
+        #[arg(short = 'r', long)]
+        recursive: bool,
+        /// The source.
+        src: String,
+        /// The destination.
+        dst: String,
+    },
+    /// List a directory in the sandbox (or describe one file).
+    Ls {
+        /// The path in the sandbox.
+        path: String,
+    },
+    /// Print a file of the sandbox.
+    Cat {
+        /// The path in the sandbox.
+        path: String,
+    },
+    /// Remove a path in the sandbox.
+    Rm {
+        /// Remove a directory with everything in it.
+        #[arg(short = 'r', long)]
+        recursive: bool,
+        /// The path in the sandbox.
+        path: String,
+    },
+    /// Create a directory in the sandbox.
+    Mkdir {
+        /// Create missing parents too; no error if it exists.
+        #[arg(short = 'p', long)]
+        parents: bool,
+        /// The path in the sandbox.
+        path: String,
+    },
+    /// Move a path in the sandbox.
+    Mv {
+        /// The path to move.
+        from: String,
+        /// Its new path.
+        to: String,
+    },
+    /// Print the changes under a path in the sandbox, acking each once printed.
+    Watch {
+        /// The tree below, directories created later included.
+        #[arg(short = 'r', long)]
+        recursive: bool,
+        /// Stop after N changes (default: until interrupted).
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+        /// The path in the sandbox.
+        path: String,
+    },
     // microVM
     /// Set the sandbox's wall clock (a microVM's, after a snapshot restore or a long pause).
     SetClock {
@@ -634,6 +693,26 @@ async fn command(client: &Client, cmd: Cmd, out: &Out) -> Result<u8, Fail> {
         Cmd::Exec { tty, tag, argv } => exec(client, tty, tag, argv, out).await,
         Cmd::Ps => registry::ps(client, out).await,
         Cmd::Attach { exec_id, from } => registry::attach(client, exec_id, from, out).await,
+        // files
+        Cmd::Cp {
+            recursive,
+            src,
+            dst,
+        } => files::cp(client, &src, &dst, recursive, out).await,
+        Cmd::Ls { path } => files::ls(client, &path, out).await,
+        Cmd::Cat { path } => files::cat(client, &path).await,
+        Cmd::Rm { recursive, path } => {
+            files::simple(client, files::Simple::Rm { path, recursive }, out).await
+        }
+        Cmd::Mkdir { parents, path } => {
+            files::simple(client, files::Simple::Mkdir { path, parents }, out).await
+        }
+        Cmd::Mv { from, to } => files::simple(client, files::Simple::Mv { from, to }, out).await,
+        Cmd::Watch {
+            recursive,
+            count,
+            path,
+        } => files::watch(client, &path, recursive, count, out).await,
         Cmd::Shutdown { grace } => {
             client.shutdown(grace, Some("agentctl")).await?;
             out.ok("shutdown accepted");

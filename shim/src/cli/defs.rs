@@ -560,6 +560,68 @@ pub(super) static FLAGS: &[Flag] = &[
         "how long an exited exec is kept for list_execs and attach_exec",
         |c, v| parse_duration(v).map(|x| c.sup.exec_history_ttl = x),
     ),
+    // files
+    val(
+        "fs-root",
+        "DIR",
+        "AGENT_SHIM_FS_ROOT",
+        Value("/"),
+        Sandbox,
+        "file operations of the control link are confined beneath DIR",
+        |c, v| {
+            if v.starts_with('/') {
+                c.sup.fs_root = v.into();
+                Ok(())
+            } else {
+                Err("must be an absolute path".to_owned())
+            }
+        },
+    ),
+    val(
+        "fs-max-ops",
+        "N",
+        "AGENT_SHIM_FS_MAX_OPS",
+        Value("16"),
+        Sandbox,
+        "file operations (transfers included) running at once; more are\nrefused",
+        |c, v| match parse_num(v)? {
+            0 => Err("must be at least 1".to_owned()),
+            n => {
+                c.sup.fs_max_ops = n;
+                Ok(())
+            }
+        },
+    ),
+    val(
+        "fs-max-watches",
+        "N",
+        "AGENT_SHIM_FS_MAX_WATCHES",
+        Value("16"),
+        Sandbox,
+        "file watches (fs_watch) at once; more are refused",
+        |c, v| match parse_num(v)? {
+            0 => Err("must be at least 1".to_owned()),
+            n => {
+                c.sup.fs_max_watches = n;
+                Ok(())
+            }
+        },
+    ),
+    val(
+        "fs-watch-rate",
+        "N",
+        "AGENT_SHIM_FS_WATCH_RATE",
+        Value("1000"),
+        Sandbox,
+        "fs_event events a second per watch; the rest is reported as an\noverflow",
+        |c, v| match parse_num(v)? {
+            0 => Err("must be at least 1".to_owned()),
+            n => {
+                c.sup.fs_watch_rate = n;
+                Ok(())
+            }
+        },
+    ),
     // microVM init duties.
     switch(
         "vm",

@@ -125,6 +125,14 @@ pub struct SupervisorOpts {
     pub limits: Limits,
     /// `--oom-score-adj DRIVER[:EXEC]`: the children's `oom_score_adj`.
     pub oom_score_adj: crate::oom::ChildScores,
+    /// `--fs-root`: where file operations are confined.
+    pub fs_root: PathBuf,
+    /// `--fs-max-ops`: file operations running at once.
+    pub fs_max_ops: usize,
+    /// `--fs-max-watches`: watches at once.
+    pub fs_max_watches: usize,
+    /// `--fs-watch-rate`: events a second per watch.
+    pub fs_watch_rate: u32,
     /// `--metrics-interval` (`None`: no periodic `metrics` event).
     pub metrics_interval: Option<Duration>,
 }
@@ -243,6 +251,10 @@ impl Config {
                 log_rate: 0,
                 limits: Limits::default(),
                 oom_score_adj: crate::oom::ChildScores::default(),
+                fs_root: PathBuf::new(),
+                fs_max_ops: 0,
+                fs_max_watches: 0,
+                fs_watch_rate: 0,
                 metrics_interval: None,
             },
             vm: crate::vm::VmOpts::default(),

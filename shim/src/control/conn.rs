@@ -90,6 +90,9 @@ pub(super) struct Conn {
     closed: Notify,
     /// The execs this connection follows (`attach_exec`).
     pub(super) attached: RefCell<Vec<super::attach::Attachment>>,
+    /// Woken (all waiters) when the writer took queued replies: a reply stream waiting for
+    /// room looks again (`stream.rs`).
+    pub(super) drained: Notify,
 }
 
 impl Conn {
@@ -110,6 +113,7 @@ impl Conn {
             authenticated: Cell::new(false),
             closed: Notify::new(),
             attached: RefCell::new(Vec::new()),
+            drained: Notify::new(),
         }
     }
 
@@ -152,6 +156,16 @@ impl Conn {
         self.wake.notify_one();
     }
 
+    /// Bytes of replies queued and not yet taken by the writer.
+    pub(super) fn queued(&self) -> usize {
+        self.out.borrow().bytes
+    }
+
+    /// The limit of [`Self::queued`] over which the connection is closed.
+    pub(super) fn queue_max(&self) -> usize {
+        self.out_max
+    }
+
     /// Queues one frame; over the queue's limit the connection is closed instead.
     pub(super) fn send(&self, frame: Bytes) {
         let overflow = {
@@ -191,6 +205,7 @@ impl Conn {
         }
         self.wake.notify_one();
         self.closed.notify_waiters();
+        self.drained.notify_waiters();
         let tasks = std::mem::take(&mut *self.tasks.borrow_mut());
         for task in tasks {
             task.abort();
@@ -229,16 +244,42 @@ impl Conn {
     }
 
     /// Moves queued replies into `batch` (up to about `limit` bytes); returns the state.
+    /// The next queued reply, if it is a frame of `min` bytes or more (written as it is).
+    fn take_large(&self, min: usize) -> Option<Bytes> {
+        let frame = {
+            let mut out = self.out.borrow_mut();
+            if out.frames.front().is_none_or(|f| f.len() < min) {
+                return None;
+            }
+            let frame = out.frames.pop_front()?;
+            out.bytes = out.bytes.saturating_sub(frame.len());
+            frame
+        };
+        self.drained.notify_waiters();
+        Some(frame)
+    }
+
     fn take_replies(&self, batch: &mut Vec<u8>, limit: usize) -> State {
         let mut out = self.out.borrow_mut();
+        let mut took = false;
         while batch.is_empty() || batch.len() < limit {
+            // A large frame (a file's chunk) is written on its own, not copied into the batch.
+            if out.frames.front().is_some_and(|f| f.len() >= limit / 2) {
+                break;
+            }
             let Some(frame) = out.frames.pop_front() else {
                 break;
             };
             out.bytes = out.bytes.saturating_sub(frame.len());
             batch.extend_from_slice(&frame);
+            took = true;
         }
-        out.state
+        let state = out.state;
+        drop(out);
+        if took {
+            self.drained.notify_waiters();
+        }
+        state
     }
 }
 
@@ -352,6 +393,16 @@ async fn write_loop(mut wr: WriteHalf, conn: Rc<Conn>, inner: Rc<Inner>) {
         let state = conn.take_replies(&mut batch, WRITE_BATCH);
         if state == State::Closed {
             return;
+        }
+        if batch.is_empty() {
+            if let Some(frame) = conn.take_large(WRITE_BATCH / 2) {
+                if let Err(err) = wr.write_all(&frame).await {
+                    debug!(conn = conn.id, error = %err, "control connection write failed");
+                    conn.close_now();
+                    return;
+                }
+                continue;
+            }
         }
         if state == State::Open && batch.is_empty() {
             lag_check(&conn, &inner, &mut batch);
@@ -941,6 +992,17 @@ pub(super) fn request_id(msg: &ControlToShim) -> Option<RequestId> {
         ControlToShim::Shutdown(m) => Some(m.id),
         ControlToShim::Ping(m) => Some(m.id),
         ControlToShim::ForgetConsumer(m) => Some(m.id),
+        ControlToShim::FsStat(m) => Some(m.id),
+        ControlToShim::FsList(m) => Some(m.id),
+        ControlToShim::FsRead(m) => Some(m.id),
+        ControlToShim::FsMkdir(m) => Some(m.id),
+        ControlToShim::FsRemove(m) => Some(m.id),
+        ControlToShim::FsRename(m) => Some(m.id),
+        ControlToShim::FsWriteOpen(m) => Some(m.id),
+        ControlToShim::FsWriteData(m) => Some(m.id),
+        ControlToShim::FsWriteClose(m) => Some(m.id),
+        ControlToShim::FsWatch(m) => Some(m.id),
+        ControlToShim::FsUnwatch(m) => Some(m.id),
         ControlToShim::SetClock(m) => Some(m.id),
         ControlToShim::Metrics(m) => Some(m.id),
         ControlToShim::ListExecs(m) => Some(m.id),

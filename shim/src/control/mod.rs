@@ -37,6 +37,7 @@ mod gate;
 mod ids;
 mod registry;
 mod source;
+mod stream;
 #[cfg(test)]
 mod tests;
 mod transport;
@@ -67,6 +68,7 @@ use consumers::Consumers;
 use gate::{Gate, Refused};
 use ids::IdCache;
 pub use registry::RegistryConfig;
+pub use stream::{Gone, ReplyStream};
 use transport::Listener;
 
 /// Commands waiting for the supervisor; a client sending faster is simply not read.
@@ -784,7 +786,7 @@ async fn admit(halves: transport::Halves, peer: String, source: gate::Source, in
 }
 
 /// One frame holding `msg`.
-fn encode_frame(msg: &ShimToControl, max: usize) -> Result<Bytes, EncodeError> {
+pub(crate) fn encode_frame(msg: &ShimToControl, max: usize) -> Result<Bytes, EncodeError> {
     let mut out = BytesMut::new();
     frame::write_message(&mut out, max, msg)?;
     Ok(out.freeze())
@@ -793,5 +795,20 @@ fn encode_frame(msg: &ShimToControl, max: usize) -> Result<Bytes, EncodeError> {
 /// The body of an `error` event standing in for an event that could not be sent.
 fn substitute(code: ErrorCode, message: String) -> Vec<u8> {
     let event = Event::Error(ErrorMsg::new(None, code, message));
-    event.to_body().unwrap_or_default()
+    event_body(&event).unwrap_or_default()
+}
+
+/// An event's MessagePack body (what `Event::to_body` gives), encoded by the very code that
+/// encodes published events ([`frame::write_event`]), so that the shim holds one copy of the
+/// event encoder rather than one per output type.
+pub(crate) fn event_body(event: &Event) -> Result<Vec<u8>, EncodeError> {
+    let mut out = BytesMut::new();
+    frame::write_event(&mut out, usize::MAX, 0, event)?;
+    // The frame header and the envelope `{type: "event", seq: 0, event:` before the body.
+    let mut head = Vec::new();
+    driver_protocol::envelope::encode_event_envelope(0, &[], &mut head);
+    Ok(out
+        .get(frame::HEADER_LEN + head.len()..)
+        .unwrap_or_default()
+        .to_vec())
 }

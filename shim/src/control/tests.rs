@@ -1413,3 +1413,32 @@ fn an_observer_behind_the_buffer_is_told_lagged_and_skips_ahead() {
         o.expect_seq(6).await;
     });
 }
+
+/// `event_body` (the shared encoder) gives exactly what `Event::to_body` gives.
+#[test]
+fn event_body_is_the_event_encoding() {
+    use driver_protocol::message::{FsChange, FsEvent};
+    let events = [
+        Event::FsEvent(FsEvent {
+            watch: u64::MAX,
+            change: FsChange::Renamed,
+            path: "a/b".to_owned(),
+            to: Some("c/d".to_owned()),
+            dropped: Some(300),
+        }),
+        Event::FsEvent(FsEvent {
+            watch: 7,
+            change: FsChange::Ended,
+            path: String::new(),
+            to: None,
+            dropped: None,
+        }),
+        Event::Error(ErrorMsg::new(None, ErrorCode::Internal, "x".repeat(70_000))),
+    ];
+    for ev in events {
+        assert_eq!(
+            event_body(&ev).expect("encode"),
+            ev.to_body().expect("encode")
+        );
+    }
+}

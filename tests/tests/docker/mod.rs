@@ -17,6 +17,7 @@
 mod build;
 mod container;
 mod control;
+mod files;
 mod fleet;
 mod image;
 mod lifecycle;

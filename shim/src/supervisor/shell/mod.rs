@@ -87,6 +87,8 @@ struct Shell<'a> {
     /// The body of the driver event given to the core, while its outputs are carried out
     /// ([`Output::RelayEvent`]).
     held_event: Option<bytes::Bytes>,
+    /// The file operations (`fs_*` requests).
+    files: crate::fs::Files,
     /// The sources of `metrics` readings, opened before any child runs.
     sampler: Sampler,
     /// When the next periodic `metrics` event is due (`--metrics-interval`).
@@ -184,6 +186,16 @@ pub(super) async fn shell(
         replying: None,
         admitting: std::collections::VecDeque::new(),
         held_event: None,
+        files: crate::fs::Files::new(
+            &cfg.sup.fs_root,
+            cfg.sup.core.user,
+            cfg.sup.limits.umask,
+            crate::fs::Limits {
+                ops: cfg.sup.fs_max_ops,
+                watches: cfg.sup.fs_max_watches,
+                watch_rate: cfg.sup.fs_watch_rate,
+            },
+        ),
         sampler,
         metrics_due: cfg.sup.metrics_interval.map(|i| now + i),
         delegation,
@@ -302,6 +314,15 @@ pub(super) async fn shell(
             }
             () = sleep_until(sh.rate.suppressed_due()), if !full => {
                 sh.flush_suppressed(Instant::now());
+            }
+            // files: a watch's event (held back while the event buffer is full)
+            evs = sh.files.next_events(), if !full => {
+                for ev in evs {
+                    match ev {
+                        crate::fs::FileEvent::Typed(ev) => sh.publish(&ev),
+                        crate::fs::FileEvent::Raw(body) => relay(&mut sh.control, &body),
+                    }
+                }
             }
             () = sleep_until(sh.metrics_due), if !full => {
                 sh.periodic_metrics(Instant::now());
@@ -512,6 +533,9 @@ impl Shell<'_> {
     }
 
     fn on_command(&mut self, cmd: crate::control::Command) {
+        let Some(cmd) = self.files.handle(cmd) else {
+            return;
+        };
         let Some(cmd) = self.exec_command(cmd) else {
             return;
         };
