@@ -13,6 +13,7 @@ pub mod exec_output;
 // sessions
 pub mod fanout;
 pub mod fleet;
+pub mod instructions;
 pub mod metrics;
 pub mod reap;
 pub mod relay;
@@ -84,6 +85,7 @@ pub fn all(ctx: &Ctx, only: &[String]) -> Vec<Figure> {
         // sessions
         ("fan-out to observers", |c| vec![fanout::run(c)]),
         ("metrics sample", |c| vec![metrics::run(c)]),
+        ("instruction counts", |c| vec![instructions::run(c)]),
     ];
     let mut out = Vec::new();
     for (name, run) in runs {
