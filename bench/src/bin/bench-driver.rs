@@ -10,8 +10,10 @@
 //!
 //! For the instruction counts (run under callgrind, where a count must not depend on timing),
 //! a burst task may also carry `sndbuf` (bytes: the socket's send buffer is raised to hold the
-//! whole burst, `SO_SNDBUFFORCE`) and `hold_ms` (a pause between reading the task and writing
-//! the burst, in which the bench stops the shim): the burst then waits whole in the socket.
+//! whole burst, `SO_SNDBUFFORCE`), `hold_ms` (a pause between reading the task and writing
+//! the burst, in which the bench stops the shim) and `mark` (a path: `<mark>.read` is created
+//! once the task is read, `<mark>.written` once the burst and the `task_done` are written):
+//! the burst then waits whole in the socket.
 
 use driver_protocol::blocking::{FrameReader, FrameWriter};
 use driver_protocol::message::{
@@ -132,9 +134,18 @@ fn run_task(
     task: Task,
 ) -> anyhow::Result<()> {
     let burst = field(&task.input, "events").zip(field(&task.input, "size"));
+    let mark = task
+        .input
+        .as_map()
+        .and_then(|m| m.iter().find(|(k, _)| k.as_str() == Some("mark")))
+        .and_then(|(_, v)| v.as_str())
+        .map(str::to_owned);
     let output = match burst {
         Some((events, size)) => {
             let body = event_body(usize::try_from(size)?)?;
+            if let Some(mark) = &mark {
+                std::fs::write(format!("{mark}.read"), b"")?;
+            }
             if let Some(bytes) = field(&task.input, "sndbuf") {
                 force_sndbuf(out.get_ref(), bytes)?;
             }
@@ -154,5 +165,8 @@ fn run_task(
         output,
         error: None,
     }))?;
+    if let Some(mark) = mark {
+        std::fs::write(format!("{mark}.written"), b"")?;
+    }
     Ok(())
 }

@@ -23,7 +23,7 @@ use driver_protocol::message::{
 use rmpv::Value;
 
 use crate::control::Client;
-use crate::procs::{children_of, signal, Mode, Spec};
+use crate::procs::{signal, Mode, Spec};
 use crate::report::{Figure, Target};
 
 use super::relay::EVENT_SIZE;
@@ -45,9 +45,15 @@ const BUDGET_SPAWN: u64 = 120_000;
 /// Instructions of a whole plain-mode run of `agent-shim -- true`.
 const BUDGET_PLAIN: u64 = 400_000;
 
-/// `valgrind --tool=callgrind` writing `<dir>/<tag>.<pid>[.<dump>]`, then `argv`.
+/// `valgrind --tool=callgrind` writing `<dir>/<tag>.<pid>[.<dump>]`, then `argv`, in a
+/// fixed environment (`env -i PATH=…`).
 fn under_callgrind(dir: &Path, tag: &str, argv: &[OsString]) -> Vec<OsString> {
+    // A fixed environment: the shim copies its own into every process it starts, so an
+    // inherited one would make the counts depend on who runs the bench.
     let mut v: Vec<OsString> = vec![
+        "env".into(),
+        "-i".into(),
+        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
         "valgrind".into(),
         "--tool=callgrind".into(),
         "--quiet".into(),
@@ -169,16 +175,6 @@ fn stop(pid: i32) -> Result<()> {
     Ok(())
 }
 
-/// A field of `/proc/<pid>/io`.
-fn io(pid: i32, key: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))?
-        .trim()
-        .parse()
-        .ok()
-}
-
 /// Polls `f` every millisecond until it holds, at most `timeout`.
 fn until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Result<()> {
     let deadline = Instant::now() + timeout;
@@ -277,20 +273,20 @@ fn shim_relay(ctx: &Ctx, dir: &Path, tag: &str) -> Result<u64> {
     let res = (|| {
         let mut raw = Raw::connect(&sock, Duration::from_secs(120))?;
         raw.until_event(|e| matches!(e, Event::DriverReady(_)))?;
-        let driver = children_of(proc.pid)
-            .first()
-            .copied()
-            .context("no driver")?;
         wait_idle(proc.pid, Duration::from_secs(60))?;
-        let (rchar, wchar) = (
-            io(driver, "rchar").context("driver io")?,
-            io(driver, "wchar").context("driver io")?,
+        let mark = ctx.scratch.join(format!("{tag}.mark"));
+        let (read, written) = (
+            PathBuf::from(format!("{}.read", mark.display())),
+            PathBuf::from(format!("{}.written", mark.display())),
         );
+        let _ = std::fs::remove_file(&read);
+        let _ = std::fs::remove_file(&written);
         let input = Value::Map(vec![
             ("events".into(), RELAY_EVENTS.into()),
             ("size".into(), EVENT_SIZE.into()),
             ("sndbuf".into(), (RELAY_EVENTS * 512 + (1 << 20)).into()),
-            ("hold_ms".into(), 1500u64.into()),
+            ("hold_ms".into(), 3000u64.into()),
+            ("mark".into(), mark.display().to_string().into()),
         ]);
         raw.send(&ControlToShim::SubmitTask(SubmitTask {
             id: 1,
@@ -306,19 +302,14 @@ fn shim_relay(ctx: &Ctx, dir: &Path, tag: &str) -> Result<u64> {
         until(
             "the driver to read the task",
             Duration::from_secs(60),
-            || io(driver, "rchar").is_some_and(|r| r > rchar),
+            || read.exists(),
         )?;
         wait_idle(proc.pid, Duration::from_secs(60))?;
         zero(proc.pid)?;
         stop(proc.pid)?;
-        let want = wchar + RELAY_EVENTS * (EVENT_SIZE + 6);
-        let written = until("the burst", Duration::from_secs(60), || {
-            io(driver, "wchar").is_some_and(|w| w >= want)
-        });
-        // The driver's task_done follows the burst at once.
-        std::thread::sleep(Duration::from_millis(200));
+        let wrote = until("the burst", Duration::from_secs(60), || written.exists());
         signal(proc.pid, libc::SIGCONT)?;
-        written?;
+        wrote?;
         let (seq, custom) = raw.until_event(|e| matches!(e, Event::TaskDone(_)))?;
         if custom != RELAY_EVENTS {
             bail!("{custom} of {RELAY_EVENTS} events relayed");
@@ -556,13 +547,16 @@ pub fn run(ctx: &Ctx) -> Figure {
          other, each from the request to its `exec_exit`; count ÷ 20 (the forked child's \
          instructions up to its `execve` are its own). Plain-mode start: the whole run of \
          `agent-shim -- true` (start, spawn, reap, exit). Each count is held against a \
-         budget; both runs must agree to the instruction.",
+         budget. control-link's read path repeats to the instruction; in the shim, its \
+         runtime's timer driver may turn once more in one run than in the other (the window \
+         lasts some wall-clock time), and an exec's exit, output end and SIGCHLD arrive in \
+         an order the kernel decides: their runs must agree within the share shown.",
     );
     let targets = [
-        "relay, shim: instructions per event ≤ budget, repeatable",
-        "relay, control-link: instructions per event ≤ budget, repeatable",
-        "exec spawn: instructions per spawn ≤ budget",
-        "plain-mode start: instructions ≤ budget",
+        "relay, shim: instructions per event ≤ budget, two runs within 0.1%",
+        "relay, control-link: instructions per event ≤ budget, two runs equal",
+        "exec spawn: instructions per spawn ≤ budget, two runs within 1%",
+        "plain-mode start: instructions ≤ budget, two runs within 1%",
     ];
     if Command::new("valgrind")
         .arg("--version")
@@ -590,14 +584,16 @@ pub fn run(ctx: &Ctx) -> Figure {
         "wall-clock counterpart (this run)".into(),
     ];
     let wall = super::relay::last_ratio();
-    let items: [(&str, u64, u64, Twice, String, bool); 4] = [
+    // (target, budget, units of work, the two counts, wall-clock counterpart, the largest
+    // difference allowed between the two runs, as a share of the count).
+    let items: [(&str, u64, u64, Twice, String, f64); 4] = [
         (
             targets[0],
             BUDGET_SHIM_EVENT,
             RELAY_EVENTS,
             twice(|t| shim_relay(ctx, &dir, t), "relay"),
             wall.clone(),
-            true,
+            0.001,
         ),
         (
             targets[1],
@@ -605,7 +601,7 @@ pub fn run(ctx: &Ctx) -> Figure {
             RELAY_EVENTS,
             twice(|t| link_read(ctx, &dir, t), "link"),
             wall,
-            true,
+            0.0,
         ),
         (
             targets[2],
@@ -613,7 +609,7 @@ pub fn run(ctx: &Ctx) -> Figure {
             SPAWNS,
             twice(|t| shim_spawns(ctx, &dir, t), "spawn"),
             super::exec::last_overhead(),
-            false,
+            0.01,
         ),
         (
             targets[3],
@@ -621,7 +617,7 @@ pub fn run(ctx: &Ctx) -> Figure {
             1,
             twice(|t| plain_start(ctx, &dir, t), "plain"),
             super::exec::last_overhead(),
-            false,
+            0.01,
         ),
     ];
     let names = [
@@ -631,7 +627,7 @@ pub fn run(ctx: &Ctx) -> Figure {
         "plain-mode start, agent-shim",
     ];
     let pers = ["event", "event", "spawn", "run"];
-    for (i, (text, budget, per, (a, b), counterpart, strict)) in items.into_iter().enumerate() {
+    for (i, (text, budget, per, (a, b), counterpart, spread)) in items.into_iter().enumerate() {
         let fmt = |r: &Result<u64>| match r {
             Ok(n) => format!("{} ({n} in all)", n / per),
             Err(e) => format!("— ({e:#})"),
@@ -650,12 +646,18 @@ pub fn run(ctx: &Ctx) -> Figure {
             (Ok(x), Ok(y)) => {
                 let (px, py) = (x / per, y / per);
                 let worst = px.max(py);
-                let same = x == y;
-                let ok = worst <= budget && (same || !strict);
-                let how = if same {
+                let diff = x.abs_diff(*y);
+                let share = diff as f64 / (*x).max(1) as f64;
+                let ok = worst <= budget && share <= spread;
+                let how = if diff == 0 {
                     "both runs the same to the instruction".to_owned()
                 } else {
-                    format!("the runs differ by {} instructions in all", x.abs_diff(*y))
+                    format!(
+                        "the runs differ by {diff} instructions in all ({:.3}%; at most {:.1}% \
+                         allowed)",
+                        100.0 * share,
+                        100.0 * spread
+                    )
                 };
                 fig.targets.push(Target::check(
                     text,
