@@ -71,7 +71,7 @@ fn total(file: &Path) -> Result<u64> {
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     text.lines()
         .find_map(|l| l.strip_prefix("summary:"))
-        .and_then(|n| n.trim().split_whitespace().next()?.parse().ok())
+        .and_then(|n| n.split_whitespace().next()?.parse().ok())
         .ok_or_else(|| anyhow!("no summary in {}", file.display()))
 }
 
