@@ -10,8 +10,8 @@ use anyhow::{anyhow, bail, Context, Result};
 /// The musl target of the static shim.
 pub const MUSL: &str = "x86_64-unknown-linux-musl";
 
-/// Apt packages holding the anchors.
-const ANCHOR_PACKAGES: &[&str] = &["tini", "dumb-init", "catatonit"];
+/// Apt packages holding the anchors (and valgrind, whose callgrind counts instructions).
+const ANCHOR_PACKAGES: &[&str] = &["tini", "dumb-init", "catatonit", "valgrind"];
 
 /// The paths of every binary a run uses.
 #[derive(Debug, Clone)]
@@ -102,9 +102,15 @@ fn which(name: &str) -> Option<PathBuf> {
 
 /// Installs the anchors with apt when one is missing.
 fn install_anchors() -> Result<()> {
-    if ["tini-static", "dumb-init", "catatonit"]
-        .iter()
-        .all(|b| which(b).is_some())
+    if [
+        "tini-static",
+        "dumb-init",
+        "catatonit",
+        "valgrind",
+        "callgrind_control",
+    ]
+    .iter()
+    .all(|b| which(b).is_some())
     {
         return Ok(());
     }

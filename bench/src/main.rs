@@ -48,6 +48,12 @@ fn parse() -> Result<Option<Args>> {
                 figures::fleet::control_main(&dir, n)?;
                 return Ok(None);
             }
+            "link-client" => {
+                let sock: PathBuf = it.next().context("link-client SOCK N")?.into();
+                let n: u64 = it.next().context("link-client SOCK N")?.parse()?;
+                figures::instructions::link_client_main(&sock, n)?;
+                return Ok(None);
+            }
             other => bail!("unknown argument {other:?}\n{USAGE}"),
         }
     }

@@ -195,7 +195,7 @@ pub fn render(machine: &Machine, run: &RunInfo, figures: &[Figure]) -> String {
     let _ = writeln!(
         out,
         "\nThe run raises the load average itself: the reap storm makes 10,000 processes runnable \
-         at once and the fleet runs 2,000 processes, so the \"after\" figures overstate the \
+         at once and the fleets run up to 10,000 processes, so the \"after\" figures overstate the \
          outside load; \"before\" is the load the run started in.{}",
         if busy {
             " This machine was shared with other builds and tests during the run: absolute \

@@ -218,6 +218,43 @@ impl Permit {
     }
 }
 
+/// Items taken off the session's channel a batch at a time: one wake-up and one release of
+/// the channel's room per batch rather than per event, the items then handed out one by one
+/// (and counted as taken, for acknowledgements, only then).
+#[derive(Debug)]
+struct Batches {
+    rx: mpsc::Receiver<Item>,
+    /// Received, not handed out yet, in order.
+    ready: std::collections::VecDeque<Item>,
+    /// Where `poll_recv_many` puts a batch.
+    scratch: Vec<Item>,
+}
+
+/// Items taken off the channel at once.
+const RECV_BATCH: usize = 64;
+
+impl Batches {
+    fn new(rx: mpsc::Receiver<Item>) -> Self {
+        Self {
+            rx,
+            ready: std::collections::VecDeque::new(),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// The next item, from the batch at hand or the channel; `None` once it is closed.
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Item>> {
+        if let Some(item) = self.ready.pop_front() {
+            return Poll::Ready(Some(item));
+        }
+        if std::task::ready!(self.rx.poll_recv_many(cx, &mut self.scratch, RECV_BATCH)) == 0 {
+            return Poll::Ready(None);
+        }
+        self.ready.extend(self.scratch.drain(..));
+        Poll::Ready(self.ready.pop_front())
+    }
+}
+
 /// What the session hands to a client's own stream: decoded for an [`EventStream`], still
 /// encoded for a [`RawEventStream`] (the session learns which when the stream is taken).
 #[derive(Debug)]
@@ -381,7 +418,7 @@ impl RawEvent {
 /// ```
 #[derive(Debug)]
 pub struct EventStream {
-    rx: mpsc::Receiver<Item>,
+    rx: Batches,
     client: Client,
     since_flush: AckBatch,
 }
@@ -389,7 +426,7 @@ pub struct EventStream {
 impl EventStream {
     pub(crate) fn new(rx: mpsc::Receiver<Item>, client: Client) -> Self {
         Self {
-            rx,
+            rx: Batches::new(rx),
             client,
             since_flush: AckBatch::default(),
         }
@@ -418,7 +455,7 @@ impl EventStream {
     }
 
     fn poll_item(&mut self, cx: &mut Context<'_>) -> Poll<Option<(Seq, Event)>> {
-        let item = std::task::ready!(self.rx.poll_recv(cx));
+        let item = std::task::ready!(self.rx.poll_next(cx));
         if let Some(item) = &item {
             self.client
                 .shared()
@@ -466,7 +503,7 @@ impl Drop for EventStream {
 /// ```
 #[derive(Debug)]
 pub struct RawEventStream {
-    rx: mpsc::Receiver<Item>,
+    rx: Batches,
     client: Client,
     since_flush: AckBatch,
 }
@@ -474,7 +511,7 @@ pub struct RawEventStream {
 impl RawEventStream {
     pub(crate) fn new(rx: mpsc::Receiver<Item>, client: Client) -> Self {
         Self {
-            rx,
+            rx: Batches::new(rx),
             client,
             since_flush: AckBatch::default(),
         }
@@ -504,7 +541,7 @@ impl RawEventStream {
 
     fn poll_item(&mut self, cx: &mut Context<'_>) -> Poll<Option<RawEvent>> {
         loop {
-            let Some(item) = std::task::ready!(self.rx.poll_recv(cx)) else {
+            let Some(item) = std::task::ready!(self.rx.poll_next(cx)) else {
                 return Poll::Ready(None);
             };
             self.client

@@ -141,10 +141,26 @@ pub fn write_event_envelope<B: FrameBuf>(
     seq: Seq,
     event_body: &[u8],
 ) -> Result<(), EncodeError> {
-    write_with(out, max, |w| {
-        crate::envelope::encode_event_envelope(seq, event_body, &mut *w.0);
-        Ok(())
-    })
+    // The header and the envelope's head (at most 31 bytes: fixmap, "type": "event", "seq":
+    // a uint of at most 9 bytes, "event") are put together first, so the frame is written
+    // in two appends, the body's the only large one.
+    let mut head = [0u8; HEADER_LEN + 32];
+    let room = {
+        let mut w: &mut [u8] = &mut head[HEADER_LEN..];
+        crate::envelope::encode_event_envelope(seq, &[], &mut w);
+        w.len()
+    };
+    let head_len = head.len() - room;
+    let len = head_len - HEADER_LEN + event_body.len();
+    let max = clamp_max(max);
+    if len > max {
+        return Err(EncodeError::FrameTooLarge { len, max });
+    }
+    // `len <= max <= u32::MAX`, checked above.
+    head[..HEADER_LEN].copy_from_slice(&(len as u32).to_be_bytes());
+    out.put_slice(&head[..head_len]);
+    out.put_slice(event_body);
+    Ok(())
 }
 
 /// Appends one frame holding the `event` envelope `{seq, event}`, encoding the event in

@@ -247,9 +247,11 @@ pub(crate) fn plain_event<'a>(
 }
 
 /// Whether `b` is UTF-8; ASCII, the usual case for keys and names, without a full decode.
+/// (A plain byte loop: keys and names are a few bytes long, shorter than what `is_ascii`'s
+/// word-at-a-time walk needs to pay for its set-up.)
 #[inline(always)]
 fn is_utf8(b: &[u8]) -> bool {
-    b.is_ascii() || str::from_utf8(b).is_ok()
+    b.iter().all(|&c| c < 0x80) || str::from_utf8(b).is_ok()
 }
 
 /// A container's element count as a `usize` (a count that does not fit cannot fit in the

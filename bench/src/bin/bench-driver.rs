@@ -7,6 +7,13 @@
 //! writer's buffer, so a burst costs one `write` per 64 KiB. Any other task is ended at once
 //! with its input as its output: the round-trip probe. It answers `ping`, `pause`, `resume`
 //! and `shutdown` like any driver.
+//!
+//! For the instruction counts (run under callgrind, where a count must not depend on timing),
+//! a burst task may also carry `sndbuf` (bytes: the socket's send buffer is raised to hold the
+//! whole burst, `SO_SNDBUFFORCE`), `hold_ms` (a pause between reading the task and writing
+//! the burst, in which the bench stops the shim) and `mark` (a path: `<mark>.read` is created
+//! once the task is read, `<mark>.written` once the burst and the `task_done` are written):
+//! the burst then waits whole in the socket.
 
 use driver_protocol::blocking::{FrameReader, FrameWriter};
 use driver_protocol::message::{
@@ -61,6 +68,26 @@ fn field(input: &Value, name: &str) -> Option<u64> {
         .as_u64()
 }
 
+/// Raises the send buffer of `sock` to `bytes` (past the system limit: we run as root).
+fn force_sndbuf(sock: &std::os::unix::net::UnixStream, bytes: u64) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let value = libc::c_int::try_from(bytes / 2)?; // the kernel doubles it
+                                                   // SAFETY: a valid socket fd, and a c_int option value of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUFFORCE,
+            std::ptr::from_ref(&value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        anyhow::bail!("SO_SNDBUFFORCE: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 fn run() -> anyhow::Result<()> {
     let stream = agent_shim_examples::shim_socket()?;
     let mut reader = FrameReader::new(stream.try_clone()?);
@@ -102,11 +129,29 @@ fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_task<W: std::io::Write>(out: &mut FrameWriter<W>, task: Task) -> anyhow::Result<()> {
+fn run_task(
+    out: &mut FrameWriter<std::os::unix::net::UnixStream>,
+    task: Task,
+) -> anyhow::Result<()> {
     let burst = field(&task.input, "events").zip(field(&task.input, "size"));
+    let mark = task
+        .input
+        .as_map()
+        .and_then(|m| m.iter().find(|(k, _)| k.as_str() == Some("mark")))
+        .and_then(|(_, v)| v.as_str())
+        .map(str::to_owned);
     let output = match burst {
         Some((events, size)) => {
             let body = event_body(usize::try_from(size)?)?;
+            if let Some(mark) = &mark {
+                std::fs::write(format!("{mark}.read"), b"")?;
+            }
+            if let Some(bytes) = field(&task.input, "sndbuf") {
+                force_sndbuf(out.get_ref(), bytes)?;
+            }
+            if let Some(ms) = field(&task.input, "hold_ms") {
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+            }
             for _ in 0..events {
                 out.write_frame(&body)?;
             }
@@ -120,5 +165,8 @@ fn run_task<W: std::io::Write>(out: &mut FrameWriter<W>, task: Task) -> anyhow::
         output,
         error: None,
     }))?;
+    if let Some(mark) = mark {
+        std::fs::write(format!("{mark}.written"), b"")?;
+    }
     Ok(())
 }

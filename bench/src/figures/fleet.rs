@@ -1,5 +1,6 @@
-//! Fleet: one control process holding live control connections to 1,000 shims (each
-//! supervising the echo driver); the control side's RSS and CPU, and the shims' total RSS.
+//! Fleet: one control process holding live control connections to 1,000, 3,000 and 5,000
+//! shims in turn (each supervising the echo driver); the control side's RSS and CPU in all and
+//! per agent, and the shims' total RSS.
 //!
 //! The control side is [`control_main`] (run as `shim-bench fleet-control DIR N`, reporting on
 //! stdout): one process, one tokio current-thread runtime and one `control_link::Fleet` that
@@ -18,7 +19,7 @@ use control_link::{Addr, ConnectOptions, Fleet};
 use driver_protocol::message::Event;
 
 use crate::procs::{children_of, status_kb, Mode, Proc, Spec};
-use crate::report::{Figure, Target};
+use crate::report::{Bar, Chart, Figure, Target};
 
 use super::Ctx;
 
@@ -78,7 +79,7 @@ pub fn control_main(dir: &Path, n: usize) -> Result<()> {
                     let addr: Addr = format!("unix:{}", path.display())
                         .parse()
                         .map_err(|e| format!("{e}"))?;
-                    let deadline = Instant::now() + Duration::from_secs(120);
+                    let deadline = Instant::now() + Duration::from_secs(300);
                     loop {
                         match fleet.connect(agent_id(i), &addr).await {
                             Ok(_) => return Ok(()),
@@ -96,7 +97,7 @@ pub fn control_main(dir: &Path, n: usize) -> Result<()> {
         drop(tx);
         let mut ready = std::collections::HashSet::new();
         let mut failed = 0usize;
-        let limit = Instant::now() + Duration::from_secs(180);
+        let limit = Instant::now() + Duration::from_secs(540);
         while ready.len() + failed < n && Instant::now() < limit {
             tokio::select! {
                 ev = events.next() => match ev {
@@ -211,7 +212,7 @@ fn measure(ctx: &Ctx, n: usize) -> Result<Found> {
     let result = (|| -> Result<Found> {
         let out = lines(control.stdout.take().context("no stdout")?);
         let ready = out
-            .recv_timeout(Duration::from_secs(240))
+            .recv_timeout(Duration::from_secs(600))
             .context("the control side never reported ready")?;
         let w: Vec<&str> = ready.split_whitespace().collect();
         let (ok, failed, ready_ms) = match w[..] {
@@ -238,7 +239,7 @@ fn measure(ctx: &Ctx, n: usize) -> Result<Found> {
         let mut stdin = control.stdin.take().context("no stdin")?;
         writeln!(stdin, "go")?;
         let stats = out
-            .recv_timeout(Duration::from_secs(120))
+            .recv_timeout(Duration::from_secs(300))
             .context("the control side never reported its stats")?;
         let w: Vec<&str> = stats.split_whitespace().collect();
         let ["stats", rss, cpu, idle, round, statuses] = w[..] else {
@@ -271,99 +272,186 @@ fn measure(ctx: &Ctx, n: usize) -> Result<Found> {
     result
 }
 
-/// Measures the fleet.
+/// Control side's memory per agent: 20 KiB.
+const PER_AGENT_LIMIT_KB: f64 = 20.0;
+
+/// Raises our open-file limit to its hard limit (the control side, our child, inherits it:
+/// it holds a socket per shim).
+fn raise_nofile() {
+    // SAFETY: `lim` is a valid, writable rlimit; RLIMIT_NOFILE always exists.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// Measures the fleet at each size, smallest first.
 pub fn run(ctx: &Ctx) -> Figure {
-    let n = ctx.pick(1000, 50);
+    let sizes: Vec<usize> = ctx.pick(vec![1000, 3000, 5000], vec![50, 150]);
     let mut fig = Figure::new(
         "fleet",
-        "1,000 agent-shims (not PID 1, each `--control-listen unix:… --control-insecure -- \
-         echo-driver`) and one control process (`shim-bench fleet-control`: one tokio \
-         current-thread runtime and one control-link `Fleet`) that dials all of them, reads the \
-         fleet's event stream (acknowledged by control-link) until every `driver_ready`, then \
-         holds them. Measured while \
-         every connection is live: the control process's VmRSS and CPU time (total, and during a \
-         2 s idle hold), the time of one `status` round to all shims, and the sum of the shims' \
-         VmRSS (their drivers' shown apart).",
+        "N agent-shims (N = 1,000, 3,000 and 5,000 in turn; not PID 1, each `--control-listen \
+         unix:… --control-insecure -- echo-driver`) and one control process (`shim-bench \
+         fleet-control`: one tokio current-thread runtime and one control-link `Fleet`) that \
+         dials all of them, reads the fleet's event stream (acknowledged by control-link) until \
+         every `driver_ready`, then holds them. Measured while every connection is live: the \
+         control process's VmRSS and CPU time (total, and during a 2 s idle hold), the time of \
+         one `status` round to all shims, and the sum of the shims' VmRSS (their drivers' shown \
+         apart). Per agent: the control process's VmRSS (or CPU) divided by N, everything it \
+         holds included; the marginal cost is the growth from the previous size divided by the \
+         agents added.",
     );
-    let t_control = "control side ≤ 100 MiB";
-    let t_shims = "shims ≤ 1.5 GiB total";
-    match measure(ctx, n) {
-        Ok(f) => {
-            fig.columns = vec!["value".into()];
-            let row = |k: &str, v: String| (k.to_string(), vec![v]);
-            fig.rows = vec![
-                row("shims", f.n.to_string()),
-                row(
-                    "time until every driver_ready at the control side",
-                    format!("{:.0} ms", f.ready_ms),
-                ),
-                row(
-                    "control side VmRSS",
-                    format!("{:.1} MiB", f.control_kb / 1024.0),
-                ),
-                row(
-                    "control side CPU, total (connect, handshakes, events, status round)",
-                    format!("{:.0} ms", f.cpu_total_ms),
-                ),
-                row(
-                    "control side CPU during a 2 s idle hold",
-                    format!("{:.1} ms", f.idle_cpu_ms),
-                ),
-                row(
-                    "one status round to every shim",
-                    format!("{:.1} ms", f.status_round_ms),
-                ),
-                row(
-                    "shims' VmRSS, total",
-                    format!(
-                        "{:.1} MiB ({:.0} kB per shim)",
-                        f.shims_kb / 1024.0,
-                        f.shims_kb / f.n as f64
-                    ),
-                ),
-                row(
-                    "echo drivers' VmRSS, total (not part of the target)",
-                    format!("{:.1} MiB", f.drivers_kb / 1024.0),
-                ),
-            ];
-            fig.targets.push(Target::check(
-                t_control,
-                f.control_kb <= CONTROL_LIMIT_KB,
-                format!("{:.1} MiB", f.control_kb / 1024.0),
-            ));
-            let scaled = f.shims_kb * 1000.0 / f.n as f64;
-            fig.targets.push(Target::check(
-                t_shims,
-                scaled <= SHIMS_LIMIT_KB,
-                format!(
-                    "{:.1} MiB for {} shims{}",
-                    f.shims_kb / 1024.0,
-                    f.n,
-                    if f.n == 1000 {
-                        String::new()
-                    } else {
-                        format!(
-                            " (×{:.0} = {:.1} MiB for 1,000)",
-                            1000.0 / f.n as f64,
-                            scaled / 1024.0
-                        )
-                    }
-                ),
-            ));
-            if f.status_round_ms > 1000.0 {
-                fig.notes.push(format!(
-                    "The status round took {:.1} s: each shim answers `status` by counting its \
-                     live children over every `/proc/PID/stat` (`live_children` in \
-                     shim/src/supervisor/shell/mod.rs). Here the {} shims are not in PID \
-                     namespaces and share the host's /proc with their drivers and each other, so \
-                     one round reads millions of stat files; in a sandbox each shim sees only its \
-                     own namespace.",
-                    f.status_round_ms / 1000.0,
-                    f.n
-                ));
-            }
+    let t_control = "control side ≤ 100 MiB at 1,000 shims";
+    let t_shims = "shims ≤ 1.5 GiB total per 1,000";
+    let t_per = "control side ≤ 20 KiB per agent, at every size";
+    raise_nofile();
+    let mut found: Vec<Found> = Vec::new();
+    for &n in &sizes {
+        eprintln!("shim-bench: fleet of {n}…");
+        match measure(ctx, n) {
+            Ok(f) => found.push(f),
+            Err(e) => fig.notes.push(format!("fleet of {n}: {e:#}")),
         }
-        Err(e) => fig = fig.failed(&[t_control, t_shims], &e),
+    }
+    if found.is_empty() {
+        return fig.failed(
+            &[t_control, t_shims, t_per],
+            &anyhow!("no fleet size could be measured (see notes)"),
+        );
+    }
+    fig.columns = found.iter().map(|f| format!("{} shims", f.n)).collect();
+    let row = |k: &str, f: &dyn Fn(&Found) -> String| {
+        (k.to_string(), found.iter().map(f).collect::<Vec<_>>())
+    };
+    let marginal = |f: &Found, key: &dyn Fn(&Found) -> f64| -> String {
+        match found.iter().take_while(|g| g.n < f.n).last() {
+            Some(prev) => format!("{:.1}", (key(f) - key(prev)) / (f.n - prev.n) as f64),
+            None => "—".into(),
+        }
+    };
+    fig.rows = vec![
+        row("time until every driver_ready at the control side", &|f| {
+            format!("{:.0} ms", f.ready_ms)
+        }),
+        row("control side VmRSS", &|f| {
+            format!("{:.1} MiB", f.control_kb / 1024.0)
+        }),
+        row("control side VmRSS per agent", &|f| {
+            format!("{:.1} KiB", f.control_kb / f.n as f64)
+        }),
+        row("control side VmRSS per added agent (KiB, marginal)", &|f| {
+            marginal(f, &|g| g.control_kb)
+        }),
+        row(
+            "control side CPU, total (connect, handshakes, events, status round)",
+            &|f| format!("{:.0} ms", f.cpu_total_ms),
+        ),
+        row("control side CPU per agent, total", &|f| {
+            format!("{:.0} µs", f.cpu_total_ms * 1e3 / f.n as f64)
+        }),
+        row("control side CPU during a 2 s idle hold", &|f| {
+            format!("{:.1} ms", f.idle_cpu_ms)
+        }),
+        row("one status round to every shim", &|f| {
+            format!("{:.1} ms", f.status_round_ms)
+        }),
+        row("shims' VmRSS, total", &|f| {
+            format!(
+                "{:.1} MiB ({:.0} kB per shim)",
+                f.shims_kb / 1024.0,
+                f.shims_kb / f.n as f64
+            )
+        }),
+        row(
+            "echo drivers' VmRSS, total (not part of the target)",
+            &|f| format!("{:.1} MiB", f.drivers_kb / 1024.0),
+        ),
+    ];
+    fig.charts.push(Chart {
+        title: "fleet: control side memory per agent".into(),
+        unit: "KiB per agent".into(),
+        higher_is_better: false,
+        bars: found
+            .iter()
+            .map(|f| Bar {
+                label: format!("{} shims", f.n),
+                value: f.control_kb / f.n as f64,
+            })
+            .collect(),
+    });
+    fig.charts.push(Chart {
+        title: "fleet: control side CPU per agent (connect to status round)".into(),
+        unit: "µs per agent".into(),
+        higher_is_better: false,
+        bars: found
+            .iter()
+            .map(|f| Bar {
+                label: format!("{} shims", f.n),
+                value: f.cpu_total_ms * 1e3 / f.n as f64,
+            })
+            .collect(),
+    });
+    let first = &found[0];
+    match found.iter().find(|f| f.n == 1000) {
+        Some(f) => fig.targets.push(Target::check(
+            t_control,
+            f.control_kb <= CONTROL_LIMIT_KB,
+            format!("{:.1} MiB", f.control_kb / 1024.0),
+        )),
+        None => fig.targets.push(Target::not_measured(
+            t_control,
+            "no fleet of 1,000 in this run (a quick run, or it failed: see notes)".into(),
+        )),
+    }
+    let scaled = first.shims_kb * 1000.0 / first.n as f64;
+    fig.targets.push(Target::check(
+        t_shims,
+        scaled <= SHIMS_LIMIT_KB,
+        format!(
+            "{:.1} MiB for {} shims{}",
+            first.shims_kb / 1024.0,
+            first.n,
+            if first.n == 1000 {
+                String::new()
+            } else {
+                format!(" (= {:.1} MiB per 1,000)", scaled / 1024.0)
+            }
+        ),
+    ));
+    let worst = found
+        .iter()
+        .map(|f| (f.control_kb / f.n as f64, f.n))
+        .fold((0.0f64, 0usize), |a, b| if b.0 > a.0 { b } else { a });
+    let all = found
+        .iter()
+        .map(|f| format!("{:.1} KiB at {}", f.control_kb / f.n as f64, f.n))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if found.len() == sizes.len() {
+        fig.targets.push(Target::check(
+            t_per,
+            worst.0 <= PER_AGENT_LIMIT_KB,
+            format!("{all} (limit {PER_AGENT_LIMIT_KB:.0} KiB)"),
+        ));
+    } else {
+        fig.targets.push(Target::not_measured(
+            t_per,
+            format!("only {all} measured (see notes)"),
+        ));
+    }
+    if let Some(f) = found.iter().find(|f| f.status_round_ms > 1000.0) {
+        fig.notes.push(format!(
+            "The status round of {} shims took {:.1} s: each shim answers `status` by counting \
+             its live children over every `/proc/PID/stat` (`live_children` in \
+             shim/src/supervisor/shell/mod.rs). Here the shims are not in PID namespaces and \
+             share the host's /proc with their drivers and each other, so one round reads \
+             millions of stat files; in a sandbox each shim sees only its own namespace.",
+            f.n,
+            f.status_round_ms / 1000.0,
+        ));
     }
     fig
 }

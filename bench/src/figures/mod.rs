@@ -14,6 +14,7 @@ pub mod exec_output;
 pub mod fanout;
 pub mod files;
 pub mod fleet;
+pub mod instructions;
 pub mod metrics;
 pub mod reap;
 pub mod relay;
@@ -86,6 +87,7 @@ pub fn all(ctx: &Ctx, only: &[String]) -> Vec<Figure> {
         ("fan-out to observers", |c| vec![fanout::run(c)]),
         ("files", files::run),
         ("metrics sample", |c| vec![metrics::run(c)]),
+        ("instruction counts", |c| vec![instructions::run(c)]),
     ];
     let mut out = Vec::new();
     for (name, run) in runs {

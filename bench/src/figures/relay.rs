@@ -25,7 +25,7 @@ pub const EVENT_SIZE: u64 = 200;
 const BATCH: usize = 64 * 1024;
 
 /// The body of a 200-byte `custom` event, as the bench driver sends it.
-fn event_body() -> Result<Vec<u8>> {
+pub fn event_body() -> Result<Vec<u8>> {
     use driver_protocol::message::{Custom, Event, Message};
     let body = |pad| {
         Event::Custom(Custom {
@@ -157,6 +157,18 @@ fn shim_run(ctx: &Ctx, n: usize, events: u64, raw: bool) -> Result<(f64, [f64; 3
     ))
 }
 
+/// What this run's relay figure found (for the instruction counts' table).
+static LAST: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// This run's relay rate against the raw forwarder's, as a phrase (or a dash when that
+/// figure did not run).
+pub fn last_ratio() -> String {
+    LAST.lock()
+        .ok()
+        .and_then(|l| l.clone())
+        .unwrap_or_else(|| "— (event relay not measured in this run)".into())
+}
+
 /// Measures the shim and the raw forwarder, interleaved.
 pub fn run(ctx: &Ctx) -> Figure {
     let mut fig = Figure::new(
@@ -245,6 +257,14 @@ pub fn run(ctx: &Ctx) -> Figure {
         ));
     }
     let (ms, mr) = (median(&shim), median(&rawv));
+    if let (Some(s), Some(r), Ok(mut last)) = (ms, mr, LAST.lock()) {
+        *last = Some(format!(
+            "relay: {:.2} M events/s, {:.0}% of the raw forwarder's {:.2} M",
+            s / 1e6,
+            100.0 * s / r,
+            r / 1e6
+        ));
+    }
     if let (Some(s), Some(r)) = (ms, mr) {
         fig.charts.push(Chart {
             title: "event relay, 200-byte events".into(),

@@ -22,8 +22,8 @@ const PAYLOAD: usize = 64;
 /// Round trips left out at the start of each run.
 const WARMUP: usize = 50;
 
-/// The allowed margin over the raw round trip: 40 µs.
-const MARGIN_US: f64 = 40.0;
+/// The allowed margin over the raw round trip: 25 µs.
+const MARGIN_US: f64 = 25.0;
 
 /// Copies frames from `from` to `to`, one write per frame, until `from` ends; then shuts
 /// down `to`'s write side so the next hop ends too.
@@ -121,7 +121,7 @@ pub fn run(ctx: &Ctx) -> Figure {
          topology without the shim. Also shown: a direct socketpair ping-pong. p50/p99 over all \
          samples; runs interleaved.",
     );
-    let text = "p50 ≤ raw + 40 µs";
+    let text = "p50 ≤ raw + 25 µs";
     let per_run = ctx.pick(2000, 300);
     let reps = ctx.pick(5, 1);
     let mut shim = Vec::new();

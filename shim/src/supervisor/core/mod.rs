@@ -269,15 +269,9 @@ impl Core {
         std::mem::take(&mut self.out)
     }
 
-    /// The outputs produced so far, in order, for a caller that carries them out in place
-    /// and then calls [`Core::outputs_done`] (the queue keeps its storage).
+    /// The outputs produced so far, in order (read without taking them).
     pub fn outputs(&self) -> &[Output] {
         &self.out
-    }
-
-    /// The outputs read with [`Core::outputs`] were carried out.
-    pub fn outputs_done(&mut self) {
-        self.out.clear();
     }
 
     /// The shim's exit code once it should exit.
