@@ -836,6 +836,7 @@ mod tests {
             ("agent_id", b"\xa1a"),
             ("nonce", b"\xc4\x01\x09"),
             ("consumer", b"\xa1c"),
+            ("cgroups", b"\xa2v1"),
             (
                 "limits",
                 b"\x9b\x01\x02\x03\x04\x05\x06\x07\x08\x09\x0a\x0b",
@@ -903,6 +904,7 @@ mod tests {
             ("output_cap", b"\x10"),
             ("task_id", b"\xa1t"),
             ("limits", b"\x82\xa4pids\x01\xaacpu_millis\xcd\x05\xdc"),
+            ("tag", b"\xa1t"),
         ]);
         agrees::<ExecInput>(&[
             ("exec_id", b"\x01"),
@@ -925,7 +927,7 @@ mod tests {
             ("grace_ms", b"\x01"),
         ]);
         agrees::<Pause>(&[("id", b"\x01"), ("timeout_ms", b"\x01")]);
-        agrees::<Resume>(&[("id", b"\x01"), ("slept_ms", b"\x01")]);
+        agrees::<Resume>(&[("id", b"\x01"), ("slept_ms", b"\x01"), ("unix_ms", b"\x02")]);
         agrees::<Signal>(&[
             ("id", b"\x01"),
             ("signal", b"\xa3INT"),
@@ -981,6 +983,86 @@ mod tests {
             ("cgroups", b"\xa4none"),
         ]);
         agrees::<Lagged>(&[("missed", b"\x01"), ("next_seq", b"\x02")]);
+        // exec registry
+        agrees::<ListExecs>(&[("id", b"\x01")]);
+        agrees::<AttachExec>(&[
+            ("id", b"\x01"),
+            ("exec_id", b"\x02"),
+            ("from_offset", b"\x03"),
+        ]);
+        agrees::<DetachExec>(&[("id", b"\x01"), ("exec_id", b"\x02")]);
+        agrees::<ExecAttached>(&[
+            ("re", b"\x01"),
+            ("exec_id", b"\x02"),
+            ("from_offset", b"\x03"),
+            ("first_offset", b"\x04"),
+            ("end_offset", b"\x05"),
+            ("running", b"\xc3"),
+        ]);
+        agrees::<AttachOutput>(&[
+            ("exec_id", b"\x01"),
+            ("stream", b"\xa6stdout"),
+            ("offset", b"\x02"),
+            ("data", b"\xc4\x01\x09"),
+        ]);
+        agrees::<AttachLagged>(&[
+            ("exec_id", b"\x01"),
+            ("missed", b"\x02"),
+            ("next_offset", b"\x03"),
+        ]);
+        // files
+        agrees::<FsStat>(&[("id", b"\x01"), ("path", b"\xa1p"), ("follow", b"\xc3")]);
+        agrees::<FsList>(&[
+            ("id", b"\x01"),
+            ("path", b"\xa1p"),
+            ("after", b"\xa1a"),
+            ("limit", b"\x02"),
+        ]);
+        agrees::<FsRead>(&[
+            ("id", b"\x01"),
+            ("path", b"\xa1p"),
+            ("offset", b"\x02"),
+            ("length", b"\x03"),
+        ]);
+        agrees::<FsData>(&[
+            ("re", b"\x01"),
+            ("offset", b"\x02"),
+            ("data", b"\xc4\x01\x09"),
+            ("eof", b"\xc3"),
+        ]);
+        agrees::<FsMkdir>(&[
+            ("id", b"\x01"),
+            ("path", b"\xa1p"),
+            ("parents", b"\xc3"),
+            ("mode", b"\xcd\x01\xed"),
+        ]);
+        agrees::<FsRemove>(&[("id", b"\x01"), ("path", b"\xa1p"), ("recursive", b"\xc3")]);
+        agrees::<FsRename>(&[("id", b"\x01"), ("from", b"\xa1a"), ("to", b"\xa1b")]);
+        agrees::<FsWriteOpen>(&[
+            ("id", b"\x01"),
+            ("path", b"\xa1p"),
+            ("mode", b"\xcd\x01\xa4"),
+            ("parents", b"\xc3"),
+            ("append", b"\xc2"),
+            ("handle", b"\x02"),
+        ]);
+        agrees::<FsWriteReady>(&[("re", b"\x01"), ("handle", b"\x02"), ("offset", b"\x03")]);
+        agrees::<FsWriteData>(&[
+            ("id", b"\x01"),
+            ("handle", b"\x02"),
+            ("offset", b"\x03"),
+            ("data", b"\xc4\x01\x09"),
+        ]);
+        agrees::<FsWriteClose>(&[("id", b"\x01"), ("handle", b"\x02"), ("abort", b"\xc3")]);
+        agrees::<FsWatch>(&[("id", b"\x01"), ("path", b"\xa1p"), ("recursive", b"\xc3")]);
+        agrees::<FsUnwatch>(&[("id", b"\x01"), ("watch", b"\x02")]);
+        agrees::<FsEvent>(&[
+            ("watch", b"\x01"),
+            ("change", b"\xa7renamed"),
+            ("path", b"\xa1a"),
+            ("to", b"\xa1b"),
+            ("dropped", b"\x02"),
+        ]);
         agrees::<ForgetConsumer>(&[("id", b"\x01"), ("consumer", b"\xa1c")]);
         agrees::<SetClock>(&[("id", b"\x01"), ("unix_ms", b"\x02")]);
         agrees::<ClockSet>(&[("unix_ms", b"\x01"), ("jump_ms", b"\xff")]);

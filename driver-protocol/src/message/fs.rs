@@ -69,7 +69,11 @@ pub struct FsStat {
     pub follow: bool,
 }
 
-fields!(FsStat { id: req, path: req, follow: nil });
+fields!(FsStat {
+    id: req,
+    path: req,
+    follow: nil
+});
 
 /// `fs_stat_reply`: the answer to `fs_stat`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,7 +84,10 @@ pub struct FsStatReply {
     pub entry: FsEntry,
 }
 
-fields!(FsStatReply { re: req, entry: req });
+fields!(FsStatReply {
+    re: req,
+    entry: req
+});
 
 /// `fs_list`: one page of a directory's entries, by name order; answered by
 /// [`FsListReply`].
@@ -112,7 +119,11 @@ pub struct FsListReply {
     pub more: bool,
 }
 
-fields!(FsListReply { re: req, entries: req, more: nil });
+fields!(FsListReply {
+    re: req,
+    entries: req,
+    more: nil
+});
 
 /// `fs_read`: stream a regular file's bytes from `offset`, as `fs_data` frames.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,7 +157,12 @@ pub struct FsData {
     pub eof: bool,
 }
 
-fields!(FsData { re: req, offset: req, data: nil, eof: nil });
+fields!(FsData {
+    re: req,
+    offset: req,
+    data: nil,
+    eof: nil
+});
 
 /// `fs_mkdir`: create a directory; answered by `ok`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -178,7 +194,11 @@ pub struct FsRemove {
     pub recursive: bool,
 }
 
-fields!(FsRemove { id: req, path: req, recursive: nil });
+fields!(FsRemove {
+    id: req,
+    path: req,
+    recursive: nil
+});
 
 /// `fs_rename`: move `from` to `to` (both under the file root), replacing `to` if it
 /// exists, atomically (`rename(2)`); answered by `ok`.
@@ -192,7 +212,11 @@ pub struct FsRename {
     pub to: String,
 }
 
-fields!(FsRename { id: req, from: req, to: req });
+fields!(FsRename {
+    id: req,
+    from: req,
+    to: req
+});
 
 /// `fs_write_open`: start an upload to `path` (or, with `handle`, find an upload again after
 /// a reconnect); answered by [`FsWriteReady`].
@@ -230,7 +254,11 @@ pub struct FsWriteReady {
     pub offset: u64,
 }
 
-fields!(FsWriteReady { re: req, handle: req, offset: req });
+fields!(FsWriteReady {
+    re: req,
+    handle: req,
+    offset: req
+});
 
 /// `fs_write_data`: the next bytes of an upload; answered by `ok` once they are handed to
 /// the file.
@@ -247,7 +275,12 @@ pub struct FsWriteData {
     pub data: Bytes,
 }
 
-fields!(FsWriteData { id: req, handle: req, offset: req, data: nil });
+fields!(FsWriteData {
+    id: req,
+    handle: req,
+    offset: req,
+    data: nil
+});
 
 /// `fs_write_close`: finish an upload (fsync, then the atomic rename over the target), or
 /// abort it; answered by `ok` once it is done.
@@ -262,7 +295,11 @@ pub struct FsWriteClose {
     pub abort: bool,
 }
 
-fields!(FsWriteClose { id: req, handle: req, abort: nil });
+fields!(FsWriteClose {
+    id: req,
+    handle: req,
+    abort: nil
+});
 
 /// `fs_watch`: report changes under a directory (or to a file) as `fs_event` events until
 /// `fs_unwatch`; answered by `ok`. The watch is named by this request's `id`.
@@ -277,7 +314,11 @@ pub struct FsWatch {
     pub recursive: bool,
 }
 
-fields!(FsWatch { id: req, path: req, recursive: nil });
+fields!(FsWatch {
+    id: req,
+    path: req,
+    recursive: nil
+});
 
 /// `fs_unwatch`: end a watch; answered by `ok`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -288,7 +329,10 @@ pub struct FsUnwatch {
     pub watch: RequestId,
 }
 
-fields!(FsUnwatch { id: req, watch: req });
+fields!(FsUnwatch {
+    id: req,
+    watch: req
+});
 
 /// What happened to a watched path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

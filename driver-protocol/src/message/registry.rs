@@ -80,7 +80,10 @@ pub struct ExecList {
     pub execs: Vec<ExecInfo>,
 }
 
-fields!(ExecList { re: req, execs: req });
+fields!(ExecList {
+    re: req,
+    execs: req
+});
 
 /// `attach_exec`: replay exec `exec_id`'s retained output from `from_offset`, then follow it
 /// live until it exits (then `attach_exit`). Read-only.
@@ -115,7 +118,14 @@ pub struct ExecAttached {
     pub running: bool,
 }
 
-fields!(ExecAttached { re: req, exec_id: req, from_offset: req, first_offset: req, end_offset: req, running: req });
+fields!(ExecAttached {
+    re: req,
+    exec_id: req,
+    from_offset: req,
+    first_offset: req,
+    end_offset: req,
+    running: req
+});
 
 /// `detach_exec`: stop following exec `exec_id` on this connection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,7 +136,10 @@ pub struct DetachExec {
     pub exec_id: u64,
 }
 
-fields!(DetachExec { id: req, exec_id: req });
+fields!(DetachExec {
+    id: req,
+    exec_id: req
+});
 
 /// `attach_output`: bytes of an attached exec's output, at `offset` in its output stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -141,7 +154,12 @@ pub struct AttachOutput {
     pub data: Bytes,
 }
 
-fields!(AttachOutput { exec_id: req, stream: req, offset: req, data: req });
+fields!(AttachOutput {
+    exec_id: req,
+    stream: req,
+    offset: req,
+    data: req
+});
 
 /// `attach_lagged`: the attached connection read slower than the exec wrote; bytes
 /// `next_offset - missed .. next_offset` were no longer retained and are skipped.
@@ -155,7 +173,11 @@ pub struct AttachLagged {
     pub next_offset: u64,
 }
 
-fields!(AttachLagged { exec_id: req, missed: req, next_offset: req });
+fields!(AttachLagged {
+    exec_id: req,
+    missed: req,
+    next_offset: req
+});
 
 /// `attach_exit`: the attached exec ended (the fields of its `exec_exit`); the last frame of
 /// the attachment.
