@@ -579,18 +579,21 @@ fn one_gib_downloads_exactly() -> Result<()> {
     let mut ctl = connect(&sock, &shim)?;
     let started = Instant::now();
     let mut bad = None;
+    // Each MiB as written, compared a slice at a time (a debug build's loop per byte over
+    // 1 GiB would take longer than the transfer).
+    const MIB: usize = 1 << 20;
+    let mut want = vec![0u8; MIB];
+    want[..block.len()].copy_from_slice(&block);
     let end = read_with(&mut ctl, "gib", 0, |d| {
-        for (i, b) in d.data.iter().enumerate() {
+        let mut i = 0;
+        while i < d.data.len() {
             let at = d.offset + i as u64;
-            let within = at & ((1 << 20) - 1);
-            let want = if within < 4096 {
-                block[within as usize]
-            } else {
-                0
-            };
-            if *b != want && bad.is_none() {
+            let within = (at % MIB as u64) as usize;
+            let n = (MIB - within).min(d.data.len() - i);
+            if d.data[i..i + n] != want[within..within + n] && bad.is_none() {
                 bad = Some(at);
             }
+            i += n;
         }
         Ok(true)
     })?
@@ -695,9 +698,16 @@ fn upload(ctl: &mut ControlClient, path: &str, data: &[u8]) -> Result<ShimToCont
 
 /// Chunk `k` (256 KiB) of the generated large uploads.
 fn big_chunk(k: u64, block: &[u8]) -> Vec<u8> {
-    (0..256 * 1024usize)
-        .map(|i| block.get(i % block.len()).copied().unwrap_or(0) ^ (k as u8))
-        .collect()
+    // Built from one XORed block copied whole (the test binary is a debug build: a loop per
+    // byte over 1 GiB would take a minute by itself).
+    let x: Vec<u8> = block.iter().map(|b| b ^ (k as u8)).collect();
+    let mut out = Vec::with_capacity(256 * 1024);
+    while out.len() < 256 * 1024 && !x.is_empty() {
+        let n = (256 * 1024 - out.len()).min(x.len());
+        out.extend_from_slice(&x[..n]);
+    }
+    out.resize(256 * 1024, k as u8);
+    out
 }
 
 /// Whether the file at `path` is the `n` generated chunks.
