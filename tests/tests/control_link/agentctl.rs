@@ -406,21 +406,31 @@ fn metrics_and_top_human_and_json() -> Result<()> {
     let shim = LinkShim::start(Mode::Subreaper)?;
     let addr = shim.addr.to_string();
 
-    let (code, out, err) = run(&addr, &["metrics", "--json"])?;
-    ensure!(code == 0, "metrics --json exited {code}: {err}");
-    let v = json_lines(&out)?;
-    let r = v.first().ok_or_else(|| anyhow!("no output"))?;
-    ensure!(v.len() == 1 && r["time_ms"].as_u64().is_some(), "{out}");
-    ensure!(
-        r["workspace"]["size_bytes"].as_u64().is_some_and(|n| n > 0),
-        "{out}"
-    );
-    ensure!(
-        r["procs"]
+    // The socket is up a moment before the driver is launched: a reading taken meanwhile
+    // rightly has no driver in it. Asked again until it has (bounded).
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let (code, out, err) = run(&addr, &["metrics", "--json"])?;
+        ensure!(code == 0, "metrics --json exited {code}: {err}");
+        let v = json_lines(&out)?;
+        let r = v.first().ok_or_else(|| anyhow!("no output"))?;
+        ensure!(v.len() == 1 && r["time_ms"].as_u64().is_some(), "{out}");
+        ensure!(
+            r["workspace"]["size_bytes"].as_u64().is_some_and(|n| n > 0),
+            "{out}"
+        );
+        let driver = r["procs"]
             .as_array()
-            .is_some_and(|p| p.iter().any(|p| p["role"] == "driver")),
-        "{out}"
-    );
+            .is_some_and(|p| p.iter().any(|p| p["role"] == "driver"));
+        if driver {
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "no driver in the reading: {out}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 
     let (code, out, err) = run(&addr, &["metrics"])?;
     ensure!(code == 0, "metrics exited {code}: {err}");
