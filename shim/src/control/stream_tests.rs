@@ -110,21 +110,8 @@ fn a_stream_waits_for_room_stays_bounded_and_arrives_in_order_on_its_connection_
             ..Tuning::default()
         };
         let cfg = ControlConfig {
-            max_events: 100,
-            max_bytes: 1 << 20,
-            max_frame: driver_protocol::DEFAULT_MAX_FRAME,
             agent_id: None,
-            token: None,
-            reconnect_max: DEFAULT_RECONNECT_MAX,
-            idle_timeout: DEFAULT_IDLE_TIMEOUT,
-            max_sessions: 16,
-            max_consumers: 4,
-            registry: super::super::RegistryConfig {
-                retain: 64 * 1024,
-                history: 8,
-                ttl: std::time::Duration::from_secs(60),
-            },
-            cgroups: None,
+            ..crate::control::tests::cfg(100, 1 << 20)
         };
         let mut server =
             ControlServer::bind_tuned(&ControlAddr::Unix(sock.clone()), cfg, tuning).unwrap();
@@ -191,21 +178,8 @@ fn a_stream_never_follows_a_newer_connection() {
     let sock = d.0.join("c.sock");
     run(async {
         let cfg = ControlConfig {
-            max_events: 100,
-            max_bytes: 1 << 20,
-            max_frame: driver_protocol::DEFAULT_MAX_FRAME,
             agent_id: None,
-            token: None,
-            reconnect_max: DEFAULT_RECONNECT_MAX,
-            idle_timeout: DEFAULT_IDLE_TIMEOUT,
-            max_sessions: 16,
-            max_consumers: 4,
-            registry: super::super::RegistryConfig {
-                retain: 64 * 1024,
-                history: 8,
-                ttl: std::time::Duration::from_secs(60),
-            },
-            cgroups: None,
+            ..crate::control::tests::cfg(100, 1 << 20)
         };
         let mut server = ControlServer::bind(&ControlAddr::Unix(sock.clone()), cfg).unwrap();
         let mut c = Client::connect(&sock).await;

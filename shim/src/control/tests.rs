@@ -47,7 +47,8 @@ impl Drop for TempDir {
     }
 }
 
-fn cfg(max_events: usize, max_bytes: usize) -> ControlConfig {
+/// A control server's configuration for the unit tests (agent id `agent-7`, no token).
+pub(super) fn cfg(max_events: usize, max_bytes: usize) -> ControlConfig {
     ControlConfig {
         max_events,
         max_bytes,
