@@ -8,12 +8,13 @@ use std::time::{Duration, Instant};
 
 use driver_protocol::message::{
     AttachExec, CancelTask, ControlToShim, DetachExec, DriverState, ExecAttached, ExecInfo,
-    ExecInput, ExecResize, ExecSignal, ExecStarted, ListExecs, Message as _, Metrics, Pause, Ping,
-    Reading, RequestId, RestartDriver, Resume, Seq, SetDriver, ShimToControl, Shutdown, Signal,
+    ExecInput, ExecResize, ExecSignal, ExecStarted, ListExecs, Metrics, Pause, Ping, Reading,
+    RequestId, RestartDriver, Resume, Seq, SetDriver, ShimToControl, Shutdown, Signal,
     SignalTarget, Status, StatusReply,
 };
 use tokio::sync::{mpsc, oneshot};
 
+use crate::error::unexpected;
 use crate::events::{FleetItem, Item, Sink};
 use crate::link::Connected;
 use crate::options::ConnectOptions;
@@ -313,11 +314,6 @@ impl Client {
         if self.inner.cmds.send(Cmd::Close(tx)).is_ok() {
             let _ = tokio::time::timeout(self.inner.close_timeout, rx).await;
         }
-    }
-
-    /// The shim's file operations (PROTOCOL.md §8.8).
-    pub fn fs(&self) -> crate::fs::Files {
-        crate::fs::Files::new(self.clone())
     }
 
     /// A fresh request id.
@@ -942,10 +938,6 @@ impl Client {
 }
 
 /// A reply of the wrong type.
-pub(crate) fn unexpected(msg: &ShimToControl) -> Error {
-    Error::Protocol(format!("unexpected reply {}", msg.type_name()))
-}
-
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use driver_protocol::handshake::HandshakeError;
+use driver_protocol::message::{Message as _, ShimToControl};
 use driver_protocol::{DecodeError, EncodeError, ErrorCode};
 
 /// What went wrong.
@@ -167,4 +168,9 @@ impl Error {
         }
         Self::Remote { code, message }
     }
+}
+
+/// The error for a reply of the wrong type to a request.
+pub(crate) fn unexpected(msg: &ShimToControl) -> Error {
+    Error::Protocol(format!("unexpected reply {}", msg.type_name()))
 }

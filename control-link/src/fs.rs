@@ -19,7 +19,7 @@ use driver_protocol::message::{
 use tokio::io::{AsyncRead, AsyncReadExt as _, ReadBuf};
 use tokio::sync::mpsc;
 
-use crate::client::unexpected;
+use crate::error::unexpected;
 use crate::{Client, Error, ErrorCode};
 
 /// Bytes per `fs_write_data`.
@@ -61,11 +61,16 @@ pub struct Files {
     client: Client,
 }
 
-impl Files {
-    pub(crate) fn new(client: Client) -> Self {
-        Self { client }
+impl Client {
+    /// The shim's file operations (PROTOCOL.md §8.11).
+    pub fn fs(&self) -> Files {
+        Files {
+            client: self.clone(),
+        }
     }
+}
 
+impl Files {
     async fn call(&self, make: impl FnOnce(u64) -> ControlToShim) -> Result<ShimToControl, Error> {
         let id = self.client.next_id();
         self.client.call(id, make(id)).await
