@@ -20,9 +20,11 @@ import pytest
 from agent_shim import (
     BadPath,
     Client,
+    ConnectionClosed,
     FileEvent,
     NotFound,
     PermissionDenied,
+    ProtocolError,
     RemoteError,
     ShimTimeout,
     read_token,
@@ -423,3 +425,123 @@ def test_the_sync_facade_round_trips_files(shim_factory, tmp_path):
             assert ev is not None and ev.change == "created" and ev.path == "/d/e/new"
         c.fs.remove("/d", recursive=True)
         assert not c.fs.exists("/d")
+
+
+def test_a_watch_delivers_each_change_once_across_cuts(shim_factory, tmp_path):
+    root = tmp_path / "root"
+    (root / "w").mkdir(parents=True)
+    port = free_port()
+    shim = start(shim_factory, root, listen=f"tcp:127.0.0.1:{port}")
+
+    async def go():
+        proxy = Proxy(port)
+        proxy_port = await proxy.start()
+        try:
+            token = read_token(shim.token_file)
+            async with await Client.connect(f"tcp:127.0.0.1:{proxy_port}", token=token,
+                                            backoff=(0.05, 0.5)) as c:
+                watch = await c.fs.watch("/w")
+                created: List[str] = []
+                seqs: List[int] = []
+                for n in range(6):
+                    (root / "w" / f"f{n}").write_bytes(b"x")
+                    if n % 2:
+                        proxy.cut()  # events in the shim's buffer, or in flight
+                    while f"/w/f{n}" not in created:
+                        ev = await watch.next(20)
+                        assert ev is not None
+                        seqs.append(ev.seq)
+                        if ev.change == "created":
+                            created.append(ev.path)
+                assert c.reconnects >= 3
+                assert created == [f"/w/f{n}" for n in range(6)], created  # each once, in order
+                assert seqs == sorted(set(seqs)), seqs
+                await watch.close()
+        finally:
+            proxy.close()
+
+    run(go())
+
+
+def test_a_dead_shim_ends_a_download_and_an_upload_within_a_bound(shim_factory, tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "big.bin").write_bytes(os.urandom(16 * 1024 * 1024))
+    shim = start(shim_factory, root)
+
+    async def go():
+        c = await connect(shim, reconnect_timeout=2, backoff=(0.05, 0.2))
+        reader = c.fs.read("/big.bin")
+        assert await reader.read(1000)
+        os.kill(shim.proc.pid, 9)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        with pytest.raises(ConnectionClosed):
+            await reader.read()
+        assert loop.time() - began < 10
+        with pytest.raises(ConnectionClosed):
+            await c.fs.write("/x", b"y")
+        await c.close()
+
+    run(go())
+
+
+# --- a hostile shim: bad replies raise clearly and within a bound ----------------------------
+
+
+def fake_fs_shim(answer):
+    """A fake shim that answers each request with answer(msg) (a list of frames)."""
+    import msgpack
+    import struct
+
+    from test_hostile import HELLO, frame
+
+    async def behaviour(r, w):
+        w.write(frame(HELLO))
+        await w.drain()
+        while True:
+            (n,) = struct.unpack(">I", await r.readexactly(4))
+            msg = msgpack.unpackb(await r.readexactly(n), raw=False)
+            for out in answer(msg):
+                w.write(out if isinstance(out, bytes) else frame(out))
+            await w.drain()
+
+    return behaviour
+
+
+@pytest.mark.parametrize("case", ["bad_type", "wrong_offset", "bad_entry", "silent_read", "silent_write"])
+def test_bad_file_replies_raise_clearly(tmp_path, case):
+    from test_hostile import expect_fast, fake_shim
+
+    def answer(msg):
+        kind, re = msg["type"], msg.get("id")
+        if kind == "hello":
+            return []
+        if case == "bad_type" and kind == "fs_read":
+            return [{"type": "fs_data", "re": re, "offset": 0, "data": "not bytes"}]
+        if case == "wrong_offset" and kind == "fs_read":
+            return [{"type": "fs_data", "re": re, "offset": 7, "data": b"abc"}]
+        if case == "bad_entry" and kind == "fs_stat":
+            return [{"type": "fs_stat_reply", "re": re, "entry": {"name": "x", "kind": "file"}}]
+        if case == "silent_write" and kind == "fs_write_open":
+            return [{"type": "fs_write_ready", "re": re, "handle": 1, "offset": 0}]
+        return []  # silence
+
+    async def go():
+        addr, server = await fake_shim(tmp_path, fake_fs_shim(answer))
+        async with server:
+            c = await Client.connect(addr, reconnect=False, connect_timeout=5, request_timeout=1)
+            fs = c.fs
+            if case == "bad_type":
+                await expect_fast(fs.read_bytes("/f"), ConnectionClosed, 5)
+            elif case == "wrong_offset":
+                await expect_fast(fs.read_bytes("/f"), ProtocolError, 5)
+            elif case == "bad_entry":
+                await expect_fast(fs.stat("/f"), ProtocolError, 5)
+            elif case == "silent_read":
+                await expect_fast(fs.read_bytes("/f"), ShimTimeout, 5)
+            else:
+                await expect_fast(fs.write("/f", b"data"), ShimTimeout, 5)
+            await c.close()
+
+    run(go())

@@ -148,6 +148,8 @@ class Status:
     task_running: Optional[str]
     idle_since_ms: Optional[int]
     raw: Dict[str, Any]
+    #: Which per-child cgroups the shim creates (``v2-delegated``, ``v1``, ``none``).
+    cgroups: Optional[str] = None
 
 
 class _Conn:
@@ -829,7 +831,7 @@ class Client:
             execs_running=r["execs_running"], buffered_events=r["buffered_events"],
             buffered_bytes=r["buffered_bytes"], last_seq=r["last_seq"], rss_bytes=r["rss_bytes"],
             driver_pid=r.get("driver_pid"), task_running=r.get("task_running"),
-            idle_since_ms=r.get("idle_since_ms"), raw=r,
+            idle_since_ms=r.get("idle_since_ms"), raw=r, cgroups=r.get("cgroups"),
         )
 
     async def list_execs(self) -> List[ExecInfo]:

@@ -325,6 +325,7 @@ class FileReader:
     def __init__(
         self, client: "Client", path: str, offset: int, length: Optional[int], timeout: float
     ) -> None:
+        self._stream: Optional["_Stream"] = None
         if offset < 0 or (length is not None and length < 0):
             raise ValueError("offset and length are not negative")
         self._client = client
@@ -333,7 +334,6 @@ class FileReader:
         #: The file offset of the next byte received from the shim.
         self._at = offset
         self._end = None if length is None else offset + length
-        self._stream: Optional["_Stream"] = None
         self._buf = bytearray()
         self._done = False
         self._losses = 0
@@ -460,7 +460,7 @@ class FileReader:
 
     def __del__(self) -> None:
         # An abandoned reader must not hold its connection's reader back.
-        stream = self._stream
+        stream = getattr(self, "_stream", None)
         if stream is not None:
             stream.close()
 
@@ -480,6 +480,15 @@ async def _rechunk(pieces: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
             del buf[:WRITE_CHUNK]
     if buf:
         yield bytes(buf)
+
+
+def _check_source(data: Any) -> None:
+    """Refuses what cannot be uploaded before the upload is opened (a str: encode it)."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return
+    if not isinstance(data, str) and any(hasattr(data, n) for n in ("read", "__aiter__", "__iter__")):
+        return
+    raise TypeError(f"cannot upload a {type(data).__name__}: give bytes, a binary file or an iterable of bytes")
 
 
 async def _pieces(data: WriteSource) -> AsyncIterator[bytes]:
@@ -503,7 +512,7 @@ async def _pieces(data: WriteSource) -> AsyncIterator[bytes]:
         for piece in data:
             yield piece
     else:
-        raise TypeError(f"cannot upload a {type(data).__name__}: give bytes, a file or an iterable of bytes")
+        raise TypeError(f"cannot upload a {type(data).__name__}: give bytes, a binary file or an iterable of bytes")
 
 
 def _settle(fut: "asyncio.Future[Any]") -> None:
@@ -637,6 +646,7 @@ class Files:
         client asks the shim what it has and goes on from there. Any failure (or a
         cancellation) aborts the upload and leaves the target as it was (``append``
         excepted: what was appended stays). ``timeout`` bounds each wait for the shim."""
+        _check_source(data)
         client = self._client
         budget = client.request_timeout if timeout is None else timeout
         msg: Dict[str, Any] = {"type": "fs_write_open", "path": path}

@@ -216,7 +216,7 @@ class SyncFiles:
 
 class SyncWatch:
     """A :class:`~agent_shim.files.Watch` for synchronous code: ``next(timeout)``, or
-    iterate it (each wait unbounded unless ``timeout`` is set on the iteration)."""
+    iterate it (each wait at most the SyncClient's ``timeout``: ShimTimeout)."""
 
     def __init__(self, sync: SyncClient, watch: Watch) -> None:
         self._sync = sync
