@@ -215,10 +215,14 @@ class Watch:
         self.dropped = 0
 
     async def _deliver(self, seq: int, body: Dict[str, Any]) -> None:
-        if self._over:
+        if not self._over:
+            await self._queue.put(FileEvent.from_body(seq, body))
+            if not self._over:
+                return
+            seq = -1  # closed while it waited for room: in the queue, drained below
+        self._drain()
+        if seq >= 0:
             self._client._consumed(seq)
-            return
-        await self._queue.put(FileEvent.from_body(seq, body))
 
     def _end(self, err: BaseException) -> None:
         try:
@@ -326,6 +330,7 @@ class FileReader:
         self, client: "Client", path: str, offset: int, length: Optional[int], timeout: float
     ) -> None:
         self._stream: Optional["_Stream"] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
         if offset < 0 or (length is not None and length < 0):
             raise ValueError("offset and length are not negative")
         self._client = client
@@ -360,9 +365,11 @@ class FileReader:
         msg: Dict[str, Any] = {"type": "fs_read", "path": self.path, "offset": self._at}
         if self._end is not None:
             msg["length"] = self._end - self._at
+        self._loop = loop
         return client._start_stream(conn, msg)
 
     def _stop(self) -> None:
+        self._loop = None
         if self._stream is not None:
             self._client._stop_stream(self._stream)
             self._stream = None
@@ -460,9 +467,13 @@ class FileReader:
 
     def __del__(self) -> None:
         # An abandoned reader must not hold its connection's reader back.
-        stream = getattr(self, "_stream", None)
-        if stream is not None:
-            stream.close()
+        # The collector may run in another thread than the client's loop (the sync facade).
+        stream, loop = getattr(self, "_stream", None), getattr(self, "_loop", None)
+        if stream is not None and loop is not None:
+            try:
+                loop.call_soon_threadsafe(stream.close)
+            except RuntimeError:
+                pass  # the loop is closed
 
 
 async def _rechunk(pieces: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
