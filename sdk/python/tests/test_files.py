@@ -31,7 +31,7 @@ from agent_shim import (
 )
 from agent_shim.files import WRITE_CHUNK
 from agent_shim.sync import SyncClient
-from conftest import free_port
+from conftest import free_port, skip_or_fail
 from helpers import connect, run
 from test_control import Proxy
 
@@ -181,7 +181,7 @@ def test_missing_paths_and_escapes_are_refused(shim_factory, tmp_path):
 
 def test_a_root_only_file_is_refused_to_uid_1000(shim_factory):
     if os.getuid() != 0:
-        pytest.skip("needs root to run the shim with --user 1000:1000")
+        skip_or_fail("root", "needs root to run the shim with --user 1000:1000")
     # Outside pytest's own (0700) temporary directory: uid 1000 must reach the root.
     base = pathlib.Path(tempfile.mkdtemp(prefix="agent-shim-fs-uid-"))
     try:
@@ -543,5 +543,86 @@ def test_bad_file_replies_raise_clearly(tmp_path, case):
             else:
                 await expect_fast(fs.write("/f", b"data"), ShimTimeout, 5)
             await c.close()
+
+    run(go())
+
+
+def test_a_full_file_system_is_no_space_and_leaves_the_target(shim_factory, tmp_path):
+    import subprocess
+
+    from agent_shim import NoSpace
+
+    root = tmp_path / "root"
+    small = root / "small"
+    small.mkdir(parents=True)
+    if os.getuid() != 0:
+        skip_or_fail("root", "needs root to mount a small tmpfs")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)],
+                             capture_output=True, text=True, timeout=20)
+    if mounted.returncode != 0:
+        skip_or_fail("mount", f"cannot mount a tmpfs: {mounted.stderr.strip()}")
+    try:
+        shim = start(shim_factory, root)
+
+        async def go():
+            async with await connect(shim) as c:
+                await c.fs.write("/small/f", b"old")
+                with pytest.raises(NoSpace) as e:
+                    await c.fs.write("/small/f", bytes(3 * 1024 * 1024))
+                assert e.value.code == "no_space"
+                assert await c.fs.read_bytes("/small/f") == b"old"
+                for _ in range(100):  # the abort removes the temporary file
+                    if [p.name for p in small.iterdir()] == ["f"]:
+                        break
+                    await asyncio.sleep(0.05)
+                assert [p.name for p in small.iterdir()] == ["f"]
+
+        run(go())
+    finally:
+        subprocess.run(["umount", "-l", str(small)], capture_output=True, timeout=20)
+
+
+def test_a_watch_over_its_rate_says_it_overflowed(shim_factory, tmp_path):
+    root = tmp_path / "root"
+    (root / "w").mkdir(parents=True)
+    shim = start(shim_factory, root, "--fs-watch-rate", "5")
+
+    async def go():
+        async with await connect(shim) as c:
+            async with await c.fs.watch("/w") as watch:
+                for n in range(60):
+                    (root / "w" / f"f{n}").write_bytes(b"x")
+                # The shim reports what it dropped with the watch's next change, once its
+                # rate allows one again.
+                await asyncio.sleep(1.0)
+                (root / "w" / "later").write_bytes(b"x")
+                while True:
+                    ev = await watch.next(20)
+                    assert ev is not None
+                    if ev.change == "overflow":
+                        break
+                assert ev.dropped and ev.dropped > 0 and ev.path == ""
+                assert watch.dropped == ev.dropped
+
+    run(go())
+
+
+@pytest.mark.xfail(strict=True, reason="the shim reports a watch's rate-limited drops only with "
+                   "the watch's next change: after a last burst, the overflow waits for ever")
+def test_a_last_burst_over_the_rate_is_reported_without_a_later_change(shim_factory, tmp_path):
+    root = tmp_path / "root"
+    (root / "w").mkdir(parents=True)
+    shim = start(shim_factory, root, "--fs-watch-rate", "5")
+
+    async def go():
+        async with await connect(shim) as c:
+            async with await c.fs.watch("/w") as watch:
+                for n in range(60):
+                    (root / "w" / f"f{n}").write_bytes(b"x")
+                while True:
+                    ev = await watch.next(3)
+                    assert ev is not None
+                    if ev.change == "overflow":
+                        return
 
     run(go())

@@ -42,7 +42,7 @@ from typing import (
     Union,
 )
 
-from .errors import ConnectionClosed, ProtocolError, RemoteError, ShimTimeout, remote_error
+from .errors import ConnectionClosed, NotFound, ProtocolError, RemoteError, ShimTimeout, remote_error
 
 if TYPE_CHECKING:
     from .control import Client, Event, _Stream
@@ -553,8 +553,6 @@ class Files:
 
     async def exists(self, path: str, *, timeout: Optional[float] = None) -> bool:
         """Whether ``path`` exists (a dangling symlink does)."""
-        from .errors import NotFound
-
         try:
             await self.stat(path, timeout=timeout)
         except NotFound:
