@@ -249,6 +249,40 @@ def test_a_download_cut_mid_file_resumes_from_its_offset(shim_factory, tmp_path)
     run(go())
 
 
+def test_a_file_changed_while_the_connection_was_down_is_not_resumed(shim_factory, tmp_path):
+    from agent_shim import FileChanged
+
+    root = tmp_path / "root"
+    root.mkdir()
+    path = root / "big.bin"
+    path.write_bytes(os.urandom(24 * 1024 * 1024))
+    port = free_port()
+    shim = start(shim_factory, root, listen=f"tcp:127.0.0.1:{port}")
+
+    async def go():
+        proxy = Proxy(port)
+        proxy_port = await proxy.start()
+        try:
+            token = read_token(shim.token_file)
+            async with await Client.connect(f"tcp:127.0.0.1:{proxy_port}", token=token,
+                                            backoff=(0.05, 0.5)) as c:
+                async with c.fs.read("/big.bin") as reader:
+                    assert await reader.read(1)
+                    await asyncio.sleep(0.3)  # the stat a resume compares with is taken
+                    with open(path, "r+b") as f:
+                        f.write(b"changed")
+                    st = path.stat()
+                    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**10))
+                    proxy.cut()
+                    with pytest.raises(FileChanged) as e:
+                        await reader.read()
+                    assert e.value.code == "changed"
+        finally:
+            proxy.close()
+
+    run(go())
+
+
 def test_an_upload_cut_mid_file_resumes_from_what_the_shim_has(shim_factory, tmp_path):
     root = tmp_path / "root"
     root.mkdir()

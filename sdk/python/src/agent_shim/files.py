@@ -42,7 +42,7 @@ from typing import (
     Union,
 )
 
-from .errors import ConnectionClosed, NotFound, ProtocolError, RemoteError, ShimTimeout, remote_error
+from .errors import ConnectionClosed, FileChanged, NotFound, ProtocolError, RemoteError, ShimTimeout, remote_error
 
 if TYPE_CHECKING:
     from .control import Client, Event, _Stream
@@ -324,7 +324,10 @@ class FileReader:
 
     A lost connection is resumed: the reader asks again from the byte it reached
     (``offset``), so the bytes come exactly once, in order (up to ``RESUMES`` losses in a row
-    without progress). A file that changes while it is read raises FileChanged."""
+    without progress). A file that changes while it is read raises FileChanged: the shim
+    checks each ``fs_read``; across a resume the reader compares the file's size and
+    modification time with a ``stat`` taken after its first chunk (a file read in one chunk
+    costs no ``stat``)."""
 
     def __init__(
         self, client: "Client", path: str, offset: int, length: Optional[int], timeout: float
@@ -342,6 +345,8 @@ class FileReader:
         self._buf = bytearray()
         self._done = False
         self._losses = 0
+        #: The file's stat soon after the read began, to compare with after a resume.
+        self._baseline: Optional["asyncio.Future[FileStat]"] = None
         #: How many times the read was asked again after a lost connection.
         self.resumes = 0
 
@@ -376,6 +381,43 @@ class FileReader:
 
     async def _chunk(self) -> Optional[bytes]:
         """The next bytes from the shim; None at the end."""
+        try:
+            data = await self._next()
+        except BaseException:
+            self._done = True
+            self._drop_baseline()
+            raise
+        if data is None:
+            self._drop_baseline()
+        elif self._baseline is None and not self._done:
+            # More than one chunk: what a resume compares the file with (in the background).
+            self._baseline = asyncio.ensure_future(
+                Files(self._client).stat(self.path, follow=True, timeout=self.timeout)
+            )
+        return data
+
+    def _drop_baseline(self) -> None:
+        if self._baseline is not None:
+            _settle(self._baseline)
+
+    async def _check_unchanged(self) -> None:
+        """Before a resume: the file has the size and modification time it had."""
+        if self._baseline is None:
+            return
+        try:
+            before = await asyncio.wait_for(asyncio.shield(self._baseline), self.timeout)
+        except (RemoteError, ConnectionClosed, ShimTimeout, asyncio.TimeoutError) as e:
+            log.warning("%s: read %s: no stat to compare after a resume: %s", self._client.address, self.path, e)
+            return
+        now = await Files(self._client).stat(self.path, follow=True, timeout=self.timeout)
+        if (now.size, now.mtime_ms) != (before.size, before.mtime_ms):
+            raise FileChanged(
+                "changed",
+                f"{self.path} changed while the connection was lost (size {before.size} -> {now.size}, "
+                f"mtime_ms {before.mtime_ms} -> {now.mtime_ms}); read it again",
+            )
+
+    async def _next(self) -> Optional[bytes]:
         client = self._client
         while not self._done:
             if self._end is not None and self._at >= self._end:
@@ -398,6 +440,7 @@ class FileReader:
                     ) from None
                 self.resumes += 1
                 log.info("%s: read %s: connection lost; asking again from byte %d", client.address, self.path, self._at)
+                await self._check_unchanged()
                 continue
             except BaseException:
                 self._stop()
@@ -455,6 +498,7 @@ class FileReader:
 
     async def aclose(self) -> None:
         """Stops reading: the rest of the stream is dropped as it comes."""
+        self._drop_baseline()
         self._done = True
         self._buf.clear()
         self._stop()
