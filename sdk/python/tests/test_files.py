@@ -81,6 +81,10 @@ def test_binary_empty_and_large_files_round_trip(shim_factory, tmp_path):
                     chunks.append(chunk)
                 assert reader.offset == len(big)
             assert len(chunks) > 1 and sha(b"".join(chunks)) == sha(big)
+            # Several reads side by side on one connection, each its own stream.
+            both = await asyncio.gather(fs.read_bytes("/on-disk.bin"), fs.read_bytes("/big.bin"),
+                                        fs.read_bytes("/bin.dat"))
+            assert [sha(b) for b in both] == [sha(big), sha(big), sha(binary)]
             assert await fs.read_bytes("/on-disk.bin", offset=1_000_000, length=300_000) == big[1_000_000:1_300_000]
             assert await fs.read_bytes("/bin.dat", offset=len(binary) + 10) == b""
             async with fs.read("/on-disk.bin", offset=5) as reader:

@@ -1008,8 +1008,9 @@ class Client:
         Moving to the next event marks the previous one processed: acknowledgements follow
         every ``ack_every`` events, ``ack_bytes`` bytes or ``ack_delay`` seconds. Persist
         ``ev.seq`` with the event's effects before asking for the next one, and processing
-        is exactly once across crashes and reconnects. After :meth:`exec`, the events
-        already flow: ``after`` is then ignored and the stream starts with the next one."""
+        is exactly once across crashes and reconnects. After :meth:`exec` or ``fs.watch``,
+        the events already flow: ``after`` is then ignored and the stream starts with the
+        next one."""
         if self._streaming:
             raise RuntimeError("one event stream per client")
         if not self._pumping:
