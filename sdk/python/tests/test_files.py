@@ -547,7 +547,8 @@ def fake_fs_shim(answer):
     return behaviour
 
 
-@pytest.mark.parametrize("case", ["bad_type", "wrong_offset", "bad_entry", "silent_read", "silent_write"])
+@pytest.mark.parametrize("case", ["bad_type", "wrong_offset", "bad_entry", "stuck_list", "silent_read",
+                                  "silent_write"])
 def test_bad_file_replies_raise_clearly(tmp_path, case):
     from test_hostile import expect_fast, fake_shim
 
@@ -561,6 +562,10 @@ def test_bad_file_replies_raise_clearly(tmp_path, case):
             return [{"type": "fs_data", "re": re, "offset": 7, "data": b"abc"}]
         if case == "bad_entry" and kind == "fs_stat":
             return [{"type": "fs_stat_reply", "re": re, "entry": {"name": "x", "kind": "file"}}]
+        if case == "stuck_list" and kind == "fs_list":
+            entry = {"name": "same", "kind": "file", "size": 0, "mode": 0o644, "uid": 0, "gid": 0,
+                     "mtime_ms": 0}
+            return [{"type": "fs_list_reply", "re": re, "entries": [entry], "more": True}]
         if case == "silent_write" and kind == "fs_write_open":
             return [{"type": "fs_write_ready", "re": re, "handle": 1, "offset": 0}]
         return []  # silence
@@ -576,6 +581,8 @@ def test_bad_file_replies_raise_clearly(tmp_path, case):
                 await expect_fast(fs.read_bytes("/f"), ProtocolError, 5)
             elif case == "bad_entry":
                 await expect_fast(fs.stat("/f"), ProtocolError, 5)
+            elif case == "stuck_list":
+                await expect_fast(fs.list("/d"), ProtocolError, 5)
             elif case == "silent_read":
                 await expect_fast(fs.read_bytes("/f"), ShimTimeout, 5)
             else:

@@ -640,6 +640,8 @@ class Files:
                 yield entry
             if not page.more:
                 return
+            if page.last == after:  # a page that ends where the last did: it would never end
+                raise ProtocolError("malformed", f"fs_list of {path}: a page that does not move past {after!r}")
             after = page.last
 
     async def mkdir(
