@@ -53,6 +53,8 @@ __all__ = ["FileStat", "ListPage", "FileEvent", "Files", "FileReader", "Watch", 
 WRITE_CHUNK = 256 * 1024
 #: Unanswered ``fs_write_data`` per upload: 4 MiB in flight, under the shim's 8 MiB.
 WRITE_WINDOW = 16
+#: How long an upload's close (its fsync and rename) may take at least, in seconds.
+CLOSE_TIMEOUT = 60.0
 #: Connections lost in a row, without a byte of progress, before a transfer gives up.
 RESUMES = 5
 
@@ -700,7 +702,8 @@ class Files:
         the umask (default ``0o644``). A lost connection does not lose the upload: the
         client asks the shim what it has and goes on from there. Any failure (or a
         cancellation) aborts the upload and leaves the target as it was (``append``
-        excepted: what was appended stays). ``timeout`` bounds each wait for the shim."""
+        excepted: what was appended stays). ``timeout`` bounds each wait for the shim (the
+        close's, which syncs the file to disk, at least ``CLOSE_TIMEOUT``)."""
         _check_source(data)
         client = self._client
         budget = client.request_timeout if timeout is None else timeout
@@ -715,7 +718,8 @@ class Files:
         handle: int = ready["handle"]
         try:
             written = await self._upload(handle, data, budget)
-            await client.request({"type": "fs_write_close", "handle": handle}, budget)
+            # The close syncs the whole file to disk: a large one on a slow disk takes a while.
+            await client.request({"type": "fs_write_close", "handle": handle}, max(budget, CLOSE_TIMEOUT))
         except BaseException:
             self._abort(handle)
             raise
