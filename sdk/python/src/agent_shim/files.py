@@ -485,12 +485,19 @@ class FileReader:
     async def read(self, n: int = -1) -> bytes:
         """At most ``n`` bytes (fewer only at the end; ``b""`` after it); ``n < 0``: all that
         is left."""
-        while n < 0 or len(self._buf) < n:
+        if n < 0:
+            # Joined once at the end: a growing buffer would be copied again as it grows.
+            parts = [bytes(self._buf)]
+            self._buf.clear()
+            while (chunk := await self._chunk()) is not None:
+                parts.append(chunk)
+            return b"".join(parts)
+        while len(self._buf) < n:
             chunk = await self._chunk()
             if chunk is None:
                 break
             self._buf += chunk
-        if n < 0 or n >= len(self._buf):
+        if n >= len(self._buf):
             out = bytes(self._buf)
             self._buf.clear()
             return out
