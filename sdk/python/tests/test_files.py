@@ -674,3 +674,27 @@ def test_a_last_burst_over_the_rate_is_reported_without_a_later_change(shim_fact
                         return
 
     run(go())
+
+
+def test_a_watch_ends_when_a_new_shim_answers_at_its_address(shim_factory, tmp_path):
+    root = tmp_path / "root"
+    (root / "w").mkdir(parents=True)
+    port = free_port()
+    first = start(shim_factory, root, listen=f"tcp:127.0.0.1:{port}")
+
+    async def go():
+        token = read_token(first.token_file)
+        async with await Client.connect(f"tcp:127.0.0.1:{port}", token=token, backoff=(0.05, 0.5),
+                                        reconnect_timeout=20) as c:
+            watch = await c.fs.watch("/w")
+            (root / "w" / "a").write_bytes(b"1")
+            assert (await watch.next(20)) is not None
+            os.kill(first.proc.pid, 9)
+            first.proc.wait(10)
+            # The same address, a shim that never took the watch (its seqs start again).
+            start(shim_factory, root, listen=f"tcp:127.0.0.1:{port}")
+            with pytest.raises(ConnectionClosed, match="new shim"):
+                while True:
+                    await watch.next(20)
+
+    run(go())

@@ -1052,6 +1052,10 @@ class Client:
             self._unconsumed_seqs.clear()
             self._processed.clear()
             self._resumed_from = self._last_acked = 0
+            # Watches live in the shim that took them: a new one has none of them.
+            for watch_id, watch in list(self._watches.items()):
+                self._forget_watch(watch_id)
+                watch._end(ConnectionClosed("a new shim answers at this address: the watch is gone"))
         self._last_received = seq
         kind = body["type"]
         if kind == "fs_event" and await self._on_fs_event(seq, body, size):
