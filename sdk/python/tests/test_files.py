@@ -687,8 +687,11 @@ def test_a_watch_ends_when_a_new_shim_answers_at_its_address(shim_factory, tmp_p
         async with await Client.connect(f"tcp:127.0.0.1:{port}", token=token, backoff=(0.05, 0.5),
                                         reconnect_timeout=20) as c:
             watch = await c.fs.watch("/w")
-            (root / "w" / "a").write_bytes(b"1")
-            assert (await watch.next(20)) is not None
+            # Enough events that the cursor is past all the new shim will have said when the
+            # client reconnects: it then replays from its first, and the client sees a new shim.
+            for n in range(15):
+                (root / "w" / f"f{n}").write_bytes(b"1")
+            await changes(watch, {("modified", f"/w/f{n}") for n in range(15)})
             os.kill(first.proc.pid, 9)
             first.proc.wait(10)
             # The same address, a shim that never took the watch (its seqs start again).
