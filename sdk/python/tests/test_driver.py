@@ -61,6 +61,8 @@ def test_cancel_arrives_as_cancelled_error_within_the_grace(shim_factory):
     async def go():
         async with await connect(shim) as c:
             stream = c.events()
+            # The driver up first: a task cancelled while still queued ends without it.
+            await until_type(stream, "driver_ready")
             await c.submit_task("c1", {"sleep": 30})
             await until_type(stream, "task_accepted", task_id="c1")
             await asyncio.sleep(0.3)

@@ -29,3 +29,20 @@ def test_a_driver_and_a_control_client_in_20_lines_each(shim_factory, tmp_path):
     assert done and "'status': 'succeeded'" in done[0] and "'echo': 'What is 2+2?'" in done[0], lines
     assert any(" tool_result " in line and "Linux" in line for line in lines), lines
     assert "proc" in lines and "etc" in lines, lines  # `ls /`
+
+
+def test_the_files_example_runs_as_written(shim_factory, tmp_path):
+    files = BLOCKS[2]
+    root = tmp_path / "root"
+    root.mkdir()
+    shim = shim_factory(args=["--fs-root", str(root)])
+    files = files.replace('"/run/agent/token"', repr(str(shim.token_file)))
+    files = files.replace('"unix:/run/agent/control.sock"', repr(shim.address))
+    out = subprocess.run([sys.executable, "-c", files], capture_output=True, text=True,
+                         timeout=PATIENCE)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[:2] == ["created", "3000000"], lines
+    assert "('notes.txt', 'file', 6)" in lines[2] and "('big.bin', 'file', 3000000)" in lines[2], lines
+    assert lines[3] == "gone: not_found", lines
+    assert list(root.iterdir()) == []

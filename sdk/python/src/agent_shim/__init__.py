@@ -10,7 +10,12 @@ __version__ = "0.1.0"
 from .errors import (  # noqa: E402
     AgentShimError,
     AuthenticationError,
+    BadPath,
     ConnectionClosed,
+    FileChanged,
+    NoSpace,
+    NotFound,
+    PermissionDenied,
     ProtocolError,
     RemoteError,
     ShimTimeout,
@@ -30,6 +35,7 @@ from .control import (  # noqa: E402
     Lagged,
     Status,
 )
+from .files import FileEvent, FileReader, Files, FileStat, ListPage, Watch  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -43,6 +49,11 @@ __all__ = [
     "ConnectionClosed",
     "ProtocolError",
     "RemoteError",
+    "NotFound",
+    "BadPath",
+    "PermissionDenied",
+    "NoSpace",
+    "FileChanged",
     "ShimTimeout",
     "TaskFailed",
     "ExecResult",
@@ -59,4 +70,10 @@ __all__ = [
     "Event",
     "Lagged",
     "Status",
+    "Files",
+    "FileStat",
+    "ListPage",
+    "FileReader",
+    "FileEvent",
+    "Watch",
 ]

@@ -144,6 +144,7 @@ SHIM_TO_CONTROL: Schema = {
         "last_seq": (U64, REQ),
         "rss_bytes": (U64, REQ),
         "idle_since_ms": (U64, OPT),
+        "cgroups": (_str, OPT),
     },
     "event": {"seq": (U64, REQ), "event": (_map, REQ)},
     "lagged": {"missed": (U64, REQ), "next_seq": (U64, REQ)},
@@ -165,6 +166,11 @@ SHIM_TO_CONTROL: Schema = {
     },
     "attach_lagged": {"exec_id": (U64, REQ), "missed": (U64, REQ), "next_offset": (U64, REQ)},
     "attach_exit": SHIM_TO_DRIVER["exec_exit"],
+    # files (PROTOCOL.md §8.11, §9.10); an entry's own fields are checked where it is read
+    "fs_stat_reply": {"re": (U64, REQ), "entry": (_map, REQ)},
+    "fs_list_reply": {"re": (U64, REQ), "entries": (_list_of(_map), REQ), "more": (_bool, OPT)},
+    "fs_data": {"re": (U64, REQ), "offset": (U64, REQ), "data": (_bin, OPT), "eof": (_bool, OPT)},
+    "fs_write_ready": {"re": (U64, REQ), "handle": (U64, REQ), "offset": (U64, REQ)},
 }
 
 

@@ -27,6 +27,7 @@ import socket
 import time
 from dataclasses import dataclass
 from typing import (
+    TYPE_CHECKING,
     Any,
     AsyncIterator,
     Callable,
@@ -34,6 +35,7 @@ from typing import (
     Dict,
     List,
     Optional,
+    Set,
     Tuple,
     Union,
 )
@@ -56,8 +58,12 @@ from .errors import (
     ProtocolError,
     RemoteError,
     ShimTimeout,
+    remote_error,
 )
 from .process import Process, TtySize, exec_request
+
+if TYPE_CHECKING:
+    from .files import Files, Watch
 
 __all__ = ["Client", "Event", "Lagged", "Status", "parse_address", "DEFAULT_CONSUMER"]
 
@@ -142,6 +148,8 @@ class Status:
     task_running: Optional[str]
     idle_since_ms: Optional[int]
     raw: Dict[str, Any]
+    #: Which per-child cgroups the shim creates (``v2-delegated``, ``v1``, ``none``).
+    cgroups: Optional[str] = None
 
 
 class _Conn:
@@ -162,6 +170,63 @@ class _Conn:
 
 
 Item = Union[Event, Lagged, BaseException]
+
+#: Frames of one streamed reply held for its reader at most (``fs_read``'s ``fs_data``, up
+#: to 256 KiB each): beyond, the connection is read no faster than the reader takes them,
+#: and the shim sends no faster (PROTOCOL.md §8.11, "Streams").
+STREAM_FRAMES = 16
+
+
+class _Stream:
+    """The frames of one streamed reply on one connection (the frames of an ``fs_read``).
+
+    The connection's reader waits while ``STREAM_FRAMES`` wait here (the protocol's flow
+    control); the stream ends with ConnectionClosed when its connection does."""
+
+    def __init__(self, conn: _Conn, request_id: int) -> None:
+        self.conn = conn
+        self.id = request_id
+        self.frames: Deque[Union[Message, BaseException]] = collections.deque()
+        self.ready = asyncio.Event()
+        self.space = asyncio.Event()
+        #: Closed by its reader (nothing more is kept) or ended by its connection.
+        self.closed = False
+
+    async def feed(self, msg: Message) -> None:
+        while len(self.frames) >= STREAM_FRAMES and not self.closed:
+            self.space.clear()
+            await self.space.wait()
+        if not self.closed:
+            self.frames.append(msg)
+            self.ready.set()
+
+    def end(self, err: BaseException) -> None:
+        if not self.closed:
+            self.frames.append(err)
+            self.closed = True
+        self.ready.set()
+        self.space.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self.frames.clear()
+        self.ready.set()
+        self.space.set()
+
+    async def get(self, timeout: float) -> Message:
+        while not self.frames:
+            if self.closed:
+                raise ConnectionClosed("the stream was closed")
+            self.ready.clear()
+            try:
+                await asyncio.wait_for(self.ready.wait(), timeout)
+            except asyncio.TimeoutError:
+                raise ShimTimeout(f"nothing from the shim within {timeout} s") from None
+        item = self.frames.popleft()
+        self.space.set()
+        if isinstance(item, BaseException):
+            raise item
+        return item
 
 
 @dataclass(frozen=True)
@@ -314,6 +379,16 @@ class Client:
         #: The execs followed on the current connection (attach_exec), by exec id.
         self._attached: Dict[int, Attachment] = {}
         self._streaming = False
+        #: Seqs of the events handed out and not yet processed, and those processed out of
+        #: order (a watch's before the event stream's): the ack point is below the first.
+        self._unconsumed_seqs: Set[int] = set()
+        self._processed: Set[int] = set()
+        #: Streamed replies (fs_read) by request id, and the watches taken here by watch id.
+        self._streams: Dict[int, _Stream] = {}
+        self._watches: Dict[int, "Watch"] = {}
+        #: Watches ended here: their late events are acknowledged and dropped.
+        self._unwatched: "collections.OrderedDict[int, None]" = collections.OrderedDict()
+        self._files: Optional["Files"] = None
         #: The shim's hello on the current connection.
         self.hello: Message = {}
         #: How many times the connection was re-established.
@@ -341,6 +416,23 @@ class Client:
         """The ``agent_id`` of the shim's hello."""
         value = self.hello.get("agent_id")
         return value if isinstance(value, str) else None
+
+    @property
+    def cgroups(self) -> Optional[str]:
+        """The ``cgroups`` of the shim's hello: which per-child cgroups it creates
+        (``v2-delegated``, ``v1`` or ``none``; None from a shim that does not say)."""
+        value = self.hello.get("cgroups")
+        return value if isinstance(value, str) else None
+
+    @property
+    def fs(self) -> "Files":
+        """The shim's file operations (:class:`~agent_shim.files.Files`): stat, list, read,
+        write, mkdir, remove, rename, watch."""
+        if self._files is None:
+            from .files import Files
+
+            self._files = Files(self)
+        return self._files
 
     async def _start(self) -> None:
         self._attach(await self._dial(self.connect_timeout))
@@ -374,6 +466,9 @@ class Client:
             proc._lost(str(self._dead))
         self._procs.clear()
         self._end_attachments(str(self._dead))
+        self._end_streams(None, self._dead)
+        for watch in self._watches.values():
+            watch._end(self._dead)
         if self._ack_timer is not None:
             self._ack_timer.cancel()
         try:
@@ -542,22 +637,29 @@ class Client:
         finally:
             conn.close(why)
             self._end_attachments(why)
+            self._end_streams(conn, ConnectionClosed(f"the connection was lost: {why}"))
 
     async def _on_message(self, conn: _Conn, msg: Message, size: int) -> None:
         kind = msg["type"]
         if kind == "event":
             await self._on_event(msg["seq"], msg["event"], size)
+        elif kind in ("fs_data", "error") and msg.get("re") in self._streams:
+            stream = self._streams[msg["re"]]
+            if kind == "error" or msg.get("eof"):
+                del self._streams[msg["re"]]  # the stream's last frame
+            await stream.feed(msg)
         elif kind in ("attach_output", "attach_lagged", "attach_exit"):
             self._on_attached(msg)
         elif "re" in msg and kind in (
-            "ok", "pong", "exec_started", "status_reply", "error", "exec_list", "exec_attached"
+            "ok", "pong", "exec_started", "status_reply", "error", "exec_list", "exec_attached",
+            "fs_stat_reply", "fs_list_reply", "fs_write_ready",
         ):
             entry = self._pending.get(msg["re"])
             if entry is None or entry[0].done():
                 return
             fut, is_exec = entry
             if kind == "error":
-                fut.set_exception(RemoteError(msg["code"], msg["message"], msg["re"], msg.get("first_available")))
+                fut.set_exception(remote_error(msg["code"], msg["message"], msg["re"], msg.get("first_available")))
                 return
             if kind == "exec_started" and is_exec:
                 proc = Process(msg["exec_id"], msg["pid"], self._send)
@@ -569,7 +671,7 @@ class Client:
             self._last_received = max(self._last_received, skipped_to)
             await self._queue.put(Lagged(msg["missed"], msg["next_seq"]))
         elif kind == "error":
-            err = RemoteError(msg["code"], msg["message"], None, msg.get("first_available"))
+            err = remote_error(msg["code"], msg["message"], None, msg.get("first_available"))
             if msg["code"] == "replaced":
                 conn.close("replaced by a newer connection of the same consumer")
                 self._die(ConnectionClosed(f"replaced: {msg['message']}"))
@@ -577,6 +679,55 @@ class Client:
                 await self._queue.put(err)
             else:
                 log.warning("%s: error from the shim: %s", self.address, err)
+
+    def _end_streams(self, conn: Optional[_Conn], err: BaseException) -> None:
+        """Streamed replies belong to their connection (all of them: ``conn`` None)."""
+        for request_id, stream in list(self._streams.items()):
+            if conn is None or stream.conn is conn:
+                del self._streams[request_id]
+                stream.end(err)
+
+    def _start_stream(self, conn: _Conn, msg: Message) -> _Stream:
+        """Sends a request answered by a stream of frames (``fs_read``) on ``conn``."""
+        msg["id"] = self._next_id()
+        stream = _Stream(conn, msg["id"])
+        if conn.lost.is_set():
+            stream.end(ConnectionClosed(conn.why))
+            return stream
+        self._streams[msg["id"]] = stream
+        try:
+            conn.writer.write(encode(msg, limit(conn.hello, "max_frame", MAX_FRAME)))
+        except BaseException:
+            self._streams.pop(msg["id"], None)
+            raise
+        return stream
+
+    def _stop_stream(self, stream: _Stream) -> None:
+        """Its reader is done with it: later frames of the request are dropped."""
+        if self._streams.get(stream.id) is stream:
+            del self._streams[stream.id]
+        stream.close()
+
+    def _send_request(self, conn: _Conn, msg: Message) -> "asyncio.Future[Message]":
+        """Sends a request on ``conn`` without waiting: the future of its reply (failed with
+        ConnectionClosed when the connection is lost first)."""
+        msg.setdefault("id", self._next_id())
+        request_id = msg["id"]
+        fut: "asyncio.Future[Message]" = asyncio.get_running_loop().create_future()
+        if conn.lost.is_set():
+            fut.set_exception(ConnectionClosed(conn.why))
+            return fut
+        frame = encode(msg, limit(conn.hello, "max_frame", MAX_FRAME))
+        self._pending[request_id] = (fut, False)
+
+        def forget(done: "asyncio.Future[Message]") -> None:
+            entry = self._pending.get(request_id)
+            if entry is not None and entry[0] is done:
+                del self._pending[request_id]
+
+        fut.add_done_callback(forget)
+        conn.writer.write(frame)
+        return fut
 
     def _end_attachments(self, why: str) -> None:
         """Attachments belong to the connection: each ends with ConnectionClosed."""
@@ -680,7 +831,7 @@ class Client:
             execs_running=r["execs_running"], buffered_events=r["buffered_events"],
             buffered_bytes=r["buffered_bytes"], last_seq=r["last_seq"], rss_bytes=r["rss_bytes"],
             driver_pid=r.get("driver_pid"), task_running=r.get("task_running"),
-            idle_since_ms=r.get("idle_since_ms"), raw=r,
+            idle_since_ms=r.get("idle_since_ms"), raw=r, cgroups=r.get("cgroups"),
         )
 
     async def list_execs(self) -> List[ExecInfo]:
@@ -857,8 +1008,9 @@ class Client:
         Moving to the next event marks the previous one processed: acknowledgements follow
         every ``ack_every`` events, ``ack_bytes`` bytes or ``ack_delay`` seconds. Persist
         ``ev.seq`` with the event's effects before asking for the next one, and processing
-        is exactly once across crashes and reconnects. After :meth:`exec`, the events
-        already flow: ``after`` is then ignored and the stream starts with the next one."""
+        is exactly once across crashes and reconnects. After :meth:`exec` or ``fs.watch``,
+        the events already flow: ``after`` is then ignored and the stream starts with the
+        next one."""
         if self._streaming:
             raise RuntimeError("one event stream per client")
         if not self._pumping:
@@ -897,9 +1049,17 @@ class Client:
             # Lower than our cursor: a new shim behind the same address; a new stream.
             log.warning("%s: seq %d after resume_from %d: a new shim", self.address, seq, self._resumed_from)
             self._unconsumed.clear()
+            self._unconsumed_seqs.clear()
+            self._processed.clear()
             self._resumed_from = self._last_acked = 0
+            # Watches live in the shim that took them: a new one has none of them.
+            for watch_id, watch in list(self._watches.items()):
+                self._forget_watch(watch_id)
+                watch._end(ConnectionClosed("a new shim answers at this address: the watch is gone"))
         self._last_received = seq
         kind = body["type"]
+        if kind == "fs_event" and await self._on_fs_event(seq, body, size):
+            return
         exec_id = body.get("exec_id")
         proc = self._procs.get(exec_id) if kind in ("exec_output", "exec_exit") and isinstance(exec_id, int) else None
         if proc is not None:
@@ -915,12 +1075,49 @@ class Client:
             self._bytes_since_ack += size
             self._ack_progress()
             return
-        self._unconsumed.append((seq, size))
+        self._hand_out(seq, size)
         await self._queue.put(Event(seq, kind, body, size))
 
+    async def _on_fs_event(self, seq: int, body: Dict[str, Any], size: int) -> bool:
+        """An ``fs_event`` of a watch taken here goes to it (True); of a watch ended here, it
+        is acknowledged and dropped (True); any other goes on as an event (False)."""
+        watch_id = body.get("watch")
+        if type(watch_id) is not int:
+            return False
+        watch = self._watches.get(watch_id)
+        if watch is not None:
+            if body.get("change") == "ended":
+                del self._watches[watch_id]
+            self._hand_out(seq, size)
+            await watch._deliver(seq, body)
+            return True
+        if watch_id in self._unwatched:
+            self._bytes_since_ack += size
+            self._ack_progress()
+            return True
+        return False
+
+    def _forget_watch(self, watch_id: int) -> None:
+        """Its watch is over here: its later events are acknowledged and dropped."""
+        self._watches.pop(watch_id, None)
+        self._unwatched[watch_id] = None
+        while len(self._unwatched) > 1024:
+            self._unwatched.popitem(last=False)
+
+    def _hand_out(self, seq: int, size: int) -> None:
+        self._unconsumed.append((seq, size))
+        self._unconsumed_seqs.add(seq)
+
     def _consumed(self, seq: int) -> None:
-        while self._unconsumed and self._unconsumed[0][0] <= seq:
-            self._bytes_since_ack += self._unconsumed.popleft()[1]
+        """Event ``seq`` is processed; the ack point moves past every processed event below
+        the first one still out (events are processed in order per stream or watch)."""
+        if seq in self._unconsumed_seqs:
+            self._processed.add(seq)
+        while self._unconsumed and self._unconsumed[0][0] in self._processed:
+            first, size = self._unconsumed.popleft()
+            self._processed.discard(first)
+            self._unconsumed_seqs.discard(first)
+            self._bytes_since_ack += size
         self._ack_progress()
 
     def _ack_progress(self) -> None:

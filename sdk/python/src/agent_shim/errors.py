@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional, Type
 
 __all__ = [
     "AgentShimError",
     "ProtocolError",
     "ConnectionClosed",
     "RemoteError",
+    "NotFound",
+    "BadPath",
+    "PermissionDenied",
+    "NoSpace",
+    "FileChanged",
+    "remote_error",
     "AuthenticationError",
     "ShimTimeout",
     "TaskFailed",
@@ -57,6 +63,46 @@ class RemoteError(AgentShimError):
         self.re = re
         #: With ``code == "gap"``: the oldest seq the shim still holds.
         self.first_available = first_available
+
+
+class NotFound(RemoteError):
+    """``not_found``: the file, directory, task, exec, watch or upload named does not exist."""
+
+
+class BadPath(RemoteError):
+    """``bad_path``: a file operation's path is empty, has a NUL, or leads out of the shim's
+    file root (through ``..``, a symlink or a magic link)."""
+
+
+class PermissionDenied(RemoteError):
+    """``permission``: the sandbox user may not do this to this path (or it is read-only)."""
+
+
+class NoSpace(RemoteError):
+    """``no_space``: the sandbox's file system (or the user's quota) is full; nothing was
+    left half-written."""
+
+
+class FileChanged(RemoteError):
+    """``changed``: the file changed (size, modification time or inode) while it was read;
+    read it again."""
+
+
+_BY_CODE: Dict[str, Type[RemoteError]] = {
+    "not_found": NotFound,
+    "bad_path": BadPath,
+    "permission": PermissionDenied,
+    "no_space": NoSpace,
+    "changed": FileChanged,
+}
+
+
+def remote_error(
+    code: str, message: str, re: Optional[int] = None, first_available: Optional[int] = None
+) -> RemoteError:
+    """The RemoteError for an ``error{code}`` from the shim: the subclass of its code when it
+    has one (``NotFound``, ``PermissionDenied``…), else RemoteError itself."""
+    return _BY_CODE.get(code, RemoteError)(code, message, re, first_available)
 
 
 class ShimTimeout(AgentShimError, TimeoutError):

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any, Coroutine, Dict, Iterator, List, Optional, TypeVar
+from typing import Any, Coroutine, Dict, Iterator, List, Optional, TypeVar, Union
 
 from .control import Client, Event, EventStream, Status
 from .driver import Driver
 from .errors import ShimTimeout
+from .files import FileEvent, FileReader, FileStat, ListPage, Watch, WriteSource
 from .process import ExecResult
 
-__all__ = ["run_driver", "SyncClient"]
+__all__ = ["run_driver", "SyncClient", "SyncFiles", "SyncWatch"]
 
 T = TypeVar("T")
 
@@ -39,6 +40,8 @@ class SyncClient:
             self._stop()
             raise
         self._stream: Optional[EventStream] = None
+        #: The file operations (see :class:`SyncFiles`).
+        self.fs = SyncFiles(self)
 
     def _call(self, coro: Coroutine[Any, Any, T], timeout: Optional[float] = None) -> T:
         fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
@@ -118,3 +121,126 @@ class SyncClient:
         stream = self._stream
         while True:
             yield self._call(stream.next(timeout), None if timeout is None else timeout + 5)
+
+
+class SyncFiles:
+    """:class:`~agent_shim.files.Files` for synchronous code (``SyncClient.fs``): the same
+    operations, each bounded by ``timeout`` (default the client's)."""
+
+    def __init__(self, sync: SyncClient) -> None:
+        self._sync = sync
+
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: Optional[float]) -> T:
+        return self._sync._call(coro, timeout)
+
+    def stat(self, path: str, *, follow: bool = False, timeout: Optional[float] = None) -> FileStat:
+        """See :meth:`Files.stat`."""
+        return self._call(self._sync.client.fs.stat(path, follow=follow), timeout)
+
+    def exists(self, path: str, *, timeout: Optional[float] = None) -> bool:
+        """See :meth:`Files.exists`."""
+        return self._call(self._sync.client.fs.exists(path), timeout)
+
+    def list(self, path: str, *, page_size: Optional[int] = None, timeout: Optional[float] = None) -> List[FileStat]:
+        """See :meth:`Files.list` (``timeout`` bounds the whole listing)."""
+        return self._call(self._sync.client.fs.list(path, page_size=page_size), timeout)
+
+    def list_page(self, path: str, *, after: Optional[str] = None, limit: Optional[int] = None,
+                  timeout: Optional[float] = None) -> ListPage:
+        """See :meth:`Files.list_page`."""
+        return self._call(self._sync.client.fs.list_page(path, after=after, limit=limit), timeout)
+
+    def mkdir(self, path: str, *, parents: bool = False, mode: Optional[int] = None,
+              timeout: Optional[float] = None) -> None:
+        """See :meth:`Files.mkdir`."""
+        self._call(self._sync.client.fs.mkdir(path, parents=parents, mode=mode), timeout)
+
+    def remove(self, path: str, *, recursive: bool = False, timeout: Optional[float] = None) -> None:
+        """See :meth:`Files.remove`."""
+        self._call(self._sync.client.fs.remove(path, recursive=recursive), timeout)
+
+    def rename(self, src: str, dst: str, *, timeout: Optional[float] = None) -> None:
+        """See :meth:`Files.rename`."""
+        self._call(self._sync.client.fs.rename(src, dst), timeout)
+
+    def read_bytes(self, path: str, *, offset: int = 0, length: Optional[int] = None,
+                   timeout: Optional[float] = None) -> bytes:
+        """See :meth:`Files.read_bytes` (``timeout`` bounds the whole transfer)."""
+        return self._call(self._sync.client.fs.read_bytes(path, offset=offset, length=length), timeout)
+
+    def read(self, path: str, *, offset: int = 0, length: Optional[int] = None,
+             timeout: Optional[float] = None) -> Iterator[bytes]:
+        """The file's chunks as they stream in (see :meth:`Files.read`); ``timeout`` bounds
+        each wait for the next chunk. Closing the iterator (or leaving a ``for``) stops the
+        read."""
+        sync = self._sync
+
+        async def open_() -> FileReader:
+            return sync.client.fs.read(path, offset=offset, length=length)
+
+        reader = self._call(open_(), timeout)
+
+        async def next_() -> Optional[bytes]:
+            try:
+                return await reader.__anext__()
+            except StopAsyncIteration:
+                return None
+
+        try:
+            while True:
+                chunk = self._call(next_(), timeout)
+                if chunk is None:
+                    return
+                yield chunk
+        finally:
+            self._call(reader.aclose(), timeout)
+
+    def write(self, path: str, data: WriteSource, *, mode: Optional[int] = None, parents: bool = False,
+              append: bool = False, timeout: Optional[float] = None) -> int:
+        """See :meth:`Files.write` (``timeout`` bounds the whole transfer; a plain iterable
+        or a file object is read on the client's loop thread, a file's reads in a worker)."""
+        return self._call(
+            self._sync.client.fs.write(path, data, mode=mode, parents=parents, append=append), timeout
+        )
+
+    def watch(self, path: str, *, recursive: bool = False, timeout: Optional[float] = None) -> "SyncWatch":
+        """See :meth:`Files.watch`."""
+        watch = self._call(self._sync.client.fs.watch(path, recursive=recursive), timeout)
+        return SyncWatch(self._sync, watch)
+
+    def unwatch(self, watch: Union["SyncWatch", int], *, timeout: Optional[float] = None) -> None:
+        """See :meth:`Files.unwatch`."""
+        target: Union[Watch, int] = watch.watch if isinstance(watch, SyncWatch) else watch
+        self._call(self._sync.client.fs.unwatch(target), timeout)
+
+
+class SyncWatch:
+    """A :class:`~agent_shim.files.Watch` for synchronous code: ``next(timeout)``, or
+    iterate it (each wait at most the SyncClient's ``timeout``: ShimTimeout)."""
+
+    def __init__(self, sync: SyncClient, watch: Watch) -> None:
+        self._sync = sync
+        #: The asyncio watch behind it.
+        self.watch = watch
+        self.id = watch.id
+
+    def next(self, timeout: Optional[float] = None) -> Optional[FileEvent]:
+        """The next event (None once the watch is over); ShimTimeout after ``timeout`` s."""
+        return self._sync._call(self.watch.next(timeout), None if timeout is None else timeout + 5)
+
+    def __iter__(self) -> Iterator[FileEvent]:
+        while True:
+            ev = self.next()
+            if ev is None:
+                return
+            yield ev
+
+    def close(self) -> None:
+        """Ends the watch (``fs_unwatch``)."""
+        self._sync._call(self.watch.close())
+
+    def __enter__(self) -> "SyncWatch":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
