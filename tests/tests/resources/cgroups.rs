@@ -10,7 +10,7 @@ use driver_protocol::message::{
     Event, Exec, ExecLimits, ExecSignal, ProcRole, Signal, SignalTarget,
 };
 
-use super::{metrics, V1Cgroup};
+use super::{expect_oom_killed, metrics, V1Cgroup};
 use crate::supervisor::{Setup, Sup};
 use crate::support::control::{exec_of, ExecRun};
 use crate::support::{poll_until, probe, Mode, PATIENCE};
@@ -55,6 +55,24 @@ fn limited(id: u64, argv: &[&str], timeout_ms: u64, limits: ExecLimits) -> Exec 
     }
 }
 
+/// Runs an exec that takes 512 MiB under a limit of 64 MiB: it must be OOM-killed, and told.
+fn hog_past_its_limit(sup: &mut Sup) -> Result<()> {
+    let p = probe();
+    let hog = sup.ctl.exec_started(|id| {
+        limited(
+            id,
+            &[p, "hog", "0", "512"],
+            60_000,
+            ExecLimits {
+                memory_bytes: Some(64 * MIB),
+                ..ExecLimits::default()
+            },
+        )
+    })?;
+    let run = run_of(sup, hog.exec_id, PATIENCE)?;
+    expect_oom_killed(sup, &run)
+}
+
 /// Waits for exec `id`'s end; its run.
 fn run_of(sup: &mut Sup, id: u64, timeout: Duration) -> Result<ExecRun> {
     let (last, skipped) = sup.wait_within(
@@ -81,25 +99,7 @@ fn a_per_exec_memory_limit_kills_only_that_exec() -> Result<()> {
         timeout_ms: Some(60_000),
         ..Exec::new(id, ["sleep", "60"])
     })?;
-    let p = probe();
-    let hog = sup.ctl.exec_started(|id| {
-        limited(
-            id,
-            &[p, "hog", "0", "512"],
-            60_000,
-            ExecLimits {
-                memory_bytes: Some(64 * MIB),
-                ..ExecLimits::default()
-            },
-        )
-    })?;
-    let run = run_of(&mut sup, hog.exec_id, PATIENCE)?;
-    let exit = run.exit.as_ref().ok_or_else(|| anyhow!("{run:?}"))?;
-    ensure!(
-        exit.signal.as_deref() == Some("SIGKILL") && exit.oom_killed == Some(true),
-        "{exit:?}\n{}",
-        sup.context()
-    );
+    hog_past_its_limit(&mut sup)?;
     // The sandbox's limit was far away: the bystander and the driver live on.
     let r = metrics(&mut sup)?;
     ensure!(
@@ -344,25 +344,7 @@ fn a_tenant_mount_over_the_cgroup_tree_is_never_used() -> Result<()> {
     ensure!(own_v1_file(pid, "cpu", "cpu.cfs_quota_us")? == "25000");
     ensure!(own_v1_file(pid, "freezer", "freezer.state")? == "THAWED");
     // One over its memory limit is killed, and told OOM-killed, as before.
-    let p = probe();
-    let hog = sup.ctl.exec_started(|id| {
-        limited(
-            id,
-            &[p, "hog", "0", "512"],
-            60_000,
-            ExecLimits {
-                memory_bytes: Some(64 * MIB),
-                ..ExecLimits::default()
-            },
-        )
-    })?;
-    let run = run_of(&mut sup, hog.exec_id, PATIENCE)?;
-    let exit = run.exit.as_ref().ok_or_else(|| anyhow!("{run:?}"))?;
-    ensure!(
-        exit.signal.as_deref() == Some("SIGKILL") && exit.oom_killed == Some(true),
-        "{exit:?}\n{}",
-        sup.context()
-    );
+    hog_past_its_limit(&mut sup)?;
     // The reading has the true figures, not the forged ones.
     let r = metrics(&mut sup)?;
     let c = r

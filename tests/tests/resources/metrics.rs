@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, ensure, Result};
 use driver_protocol::message::{Event, Exec, ExecSignal, ProcRole, Reading};
 
-use super::{metrics, V1Cgroup};
+use super::{expect_oom_killed, metrics, V1Cgroup};
 use crate::supervisor::{Setup, Sup};
 use crate::support::control::{exec_of, ExecRun};
 use crate::support::{probe, Mode, PATIENCE};
@@ -187,12 +187,7 @@ fn an_oom_killed_exec_is_reported_and_the_oom_kill_count_rises() -> Result<()> {
         .and_then(|c| c.oom_kills)
         .ok_or_else(|| anyhow!("no oom_kills"))?;
     let (run, _) = run_to_end(&mut sup, |id| probe_exec(id, &["hog", "0", "512"]))?;
-    let exit = run.exit.as_ref().ok_or_else(|| anyhow!("{run:?}"))?;
-    ensure!(
-        exit.signal.as_deref() == Some("SIGKILL") && exit.oom_killed == Some(true),
-        "{exit:?}\n{}",
-        sup.context()
-    );
+    expect_oom_killed(&sup, &run)?;
     let r = metrics(&mut sup)?;
     let c = r.cgroup.as_deref().ok_or_else(|| anyhow!("{r:#?}"))?;
     let after = c.oom_kills.ok_or_else(|| anyhow!("{c:#?}"))?;

@@ -20,10 +20,11 @@ mod metrics;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context as _, Result};
+use anyhow::{anyhow, bail, ensure, Context as _, Result};
 use driver_protocol::message::{Metrics, Reading, ShimToControl};
 
 use crate::supervisor::{Setup, Sup};
+use crate::support::control::ExecRun;
 
 /// Where this machine mounts the cgroup v1 hierarchies.
 const V1_ROOT: &str = "/sys/fs/cgroup";
@@ -169,6 +170,17 @@ impl Drop for V1Cgroup {
             }
         }
     }
+}
+
+/// Checks that `run` ended killed by the OOM killer, and was told so.
+pub fn expect_oom_killed(sup: &Sup, run: &ExecRun) -> Result<()> {
+    let exit = run.exit.as_ref().ok_or_else(|| anyhow!("{run:?}"))?;
+    ensure!(
+        exit.signal.as_deref() == Some("SIGKILL") && exit.oom_killed == Some(true),
+        "{exit:?}\n{}",
+        sup.context()
+    );
+    Ok(())
 }
 
 /// One `metrics` request.
