@@ -22,6 +22,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// An open directory and the device it is on.
 #[derive(Debug)]
@@ -37,6 +38,9 @@ struct OpenHow {
     mode: u64,
     resolve: u64,
 }
+
+/// Set once `openat2` was found missing (or refused): from then on the walk, at once.
+static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
 
 /// What every open below a [`Dir`] adds.
 const OPEN_FLAGS: libc::c_int =
@@ -114,32 +118,38 @@ impl Dir {
         kind: libc::mode_t,
     ) -> io::Result<OwnedFd> {
         let flags = flags | OPEN_FLAGS;
-        let fd = match openat2(self.fd.as_raw_fd(), rel, flags) {
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EPERM)) => {
-                self.walk(rel, flags, kind)?
+        if !NO_OPENAT2.load(Ordering::Relaxed) {
+            match openat2(self.fd.as_raw_fd(), rel, flags) {
+                Ok(fd) => {
+                    let st = fstat(fd.as_raw_fd())?;
+                    if st.st_mode & libc::S_IFMT != kind || st.st_dev != self.dev {
+                        return Err(io::Error::from_raw_os_error(libc::EPERM));
+                    }
+                    return Ok(fd);
+                }
+                // Missing (or refused by a seccomp filter): so for the rest of this process.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EPERM)) => {
+                    NO_OPENAT2.store(true, Ordering::Relaxed);
+                }
+                Err(e) => return Err(e),
             }
-            other => other?,
-        };
-        let st = fstat(fd.as_raw_fd())?;
-        if st.st_mode & libc::S_IFMT != kind || st.st_dev != self.dev {
-            return Err(io::Error::from_raw_os_error(libc::EPERM));
         }
-        Ok(fd)
+        // The walk checks each step's type and device itself.
+        self.walk(rel, flags, kind)
     }
 
     /// The walk for kernels without `openat2`.
     fn walk(&self, rel: &str, flags: libc::c_int, kind: libc::mode_t) -> io::Result<OwnedFd> {
-        let parts: Vec<&str> = rel
-            .split('/')
-            .filter(|c| !c.is_empty() && *c != ".")
-            .collect();
-        let mut held: Option<OwnedFd> = None;
-        let last = parts.len().saturating_sub(1);
-        if parts.is_empty() {
+        let parts = || rel.split('/').filter(|c| !c.is_empty() && *c != ".");
+        let Some(last) = parts().count().checked_sub(1) else {
+            if kind != libc::S_IFDIR {
+                return Err(io::Error::from_raw_os_error(libc::EISDIR));
+            }
             return owned_at(self.fd.as_raw_fd(), c".", flags);
-        }
-        for (i, part) in parts.iter().enumerate() {
-            if *part == ".." {
+        };
+        let mut held: Option<OwnedFd> = None;
+        for (i, part) in parts().enumerate() {
+            if part == ".." {
                 return Err(io::Error::from_raw_os_error(libc::EXDEV));
             }
             let here = held
