@@ -10,7 +10,7 @@ use driver_protocol::message::{
     Event, Exec, ExecLimits, ExecSignal, ProcRole, Signal, SignalTarget,
 };
 
-use super::{expect_oom_killed, metrics, V1Cgroup};
+use super::{expect_oom_killed, metrics, tenant, V1Cgroup};
 use crate::supervisor::{Setup, Sup};
 use crate::support::control::{exec_of, ExecRun};
 use crate::support::{poll_until, probe, Mode, PATIENCE};
@@ -29,22 +29,6 @@ fn start_in(cg: &V1Cgroup) -> Result<Sup> {
         sup.context()
     );
     Ok(sup)
-}
-
-macro_rules! v1_cgroup {
-    ($tag:expr) => {{
-        crate::support::require_root!();
-        match V1Cgroup::new($tag)? {
-            Some(cg) => cg,
-            None => {
-                return crate::support::skip(
-                    "cgroup-v1",
-                    "no cgroup v1 hierarchies at /sys/fs/cgroup",
-                    module_path!(),
-                )
-            }
-        }
-    }};
 }
 
 fn limited(id: u64, argv: &[&str], timeout_ms: u64, limits: ExecLimits) -> Exec {
@@ -320,15 +304,7 @@ fn a_tenant_mount_over_the_cgroup_tree_is_never_used() -> Result<()> {
              for f in {fifos}; do mkfifo $e/$f; done; done; \
          done; echo mounted"
     );
-    let started = sup.ctl.exec_started(|id| Exec {
-        timeout_ms: Some(30_000),
-        ..Exec::new(id, ["/bin/sh", "-c", script.as_str()])
-    })?;
-    let run = run_of(&mut sup, started.exec_id, PATIENCE)?;
-    ensure!(
-        run.out().contains("mounted"),
-        "the tenant's mount failed: {run:?}"
-    );
+    tenant(&mut sup, &script)?;
     // An exec with limits still runs, limited in its real cgroups.
     let limits = ExecLimits {
         memory_bytes: Some(48 * MIB),
