@@ -70,6 +70,8 @@ struct Inner {
     shared: Arc<Shared>,
     events: Mutex<Option<mpsc::Receiver<Item>>>,
     request_timeout: Duration,
+    /// Output bytes an [`AttachStream`] holds unread.
+    attach_buffer: usize,
     close_timeout: Duration,
     wake_hook: Option<crate::WakeHook>,
     wake_timeout: Duration,
@@ -145,6 +147,7 @@ impl Client {
         };
         let expect = opts.expect_agent_id.clone().or(agent);
         let request_timeout = opts.request_timeout;
+        let attach_buffer = opts.attach_buffer;
         let close_timeout = opts.connect_timeout;
         let wake_hook = opts.wake_hook.clone();
         let wake_timeout = opts.wake_timeout;
@@ -163,6 +166,7 @@ impl Client {
                 shared,
                 events: Mutex::new(events),
                 request_timeout,
+                attach_buffer,
                 close_timeout,
                 wake_hook,
                 wake_timeout,
@@ -705,7 +709,7 @@ impl Client {
         }
         .into();
         let limit = self.inner.request_timeout;
-        let (sink, rx) = mpsc::unbounded_channel();
+        let (sink, stream) = crate::attach::channel(exec_id, 0, self.inner.attach_buffer);
         let call = async {
             let (tx, reply) = oneshot::channel();
             self.inner
@@ -722,7 +726,7 @@ impl Client {
         };
         match tokio::time::timeout(limit, call).await {
             Ok(Ok(ShimToControl::ExecAttached(a))) => {
-                let stream = AttachStream::new(exec_id, a.from_offset, rx);
+                let stream = stream.starting_at(a.from_offset);
                 Ok((a, stream))
             }
             Ok(Ok(ShimToControl::Error(e))) => Err(Error::remote(e.code, e.message)),

@@ -62,6 +62,7 @@ pub struct ConnectOptions {
     pub(crate) cursors: Option<CursorFn>,
     pub(crate) expect_agent_id: Option<String>,
     pub(crate) event_buffer: usize,
+    pub(crate) attach_buffer: usize,
     pub(crate) max_frame: usize,
     pub(crate) reconnect: bool,
     pub(crate) give_up_after: Option<Duration>,
@@ -85,6 +86,7 @@ impl fmt::Debug for ConnectOptions {
             .field("cursors", &self.cursors.is_some())
             .field("expect_agent_id", &self.expect_agent_id)
             .field("event_buffer", &self.event_buffer)
+            .field("attach_buffer", &self.attach_buffer)
             .field("max_frame", &self.max_frame)
             .field("reconnect", &self.reconnect)
             .field("give_up_after", &self.give_up_after)
@@ -125,6 +127,7 @@ impl ConnectOptions {
             cursors: None,
             expect_agent_id: None,
             event_buffer: 256,
+            attach_buffer: 4 << 20,
             max_frame: driver_protocol::DEFAULT_MAX_FRAME,
             reconnect: true,
             give_up_after: None,
@@ -284,6 +287,19 @@ impl ConnectOptions {
     /// ```
     pub fn event_buffer(mut self, events: usize) -> Self {
         self.event_buffer = events.max(1);
+        self
+    }
+
+    /// Output bytes each [`AttachStream`](crate::AttachStream) holds unread (default 4 MiB).
+    /// Output beyond it is dropped, never waited for (the connection's other traffic goes
+    /// on), and the stream's reader is told with an
+    /// [`AttachItem::Lagged`](crate::AttachItem::Lagged) before its next item.
+    ///
+    /// ```
+    /// let opts = control_link::ConnectOptions::new().attach_buffer(1 << 20);
+    /// ```
+    pub fn attach_buffer(mut self, bytes: usize) -> Self {
+        self.attach_buffer = bytes;
         self
     }
 

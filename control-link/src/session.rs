@@ -39,7 +39,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep_until, Instant};
 use tracing::{debug, info, warn};
 
-use crate::attach::AttachItem;
+use crate::attach::{AttachItem, AttachSink};
 use crate::events::{Item, Offer, Sink};
 use crate::link::{handshake, Connected, Incoming, Link};
 use crate::options::{AckMode, ConnectOptions};
@@ -94,7 +94,7 @@ pub(crate) enum Cmd {
         msg: ControlToShim,
         exec_id: u64,
         reply: oneshot::Sender<Result<ShimToControl, Error>>,
-        sink: mpsc::UnboundedSender<AttachItem>,
+        sink: AttachSink,
     },
     /// A request answered by a stream of frames (`fs_read`): every frame with its `re` goes
     /// to `frames` (bounded: a slow reader slows the connection, it never buffers without
@@ -157,7 +157,7 @@ pub(crate) struct Session {
     started_once: bool,
     pending: BTreeMap<RequestId, Pending>,
     /// The execs this connection follows (`attach_exec`), by exec id.
-    attached: BTreeMap<u64, mpsc::UnboundedSender<AttachItem>>,
+    attached: BTreeMap<u64, AttachSink>,
     /// Streams of reply frames, by request id.
     streams: BTreeMap<RequestId, mpsc::Sender<ShimToControl>>,
     /// A stream frame its reader has no room for yet (the connection is not read meanwhile):
@@ -796,7 +796,7 @@ impl Session {
 
     /// Hands an attached exec's frame to its stream (dropped if nobody follows it).
     fn route_attached(&mut self, exec_id: u64, item: AttachItem, last: bool) {
-        let gone = match self.attached.get(&exec_id) {
+        let gone = match self.attached.get_mut(&exec_id) {
             Some(sink) => sink.send(item).is_err(),
             None => {
                 debug!(exec_id, "output of an exec no stream follows ignored");

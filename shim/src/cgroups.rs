@@ -24,15 +24,26 @@
 //! needs write access to the target's `cgroup.procs` and to the common ancestor's. The child
 //! joins its cgroup between `fork` and `execve` by writing `0` to each `cgroup.procs`,
 //! opened before the fork (no allocation after it).
+//!
+//! **Trust.** A root tenant may mount over `/sys/fs/cgroup` or any directory below it. The
+//! cgroup directories the shim uses are therefore opened once, at start, before any child
+//! runs, as directory descriptors ([`Dir`]); from then on every cgroup is made (`mkdirat`),
+//! written, read and removed (`unlinkat`) relative to those descriptors, each file opened
+//! beneath its directory without crossing a mount or following a link, non-blocking, and
+//! kept only if it is a regular file. What the tenant mounts or makes afterwards (a FIFO, a
+//! forged file, a FUSE filesystem) is never opened by PID 1.
 
 use std::fs::File;
-use std::io::Write as _;
+use std::io::Read as _;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::Arc;
 
 use driver_protocol::message::ExecLimits;
 use tracing::info;
+
+use crate::sys::dir::Dir;
 
 /// Where cgroup filesystems are mounted.
 const ROOT: &str = "/sys/fs/cgroup";
@@ -75,8 +86,8 @@ pub struct Delegation {
     /// Makes this shim's cgroup names its own (v1 hierarchies may be shared with other
     /// sandboxes on the host): the start time in nanoseconds.
     tag: u64,
-    /// v2: one directory; v1: `(controller, directory)` per hierarchy.
-    parents: Vec<(&'static str, PathBuf)>,
+    /// v2: one directory; v1: `(controller, directory)` per hierarchy; opened at start.
+    parents: Vec<(&'static str, Arc<Dir>)>,
     /// v2 at the root of the hierarchy: the sandbox's cgroup made below it, as a line of
     /// `/proc/self/cgroup` (`0::/agent-shim`).
     sandbox: Option<String>,
@@ -86,8 +97,10 @@ pub struct Delegation {
 #[derive(Debug)]
 pub struct ExecCgroup {
     mode: Mode,
-    /// Its directories (`(controller, dir)`; one with controller `""` on v2).
-    dirs: Vec<(&'static str, PathBuf)>,
+    /// Its name in each parent.
+    name: String,
+    /// Its directories (`(controller, parent, dir)`; one with controller `""` on v2).
+    dirs: Vec<(&'static str, Arc<Dir>, Dir)>,
     /// Its `cgroup.procs`, open for writing: the child writes `0` to each.
     procs: Vec<File>,
 }
@@ -163,6 +176,7 @@ impl Delegation {
         };
         let mut cg = ExecCgroup {
             mode: self.mode,
+            name,
             dirs: Vec::new(),
             procs: Vec::new(),
         };
@@ -172,16 +186,19 @@ impl Delegation {
             if *controller == "memory" && limits.is_none_or(|l| l.memory_bytes.is_none()) {
                 continue;
             }
-            let dir = parent.join(&name);
             // Never shared: a directory that exists is another's.
-            match std::fs::create_dir(&dir) {
-                Ok(()) => {}
+            let made = parent.mkdir(&cg.name).and_then(|()| {
+                parent.dir(&cg.name).inspect_err(|_| {
+                    let _ = parent.rmdir(&cg.name);
+                })
+            });
+            match made {
+                Ok(dir) => cg.dirs.push((controller, Arc::clone(parent), dir)),
                 Err(e) => {
                     cg.remove();
                     return Err(e);
                 }
             }
-            cg.dirs.push((controller, dir));
         }
         if let Some(l) = limits {
             if let Err(e) = cg.apply(l) {
@@ -189,11 +206,8 @@ impl Delegation {
                 return Err(e);
             }
         }
-        for (_, dir) in &cg.dirs {
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .open(dir.join("cgroup.procs"));
-            match f {
+        for (_, _, dir) in &cg.dirs {
+            match dir.file("cgroup.procs", true) {
                 Ok(f) => cg.procs.push(f),
                 Err(e) => {
                     cg.remove();
@@ -211,21 +225,17 @@ impl ExecCgroup {
         self.procs.iter().map(AsRawFd::as_raw_fd).collect()
     }
 
-    fn dir(&self, controller: &str) -> Option<&Path> {
+    fn dir(&self, controller: &str) -> Option<&Dir> {
         self.dirs
             .iter()
-            .find(|(c, _)| *c == controller || self.mode == Mode::V2)
-            .map(|(_, d)| d.as_path())
+            .find(|(c, _, _)| *c == controller || self.mode == Mode::V2)
+            .map(|(_, _, d)| d)
     }
 
     fn write(&self, controller: &str, file: &str, value: &str) -> std::io::Result<()> {
-        let dir = self
-            .dir(controller)
-            .ok_or_else(|| std::io::Error::other(format!("no {controller} cgroup")))?;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(dir.join(file))?
-            .write_all(value.as_bytes())
+        self.dir(controller)
+            .ok_or_else(|| std::io::Error::other(format!("no {controller} cgroup")))?
+            .write(file, value.as_bytes())
     }
 
     /// Writes the exec's limits.
@@ -283,12 +293,14 @@ impl ExecCgroup {
 
     /// The pids in the cgroup (its first hierarchy's `cgroup.procs`).
     fn pids(&self) -> Vec<i32> {
-        let Some((_, dir)) = self.dirs.first() else {
+        let Some((_, _, dir)) = self.dirs.first() else {
             return Vec::new();
         };
-        std::fs::read_to_string(dir.join("cgroup.procs"))
-            .unwrap_or_default()
-            .lines()
+        let mut text = String::new();
+        if let Ok(mut f) = dir.file("cgroup.procs", false) {
+            let _ = f.read_to_string(&mut text);
+        }
+        text.lines()
             .filter_map(|l| l.trim().parse().ok())
             .filter(|&p: &i32| p > 0)
             .collect()
@@ -300,7 +312,7 @@ impl ExecCgroup {
             Mode::V2 => "memory.events",
             _ => "memory.oom_control",
         };
-        let f = File::open(self.dir("memory")?.join(file)).ok()?;
+        let f = self.dir("memory")?.file(file, false).ok()?;
         let mut buf = [0u8; 512];
         let n = f.read_at(&mut buf, 0).ok()?;
         std::str::from_utf8(buf.get(..n)?)
@@ -313,8 +325,8 @@ impl ExecCgroup {
     /// Removes its directories; `false` while a process is still in it (try again later).
     pub fn remove(&self) -> bool {
         let mut all = true;
-        for (_, dir) in &self.dirs {
-            match std::fs::remove_dir(dir) {
+        for (_, parent, _) in &self.dirs {
+            match parent.rmdir(&self.name) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(_) => all = false,
@@ -330,55 +342,50 @@ fn is_cgroup2(path: &Path) -> bool {
 }
 
 /// The shim's own directory below `root` (the mount root when the path is not below it).
-fn own_dir(base: &Path, rel: &str) -> PathBuf {
-    let d = base.join(rel.trim_start_matches('/'));
-    if d.is_dir() {
-        d
-    } else {
-        base.to_owned()
-    }
+fn own_dir(root: &Path, rel: &str) -> Option<Dir> {
+    let base = Dir::open(root).ok()?;
+    Some(base.dir(rel).unwrap_or(base))
 }
 
-fn detect_v2(root: &Path, proc_cgroup: &str) -> Option<Delegation> {
-    let rel = proc_cgroup.lines().find_map(|l| l.strip_prefix("0::"))?;
-    let mut dir = own_dir(root, rel);
-    let mut sandbox = None;
-    // The hierarchy's root (every other cgroup has a `cgroup.type`) counts nothing of its
-    // own (no `memory.current`, `memory.events`, `pids.current`): the sandbox gets a cgroup
-    // below it, with the controllers the root offers (a microVM's init enabled them).
-    if !dir.join("cgroup.type").exists() {
-        let made = dir.join(SANDBOX);
-        if let Err(e) = std::fs::create_dir(&made) {
-            if e.kind() != std::io::ErrorKind::AlreadyExists {
-                return None;
-            }
-        }
-        for c in ["+memory", "+pids", "+cpu", "+io"] {
-            let _ = std::fs::write(dir.join("cgroup.subtree_control"), c);
-        }
-        sandbox = Some(format!("0::/{}/{SANDBOX}", rel.trim_matches('/')).replace("//", "/"));
-        dir = made;
-    }
-    let leaf = dir.join("shim");
-    if let Err(e) = std::fs::create_dir(&leaf) {
+/// Makes the directory `name` in `dir` unless it is there; opens it.
+fn made(dir: &Dir, name: &str) -> Option<Dir> {
+    if let Err(e) = dir.mkdir(name) {
         if e.kind() != std::io::ErrorKind::AlreadyExists {
             return None;
         }
     }
+    dir.dir(name).ok()
+}
+
+fn detect_v2(root: &Path, proc_cgroup: &str) -> Option<Delegation> {
+    let rel = proc_cgroup.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let mut dir = own_dir(root, rel)?;
+    let mut sandbox = None;
+    // The hierarchy's root (every other cgroup has a `cgroup.type`) counts nothing of its
+    // own (no `memory.current`, `memory.events`, `pids.current`): the sandbox gets a cgroup
+    // below it, with the controllers the root offers (a microVM's init enabled them).
+    if !dir.has_file("cgroup.type") {
+        let below = made(&dir, SANDBOX)?;
+        for c in ["+memory", "+pids", "+cpu", "+io"] {
+            let _ = dir.write("cgroup.subtree_control", c.as_bytes());
+        }
+        sandbox = Some(format!("0::/{}/{SANDBOX}", rel.trim_matches('/')).replace("//", "/"));
+        dir = below;
+    }
+    let leaf = made(&dir, "shim")?;
     let me = std::process::id().to_string();
-    if std::fs::write(leaf.join("cgroup.procs"), &me).is_err() {
-        let _ = std::fs::remove_dir(&leaf);
+    if leaf.write("cgroup.procs", me.as_bytes()).is_err() {
+        let _ = dir.rmdir("shim");
         return None;
     }
-    let control = dir.join("cgroup.subtree_control");
     // A controller the parent does not offer stays off (its limits then fail the exec).
     for c in ["+memory", "+pids", "+cpu"] {
-        let _ = std::fs::write(&control, c);
+        let _ = dir.write("cgroup.subtree_control", c.as_bytes());
     }
     Some(Delegation {
         mode: Mode::V2,
         tag: tag(),
-        parents: vec![("", dir)],
+        parents: vec![("", Arc::new(dir))],
         sandbox,
     })
 }
@@ -395,13 +402,13 @@ fn detect_v1(root: &Path, proc_cgroup: &str) -> Option<Delegation> {
             let (_, cs, path) = (p.next()?, p.next()?, p.next()?);
             cs.split(',').any(|x| x == c).then_some(path)
         })?;
-        let dir = own_dir(&root.join(c), rel);
+        let dir = own_dir(&root.join(c), rel)?;
         // Writable? A probe directory says (cgroupfs ignores mode bits for root but not a
         // read-only mount).
-        let probe = dir.join(format!("agent-shim-probe-{}", std::process::id()));
-        std::fs::create_dir(&probe).ok()?;
-        let _ = std::fs::remove_dir(&probe);
-        parents.push((c, dir));
+        let probe = format!("agent-shim-probe-{}", std::process::id());
+        dir.mkdir(&probe).ok()?;
+        let _ = dir.rmdir(&probe);
+        parents.push((c, Arc::new(dir)));
     }
     Some(Delegation {
         mode: Mode::V1,
@@ -433,21 +440,24 @@ mod tests {
     #[test]
     fn at_the_root_of_a_v2_hierarchy_the_sandbox_gets_a_cgroup_below_it() {
         let base = std::env::temp_dir().join(format!("agent-shim-cgroot-{}", std::process::id()));
-        // The root: no `cgroup.type`.
-        std::fs::create_dir_all(&base).unwrap();
+        // The root: no `cgroup.type`. The files cgroupfs would make in the new directories
+        // are made here beforehand (the shim only opens existing files).
+        std::fs::create_dir_all(base.join("agent-shim/shim")).unwrap();
+        std::fs::write(base.join("agent-shim/shim/cgroup.procs"), "").unwrap();
         let d = detect_v2(&base, "0::/\n").unwrap();
         assert_eq!(d.sandbox(), Some("0::/agent-shim"));
-        assert_eq!(d.parents, vec![("", base.join("agent-shim"))]);
+        assert!(d.parents[0].1.has_file("shim/cgroup.procs"));
         let me = std::fs::read_to_string(base.join("agent-shim/shim/cgroup.procs")).unwrap();
         assert_eq!(me, std::process::id().to_string());
         std::fs::remove_dir_all(&base).unwrap();
         // Any other cgroup: its own directory, nothing made above the leaf.
         let own = base.join("box");
-        std::fs::create_dir_all(&own).unwrap();
+        std::fs::create_dir_all(own.join("shim")).unwrap();
+        std::fs::write(own.join("shim/cgroup.procs"), "").unwrap();
         std::fs::write(own.join("cgroup.type"), "domain\n").unwrap();
         let d = detect_v2(&base, "0::/box\n").unwrap();
         assert_eq!(d.sandbox(), None);
-        assert_eq!(d.parents, vec![("", own.clone())]);
+        assert!(d.parents[0].1.has_file("cgroup.type"));
         assert!(!own.join("agent-shim").exists());
         std::fs::remove_dir_all(&base).unwrap();
     }
@@ -460,9 +470,13 @@ mod tests {
             // Empty: a cgroup file takes one write whole; a plain file is not truncated.
             std::fs::write(dir.join(f), "").unwrap();
         }
+        let parent = Arc::new(Dir::open(&std::env::temp_dir()).unwrap());
+        let name = dir.file_name().unwrap().to_str().unwrap().to_owned();
+        let own = parent.dir(&name).unwrap();
         let cg = ExecCgroup {
             mode: Mode::V2,
-            dirs: vec![("", dir.clone())],
+            name,
+            dirs: vec![("", parent, own)],
             procs: Vec::new(),
         };
         cg.apply(&ExecLimits {

@@ -15,7 +15,8 @@
 //!
 //! Kernel start to X = the pre-init's `CLOCK_BOOTTIME` + (when the host saw X − when it saw
 //! the pre-init's line): the host clock measures the rest, the guest's only the part before
-//! any output. Needs `cpio` (apt) to write the archive.
+//! any output. The kernel is found and the archive written as the VM tests do
+//! (`agent_shim_tests::vm_image`).
 //!
 //! ```text
 //! cargo build --release --target x86_64-unknown-linux-musl -p agent-shim
@@ -29,6 +30,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use agent_shim_tests::vm_image::{Cpio, Kernel};
 use anyhow::{anyhow, bail, ensure, Context as _, Result};
 use control_link::{Addr, ConnectOptions, Token};
 use driver_protocol::message::Event;
@@ -48,7 +50,7 @@ fn main() -> Result<()> {
         .map(|n| n.parse())
         .transpose()?
         .unwrap_or(3);
-    let (kernel, modules) = kernel()?;
+    let kernel = Kernel::find()?;
     let target =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/x86_64-unknown-linux-musl/release");
     let bin = |var: &str, name: &str| -> Result<PathBuf> {
@@ -65,10 +67,10 @@ fn main() -> Result<()> {
     let preinit = bin("AGENT_SHIM_STATIC_PREINIT", "vm-preinit")?;
     let dir = std::env::temp_dir().join(format!("agent-shim-vm-boot-{}", std::process::id()));
     let _cleanup = Cleanup(dir.clone());
-    let initrd = initramfs(&dir, &modules, &shim, &echo, &preinit)?;
+    let initrd = initramfs(&dir, &kernel, &shim, &echo, &preinit)?;
     println!(
         "boot to a working agent: {} under QEMU ({}), median of {runs} runs",
-        kernel.display(),
+        kernel.image.display(),
         accel()
     );
     println!(
@@ -79,7 +81,7 @@ fn main() -> Result<()> {
         let mut ready = Vec::new();
         let mut started = Vec::new();
         for _ in 0..runs {
-            let t = boot(&kernel, &initrd, &dir, plain)?;
+            let t = boot(&kernel.image, &initrd, &dir, plain)?;
             if let Some(r) = t.ready {
                 ready.push(r);
             }
@@ -116,96 +118,21 @@ impl Drop for Cleanup {
     }
 }
 
-/// The newest kernel with modules: its image and its modules folder.
-fn kernel() -> Result<(PathBuf, PathBuf)> {
-    let mut versions: Vec<String> = std::fs::read_dir("/boot")?
-        .flatten()
-        .filter_map(|e| {
-            e.file_name()
-                .to_str()
-                .and_then(|n| n.strip_prefix("vmlinuz-"))
-                .map(str::to_owned)
-        })
-        .filter(|v| {
-            Path::new("/lib/modules")
-                .join(v)
-                .join("modules.dep")
-                .is_file()
-        })
-        .collect();
-    versions.sort();
-    let v = versions
-        .pop()
-        .context("no /boot/vmlinuz-* with modules (apt-get install linux-image-amd64)")?;
-    Ok((
-        PathBuf::from(format!("/boot/vmlinuz-{v}")),
-        PathBuf::from(format!("/lib/modules/{v}")),
-    ))
-}
-
-/// A module's path and its dependencies, by the end of its path, from `modules.dep`.
-type Lookup<'a> = &'a dyn Fn(&str) -> Option<(String, Vec<String>)>;
-
-/// virtio_pci and virtio_net with their dependencies, dependencies first.
-fn load_order(modules: &Path) -> Result<Vec<String>> {
-    let dep = std::fs::read_to_string(modules.join("modules.dep"))?;
-    let find = |path_end: &str| {
-        dep.lines()
-            .filter_map(|l| l.split_once(':'))
-            .find(|(m, _)| m.ends_with(path_end) || *m == path_end)
-            .map(|(m, d)| {
-                (
-                    m.to_owned(),
-                    d.split_whitespace().map(str::to_owned).collect(),
-                )
-            })
-    };
-    fn visit(find: Lookup<'_>, path: &str, out: &mut Vec<String>) -> Result<()> {
-        let (m, deps) = find(path).with_context(|| format!("{path} not in modules.dep"))?;
-        if out.contains(&m) {
-            return Ok(());
-        }
-        for d in deps.iter().rev() {
-            visit(find, d, out)?;
-        }
-        out.push(m);
-        Ok(())
-    }
-    let mut out = Vec::new();
-    for name in ["/virtio_pci.ko", "/virtio_net.ko"] {
-        visit(&find, name, &mut out)?;
-    }
-    Ok(out)
-}
-
-/// Writes the initramfs (with the `cpio` tool) and returns its path.
-fn initramfs(dir: &Path, modules: &Path, shim: &Path, echo: &Path, pre: &Path) -> Result<PathBuf> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let root = dir.join("root");
-    std::fs::create_dir_all(root.join("modules"))?;
-    std::fs::create_dir_all(root.join("dev"))?;
-    std::fs::copy(pre, root.join("preinit"))?;
-    std::fs::copy(shim, root.join("agent-shim"))?;
-    std::fs::copy(echo, root.join("echo-driver"))?;
-    std::fs::write(root.join("token"), TOKEN)?;
-    std::fs::set_permissions(root.join("token"), std::fs::Permissions::from_mode(0o600))?;
-    let mut order = String::new();
-    for m in load_order(modules)? {
-        let name = Path::new(&m).file_name().context("module")?.to_owned();
-        std::fs::copy(modules.join(&m), root.join("modules").join(&name))?;
-        order.push_str(&format!("/modules/{}\n", name.to_string_lossy()));
-    }
-    std::fs::write(root.join("modules.order"), order)?;
+/// Writes the initramfs and returns its path: `/preinit`, `/agent-shim`, `/echo-driver`,
+/// `/token` (0600), virtio-net's modules in `/modules` with `/modules.order`, an empty `/dev`.
+fn initramfs(dir: &Path, kernel: &Kernel, shim: &Path, echo: &Path, pre: &Path) -> Result<PathBuf> {
+    let read = |p: &Path| std::fs::read(p).with_context(|| format!("read {}", p.display()));
+    let mut cpio = Cpio::default();
+    cpio.dir("dev");
+    cpio.dir("modules");
+    cpio.file("preinit", 0o755, &read(pre)?);
+    cpio.file("agent-shim", 0o755, &read(shim)?);
+    cpio.file("echo-driver", 0o755, &read(echo)?);
+    cpio.file("token", 0o600, TOKEN);
+    cpio.modules(kernel, &["virtio_pci", "virtio_net"])?;
+    std::fs::create_dir_all(dir)?;
     let initrd = dir.join("initrd.cpio");
-    let out = std::fs::File::create(&initrd)?;
-    let status = Command::new("sh")
-        .arg("-c")
-        .arg("find . | cpio -o -H newc -R 0:0 --quiet")
-        .current_dir(&root)
-        .stdout(out)
-        .status()
-        .context("run cpio (apt-get install cpio)")?;
-    ensure!(status.success(), "cpio failed");
+    std::fs::write(&initrd, cpio.finish())?;
     Ok(initrd)
 }
 

@@ -255,27 +255,16 @@ impl Raw {
 /// The shim's instructions for a burst of `RELAY_EVENTS` 200-byte events, driver → control
 /// connection, the task's end included.
 fn shim_relay(ctx: &Ctx, dir: &Path, tag: &str) -> Result<u64> {
-    let sock = ctx.scratch.join(format!("{tag}.sock"));
-    let _ = std::fs::remove_file(&sock);
-    let shim: Vec<OsString> = vec![
-        ctx.bins.shim.clone().into(),
-        "--control-listen".into(),
-        format!("unix:{}", sock.display()).into(),
-        "--control-insecure".into(),
-        "--ping-interval".into(),
-        "0".into(),
-        "--event-buffer".into(),
-        "1000000".into(),
-        "--event-buffer-bytes".into(),
-        "1073741824".into(),
-        "--".into(),
-        ctx.bins.bench_driver.clone().into(),
+    let flags = [
+        "--event-buffer",
+        "1000000",
+        "--event-buffer-bytes",
+        "1073741824",
     ];
-    let mut proc = Spec::new(Mode::Direct, under_callgrind(dir, tag, &shim)).start()?;
-    let res = (|| {
-        let mut raw = Raw::connect(&sock, Duration::from_secs(120))?;
+    under_shim(ctx, dir, tag, &flags, |sock, pid| {
+        let mut raw = Raw::connect(sock, Duration::from_secs(120))?;
         raw.until_event(|e| matches!(e, Event::DriverReady(_)))?;
-        wait_idle(proc.pid, Duration::from_secs(60))?;
+        wait_idle(pid, Duration::from_secs(60))?;
         let mark = ctx.scratch.join(format!("{tag}.mark"));
         let (read, written) = (
             PathBuf::from(format!("{}.read", mark.display())),
@@ -306,56 +295,66 @@ fn shim_relay(ctx: &Ctx, dir: &Path, tag: &str) -> Result<u64> {
             Duration::from_secs(60),
             || read.exists(),
         )?;
-        wait_idle(proc.pid, Duration::from_secs(60))?;
-        zero(proc.pid)?;
-        stop(proc.pid)?;
+        wait_idle(pid, Duration::from_secs(60))?;
+        zero(pid)?;
+        stop(pid)?;
         let wrote = until("the burst", Duration::from_secs(60), || written.exists());
-        signal(proc.pid, libc::SIGCONT)?;
+        signal(pid, libc::SIGCONT)?;
         wrote?;
         let (seq, custom) = raw.until_event(|e| matches!(e, Event::TaskDone(_)))?;
         if custom != RELAY_EVENTS {
             bail!("{custom} of {RELAY_EVENTS} events relayed");
         }
         raw.send(&ControlToShim::Ack(Ack { seq }))?;
-        wait_idle(proc.pid, Duration::from_secs(120))?;
-        dump(dir, tag, proc.pid)
-    })();
-    proc.kill();
-    let _ = std::fs::remove_file(&sock);
-    res
+        wait_idle(pid, Duration::from_secs(120))?;
+        dump(dir, tag, pid)
+    })
 }
 
 /// The shim's instructions for `SPAWNS` execs of `true`, one after the other, each from the
 /// request to its `exec_exit`.
 fn shim_spawns(ctx: &Ctx, dir: &Path, tag: &str) -> Result<u64> {
+    under_shim(ctx, dir, tag, &[], |sock, pid| {
+        let mut client = Client::connect(sock, Duration::from_secs(120))?;
+        client.wait_driver_ready(Duration::from_secs(120))?;
+        client.drain(Duration::from_millis(300))?;
+        wait_idle(pid, Duration::from_secs(60))?;
+        zero(pid)?;
+        for _ in 0..SPAWNS {
+            client.exec_output(&["true"], Duration::from_secs(60))?;
+        }
+        client.drain(Duration::from_millis(300))?;
+        wait_idle(pid, Duration::from_secs(60))?;
+        let n = dump(dir, tag, pid)?;
+        client.close();
+        Ok(n)
+    })
+}
+
+/// Runs the shim under callgrind with the bench driver, listening on a socket of its own
+/// (insecure, no pings, `flags` added), and `body` with that socket and the shim's pid; the
+/// shim is killed and the socket removed after it.
+fn under_shim(
+    ctx: &Ctx,
+    dir: &Path,
+    tag: &str,
+    flags: &[&str],
+    body: impl FnOnce(&Path, i32) -> Result<u64>,
+) -> Result<u64> {
     let sock = ctx.scratch.join(format!("{tag}.sock"));
     let _ = std::fs::remove_file(&sock);
-    let shim: Vec<OsString> = vec![
+    let mut shim: Vec<OsString> = vec![
         ctx.bins.shim.clone().into(),
         "--control-listen".into(),
         format!("unix:{}", sock.display()).into(),
         "--control-insecure".into(),
         "--ping-interval".into(),
         "0".into(),
-        "--".into(),
-        ctx.bins.bench_driver.clone().into(),
     ];
+    shim.extend(flags.iter().map(OsString::from));
+    shim.extend(["--".into(), ctx.bins.bench_driver.clone().into()]);
     let mut proc = Spec::new(Mode::Direct, under_callgrind(dir, tag, &shim)).start()?;
-    let res = (|| {
-        let mut client = Client::connect(&sock, Duration::from_secs(120))?;
-        client.wait_driver_ready(Duration::from_secs(120))?;
-        client.drain(Duration::from_millis(300))?;
-        wait_idle(proc.pid, Duration::from_secs(60))?;
-        zero(proc.pid)?;
-        for _ in 0..SPAWNS {
-            client.exec_output(&["true"], Duration::from_secs(60))?;
-        }
-        client.drain(Duration::from_millis(300))?;
-        wait_idle(proc.pid, Duration::from_secs(60))?;
-        let n = dump(dir, tag, proc.pid)?;
-        client.close();
-        Ok(n)
-    })();
+    let res = body(&sock, proc.pid);
     proc.kill();
     let _ = std::fs::remove_file(&sock);
     res

@@ -6,17 +6,20 @@
 //! on cgroup v1), the path in `/proc/self/cgroup` does not exist below the mount and the
 //! mount's root is the sandbox's cgroup.
 //!
-//! **Trust.** The files are opened once, at start, non-blocking, and kept only if `fstatfs`
-//! says they are on a cgroup filesystem: a later reading never resolves a path, so nothing the
+//! **Trust.** The files are opened once, at start, as the per-exec cgroups' are (through a
+//! [`Dir`]: beneath the directory, no mount crossed, no link followed, non-blocking, a regular
+//! file only), and kept only if `fstatfs` says they are on a cgroup filesystem: a later reading never resolves a path, so nothing the
 //! tenant mounts or creates afterwards (a FIFO, a FUSE file) is ever opened by PID 1, and a
 //! read of a kernel-generated cgroup file does not block. Each reading is one `pread` per
 //! file into one reused buffer, parsed without allocating.
 
 use std::fs::File;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use driver_protocol::message::CgroupReading;
+
+use crate::sys::dir::Dir;
 
 /// `statfs` `f_type` of cgroup v1.
 const CGROUP_SUPER_MAGIC: i64 = 0x0027_e0eb;
@@ -112,15 +115,16 @@ impl Cgroup {
                 .find_map(|l| l.strip_prefix("0::"))
                 .unwrap_or("/");
             let dir = pick_dir(&[root.join(rel.trim_start_matches('/')), root.to_owned()]);
+            let dir = Dir::open(&dir).ok();
             for &(key, name) in V2_FILES {
-                if let Some(f) = open_cgroup_file(&dir.join(name)) {
+                if let Some(f) = dir.as_ref().and_then(|d| open_cgroup_file(d, name)) {
                     files.push((key, f));
                 }
             }
         } else {
             for &(key, controller, name) in V1_FILES {
-                let dir = v1_dir(root, proc_cgroup, controller);
-                if let Some(f) = dir.and_then(|d| open_cgroup_file(&d.join(name))) {
+                let dir = v1_dir(root, proc_cgroup, controller).and_then(|d| Dir::open(&d).ok());
+                if let Some(f) = dir.and_then(|d| open_cgroup_file(&d, name)) {
                     files.push((key, f));
                 }
             }
@@ -298,13 +302,10 @@ fn version_of(magic: i64) -> Option<u8> {
     }
 }
 
-/// Opens `path` read-only and non-blocking; only a file on a cgroup filesystem is kept.
-fn open_cgroup_file(path: &Path) -> Option<File> {
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
-        .open(path)
-        .ok()?;
+/// Opens `name` in `dir` read-only and non-blocking, a regular file beneath it; only a file
+/// on a cgroup filesystem is kept.
+fn open_cgroup_file(dir: &Dir, name: &str) -> Option<File> {
+    let f = dir.file(name, false).ok()?;
     let st = nix::sys::statfs::fstatfs(&f).ok()?;
     version_of(st.filesystem_type().0 as i64)?;
     Some(f)
@@ -495,7 +496,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("agent-shim-fake-cg-{}", std::process::id()));
         std::fs::create_dir_all(dir.join("memory")).unwrap();
         std::fs::write(dir.join("memory/memory.usage_in_bytes"), "1\n").unwrap();
-        assert!(open_cgroup_file(&dir.join("memory/memory.usage_in_bytes")).is_none());
+        let d = Dir::open(&dir).unwrap();
+        assert!(open_cgroup_file(&d, "memory/memory.usage_in_bytes").is_none());
         assert!(Cgroup::open(&dir, "4:memory:/\n").is_none());
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -7,12 +7,14 @@
 //! an [`Errno`], nothing ever panics.
 //!
 //! Beside the trait, the plain helpers the rest of the shim would otherwise write with raw
-//! `libc`, by subject: [`fd`] (pipes and descriptor flags), [`pty`] (pseudo-terminals) and
-//! [`proc`] (readings from `/proc`).
+//! `libc`, by subject: [`fd`] (pipes and descriptor flags), [`pty`] (pseudo-terminals),
+//! [`proc`] (readings from `/proc`) and [`dir`] (what is below a directory held open, reached
+//! only through its descriptor).
 //!
 //! `fork`/`execve` are not here: they live in [`crate::spawn`], whose child half must stay a
 //! straight line of async-signal-safe calls and cannot usefully be faked.
 
+pub mod dir;
 pub mod fd;
 pub mod proc;
 pub mod pty;

@@ -161,3 +161,82 @@ in_both_modes! {
         Ok(())
     }
 }
+
+/// An attached stream nobody reads while the exec writes 8 MiB: the client holds at most its
+/// `attach_buffer` of it, every other request on the connection is answered meanwhile, and
+/// the reader is told what was dropped (`Lagged`), so that what it read and what it was told
+/// it missed add up to the exec's whole output.
+#[test]
+fn a_slowly_read_attach_stream_holds_its_bound_and_reports_the_loss() -> Result<()> {
+    const CAP: usize = 256 * 1024;
+    const TOTAL: u64 = 8 << 20;
+    let shim = LinkShim::start(Mode::Pid1)?;
+    runtime()?.block_on(async {
+        let owner = within(PATIENCE, "connect", connect(&shim.addr, None)).await??;
+        let watcher = within(
+            PATIENCE,
+            "connect",
+            control_link::ConnectOptions::new()
+                .consumer("watcher")
+                .attach_buffer(CAP)
+                .connect(&shim.addr),
+        )
+        .await??;
+        let script = format!("read x; head -c {TOTAL} /dev/zero");
+        let spec = ExecSpec::new(["sh", "-c", script.as_str()]).stdin(true);
+        let exec_id = owner.exec(spec).await?.exec_id;
+        let (attached, mut stream) = watcher.attach_exec(exec_id, Some(0)).await?;
+        ensure!(attached.running, "{attached:?}");
+        owner.exec_input(exec_id, b"go\n".to_vec(), true).await?;
+        // The stream is not read; the same connection's requests are answered meanwhile,
+        // until the shim has sent everything.
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        let mut most = 0;
+        let mut requests = 0u32;
+        loop {
+            let execs = within(PATIENCE, "list_execs", watcher.list_execs()).await??;
+            requests += 1;
+            most = most.max(stream.buffered_bytes());
+            let info = execs.iter().find(|e| e.exec_id == exec_id);
+            if info.is_some_and(|e| e.exit.is_some() && e.output_bytes == TOTAL) {
+                break;
+            }
+            ensure!(
+                tokio::time::Instant::now() < deadline,
+                "the exec never wrote its {TOTAL} bytes: {info:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // What the shim sent after the exit reaches the client too.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        most = most.max(stream.buffered_bytes());
+        ensure!(
+            most <= CAP,
+            "the stream held {most} bytes unread (bound {CAP})"
+        );
+        within(PATIENCE, "status", watcher.status()).await??;
+        let (mut read, mut missed, mut lagged) = (0u64, 0u64, 0u32);
+        let exit = loop {
+            match within(PATIENCE, "the stream", stream.next()).await? {
+                Some(control_link::AttachItem::Output(o)) => read += o.data.len() as u64,
+                Some(control_link::AttachItem::Lagged(l)) => {
+                    missed += l.missed;
+                    lagged += 1;
+                }
+                Some(control_link::AttachItem::Exit(x)) => break x,
+                None => bail!("the stream ended without the exit"),
+            }
+        };
+        ensure!(exit.code == Some(0), "{exit:?}");
+        ensure!(
+            lagged >= 1 && read + missed == TOTAL && stream.next_offset() == TOTAL,
+            "read {read} + missed {missed} ({lagged} lagged) != {TOTAL}, next {}",
+            stream.next_offset()
+        );
+        eprintln!(
+            "MEASURED attach of {TOTAL} bytes unread: held at most {most} (bound {CAP}), \
+             read {read}, missed {missed} in {lagged} report(s), {requests} requests answered"
+        );
+        Ok(())
+    })
+}

@@ -5,29 +5,11 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, ensure, Result};
 use driver_protocol::message::{Event, Exec, ExecSignal, ProcRole, Reading};
 
-use super::{metrics, V1Cgroup};
+use super::{expect_oom_killed, metrics, tenant};
 use crate::supervisor::{Setup, Sup};
-use crate::support::control::{exec_of, ExecRun};
 use crate::support::{probe, Mode, PATIENCE};
 
 const MIB: u64 = 1 << 20;
-
-/// Returns from the test, through `skip`, without root or without cgroup v1 hierarchies.
-macro_rules! v1_cgroup {
-    ($tag:expr) => {{
-        crate::support::require_root!();
-        match V1Cgroup::new($tag)? {
-            Some(cg) => cg,
-            None => {
-                return crate::support::skip(
-                    "cgroup-v1",
-                    "no cgroup v1 memory, pids, cpu and cpuacct hierarchies at /sys/fs/cgroup",
-                    module_path!(),
-                )
-            }
-        }
-    }};
-}
 
 /// An exec of the probe with a generous timeout.
 fn probe_exec(id: u64, args: &[&str]) -> Exec {
@@ -59,27 +41,6 @@ fn reading_until(
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-}
-
-/// Runs an exec to its end; its run and the other events seen meanwhile.
-fn run_to_end(sup: &mut Sup, make: impl FnOnce(u64) -> Exec) -> Result<(ExecRun, Vec<Event>)> {
-    let started = sup.ctl.exec_started(make)?;
-    let id = started.exec_id;
-    let (last, skipped) = sup.wait(
-        "exec_exit",
-        |e| matches!(e, Event::ExecExit(x) if x.exec_id == id),
-    )?;
-    let mut run = ExecRun::default();
-    let mut others = Vec::new();
-    for s in skipped.iter().chain([&last]) {
-        if exec_of(&s.event) == Some(id) {
-            run.take(&s.event)?;
-        } else {
-            others.push(s.event.clone());
-        }
-    }
-    sup.ctl.ack(sup.ctl.last_seq())?;
-    Ok((run, others))
 }
 
 #[test]
@@ -186,13 +147,8 @@ fn an_oom_killed_exec_is_reported_and_the_oom_kill_count_rises() -> Result<()> {
         .cgroup
         .and_then(|c| c.oom_kills)
         .ok_or_else(|| anyhow!("no oom_kills"))?;
-    let (run, _) = run_to_end(&mut sup, |id| probe_exec(id, &["hog", "0", "512"]))?;
-    let exit = run.exit.as_ref().ok_or_else(|| anyhow!("{run:?}"))?;
-    ensure!(
-        exit.signal.as_deref() == Some("SIGKILL") && exit.oom_killed == Some(true),
-        "{exit:?}\n{}",
-        sup.context()
-    );
+    let (run, _) = sup.run_to_end(|id| probe_exec(id, &["hog", "0", "512"]))?;
+    expect_oom_killed(&sup, &run)?;
     let r = metrics(&mut sup)?;
     let c = r.cgroup.as_deref().ok_or_else(|| anyhow!("{r:#?}"))?;
     let after = c.oom_kills.ok_or_else(|| anyhow!("{c:#?}"))?;
@@ -319,14 +275,7 @@ fn a_tenant_mount_over_the_workspace_or_the_cgroup_tree_is_not_read() -> Result<
          echo 1 > /sys/fs/cgroup/memory/memory.usage_in_bytes && \
          df -k '{ws_path}' && echo mounted"
     );
-    let (run, _) = run_to_end(&mut sup, |id| Exec {
-        timeout_ms: Some(30_000),
-        ..Exec::new(id, ["/bin/sh", "-c", script.as_str()])
-    })?;
-    ensure!(
-        run.out().contains("mounted"),
-        "the tenant's mounts failed: {run:?}"
-    );
+    tenant(&mut sup, &script)?;
 
     let after = metrics(&mut sup)?;
     let w = after
@@ -377,14 +326,7 @@ fn a_tenant_mount_over_proc_is_not_read() -> Result<()> {
          mkfifo /proc/self/statm && echo mounted"
     );
     let status_before = sup.ctl.status()?;
-    let (run, _) = run_to_end(&mut sup, |id| Exec {
-        timeout_ms: Some(30_000),
-        ..Exec::new(id, ["/bin/sh", "-c", script.as_str()])
-    })?;
-    ensure!(
-        run.out().contains("mounted"),
-        "the tenant's mount failed: {run:?}"
-    );
+    tenant(&mut sup, &script)?;
     let after = metrics(&mut sup)?;
     let d = after
         .procs

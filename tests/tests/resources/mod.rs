@@ -13,6 +13,22 @@
 //! cgroup v2 is read by the same code; its parsing is unit-tested on recorded v2 files
 //! (`shim/src/metrics/fixtures/v2`).
 
+/// Returns from the test, through `skip`, without root or without the cgroup v1 hierarchies
+/// of [`CONTROLLERS`]; else a [`V1Cgroup`] made with `$tag`.
+macro_rules! v1_cgroup {
+    ($tag:expr) => {{
+        crate::support::require_root!();
+        match crate::resources::V1Cgroup::new($tag)? {
+            Some(cg) => cg,
+            None => return crate::support::skip(
+                "cgroup-v1",
+                "no cgroup v1 memory, pids, cpu, cpuacct and freezer hierarchies at /sys/fs/cgroup",
+                module_path!(),
+            ),
+        }
+    }};
+}
+
 mod cgroups;
 mod docker;
 mod metrics;
@@ -20,10 +36,11 @@ mod metrics;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context as _, Result};
-use driver_protocol::message::{Metrics, Reading, ShimToControl};
+use anyhow::{anyhow, bail, ensure, Context as _, Result};
+use driver_protocol::message::{Exec, Metrics, Reading, ShimToControl};
 
 use crate::supervisor::{Setup, Sup};
+use crate::support::control::ExecRun;
 
 /// Where this machine mounts the cgroup v1 hierarchies.
 const V1_ROOT: &str = "/sys/fs/cgroup";
@@ -169,6 +186,31 @@ impl Drop for V1Cgroup {
             }
         }
     }
+}
+
+/// Checks that `run` ended killed by the OOM killer, and was told so.
+pub fn expect_oom_killed(sup: &Sup, run: &ExecRun) -> Result<()> {
+    let exit = run.exit.as_ref().ok_or_else(|| anyhow!("{run:?}"))?;
+    ensure!(
+        exit.signal.as_deref() == Some("SIGKILL") && exit.oom_killed == Some(true),
+        "{exit:?}\n{}",
+        sup.context()
+    );
+    Ok(())
+}
+
+/// Runs `script` as a root tenant would (`/bin/sh -c`, in the shim's namespaces) to its end;
+/// it must print `mounted` last, once its mounts are made.
+pub fn tenant(sup: &mut Sup, script: &str) -> Result<ExecRun> {
+    let (run, _) = sup.run_to_end(|id| Exec {
+        timeout_ms: Some(30_000),
+        ..Exec::new(id, ["/bin/sh", "-c", script])
+    })?;
+    ensure!(
+        run.out().contains("mounted"),
+        "the tenant's mounts failed: {run:?}"
+    );
+    Ok(run)
 }
 
 /// One `metrics` request.

@@ -17,7 +17,7 @@ use anyhow::{anyhow, ensure, Context as _, Result};
 use driver_protocol::message::{Event, Exec, ExecExit};
 
 use crate::supervisor::{Setup, Sup};
-use crate::support::control::{exec_of, ExecRun};
+use crate::support::control::ExecRun;
 use crate::support::{poll_until, probe, Mode, PATIENCE};
 
 /// The capability's bit number (`linux/capability.h`).
@@ -51,27 +51,6 @@ fn report(out: &str) -> std::collections::BTreeMap<String, String> {
         .filter_map(|l| l.split_once('='))
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect()
-}
-
-/// Runs `make` to its end and returns it with the other events seen meanwhile.
-fn run_collecting(sup: &mut Sup, make: impl FnOnce(u64) -> Exec) -> Result<(ExecRun, Vec<Event>)> {
-    let started = sup.ctl.exec_started(make)?;
-    let id = started.exec_id;
-    let (last, skipped) = sup.wait(
-        "exec_exit",
-        |e| matches!(e, Event::ExecExit(x) if x.exec_id == id),
-    )?;
-    let mut run = ExecRun::default();
-    let mut others = Vec::new();
-    for s in skipped.iter().chain([&last]) {
-        if exec_of(&s.event) == Some(id) {
-            run.take(&s.event)?;
-        } else {
-            others.push(s.event.clone());
-        }
-    }
-    sup.ctl.ack(sup.ctl.last_seq())?;
-    Ok((run, others))
 }
 
 /// Whether this process may lower an `oom_score_adj` below its floor (`CAP_SYS_RESOURCE` in
@@ -129,7 +108,7 @@ fn checks_the_ranking(flags: &[(&str, &str)], driver_want: i32, exec_want: i32) 
     ensure!(shim < driver_want && driver_want < exec_want);
     // The tenant tries to go below what it was given: 0, then the shim's -1000.
     for lower in ["0", "-1000"] {
-        let (run, _) = run_collecting(&mut sup, |id| tenant_probe(id, &["oom-adj", lower]))?;
+        let (run, _) = sup.run_to_end(|id| tenant_probe(id, &["oom-adj", lower]))?;
         let r = report(&run.out());
         let want = exec_want.to_string();
         ensure!(
@@ -281,7 +260,7 @@ fn a_tool_that_eats_the_sandbox_memory_is_oom_killed_and_reported_as_such() -> R
 
     // A thousand tiny processes, then memory past the limit.
     let before = cg.kills()?;
-    let (run, others) = run_collecting(&mut sup, |id| tenant_probe(id, &["hog", "1000", "512"]))?;
+    let (run, others) = sup.run_to_end(|id| tenant_probe(id, &["hog", "1000", "512"]))?;
     let exit = exit_of(&run)?;
     ensure!(
         run.out().contains("forked=1000"),
@@ -317,7 +296,7 @@ fn a_tool_that_eats_the_sandbox_memory_is_oom_killed_and_reported_as_such() -> R
         "MEASURED after the OOM kill: shim rss {} KiB, oom kills {before} -> {after}",
         status.rss_bytes / 1024
     );
-    let (again, _) = run_collecting(&mut sup, |id| tenant_probe(id, &["exit", "0"]))?;
+    let (again, _) = sup.run_to_end(|id| tenant_probe(id, &["exit", "0"]))?;
     ensure!(exit_of(&again)?.code == Some(0), "{again:?}");
     ensure!(exit_of(&again)?.oom_killed.is_none(), "{again:?}");
     Ok(())

@@ -30,11 +30,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Result};
 use driver_protocol::message::{
-    DriverExited, DriverReady, DriverState, Event, ShimToControl, StatusReply, TaskDone,
+    DriverExited, DriverReady, DriverState, Event, Exec, ShimToControl, StatusReply, TaskDone,
 };
 use rmpv::Value;
 
-use crate::support::control::{ControlClient, Stamped};
+use crate::support::control::{exec_of, ControlClient, ExecRun, Stamped};
 use crate::support::{Mode, Running, Shim, TempDir, PATIENCE};
 
 /// How long a test watches for something that must *not* happen.
@@ -417,6 +417,28 @@ impl Sup {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Starts the exec `make` builds and runs it to its end (then acknowledges everything):
+    /// its run, and the other events seen meanwhile.
+    pub fn run_to_end(&mut self, make: impl FnOnce(u64) -> Exec) -> Result<(ExecRun, Vec<Event>)> {
+        let started = self.ctl.exec_started(make)?;
+        let id = started.exec_id;
+        let (last, skipped) = self.wait(
+            "exec_exit",
+            |e| matches!(e, Event::ExecExit(x) if x.exec_id == id),
+        )?;
+        let mut run = ExecRun::default();
+        let mut others = Vec::new();
+        for s in skipped.iter().chain([&last]) {
+            if exec_of(&s.event) == Some(id) {
+                run.take(&s.event)?;
+            } else {
+                others.push(s.event.clone());
+            }
+        }
+        self.ctl.ack(self.ctl.last_seq())?;
+        Ok((run, others))
     }
 
     /// The host pid of a process the shim reports by its pid in the shim's namespace
