@@ -18,6 +18,7 @@
 //! tells the supervisor to stop reading the driver (backpressure) until acks free room.
 
 use std::collections::VecDeque;
+use std::io::IoSlice;
 
 use bytes::{Bytes, BytesMut};
 use driver_protocol::message::Seq;
@@ -208,6 +209,43 @@ impl Buffer {
             .map(|(seq, frame)| (*seq, frame.clone()))
     }
 
+    /// The frames of the events after `cursor`, in order, as slices of the buffer put into
+    /// `out` until they hold at least `limit` bytes (at least one frame when there is one,
+    /// at most `out.len()`): written to the socket from here with one `writev`, not copied.
+    /// Returns how many were put and the seq of the first (consecutive seqs follow).
+    ///
+    /// Events already acknowledged are skipped, wherever the cursor is.
+    pub(super) fn gather<'a>(
+        &'a self,
+        cursor: Seq,
+        out: &mut [IoSlice<'a>],
+        limit: usize,
+    ) -> (usize, Seq) {
+        let next = cursor.max(self.acked).saturating_add(1);
+        let Some(&(front, _)) = self.events.front() else {
+            return (0, next);
+        };
+        let skip = usize::try_from(next.saturating_sub(front)).unwrap_or(usize::MAX);
+        let mut n = 0;
+        let mut bytes = 0usize;
+        for ((_, frame), slot) in self.events.iter().skip(skip).zip(out.iter_mut()) {
+            if n > 0 && bytes >= limit {
+                break;
+            }
+            *slot = IoSlice::new(frame);
+            bytes = bytes.saturating_add(frame.len());
+            n += 1;
+        }
+        (n, next)
+    }
+
+    /// The frame of event `seq`, while it is buffered.
+    pub(super) fn frame(&self, seq: Seq) -> Option<&Bytes> {
+        let &(front, _) = self.events.front()?;
+        let i = usize::try_from(seq.checked_sub(front)?).ok()?;
+        self.events.get(i).map(|(_, frame)| frame)
+    }
+
     /// Appends the frames of the events after `cursor` to `out`, in order, until `out`
     /// holds at least `limit` bytes (at least one frame is appended when there is one);
     /// returns the seq of the last frame appended, or `cursor` when none was.
@@ -330,6 +368,44 @@ mod tests {
         assert!(b.spare.len() <= IDLE_SPARE_CHUNKS);
         assert!(b.spare.iter().all(|(_, size)| *size == ARENA_CHUNK));
         assert_eq!(b.spare_bytes, b.spare.len() * ARENA_CHUNK);
+    }
+
+    /// `Buffer::gather` into `slots` slots: the frames' first bytes and the first seq.
+    fn gathered(b: &Buffer, cursor: Seq, slots: usize, limit: usize) -> (Vec<u8>, Seq) {
+        let mut out = vec![IoSlice::new(&[]); slots];
+        let (n, first) = b.gather(cursor, &mut out, limit);
+        let firsts = out.iter().take(n).map(|s| s[0]).collect();
+        (firsts, first)
+    }
+
+    #[test]
+    fn gather_gives_the_frames_after_the_cursor_as_slices() {
+        let mut b = Buffer::new(100, 10_000);
+        assert_eq!(gathered(&b, 0, 3, 100), (vec![], 1), "nothing buffered");
+        for i in 1..=6u8 {
+            b.push(frame(i, 4));
+        }
+        assert_eq!(gathered(&b, 1, 3, 8), (vec![2, 3], 2), "up to the limit");
+        assert_eq!(
+            gathered(&b, 0, 3, 1000),
+            (vec![1, 2, 3], 1),
+            "at most the slots given"
+        );
+        assert_eq!(
+            gathered(&b, 4, 3, 1),
+            (vec![5], 5),
+            "one frame even over the limit"
+        );
+        assert_eq!(gathered(&b, 6, 3, 100), (vec![], 7), "nothing new");
+        b.ack(4);
+        assert_eq!(
+            gathered(&b, 1, 3, 100),
+            (vec![5, 6], 5),
+            "acked events are skipped"
+        );
+        assert_eq!(b.frame(4), None, "acknowledged");
+        assert_eq!(b.frame(6).map(|f| f[0]), Some(6));
+        assert_eq!(b.frame(7), None, "not yet");
     }
 
     #[test]
