@@ -108,9 +108,9 @@ impl Core {
     /// A driver event checked but not decoded (see `driver_protocol::check`), naming
     /// `task_id`, of `len` bytes: what [`Core::on_driver_msg`] does with one, without the
     /// message. To relay it, the core asks for [`Output::RelayEvent`] (after any other output
-    /// this produced: a `busy` event); the shell holds the body. When that is the only
-    /// output, the shell takes it with [`Core::pop_output`] and publishes at once (its fast
-    /// path: no body held, no turn of its output loop).
+    /// this produced: a `busy` event); the shell holds the body. (The shell itself calls
+    /// [`Core::relay_driver_event`].)
+    #[cfg(test)]
     pub fn on_driver_event(
         &mut self,
         type_name: &str,
@@ -121,6 +121,26 @@ impl Core {
         if self.driver_event(type_name, task_id, len, now) {
             self.out.push(Output::RelayEvent);
         }
+    }
+
+    /// `on_driver_event` for the shell's fast path: true when relaying the event is all there
+    /// is to do (nothing else was asked for), and then nothing is asked for: the shell
+    /// publishes the event at once. Otherwise exactly `on_driver_event` (the event is relayed
+    /// through [`Output::RelayEvent`], after the other outputs).
+    pub fn relay_driver_event(
+        &mut self,
+        type_name: &str,
+        task_id: Option<&[u8]>,
+        len: usize,
+        now: Instant,
+    ) -> bool {
+        if self.driver_event(type_name, task_id, len, now) {
+            if self.out.is_empty() {
+                return true;
+            }
+            self.out.push(Output::RelayEvent);
+        }
+        false
     }
 
     /// What `on_driver_event` does but the asking: whether the event is relayed.

@@ -274,12 +274,6 @@ impl Core {
         &self.out
     }
 
-    /// Takes the last output produced, if any: the shell's way to carry out a single
-    /// output at once (see [`Core::on_driver_event`]) without taking the whole list.
-    pub fn pop_output(&mut self) -> Option<Output> {
-        self.out.pop()
-    }
-
     /// The shim's exit code once it should exit.
     pub fn exit_code(&self) -> Option<i32> {
         self.exit_code

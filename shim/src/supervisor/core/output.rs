@@ -22,8 +22,9 @@ pub enum Output {
     Event(Event),
     /// Publish this driver event, given as its MessagePack body (relayed, never re-encoded).
     Relay(Bytes),
-    /// Publish the driver event just given to `Core::on_driver_event`: the shell holds its
-    /// body (relayed from the read buffer as it is, never copied for the core).
+    /// Publish the driver event just given to `Core::on_driver_event` (or to
+    /// `Core::relay_driver_event`, when other outputs come first): the shell holds its body
+    /// (relayed from the read buffer as it is, never copied for the core).
     RelayEvent,
     /// Launch the driver now (then call [`Core::on_launched`] or [`Core::on_launch_error`]).
     Launch,

@@ -21,7 +21,6 @@ use crate::control::ControlServer;
 use crate::driver::{self, DriverConfig};
 use crate::limits::Limits;
 
-use super::super::core::Output;
 use super::super::loglines::{self, LineSplitter};
 use super::super::Owner;
 use super::exec::DRIVER_QUEUE_HIGH;
@@ -309,16 +308,17 @@ impl Shell<'_> {
             // into the replay buffer.
             let body = link.rbuf.get(HEADER_LEN..want).unwrap_or_default();
             if let Some(ev) = check::relayable_event_task(body) {
-                self.core
-                    .on_driver_event(ev.type_name, ev.task_id, len, now);
+                // The common case: relayed from the read buffer as it is, with nothing else
+                // to do (no output asked of the core).
+                if self
+                    .core
+                    .relay_driver_event(ev.type_name, ev.task_id, len, now)
+                {
+                    relay(&mut self.control, body);
+                    link.rbuf.advance(want);
+                    continue;
+                }
                 match self.core.outputs() {
-                    // The common case: relaying it is all there is to do. It is relayed from
-                    // the read buffer as it is, at once.
-                    [Output::RelayEvent] => {
-                        self.core.pop_output();
-                        relay(&mut self.control, body);
-                        link.rbuf.advance(want);
-                    }
                     [] => link.rbuf.advance(want),
                     // Other outputs (a `busy` event first, or a protocol error): the body is
                     // held while they are carried out in order.
