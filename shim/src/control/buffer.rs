@@ -226,9 +226,14 @@ impl Buffer {
             return (0, next);
         };
         let skip = usize::try_from(next.saturating_sub(front)).unwrap_or(usize::MAX);
+        if skip >= self.events.len() {
+            return (0, next);
+        }
         let mut n = 0;
         let mut bytes = 0usize;
-        for ((_, frame), slot) in self.events.iter().skip(skip).zip(out.iter_mut()) {
+        // `range`, not `iter().skip()`: the writer asks again after every partial write,
+        // and stepping over the events written already would cost as many steps.
+        for ((_, frame), slot) in self.events.range(skip..).zip(out.iter_mut()) {
             if n > 0 && bytes >= limit {
                 break;
             }
@@ -258,7 +263,10 @@ impl Buffer {
         let next = cursor.max(self.acked).saturating_add(1);
         let skip = usize::try_from(next.saturating_sub(front)).unwrap_or(usize::MAX);
         let mut last = cursor;
-        for (seq, frame) in self.events.iter().skip(skip) {
+        if skip >= self.events.len() {
+            return last;
+        }
+        for (seq, frame) in self.events.range(skip..) {
             // A frame that would overflow the batch waits for the next one (where a large
             // frame is written on its own, see [`Self::next_large`]).
             if !out.is_empty() && out.len().saturating_add(frame.len()) > limit {
