@@ -443,7 +443,12 @@ fn link_read(ctx: &Ctx, dir: &Path, tag: &str) -> Result<u64> {
         if &line != b"done\n" {
             bail!("link-client: {:?}", String::from_utf8_lossy(&line));
         }
-        // Its acknowledgement arrives; then it idles.
+        // It sends its acknowledgement, then idles. The acknowledgement is read only after
+        // the dump: reading it frees room in the client's socket, which wakes the client
+        // (EPOLLOUT) at a moment only the scheduler decides, alone or together with a
+        // wake-up of its own, and so with one turn of its runtime more or less.
+        wait_idle(proc.pid, Duration::from_secs(60))?;
+        let n = dump(dir, tag, proc.pid)?;
         loop {
             match rd.read_message::<ControlToShim>()? {
                 Some(ControlToShim::Ack(a)) if a.seq == RELAY_EVENTS => break,
@@ -451,8 +456,6 @@ fn link_read(ctx: &Ctx, dir: &Path, tag: &str) -> Result<u64> {
                 None => bail!("link-client closed before its ack"),
             }
         }
-        wait_idle(proc.pid, Duration::from_secs(60))?;
-        let n = dump(dir, tag, proc.pid)?;
         drop(wr);
         drop(rd);
         let _ = s.shutdown(std::net::Shutdown::Both);
