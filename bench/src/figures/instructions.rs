@@ -547,7 +547,8 @@ pub fn run(ctx: &Ctx) -> Figure {
          control client reads them and acknowledges the last; count ÷ 20,000. Relay, \
          control-link side: control-link's `Client` (manual acks) reads the same 20,000 \
          `event` frames through its `RawEventStream` and checks each `type`, then \
-         acknowledges the last; the frames come from a stand-in shim in the bench process; \
+         acknowledges the last (the stand-in reads that acknowledgement only after the \
+         dump); the frames come from a stand-in shim in the bench process; \
          count ÷ 20,000. Exec spawn: 20 execs of `true` through control-link, one after the \
          other, each from the request to its `exec_exit`; count ÷ 20 (the forked child's \
          instructions up to its `execve` are its own). Plain-mode start: the whole run of \
