@@ -2,8 +2,9 @@
 //! acknowledged, kept as ready-to-write frames.
 //!
 //! Events are stored once, encoded (`event{seq, event}` with its length header), as
-//! reference-counted [`Bytes`]: a connection's writer copies them straight to the socket,
-//! a replay after `resume_from` re-sends the same bytes, and nothing is ever re-encoded. The
+//! reference-counted [`Bytes`]: a connection's writer hands them to the socket from here
+//! ([`Buffer::gather`], one `writev` for many), a replay after `resume_from` re-sends the
+//! same bytes, and nothing is ever re-encoded. The
 //! buffer is the only place events live: a connection keeps a cursor into it rather than a
 //! copy, so a slow or absent control plane costs the buffer's bounded memory once, never twice.
 //!

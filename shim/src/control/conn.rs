@@ -5,7 +5,7 @@
 //!            ┌──────── reader task ────────┐            ┌──────── writer task ────────┐
 //!   socket ─►│ hello · ping · ack ·        │  Out queue │ replies first, then events  │─► socket
 //!            │ resume_from · retried ids   ├──────────► │ after the cursor, read from │
-//!            │ everything else ─► mpsc ─► supervisor    │ the replay buffer (batched) │
+//!            │ everything else ─► mpsc ─► supervisor    │ the replay buffer (writev)  │
 //!            └─────────────────────────────┘            └─────────────────────────────┘
 //! ```
 //!
