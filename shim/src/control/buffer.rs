@@ -245,6 +245,16 @@ impl Buffer {
         (n, next)
     }
 
+    /// How many events after `cursor` are buffered (acknowledged ones skipped).
+    pub(super) fn count_after(&self, cursor: Seq) -> usize {
+        let Some(&(front, _)) = self.events.front() else {
+            return 0;
+        };
+        let next = cursor.max(self.acked).saturating_add(1);
+        let skip = usize::try_from(next.saturating_sub(front)).unwrap_or(usize::MAX);
+        self.events.len().saturating_sub(skip)
+    }
+
     /// The frame of event `seq`, while it is buffered.
     pub(super) fn frame(&self, seq: Seq) -> Option<&Bytes> {
         let &(front, _) = self.events.front()?;
@@ -406,12 +416,17 @@ mod tests {
             "one frame even over the limit"
         );
         assert_eq!(gathered(&b, 6, 3, 100), (vec![], 7), "nothing new");
+        assert_eq!(
+            (b.count_after(0), b.count_after(4), b.count_after(9)),
+            (6, 2, 0)
+        );
         b.ack(4);
         assert_eq!(
             gathered(&b, 1, 3, 100),
             (vec![5, 6], 5),
             "acked events are skipped"
         );
+        assert_eq!(b.count_after(1), 2, "acked events are not counted");
         assert_eq!(b.frame(4), None, "acknowledged");
         assert_eq!(b.frame(6).map(|f| f[0]), Some(6));
         assert_eq!(b.frame(7), None, "not yet");

@@ -486,6 +486,11 @@ async fn write_loop(mut wr: WriteHalf, conn: Rc<Conn>, inner: Rc<Inner>) {
 /// Slices of one `writev`: a batch's worth of 200-byte events.
 const MAX_IOV: usize = 320;
 
+/// Slices of one `writev` when only a few events wait: the slices are set up on the stack
+/// for every attempt, and a connection that writes a reply or an event at a time (an exec's
+/// life, a round trip) should not pay for a batch's worth each time.
+const FEW_IOV: usize = 8;
+
 /// Writes `head` whole, then, behind it in the same `writev`s, the events after the
 /// connection's cursor (about a batch of them), straight from the replay buffer: no copy.
 /// The cursor moves past each event handed to the socket; the end of one written in part
@@ -499,67 +504,106 @@ async fn write_events(
     head: &[u8],
     rest: &mut Option<Bytes>,
 ) -> std::io::Result<bool> {
-    use std::io::IoSlice;
-    use std::pin::Pin;
-    use std::task::Poll;
-    use tokio::io::AsyncWrite as _;
     let mut head_off = 0;
     let mut wrote = false;
-    std::future::poll_fn(|cx| loop {
-        let st = inner.state.borrow();
-        let mut iov = [IoSlice::new(&[]); MAX_IOV];
-        let head_left = head.get(head_off..).unwrap_or_default();
-        let h = usize::from(!head_left.is_empty());
-        if let Some(slot) = iov.first_mut() {
-            *slot = IoSlice::new(head_left);
-        }
-        let (n, first) = match (conn.cursor.get(), iov.get_mut(h..)) {
-            (Some(cursor), Some(slots)) => {
-                let limit = WRITE_BATCH.saturating_sub(head_left.len());
-                st.buffer.gather(cursor, slots, limit)
-            }
-            _ => (0, 0),
+    std::future::poll_fn(|cx| {
+        let waiting = conn
+            .cursor
+            .get()
+            .map_or(0, |c| inner.state.borrow().buffer.count_after(c));
+        let mut out = Gathered {
+            head,
+            head_off: &mut head_off,
+            rest: &mut *rest,
+            wrote: &mut wrote,
         };
-        let slices = iov.get(..h + n).unwrap_or_default();
-        if slices.is_empty() {
-            return Poll::Ready(Ok(wrote));
-        }
-        let mut left = match Pin::new(&mut *wr).poll_write_vectored(cx, slices) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
-            Poll::Ready(Ok(0)) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
-            Poll::Ready(Ok(w)) => w,
-        };
-        wrote = true;
-        let took = left.min(head_left.len());
-        head_off += took;
-        left -= took;
-        // The events written: whole ones, then perhaps the start of one more.
-        let mut last = None;
-        for (i, slice) in iov.iter().skip(h).take(n).enumerate() {
-            if left == 0 {
-                break;
-            }
-            let seq = first.saturating_add(i as u64);
-            last = Some(seq);
-            if left < slice.len() {
-                *rest = st
-                    .buffer
-                    .frame(seq)
-                    .filter(|f| left <= f.len())
-                    .map(|f| f.slice(left..));
-                break;
-            }
-            left -= slice.len();
-        }
-        if let Some(seq) = last {
-            conn.cursor.set(Some(seq));
-        }
-        if head_off >= head.len() {
-            return Poll::Ready(Ok(true));
+        if waiting < FEW_IOV {
+            out.poll::<FEW_IOV>(cx, &mut *wr, conn, inner)
+        } else {
+            out.poll::<MAX_IOV>(cx, &mut *wr, conn, inner)
         }
     })
     .await
+}
+
+/// What [`write_events`] carries from one poll to the next.
+struct Gathered<'h, 'r> {
+    head: &'h [u8],
+    head_off: &'r mut usize,
+    rest: &'r mut Option<Bytes>,
+    wrote: &'r mut bool,
+}
+
+impl Gathered<'_, '_> {
+    /// One poll of [`write_events`], with at most `N` slices per `writev`.
+    fn poll<const N: usize>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        wr: &mut WriteHalf,
+        conn: &Conn,
+        inner: &Inner,
+    ) -> std::task::Poll<std::io::Result<bool>> {
+        use std::io::IoSlice;
+        use std::pin::Pin;
+        use std::task::Poll;
+        use tokio::io::AsyncWrite as _;
+        loop {
+            let st = inner.state.borrow();
+            let mut iov = [IoSlice::new(&[]); N];
+            let head_left = self.head.get(*self.head_off..).unwrap_or_default();
+            let h = usize::from(!head_left.is_empty());
+            if let Some(slot) = iov.first_mut() {
+                *slot = IoSlice::new(head_left);
+            }
+            let (n, first) = match (conn.cursor.get(), iov.get_mut(h..)) {
+                (Some(cursor), Some(slots)) => {
+                    let limit = WRITE_BATCH.saturating_sub(head_left.len());
+                    st.buffer.gather(cursor, slots, limit)
+                }
+                _ => (0, 0),
+            };
+            let slices = iov.get(..h + n).unwrap_or_default();
+            if slices.is_empty() {
+                return Poll::Ready(Ok(*self.wrote));
+            }
+            let mut left = match Pin::new(&mut *wr).poll_write_vectored(cx, slices) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()))
+                }
+                Poll::Ready(Ok(w)) => w,
+            };
+            *self.wrote = true;
+            let took = left.min(head_left.len());
+            *self.head_off += took;
+            left -= took;
+            // The events written: whole ones, then perhaps the start of one more.
+            let mut last = None;
+            for (i, slice) in iov.iter().skip(h).take(n).enumerate() {
+                if left == 0 {
+                    break;
+                }
+                let seq = first.saturating_add(i as u64);
+                last = Some(seq);
+                if left < slice.len() {
+                    *self.rest = st
+                        .buffer
+                        .frame(seq)
+                        .filter(|f| left <= f.len())
+                        .map(|f| f.slice(left..));
+                    break;
+                }
+                left -= slice.len();
+            }
+            if let Some(seq) = last {
+                conn.cursor.set(Some(seq));
+            }
+            if *self.head_off >= self.head.len() {
+                return Poll::Ready(Ok(true));
+            }
+        }
+    }
 }
 
 /// Runs the handshake (`hello`, and `auth` with a token), makes the connection the live one,
