@@ -446,7 +446,9 @@ fn link_read(ctx: &Ctx, dir: &Path, tag: &str) -> Result<u64> {
         // It sends its acknowledgement, then idles. The acknowledgement is read only after
         // the dump: reading it frees room in the client's socket, which wakes the client
         // (EPOLLOUT) at a moment only the scheduler decides, alone or together with a
-        // wake-up of its own, and so with one turn of its runtime more or less.
+        // wake-up of its own, and so with one turn of its runtime more or less. (Another
+        // such turn remains at the window's start, around the zeroing and the SIGSTOP/
+        // SIGCONT: the runs still differ by one park, 1,389 instructions, now and then.)
         wait_idle(proc.pid, Duration::from_secs(60))?;
         let n = dump(dir, tag, proc.pid)?;
         loop {
