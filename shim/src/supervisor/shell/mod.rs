@@ -214,12 +214,6 @@ pub(super) async fn shell(
             sh.core.idle_tick(Instant::now());
         }
         sh.apply_outputs();
-        if sh.link_writing() {
-            // What this turn queued for the driver (a task, a ping) goes out now, before the
-            // connection's writer sends this turn's replies and events (it runs when this
-            // task yields): the driver works while they are written and read.
-            sh.write_link();
-        }
         if let Some(code) = sh.core.exit_code() {
             let kill_deadline = sh.core.kill_deadline();
             sh.flush_errout().await;
