@@ -442,7 +442,14 @@ fn link_read(ctx: &Ctx, dir: &Path, tag: &str) -> Result<u64> {
         if &line != b"done\n" {
             bail!("link-client: {:?}", String::from_utf8_lossy(&line));
         }
-        // Its acknowledgement arrives; then it idles.
+        // It sends its acknowledgement, then idles. The acknowledgement is read only after
+        // the dump: reading it frees room in the client's socket, which wakes the client
+        // (EPOLLOUT) at a moment only the scheduler decides, alone or together with a
+        // wake-up of its own, and so with one turn of its runtime more or less. (Another
+        // such turn remains at the window's start, around the zeroing and the SIGSTOP/
+        // SIGCONT: the runs still differ by one park, 1,389 instructions, now and then.)
+        wait_idle(proc.pid, Duration::from_secs(60))?;
+        let n = dump(dir, tag, proc.pid)?;
         loop {
             match rd.read_message::<ControlToShim>()? {
                 Some(ControlToShim::Ack(a)) if a.seq == RELAY_EVENTS => break,
@@ -450,8 +457,6 @@ fn link_read(ctx: &Ctx, dir: &Path, tag: &str) -> Result<u64> {
                 None => bail!("link-client closed before its ack"),
             }
         }
-        wait_idle(proc.pid, Duration::from_secs(60))?;
-        let n = dump(dir, tag, proc.pid)?;
         drop(wr);
         drop(rd);
         let _ = s.shutdown(std::net::Shutdown::Both);
@@ -543,7 +548,8 @@ pub fn run(ctx: &Ctx) -> Figure {
          control client reads them and acknowledges the last; count ÷ 20,000. Relay, \
          control-link side: control-link's `Client` (manual acks) reads the same 20,000 \
          `event` frames through its `RawEventStream` and checks each `type`, then \
-         acknowledges the last; the frames come from a stand-in shim in the bench process; \
+         acknowledges the last (the stand-in reads that acknowledgement only after the \
+         dump); the frames come from a stand-in shim in the bench process; \
          count ÷ 20,000. Exec spawn: 20 execs of `true` through control-link, one after the \
          other, each from the request to its `exec_exit`; count ÷ 20 (the forked child's \
          instructions up to its `execve` are its own). Plain-mode start: the whole run of \

@@ -2,8 +2,9 @@
 //! acknowledged, kept as ready-to-write frames.
 //!
 //! Events are stored once, encoded (`event{seq, event}` with its length header), as
-//! reference-counted [`Bytes`]: a connection's writer copies them straight to the socket,
-//! a replay after `resume_from` re-sends the same bytes, and nothing is ever re-encoded. The
+//! reference-counted [`Bytes`]: a connection's writer hands them to the socket from here
+//! ([`Buffer::gather`], one `writev` for many), a replay after `resume_from` re-sends the
+//! same bytes, and nothing is ever re-encoded. The
 //! buffer is the only place events live: a connection keeps a cursor into it rather than a
 //! copy, so a slow or absent control plane costs the buffer's bounded memory once, never twice.
 //!
@@ -18,6 +19,7 @@
 //! tells the supervisor to stop reading the driver (backpressure) until acks free room.
 
 use std::collections::VecDeque;
+use std::io::IoSlice;
 
 use bytes::{Bytes, BytesMut};
 use driver_protocol::message::Seq;
@@ -208,6 +210,58 @@ impl Buffer {
             .map(|(seq, frame)| (*seq, frame.clone()))
     }
 
+    /// The frames of the events after `cursor`, in order, as slices of the buffer put into
+    /// `out` until they hold at least `limit` bytes (at least one frame when there is one,
+    /// at most `out.len()`): written to the socket from here with one `writev`, not copied.
+    /// Returns how many were put and the seq of the first (consecutive seqs follow).
+    ///
+    /// Events already acknowledged are skipped, wherever the cursor is.
+    pub(super) fn gather<'a>(
+        &'a self,
+        cursor: Seq,
+        out: &mut [IoSlice<'a>],
+        limit: usize,
+    ) -> (usize, Seq) {
+        let next = cursor.max(self.acked).saturating_add(1);
+        let Some(&(front, _)) = self.events.front() else {
+            return (0, next);
+        };
+        let skip = usize::try_from(next.saturating_sub(front)).unwrap_or(usize::MAX);
+        if skip >= self.events.len() {
+            return (0, next);
+        }
+        let mut n = 0;
+        let mut bytes = 0usize;
+        // `range`, not `iter().skip()`: the writer asks again after every partial write,
+        // and stepping over the events written already would cost as many steps.
+        for ((_, frame), slot) in self.events.range(skip..).zip(out.iter_mut()) {
+            if n > 0 && bytes >= limit {
+                break;
+            }
+            *slot = IoSlice::new(frame);
+            bytes = bytes.saturating_add(frame.len());
+            n += 1;
+        }
+        (n, next)
+    }
+
+    /// How many events after `cursor` are buffered (acknowledged ones skipped).
+    pub(super) fn count_after(&self, cursor: Seq) -> usize {
+        let Some(&(front, _)) = self.events.front() else {
+            return 0;
+        };
+        let next = cursor.max(self.acked).saturating_add(1);
+        let skip = usize::try_from(next.saturating_sub(front)).unwrap_or(usize::MAX);
+        self.events.len().saturating_sub(skip)
+    }
+
+    /// The frame of event `seq`, while it is buffered.
+    pub(super) fn frame(&self, seq: Seq) -> Option<&Bytes> {
+        let &(front, _) = self.events.front()?;
+        let i = usize::try_from(seq.checked_sub(front)?).ok()?;
+        self.events.get(i).map(|(_, frame)| frame)
+    }
+
     /// Appends the frames of the events after `cursor` to `out`, in order, until `out`
     /// holds at least `limit` bytes (at least one frame is appended when there is one);
     /// returns the seq of the last frame appended, or `cursor` when none was.
@@ -220,7 +274,10 @@ impl Buffer {
         let next = cursor.max(self.acked).saturating_add(1);
         let skip = usize::try_from(next.saturating_sub(front)).unwrap_or(usize::MAX);
         let mut last = cursor;
-        for (seq, frame) in self.events.iter().skip(skip) {
+        if skip >= self.events.len() {
+            return last;
+        }
+        for (seq, frame) in self.events.range(skip..) {
             // A frame that would overflow the batch waits for the next one (where a large
             // frame is written on its own, see [`Self::next_large`]).
             if !out.is_empty() && out.len().saturating_add(frame.len()) > limit {
@@ -330,6 +387,49 @@ mod tests {
         assert!(b.spare.len() <= IDLE_SPARE_CHUNKS);
         assert!(b.spare.iter().all(|(_, size)| *size == ARENA_CHUNK));
         assert_eq!(b.spare_bytes, b.spare.len() * ARENA_CHUNK);
+    }
+
+    /// `Buffer::gather` into `slots` slots: the frames' first bytes and the first seq.
+    fn gathered(b: &Buffer, cursor: Seq, slots: usize, limit: usize) -> (Vec<u8>, Seq) {
+        let mut out = vec![IoSlice::new(&[]); slots];
+        let (n, first) = b.gather(cursor, &mut out, limit);
+        let firsts = out.iter().take(n).map(|s| s[0]).collect();
+        (firsts, first)
+    }
+
+    #[test]
+    fn gather_gives_the_frames_after_the_cursor_as_slices() {
+        let mut b = Buffer::new(100, 10_000);
+        assert_eq!(gathered(&b, 0, 3, 100), (vec![], 1), "nothing buffered");
+        for i in 1..=6u8 {
+            b.push(frame(i, 4));
+        }
+        assert_eq!(gathered(&b, 1, 3, 8), (vec![2, 3], 2), "up to the limit");
+        assert_eq!(
+            gathered(&b, 0, 3, 1000),
+            (vec![1, 2, 3], 1),
+            "at most the slots given"
+        );
+        assert_eq!(
+            gathered(&b, 4, 3, 1),
+            (vec![5], 5),
+            "one frame even over the limit"
+        );
+        assert_eq!(gathered(&b, 6, 3, 100), (vec![], 7), "nothing new");
+        assert_eq!(
+            (b.count_after(0), b.count_after(4), b.count_after(9)),
+            (6, 2, 0)
+        );
+        b.ack(4);
+        assert_eq!(
+            gathered(&b, 1, 3, 100),
+            (vec![5, 6], 5),
+            "acked events are skipped"
+        );
+        assert_eq!(b.count_after(1), 2, "acked events are not counted");
+        assert_eq!(b.frame(4), None, "acknowledged");
+        assert_eq!(b.frame(6).map(|f| f[0]), Some(6));
+        assert_eq!(b.frame(7), None, "not yet");
     }
 
     #[test]

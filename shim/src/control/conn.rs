@@ -5,7 +5,7 @@
 //!            ┌──────── reader task ────────┐            ┌──────── writer task ────────┐
 //!   socket ─►│ hello · ping · ack ·        │  Out queue │ replies first, then events  │─► socket
 //!            │ resume_from · retried ids   ├──────────► │ after the cursor, read from │
-//!            │ everything else ─► mpsc ─► supervisor    │ the replay buffer (batched) │
+//!            │ everything else ─► mpsc ─► supervisor    │ the replay buffer (writev)  │
 //!            └─────────────────────────────┘            └─────────────────────────────┘
 //! ```
 //!
@@ -385,10 +385,23 @@ impl Drop for Pending {
         }
     }
 }
-/// Writes queued replies, then (while streaming) the events after the cursor, in batches.
+/// Writes queued replies, then (while streaming) the events after the cursor, in batches:
+/// the replies are copied into one, the events are written from the replay buffer as they
+/// are, behind it, with one `writev` (a transport that cannot write vectored gets them
+/// copied into the batch instead).
 async fn write_loop(mut wr: WriteHalf, conn: Rc<Conn>, inner: Rc<Inner>) {
     let mut batch = Vec::with_capacity(WRITE_BATCH);
+    let vectored = wr.is_write_vectored();
+    // The end of an event frame a `writev` wrote only in part: it goes before anything else.
+    let mut rest: Option<Bytes> = None;
     loop {
+        if let Some(frame) = rest.take() {
+            if let Err(err) = wr.write_all(&frame).await {
+                debug!(conn = conn.id, error = %err, "control connection write failed");
+                conn.close_now();
+                return;
+            }
+        }
         batch.clear();
         let state = conn.take_replies(&mut batch, WRITE_BATCH);
         if state == State::Closed {
@@ -430,7 +443,18 @@ async fn write_loop(mut wr: WriteHalf, conn: Rc<Conn>, inner: Rc<Inner>) {
                 continue;
             }
         }
-        if state == State::Open && batch.len() < WRITE_BATCH {
+        let streaming = state == State::Open && conn.cursor.get().is_some();
+        if streaming && vectored {
+            match write_events(&mut wr, &conn, &inner, &batch, &mut rest).await {
+                Ok(true) => continue,
+                Ok(false) => {} // nothing to write: wait below
+                Err(err) => {
+                    debug!(conn = conn.id, error = %err, "control connection write failed");
+                    conn.close_now();
+                    return;
+                }
+            }
+        } else if streaming && batch.len() < WRITE_BATCH {
             if let Some(cursor) = conn.cursor.get() {
                 let last = inner
                     .state
@@ -455,6 +479,129 @@ async fn write_loop(mut wr: WriteHalf, conn: Rc<Conn>, inner: Rc<Inner>) {
             debug!(conn = conn.id, error = %err, "control connection write failed");
             conn.close_now();
             return;
+        }
+    }
+}
+
+/// Slices of one `writev`: a batch's worth of 200-byte events.
+const MAX_IOV: usize = 320;
+
+/// Slices of one `writev` when only a few events wait: the slices are set up on the stack
+/// for every attempt, and a connection that writes a reply or an event at a time (an exec's
+/// life, a round trip) should not pay for a batch's worth each time.
+const FEW_IOV: usize = 8;
+
+/// Writes `head` whole, then, behind it in the same `writev`s, the events after the
+/// connection's cursor (about a batch of them), straight from the replay buffer: no copy.
+/// The cursor moves past each event handed to the socket; the end of one written in part
+/// is left in `rest`. Returns whether anything was written.
+///
+/// The buffer is borrowed only within each poll, never across a wait.
+async fn write_events(
+    wr: &mut WriteHalf,
+    conn: &Conn,
+    inner: &Inner,
+    head: &[u8],
+    rest: &mut Option<Bytes>,
+) -> std::io::Result<bool> {
+    let mut head_off = 0;
+    let mut wrote = false;
+    std::future::poll_fn(|cx| {
+        let waiting = conn
+            .cursor
+            .get()
+            .map_or(0, |c| inner.state.borrow().buffer.count_after(c));
+        let mut out = Gathered {
+            head,
+            head_off: &mut head_off,
+            rest: &mut *rest,
+            wrote: &mut wrote,
+        };
+        if waiting < FEW_IOV {
+            out.poll::<FEW_IOV>(cx, &mut *wr, conn, inner)
+        } else {
+            out.poll::<MAX_IOV>(cx, &mut *wr, conn, inner)
+        }
+    })
+    .await
+}
+
+/// What [`write_events`] carries from one poll to the next.
+struct Gathered<'h, 'r> {
+    head: &'h [u8],
+    head_off: &'r mut usize,
+    rest: &'r mut Option<Bytes>,
+    wrote: &'r mut bool,
+}
+
+impl Gathered<'_, '_> {
+    /// One poll of [`write_events`], with at most `N` slices per `writev`.
+    fn poll<const N: usize>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        wr: &mut WriteHalf,
+        conn: &Conn,
+        inner: &Inner,
+    ) -> std::task::Poll<std::io::Result<bool>> {
+        use std::io::IoSlice;
+        use std::pin::Pin;
+        use std::task::Poll;
+        use tokio::io::AsyncWrite as _;
+        loop {
+            let st = inner.state.borrow();
+            let mut iov = [IoSlice::new(&[]); N];
+            let head_left = self.head.get(*self.head_off..).unwrap_or_default();
+            let h = usize::from(!head_left.is_empty());
+            if let Some(slot) = iov.first_mut() {
+                *slot = IoSlice::new(head_left);
+            }
+            let (n, first) = match (conn.cursor.get(), iov.get_mut(h..)) {
+                (Some(cursor), Some(slots)) => {
+                    let limit = WRITE_BATCH.saturating_sub(head_left.len());
+                    st.buffer.gather(cursor, slots, limit)
+                }
+                _ => (0, 0),
+            };
+            let slices = iov.get(..h + n).unwrap_or_default();
+            if slices.is_empty() {
+                return Poll::Ready(Ok(*self.wrote));
+            }
+            let mut left = match Pin::new(&mut *wr).poll_write_vectored(cx, slices) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()))
+                }
+                Poll::Ready(Ok(w)) => w,
+            };
+            *self.wrote = true;
+            let took = left.min(head_left.len());
+            *self.head_off += took;
+            left -= took;
+            // The events written: whole ones, then perhaps the start of one more.
+            let mut last = None;
+            for (i, slice) in iov.iter().skip(h).take(n).enumerate() {
+                if left == 0 {
+                    break;
+                }
+                let seq = first.saturating_add(i as u64);
+                last = Some(seq);
+                if left < slice.len() {
+                    *self.rest = st
+                        .buffer
+                        .frame(seq)
+                        .filter(|f| left <= f.len())
+                        .map(|f| f.slice(left..));
+                    break;
+                }
+                left -= slice.len();
+            }
+            if let Some(seq) = last {
+                conn.cursor.set(Some(seq));
+            }
+            if *self.head_off >= self.head.len() {
+                return Poll::Ready(Ok(true));
+            }
         }
     }
 }

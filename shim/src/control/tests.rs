@@ -765,6 +765,81 @@ fn a_full_buffer_backpressures_and_every_event_arrives_once_in_order() {
     });
 }
 
+/// Events of many sizes, written from the replay buffer with `writev` to a client that reads
+/// slowly (so that writes end inside frames), with replies in between: every event arrives
+/// once, in order, with its own bytes, and every reply whole.
+#[test]
+fn events_written_in_part_arrive_whole_in_order_between_replies() {
+    const N: u64 = 3000;
+    let dir = TempDir::new("partial");
+    let body_of = |n: u64| {
+        Event::Progress(Progress {
+            task_id: Some("t".repeat(usize::try_from(n * 37 % 2000).unwrap())),
+            message: None,
+            done: Some(n),
+            total: None,
+        })
+        .to_body()
+        .unwrap()
+    };
+    run(async {
+        let mut server =
+            ControlServer::bind(&ControlAddr::Unix(dir.sock()), cfg(100_000, 1 << 30)).unwrap();
+        let (mut c, _) = Client::connect(&dir.sock()).await;
+        c.send(ResumeFrom::after(0).into()).await;
+        for n in 1..=N / 2 {
+            server.publish_raw(&body_of(n));
+        }
+        let client = tokio::task::spawn_local(async move {
+            let mut seen = 0;
+            let mut pongs = 0;
+            while seen < N || pongs < 3 {
+                if seen % 500 == 0 {
+                    // The socket fills meanwhile: the shim's writes end inside frames.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                if [700, 1400, 2100].contains(&seen) && pongs < 3 && seen / 700 > pongs {
+                    c.send(Ping { id: seen }.into()).await;
+                }
+                match c.recv().await {
+                    Some(ShimToControl::Event(ev)) => {
+                        assert_eq!(ev.seq, seen + 1, "a gap or a repeat after seq {seen}");
+                        seen = ev.seq;
+                        match ev.event {
+                            Event::Progress(p) => {
+                                assert_eq!(p.done, Some(seen));
+                                assert_eq!(
+                                    p.task_id.map(|t| t.len()),
+                                    Some(usize::try_from(seen * 37 % 2000).unwrap())
+                                );
+                            }
+                            other => panic!("unexpected event {other:?}"),
+                        }
+                    }
+                    Some(ShimToControl::Pong(p)) => {
+                        assert_eq!(p.re, (pongs + 1) * 700);
+                        pongs += 1;
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            c.send(Ack { seq: N }.into()).await;
+            seen
+        });
+        for n in N / 2 + 1..=N {
+            server.publish_raw(&body_of(n));
+            if n % 100 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        let seen = timeout(Duration::from_secs(60), client)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(seen, N);
+    });
+}
+
 // ---- authentication, the gate, dial-out ------------------------------------------------
 
 use driver_protocol::handshake::{auth_proof, verify_proof, NONCE_LEN};
