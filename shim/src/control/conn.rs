@@ -89,7 +89,7 @@ pub(super) struct Conn {
     /// Woken (all waiters) when the connection is closed.
     closed: Notify,
     /// The execs this connection follows (`attach_exec`).
-    pub(super) attached: RefCell<Vec<super::attach::Attachment>>,
+    pub(super) attached: super::attach::Attached,
     /// Woken (all waiters) when the writer took queued replies: a reply stream waiting for
     /// room looks again (`stream.rs`).
     pub(super) drained: Notify,
@@ -112,7 +112,7 @@ impl Conn {
             reader: RefCell::new(None),
             authenticated: Cell::new(false),
             closed: Notify::new(),
-            attached: RefCell::new(Vec::new()),
+            attached: super::attach::Attached::default(),
             drained: Notify::new(),
         }
     }
@@ -422,7 +422,8 @@ async fn write_loop(mut wr: WriteHalf, conn: Rc<Conn>, inner: Rc<Inner>) {
         }
         if state == State::Open && batch.len() < WRITE_BATCH / 2 {
             // At most half a batch: the events behind are never held back.
-            super::attach::fill(&conn, &inner, &mut batch, WRITE_BATCH / 2);
+            conn.attached
+                .fill(conn.id, &inner, &mut batch, WRITE_BATCH / 2);
         }
         if state == State::Open && batch.is_empty() {
             // A large event (exec output) is written from the buffer as it is, not copied.
@@ -1027,8 +1028,14 @@ async fn forward(
         ControlToShim::ForgetConsumer(forget) => Some(forget_consumer(inner, forget)),
         // exec registry
         ControlToShim::ListExecs(m) => Some(super::attach::list(inner, m)),
-        ControlToShim::AttachExec(m) => Some(super::attach::attach(conn, inner, m)),
-        ControlToShim::DetachExec(m) => Some(super::attach::detach(conn, m)),
+        ControlToShim::AttachExec(m) => {
+            let reply = conn.attached.attach(conn.id, inner, m);
+            if matches!(reply, ShimToControl::ExecAttached(_)) {
+                conn.wake();
+            }
+            Some(reply)
+        }
+        ControlToShim::DetachExec(m) => Some(conn.attached.detach(m)),
         _ => None,
     };
     if let Some(msg) = answered {

@@ -346,7 +346,7 @@ impl Shared {
 
     /// Wakes the writers of the sessions attached to exec `id`.
     fn wake_attached(&self, id: u64) {
-        for conn in self.sessions.iter().filter(|c| attach::follows(c, id)) {
+        for conn in self.sessions.iter().filter(|c| c.attached.follows(id)) {
             conn.wake();
         }
     }
