@@ -31,6 +31,7 @@ use tokio_util::codec::{Decoder, FramedRead};
 
 use crate::addr::BoxIo;
 use crate::events::RawEvent;
+use crate::output;
 use crate::{random, ConnectOptions, Error, Token};
 
 /// The read buffer's largest usual size: a burst of events (or a large `exec_output`) is
@@ -166,6 +167,9 @@ impl Decoder for InCodec {
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Incoming>, DecodeError> {
         if !self.raw {
             self.note_fill(src);
+            if let Some((msg, len)) = output::take(src, self.max_frame) {
+                return Ok(Some(Incoming::Msg(Box::new(msg), len)));
+            }
             let got = typed(src, |src| self.typed.decode(src))?;
             if got.is_none() {
                 self.grow(src);
