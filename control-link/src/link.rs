@@ -103,6 +103,22 @@ impl InCodec {
         }
     }
 
+    /// [`Decoder::decode`] of typed messages: a large `exec_output` without a copy
+    /// ([`output::take`]), any other message decoded; the buffer grows while reads fill it.
+    /// Out of line, so that the raw path's code stays as it is.
+    #[inline(never)]
+    fn decode_typed(&mut self, src: &mut BytesMut) -> Result<Option<Incoming>, DecodeError> {
+        self.note_fill(src);
+        if let Some((msg, len)) = output::take(src, self.max_frame) {
+            return Ok(Some(Incoming::Msg(Box::new(msg), len)));
+        }
+        let got = typed(src, |src| self.typed.decode(src))?;
+        if got.is_none() {
+            self.grow(src);
+        }
+        Ok(got)
+    }
+
     /// Notes a read buffer that a read filled: more was probably waiting. (Taking frames
     /// off a full buffer leaves it full, shorter from the front: the first, largest, size
     /// seen is the one the read filled.)
@@ -166,15 +182,7 @@ impl Decoder for InCodec {
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Incoming>, DecodeError> {
         if !self.raw {
-            self.note_fill(src);
-            if let Some((msg, len)) = output::take(src, self.max_frame) {
-                return Ok(Some(Incoming::Msg(Box::new(msg), len)));
-            }
-            let got = typed(src, |src| self.typed.decode(src))?;
-            if got.is_none() {
-                self.grow(src);
-            }
-            return Ok(got);
+            return self.decode_typed(src);
         }
         // Room for an incomplete frame is made here, before the frame codec would reserve
         // it in a fresh allocation (an error is left to the codec).

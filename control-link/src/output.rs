@@ -30,6 +30,18 @@ struct Fields {
 /// slice of the frame, and the frame's length; `None` (and `src` untouched) for any other
 /// frame, a frame not complete yet, or a small one.
 pub(crate) fn take(src: &mut BytesMut, max_frame: usize) -> Option<(ShimToControl, usize)> {
+    // Most frames are small: their length is all that is read.
+    let head: [u8; HEADER_LEN] = src.get(..HEADER_LEN)?.try_into().ok()?;
+    if (u32::from_be_bytes(head) as usize) < SHARED_MIN {
+        return None;
+    }
+    take_large(src, max_frame)
+}
+
+/// [`take`] for a frame of at least [`SHARED_MIN`] bytes. Kept out of line: the read path
+/// of small frames stays as it was.
+#[inline(never)]
+fn take_large(src: &mut BytesMut, max_frame: usize) -> Option<(ShimToControl, usize)> {
     let len = frame::parse_header(src, max_frame).ok()??;
     let total = HEADER_LEN.checked_add(len)?;
     if len < SHARED_MIN || src.len() < total {
