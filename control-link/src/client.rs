@@ -335,7 +335,11 @@ impl Client {
         let (frames, rx) = mpsc::channel(16);
         self.inner
             .cmds
-            .send(Cmd::Stream { id, msg, frames })
+            .send(Cmd::Stream {
+                id,
+                msg: Box::new(msg),
+                frames,
+            })
             .map_err(|_| self.inner.shared.closed_error())?;
         Ok(rx)
     }
@@ -350,7 +354,11 @@ impl Client {
             let (tx, rx) = oneshot::channel();
             self.inner
                 .cmds
-                .send(Cmd::Request { id, msg, reply: tx })
+                .send(Cmd::Request {
+                    id,
+                    msg: Box::new(msg),
+                    reply: tx,
+                })
                 .map_err(|_| self.inner.shared.closed_error())?;
             rx.await.map_err(|_| self.inner.shared.closed_error())?
         };
@@ -376,7 +384,10 @@ impl Client {
         let (tx, rx) = oneshot::channel();
         self.inner
             .cmds
-            .send(Cmd::Notice { msg, done: tx })
+            .send(Cmd::Notice {
+                msg: Box::new(msg),
+                done: tx,
+            })
             .map_err(|_| self.inner.shared.closed_error())?;
         let limit = self.inner.request_timeout;
         match tokio::time::timeout(limit, rx).await {
@@ -716,7 +727,7 @@ impl Client {
                 .cmds
                 .send(Cmd::Attach {
                     id,
-                    msg,
+                    msg: Box::new(msg),
                     exec_id,
                     reply: tx,
                     sink,

@@ -13,6 +13,7 @@ mod listener;
 mod options;
 #[cfg(feature = "schema")]
 mod outcome;
+mod output;
 mod random;
 mod session;
 mod shared;

@@ -31,11 +31,22 @@ use tokio_util::codec::{Decoder, FramedRead};
 
 use crate::addr::BoxIo;
 use crate::events::RawEvent;
+use crate::output;
 use crate::{random, ConnectOptions, Error, Token};
 
-/// The read buffer: a burst of events (or a large `exec_output`) is read in few syscalls
-/// (tokio-util's default is 8 KiB).
+/// The read buffer's largest usual size: a burst of events (or a large `exec_output`) is
+/// read in few syscalls (tokio-util's default is 8 KiB).
 const READ_BUF: usize = 64 * 1024;
+
+/// The read buffer a connection starts with, and goes back to when idle: a fleet holds
+/// thousands of connections that carry a few small frames a minute, and their read buffers
+/// would otherwise be most of its memory. A read that fills the buffer doubles it for the
+/// next one, up to [`READ_BUF`] (see [`InCodec::grow`]); [`Link::shrink_idle`] gives it
+/// back.
+const INITIAL_READ: usize = 2 * 1024;
+
+/// The write buffer is given back at [`Link::shrink_idle`] once it has grown past this.
+const IDLE_WRITE_BUF: usize = 4 * 1024;
 
 /// Below this much room left in the read buffer, the next read goes to a buffer with room
 /// (see [`InCodec::make_room`]).
@@ -75,6 +86,8 @@ struct InCodec {
     /// The size of the read buffer, when [`InCodec::make_room`] gave it (`None`: the
     /// buffer it started with, which may have grown for a large frame).
     size: Option<usize>,
+    /// The capacity of the read buffer when a read had filled it, until the buffer grows.
+    filled: Option<usize>,
 }
 
 impl InCodec {
@@ -86,6 +99,47 @@ impl InCodec {
             max_frame,
             spare: VecDeque::new(),
             size: None,
+            filled: None,
+        }
+    }
+
+    /// [`Decoder::decode`] of typed messages: a large `exec_output` without a copy
+    /// ([`output::take`]), any other message decoded; the buffer grows while reads fill it.
+    /// Out of line, so that the raw path's code stays as it is.
+    #[inline(never)]
+    fn decode_typed(&mut self, src: &mut BytesMut) -> Result<Option<Incoming>, DecodeError> {
+        self.note_fill(src);
+        if let Some((msg, len)) = output::take(src, self.max_frame) {
+            return Ok(Some(Incoming::Msg(Box::new(msg), len)));
+        }
+        let got = typed(src, |src| self.typed.decode(src))?;
+        if got.is_none() {
+            self.grow(src);
+        }
+        Ok(got)
+    }
+
+    /// Notes a read buffer that a read filled: more was probably waiting. (Taking frames
+    /// off a full buffer leaves it full, shorter from the front: the first, largest, size
+    /// seen is the one the read filled.)
+    fn note_fill(&mut self, src: &BytesMut) {
+        if src.len() == src.capacity() && src.capacity() < READ_BUF {
+            self.filled = self.filled.max(Some(src.capacity()));
+        }
+    }
+
+    /// Once the frames in `src` are taken, doubles it (up to [`READ_BUF`]) if the last read
+    /// filled it, so that a stream of frames is read in fewer, larger reads. The rest of a
+    /// frame it holds moves to the new buffer.
+    fn grow(&mut self, src: &mut BytesMut) {
+        let Some(full) = self.filled.take() else {
+            return;
+        };
+        let target = full.saturating_mul(2).min(READ_BUF).max(src.len());
+        if src.capacity() < target && !src.try_reclaim(target.saturating_sub(src.len())) {
+            let mut next = BytesMut::with_capacity(target);
+            next.extend_from_slice(src);
+            *src = next;
         }
     }
 
@@ -128,7 +182,7 @@ impl Decoder for InCodec {
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Incoming>, DecodeError> {
         if !self.raw {
-            return typed(src, |src| self.typed.decode(src));
+            return self.decode_typed(src);
         }
         // Room for an incomplete frame is made here, before the frame codec would reserve
         // it in a fresh allocation (an error is left to the codec).
@@ -203,7 +257,7 @@ impl Link {
     pub(crate) fn new(io: BoxIo, max_frame: usize) -> Self {
         let (rd, wr) = tokio::io::split(io);
         Self {
-            rd: FramedRead::with_capacity(rd, InCodec::new(max_frame, false), READ_BUF),
+            rd: FramedRead::with_capacity(rd, InCodec::new(max_frame, false), INITIAL_READ),
             wr,
             out: BytesMut::with_capacity(256),
             max_frame,
@@ -220,6 +274,24 @@ impl Link {
     /// Reads events raw ([`Incoming::Event`]) from now on, or decoded (between frames only).
     pub(crate) fn set_raw_events(&mut self, raw: bool) {
         self.rd.decoder_mut().raw = raw;
+    }
+
+    /// Gives back read and write buffers that grew, when nothing is held in them (an idle
+    /// connection: the session calls this at its keepalive check).
+    pub(crate) fn shrink_idle(&mut self) {
+        let buf = self.rd.read_buffer_mut();
+        // `capacity` counts from the read position: an empty buffer can be large and show
+        // little, which `try_reclaim` (no allocation) brings back into view.
+        if buf.is_empty() && (buf.capacity() > INITIAL_READ || buf.try_reclaim(INITIAL_READ + 1)) {
+            *buf = BytesMut::with_capacity(INITIAL_READ);
+            let codec = self.rd.decoder_mut();
+            codec.spare.clear();
+            codec.size = None;
+            codec.filled = None;
+        }
+        if self.out.capacity() > IDLE_WRITE_BUF {
+            self.out = BytesMut::new();
+        }
     }
 
     /// Writes one message.
@@ -497,6 +569,43 @@ mod tests {
             let frame = envelope(e.seq());
             frame.get(frame.len() - 200..) == Some(e.body())
         }));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_read_buffer_grows_while_reads_fill_it_and_goes_back_when_idle() {
+        let (ours, mut theirs) = tokio::net::UnixStream::pair().expect("socketpair");
+        let mut link = Link::new(Box::new(ours), 1 << 20);
+        assert_eq!(link.rd.read_buffer().capacity(), INITIAL_READ);
+        // A burst of 200 typed `custom` events, 240 bytes a frame: far more than a read of
+        // the first buffer takes.
+        let mut burst = Vec::new();
+        for seq in 1..=200 {
+            burst.extend_from_slice(&envelope(seq));
+        }
+        tokio::io::AsyncWriteExt::write_all(&mut theirs, &burst)
+            .await
+            .expect("write");
+        for seq in 1..=200 {
+            match link.recv().await.expect("reads") {
+                Some(ShimToControl::Event(env)) => assert_eq!(env.seq, seq),
+                other => panic!("not event {seq}: {other:?}"),
+            }
+        }
+        let buf = link.rd.read_buffer_mut();
+        assert!(buf.is_empty());
+        assert!(buf.try_reclaim(4 * INITIAL_READ), "the buffer did not grow");
+        assert!(!buf.try_reclaim(2 * READ_BUF + 1), "{}", buf.capacity());
+        // Nothing held: the idle connection's buffer goes back to its first size.
+        link.shrink_idle();
+        assert_eq!(link.rd.read_buffer().capacity(), INITIAL_READ);
+        // And it still reads.
+        tokio::io::AsyncWriteExt::write_all(&mut theirs, &envelope(201))
+            .await
+            .expect("write");
+        match link.recv().await.expect("reads") {
+            Some(ShimToControl::Event(env)) => assert_eq!(env.seq, 201),
+            other => panic!("not event 201: {other:?}"),
+        }
     }
 
     #[test]

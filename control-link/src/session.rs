@@ -67,17 +67,21 @@ async fn reserve_stalled(
 }
 
 /// What a client handle asks of its session.
+///
+/// Messages are boxed: the channel allocates its slots a block of 32 at a time for every
+/// client, and a message inline would make each slot (and every idle client's block) a
+/// few hundred bytes.
 #[derive(Debug)]
 pub(crate) enum Cmd {
     /// A request with an id; the reply comes back by `re`.
     Request {
         id: RequestId,
-        msg: ControlToShim,
+        msg: Box<ControlToShim>,
         reply: oneshot::Sender<Result<ShimToControl, Error>>,
     },
     /// A message without a reply (`exec_input`…); sent only on a live connection.
     Notice {
-        msg: ControlToShim,
+        msg: Box<ControlToShim>,
         done: oneshot::Sender<Result<(), Error>>,
     },
     /// The event stream was taken: send `resume_from` from now on; `raw`: a
@@ -91,7 +95,7 @@ pub(crate) enum Cmd {
     /// `attach_exit`, a refusal, or the connection's end; never resent on another connection.
     Attach {
         id: RequestId,
-        msg: ControlToShim,
+        msg: Box<ControlToShim>,
         exec_id: u64,
         reply: oneshot::Sender<Result<ShimToControl, Error>>,
         sink: AttachSink,
@@ -102,7 +106,7 @@ pub(crate) enum Cmd {
     /// reader asks again from where it is.
     Stream {
         id: RequestId,
-        msg: ControlToShim,
+        msg: Box<ControlToShim>,
         frames: mpsc::Sender<ShimToControl>,
     },
 }
@@ -117,7 +121,7 @@ pub(crate) enum Source {
 }
 
 struct Pending {
-    msg: ControlToShim,
+    msg: Box<ControlToShim>,
     reply: oneshot::Sender<Result<ShimToControl, Error>>,
 }
 
@@ -164,7 +168,7 @@ pub(crate) struct Session {
     /// the stream, its id, whether it is the last frame, the frame.
     stalled: Option<Stalled>,
     /// Streams asked for while no connection was up, sent on the next.
-    streams_waiting: Vec<(RequestId, ControlToShim, mpsc::Sender<ShimToControl>)>,
+    streams_waiting: Vec<(RequestId, Box<ControlToShim>, mpsc::Sender<ShimToControl>)>,
     queued: Option<Item>,
     /// Failed connection attempts since the last good connection.
     attempt: u32,
@@ -323,8 +327,10 @@ impl Session {
                             _ = sleep_until(wake) => break,
                         }
                     }
-                    let attempt = dial_once(addr.clone(), self.opts.clone());
-                    tokio::pin!(attempt);
+                    // Boxed: the dial and handshake are most of the session's state while
+                    // it waits, and inline they would size the session task of every
+                    // client, connected or not.
+                    let mut attempt = Box::pin(dial_once(addr.clone(), self.opts.clone()));
                     let result = loop {
                         tokio::select! {
                             cmd = self.cmds.recv() => if !self.idle_cmd(cmd) { return None },
@@ -409,7 +415,7 @@ impl Session {
         let attaching: Vec<RequestId> = self
             .pending
             .iter()
-            .filter(|(_, p)| matches!(p.msg, ControlToShim::AttachExec(_)))
+            .filter(|(_, p)| matches!(*p.msg, ControlToShim::AttachExec(_)))
             .map(|(&id, _)| id)
             .collect();
         for id in attaching {
@@ -525,6 +531,9 @@ impl Session {
                         keepalive_timer.as_mut().reset(probe_at);
                         continue;
                     }
+                    // Silent for a keepalive interval: an idle connection's grown buffers
+                    // go back.
+                    link.shrink_idle();
                     keepalive_timer.as_mut().reset(last_rx + keepalive * 2);
                     if probing {
                         warn!(?keepalive, "the shim does not answer; dropping the connection");
@@ -760,7 +769,7 @@ impl Session {
         match re {
             Some(re) => match self.pending.remove(&re) {
                 Some(p) => {
-                    if let (ControlToShim::AttachExec(a), ShimToControl::Error(_)) = (&p.msg, &msg)
+                    if let (ControlToShim::AttachExec(a), ShimToControl::Error(_)) = (&*p.msg, &msg)
                     {
                         self.attached.remove(&a.exec_id);
                     }

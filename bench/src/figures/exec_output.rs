@@ -194,9 +194,10 @@ pub fn run(ctx: &Ctx) -> Figure {
              (`head`, the shim, the client) on the machine's cores instead of two. The shim \
              reads each chunk (at most 128 KiB) into a reused buffer and hands it on without a \
              copy, encodes it once, in place, into the replay buffer, and writes such large \
-             frames to the socket as they are; what remains is that one copy, the socket's, \
-             and control-link's decode of each envelope into a typed `Event` (one more copy) \
-             handed through its channel."
+             frames to the socket as they are; control-link hands each large chunk out as a \
+             slice of the frame it came in. What remains is the copy into the replay buffer \
+             and the socket's. `head` itself writes 4 KiB at a time: the bare pipe is the \
+             ceiling of every row."
                 .into(),
         );
     }

@@ -240,3 +240,51 @@ fn a_slowly_read_attach_stream_holds_its_bound_and_reports_the_loss() -> Result<
         Ok(())
     })
 }
+
+in_both_modes! {
+    fn large_exec_output_arrives_whole_and_in_order(mode: Mode) -> Result<()> {
+        let shim = LinkShim::start(mode)?;
+        runtime()?.block_on(async {
+            let client = within(PATIENCE, "connect", connect(&shim.addr, None)).await??;
+            let mut events = client.events()?;
+            read_until(&mut events, PATIENCE, |e| matches!(e, Event::DriverReady(_))).await?;
+            // Written a MiB at a time: the shim reads chunks as large as it takes (up to
+            // 128 KiB), which control-link hands out as slices of the frames they came in.
+            let started = client
+                .exec(ExecSpec::new([
+                    "sh",
+                    "-c",
+                    "seq 1 400000 | dd bs=1M iflag=fullblock 2>/dev/null",
+                ]))
+                .await?;
+            let got = read_until(&mut events, PATIENCE, |e| {
+                matches!(e, Event::ExecExit(x) if x.exec_id == started.exec_id)
+            })
+            .await?;
+            let chunks: Vec<&[u8]> = got
+                .iter()
+                .filter_map(|(_, e)| match e {
+                    Event::ExecOutput(o) if o.exec_id == started.exec_id => Some(&o.data[..]),
+                    _ => None,
+                })
+                .collect();
+            let out = chunks.concat();
+            let want: String = (1..=400_000).map(|i| format!("{i}\n")).collect();
+            let largest = chunks.iter().map(|c| c.len()).max().unwrap_or(0);
+            ensure!(
+                out == want.as_bytes(),
+                "{} bytes in {} chunks (largest {largest}), want {}",
+                out.len(),
+                chunks.len(),
+                want.len()
+            );
+            // `dd` fills the 256 KiB pipe a MiB at a time: chunks of 128 KiB (control-link
+            // takes those of 16 KiB and more without a copy).
+            ensure!(largest > 16 * 1024, "largest chunk {largest} bytes");
+            let Some((_, Event::ExecExit(exit))) = got.last() else { bail!("no exec_exit") };
+            ensure!(exit.code == Some(0), "{exit:?}");
+            client.close().await;
+            Ok(())
+        })
+    }
+}
