@@ -437,8 +437,8 @@ async fn answer(id: RequestId, reply: Reply, mut helper: Helper) -> Option<Helpe
 }
 
 /// Relays an `fs_read`'s `fs_data` frames, made whole by its process, flow-controlled by the
-/// connection. Each frame is held until the next record: the process is back in the pool
-/// (after its final answer) before the client has the last frame and can ask again.
+/// connection. The last frame (`eof`, no data) is held until the final answer: the process
+/// is back in the pool before the client has the last frame and can ask again.
 async fn read(m: FsRead, mut stream: ReplyStream, mut helper: Helper, pool: Rc<Pool>) {
     let id = m.id;
     let mut held: Option<Bytes> = None;
@@ -453,10 +453,17 @@ async fn read(m: FsRead, mut stream: ReplyStream, mut helper: Helper, pool: Rc<P
         }
         let msg = match record {
             Ok(Some(Record::Frame(frame))) => {
-                if let Some(prev) = held.replace(frame) {
+                if let Some(prev) = held.take() {
                     if stream.send_frame(prev).await.is_err() {
                         break;
                     }
+                }
+                // A frame without data (the `eof`) waits for the final answer; the others go
+                // on at once.
+                if frame.len() + 5 == ops::DATA_HEAD {
+                    held = Some(frame);
+                } else if stream.send_frame(frame).await.is_err() {
+                    break;
                 }
                 continue;
             }
