@@ -68,7 +68,7 @@ use consumers::Consumers;
 use gate::{Gate, Refused};
 use ids::IdCache;
 pub use registry::RegistryConfig;
-pub use stream::{Gone, ReplyStream};
+pub use stream::ReplyStream;
 use transport::Listener;
 
 /// Commands waiting for the supervisor; a client sending faster is simply not read.

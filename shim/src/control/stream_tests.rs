@@ -12,6 +12,7 @@ use tokio::time::timeout;
 use tokio_util::codec::{Decoder as _, Encoder as _};
 
 use super::super::*;
+use super::Gone;
 
 const DEADLINE: Duration = Duration::from_secs(10);
 

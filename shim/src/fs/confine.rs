@@ -81,7 +81,7 @@ pub fn open_beneath(
     let flags = flags | libc::O_CLOEXEC;
     if !force_walk {
         match openat2(root, rel, flags) {
-            Err(ResolveError::Sys(Errno::ENOSYS | Errno::EPERM)) if !rel.is_empty() => {}
+            Err(ResolveError::Sys(Errno::ENOSYS | Errno::EPERM)) => {}
             other => return other,
         }
     }

@@ -1,6 +1,7 @@
-//! The operation's process: forked from the shim for one file operation, it drops to the
+//! The operation's process: forked from the shim for a file operation, it drops to the
 //! sandbox user and does the blocking work, answering on a socket the shim reads without
-//! ever blocking.
+//! ever blocking. A process forked to serve takes further operations ([`TAG_OP`] records)
+//! on that socket, one at a time, until the shim closes it or kills it (`mod.rs`, the pool).
 //!
 //! ```text
 //!   shim (PID 1, its loop)                         operation process (uid of --user)
@@ -8,7 +9,8 @@
 //!   pidfd_open(pid)                                 no_new_privs, not dumpable, no core,
 //!   read records (async, bounded) ◄── socket ────── every fd but the socket closed;
 //!   SIGKILL through the pidfd when the request      open the root, run the operation,
-//!   is abandoned (its connection is gone)           write its records, _exit
+//!   is abandoned (its connection is gone)           write its records, _exit (or, serving,
+//!   send the next operation (TAG_OP) ────────────►  read the next operation, open the root…)
 //! ```
 //!
 //! The child is a `fork` without `exec`: it runs the shim's own code, which is sound because
@@ -88,8 +90,13 @@ pub struct Records {
     buf: BytesMut,
 }
 
-/// Forks the process for `op`. Must be called on the shim's (single) thread.
-pub fn start(op: &Op, settings: &Settings) -> io::Result<Helper> {
+/// A record tag (shim to a serving process): the next operation follows ([`encode_op`]).
+pub const TAG_OP: u8 = b'O';
+
+/// Forks the process for `op`; with `serve`, the process then serves further operations
+/// sent to it ([`encode_op`]) until its socket is closed. Must be called on the shim's
+/// (single) thread.
+pub fn start(op: &Op, settings: &Settings, serve: bool) -> io::Result<Helper> {
     let mut fds = [0 as RawFd; 2];
     // SAFETY: `fds` is a writable array of two descriptors.
     if unsafe {
@@ -134,7 +141,7 @@ pub fn start(op: &Op, settings: &Settings) -> io::Result<Helper> {
     }
     if pid == 0 {
         drop(ours);
-        child(op, settings, theirs);
+        child(op, settings, theirs, serve);
     }
     drop(theirs);
     // Right after the fork, before anything can reap the child: the pidfd names this
@@ -170,6 +177,182 @@ impl Helper {
     pub fn finished(&mut self) {
         self.done = true;
     }
+
+    /// Whether this process, which gave its final answer and serves, may take another
+    /// operation: it is neither gone nor stopped (`waitid` through the pidfd, the status
+    /// left for the reaper) and said nothing since. A process without a pidfd is never
+    /// reused (it could not be killed safely).
+    pub fn idle_ok(&mut self) -> bool {
+        // From here on it is killed on drop, as any process that may be busy.
+        self.done = false;
+        let Some(fd) = &self.pidfd else {
+            return false;
+        };
+        if !self.rd.buf.is_empty() {
+            return false;
+        }
+        // SAFETY: an all-zero `siginfo_t` is a valid value; `waitid` writes it.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: a plain syscall on our pidfd with a writable `siginfo_t`.
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PIDFD,
+                fd.as_raw_fd() as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WSTOPPED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        // SAFETY: `si_pid` is valid for the child statuses `waitid` reports, zero if none.
+        if r != 0 || unsafe { info.si_pid() } != 0 {
+            return false;
+        }
+        let mut byte = 0u8;
+        // SAFETY: a non-blocking peek of one byte into `byte`.
+        let n = unsafe {
+            libc::recv(
+                self.rd.sock.as_ref().as_raw_fd(),
+                std::ptr::from_mut(&mut byte).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        // Nothing to read and not closed: idle, as it should be.
+        n < 0 && Errno::last() == Errno::EAGAIN
+    }
+}
+
+/// An operation as a [`TAG_OP`] record's payload, for a serving process; `None` for an
+/// upload or a watch (a process of their own), or one too large for a record.
+pub fn encode_op(op: &Op) -> Option<Vec<u8>> {
+    fn s(w: &mut Vec<u8>, v: &str) {
+        w.extend_from_slice(&u32::try_from(v.len()).unwrap_or(u32::MAX).to_be_bytes());
+        w.extend_from_slice(v.as_bytes());
+    }
+    fn o(w: &mut Vec<u8>, v: Option<u64>) {
+        w.push(u8::from(v.is_some()));
+        w.extend_from_slice(&v.unwrap_or_default().to_be_bytes());
+    }
+    let mut w = Vec::with_capacity(64);
+    let (kind, id) = match op {
+        Op::Stat(m) => (b's', m.id),
+        Op::List(m) => (b'l', m.id),
+        Op::Read(m) => (b'r', m.id),
+        Op::Mkdir(m) => (b'm', m.id),
+        Op::Remove(m) => (b'x', m.id),
+        Op::Rename(m) => (b'n', m.id),
+        Op::Write(_) | Op::Watch(_) => return None,
+    };
+    w.push(kind);
+    w.extend_from_slice(&id.to_be_bytes());
+    match op {
+        Op::Stat(m) => {
+            s(&mut w, &m.path);
+            w.push(u8::from(m.follow));
+        }
+        Op::List(m) => {
+            s(&mut w, &m.path);
+            w.push(u8::from(m.after.is_some()));
+            s(&mut w, m.after.as_deref().unwrap_or_default());
+            o(&mut w, m.limit.map(u64::from));
+        }
+        Op::Read(m) => {
+            s(&mut w, &m.path);
+            w.extend_from_slice(&m.offset.to_be_bytes());
+            o(&mut w, m.length);
+        }
+        Op::Mkdir(m) => {
+            s(&mut w, &m.path);
+            w.push(u8::from(m.parents));
+            o(&mut w, m.mode.map(u64::from));
+        }
+        Op::Remove(m) => {
+            s(&mut w, &m.path);
+            w.push(u8::from(m.recursive));
+        }
+        Op::Rename(m) => {
+            s(&mut w, &m.from);
+            s(&mut w, &m.to);
+        }
+        Op::Write(_) | Op::Watch(_) => return None,
+    }
+    (w.len() <= MSG_MAX).then_some(w)
+}
+
+/// The operation of a [`TAG_OP`] record's payload; `None` if it is not one.
+pub fn decode_op(b: &[u8]) -> Option<Op> {
+    use driver_protocol::message::{FsList, FsMkdir, FsRead, FsRemove, FsRename, FsStat};
+    struct R<'a>(&'a [u8]);
+    impl R<'_> {
+        fn take(&mut self, n: usize) -> Option<&[u8]> {
+            let (a, b) = (self.0.get(..n)?, self.0.get(n..)?);
+            self.0 = b;
+            Some(a)
+        }
+        fn u8(&mut self) -> Option<u8> {
+            self.take(1)?.first().copied()
+        }
+        fn flag(&mut self) -> Option<bool> {
+            self.u8().map(|b| b != 0)
+        }
+        fn u64(&mut self) -> Option<u64> {
+            Some(u64::from_be_bytes(self.take(8)?.try_into().ok()?))
+        }
+        fn s(&mut self) -> Option<String> {
+            let n = u32::from_be_bytes(self.take(4)?.try_into().ok()?) as usize;
+            String::from_utf8(self.take(n)?.to_vec()).ok()
+        }
+        fn o(&mut self) -> Option<Option<u64>> {
+            let some = self.flag()?;
+            let v = self.u64()?;
+            Some(some.then_some(v))
+        }
+    }
+    let mut r = R(b);
+    let kind = r.u8()?;
+    let id = r.u64()?;
+    let op = match kind {
+        b's' => Op::Stat(FsStat {
+            id,
+            path: r.s()?,
+            follow: r.flag()?,
+        }),
+        b'l' => {
+            let path = r.s()?;
+            let some = r.flag()?;
+            let after = r.s()?;
+            let limit = r.o()?.map(|v| u32::try_from(v).unwrap_or(u32::MAX));
+            Op::List(FsList {
+                id,
+                path,
+                after: some.then_some(after),
+                limit,
+            })
+        }
+        b'r' => Op::Read(FsRead {
+            id,
+            path: r.s()?,
+            offset: r.u64()?,
+            length: r.o()?,
+        }),
+        b'm' => Op::Mkdir(FsMkdir {
+            id,
+            path: r.s()?,
+            parents: r.flag()?,
+            mode: r.o()?.map(|v| u32::try_from(v).unwrap_or(u32::MAX)),
+        }),
+        b'x' => Op::Remove(FsRemove {
+            id,
+            path: r.s()?,
+            recursive: r.flag()?,
+        }),
+        b'n' => Op::Rename(FsRename {
+            id,
+            from: r.s()?,
+            to: r.s()?,
+        }),
+        _ => return None,
+    };
+    r.0.is_empty().then_some(op)
 }
 
 /// Sends the child one record (an upload's bytes, or the commit).
@@ -285,10 +468,11 @@ impl Drop for Helper {
     }
 }
 
-/// The child: never returns.
-fn child(op: &Op, settings: &Settings, sock: OwnedFd) -> ! {
+/// The child: never returns. With `serve`, after `op` it reads further operations
+/// ([`TAG_OP`] records) and runs each in turn, until the shim closes its end.
+fn child(op: &Op, settings: &Settings, sock: OwnedFd, serve: bool) -> ! {
     let code = match prepare(settings, &sock) {
-        Ok(root) => {
+        Ok(()) => {
             let stream = std::os::unix::net::UnixStream::from(sock);
             let input = stream.try_clone();
             let mut out = Out::new(io::BufWriter::with_capacity(CHUNK + DATA_HEAD, stream));
@@ -299,19 +483,35 @@ fn child(op: &Op, settings: &Settings, sock: OwnedFd) -> ! {
                 // SAFETY: `_exit` ends the process without running the parent's handlers.
                 Err(_) => unsafe { libc::_exit(1) },
             };
-            let run = ops::run(
-                op,
-                root.as_raw_fd(),
-                settings.force_walk,
-                &mut input,
-                &mut out,
-            );
-            let sent = match run {
-                Ok(ShimToControl::Ok(_)) => out.done(),
-                Ok(msg) => out.msg(&msg),
-                Err(f) => out.fail(&f),
-            };
-            i32::from(sent.and_then(|()| out.flush()).is_err())
+            let mut next: Option<Op> = None;
+            loop {
+                let op = next.as_ref().unwrap_or(op);
+                let run = open_root(settings).and_then(|root| {
+                    ops::run(
+                        op,
+                        root.as_raw_fd(),
+                        settings.force_walk,
+                        &mut input,
+                        &mut out,
+                    )
+                });
+                let sent = match run {
+                    Ok(ShimToControl::Ok(_)) => out.done(),
+                    Ok(msg) => out.msg(&msg),
+                    Err(f) => out.fail(&f),
+                };
+                if sent.and_then(|()| out.flush()).is_err() {
+                    break 1;
+                }
+                if !serve {
+                    break 0;
+                }
+                match next_op(&mut input) {
+                    Some(Some(op)) => next = Some(op),
+                    Some(None) => break 1,
+                    None => break 0,
+                }
+            }
         }
         Err(f) => {
             let stream = std::os::unix::net::UnixStream::from(sock);
@@ -323,8 +523,41 @@ fn child(op: &Op, settings: &Settings, sock: OwnedFd) -> ! {
     unsafe { libc::_exit(code) }
 }
 
-/// The child's setup: descriptors, credentials, and the root, opened as the user.
-fn prepare(settings: &Settings, sock: &OwnedFd) -> Result<OwnedFd, Failure> {
+/// The next operation for a serving child: `None` when the shim closed its end,
+/// `Some(None)` for anything else than an operation.
+fn next_op(input: &mut impl io::Read) -> Option<Option<Op>> {
+    let mut head = [0u8; 5];
+    input.read_exact(&mut head).ok()?;
+    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    if head[0] != TAG_OP || len > MSG_MAX {
+        return Some(None);
+    }
+    let mut payload = vec![0u8; len];
+    if input.read_exact(&mut payload).is_err() {
+        return Some(None);
+    }
+    Some(decode_op(&payload))
+}
+
+/// The file root, opened as the user (again for each operation: a root replaced since the
+/// last one is the one used).
+fn open_root(settings: &Settings) -> Result<OwnedFd, Failure> {
+    // SAFETY: a NUL-terminated path; the result is a new descriptor or -1.
+    let fd = unsafe {
+        libc::open(
+            settings.root.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(Failure::errno(Errno::last(), "the file root"));
+    }
+    // SAFETY: a fresh descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The child's setup: descriptors and credentials.
+fn prepare(settings: &Settings, sock: &OwnedFd) -> Result<(), Failure> {
     let keep = sock.as_raw_fd();
     // SAFETY: raw syscalls on this (single-threaded) child's own state.
     unsafe {
@@ -368,13 +601,87 @@ fn prepare(settings: &Settings, sock: &OwnedFd) -> Result<OwnedFd, Failure> {
         if let Some(mask) = settings.umask {
             libc::umask(mask as libc::mode_t);
         }
-        let fd = libc::open(
-            settings.root.as_ptr(),
-            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        );
-        if fd < 0 {
-            return Err(Failure::errno(Errno::last(), "the file root"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use driver_protocol::message::{FsList, FsMkdir, FsRead, FsRemove, FsRename, FsStat};
+
+    use super::*;
+
+    /// Every one-shot operation goes to a serving process and back as it was, options
+    /// present or not; uploads and watches are not sent; a cut or padded record is refused.
+    #[test]
+    fn operations_go_to_a_serving_process_exactly() {
+        let ops = [
+            Op::Stat(FsStat {
+                id: 1,
+                path: "a/b".into(),
+                follow: true,
+            }),
+            Op::List(FsList {
+                id: u64::MAX,
+                path: String::new(),
+                after: Some("ü".into()),
+                limit: Some(7),
+            }),
+            Op::List(FsList {
+                id: 3,
+                path: "d".into(),
+                after: None,
+                limit: None,
+            }),
+            Op::Read(FsRead {
+                id: 4,
+                path: "f".into(),
+                offset: 1 << 40,
+                length: Some(0),
+            }),
+            Op::Read(FsRead {
+                id: 5,
+                path: "f".into(),
+                offset: 0,
+                length: None,
+            }),
+            Op::Mkdir(FsMkdir {
+                id: 6,
+                path: "m".into(),
+                parents: true,
+                mode: Some(0o700),
+            }),
+            Op::Remove(FsRemove {
+                id: 7,
+                path: "r".into(),
+                recursive: true,
+            }),
+            Op::Rename(FsRename {
+                id: 8,
+                from: "x".into(),
+                to: "y/z".into(),
+            }),
+        ];
+        for op in ops {
+            let payload = encode_op(&op).expect("a one-shot operation");
+            let back = decode_op(&payload).expect("decodes");
+            assert_eq!(format!("{back:?}"), format!("{op:?}"));
+            for cut in 0..payload.len() {
+                assert!(decode_op(&payload[..cut]).is_none(), "{op:?} cut at {cut}");
+            }
+            let mut padded = payload.clone();
+            padded.push(0);
+            assert!(decode_op(&padded).is_none());
         }
-        Ok(OwnedFd::from_raw_fd(fd))
+        let write = Op::Write(driver_protocol::message::FsWriteOpen {
+            id: 9,
+            path: "w".into(),
+            mode: None,
+            parents: false,
+            append: false,
+            handle: None,
+        });
+        assert!(encode_op(&write).is_none());
+        assert!(decode_op(b"q\0\0\0\0\0\0\0\x01").is_none());
     }
 }

@@ -2,21 +2,30 @@
 //! `fs_read` (streamed), `fs_mkdir`, `fs_remove`, `fs_rename`, confined to `--fs-root` and done
 //! with the rights of the sandbox user (`--user`).
 //!
-//! **Why a process per operation.** Two rules meet here. An operation must do what the
+//! **Why a process of its own.** Two rules meet here. An operation must do what the
 //! sandbox user could do and nothing more, never with root's rights; and PID 1's loop must
 //! never block on anything the tenant controls, while every file here is the tenant's: a FUSE
 //! or NFS path can hang a `read`, an `open`, even a `stat`, for ever. `setfsuid` on the loop's
 //! thread would solve the first and not the second; a thread would solve the second, but a
 //! thread stuck in an uninterruptible FUSE read can never be cancelled, and per-thread
-//! credentials in a process whose other code assumes root are easy to get wrong. A process
-//! per operation solves both: it is forked, drops to the user's uid and gid (no supplementary
-//! groups, `no_new_privs`, not dumpable), opens the root as that user, does the blocking work,
-//! and answers on a socket that the loop reads asynchronously and with bounds (`helper.rs`).
-//! A hung operation holds its own process and one slot of `--fs-max-ops`; it is killed
-//! (`SIGKILL` through a pidfd) when its request is abandoned: an `fs_read` whose connection is
-//! gone, any other operation after [`OP_TIMEOUT`]. A fork of the small shim costs tens of
-//! microseconds, small against a transfer; listing or reading many small files pays it per
-//! request.
+//! credentials in a process whose other code assumes root are easy to get wrong. An
+//! operation process solves both: it is forked, drops to the user's uid and gid (no
+//! supplementary groups, `no_new_privs`, not dumpable), opens the root as that user, does the
+//! blocking work, and answers on a socket that the loop reads asynchronously and with bounds
+//! (`helper.rs`). A hung operation holds its own process and one slot of `--fs-max-ops`; it is
+//! killed (`SIGKILL` through a pidfd) when its request is abandoned: an `fs_read` whose
+//! connection is gone, any other operation after [`OP_TIMEOUT`].
+//!
+//! **The pool.** A one-shot operation (stat, list, read, mkdir, remove, rename) is served by
+//! a process that stays after its answer: up to [`POOL_MAX`] wait idle, each killed after
+//! [`POOL_IDLE`] unused, and the next operation is sent to one of them (a small record,
+//! `helper::encode_op`) instead of forking: listing and reading many small files pays the
+//! fork once, not per request. There is one user and one root per shim, so any process of
+//! the pool may take any operation; each opens the root again per operation. A process goes
+//! back to the pool only after its final answer, and is taken only if it is neither gone nor
+//! stopped nor talking out of turn: a tenant who kills or stops an idle process (it runs as
+//! the tenant's uid) costs it its place, and fails at most the operation in flight on it.
+//! Uploads and watches have a process of their own, for their whole life.
 //!
 //! **Confinement** is `confine.rs`: `openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)`, or a
 //! component-by-component walk where the kernel lacks it. **The operations** are `ops.rs`.
@@ -49,7 +58,7 @@ use driver_protocol::message::{
 use driver_protocol::ErrorCode;
 use tracing::{debug, warn};
 
-use crate::control::{Command, Gone, Reply, ReplyStream};
+use crate::control::{Command, Reply, ReplyStream};
 pub use helper::Settings;
 use helper::{Helper, Record};
 
@@ -105,6 +114,8 @@ pub struct Files {
     max_watches: usize,
     /// Events per second per watch.
     watch_rate: u32,
+    /// Idle operation processes, kept for the next operations.
+    pool: Rc<Pool>,
     /// Watch events for the shell to publish (bounded).
     events_tx: tokio::sync::mpsc::Sender<FileEvent>,
     events_rx: tokio::sync::mpsc::Receiver<FileEvent>,
@@ -142,6 +153,7 @@ impl Files {
             watches: Rc::default(),
             max_watches: limits.watches,
             watch_rate: limits.watch_rate.max(1),
+            pool: Rc::default(),
             events_tx,
             events_rx,
         }
@@ -212,16 +224,27 @@ impl Files {
             return None;
         }
         let slot = Slot::take(&self.running);
-        let helper = match helper::start(&op, &self.settings) {
-            Ok(h) => h,
-            Err(err) => {
-                warn!(error = %err, "cannot start a file operation");
-                let msg = format!("cannot start the operation: {err}");
-                reply.send(error(id, ErrorCode::Internal, msg));
-                return None;
-            }
+        // A one-shot operation (not an upload, not a watch) goes to an idle process of the
+        // pool if there is one, else to a new process that serves on after it.
+        let pooled = helper::encode_op(&op)
+            .and_then(|payload| self.pool.take().map(|helper| (helper, payload)));
+        let serve = matches!(
+            op,
+            Op::Stat(_) | Op::List(_) | Op::Read(_) | Op::Mkdir(_) | Op::Remove(_) | Op::Rename(_)
+        );
+        let (helper, payload) = match pooled {
+            Some((helper, payload)) => (helper, Some(payload)),
+            None => match helper::start(&op, &self.settings, serve) {
+                Ok(h) => (h, None),
+                Err(err) => {
+                    warn!(error = %err, "cannot start a file operation");
+                    let msg = format!("cannot start the operation: {err}");
+                    reply.send(error(id, ErrorCode::Internal, msg));
+                    return None;
+                }
+            },
         };
-        debug!(id, pid = helper.pid(), op = ?op, "file operation started");
+        debug!(id, pid = helper.pid(), reused = payload.is_some(), op = ?op, "file operation started");
         if let Op::Write(m) = op {
             self.uploads.start(m, reply, helper, slot);
             return None;
@@ -239,14 +262,92 @@ impl Files {
             self.watches.borrow_mut().insert(id, task.abort_handle());
             return None;
         }
+        let pool = Rc::clone(&self.pool);
         spawn(async move {
+            let mut helper = helper;
+            // The record goes into an idle process's empty socket buffer: it does not wait.
+            // Should the process be gone, the answer below says so.
+            if let Some(payload) = payload {
+                let send = helper::send(&mut helper.wr, helper::TAG_OP, &payload);
+                let _ = tokio::time::timeout(OP_TIMEOUT, send).await;
+            }
             match op {
-                Op::Read(m) => read(m, reply.into_stream(), helper).await,
-                _ => answer(id, reply, helper).await,
+                Op::Read(m) => read(m, reply.into_stream(), helper, pool).await,
+                _ => {
+                    if let Some(helper) = answer(id, reply, helper).await {
+                        Pool::put(&pool, helper);
+                    }
+                }
             }
             drop(slot);
         });
         None
+    }
+}
+
+/// Idle operation processes, at most [`POOL_MAX`], each killed after [`POOL_IDLE`] unused.
+///
+/// The shim has one user and one file root, so every process of the pool runs as that user
+/// beneath that root: any of them may take any operation. Each opens the root again for
+/// every operation. A process is reused only after its final answer, and only when it is
+/// neither gone nor stopped nor talking out of turn ([`Helper::idle_ok`]): what a tenant does
+/// to an idle process (it runs as the tenant's uid) costs it its place, never the next
+/// operation.
+#[derive(Debug, Default)]
+struct Pool {
+    /// The oldest first.
+    idle: std::cell::RefCell<Vec<(Helper, tokio::time::Instant)>>,
+    reaping: Cell<bool>,
+}
+
+/// Idle operation processes kept at most.
+pub const POOL_MAX: usize = 4;
+
+/// An operation process unused for this long is killed.
+pub const POOL_IDLE: Duration = Duration::from_secs(5);
+
+impl Pool {
+    /// The most recently used idle process that can serve, if any (the others met on the
+    /// way are killed).
+    fn take(&self) -> Option<Helper> {
+        loop {
+            let (mut helper, _) = self.idle.borrow_mut().pop()?;
+            if helper.idle_ok() {
+                return Some(helper);
+            }
+        }
+    }
+
+    /// Keeps a process that gave its final answer, if there is room; kills it otherwise.
+    fn put(pool: &Rc<Self>, mut helper: Helper) {
+        if !helper.idle_ok() || pool.idle.borrow().len() >= POOL_MAX {
+            return;
+        }
+        pool.idle
+            .borrow_mut()
+            .push((helper, tokio::time::Instant::now()));
+        if !pool.reaping.replace(true) {
+            let pool = Rc::clone(pool);
+            spawn(async move {
+                loop {
+                    let oldest = pool.idle.borrow().first().map(|(_, t)| *t);
+                    let Some(oldest) = oldest else { break };
+                    tokio::time::sleep_until(oldest + POOL_IDLE).await;
+                    let now = tokio::time::Instant::now();
+                    // Dropped: killed.
+                    let old: Vec<_> = {
+                        let mut idle = pool.idle.borrow_mut();
+                        let keep = idle
+                            .iter()
+                            .take_while(|(_, t)| *t + POOL_IDLE <= now)
+                            .count();
+                        idle.drain(..keep).collect()
+                    };
+                    drop(old);
+                }
+                pool.reaping.set(false);
+            });
+        }
     }
 }
 
@@ -306,8 +407,10 @@ fn is_final(rec: &io::Result<Option<Record>>) -> bool {
     )
 }
 
-/// Waits (at most [`OP_TIMEOUT`]) for a one-frame operation's answer and sends it.
-async fn answer(id: RequestId, reply: Reply, mut helper: Helper) {
+/// Waits (at most [`OP_TIMEOUT`]) for a one-frame operation's answer and sends it. The
+/// process back once it gave its final answer (it may serve again), killed otherwise.
+async fn answer(id: RequestId, reply: Reply, mut helper: Helper) -> Option<Helper> {
+    let mut last = false;
     let wait = async {
         loop {
             let rec = helper.rd.next().await;
@@ -316,6 +419,7 @@ async fn answer(id: RequestId, reply: Reply, mut helper: Helper) {
             }
             if is_final(&rec) {
                 helper.finished();
+                last = true;
             }
             return outcome(id, rec);
         }
@@ -329,45 +433,62 @@ async fn answer(id: RequestId, reply: Reply, mut helper: Helper) {
             reply.send(error(id, ErrorCode::Timeout, msg));
         }
     }
-    drop(helper);
+    last.then_some(helper)
 }
 
 /// Relays an `fs_read`'s `fs_data` frames, made whole by its process, flow-controlled by the
-/// connection.
-async fn read(m: FsRead, mut stream: ReplyStream, mut helper: Helper) {
+/// connection. The last frame (`eof`, no data) is held until the final answer: the process
+/// is back in the pool before the client has the last frame and can ask again.
+async fn read(m: FsRead, mut stream: ReplyStream, mut helper: Helper, pool: Rc<Pool>) {
     let id = m.id;
+    let mut held: Option<Bytes> = None;
     while !stream.is_gone() {
         let record = tokio::select! {
             r = helper.rd.next() => r,
-            () = stream.gone() => {
-                debug!(id, "fs_read abandoned: its connection is gone");
-                return;
-            }
+            () = stream.gone() => break,
         };
-        if is_final(&record) {
+        let last = is_final(&record);
+        if last {
             helper.finished();
         }
-        let sent = match record {
-            Ok(Some(Record::Frame(frame))) => stream.send_frame(frame).await,
-            // The process sent the `eof` frame before it.
-            Ok(Some(Record::Done)) => return,
-            other => {
-                let msg = outcome(id, other).unwrap_or_else(|_| {
-                    error(
-                        id,
-                        ErrorCode::Internal,
-                        "the read answered out of turn".to_owned(),
-                    )
-                });
-                let _ = stream.send(&msg).await;
-                return;
+        let msg = match record {
+            Ok(Some(Record::Frame(frame))) => {
+                if let Some(prev) = held.take() {
+                    if stream.send_frame(prev).await.is_err() {
+                        break;
+                    }
+                }
+                // A frame without data (the `eof`) waits for the final answer; the others go
+                // on at once.
+                if frame.len() + 5 == ops::DATA_HEAD {
+                    held = Some(frame);
+                } else if stream.send_frame(frame).await.is_err() {
+                    break;
+                }
+                continue;
             }
+            // The process sent the `eof` frame before it.
+            Ok(Some(Record::Done)) => None,
+            other => Some(outcome(id, other).unwrap_or_else(|_| {
+                error(
+                    id,
+                    ErrorCode::Internal,
+                    "the read answered out of turn".to_owned(),
+                )
+            })),
         };
-        if let Err(Gone) = sent {
-            debug!(id, "fs_read abandoned: its connection is gone");
-            return;
+        if last {
+            Pool::put(&pool, helper);
         }
+        if let Some(frame) = held {
+            let _ = stream.send_frame(frame).await;
+        }
+        if let Some(msg) = msg {
+            let _ = stream.send(&msg).await;
+        }
+        return;
     }
+    debug!(id, "fs_read abandoned: its connection is gone");
 }
 
 /// A watch event for the shell to publish: as the watch's process encoded it, or made here.

@@ -530,6 +530,166 @@ fn is_helper(pid: libc::pid_t, shim: &Running) -> bool {
     exe(pid).is_some() && exe(pid) == exe(shim.pid())
 }
 
+/// The operation processes of `shim` running as uid 1000 (zombies, already killed, not
+/// counted), in pid order.
+fn helpers_1000(shim: &Running) -> Vec<libc::pid_t> {
+    let mut pids: Vec<_> = shim
+        .shim_children()
+        .into_iter()
+        .filter(|pid| uid_of(*pid) == Some(1000) && is_helper(*pid, shim))
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+/// The state letter of `pid` (`T` stopped), from `/proc/<pid>/stat`.
+fn state_of(pid: libc::pid_t) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")?.1.chars().next()
+}
+
+/// The one idle operation process, once the last operation's process is back in the pool
+/// and any other is gone.
+fn one_idle(shim: &Running) -> Result<libc::pid_t> {
+    crate::support::poll_until(PATIENCE, || match helpers_1000(shim)[..] {
+        [pid] => Some(pid),
+        _ => None,
+    })
+    .with_context(|| format!("one idle operation process: {:?}", helpers_1000(shim)))
+}
+
+#[test]
+fn small_operations_reuse_a_process_that_a_tenant_cannot_turn_against_the_next() -> Result<()> {
+    require_root!();
+    let dir = TempDir::new("files-pool")?;
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(&root)?;
+    std::fs::write(root.join("a"), b"one")?;
+    let sock = dir.path().join("c.sock");
+    let shim = shim(&sock, &root, &["--user", "1000:1000"])?;
+    let mut ctl = connect(&sock, &shim)?;
+
+    // Reused: one process answers a stat, reads, a failed read and a list, in turn.
+    entry(stat(&mut ctl, "a", false)?)?;
+    let first = one_idle(&shim)?;
+    for _ in 0..5 {
+        assert_eq!(read_all(&mut ctl, "a")?.ok().as_deref(), Some(&b"one"[..]));
+        let r = read_all(&mut ctl, "missing")?;
+        assert_eq!(r.err().as_ref().and_then(code), Some(ErrorCode::NotFound));
+    }
+    let id = ctl.id();
+    let r = ctl.request(
+        id,
+        FsList {
+            id,
+            path: "/".into(),
+            after: None,
+            limit: None,
+        },
+    )?;
+    ensure!(matches!(r, ShimToControl::FsListReply(_)), "{r:?}");
+    assert_eq!(one_idle(&shim)?, first, "the same process served them all");
+
+    // The root is opened again for each operation: a root replaced is the one used.
+    std::fs::rename(&root, dir.path().join("old"))?;
+    std::fs::create_dir_all(&root)?;
+    std::fs::write(root.join("a"), b"two")?;
+    assert_eq!(read_all(&mut ctl, "a")?.ok().as_deref(), Some(&b"two"[..]));
+    assert_eq!(one_idle(&shim)?, first);
+
+    // Killed by the tenant while idle: the next operation gets a new process and succeeds.
+    // SAFETY: a plain kill of a pid of ours (we are root).
+    unsafe { libc::kill(first, libc::SIGKILL) };
+    crate::support::poll_until(PATIENCE, || helpers_1000(&shim).is_empty().then_some(()))
+        .context("the killed process reaped")?;
+    entry(stat(&mut ctl, "a", false)?)?;
+    let second = one_idle(&shim)?;
+    assert_ne!(second, first);
+
+    // Stopped by the tenant while idle: it is not given the next operation (which is
+    // answered at once), and it is killed.
+    // SAFETY: as above.
+    unsafe { libc::kill(second, libc::SIGSTOP) };
+    crate::support::poll_until(PATIENCE, || (state_of(second) == Some('T')).then_some(()))
+        .context("stopped")?;
+    let started = Instant::now();
+    assert_eq!(read_all(&mut ctl, "a")?.ok().as_deref(), Some(&b"two"[..]));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "answered at once"
+    );
+    let third = one_idle(&shim)?;
+    assert!(third != first && third != second);
+    ensure!(
+        !Path::new(&format!("/proc/{second}")).exists(),
+        "the stopped process {second} is still there"
+    );
+
+    // Killed in the middle of an operation: that operation fails with an error, the next
+    // is served by a new process.
+    let big = root.join("big");
+    std::fs::File::create(&big)?.set_len(256 << 20)?;
+    let id = ctl.id();
+    ctl.send(FsRead {
+        id,
+        path: "big".into(),
+        offset: 0,
+        length: None,
+    })?;
+    match ctl.reply_to(id, PATIENCE)? {
+        ShimToControl::FsData(_) => {}
+        other => bail!("fs_data expected: {other:?}"),
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(third, libc::SIGKILL) };
+    let ended = loop {
+        match ctl.reply_to(id, PATIENCE)? {
+            ShimToControl::FsData(d) if !d.eof => continue,
+            other => break other,
+        }
+    };
+    assert_eq!(code(&ended), Some(ErrorCode::Internal), "{ended:?}");
+    entry(stat(&mut ctl, "a", false)?)?;
+    let fourth = one_idle(&shim)?;
+    assert_ne!(fourth, third);
+
+    // Idle for a while: reaped.
+    let gone = crate::support::poll_until(Duration::from_secs(15), || {
+        helpers_1000(&shim).is_empty().then_some(())
+    });
+    ensure!(
+        gone.is_some(),
+        "idle processes left: {:?}",
+        helpers_1000(&shim)
+    );
+    entry(stat(&mut ctl, "a", false)?)?;
+    Ok(())
+}
+
+#[test]
+fn idle_processes_hold_no_place_and_the_limit_still_refuses() -> Result<()> {
+    require_root!();
+    let dir = TempDir::new("files-limit")?;
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(&root)?;
+    std::fs::write(root.join("a"), b"one")?;
+    let sock = dir.path().join("c.sock");
+    let shim = shim(&sock, &root, &["--fs-max-ops", "1"])?;
+    let mut ctl = connect(&sock, &shim)?;
+    for _ in 0..3 {
+        entry(stat(&mut ctl, "a", false)?)?;
+    }
+    // An idle process waits in the pool; the one place is free for an upload, which then
+    // holds it: the next operation is refused with `limit`.
+    let handle = open_upload(&mut ctl, "up", false)?;
+    let r = stat(&mut ctl, "a", false)?;
+    assert_eq!(code(&r), Some(ErrorCode::Limit), "{r:?}");
+    let r = close_upload(&mut ctl, handle, true)?;
+    ensure!(matches!(r, ShimToControl::Ok(_)), "{r:?}");
+    entry(stat(&mut ctl, "a", false)?)?;
+    Ok(())
+}
+
 #[test]
 fn a_read_cut_mid_stream_resumes_by_offset() -> Result<()> {
     require_root!();
