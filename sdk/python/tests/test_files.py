@@ -655,8 +655,6 @@ def test_a_watch_over_its_rate_says_it_overflowed(shim_factory, tmp_path):
     run(go())
 
 
-@pytest.mark.xfail(strict=True, reason="the shim reports a watch's rate-limited drops only with "
-                   "the watch's next change: after a last burst, the overflow waits for ever")
 def test_a_last_burst_over_the_rate_is_reported_without_a_later_change(shim_factory, tmp_path):
     root = tmp_path / "root"
     (root / "w").mkdir(parents=True)

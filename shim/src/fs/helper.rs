@@ -468,6 +468,26 @@ impl Drop for Helper {
     }
 }
 
+/// Runs `op` beneath `root`; data goes to `out` as it is read, the final message is returned.
+fn run<R: io::Read, W: io::Write>(
+    op: &Op,
+    root: RawFd,
+    walk: bool,
+    input: &mut R,
+    out: &mut Out<W>,
+) -> Result<ShimToControl, Failure> {
+    match op {
+        Op::Write(m) => ops::write(m, root, walk, input, out),
+        Op::Watch(m) => super::watch::run(m, root, walk, out),
+        Op::Stat(m) => ops::stat(m, root, walk),
+        Op::List(m) => ops::list(m, root, walk),
+        Op::Read(m) => ops::read(m, root, walk, out),
+        Op::Mkdir(m) => ops::mkdir(m, root, walk),
+        Op::Remove(m) => ops::remove(m, root, walk),
+        Op::Rename(m) => ops::rename(m, root, walk),
+    }
+}
+
 /// The child: never returns. With `serve`, after `op` it reads further operations
 /// ([`TAG_OP`] records) and runs each in turn, until the shim closes its end.
 fn child(op: &Op, settings: &Settings, sock: OwnedFd, serve: bool) -> ! {
@@ -487,7 +507,7 @@ fn child(op: &Op, settings: &Settings, sock: OwnedFd, serve: bool) -> ! {
             loop {
                 let op = next.as_ref().unwrap_or(op);
                 let run = open_root(settings).and_then(|root| {
-                    ops::run(
+                    run(
                         op,
                         root.as_raw_fd(),
                         settings.force_walk,

@@ -535,7 +535,35 @@ async fn watch(
     let mut tokens = f64::from(rate);
     let mut last = tokio::time::Instant::now();
     loop {
-        let ev = match helper.rd.next().await {
+        // While changes are held back as dropped, the overflow that says so goes out as soon
+        // as the bucket and the queue have room, even when no further change comes (the
+        // wait for the next record is cancel-safe: a record read in part stays buffered).
+        let next = if dropped > 0 {
+            let short = (2.0 - tokens).max(0.0) / f64::from(rate.max(1));
+            let wait = std::time::Duration::from_secs_f64(short.min(1.0))
+                .max(std::time::Duration::from_millis(20));
+            match tokio::time::timeout(wait, helper.rd.next()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    let now = tokio::time::Instant::now();
+                    tokens = (tokens + now.duration_since(last).as_secs_f64() * f64::from(rate))
+                        .min(f64::from(rate));
+                    last = now;
+                    if tokens >= 1.0
+                        && events
+                            .try_send(made(FsChange::Overflow, Some(dropped)))
+                            .is_ok()
+                    {
+                        tokens -= 1.0;
+                        dropped = 0;
+                    }
+                    continue;
+                }
+            }
+        } else {
+            helper.rd.next().await
+        };
+        let ev = match next {
             Ok(Some(Record::Event(body))) => FileEvent::Raw(body),
             Ok(Some(Record::Frame(_))) => continue,
             other => {

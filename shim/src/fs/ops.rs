@@ -16,7 +16,6 @@ use driver_protocol::ErrorCode;
 use nix::errno::Errno;
 
 use super::confine::{self, open_beneath, parent_beneath, stat_at, ResolveError};
-use super::Op;
 
 /// The largest `data` of one `fs_data` frame.
 pub const CHUNK: usize = 256 * 1024;
@@ -148,26 +147,6 @@ impl<W: Write> Out<W> {
     }
 }
 
-/// Runs `op` beneath `root`; data goes to `out` as it is read, the final message is returned.
-pub fn run<R: Read, W: Write>(
-    op: &Op,
-    root: RawFd,
-    walk: bool,
-    input: &mut R,
-    out: &mut Out<W>,
-) -> Result<ShimToControl, Failure> {
-    match op {
-        Op::Write(m) => write(m, root, walk, input, out),
-        Op::Watch(m) => super::watch::run(m, root, walk, out),
-        Op::Stat(m) => stat(m, root, walk),
-        Op::List(m) => list(m, root, walk),
-        Op::Read(m) => read(m, root, walk, out),
-        Op::Mkdir(m) => mkdir(m, root, walk),
-        Op::Remove(m) => remove(m, root, walk),
-        Op::Rename(m) => rename(m, root, walk),
-    }
-}
-
 fn comps(path: &str) -> Result<Vec<&str>, Failure> {
     confine::components(path).map_err(|e| Failure::resolve(e, path))
 }
@@ -208,7 +187,7 @@ fn entry(name: String, st: &libc::stat, link: Option<(RawFd, &CString)>) -> FsEn
     }
 }
 
-fn stat(m: &FsStat, root: RawFd, walk: bool) -> Result<ShimToControl, Failure> {
+pub(super) fn stat(m: &FsStat, root: RawFd, walk: bool) -> Result<ShimToControl, Failure> {
     let rel = comps(&m.path)?;
     let fail = |e| Failure::resolve(e, &m.path);
     let entry = match rel.last() {
@@ -299,7 +278,7 @@ pub(super) fn open_dir(
     DirStream::open(fd).map_err(|e| Failure::errno(e, path))
 }
 
-fn list(m: &FsList, root: RawFd, walk: bool) -> Result<ShimToControl, Failure> {
+pub(super) fn list(m: &FsList, root: RawFd, walk: bool) -> Result<ShimToControl, Failure> {
     let rel = comps(&m.path)?;
     let mut dir = open_dir(root, &rel, walk, &m.path)?;
     let mut names = Vec::new();
@@ -371,7 +350,7 @@ fn same(a: &libc::stat, b: &libc::stat) -> bool {
         && a.st_dev == b.st_dev
 }
 
-fn read<W: Write>(
+pub(super) fn read<W: Write>(
     m: &FsRead,
     root: RawFd,
     walk: bool,
@@ -481,7 +460,7 @@ fn mkdir_at(dir: RawFd, name: &CString, mode: u32) -> Result<(), Errno> {
     Ok(())
 }
 
-fn mkdir(m: &FsMkdir, root: RawFd, walk: bool) -> Result<ShimToControl, Failure> {
+pub(super) fn mkdir(m: &FsMkdir, root: RawFd, walk: bool) -> Result<ShimToControl, Failure> {
     let rel = comps(&m.path)?;
     let mode = m.mode.unwrap_or(0o755) & 0o7777;
     let fail = |e| Failure::resolve(e, &m.path);
@@ -564,7 +543,7 @@ fn empty_tree(dir: RawFd, name: &CString, depth: usize, path: &str) -> Result<()
     Ok(())
 }
 
-fn remove(m: &FsRemove, root: RawFd, walk: bool) -> Result<ShimToControl, Failure> {
+pub(super) fn remove(m: &FsRemove, root: RawFd, walk: bool) -> Result<ShimToControl, Failure> {
     let rel = comps(&m.path)?;
     if rel.is_empty() {
         return Err(Failure::new(
@@ -586,7 +565,7 @@ fn remove(m: &FsRemove, root: RawFd, walk: bool) -> Result<ShimToControl, Failur
     Ok(OkReply::new(0).into())
 }
 
-fn rename(m: &FsRename, root: RawFd, walk: bool) -> Result<ShimToControl, Failure> {
+pub(super) fn rename(m: &FsRename, root: RawFd, walk: bool) -> Result<ShimToControl, Failure> {
     let from = comps(&m.from)?;
     let to = comps(&m.to)?;
     if from.is_empty() || to.is_empty() {
@@ -628,7 +607,7 @@ impl Drop for Temp<'_> {
     }
 }
 
-fn write<R: Read, W: Write>(
+pub(super) fn write<R: Read, W: Write>(
     m: &FsWriteOpen,
     root: RawFd,
     walk: bool,
