@@ -238,6 +238,12 @@ impl Reply {
                 }
             }
         };
+        self.deliver(frame);
+    }
+
+    /// Records `frame` (a whole encoded reply) for retries of the request's id and writes it
+    /// to the connection the request came from, if it is still the live one.
+    fn deliver(&self, frame: bytes::Bytes) {
         let target = {
             let Ok(mut st) = self.inner.state.try_borrow_mut() else {
                 error!(id = ?self.id, "control state busy; reply dropped");

@@ -66,22 +66,7 @@ impl Reply {
         let mut frame = bytes::BytesMut::with_capacity(body.len() + 4);
         frame.extend_from_slice(&u32::try_from(body.len()).unwrap_or(u32::MAX).to_be_bytes());
         frame.extend_from_slice(body);
-        let frame = frame.freeze();
-        let target = {
-            let Ok(mut st) = self.inner.state.try_borrow_mut() else {
-                error!(id = ?self.id, "control state busy; reply dropped");
-                return;
-            };
-            let conn = match self.id {
-                Some(id) => st.ids.complete(id, frame.clone()).unwrap_or(self.conn),
-                None => self.conn,
-            };
-            st.session(conn)
-        };
-        match target {
-            Some(conn) => conn.send(frame),
-            None => debug!(id = ?self.id, "reply recorded; its connection is gone"),
-        }
+        self.deliver(frame.freeze());
     }
 
     /// Turns this reply into a stream of frames to the request's connection. The request's
