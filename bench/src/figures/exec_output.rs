@@ -14,14 +14,36 @@ use crate::stats::{list, median};
 
 use super::Ctx;
 
-/// Bytes per second of `head -c BYTES /dev/zero` read straight from a pipe.
-fn pipe_run(bytes: u64) -> Result<f64> {
-    let t0 = now_ns();
-    let mut child = Command::new("head")
-        .args(["-c", &bytes.to_string(), "/dev/zero"])
+/// The tool's writes: 128 KiB each, as large as the shim's reads, so the producer is not what
+/// caps the figure (`head` writes 4 KiB at a time).
+const BLOCK: u64 = 128 << 10;
+
+/// The tool that writes `bytes` (a multiple of [`BLOCK`]) of zeros to stdout, in writes of
+/// [`BLOCK`]: `dd if=/dev/zero bs=128K count=N status=none`.
+fn producer(bytes: u64) -> [String; 5] {
+    [
+        "dd".into(),
+        "if=/dev/zero".into(),
+        format!("bs={BLOCK}"),
+        format!("count={}", bytes / BLOCK),
+        "status=none".into(),
+    ]
+}
+
+/// The producer started with its stdout on a pipe.
+fn spawn_producer(bytes: u64) -> Result<std::process::Child> {
+    let [cmd, args @ ..] = producer(bytes);
+    Command::new(cmd)
+        .args(args)
         .stdout(Stdio::piped())
         .spawn()
-        .context("spawn head")?;
+        .context("spawn dd")
+}
+
+/// Bytes per second of the producer read straight from a pipe.
+fn pipe_run(bytes: u64) -> Result<f64> {
+    let t0 = now_ns();
+    let mut child = spawn_producer(bytes)?;
     let mut out = child.stdout.take().context("no stdout")?;
     let mut buf = vec![0u8; 1 << 16];
     let mut got = 0u64;
@@ -39,18 +61,14 @@ fn pipe_run(bytes: u64) -> Result<f64> {
     Ok(bytes as f64 / ((now_ns() - t0) as f64 / 1e9))
 }
 
-/// Bytes per second of `head -c BYTES /dev/zero` copied by a minimal forwarder thread from
+/// Bytes per second of the producer copied by a minimal forwarder thread from
 /// its pipe to a socketpair (reads of 128 KiB, each written whole), read from the socket by
 /// the bench: the raw pipe-to-socket copy the shim is held against.
 fn pipe_socket_run(bytes: u64) -> Result<f64> {
     use std::io::Write as _;
     use std::os::unix::net::UnixStream;
     let t0 = now_ns();
-    let mut child = Command::new("head")
-        .args(["-c", &bytes.to_string(), "/dev/zero"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("spawn head")?;
+    let mut child = spawn_producer(bytes)?;
     let mut out = child.stdout.take().context("no stdout")?;
     let (mut tx, mut rx) = UnixStream::pair()?;
     rx.set_read_timeout(Some(Duration::from_secs(60)))?;
@@ -91,11 +109,9 @@ fn shim_run(ctx: &Ctx, n: usize, bytes: u64) -> Result<f64> {
     let result = (|| -> Result<f64> {
         let mut client = Client::connect(&sock, Duration::from_secs(10))?;
         client.wait_driver_ready(Duration::from_secs(10))?;
-        let count = bytes.to_string();
-        let run = client.exec_output(
-            &["head", "-c", &count, "/dev/zero"],
-            Duration::from_secs(300),
-        )?;
+        let argv = producer(bytes);
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let run = client.exec_output(&argv, Duration::from_secs(300))?;
         client.close();
         if run.bytes != bytes {
             bail!("received {} of {bytes} bytes of output", run.bytes);
@@ -112,12 +128,13 @@ pub fn run(ctx: &Ctx) -> Figure {
     let bytes: u64 = ctx.pick(1 << 30, 64 << 20);
     let mut fig = Figure::new(
         "exec output",
-        "A control-link `Client` sends `exec{argv: [head, -c, 1 GiB, /dev/zero]}` to agent-shim \
+        "A control-link `Client` sends `exec{argv: [dd, if=/dev/zero, bs=131072, count=8192, \
+         status=none]}` (1 GiB in writes of 128 KiB) to agent-shim \
          (supervising the bench driver) and reads every `exec_output` event from its event \
          stream until `exec_exit` (acknowledged in control-link's batches); bytes / time from \
-         the request to `exec_exit`. Baseline: the same `head` copied by a minimal forwarder \
+         the request to `exec_exit`. Baseline: the same `dd` copied by a minimal forwarder \
          thread from its pipe to a socketpair (128 KiB reads, each written whole) and read \
-         from the socket by the bench; for scale, the same `head` read straight from its \
+         from the socket by the bench; for scale, the same `dd` read straight from its \
          pipe. Runs interleaved; medians.",
     );
     let text = "≥ 2.5 GB/s";
@@ -191,13 +208,12 @@ pub fn run(ctx: &Ctx) -> Figure {
     if median(&shim).is_some_and(|v| v < 2.5) {
         fig.notes.push(
             "FAIL: the output still crosses more copies than a pipe, with three processes \
-             (`head`, the shim, the client) on the machine's cores instead of two. The shim \
+             (`dd`, the shim, the client) on the machine's cores instead of two. The shim \
              reads each chunk (at most 128 KiB) into a reused buffer and hands it on without a \
              copy, encodes it once, in place, into the replay buffer, and writes such large \
              frames to the socket as they are; control-link hands each large chunk out as a \
              slice of the frame it came in. What remains is the copy into the replay buffer \
-             and the socket's. `head` itself writes 4 KiB at a time: the bare pipe is the \
-             ceiling of every row."
+             and the socket's; the bare pipe is the ceiling of every row."
                 .into(),
         );
     }
