@@ -38,12 +38,14 @@ const SPAWNS: u64 = 20;
 /// The budgets: a count over its budget is a FAIL. Each is the count measured when it was
 /// set (2026-12-07, rustc 1.95, the static musl shim) plus about 5%: a change that costs
 /// more shows here first, whatever the machine's load. Instructions per relayed event in
-/// the shim (measured 2,332).
-const BUDGET_SHIM_EVENT: u64 = 2_450;
-/// Instructions per event on control-link's read path (measured 2,354).
+/// the shim (measured 2,435: the event's relay leaves the supervisor's core as an output).
+const BUDGET_SHIM_EVENT: u64 = 2_550;
+/// Instructions per event on control-link's read path (measured 2,340).
 const BUDGET_LINK_EVENT: u64 = 2_470;
-/// Instructions per exec spawn in the shim (measured 159,721 and 161,782).
-const BUDGET_SPAWN: u64 = 170_000;
+/// Instructions per exec spawn in the shim (measured 178,932 and 180,570: the per-exec
+/// cgroup is made, written and removed through the descriptors opened at start, and
+/// valgrind, which has no `openat2`, takes the component walk).
+const BUDGET_SPAWN: u64 = 190_000;
 /// Instructions of a whole plain-mode run of `agent-shim -- true` (measured 121,995).
 const BUDGET_PLAIN: u64 = 128_000;
 
@@ -533,7 +535,7 @@ fn twice(f: impl Fn(&str) -> Result<u64>, tag: &str) -> Twice {
     (f(&format!("{tag}-a")), f(&format!("{tag}-b")))
 }
 
-/// Measures every count twice (the two must be equal) and holds each against its budget.
+/// Measures every count twice (the two must agree within a share) and holds each against its budget.
 pub fn run(ctx: &Ctx) -> Figure {
     let mut fig = Figure::new(
         "instruction counts",
@@ -554,14 +556,15 @@ pub fn run(ctx: &Ctx) -> Figure {
          other, each from the request to its `exec_exit`; count ÷ 20 (the forked child's \
          instructions up to its `execve` are its own). Plain-mode start: the whole run of \
          `agent-shim -- true` (start, spawn, reap, exit). Each count is held against a \
-         budget. control-link's read path repeats to the instruction; in the shim, its \
-         runtime's timer driver may turn once more in one run than in the other (the window \
+         budget. control-link's read path repeats to the instruction but for one park of its \
+         runtime at the window's start that comes in one run and not in the other (about \
+         1,400 of 46.8 M instructions); in the shim, its runtime's timer driver may turn once more in one run than in the other (the window \
          lasts some wall-clock time), and an exec's exit, output end and SIGCHLD arrive in \
          an order the kernel decides: their runs must agree within the share shown.",
     );
     let targets = [
         "relay, shim: instructions per event ≤ budget, two runs within 0.1%",
-        "relay, control-link: instructions per event ≤ budget, two runs equal",
+        "relay, control-link: instructions per event ≤ budget, two runs within 0.01%",
         "exec spawn: instructions per spawn ≤ budget, two runs within 3%",
         "plain-mode start: instructions ≤ budget, two runs within 1%",
     ];
@@ -608,7 +611,7 @@ pub fn run(ctx: &Ctx) -> Figure {
             RELAY_EVENTS,
             twice(|t| link_read(ctx, &dir, t), "link"),
             wall,
-            0.0,
+            0.0001,
         ),
         (
             targets[2],
