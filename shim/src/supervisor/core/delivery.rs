@@ -228,8 +228,8 @@ mod tests {
         assert!(
             matches!(
                 &outs[..],
-                [Output::ToDriver(ShimToDriver::Error(e))]
-                    if e.code == ErrorCode::InvalidState && e.task_id.as_deref() == Some("t1")
+                [Output::ToDriver(m)] if matches!(&**m, ShimToDriver::Error(e)
+                    if e.code == ErrorCode::InvalidState && e.task_id.as_deref() == Some("t1"))
             ),
             "{outs:?}"
         );

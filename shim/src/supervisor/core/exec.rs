@@ -396,7 +396,9 @@ impl Core {
                 debug!(code = %msg.code, message = msg.message, "exec message from the driver refused");
                 self.send(msg);
             }
-            ExecOwner::Control => self.out.push(Output::Reply(ShimToControl::Error(msg))),
+            ExecOwner::Control => self
+                .out
+                .push(Output::Reply(Box::new(ShimToControl::Error(msg)))),
         }
     }
 
@@ -569,8 +571,14 @@ mod tests {
     fn exits(outs: &[Output]) -> Vec<ExecExit> {
         outs.iter()
             .filter_map(|o| match o {
-                Output::ToDriver(ShimToDriver::ExecExit(x)) => Some(x.clone()),
-                Output::Event(Event::ExecExit(x)) => Some(x.clone()),
+                Output::ToDriver(m) => match &**m {
+                    ShimToDriver::ExecExit(x) => Some(x.clone()),
+                    _ => None,
+                },
+                Output::Event(e) => match &**e {
+                    Event::ExecExit(x) => Some(x.clone()),
+                    _ => None,
+                },
                 _ => None,
             })
             .collect()
@@ -800,7 +808,7 @@ mod tests {
         core.on_driver_msg(DriverToShim::Exec(exec(9, &["ls"])), body(), t0);
         assert_eq!(
             core.take_outputs(),
-            vec![Output::StartExec(exec(9, &["ls"]))]
+            vec![Output::StartExec(Box::new(exec(9, &["ls"])))]
         );
     }
 

@@ -323,7 +323,7 @@ mod tests {
         );
         let outs = turn(&mut core, t3);
         assert!(
-            matches!(outs.first(), Some(Output::Event(Event::Busy(_)))),
+            matches!(outs.first(), Some(Output::Event(e)) if matches!(**e, Event::Busy(_))),
             "{outs:?}"
         );
         assert!(matches!(outs.get(1), Some(Output::Relay(_))), "{outs:?}");

@@ -108,9 +108,8 @@ impl Core {
     /// A driver event checked but not decoded (see `driver_protocol::check`), naming
     /// `task_id`, of `len` bytes: what [`Core::on_driver_msg`] does with one, without the
     /// message. To relay it, the core asks for [`Output::RelayEvent`] (after any other output
-    /// this produced: a `busy` event); the shell holds the body. (The shell itself calls
-    /// [`Core::relay_driver_event`].)
-    #[cfg(test)]
+    /// this produced: a `busy` event); the shell holds the body. When that is the only
+    /// output, the shell takes it with [`Core::take_lone_relay`] and publishes at once.
     pub fn on_driver_event(
         &mut self,
         type_name: &str,
@@ -121,26 +120,6 @@ impl Core {
         if self.driver_event(type_name, task_id, len, now) {
             self.out.push(Output::RelayEvent);
         }
-    }
-
-    /// `on_driver_event` for the shell's fast path: true when relaying the event is all there
-    /// is to do (nothing else was asked for), and then nothing is asked for: the shell
-    /// publishes the event at once. Otherwise exactly `on_driver_event` (the event is relayed
-    /// through [`Output::RelayEvent`], after the other outputs).
-    pub fn relay_driver_event(
-        &mut self,
-        type_name: &str,
-        task_id: Option<&[u8]>,
-        len: usize,
-        now: Instant,
-    ) -> bool {
-        if self.driver_event(type_name, task_id, len, now) {
-            if self.out.is_empty() {
-                return true;
-            }
-            self.out.push(Output::RelayEvent);
-        }
-        false
     }
 
     /// What `on_driver_event` does but the asking: whether the event is relayed.
@@ -274,7 +253,7 @@ impl Core {
                     self.out.push(Output::Relay(body));
                 }
             }
-            DriverToShim::Exec(e) => self.out.push(Output::StartExec(e)),
+            DriverToShim::Exec(e) => self.out.push(Output::StartExec(Box::new(e))),
             DriverToShim::ExecInput(m) => self.exec_input(ExecOwner::Driver(pid), m),
             DriverToShim::ExecResize(m) => self.exec_resize(ExecOwner::Driver(pid), &m),
             DriverToShim::ExecSignal(m) => self.exec_signal(ExecOwner::Driver(pid), &m),

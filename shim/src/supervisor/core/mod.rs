@@ -274,6 +274,17 @@ impl Core {
         &self.out
     }
 
+    /// Takes the outputs when they are exactly one [`Output::RelayEvent`] (the common case of
+    /// a driver event: relaying it is all there is to do), so the shell publishes it at once
+    /// without a turn of its output loop; otherwise leaves them.
+    pub fn take_lone_relay(&mut self) -> bool {
+        let lone = matches!(self.out.as_slice(), [Output::RelayEvent]);
+        if lone {
+            self.out.clear();
+        }
+        lone
+    }
+
     /// The shim's exit code once it should exit.
     pub fn exit_code(&self) -> Option<i32> {
         self.exit_code
@@ -311,11 +322,11 @@ impl Core {
     }
 
     fn send(&mut self, msg: impl Into<ShimToDriver>) {
-        self.out.push(Output::ToDriver(msg.into()));
+        self.out.push(Output::ToDriver(Box::new(msg.into())));
     }
 
     fn event(&mut self, ev: impl Into<Event>) {
-        self.out.push(Output::Event(ev.into()));
+        self.out.push(Output::Event(Box::new(ev.into())));
     }
 
     /// The shim exits with `code`: its last event says so (in a microVM, the one way besides
@@ -434,7 +445,7 @@ impl Core {
     pub fn on_command(&mut self, req: driver_protocol::message::ControlToShim, now: Instant) {
         let first = self.out.len();
         let reply = self.execute(req, now);
-        self.out.insert(first, Output::Reply(reply));
+        self.out.insert(first, Output::Reply(Box::new(reply)));
     }
 
     /// Executes one control command and returns its reply.
@@ -496,7 +507,7 @@ impl Core {
     pub fn on_status(&mut self, re: u64, now: Instant, counters: &Counters) {
         let reply = self.status_reply(re, now, counters);
         self.out
-            .push(Output::Reply(ShimToControl::StatusReply(reply)));
+            .push(Output::Reply(Box::new(ShimToControl::StatusReply(reply))));
     }
 
     /// The `status_reply` to request `re`: what the core knows, and the shell's `counters`.
@@ -559,10 +570,19 @@ impl Core {
     /// refused (taken from the outputs); what it asked for otherwise stays.
     #[cfg(test)]
     pub(crate) fn steering_refused(&mut self) -> Result<(), Refusal> {
-        match self.out.last() {
-            Some(
-                Output::Reply(ShimToControl::Error(e)) | Output::ToDriver(ShimToDriver::Error(e)),
-            ) if e.re.is_none() => {
+        let refusal = match self.out.last() {
+            Some(Output::Reply(r)) => match &**r {
+                ShimToControl::Error(e) => Some(e),
+                _ => None,
+            },
+            Some(Output::ToDriver(m)) => match &**m {
+                ShimToDriver::Error(e) => Some(e),
+                _ => None,
+            },
+            _ => None,
+        };
+        match refusal {
+            Some(e) if e.re.is_none() => {
                 let (code, message) = (e.code.clone(), e.message.clone());
                 self.out.pop();
                 Err((code, message))
@@ -575,7 +595,10 @@ impl Core {
     pub(crate) fn status(&mut self, re: u64, now: Instant, counters: &Counters) -> StatusReply {
         self.on_status(re, now, counters);
         match self.out.pop() {
-            Some(Output::Reply(ShimToControl::StatusReply(r))) => r,
+            Some(Output::Reply(r)) => match *r {
+                ShimToControl::StatusReply(r) => r,
+                other => panic!("on_status gave no status_reply: {other:?}"),
+            },
             other => panic!("on_status gave no status_reply: {other:?}"),
         }
     }

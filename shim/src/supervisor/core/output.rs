@@ -17,21 +17,20 @@ use super::Core;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Output {
     /// Queue this message for the driver.
-    ToDriver(ShimToDriver),
+    ToDriver(Box<ShimToDriver>),
     /// Publish this shim event.
-    Event(Event),
+    Event(Box<Event>),
     /// Publish this driver event, given as its MessagePack body (relayed, never re-encoded).
     Relay(Bytes),
-    /// Publish the driver event just given to `Core::on_driver_event` (or to
-    /// `Core::relay_driver_event`, when other outputs come first): the shell holds its body
-    /// (relayed from the read buffer as it is, never copied for the core).
+    /// Publish the driver event just given to `Core::on_driver_event`: the shell holds its
+    /// body (relayed from the read buffer as it is, never copied for the core).
     RelayEvent,
     /// Launch the driver now (then call [`Core::on_launched`] or [`Core::on_launch_error`]).
     Launch,
     /// Stop reading the driver's socket (it sent something unusable).
     StopReading,
     /// The driver asks for an exec: start it (see [`Core::exec_admit`]) and answer the driver.
-    StartExec(driver_protocol::message::Exec),
+    StartExec(Box<driver_protocol::message::Exec>),
     /// The exec request given to [`Core::exec_admit`] is admitted as exec `id`: fork it for
     /// `owner` (running as `user`), then call [`Core::exec_started`] (or
     /// [`Core::exec_spawn_failed`]).
@@ -63,7 +62,7 @@ pub enum Output {
     /// The reply to the control command just given to [`Core::on_command`] or
     /// [`Core::on_status`], or the refusal of a control `exec_input`, `exec_resize` or
     /// `exec_signal` (those have no reply when carried out).
-    Reply(ShimToControl),
+    Reply(Box<ShimToControl>),
 }
 
 /// A signal the core decided to send, by whom it is meant for.

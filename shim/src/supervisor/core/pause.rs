@@ -279,17 +279,17 @@ mod tests {
         assert!(is_ok(&r, 7));
         let outs = core.take_outputs();
         let clock = outs.iter().position(|o| {
-            matches!(
-                o,
-                Output::Event(Event::ClockSet(ClockSet {
+            matches!(o, Output::Event(e) if matches!(
+                **e,
+                Event::ClockSet(ClockSet {
                     unix_ms: 2_000,
                     jump_ms: 1_500
-                }))
-            )
+                })
+            ))
         });
-        let resume = outs
-            .iter()
-            .position(|o| matches!(o, Output::ToDriver(ShimToDriver::Resume(_))));
+        let resume = outs.iter().position(
+            |o| matches!(o, Output::ToDriver(m) if matches!(**m, ShimToDriver::Resume(_))),
+        );
         assert!(
             clock.is_some() && resume.is_some() && clock < resume,
             "{outs:?}"

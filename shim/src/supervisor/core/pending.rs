@@ -16,8 +16,14 @@ use crate::reaper::ExitStatus;
 fn exec_exits(outs: &[Output]) -> Vec<ExecExit> {
     outs.iter()
         .filter_map(|o| match o {
-            Output::ToDriver(ShimToDriver::ExecExit(x)) => Some(x.clone()),
-            Output::Event(Event::ExecExit(x)) => Some(x.clone()),
+            Output::ToDriver(m) => match &**m {
+                ShimToDriver::ExecExit(x) => Some(x.clone()),
+                _ => None,
+            },
+            Output::Event(e) => match &**e {
+                Event::ExecExit(x) => Some(x.clone()),
+                _ => None,
+            },
             _ => None,
         })
         .collect()

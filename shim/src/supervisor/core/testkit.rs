@@ -97,7 +97,7 @@ pub(super) fn body() -> Bytes {
 pub(super) fn events(outs: &[Output]) -> Vec<&Event> {
     outs.iter()
         .filter_map(|o| match o {
-            Output::Event(e) => Some(e),
+            Output::Event(e) => Some(&**e),
             _ => None,
         })
         .collect()
@@ -116,7 +116,7 @@ pub(super) fn states(outs: &[Output]) -> Vec<(DriverState, DriverState)> {
 pub(super) fn to_driver(outs: &[Output]) -> Vec<&ShimToDriver> {
     outs.iter()
         .filter_map(|o| match o {
-            Output::ToDriver(m) => Some(m),
+            Output::ToDriver(m) => Some(&**m),
             _ => None,
         })
         .collect()
@@ -128,7 +128,7 @@ pub(super) fn command(core: &mut Core, req: ControlToShim, now: Instant) -> Shim
     core.on_command(req, now);
     let at = core.out.iter().position(|o| matches!(o, Output::Reply(_)));
     match at.map(|i| core.out.remove(i)) {
-        Some(Output::Reply(r)) => r,
+        Some(Output::Reply(r)) => *r,
         other => panic!("no reply: {other:?}"),
     }
 }

@@ -308,12 +308,11 @@ impl Shell<'_> {
             // into the replay buffer.
             let body = link.rbuf.get(HEADER_LEN..want).unwrap_or_default();
             if let Some(ev) = check::relayable_event_task(body) {
-                // The common case: relayed from the read buffer as it is, with nothing else
-                // to do (no output asked of the core).
-                if self
-                    .core
-                    .relay_driver_event(ev.type_name, ev.task_id, len, now)
-                {
+                self.core
+                    .on_driver_event(ev.type_name, ev.task_id, len, now);
+                // The common case: relaying it is all there is to do. It is relayed from the
+                // read buffer as it is, at once.
+                if self.core.take_lone_relay() {
                     relay(&mut self.control, body);
                     link.rbuf.advance(want);
                     continue;

@@ -418,7 +418,7 @@ impl Shell<'_> {
                     },
                     Output::Launch => self.launch(),
                     Output::StopReading => self.stop_reading(),
-                    Output::StartExec(req) => self.driver_exec(req),
+                    Output::StartExec(req) => self.driver_exec(*req),
                     Output::ExecAdmitted { id, owner, user } => self.exec_admitted(id, owner, user),
                     Output::ExecRefused(code, message) => self.exec_refused(code, message),
                     Output::ExecInput(m) => self.exec_input(m),
@@ -444,7 +444,7 @@ impl Shell<'_> {
                         }
                     }
                     Output::Reply(reply) => match self.replying.take() {
-                        Some(to) => to.send(reply),
+                        Some(to) => to.send(*reply),
                         None => debug!("a reply without a command"),
                     },
                 }
