@@ -556,8 +556,14 @@ impl Gathered<'_, '_> {
             if let Some(slot) = iov.first_mut() {
                 *slot = IoSlice::new(head_left);
             }
+            // An observer whose next event was freed while it waited is told so (`lagged`,
+            // by the writer's loop) before anything after it: nothing is skipped silently.
+            let lagged = conn
+                .cursor
+                .get()
+                .is_some_and(|c| c < st.buffer.acked() && conn.consumer.borrow().is_none());
             let (n, first) = match (conn.cursor.get(), iov.get_mut(h..)) {
-                (Some(cursor), Some(slots)) => {
+                (Some(cursor), Some(slots)) if !lagged => {
                     let limit = WRITE_BATCH.saturating_sub(head_left.len());
                     st.buffer.gather(cursor, slots, limit)
                 }
@@ -565,7 +571,7 @@ impl Gathered<'_, '_> {
             };
             let slices = iov.get(..h + n).unwrap_or_default();
             if slices.is_empty() {
-                return Poll::Ready(Ok(*self.wrote));
+                return Poll::Ready(Ok(*self.wrote || lagged));
             }
             let mut left = match Pin::new(&mut *wr).poll_write_vectored(cx, slices) {
                 Poll::Pending => return Poll::Pending,
