@@ -568,22 +568,6 @@ mod tests {
         id
     }
 
-    fn exits(outs: &[Output]) -> Vec<ExecExit> {
-        outs.iter()
-            .filter_map(|o| match o {
-                Output::ToDriver(m) => match &**m {
-                    ShimToDriver::ExecExit(x) => Some(x.clone()),
-                    _ => None,
-                },
-                Output::Event(e) => match &**e {
-                    Event::ExecExit(x) => Some(x.clone()),
-                    _ => None,
-                },
-                _ => None,
-            })
-            .collect()
-    }
-
     #[test]
     fn an_exec_ends_after_exit_and_eof_in_either_order() {
         let t0 = Instant::now();
@@ -597,7 +581,7 @@ mod tests {
         core.take_outputs();
         // a: EOF, then the exit ⇒ exec_exit to the driver at once.
         core.exec_io_closed(a, t0);
-        assert!(exits(&core.take_outputs()).is_empty());
+        assert!(exec_exits(&core.take_outputs()).is_empty());
         let t1 = t0 + Duration::from_millis(30);
         core.on_exec_exit(a, ExitStatus::Exited(0), t1);
         let outs = core.take_outputs();
@@ -612,7 +596,7 @@ mod tests {
         // b: the exit (an OOM kill, as the shell read the counter), then EOF ⇒ an event
         // (control-owned) that says so.
         core.on_exec_exit_oom(b, ExitStatus::Signaled(libc::SIGKILL), Some(true), t1);
-        assert!(exits(&core.take_outputs()).is_empty());
+        assert!(exec_exits(&core.take_outputs()).is_empty());
         core.exec_io_closed(b, t1);
         let outs = core.take_outputs();
         assert!(matches!(
@@ -643,7 +627,7 @@ mod tests {
         assert_eq!(kills(&core), vec![(-300, libc::SIGKILL)]);
         // The shell closes the pipes and says so: then the exit.
         core.exec_io_closed(id, t0 + c.opts.exec_drain);
-        assert_eq!(exits(&core.take_outputs()).len(), 1);
+        assert_eq!(exec_exits(&core.take_outputs()).len(), 1);
     }
 
     #[test]
@@ -667,7 +651,7 @@ mod tests {
         );
         core.on_exec_exit(id, ExitStatus::Signaled(libc::SIGKILL), t2);
         core.exec_io_closed(id, t2);
-        let x = exits(&core.take_outputs());
+        let x = exec_exits(&core.take_outputs());
         assert!(
             x[0].timed_out && x[0].signal.as_deref() == Some("SIGKILL"),
             "{x:?}"
@@ -690,7 +674,7 @@ mod tests {
         assert_eq!(core.exec_output(id, OutputStream::Stdout, 6), 0);
         core.exec_io_closed(id, t0);
         core.on_exec_exit(id, ExitStatus::Exited(0), t0);
-        assert!(exits(&core.take_outputs())[0].truncated);
+        assert!(exec_exits(&core.take_outputs())[0].truncated);
         // Without a cap nothing is cut.
         let id = start(&mut core, ExecOwner::Control, &exec(2, &["yes"]), 501, t0);
         assert_eq!(core.exec_output(id, OutputStream::Pty, 1 << 20), 1 << 20);
@@ -858,7 +842,7 @@ mod tests {
         assert!(!kills(&core).iter().any(|k| k.0 == -701));
         core.on_exec_exit(a, ExitStatus::Signaled(libc::SIGTERM), t1);
         core.exec_io_closed(a, t1);
-        assert_eq!(exits(&core.take_outputs()).len(), 1);
+        assert_eq!(exec_exits(&core.take_outputs()).len(), 1);
         // The driver's exit terminates its own execs only.
         let c2 = start(&mut core, ExecOwner::Driver(PID), &exec(3, &["x"]), 702, t1);
         core.clear_kills();
@@ -868,7 +852,7 @@ mod tests {
         core.take_outputs();
         core.on_exec_exit(c2, ExitStatus::Signaled(libc::SIGTERM), t1);
         core.exec_io_closed(c2, t1);
-        assert!(exits(&core.take_outputs()).is_empty());
+        assert!(exec_exits(&core.take_outputs()).is_empty());
         assert_eq!(core.exec_owner(b), Some(ExecOwner::Control));
     }
 
@@ -900,7 +884,7 @@ mod tests {
         assert_eq!(core.exit_code(), None, "an exec is still running");
         core.on_exec_exit(id, ExitStatus::Signaled(libc::SIGTERM), t0);
         core.exec_io_closed(id, t0);
-        assert_eq!(exits(&core.take_outputs()).len(), 1);
+        assert_eq!(exec_exits(&core.take_outputs()).len(), 1);
         assert_eq!(core.exit_code(), Some(0));
     }
 
@@ -927,7 +911,7 @@ mod tests {
             }
         }
         assert_eq!(core.exit_code(), Some(0));
-        let x = exits(&core.take_outputs());
+        let x = exec_exits(&core.take_outputs());
         assert_eq!(x.len(), 1);
         assert!(x[0].code.is_none() && x[0].signal.is_none(), "{x:?}");
         assert!(now <= t0 + c.opts.exec_kill_grace + c.opts.exec_drain + super::EXIT_SLACK);

@@ -5,29 +5,11 @@
 
 use std::time::{Duration, Instant};
 
-use driver_protocol::message::{
-    ControlToShim, Event, Exec, ExecExit, RestartDriver, ShimToDriver, Shutdown,
-};
+use driver_protocol::message::{ControlToShim, Exec, RestartDriver, Shutdown};
 
 use super::testkit::*;
-use super::{ExecOwner, Output};
+use super::ExecOwner;
 use crate::reaper::ExitStatus;
-
-fn exec_exits(outs: &[Output]) -> Vec<ExecExit> {
-    outs.iter()
-        .filter_map(|o| match o {
-            Output::ToDriver(m) => match &**m {
-                ShimToDriver::ExecExit(x) => Some(x.clone()),
-                _ => None,
-            },
-            Output::Event(e) => match &**e {
-                Event::ExecExit(x) => Some(x.clone()),
-                _ => None,
-            },
-            _ => None,
-        })
-        .collect()
-}
 
 fn shutdown(id: u64) -> ControlToShim {
     ControlToShim::Shutdown(Shutdown {

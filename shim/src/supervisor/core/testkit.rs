@@ -113,6 +113,23 @@ pub(super) fn states(outs: &[Output]) -> Vec<(DriverState, DriverState)> {
         .collect()
 }
 
+/// The exec exits among `outs`, to the driver or as events.
+pub(super) fn exec_exits(outs: &[Output]) -> Vec<driver_protocol::message::ExecExit> {
+    outs.iter()
+        .filter_map(|o| match o {
+            Output::ToDriver(m) => match &**m {
+                ShimToDriver::ExecExit(x) => Some(x.clone()),
+                _ => None,
+            },
+            Output::Event(e) => match &**e {
+                Event::ExecExit(x) => Some(x.clone()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
 pub(super) fn to_driver(outs: &[Output]) -> Vec<&ShimToDriver> {
     outs.iter()
         .filter_map(|o| match o {
