@@ -60,6 +60,7 @@ from .errors import (
     ShimTimeout,
     remote_error,
 )
+from ._waits import next_or_dead
 from .process import Process, TtySize, exec_request
 
 if TYPE_CHECKING:
@@ -1205,24 +1206,7 @@ class EventStream:
             return item
 
     async def _get(self, timeout: Optional[float]) -> Item:
-        client = self._client
-        if not client._queue.empty():
-            return client._queue.get_nowait()
-        if client._dead is not None:
-            return client._dead
-        getter = asyncio.ensure_future(client._queue.get())
-        dead = asyncio.ensure_future(client._dead_event.wait())
-        try:
-            done, _ = await asyncio.wait({getter, dead}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            dead.cancel()
-            if not getter.done():
-                getter.cancel()
-        if getter.done() and not getter.cancelled():
-            return getter.result()
-        if client._dead is not None:
-            return client._dead
-        raise ShimTimeout(f"no event within {timeout} s")
+        return await next_or_dead(self._client._queue, self._client, timeout, "event")
 
     async def aclose(self) -> None:
         """Marks the current event processed and sends the acknowledgement."""

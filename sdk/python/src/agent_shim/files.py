@@ -42,6 +42,7 @@ from typing import (
     Union,
 )
 
+from ._waits import next_or_dead
 from .errors import ConnectionClosed, FileChanged, NotFound, ProtocolError, RemoteError, ShimTimeout, remote_error
 
 if TYPE_CHECKING:
@@ -268,24 +269,7 @@ class Watch:
         return item
 
     async def _get(self, timeout: Optional[float]) -> Union[FileEvent, BaseException]:
-        client = self._client
-        if not self._queue.empty():
-            return self._queue.get_nowait()
-        if client._dead is not None:
-            return client._dead
-        getter = asyncio.ensure_future(self._queue.get())
-        dead = asyncio.ensure_future(client._dead_event.wait())
-        try:
-            await asyncio.wait({getter, dead}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            dead.cancel()
-            if not getter.done():
-                getter.cancel()
-        if getter.done() and not getter.cancelled():
-            return getter.result()
-        if client._dead is not None:
-            return client._dead
-        raise ShimTimeout(f"no change under {self.path} within {timeout} s")
+        return await next_or_dead(self._queue, self._client, timeout, f"change under {self.path}")
 
     def _drain(self) -> None:
         """The events not taken count as processed (the watch is over for its reader)."""
