@@ -63,8 +63,8 @@ pub struct DriverConfig {
     pub env: Vec<(OsString, OsString)>,
     /// Rlimits, umask, `no_new_privs`.
     pub limits: crate::limits::Limits,
-    /// The `cgroup.procs` of its own cgroup, open for writing ([`crate::cgroups`]).
-    pub cgroup_procs: Vec<RawFd>,
+    /// The join files of its own cgroup, open for writing ([`crate::cgroups`]).
+    pub cgroup_join: Vec<RawFd>,
 }
 
 /// The driver's environment from the shim's: `AGENT_SHIM_TOKEN` and any inherited
@@ -173,7 +173,7 @@ pub fn launch(cfg: &DriverConfig, mask: &SigSet) -> Result<Launched, SpawnError>
     spec.user = cfg.user;
     spec.limits = cfg.limits.clone();
     spec.close_other_fds = true;
-    spec.cgroup_procs = cfg.cgroup_procs.clone();
+    spec.cgroup_join = cfg.cgroup_join.clone();
     spec.fds = vec![
         (null.as_raw_fd(), libc::STDIN_FILENO),
         (out_w.as_raw_fd(), libc::STDOUT_FILENO),

@@ -49,8 +49,8 @@ pub struct ExecConfig {
     pub stdin: bool,
     /// Rlimits, umask, `no_new_privs`.
     pub limits: Limits,
-    /// The `cgroup.procs` of its own cgroup, open for writing ([`crate::cgroups`]).
-    pub cgroup_procs: Vec<std::os::fd::RawFd>,
+    /// The join files of its own cgroup, open for writing ([`crate::cgroups`]).
+    pub cgroup_join: Vec<std::os::fd::RawFd>,
 }
 
 /// The shim's ends of an exec's I/O: `CLOEXEC`, non-blocking.
@@ -91,7 +91,7 @@ pub fn start(cfg: &ExecConfig, mask: &SigSet) -> Result<Started, SpawnError> {
     spec.mask = *mask;
     spec.user = cfg.user;
     spec.limits = cfg.limits.clone();
-    spec.cgroup_procs = cfg.cgroup_procs.clone();
+    spec.cgroup_join = cfg.cgroup_join.clone();
     spec.close_other_fds = true;
     match cfg.tty {
         Some(size) => {

@@ -107,9 +107,9 @@ pub struct Spec {
     pub ctty: bool,
     /// Resource limits, umask and `no_new_privs` ([`crate::limits`]).
     pub limits: Limits,
-    /// `cgroup.procs` files open for writing: the child joins each (writes `0`) first of all,
+    /// cgroup join files open for writing: the child joins each (writes `0`) first of all,
     /// so it never runs outside its cgroup ([`crate::cgroups`]). The caller owns them.
-    pub cgroup_procs: Vec<RawFd>,
+    pub cgroup_join: Vec<RawFd>,
 }
 
 impl Spec {
@@ -129,7 +129,7 @@ impl Spec {
             user: None,
             ctty: false,
             limits: Limits::default(),
-            cgroup_procs: Vec::new(),
+            cgroup_join: Vec::new(),
         }
     }
 }
@@ -298,8 +298,8 @@ pub struct Prepared {
     no_new_privs: bool,
     /// The decimal `oom_score_adj` to write, and its length.
     oom_score_adj: Option<([u8; 8], usize)>,
-    /// `cgroup.procs` descriptors to write `0` to (see [`Spec::cgroup_procs`]).
-    cgroup_procs: Vec<RawFd>,
+    /// cgroup join files to write `0` to (see [`Spec::cgroup_join`]).
+    cgroup_join: Vec<RawFd>,
 }
 
 impl Prepared {
@@ -391,7 +391,7 @@ impl Prepared {
             umask: spec.limits.umask.map(|m| m as libc::mode_t),
             no_new_privs: spec.limits.no_new_privs,
             oom_score_adj: spec.limits.oom_score_adj.map(decimal),
-            cgroup_procs: spec.cgroup_procs.clone(),
+            cgroup_join: spec.cgroup_join.clone(),
         })
     }
 }
@@ -742,7 +742,7 @@ impl Pending {
                 pid,
             },
             STEP_CGROUP => SpawnError::ChildSetup {
-                call: "write(cgroup.procs)",
+                call: "write(cgroup join file)",
                 errno,
                 pid,
             },
@@ -777,7 +777,7 @@ unsafe fn child(prep: &Prepared, write_fd: libc::c_int, foreground: bool) -> ! {
     // copied) and on stack values; nothing here allocates, locks or unwinds.
     unsafe {
         // First of all: nothing the child does may escape its cgroup's limits.
-        for fd in &prep.cgroup_procs {
+        for fd in &prep.cgroup_join {
             if libc::write(*fd, c"0".as_ptr().cast(), 1) != 1 {
                 report_and_exit(write_fd, STEP_CGROUP);
             }

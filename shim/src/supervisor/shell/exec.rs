@@ -328,9 +328,9 @@ impl Shell<'_> {
                 oom_score_adj: Some(sup.oom_score_adj.exec),
                 ..sup.limits.clone()
             },
-            cgroup_procs: cgroup
+            cgroup_join: cgroup
                 .as_ref()
-                .map(ExecCgroup::procs_fds)
+                .map(ExecCgroup::join_fds)
                 .unwrap_or_default(),
         };
         let started = match exec::start(&cfg, &self.mask) {

@@ -150,9 +150,9 @@ impl Shell<'_> {
                 oom_score_adj: Some(sup.oom_score_adj.driver),
                 ..sup.limits.clone()
             },
-            cgroup_procs: cgroup
+            cgroup_join: cgroup
                 .as_ref()
-                .map(crate::cgroups::ExecCgroup::procs_fds)
+                .map(crate::cgroups::ExecCgroup::join_fds)
                 .unwrap_or_default(),
         };
         let now = Instant::now();
