@@ -153,6 +153,8 @@ pub(crate) struct Session {
     pub(crate) expect_agent: Option<String>,
     /// The cursor of this connection's `resume_from`.
     resumed_at: Seq,
+    /// The `hello.instance` of the shim last connected, if it told one.
+    instance: Option<u64>,
     /// The shim said `gap`: resume again from just before this seq.
     regap: Option<Seq>,
     /// This connection was replaced by a newer one of the same consumer.
@@ -198,6 +200,7 @@ impl Session {
             ack_sent: 0,
             expect_agent,
             resumed_at: delivered,
+            instance: None,
             regap: None,
             replaced: false,
             started_once: false,
@@ -376,6 +379,24 @@ impl Session {
         }
     }
 
+    /// Another shim answers at the address (its `hello.instance` differs, PROTOCOL.md
+    /// §8.3): its stream is a new one, followed from its first event. An event of the old
+    /// shim still queued for the sink is handed out first; the restart of the seqs
+    /// ([`Self::on_event`]) then follows the new stream.
+    fn follow_new_shim(&mut self, was: u64, now: u64) {
+        if self.queued.is_some() {
+            return;
+        }
+        warn!(
+            was,
+            now, "another shim instance behind the address: its stream starts anew"
+        );
+        self.delivered = 0;
+        self.ack_sent = 0;
+        self.resumed_at = 0;
+        self.shared.restart_at(0);
+    }
+
     fn check_agent(&self, c: Connected) -> Result<Connected, Error> {
         if let Some(want) = &self.expect_agent {
             if c.hello.agent_id.as_deref() != Some(want.as_str()) {
@@ -393,6 +414,12 @@ impl Session {
         if self.expect_agent.is_none() {
             self.expect_agent = hello.agent_id.clone();
         }
+        if let (Some(was), Some(now)) = (self.instance, hello.instance) {
+            if was != now {
+                self.follow_new_shim(was, now);
+            }
+        }
+        self.instance = hello.instance.or(self.instance);
         self.shared.set_agent_id(hello.agent_id);
         self.shared.connected.store(true, Ordering::Release);
         self.refusals = 0;

@@ -62,6 +62,7 @@ impl Hello {
             consumer: None,
             limits: None,
             cgroups: None,
+            instance: None,
         }
     }
 

@@ -233,6 +233,7 @@ fn hello(role: Role, software: &str, version: &str, capabilities: &[&str]) -> He
         consumer: None,
         limits: None,
         cgroups: None,
+        instance: None,
     }
 }
 
@@ -914,10 +915,11 @@ fn samples() -> Vec<Sample> {
         ),
         v(
             "limits",
-            "The shim's hello advertising its limits and its cgroup mode before authentication.",
+            "The shim's hello advertising its limits, its cgroup mode and its instance before authentication.",
             SC::Hello(Hello {
                 agent_id: some("agent-0192"),
                 cgroups: some("v2-delegated"),
+                instance: Some(0x9e37_79b9_7f4a_7c15),
                 limits: Some(Box::new(Limits {
                     max_events: 4096,
                     max_bytes: 8_388_608,

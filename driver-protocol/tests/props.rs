@@ -178,6 +178,7 @@ fn hello() -> impl Strategy<Value = Hello> {
             opt_text(),
             proptest::option::of(limits().prop_map(Box::new)),
             opt_text(),
+            proptest::option::of(any::<u64>()),
         ),
     )
         .prop_map(
@@ -190,7 +191,7 @@ fn hello() -> impl Strategy<Value = Hello> {
                 capabilities,
                 agent_id,
                 nonce,
-                (consumer, limits, cgroups),
+                (consumer, limits, cgroups, instance),
             )| {
                 Hello {
                     protocol,
@@ -204,6 +205,7 @@ fn hello() -> impl Strategy<Value = Hello> {
                     consumer,
                     limits,
                     cgroups,
+                    instance,
                 }
             },
         )

@@ -65,9 +65,14 @@ pub struct Hello {
     /// `v2-delegated`, as in `status_reply` (PROTOCOL.md §8.8). Sent before authentication.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroups: Option<String>,
+    /// A random number the shim draws once at start (shim → control only): a client that
+    /// sees another one after a reconnect talks to a new shim behind the same address, whose
+    /// event seqs start again (PROTOCOL.md §8.3). Sent before authentication.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<u64>,
 }
 
-fields!(Hello { protocol: req, versions: req, role: req, software: req, software_version: req, capabilities: nil, agent_id: opt skip, nonce: opt skip, consumer: opt skip, limits: opt skip, cgroups: opt skip });
+fields!(Hello { protocol: req, versions: req, role: req, software: req, software_version: req, capabilities: nil, agent_id: opt skip, nonce: opt skip, consumer: opt skip, limits: opt skip, cgroups: opt skip, instance: opt skip });
 
 /// `auth`: proof of the shared token on the control link, sent after both `hello`s.
 ///

@@ -686,7 +686,8 @@ def test_a_watch_ends_when_a_new_shim_answers_at_its_address(shim_factory, tmp_p
                                         reconnect_timeout=20) as c:
             watch = await c.fs.watch("/w")
             # Enough events that the cursor is past all the new shim will have said when the
-            # client reconnects: it then replays from its first, and the client sees a new shim.
+            # client reconnects: the new shim's instance in its hello tells the client at once,
+            # whatever the seqs.
             for n in range(15):
                 (root / "w" / f"f{n}").write_bytes(b"1")
             await changes(watch, {("modified", f"/w/f{n}") for n in range(15)})

@@ -490,6 +490,7 @@ impl ControlServer {
         let mut hello = Hello::new(Role::Shim, "agent-shim", env!("CARGO_PKG_VERSION"));
         hello.agent_id = cfg.agent_id.clone();
         hello.cgroups = cfg.cgroups.map(str::to_owned);
+        hello.instance = Some(instance());
         let max_sessions = cfg.max_sessions.max(1);
         let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         hello.limits = Some(Box::new(Limits {
@@ -817,4 +818,18 @@ pub(crate) fn event_body(event: &Event) -> Result<Vec<u8>, EncodeError> {
         .get(frame::HEADER_LEN + head.len()..)
         .unwrap_or_default()
         .to_vec())
+}
+
+/// This shim's `hello.instance`: random, drawn once per control server (PROTOCOL.md §8.3).
+/// Should the kernel give no random bytes, the clock and the pid stand in: the number only
+/// has to differ from the previous shim's behind the same address.
+fn instance() -> u64 {
+    let mut b = [0u8; 8];
+    if crate::sys::getrandom(&mut b).is_ok() {
+        return u64::from_le_bytes(b);
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    now ^ u64::from(std::process::id()).rotate_left(32)
 }

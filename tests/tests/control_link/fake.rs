@@ -38,6 +38,8 @@ pub struct FakeCfg {
     /// After the events, go silent: read nothing, answer nothing, keep the socket open (a
     /// half-open connection) until the client closes it.
     pub go_silent: bool,
+    /// Its `hello.instance`.
+    pub instance: Option<u64>,
 }
 
 impl FakeCfg {
@@ -51,6 +53,7 @@ impl FakeCfg {
             close_when_acked: true,
             new_life: false,
             go_silent: false,
+            instance: None,
         }
     }
 }
@@ -123,6 +126,7 @@ pub async fn serve(stream: UnixStream, cfg: &FakeCfg) -> Result<Outcome> {
     let nonce = [7u8; 32].map(|b| b ^ (std::process::id() as u8));
     let mut hello = Hello::new(Role::Shim, "fake-shim", "0");
     hello.agent_id = cfg.agent_id.clone();
+    hello.instance = cfg.instance;
     if cfg.nonce {
         hello = hello.with_nonce(nonce);
     }

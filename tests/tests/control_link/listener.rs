@@ -352,3 +352,65 @@ fn keepalive_drops_a_silent_shim_and_a_new_shim_restarts_the_seqs() -> Result<()
         Ok(())
     })
 }
+
+#[test]
+fn a_new_shim_instance_is_followed_from_its_first_event_whatever_the_cursor() -> Result<()> {
+    let dir = TempDir::new("inst")?;
+    let path = dir.path().join("s.sock");
+    runtime()?.block_on(async {
+        let server = UnixListener::bind(&path)?;
+        let opts = ConnectOptions::new().backoff(control_link::Backoff {
+            initial: Duration::from_millis(20),
+            max: Duration::from_millis(100),
+            jitter: 0.0,
+            ..control_link::Backoff::default()
+        });
+        let shims = tokio::spawn(async move {
+            // A shim that serves 3 events and closes once they are acknowledged…
+            let (s, _) = server.accept().await?;
+            let first = FakeCfg {
+                instance: Some(1),
+                ..FakeCfg::new("i", 3)
+            };
+            let first = fake::serve(s, &first).await?;
+            // …then another instance at the address with 5 events, which replays from the
+            // cursor it is given like any shim: only the instance tells it is a new one.
+            let (s, _) = server.accept().await?;
+            let second = FakeCfg {
+                instance: Some(2),
+                ..FakeCfg::new("i", 5)
+            };
+            let second = fake::serve(s, &second).await?;
+            Ok::<_, anyhow::Error>((first, second))
+        });
+        let client = opts.connect(&Addr::Unix(path.clone())).await?;
+        let mut events = client.events()?;
+        let mut seqs = Vec::new();
+        for _ in 0..8 {
+            seqs.push(
+                within(PATIENCE, "event", events.next())
+                    .await?
+                    .map(|(s, _)| s),
+            );
+        }
+        ensure!(
+            seqs == [1, 2, 3, 1, 2, 3, 4, 5].map(Some),
+            "the new instance's stream from its first event: {seqs:?}"
+        );
+        let (first, second) = within(PATIENCE, "fake shims", shims).await???;
+        ensure!(
+            matches!(first, Outcome::Served { acked: 3, .. }),
+            "{first:?}"
+        );
+        ensure!(
+            second
+                == Outcome::Served {
+                    resumed_from: Some(0),
+                    acked: 5
+                },
+            "{second:?}"
+        );
+        client.close().await;
+        Ok(())
+    })
+}

@@ -74,6 +74,7 @@ _HELLO = {
     "nonce": (_bin, OPT),
     "limits": (_map, OPT),
     "cgroups": (_str, OPT),
+    "instance": (U64, OPT),
 }
 _ERROR = {
     "re": (U64, OPT),

@@ -573,6 +573,13 @@ class Client:
             delay = min(delay * 2, self.backoff[1])
 
     def _attach(self, conn: _Conn) -> None:
+        before = self.hello.get("instance")
+        now = conn.hello.get("instance")
+        if before is not None and now is not None and before != now:
+            # Another shim answers at this address (PROTOCOL.md §8.3): its stream is a new
+            # one, taken from its start.
+            log.warning("%s: shim instance %x after %x: a new shim", self.address, now, before)
+            self._new_shim()
         self._conn = conn
         self.hello = conn.hello
         conn.task = asyncio.ensure_future(self._read(conn))
@@ -1040,6 +1047,18 @@ class Client:
         self._resumed_from = msg.get("seq", 0)
         conn.writer.write(encode(msg))
 
+    def _new_shim(self) -> None:
+        """Another shim answers at this address: its event stream is a new one, followed
+        from its first event, and the watches, which lived in the old shim, end."""
+        self._unconsumed.clear()
+        self._unconsumed_seqs.clear()
+        self._processed.clear()
+        self._resumed_from = self._last_acked = self._last_received = 0
+        self._from_now = False
+        for watch_id, watch in list(self._watches.items()):
+            self._forget_watch(watch_id)
+            watch._end(ConnectionClosed("a new shim answers at this address: the watch is gone"))
+
     def _ack_point(self) -> int:
         return self._unconsumed[0][0] - 1 if self._unconsumed else self._last_received
 
@@ -1047,16 +1066,10 @@ class Client:
         if self._resumed_from < seq <= self._last_received:
             return  # replayed after a reconnect, and already taken
         if seq <= self._resumed_from:
-            # Lower than our cursor: a new shim behind the same address; a new stream.
+            # Lower than our cursor: a new shim behind the same address (one that does not
+            # tell its instance); a new stream.
             log.warning("%s: seq %d after resume_from %d: a new shim", self.address, seq, self._resumed_from)
-            self._unconsumed.clear()
-            self._unconsumed_seqs.clear()
-            self._processed.clear()
-            self._resumed_from = self._last_acked = 0
-            # Watches live in the shim that took them: a new one has none of them.
-            for watch_id, watch in list(self._watches.items()):
-                self._forget_watch(watch_id)
-                watch._end(ConnectionClosed("a new shim answers at this address: the watch is gone"))
+            self._new_shim()
         self._last_received = seq
         kind = body["type"]
         if kind == "fs_event" and await self._on_fs_event(seq, body, size):
