@@ -21,13 +21,15 @@
 //! Everything is decided once at start ([`Delegation::detect`]), before any child runs. The
 //! directories are created by the shim (root) with mode 0755: a tenant running as another
 //! user cannot write their files. A tenant cannot leave its exec's cgroup: moving a process
-//! needs write access to the target's `cgroup.procs` and to the common ancestor's. The child
-//! joins its cgroup between `fork` and `execve` by writing `0` to each one's join file,
-//! opened before the fork (no allocation after it): `cgroup.procs` on v2, `tasks` on v1.
-//! The forked child has one thread, so moving that thread moves the process; and the kernel
-//! moves a lone calling thread without the global write lock that a `cgroup.procs` write
-//! takes, whose first taking waits out an RCU grace period (8-40 ms measured on a v1 host,
-//! against 0.1 ms through `tasks`).
+//! needs write access to the target's `cgroup.procs` and to the common ancestor's. A child
+//! never runs outside its cgroup, and enters it without the kernel's global cgroup write
+//! lock, whose first taking waits out an RCU grace period (a `cgroup.procs` write: 7-40 ms
+//! measured on a v1 host, against 0.1 ms for the ways below):
+//! - on v2 it is created in it (`clone3` with `CLONE_INTO_CGROUP`, Linux 5.7);
+//! - on v1, or where the kernel refuses `clone3`, it joins between `fork` and `execve` by
+//!   writing `0` to each join file, opened before the fork (no allocation after it): `tasks`
+//!   on v1, where the forked child's one thread moves alone and without the lock, so the
+//!   process moves; `cgroup.procs` on v2.
 //!
 //! **Trust.** A root tenant may mount over `/sys/fs/cgroup` or any directory below it. The
 //! cgroup directories the shim uses are therefore opened once, at start, before any child
@@ -39,7 +41,7 @@
 
 use std::fs::File;
 use std::io::Read as _;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt as _;
 use std::path::Path;
 use std::sync::Arc;
@@ -47,6 +49,7 @@ use std::sync::Arc;
 use driver_protocol::message::ExecLimits;
 use tracing::info;
 
+use crate::spawn::CgroupJoin;
 use crate::sys::dir::Dir;
 
 /// Where cgroup filesystems are mounted.
@@ -230,9 +233,16 @@ impl Delegation {
 }
 
 impl ExecCgroup {
-    /// The join files' descriptors the child writes `0` to (`cgroup.procs` or `tasks`).
-    pub fn join_fds(&self) -> Vec<RawFd> {
-        self.procs.iter().map(AsRawFd::as_raw_fd).collect()
+    /// How a child enters this cgroup: on v2 created in its directory, else (or where the
+    /// kernel cannot) by writing `0` to its join files (`cgroup.procs` or `tasks`).
+    pub fn join(&self) -> CgroupJoin {
+        CgroupJoin {
+            dir: match self.mode {
+                Mode::V2 => self.dirs.first().map(|(_, _, dir)| dir.as_raw_fd()),
+                Mode::V1 | Mode::None => None,
+            },
+            files: self.procs.iter().map(AsRawFd::as_raw_fd).collect(),
+        }
     }
 
     fn dir(&self, controller: &str) -> Option<&Dir> {
@@ -346,7 +356,8 @@ impl ExecCgroup {
     }
 }
 
-fn is_cgroup2(path: &Path) -> bool {
+/// Whether `path` is the root of a cgroup v2 mount.
+pub(crate) fn is_cgroup2(path: &Path) -> bool {
     nix::sys::statfs::statfs(path)
         .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
 }

@@ -63,8 +63,8 @@ pub struct DriverConfig {
     pub env: Vec<(OsString, OsString)>,
     /// Rlimits, umask, `no_new_privs`.
     pub limits: crate::limits::Limits,
-    /// The join files of its own cgroup, open for writing ([`crate::cgroups`]).
-    pub cgroup_join: Vec<RawFd>,
+    /// How it enters its own cgroup ([`crate::cgroups`]).
+    pub cgroup_join: crate::spawn::CgroupJoin,
 }
 
 /// The driver's environment from the shim's: `AGENT_SHIM_TOKEN` and any inherited

@@ -49,8 +49,8 @@ pub struct ExecConfig {
     pub stdin: bool,
     /// Rlimits, umask, `no_new_privs`.
     pub limits: Limits,
-    /// The join files of its own cgroup, open for writing ([`crate::cgroups`]).
-    pub cgroup_join: Vec<std::os::fd::RawFd>,
+    /// How it enters its own cgroup ([`crate::cgroups`]).
+    pub cgroup_join: crate::spawn::CgroupJoin,
 }
 
 /// The shim's ends of an exec's I/O: `CLOEXEC`, non-blocking.

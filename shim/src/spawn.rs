@@ -107,9 +107,20 @@ pub struct Spec {
     pub ctty: bool,
     /// Resource limits, umask and `no_new_privs` ([`crate::limits`]).
     pub limits: Limits,
-    /// cgroup join files open for writing: the child joins each (writes `0`) first of all,
-    /// so it never runs outside its cgroup ([`crate::cgroups`]). The caller owns them.
-    pub cgroup_join: Vec<RawFd>,
+    /// How the child enters its cgroup, before anything of it runs ([`crate::cgroups`]).
+    pub cgroup_join: CgroupJoin,
+}
+
+/// How a child enters its cgroup before anything of it runs ([`crate::cgroups`]). The
+/// caller owns the descriptors.
+#[derive(Debug, Clone, Default)]
+pub struct CgroupJoin {
+    /// A cgroup v2 directory to create the child in (`clone3` with `CLONE_INTO_CGROUP`): no
+    /// migration, so none of the kernel's global lock, whose first taking waits out an RCU
+    /// grace period. Where the kernel refuses `clone3`, the child joins through `files`.
+    pub dir: Option<RawFd>,
+    /// Join files open for writing: the child writes `0` to each first of all.
+    pub files: Vec<RawFd>,
 }
 
 impl Spec {
@@ -129,7 +140,7 @@ impl Spec {
             user: None,
             ctty: false,
             limits: Limits::default(),
-            cgroup_join: Vec::new(),
+            cgroup_join: CgroupJoin::default(),
         }
     }
 }
@@ -298,8 +309,8 @@ pub struct Prepared {
     no_new_privs: bool,
     /// The decimal `oom_score_adj` to write, and its length.
     oom_score_adj: Option<([u8; 8], usize)>,
-    /// cgroup join files to write `0` to (see [`Spec::cgroup_join`]).
-    cgroup_join: Vec<RawFd>,
+    /// See [`Spec::cgroup_join`].
+    cgroup_join: CgroupJoin,
 }
 
 impl Prepared {
@@ -534,9 +545,21 @@ pub fn start(prep: &Prepared) -> Result<Pending, SpawnError> {
     }
     let foreground = prep.foreground && we_own_stdin_tty();
 
-    // SAFETY: the child half only calls async-signal-safe functions on data prepared before
-    // the fork (see `child`), and never returns.
-    let pid = unsafe { libc::fork() };
+    let created_in = prep.cgroup_join.dir.map(|dir| {
+        // SAFETY: the child half only calls async-signal-safe functions on data prepared
+        // before the clone (see `child`), and never returns.
+        unsafe { clone_into(dir) }
+    });
+    let (pid, joined) = match created_in {
+        Some(pid) if pid >= 0 => (pid, true),
+        // No `clone3` or no `CLONE_INTO_CGROUP` here (an older kernel, a seccomp filter), or
+        // a cgroup that takes no process: the fork's child joins through the files, and
+        // reports why if it cannot.
+        _ => {
+            // SAFETY: as above, for the fork.
+            (unsafe { libc::fork() }, false)
+        }
+    };
     if pid < 0 {
         let errno = Errno::last();
         close(write_fd);
@@ -547,7 +570,7 @@ pub fn start(prep: &Prepared) -> Result<Pending, SpawnError> {
     }
     if pid == 0 {
         // SAFETY: we are the freshly forked child; `write_fd` is the pipe's write end.
-        unsafe { child(prep, write_fd, foreground) }
+        unsafe { child(prep, write_fd, foreground, joined) }
     }
     // From here on only the child holds the write end: the pipe reads EOF once it has
     // exec'd or died.
@@ -761,6 +784,58 @@ impl Pending {
     }
 }
 
+/// `clone3`'s `struct clone_args`, up to `cgroup` (`CLONE_ARGS_SIZE_VER2`).
+#[repr(C)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// `CLONE_INTO_CGROUP` (Linux 5.7).
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// A `fork` whose child starts in the cgroup v2 directory `dir`: like `fork`, 0 in the
+/// child, the child's pid in the parent, -1 (and `errno`) on failure.
+///
+/// # Safety
+///
+/// As `fork` in a single-threaded process: the child may only make async-signal-safe calls.
+/// No `atfork` handler runs (the shim registers none).
+unsafe fn clone_into(dir: RawFd) -> libc::pid_t {
+    let args = CloneArgs {
+        flags: CLONE_INTO_CGROUP,
+        pidfd: 0,
+        child_tid: 0,
+        parent_tid: 0,
+        exit_signal: libc::SIGCHLD as u64,
+        stack: 0,
+        stack_size: 0,
+        tls: 0,
+        set_tid: 0,
+        set_tid_size: 0,
+        cgroup: dir as u64,
+    };
+    // SAFETY: `args` is a valid `clone_args` of the size given; without `CLONE_VM` the child
+    // gets a copy of this address space, as with `fork`.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            std::ptr::from_ref(&args),
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    libc::pid_t::try_from(r).unwrap_or(-1)
+}
+
 fn close(fd: libc::c_int) {
     // SAFETY: `fd` is a descriptor this module opened and closes exactly once.
     unsafe { libc::close(fd) };
@@ -772,14 +847,17 @@ fn close(fd: libc::c_int) {
 ///
 /// Must be called only in the child right after `fork`, with `write_fd` the write end of the
 /// CLOEXEC report pipe.
-unsafe fn child(prep: &Prepared, write_fd: libc::c_int, foreground: bool) -> ! {
+unsafe fn child(prep: &Prepared, write_fd: libc::c_int, foreground: bool, joined: bool) -> ! {
     // SAFETY: raw syscalls on prepared, NUL-terminated data owned by `prep` (which the fork
     // copied) and on stack values; nothing here allocates, locks or unwinds.
     unsafe {
-        // First of all: nothing the child does may escape its cgroup's limits.
-        for fd in &prep.cgroup_join {
-            if libc::write(*fd, c"0".as_ptr().cast(), 1) != 1 {
-                report_and_exit(write_fd, STEP_CGROUP);
+        // First of all: nothing the child does may escape its cgroup's limits (a child
+        // created in its cgroup is there already).
+        if !joined {
+            for fd in &prep.cgroup_join.files {
+                if libc::write(*fd, c"0".as_ptr().cast(), 1) != 1 {
+                    report_and_exit(write_fd, STEP_CGROUP);
+                }
             }
         }
         match prep.grouping {
@@ -1063,6 +1141,70 @@ mod tests {
             (read(r1), read(r2)),
             ("one\n".to_string(), "two\n".to_string())
         );
+    }
+
+    /// The child's own `/proc/self/cgroup`, read by `cat` started with `join`.
+    fn cgroup_of_child(join: CgroupJoin) -> String {
+        let (r, w) = pipe();
+        let n = w.as_raw_fd();
+        let script = format!("cat /proc/self/cgroup >&{n}");
+        let mut spec = Spec::new(vec!["/bin/bash".into(), "-c".into(), script.into()], vec![]);
+        spec.foreground = false;
+        spec.fds = vec![(n, n)];
+        spec.cgroup_join = join;
+        let prep = Prepared::new(&spec).unwrap();
+        let pid = start(&prep)
+            .unwrap()
+            .wait(std::time::Duration::from_secs(10))
+            .unwrap();
+        drop((prep, w));
+        assert_eq!(waitpid(pid), 0);
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::fs::File::from(r), &mut s).unwrap();
+        s
+    }
+
+    #[test]
+    fn a_child_is_created_in_its_cgroup_v2_directory() {
+        // The v2 hierarchy: the whole tree, or the `unified` one beside v1's.
+        let Some(root) = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+            .into_iter()
+            .map(std::path::Path::new)
+            .find(|p| crate::cgroups::is_cgroup2(p))
+        else {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "no cgroup v2 hierarchy on this CI machine"
+            );
+            eprintln!("SKIPPED: no cgroup v2 hierarchy here");
+            return;
+        };
+        let name = format!("agent-shim-clone-{}", std::process::id());
+        let path = root.join(&name);
+        if let Err(e) = std::fs::create_dir(&path) {
+            assert!(std::env::var_os("CI").is_none(), "mkdir {path:?}: {e}");
+            eprintln!("SKIPPED: cannot make a cgroup ({e})");
+            return;
+        }
+        let dir = std::fs::File::open(&path).unwrap();
+        let join = CgroupJoin {
+            dir: Some(dir.as_raw_fd()),
+            files: Vec::new(),
+        };
+        let seen = cgroup_of_child(join);
+        std::fs::remove_dir(&path).unwrap();
+        assert!(
+            seen.lines().any(|l| l == format!("0::/{name}")),
+            "the child started in {name}: {seen}"
+        );
+        // A directory that is no cgroup: `clone3` refuses it, and the fork's child joins
+        // through the files (none here), so it runs, in the parent's cgroup.
+        let tmp = std::fs::File::open(std::env::temp_dir()).unwrap();
+        let seen = cgroup_of_child(CgroupJoin {
+            dir: Some(tmp.as_raw_fd()),
+            files: Vec::new(),
+        });
+        assert!(!seen.contains(&name), "{seen}");
     }
 
     /// A `Pending` on a pipe of the test's (non-blocking read end), for child `pid`.

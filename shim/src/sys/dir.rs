@@ -46,6 +46,12 @@ static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
 const OPEN_FLAGS: libc::c_int =
     libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_NOFOLLOW;
 
+impl AsRawFd for Dir {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
 impl Dir {
     /// Opens the directory at `path`, by path: only for a path trusted now (at start).
     pub fn open(path: &Path) -> io::Result<Dir> {

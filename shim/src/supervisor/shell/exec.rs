@@ -328,10 +328,7 @@ impl Shell<'_> {
                 oom_score_adj: Some(sup.oom_score_adj.exec),
                 ..sup.limits.clone()
             },
-            cgroup_join: cgroup
-                .as_ref()
-                .map(ExecCgroup::join_fds)
-                .unwrap_or_default(),
+            cgroup_join: cgroup.as_ref().map(ExecCgroup::join).unwrap_or_default(),
         };
         let started = match exec::start(&cfg, &self.mask) {
             Ok(s) => s,

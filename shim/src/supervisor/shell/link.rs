@@ -152,7 +152,7 @@ impl Shell<'_> {
             },
             cgroup_join: cgroup
                 .as_ref()
-                .map(crate::cgroups::ExecCgroup::join_fds)
+                .map(crate::cgroups::ExecCgroup::join)
                 .unwrap_or_default(),
         };
         let now = Instant::now();
