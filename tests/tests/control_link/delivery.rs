@@ -9,19 +9,12 @@ use control_link::protocol::message::{
 };
 use control_link::{AckMode, ConnectOptions, TaskSpec};
 
-use super::{assert_consecutive, chunks, input, read_until, runtime, within, words, LinkShim};
+use super::{
+    assert_consecutive, chunks, fast_reconnect, input, read_until, runtime, within, words, LinkShim,
+};
 use crate::supervisor::QUIET;
 use crate::support::control::ControlClient;
 use crate::support::{Mode, PATIENCE};
-
-fn fast_reconnect() -> ConnectOptions {
-    ConnectOptions::new().backoff(control_link::Backoff {
-        initial: Duration::from_millis(20),
-        max: Duration::from_millis(200),
-        jitter: 0.2,
-        ..control_link::Backoff::default()
-    })
-}
 
 /// The events `seen` of the task "long" (`n` words) are every seq once from 1, its chunks in
 /// order, and nothing more comes after them (the shim's last seq is the last one seen).

@@ -9,7 +9,7 @@ use control_link::{connect, Addr, ConnectOptions, Error, Listener, Token};
 use tokio::net::UnixListener;
 
 use super::fake::{self, FakeCfg, Outcome};
-use super::{assert_consecutive, runtime, within};
+use super::{assert_consecutive, fast_reconnect, runtime, within};
 use crate::support::{TempDir, PATIENCE};
 
 const NO_CLIENT: Duration = Duration::from_millis(700);
@@ -286,49 +286,21 @@ fn keepalive_drops_a_silent_shim_and_a_new_shim_restarts_the_seqs() -> Result<()
     let dir = TempDir::new("ka")?;
     let path = dir.path().join("s.sock");
     runtime()?.block_on(async {
-        let server = UnixListener::bind(&path)?;
-        let opts = ConnectOptions::new()
-            .keepalive(Duration::from_millis(200))
-            .backoff(control_link::Backoff {
-                initial: Duration::from_millis(20),
-                max: Duration::from_millis(100),
-                jitter: 0.0,
-                ..control_link::Backoff::default()
-            });
-        let shims = tokio::spawn(async move {
-            // A shim that serves 3 events and then stops answering (half-open)…
-            let (s, _) = server.accept().await?;
-            let first = fake::serve(
-                s,
-                &FakeCfg {
-                    go_silent: true,
-                    ..FakeCfg::new("k", 3)
-                },
-            )
-            .await?;
-            // …then a new shim at the same address, whose seqs start at 1 again.
-            let (s, _) = server.accept().await?;
-            let cfg = FakeCfg {
-                new_life: true,
-                ..FakeCfg::new("k", 2)
-            };
-            let second = fake::serve(s, &cfg).await?;
-            Ok::<_, anyhow::Error>((first, second))
-        });
+        // A shim that serves 3 events and then stops answering (half-open)…
+        let first = FakeCfg {
+            go_silent: true,
+            ..FakeCfg::new("k", 3)
+        };
+        // …then a new shim at the same address, whose seqs start at 1 again.
+        let second = FakeCfg {
+            new_life: true,
+            ..FakeCfg::new("k", 2)
+        };
+        let shims = one_then_another(UnixListener::bind(&path)?, first, second);
+        let opts = fast_reconnect().keepalive(Duration::from_millis(200));
         let client = opts.connect(&Addr::Unix(path.clone())).await?;
-        let mut events = client.events()?;
-        let mut seqs = Vec::new();
-        for _ in 0..5 {
-            seqs.push(
-                within(PATIENCE, "event", events.next())
-                    .await?
-                    .map(|(s, _)| s),
-            );
-        }
-        ensure!(
-            seqs == [Some(1), Some(2), Some(3), Some(1), Some(2)],
-            "{seqs:?}"
-        );
+        let seqs = next_seqs(&client, 5).await?;
+        ensure!(seqs == [1, 2, 3, 1, 2].map(Some), "{seqs:?}");
         let (first, second) = within(PATIENCE, "fake shims", shims).await???;
         ensure!(
             first
@@ -358,41 +330,20 @@ fn a_new_shim_instance_is_followed_from_its_first_event_whatever_the_cursor() ->
     let dir = TempDir::new("inst")?;
     let path = dir.path().join("s.sock");
     runtime()?.block_on(async {
-        let server = UnixListener::bind(&path)?;
-        let opts = ConnectOptions::new().backoff(control_link::Backoff {
-            initial: Duration::from_millis(20),
-            max: Duration::from_millis(100),
-            jitter: 0.0,
-            ..control_link::Backoff::default()
-        });
-        let shims = tokio::spawn(async move {
-            // A shim that serves 3 events and closes once they are acknowledged…
-            let (s, _) = server.accept().await?;
-            let first = FakeCfg {
-                instance: Some(1),
-                ..FakeCfg::new("i", 3)
-            };
-            let first = fake::serve(s, &first).await?;
-            // …then another instance at the address with 5 events, which replays from the
-            // cursor it is given like any shim: only the instance tells it is a new one.
-            let (s, _) = server.accept().await?;
-            let second = FakeCfg {
-                instance: Some(2),
-                ..FakeCfg::new("i", 5)
-            };
-            let second = fake::serve(s, &second).await?;
-            Ok::<_, anyhow::Error>((first, second))
-        });
-        let client = opts.connect(&Addr::Unix(path.clone())).await?;
-        let mut events = client.events()?;
-        let mut seqs = Vec::new();
-        for _ in 0..8 {
-            seqs.push(
-                within(PATIENCE, "event", events.next())
-                    .await?
-                    .map(|(s, _)| s),
-            );
-        }
+        // A shim that serves 3 events and closes once they are acknowledged…
+        let first = FakeCfg {
+            instance: Some(1),
+            ..FakeCfg::new("i", 3)
+        };
+        // …then another instance at the address with 5 events, which replays from the
+        // cursor it is given like any shim: only the instance tells it is a new one.
+        let second = FakeCfg {
+            instance: Some(2),
+            ..FakeCfg::new("i", 5)
+        };
+        let shims = one_then_another(UnixListener::bind(&path)?, first, second);
+        let client = fast_reconnect().connect(&Addr::Unix(path.clone())).await?;
+        let seqs = next_seqs(&client, 8).await?;
         ensure!(
             seqs == [1, 2, 3, 1, 2, 3, 4, 5].map(Some),
             "the new instance's stream from its first event: {seqs:?}"
@@ -413,4 +364,33 @@ fn a_new_shim_instance_is_followed_from_its_first_event_whatever_the_cursor() ->
         client.close().await;
         Ok(())
     })
+}
+
+/// Two fake shims in turn behind `server`: what each saw.
+fn one_then_another(
+    server: UnixListener,
+    first: FakeCfg,
+    second: FakeCfg,
+) -> tokio::task::JoinHandle<Result<(Outcome, Outcome)>> {
+    tokio::spawn(async move {
+        let (s, _) = server.accept().await?;
+        let first = fake::serve(s, &first).await?;
+        let (s, _) = server.accept().await?;
+        let second = fake::serve(s, &second).await?;
+        Ok((first, second))
+    })
+}
+
+/// The seqs of the client's next `n` events.
+async fn next_seqs(client: &control_link::Client, n: usize) -> Result<Vec<Option<u64>>> {
+    let mut events = client.events()?;
+    let mut seqs = Vec::with_capacity(n);
+    for _ in 0..n {
+        seqs.push(
+            within(PATIENCE, "event", events.next())
+                .await?
+                .map(|(s, _)| s),
+        );
+    }
+    Ok(seqs)
 }

@@ -33,6 +33,15 @@ use control_link::{Addr, EventStream};
 use crate::supervisor::{Driver, FAST};
 use crate::support::{poll_until, Mode, Running, Shim, TempDir, PATIENCE};
 
+/// Options that redial a lost shim within a few tens of milliseconds.
+pub fn fast_reconnect() -> control_link::ConnectOptions {
+    control_link::ConnectOptions::new().backoff(control_link::Backoff {
+        initial: Duration::from_millis(20),
+        max: Duration::from_millis(200),
+        jitter: 0.2,
+        ..control_link::Backoff::default()
+    })
+}
 /// A runtime for one test: two workers, like a small control plane.
 pub fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()

@@ -6,26 +6,17 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context as _, Result};
 use control_link::protocol::message::Event;
-use control_link::{ConnectOptions, Error, TaskSpec};
+use control_link::{Error, TaskSpec};
 
-use crate::control_link::{input, runtime, words, LinkShim};
+use crate::control_link::{fast_reconnect, input, runtime, words, LinkShim};
 use crate::support::control::{ControlClient, Target};
 use crate::support::{Mode, PATIENCE};
-
-fn fast() -> ConnectOptions {
-    ConnectOptions::new().backoff(control_link::Backoff {
-        initial: Duration::from_millis(20),
-        max: Duration::from_millis(200),
-        jitter: 0.2,
-        ..control_link::Backoff::default()
-    })
-}
 
 #[test]
 fn a_replaced_client_closes_with_replaced_and_does_not_fight() -> Result<()> {
     let shim = LinkShim::start(Mode::Subreaper)?;
     runtime()?.block_on(async {
-        let client = fast().connect(&shim.addr).await?;
+        let client = fast_reconnect().connect(&shim.addr).await?;
         let mut events = client.events()?;
         client.status().await?;
         let target = Target::Unix(shim.sock.clone());
@@ -57,8 +48,8 @@ fn an_observer_client_tails_beside_the_consumer() -> Result<()> {
     let shim = LinkShim::start(Mode::Subreaper)?;
     let n = 60;
     runtime()?.block_on(async {
-        let client = fast().connect(&shim.addr).await?;
-        let observer = fast().observer(true).connect(&shim.addr).await?;
+        let client = fast_reconnect().connect(&shim.addr).await?;
+        let observer = fast_reconnect().observer(true).connect(&shim.addr).await?;
         let mut tail = observer.events()?;
         let mut events = client.events()?;
         // The observer subscribes from now; give its resume_from a moment to land.
