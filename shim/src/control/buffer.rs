@@ -38,11 +38,6 @@ const ARENA_CHUNK: usize = 64 * 1024;
 /// large one (see [`Buffer::large_run`]).
 const IDLE_SPARE_CHUNKS: usize = 2;
 
-/// The bytes of spare chunks kept when the buffer empties in a run of large frames: what
-/// a stream of 128 KiB `exec_output` frames has in flight between two acks (control-link
-/// acknowledges every MiB), with room to spare.
-const LARGE_RUN_SPARE_BYTES: usize = 2 * 1024 * 1024;
-
 /// The unacknowledged events, oldest first, with their bounds.
 #[derive(Debug)]
 pub(super) struct Buffer {
@@ -69,7 +64,8 @@ pub(super) struct Buffer {
     /// the stream, and its chunks are kept for the next frames rather than unmapped and
     /// mapped again each time (a munmap and 32 page faults per 128 KiB of output). The
     /// first smaller frame ends the run, and the next ack that empties the buffer frees
-    /// them; until then at most [`LARGE_RUN_SPARE_BYTES`] of them stay.
+    /// them; until then at most the buffer's byte limit of them stay (what it may hold when
+    /// full anyway: a control plane that acknowledges late has that much in flight).
     large_run: bool,
 }
 
@@ -178,13 +174,14 @@ impl Buffer {
         }
         if self.events.is_empty() {
             // Idle again: keep a few chunks of the usual size, free the rest; in a run of
-            // large frames, the chunks the run cycles through, up to a bound.
+            // large frames, the chunks the run cycles through, up to the byte limit.
             let large_run = self.large_run;
+            let max_bytes = self.max_bytes;
             let mut kept = 0;
             let mut bytes = 0usize;
             self.spare.retain(|(_, size)| {
                 let keep = if large_run {
-                    bytes.saturating_add(*size) <= LARGE_RUN_SPARE_BYTES
+                    bytes.saturating_add(*size) <= max_bytes
                 } else {
                     *size == ARENA_CHUNK && kept < IDLE_SPARE_CHUNKS
                 };
@@ -428,7 +425,7 @@ mod tests {
         }
         // 200 frames: 200 chunks if none were reused.
         assert!(chunks.len() <= 5, "{} chunks", chunks.len());
-        assert!(b.spare_bytes <= LARGE_RUN_SPARE_BYTES);
+        assert!(b.spare_bytes <= 8 << 20);
         // A small frame ends the run: the next ack that empties the buffer frees them.
         b.frame_space(10).extend_from_slice(&[3; 10]);
         b.push_written();
