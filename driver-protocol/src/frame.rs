@@ -178,6 +178,81 @@ pub fn write_event<B: FrameBuf>(
     })
 }
 
+/// The room [`exec_output_head`] needs: the frame header, the envelope's head (at most 31
+/// bytes) and the event's up to its data (at most 59 bytes), with room to spare.
+pub const EXEC_OUTPUT_HEAD_MAX: usize = 128;
+
+/// The start of the frame [`write_event`] writes for `exec_output{exec_id, stream, data}` with
+/// `data_len` bytes of data: everything up to the data, the frame's last bytes. A sender that
+/// reads the output straight into its buffer behind a room of [`EXEC_OUTPUT_HEAD_MAX`] bytes
+/// writes this head just before it once the length is known, and has the frame with no copy
+/// of the data (the head followed by the data is byte-identical to [`write_event`]'s frame).
+///
+/// Writes the head at the end of `room` and returns its length. Fails with
+/// [`EncodeError::FrameTooLarge`] when the frame's body would be longer than `max`.
+pub fn exec_output_head(
+    room: &mut [u8; EXEC_OUTPUT_HEAD_MAX],
+    max: usize,
+    seq: Seq,
+    exec_id: u64,
+    stream: crate::message::OutputStream,
+    data_len: usize,
+) -> Result<usize, EncodeError> {
+    use crate::message::{Event, ExecOutput};
+    let mut head = [0u8; EXEC_OUTPUT_HEAD_MAX];
+    let left = {
+        let mut w: &mut [u8] = &mut head[HEADER_LEN..];
+        crate::envelope::encode_event_envelope(seq, &[], &mut w);
+        let event = Event::ExecOutput(ExecOutput {
+            exec_id,
+            stream,
+            data: bytes::Bytes::new(),
+        });
+        event.encode_to(&mut w)?;
+        w.len()
+    };
+    // The empty data was encoded last, as the two bytes of an empty bin 8: replaced by the
+    // head of a bin of `data_len` bytes, in its most compact form (as the encoder writes it).
+    let end = (EXEC_OUTPUT_HEAD_MAX - left).saturating_sub(2);
+    let too_large = |len| EncodeError::FrameTooLarge {
+        len,
+        max: clamp_max(max),
+    };
+    let mut bin = [0u8; 5];
+    let bin: &[u8] = if let Ok(n) = u8::try_from(data_len) {
+        bin[..2].copy_from_slice(&[0xc4, n]);
+        &bin[..2]
+    } else if let Ok(n) = u16::try_from(data_len) {
+        bin[0] = 0xc5;
+        bin[1..3].copy_from_slice(&n.to_be_bytes());
+        &bin[..3]
+    } else {
+        let n = u32::try_from(data_len).map_err(|_| too_large(data_len))?;
+        bin[0] = 0xc6;
+        bin[1..].copy_from_slice(&n.to_be_bytes());
+        &bin[..]
+    };
+    let head_len = end + bin.len();
+    let len = (head_len - HEADER_LEN).saturating_add(data_len);
+    if len > clamp_max(max) {
+        return Err(too_large(len));
+    }
+    // The head is at most 94 bytes (see EXEC_OUTPUT_HEAD_MAX): these always hold.
+    let (Some(dst), Some(at)) = (
+        head.get_mut(end..head_len),
+        EXEC_OUTPUT_HEAD_MAX.checked_sub(head_len),
+    ) else {
+        return Err(EncodeError::Unencodable(
+            "exec_output head over its room".into(),
+        ));
+    };
+    dst.copy_from_slice(bin);
+    // `len <= max <= u32::MAX`, checked above.
+    head[..HEADER_LEN].copy_from_slice(&(len as u32).to_be_bytes());
+    room[at..].copy_from_slice(&head[..head_len]);
+    Ok(head_len)
+}
+
 /// Reserves the header, runs `encode` on the buffer, checks the length and patches it in.
 ///
 /// The limit is checked after encoding: a writer that checks every write makes rmp-serde's
@@ -240,6 +315,42 @@ mod tests {
             text: "x".repeat(len),
             truncated: false,
         })
+    }
+
+    #[test]
+    fn an_exec_output_head_followed_by_its_data_is_the_event_frame() {
+        use crate::message::{Event, ExecOutput, OutputStream};
+        for seq in [1, 127, 200, 70_000, u64::MAX] {
+            for len in [0, 1, 255, 256, 65_535, 65_536, 131_072] {
+                for (exec_id, stream) in [(3, OutputStream::Stdout), (u64::MAX, OutputStream::Pty)]
+                {
+                    let data = bytes::Bytes::from(vec![5u8; len]);
+                    let event = Event::ExecOutput(ExecOutput {
+                        exec_id,
+                        stream,
+                        data: data.clone(),
+                    });
+                    let mut want = Vec::new();
+                    write_event(&mut want, crate::DEFAULT_MAX_FRAME, seq, &event).expect("write");
+                    let mut room = [0u8; EXEC_OUTPUT_HEAD_MAX];
+                    let n = exec_output_head(
+                        &mut room,
+                        crate::DEFAULT_MAX_FRAME,
+                        seq,
+                        exec_id,
+                        stream,
+                        len,
+                    )
+                    .expect("head");
+                    let mut got = room[EXEC_OUTPUT_HEAD_MAX - n..].to_vec();
+                    got.extend_from_slice(&data);
+                    assert_eq!(got, want, "seq {seq}, {len} bytes");
+                }
+            }
+        }
+        let mut room = [0u8; EXEC_OUTPUT_HEAD_MAX];
+        let over = exec_output_head(&mut room, 1000, 1, 1, OutputStream::Stderr, 1000);
+        assert!(matches!(over, Err(EncodeError::FrameTooLarge { .. })));
     }
 
     #[test]

@@ -209,11 +209,12 @@ pub fn run(ctx: &Ctx) -> Figure {
         fig.notes.push(
             "FAIL: the output still crosses more copies than a pipe, with three processes \
              (`dd`, the shim, the client) on the machine's cores instead of two. The shim \
-             reads each chunk (at most 128 KiB) into a reused buffer and hands it on without a \
-             copy, encodes it once, in place, into the replay buffer, and writes such large \
+             reads each chunk (at most 128 KiB) straight into the replay buffer, behind room \
+             for the frame's head, writes the head in front of it, and writes such large \
              frames to the socket as they are; control-link hands each large chunk out as a \
-             slice of the frame it came in. What remains is the copy into the replay buffer \
-             and the socket's; the bare pipe is the ceiling of every row."
+             slice of the frame it came in. What remains in the shim is the copy of each \
+             chunk's last 64 KiB into the exec's retained tail (`--exec-retain`) and the \
+             kernel's copies; the bare pipe is the ceiling of every row."
                 .into(),
         );
     }

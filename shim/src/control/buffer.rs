@@ -34,7 +34,8 @@ const ARENA_CHUNK: usize = 64 * 1024;
 /// cycles through the same chunks instead of allocating, and with musl mapping and
 /// faulting in, a fresh one each time. They are bounded in bytes by twice the buffer's own
 /// byte limit (about what a full buffer holds anyway), and once every event is acknowledged
-/// only this many chunks of the usual size stay.
+/// only this many chunks of the usual size stay, unless the last frame asked for was a
+/// large one (see [`Buffer::large_run`]).
 const IDLE_SPARE_CHUNKS: usize = 2;
 
 /// The unacknowledged events, oldest first, with their bounds.
@@ -58,6 +59,14 @@ pub(super) struct Buffer {
     spare_bytes: usize,
     /// The size of the arena's chunk.
     arena_size: usize,
+    /// The last frame asked for was larger than [`ARENA_CHUNK`] (a chunk of its own): while
+    /// such frames keep coming (an exec writing fast), the buffer empties at every ack of
+    /// the stream, and its chunks are kept for the next frames rather than unmapped and
+    /// mapped again each time (a munmap and 32 page faults per 128 KiB of output). The
+    /// first smaller frame ends the run, and the next ack that empties the buffer frees
+    /// them; until then at most the buffer's byte limit of them stay (what it may hold when
+    /// full anyway: a control plane that acknowledges late has that much in flight).
+    large_run: bool,
 }
 
 impl Buffer {
@@ -75,6 +84,7 @@ impl Buffer {
             spare: VecDeque::new(),
             spare_bytes: 0,
             arena_size: 0,
+            large_run: false,
         }
     }
 
@@ -96,6 +106,7 @@ impl Buffer {
     /// and then [`Self::push_written`] (or [`BytesMut::clear`], to give up on it).
     pub(super) fn frame_space(&mut self, len: usize) -> &mut BytesMut {
         self.arena.clear();
+        self.large_run = len > ARENA_CHUNK;
         let want = len.max(ARENA_CHUNK);
         // The chunk itself, when every frame in it is gone already.
         if self.arena.capacity() >= len || self.arena.try_reclaim(want) {
@@ -162,11 +173,18 @@ impl Buffer {
             freed = true;
         }
         if self.events.is_empty() {
-            // Idle again: keep a few chunks of the usual size, free the rest.
+            // Idle again: keep a few chunks of the usual size, free the rest; in a run of
+            // large frames, the chunks the run cycles through, up to the byte limit.
+            let large_run = self.large_run;
+            let max_bytes = self.max_bytes;
             let mut kept = 0;
-            let mut bytes = 0;
+            let mut bytes = 0usize;
             self.spare.retain(|(_, size)| {
-                let keep = *size == ARENA_CHUNK && kept < IDLE_SPARE_CHUNKS;
+                let keep = if large_run {
+                    bytes.saturating_add(*size) <= max_bytes
+                } else {
+                    *size == ARENA_CHUNK && kept < IDLE_SPARE_CHUNKS
+                };
                 if keep {
                     kept += 1;
                     bytes += *size;
@@ -387,6 +405,33 @@ mod tests {
         assert!(b.spare.len() <= IDLE_SPARE_CHUNKS);
         assert!(b.spare.iter().all(|(_, size)| *size == ARENA_CHUNK));
         assert_eq!(b.spare_bytes, b.spare.len() * ARENA_CHUNK);
+    }
+
+    #[test]
+    fn a_run_of_large_frames_reuses_its_chunks_across_acks_that_empty_the_buffer() {
+        let mut b = Buffer::new(100_000, 8 << 20);
+        let len = 2 * ARENA_CHUNK + 100;
+        let mut chunks = std::collections::BTreeSet::new();
+        for _ in 0..50 {
+            // A few frames in flight, then every one is acknowledged: the buffer empties.
+            for _ in 0..4 {
+                let out = b.frame_space(len);
+                chunks.insert(out.as_ptr() as usize);
+                out.extend_from_slice(&vec![7; len]);
+                b.push_written();
+            }
+            assert!(b.ack(b.stats().2) && b.is_empty());
+            assert!(b.spare_bytes >= 3 * len, "the run's chunks are kept");
+        }
+        // 200 frames: 200 chunks if none were reused.
+        assert!(chunks.len() <= 5, "{} chunks", chunks.len());
+        assert!(b.spare_bytes <= 8 << 20);
+        // A small frame ends the run: the next ack that empties the buffer frees them.
+        b.frame_space(10).extend_from_slice(&[3; 10]);
+        b.push_written();
+        b.ack(b.stats().2);
+        assert!(b.spare.iter().all(|(_, size)| *size == ARENA_CHUNK));
+        assert!(b.spare.len() <= IDLE_SPARE_CHUNKS);
     }
 
     /// `Buffer::gather` into `slots` slots: the frames' first bytes and the first seq.

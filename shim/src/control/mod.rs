@@ -50,10 +50,10 @@ use std::io;
 use std::rc::{Rc, Weak};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use driver_protocol::message::{
-    ControlToShim, ErrorMsg, Event, Exec, ExecExit, Hello, Limits, Message as _, OutputStream,
-    RequestId, Role, Seq, ShimToControl,
+    ControlToShim, ErrorMsg, Event, Exec, ExecExit, ExecOutput, Hello, Limits, Message as _,
+    OutputStream, RequestId, Role, Seq, ShimToControl,
 };
 use driver_protocol::{frame, EncodeError, ErrorCode};
 use tokio::sync::{mpsc, Notify};
@@ -674,6 +674,75 @@ impl ControlServer {
         if st.registry.output(id, stream, data) {
             st.wake_attached(id);
         }
+    }
+
+    /// Reads a chunk of exec `id`'s `stream` straight into the replay buffer and publishes it
+    /// as an `exec_output` event, with no copy of its bytes in between: `read` appends at most
+    /// `room` bytes to the buffer it is given (a read(2) into its spare capacity), `keep` says
+    /// how many of the bytes read are forwarded (the output cap), and those are retained
+    /// ([`Self::exec_output`]) and published behind the head the event's encoding puts before
+    /// them (see [`frame::exec_output_head`]). Returns what `read` returned; nothing is
+    /// published when it fails or nothing is kept.
+    pub fn read_exec_output(
+        &mut self,
+        id: u64,
+        stream: OutputStream,
+        room: usize,
+        read: impl FnOnce(&mut BytesMut) -> io::Result<usize>,
+        keep: impl FnOnce(usize) -> usize,
+    ) -> io::Result<usize> {
+        const HEAD: usize = frame::EXEC_OUTPUT_HEAD_MAX;
+        let max = self.inner.max_frame;
+        let mut guard = self.inner.state.borrow_mut();
+        let st = &mut *guard;
+        let seq = st.buffer.next_seq();
+        let out = st.buffer.frame_space(HEAD.saturating_add(room));
+        out.resize(HEAD, 0);
+        let n = match read(out) {
+            Ok(n) => n,
+            Err(err) => {
+                out.clear();
+                return Err(err);
+            }
+        };
+        let kept = keep(n).min(n).min(out.len().saturating_sub(HEAD));
+        out.truncate(HEAD.saturating_add(kept));
+        if kept == 0 {
+            out.clear();
+            return Ok(n);
+        }
+        let mut head = [0u8; HEAD];
+        let head_len = match frame::exec_output_head(&mut head, max, seq, id, stream, kept) {
+            Ok(len) => len,
+            Err(_) => {
+                // Over the frame limit: published the usual way, which puts an error event
+                // in its place.
+                let data = Bytes::copy_from_slice(out.get(HEAD..).unwrap_or_default());
+                out.clear();
+                drop(guard);
+                self.exec_output(id, stream, &data);
+                self.publish(&Event::ExecOutput(ExecOutput {
+                    exec_id: id,
+                    stream,
+                    data,
+                }));
+                return Ok(n);
+            }
+        };
+        let attached = st
+            .registry
+            .output(id, stream, out.get(HEAD..).unwrap_or_default());
+        let at = HEAD.saturating_sub(head_len);
+        if let (Some(dst), Some(src)) = (out.get_mut(at..HEAD), head.get(at..)) {
+            dst.copy_from_slice(src);
+        }
+        out.advance(at);
+        st.buffer.push_written();
+        if attached {
+            st.wake_attached(id);
+        }
+        st.wake_streaming();
+        Ok(n)
     }
 
     /// Exec `exit.exec_id` ended.

@@ -1518,3 +1518,68 @@ fn event_body_is_the_event_encoding() {
         );
     }
 }
+
+#[test]
+fn exec_output_read_in_place_is_the_event_and_only_what_is_kept() {
+    let dir = TempDir::new("inplace");
+    run(async {
+        let mut server =
+            ControlServer::bind(&ControlAddr::Unix(dir.sock()), cfg(100, 1 << 20)).unwrap();
+        let stdout = OutputStream::Stdout;
+        let fill = |len: usize, byte: u8| {
+            move |buf: &mut BytesMut| {
+                buf.extend_from_slice(&vec![byte; len]);
+                Ok(len)
+            }
+        };
+        let all = |n| n;
+        // Every size of bin header, around the other events.
+        assert_eq!(server.publish(&event(1)), 1);
+        for (len, byte) in [(1, 1u8), (300, 2), (70_000, 3)] {
+            let read = server.read_exec_output(4, stdout, 128 * 1024, fill(len, byte), all);
+            assert_eq!(read.unwrap(), len);
+        }
+        // Cut to what the output cap leaves, or nothing published at all.
+        let read = server.read_exec_output(4, OutputStream::Stderr, 1024, fill(10, 4), |_| 6);
+        assert_eq!(read.unwrap(), 10);
+        assert_eq!(
+            server
+                .read_exec_output(4, stdout, 1024, fill(10, 5), |_| 0)
+                .unwrap(),
+            10
+        );
+        let failed = server.read_exec_output(
+            4,
+            stdout,
+            1024,
+            |_| Err(io::ErrorKind::WouldBlock.into()),
+            all,
+        );
+        assert_eq!(failed.unwrap_err().kind(), io::ErrorKind::WouldBlock);
+        assert_eq!(server.publish(&event(9)), 6, "nothing else took a seq");
+        let (mut c, _) = Client::connect(&dir.sock()).await;
+        c.send(ResumeFrom::after(0).into()).await;
+        let want = [
+            (2, stdout, vec![1u8; 1]),
+            (3, stdout, vec![2; 300]),
+            (4, stdout, vec![3; 70_000]),
+            (5, OutputStream::Stderr, vec![4; 6]),
+        ];
+        c.expect_seq(1).await;
+        for (seq, stream, data) in want {
+            match c.recv().await {
+                Some(ShimToControl::Event(ev)) => {
+                    assert_eq!(ev.seq, seq);
+                    let want = Event::ExecOutput(ExecOutput {
+                        exec_id: 4,
+                        stream,
+                        data: data.into(),
+                    });
+                    assert_eq!(ev.event, want);
+                }
+                other => panic!("expected event {seq}, got {other:?}"),
+            }
+        }
+        c.expect_seq(6).await;
+    });
+}

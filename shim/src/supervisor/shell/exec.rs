@@ -183,17 +183,18 @@ pub(super) fn refusal_of(err: &SpawnError) -> Refusal {
     (code, err.to_string())
 }
 
-/// Reads from `fd` into the spare capacity of `buf` (at most what it has), extending it by
-/// what was read.
-fn read_fd_into(fd: &OwnedFd, buf: &mut BytesMut) -> io::Result<usize> {
+/// Reads from `fd` into the spare capacity of `buf` (at most `max` bytes, and at most what
+/// it has), extending it by what was read.
+fn read_fd_into(fd: &OwnedFd, buf: &mut BytesMut, max: usize) -> io::Result<usize> {
     let spare = buf.spare_capacity_mut();
-    // SAFETY: `spare` is valid for writes of `spare.len()` bytes; read(2) writes at most
-    // that many and initializes exactly the `n` it reports.
-    let n = unsafe { libc::read(fd.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len()) };
+    let len = spare.len().min(max);
+    // SAFETY: `spare` is valid for writes of `len <= spare.len()` bytes; read(2) writes at
+    // most that many and initializes exactly the `n` it reports.
+    let n = unsafe { libc::read(fd.as_raw_fd(), spare.as_mut_ptr().cast(), len) };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
-    let n = usize::try_from(n).unwrap_or(0).min(spare.len());
+    let n = usize::try_from(n).unwrap_or(0).min(len);
     // SAFETY: the first `n` spare bytes were initialized by read(2), and `n` is within the
     // capacity.
     unsafe { buf.set_len(buf.len() + n) };
@@ -580,24 +581,43 @@ impl Shell<'_> {
                 return;
             };
             let stream = out.stream;
-            let buf = &mut self.exec_buf;
-            buf.clear();
-            if buf.capacity() < CHUNK {
-                // Reclaims the storage when the last chunk read into it is gone (it was
-                // encoded into the event buffer); allocates otherwise.
-                buf.reserve(CHUNK);
-            }
-            match out
-                .fd
-                .try_io(Interest::READABLE, |fd| read_fd_into(fd, buf))
-            {
+            self.exec_buf.clear();
+            let read = match (owner, self.control.as_mut()) {
+                // Read straight into the replay buffer, as the event's frame.
+                (ExecOwner::Control, Some(control)) => {
+                    let core = &mut self.core;
+                    control.read_exec_output(
+                        id,
+                        stream,
+                        CHUNK,
+                        |buf| {
+                            out.fd
+                                .try_io(Interest::READABLE, |fd| read_fd_into(fd, buf, CHUNK))
+                        },
+                        |n| core.exec_output(id, stream, n),
+                    )
+                }
+                _ => {
+                    let buf = &mut self.exec_buf;
+                    if buf.capacity() < CHUNK {
+                        // Reclaims the storage when the last chunk read into it is gone (it
+                        // was encoded into the driver's queue); allocates otherwise.
+                        buf.reserve(CHUNK);
+                    }
+                    out.fd
+                        .try_io(Interest::READABLE, |fd| read_fd_into(fd, buf, CHUNK))
+                }
+            };
+            match read {
                 Ok(0) => {
                     *slot = None;
                     break;
                 }
                 Ok(_) => {
-                    let data = self.exec_buf.split().freeze();
-                    self.exec_chunk(id, owner, stream, data);
+                    if !self.exec_buf.is_empty() {
+                        let data = self.exec_buf.split().freeze();
+                        self.exec_chunk(id, owner, stream, data);
+                    }
                 }
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => return,
                 Err(err) => {
