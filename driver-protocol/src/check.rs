@@ -31,6 +31,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+use crate::mpack::same;
 use crate::raw::{plain_event, plain_fields, Field, Fields};
 
 /// The `type` of `body` when it is a driver event the shim relays as it is and it decodes
@@ -70,17 +71,23 @@ pub fn relayable_event_task(body: &[u8]) -> Option<Relayable<'_>> {
 }
 
 /// The fields of a relayable event type in their plain shapes.
+///
+/// The candidate is picked by the name's length (and first byte), then compared once: a
+/// `match` on the names compares them one after the other, seven string comparisons for a
+/// `custom` event.
 fn plain_table(type_name: &str) -> Option<Fields> {
-    Some(match type_name {
-        "message_chunk" => MESSAGE_CHUNK,
-        "tool_call" => TOOL_CALL,
-        "tool_result" => TOOL_RESULT,
-        "file_change" => FILE_CHANGE,
-        "progress" => PROGRESS,
-        "log" => LOG,
-        "custom" => CUSTOM,
+    let name = type_name.as_bytes();
+    let (want, fields): (&[u8], Fields) = match (name.len(), name.first()) {
+        (13, _) => (b"message_chunk", MESSAGE_CHUNK),
+        (9, _) => (b"tool_call", TOOL_CALL),
+        (11, Some(b't')) => (b"tool_result", TOOL_RESULT),
+        (11, _) => (b"file_change", FILE_CHANGE),
+        (8, _) => (b"progress", PROGRESS),
+        (3, _) => (b"log", LOG),
+        (6, _) => (b"custom", CUSTOM),
         _ => return None,
-    })
+    };
+    same(name, want).then_some(fields)
 }
 
 // The fields of each relayable event in the plain shapes of `raw::plain_fields`: the fields
