@@ -32,7 +32,7 @@ use std::ops::Range;
 
 use bytes::BufMut;
 
-use crate::mpack::{same, Cursor, Token};
+use crate::mpack::{is, Cursor, Token};
 use crate::raw::{read_head, walk, walk_map, TopLevel};
 use crate::DecodeError;
 
@@ -142,21 +142,22 @@ pub fn split_envelope_head(body: &[u8]) -> Result<(RawEvent<'_>, &str), DecodeEr
 /// keys, once each, `type` "event" first (so the event is walked as a message of its own),
 /// and nothing after the event.
 fn as_written(body: &[u8]) -> Option<(RawEvent<'_>, &str)> {
-    let (prefix, rest) = body.split_at_checked(ENVELOPE_PREFIX.len())?;
-    if !same(prefix, ENVELOPE_PREFIX) {
+    let (prefix, rest) = body.split_first_chunk::<16>()?;
+    // Sixteen bytes compared as one number.
+    if u128::from_ne_bytes(*prefix) != u128::from_ne_bytes(*ENVELOPE_PREFIX) {
         return None;
     }
     let mut cur = Cursor::new(rest);
     let Ok(Token::Uint(seq)) = cur.token() else {
         return None;
     };
-    if !same(cur.take(EVENT_KEY.len()).ok()?, EVENT_KEY) {
+    if !is(cur.take(EVENT_KEY.len()).ok()?, EVENT_KEY) {
         return None;
     }
     let event = rest.get(cur.pos..)?;
     let mut cur = Cursor::new(event);
     let (top, _) = walk_map(&mut cur, false).ok()?;
-    if !cur.at_end() || same(top.type_name.as_bytes(), b"event") {
+    if !cur.at_end() || is(top.type_name.as_bytes(), b"event") {
         return None;
     }
     Some((RawEvent { seq, event }, top.type_name))

@@ -113,6 +113,22 @@ pub(crate) fn same(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
+/// Whether `a` is the short constant `b` (at most 8 bytes): both are put in a `u64`, the
+/// constant's at compile time, and compared as numbers; no loop, no call.
+#[inline(always)]
+pub(crate) fn is<const N: usize>(a: &[u8], b: &[u8; N]) -> bool {
+    const { assert!(N <= 8) };
+    let Ok(a) = <&[u8; N]>::try_from(a) else {
+        return false;
+    };
+    let (mut x, mut y) = ([0u8; 8], [0u8; 8]);
+    if let (Some(x), Some(y)) = (x.get_mut(..N), y.get_mut(..N)) {
+        x.copy_from_slice(a);
+        y.copy_from_slice(b);
+    }
+    u64::from_ne_bytes(x) == u64::from_ne_bytes(y)
+}
+
 /// A read position in a body. Every read checks the remaining length; nothing allocates.
 #[derive(Debug, Clone)]
 pub(crate) struct Cursor<'a> {

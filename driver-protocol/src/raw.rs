@@ -35,7 +35,7 @@
 use std::ops::Range;
 use std::str;
 
-use crate::mpack::{is_ascii, same, utf8_str, Cursor, Fail, Token};
+use crate::mpack::{is, is_ascii, same, utf8_str, Cursor, Fail, Token};
 use crate::{DecodeError, MAX_DEPTH};
 
 /// The `type` and `id` of a message, read without decoding its other fields.
@@ -120,7 +120,11 @@ pub(crate) fn walk_map<'a>(
     let entries = cur.map_len().map_err(|f| fail(f, None, None))?;
     for _ in 0..entries {
         let key = cur.key().map_err(|f| fail(f, type_name, id))?;
-        if event_head && event.is_none() && same(key, b"event") && type_name == Some("event") {
+        if event_head
+            && event.is_none()
+            && is(key, b"event")
+            && type_name.is_some_and(|t| is(t.as_bytes(), b"event"))
+        {
             // The event is a message of its own, walked here rather than skipped and
             // walked again; its errors read as the envelope's.
             let start = cur.pos;
@@ -135,18 +139,18 @@ pub(crate) fn walk_map<'a>(
             continue;
         }
         let step = (|| {
-            // (Compared with `same`, not matched: a match on byte strings calls `memcmp`.)
-            if same(key, b"type") {
+            // (Compared with `is`, not matched: a match on byte strings calls `memcmp`.)
+            if is(key, b"type") {
                 if type_name.is_some() {
                     return Err(Fail::DuplicateType);
                 }
                 type_name = Some(cur.type_str()?);
-            } else if id.is_none() && same(key, b"id") {
+            } else if id.is_none() && is(key, b"id") {
                 id = cur.uint_or_skip()?;
-            } else if !seq_seen && same(key, b"seq") {
+            } else if !seq_seen && is(key, b"seq") {
                 seq_seen = true;
                 seq = cur.uint_or_skip()?;
-            } else if same(key, b"event") {
+            } else if is(key, b"event") {
                 if event.is_some() {
                     return Err(Fail::DuplicateEvent);
                 }
@@ -166,7 +170,7 @@ pub(crate) fn walk_map<'a>(
     let Some(type_name) = type_name else {
         return Err(fail(Fail::MissingType, None, id));
     };
-    if !same(type_name.as_bytes(), b"event") {
+    if !is(type_name.as_bytes(), b"event") {
         if let Some(range) = &event {
             let inner = cur.buf.get(range.clone()).unwrap_or_default();
             Cursor::new(inner)
@@ -236,7 +240,7 @@ pub(crate) fn plain_event<'a>(
 ) -> Option<&'a str> {
     let mut cur = Cursor::new(body);
     let entries = cur.map_len().ok()?;
-    if entries == 0 || !same(cur.key().ok()?, b"type") {
+    if entries == 0 || !is(cur.key().ok()?, b"type") {
         return None;
     }
     let type_name = cur.type_str().ok()?;
@@ -389,14 +393,14 @@ impl<'a> Cursor<'a> {
         let mut seen = 0u32;
         for _ in 0..entries {
             let key = self.str_bytes()?.ok_or(Fail::KeyNotStr)?;
-            if same(key, b"type") {
+            if is(key, b"type") {
                 if checking_keys {
                     return Ok(false);
                 }
                 self.skip_value(2)?;
                 continue;
             }
-            if checking_keys && (same(key, b"event") || !is_utf8(key)) {
+            if checking_keys && (is(key, b"event") || !is_utf8(key)) {
                 return Ok(false);
             }
             let plain = match fields
