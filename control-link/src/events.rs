@@ -224,10 +224,9 @@ impl Permit {
 #[derive(Debug)]
 struct Batches {
     rx: mpsc::Receiver<Item>,
-    /// Received, not handed out yet, in order.
-    ready: std::collections::VecDeque<Item>,
-    /// Where `poll_recv_many` puts a batch.
-    scratch: Vec<Item>,
+    /// Received, not handed out yet, in reverse order (the next one last): each is moved
+    /// once more, by the `pop` that hands it out.
+    ready: Vec<Item>,
 }
 
 /// Items taken off the channel at once.
@@ -237,21 +236,20 @@ impl Batches {
     fn new(rx: mpsc::Receiver<Item>) -> Self {
         Self {
             rx,
-            ready: std::collections::VecDeque::new(),
-            scratch: Vec::new(),
+            ready: Vec::new(),
         }
     }
 
     /// The next item, from the batch at hand or the channel; `None` once it is closed.
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Item>> {
-        if let Some(item) = self.ready.pop_front() {
+        if let Some(item) = self.ready.pop() {
             return Poll::Ready(Some(item));
         }
-        if std::task::ready!(self.rx.poll_recv_many(cx, &mut self.scratch, RECV_BATCH)) == 0 {
+        if std::task::ready!(self.rx.poll_recv_many(cx, &mut self.ready, RECV_BATCH)) == 0 {
             return Poll::Ready(None);
         }
-        self.ready.extend(self.scratch.drain(..));
-        Poll::Ready(self.ready.pop_front())
+        self.ready.reverse();
+        Poll::Ready(self.ready.pop())
     }
 }
 
