@@ -57,7 +57,7 @@ pub struct Relayable<'a> {
 pub fn relayable_event_task(body: &[u8]) -> Option<Relayable<'_>> {
     let mut task_id = None;
     // The usual body, its `type` first and every field in its plain shape: one pass.
-    if let Some(type_name) = plain_event(body, plain_table, &mut task_id) {
+    if let Some(type_name) = plain_event(body, plain_entry, &mut task_id) {
         return Some(Relayable { type_name, task_id });
     }
     // Its `type` elsewhere (or a key the one pass leaves to the head): two passes.
@@ -76,18 +76,23 @@ pub fn relayable_event_task(body: &[u8]) -> Option<Relayable<'_>> {
 /// `match` on the names compares them one after the other, seven string comparisons for a
 /// `custom` event.
 fn plain_table(type_name: &str) -> Option<Fields> {
-    let name = type_name.as_bytes();
-    let (want, fields): (&[u8], Fields) = match (name.len(), name.first()) {
-        (13, _) => (b"message_chunk", MESSAGE_CHUNK),
-        (9, _) => (b"tool_call", TOOL_CALL),
-        (11, Some(b't')) => (b"tool_result", TOOL_RESULT),
-        (11, _) => (b"file_change", FILE_CHANGE),
-        (8, _) => (b"progress", PROGRESS),
-        (3, _) => (b"log", LOG),
-        (6, _) => (b"custom", CUSTOM),
+    plain_entry(type_name.as_bytes()).map(|(_, fields)| fields)
+}
+
+/// [`plain_table`] of a name as bytes, with the name itself (so that a name it knows needs
+/// no UTF-8 check).
+fn plain_entry(name: &[u8]) -> Option<(&'static str, Fields)> {
+    let (want, fields): (&'static str, Fields) = match (name.len(), name.first()) {
+        (13, _) => ("message_chunk", MESSAGE_CHUNK),
+        (9, _) => ("tool_call", TOOL_CALL),
+        (11, Some(b't')) => ("tool_result", TOOL_RESULT),
+        (11, _) => ("file_change", FILE_CHANGE),
+        (8, _) => ("progress", PROGRESS),
+        (3, _) => ("log", LOG),
+        (6, _) => ("custom", CUSTOM),
         _ => return None,
     };
-    same(name, want).then_some(fields)
+    same(name, want.as_bytes()).then_some((want, fields))
 }
 
 // The fields of each relayable event in the plain shapes of `raw::plain_fields`: the fields
@@ -184,7 +189,7 @@ mod tests {
         // The one pass accepts what the two accept, with the same type, and only that; the
         // two accept nothing with its `type` first (and no `event` key, which the one pass
         // leaves to them) that the one pass refuses.
-        let one = plain_event(b, plain_table, &mut None);
+        let one = plain_event(b, plain_entry, &mut None);
         let two = crate::raw::read_head(b)
             .ok()
             .and_then(|h| plain_table(h.type_name).map(|f| (h.type_name, f)))

@@ -230,21 +230,24 @@ pub(crate) fn plain_fields<'a>(
 }
 
 /// [`read_head`] and then [`plain_fields`] in one pass, for the usual body whose first key
-/// is its `type`: the type, when `fields_of` has the fields of that type, the body is well
-/// formed and every field is in its plain shape. `None` means "not sure": the caller then
-/// takes the two passes (which also handle a `type` that is not the first key).
+/// is its `type` (a fixstr): the type, when `fields_of` knows that type (its name, equal to
+/// the body's, and its fields), the body is well formed and every field is in its plain
+/// shape. `None` means "not sure": the caller then takes the two passes (which also handle
+/// a `type` that is not the first key).
+///
+/// Neither the `type` key nor the name needs a UTF-8 check: the key is compared with its
+/// bytes, and a name `fields_of` knows is one of its own `&'static str`s.
 pub(crate) fn plain_event<'a>(
     body: &'a [u8],
-    fields_of: impl Fn(&str) -> Option<Fields>,
+    fields_of: impl Fn(&[u8]) -> Option<(&'static str, Fields)>,
     task_id: &mut Option<&'a [u8]>,
-) -> Option<&'a str> {
+) -> Option<&'static str> {
     let mut cur = Cursor::new(body);
     let entries = cur.map_len().ok()?;
-    if entries == 0 || !is(cur.key().ok()?, b"type") {
+    if entries == 0 || !is(cur.take(5).ok()?, b"\xa4type") {
         return None;
     }
-    let type_name = cur.type_str().ok()?;
-    let fields = fields_of(type_name)?;
+    let (type_name, fields) = fields_of(cur.str_bytes().ok()??)?;
     let plain = cur.scan_fields(entries - 1, fields, true, task_id).ok()? && cur.pos == body.len();
     plain.then_some(type_name)
 }
@@ -400,13 +403,14 @@ impl<'a> Cursor<'a> {
                 self.skip_value(2)?;
                 continue;
             }
-            if checking_keys && (is(key, b"event") || !is_utf8(key)) {
+            let index = fields
+                .iter()
+                .position(|(name, ..)| same(name.as_bytes(), key));
+            // A key equal to a field's name is UTF-8 (and neither `type` nor `event`).
+            if checking_keys && index.is_none() && (is(key, b"event") || !is_utf8(key)) {
                 return Ok(false);
             }
-            let plain = match fields
-                .iter()
-                .position(|(name, ..)| same(name.as_bytes(), key))
-            {
+            let plain = match index {
                 Some(i) => {
                     let bit = 1u32.checked_shl(i as u32).unwrap_or(0);
                     if bit == 0 || seen & bit != 0 {
