@@ -31,7 +31,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-use crate::mpack::same;
+use crate::mpack::{is, same};
 use crate::raw::{plain_event, plain_fields, Field, Fields};
 
 /// The `type` of `body` when it is a driver event the shim relays as it is and it decodes
@@ -82,17 +82,18 @@ fn plain_table(type_name: &str) -> Option<Fields> {
 /// [`plain_table`] of a name as bytes, with the name itself (so that a name it knows needs
 /// no UTF-8 check).
 fn plain_entry(name: &[u8]) -> Option<(&'static str, Fields)> {
-    let (want, fields): (&'static str, Fields) = match (name.len(), name.first()) {
-        (13, _) => ("message_chunk", MESSAGE_CHUNK),
-        (9, _) => ("tool_call", TOOL_CALL),
-        (11, Some(b't')) => ("tool_result", TOOL_RESULT),
-        (11, _) => ("file_change", FILE_CHANGE),
-        (8, _) => ("progress", PROGRESS),
-        (3, _) => ("log", LOG),
-        (6, _) => ("custom", CUSTOM),
+    // The short names compared as numbers (`is`), the long ones byte by byte.
+    let (known, want, fields): (bool, &'static str, Fields) = match (name.len(), name.first()) {
+        (13, _) => (false, "message_chunk", MESSAGE_CHUNK),
+        (9, _) => (false, "tool_call", TOOL_CALL),
+        (11, Some(b't')) => (false, "tool_result", TOOL_RESULT),
+        (11, _) => (false, "file_change", FILE_CHANGE),
+        (8, _) => (is(name, b"progress"), "progress", PROGRESS),
+        (3, _) => (is(name, b"log"), "log", LOG),
+        (6, _) => (is(name, b"custom"), "custom", CUSTOM),
         _ => return None,
     };
-    same(name, want.as_bytes()).then_some((want, fields))
+    (known || same(name, want.as_bytes())).then_some((want, fields))
 }
 
 // The fields of each relayable event in the plain shapes of `raw::plain_fields`: the fields
