@@ -562,7 +562,7 @@ pub fn run(ctx: &Ctx) -> Figure {
          `agent-shim -- true` (start, spawn, reap, exit). Each count is held against a \
          budget. control-link's read path repeats to the instruction but for one park of its \
          runtime at the window's start that comes in one run and not in the other (about \
-         1,400 of 46.8 M instructions); in the shim, its runtime's timer driver may turn once more in one run than in the other (the window \
+         1,400 of 27.7 M instructions); in the shim, its runtime's timer driver may turn once more in one run than in the other (the window \
          lasts some wall-clock time), and an exec's exit, output end and SIGCHLD arrive in \
          an order the kernel decides: their runs must agree within the share shown.",
     );
