@@ -19,7 +19,7 @@ use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::pin::Pin;
 
-use bytes::BytesMut;
+use bytes::{Buf as _, BytesMut};
 use driver_protocol::codec::{FrameCodec, MessageCodec};
 use driver_protocol::frame::HEADER_LEN;
 use driver_protocol::handshake::{self, auth_proof, hello_nonce, verify_proof, NONCE_LEN};
@@ -222,7 +222,7 @@ fn typed(
 
 /// An `event` envelope's event as it is (a slice of the frame, no copy); any other message,
 /// or an envelope that does not check, decoded (which gives the error).
-fn decode_raw(body: BytesMut) -> Result<Incoming, DecodeError> {
+fn decode_raw(mut body: BytesMut) -> Result<Incoming, DecodeError> {
     // The envelope and the event's head in one pass.
     let Ok((split, type_name)) = envelope::split_envelope_head(&body) else {
         let len = body.len().saturating_add(frame::HEADER_LEN);
@@ -232,11 +232,18 @@ fn decode_raw(body: BytesMut) -> Result<Incoming, DecodeError> {
     // Offsets of slices of `body` within it.
     let offset = |s: &[u8]| (s.as_ptr() as usize).saturating_sub(body.as_ptr() as usize);
     let start = offset(split.event);
-    let end = start.saturating_add(split.event.len());
+    let len = split.event.len();
     let type_start = offset(type_name.as_bytes()).saturating_sub(start);
     let type_at = type_start..type_start.saturating_add(type_name.len());
-    let event = body.freeze().slice(start..end);
-    Ok(Incoming::Event(RawEvent::checked(seq, event, type_at)))
+    // The event is what is left of the frame once its envelope is cut away (no second
+    // reference to the read buffer taken and dropped, as `slice` would).
+    body.advance(start.min(body.len()));
+    body.truncate(len);
+    Ok(Incoming::Event(RawEvent::checked(
+        seq,
+        body.freeze(),
+        type_at,
+    )))
 }
 
 /// A framed connection: typed messages in (or events left encoded), typed messages out.

@@ -728,7 +728,7 @@ impl Session {
         let msg = match msg {
             ShimToControl::Event(env) => {
                 self.saw_event(&env.event);
-                self.on_event(Item::Typed(env.seq, env.event, len));
+                self.on_event(Item::Typed(env.seq, Box::new(env.event), len));
                 return Ok(());
             }
             other => other,

@@ -31,6 +31,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+use crate::mpack::{is, same};
 use crate::raw::{plain_event, plain_fields, Field, Fields};
 
 /// The `type` of `body` when it is a driver event the shim relays as it is and it decodes
@@ -56,7 +57,7 @@ pub struct Relayable<'a> {
 pub fn relayable_event_task(body: &[u8]) -> Option<Relayable<'_>> {
     let mut task_id = None;
     // The usual body, its `type` first and every field in its plain shape: one pass.
-    if let Some(type_name) = plain_event(body, plain_table, &mut task_id) {
+    if let Some(type_name) = plain_event(body, plain_entry, &mut task_id) {
         return Some(Relayable { type_name, task_id });
     }
     // Its `type` elsewhere (or a key the one pass leaves to the head): two passes.
@@ -70,17 +71,29 @@ pub fn relayable_event_task(body: &[u8]) -> Option<Relayable<'_>> {
 }
 
 /// The fields of a relayable event type in their plain shapes.
+///
+/// The candidate is picked by the name's length (and first byte), then compared once: a
+/// `match` on the names compares them one after the other, seven string comparisons for a
+/// `custom` event.
 fn plain_table(type_name: &str) -> Option<Fields> {
-    Some(match type_name {
-        "message_chunk" => MESSAGE_CHUNK,
-        "tool_call" => TOOL_CALL,
-        "tool_result" => TOOL_RESULT,
-        "file_change" => FILE_CHANGE,
-        "progress" => PROGRESS,
-        "log" => LOG,
-        "custom" => CUSTOM,
+    plain_entry(type_name.as_bytes()).map(|(_, fields)| fields)
+}
+
+/// [`plain_table`] of a name as bytes, with the name itself (so that a name it knows needs
+/// no UTF-8 check).
+fn plain_entry(name: &[u8]) -> Option<(&'static str, Fields)> {
+    // The short names compared as numbers (`is`), the long ones byte by byte.
+    let (known, want, fields): (bool, &'static str, Fields) = match (name.len(), name.first()) {
+        (13, _) => (false, "message_chunk", MESSAGE_CHUNK),
+        (9, _) => (false, "tool_call", TOOL_CALL),
+        (11, Some(b't')) => (false, "tool_result", TOOL_RESULT),
+        (11, _) => (false, "file_change", FILE_CHANGE),
+        (8, _) => (is(name, b"progress"), "progress", PROGRESS),
+        (3, _) => (is(name, b"log"), "log", LOG),
+        (6, _) => (is(name, b"custom"), "custom", CUSTOM),
         _ => return None,
-    })
+    };
+    (known || same(name, want.as_bytes())).then_some((want, fields))
 }
 
 // The fields of each relayable event in the plain shapes of `raw::plain_fields`: the fields
@@ -177,7 +190,7 @@ mod tests {
         // The one pass accepts what the two accept, with the same type, and only that; the
         // two accept nothing with its `type` first (and no `event` key, which the one pass
         // leaves to them) that the one pass refuses.
-        let one = plain_event(b, plain_table, &mut None);
+        let one = plain_event(b, plain_entry, &mut None);
         let two = crate::raw::read_head(b)
             .ok()
             .and_then(|h| plain_table(h.type_name).map(|f| (h.type_name, f)))

@@ -32,7 +32,7 @@ use std::ops::Range;
 
 use bytes::BufMut;
 
-use crate::mpack::Cursor;
+use crate::mpack::{is, Cursor, Token};
 use crate::raw::{read_head, walk, walk_map, TopLevel};
 use crate::DecodeError;
 
@@ -107,6 +107,9 @@ pub fn split_envelope(body: &[u8]) -> Result<RawEvent<'_>, DecodeError> {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub fn split_envelope_head(body: &[u8]) -> Result<(RawEvent<'_>, &str), DecodeError> {
+    if let Some(found) = as_written(body) {
+        return Ok(found);
+    }
     let mut cur = Cursor::new(body);
     let walked = walk_map(&mut cur, true);
     let (top, event_type) = match walked {
@@ -127,6 +130,37 @@ pub fn split_envelope_head(body: &[u8]) -> Result<(RawEvent<'_>, &str), DecodeEr
         event: body.get(range).unwrap_or_default(),
     };
     Ok((split, event_type))
+}
+
+/// [`split_envelope_head`] of an envelope as [`encode_event_envelope`] writes it (what the
+/// shim sends): its `type`, its `seq` as an unsigned integer and its `event`, in that order,
+/// read at their places; only the event is walked. `None` for an envelope in any other
+/// shape, and for one whose event does not check or is itself of type `"event"`: the
+/// general walk reads those, and gives the error.
+///
+/// What it accepts, the general walk accepts with the same answer: a map of these three
+/// keys, once each, `type` "event" first (so the event is walked as a message of its own),
+/// and nothing after the event.
+fn as_written(body: &[u8]) -> Option<(RawEvent<'_>, &str)> {
+    let (prefix, rest) = body.split_first_chunk::<16>()?;
+    // Sixteen bytes compared as one number.
+    if u128::from_ne_bytes(*prefix) != u128::from_ne_bytes(*ENVELOPE_PREFIX) {
+        return None;
+    }
+    let mut cur = Cursor::new(rest);
+    let Ok(Token::Uint(seq)) = cur.token() else {
+        return None;
+    };
+    if !is(cur.take(EVENT_KEY.len()).ok()?, EVENT_KEY) {
+        return None;
+    }
+    let event = rest.get(cur.pos..)?;
+    let mut cur = Cursor::new(event);
+    let (top, _) = walk_map(&mut cur, false).ok()?;
+    if !cur.at_end() || is(top.type_name.as_bytes(), b"event") {
+        return None;
+    }
+    Some((RawEvent { seq, event }, top.type_name))
 }
 
 /// The byte range of the event inside the body of an `event` envelope (see
@@ -153,30 +187,50 @@ pub const MAX_EVENT_BODY: usize = crate::DEFAULT_MAX_FRAME - EVENT_ENVELOPE_OVER
 /// pass only a body that decoded as an event (as the shim does with a driver's events), or
 /// the receiver will reject the envelope.
 pub fn encode_event_envelope<B: BufMut + ?Sized>(seq: u64, event_body: &[u8], out: &mut B) {
-    // fixmap(3), "type": "event", "seq": <uint>, "event": <raw>
-    out.put_slice(b"\x83\xa4type\xa5event\xa3seq");
-    write_uint(out, seq);
-    out.put_slice(b"\xa5event");
+    let (head, len) = envelope_head(seq);
+    out.put_slice(head.get(..len).unwrap_or_default());
     out.put_slice(event_body);
 }
 
-fn write_uint<B: BufMut + ?Sized>(out: &mut B, v: u64) {
-    // The most compact form, as rmp-serde (and every MessagePack encoder) writes it.
-    if v < 0x80 {
-        out.put_u8(v as u8);
-    } else if let Ok(v) = u8::try_from(v) {
-        out.put_u8(0xcc);
-        out.put_u8(v);
-    } else if let Ok(v) = u16::try_from(v) {
-        out.put_u8(0xcd);
-        out.put_u16(v);
-    } else if let Ok(v) = u32::try_from(v) {
-        out.put_u8(0xce);
-        out.put_u32(v);
-    } else {
-        out.put_u8(0xcf);
-        out.put_u64(v);
+/// The start of an envelope (fixmap(3), `"type": "event"`, `"seq":`) up to its `seq`.
+pub(crate) const ENVELOPE_PREFIX: &[u8; 16] = b"\x83\xa4type\xa5event\xa3seq";
+
+/// The key between an envelope's `seq` and its event.
+pub(crate) const EVENT_KEY: &[u8; 6] = b"\xa5event";
+
+/// The envelope up to its event, `{type: "event", seq: <seq>, event: `, as
+/// [`encode_event_envelope`] writes it: the bytes (the first `len` of the array) and `len`.
+///
+/// Written on the stack at fixed places (no writer, no call per field): the relay writes
+/// one per event.
+pub(crate) fn envelope_head(seq: u64) -> ([u8; EVENT_ENVELOPE_OVERHEAD], usize) {
+    // The seq in its most compact form, as rmp-serde (and every MessagePack encoder)
+    // writes it: a marker (or a positive fixint) and `width` bytes, big-endian.
+    let (marker, width) = match seq {
+        0..=0x7f => (seq as u8, 0),
+        0x80..=0xff => (0xcc, 1),
+        0x100..=0xffff => (0xcd, 2),
+        0x1_0000..=0xffff_ffff => (0xce, 4),
+        _ => (0xcf, 8),
+    };
+    let mut head = [0u8; EVENT_ENVELOPE_OVERHEAD];
+    let (prefix, rest) = head.split_at_mut(ENVELOPE_PREFIX.len());
+    prefix.copy_from_slice(ENVELOPE_PREFIX);
+    let Some((first, uint)) = rest.split_first_mut() else {
+        return (head, 0); // unreachable: the array has room for the longest head
+    };
+    *first = marker;
+    // The low `width` bytes of the seq, as the high bytes of a shifted copy: all eight
+    // are written, the event key then goes over what is not the seq's.
+    let shifted = seq.checked_shl(8 * (8 - width)).unwrap_or(0);
+    if let Some(dst) = uint.get_mut(..8) {
+        dst.copy_from_slice(&shifted.to_be_bytes());
     }
+    let at = width as usize;
+    if let Some(dst) = uint.get_mut(at..at + EVENT_KEY.len()) {
+        dst.copy_from_slice(EVENT_KEY);
+    }
+    (head, ENVELOPE_PREFIX.len() + 1 + at + EVENT_KEY.len())
 }
 
 fn envelope_parts(top: &TopLevel<'_>) -> Result<Range<usize>, DecodeError> {
@@ -261,6 +315,31 @@ mod tests {
             (split.seq, split.event, type_name),
             (300, &event[..], "custom")
         );
+
+        // As the shim writes it, at every width of `seq`: read at its places, the same
+        // answer as the two walks.
+        for seq in [
+            0,
+            0x7f,
+            0x80,
+            0xff,
+            0x100,
+            0xffff,
+            0x1_0000,
+            0xffff_ffff,
+            u64::MAX,
+        ] {
+            let mut env = Vec::new();
+            encode_event_envelope(seq, &event, &mut env);
+            assert!(as_written(&env).is_some(), "seq {seq}");
+            assert_eq!(split_envelope_head(&env).ok(), two_walks(&env), "seq {seq}");
+            assert_eq!(split_envelope_head(&env).unwrap().0.seq, seq);
+        }
+        // A `seq` in a signed encoding: the general walk, same answer.
+        let signed = b"\x83\xa4type\xa5event\xa3seq\xd0\x05\xa5event\x81\xa4type\xa1x";
+        assert!(as_written(signed).is_none());
+        assert_eq!(split_envelope_head(signed).ok(), two_walks(signed));
+        assert_eq!(split_envelope_head(signed).unwrap().0.seq, 5);
 
         // The event before the `type`: the two walks, same answer.
         let mut late = b"\x83\xa5event".to_vec();

@@ -144,21 +144,19 @@ pub fn write_event_envelope<B: FrameBuf>(
     // The header and the envelope's head (at most 31 bytes: fixmap, "type": "event", "seq":
     // a uint of at most 9 bytes, "event") are put together first, so the frame is written
     // in two appends, the body's the only large one.
-    let mut head = [0u8; HEADER_LEN + 32];
-    let room = {
-        let mut w: &mut [u8] = &mut head[HEADER_LEN..];
-        crate::envelope::encode_event_envelope(seq, &[], &mut w);
-        w.len()
-    };
-    let head_len = head.len() - room;
-    let len = head_len - HEADER_LEN + event_body.len();
+    use crate::envelope::{envelope_head, EVENT_ENVELOPE_OVERHEAD};
+    let (envelope, envelope_len) = envelope_head(seq);
+    let len = envelope_len.saturating_add(event_body.len());
     let max = clamp_max(max);
     if len > max {
         return Err(EncodeError::FrameTooLarge { len, max });
     }
+    let mut head = [0u8; HEADER_LEN + EVENT_ENVELOPE_OVERHEAD];
+    let (header, rest) = head.split_at_mut(HEADER_LEN);
     // `len <= max <= u32::MAX`, checked above.
-    head[..HEADER_LEN].copy_from_slice(&(len as u32).to_be_bytes());
-    out.put_slice(&head[..head_len]);
+    header.copy_from_slice(&(len as u32).to_be_bytes());
+    rest.copy_from_slice(&envelope);
+    out.put_slice(head.get(..HEADER_LEN + envelope_len).unwrap_or_default());
     out.put_slice(event_body);
     Ok(())
 }

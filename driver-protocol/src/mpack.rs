@@ -74,6 +74,61 @@ impl Fail {
     }
 }
 
+/// Whether every byte of `b` is ASCII. A plain loop that folds the bytes together: the
+/// size-optimised shim keeps it inline, where an iterator's `all` stays a call per string,
+/// and keys and names are a few bytes long, shorter than what `is_ascii`'s word-at-a-time
+/// walk needs to pay for its set-up.
+#[inline(always)]
+pub(crate) fn is_ascii(b: &[u8]) -> bool {
+    let mut acc = 0u8;
+    for &c in b {
+        acc |= c;
+    }
+    acc < 0x80
+}
+
+/// `b` as a `&str` when it is UTF-8; ASCII, the usual case for keys and names, without
+/// `str::from_utf8`'s set-up (about 80 instructions for a short name).
+#[inline(always)]
+pub(crate) fn utf8_str(b: &[u8]) -> Option<&str> {
+    if is_ascii(b) {
+        // SAFETY: every byte of `b` is below 0x80, and ASCII is valid UTF-8.
+        Some(unsafe { std::str::from_utf8_unchecked(b) })
+    } else {
+        std::str::from_utf8(b).ok()
+    }
+}
+
+/// Whether `a` and `b` hold the same bytes: for keys and names, which are short, a plain
+/// loop rather than a call to `memcmp` (a byte loop of its own in musl, behind a call).
+#[inline(always)]
+pub(crate) fn same(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut diff = 0u8;
+    for (x, y) in a.iter().zip(b) {
+        diff |= x ^ y;
+    }
+    diff == 0
+}
+
+/// Whether `a` is the short constant `b` (at most 8 bytes): both are put in a `u64`, the
+/// constant's at compile time, and compared as numbers; no loop, no call.
+#[inline(always)]
+pub(crate) fn is<const N: usize>(a: &[u8], b: &[u8; N]) -> bool {
+    const { assert!(N <= 8) };
+    let Ok(a) = <&[u8; N]>::try_from(a) else {
+        return false;
+    };
+    let (mut x, mut y) = ([0u8; 8], [0u8; 8]);
+    if let (Some(x), Some(y)) = (x.get_mut(..N), y.get_mut(..N)) {
+        x.copy_from_slice(a);
+        y.copy_from_slice(b);
+    }
+    u64::from_ne_bytes(x) == u64::from_ne_bytes(y)
+}
+
 /// A read position in a body. Every read checks the remaining length; nothing allocates.
 #[derive(Debug, Clone)]
 pub(crate) struct Cursor<'a> {

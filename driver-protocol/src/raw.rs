@@ -35,7 +35,7 @@
 use std::ops::Range;
 use std::str;
 
-use crate::mpack::{Cursor, Fail, Token};
+use crate::mpack::{is, is_ascii, same, utf8_str, Cursor, Fail, Token};
 use crate::{DecodeError, MAX_DEPTH};
 
 /// The `type` and `id` of a message, read without decoding its other fields.
@@ -120,7 +120,11 @@ pub(crate) fn walk_map<'a>(
     let entries = cur.map_len().map_err(|f| fail(f, None, None))?;
     for _ in 0..entries {
         let key = cur.key().map_err(|f| fail(f, type_name, id))?;
-        if key == b"event" && event_head && event.is_none() && type_name == Some("event") {
+        if event_head
+            && event.is_none()
+            && is(key, b"event")
+            && type_name.is_some_and(|t| is(t.as_bytes(), b"event"))
+        {
             // The event is a message of its own, walked here rather than skipped and
             // walked again; its errors read as the envelope's.
             let start = cur.pos;
@@ -135,30 +139,29 @@ pub(crate) fn walk_map<'a>(
             continue;
         }
         let step = (|| {
-            match key {
-                b"type" => {
-                    if type_name.is_some() {
-                        return Err(Fail::DuplicateType);
-                    }
-                    type_name = Some(cur.type_str()?);
+            // (Compared with `is`, not matched: a match on byte strings calls `memcmp`.)
+            if is(key, b"type") {
+                if type_name.is_some() {
+                    return Err(Fail::DuplicateType);
                 }
-                b"id" if id.is_none() => id = cur.uint_or_skip()?,
-                b"seq" if !seq_seen => {
-                    seq_seen = true;
-                    seq = cur.uint_or_skip()?;
+                type_name = Some(cur.type_str()?);
+            } else if id.is_none() && is(key, b"id") {
+                id = cur.uint_or_skip()?;
+            } else if !seq_seen && is(key, b"seq") {
+                seq_seen = true;
+                seq = cur.uint_or_skip()?;
+            } else if is(key, b"event") {
+                if event.is_some() {
+                    return Err(Fail::DuplicateEvent);
                 }
-                b"event" => {
-                    if event.is_some() {
-                        return Err(Fail::DuplicateEvent);
-                    }
-                    // An envelope's event is a message of its own: it counts its depth from
-                    // its own map, so relaying never makes an event too deep. Any other
-                    // message's `event` field is re-checked at its true depth below.
-                    let start = cur.pos;
-                    cur.skip_value(1)?;
-                    event = Some(start..cur.pos);
-                }
-                _ => cur.skip_value(2)?,
+                // An envelope's event is a message of its own: it counts its depth from
+                // its own map, so relaying never makes an event too deep. Any other
+                // message's `event` field is re-checked at its true depth below.
+                let start = cur.pos;
+                cur.skip_value(1)?;
+                event = Some(start..cur.pos);
+            } else {
+                cur.skip_value(2)?;
             }
             Ok(())
         })();
@@ -167,7 +170,7 @@ pub(crate) fn walk_map<'a>(
     let Some(type_name) = type_name else {
         return Err(fail(Fail::MissingType, None, id));
     };
-    if type_name != "event" {
+    if !is(type_name.as_bytes(), b"event") {
         if let Some(range) = &event {
             let inner = cur.buf.get(range.clone()).unwrap_or_default();
             Cursor::new(inner)
@@ -227,31 +230,32 @@ pub(crate) fn plain_fields<'a>(
 }
 
 /// [`read_head`] and then [`plain_fields`] in one pass, for the usual body whose first key
-/// is its `type`: the type, when `fields_of` has the fields of that type, the body is well
-/// formed and every field is in its plain shape. `None` means "not sure": the caller then
-/// takes the two passes (which also handle a `type` that is not the first key).
+/// is its `type` (a fixstr): the type, when `fields_of` knows that type (its name, equal to
+/// the body's, and its fields), the body is well formed and every field is in its plain
+/// shape. `None` means "not sure": the caller then takes the two passes (which also handle
+/// a `type` that is not the first key).
+///
+/// Neither the `type` key nor the name needs a UTF-8 check: the key is compared with its
+/// bytes, and a name `fields_of` knows is one of its own `&'static str`s.
 pub(crate) fn plain_event<'a>(
     body: &'a [u8],
-    fields_of: impl Fn(&str) -> Option<Fields>,
+    fields_of: impl Fn(&[u8]) -> Option<(&'static str, Fields)>,
     task_id: &mut Option<&'a [u8]>,
-) -> Option<&'a str> {
+) -> Option<&'static str> {
     let mut cur = Cursor::new(body);
     let entries = cur.map_len().ok()?;
-    if entries == 0 || cur.key().ok()? != b"type" {
+    if entries == 0 || !is(cur.take(5).ok()?, b"\xa4type") {
         return None;
     }
-    let type_name = cur.type_str().ok()?;
-    let fields = fields_of(type_name)?;
+    let (type_name, fields) = fields_of(cur.str_bytes().ok()??)?;
     let plain = cur.scan_fields(entries - 1, fields, true, task_id).ok()? && cur.pos == body.len();
     plain.then_some(type_name)
 }
 
 /// Whether `b` is UTF-8; ASCII, the usual case for keys and names, without a full decode.
-/// (A plain byte loop: keys and names are a few bytes long, shorter than what `is_ascii`'s
-/// word-at-a-time walk needs to pay for its set-up.)
 #[inline(always)]
 fn is_utf8(b: &[u8]) -> bool {
-    b.iter().all(|&c| c < 0x80) || str::from_utf8(b).is_ok()
+    is_ascii(b) || str::from_utf8(b).is_ok()
 }
 
 /// A container's element count as a `usize` (a count that does not fit cannot fit in the
@@ -317,7 +321,7 @@ impl<'a> Cursor<'a> {
             // Equal bytes: the string is one of the names, and so UTF-8.
             Field::OneOf(names) => Ok(self
                 .str_bytes()?
-                .is_some_and(|b| names.iter().any(|n| n.as_bytes() == b))),
+                .is_some_and(|b| names.iter().any(|n| same(n.as_bytes(), b)))),
             Field::Flag => Ok(matches!(self.byte()?, 0xc2 | 0xc3)),
             Field::OptUint => match self.byte()? {
                 0x00..=0x7f => Ok(true),
@@ -392,14 +396,21 @@ impl<'a> Cursor<'a> {
         let mut seen = 0u32;
         for _ in 0..entries {
             let key = self.str_bytes()?.ok_or(Fail::KeyNotStr)?;
-            if checking_keys && (key == b"type" || key == b"event" || !is_utf8(key)) {
-                return Ok(false);
-            }
-            if key == b"type" {
+            if is(key, b"type") {
+                if checking_keys {
+                    return Ok(false);
+                }
                 self.skip_value(2)?;
                 continue;
             }
-            let plain = match fields.iter().position(|(name, ..)| name.as_bytes() == key) {
+            let index = fields
+                .iter()
+                .position(|(name, ..)| same(name.as_bytes(), key));
+            // A key equal to a field's name is UTF-8 (and neither `type` nor `event`).
+            if checking_keys && index.is_none() && (is(key, b"event") || !is_utf8(key)) {
+                return Ok(false);
+            }
+            let plain = match index {
                 Some(i) => {
                     let bit = 1u32.checked_shl(i as u32).unwrap_or(0);
                     if bit == 0 || seen & bit != 0 {
@@ -434,7 +445,7 @@ impl<'a> Cursor<'a> {
 
     fn type_str(&mut self) -> Result<&'a str, Fail> {
         let bytes = self.str_bytes()?.ok_or(Fail::TypeNotStr)?;
-        str::from_utf8(bytes).map_err(|_| Fail::TypeNotUtf8)
+        utf8_str(bytes).ok_or(Fail::TypeNotUtf8)
     }
 
     /// Reads a top-level field's value as a non-negative integer; any other value is skipped

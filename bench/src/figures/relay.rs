@@ -333,12 +333,13 @@ fn fail_note(shim: f64, raw: f64, cpu: &[Vec<f64>; 3]) -> String {
          structure and plain fields in one pass without decoding it, writes the `event` \
          envelope in place into the replay buffer (one copy), and its writer writes the \
          frames from there, about 64 KiB per `writev`, behind any replies (no second copy); \
-         the raw forwarder makes one copy and reads only each header. control-link walks \
-         each envelope and its event's head once, slices the event out of its read buffer \
-         (reused, not reallocated) and hands it to the stream through a bounded channel, one \
-         message per event (the stream takes up to 64 at once). What is left to take: \
-         handing events to the stream in batches, and the UTF-8 checks of keys and type \
-         names (about a tenth of control-link's instructions per event).",
+         the raw forwarder makes one copy and reads only each header. control-link reads \
+         each envelope's head at its places and walks its event once, cuts the event out of \
+         its read buffer (reused, not reallocated) and hands it to the stream through a \
+         bounded channel, one message per event (the stream takes up to 64 at once). What \
+         is left to take: handing events to the stream in batches (the channel, the \
+         session's loop and the stream's hand-out are about a third of control-link's \
+         instructions per event), and the walk of each event in both processes.",
         shim / 1e6,
         100.0 * shim / raw,
         s + c + d,

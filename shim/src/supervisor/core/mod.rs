@@ -280,7 +280,9 @@ impl Core {
     pub fn take_lone_relay(&mut self) -> bool {
         let lone = matches!(self.out.as_slice(), [Output::RelayEvent]);
         if lone {
-            self.out.clear();
+            // `pop`, not `clear`: the one output is dropped in place here, without a call
+            // to the drop loop over a slice of outputs.
+            self.out.pop();
         }
         lone
     }
