@@ -1082,8 +1082,17 @@ async fn next_message(
         if let Some(msg) = codec.decode(buf)? {
             return Ok(Some(msg));
         }
-        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-            buf.reserve(READ_CHUNK);
+        // Room for the rest of a frame whose head is in (the codec checked its length
+        // against the limit), so that a large one (a file's chunk) comes in a few reads,
+        // not one every READ_CHUNK; at least READ_CHUNK otherwise.
+        let rest = match frame::parse_header(buf, codec.max_frame()) {
+            Ok(Some(len)) => frame::HEADER_LEN
+                .saturating_add(len)
+                .saturating_sub(buf.len()),
+            _ => 0,
+        };
+        if buf.capacity() - buf.len() < rest.max(READ_CHUNK / 4) {
+            buf.reserve(rest.max(READ_CHUNK));
         }
         if rd.read_buf(buf).await? == 0 {
             return codec.decode_eof(buf);
