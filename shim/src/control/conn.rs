@@ -1079,6 +1079,9 @@ async fn next_message(
                 *hash = body_hash(body);
             }
         }
+        if let Some(msg) = take_shared(buf, codec.max_frame()) {
+            return msg.map(Some);
+        }
         if let Some(msg) = codec.decode(buf)? {
             return Ok(Some(msg));
         }
@@ -1098,6 +1101,35 @@ async fn next_message(
             return codec.decode_eof(buf);
         }
     }
+}
+
+/// Frames of at least this many bytes may carry their `data` shared ([`take_shared`]).
+const SHARED_MIN: usize = 16 * 1024;
+
+/// A whole `fs_write_data` frame of at least [`SHARED_MIN`] bytes at the front of `buf`,
+/// taken off it and decoded with its `data` a slice of the frame, not a copy (an upload's
+/// chunk goes on to the file's process as it came); `None` (and `buf` untouched) for
+/// anything else, which the codec decodes. The message is decoded from the body with its
+/// `data` left out ([`raw::take_data`]): the same checks, the same message.
+fn take_shared(buf: &mut BytesMut, max: usize) -> Option<Result<ControlToShim, DecodeError>> {
+    use driver_protocol::{raw, Message as _};
+    let len = frame::parse_header(buf, max).ok()??;
+    let total = frame::HEADER_LEN.checked_add(len)?;
+    if len < SHARED_MIN || buf.len() < total {
+        return None;
+    }
+    let (small, range) = raw::take_data(buf.get(frame::HEADER_LEN..total)?)?;
+    let frame = buf.split_to(total).freeze();
+    let body = frame.slice(frame::HEADER_LEN..);
+    Some(match ControlToShim::decode(&small) {
+        Ok(ControlToShim::FsWriteData(mut m)) if range.end <= body.len() => {
+            m.data = body.slice(range);
+            Ok(ControlToShim::FsWriteData(m))
+        }
+        // Any other message with a `data`, or an error: from the whole body, as the
+        // codec would.
+        _ => ControlToShim::decode(&body),
+    })
 }
 
 /// A frame could not be decoded: tell the client why (unless the socket failed) and close.
