@@ -1094,7 +1094,13 @@ async fn next_message(
                 .saturating_sub(buf.len()),
             _ => 0,
         };
-        if buf.capacity() - buf.len() < rest.max(READ_CHUNK / 4) {
+        if rest >= SHARED_MIN && buf.capacity() - buf.len() < rest {
+            // A buffer of the frame's size, no more: its data may be shared on
+            // ([`take_shared`]), and it then holds this frame only.
+            let mut whole = BytesMut::with_capacity(buf.len().saturating_add(rest));
+            whole.extend_from_slice(buf);
+            *buf = whole;
+        } else if buf.capacity() - buf.len() < rest.max(READ_CHUNK / 4) {
             buf.reserve(rest.max(READ_CHUNK));
         }
         if rd.read_buf(buf).await? == 0 {
@@ -1120,6 +1126,11 @@ fn take_shared(buf: &mut BytesMut, max: usize) -> Option<Result<ControlToShim, D
     }
     let (small, range) = raw::take_data(buf.get(frame::HEADER_LEN..total)?)?;
     let frame = buf.split_to(total).freeze();
+    if buf.is_empty() {
+        // The next frame is read into a small buffer of its own, not into what is left of
+        // this one's (which the data holds on to).
+        *buf = BytesMut::new();
+    }
     let body = frame.slice(frame::HEADER_LEN..);
     Some(match ControlToShim::decode(&small) {
         Ok(ControlToShim::FsWriteData(mut m)) if range.end <= body.len() => {
