@@ -34,6 +34,7 @@ use tokio::net::UnixStream;
 
 use super::ops::{self, Failure, Out, CHUNK, DATA_HEAD, TAG_DONE, TAG_FAIL, TAG_FRAME, TAG_MSG};
 use super::Op;
+use crate::spare::Spares;
 use driver_protocol::message::ShimToControl;
 use driver_protocol::ErrorCode;
 
@@ -88,6 +89,8 @@ pub struct Helper {
 pub struct Records {
     sock: OwnedReadHalf,
     buf: BytesMut,
+    /// Buffers given up while frames taken off them were on their way.
+    spares: Spares,
 }
 
 /// A record tag (shim to a serving process): the next operation follows ([`encode_op`]).
@@ -161,6 +164,7 @@ pub fn start(op: &Op, settings: &Settings, serve: bool) -> io::Result<Helper> {
         rd: Records {
             sock: rd,
             buf: BytesMut::with_capacity(CHUNK + DATA_HEAD),
+            spares: Spares::default(),
         },
         wr,
         done: false,
@@ -185,6 +189,8 @@ impl Helper {
     pub fn idle_ok(&mut self) -> bool {
         // From here on it is killed on drop, as any process that may be busy.
         self.done = false;
+        // Idle, or about to serve from the start: no frame of its is on its way.
+        self.rd.spares.clear();
         let Some(fd) = &self.pidfd else {
             return false;
         };
@@ -431,14 +437,31 @@ impl Records {
                         _ => Record::Event(payload),
                     }));
                 }
-                self.buf.reserve(5 + len - self.buf.len());
+                self.room(5 + len - self.buf.len());
             } else {
-                self.buf.reserve(CHUNK + DATA_HEAD);
+                self.room(CHUNK + DATA_HEAD);
             }
             if self.sock.read_buf(&mut self.buf).await? == 0 {
                 return Ok(None);
             }
         }
+    }
+}
+
+impl Records {
+    /// Room for `need` more bytes. A frame taken off the buffer is a slice of it until it is
+    /// written to the client, so a buffer still shared is given up for a spare one whose
+    /// frames are gone (or a fresh one), not grown in a fresh allocation every chunk.
+    fn room(&mut self, need: usize) {
+        if self.buf.capacity() - self.buf.len() >= need || self.buf.try_reclaim(need) {
+            return;
+        }
+        // Room for a whole record with its head (what is held and needed never exceeds
+        // it): every spare fits any later need.
+        let old = self
+            .spares
+            .renew(&mut self.buf, need, 5 + CHUNK + DATA_HEAD);
+        self.spares.keep(old);
     }
 }
 
