@@ -39,7 +39,7 @@ use super::gate::Source;
 use super::ids::{body_hash, Seen};
 use super::transport::{Halves, ReadHalf, WriteHalf};
 use super::{encode_frame, Command, Inner, Origin, Reply};
-use crate::spare::Spares;
+use crate::spare;
 
 /// Bytes the writer gathers into one `write`.
 const WRITE_BATCH: usize = 64 * 1024;
@@ -630,7 +630,6 @@ async fn read_loop(
     let small = inner.tuning.handshake_max_frame.min(inner.max_frame);
     let mut codec = MessageCodec::<ControlToShim, ShimToControl>::with_max_frame(small);
     let mut buf = BytesMut::with_capacity(READ_CHUNK.min(small));
-    let mut spares = Spares::default();
     let mut hash = 0;
     // Two deadlines: the peer's `hello` soon (it sends it at once, without waiting for
     // ours), the whole handshake a little later. A peer that trickles bytes holds its place
@@ -646,7 +645,7 @@ async fn read_loop(
         let deadline = if heard { whole } else { first };
         let next = tokio::time::timeout_at(
             deadline,
-            next_message(&mut rd, &mut codec, &mut buf, &mut spares, &mut hash),
+            next_message(&mut rd, &mut codec, &mut buf, &mut hash),
         );
         let msg = match next.await {
             Ok(Ok(Some(msg))) => {
@@ -720,7 +719,7 @@ async fn read_loop(
         // the idle timeout (a frozen control plane, a black-holed path) is given up, so
         // that the dialer can reach a live one. An accepted connection is replaced by the
         // next one instead, so it may be silent.
-        let next = next_message(&mut rd, &mut codec, &mut buf, &mut spares, &mut hash);
+        let next = next_message(&mut rd, &mut codec, &mut buf, &mut hash);
         let read = match origin {
             Origin::Dialed(_) => match tokio::time::timeout(inner.tuning.dialed_idle, next).await {
                 Ok(read) => read,
@@ -1071,7 +1070,6 @@ async fn next_message(
     rd: &mut ReadHalf,
     codec: &mut MessageCodec<ControlToShim, ShimToControl>,
     buf: &mut BytesMut,
-    spares: &mut Spares,
     hash: &mut u64,
 ) -> Result<Option<ControlToShim>, DecodeError> {
     loop {
@@ -1082,7 +1080,7 @@ async fn next_message(
                 *hash = body_hash(body);
             }
         }
-        if let Some(msg) = take_shared(buf, spares, codec.max_frame()) {
+        if let Some(msg) = take_shared(buf, codec.max_frame()) {
             return msg.map(Some);
         }
         // Room for the rest of a frame whose head is in, so that a large one (a file's
@@ -1099,13 +1097,13 @@ async fn next_message(
             // A buffer of the frame's size, no more (a spare one whose frames are gone, if
             // any): its data may be shared on ([`take_shared`]), and it then holds this
             // frame only. The small buffer the frame's start came in is let go.
-            drop(spares.renew(buf, rest, 0));
+            drop(spare::renew(buf, rest, 0));
         }
         if let Some(msg) = codec.decode(buf)? {
             if buf.is_empty() {
                 // A small message and nothing behind it: no large frame is coming in, the
                 // spare buffers go.
-                spares.clear();
+                spare::clear();
             }
             return Ok(Some(msg));
         }
@@ -1126,11 +1124,7 @@ const SHARED_MIN: usize = 16 * 1024;
 /// chunk goes on to the file's process as it came); `None` (and `buf` untouched) for
 /// anything else, which the codec decodes. The message is decoded from the body with its
 /// `data` left out ([`raw::take_data`]): the same checks, the same message.
-fn take_shared(
-    buf: &mut BytesMut,
-    spares: &mut Spares,
-    max: usize,
-) -> Option<Result<ControlToShim, DecodeError>> {
+fn take_shared(buf: &mut BytesMut, max: usize) -> Option<Result<ControlToShim, DecodeError>> {
     use driver_protocol::{raw, Message as _};
     let len = frame::parse_header(buf, max).ok()??;
     let total = frame::HEADER_LEN.checked_add(len)?;
@@ -1142,7 +1136,7 @@ fn take_shared(
     if buf.is_empty() {
         // The next frame is read into a small buffer of its own, not into what is left of
         // this one's (which the data holds on to, and which is reused once it is gone).
-        spares.keep(std::mem::take(buf));
+        spare::keep(std::mem::take(buf));
     }
     let body = frame.slice(frame::HEADER_LEN..);
     Some(match ControlToShim::decode(&small) {

@@ -34,7 +34,7 @@ use tokio::net::UnixStream;
 
 use super::ops::{self, Failure, Out, CHUNK, DATA_HEAD, TAG_DONE, TAG_FAIL, TAG_FRAME, TAG_MSG};
 use super::Op;
-use crate::spare::Spares;
+use crate::spare;
 use driver_protocol::message::ShimToControl;
 use driver_protocol::ErrorCode;
 
@@ -89,8 +89,6 @@ pub struct Helper {
 pub struct Records {
     sock: OwnedReadHalf,
     buf: BytesMut,
-    /// Buffers given up while frames taken off them were on their way.
-    spares: Spares,
 }
 
 /// A record tag (shim to a serving process): the next operation follows ([`encode_op`]).
@@ -164,7 +162,6 @@ pub fn start(op: &Op, settings: &Settings, serve: bool) -> io::Result<Helper> {
         rd: Records {
             sock: rd,
             buf: BytesMut::with_capacity(CHUNK + DATA_HEAD),
-            spares: Spares::default(),
         },
         wr,
         done: false,
@@ -189,8 +186,6 @@ impl Helper {
     pub fn idle_ok(&mut self) -> bool {
         // From here on it is killed on drop, as any process that may be busy.
         self.done = false;
-        // Idle, or about to serve from the start: no frame of its is on its way.
-        self.rd.spares.clear();
         let Some(fd) = &self.pidfd else {
             return false;
         };
@@ -458,10 +453,7 @@ impl Records {
         }
         // Room for a whole record with its head (what is held and needed never exceeds
         // it): every spare fits any later need.
-        let old = self
-            .spares
-            .renew(&mut self.buf, need, 5 + CHUNK + DATA_HEAD);
-        self.spares.keep(old);
+        spare::keep(spare::renew(&mut self.buf, need, 5 + CHUNK + DATA_HEAD));
     }
 }
 
