@@ -11,7 +11,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{BufMut as _, Bytes, BytesMut};
 use driver_protocol::message::{
     ControlToShim, FsEntry, FsList, FsMkdir, FsRead, FsRemove, FsRename, FsStat, FsUnwatch,
     FsWatch, FsWriteClose, FsWriteData, FsWriteOpen, ShimToControl,
@@ -230,19 +230,18 @@ impl Files {
         let mut eof = false;
         while !eof || !window.is_empty() {
             if !eof && window.len() < WRITE_WINDOW {
-                let mut buf = vec![0u8; WRITE_CHUNK];
-                let mut n = 0;
-                while n < WRITE_CHUNK {
-                    let r = data.read(&mut buf[n..]).await?;
-                    if r == 0 {
+                // Filled as it is read, never zeroed first.
+                let mut buf = BytesMut::with_capacity(WRITE_CHUNK);
+                while buf.len() < WRITE_CHUNK {
+                    let room = WRITE_CHUNK - buf.len();
+                    if data.read_buf(&mut (&mut buf).limit(room)).await? == 0 {
                         eof = true;
                         break;
                     }
-                    n += r;
                 }
+                let n = buf.len();
                 if n > 0 {
-                    buf.truncate(n);
-                    let bytes = Bytes::from(buf);
+                    let bytes = buf.freeze();
                     let task = self.send_chunk(handle, offset, bytes.clone());
                     window.push_back((offset, bytes, task));
                     offset += n as u64;

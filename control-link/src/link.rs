@@ -23,7 +23,7 @@ use bytes::{Buf as _, BytesMut};
 use driver_protocol::codec::{FrameCodec, MessageCodec};
 use driver_protocol::frame::HEADER_LEN;
 use driver_protocol::handshake::{self, auth_proof, hello_nonce, verify_proof, NONCE_LEN};
-use driver_protocol::message::{Auth, ControlToShim, Hello, Role, ShimToControl};
+use driver_protocol::message::{Auth, ControlToShim, FsWriteData, Hello, Role, ShimToControl};
 use driver_protocol::{envelope, frame, DecodeError, ErrorCode, Message as _};
 use futures_core::Stream;
 use tokio::io::{AsyncWriteExt as _, ReadHalf, WriteHalf};
@@ -110,6 +110,9 @@ impl InCodec {
     fn decode_typed(&mut self, src: &mut BytesMut) -> Result<Option<Incoming>, DecodeError> {
         self.note_fill(src);
         if let Some((msg, len)) = output::take(src, self.max_frame) {
+            return Ok(Some(Incoming::Msg(Box::new(msg), len)));
+        }
+        if let Some((msg, len)) = output::take_fs_data(src, self.max_frame) {
             return Ok(Some(Incoming::Msg(Box::new(msg), len)));
         }
         let got = typed(src, |src| self.typed.decode(src))?;
@@ -303,10 +306,67 @@ impl Link {
 
     /// Writes one message.
     pub(crate) async fn send(&mut self, msg: &ControlToShim) -> Result<(), Error> {
+        if let ControlToShim::FsWriteData(m) = msg {
+            if m.data.len() >= output::SHARED_MIN && self.send_data(m).await? {
+                return Ok(());
+            }
+        }
         self.out.clear();
         frame::write_message(&mut self.out, self.max_frame, msg)?;
         self.wr.write_all(&self.out).await?;
         Ok(())
+    }
+
+    /// Writes an `fs_write_data` whose `data` is large without copying the data into the
+    /// frame: the frame up to the data is encoded, the data is written behind it from where it
+    /// is, in vectored writes. `false` (nothing written) when the encoder did not end the
+    /// message with its `data` as expected, or the frame would be over the limit: the caller
+    /// then encodes it whole.
+    async fn send_data(&mut self, m: &FsWriteData) -> Result<bool, Error> {
+        let head = FsWriteData {
+            id: m.id,
+            handle: m.handle,
+            offset: m.offset,
+            data: bytes::Bytes::new(),
+        };
+        self.out.clear();
+        frame::write_message(
+            &mut self.out,
+            self.max_frame,
+            &ControlToShim::FsWriteData(head),
+        )?;
+        // The last field, `data`, is an empty bin 8: it becomes the data's bin 32 head.
+        const EMPTY: &[u8] = b"\xa4data\xc4\x00";
+        let data = &m.data[..];
+        let body = self.out.len() - HEADER_LEN - 2 + 5 + data.len();
+        let (Ok(len), Ok(body32)) = (u32::try_from(data.len()), u32::try_from(body)) else {
+            return Ok(false);
+        };
+        if !self.out.ends_with(EMPTY) || body > self.max_frame {
+            return Ok(false);
+        }
+        self.out.truncate(self.out.len() - 2);
+        self.out.extend_from_slice(&[0xc6]);
+        self.out.extend_from_slice(&len.to_be_bytes());
+        self.out[..HEADER_LEN].copy_from_slice(&body32.to_be_bytes());
+        let head = &self.out[..];
+        let total = head.len() + data.len();
+        let mut done = 0;
+        while done < total {
+            let bufs = [
+                std::io::IoSlice::new(head.get(done..).unwrap_or_default()),
+                std::io::IoSlice::new(
+                    data.get(done.saturating_sub(head.len())..)
+                        .unwrap_or_default(),
+                ),
+            ];
+            let n = self.wr.write_vectored(&bufs).await?;
+            if n == 0 {
+                return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into());
+            }
+            done += n;
+        }
+        Ok(true)
     }
 
     /// Reads one message; `None` at a clean end of stream. Cancel-safe.

@@ -1,5 +1,5 @@
-//! `exec_output` events taken off the read buffer without a copy: the chunk's bytes are a
-//! slice of the frame that carried them.
+//! `exec_output` events (and `fs_data` replies, [`take_fs_data`]) taken off the read buffer
+//! without a copy: the chunk's bytes are a slice of the frame that carried them.
 //!
 //! An exec writing fast sends frames of up to 128 KiB, nearly all of it the chunk. Decoded
 //! as any other event, each chunk would be copied out of the read buffer into a buffer of
@@ -70,6 +70,42 @@ fn take_large(src: &mut BytesMut, max_frame: usize) -> Option<(ShimToControl, us
         data,
     });
     Some((ShimToControl::Event(EventEnvelope { seq, event }), total))
+}
+
+/// The `fs_data` reply whose whole frame is at the front of `src`, with its data a slice of
+/// the frame, and the frame's length; `None` (and `src` untouched) for any other frame, a
+/// frame not complete yet, or a small one. The reply is decoded from its body with `data`
+/// left out ([`raw::take_data`]): the same checks, the same message.
+pub(crate) fn take_fs_data(src: &mut BytesMut, max_frame: usize) -> Option<(ShimToControl, usize)> {
+    let head: [u8; HEADER_LEN] = src.get(..HEADER_LEN)?.try_into().ok()?;
+    if (u32::from_be_bytes(head) as usize) < SHARED_MIN {
+        return None;
+    }
+    take_fs_data_large(src, max_frame)
+}
+
+/// [`take_fs_data`] for a frame of at least [`SHARED_MIN`] bytes, out of line.
+#[inline(never)]
+fn take_fs_data_large(src: &mut BytesMut, max_frame: usize) -> Option<(ShimToControl, usize)> {
+    use driver_protocol::Message as _;
+    let len = frame::parse_header(src, max_frame).ok()??;
+    let total = HEADER_LEN.checked_add(len)?;
+    if len < SHARED_MIN || src.len() < total {
+        return None;
+    }
+    let (small, range) = raw::take_data(src.get(HEADER_LEN..total)?)?;
+    let Ok(ShimToControl::FsData(mut m)) = ShimToControl::decode(&small) else {
+        // Another message with a `data`, or an error: the usual decoder says which.
+        return None;
+    };
+    let start = HEADER_LEN.checked_add(range.start)?;
+    let end = HEADER_LEN.checked_add(range.end)?;
+    if end > total {
+        return None;
+    }
+    let frame = src.split_to(total).freeze();
+    m.data = frame.slice(start..end);
+    Some((ShimToControl::FsData(m), total))
 }
 
 /// Reads `n` big-endian bytes at `at`.
@@ -217,6 +253,62 @@ mod tests {
                 "the data is a slice of the frame (at {at})"
             );
         }
+    }
+
+    /// An `fs_data` reply is the decoder's, its data a slice of the frame; a small one, or
+    /// another message with a `data`, is left to the decoder.
+    #[test]
+    fn an_fs_data_is_the_decoders_reply_with_its_data_in_the_frame() {
+        use driver_protocol::message::FsData;
+        let frame_of_msg = |msg: &ShimToControl| {
+            let mut out = Vec::new();
+            frame::write_body(&mut out, usize::MAX, &msg.to_body().expect("encodes"))
+                .expect("frame");
+            BytesMut::from(&out[..])
+        };
+        for (len, eof) in [(SHARED_MIN, false), (256 * 1024, true)] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+            let msg = ShimToControl::FsData(FsData {
+                re: 5,
+                offset: 1 << 35,
+                data: Bytes::from(data),
+                eof,
+            });
+            let mut src = frame_of_msg(&msg);
+            src.extend_from_slice(b"\0\0\0\x05next!");
+            let frame_start = src.as_ptr() as usize;
+            let (got, taken) = take_fs_data(&mut src, 1 << 24).expect("taken without a copy");
+            assert_eq!(got, msg);
+            assert_eq!(&src[..], b"\0\0\0\x05next!", "only the frame is taken");
+            let ShimToControl::FsData(d) = got else {
+                panic!("not an fs_data");
+            };
+            let at = (d.data.as_ptr() as usize).wrapping_sub(frame_start);
+            assert!(
+                at + d.data.len() <= taken,
+                "the data is a slice of the frame"
+            );
+        }
+        let small = ShimToControl::FsData(FsData {
+            re: 5,
+            offset: 0,
+            data: Bytes::from(vec![1u8; 100]),
+            eof: false,
+        });
+        assert!(take_fs_data(&mut frame_of_msg(&small), 1 << 24).is_none());
+        let output = Event::ExecOutput(ExecOutput {
+            exec_id: 3,
+            stream: OutputStream::Stdout,
+            data: Bytes::from(vec![1u8; 20_000]),
+        })
+        .to_body()
+        .expect("encodes");
+        let mut other = frame_of(1, &output);
+        assert!(take_fs_data(&mut other, 1 << 24).is_none());
+        assert_eq!(
+            other.len(),
+            HEADER_LEN + u32::from_be_bytes(other[..4].try_into().unwrap()) as usize
+        );
     }
 
     #[test]

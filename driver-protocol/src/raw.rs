@@ -74,6 +74,45 @@ pub fn skip_value(buf: &[u8]) -> Result<usize, DecodeError> {
     Ok(cur.pos)
 }
 
+/// A large message's `data` binary taken out of its body, so that the message is decoded
+/// from a few bytes and its `data` is a slice of the frame that carried it, not a copy.
+///
+/// Returns the body with that binary made empty (`bin 8` of length 0), and the range of the
+/// binary's bytes in `body`. `None` (nothing taken) unless `body` is one map with string keys
+/// holding one `data` key whose value is a binary; the caller then decodes the body as it
+/// is. Decoding the returned body gives the message the whole body gives, but for an empty
+/// `data`, which the caller sets to `body[range]`.
+pub fn take_data(body: &[u8]) -> Option<(Vec<u8>, Range<usize>)> {
+    let mut cur = Cursor::new(body);
+    let entries = cur.map_len().ok()?;
+    let mut found = None;
+    for _ in 0..entries {
+        let key = cur.key().ok()?;
+        if key == b"data" {
+            let at = cur.pos;
+            let Ok(Token::Bin(data)) = cur.token() else {
+                return None;
+            };
+            if found.is_some() {
+                return None;
+            }
+            let start = cur.pos.checked_sub(data.len())?;
+            found = Some((at, start..cur.pos));
+        } else {
+            cur.skip_value(2).ok()?;
+        }
+    }
+    let (at, range) = found?;
+    if cur.pos != body.len() {
+        return None;
+    }
+    let mut small = Vec::with_capacity(body.len() - range.len() + 2);
+    small.extend_from_slice(body.get(..at)?);
+    small.extend_from_slice(&[0xc4, 0]);
+    small.extend_from_slice(body.get(range.end..)?);
+    Some((small, range))
+}
+
 /// What [`walk`] learned about a body's top-level map.
 pub(crate) struct TopLevel<'a> {
     pub(crate) type_name: &'a str,
@@ -470,6 +509,56 @@ pub(crate) mod tests {
         let mut v = vec![0x91; levels];
         v.push(leaf);
         v
+    }
+
+    /// A message decoded from the body [`take_data`] leaves, its `data` set to the range it
+    /// gives, is the message the whole body decodes to; bodies it cannot take apart are left.
+    #[test]
+    fn data_taken_out_decodes_to_the_same_message() {
+        use crate::message::{ControlToShim, FsData, FsWriteData, ShimToControl};
+        use crate::Message as _;
+        let data = bytes::Bytes::from((0..70_000u32).map(|i| i as u8).collect::<Vec<_>>());
+        let up = ControlToShim::FsWriteData(FsWriteData {
+            id: 7,
+            handle: 1 << 40,
+            offset: 3,
+            data: data.clone(),
+        });
+        let body = up.to_body().unwrap();
+        let (small, range) = take_data(&body).unwrap();
+        assert!(small.len() < 100);
+        let mut back = ControlToShim::decode(&small).unwrap();
+        if let ControlToShim::FsWriteData(m) = &mut back {
+            assert!(m.data.is_empty());
+            m.data = bytes::Bytes::copy_from_slice(&body[range]);
+        }
+        assert_eq!(format!("{back:?}"), format!("{up:?}"));
+        let down = ShimToControl::FsData(FsData {
+            re: 9,
+            offset: 1 << 33,
+            data,
+            eof: true,
+        });
+        let body = down.to_body().unwrap();
+        let (small, range) = take_data(&body).unwrap();
+        let mut back = ShimToControl::decode(&small).unwrap();
+        if let ShimToControl::FsData(m) = &mut back {
+            m.data = bytes::Bytes::copy_from_slice(&body[range]);
+        }
+        assert_eq!(format!("{back:?}"), format!("{down:?}"));
+        // An unknown field after `data` stays; nil, a string, two `data`s, trailing bytes, a
+        // cut body: nothing taken.
+        let mut extra = b"\x83\xa4type\xa1x\xa4data\xc4\x02ab\xa1z\x91\x01".to_vec();
+        let (small, range) = take_data(&extra).unwrap();
+        assert_eq!(small, b"\x83\xa4type\xa1x\xa4data\xc4\x00\xa1z\x91\x01");
+        assert_eq!(&extra[range], b"ab");
+        extra.push(0);
+        assert!(take_data(&extra).is_none());
+        assert!(take_data(b"\x82\xa4type\xa1x\xa4data\xc0").is_none());
+        assert!(take_data(b"\x82\xa4type\xa1x\xa4data\xa2ab").is_none());
+        assert!(take_data(b"\x83\xa4type\xa1x\xa4data\xc4\x00\xa4data\xc4\x00").is_none());
+        assert!(take_data(b"\x82\xa4type\xa1x\xa4data\xc4\x05ab").is_none());
+        assert!(take_data(b"\x81\xa4type\xa1x").is_none());
     }
 
     /// `{type: "x", deep: <value>}`

@@ -25,6 +25,7 @@ mod metrics;
 mod oom;
 mod reaper;
 mod signals;
+mod spare;
 mod spawn;
 mod supervisor;
 mod sys;

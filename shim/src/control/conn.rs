@@ -39,6 +39,7 @@ use super::gate::Source;
 use super::ids::{body_hash, Seen};
 use super::transport::{Halves, ReadHalf, WriteHalf};
 use super::{encode_frame, Command, Inner, Origin, Reply};
+use crate::spare;
 
 /// Bytes the writer gathers into one `write`.
 const WRITE_BATCH: usize = 64 * 1024;
@@ -1079,16 +1080,74 @@ async fn next_message(
                 *hash = body_hash(body);
             }
         }
+        if let Some(msg) = take_shared(buf, codec.max_frame()) {
+            return msg.map(Some);
+        }
+        // Room for the rest of a frame whose head is in, so that a large one (a file's
+        // chunk) comes in a few reads, not one every READ_CHUNK; at least READ_CHUNK
+        // otherwise. Made before the codec would make it in a fresh allocation (a length
+        // over the limit is left to the codec, which refuses it).
+        let rest = match frame::parse_header(buf, codec.max_frame()) {
+            Ok(Some(len)) => frame::HEADER_LEN
+                .saturating_add(len)
+                .saturating_sub(buf.len()),
+            _ => 0,
+        };
+        if rest >= SHARED_MIN && buf.capacity() - buf.len() < rest {
+            // A buffer of the frame's size, no more (a spare one whose frames are gone, if
+            // any): its data may be shared on ([`take_shared`]), and it then holds this
+            // frame only. The small buffer the frame's start came in is let go.
+            drop(spare::renew(buf, rest, 0));
+        }
         if let Some(msg) = codec.decode(buf)? {
+            if buf.is_empty() {
+                // A small message and nothing behind it: no large frame is coming in, the
+                // spare buffers go.
+                spare::clear();
+            }
             return Ok(Some(msg));
         }
-        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-            buf.reserve(READ_CHUNK);
+        if buf.capacity() - buf.len() < rest.max(READ_CHUNK / 4) {
+            buf.reserve(rest.max(READ_CHUNK));
         }
         if rd.read_buf(buf).await? == 0 {
             return codec.decode_eof(buf);
         }
     }
+}
+
+/// Frames of at least this many bytes may carry their `data` shared ([`take_shared`]).
+const SHARED_MIN: usize = 16 * 1024;
+
+/// A whole `fs_write_data` frame of at least [`SHARED_MIN`] bytes at the front of `buf`,
+/// taken off it and decoded with its `data` a slice of the frame, not a copy (an upload's
+/// chunk goes on to the file's process as it came); `None` (and `buf` untouched) for
+/// anything else, which the codec decodes. The message is decoded from the body with its
+/// `data` left out ([`raw::take_data`]): the same checks, the same message.
+fn take_shared(buf: &mut BytesMut, max: usize) -> Option<Result<ControlToShim, DecodeError>> {
+    use driver_protocol::{raw, Message as _};
+    let len = frame::parse_header(buf, max).ok()??;
+    let total = frame::HEADER_LEN.checked_add(len)?;
+    if len < SHARED_MIN || buf.len() < total {
+        return None;
+    }
+    let (small, range) = raw::take_data(buf.get(frame::HEADER_LEN..total)?)?;
+    let frame = buf.split_to(total).freeze();
+    if buf.is_empty() {
+        // The next frame is read into a small buffer of its own, not into what is left of
+        // this one's (which the data holds on to, and which is reused once it is gone).
+        spare::keep(std::mem::take(buf));
+    }
+    let body = frame.slice(frame::HEADER_LEN..);
+    Some(match ControlToShim::decode(&small) {
+        Ok(ControlToShim::FsWriteData(mut m)) if range.end <= body.len() => {
+            m.data = body.slice(range);
+            Ok(ControlToShim::FsWriteData(m))
+        }
+        // Any other message with a `data`, or an error: from the whole body, as the
+        // codec would.
+        _ => ControlToShim::decode(&body),
+    })
 }
 
 /// A frame could not be decoded: tell the client why (unless the socket failed) and close.

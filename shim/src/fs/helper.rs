@@ -34,6 +34,7 @@ use tokio::net::UnixStream;
 
 use super::ops::{self, Failure, Out, CHUNK, DATA_HEAD, TAG_DONE, TAG_FAIL, TAG_FRAME, TAG_MSG};
 use super::Op;
+use crate::spare;
 use driver_protocol::message::ShimToControl;
 use driver_protocol::ErrorCode;
 
@@ -431,14 +432,28 @@ impl Records {
                         _ => Record::Event(payload),
                     }));
                 }
-                self.buf.reserve(5 + len - self.buf.len());
+                self.room(5 + len - self.buf.len());
             } else {
-                self.buf.reserve(CHUNK + DATA_HEAD);
+                self.room(CHUNK + DATA_HEAD);
             }
             if self.sock.read_buf(&mut self.buf).await? == 0 {
                 return Ok(None);
             }
         }
+    }
+}
+
+impl Records {
+    /// Room for `need` more bytes. A frame taken off the buffer is a slice of it until it is
+    /// written to the client, so a buffer still shared is given up for a spare one whose
+    /// frames are gone (or a fresh one), not grown in a fresh allocation every chunk.
+    fn room(&mut self, need: usize) {
+        if self.buf.capacity() - self.buf.len() >= need || self.buf.try_reclaim(need) {
+            return;
+        }
+        // Room for a whole record with its head (what is held and needed never exceeds
+        // it): every spare fits any later need.
+        spare::keep(spare::renew(&mut self.buf, need, 5 + CHUNK + DATA_HEAD));
     }
 }
 
