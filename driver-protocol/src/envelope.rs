@@ -259,6 +259,21 @@ mod tests {
     use crate::raw::tests::{detail, nested};
     use crate::MAX_DEPTH;
 
+    /// Seqs at every edge of MessagePack's uint widths.
+    const SEQ_EDGES: [u64; 11] = [
+        0,
+        1,
+        0x7f,
+        0x80,
+        0xff,
+        0x100,
+        0xffff,
+        0x1_0000,
+        0xffff_ffff,
+        0x1_0000_0000,
+        u64::MAX,
+    ];
+
     #[test]
     fn the_largest_relayed_event_fits_its_envelope_in_a_frame() {
         for seq in [0, 0x7f, 0xff, 0xffff, u64::from(u32::MAX), u64::MAX] {
@@ -318,17 +333,7 @@ mod tests {
 
         // As the shim writes it, at every width of `seq`: read at its places, the same
         // answer as the two walks.
-        for seq in [
-            0,
-            0x7f,
-            0x80,
-            0xff,
-            0x100,
-            0xffff,
-            0x1_0000,
-            0xffff_ffff,
-            u64::MAX,
-        ] {
+        for seq in SEQ_EDGES {
             let mut env = Vec::new();
             encode_event_envelope(seq, &event, &mut env);
             assert!(as_written(&env).is_some(), "seq {seq}");
@@ -402,22 +407,9 @@ mod tests {
                 data: bytes::Bytes::from_static(b"\x00\x01binary"),
             }),
         ];
-        let seqs = [
-            0,
-            1,
-            0x7f,
-            0x80,
-            0xff,
-            0x100,
-            0xffff,
-            0x1_0000,
-            0xffff_ffff,
-            0x1_0000_0000,
-            u64::MAX,
-        ];
         for event in &events {
             let body = event.to_body().unwrap();
-            for seq in seqs {
+            for seq in SEQ_EDGES {
                 let msg = ShimToControl::Event(EventEnvelope {
                     seq,
                     event: event.clone(),
