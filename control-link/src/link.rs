@@ -103,16 +103,13 @@ impl InCodec {
         }
     }
 
-    /// [`Decoder::decode`] of typed messages: a large `exec_output` without a copy
-    /// ([`output::take`]), any other message decoded; the buffer grows while reads fill it.
+    /// [`Decoder::decode`] of typed messages: a large `exec_output` or `fs_data` without a
+    /// copy ([`output::take`]), any other message decoded; the buffer grows while reads fill it.
     /// Out of line, so that the raw path's code stays as it is.
     #[inline(never)]
     fn decode_typed(&mut self, src: &mut BytesMut) -> Result<Option<Incoming>, DecodeError> {
         self.note_fill(src);
         if let Some((msg, len)) = output::take(src, self.max_frame) {
-            return Ok(Some(Incoming::Msg(Box::new(msg), len)));
-        }
-        if let Some((msg, len)) = output::take_fs_data(src, self.max_frame) {
             return Ok(Some(Incoming::Msg(Box::new(msg), len)));
         }
         let got = typed(src, |src| self.typed.decode(src))?;

@@ -1,4 +1,4 @@
-//! `exec_output` events (and `fs_data` replies, [`take_fs_data`]) taken off the read buffer
+//! `exec_output` events (and `fs_data` replies) taken off the read buffer
 //! without a copy: the chunk's bytes are a slice of the frame that carried them.
 //!
 //! An exec writing fast sends frames of up to 128 KiB, nearly all of it the chunk. Decoded
@@ -26,9 +26,9 @@ struct Fields {
     data: Range<usize>,
 }
 
-/// The `exec_output` envelope whose whole frame is at the front of `src`, with its data a
-/// slice of the frame, and the frame's length; `None` (and `src` untouched) for any other
-/// frame, a frame not complete yet, or a small one.
+/// The large `exec_output` event or `fs_data` reply whose whole frame is at the front of
+/// `src`, with its data a slice of the frame, and the frame's length; `None` (and `src`
+/// untouched) for any other frame, a frame not complete yet, or a small one.
 pub(crate) fn take(src: &mut BytesMut, max_frame: usize) -> Option<(ShimToControl, usize)> {
     // Most frames are small: their length is all that is read.
     let head: [u8; HEADER_LEN] = src.get(..HEADER_LEN)?.try_into().ok()?;
@@ -42,11 +42,22 @@ pub(crate) fn take(src: &mut BytesMut, max_frame: usize) -> Option<(ShimToContro
 /// of small frames stays as it was.
 #[inline(never)]
 fn take_large(src: &mut BytesMut, max_frame: usize) -> Option<(ShimToControl, usize)> {
+    let total = whole_large(src, max_frame)?;
+    let msg = exec_output(src, total).or_else(|| fs_data(src, total))?;
+    Some((msg, total))
+}
+
+/// The length, head included, of the frame of at least [`SHARED_MIN`] bytes that is whole
+/// at the front of `src`; `None` for a small frame, or one not complete yet.
+fn whole_large(src: &[u8], max_frame: usize) -> Option<usize> {
     let len = frame::parse_header(src, max_frame).ok()??;
     let total = HEADER_LEN.checked_add(len)?;
-    if len < SHARED_MIN || src.len() < total {
-        return None;
-    }
+    (len >= SHARED_MIN && src.len() >= total).then_some(total)
+}
+
+/// The `exec_output` envelope in the `total` bytes of whole frame at the front of `src`,
+/// split off it, its data a slice of the frame.
+fn exec_output(src: &mut BytesMut, total: usize) -> Option<ShimToControl> {
     let body = src.get(HEADER_LEN..total)?;
     let (split, type_name) = envelope::split_envelope_head(body).ok()?;
     if type_name != "exec_output" {
@@ -69,30 +80,14 @@ fn take_large(src: &mut BytesMut, max_frame: usize) -> Option<(ShimToControl, us
         stream: fields.stream,
         data,
     });
-    Some((ShimToControl::Event(EventEnvelope { seq, event }), total))
+    Some(ShimToControl::Event(EventEnvelope { seq, event }))
 }
 
-/// The `fs_data` reply whose whole frame is at the front of `src`, with its data a slice of
-/// the frame, and the frame's length; `None` (and `src` untouched) for any other frame, a
-/// frame not complete yet, or a small one. The reply is decoded from its body with `data`
-/// left out ([`raw::take_data`]): the same checks, the same message.
-pub(crate) fn take_fs_data(src: &mut BytesMut, max_frame: usize) -> Option<(ShimToControl, usize)> {
-    let head: [u8; HEADER_LEN] = src.get(..HEADER_LEN)?.try_into().ok()?;
-    if (u32::from_be_bytes(head) as usize) < SHARED_MIN {
-        return None;
-    }
-    take_fs_data_large(src, max_frame)
-}
-
-/// [`take_fs_data`] for a frame of at least [`SHARED_MIN`] bytes, out of line.
-#[inline(never)]
-fn take_fs_data_large(src: &mut BytesMut, max_frame: usize) -> Option<(ShimToControl, usize)> {
+/// The `fs_data` reply in the `total` bytes of whole frame at the front of `src`, split off
+/// it, its data a slice of the frame. The reply is decoded from its body with `data` left
+/// out ([`raw::take_data`]): the same checks, the same message.
+fn fs_data(src: &mut BytesMut, total: usize) -> Option<ShimToControl> {
     use driver_protocol::Message as _;
-    let len = frame::parse_header(src, max_frame).ok()??;
-    let total = HEADER_LEN.checked_add(len)?;
-    if len < SHARED_MIN || src.len() < total {
-        return None;
-    }
     let (small, range) = raw::take_data(src.get(HEADER_LEN..total)?)?;
     let Ok(ShimToControl::FsData(mut m)) = ShimToControl::decode(&small) else {
         // Another message with a `data`, or an error: the usual decoder says which.
@@ -105,7 +100,7 @@ fn take_fs_data_large(src: &mut BytesMut, max_frame: usize) -> Option<(ShimToCon
     }
     let frame = src.split_to(total).freeze();
     m.data = frame.slice(start..end);
-    Some((ShimToControl::FsData(m), total))
+    Some(ShimToControl::FsData(m))
 }
 
 /// Reads `n` big-endian bytes at `at`.
@@ -203,6 +198,12 @@ fn fields(body: &[u8]) -> Option<Fields> {
 mod tests {
     use super::*;
     use driver_protocol::Message as _;
+
+    /// [`take`]'s `fs_data` path alone.
+    fn take_fs_data(src: &mut BytesMut, max_frame: usize) -> Option<(ShimToControl, usize)> {
+        let total = whole_large(src, max_frame)?;
+        fs_data(src, total).map(|m| (m, total))
+    }
 
     /// The frame of an `event` envelope around `event`'s body.
     fn frame_of(seq: u64, event: &[u8]) -> BytesMut {
